@@ -1,0 +1,19 @@
+"""Shared test setup: the repo root on sys.path, a bounded thread count, fixed seeds."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# CI machines have 2 cores: more threads than cores only adds contention
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Real-data tests read COCO128 from here and skip when it is absent (never committed).
+COCO128 = os.environ.get("COCO128", os.path.join(ROOT, "..", "shared", "data", "coco128"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
