@@ -1,0 +1,580 @@
+"""
+COCO evaluation: model -> predictions mapped back to the original images -> COCO results json
+-> COCOeval (bbox, and segm when the model predicts masks). Also reports images/s and draws
+predictions.
+
+    python eval.py --ckpt=out/centermask_dla34/ckpt.pt
+    python eval.py config/eval_quick.py --ckpt=out/shapes/ckpt.pt --visualize=True
+    python eval.py --ckpt=ckpt.pt --val_ann=annotations/instances_val2017.json \\
+        --val_img_dir=val2017 --max_images=500 --results_json=out/results.json
+
+The COCOeval tables are printed, then, as the very last line, one JSON object with the AP
+numbers and the speed, so scripts can read it with `tail -n 1`.
+
+From Python (train.py's periodic evaluation):
+
+    from eval import evaluate
+    stats = evaluate(model, val_loader, device="cuda")   # {'bbox_AP': ..., 'segm_AP': ...}
+
+Coordinate frames: the model sees the "network input" (the image resized by `scale` and
+zero-padded bottom/right to the batch size); COCO wants the original image. One function,
+`to_original`, does that mapping for evaluation and for the pictures.
+"""
+import contextlib
+import functools
+import io
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+from pycocotools import mask as mask_util
+from pycocotools.cocoeval import COCOeval
+
+# COCOeval.stats[0:6] in order; these become "bbox_AP", ..., "segm_APl"
+_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+# -----------------------------------------------------------------------------
+# mapping predictions back to the original image
+
+
+def _masks_to_original(masks, size, orig_size, threshold):
+    """(K, H, W) masks at padded network-input resolution -> (K, H0, W0) bool original masks.
+
+    The padding is cropped away first (`size` = (h, w) before padding) so that it does not
+    stretch into the image, then the masks are resized bilinearly as float and thresholded.
+    Bool/uint8 masks are resized as 0/1 floats and thresholded at 0.5 (a 0/1 mask made by
+    nearest-downsampling by 1/2 comes back exactly). All detections are resized in one
+    `interpolate` call; big images are done in chunks only to bound memory (~256 MB fp32).
+    """
+    if masks.dim() == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]                                      # (K, 1, H, W) -> (K, H, W)
+    if not masks.is_floating_point():
+        threshold = 0.5
+    h, w = size
+    H0, W0 = orig_size
+    masks = masks[:, :h, :w]                                     # (K, h, w)
+    if masks.shape[0] == 0:
+        return torch.zeros((0, H0, W0), dtype=torch.bool, device=masks.device)
+    chunk = max(1, (1 << 26) // (H0 * W0))
+    out = []
+    for i in range(0, masks.shape[0], chunk):
+        m = masks[i:i + chunk, None].float()                     # (k, 1, h, w)
+        m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)
+        out.append(m[:, 0] > threshold)                          # (k, H0, W0) bool
+    return torch.cat(out)
+
+
+def to_original(output, target, mask_threshold=0.5):
+    """Map one image's predictions from network-input pixels to original-image pixels.
+
+    output: the model's dict for one image: `boxes (K, 4)` xyxy network-input pixels,
+        `scores (K,)`, `labels (K,)` contiguous, optional `masks (K, H, W)` float
+        probabilities or bool at the padded network-input resolution.
+    target: the dataset's dict: `orig_size` (H0, W0), `size` (h, w) network input before
+        padding, `scale` (original = network / scale).
+    Returns {boxes (K, 4) float xyxy original pixels clipped to the image, scores (K,) float,
+    labels (K,) int64, masks (K, H0, W0) bool (only if the model gave masks)}.
+    """
+    H0, W0 = (int(v) for v in target["orig_size"])
+    h, w = (int(v) for v in target["size"])
+    scale = target["scale"]
+    if torch.is_tensor(scale):
+        if scale.numel() != 1:
+            raise ValueError(f"target['scale'] must be one number (original = network / "
+                             f"scale), got shape {tuple(scale.shape)}")
+        scale = scale.item()
+    scale = float(scale)
+
+    boxes = output["boxes"].float() / scale                      # (K, 4) original pixels
+    boxes = torch.stack([boxes[:, 0].clamp(0, W0), boxes[:, 1].clamp(0, H0),
+                         boxes[:, 2].clamp(0, W0), boxes[:, 3].clamp(0, H0)], dim=1)
+    result = {"boxes": boxes, "scores": output["scores"].float(),
+              "labels": output["labels"].long()}
+    if "masks" in output:
+        result["masks"] = _masks_to_original(output["masks"], (h, w), (H0, W0),
+                                             mask_threshold)
+    return result
+
+
+def to_coco_results(pred, image_id, label_to_cat_id):
+    """One image's `to_original` predictions -> list of COCO result dicts.
+
+    {image_id, category_id (the dataset's, e.g. 1..90 with gaps), bbox [x, y, w, h],
+    score, segmentation (compressed RLE, counts as str; only with masks)}.
+    """
+    boxes = pred["boxes"].cpu()
+    if boxes.shape[0] == 0:
+        return []
+    labels = pred["labels"].cpu()
+    if labels.min() < 0 or labels.max() >= len(label_to_cat_id):
+        raise ValueError(f"model predicted label {int(labels.max())} but the dataset has "
+                         f"{len(label_to_cat_id)} classes (checkpoint from another dataset?)")
+    cat_ids = torch.as_tensor(label_to_cat_id)[labels].tolist()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    scores = pred["scores"].cpu().tolist()
+    results = [{"image_id": int(image_id), "category_id": int(c), "bbox": b, "score": s}
+               for c, b, s in zip(cat_ids, xywh, scores)]
+    if "masks" in pred:
+        # (K, H0, W0) -> (H0, W0, K) Fortran order, the layout pycocotools encodes in one call;
+        # transposing on the torch side first makes the final numpy .T free
+        m = pred["masks"].to(torch.uint8).transpose(1, 2).contiguous().cpu().numpy().T
+        rles = mask_util.encode(np.asfortranarray(m))
+        for r, rle in zip(results, rles):
+            rle["counts"] = rle["counts"].decode("ascii")    # bytes are not JSON
+            r["segmentation"] = rle
+    return results
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def _base_dataset(dataset):
+    """Unwrap (nested) Subsets down to the dataset that has `coco` and `label_to_cat_id`."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def _unwrap_model(model):
+    """DDP -> its module: calling DDP's forward in eval would broadcast buffers, a collective
+    that hangs when ranks run different numbers of batches."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+        else model
+
+
+def _dist_info():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return True, torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return False, 0, 1
+
+
+def _make_loader(source, batch_size, num_workers, device, max_images, collate_fn, distributed,
+                 size_divisibility=32):
+    """A DataLoader as given, or one built over a Dataset (sharded when distributed).
+
+    data.collate_fn pads the batch to a multiple of the model's `size_divisibility` (32, or
+    128 for Hourglass-104); a collate_fn given explicitly is used as it is.
+    """
+    if isinstance(source, DataLoader):
+        return source
+    if not isinstance(source, Dataset):
+        raise TypeError(f"expected a DataLoader or a Dataset, got {type(source).__name__}")
+    if max_images is not None:
+        source = Subset(source, range(min(max_images, len(source))))
+    if collate_fn is None:
+        collate_fn = getattr(_base_dataset(source), "collate_fn", None)
+    if collate_fn is None:
+        import data                                          # lazy: data.py is optional here
+        collate_fn = functools.partial(data.collate_fn, size_divisibility=size_divisibility)
+    sampler = DistributedSampler(source, shuffle=False) if distributed else None
+    return DataLoader(source, batch_size=batch_size, shuffle=False, sampler=sampler,
+                      num_workers=num_workers, collate_fn=collate_fn,
+                      pin_memory=torch.device(device).type == "cuda")
+
+
+def _amp_context(device, amp_dtype):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    if isinstance(amp_dtype, str):
+        amp_dtype = getattr(torch, amp_dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _predict_batch(model, images, targets, device, amp_dtype, mask_threshold):
+    """Forward one batch and map every image's predictions back to its original frame."""
+    images = images.to(device, non_blocking=True)                # (B, 3, H, W)
+    with _amp_context(device, amp_dtype):
+        outputs = model(images)
+    if len(outputs) != len(targets):
+        raise ValueError(f"model returned {len(outputs)} outputs for {len(targets)} images")
+    return [to_original(o, t, mask_threshold) for o, t in zip(outputs, targets)]
+
+
+def _write_json_atomic(obj, path):
+    """Write JSON to `path` via a temp file in the same folder + os.replace: a crash midway
+    never leaves a truncated file where a previous good one was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _coco_eval(coco_gt, results, iou_type, img_ids, verbose):
+    """COCOeval stats[0:6] for one iou_type over `img_ids`.
+
+    No detections -> all 0.0 (pycocotools' loadRes indexes results[0] and would crash).
+    COCOeval reports -1.0 for an area range with no ground truth objects; we pass it on.
+    """
+    if not results:
+        if verbose:
+            print(f"no detections: {iou_type} AP = 0.0")
+        return [0.0] * 6
+    # loadRes mutates its input (adds id/area/iscrowd), so it gets copies. For segm the box is
+    # dropped so that loadRes computes `area` from the mask (used for the S/M/L split), as
+    # detectron2 does; for bbox the masks are dropped (not needed, large).
+    drop = "bbox" if iou_type == "segm" else "segmentation"
+    dts = [{k: v for k, v in r.items() if k != drop} for r in results]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out) if not verbose else contextlib.nullcontext():
+        coco_dt = coco_gt.loadRes(dts)
+        E = COCOeval(coco_gt, coco_dt, iou_type)
+        E.params.imgIds = sorted(img_ids)
+        E.evaluate()
+        E.accumulate()
+        E.summarize()
+    return [float(x) for x in E.stats[:6]]
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0,
+             max_images=None, results_json=None, amp_dtype=None, verbose=True,
+             collate_fn=None):
+    """COCO box (and mask) AP of `model` on a COCO-format dataset.
+
+    model: in eval mode `model(images (B, 3, H, W))` returns one dict per image (boxes,
+        scores, labels, optional masks; see `to_original`). Masks are thresholded at
+        `model.mask_threshold` if it has one, else 0.5. Moved to `device`; its train/eval
+        mode is restored on return. A DDP wrapper is unwrapped.
+    loader_or_dataset: a DataLoader yielding `(images, targets)`, or a Dataset (then a
+        loader is built with `collate_fn`, else the dataset's `collate_fn` attribute, else
+        `data.collate_fn`). The (Subset-unwrapped) dataset must have `coco` (pycocotools
+        ground truth) and `label_to_cat_id`.
+    max_images: evaluate only the first max_images images (per rank: max_images/world).
+    results_json: if given, the COCO results list is written there (atomically).
+    amp_dtype: None (fp32) or torch.bfloat16/float16 (or its name) for autocast.
+
+    Returns {bbox_AP, bbox_AP50, bbox_AP75, bbox_APs, bbox_APm, bbox_APl, and the same with
+    segm_ when the model predicted masks, num_images, num_detections, images_per_s, seconds,
+    total_seconds}. APs are in [0, 1]; -1.0 means COCOeval found no ground truth objects of
+    that size (e.g. APl on small images). `seconds` is the time spent in the model forward,
+    its post-processing and the mapping back to original images (CUDA synchronised, data
+    loading, RLE encoding and COCOeval excluded); images_per_s = num_images / seconds.
+    `total_seconds` is the whole call.
+
+    Multi-process (torch.distributed initialised): every rank evaluates its shard (give it a
+    DistributedSampler loader, or a Dataset and one is built); the results are gathered to
+    rank 0 (all_gather_object: with NCCL, torch.cuda.set_device must have been called),
+    duplicates from the sampler's padding are dropped by image_id, rank 0 runs COCOeval once,
+    and the stats dict is broadcast so every rank returns the same dict (so ranks never
+    disagree on e.g. "best AP so far"). Only rank 0 prints the tables and writes results_json.
+    """
+    t_start = time.perf_counter()
+    distributed, rank, world = _dist_info()
+    net = _unwrap_model(model)
+    loader = _make_loader(loader_or_dataset, batch_size, num_workers, device, max_images,
+                          collate_fn, distributed, getattr(net, "size_divisibility", 32))
+    dataset = _base_dataset(loader.dataset)
+    for attr in ("coco", "label_to_cat_id"):
+        if not hasattr(dataset, attr):
+            raise TypeError(f"{type(dataset).__name__} has no `{attr}`: evaluate needs a "
+                            f"COCO-format dataset (see data.CocoInstances)")
+    limit = None if max_images is None else math.ceil(max_images / world)
+
+    mask_threshold = getattr(net, "mask_threshold", 0.5)
+    was_training = net.training
+    net.to(device).eval()
+
+    per_image = {}        # image_id -> its COCO results; a dict so repeated images count once
+    has_masks = False     # a box-only model (FCOS) is evaluated for bbox only
+    seconds = 0.0
+    seen = 0
+    try:
+        with torch.no_grad():
+            for images, targets in loader:
+                if limit is not None and seen >= limit:
+                    break
+                if limit is not None and seen + len(targets) > limit:
+                    images, targets = images[:limit - seen], targets[:limit - seen]
+                seen += len(targets)
+                _sync(device)
+                t0 = time.perf_counter()
+                preds = _predict_batch(net, images, targets, device, amp_dtype,
+                                       mask_threshold)
+                _sync(device)
+                seconds += time.perf_counter() - t0
+                for target, pred in zip(targets, preds):
+                    image_id = int(target["image_id"])
+                    has_masks = has_masks or "masks" in pred
+                    if image_id not in per_image:
+                        per_image[image_id] = to_coco_results(pred, image_id,
+                                                              dataset.label_to_cat_id)
+    finally:
+        net.train(was_training)
+
+    if distributed:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, (per_image, has_masks, seconds))
+        if rank == 0:
+            per_image = {}
+            for rank_images, _, _ in gathered:
+                for image_id, res in rank_images.items():
+                    per_image.setdefault(image_id, res)          # first copy wins
+            has_masks = any(g[1] for g in gathered)
+            seconds = max(g[2] for g in gathered)                # ranks run in parallel
+
+    stats = {}
+    if rank == 0:
+        results = [r for res in per_image.values() for r in res]
+        if results_json:
+            _write_json_atomic(results, results_json)
+        img_ids = list(per_image)
+        for iou_type in ("bbox", "segm") if has_masks else ("bbox",):
+            values = _coco_eval(dataset.coco, results, iou_type, img_ids, verbose)
+            stats.update({f"{iou_type}_{n}": v for n, v in zip(_STAT_NAMES, values)})
+        stats["num_images"] = len(img_ids)
+        stats["num_detections"] = len(results)
+        stats["images_per_s"] = len(img_ids) / seconds if seconds > 0 else 0.0
+        stats["seconds"] = seconds
+        stats["total_seconds"] = time.perf_counter() - t_start
+    if distributed:
+        box = [stats]
+        torch.distributed.broadcast_object_list(box, src=0)
+        stats = box[0]
+    return stats
+
+
+# -----------------------------------------------------------------------------
+# pictures
+
+
+def _read_rgb(path):
+    """Original image as (3, H, W) uint8 RGB; grayscale/RGBA/CMYK are converted (PIL)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im.convert("RGB"))                   # (H, W, 3) uint8
+    except Exception as e:
+        raise ValueError(f"cannot read image '{path}': {e}") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _write_png(image, path):
+    from PIL import Image
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path)
+
+
+def _class_colors(num_classes):
+    """A fixed, well-spread colour per class (golden-ratio hues) so pictures are comparable."""
+    import colorsys
+    colors = []
+    for i in range(max(num_classes, 1)):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 1.0)
+        colors.append((int(r * 255), int(g * 255), int(b * 255)))
+    return colors
+
+
+def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
+    """Draw `to_original` predictions on a (3, H0, W0) uint8 image; returns a new image.
+
+    Masks are blended in the class colour, boxes are outlined and labelled "class score".
+    """
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+    keep = pred["scores"].cpu() >= score_threshold
+    labels = pred["labels"].cpu()[keep].tolist()
+    scores = pred["scores"].cpu()[keep].tolist()
+    if not labels:
+        return image
+    num_classes = len(class_names) if class_names else max(labels) + 1
+    palette = _class_colors(max(num_classes, max(labels) + 1))
+    colors = [palette[c] for c in labels]
+    if "masks" in pred:
+        image = draw_segmentation_masks(image, pred["masks"].cpu()[keep], alpha=0.5,
+                                        colors=colors)
+    names = [class_names[c] if class_names and c < len(class_names) else str(c)
+             for c in labels]
+    texts = [f"{n} {s:.2f}" for n, s in zip(names, scores)]
+    return draw_bounding_boxes(image, pred["boxes"].cpu()[keep], labels=texts, colors=colors,
+                               width=2)
+
+
+def _save_maps_figure(image, maps, path):
+    """Teaching view: the original image next to each named (h, w) map, one row."""
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    n = 1 + len(maps)
+    fig = Figure(figsize=(3 * n, 3))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    axes[0].imshow(image.permute(1, 2, 0).numpy())
+    axes[0].set_title("image")
+    for ax, (name, m) in zip(axes[1:], maps.items()):
+        im = ax.imshow(m.detach().float().cpu().numpy(), cmap="viridis")
+        ax.set_title(name)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def visualize(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.3,
+              batch_size=1, amp_dtype=None, collate_fn=None, maps_fn=None):
+    """Draw the predictions on the first `n` images of `dataset`; returns the PNG paths.
+
+    The original image is read from disk (`dataset.img_dir` / file_name from `dataset.coco`)
+    and the predictions are mapped back with `to_original`, the same code as evaluation.
+    Class names come from `dataset.class_names` when it has them.
+
+    maps_fn (the teaching hook): optional `maps_fn(images (B, 3, H, W)) -> list (one per
+    image) of {name: (h, w) tensor}` (e.g. a model method returning its heatmap, local
+    shapes, saliency, attention map); each image's maps are saved next to its prediction as
+    `<stem>_maps.png` with matplotlib.
+    """
+    base = _base_dataset(dataset)
+    net = _unwrap_model(model)
+    subset = Subset(dataset, range(min(n, len(dataset))))
+    loader = _make_loader(subset, batch_size, 0, device, None, collate_fn, False,
+                          getattr(net, "size_divisibility", 32))
+    class_names = getattr(base, "class_names", None)
+    mask_threshold = getattr(net, "mask_threshold", 0.5)
+    was_training = net.training
+    net.to(device).eval()
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    try:
+        with torch.no_grad():
+            for images, targets in loader:
+                preds = _predict_batch(net, images, targets, device, amp_dtype,
+                                       mask_threshold)
+                maps = maps_fn(images.to(device)) if maps_fn is not None else None
+                for i, (target, pred) in enumerate(zip(targets, preds)):
+                    info = base.coco.loadImgs(int(target["image_id"]))[0]
+                    image = _read_rgb(os.path.join(base.img_dir, info["file_name"]))
+                    stem = os.path.splitext(os.path.basename(info["file_name"]))[0]
+                    path = os.path.join(out_dir, f"{stem}_pred.png")
+                    _write_png(draw_predictions(image, pred, class_names, score_threshold),
+                               path)
+                    paths.append(path)
+                    if maps is not None:
+                        map_path = os.path.join(out_dir, f"{stem}_maps.png")
+                        _save_maps_figure(image, maps[i], map_path)
+                        paths.append(map_path)
+    finally:
+        net.train(was_training)
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+if __name__ == "__main__":
+    draw = visualize           # the function; the config key `visualize` (a bool) shadows it
+    # ---- config (overridable: python eval.py [CONFIG] --key=value) -------------------------
+    ckpt = ""                  # checkpoint written by train.py (required)
+    val_img_dir = None         # None: from the checkpoint's training config (data_root/shapes_dir)
+    val_ann = None             # None: from the checkpoint's training config
+    input_size = None          # None: the checkpoint's training config's input_size
+    transform = None           # build_transforms kind; None: checkpoint config, else "centernet"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast on GPU)
+    batch_size = 8
+    num_workers = 2
+    max_images = None          # None: the whole val set
+    results_json = None        # path to write the COCO results list to
+    visualize = False          # draw predictions for the first vis_n images
+    vis_dir = None             # None: <checkpoint folder>/vis
+    vis_n = 8
+    seed = 0
+    # -----------------------------------------------------------------------------------------
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+
+    def _fail(msg):
+        raise SystemExit(f"eval.py: error: {msg}")
+
+    torch.manual_seed(seed)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        _fail(f"--device={device} was asked for but no CUDA GPU is available "
+              f"(use --device=cpu)")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        _fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if not ckpt:
+        _fail("no checkpoint given: pass --ckpt=PATH")
+    if not os.path.isfile(ckpt):
+        _fail(f"checkpoint '{ckpt}' not found")
+    try:
+        checkpoint = torch.load(ckpt, map_location=device, weights_only=False)
+    except Exception as e:
+        _fail(f"cannot read checkpoint '{ckpt}': {type(e).__name__}: {e}")
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint \
+            or "model_args" not in checkpoint:
+        _fail(f"checkpoint '{ckpt}' has no 'model'/'model_args' entries "
+              f"(not written by train.py?)")
+    saved = checkpoint.get("config") or {}
+
+    from model import ModelConfig, build_model
+    from data import CocoInstances, build_transforms
+
+    try:
+        model = build_model(ModelConfig(**checkpoint["model_args"]))
+    except TypeError as e:
+        _fail(f"checkpoint '{ckpt}' has model_args this model.py does not know: {e}")
+    # a compiled or DDP-wrapped model saves its weights under these prefixes
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v
+             for k, v in checkpoint["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        _fail(f"weights in '{ckpt}' do not fit the model built from its model_args: {e}")
+    model.to(device)
+
+    # val paths not given: resolve them from the training config as train.py does (the
+    # synthetic set under shapes_dir, else paths relative to data_root unless absolute)
+    if saved.get("shapes_dir"):
+        saved_img_dir = os.path.join(saved["shapes_dir"], "val")
+        saved_ann = os.path.join(saved["shapes_dir"], "annotations", "instances_val.json")
+    else:
+        root = saved.get("data_root") or ""
+        saved_img_dir, saved_ann = (
+            p if p is None or os.path.isabs(p) else os.path.join(root, p)
+            for p in (saved.get("val_img_dir"), saved.get("val_ann")))
+    val_img_dir = val_img_dir if val_img_dir is not None else saved_img_dir
+    val_ann = val_ann if val_ann is not None else saved_ann
+    input_size = input_size if input_size is not None else saved.get("input_size")
+    transform = transform if transform is not None else saved.get("transform", "centernet")
+    for key, value in (("val_img_dir", val_img_dir), ("val_ann", val_ann)):
+        if value is None:
+            _fail(f"--{key} not given and the checkpoint's config has none")
+    # input_size None (not in the checkpoint either): build_transforms' own default
+    size_kw = {} if input_size is None else {"input_size": input_size}
+    try:
+        dataset = CocoInstances(val_img_dir, val_ann,
+                                transforms=build_transforms(transform, train=False, **size_kw))
+    except (OSError, ValueError) as e:                     # data.py's messages name the file
+        _fail(str(e))
+
+    amp_dtype = None if dtype == "float32" or device == "cpu" else getattr(torch, dtype)
+    stats = evaluate(model, dataset, device=device, batch_size=batch_size,
+                     num_workers=num_workers, max_images=max_images,
+                     results_json=results_json, amp_dtype=amp_dtype)
+    if visualize:
+        out = vis_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "vis")
+        # model.py may offer `teaching_maps(images)` (heatmap, shapes, saliency, ...)
+        written = draw(model, dataset, out, n=vis_n, device=device, amp_dtype=amp_dtype,
+                       maps_fn=getattr(model, "teaching_maps", None))
+        print(f"wrote {len(written)} pictures to {out}")
+    print(json.dumps(stats))

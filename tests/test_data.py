@@ -1,0 +1,577 @@
+"""Tests for data.py: COCO loading, bad input, transforms, collate, the synthetic shapes set.
+
+All hermetic (tiny images and json files written to tmp_path), CPU only. The COCO128 test runs
+only when the folder is present.
+"""
+
+import contextlib
+import functools
+import io
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+from data import CocoInstances, build_transforms, collate_fn, write_shapes_dataset  # noqa: E402
+
+COCO128 = os.environ.get("COCO128", os.path.join(ROOT, "..", "shared", "data", "coco128"))
+# pycocotools' decode triggers a numpy 2 DeprecationWarning inside pycocotools itself
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+MEAN = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+
+
+# -----------------------------------------------------------------------------
+# helpers: tiny COCO files
+
+def square_poly(x1, y1, x2, y2):
+    return [[x1, y1, x2, y1, x2, y2, x1, y2]]
+
+
+def ann(id, image_id=1, category_id=1, bbox=(2, 2, 10, 10), segmentation=None, iscrowd=0):
+    if segmentation is None:
+        x, y, w, h = bbox
+        segmentation = square_poly(x, y, x + w, y + h)
+    return {"id": id, "image_id": image_id, "category_id": category_id, "bbox": list(bbox),
+            "segmentation": segmentation, "iscrowd": iscrowd, "area": float(bbox[2] * bbox[3])}
+
+
+def make_coco(tmp_path, anns=(), images=None, cats=None, size=(20, 20), ext="png"):
+    """Write one solid-colour image of `size` = (h, w) and a json; returns (img_dir, ann_file)."""
+    h, w = size
+    img_dir = tmp_path / "images"
+    img_dir.mkdir(exist_ok=True)
+    if images is None:
+        images = [{"id": 1, "file_name": f"a.{ext}", "height": h, "width": w}]
+        Image.new("RGB", (w, h), (100, 120, 140)).save(img_dir / f"a.{ext}")
+    cats = cats if cats is not None else [{"id": 1, "name": "thing"}]
+    ann_file = tmp_path / "ann.json"
+    coco = {"images": images, "annotations": list(anns), "categories": cats}
+    ann_file.write_text(json.dumps(coco))
+    return str(img_dir), str(ann_file)
+
+
+def mask_extent(mask):
+    """(x1, y1, x2, y2) pixel-edge box of a non-empty (h, w) mask."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1
+
+
+# -----------------------------------------------------------------------------
+# 1. masks, crowd, empty images, categories
+
+def test_polygon_mask_decodes_to_expected_pixels(tmp_path):
+    """Guards polygon decoding (wrong h/w order, wrong frame): a 10x10 square -> 100 pixels."""
+    ds = CocoInstances(*make_coco(tmp_path, [ann(1, bbox=(2, 2, 10, 10))]))
+    image, t = ds[0]
+    assert image.shape == (3, 20, 20) and image.dtype == torch.float32
+    assert t["masks"].shape == (1, 20, 20) and t["masks"].dtype == torch.uint8
+    m = t["masks"][0]
+    assert m.sum().item() == 100 and m[2:12, 2:12].all()
+    assert t["boxes"].tolist() == [[2.0, 2.0, 12.0, 12.0]]
+    assert t["labels"].tolist() == [0] and t["labels"].dtype == torch.int64
+    assert t["image_id"] == 1 and t["scale"] == 1.0
+    assert t["orig_size"].tolist() == [20, 20] and t["size"].tolist() == [20, 20]
+
+
+def test_uncompressed_rle_decodes_column_major(tmp_path):
+    """Guards reading RLE counts row-major: COCO RLE runs down columns (Fortran order)."""
+    # 4x4 image, counts [5, 3, 8]: 5 zeros, 3 ones, 8 zeros -> column 1, rows 1..3.
+    seg = {"size": [4, 4], "counts": [5, 3, 8]}
+    ds = CocoInstances(*make_coco(tmp_path, [ann(1, bbox=(1, 1, 1, 3), segmentation=seg)],
+                                  size=(4, 4)))
+    expected = torch.zeros(4, 4, dtype=torch.uint8)
+    expected[1:4, 1] = 1
+    assert torch.equal(ds[0][1]["masks"][0], expected)
+
+
+def test_compressed_rle_decodes(tmp_path):
+    """Guards compressed RLE given as a json str (pycocotools wants bytes)."""
+    m = np.zeros((20, 20), np.uint8)
+    m[3:9, 4:15] = 1
+    m[10:17, 6] = 1
+    rle = mask_utils.encode(np.asfortranarray(m))
+    seg = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    ds = CocoInstances(*make_coco(tmp_path, [ann(1, bbox=(4, 3, 11, 14), segmentation=seg)]))
+    assert torch.equal(ds[0][1]["masks"][0], torch.from_numpy(m))
+
+
+def test_crowd_annotations_excluded(tmp_path):
+    """Guards crowd regions leaking into training targets as instances."""
+    crowd = ann(2, bbox=(0, 0, 20, 20), segmentation={"size": [20, 20], "counts": [0, 400]},
+                iscrowd=1)
+    ds = CocoInstances(*make_coco(tmp_path, [ann(1), crowd]))
+    t = ds[0][1]
+    assert len(t["labels"]) == 1 and t["masks"][0].sum().item() == 100
+    assert len(ds.coco.getAnnIds(iscrowd=None)) == 2  # still in the COCOeval ground truth
+
+
+def test_image_without_annotations_is_valid(tmp_path):
+    """Guards crashes (stack of empty lists) or dropping images that have zero instances."""
+    ds = CocoInstances(*make_coco(tmp_path, []))
+    assert len(ds) == 1
+    for transforms in (None, build_transforms("centernet", True, 32),
+                       build_transforms("centernet", False, 32)):
+        ds.transforms = transforms
+        image, t = ds[0]
+        h, w = image.shape[-2:]
+        assert t["boxes"].shape == (0, 4) and t["boxes"].dtype == torch.float32
+        assert t["labels"].shape == (0,) and t["labels"].dtype == torch.int64
+        assert t["masks"].shape == (0, h, w) and t["masks"].dtype == torch.uint8
+
+
+def test_noncontiguous_category_ids(tmp_path):
+    """Guards using COCO category ids as labels (COCO's 1..90 with gaps would break C)."""
+    cats = [{"id": 42, "name": "c42"}, {"id": 3, "name": "c3"}, {"id": 7, "name": "c7"}]
+    anns = [ann(1, category_id=42, bbox=(0, 0, 5, 5)), ann(2, category_id=3, bbox=(6, 6, 5, 5)),
+            ann(3, category_id=7, bbox=(12, 12, 5, 5))]
+    ds = CocoInstances(*make_coco(tmp_path, anns, cats=cats))
+    assert ds.cat_ids == [3, 7, 42] and ds.num_classes == 3
+    assert ds.class_names == ["c3", "c7", "c42"]
+    labels = ds[0][1]["labels"].tolist()
+    assert sorted(labels) == [0, 1, 2]
+    cat_of = {a["id"]: a["category_id"] for a in anns}
+    assert [ds.label_to_cat_id[lab] for lab in labels] == [cat_of[i] for i in (1, 2, 3)]
+    assert all(ds.cat_id_to_label[ds.label_to_cat_id[k]] == k for k in range(3))
+
+
+def test_subset_restricts_coco_ground_truth(tmp_path):
+    """Guards COCOeval scoring images that the dataset (max_images) never showed the model."""
+    images = [{"id": i, "file_name": "a.png", "height": 20, "width": 20} for i in (5, 2, 9)]
+    img_dir, ann_file = make_coco(tmp_path, [ann(1, image_id=5), ann(2, image_id=9)],
+                                  images=images)
+    Image.new("RGB", (20, 20)).save(os.path.join(img_dir, "a.png"))
+    ds = CocoInstances(img_dir, ann_file)
+    assert ds.ids == [2, 5, 9]
+    ds = CocoInstances(img_dir, ann_file, max_images=2)
+    assert ds.ids == [2, 5] and sorted(ds.coco.imgs) == [2, 5] and list(ds.coco.anns) == [1]
+    ds = CocoInstances(img_dir, ann_file, image_ids=[9])
+    assert ds.ids == [9] and list(ds.coco.anns) == [2] and ds[0][1]["image_id"] == 9
+    pickle.loads(pickle.dumps(ds))  # DataLoader workers may need to pickle it
+
+
+# -----------------------------------------------------------------------------
+# 2. bad input
+
+def test_unknown_category_names_annotation(tmp_path):
+    """Guards a KeyError deep in a worker instead of a message naming the annotation."""
+    img_dir, ann_file = make_coco(tmp_path, [ann(1), ann(77, category_id=5)])
+    with pytest.raises(ValueError, match=r"annotation id 77.*category_id 5") as e:
+        CocoInstances(img_dir, ann_file)
+    assert ann_file in str(e.value)
+
+
+def test_annotation_of_missing_image_names_annotation(tmp_path):
+    """Guards annotations silently attached to nothing (or a KeyError) when image_id is wrong."""
+    img_dir, ann_file = make_coco(tmp_path, [ann(1), ann(88, image_id=123)])
+    with pytest.raises(ValueError, match=r"annotation id 88.*image_id 123") as e:
+        CocoInstances(img_dir, ann_file)
+    assert ann_file in str(e.value)
+
+
+def test_missing_json_names_file(tmp_path):
+    """Guards an anonymous error when the annotation path is wrong."""
+    img_dir, _ = make_coco(tmp_path, [])
+    missing = str(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match=re.escape(missing)):
+        CocoInstances(img_dir, missing)
+
+
+@pytest.mark.parametrize("text", ['{"images": [', "[]", '{"images": []}', "\xff\xfe"])
+def test_malformed_json_names_file(tmp_path, text):
+    """Guards a bare JSONDecodeError/KeyError/assert that does not say which file is broken."""
+    img_dir, ann_file = make_coco(tmp_path, [])
+    with open(ann_file, "wb") as f:
+        f.write(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(ann_file)):
+        CocoInstances(img_dir, ann_file)
+
+
+def _expect_image_error(ds, path):
+    with pytest.raises((RuntimeError, OSError), match=re.escape(str(path))):
+        ds[0]
+
+
+def test_missing_image_names_path(tmp_path):
+    """Guards a bare FileNotFoundError from inside a DataLoader worker with no image path."""
+    img_dir, ann_file = make_coco(tmp_path, [ann(1)])
+    os.remove(os.path.join(img_dir, "a.png"))
+    _expect_image_error(CocoInstances(img_dir, ann_file), os.path.join(img_dir, "a.png"))
+
+
+def test_corrupt_png_and_jpeg_name_path(tmp_path):
+    """Guards corrupt files giving PIL's UnidentifiedImageError without the file's path."""
+    for ext, junk in (("png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 20),
+                      ("jpg", b"\xff\xd8\xff\xe0" + b"garbage" * 20)):
+        img_dir, ann_file = make_coco(tmp_path, [ann(1)], ext=ext)
+        path = os.path.join(img_dir, f"a.{ext}")
+        with open(path, "wb") as f:
+            f.write(junk)
+        _expect_image_error(CocoInstances(img_dir, ann_file), path)
+
+
+def test_truncated_jpeg_names_path(tmp_path):
+    """Guards lazy decoding: a truncated JPEG only fails in load(), which must be inside the try."""
+    img_dir, ann_file = make_coco(tmp_path, [ann(1)], size=(64, 64), ext="jpg")
+    path = os.path.join(img_dir, "a.jpg")
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="JPEG", quality=95)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    _expect_image_error(CocoInstances(img_dir, ann_file), path)
+
+
+def test_image_size_mismatch_names_path(tmp_path):
+    """Guards masks decoded at the json's size silently misaligned with the actual pixels."""
+    img_dir, ann_file = make_coco(tmp_path, [ann(1)])
+    Image.new("RGB", (30, 20)).save(os.path.join(img_dir, "a.png"))
+    with pytest.raises(ValueError, match=re.escape(os.path.join(img_dir, "a.png"))):
+        CocoInstances(img_dir, ann_file)[0]
+
+
+@pytest.mark.parametrize("mode,ext", [("L", "png"), ("1", "png"), ("P", "png"), ("RGBA", "png"),
+                                      ("LA", "png"), ("CMYK", "jpg"), ("I;16", "png")])
+def test_image_modes_load_as_rgb(tmp_path, mode, ext):
+    """Guards 1-, 2- or 4-channel tensors reaching the model, and 16-bit images clipped white."""
+    img_dir, ann_file = make_coco(tmp_path, [ann(1)], ext=ext)
+    path = os.path.join(img_dir, f"a.{ext}")
+    if mode == "I;16":  # left half 0, right half 65535 -> 0 and 255 after scaling to 8 bits
+        arr = np.zeros((20, 20), np.uint16)
+        arr[:, 10:] = 65535
+        Image.fromarray(arr).save(path)
+    else:
+        Image.new("RGB", (20, 20), (200, 60, 30)).convert(mode).save(path)
+    ds = CocoInstances(img_dir, ann_file)
+    image, t = ds[0]
+    assert image.shape == (3, 20, 20) and torch.isfinite(image).all()
+    rgb = np.asarray(ds.load_image(0))
+    assert rgb.shape == (20, 20, 3) and rgb.dtype == np.uint8
+    if mode == "I;16":
+        assert (rgb[:, :10] == 0).all() and (rgb[:, 10:] == 255).all()
+        assert torch.allclose(image[:, 0, 15], ((1 - MEAN) / STD).flatten(), atol=1e-5)
+    assert t["masks"].shape == (1, 20, 20)
+
+
+@pytest.mark.parametrize("seg", [[], [[1, 1, 5, 5]], [[1, 1, 5, 1, 5]],
+                                 [[1, 1, float("nan"), 1, 5, 5]], [[1, 1, "x", 1, 5, 5]], "junk",
+                                 {"size": [9, 9], "counts": "abc"}])
+def test_invalid_segmentation_warns_and_skips(tmp_path, seg):
+    """Guards crashes (pycocotools reads a 4-number polygon as a box; COCOeval dies on an empty
+    one) or garbage masks from empty, 2-point, odd-length, NaN or non-numeric polygons and
+    wrong-size RLE: one warning naming the annotation and image, the sample still loads, and
+    COCOeval on `coco` still runs."""
+    from pycocotools.cocoeval import COCOeval
+
+    img_dir, ann_file = make_coco(tmp_path, [ann(1, bbox=(10, 10, 5, 5)),
+                                             ann(7, bbox=(1, 1, 5, 5), segmentation=seg)])
+    with pytest.warns(UserWarning, match=r"annotation id 7 of image .*a\.png"):
+        ds = CocoInstances(img_dir, ann_file)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, t = ds[0]
+        ds[0]
+    assert not [w for w in caught if "annotation id 7" in str(w.message)]  # once, not per load
+    assert t["boxes"].tolist() == [[10.0, 10.0, 15.0, 15.0]]  # the valid instance is kept
+    rle = mask_utils.encode(np.asfortranarray(t["masks"][0].numpy()))
+    dt = ds.coco.loadRes([{"image_id": 1, "category_id": 1, "segmentation": rle, "score": 0.9}])
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(ds.coco, dt, "segm")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0)  # the broken annotation is not counted as a miss
+
+
+def test_invalid_polygon_parts_dropped_valid_parts_kept(tmp_path):
+    """Guards losing a whole instance (or crashing) for one stray 2-point polygon part."""
+    seg = [[2, 2, 8, 2, 8, 8, 2, 8], [1, 1, 5, 5], []]
+    img_dir, ann_file = make_coco(tmp_path, [ann(3, bbox=(2, 2, 6, 6), segmentation=seg)])
+    with pytest.warns(UserWarning, match=r"annotation id 3 .*2 invalid polygon part"):
+        ds = CocoInstances(img_dir, ann_file)
+    m = ds[0][1]["masks"]
+    assert m.shape == (1, 20, 20) and m.sum() == 36
+
+
+def test_zero_area_and_outside_boxes_dropped(tmp_path):
+    """Guards NaN/inf box targets from zero-size boxes and boxes off the image."""
+    anns = [ann(1, bbox=(2, 2, 5, 5)),
+            ann(2, bbox=(5, 5, 0, 8), segmentation=square_poly(5, 5, 6, 13)),   # zero width
+            ann(3, bbox=(30, 30, 5, 5), segmentation=square_poly(2, 2, 4, 4)),  # outside
+            ann(4, bbox=(-5, -5, 5, 5), segmentation=square_poly(0, 0, 1, 1)),  # touches corner
+            ann(5, bbox=(15, 16, 10, 10), segmentation=square_poly(15, 16, 20, 20))]  # clipped
+    ds = CocoInstances(*make_coco(tmp_path, anns))
+    t = ds[0][1]
+    assert t["boxes"].tolist() == [[2.0, 2.0, 7.0, 7.0], [15.0, 16.0, 20.0, 20.0]]
+    assert t["masks"].shape[0] == 2 and len(t["labels"]) == 2
+
+
+# -----------------------------------------------------------------------------
+# 3. transforms
+
+def test_test_transform_scale_and_size(tmp_path):
+    """Guards the map back to the original image: size = round(H0*s), round(W0*s) with
+    s = input_size / max(H0, W0), and boxes scaled by exactly s (eval divides by it)."""
+    anns = [ann(1, bbox=(10, 5, 40, 20)), ann(2, bbox=(60.5, 20.25, 33.3, 21.1))]
+    ds = CocoInstances(*make_coco(tmp_path, anns, size=(50, 100)),
+                       transforms=build_transforms("centernet", train=False, input_size=64))
+    image, t = ds[0]
+    assert image.shape == (3, 32, 64)
+    assert t["scale"] == pytest.approx(0.64) and t["size"].tolist() == [32, 64]
+    assert t["orig_size"].tolist() == [50, 100]
+    orig = torch.tensor([[10, 5, 50, 25], [60.5, 20.25, 93.8, 41.35]], dtype=torch.float32)
+    assert torch.allclose(t["boxes"], orig * t["scale"], atol=1e-5)
+    assert torch.allclose(t["boxes"] / t["scale"], orig, atol=1e-4)
+    assert t["masks"].shape == (2, 32, 64)
+
+
+def test_fcos_test_transform_sizes(tmp_path):
+    """Guards the FCOS resize rule: short side -> 800 unless the long side would pass 1333."""
+    ds = CocoInstances(*make_coco(tmp_path, [ann(1)], size=(20, 60)),
+                       transforms=build_transforms("fcos", train=False, input_size=800))
+    image, t = ds[0]
+    assert t["scale"] == pytest.approx(1333 / 60) and image.shape == (3, 444, 1333)
+    ds.transforms = build_transforms("fcos", train=False, input_size=40, max_size=200)
+    assert ds[0][0].shape == (3, 40, 120) and ds[0][1]["scale"] == 2.0
+    with pytest.raises(TypeError, match="scale_rnage"):
+        build_transforms("centernet", True, 64, scale_rnage=(1, 1))
+    with pytest.raises(ValueError, match="kind"):
+        build_transforms("yolo", True, 64)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return write_shapes_dataset(str(root), n_train=40, n_val=8, size=128, seed=0)
+
+
+def test_train_transform_square_and_in_sync(shapes):
+    """Guards boxes/masks drifting apart under scale+crop+flip (e.g. flipping the image but not
+    the boxes), boxes leaving the canvas, and non-square training inputs."""
+    ds = CocoInstances(shapes["train_img_dir"], shapes["train_ann"], max_images=12,
+                       transforms=build_transforms("centernet", train=True, input_size=96))
+    n_kept = n_tight = 0
+    for seed in range(3):
+        torch.manual_seed(seed)
+        for i in range(len(ds)):
+            image, t = ds[i]
+            assert image.shape == (3, 96, 96) and t["size"].tolist() == [96, 96]
+            assert t["masks"].shape[1:] == (96, 96)
+            b = t["boxes"]
+            assert len(b) == len(t["labels"]) == len(t["masks"])
+            assert (b >= 0).all() and (b <= 96).all()
+            assert ((b[:, 2:] - b[:, :2]) >= 1).all()
+            assert 0.6 * 96 / 128 - 0.01 <= t["scale"] <= 1.3 * 96 / 128 + 0.01
+            for box, mask in zip(b.tolist(), t["masks"]):
+                assert mask.any()
+                x1, y1, x2, y2 = mask_extent(mask)
+                # the mask lies inside its box (1-2 px of rounding from the resize)
+                assert x1 >= box[0] - 2 and y1 >= box[1] - 2, (box, mask_extent(mask))
+                assert x2 <= box[2] + 2 and y2 <= box[3] + 2, (box, mask_extent(mask))
+                if min(box) > 0 and max(box) < 96:
+                    # not cut by the crop: shapes' boxes are tight, so the edges agree (up to
+                    # a 1-px tip that nearest-neighbour downsampling may drop, 1.3 px at 0.75x)
+                    assert all(abs(e - bb) <= 3 for e, bb in zip((x1, y1, x2, y2), box))
+                    n_tight += 1
+                n_kept += 1
+    assert n_kept > 50 and n_tight > 20
+
+
+def test_train_flip_moves_boxes_masks_and_pixels(tmp_path):
+    """Guards a flip applied to the image only: with scale 1 and a square input, a flip maps
+    x -> W - x for boxes and mirrors masks and pixels; seeded, both outcomes occur."""
+    img_dir, ann_file = make_coco(tmp_path, [ann(1, bbox=(10, 20, 20, 20))], size=(64, 64))
+    arr = np.zeros((64, 64, 3), np.uint8)
+    arr[:, :32] = (255, 0, 0)  # red left half
+    Image.fromarray(arr).save(os.path.join(img_dir, "a.png"))
+    ds = CocoInstances(img_dir, ann_file)
+    red = ((torch.tensor([1.0, 0, 0]) - MEAN.flatten()) / STD.flatten())
+    outcomes = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        ds.transforms = build_transforms("centernet", True, 64, scale_range=(1, 1), color_jitter=0)
+        image, t = ds[0]
+        box = t["boxes"][0].tolist()
+        flipped = box == [34.0, 20.0, 54.0, 40.0]
+        assert flipped or box == [10.0, 20.0, 30.0, 40.0], box
+        assert mask_extent(t["masks"][0]) == tuple(int(v) for v in box)
+        red_col = 60 if flipped else 3
+        assert torch.allclose(image[:, 10, red_col], red, atol=1e-5)
+        outcomes.add(flipped)
+    assert outcomes == {True, False}
+
+
+# -----------------------------------------------------------------------------
+# 4. collate
+
+def test_collate_pads_images_and_masks():
+    """Guards batch shapes that are not multiples of the backbone stride, masks left unpadded
+    (shape mismatch with the batch), and padding that overwrites or shifts content."""
+    def sample(h, w, n):
+        img = torch.randn(3, h, w)
+        masks = torch.ones(n, h, w, dtype=torch.uint8)
+        return img, {"masks": masks, "boxes": torch.zeros(n, 4),
+                     "labels": torch.zeros(n, dtype=torch.int64)}
+    batch = [sample(50, 70, 2), sample(64, 33, 0)]
+    images, targets = collate_fn(batch)
+    assert images.shape == (2, 3, 64, 96)
+    assert torch.equal(images[0, :, :50, :70], batch[0][0]) and images[0, :, 50:].abs().sum() == 0
+    assert images[0, :, :, 70:].abs().sum() == 0
+    assert torch.equal(images[1, :, :64, :33], batch[1][0])
+    assert targets[0]["masks"].shape == (2, 64, 96) and targets[1]["masks"].shape == (0, 64, 96)
+    assert targets[0]["masks"].sum() == 2 * 50 * 70 and targets[0]["masks"].dtype == torch.uint8
+    assert batch[0][1]["masks"].shape == (2, 50, 70)  # inputs not modified in place
+    images, targets = functools.partial(collate_fn, size_divisibility=128)(batch)
+    assert images.shape == (2, 3, 128, 128) and targets[0]["masks"].shape == (2, 128, 128)
+
+
+def test_dataloader_end_to_end(shapes):
+    """Guards collate/dataset incompatibilities (types, keys) in a real DataLoader."""
+    ds = CocoInstances(shapes["val_img_dir"], shapes["val_ann"],
+                       transforms=build_transforms("centernet", False, 100))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_fn)
+    images, targets = next(iter(loader))
+    assert images.shape == (4, 3, 128, 128) and len(targets) == 4
+    for t in targets:
+        assert set(t) == {"boxes", "labels", "masks", "image_id", "orig_size", "size", "scale"}
+        assert t["masks"].shape[1:] == (128, 128) and t["size"].tolist() == [100, 100]
+
+
+# -----------------------------------------------------------------------------
+# 5. synthetic shapes
+
+def _read_tree(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+def test_shapes_deterministic(tmp_path):
+    """Guards unseeded randomness (global RNGs, dict order) making the quick start
+    irreproducible."""
+    a = write_shapes_dataset(str(tmp_path / "a"), n_train=6, n_val=3, size=64, seed=3)
+    write_shapes_dataset(str(tmp_path / "b"), n_train=6, n_val=3, size=64, seed=3)
+    write_shapes_dataset(str(tmp_path / "c"), n_train=6, n_val=3, size=64, seed=4)
+    ta, tb, tc = (_read_tree(tmp_path / k) for k in "abc")
+    assert len(ta) == 6 + 3 + 2 and ta == tb and ta != tc
+    assert set(a) == {"train_img_dir", "train_ann", "val_img_dir", "val_ann"}
+    assert not [f for f in ta if f.endswith(".tmp")]  # atomic json writes leave no temp file
+
+
+def test_shapes_content(shapes):
+    """Guards a synthetic set too easy to test instance segmentation: needs >= 3 classes, 1-10
+    instances per image, overlapping/occluding same-class instances, small and large objects,
+    and COCO-valid annotations (tight bbox, area, compressed RLE) that CocoInstances loads."""
+    with open(shapes["train_ann"]) as f:
+        d = json.load(f)
+    assert len(d["categories"]) >= 3 and len(d["images"]) == 40
+    per_image = {}
+    for a in d["annotations"]:
+        per_image.setdefault(a["image_id"], []).append(a)
+    assert set(per_image) == {img["id"] for img in d["images"]}
+    assert all(1 <= len(v) <= 10 for v in per_image.values())
+    assert len({a["category_id"] for a in d["annotations"]}) >= 3
+
+    touching_same_class = 0
+    sides = []
+    for anns in per_image.values():
+        masks = []
+        for a in anns:
+            seg = a["segmentation"]
+            rle = {"size": seg["size"], "counts": seg["counts"].encode()}
+            m = mask_utils.decode(rle).astype(bool)
+            assert m.sum() == a["area"] >= 12 and a["iscrowd"] == 0
+            ys, xs = np.nonzero(m)
+            x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+            assert a["bbox"] == [x1, y1, x2 - x1, y2 - y1]
+            masks.append((a["category_id"], m))
+            sides.append(max(a["bbox"][2:]))
+        for i in range(len(masks)):
+            ci, mi = masks[i]
+            grown = mi.copy()  # 1-px dilation: visible parts of overlapping shapes touch
+            grown[1:] |= mi[:-1]
+            grown[:-1] |= mi[1:]
+            grown[:, 1:] |= mi[:, :-1]
+            grown[:, :-1] |= mi[:, 1:]
+            touching_same_class += sum(cj == ci and (grown & mj).any() for cj, mj in masks[i + 1:])
+    assert touching_same_class >= 5
+    assert min(sides) <= 12 and max(sides) >= 128 / 3
+
+    ds = CocoInstances(shapes["train_img_dir"], shapes["train_ann"])
+    assert ds.num_classes == len(d["categories"])
+    for i in range(0, 40, 5):
+        image, t = ds[i]
+        assert image.shape == (3, 128, 128) and len(t["labels"]) == len(per_image[ds.ids[i]])
+        assert t["labels"].min() >= 0 and t["labels"].max() < ds.num_classes
+
+
+def test_shapes_cli(tmp_path):
+    """Guards the documented command `python data.py shapes --out=DIR ...` breaking."""
+    out = tmp_path / "cli"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "shapes", f"--out={out}",
+                        "--n_train=3", "--n_val=2", "--size=48", "--seed=1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "instances_train.json" in r.stdout and "instances_val.json" in r.stdout
+    assert len(os.listdir(out / "train")) == 3 and len(os.listdir(out / "val")) == 2
+    with open(out / "annotations" / "instances_val.json") as f:
+        assert len(json.load(f)["images"]) == 2
+
+
+# -----------------------------------------------------------------------------
+# 6. real data (COCO128), when present
+
+@pytest.mark.skipif(not os.path.isdir(COCO128), reason=f"COCO128 not found at {COCO128}")
+def test_coco128_real_images():
+    """Guards real-data surprises the synthetic set cannot show: JPEG decoding, 80 categories
+    with gaps in their ids, polygons with holes/parts, crowd RLE exclusion."""
+    ann_file = os.path.join(COCO128, "annotations", "instances_train2017.json")
+    img_dir = os.path.join(COCO128, "train2017")
+    with open(ann_file) as f:
+        d = json.load(f)
+    crowd_images = sorted({a["image_id"] for a in d["annotations"] if a["iscrowd"]})
+    assert sum(a["iscrowd"] for a in d["annotations"]) == 10
+    ids = sorted(img["id"] for img in d["images"])[:8] + crowd_images[:2]
+    n_noncrowd = {i: sum(1 for a in d["annotations"] if a["image_id"] == i and not a["iscrowd"])
+                  for i in ids}
+
+    ds = CocoInstances(img_dir, ann_file, image_ids=ids)
+    assert ds.num_classes == 80 and ds.cat_ids[-1] == 90
+    for i, image_id in enumerate(ids):  # original size: every non-crowd annotation, no crowd
+        _, t = ds[i]
+        assert len(t["labels"]) == n_noncrowd[image_id]
+    for train, size in ((True, 128), (False, 160)):
+        torch.manual_seed(0)
+        ds.transforms = build_transforms("centernet", train=train, input_size=size)
+        for i in range(len(ds)):
+            image, t = ds[i]
+            h, w = t["size"].tolist()
+            assert image.shape == (3, h, w) and max(h, w) == size
+            if train:
+                assert h == w == size
+            else:
+                H0, W0 = t["orig_size"].tolist()
+                assert (h, w) == (round(H0 * t["scale"]), round(W0 * t["scale"]))
+            assert torch.isfinite(image).all()
+            assert len(t["labels"]) <= n_noncrowd[t["image_id"]]
+            if len(t["labels"]):
+                assert 0 <= t["labels"].min() and t["labels"].max() < 80
+                assert (t["masks"].flatten(1).sum(1) > 0).all()
+                assert ((t["boxes"][:, 2:] - t["boxes"][:, :2]) >= 1).all()

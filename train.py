@@ -1,0 +1,350 @@
+"""
+Training loop for every method in model.py, nanoGPT-shaped: config globals -> configurator ->
+DDP -> data -> model/optimizer/resume -> learning-rate schedule -> loop.
+
+    python train.py config/shapes_centermask.py                 # CPU quick start, minutes
+    python train.py config/centermask_dla34.py                  # 1 GPU, COCO
+    torchrun --standalone --nproc_per_node=8 train.py config/centermask_dla34.py   # 8 GPUs
+    python train.py config/centermask_dla34.py --batch_size=16 --init_from=resume  # overrides
+
+Every name assigned below (before the configurator line) is a config key: a config file sets
+them with plain assignments, `--key=value` overrides them. Every field of model.ModelConfig is
+also a key. The whole resolved config is saved in each checkpoint.
+"""
+
+import math
+import os
+import sys
+import time
+import json
+from contextlib import nullcontext
+from dataclasses import fields, asdict
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from model import ModelConfig, build_model
+
+# -----------------------------------------------------------------------------
+# default config values (the CenterMask DLA-34 COCO recipe, [CM 3.5])
+# I/O
+out_dir = "out"                   # checkpoints, logs, loss curve, pictures
+init_from = "scratch"             # "scratch" or "resume" (from out_dir/ckpt.pt)
+log_interval = 20                 # iterations between progress lines
+eval_interval = 0                 # iterations between evaluations (0: every epoch ... see below)
+eval_every_epochs = 10            # evaluate every this many epochs when eval_interval == 0
+eval_max_images = 500             # images of the val set used by periodic evals (0: all)
+ckpt_interval = 0                 # iterations between checkpoints (0: at each evaluation and at the end)
+visualize = False                 # draw predictions on a few val images at the end
+vis_images = 8
+# data (COCO 2017 layout; see README)
+data_root = "data/coco"           # train/val paths below are relative to it unless absolute
+train_img_dir = "train2017"
+train_ann = "annotations/instances_train2017.json"
+val_img_dir = "val2017"
+val_ann = "annotations/instances_val2017.json"
+shapes_dir = ""                   # if set: write the synthetic shapes set here when missing
+shapes_n_train = 1000
+shapes_n_val = 200
+shapes_size = 128
+input_size = 512                  # square training input ([CM 3.5])
+max_train_images = 0              # 0: all; >0: the first N images (overfitting checks)
+num_workers = 4
+# optimisation ([CM 3.5]: Adam, lr 2.5e-4, 130 epochs, x0.1 at 100 and 120)
+batch_size = 32                   # per process; CenterNet used 114 on 8 GPUs (lr scaled with it)
+epochs = 130
+max_iters = 0                     # 0: derived from epochs and the dataset length
+learning_rate = 2.5e-4
+lr_steps = (100, 120)             # epochs at which lr *= lr_decay
+lr_decay = 0.1
+warmup_iters = 0                  # linear warmup from 0 (not in [CM]; helps tiny batches)
+optimizer = "adam"                # "adam" ([CM 3.5]) or "adamw"/"sgd"
+weight_decay = 0.0
+grad_clip = 0.0                   # clip the gradient norm at this value (0: off; [CM] none)
+# system
+device = "auto"                   # "auto", "cpu", "cuda", "cuda:1", ...
+dtype = "auto"                    # "auto" (bf16 if supported, else fp16; fp32 on CPU), "float32", ...
+compile = False                   # torch.compile the model
+channels_last = True              # on GPU only
+sync_bn = False                   # SyncBatchNorm under DDP (CenterNet: off)
+seed = 1337
+threads = 0                       # CPU threads for torch (0: all cores)
+# model: every ModelConfig field is a config key (method, backbone, num_classes, dcn, ...)
+globals().update({f.name: f.default for f in fields(ModelConfig)})
+num_classes = 0                   # 0: take it from the training set
+# -----------------------------------------------------------------------------
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+config = config_from_globals(globals())  # the resolved config, saved in checkpoints
+# -----------------------------------------------------------------------------
+
+from data import CocoInstances, build_transforms, collate_fn, write_shapes_dataset  # noqa: E402
+from eval import evaluate, visualize as draw_predictions  # noqa: E402
+
+# -- processes and device ---------------------------------------------------------------------
+ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+if device.startswith("cuda") and not torch.cuda.is_available():
+    sys.exit(f"train.py: device={device!r} was asked for but no CUDA GPU is visible; "
+             "use --device=cpu (or --device=auto)")
+if ddp:
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+torch.manual_seed(seed + rank)
+if device_type == "cpu":
+    # without a GPU, use the cores (split between processes under torchrun)
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world_size))
+else:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+if dtype == "auto":
+    dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+
+
+def log(*a):
+    if master:
+        print(*a, flush=True)
+
+
+def path(p):
+    return p if os.path.isabs(p) or not data_root else os.path.join(data_root, p)
+
+
+# -- data ---------------------------------------------------------------------------------------
+if shapes_dir:
+    # the quick start: the synthetic set is written once (rank 0), everyone else waits
+    data_root = ""
+    train_img_dir, train_ann = os.path.join(shapes_dir, "train"), os.path.join(shapes_dir, "annotations", "instances_train.json")
+    val_img_dir, val_ann = os.path.join(shapes_dir, "val"), os.path.join(shapes_dir, "annotations", "instances_val.json")
+    if master and not (os.path.exists(train_ann) and os.path.exists(val_ann)):
+        log(f"writing the synthetic shapes set to {shapes_dir} ({shapes_n_train} train / {shapes_n_val} val, {shapes_size}px)")
+        write_shapes_dataset(shapes_dir, shapes_n_train, shapes_n_val, shapes_size, seed)
+    if ddp:
+        dist.barrier()
+train_set = CocoInstances(path(train_img_dir), path(train_ann), transforms=build_transforms("centernet", True, input_size),
+                          max_images=max_train_images or None)
+val_set = CocoInstances(path(val_img_dir), path(val_ann), transforms=build_transforms("centernet", False, input_size))
+num_classes = num_classes or train_set.num_classes
+if num_classes != train_set.num_classes:
+    sys.exit(f"train.py: num_classes={num_classes} but {path(train_ann)} has {train_set.num_classes} categories")
+config["num_classes"] = num_classes
+
+# -- model and optimiser ----------------------------------------------------------------------------
+model_args = {f.name: config[f.name] for f in fields(ModelConfig)}
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+checkpoint = None
+if init_from == "resume":
+    if not os.path.exists(ckpt_path):
+        sys.exit(f"train.py: init_from='resume' but there is no checkpoint at {ckpt_path}")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        sys.exit(f"train.py: cannot read checkpoint {ckpt_path}: {e}")
+    saved = checkpoint.get("model_args", {})
+    diff = {k: (saved.get(k), v) for k, v in model_args.items()
+            if k in saved and ModelConfig(**{**model_args, k: saved[k]}) != ModelConfig(**model_args)}
+    if diff:
+        sys.exit(f"train.py: checkpoint {ckpt_path} was made with another model config; differing keys "
+                 f"(checkpoint, now): {diff}. Use another out_dir or the same config.")
+elif init_from != "scratch":
+    sys.exit(f"train.py: init_from must be 'scratch' or 'resume', got {init_from!r}")
+
+model = build_model(ModelConfig(**model_args))
+if checkpoint is not None:
+    model.load_state_dict(checkpoint["model"])
+model.to(device)
+if device_type == "cuda" and channels_last:
+    model = model.to(memory_format=torch.channels_last)
+if ddp and sync_bn:
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+log(f"{model_args['method']} / {model_args['backbone']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    f"{num_classes} classes, {len(train_set)} train / {len(val_set)} val images, device {device}, dtype {dtype}, "
+    f"{world_size} process(es)")
+
+params = [p for p in model.parameters() if p.requires_grad]
+if optimizer == "adam":
+    opt = torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay)
+elif optimizer == "adamw":
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+elif optimizer == "sgd":
+    opt = torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+else:
+    sys.exit(f"train.py: optimizer must be 'adam', 'adamw' or 'sgd', got {optimizer!r}")
+if checkpoint is not None:
+    opt.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+# -- loader and schedule ------------------------------------------------------------------------------
+sampler = (DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+           if ddp else RandomSampler(train_set, generator=torch.Generator().manual_seed(seed)))
+collate = partial(collate_fn, size_divisibility=raw_model.size_divisibility)
+loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+                    num_workers=num_workers, pin_memory=device_type == "cuda", persistent_workers=num_workers > 0)
+if len(loader) == 0:
+    sys.exit(f"train.py: batch_size={batch_size} x {world_size} process(es) is larger than the training set "
+             f"({len(train_set)} images)")
+iters_per_epoch = len(loader)
+max_iters = max_iters or epochs * iters_per_epoch
+step_iters = [int(e * iters_per_epoch) for e in lr_steps]
+eval_every = eval_interval or max(1, eval_every_epochs * iters_per_epoch)
+
+
+def get_lr(it):
+    """Linear warmup (optional), then x lr_decay at each step ([CM 3.5]: epochs 100 and 120)."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    return learning_rate * lr_decay ** sum(it >= s for s in step_iters)
+
+
+def save_checkpoint(it, best_ap, name="ckpt.pt"):
+    """Atomic: write a temporary file in out_dir, then rename over the old one. A run killed
+    mid-write leaves the previous checkpoint intact."""
+    ckpt = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "iter": it, "best_ap": best_ap, "model_args": model_args, "config": config}
+    final = os.path.join(out_dir, name)
+    tmp = final + f".tmp{os.getpid()}"
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, final)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        sys.exit(f"train.py: cannot write checkpoint {final}: {e} (the previous checkpoint, if any, is intact)")
+
+
+def run_eval(max_images):
+    """COCO AP on the val set (all ranks take part; rank 0 gets the numbers)."""
+    subset = val_set if not max_images or max_images >= len(val_set) else torch.utils.data.Subset(val_set, range(max_images))
+    eval_sampler = DistributedSampler(subset, world_size, rank, shuffle=False) if ddp else None
+    eval_loader = DataLoader(subset, batch_size=max(1, batch_size // 2), sampler=eval_sampler, collate_fn=collate,
+                             num_workers=num_workers)
+    stats = evaluate(raw_model, eval_loader, device=device, verbose=False,
+                     amp_dtype=None if ptdtype == torch.float32 else ptdtype)
+    raw_model.train()
+    return stats
+
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=1, default=str)
+
+# -- the loop ---------------------------------------------------------------------------------------
+it = checkpoint["iter"] if checkpoint is not None else 0
+best_ap = checkpoint["best_ap"] if checkpoint is not None else -1.0
+history = {"iter": [], "loss": {}}  # for the loss-curve PNG
+checkpoint = None  # free memory
+log(f"training for {max_iters} iterations ({iters_per_epoch} per epoch, batch {batch_size} x {world_size}); "
+    f"lr steps at iterations {step_iters}")
+model.train()
+t_start, t_log, epoch = time.time(), time.time(), it // iters_per_epoch
+sum_losses, n_losses = {}, 0
+while it < max_iters:
+    if ddp:
+        sampler.set_epoch(epoch)
+    else:
+        sampler.generator.manual_seed(seed + epoch)  # same order after a resume
+    skip = it - epoch * iters_per_epoch  # after a resume: skip the batches already seen this epoch
+    for images, targets in loader:
+        if skip > 0:
+            skip -= 1
+            continue
+        lr = get_lr(it)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        images = images.to(device, non_blocking=True)
+        if device_type == "cuda" and channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        with autocast:
+            losses = model(images, targets)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            print(f"train.py: non-finite loss at iteration {it} (rank {rank}): {terms}. Stopping; the last good "
+                  f"checkpoint in {out_dir} is kept. Try a lower learning_rate, warmup_iters or grad_clip.", flush=True)
+            sys.exit(1)
+        scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        it += 1
+        for k, v in losses.items():
+            sum_losses[k] = sum_losses.get(k, 0.0) + v.item()
+        n_losses += 1
+
+        if it % log_interval == 0 or it == max_iters:
+            dt = (time.time() - t_log) / n_losses
+            mean = {k: v / n_losses for k, v in sum_losses.items()}
+            history["iter"].append(it)
+            for k, v in mean.items():
+                history["loss"].setdefault(k, []).append(v)
+            eta = (max_iters - it) * dt
+            mem = f", mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device_type == "cuda" else ""
+            log(f"iter {it}/{max_iters} (epoch {it / iters_per_epoch:.1f}): " +
+                " ".join(f"{k} {v:.4f}" for k, v in mean.items()) +
+                f" | lr {lr:.2e} | {dt * 1000:.0f}ms/iter, {batch_size * world_size / dt:.1f} img/s | "
+                f"ETA {eta / 60:.1f}min{mem}")
+            sum_losses, n_losses, t_log = {}, 0, time.time()
+
+        if it % eval_every == 0 or it == max_iters:
+            stats = run_eval(eval_max_images if it < max_iters else 0)
+            if master:
+                ap = stats.get("segm_AP", stats.get("bbox_AP", -1.0))
+                log(f"eval @ iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items() if "AP" in k) +
+                    f" | {stats.get('images_per_s', 0):.1f} img/s")
+                best_ap = max(best_ap, ap)
+                save_checkpoint(it, best_ap)
+                if ap >= best_ap:
+                    save_checkpoint(it, best_ap, "best.pt")
+                with open(os.path.join(out_dir, "eval.json"), "w") as f:
+                    json.dump({"iter": it, **stats}, f)
+            t_log = time.time()  # evaluation time is not training time
+        elif ckpt_interval and it % ckpt_interval == 0 and master:
+            save_checkpoint(it, best_ap)
+        if it >= max_iters:
+            break
+    epoch += 1
+
+log(f"done: {max_iters} iterations in {(time.time() - t_start) / 60:.1f} min, best AP {best_ap:.4f}")
+if master:
+    # the loss curve next to the checkpoint
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, v in history["loss"].items():
+        ax.plot(history["iter"], v, label=k, lw=2 if k == "loss" else 1)
+    ax.set_xlabel("iteration"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
+    log(f"wrote {os.path.join(out_dir, 'loss.png')}")
+    if visualize:
+        paths = draw_predictions(raw_model, val_set, os.path.join(out_dir, "pictures"), n=vis_images, device=device)
+        log(f"wrote {len(paths)} pictures to {os.path.join(out_dir, 'pictures')}")
+if ddp:
+    dist.destroy_process_group()
