@@ -35,6 +35,7 @@
 # overwrite the calling script's `__doc__` (used by `--help`).
 
 import ast
+import builtins
 import difflib
 import os
 import sys
@@ -125,7 +126,8 @@ def _exec_config_file(path, config):
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file '{path}': {e}") from None
     try:
-        code = compile(source, path, 'exec')
+        # builtins.compile: the calling script may have a config key named `compile`
+        code = builtins.compile(source, path, 'exec')
     except SyntaxError as e:
         raise ConfigError(f"syntax error in config file '{path}', line {e.lineno}: "
                           f"{e.msg}") from None

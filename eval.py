@@ -394,6 +394,13 @@ def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
     Masks are blended in the class colour, boxes are outlined and labelled "class score".
     """
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+    # small images (the 128 px shapes) are enlarged so that labels stay readable
+    up = max(1, math.ceil(384 / max(image.shape[-2:])))
+    if up > 1:
+        image = image.repeat_interleave(up, -2).repeat_interleave(up, -1)
+        pred = dict(pred, boxes=pred["boxes"] * up)
+        if "masks" in pred:
+            pred["masks"] = pred["masks"].repeat_interleave(up, -2).repeat_interleave(up, -1)
     keep = pred["scores"].cpu() >= score_threshold
     labels = pred["labels"].cpu()[keep].tolist()
     scores = pred["scores"].cpu()[keep].tolist()

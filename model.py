@@ -632,6 +632,9 @@ class CenterMask(nn.Module):
         R = self.stride
         objs = flatten_targets(targets, R)
         objs["num_images"] = B
+        # a centre on the last pixel edge (or a box past the border) must still index the map
+        objs["center_int"] = torch.minimum(objs["center_int"].clamp(min=0),
+                                           torch.tensor([w - 1, h - 1], device=objs["center_int"].device))
         objs = {k: (v.to(out["heatmap"].device) if torch.is_tensor(v) else v) for k, v in objs.items()}
         lp, loff, lsize, lmask = self.cfg.loss_weights
         gt_heat = centernet_heatmaps(objs, C, h, w, self.cfg.min_overlap, self.cfg.cornernet_bug)

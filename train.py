@@ -52,6 +52,10 @@ shapes_n_val = 200
 shapes_size = 128
 input_size = 512                  # square training input ([CM 3.5])
 max_train_images = 0              # 0: all; >0: the first N images (overfitting checks)
+max_val_images = 0                # 0: all; >0: the first N val images
+scale_range = (0.6, 1.3)          # random scale of the training input ([CM 3.5] as [CN])
+flip_prob = 0.5                   # horizontal flips ([CN])
+color_jitter = 0.4                # brightness/contrast/saturation jitter ([CN])
 num_workers = 4
 # optimisation ([CM 3.5]: Adam, lr 2.5e-4, 130 epochs, x0.1 at 100 and 120)
 batch_size = 32                   # per process; CenterNet used 114 on 8 GPUs (lr scaled with it)
@@ -136,9 +140,14 @@ if shapes_dir:
         write_shapes_dataset(shapes_dir, shapes_n_train, shapes_n_val, shapes_size, seed)
     if ddp:
         dist.barrier()
-train_set = CocoInstances(path(train_img_dir), path(train_ann), transforms=build_transforms("centernet", True, input_size),
-                          max_images=max_train_images or None)
-val_set = CocoInstances(path(val_img_dir), path(val_ann), transforms=build_transforms("centernet", False, input_size))
+augment = dict(scale_range=scale_range, flip_prob=flip_prob, color_jitter=color_jitter)
+try:
+    train_set = CocoInstances(path(train_img_dir), path(train_ann), max_images=max_train_images or None,
+                              transforms=build_transforms("centernet", True, input_size, **augment))
+    val_set = CocoInstances(path(val_img_dir), path(val_ann), max_images=max_val_images or None,
+                            transforms=build_transforms("centernet", False, input_size))
+except (OSError, ValueError) as e:  # data.py's messages name the file / annotation
+    sys.exit(f"train.py: {e}")
 num_classes = num_classes or train_set.num_classes
 if num_classes != train_set.num_classes:
     sys.exit(f"train.py: num_classes={num_classes} but {path(train_ann)} has {train_set.num_classes} categories")
@@ -312,6 +321,7 @@ while it < max_iters:
             sum_losses, n_losses, t_log = {}, 0, time.time()
 
         if it % eval_every == 0 or it == max_iters:
+            t_eval = time.time()
             stats = run_eval(eval_max_images if it < max_iters else 0)
             if master:
                 ap = stats.get("segm_AP", stats.get("bbox_AP", -1.0))
@@ -323,7 +333,7 @@ while it < max_iters:
                     save_checkpoint(it, best_ap, "best.pt")
                 with open(os.path.join(out_dir, "eval.json"), "w") as f:
                     json.dump({"iter": it, **stats}, f)
-            t_log = time.time()  # evaluation time is not training time
+            t_log += time.time() - t_eval  # evaluation time is not training time
         elif ckpt_interval and it % ckpt_interval == 0 and master:
             save_checkpoint(it, best_ap)
         if it >= max_iters:

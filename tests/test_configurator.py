@@ -166,6 +166,7 @@ sys.path.insert(0, {root!r})
 batch_size = 8
 learning_rate = 0.1
 device = "cpu"
+compile = False   # a config key that shadows a builtin the configurator itself uses
 exec(open(os.path.join({root!r}, 'configurator.py')).read())
 print(json.dumps({{"batch_size": batch_size, "learning_rate": learning_rate, "device": device}}))
 """
@@ -185,6 +186,16 @@ def test_exec_usage_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
     assert '"batch_size": 3' in last and '"device": "cuda:0"' in last
+
+
+def test_exec_config_file_with_builtin_named_key(tmp_path):
+    """Guards: a script's config key named like a builtin (train.py's `compile = False`)
+    shadowing the builtin that the exec'd configurator calls to read a config file."""
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("batch_size = 5\ncompile = True\n")
+    r = _run(tmp_path, str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert '"batch_size": 5' in r.stdout.strip().splitlines()[-1]
 
 
 def test_exec_unknown_key_exits_2_with_one_line(tmp_path):
