@@ -419,22 +419,75 @@ def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
                                width=2)
 
 
-def _save_maps_figure(image, maps, path):
-    """Teaching view: the original image next to each named (h, w) map, one row."""
+def _network_input_rgb(image):
+    """A normalised (3, H, W) network input -> (3, H, W) uint8 RGB for display (ImageNet
+    statistics undone, as data.py normalises; the batch padding shows as the mean colour)."""
+    from data import IMAGENET_MEAN, IMAGENET_STD              # lazy: data.py is optional here
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=image.device)[:, None, None]
+    return ((image.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def _maps_layout(widths, capacity):
+    """Flow panels of the given widths (grid units) into rows of at most `capacity` units."""
+    rows, row = [], []
+    for i, w in enumerate(widths):
+        if row and sum(widths[j] for j in row) + w > capacity:
+            rows.append(row)
+            row = []
+        row.append(i)
+    return rows + [row]
+
+
+def _viridis_nan_blank():
+    """viridis with NaN cells drawn white (blank): the gaps between tiles of a tiled map."""
+    import matplotlib
+    return matplotlib.colormaps["viridis"].with_extremes(bad="white")
+
+
+def _save_maps_figure(image, maps, path, capacity=5):
+    """Teaching view: the image the network saw, then each named 2-D map, with titles.
+
+    Float maps are drawn with a colour bar (viridis; NaN cells blank, e.g. the gaps between
+    tiles), integer maps as label maps (0 = none in black, 1..n in distinct colours, e.g.
+    instance ids). Every map keeps its aspect ratio and is enlarged to the panel size with
+    nearest interpolation, so a 32x32 stride-4 map shows its cells instead of a blur. Panels
+    flow into rows of `capacity` grid units; a wide map (a row of tiles) takes several units.
+    """
+    from matplotlib.colors import ListedColormap, BoundaryNorm
     from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    n = 1 + len(maps)
-    fig = Figure(figsize=(3 * n, 3))
+    panels = [("network input", image.permute(1, 2, 0).numpy())]
+    panels += [(name, m.detach().cpu().numpy() if torch.is_tensor(m) else np.asarray(m))
+               for name, m in maps.items()]
+    # a panel is 1 grid unit per unit of aspect ratio (width / height), at least 1
+    widths = [min(capacity, max(1, round(p.shape[1] / p.shape[0]))) for _, p in panels]
+    rows = _maps_layout(widths, capacity)
+    fig = Figure(figsize=(2.8 * capacity, 2.9 * len(rows)))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    axes[0].imshow(image.permute(1, 2, 0).numpy())
-    axes[0].set_title("image")
-    for ax, (name, m) in zip(axes[1:], maps.items()):
-        im = ax.imshow(m.detach().float().cpu().numpy(), cmap="viridis")
-        ax.set_title(name)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    for ax in axes:
-        ax.axis("off")
+    grid = fig.add_gridspec(len(rows), capacity)
+    for r, row in enumerate(rows):
+        col = 0
+        for i in row:
+            name, m = panels[i]
+            ax = fig.add_subplot(grid[r, col:col + widths[i]])
+            col += widths[i]
+            ax.set_title(f"{name} {m.shape[0]}x{m.shape[1]}", fontsize=10)
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.imshow(m, interpolation="nearest")
+            elif np.issubdtype(m.dtype, np.integer) or m.dtype == bool:
+                n = max(int(m.max()), 1)
+                palette = [(0, 0, 0)] + [tuple(c / 255 for c in rgb) for rgb in _class_colors(n)]
+                cmap = ListedColormap(palette[:n + 1])
+                norm = BoundaryNorm(np.arange(-0.5, n + 1), cmap.N)
+                im = ax.imshow(m, cmap=cmap, norm=norm, interpolation="nearest")
+                bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, ticks=range(n + 1))
+                bar.ax.tick_params(labelsize=7)
+            else:
+                im = ax.imshow(m.astype(np.float32), cmap=_viridis_nan_blank(), interpolation="nearest")
+                bar = fig.colorbar(im, ax=ax, fraction=0.046 / max(1, widths[i] ** 0.5), pad=0.02)
+                bar.ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -450,7 +503,8 @@ def visualize(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.3,
     maps_fn (the teaching hook): optional `maps_fn(images (B, 3, H, W)) -> list (one per
     image) of {name: (h, w) tensor}` (e.g. a model method returning its heatmap, local
     shapes, saliency, attention map); each image's maps are saved next to its prediction as
-    `<stem>_maps.png` with matplotlib.
+    `<stem>_maps.png` with matplotlib, after the network input they were computed from
+    (float maps with a colour bar, integer maps as label maps; see `_save_maps_figure`).
     """
     base = _base_dataset(dataset)
     net = _unwrap_model(model)
@@ -478,8 +532,9 @@ def visualize(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.3,
                                path)
                     paths.append(path)
                     if maps is not None:
+                        # the maps live in the padded network-input frame: show that image
                         map_path = os.path.join(out_dir, f"{stem}_maps.png")
-                        _save_maps_figure(image, maps[i], map_path)
+                        _save_maps_figure(_network_input_rgb(images[i]), maps[i], map_path)
                         paths.append(map_path)
     finally:
         net.train(was_training)

@@ -4,9 +4,10 @@ builder, loss, mask assembly and decoder, in reading order.
 
     1. ModelConfig and build_model(cfg)           the knobs of every method, one entry point
     2. DLA-34 + DLA-up (CenterNet's `DLASeg`)     stride-4, 64-channel features
-    3. CenterNet targets                          gaussian_radius, draw_gaussian, batched heatmaps
-    4. CenterNet losses                           penalty-reduced focal loss, L1 at the centres
-    5. CenterMask                                 Local Shape x Global Saliency (paper 001)
+    3. Hourglass-104 (CenterNet's `large_hourglass`)  two stacks of stride-4, 256-channel features
+    4. CenterNet targets                          gaussian_radius, draw_gaussian, batched heatmaps
+    5. CenterNet losses                           penalty-reduced focal loss, L1 at the centres
+    6. CenterMask                                 Local Shape x Global Saliency (paper 001)
 
 Papers (full texts in the shared `papers/` folder):
     [CM]   Wang et al., "CenterMask: single shot instance segmentation with point
@@ -15,6 +16,8 @@ Papers (full texts in the shared `papers/` folder):
            and whose hyper-parameters it reuses ([CM 3.5]: "the same hyper-parameters of
            CenterNet").
     [DLA]  Yu et al., "Deep Layer Aggregation", CVPR 2018.
+    CornerNet  Law and Deng, "CornerNet: Detecting Objects as Paired Keypoints", ECCV 2018,
+           whose Hourglass-104 (CornerNet 3.5) CenterNet and [CM] reuse unchanged.
 
 Coordinate frames used throughout:
     * input frame: pixels of the network input (the padded batch), x right, y down; pixel X
@@ -40,11 +43,15 @@ from torchvision.ops import deform_conv2d
 class ModelConfig:
     """Architecture knobs of every method. Saved in checkpoints as `model_args`."""
     method: str = "centermask"        # which system build_model() makes
-    backbone: str = "dla34"           # "dla34" ([CM 3.5])
+    backbone: str = "dla34"           # "dla34" or "hourglass104" ([CM 3.5], Table 1b)
     num_classes: int = 80             # COCO
     dcn: bool = True                  # DLA-up nodes: modulated deformable conv ([CN] 4) or plain 3x3
     dla_channels: tuple = (16, 32, 64, 128, 256, 512)  # [DLA] Table 1, DLA-34; narrower only for CPU demos
-    head_conv: int = 256              # hidden width of every head ([CN] 4: 256 for DLA)
+    # Hourglass-104 (CornerNet 3.5); smaller widths / fewer residuals only for tests and CPU demos
+    num_stacks: int = 2               # hourglass stacks, each with its own heads (CornerNet 3.5)
+    hg_dims: tuple = (256, 256, 384, 384, 384, 512)  # width per level: 5 downsamplings (CornerNet 3.5)
+    hg_modules: tuple = (2, 2, 2, 2, 2, 4)  # residual blocks per level; 4 in the middle (CornerNet 3.5)
+    head_conv: int = 256              # hidden width of every head ([CN] 4: 256 for DLA and Hourglass)
     # CenterMask [CM 3]
     shape_size: int = 32              # S: local shape is S x S ([CM 3.5], Table 1a)
     use_shape: bool = True            # Local Shape branch ([CM 3.1]); False = saliency-only (Table 1c)
@@ -62,12 +69,20 @@ class ModelConfig:
     def __post_init__(self):
         # tuples survive a round trip through a checkpoint's plain dict / the configurator
         self.dla_channels = tuple(self.dla_channels)
+        self.hg_dims = tuple(int(d) for d in self.hg_dims)
+        self.hg_modules = tuple(int(m) for m in self.hg_modules)
         self.loss_weights = tuple(float(w) for w in self.loss_weights)
         if self.saliency not in ("agnostic", "specific"):
             raise ValueError(f"ModelConfig.saliency must be 'agnostic' or 'specific', got {self.saliency!r}")
         if not (self.use_shape or self.use_saliency):
             raise ValueError("ModelConfig: use_shape and use_saliency cannot both be False "
                              "(no mask branch left)")
+        if self.backbone == "hourglass104":
+            if len(self.hg_dims) != len(self.hg_modules) or len(self.hg_dims) < 2:
+                raise ValueError(f"ModelConfig: hg_dims {self.hg_dims} and hg_modules {self.hg_modules} "
+                                 "need the same length (>= 2: one entry per level, the last the middle)")
+            if self.num_stacks < 1 or min(self.hg_modules) < 1:
+                raise ValueError("ModelConfig: num_stacks and every hg_modules entry must be >= 1")
         if self.saliency_loss and self.saliency != "specific":
             raise ValueError("ModelConfig.saliency_loss=True needs saliency='specific' "
                              "(the direct supervision of [CM] Table 1f is per class)")
@@ -252,11 +267,9 @@ class IDAUp(nn.Module):
         for c, f in zip(channels[1:], up_factors[1:]):
             f = int(f)
             self.proj.append(DeformConv(c, cout, dcn))
-            if f > 1:
-                up = nn.ConvTranspose2d(cout, cout, f * 2, stride=f, padding=f // 2, groups=cout, bias=False)
-                bilinear_upsample_init(up)
-            else:
-                up = nn.Identity()  # CenterNet uses a k=2,s=1 "upsample" here only when f=1 never occurs
+            # depthwise transposed conv, kernel 2f, stride f: a trainable bilinear x f upsampling
+            up = nn.ConvTranspose2d(cout, cout, f * 2, stride=f, padding=f // 2, groups=cout, bias=False)
+            bilinear_upsample_init(up)
             self.up.append(up)
             self.node.append(DeformConv(cout, cout, dcn))
 
@@ -308,6 +321,7 @@ class DLASeg(nn.Module):
         self.ida_up = IDAUp(c[0], c[:last - first], [2 ** i for i in range(last - first)], dcn)
         self.out_channels = c[0]
         self.stride = 4
+        self.size_divisibility = 32                            # DLA-34 downsamples 5 times
 
     def forward(self, x):
         levels = self.base(x)[2:]                              # strides 4, 8, 16, 32
@@ -318,7 +332,137 @@ class DLASeg(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 3. CenterNet targets ([CN] 3; CornerNet 4.1 for the radius)
+# 3. Hourglass-104 (CornerNet 3.5, as CenterNet's `large_hourglass`)
+#
+# Two hourglasses ("stacks") in a row. Each is a symmetric encoder-decoder: at every level the
+# features go two ways, a skip branch that stays at the current resolution (`up1`) and a branch
+# that halves the resolution with a stride-2 residual block (no max-pool), recurses into the
+# next level, and comes back with nearest upsampling (`up2`); the two are added. Five levels
+# take stride 4 down to stride 128 and back. A 3x3 conv after each hourglass gives the features
+# its heads read; the second hourglass starts from the first one's input and output merged
+# ("inters", CornerNet 3.5), so the first stack's heads give intermediate supervision.
+#
+# The "104": the longest chain of convs from the image to the last stack's features is
+# 3 (stem) + 48 (24 residual blocks down and up one hourglass) + 1 (3x3 after it)
+# + 1 (1x1 merge) + 2 (residual between stacks) + 48 + 1 = 104.
+
+
+class Residual(BasicBlock):
+    """
+    CornerNet's residual block: DLA's BasicBlock (3x3 conv stride s + BN + ReLU, 3x3 conv + BN,
+    add, ReLU) with its own skip: a 1x1 conv (stride s) + BN when the block changes width or
+    resolution, the identity otherwise. (B, cin, H, W) -> (B, cout, H/s, W/s).
+    """
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__(cin, cout, stride)
+        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                   nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
+                     if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        return super().forward(x, residual=self.skip(x))
+
+
+def residuals(cin, cout, n, stride=1):
+    """n residual blocks; the FIRST changes width (and stride). CenterNet's `make_layer`."""
+    return nn.Sequential(Residual(cin, cout, stride), *[Residual(cout, cout) for _ in range(n - 1)])
+
+
+def residuals_reversed(cin, cout, n):
+    """n residual blocks; the LAST changes width. CenterNet's `make_layer_revr` (the way up)."""
+    return nn.Sequential(*[Residual(cin, cin) for _ in range(n - 1)], Residual(cin, cout))
+
+
+class HourglassModule(nn.Module):
+    """
+    One hourglass, built recursively (CenterNet's `kp_module`). dims[0] / modules[0] are the
+    width / number of residual blocks of this level, dims[1:] / modules[1:] those of the levels
+    below; the last entry is the middle (4 x 512 in Hourglass-104).
+        up1  = modules[0] residuals at (dims[0], H, W)                 skip branch
+        low1 = stride-2 residual to dims[1], then modules[0]-1 more    (dims[1], H/2, W/2)
+        low2 = the next level's hourglass, or, innermost, modules[1] residuals at dims[1]
+        low3 = modules[0]-1 residuals, then one back to dims[0]        (dims[0], H/2, W/2)
+        out  = up1 + nearest_upsample_x2(low3)                         (dims[0], H, W)
+    (B, dims[0], H, W) -> (B, dims[0], H, W), H and W multiples of 2 ** (len(dims) - 1).
+    """
+
+    def __init__(self, dims, modules):
+        super().__init__()
+        cur, nxt = dims[0], dims[1]
+        self.up1 = residuals(cur, cur, modules[0])
+        self.low1 = residuals(cur, nxt, modules[0], stride=2)  # strided conv, no max-pool (CornerNet 3.5)
+        self.low2 = (HourglassModule(dims[1:], modules[1:]) if len(dims) > 2
+                     else residuals(nxt, nxt, modules[1]))
+        self.low3 = residuals_reversed(nxt, cur, modules[0])
+
+    def forward(self, x):
+        up1 = self.up1(x)                                      # (B, cur, H, W)
+        low = self.low3(self.low2(self.low1(x)))               # (B, cur, H/2, W/2)
+        return up1 + F.interpolate(low, scale_factor=2, mode="nearest")  # merge by addition
+
+
+def conv_bn_relu(cin, cout, k, stride=1):
+    """k x k conv (no bias) + BN + ReLU: CenterNet's `convolution`."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
+                         nn.BatchNorm2d(cout, momentum=BN_MOMENTUM), nn.ReLU(inplace=True))
+
+
+class Hourglass104(nn.Module):
+    """
+    Stacked hourglass backbone of CornerNet / CenterNet (CornerNet 3.5; CenterNet's
+    `HourglassNet` with its heads taken out).
+        pre:    7x7 stride-2 conv (dims[0]/2 = 128) + BN + ReLU, stride-2 residual (dims[0] = 256)
+        stack:  hourglass -> 3x3 conv (256) + BN + ReLU -> features for this stack's heads
+        inters: next input = Residual(ReLU(BN(1x1(input)) + BN(1x1(features))))
+    (B, 3, H, W) -> list of `num_stacks` maps (B, dims[0], H/4, W/4), first stack first; the
+    last one is the test-time feature map. H and W must be multiples of `size_divisibility` =
+    4 * 2**5 = 128 (stride 4 of the stem times five halvings inside the hourglass).
+
+    Deviations from CenterNet: none in the layout (checked layer by layer against its
+    `large_hourglass.py`). The width after each hourglass (CenterNet's `cnv_dim` = 256) is tied
+    to dims[0], and the stem width to dims[0] / 2, which is what CenterNet uses; the tie only
+    matters for the reduced widths of the tests.
+    """
+
+    def __init__(self, dims=(256, 256, 384, 384, 384, 512), modules=(2, 2, 2, 2, 2, 4), num_stacks=2):
+        super().__init__()
+        c = dims[0]
+        self.pre = nn.Sequential(conv_bn_relu(3, c // 2, 7, stride=2),   # (B, 128, H/2, W/2)
+                                 Residual(c // 2, c, stride=2))         # (B, 256, H/4, W/4)
+        self.hourglasses = nn.ModuleList(HourglassModule(dims, modules) for _ in range(num_stacks))
+        self.convs = nn.ModuleList(conv_bn_relu(c, c, 3) for _ in range(num_stacks))  # CenterNet `cnvs`
+        # between stacks (CenterNet `inters_`, `cnvs_`, `inters`): 1x1 conv + BN of the previous
+        # stack's input and of its features, added, ReLU, one residual block
+        self.skip_input = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1, bias=False),
+                                                      nn.BatchNorm2d(c, momentum=BN_MOMENTUM))
+                                        for _ in range(num_stacks - 1))
+        self.skip_features = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1, bias=False),
+                                                         nn.BatchNorm2d(c, momentum=BN_MOMENTUM))
+                                           for _ in range(num_stacks - 1))
+        self.inter = nn.ModuleList(Residual(c, c) for _ in range(num_stacks - 1))
+        self.out_channels = c
+        self.stride = 4
+        self.size_divisibility = 4 * 2 ** (len(dims) - 1)      # 128 for Hourglass-104
+
+    def forward(self, x):
+        d = self.size_divisibility
+        if x.shape[-2] % d or x.shape[-1] % d:
+            raise ValueError(f"Hourglass104: input {tuple(x.shape[-2:])} is not a multiple of {d} "
+                             f"(pad the batch to a multiple of size_divisibility, as data.collate_fn does)")
+        inter = self.pre(x)                                    # (B, 256, H/4, W/4)
+        features = []
+        for i, (hourglass, conv) in enumerate(zip(self.hourglasses, self.convs)):
+            y = conv(hourglass(inter))                         # (B, 256, H/4, W/4)
+            features.append(y)
+            if i < len(self.inter):                            # not after the last stack
+                inter = F.relu(self.skip_input[i](inter) + self.skip_features[i](y))
+                inter = self.inter[i](inter)                   # (B, 256, H/4, W/4)
+        return features
+
+
+# -----------------------------------------------------------------------------
+# 4. CenterNet targets ([CN] 3; CornerNet 4.1 for the radius)
 
 
 def gaussian_radius(h, w, min_overlap=0.7, cornernet_bug=True):
@@ -431,7 +575,7 @@ def centernet_heatmaps(objs, num_classes, out_h, out_w, min_overlap=0.7, cornern
 
 
 # -----------------------------------------------------------------------------
-# 4. CenterNet losses ([CM 3.4] eq. 3-5, as [CN] 3)
+# 5. CenterNet losses ([CM 3.4] eq. 3-5, as [CN] 3)
 
 
 def centernet_focal_loss(pred_logits, gt_heatmap, alpha=2, beta=4):
@@ -475,7 +619,7 @@ def l1_at_centers(pred_map, objs, target):
 
 
 # -----------------------------------------------------------------------------
-# 5. CenterMask ([CM] 3)
+# 6. CenterMask ([CM] 3)
 
 
 def head(cin, cout, hidden, bias_fill=0.0):
@@ -513,16 +657,58 @@ def min_size_boxes(center, wh, min_size=1.0):
     return torch.cat([center - half, center + half], dim=1)
 
 
+def topk_peaks(heat, k):
+    """
+    CenterNet's peak extraction ([CM 3.4-3.5]): keep the 3x3 max-pool local maxima of the
+    sigmoid heatmap (B, C, h, w), then the top-k over all classes and positions (no NMS).
+    Returns scores, labels, ys, xs, each (B, K) with K = min(k, C*h*w), best first.
+    """
+    B, C, h, w = heat.shape
+    peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat)                # keep local maxima
+    scores, idx = peaks.view(B, -1).topk(min(k, C * h * w))              # (B, K)
+    labels = idx // (h * w)
+    ys, xs = (idx % (h * w)) // w, idx % w                               # (B, K)
+    return scores, labels, ys, xs
+
+
+class CenterMaskHeads(nn.Module):
+    """
+    The five heads of [CM] Fig. 3 on one stride-4 feature map: (B, cin, h, w) -> dict
+        heatmap  (B, C, h, w)      centre points per class, sigmoid ([CM 3.4])
+        offset   (B, 2, h, w)      sub-cell centre offset in [0, 1) ([CM] eq. 4)
+        size     (B, 2, h, w)      box (w, h) in output pixels ([CM] eq. 5)
+        shape    (B, S*S, h, w)    Local Shape vector, reshaped S x S at a centre ([CM 3.1])
+        saliency (B, 1 or C, h, w) Global Saliency logits ([CM 3.2])
+    shape / saliency are None (and absent from the dict) when their branch is switched off.
+    """
+
+    def __init__(self, cin, cfg: ModelConfig):
+        super().__init__()
+        hc, C, S = cfg.head_conv, cfg.num_classes, cfg.shape_size
+        # heatmap bias -2.19 = -log((1 - 0.1) / 0.1): initial score 0.1 ([CN] 4, focal-loss prior)
+        self.heatmap = head(cin, C, hc, bias_fill=-2.19)
+        self.offset = head(cin, 2, hc)
+        self.size = head(cin, 2, hc)
+        self.shape = head(cin, S * S, hc) if cfg.use_shape else None
+        n_sal = 1 if cfg.saliency == "agnostic" else C
+        self.saliency = head(cin, n_sal, hc) if cfg.use_saliency else None
+
+    def forward(self, p):
+        out = {"heatmap": self.heatmap(p), "offset": self.offset(p), "size": self.size(p)}
+        if self.shape is not None:
+            out["shape"] = self.shape(p)                       # (B, S*S, h, w)
+        if self.saliency is not None:
+            out["saliency"] = self.saliency(p)                 # (B, 1 or C, h, w)
+        return out
+
+
 class CenterMask(nn.Module):
     """
     CenterMask ([CM]): CenterNet + Local Shape x Global Saliency.
 
-    Five heads on the stride-4 feature map P (B, 64, H/4, W/4) ([CM] Fig. 3):
-        heatmap  (B, C, H/4, W/4)    centre points per class, sigmoid ([CM 3.4])
-        offset   (B, 2, H/4, W/4)    sub-cell centre offset in [0, 1) ([CM] eq. 4)
-        size     (B, 2, H/4, W/4)    box (w, h) in output pixels ([CM] eq. 5)
-        shape    (B, S*S, H/4, W/4)  Local Shape vector, reshaped S x S at a centre ([CM 3.1])
-        saliency (B, 1 or C, H/4, W/4)  Global Saliency logits ([CM 3.2])
+    Backbone: DLA-34 (one stride-4 map, 64 channels) or Hourglass-104 (one stride-4 map of 256
+    channels per stack, 2 stacks). Each feature map gets its own set of the five heads
+    (`CenterMaskHeads`, [CM] Fig. 3); with Hourglass-104 that is one set per stack, as CenterNet.
     Mask of object k ([CM] eq. 1): M_k = sigmoid(L_k) * sigmoid(G_k), where L_k is the S x S
     local shape resized to the object's box and G_k the saliency map cropped to it. Both are
     evaluated on the pixel grid by one `grid_sample` for all objects at once: the pixels inside
@@ -531,10 +717,13 @@ class CenterMask(nn.Module):
     Training: model(images, targets) -> dict of losses (each weighted, and `loss` = their sum):
         heatmap ([CM] eq. 3), offset (eq. 4), size (eq. 5), mask (eq. 2), and optionally
         saliency (Table 1f). Teacher forcing: the masks are assembled at the ground-truth
-        centres with the ground-truth boxes.
+        centres with the ground-truth boxes. With several stacks every stack's heads are
+        trained (intermediate supervision, CornerNet 3.5) and each named loss, `loss`
+        included, is the AVERAGE over stacks (CenterNet's `CtdetLoss` divides by num_stacks).
     Inference: model(images) -> list of B dicts: boxes (K, 4) xyxy input frame, scores (K,),
         labels (K,), masks (K, H, W) float probabilities at input resolution ([CM 3.5]: top
-        100 peaks, no NMS; threshold `mask_threshold` = 0.4 is applied by eval.py).
+        100 peaks, no NMS; threshold `mask_threshold` = 0.4 is applied by eval.py). Only the
+        last stack's heads are evaluated.
 
     Deviations from [CM]:
       * The mask loss is evaluated on the stride-4 grid against the ground-truth mask
@@ -542,47 +731,57 @@ class CenterMask(nn.Module):
       * L1 losses are normalised by 2N as CenterNet's code (see `l1_at_centers`).
       * Boxes narrower than one output pixel are widened to one pixel before assembly.
       * The Table 1f saliency loss weight is not given in [CM]; we use 1.
+      * Hourglass-104 heads: the non-heatmap output biases start at 0 (CenterNet's hourglass
+        leaves PyTorch's default init there; its DLA heads use 0, as we do for both).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.backbone != "dla34":
+        if cfg.backbone == "dla34":
+            self.backbone = DLASeg(cfg.dla_channels, dcn=cfg.dcn)
+        elif cfg.backbone == "hourglass104":
+            self.backbone = Hourglass104(cfg.hg_dims, cfg.hg_modules, cfg.num_stacks)
+        else:
             raise ValueError(f"ModelConfig.backbone: {cfg.backbone!r} is not available for CenterMask "
-                             "(known: 'dla34')")
-        self.backbone = DLASeg(cfg.dla_channels, dcn=cfg.dcn)
+                             "(known: 'dla34', 'hourglass104')")
         self.stride = self.backbone.stride                     # R = 4 ([CM 3.4])
-        self.size_divisibility = 32                            # DLA-34 downsamples 5 times
+        self.size_divisibility = self.backbone.size_divisibility  # 32 (DLA-34) or 128 (Hourglass-104)
         self.mask_threshold = cfg.mask_threshold
-        cin, hc, C = self.backbone.out_channels, cfg.head_conv, cfg.num_classes
-        # heatmap bias -2.19 = -log((1 - 0.1) / 0.1): initial score 0.1 ([CN] 4, focal-loss prior)
-        self.heatmap = head(cin, C, hc, bias_fill=-2.19)
-        self.offset = head(cin, 2, hc)
-        self.size = head(cin, 2, hc)
-        S = cfg.shape_size
-        self.shape = head(cin, S * S, hc) if cfg.use_shape else None
-        n_sal = 1 if cfg.saliency == "agnostic" else C
-        self.saliency = head(cin, n_sal, hc) if cfg.use_saliency else None
+        num_sets = cfg.num_stacks if cfg.backbone == "hourglass104" else 1
+        self.head_sets = nn.ModuleList(CenterMaskHeads(self.backbone.out_channels, cfg)
+                                       for _ in range(num_sets))
+
+    # The branches in use, read by `assemble` (None when switched off: Table 1c/1d ablations).
+    @property
+    def shape(self):
+        return self.head_sets[-1].shape
+
+    @property
+    def saliency(self):
+        return self.head_sets[-1].saliency
 
     # -- heads ------------------------------------------------------------------------------
+    def features(self, images):
+        """(B, 3, H, W) -> list of stride-4 feature maps (B, cin, H/4, W/4), one per head set."""
+        features = self.backbone(images)
+        return [features] if torch.is_tensor(features) else features  # DLA-34 returns one map
+
     def heads(self, images):
-        """(B, 3, H, W) -> dict of head outputs, each (B, ch, H/4, W/4)."""
-        p = self.backbone(images)                              # (B, 64, H/4, W/4)
-        out = {"heatmap": self.heatmap(p), "offset": self.offset(p), "size": self.size(p)}
-        if self.shape is not None:
-            out["shape"] = self.shape(p)                       # (B, S*S, H/4, W/4)
-        if self.saliency is not None:
-            out["saliency"] = self.saliency(p)                 # (B, 1 or C, H/4, W/4)
-        return out
+        """(B, 3, H, W) -> dict of the LAST head set's outputs, each (B, ch, H/4, W/4): the
+        ones used at test time (the earlier stacks' heads only serve as training signal)."""
+        return self.head_sets[-1](self.features(images)[-1])
 
     def forward(self, images, targets=None):
-        out = self.heads(images)
-        if self.training:
-            if targets is None:
-                raise ValueError("CenterMask in train mode needs targets (call model.eval() for inference)")
-            with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (DESIGN 6)
-                return self.losses({k: v.float() for k, v in out.items()}, targets)
-        return self.decode(out, images.shape[-2:])
+        if not self.training:
+            return self.decode(self.heads(images), images.shape[-2:])
+        if targets is None:
+            raise ValueError("CenterMask in train mode needs targets (call model.eval() for inference)")
+        outs = [head_set(p) for head_set, p in zip(self.head_sets, self.features(images))]  # per stack
+        with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (DESIGN 6)
+            per_stack = [self.losses({k: v.float() for k, v in out.items()}, targets) for out in outs]
+        # intermediate supervision: every stack's losses, averaged (one stack: unchanged)
+        return {k: sum(losses[k] for losses in per_stack) / len(per_stack) for k in per_stack[0]}
 
     # -- mask assembly ([CM 3.3] eq. 1) --------------------------------------------------------
     def assemble(self, out, batch, centers_int, boxes, channels, grid_hw, pixel, log_space=False):
@@ -686,11 +885,8 @@ class CenterMask(nn.Module):
         heat = out["heatmap"].float().sigmoid()                              # (B, C, h, w)
         B, C, h, w = heat.shape
         R = self.stride
-        peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat)                # keep local maxima
-        k = min(k, C * h * w)
-        scores, idx = peaks.view(B, -1).topk(k)                              # (B, K)
-        labels = idx // (h * w)
-        ys, xs = (idx % (h * w)) // w, idx % w                               # (B, K)
+        scores, labels, ys, xs = topk_peaks(heat, k)                         # (B, K) each
+        k = scores.shape[1]
         batch = torch.arange(B, device=heat.device)[:, None].expand(B, k).reshape(-1)
         cells = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1)             # (B*K, 2) as (x, y)
         offset = gather_at(out["offset"].float(), batch, cells)              # (B*K, 2)
@@ -707,3 +903,56 @@ class CenterMask(nn.Module):
             results.append({"boxes": (boxes_out[sl] * R).clamp(min=0).clamp(max=torch.tensor([W, H, W, H], device=heat.device)),
                             "scores": scores[b], "labels": labels[b], "masks": masks})
         return results
+
+    # -- teaching pictures ([CM] Fig. 3 and 5) --------------------------------------------------
+    @torch.no_grad()
+    def teaching_maps(self, images, k=4):
+        """
+        The intermediate results of [CM] Fig. 3 for eval.visualize's `maps_fn` hook: what the
+        heads predict and how the top-k detections' masks are put together.
+        images (B, 3, H, W) normalised and padded, as model(images) -> list of B dicts of 2-D
+        tensors (h, w = H/4, W/4; K = min(k, number of heatmap cells); best detection first):
+            "heatmap"       (h, w)  max over classes of the sigmoid heatmap ([CM 3.4])
+            "peaks"         (h, w) int64  rank (1 = best) of each top-K peak (3x3 local
+                                    maximum, as `decode`) at its cell, 0 elsewhere: the
+                                    centres whose heads are read; same numbers as "masks"
+            "saliency"      (h, w)  sigmoid Global Saliency ([CM 3.2]); class-specific: the max
+                                    over classes (every object's pixels, as the class-agnostic
+                                    map drawn in [CM] Fig. 3)
+            "local shapes"  (S, K*(S+1) - 1)  sigmoid S x S local shapes of the top-K detections
+                                    ([CM 3.1]), left to right, separated by NaN columns (blank)
+            "masks"         (H, W) int64  the top-K assembled masks ([CM] eq. 1) as an instance
+                                    map: 1 + rank of the detection whose mask probability is the
+                                    highest there and >= mask_threshold, 0 elsewhere
+        "saliency" / "local shapes" are absent when that branch is switched off (Table 1c/1d,
+        [CM] Fig. 5a/5b). Uses the last stack's heads; runs in eval mode (restored after).
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.heads(images)
+            dets = self.decode(out, images.shape[-2:], k=k)
+        finally:
+            self.train(was_training)
+        heat = out["heatmap"].float().sigmoid()                              # (B, C, h, w)
+        B, C, h, w = heat.shape
+        scores, labels, ys, xs = topk_peaks(heat, k)                         # (B, K), as decode
+        K = scores.shape[1]
+        # rank map; two classes can peak on one cell: the better rank is kept there
+        ranks = torch.arange(1, K + 1, device=heat.device).expand(B, K)
+        peaks = torch.zeros(B, h * w, dtype=torch.long, device=heat.device).scatter_reduce_(
+            1, ys * w + xs, ranks, "amin", include_self=False).view(B, h, w)  # (B, h, w)
+        maps = []
+        for b in range(B):
+            m = {"heatmap": heat[b].amax(0), "peaks": peaks[b]}
+            if self.saliency is not None:
+                m["saliency"] = out["saliency"][b].float().sigmoid().amax(0)  # (h, w)
+            if self.shape is not None:
+                S = self.cfg.shape_size
+                local = out["shape"][b, :, ys[b], xs[b]].float().t().sigmoid().view(K, S, S)
+                gap = torch.full((K, S, 1), float("nan"), device=local.device)
+                m["local shapes"] = torch.cat([local, gap], 2).permute(1, 0, 2).reshape(S, -1)[:, :-1]
+            prob, rank = dets[b]["masks"].max(0)                             # (H, W) each
+            m["masks"] = torch.where(prob >= self.mask_threshold, rank + 1, torch.zeros_like(rank))
+            maps.append(m)
+        return maps

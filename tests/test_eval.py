@@ -297,7 +297,7 @@ def test_visualize_writes_pngs(tiny, tmp_path):
     paths = visualize(model, ds, tmp_path / "vis", n=2, collate_fn=model.collate)
     assert len(paths) == 2 and all(p.endswith(".png") and os.path.getsize(p) > 0 for p in paths)
     img = np.asarray(Image.open(paths[0]))
-    assert img.shape[:2] == (40, 60)                         # the original size
+    assert img.shape[:2] == (40 * 7, 60 * 7)   # the original size, enlarged 7x (ceil(384 / 60)) for legible labels
     paths = visualize(model, ds, tmp_path / "vis2", n=3, collate_fn=model.collate,
                       maps_fn=maps_fn)
     assert len(paths) == 6 and sum(p.endswith("_maps.png") for p in paths) == 3
