@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from model import ModelConfig, build_model
+from model import ModelConfig, build_model, auto_dtype
 
 # -----------------------------------------------------------------------------
 # default config values (the CenterMask DLA-34 COCO recipe, [CM 3.5])
@@ -113,20 +113,9 @@ else:
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
 
-def cpu_has_native_bf16():
-    """oneDNN runs bf16 convolutions natively on CPUs with AMX or AVX512-BF16 (1.45x faster
-    training measured on a 2-core Xeon); elsewhere bf16 would be emulated and slower."""
-    try:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        return False
-
 
 if dtype == "auto":
-    if device_type == "cuda":
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    else:
-        dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    dtype = auto_dtype(device_type)  # GPU: bf16 (else fp16); CPU: bf16 where native, else fp32
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -176,9 +165,11 @@ if init_from == "resume":
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as e:
         sys.exit(f"train.py: cannot read checkpoint {ckpt_path}: {e}")
-    saved = checkpoint.get("model_args", {})
-    diff = {k: (saved.get(k), v) for k, v in model_args.items()
-            if k in saved and ModelConfig(**{**model_args, k: saved[k]}) != ModelConfig(**model_args)}
+    try:  # compare normalised configs (tuples vs lists, ints vs floats do not count as changes)
+        saved, now = asdict(ModelConfig(**checkpoint["model_args"])), asdict(ModelConfig(**model_args))
+    except (KeyError, TypeError, ValueError) as e:
+        sys.exit(f"train.py: checkpoint {ckpt_path} has no usable model_args ({e}); not written by this train.py?")
+    diff = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
     if diff:
         sys.exit(f"train.py: checkpoint {ckpt_path} was made with another model config; differing keys "
                  f"(checkpoint, now): {diff}. Use another out_dir or the same config.")

@@ -210,6 +210,17 @@ def test_deform_conv_init_is_half_conv():
     torch.testing.assert_close(node(x), F.relu(node.bn(conv)), atol=1e-5, rtol=1e-5)
 
 
+def test_deform_conv_under_cpu_bf16_autocast():
+    """Guards the DCN slot under CPU bf16 autocast (train.py picks it on CPUs with native bf16):
+    torchvision's CPU deform_conv2d has no bf16 kernel, so the node must run it in fp32.
+    The result must match the fp32 node to bf16 precision."""
+    node = DeformConv(4, 6, dcn=True).eval()
+    x = torch.randn(1, 4, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = node(x)
+    torch.testing.assert_close(y.float(), node(x), atol=0.05, rtol=0.05)
+
+
 # -- whole model -----------------------------------------------------------------------------
 
 def test_head_shapes():

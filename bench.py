@@ -1,0 +1,379 @@
+"""
+Speed and memory of one config's model, nanoGPT's bench.py style: config globals ->
+configurator -> one fixed batch -> timed train steps, inference and post-processing.
+
+    python bench.py config/centermask_dla34.py                                  # GPU, 2 x 512px
+    python bench.py config/centermask_dla34.py --device=cpu --batch_size=2 --input_size=512
+    python bench.py config/centermask_dla34.py --batch_size=16 --peers=True     # + torchvision peers
+    python bench.py config/centermask_dla34.py --real_data=data/coco            # first images of val_ann
+
+Measured, each as the median of `steps` timed runs after `burn_in` untimed ones
+(torch.cuda.synchronize() around every timed run on GPU):
+  * train ms/img: forward with targets (target building and losses) + backward + Adam step
+  * inference ms/img: model.eval() forward with decoding and mask assembly, no_grad + autocast
+  * post-processing ms/img: `model.decode(model.heads(images), hw)` timed alone (heads
+    computed once beforehand), and its share of inference in %
+  * peak memory: GPU torch.cuda.max_memory_allocated (train and inference phases); CPU the
+    peak resident set size of the whole process (resource.getrusage), Python and torch included
+  * FLOPs per image of one forward and one train step (forward + backward) from
+    torch.utils.flop_counter.FlopCounterMode (ops it does not know, e.g. torchvision's
+    deform_conv2d, count as 0), the achieved FLOP/s, and on GPU the MFU against a small table
+    of peak dense FLOP/s keyed by the device name ("n/a (unknown peak)" elsewhere)
+  * with --peers=True: torchvision's fcos_resnet50_fpn and maskrcnn_resnet50_fpn (random
+    weights, 91 classes) on the same images and boxes/labels/masks, train step and inference,
+    and the ratios ours / theirs of the ms per image (< 1: ours is faster)
+
+The images are synthetic by default (random pixels, a few random boxes/masks per image,
+deterministic from `seed`), so the numbers measure compute, not accuracy. Timings are reported,
+never asserted. Output: a table, then as the very LAST line one JSON object with all numbers
+(null where not measured), for `tail -n 1`.
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import fields
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import ModelConfig, build_model, auto_dtype
+
+# -----------------------------------------------------------------------------
+# bench settings
+batch_size = 2
+input_size = 512                  # square side of the synthetic images (rounded up to the model's size divisibility)
+device = "auto"                   # "auto", "cpu", "cuda", "cuda:1", ...
+dtype = "auto"                    # "auto": GPU bf16 (else fp16); CPU bf16 where native, else fp32 (as train.py)
+burn_in = 2                       # untimed runs before each measurement
+steps = 5                         # timed runs; the median is reported
+threads = 0                       # CPU threads for torch (0: all cores)
+channels_last = True              # on GPU only
+compile = False                   # torch.compile the model (train and inference; decode is timed eagerly)
+peers = False                     # also time torchvision's fcos_resnet50_fpn and maskrcnn_resnet50_fpn
+real_data = ""                    # COCO-format folder (like train.py's data_root): use its first batch_size val images
+seed = 0
+learning_rate = 2.5e-4            # Adam's lr for the train steps (its value does not change the timing)
+# model: every ModelConfig field is a config key
+globals().update({f.name: f.default for f in fields(ModelConfig)})
+# train.py keys that the shipped configs set: accepted so the same config files work here.
+# Ignored, except val_img_dir / val_ann (with real_data) and learning_rate above.
+out_dir = "out"
+init_from = "scratch"
+log_interval = 20
+eval_interval = 0
+eval_every_epochs = 10
+eval_max_images = 500
+ckpt_interval = 0
+visualize = False
+vis_images = 8
+data_root = "data/coco"
+train_img_dir = "train2017"
+train_ann = "annotations/instances_train2017.json"
+val_img_dir = "val2017"
+val_ann = "annotations/instances_val2017.json"
+shapes_dir = ""
+shapes_n_train = 1000
+shapes_n_val = 200
+shapes_size = 128
+max_train_images = 0
+max_val_images = 0
+scale_range = (0.6, 1.3)
+flip_prob = 0.5
+color_jitter = 0.4
+num_workers = 4
+epochs = 130
+max_iters = 0
+lr_steps = (100, 120)
+lr_decay = 0.1
+warmup_iters = 0
+optimizer = "adam"                # the bench always uses Adam ([CM 3.5])
+weight_decay = 0.0
+grad_clip = 0.0
+sync_bn = False
+# -----------------------------------------------------------------------------
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+config = config_from_globals(globals())
+# -----------------------------------------------------------------------------
+
+# Peak dense tensor-core FLOP/s by device-name substring, first match wins (more specific names
+# first). Columns: bf16/fp16, and fp32 run as TF32 (this script enables TF32, as train.py).
+PEAK_FLOPS = [
+    ("H100 PCIe", {"half": 756e12, "float32": 378e12}),
+    ("H100", {"half": 989e12, "float32": 494e12}),      # SXM
+    ("H200", {"half": 989e12, "float32": 494e12}),
+    ("GH200", {"half": 989e12, "float32": 494e12}),
+    ("A100", {"half": 312e12, "float32": 156e12}),
+    ("L40S", {"half": 362e12, "float32": 183e12}),
+    ("L4", {"half": 121e12, "float32": 60e12}),
+    ("A10", {"half": 125e12, "float32": 62.5e12}),
+    ("V100", {"half": 125e12, "float32": 15.7e12}),    # fp16 tensor cores; no bf16, no TF32
+    ("T4", {"half": 65e12, "float32": 8.1e12}),
+]
+
+
+def peak_flops(device_name, dtype):
+    for key, peaks in PEAK_FLOPS:
+        if key in device_name:
+            return peaks["float32" if dtype == "float32" else "half"]
+    return None
+
+
+def sync():
+    if device_type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn):
+    """Median wall time of `steps` calls of fn, after `burn_in` untimed calls."""
+    for _ in range(burn_in):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def count_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def synthetic_batch(B, S, num_classes, gen, n_objects=3):
+    """Random images (B, 3, S, S) and per image `n_objects` boxes (xyxy, 1/8 to 1/2 of the side),
+    labels in 0..C-1 and elliptic uint8 masks inside the boxes (N, S, S): the data contract of
+    DESIGN 2, so the train step builds real targets."""
+    images = torch.randn(B, 3, S, S, generator=gen)
+    yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")  # (S, S)
+    targets = []
+    for i in range(B):
+        wh = (torch.rand(n_objects, 2, generator=gen) * 3 + 1) * S / 8                  # (N, 2)
+        x0y0 = torch.rand(n_objects, 2, generator=gen) * (S - wh)                       # (N, 2)
+        boxes = torch.cat([x0y0, x0y0 + wh], 1)                                          # (N, 4)
+        c, r = x0y0 + wh / 2, wh / 2                                                     # centres, radii
+        inside = ((xx - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2 + \
+                 ((yy - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2 <= 1            # (N, S, S)
+        targets.append({"boxes": boxes, "labels": torch.randint(0, num_classes, (n_objects,), generator=gen),
+                        "masks": inside.to(torch.uint8), "image_id": i,
+                        "orig_size": torch.tensor([S, S]), "size": torch.tensor([S, S]), "scale": 1.0})
+    return images, targets
+
+
+def real_batch(B, size_divisibility):
+    """The first B images of real_data's val split, through the test transforms and collate."""
+    from data import CocoInstances, build_transforms, collate_fn
+    p = lambda rel: rel if os.path.isabs(rel) else os.path.join(real_data, rel)  # noqa: E731
+    try:
+        ds = CocoInstances(p(val_img_dir), p(val_ann), max_images=B,
+                           transforms=build_transforms("centernet", False, input_size))
+        if ds.num_classes != num_classes:
+            sys.exit(f"bench.py: {p(val_ann)} has {ds.num_classes} categories but num_classes={num_classes}")
+        if len(ds) < B:
+            sys.exit(f"bench.py: real_data={real_data!r} has {len(ds)} images in {p(val_ann)}, batch_size={B}")
+        return collate_fn([ds[i] for i in range(B)], size_divisibility=size_divisibility)
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.exit(f"bench.py: {e}")
+
+
+def time_model(model, images, targets, scaler):
+    """Median seconds of a train step (forward with targets, backward, Adam) and of an inference
+    forward, and the GPU peak memory (MiB) of each phase (None on CPU). Works for ours (losses
+    dict with "loss") and torchvision's detection models (a dict of loss terms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=learning_rate, fused=True)  # fused: CUDA, and CPU since torch 2.4
+
+    def train_step():
+        with amp:
+            losses = model(images, targets)
+        loss = losses["loss"] if "loss" in losses else sum(losses.values())
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    def infer():
+        with torch.no_grad(), amp:
+            return model(images)
+
+    peaks = []
+    for mode, fn in ((True, train_step), (False, infer)):
+        if device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        model.train(mode)
+        peaks.append(median_seconds(fn))
+        peaks.append(torch.cuda.max_memory_allocated(device) / 2**20 if device_type == "cuda" else None)
+    t_train, peak_train, t_infer, peak_infer = peaks
+    return t_train, t_infer, peak_train, peak_infer
+
+
+# -- device, dtype ------------------------------------------------------------------------------
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+if device.startswith("cuda") and not torch.cuda.is_available():
+    sys.exit(f"bench.py: device={device!r} was asked for but no CUDA GPU is visible; use --device=cpu")
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if steps < 1 or burn_in < 0 or batch_size < 1:
+    sys.exit(f"bench.py: need steps >= 1, burn_in >= 0, batch_size >= 1 (got {steps}, {burn_in}, {batch_size})")
+torch.manual_seed(seed)
+if device_type == "cpu":
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+else:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+if dtype == "auto":
+    dtype = auto_dtype(device_type)
+if dtype not in ("float32", "bfloat16", "float16"):
+    sys.exit(f"bench.py: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+ptdtype = getattr(torch, dtype)
+amp = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+new_scaler = lambda: torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # noqa: E731
+device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else (platform.processor() or platform.machine())
+
+# -- model and batch ------------------------------------------------------------------------------
+model_args = {f.name: config[f.name] for f in fields(ModelConfig)}
+try:
+    raw_model = build_model(ModelConfig(**model_args)).to(device)
+except ValueError as e:
+    sys.exit(f"bench.py: {e}")
+d = raw_model.size_divisibility
+if real_data:
+    images, targets = real_batch(batch_size, d)
+    source = f"{real_data} (first {batch_size} images of {val_ann}, test transforms)"
+else:
+    S = (input_size + d - 1) // d * d
+    images, targets = synthetic_batch(batch_size, S, model_args["num_classes"], torch.Generator().manual_seed(seed))
+    source = f"synthetic, seed {seed}" + (f" (input_size {input_size} rounded up to {S}, a multiple of {d})" if S != input_size else "")
+images = images.to(device)
+targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+if device_type == "cuda" and channels_last:
+    raw_model = raw_model.to(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last)
+model = torch.compile(raw_model) if compile else raw_model
+B, H, W = images.shape[0], images.shape[-2], images.shape[-1]
+n_params = sum(p.numel() for p in raw_model.parameters())
+print(f"{model_args['method']} / {model_args['backbone']}: {n_params / 1e6:.2f}M parameters | batch {B} x 3 x {H} x {W} "
+      f"({source}) | device {device} ({device_name}) | dtype {dtype} | burn-in {burn_in}, median of {steps}", flush=True)
+
+# -- ours -----------------------------------------------------------------------------------------
+t_train, t_infer, peak_train, peak_infer = time_model(model, images, targets, new_scaler())
+with torch.no_grad(), amp:
+    heads_output = raw_model.heads(images)
+
+
+def post_process():  # under the same autocast as in inference, where decode runs inside forward
+    with torch.no_grad(), amp:
+        return raw_model.decode(heads_output, images.shape[-2:])
+
+
+t_post = median_seconds(post_process)
+del heads_output
+
+
+def forward_backward():
+    """One train step's forward and backward on the eager model (FlopCounterMode does not see
+    inside compiled graphs; the optimizer's elementwise update is left out)."""
+    with amp:
+        loss = raw_model(images, targets)["loss"]
+    loss.backward()
+    raw_model.zero_grad(set_to_none=True)
+
+
+def forward_eval():
+    with torch.no_grad(), amp:
+        return raw_model(images)
+
+
+raw_model.train()
+flops_train = count_flops(forward_backward)
+raw_model.eval()
+flops_infer = count_flops(forward_eval)
+if device_type == "cuda":
+    peak_mem = max(peak_train, peak_infer)
+    mem_note = "GPU max_memory_allocated"
+else:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak_mem = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    mem_note = "CPU peak RSS of the whole process"
+peak = peak_flops(device_name, dtype) if device_type == "cuda" else None
+mfu_train = flops_train / t_train / peak if peak else None
+mfu_infer = flops_infer / t_infer / peak if peak else None
+
+results = {
+    "method": model_args["method"], "backbone": model_args["backbone"], "device": device, "device_name": device_name,
+    "dtype": dtype, "batch_size": B, "input_hw": [H, W], "synthetic": not real_data, "params_m": n_params / 1e6,
+    "train_ms_per_img": t_train * 1e3 / B, "infer_ms_per_img": t_infer * 1e3 / B,
+    "post_ms_per_img": t_post * 1e3 / B, "post_share": 100 * t_post / t_infer,
+    "peak_mem_mb": peak_mem, "peak_mem_train_mb": peak_train, "peak_mem_infer_mb": peak_infer,
+    "flops_train_per_img": flops_train / B, "flops_infer_per_img": flops_infer / B,
+    "gflops_train_achieved": flops_train / t_train / 1e9, "gflops_infer_achieved": flops_infer / t_infer / 1e9,
+    "peak_flops": peak, "mfu_train": mfu_train, "mfu_infer": mfu_infer,
+}
+for name in ("fcos", "maskrcnn"):
+    for k in ("train_ms_per_img", "infer_ms_per_img", "train_ratio", "infer_ratio"):
+        results[f"peer_{name}_{k}"] = None
+
+# -- torchvision peers on the same pixels --------------------------------------------------------
+if peers:
+    from torchvision.models.detection import fcos_resnet50_fpn, maskrcnn_resnet50_fpn
+    peer_images = list(images.contiguous())  # torchvision takes a list of (3, H, W)
+    # torchvision's labels: 1..90 (0 is background for Mask R-CNN); masks are used by Mask R-CNN only
+    peer_targets = [{"boxes": t["boxes"], "labels": t["labels"] % 90 + 1, "masks": t["masks"]} for t in targets]
+    for name, builder in (("fcos", fcos_resnet50_fpn), ("maskrcnn", maskrcnn_resnet50_fpn)):
+        # min_size = max_size = the input side: GeneralizedRCNNTransform keeps the pixels as they are
+        # (its default would resize to 800) so all models see the same pixels
+        peer = builder(weights=None, weights_backbone=None, num_classes=91, min_size=max(H, W),
+                       max_size=max(H, W)).to(device)
+        if device_type == "cuda" and channels_last:
+            peer = peer.to(memory_format=torch.channels_last)
+        pt_train, pt_infer, _, _ = time_model(peer, peer_images, peer_targets, new_scaler())
+        results[f"peer_{name}_train_ms_per_img"] = pt_train * 1e3 / B
+        results[f"peer_{name}_infer_ms_per_img"] = pt_infer * 1e3 / B
+        results[f"peer_{name}_train_ratio"] = t_train / pt_train
+        results[f"peer_{name}_infer_ratio"] = t_infer / pt_infer
+        del peer
+
+# -- report -----------------------------------------------------------------------------------------
+def fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+r = results
+unknown_peak = "n/a (unknown peak)" if device_type == "cuda" else "n/a (CPU)"
+rows = [
+    ("train step (fwd+targets+losses, bwd, Adam)", f"{fmt(r['train_ms_per_img'], '.2f')} ms/img"),
+    ("inference (eval fwd + decode + masks)", f"{fmt(r['infer_ms_per_img'], '.2f')} ms/img"),
+    ("post-processing (decode alone)", f"{fmt(r['post_ms_per_img'], '.2f')} ms/img = {r['post_share']:.1f}% of inference"),
+    (f"peak memory ({mem_note})", f"{fmt(r['peak_mem_mb'], '.0f')} MiB"
+     + (f" (train {peak_train:.0f}, inference {peak_infer:.0f})" if device_type == "cuda" else "")),
+    ("FLOPs/img train (fwd+bwd) | inference", f"{r['flops_train_per_img'] / 1e9:.2f} | {r['flops_infer_per_img'] / 1e9:.2f} GFLOP"),
+    ("achieved train | inference", f"{r['gflops_train_achieved']:.1f} | {r['gflops_infer_achieved']:.1f} GFLOP/s"),
+    ("MFU train | inference" + (f" (peak {peak / 1e12:.0f} TFLOP/s {dtype})" if peak else ""),
+     f"{mfu_train:.1%} | {mfu_infer:.1%}" if peak else unknown_peak),
+]
+if peers:
+    for name, title in (("fcos", "torchvision fcos_resnet50_fpn"), ("maskrcnn", "torchvision maskrcnn_resnet50_fpn")):
+        rows.append((f"{title} train | inference",
+                     f"{r[f'peer_{name}_train_ms_per_img']:.2f} | {r[f'peer_{name}_infer_ms_per_img']:.2f} ms/img"))
+        rows.append((f"  ours / {name} train | inference",
+                     f"{r[f'peer_{name}_train_ratio']:.2f}x | {r[f'peer_{name}_infer_ratio']:.2f}x"))
+width = max(len(k) for k, _ in rows)
+print("-" * (width + 30))
+for k, v in rows:
+    print(f"{k:<{width}}  {v}")
+print("-" * (width + 30))
+print("FLOPs from torch.utils.flop_counter (deform_conv2d and other ops it does not know count as 0).")
+if peers:
+    print(f"peers: random weights, 91 classes, same {B} images of {H}x{W}; min_size = max_size = {max(H, W)} so "
+          "torchvision's internal resize (default 800) keeps the pixels as they are. ratio < 1: ours is faster.")
+print(json.dumps(results), flush=True)
