@@ -93,6 +93,20 @@ def test_batched_heatmaps_equal_draw_gaussian():
     torch.testing.assert_close(heat, ref)
 
 
+def test_heatmaps_flip_equivariant():
+    """Guards an x/y mix-up or an off-by-one in the heatmap targets: mirroring the boxes of a
+    W = 64 image (x -> 64 - x) must mirror the heatmap. Centres are put at cell centres
+    ((j + 0.5) * 4 px) so that floor() maps cell j to cell 15 - j exactly."""
+    boxes = torch.tensor([[6.0, 6.0, 30.0, 30.0], [22.0, 10.0, 54.0, 62.0]])  # centre x = 4.5 and 9.5 cells
+    flipped = boxes[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor([64.0, 0.0, 64.0, 0.0])
+    maps = []
+    for b in (boxes, flipped):
+        objs = flatten_targets([{"boxes": b, "labels": torch.tensor([0, 1])}], 4)
+        objs["num_images"] = 1
+        maps.append(centernet_heatmaps(objs, 2, 16, 16))
+    torch.testing.assert_close(maps[1], maps[0].flip(-1))
+
+
 # -- losses ----------------------------------------------------------------------------------
 
 def test_focal_loss_hand_computed():
