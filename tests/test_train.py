@@ -30,6 +30,15 @@ def train(tmp_path, *args):
                cwd=tmp_path)
 
 
+def copy_of_run(run_dir, tmp_path):
+    """A fresh out_dir holding a copy of the shared run's checkpoint, and its shapes set."""
+    work = tmp_path / "w"
+    os.makedirs(work / "out")
+    (work / "out" / "ckpt.pt").write_bytes((run_dir / "out" / "ckpt.pt").read_bytes())
+    os.symlink(run_dir / "shapes", work / "shapes")
+    return work
+
+
 def digest(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
@@ -59,10 +68,7 @@ def test_train_writes_checkpoint_curve_and_logs(trained):
 def test_resume_continues_from_checkpoint(trained, tmp_path):
     """Guards --init_from=resume: it starts at the saved iteration (not 0) and runs to max_iters."""
     tmp, _ = trained
-    work = tmp_path / "w"
-    os.makedirs(work / "out")
-    (work / "out" / "ckpt.pt").write_bytes((tmp / "out" / "ckpt.pt").read_bytes())
-    os.symlink(tmp / "shapes", work / "shapes")
+    work = copy_of_run(tmp, tmp_path)
     r = train(work, "--max_iters=6", "--init_from=resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "iter 5/6" in r.stdout and "iter 1/6" not in r.stdout
@@ -73,11 +79,8 @@ def test_resume_from_another_config_names_the_keys(trained, tmp_path):
     """Guards loading a checkpoint into a different architecture: a clear error naming the
     differing key, and the checkpoint untouched."""
     tmp, _ = trained
-    work = tmp_path / "w"
-    os.makedirs(work / "out")
-    (work / "out" / "ckpt.pt").write_bytes((tmp / "out" / "ckpt.pt").read_bytes())
+    work = copy_of_run(tmp, tmp_path)
     before = digest(work / "out" / "ckpt.pt")
-    os.symlink(tmp / "shapes", work / "shapes")
     r = train(work, "--max_iters=6", "--init_from=resume", "--head_conv=16")
     assert r.returncode != 0
     assert "another model config" in r.stderr and "head_conv" in r.stderr
@@ -94,11 +97,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained, tmp_path):
     """Guards a diverging run: it stops with the loss terms printed, and the last good
     checkpoint is kept byte for byte. An absurd learning rate makes the weights overflow."""
     tmp, _ = trained
-    work = tmp_path / "w"
-    os.makedirs(work / "out")
-    (work / "out" / "ckpt.pt").write_bytes((tmp / "out" / "ckpt.pt").read_bytes())
+    work = copy_of_run(tmp, tmp_path)
     before = digest(work / "out" / "ckpt.pt")
-    os.symlink(tmp / "shapes", work / "shapes")
     r = train(work, "--max_iters=20", "--init_from=resume", "--learning_rate=1e30", "--eval_interval=100")
     assert r.returncode == 1, r.stdout[-1000:] + r.stderr[-1000:]
     assert "non-finite loss" in r.stdout and "heatmap=" in r.stdout and "mask=" in r.stdout
