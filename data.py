@@ -713,6 +713,24 @@ def _write_shapes_split(root, split, n, size, rng):
     return img_dir, ann_path
 
 
+def dataset_paths(config):
+    """Where a train.py config's data lies: {train_img_dir, train_ann, val_img_dir, val_ann}.
+
+    With `shapes_dir` set, the synthetic set's layout under it (as `write_shapes_dataset`
+    writes it); otherwise the config's own paths, relative to `data_root` unless absolute
+    (a missing one stays None). Used by train.py, and by eval.py for a checkpoint's config.
+    """
+    if config.get("shapes_dir"):
+        root = config["shapes_dir"]
+        return {"train_img_dir": os.path.join(root, "train"),
+                "train_ann": os.path.join(root, "annotations", "instances_train.json"),
+                "val_img_dir": os.path.join(root, "val"),
+                "val_ann": os.path.join(root, "annotations", "instances_val.json")}
+    root = config.get("data_root") or ""
+    return {k: None if config.get(k) is None else os.path.join(root, config[k])  # join keeps absolute paths
+            for k in ("train_img_dir", "train_ann", "val_img_dir", "val_ann")}
+
+
 def write_shapes_dataset(root, n_train=1000, n_val=100, size=128, seed=0):
     """Write a deterministic synthetic COCO instance segmentation set under `root`.
 

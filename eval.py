@@ -589,7 +589,7 @@ if __name__ == "__main__":
     saved = checkpoint.get("config") or {}
 
     from model import ModelConfig, build_model
-    from data import CocoInstances, build_transforms
+    from data import CocoInstances, build_transforms, dataset_paths
 
     try:
         model = build_model(ModelConfig(**checkpoint["model_args"]))
@@ -604,16 +604,9 @@ if __name__ == "__main__":
         _fail(f"weights in '{ckpt}' do not fit the model built from its model_args: {e}")
     model.to(device)
 
-    # val paths not given: resolve them from the training config as train.py does (the
-    # synthetic set under shapes_dir, else paths relative to data_root unless absolute)
-    if saved.get("shapes_dir"):
-        saved_img_dir = os.path.join(saved["shapes_dir"], "val")
-        saved_ann = os.path.join(saved["shapes_dir"], "annotations", "instances_val.json")
-    else:
-        root = saved.get("data_root") or ""
-        saved_img_dir, saved_ann = (
-            p if p is None or os.path.isabs(p) else os.path.join(root, p)
-            for p in (saved.get("val_img_dir"), saved.get("val_ann")))
+    # val paths not given: where the training config had them (data.dataset_paths, as train.py)
+    saved_paths = dataset_paths(saved)
+    saved_img_dir, saved_ann = saved_paths["val_img_dir"], saved_paths["val_ann"]
     val_img_dir = val_img_dir if val_img_dir is not None else saved_img_dir
     val_ann = val_ann if val_ann is not None else saved_ann
     input_size = input_size if input_size is not None else saved.get("input_size")

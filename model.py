@@ -541,34 +541,30 @@ def draw_gaussian(heatmap, center, radius):
 
 def flatten_targets(targets, stride):
     """
-    Gather every object of the batch into flat tensors (no Python loop over objects).
-    Returns a dict with M = total number of objects:
+    Gather every object of a batch (a list of B >= 1 target dicts) into flat tensors, without
+    a Python loop over objects. Returns a dict with M = total number of objects:
         batch (M,) int64 image index; labels (M,) int64;
         boxes (M, 4) xyxy in the output frame (input / stride);
         center (M, 2) continuous box centre, output frame; center_int (M, 2) floor(center);
-        wh (M, 2) box width, height in output pixels;
-        masks list of per-image (N_i, H, W) uint8 masks at input resolution (kept per image:
-        concatenating them is done lazily, only when a mask loss needs them).
+        wh (M, 2) box width, height in output pixels.
     """
-    device = targets[0]["boxes"].device if len(targets) else torch.device("cpu")
-    boxes = torch.cat([t["boxes"].reshape(-1, 4).float() for t in targets]) / stride if targets else torch.zeros(0, 4)
-    labels = torch.cat([t["labels"].reshape(-1).long() for t in targets]) if targets else torch.zeros(0, dtype=torch.long)
-    batch = torch.cat([torch.full((len(t["labels"]),), i, dtype=torch.long, device=device)
-                       for i, t in enumerate(targets)]) if targets else torch.zeros(0, dtype=torch.long)
+    boxes = torch.cat([t["boxes"].reshape(-1, 4).float() for t in targets]) / stride          # (M, 4)
+    labels = torch.cat([t["labels"].reshape(-1).long() for t in targets])                     # (M,)
+    batch = torch.cat([torch.full((len(t["labels"]),), i, dtype=torch.long, device=boxes.device)
+                       for i, t in enumerate(targets)])                                        # (M,)
     center = (boxes[:, :2] + boxes[:, 2:]) / 2
     return dict(batch=batch, labels=labels, boxes=boxes, center=center,
                 center_int=center.floor().long(), wh=boxes[:, 2:] - boxes[:, :2])
 
 
-def centernet_heatmaps(objs, num_classes, out_h, out_w, min_overlap=0.7, cornernet_bug=True):
+def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=0.7, cornernet_bug=True):
     """
     Ground-truth heatmaps of a batch, all objects at once ([CN] 3):
-    (B, C, H/R, W/R) with, per class, the element-wise max of every object's Gaussian
-    (`draw_gaussian`'s formula, radius = max(0, int(gaussian_radius(ceil h, ceil w)))).
-    `objs` is `flatten_targets`' dict; B is inferred from the largest batch index + 1 and must
-    be given through objs["num_images"].
+    (B, C, H/R, W/R), B = num_images, with, per class, the element-wise max of every object's
+    Gaussian (`draw_gaussian`'s formula, radius = max(0, int(gaussian_radius(ceil h, ceil w)))).
+    `objs` is `flatten_targets`' dict (centres already on the map).
     """
-    B = objs["num_images"]
+    B = num_images
     device = objs["center"].device
     heat = torch.zeros(B * num_classes, out_h * out_w, device=device)
     if len(objs["labels"]) == 0:
@@ -616,9 +612,9 @@ def centernet_focal_loss(pred_logits, gt_heatmap, alpha=2, beta=4):
     return -(pos_loss + neg_loss) / num_pos
 
 
-def gather_at(feature, batch, index_yx):
-    """Read a (B, C, H, W) map at M points: batch (M,), index_yx (M, 2) as (x, y) ints -> (M, C)."""
-    return feature[batch, :, index_yx[:, 1], index_yx[:, 0]]
+def gather_at(feature, batch, cells_xy):
+    """Read a (B, C, H, W) map at M cells: batch (M,), cells_xy (M, 2) int (x, y) -> (M, C)."""
+    return feature[batch, :, cells_xy[:, 1], cells_xy[:, 0]]
 
 
 def l1_at_centers(pred_map, objs, target):
@@ -846,14 +842,12 @@ class CenterMask(nn.Module):
         """Head outputs (fp32) + list of B target dicts -> dict of weighted scalar losses."""
         B, C, h, w = out["heatmap"].shape
         R = self.stride
-        objs = flatten_targets(targets, R)
-        objs["num_images"] = B
+        device = out["heatmap"].device
+        objs = {k: v.to(device) for k, v in flatten_targets(targets, R).items()}
         # a centre on the last pixel edge (or a box past the border) must still index the map
-        objs["center_int"] = torch.minimum(objs["center_int"].clamp(min=0),
-                                           torch.tensor([w - 1, h - 1], device=objs["center_int"].device))
-        objs = {k: (v.to(out["heatmap"].device) if torch.is_tensor(v) else v) for k, v in objs.items()}
+        objs["center_int"] = torch.minimum(objs["center_int"].clamp(min=0), torch.tensor([w - 1, h - 1], device=device))
         lp, loff, lsize, lmask = self.cfg.loss_weights
-        gt_heat = centernet_heatmaps(objs, C, h, w, self.cfg.min_overlap, self.cfg.cornernet_bug)
+        gt_heat = centernet_heatmaps(objs, B, C, h, w, self.cfg.min_overlap, self.cfg.cornernet_bug)
         losses = {
             "heatmap": lp * centernet_focal_loss(out["heatmap"], gt_heat),
             # offset target: p/R - floor(p/R) in [0, 1) ([CM] eq. 4)
@@ -864,7 +858,7 @@ class CenterMask(nn.Module):
         M = len(objs["labels"])
         if M:
             gt_masks = torch.cat([F.pad(t["masks"], (0, w * R - t["masks"].shape[-1], 0, h * R - t["masks"].shape[-2]))
-                                  for t in targets]).to(out["heatmap"].device)            # (M, H, W)
+                                  for t in targets]).to(device)            # (M, H, W)
             gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]                   # (M, h, w)
         if M == 0:
             # keep every mask parameter in the graph (DDP expects a gradient for each)
@@ -881,7 +875,7 @@ class CenterMask(nn.Module):
         if self.cfg.saliency_loss:
             # [CM 4.1] Table 1f: BCE of the class-specific saliency against the per-class union
             # of ground-truth masks at stride 4
-            gt_sal = torch.zeros(B * C, h * w, device=out["heatmap"].device)
+            gt_sal = torch.zeros(B * C, h * w, device=device)
             if M:
                 row = (objs["batch"] * C + objs["labels"])[:, None].expand(M, h * w)
                 gt_sal.scatter_reduce_(0, row, gt_small.view(M, -1), "amax")

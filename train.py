@@ -84,7 +84,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 config = config_from_globals(globals())  # the resolved config, saved in checkpoints
 # -----------------------------------------------------------------------------
 
-from data import CocoInstances, build_transforms, collate_fn, write_shapes_dataset  # noqa: E402
+from data import CocoInstances, build_transforms, collate_fn, dataset_paths, write_shapes_dataset  # noqa: E402
 from eval import evaluate, visualize as draw_predictions  # noqa: E402
 
 # -- processes and device ---------------------------------------------------------------------
@@ -126,32 +126,26 @@ def log(*a):
         print(*a, flush=True)
 
 
-def path(p):
-    return p if os.path.isabs(p) or not data_root else os.path.join(data_root, p)
-
-
 # -- data ---------------------------------------------------------------------------------------
+paths = dataset_paths(config)  # the shapes set's layout under shapes_dir, else under data_root
 if shapes_dir:
     # the quick start: the synthetic set is written once (rank 0), everyone else waits
-    data_root = ""
-    train_img_dir, train_ann = os.path.join(shapes_dir, "train"), os.path.join(shapes_dir, "annotations", "instances_train.json")
-    val_img_dir, val_ann = os.path.join(shapes_dir, "val"), os.path.join(shapes_dir, "annotations", "instances_val.json")
-    if master and not (os.path.exists(train_ann) and os.path.exists(val_ann)):
+    if master and not (os.path.exists(paths["train_ann"]) and os.path.exists(paths["val_ann"])):
         log(f"writing the synthetic shapes set to {shapes_dir} ({shapes_n_train} train / {shapes_n_val} val, {shapes_size}px)")
         write_shapes_dataset(shapes_dir, shapes_n_train, shapes_n_val, shapes_size, seed)
     if ddp:
         dist.barrier()
 augment = dict(scale_range=scale_range, flip_prob=flip_prob, color_jitter=color_jitter)
 try:
-    train_set = CocoInstances(path(train_img_dir), path(train_ann), max_images=max_train_images or None,
+    train_set = CocoInstances(paths["train_img_dir"], paths["train_ann"], max_images=max_train_images or None,
                               transforms=build_transforms("centernet", True, input_size, **augment))
-    val_set = CocoInstances(path(val_img_dir), path(val_ann), max_images=max_val_images or None,
+    val_set = CocoInstances(paths["val_img_dir"], paths["val_ann"], max_images=max_val_images or None,
                             transforms=build_transforms("centernet", False, input_size))
 except (OSError, ValueError) as e:  # data.py's messages name the file / annotation
     sys.exit(f"train.py: {e}")
 num_classes = num_classes or train_set.num_classes
 if num_classes != train_set.num_classes:
-    sys.exit(f"train.py: num_classes={num_classes} but {path(train_ann)} has {train_set.num_classes} categories")
+    sys.exit(f"train.py: num_classes={num_classes} but {paths['train_ann']} has {train_set.num_classes} categories")
 config["num_classes"] = num_classes
 
 # -- model and optimiser ----------------------------------------------------------------------------

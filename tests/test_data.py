@@ -575,3 +575,16 @@ def test_coco128_real_images():
                 assert 0 <= t["labels"].min() and t["labels"].max() < 80
                 assert (t["masks"].flatten(1).sum(1) > 0).all()
                 assert ((t["boxes"][:, 2:] - t["boxes"][:, :2]) >= 1).all()
+
+
+def test_dataset_paths_shapes_and_data_root():
+    """Guards train.py and eval.py finding the data in different places: the shapes layout
+    under shapes_dir wins; otherwise paths are joined to data_root unless absolute."""
+    from data import dataset_paths
+    p = dataset_paths({"shapes_dir": "s", "data_root": "ignored", "val_ann": "x.json"})
+    assert p["val_img_dir"] == os.path.join("s", "val")
+    assert p["train_ann"] == os.path.join("s", "annotations", "instances_train.json")
+    p = dataset_paths({"shapes_dir": "", "data_root": "coco", "train_img_dir": "train2017",
+                       "train_ann": "/abs/a.json", "val_img_dir": "val2017"})
+    assert p["train_img_dir"] == os.path.join("coco", "train2017") and p["train_ann"] == "/abs/a.json"
+    assert p["val_ann"] is None

@@ -81,8 +81,7 @@ def test_batched_heatmaps_equal_draw_gaussian():
         {"boxes": torch.tensor([[0.0, 0.0, 12.0, 12.0]]), "labels": torch.tensor([2])},
     ]
     objs = flatten_targets(targets, 4)
-    objs["num_images"] = 2
-    heat = centernet_heatmaps(objs, 3, 16, 16)
+    heat = centernet_heatmaps(objs, 2, 3, 16, 16)
     ref = torch.zeros(2, 3, 16, 16)
     for b, t in enumerate(targets):
         for box, lab in zip(t["boxes"] / 4, t["labels"]):
@@ -102,8 +101,7 @@ def test_heatmaps_flip_equivariant():
     maps = []
     for b in (boxes, flipped):
         objs = flatten_targets([{"boxes": b, "labels": torch.tensor([0, 1])}], 4)
-        objs["num_images"] = 1
-        maps.append(centernet_heatmaps(objs, 2, 16, 16))
+        maps.append(centernet_heatmaps(objs, 1, 2, 16, 16))
     torch.testing.assert_close(maps[1], maps[0].flip(-1))
 
 
