@@ -456,7 +456,9 @@ class InstanceTransform:
         test:  long side -> input_size exactly, no padding (collate_fn pads the batch).
     kind "fcos" (paper 000 section 4, "Training details": the FCOS settings; DESIGN 4.7):
         short side -> input_size (800), long side at most max_size (1333); train adds FCOS's
-        horizontal flip. No crop, no jitter.
+        horizontal flip and, when scale_range is not (1, 1), multi-scale training: the short
+        side is s * input_size with s ~ U(scale_range) (FCOS's 640-800: (0.8, 1.0)). No crop,
+        no jitter.
     """
 
     def __init__(self, kind, train, input_size, scale_range=(0.6, 1.3), flip_prob=0.5,
@@ -464,7 +466,7 @@ class InstanceTransform:
         if kind not in ("centernet", "fcos"):
             raise ValueError(f"unknown transform kind {kind!r}: expected 'centernet' or 'fcos'")
         self.kind, self.train, self.input_size = kind, bool(train), int(input_size)
-        self.scale_range = tuple(scale_range)
+        self.scale_range = tuple(float(s) for s in scale_range)
         self.max_size = int(max_size)
         self.flip = v2.RandomHorizontalFlip(flip_prob) if train and flip_prob > 0 else None
         jitter = train and kind == "centernet" and color_jitter > 0
@@ -488,7 +490,12 @@ class InstanceTransform:
                 lo, hi = self.scale_range
                 s = lo + (hi - lo) * torch.rand(()).item()
             return s * self.input_size / max(H0, W0)
-        return min(self.input_size / min(H0, W0), self.max_size / max(H0, W0))  # fcos
+        short, long = self.input_size, self.max_size  # fcos
+        if self.train and self.scale_range != (1.0, 1.0):  # multi-scale training
+            lo, hi = self.scale_range
+            s = lo + (hi - lo) * torch.rand(()).item()
+            short = s * short                          # the long-side cap stays (FCOS)
+        return min(short / min(H0, W0), long / max(H0, W0))
 
     def __call__(self, pil_image, target):
         image = TF.to_image(pil_image)                              # Image uint8 (3, H0, W0)

@@ -39,6 +39,9 @@ from torchvision.ops import deform_conv2d
 # 1. Configuration
 
 
+METHODS = ("centermask", "fcos", "fcosreg", "maskfcos", "centermask_fcos")
+
+
 @dataclass
 class ModelConfig:
     """Architecture knobs of every method. Saved in checkpoints as `model_args`."""
@@ -63,8 +66,29 @@ class ModelConfig:
     # CenterNet targets and decoding
     min_overlap: float = 0.7          # gaussian_radius IoU ([CN] 3, CornerNet 4.1)
     cornernet_bug: bool = True        # use the shipped (buggy) radius formula, as all published numbers
-    max_detections: int = 100         # top-K peaks ([CM 3.5])
+    max_detections: int = 100         # top-K peaks ([CM 3.5]); detections after NMS ([FCOS] 4)
     mask_threshold: float = 0.4       # binarisation of assembled masks ([CM 3.5])
+    # FCOS family ([IS], [FCOS]; DESIGN 3, 4.2-4.6). backbone "resnet50", "resnet101",
+    # "resnext101_32x8d" ("resnet18"/"resnet34" only for CPU demos)
+    pretrained: bool = False          # ImageNet weights via torchvision (FCOS recipes: True; [CM 3.5]: from scratch)
+    norm: str = "frozen_bn"           # ResNet BN: "frozen_bn" (FCOS, ImageNet statistics) or "bn" (trainable, from scratch)
+    freeze_at: int = 2                # frozen stem + res2, as FCOS; 0 = nothing frozen
+    fpn_channels: int = 256           # FPN and head tower width ([FCOS] 3.2)
+    head_convs: int = 4               # convs per head tower ([FCOS] Fig. 2)
+    center_sampling: float = 1.5      # radius in strides (FCOS improvements, DESIGN 4.4); 0: any location in the box ([IS 3.1])
+    center_sampling_at: str = "box"   # sampling centre: "box" or "mass" (the mask's centre of mass, [IS 3.3] Fig. 5)
+    ambiguity: str = ""               # "area" (FCOS: smallest box) or "mask" (FCOSreg [IS 3.3]); "": the method's own
+    reg_weights: tuple = ()           # (a, b, c) of FCOSreg's w ([IS 3.3] Fig. 6); (): (1,0,0) FCOS, (1/3,1/3,1/3) FCOSreg
+    box_loss: str = "giou"            # "giou" (FCOS improvements, DESIGN 4.3) or "iou" (-log IoU, UnitBox, [IS 3.1])
+    focal_alpha: float = 0.25         # [FCOS] 3.1, RetinaNet's focal loss
+    focal_gamma: float = 2.0
+    score_threshold: float = 0.05     # candidate locations at inference ([FCOS] 4)
+    pre_nms_top_n: int = 1000         # candidates per level before NMS ([FCOS] 4)
+    nms_threshold: float = 0.6        # class-wise NMS IoU ([FCOS] 4)
+    # MaskFCOS ([IS 4], "Mask Prediction Head")
+    mask_proposals: int = 64          # FCOS detections per image used as RoIs in training (N not given in [IS])
+    roi_size: int = 14                # RoIAlign output ([IS 4])
+    mask_size: int = 28               # mask head output ([IS 4])
 
     def __post_init__(self):
         # tuples survive a round trip through a checkpoint's plain dict / the configurator
@@ -83,6 +107,31 @@ class ModelConfig:
                                  "need the same length (>= 2: one entry per level, the last the middle)")
             if self.num_stacks < 1 or min(self.hg_modules) < 1:
                 raise ValueError("ModelConfig: num_stacks and every hg_modules entry must be >= 1")
+        if self.method not in METHODS:
+            raise ValueError(f"ModelConfig.method: unknown method {self.method!r} (known: {', '.join(METHODS)})")
+        fcos_family = self.method != "centermask"
+        if fcos_family and self.backbone in ("dla34", "hourglass104"):
+            raise ValueError(f"ModelConfig: method {self.method!r} runs on a ResNet-FPN backbone "
+                             f"(backbone='resnet50', 'resnet101', 'resnext101_32x8d'), not {self.backbone!r}")
+        if not fcos_family and self.backbone not in ("dla34", "hourglass104"):
+            raise ValueError(f"ModelConfig: CenterMask runs on backbone='dla34' or 'hourglass104', not {self.backbone!r} "
+                             "(on a ResNet-FPN, use method='centermask_fcos')")
+        self.ambiguity = self.ambiguity or ("mask" if self.method == "fcosreg" else "area")
+        self.reg_weights = tuple(float(w) for w in self.reg_weights) or \
+            ((1 / 3, 1 / 3, 1 / 3) if self.method == "fcosreg" else (1.0, 0.0, 0.0))
+        if len(self.reg_weights) != 3 or abs(sum(self.reg_weights) - 1) > 1e-6:
+            raise ValueError(f"ModelConfig.reg_weights must be 3 numbers (a, b, c) summing to 1 ([IS 3.3]), "
+                             f"got {self.reg_weights}")
+        for key, allowed in (("ambiguity", ("area", "mask")), ("center_sampling_at", ("box", "mass")),
+                             ("box_loss", ("giou", "iou")), ("norm", ("frozen_bn", "bn"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"ModelConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.method == "fcos" and (self.ambiguity == "mask" or self.center_sampling_at == "mass"
+                                      or self.reg_weights != (1.0, 0.0, 0.0)):
+            raise ValueError("ModelConfig: ambiguity='mask', center_sampling_at='mass' and reg_weights need the "
+                             "masks: use method='fcosreg' ([IS 3.3])")
+        if self.saliency_loss and self.method != "centermask":
+            raise ValueError("ModelConfig.saliency_loss (Table 1f) is implemented for method='centermask' only")
         if self.saliency_loss and self.saliency != "specific":
             raise ValueError("ModelConfig.saliency_loss=True needs saliency='specific' "
                              "(the direct supervision of [CM] Table 1f is per class)")
@@ -103,9 +152,8 @@ def auto_dtype(device_type):
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The one entry point: ModelConfig -> nn.Module of the requested method."""
-    if cfg.method == "centermask":
-        return CenterMask(cfg)
-    raise ValueError(f"ModelConfig.method: unknown method {cfg.method!r} (known: 'centermask')")
+    return {"centermask": CenterMask, "fcos": FCOS, "fcosreg": FCOS, "maskfcos": MaskFCOS,
+            "centermask_fcos": CenterMaskFCOS}[cfg.method](cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -684,6 +732,57 @@ def topk_peaks(heat, k):
     return scores, labels, ys, xs
 
 
+def mask_log_terms(L=None, G=None):
+    """
+    log M and log(1 - M) of M = sigmoid(L) * sigmoid(G) ([CM] eq. 1) from logits L (local
+    shape) and G (saliency), either of which may be None (Table 1c/1d: one branch only), for a
+    numerically stable BCE. With one branch log(1 - M) is logsigmoid(-x) exactly; with both,
+    1 - s(L)s(G) is computed as log1p(-exp(log M)), clamped away from log 0.
+    """
+    log_m = sum(F.logsigmoid(x) for x in (L, G) if x is not None)
+    if G is None:
+        return log_m, F.logsigmoid(-L)
+    if L is None:
+        return log_m, F.logsigmoid(-G)
+    return log_m, torch.log1p(-log_m.exp().clamp(max=1 - 1e-6))
+
+
+def assemble_masks(local, saliency, batch, channels, boxes, grid_hw, pixel, log_space=False):
+    """
+    Local Shape x Global Saliency ([CM 3.3] eq. 1) for M objects at once, on a pixel grid.
+        local     (M, S, S) local-shape logits, or None (saliency-only, Table 1c)
+        saliency  (B, n, h, w) saliency logits (cell j has centre j + 0.5 in output units), or
+                  None (shape-only, Table 1d)
+        batch (M,) image of each object; channels (M,) its saliency channel (0, or its class)
+        boxes (M, 4) xyxy in output units; grid_hw (gh, gw): grid pixel j has centre
+                  (j + 0.5) * pixel in output units (pixel = 1: the output grid itself;
+                  pixel = 1/R: the input resolution)
+    The S x S shape is stretched over the box by one bilinear `grid_sample` (border-clamped,
+    [CM 3.1]); the saliency map is bilinearly resampled onto the grid and read in the box
+    ([CM 3.2]). Returns (M, gh, gw) probabilities, zero outside each box, or with log_space=True
+    (log M, log(1 - M), inside) for the loss. Used by CenterMask and CenterMask-FCOS.
+    """
+    M = len(batch)
+    gh, gw = grid_hw
+    grid, inside = box_grid(boxes, gh, gw, pixel)                                # (M, gh, gw, 2)
+    L = G = None
+    if local is not None:
+        L = F.grid_sample(local[:, None], grid, mode="bilinear", padding_mode="border",
+                          align_corners=False)[:, 0]                             # (M, gh, gw)
+    if saliency is not None:
+        if saliency.shape[-2:] != (gh, gw):
+            # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
+            saliency = F.interpolate(saliency, size=(gh, gw), mode="bilinear", align_corners=False)
+        G = saliency[batch, channels]                                            # (M, gh, gw)
+    if M == 0:
+        empty = torch.zeros(0, gh, gw, device=boxes.device)
+        return (empty, empty, inside) if log_space else empty
+    log_m, log_1m = mask_log_terms(L, G)
+    if not log_space:
+        return log_m.exp() * inside
+    return log_m, log_1m, inside
+
+
 class CenterMaskHeads(nn.Module):
     """
     The five heads of [CM] Fig. 3 on one stride-4 feature map: (B, cin, h, w) -> dict
@@ -799,43 +898,16 @@ class CenterMask(nn.Module):
     # -- mask assembly ([CM 3.3] eq. 1) --------------------------------------------------------
     def assemble(self, out, batch, centers_int, boxes, channels, grid_hw, pixel, log_space=False):
         """
-        Assemble the masks of M objects on a (grid_h, grid_w) pixel grid.
+        Assemble the masks of M objects on a (grid_h, grid_w) pixel grid (see `assemble_masks`).
             batch (M,) image index; centers_int (M, 2) output-frame cell whose shape vector is
             read; boxes (M, 4) xyxy in the grid's frame scaled so that grid pixel j has centre
             (j + 0.5) * pixel in output units; channels (M,) saliency channel per object.
-        Returns (M, grid_h, grid_w) mask probabilities, zero outside each box, or, with
-        log_space=True, (log M, log(1 - M), inside) for a numerically stable BCE.
         """
-        M = len(batch)
-        gh, gw = grid_hw
-        grid, inside = box_grid(boxes, gh, gw, pixel)                            # (M, gh, gw, 2)
-        log_m = torch.zeros(M, gh, gw, device=boxes.device)
+        local = None
         if self.shape is not None:
             S = self.cfg.shape_size
-            local = gather_at(out["shape"], batch, centers_int).view(M, 1, S, S)  # (M, 1, S, S)
-            # resize the S x S local shape to the box: bilinear, border-clamped ([CM 3.1])
-            L = F.grid_sample(local, grid, mode="bilinear", padding_mode="border",
-                              align_corners=False)[:, 0]                          # (M, gh, gw)
-            log_m = log_m + F.logsigmoid(L)
-            log_1m_shape = F.logsigmoid(-L)
-        if self.saliency is not None:
-            sal = out["saliency"]                                                 # (B, n, h, w)
-            if sal.shape[-2:] != (gh, gw):
-                # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
-                sal = F.interpolate(sal, size=(gh, gw), mode="bilinear", align_corners=False)
-            G = sal[batch, channels]                                              # (M, gh, gw)
-            log_m = log_m + F.logsigmoid(G)
-        if not log_space:
-            return log_m.exp() * inside
-        # log(1 - M): with a single branch it is logsigmoid(-x) exactly; with both,
-        # 1 - s(L)s(G) computed as log1p(-exp(log M)), clamped away from log 0
-        if self.shape is not None and self.saliency is None:
-            log_1m = log_1m_shape
-        elif self.shape is None:
-            log_1m = F.logsigmoid(-G)
-        else:
-            log_1m = torch.log1p(-log_m.exp().clamp(max=1 - 1e-6))
-        return log_m, log_1m, inside
+            local = gather_at(out["shape"], batch, centers_int).view(len(batch), S, S)  # (M, S, S)
+        return assemble_masks(local, out.get("saliency"), batch, channels, boxes, grid_hw, pixel, log_space)
 
     # -- training -------------------------------------------------------------------------------
     def losses(self, out, targets):
@@ -967,3 +1039,698 @@ class CenterMask(nn.Module):
             m["masks"] = torch.where(prob >= self.mask_threshold, rank + 1, torch.zeros_like(rank))
             maps.append(m)
         return maps
+
+
+# -----------------------------------------------------------------------------
+# 7. ResNet / ResNeXt + FPN ([FCOS] 3.2, as FCOS's `R-50-FPN-RETINANET` body; DESIGN 3)
+#
+# [FCOS] = Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection", ICCV 2019, the
+# detector both papers build on ([IS 3.1], [CM 4.3]). [IS] = the FCOSIS paper (file 000_*).
+
+# name -> (torchvision builder, weights enum, channels of C2..C5). ResNet-18/34 only for CPU demos.
+RESNETS = {
+    "resnet18": ("resnet18", "ResNet18_Weights", (64, 128, 256, 512)),
+    "resnet34": ("resnet34", "ResNet34_Weights", (64, 128, 256, 512)),
+    "resnet50": ("resnet50", "ResNet50_Weights", (256, 512, 1024, 2048)),
+    "resnet101": ("resnet101", "ResNet101_Weights", (256, 512, 1024, 2048)),
+    "resnext101_32x8d": ("resnext101_32x8d", "ResNeXt101_32X8D_Weights", (256, 512, 1024, 2048)),
+}
+
+
+def load_resnet(name, pretrained=False, norm="frozen_bn"):
+    """torchvision's ResNet/ResNeXt `name`, with ImageNet-1k weights (torchvision's weights
+    API, downloaded once into torch.hub's cache) when `pretrained`. Offline, that download
+    fails: the error says which option turns it off."""
+    import torchvision
+    from torchvision.ops import FrozenBatchNorm2d
+    builder, weights_enum, _ = RESNETS[name]
+    norm_layer = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}[norm]
+    weights = getattr(torchvision.models, weights_enum).IMAGENET1K_V1 if pretrained else None
+    try:
+        return getattr(torchvision.models, builder)(weights=weights, norm_layer=norm_layer)
+    except Exception as e:  # URLError, OSError, hash mismatch, ...
+        raise RuntimeError(
+            f"could not load the ImageNet weights of {name} ({type(e).__name__}: {e}). They are "
+            f"downloaded from download.pytorch.org into {torch.hub.get_dir()}/checkpoints on first use; "
+            "without a network, copy the file there or train from scratch with --pretrained=False "
+            "(ModelConfig.pretrained)") from e
+
+
+class ResNetFPN(nn.Module):
+    """
+    ResNet/ResNeXt body + FPN: images (B, 3, H, W) -> list of maps [P_first, ..., P7], P_k of
+    shape (B, channels, H/2^k, W/2^k) (rounded up past P5).
+    * FPN on C3-C5 (FCOS, first_level=3) or C2-C5 (FCOSIS needs P2, first_level=2): lateral 1x1
+      + top-down nearest upsampling + 3x3 output convs (torchvision's FeaturePyramidNetwork);
+      P6 = stride-2 3x3 conv on P5 and P7 = the same on ReLU(P6) ([FCOS] 3.2: "P6 and P7 are
+      produced by applying one convolutional layer with the stride being 2 on P5 and P6").
+    * norm "frozen_bn": BatchNorm frozen to its ImageNet statistics, and the stem and res2
+      frozen (freeze_at=2), as FCOS (detectron's FREEZE_CONV_BODY_AT: 2). "bn" (trainable)
+      with freeze_at=0 is for training from scratch (CPU demos: frozen random features and
+      identity BN cannot learn).
+    """
+
+    def __init__(self, name="resnet50", first_level=3, channels=256, pretrained=False, norm="frozen_bn",
+                 freeze_at=2):
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+        if name not in RESNETS:
+            raise ValueError(f"ModelConfig.backbone: unknown ResNet {name!r} (known: {sorted(RESNETS)})")
+        body = load_resnet(name, pretrained, norm)
+        self.stem = nn.Sequential(body.conv1, body.bn1, body.relu, body.maxpool)    # stride 4
+        self.stages = nn.ModuleList([body.layer1, body.layer2, body.layer3, body.layer4])  # C2..C5
+        for m in [self.stem, *self.stages][:freeze_at]:  # freeze_at=2: stem and res2
+            m.requires_grad_(False)
+        self.first_level = first_level
+        in_channels = list(RESNETS[name][2][first_level - 2:])
+        self.fpn = FeaturePyramidNetwork(in_channels, channels, extra_blocks=LastLevelP6P7(channels, channels))
+        self.strides = [2 ** k for k in range(first_level, 8)]   # P_first .. P7
+        self.out_channels = channels
+        self.size_divisibility = 32                              # P5 aligns exactly
+
+    def forward(self, images):
+        x = self.stem(images)                                    # (B, 64, H/4, W/4)
+        c = {}
+        for k, stage in enumerate(self.stages, start=2):
+            x = stage(x)                                         # C_k: (B, c_k, H/2^k, W/2^k)
+            if k >= self.first_level:
+                c[f"c{k}"] = x
+        return list(self.fpn(c).values())                        # [P_first .. P5, P6, P7]
+
+
+# -----------------------------------------------------------------------------
+# 8. FCOS ([IS 3.1] as [FCOS]; DESIGN 4.3-4.5) and FCOSreg ([IS 3.3])
+
+# object size range of each level, on max(l*, t*, r*, b*) ([FCOS] 3.2: m_2..m_7 = 0, 64, 128,
+# 256, 512, inf for P3..P7)
+FCOS_SIZE_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, math.inf))
+
+
+def fcos_locations(hw_per_level, strides, device=None):
+    """
+    The locations of every level, flattened level after level (row-major inside a level):
+    cell (i, j) of a stride-s map is the input-frame point (j*s + s//2, i*s + s//2), "near the
+    centre of the receptive field" ([FCOS] 3.1). Returns points (P, 2) xy float, strides (P,)
+    float and levels (P,) int64 (0 = the first level).
+    """
+    points, point_strides, levels = [], [], []
+    for level, ((h, w), s) in enumerate(zip(hw_per_level, strides)):
+        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        points.append(torch.stack([xs.reshape(-1) * s + s // 2, ys.reshape(-1) * s + s // 2], 1).float())
+        point_strides.append(torch.full((h * w,), float(s), device=device))
+        levels.append(torch.full((h * w,), level, dtype=torch.long, device=device))
+    return torch.cat(points), torch.cat(point_strides), torch.cat(levels)
+
+
+def fcos_targets(points, strides, boxes, labels=None, valid=None, size_ranges=None, radius=1.5,
+                 centers=None, seg_labels=None):
+    """
+    FCOS's per-location targets ([IS 3.1] eq. 1, [FCOS] 3.1-3.3), for a batch at once.
+        points (P, 2) xy input frame; strides (P,) stride of each point's level
+        boxes (B, N, 4) or (N, 4) xyxy input frame; labels (B, N) / (N,) int64 (optional)
+        valid (B, N) bool: which boxes are real (images padded to N boxes); default all
+        size_ranges (P, 2): [lo, hi] of max(l*, t*, r*, b*) for each point's level; default
+            FCOS_SIZE_RANGES by the rank of the point's stride (8 -> P3 -> [0, 64], ...)
+        radius: centre sampling ([FCOS] improvements; DESIGN 4.4): a location is positive only
+            within radius * stride of the box centre (the region clipped to the box); 0 = off,
+            every location inside the box is a candidate ([IS 3.1])
+        centers (B, N, 2): centre of the sampling region (default: the box centres; FCOSreg's
+            option: the mask's centre of mass, [IS 3.3] Fig. 5 right)
+        seg_labels (B, N, P): FCOSreg ([IS 3.3]) - the fraction of each location's stride x
+            stride cell covered by each object's mask; ambiguous locations go to the object with
+            the highest one (ties: the smaller box). Default: FCOS's rule, the smallest box.
+    A location is a candidate for a box when it lies strictly inside the box (and the sampling
+    region) and lo <= max(l*, t*, r*, b*) <= hi (both bounds inclusive, as FCOS's code: a box
+    with max = 64 is a candidate on P3 and P4).
+    Returns a dict, (B, P) or (P,) per entry as `boxes` was batched or not:
+        matched (B, P) int64 index of the box assigned to each location, -1 = negative
+        labels (B, P) int64 its class (-1 for negatives; only when labels are given)
+        ltrb (B, P, 4) float distances to the assigned box's sides (0 for negatives)
+        centerness (B, P) sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)) (0 for negatives)
+    """
+    single = boxes.dim() == 2
+    if single:
+        boxes = boxes[None]
+        labels = None if labels is None else labels[None]
+        valid = None if valid is None else valid[None]
+        centers = None if centers is None else centers[None]
+        seg_labels = None if seg_labels is None else seg_labels[None]
+    B, N = boxes.shape[:2]
+    P = len(points)
+    boxes = boxes.float()
+    if valid is None:
+        valid = torch.ones(B, N, dtype=torch.bool, device=boxes.device)
+    if size_ranges is None:
+        rank = torch.unique(strides, return_inverse=True)[1]                     # level of each point
+        size_ranges = torch.tensor(FCOS_SIZE_RANGES, device=points.device)[rank]  # (P, 2)
+    x, y = points[:, 0][None, :, None], points[:, 1][None, :, None]              # (1, P, 1)
+    x0, y0, x1, y1 = boxes[:, None].unbind(-1)                                   # (B, 1, N) each
+    ltrb = torch.stack([x - x0, y - y0, x1 - x, y1 - y], -1)                     # (B, P, N, 4)
+    if radius > 0:
+        if centers is None:
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2                                # (B, 1, N)
+        else:
+            cx, cy = centers[:, None, :, 0], centers[:, None, :, 1]
+        r = radius * strides[None, :, None]                                      # (1, P, 1)
+        region = torch.stack([x - torch.maximum(cx - r, x0), y - torch.maximum(cy - r, y0),
+                              torch.minimum(cx + r, x1) - x, torch.minimum(cy + r, y1) - y], -1)
+        inside = region.amin(-1) > 0                                             # (B, P, N)
+    else:
+        inside = ltrb.amin(-1) > 0
+    m = ltrb.amax(-1)                                                            # (B, P, N)
+    candidate = inside & (m >= size_ranges[None, :, 0:1]) & (m <= size_ranges[None, :, 1:2]) & valid[:, None, :]
+    if seg_labels is not None:
+        # FCOSreg: keep only the candidates with the highest segmentation label
+        s = torch.where(candidate, seg_labels.transpose(1, 2).float(), torch.full_like(m, -1.0))
+        candidate = candidate & (s == s.amax(-1, keepdim=True))
+    area = ((x1 - x0) * (y1 - y0)).expand(B, P, N)
+    min_area, matched = torch.where(candidate, area, torch.full_like(area, math.inf)).min(-1)  # (B, P)
+    positive = min_area < math.inf
+    matched = torch.where(positive, matched, torch.full_like(matched, -1))
+    ltrb = ltrb.gather(2, matched.clamp(min=0)[:, :, None, None].expand(B, P, 1, 4))[:, :, 0]
+    ltrb = ltrb * positive[..., None]                                           # (B, P, 4)
+    l, t, r, b = ltrb.clamp(min=1e-6).unbind(-1)  # clamp: negatives give 0 / 0
+    centerness = torch.sqrt(torch.minimum(l, r) / torch.maximum(l, r) * torch.minimum(t, b) / torch.maximum(t, b))
+    out = {"matched": matched, "ltrb": ltrb, "centerness": centerness * positive}
+    if labels is not None:
+        lab = labels.gather(1, matched.clamp(min=0))
+        out["labels"] = torch.where(positive, lab, torch.full_like(lab, -1))
+    return {k: v[0] for k, v in out.items()} if single else out
+
+
+def regression_weights(centerness, seg, weights=(1.0, 0.0, 0.0)):
+    """FCOSreg's regularisation map ([IS 3.3]): w = a * centerness + b * s + c * sqrt(centerness
+    * s), a + b + c = 1, s = the location's segmentation label. Fig. 6: (a) = (1, 0, 0) (FCOS's
+    centerness), (b) = (0, 1, 0), (c) = (1/3, 1/3, 1/3)."""
+    a, b, c = weights
+    return a * centerness + b * seg + c * torch.sqrt((centerness * seg).clamp(min=0))
+
+
+def pooled_masks(masks, strides):
+    """
+    The fraction of every stride x stride cell covered by each mask ([IS 3.3]: the
+    segmentation label s_(x,y) at a level of stride s): masks (N, H, W) 0/1 at input resolution
+    -> list of (N, ceil(H/s), ceil(W/s)) per stride. The masks are zero-padded to a multiple of
+    the largest stride, so every cell is divided by s^2, and each level is pooled from the
+    previous one (an average of averages over aligned cells is exact).
+    """
+    N, H, W = masks.shape
+    big = max(strides)
+    m = F.pad(masks.float(), (0, -W % big, 0, -H % big))[:, None]             # (N, 1, H', W')
+    out, s_prev = [], 1
+    for s in strides:  # strides ascending, each a multiple of the previous
+        m = F.avg_pool2d(m, s // s_prev) if s > s_prev else m
+        s_prev = s
+        h, w = -(-H // s), -(-W // s)
+        out.append(m[:, 0, :h, :w])
+    return out
+
+
+def reduce_mean(x):
+    """x averaged over all processes (DESIGN 4.3: FCOS's normalisers, num_pos / world_size);
+    x itself in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        x = x.detach().clone()
+        torch.distributed.all_reduce(x)
+        x = x / torch.distributed.get_world_size()
+    return x
+
+
+def conv3x3_at(conv, feature, batch, ys, xs):
+    """
+    A 3x3 conv (stride 1, padding 1) evaluated only at M chosen cells: feature (B, C, h, w) and
+    cells (batch, ys, xs) each (M,) -> (M, out). Equal to conv(feature)[batch, :, ys, xs]
+    without computing the other cells: CenterMask-FCOS reads its S^2 = 1024-channel shape
+    head only at positives / detections, which would otherwise cost more than the whole
+    detector on the finest level.
+    """
+    f = F.pad(feature, (1, 1, 1, 1))                                             # (B, C, h+2, w+2)
+    d = torch.arange(3, device=feature.device)
+    patch = f[batch[:, None, None], :, ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]]
+    patch = patch.permute(0, 3, 1, 2).reshape(len(batch), -1)                    # (M, C*9) as conv.weight
+    return F.linear(patch, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (M, out)
+
+
+class FCOSHead(nn.Module):
+    """
+    FCOS's shared head ([FCOS] 3.1, Fig. 2; DESIGN 4.3), applied to every FPN level:
+    a classification tower and a box tower, each num_convs x (Conv3x3 + GroupNorm(32) + ReLU),
+    then cls logits (C) on the first, ltrb (4) and centerness (1) on the second (centerness on
+    the box tower: the FCOS improvement), one learnable Scale per level. `extra` more channels
+    can be predicted on the box tower (FCOSIS: centre of mass 2 + coarse foreground 1).
+    features: list of L maps (B, cin, h_l, w_l) -> dict, locations flattened level after level
+    (P = sum h_l * w_l, as `fcos_locations`):
+        cls (B, P, C) logits; ltrb (B, P, 4) input pixels = relu(scale_l * x) * stride_l
+        (normalised regression, [FCOS] improvements); centerness (B, P) logits;
+        extra (B, P, extra) when asked; box_features: the box tower output of every level.
+    """
+
+    def __init__(self, cin, num_classes, strides, num_convs=4, extra=0, prior=0.01):
+        super().__init__()
+        self.strides = list(strides)
+
+        def tower():
+            layers = []
+            for _ in range(num_convs):
+                layers += [nn.Conv2d(cin, cin, 3, padding=1), nn.GroupNorm(32, cin), nn.ReLU(inplace=True)]
+            return nn.Sequential(*layers)
+        self.cls_tower, self.box_tower = tower(), tower()
+        self.cls_logits = nn.Conv2d(cin, num_classes, 3, padding=1)
+        self.ltrb = nn.Conv2d(cin, 4, 3, padding=1)
+        self.centerness = nn.Conv2d(cin, 1, 3, padding=1)
+        self.extra = nn.Conv2d(cin, extra, 3, padding=1) if extra else None
+        self.scales = nn.Parameter(torch.ones(len(self.strides)))               # [FCOS] 3.2
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # [FCOS] 4: "initialized as in RetinaNet": N(0, 0.01), bias 0
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.constant_(m.bias, 0)
+        # prior 0.01 for the foreground at the start ([FCOS] 4, RetinaNet's pi)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior) / prior))
+
+    def forward(self, features):
+        out = {"cls": [], "ltrb": [], "centerness": [], "extra": [], "box_features": []}
+        for level, (p, s) in enumerate(zip(features, self.strides)):
+            c, b = self.cls_tower(p), self.box_tower(p)                          # (B, cin, h, w)
+            out["cls"].append(self.cls_logits(c).flatten(2))                     # (B, C, h*w)
+            out["ltrb"].append((F.relu(self.scales[level] * self.ltrb(b)) * s).flatten(2))  # (B, 4, h*w)
+            out["centerness"].append(self.centerness(b).flatten(2))              # (B, 1, h*w)
+            if self.extra is not None:
+                out["extra"].append(self.extra(b).flatten(2))
+            out["box_features"].append(b)
+        res = {k: torch.cat(v, 2).transpose(1, 2) for k, v in out.items() if v and k != "box_features"}
+        res["centerness"] = res["centerness"][..., 0]                            # (B, P)
+        res["box_features"] = out["box_features"]
+        return res
+
+
+def pad_boxes(targets, device):
+    """List of B target dicts -> boxes (B, N, 4), labels (B, N), valid (B, N) bool, padded to
+    the largest N in the batch (N >= 1 so that empty batches keep their shapes)."""
+    n = max([len(t["boxes"]) for t in targets] + [1])
+    B = len(targets)
+    boxes = torch.zeros(B, n, 4, device=device)
+    labels = torch.zeros(B, n, dtype=torch.long, device=device)
+    valid = torch.zeros(B, n, dtype=torch.bool, device=device)
+    for b, t in enumerate(targets):  # one copy per image
+        k = len(t["boxes"])
+        boxes[b, :k], labels[b, :k], valid[b, :k] = t["boxes"].float(), t["labels"], True
+    return boxes, labels, valid
+
+
+class FCOS(nn.Module):
+    """
+    FCOS ([IS 3.1], [FCOS]) and FCOSreg ([IS 3.3], method="fcosreg") on ResNet-FPN P3-P7.
+
+    Training: model(images, targets) -> dict of losses ([IS] eq. 2, alpha = beta = 1):
+        cls: sigmoid focal loss (alpha 0.25, gamma 2; torchvision) over all locations / N_pos
+        box: GIoU (box_loss="giou", the FCOS improvement) or IoU (-log IoU, "iou", [IS 3.1] as
+             UnitBox) loss of the positives, weighted by the centerness target (FCOSreg: the
+             regularisation map w), / the sum of those weights
+        centerness: BCE of the centerness logits against the centerness target (FCOSreg: w)
+    N_pos and the weight sum are averaged over processes (DESIGN 4.3), so that 2 processes with
+    batch b give the same gradients as 1 process with batch 2b.
+    Inference: model(images) -> list of B dicts: boxes (K, 4) xyxy input frame, scores (K,),
+        labels (K,). Per level: locations whose class score > 0.05, top 1000 of cls * ctr; then
+        score = sqrt(cls * ctr), class-wise NMS at IoU 0.6 (torchvision's batched_nms), best 100.
+
+    FCOSreg ([IS 3.3]): masks give every location a segmentation label s per object (the
+    fraction of its cell the mask covers); ambiguous locations go to the object with the
+    highest s (not the smallest box), and w = a * ctr + b * s + c * sqrt(ctr * s)
+    (`reg_weights`, Fig. 6) replaces the centerness target as the regression weight. Centre
+    sampling can be centred on the mask's centre of mass (center_sampling_at="mass").
+
+    Deviations from [IS]/[FCOS]:
+      * FCOSreg: the centerness branch learns w (so inference weights the scores by the
+        predicted regularisation map, as FCOS does with its centerness); [IS 3.3] only says
+        w replaces centerness as the regression weight. With reg_weights = (1, 0, 0) FCOSreg's
+        losses are FCOS's exactly.
+      * GIoU and centre sampling (the FCOS improvements, DESIGN 4.3) are on by default; [IS]
+        quotes FCOS's original IoU loss: box_loss="iou", center_sampling=0 restore it.
+    """
+
+    def __init__(self, cfg: ModelConfig, extra=0, first_level=3):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.backbone not in RESNETS:
+            raise ValueError(f"ModelConfig.backbone: {cfg.backbone!r} is not available for {cfg.method} "
+                             f"(known: {sorted(RESNETS)})")
+        self.backbone = ResNetFPN(cfg.backbone, first_level, cfg.fpn_channels, cfg.pretrained, cfg.norm, cfg.freeze_at)
+        self.size_divisibility = self.backbone.size_divisibility
+        self.fcos_levels = slice(3 - first_level, None)   # P3-P7 of the FPN maps
+        self.strides = self.backbone.strides[self.fcos_levels]                   # [8, 16, 32, 64, 128]
+        self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, self.strides, cfg.head_convs, extra)
+        self.uses_masks = cfg.method == "fcosreg"     # segmentation labels ([IS 3.3])
+
+    def forward(self, images, targets=None):
+        features = self.backbone(images)
+        out = self.head(features[self.fcos_levels])
+        hw = [f.shape[-2:] for f in features[self.fcos_levels]]
+        points, strides, levels = fcos_locations(hw, self.strides, images.device)
+        if not self.training:
+            return self.postprocess(out, points, levels, images.shape[-2:], features)
+        if targets is None:
+            raise ValueError(f"{type(self).__name__} in train mode needs targets (call model.eval() for inference)")
+        with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (DESIGN 6)
+            out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
+            losses, t = self.detection_losses(out, points, strides, targets)
+        # the mask branches run their convs under autocast and cast their logits to fp32
+        losses.update(self.extra_losses(out, t, points, levels, targets, features, images))
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    # -- training ([IS] eq. 2) --------------------------------------------------------------------
+    def assign(self, points, strides, targets):
+        """Targets of every location of the batch (fcos_targets), plus what the mask-aware
+        variants need: boxes/labels/valid (B, N, ...) and, with masks, seg (B, N, P)."""
+        device = points.device
+        boxes, labels, valid = pad_boxes(targets, device)
+        t = {"boxes": boxes, "labels_per_box": labels, "valid": valid}
+        seg = centers = None
+        if self.uses_masks:
+            uniq = [int(s) for s in self.strides]
+            seg = torch.zeros(len(targets), boxes.shape[1], len(points), device=device)
+            mass = torch.zeros(len(targets), boxes.shape[1], 2, device=device)
+            for b, tgt in enumerate(targets):  # one image at a time: (N_b, H, W) masks
+                if len(tgt["boxes"]):
+                    seg[b, :len(tgt["boxes"])] = torch.cat([m.flatten(1) for m in pooled_masks(tgt["masks"], uniq)], 1)
+                    mass[b, :len(tgt["boxes"])] = mask_center_of_mass(tgt["masks"], tgt["boxes"])
+            t["seg"] = seg
+            centers = mass if self.cfg.center_sampling_at == "mass" else None
+        t.update(fcos_targets(points, strides, boxes, labels, valid, radius=self.cfg.center_sampling, centers=centers,
+                              seg_labels=seg if self.cfg.ambiguity == "mask" else None))
+        return t
+
+    def detection_losses(self, out, points, strides, targets):
+        from torchvision.ops import sigmoid_focal_loss, generalized_box_iou_loss
+        t = self.assign(points, strides, targets)
+        pos = t["matched"] >= 0                                                  # (B, P)
+        num_pos = reduce_mean(pos.sum().float()).clamp(min=1.0)
+        onehot = torch.zeros_like(out["cls"])                                    # (B, P, C)
+        onehot[pos, t["labels"][pos]] = 1.0
+        losses = {"cls": sigmoid_focal_loss(out["cls"], onehot, alpha=self.cfg.focal_alpha,
+                                            gamma=self.cfg.focal_gamma, reduction="sum") / num_pos}
+        weight = t["centerness"][pos]                                            # (M,)
+        if self.cfg.method == "fcosreg":
+            seg = t["seg"].gather(1, t["matched"].clamp(min=0)[:, None, :])[:, 0] if "seg" in t else None
+            weight = regression_weights(weight, seg[pos] if seg is not None else weight, self.cfg.reg_weights)
+        t["weight"] = weight
+        p = points[None].expand_as(t["ltrb"][..., :2])[pos]                      # (M, 2)
+        pred = torch.cat([p - out["ltrb"][pos][:, :2], p + out["ltrb"][pos][:, 2:]], 1)  # (M, 4)
+        gt = torch.cat([p - t["ltrb"][pos][:, :2], p + t["ltrb"][pos][:, 2:]], 1)
+        if self.cfg.box_loss == "giou":
+            per_box = generalized_box_iou_loss(pred, gt, reduction="none")
+        else:  # UnitBox IoU loss, -log IoU ([IS 3.1])
+            per_box = -torch.log(box_iou_aligned(pred, gt).clamp(min=1e-6))
+        losses["box"] = (per_box * weight).sum() / reduce_mean(weight.sum()).clamp(min=1e-6)
+        losses["centerness"] = F.binary_cross_entropy_with_logits(out["centerness"][pos], weight,
+                                                                  reduction="sum") / num_pos
+        return losses, t
+
+    def extra_losses(self, out, t, points, levels, targets, features, images):
+        """Hook for the methods built on FCOS (MaskFCOS, CenterMask-FCOS, FCOSIS)."""
+        return {}
+
+    # -- inference ([FCOS] 4; DESIGN 4.3) ---------------------------------------------------------
+    @torch.no_grad()
+    def detect(self, out, points, levels, input_hw, max_detections=None):
+        """
+        Head outputs -> per image a dict of the kept detections: boxes (K, 4), scores (K,),
+        labels (K,) and `index` (K,) the flat location each came from (for the mask branches).
+        """
+        from torchvision.ops import batched_nms
+        cfg = self.cfg
+        cls = out["cls"].float().sigmoid()                                       # (B, P, C)
+        ctr = out["centerness"].float().sigmoid()                                # (B, P)
+        B, P, C = cls.shape
+        score = torch.where(cls > cfg.score_threshold, cls * ctr[..., None], torch.zeros_like(cls))
+        cand_scores, cand_index = [], []
+        start = 0
+        for n in torch.bincount(levels, minlength=len(self.strides)).tolist():   # top 1000 per level
+            s = score[:, start:start + n].reshape(B, -1)                         # (B, n*C)
+            v, i = s.topk(min(cfg.pre_nms_top_n, s.shape[1]), dim=1)
+            cand_scores.append(v)
+            cand_index.append(i + start * C)
+            start += n
+        cand_scores, cand_index = torch.cat(cand_scores, 1), torch.cat(cand_index, 1)  # (B, K)
+        loc, labels = cand_index // C, cand_index % C
+        H, W = input_hw
+        results = []
+        for b in range(B):  # NMS per image
+            keep = cand_scores[b] > 0
+            s, lo, lab = cand_scores[b][keep].sqrt(), loc[b][keep], labels[b][keep]
+            p, d = points[lo], out["ltrb"][b, lo].float()
+            boxes = torch.cat([p - d[:, :2], p + d[:, 2:]], 1)
+            boxes = torch.stack([boxes[:, 0].clamp(0, W), boxes[:, 1].clamp(0, H),
+                                 boxes[:, 2].clamp(0, W), boxes[:, 3].clamp(0, H)], 1)
+            keep = batched_nms(boxes, s, lab, cfg.nms_threshold)[:max_detections or cfg.max_detections]
+            results.append({"boxes": boxes[keep], "scores": s[keep], "labels": lab[keep], "index": lo[keep]})
+        return results
+
+    def postprocess(self, out, points, levels, input_hw, features):
+        dets = self.detect(out, points, levels, input_hw)
+        for d in dets:
+            del d["index"]
+        return dets
+
+
+def box_iou_aligned(a, b):
+    """IoU of the pairs (a[i], b[i]): a, b (M, 4) xyxy -> (M,)."""
+    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-9)
+
+
+def mask_center_of_mass(masks, boxes):
+    """masks (N, H, W) 0/1 -> (N, 2) xy centre of mass in the input frame (pixel X has centre
+    X + 0.5); an empty mask falls back to the centre of its box (N, 4)."""
+    N, H, W = masks.shape
+    m = masks.float()
+    area = m.sum((1, 2))                                                          # (N,)
+    xs = torch.arange(W, device=m.device, dtype=torch.float32) + 0.5
+    ys = torch.arange(H, device=m.device, dtype=torch.float32) + 0.5
+    com = torch.stack([(m.sum(1) * xs).sum(1), (m.sum(2) * ys).sum(1)], 1) / area.clamp(min=1)[:, None]
+    box_center = (boxes[:, :2] + boxes[:, 2:]).float() / 2
+    return torch.where(area[:, None] > 0, com, box_center)
+
+
+# -----------------------------------------------------------------------------
+# 9. MaskFCOS ([IS 4], "Mask Prediction Head"; DESIGN 4.6)
+
+
+def maskfcos_levels(boxes, k0=4, canonical=224.0, k_min=3, k_max=5):
+    """FPN level of each box ([IS] eq. 4, from FPN): k = floor(k0 + log2(sqrt(w h) / 224)),
+    clamped to P3-P5: boxes smaller than 224^2 -> P3, 224^2 up to 448^2 -> P4, larger -> P5.
+    boxes (K, 4) xyxy input frame -> (K,) int64. (+1e-6 so that exactly 224^2 gives P4 despite
+    rounding in log2.)"""
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-6)
+    k = torch.floor(k0 + torch.log2(torch.sqrt(wh[:, 0] * wh[:, 1]) / canonical) + 1e-6)
+    return k.clamp(k_min, k_max).long()
+
+
+def mask_targets(gt_masks, gt_index, boxes, size):
+    """RoIAlign of ground-truth masks onto boxes: the training target of a size x size mask
+    (Mask R-CNN's, [IS 4] "Similarly to [8]"). gt_masks (G, H, W) 0/1; gt_index (K,) which mask
+    each box crops; boxes (K, 4) xyxy input frame -> (K, size, size) float in [0, 1] (bilinear
+    average of the mask over each output cell's sampling points; threshold 0.5 for a 0/1 target)."""
+    from torchvision.ops import roi_align
+    if len(boxes) == 0:
+        return torch.zeros(0, size, size, device=boxes.device)
+    rois = torch.cat([gt_index[:, None].float(), boxes.float()], 1)              # (K, 5)
+    return roi_align(gt_masks[:, None].float(), rois, size, 1.0, sampling_ratio=2, aligned=True)[:, 0]
+
+
+class MaskFCOS(FCOS):
+    """
+    MaskFCOS ([IS 4], "Mask Prediction Head"): FCOS proposes boxes, a Mask R-CNN mask head
+    segments them. RoIAlign 14x14 from P_k (k by `maskfcos_levels`, P3-P5) -> 4 x (Conv3x3 256
+    + ReLU) -> ConvTranspose 2x2 stride 2 + ReLU -> Conv1x1 -> (C, 28, 28) logits; the channel
+    of the box's class is its mask (as Mask R-CNN).
+    Training: RoIs = ground-truth boxes + the top `mask_proposals` FCOS detections of each
+    image (no gradient into the proposals) that overlap a ground-truth box at IoU >= 0.5;
+    target = RoIAlign of the matched ground-truth mask, thresholded at 0.5; mean pixel BCE.
+    Joint training also shapes the shared backbone ([IS] Table 1: FCOS 37.1 -> 39.8 box AP).
+    Inference: the FCOS detections' masks, pasted into the image: (K, H, W) probabilities.
+    Deviations: [IS] gives no N for the proposals, no RoI sampling rule; we use 64 per image
+    in training and all (up to 100) detections at test. RoIAlign with aligned=True (half-pixel
+    correct, as detectron2's ROIAlignV2), sampling ratio 2.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.mask_threshold = 0.5                                                # Mask R-CNN's
+        c = cfg.fpn_channels
+        layers = []
+        for _ in range(4):
+            layers += [nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True)]
+        layers += [nn.ConvTranspose2d(c, c, 2, stride=2), nn.ReLU(inplace=True), nn.Conv2d(c, cfg.num_classes, 1)]
+        self.mask_head = nn.Sequential(*layers)                                   # (K, c, 14, 14) -> (K, C, 28, 28)
+        for m in self.mask_head.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):  # Mask R-CNN's init
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(m.bias, 0)
+
+    def roi_features(self, features, batch, boxes):
+        """RoIAlign 14x14 of each box from its level's map ([IS] eq. 4): (K, c, 14, 14)."""
+        from torchvision.ops import roi_align
+        level = maskfcos_levels(boxes)                                           # (K,) in 3..5
+        rois = torch.cat([batch[:, None].float(), boxes.float()], 1)             # (K, 5)
+        out = torch.zeros(len(boxes), self.cfg.fpn_channels, self.cfg.roi_size, self.cfg.roi_size,
+                          device=boxes.device, dtype=features[0].dtype)
+        for k in (3, 4, 5):  # one roi_align per level
+            sel = level == k
+            if sel.any():
+                p = features[self.fcos_levels][k - 3]
+                out[sel] = roi_align(p, rois[sel].to(p.dtype), self.cfg.roi_size, 1.0 / 2 ** k,
+                                     sampling_ratio=2, aligned=True)
+        return out
+
+    def mask_logits(self, features, batch, boxes, labels):
+        """(K,) RoIs -> (K, 28, 28) mask logits of each RoI's class channel."""
+        logits = self.mask_head(self.roi_features(features, batch, boxes))       # (K, C, 28, 28)
+        return logits[torch.arange(len(boxes), device=boxes.device), labels]
+
+    def extra_losses(self, out, t, points, levels, targets, features, images):
+        from torchvision.ops import box_iou
+        device = images.device
+        dets = self.detect(out, points, levels, images.shape[-2:], self.cfg.mask_proposals)
+        batch, rois, gt_index, offset = [], [], [], 0
+        for b, (d, tgt) in enumerate(zip(dets, targets)):  # per image: proposals matched to its boxes
+            gt = tgt["boxes"].float()
+            if len(gt):
+                props = torch.cat([gt, d["boxes"]])
+                iou, idx = box_iou(props, gt).max(1)                             # (R,)
+                keep = iou >= 0.5                                                # GT boxes always match
+                batch.append(torch.full((int(keep.sum()),), b, device=device))
+                rois.append(props[keep])
+                gt_index.append(idx[keep] + offset)
+            offset += len(gt)
+        if not rois:  # no objects in the batch: keep the mask head in the graph (DDP)
+            return {"mask": sum(p.sum() * 0 for p in self.mask_head.parameters())}
+        batch, rois, gt_index = torch.cat(batch), torch.cat(rois), torch.cat(gt_index)
+        gt_masks = torch.cat([F.pad(tg["masks"], (0, images.shape[-1] - tg["masks"].shape[-1],
+                                                  0, images.shape[-2] - tg["masks"].shape[-2]))
+                              for tg in targets]).to(device)                      # (G, H, W)
+        gt_labels = torch.cat([tg["labels"] for tg in targets]).to(device)
+        S = self.cfg.mask_size
+        target = (mask_targets(gt_masks, gt_index, rois, S) >= 0.5).float()     # (K, 28, 28)
+        logits = self.mask_logits(features, batch, rois, gt_labels[gt_index]).float()
+        return {"mask": F.binary_cross_entropy_with_logits(logits, target)}
+
+    def postprocess(self, out, points, levels, input_hw, features):
+        dets = self.detect(out, points, levels, input_hw)
+        batch = torch.cat([torch.full((len(d["boxes"]),), b, device=points.device) for b, d in enumerate(dets)])
+        boxes, labels = torch.cat([d["boxes"] for d in dets]), torch.cat([d["labels"] for d in dets])
+        probs = self.mask_logits(features, batch, boxes, labels).float().sigmoid() if len(boxes) else None
+        start = 0
+        for d in dets:
+            k = len(d["boxes"])
+            d["masks"] = paste_masks(probs[start:start + k] if k else torch.zeros(0, 1, 1, device=points.device),
+                                     d["boxes"], input_hw)
+            start += k
+            del d["index"]
+        return dets
+
+
+def paste_masks(masks, boxes, hw):
+    """Paste K small masks (K, m, m) into their boxes (K, 4) xyxy input frame on an (H, W)
+    image: bilinear resampling of each mask stretched over its box (the same grid as CenterMask's
+    local shapes, `box_grid`), zero outside the box. -> (K, H, W)."""
+    H, W = hw
+    if len(boxes) == 0:
+        return torch.zeros(0, H, W, device=boxes.device)
+    grid, inside = box_grid(min_size_boxes((boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]), H, W)  # (K, H, W, 2)
+    return F.grid_sample(masks[:, None].float(), grid, mode="bilinear", padding_mode="border",
+                         align_corners=False)[:, 0] * inside
+
+
+# -----------------------------------------------------------------------------
+# 10. CenterMask-FCOS ([CM 4.3]; DESIGN 4.2)
+
+
+class CenterMaskFCOS(FCOS):
+    """
+    CenterMask on the FCOS detector ([CM 4.3]): FCOS, plus a Local Shape head (S^2 channels)
+    on the box tower at every P3-P7 location and a Global Saliency head on the
+    highest-resolution FPN level (P3, stride 8). The object size comes from the FCOS box (no
+    size head). Mask of a location = sigmoid(its S x S local shape stretched over its box) x
+    sigmoid(saliency cropped to the box) ([CM] eq. 1, `assemble_masks`).
+    Training: every positive location assembles a mask with its ground-truth box (teacher
+    forcing, as CenterMask), compared on an S x S grid over the box with the RoIAlign of the
+    ground-truth mask (`mask_targets`); mean BCE over positives ([CM] eq. 2).
+    Inference: each kept FCOS detection assembles its mask from its own location's shape vector
+    at input resolution.
+    Deviations: [CM 4.3] gives no layer details. Our readings: the shape head is one Conv3x3 on
+    the box tower (as FCOS's other predictions), evaluated only at the locations it is read
+    (`conv3x3_at`); the saliency head is CenterMask's (Conv3x3 + ReLU + Conv1x1) on P3; the
+    training loss is computed on the box's S x S grid instead of the stride-4 map.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.mask_threshold = cfg.mask_threshold                                 # 0.4 ([CM 3.5])
+        S, c = cfg.shape_size, cfg.fpn_channels
+        self.shape = nn.Conv2d(c, S * S, 3, padding=1) if cfg.use_shape else None
+        if self.shape is not None:
+            nn.init.normal_(self.shape.weight, std=0.01)
+            nn.init.constant_(self.shape.bias, 0)
+        n_sal = 1 if cfg.saliency == "agnostic" else cfg.num_classes
+        self.saliency = head(c, n_sal, cfg.head_conv) if cfg.use_saliency else None
+
+    def local_shapes(self, out, levels, batch, index):
+        """Shape logits (M, S, S) of M flat locations (batch, index) of the FCOS levels."""
+        S = self.cfg.shape_size
+        res = torch.zeros(len(batch), S * S, device=batch.device)
+        start = 0
+        for lv, f in enumerate(out["box_features"]):  # per level
+            h, w = f.shape[-2:]
+            sel = (index >= start) & (index < start + h * w)
+            if sel.any():
+                cell = index[sel] - start
+                res[sel] = conv3x3_at(self.shape, f, batch[sel], cell // w, cell % w).float()
+            start += h * w
+        return res.view(-1, S, S)
+
+    def extra_losses(self, out, t, points, levels, targets, features, images):
+        pos = t["matched"] >= 0                                                  # (B, P)
+        batch, index = pos.nonzero(as_tuple=True)                                # (M,) each
+        if len(batch) == 0:
+            params = [p for m in (self.shape, self.saliency) if m is not None for p in m.parameters()]
+            return {"mask": sum(p.sum() * 0 for p in params)}
+        gt_boxes = t["boxes"][batch, t["matched"][pos]]                          # (M, 4) input frame
+        offsets = torch.cumsum(torch.tensor([0] + [len(tg["boxes"]) for tg in targets[:-1]], device=images.device), 0)
+        gt_index = offsets[batch] + t["matched"][pos]                            # (M,) into the concatenated masks
+        gt_masks = torch.cat([F.pad(tg["masks"], (0, images.shape[-1] - tg["masks"].shape[-1],
+                                                  0, images.shape[-2] - tg["masks"].shape[-2]))
+                              for tg in targets]).to(images.device)              # (G, H, W)
+        S = self.cfg.shape_size
+        target = mask_targets(gt_masks, gt_index, gt_boxes, S)                   # (M, S, S) soft
+        L = self.local_shapes(out, levels, batch, index) if self.shape is not None else None
+        G = None
+        if self.saliency is not None:
+            from torchvision.ops import roi_align
+            sal = self.saliency(features[self.fcos_levels][0]).float()           # (B, n, H/8, W/8)
+            ch = t["labels"][pos] if self.cfg.saliency == "specific" else torch.zeros_like(batch)
+            rois = torch.cat([batch[:, None].float(), gt_boxes], 1)
+            G = roi_align(sal, rois, S, 1.0 / self.strides[0], sampling_ratio=2, aligned=True)  # (M, n, S, S)
+            G = G[torch.arange(len(batch), device=G.device), ch]                 # (M, S, S)
+        log_m, log_1m = mask_log_terms(L, G)
+        bce = -(target * log_m + (1 - target) * log_1m)                          # (M, S, S)
+        return {"mask": self.cfg.loss_weights[3] * bce.mean()}
+
+    def postprocess(self, out, points, levels, input_hw, features):
+        dets = self.detect(out, points, levels, input_hw)
+        sal = self.saliency(features[self.fcos_levels][0]).float() if self.saliency is not None else None
+        R = self.strides[0]
+        for b, d in enumerate(dets):
+            k = len(d["boxes"])
+            batch = torch.full((k,), b, device=points.device, dtype=torch.long)
+            local = self.local_shapes(out, levels, batch, d["index"]) if self.shape is not None else None
+            ch = d["labels"] if self.cfg.saliency == "specific" else torch.zeros_like(batch)
+            # boxes in P3 units; the input-resolution grid has pixel 1/R of them
+            boxes = min_size_boxes((d["boxes"][:, :2] + d["boxes"][:, 2:]) / (2 * R),
+                                   (d["boxes"][:, 2:] - d["boxes"][:, :2]) / R, 1.0 / R)
+            d["masks"] = assemble_masks(local, sal, batch, ch, boxes, input_hw, 1.0 / R)
+            del d["index"]
+        return dets
