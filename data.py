@@ -364,13 +364,30 @@ class CocoInstances(torch.utils.data.Dataset):
 
 
 def _valid_polygon(p):
-    """>= 3 (x, y) points, all finite numbers. (pycocotools reads a 4-number list as a box.)"""
+    """>= 3 (x, y) points, all finite numbers, not all on one line. (pycocotools reads a
+    4-number list as a box; a flat polygon encloses nothing and rasterises to an empty mask.)"""
     if not isinstance(p, list) or len(p) < 6 or len(p) % 2:
         return False
     try:
-        return math.isfinite(sum(p))  # one C-speed pass: NaN/inf propagate, a str raises
+        if not math.isfinite(sum(p)):  # one C-speed pass: NaN/inf propagate, a str raises
+            return False
     except TypeError:
         return False
+    return not _is_flat(p)
+
+
+def _is_flat(p):
+    """True if every point of the polygon p = [x1, y1, x2, y2, ...] lies within 1/1000 px of one
+    line through its first point (or all points are that point): a degenerate polygon. For a
+    real polygon any() stops at the first point off the line, usually the third."""
+    x0, y0 = p[0], p[1]
+    xs, ys = p[2::2], p[3::2]
+    d = next(((x - x0, y - y0) for x, y in zip(xs, ys) if x != x0 or y != y0), None)
+    if d is None:
+        return True                                    # one point, repeated
+    dx, dy = d
+    tol = 1e-3 * math.hypot(dx, dy)                    # |cross| / |d| = distance to the line
+    return not any(abs((x - x0) * dy - (y - y0) * dx) > tol for x, y in zip(xs, ys))
 
 
 def _valid_bbox(bbox):
@@ -384,7 +401,7 @@ def _check_segmentation(seg, H0, W0):
         valid = [p for p in seg if _valid_polygon(p)]
         if not valid:
             return None, ("empty polygon list" if not seg else
-                          "no valid polygon (need >= 3 finite (x, y) points)")
+                          "no valid polygon (need >= 3 finite (x, y) points, not all on one line)")
         if len(valid) < len(seg):
             return valid, f"{len(seg) - len(valid)} invalid polygon part(s) dropped"
         return seg, None

@@ -645,8 +645,10 @@ def centernet_focal_loss(pred_logits, gt_heatmap, alpha=2, beta=4):
         L = -1/N sum_{ijc} (1 - p)^alpha log(p)                 if Y = 1
                            (1 - Y)^beta p^alpha log(1 - p)       otherwise
     with p = sigmoid(logits) clamped to [1e-4, 1 - 1e-4] (CenterNet's `_sigmoid`), N the number
-    of positives (Y == 1) in the whole batch; with no positive the negative term alone, not
-    normalised (CenterNet's `_neg_loss`). alpha = 2, beta = 4 ([CN] 3). Computed in fp32.
+    of positives (Y == 1) in the whole batch, averaged over processes (`reduce_mean`, so that
+    DDP's gradient average equals one process with the whole batch); with no positive anywhere
+    the negative term alone, not normalised (CenterNet's `_neg_loss`). alpha = 2, beta = 4
+    ([CN] 3). Computed in fp32.
     pred_logits, gt_heatmap: (B, C, H, W).
     """
     p = pred_logits.float().sigmoid().clamp(1e-4, 1 - 1e-4)
@@ -654,7 +656,7 @@ def centernet_focal_loss(pred_logits, gt_heatmap, alpha=2, beta=4):
     pos = gt.eq(1).float()
     pos_loss = (torch.log(p) * (1 - p) ** alpha * pos).sum()
     neg_loss = (torch.log(1 - p) * p ** alpha * (1 - gt) ** beta * (1 - pos)).sum()
-    num_pos = pos.sum()
+    num_pos = reduce_mean(pos.sum())
     if num_pos == 0:
         return -neg_loss
     return -(pos_loss + neg_loss) / num_pos
@@ -671,12 +673,14 @@ def l1_at_centers(pred_map, objs, target):
     Normalised as CenterNet's `RegL1Loss`: the sum of |pred - target| over objects and both
     coordinates divided by 2N, i.e. the mean over objects *and* coordinates. ([CM] eq. 4-5
     write 1/N per object; the published lambda_size = 0.1 was tuned with the code's 2N.)
-    pred_map: (B, 2, h, w); target: (M, 2). Zero objects -> 0 (kept in the graph).
+    2N is averaged over processes (`reduce_mean`). pred_map: (B, 2, h, w); target: (M, 2).
+    Zero objects -> 0 (kept in the graph).
     """
     pred = gather_at(pred_map, objs["batch"], objs["center_int"]).float()   # (M, 2)
+    n = reduce_mean(torch.tensor(float(target.numel()), device=pred_map.device))  # every rank joins
     if len(target) == 0:
         return pred_map.sum() * 0
-    return (pred - target).abs().sum() / (target.numel() + 1e-4)
+    return (pred - target).abs().sum() / (n + 1e-4)
 
 
 # -----------------------------------------------------------------------------
@@ -928,6 +932,7 @@ class CenterMask(nn.Module):
         }
         # ground-truth masks average-pooled to the stride-4 grid: soft targets in [0, 1]
         M = len(objs["labels"])
+        num_objects = reduce_mean(torch.tensor(float(M), device=device)).clamp(min=1)  # over processes
         if M:
             gt_masks = torch.cat([F.pad(t["masks"], (0, w * R - t["masks"].shape[-1], 0, h * R - t["masks"].shape[-2]))
                                   for t in targets]).to(device)            # (M, H, W)
@@ -943,7 +948,7 @@ class CenterMask(nn.Module):
             bce = -(gt_small * log_m + (1 - gt_small) * log_1m)                          # (M, h, w)
             inside = inside.float()
             per_object = (bce * inside).sum((1, 2)) / inside.sum((1, 2)).clamp(min=1)     # (M,)
-            losses["mask"] = lmask * per_object.mean()                                    # [CM] eq. 2
+            losses["mask"] = lmask * per_object.sum() / num_objects                       # [CM] eq. 2
         if self.cfg.saliency_loss:
             # [CM 4.1] Table 1f: BCE of the class-specific saliency against the per-class union
             # of ground-truth masks at stride 4
@@ -1227,26 +1232,6 @@ def regression_weights(centerness, seg, weights=(1.0, 0.0, 0.0)):
     return a * centerness + b * seg + c * torch.sqrt((centerness * seg).clamp(min=0))
 
 
-def pooled_masks(masks, strides):
-    """
-    The fraction of every stride x stride cell covered by each mask ([IS 3.3]: the
-    segmentation label s_(x,y) at a level of stride s): masks (N, H, W) 0/1 at input resolution
-    -> list of (N, ceil(H/s), ceil(W/s)) per stride. The masks are zero-padded to a multiple of
-    the largest stride, so every cell is divided by s^2, and each level is pooled from the
-    previous one (an average of averages over aligned cells is exact).
-    """
-    N, H, W = masks.shape
-    big = max(strides)
-    m = F.pad(masks.float(), (0, -W % big, 0, -H % big))[:, None]             # (N, 1, H', W')
-    out, s_prev = [], 1
-    for s in strides:  # strides ascending, each a multiple of the previous
-        m = F.avg_pool2d(m, s // s_prev) if s > s_prev else m
-        s_prev = s
-        h, w = -(-H // s), -(-W // s)
-        out.append(m[:, 0, :h, :w])
-    return out
-
-
 def reduce_mean(x):
     """x averaged over all processes (DESIGN 4.3: FCOS's normalisers, num_pos / world_size);
     x itself in a single process."""
@@ -1321,6 +1306,7 @@ class FCOSHead(nn.Module):
         res = {k: torch.cat(v, 2).transpose(1, 2) for k, v in out.items() if v and k != "box_features"}
         res["centerness"] = res["centerness"][..., 0]                            # (B, P)
         res["box_features"] = out["box_features"]
+        res["hw"] = [tuple(b.shape[-2:]) for b in out["box_features"]]          # (h_l, w_l) per level
         return res
 
 
@@ -1400,7 +1386,7 @@ class FCOS(nn.Module):
         return losses
 
     # -- training ([IS] eq. 2) --------------------------------------------------------------------
-    def assign(self, points, strides, targets):
+    def assign(self, points, strides, targets, hw):
         """Targets of every location of the batch (fcos_targets), plus what the mask-aware
         variants need: boxes/labels/valid (B, N, ...) and, with masks, seg (B, N, P)."""
         device = points.device
@@ -1408,13 +1394,14 @@ class FCOS(nn.Module):
         t = {"boxes": boxes, "labels_per_box": labels, "valid": valid}
         seg = centers = None
         if self.uses_masks:
-            uniq = [int(s) for s in self.strides]
             seg = torch.zeros(len(targets), boxes.shape[1], len(points), device=device)
             mass = torch.zeros(len(targets), boxes.shape[1], 2, device=device)
             for b, tgt in enumerate(targets):  # one image at a time: (N_b, H, W) masks
-                if len(tgt["boxes"]):
-                    seg[b, :len(tgt["boxes"])] = torch.cat([m.flatten(1) for m in pooled_masks(tgt["masks"], uniq)], 1)
-                    mass[b, :len(tgt["boxes"])] = mask_center_of_mass(tgt["masks"], tgt["boxes"])
+                n = len(tgt["boxes"])
+                if n:  # segmentation label of every location of every level ([IS 3.3])
+                    seg[b, :n] = torch.cat([average_pool_masks(tgt["masks"], s, hw_l).flatten(1)
+                                            for s, hw_l in zip(self.strides, hw)], 1)
+                    mass[b, :n] = center_of_mass(tgt["masks"], tgt["boxes"])
             t["seg"] = seg
             centers = mass if self.cfg.center_sampling_at == "mass" else None
         t.update(fcos_targets(points, strides, boxes, labels, valid, radius=self.cfg.center_sampling, centers=centers,
@@ -1423,7 +1410,7 @@ class FCOS(nn.Module):
 
     def detection_losses(self, out, points, strides, targets):
         from torchvision.ops import sigmoid_focal_loss, generalized_box_iou_loss
-        t = self.assign(points, strides, targets)
+        t = self.assign(points, strides, targets, out["hw"])
         pos = t["matched"] >= 0                                                  # (B, P)
         num_pos = reduce_mean(pos.sum().float()).clamp(min=1.0)
         onehot = torch.zeros_like(out["cls"])                                    # (B, P, C)
@@ -1500,19 +1487,6 @@ def box_iou_aligned(a, b):
     inter = (rb - lt).clamp(min=0).prod(1)
     area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(1)  # noqa: E731
     return inter / (area(a) + area(b) - inter).clamp(min=1e-9)
-
-
-def mask_center_of_mass(masks, boxes):
-    """masks (N, H, W) 0/1 -> (N, 2) xy centre of mass in the input frame (pixel X has centre
-    X + 0.5); an empty mask falls back to the centre of its box (N, 4)."""
-    N, H, W = masks.shape
-    m = masks.float()
-    area = m.sum((1, 2))                                                          # (N,)
-    xs = torch.arange(W, device=m.device, dtype=torch.float32) + 0.5
-    ys = torch.arange(H, device=m.device, dtype=torch.float32) + 0.5
-    com = torch.stack([(m.sum(1) * xs).sum(1), (m.sum(2) * ys).sum(1)], 1) / area.clamp(min=1)[:, None]
-    box_center = (boxes[:, :2] + boxes[:, 2:]).float() / 2
-    return torch.where(area[:, None] > 0, com, box_center)
 
 
 # -----------------------------------------------------------------------------
@@ -1606,6 +1580,8 @@ class MaskFCOS(FCOS):
                 rois.append(props[keep])
                 gt_index.append(idx[keep] + offset)
             offset += len(gt)
+        S = self.cfg.mask_size
+        num_pixels = reduce_mean(torch.tensor(float(sum(len(r) for r in rois) * S * S), device=device)).clamp(min=1)
         if not rois:  # no objects in the batch: keep the mask head in the graph (DDP)
             return {"mask": sum(p.sum() * 0 for p in self.mask_head.parameters())}
         batch, rois, gt_index = torch.cat(batch), torch.cat(rois), torch.cat(gt_index)
@@ -1613,10 +1589,10 @@ class MaskFCOS(FCOS):
                                                   0, images.shape[-2] - tg["masks"].shape[-2]))
                               for tg in targets]).to(device)                      # (G, H, W)
         gt_labels = torch.cat([tg["labels"] for tg in targets]).to(device)
-        S = self.cfg.mask_size
         target = (mask_targets(gt_masks, gt_index, rois, S) >= 0.5).float()     # (K, 28, 28)
         logits = self.mask_logits(features, batch, rois, gt_labels[gt_index]).float()
-        return {"mask": F.binary_cross_entropy_with_logits(logits, target)}
+        # mean pixel BCE, the pixel count averaged over processes (reduce_mean)
+        return {"mask": F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / num_pixels}
 
     def postprocess(self, out, points, levels, input_hw, features):
         dets = self.detect(out, points, levels, input_hw)
@@ -1695,6 +1671,8 @@ class CenterMaskFCOS(FCOS):
     def extra_losses(self, out, t, points, levels, targets, features, images):
         pos = t["matched"] >= 0                                                  # (B, P)
         batch, index = pos.nonzero(as_tuple=True)                                # (M,) each
+        S = self.cfg.shape_size
+        num_pixels = reduce_mean(torch.tensor(float(len(batch) * S * S), device=images.device)).clamp(min=1)
         if len(batch) == 0:
             params = [p for m in (self.shape, self.saliency) if m is not None for p in m.parameters()]
             return {"mask": sum(p.sum() * 0 for p in params)}
@@ -1704,7 +1682,6 @@ class CenterMaskFCOS(FCOS):
         gt_masks = torch.cat([F.pad(tg["masks"], (0, images.shape[-1] - tg["masks"].shape[-1],
                                                   0, images.shape[-2] - tg["masks"].shape[-2]))
                               for tg in targets]).to(images.device)              # (G, H, W)
-        S = self.cfg.shape_size
         target = mask_targets(gt_masks, gt_index, gt_boxes, S)                   # (M, S, S) soft
         L = self.local_shapes(out, levels, batch, index) if self.shape is not None else None
         G = None
@@ -1717,7 +1694,7 @@ class CenterMaskFCOS(FCOS):
             G = G[torch.arange(len(batch), device=G.device), ch]                 # (M, S, S)
         log_m, log_1m = mask_log_terms(L, G)
         bce = -(target * log_m + (1 - target) * log_1m)                          # (M, S, S)
-        return {"mask": self.cfg.loss_weights[3] * bce.mean()}
+        return {"mask": self.cfg.loss_weights[3] * bce.sum() / num_pixels}      # mean over processes' pixels
 
     def postprocess(self, out, points, levels, input_hw, features):
         dets = self.detect(out, points, levels, input_hw)
@@ -1734,3 +1711,441 @@ class CenterMaskFCOS(FCOS):
             d["masks"] = assemble_masks(local, sal, batch, ch, boxes, input_hw, 1.0 / R)
             del d["index"]
         return dets
+
+
+# -----------------------------------------------------------------------------
+# 11. FCOSIS ([IS 3.2]; DESIGN 4.7)
+#
+#     padding     optimal_padding                          padded-crop loss padding [IS 3.2.2]
+#     colouring   box_overlap_graph, greedy_coloring,       Largest-First groups that share one
+#                 largest_first_coloring, coloring_groups  segmentation pass [IS 3.2.1]
+#     targets     center_of_mass, average_pool_masks,       centre-of-mass regression and coarse
+#                 mask_assignment, center_of_mass_targets,  foreground of the detection head
+#                 center_of_mass_loss, coarse_foreground_targets          [IS 3.2.1]
+#     attention   regressed_centers, argmin_per_image,      the parametrised attention map (top-
+#                 attention_maps, AttentionMap,             down path) and its Table 3 ablations
+#                 apply_attention                                  [IS 3.2.1, 4.2]
+#     head/loss   SegmentationHead, padded_crop_bce         P2-P4 segmentation head, BCE on the
+#                                                           padded GT box crop [IS 3.2.1, 3.2.2]
+#     model       FCOSIS
+#
+# A point is inside a box when x0 <= x < x1 and y0 <= y < y1 (half-open, like the slice
+# S[y0:y1, x0:x1] of [IS 3.2.2]). Instances of a batch are flat: M instances with `batch (M,)`
+# their image index and masks (M, H, W) zero-padded to the batch's input size.
+
+
+def optimal_padding(fg_pixels, w, h, ratio=0.5):
+    """
+    Padding p (input pixels) of the padded-crop loss [IS 3.2.2]: the box w x h grown by p on
+    every side holds `ratio` (0.5 in [IS 3.2.2]) foreground, i.e. (w + 2p)(h + 2p) = fg / ratio.
+    The positive root of 4p^2 + 2(w + h)p + wh - fg/ratio = 0 is
+        p = (sqrt((w - h)^2 + 4 fg / ratio) - (w + h)) / 4,
+    rounded up ([IS 3.2.2]) and clamped at 0: a box that is already at most `ratio` foreground
+    would need p < 0 (a crop smaller than the box), so it keeps p = 0.
+    Rounding up uses a 1e-6 px tolerance, so an exact integer root is not pushed up one pixel
+    by floating-point error. Python numbers -> int; any tensor argument -> int64 tensor,
+    broadcast element-wise (computed in float64).
+    """
+    if not any(isinstance(v, torch.Tensor) for v in (fg_pixels, w, h)):
+        p = (math.sqrt((w - h) ** 2 + 4 * fg_pixels / ratio) - (w + h)) / 4
+        return max(0, math.ceil(p - 1e-6))
+    dev = next(v.device for v in (fg_pixels, w, h) if isinstance(v, torch.Tensor))
+    fg, w, h = (torch.as_tensor(v, dtype=torch.float64, device=dev) for v in (fg_pixels, w, h))
+    p = (torch.sqrt((w - h) ** 2 + 4 * fg / ratio) - (w + h)) / 4
+    return torch.ceil(p - 1e-6).clamp(min=0).long()
+
+
+# -- efficient attention map propagation: graph colouring [IS 3.2.1] -------------------------
+
+
+def box_overlap_graph(boxes, batch=None):
+    """
+    The overlap graph of [IS 3.2.1] eq. 3: edge (i, j), i != j, when IoU(B_i, B_j) > 0, i.e.
+    the intersection has positive area (boxes that only touch along an edge or at a corner are
+    not adjacent). boxes (N, 4) xyxy; with batch (N,), boxes of different images are never
+    adjacent (they never share a feature map). Returns (N, N) bool, symmetric, False diagonal.
+    Written by hand rather than box_iou > 0, which is 0/0 = NaN for two zero-area boxes.
+    """
+    x0, y0, x1, y1 = boxes.unbind(-1)                                              # (N,)
+    iw = torch.minimum(x1[:, None], x1[None, :]) - torch.maximum(x0[:, None], x0[None, :])
+    ih = torch.minimum(y1[:, None], y1[None, :]) - torch.maximum(y0[:, None], y0[None, :])
+    adj = (iw > 0) & (ih > 0)                                                      # (N, N)
+    if batch is not None:
+        adj &= batch[:, None] == batch[None, :]
+    return adj & ~torch.eye(len(boxes), dtype=torch.bool, device=boxes.device)
+
+
+def greedy_coloring(adjacency):
+    """
+    Largest-First greedy colouring (Welsh-Powell; [IS 3.2.1] cites Kosowski & Manuszewski):
+    visit the vertices by degree, highest first, ties by lower index first (stable sort);
+    each takes the smallest colour no already-coloured neighbour has.
+    adjacency (N, N) bool symmetric -> (N,) int64 colours 0..K-1 on the same device.
+    The greedy pass is sequential by nature: it runs once on CPU Python lists, O(N + E), after
+    one device -> host copy (N is the number of instances of a batch, ~100s).
+    """
+    N = adjacency.shape[0]
+    adj = adjacency.cpu()
+    order = torch.sort(adj.sum(1), descending=True, stable=True).indices.tolist()
+    neighbours = [[] for _ in range(N)]
+    for i, j in adj.nonzero().tolist():
+        neighbours[i].append(j)
+    colors = [-1] * N                                   # -1 = not coloured yet
+    for v in order:
+        used = {colors[u] for u in neighbours[v]}
+        c = 0
+        while c in used:
+            c += 1
+        colors[v] = c
+    return torch.tensor(colors, dtype=torch.long, device=adjacency.device)
+
+
+def largest_first_coloring(boxes):
+    """
+    Colour id per box such that no two overlapping boxes (IoU > 0) share one [IS 3.2.1]:
+    the instances of one colour share an attention map and one segmentation forward pass.
+    boxes (N, 4) xyxy -> (N,) int64 in 0..K-1 (K = number of passes; N = 0 -> empty).
+    Largest-First heuristic, ties by lower index (see `greedy_coloring`).
+    """
+    return greedy_coloring(box_overlap_graph(boxes))
+
+
+def coloring_groups(boxes, batch, num_images):
+    """
+    Segmentation passes of a batch: instances of the same image and the same Largest-First
+    colour form one group [IS 3.2.1]. One colouring of the block-diagonal overlap graph
+    gives every image the colours it would get alone (the stable degree order keeps each
+    image's relative order, and images share no edge).
+    boxes (M, 4) input frame, batch (M,) image index ->
+        groups (M,) int64 in 0..G-1, dense, ordered by (image, colour);
+        group_batch (G,) int64 image of each group (index the image's features with it).
+    """
+    colors = greedy_coloring(box_overlap_graph(boxes, batch))                      # (M,)
+    K = int(colors.max()) + 1 if len(colors) else 1                                # colours used
+    keys, groups = torch.unique(batch * K + colors, sorted=True, return_inverse=True)  # (G,), (M,)
+    return groups, keys // K
+
+
+# -- centre of mass and the detection head's extra targets [IS 3.2.1] -------------------------
+
+
+def center_of_mass(masks, boxes=None):
+    """
+    Mass centres of masks (N, H, W) (bool, uint8 or float weights) -> (N, 2) (x, y) float32 in
+    the input frame (pixel X counts at its centre X + 0.5). An empty mask has no centre: it gets
+    the centre of its box when boxes (N, 4) are given, else NaN (callers that feed targets must
+    pass boxes; NaN makes a forgotten case loud rather than silently wrong).
+    """
+    N, H, W = masks.shape
+    dev = masks.device
+    col = masks.sum(1, dtype=torch.float32)                                        # (N, W)
+    row = masks.sum(2, dtype=torch.float32)                                        # (N, H)
+    area = col.sum(1)                                                              # (N,)
+    xs = torch.arange(W, device=dev, dtype=torch.float32) + 0.5
+    ys = torch.arange(H, device=dev, dtype=torch.float32) + 0.5
+    com = torch.stack([(col * xs).sum(1), (row * ys).sum(1)], 1) / area[:, None]   # (N, 2)
+    fallback = (torch.full_like(com, float("nan")) if boxes is None
+                else (boxes[:, :2].float() + boxes[:, 2:].float()) / 2)
+    return torch.where(area[:, None] > 0, com, fallback)
+
+
+def average_pool_masks(masks, stride, out_hw=None):
+    """
+    masks (M, H, W) at input resolution -> (M, h, w) float: the fraction of each stride x
+    stride cell covered (the segmentation label of [IS 3.3]). Zero-padded bottom/right to
+    (h*s, w*s) first, so that levels whose size is rounded up (P6, P7) count the missing
+    pixels as background; out_hw defaults to (ceil(H/s), ceil(W/s)).
+    """
+    M, H, W = masks.shape
+    h, w = out_hw if out_hw is not None else (-(-H // stride), -(-W // stride))
+    m = F.pad(masks.float(), (0, w * stride - W, 0, h * stride - H))[:, :h * stride, :w * stride]
+    return F.avg_pool2d(m[:, None], stride)[:, 0]                                  # (M, h, w)
+
+
+def coarse_foreground_targets(masks, stride, batch=None, num_images=1, out_hw=None):
+    """
+    Target of the coarse class-agnostic foreground head at one level [IS 3.2.1]: the union of
+    an image's masks, average-pooled to the level (soft, in [0, 1]); train with BCE.
+    masks (M, H, W) input resolution; batch (M,) image index (None: all of one image) ->
+    (B, 1, h, w), B = num_images, h, w as `average_pool_masks`. Union first, then pooling:
+    two half-covering masks of one cell give their union's coverage, not a sum or max.
+    """
+    M, H, W = masks.shape
+    batch = torch.zeros(M, dtype=torch.long, device=masks.device) if batch is None else batch
+    flat = masks.reshape(M, H * W).to(torch.uint8)
+    union = torch.zeros(num_images, H * W, dtype=torch.uint8, device=masks.device)
+    union.scatter_reduce_(0, batch[:, None].expand(M, H * W), flat, "amax")        # (B, H*W)
+    return average_pool_masks(union.view(num_images, H, W), stride, out_hw)[:, None]
+
+
+def argmin_per_image(cost, batch, num_images):
+    """
+    For every column l, the row n of lowest cost among the rows of each image.
+    cost (N, L) float (inf = not a candidate), batch (N,) -> (B, L) int64 row index, N where an
+    image has no finite candidate. Ties go to the lower index, so the winner is unique.
+    """
+    N, L = cost.shape
+    idx = batch[:, None].expand(N, L)
+    best = torch.full((num_images, L), float("inf"), device=cost.device, dtype=cost.dtype)
+    best.scatter_reduce_(0, idx, cost, "amin")                                     # (B, L)
+    rows = torch.arange(N, device=cost.device)[:, None].expand(N, L)
+    cand = torch.where((cost == best[batch]) & cost.isfinite(), rows, N)           # (N, L)
+    winner = torch.full((num_images, L), N, dtype=torch.long, device=cost.device)
+    return winner.scatter_reduce_(0, idx, cand, "amin")
+
+
+def mask_assignment(locations, masks, batch, num_images):
+    """
+    The literal reading of [IS 3.2.1] / Fig. 3 ("foreground pixels of masks are activated to
+    regress the center of mass of the object they belong to"): every location whose pixel lies
+    in a mask is assigned to that instance, on every level, whatever FCOS's own assignment.
+    Overlapping masks: the smaller mask wins (FCOS's minimum-area rule), then the lower index.
+    locations (L, 2) input frame (x, y); masks (M, H, W); batch (M,) ->
+    matched (B, L) int64 flat instance index, -1 where no mask covers the pixel.
+    """
+    M, H, W = masks.shape
+    px = locations[:, 0].long().clamp(0, W - 1)                  # pixel covering the point
+    py = locations[:, 1].long().clamp(0, H - 1)
+    covered = masks[:, py, px] > 0                                                 # (M, L)
+    area = masks.flatten(1).sum(1, dtype=torch.float32)                            # (M,)
+    cost = torch.where(covered, area[:, None], float("inf"))
+    winner = argmin_per_image(cost, batch, num_images)                             # (B, L)
+    return torch.where(winner < M, winner, -1)
+
+
+def center_of_mass_targets(locations, strides, matched, mass_centers, masks):
+    """
+    Centre-of-mass regression targets of the detection head [IS 3.2.1]:
+    (r_x, r_y) = (x_C - x, y_C - y) / s, in stride units (DESIGN 4.7), only where the location
+    is assigned to an instance AND its pixel lies in that instance's mask.
+        locations (L, 2) input-frame points (x, y) of one level or of all levels concatenated
+        strides   number, or (L,) tensor: the stride s of each location's level
+        matched   (B, L) int64 instance index per location, -1 = none: FCOS's positives
+                  (`fcos_targets`' "matched", DESIGN 4.7 reading) or `mask_assignment`
+                  (the paper's Fig. 3 reading)
+        mass_centers (M, 2) input frame (`center_of_mass`); masks (M, H, W) input resolution,
+                  with `matched` indexing the flat M instances of the batch; or, per image as
+                  `fcos_targets` pads them, (B, N, 2) and (B, N, H, W) with `matched` in 0..N-1
+    Returns target (B, L, 2) (0 where invalid) and valid (B, L) bool.
+    """
+    B, L = matched.shape
+    if masks.dim() == 4:                      # per-image padded layout -> flat index b*N + n
+        N = masks.shape[1]
+        offset = torch.arange(B, device=matched.device)[:, None] * N
+        matched = torch.where(matched >= 0, matched + offset, -1)
+        mass_centers, masks = mass_centers.reshape(B * N, 2), masks.flatten(0, 1)
+    M, H, W = masks.shape
+    if M == 0:
+        return locations.new_zeros(B, L, 2).float(), torch.zeros(B, L, dtype=torch.bool, device=matched.device)
+    m = matched.clamp(min=0)                                                       # (B, L)
+    px = locations[:, 0].long().clamp(0, W - 1).expand(B, L)
+    py = locations[:, 1].long().clamp(0, H - 1).expand(B, L)
+    valid = (matched >= 0) & (masks[m, py, px] > 0)                                # (B, L)
+    s = torch.as_tensor(strides, dtype=torch.float32, device=locations.device).reshape(-1, 1)
+    target = (mass_centers[m].float() - locations.float()) / s                     # (B, L, 2)
+    return torch.where(valid[..., None], target, 0.0), valid
+
+
+def center_of_mass_loss(pred, target, valid, beta=1.0, normalizer=None):
+    """
+    SmoothL1 of the centre-of-mass regression [IS 3.2.1] over the valid locations: summed over
+    (x, y), divided by `normalizer` (default: number of valid locations, floor 1; pass an
+    all-reduced count under DDP). beta = 1 stride unit (not given in [IS]; torch's default).
+    pred, target (B, L, 2); valid (B, L). No valid location -> 0, still in the graph.
+    """
+    loss = F.smooth_l1_loss(pred.float(), target, beta=beta, reduction="none").sum(-1)  # (B, L)
+    n = valid.sum().clamp(min=1) if normalizer is None else normalizer
+    return (loss * valid).sum() / n
+
+
+# -- the parametrised attention map [IS 3.2.1, 4.2] ---------------------------------------------
+
+
+def regressed_centers(center_offsets, stride):
+    """Head output (r_x, r_y) (B, 2, h, w) in stride units -> (x + s r_x, y + s r_y) (B, 2, h, w),
+    input frame: the centre each location votes for [IS 3.2.1]."""
+    B, _, h, w = center_offsets.shape
+    loc = fcos_locations([(h, w)], [stride], center_offsets.device)[0].t().reshape(1, 2, h, w)
+    return loc + stride * center_offsets.float()
+
+
+def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
+                   lam, mu, bbox_only=False):
+    """
+    The attention map of [IS 3.2.1] for each segmentation pass (colour group), at one level.
+        regressed  (B, 2, h, w) regressed centres (x + r_x, y + r_y), input frame
+                   (`regressed_centers`); used for the assignment only (no gradient: argmin)
+        coarse_fg  (B, 1, h, w) coarse foreground probabilities (sigmoid), differentiable
+        stride     the level's stride s; location of cell (i, j) = (j*s + s//2, i*s + s//2)
+        boxes (N, 4), centers (N, 2) input frame: ground truth (boxes, mass centres) in
+                   training, detections at inference; batch (N,) image index
+        groups (N,) in 0..G-1 (`coloring_groups`), num_groups G; lam, mu scalar tensors
+    For instance j and location q = (x, y):
+        A_j(q) = 0                  if q is outside B_j
+               = +lam * coarse_fg(q) if q is inside B_j and assigned to j
+               = -mu                 if q is inside B_j and assigned to another instance
+    where q is assigned to the instance of its image whose centre is nearest (Euclidean) to
+    the regressed centre of q ([IS 3.2.1]; ties -> lower index). The map of a group is the sum
+    of its instances' maps (their boxes do not overlap, so it is their union) ([IS 3.2.1]).
+    bbox_only=True is Table 3c's "bbox only": every location inside B_j gets lam ([IS 4.2]).
+    Table 3b's "mu := 0" is mu = 0 (see `AttentionMap`).
+    Returns (G, 1, h, w) float32.
+
+    Readings of [IS 3.2.1] taken here (the paper does not fix them):
+      * the map is built on the level where the detection head predicts coarse_fg and r; the
+        model builds it on P3 (stride 8), the finest detection level ("generated in upper
+        layers"), and `apply_attention` resizes it bilinearly onto P2, P3, P4.
+      * an instance is assigned among ALL instances of its image (not only its group), so a
+        location of B_j voting for a neighbour in another pass is a distractor (-mu) for j.
+      * -mu replaces the value (it is not scaled by the coarse foreground); a location
+        assigned to j with low foreground gets lam * fg ~ 0 rather than -mu.
+    """
+    B, _, h, w = coarse_fg.shape
+    N, L = len(boxes), h * w
+    loc = fcos_locations([(h, w)], [stride], coarse_fg.device)[0]                # (L, 2)
+    x0, y0, x1, y1 = boxes.float().unbind(1)                                       # (N,)
+    inside = ((loc[None, :, 0] >= x0[:, None]) & (loc[None, :, 0] < x1[:, None]) &
+              (loc[None, :, 1] >= y0[:, None]) & (loc[None, :, 1] < y1[:, None]))   # (N, L)
+    if bbox_only:
+        per_instance = lam * inside                                                # (N, L)
+    else:
+        with torch.no_grad():
+            votes = regressed.float().flatten(2)[batch]                            # (N, 2, L)
+            dist2 = ((votes - centers.float()[:, :, None]) ** 2).sum(1)            # (N, L)
+            winner = argmin_per_image(dist2, batch, B)                             # (B, L)
+            assigned = winner[batch] == torch.arange(N, device=winner.device)[:, None]  # (N, L)
+        fg = coarse_fg.float().flatten(1)[batch]                                   # (N, L)
+        per_instance = torch.where(assigned, lam * fg, -mu) * inside               # (N, L)
+    out = per_instance.new_zeros(num_groups, L).index_add(0, groups, per_instance.float())
+    return out.view(num_groups, 1, h, w)
+
+
+class AttentionMap(nn.Module):
+    """
+    The learnable scalars of the attention map [IS 3.2.1]: lam (+, foreground) and mu
+    (-, background / distractor), both initialised to 1 and learned end to end.
+    mode: "segm" (the paper's map), "mu0" (Table 3b: mu := 0, not learnable) or "bbox"
+    (Table 3c: the whole box filled with lam; no mu, so no unused parameter under DDP).
+    forward(...) takes `attention_maps`' arguments after lam/mu and returns (G, 1, h, w).
+    """
+
+    def __init__(self, mode="segm"):
+        super().__init__()
+        if mode not in ("segm", "mu0", "bbox"):
+            raise ValueError(f"AttentionMap: mode must be 'segm', 'mu0' or 'bbox', got {mode!r}")
+        self.mode = mode
+        self.lam = nn.Parameter(torch.tensor(1.0))                 # [IS 3.2.1]: initialised to 1
+        if mode == "segm":
+            self.mu = nn.Parameter(torch.tensor(1.0))              # [IS 3.2.1]: initialised to 1
+        else:
+            self.register_buffer("mu", torch.tensor(0.0))          # fixed 0 [IS 4.2] / unused
+
+    def forward(self, regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups):
+        return attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups,
+                              num_groups, self.lam, self.mu, bbox_only=self.mode == "bbox")
+
+
+def apply_attention(features, attention, group_batch):
+    """
+    The top-down connection [IS 3.2.1]: every pass (group) g gets its image's FPN maps
+    multiplied by the group's attention map, bilinearly resized to each level
+    (align_corners=False: cell centres, which are the FCOS locations, stay aligned).
+    features: list of (B, C, h_i, w_i) (P2, P3, P4); attention (G, 1, h, w);
+    group_batch (G,) image of each group -> list of (G, C, h_i, w_i).
+    """
+    out = []
+    for f in features:
+        a = attention if attention.shape[-2:] == f.shape[-2:] else F.interpolate(
+            attention, size=f.shape[-2:], mode="bilinear", align_corners=False)   # (G, 1, h_i, w_i)
+        out.append(f[group_batch] * a.to(f.dtype))                                 # (G, C, h_i, w_i)
+    return out
+
+
+# -- segmentation head and its loss [IS 3.2.1, 3.2.2] -------------------------------------------
+
+
+class SegmentationHead(nn.Module):
+    """
+    The segmentation head of [IS 3.2.1] (Fig. 2c) on P2-P4 (after `apply_attention`):
+    each level -> num_convs x (Conv3x3(channels) + GroupNorm(32) + ReLU), upsampled
+    (bilinear) to P2 and summed, then Conv1x1 -> mask logits at stride 4.
+        in:  [(G, in_channels, H/4, W/4), (G, in_channels, H/8, W/8), (G, in_channels, H/16, W/16)]
+        out: (G, num_classes, H/4, W/4); num_classes = 1 class-agnostic (DESIGN 4.7 default,
+             [IS 3.2.2]) or C class-specific ([IS 3.2.1] "W/4 x H/4 x C").
+    Deviations / choices where [IS] is silent:
+      * "three 3x3 conv layers with 256 channels" read as three per level (DESIGN 4.7), with
+        separate weights per level (as Panoptic FPN's semantic branch); num_convs adjustable.
+      * GroupNorm(32) + ReLU after each conv, as the FCOS detection head [IS 3.2.1]
+        (norm=False: ReLU only). Bilinear upsampling (the paper says "upsampling").
+      * Kaiming init, biases 0: the padded-crop loss balances foreground at ~0.5 [IS 3.2.2],
+        so an initial probability of 0.5 needs no prior bias.
+    """
+
+    def __init__(self, in_channels=256, channels=256, num_classes=1, num_convs=3, num_levels=3, norm=True):
+        super().__init__()
+
+        def tower():
+            layers = []
+            for k in range(num_convs):
+                layers.append(nn.Conv2d(in_channels if k == 0 else channels, channels, 3, padding=1, bias=not norm))
+                if norm:
+                    layers.append(nn.GroupNorm(32, channels))
+                layers.append(nn.ReLU(inplace=True))
+            return nn.Sequential(*layers)
+
+        self.towers = nn.ModuleList(tower() for _ in range(num_levels))
+        self.predictor = nn.Conv2d(channels, num_classes, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, features):
+        size = features[0].shape[-2:]                                              # P2: (H/4, W/4)
+        x = 0
+        for tower, f in zip(self.towers, features):
+            y = tower(f)                                                           # (G, channels, h_i, w_i)
+            if y.shape[-2:] != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            x = x + y                                                              # (G, channels, H/4, W/4)
+        return self.predictor(x)                                                   # (G, num_classes, H/4, W/4)
+
+
+def padded_crop_bce(mask_logits, gt_masks, boxes, stride=4, ratio=0.5):
+    """
+    Segmentation loss of [IS 3.2.2]: per instance, BCE over its ground-truth box grown by
+    p = optimal_padding(foreground pixels, w, h, ratio) input pixels on every side (so the
+    crop is ~`ratio` = 0.5 foreground), then the mean over instances.
+        mask_logits (N, h, w): each instance's logits at stride `stride` (the map of its
+                    colour group and, class-specific, of its class: seg[groups, channel])
+        gt_masks    (N, H, W) input resolution, zero-padded to the batch input (H <= h*s)
+        boxes       (N, 4) xyxy input frame (ground truth)
+    A stride-s cell is in the crop when its centre ((j + 0.5) s, (i + 0.5) s) lies in the
+    padded box (half-open); the cell holding the box centre always counts, so a box thinner
+    than a cell still has a loss. N = 0 -> 0 (in the graph). Computed in fp32.
+    Deviations: [IS 3.2.2] writes the crop on an H x W map and does not say how the stride-4
+    prediction meets the full-resolution mask; we compare at stride 4 against the mask
+    average-pooled to stride 4 (soft targets), as CenterMask in model.py. p is counted in
+    input pixels (the paper's "p pixels"), from the full-resolution foreground count.
+    """
+    N, h, w = mask_logits.shape
+    if N == 0:
+        return mask_logits.sum() * 0
+    target = average_pool_masks(gt_masks, stride, (h, w))                         # (N, h, w)
+    boxes = boxes.float()
+    fg = gt_masks.flatten(1).sum(1, dtype=torch.float32)                           # (N,)
+    p = optimal_padding(fg, boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1], ratio).float()
+    padded = boxes + p[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])         # (N, 4)
+    xs = (torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5) * stride  # (w,)
+    ys = (torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5) * stride  # (h,)
+    in_x = (xs[None] >= padded[:, 0:1]) & (xs[None] < padded[:, 2:3])              # (N, w)
+    in_y = (ys[None] >= padded[:, 1:2]) & (ys[None] < padded[:, 3:4])              # (N, h)
+    crop = in_y[:, :, None] & in_x[:, None, :]                                     # (N, h, w)
+    center_cell = ((boxes[:, :2] + boxes[:, 2:]) / 2 / stride).floor().long()      # (N, 2) (x, y)
+    cx, cy = center_cell[:, 0].clamp(0, w - 1), center_cell[:, 1].clamp(0, h - 1)
+    crop[torch.arange(N, device=crop.device), cy, cx] = True
+    bce = F.binary_cross_entropy_with_logits(mask_logits.float(), target, reduction="none")
+    crop = crop.float()
+    per_instance = (bce * crop).sum((1, 2)) / crop.sum((1, 2))                     # (N,)
+    return per_instance.mean()

@@ -14,10 +14,11 @@ also a key. The whole resolved config is saved in each checkpoint.
 
 import math
 import os
+import shutil
 import sys
 import time
 import json
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import fields, asdict
 from functools import partial
 
@@ -50,10 +51,12 @@ shapes_dir = ""                   # if set: write the synthetic shapes set here 
 shapes_n_train = 1000
 shapes_n_val = 200
 shapes_size = 128
-input_size = 512                  # square training input ([CM 3.5])
+transform = "centernet"           # "centernet" (square canvas, [CM 3.5]) or "fcos" (short side, [IS 4]); see data.py
+input_size = 512                  # centernet: square training input ([CM 3.5]); fcos: short side (800, [IS 4])
+max_size = 1333                   # fcos: longest side at most this ([IS 4])
 max_train_images = 0              # 0: all; >0: the first N images (overfitting checks)
 max_val_images = 0                # 0: all; >0: the first N val images
-scale_range = (0.6, 1.3)          # random scale of the training input ([CM 3.5] as [CN])
+scale_range = (0.6, 1.3)          # random scale of the training input ([CM 3.5] as [CN]); fcos: of the short side
 flip_prob = 0.5                   # horizontal flips ([CN])
 color_jitter = 0.4                # brightness/contrast/saturation jitter ([CN])
 num_workers = 4
@@ -136,11 +139,12 @@ if shapes_dir:
     if ddp:
         dist.barrier()
 augment = dict(scale_range=scale_range, flip_prob=flip_prob, color_jitter=color_jitter)
+sizes = dict(max_size=max_size) if transform == "fcos" else {}
 try:
     train_set = CocoInstances(paths["train_img_dir"], paths["train_ann"], max_images=max_train_images or None,
-                              transforms=build_transforms("centernet", True, input_size, **augment))
+                              transforms=build_transforms(transform, True, input_size, **augment, **sizes))
     val_set = CocoInstances(paths["val_img_dir"], paths["val_ann"], max_images=max_val_images or None,
-                            transforms=build_transforms("centernet", False, input_size))
+                            transforms=build_transforms(transform, False, input_size, **sizes))
 except (OSError, ValueError) as e:  # data.py's messages name the file / annotation
     sys.exit(f"train.py: {e}")
 num_classes = num_classes or train_set.num_classes
@@ -224,38 +228,69 @@ def get_lr(it):
     return learning_rate * lr_decay ** sum(it >= s for s in step_iters)
 
 
+def write_atomic(name, write):
+    """Write out_dir/name with `write(tmp_path)`, then rename the temporary file over the old one:
+    a run killed mid-write leaves the previous file intact (and a `name.tmp<pid>` that the next
+    run removes, see below). A failed write (full disk, read-only folder) stops the run with one
+    line naming the file; the previous version of the file is kept."""
+    final = os.path.join(out_dir, name)
+    tmp = f"{final}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        with suppress(OSError):
+            os.remove(tmp)
+        try:  # torch's message for a full disk is cryptic ("unexpected pos ..."): say how full it is
+            free = f" ({shutil.disk_usage(out_dir).free / 2**20:.0f} MiB free on that disk)"
+        except OSError:
+            free = ""
+        sys.exit(f"train.py: cannot write {final}: {type(e).__name__}: {e}{free}. "
+                 f"The previous {name}, if any, is intact.")
+
+
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+
+
 def save_checkpoint(it, best_ap, name="ckpt.pt"):
-    """Atomic: write a temporary file in out_dir, then rename over the old one. A run killed
-    mid-write leaves the previous checkpoint intact."""
+    """Everything a resume needs, written atomically (write_atomic)."""
     ckpt = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
             "iter": it, "best_ap": best_ap, "model_args": model_args, "config": config}
-    final = os.path.join(out_dir, name)
-    tmp = final + f".tmp{os.getpid()}"
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, final)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        sys.exit(f"train.py: cannot write checkpoint {final}: {e} (the previous checkpoint, if any, is intact)")
+    write_atomic(name, partial(torch.save, ckpt))
 
 
 def run_eval(max_images):
-    """COCO AP on the val set (all ranks take part; rank 0 gets the numbers)."""
+    """COCO AP on the val set (all ranks take part; rank 0 gets the numbers). It runs on a
+    fork of the CPU RNG (its DataLoader draws a seed from it), so evaluating never changes the
+    training's augmentations: a run resumed after an evaluation stays on the same stream."""
     subset = val_set if not max_images or max_images >= len(val_set) else torch.utils.data.Subset(val_set, range(max_images))
     eval_sampler = DistributedSampler(subset, world_size, rank, shuffle=False) if ddp else None
     eval_loader = DataLoader(subset, batch_size=max(1, batch_size // 2), sampler=eval_sampler, collate_fn=collate,
                              num_workers=num_workers)
-    stats = evaluate(raw_model, eval_loader, device=device, verbose=False,
-                     amp_dtype=None if ptdtype == torch.float32 else ptdtype)
+    with torch.random.fork_rng(devices=[]):
+        stats = evaluate(raw_model, eval_loader, device=device, verbose=False,
+                         amp_dtype=None if ptdtype == torch.float32 else ptdtype)
     raw_model.train()
     return stats
 
 
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=1, default=str)
+    # a read-only or full out_dir fails here, in the first seconds, not at the first checkpoint
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"train.py: cannot create out_dir {out_dir}: {e}")
+    write_atomic("config.json", partial(write_json, config))
+    # A run killed while writing leaves its temporary file (e.g. ckpt.pt.tmp<pid>) behind. It is
+    # never loaded (a checkpoint exists only once renamed), so it is only litter: remove it.
+    for leftover in sorted(os.listdir(out_dir)):
+        _, dot_tmp, pid = leftover.rpartition(".tmp")
+        if dot_tmp and pid.isdigit():
+            with suppress(OSError):
+                os.remove(os.path.join(out_dir, leftover))
+                log(f"removed {os.path.join(out_dir, leftover)}, a file half-written by a killed run")
 
 # -- the loop ---------------------------------------------------------------------------------------
 it = checkpoint["iter"] if checkpoint is not None else 0
@@ -272,6 +307,11 @@ while it < max_iters:
         sampler.set_epoch(epoch)
     else:
         sampler.generator.manual_seed(seed + epoch)  # same order after a resume
+    # The random scales/flips/crops/jitter (and the workers' seeds) come from torch's global RNG:
+    # reseed it from (seed, epoch, rank) alone, so that a resumed run re-draws exactly the
+    # augmentations of the uninterrupted one (bitwise on the CPU with num_workers=0; persistent
+    # workers keep their own RNG across epochs, so with workers only the data order is exact).
+    torch.manual_seed(seed + 1_000_003 * (epoch + 1) + rank)
     skip = it - epoch * iters_per_epoch  # after a resume: skip the batches already seen this epoch
     for images, targets in loader:
         if skip > 0:
@@ -329,8 +369,7 @@ while it < max_iters:
                 save_checkpoint(it, best_ap)
                 if ap >= best_ap:
                     save_checkpoint(it, best_ap, "best.pt")
-                with open(os.path.join(out_dir, "eval.json"), "w") as f:
-                    json.dump({"iter": it, **stats}, f)
+                write_atomic("eval.json", partial(write_json, {"iter": it, **stats}))
             t_log += time.time() - t_eval  # evaluation time is not training time
         elif ckpt_interval and it % ckpt_interval == 0 and master:
             save_checkpoint(it, best_ap)
@@ -349,10 +388,10 @@ if master:
         ax.plot(history["iter"], v, label=k, lw=2 if k == "loss" else 1)
     ax.set_xlabel("iteration"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
+    write_atomic("loss.png", partial(fig.savefig, format="png", dpi=100))
     log(f"wrote {os.path.join(out_dir, 'loss.png')}")
     if visualize:
-        paths = draw_predictions(raw_model, val_set, os.path.join(out_dir, "pictures"), n=vis_images, device=device, maps_fn=raw_model.teaching_maps)
+        paths = draw_predictions(raw_model, val_set, os.path.join(out_dir, "pictures"), n=vis_images, device=device, maps_fn=getattr(raw_model, "teaching_maps", None))
         log(f"wrote {len(paths)} pictures to {os.path.join(out_dir, 'pictures')}")
 if ddp:
     dist.destroy_process_group()

@@ -7,8 +7,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# CI machines have 2 cores: more threads than cores only adds contention
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# CI machines have 2 cores: more threads than cores only adds contention (TEST_THREADS=1 when
+# the cores are busy with something else: oversubscribed OpenMP threads slow everything down)
+torch.set_num_threads(int(os.environ.get("TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 # Real-data tests read COCO128 from here and skip when it is absent (never committed).
 COCO128 = os.environ.get("COCO128", os.path.join(ROOT, "..", "shared", "data", "coco128"))

@@ -270,12 +270,14 @@ def test_image_modes_load_as_rgb(tmp_path, mode, ext):
 
 @pytest.mark.parametrize("seg", [[], [[1, 1, 5, 5]], [[1, 1, 5, 1, 5]],
                                  [[1, 1, float("nan"), 1, 5, 5]], [[1, 1, "x", 1, 5, 5]], "junk",
-                                 {"size": [9, 9], "counts": "abc"}])
+                                 {"size": [9, 9], "counts": "abc"},
+                                 [[1, 1, 3, 3, 6, 6, 2, 2]], [[4, 4, 4, 4, 4, 4]]])
 def test_invalid_segmentation_warns_and_skips(tmp_path, seg):
     """Guards crashes (pycocotools reads a 4-number polygon as a box; COCOeval dies on an empty
-    one) or garbage masks from empty, 2-point, odd-length, NaN or non-numeric polygons and
-    wrong-size RLE: one warning naming the annotation and image, the sample still loads, and
-    COCOeval on `coco` still runs."""
+    one) or garbage masks from empty, 2-point, odd-length, NaN or non-numeric polygons,
+    wrong-size RLE and degenerate polygons (collinear points, one repeated point: no area, an
+    empty mask that COCOeval would count as an object nobody can find): one warning naming the
+    annotation and image, the sample still loads, and COCOeval on `coco` still runs."""
     from pycocotools.cocoeval import COCOeval
 
     img_dir, ann_file = make_coco(tmp_path, [ann(1, bbox=(10, 10, 5, 5)),
@@ -305,6 +307,21 @@ def test_invalid_polygon_parts_dropped_valid_parts_kept(tmp_path):
     m = ds[0][1]["masks"]
     assert m.shape == (1, 20, 20) and m.sum() == 36
 
+
+def test_self_crossing_polygon_is_kept_as_rasterised(tmp_path):
+    """Guards rejecting (or mis-filling) a self-crossing polygon, which is legal COCO: the bow-tie
+    (2,2) -> (12,12) -> (12,2) -> (2,12) is two triangles meeting at (7,7), each of base 10 and
+    height 5, so 2 * 25 = 50 pixels; no warning, and the gap above and below the crossing stays
+    empty. (Its shoelace area is 0: the lobes cancel, so "zero area" cannot be the flatness test.)"""
+    img_dir, ann_file = make_coco(tmp_path, [ann(5, bbox=(2, 2, 10, 10),
+                                                 segmentation=[[2, 2, 12, 12, 12, 2, 2, 12]])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ds = CocoInstances(img_dir, ann_file)
+        m = ds[0][1]["masks"][0]
+    assert m.sum() == 50
+    assert m[7, 3] and m[7, 11]                  # (row y, column x): inside the left and right lobes
+    assert not m[3, 7] and not m[11, 7]          # above and below the crossing point
 
 def test_zero_area_and_outside_boxes_dropped(tmp_path):
     """Guards NaN/inf box targets from zero-size boxes and boxes off the image."""

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (ModelConfig, build_model, fcos_locations, fcos_targets, regression_weights, pooled_masks,
+from model import (ModelConfig, build_model, fcos_locations, fcos_targets, regression_weights, average_pool_masks,
                    maskfcos_levels, mask_targets, conv3x3_at, paste_masks, box_iou_aligned,
-                   mask_center_of_mass, ResNetFPN)
+                   center_of_mass, ResNetFPN)
 
 
 def tiny(method, **kw):
@@ -152,17 +152,17 @@ def test_fcosreg_config_defaults_and_errors():
         ModelConfig(method="fcos", backbone="dla34")
 
 
-def test_pooled_masks_segmentation_labels():
+def test_average_pool_masks_segmentation_labels():
     """Guards the segmentation label s = fraction of a location's s x s cell covered by the mask
     ([IS 3.3]). A 16x16 image, mask = the 6x4 block rows 0-5, cols 0-3: stride 8 cell (0,0)
     covers rows 0-7, cols 0-7 -> 24/64 = 0.375; stride 16 -> 24/256 = 0.09375. A 10x10 image
     is zero-padded to 16: at stride 16 one cell, 24/256 again (the padding counts as empty)."""
     m = torch.zeros(1, 16, 16)
     m[0, :6, :4] = 1
-    p8, p16 = pooled_masks(m, [8, 16])
+    p8, p16 = average_pool_masks(m, 8), average_pool_masks(m, 16)
     assert p8.shape == (1, 2, 2) and p8[0, 0, 0].item() == 0.375 and p8[0].sum().item() == 0.375
     assert p16.shape == (1, 1, 1) and p16.item() == 0.09375
-    (q16,) = pooled_masks(m[:, :10, :10], [16])
+    q16 = average_pool_masks(m[:, :10, :10], 16)
     assert q16.item() == 0.09375
 
 
@@ -173,7 +173,7 @@ def test_center_of_mass_of_an_l_shape():
     m = torch.zeros(2, 4, 4)
     m[0, 0:3, 0] = 1
     m[0, 2, 1] = 1
-    com = mask_center_of_mass(m, torch.tensor([[0., 0, 2, 3], [0, 0, 4, 2]]))
+    com = center_of_mass(m, torch.tensor([[0., 0, 2, 3], [0, 0, 4, 2]]))
     assert com.tolist() == [[0.75, 1.75], [2.0, 1.0]]
 
 
@@ -210,7 +210,7 @@ def test_assignment_and_losses_match_torchvision_fcos():
     boxes = torch.cat([xy, (xy + wh).clamp(max=255)], 1)
     targets = [{"boxes": boxes[:4], "labels": torch.tensor([0, 1, 2, 1])},
                {"boxes": boxes[4:], "labels": torch.tensor([2, 2])}]
-    out = {"cls": torch.randn(2, P, C), "ltrb": torch.rand(2, P, 4) * 60 + 1, "centerness": torch.randn(2, P)}
+    out = {"cls": torch.randn(2, P, C), "ltrb": torch.rand(2, P, 4) * 60 + 1, "centerness": torch.randn(2, P), "hw": hw}
 
     class Backbone(torch.nn.Module):
         out_channels = 32  # GroupNorm(32) in torchvision's head
@@ -385,3 +385,25 @@ def test_parameter_count_of_fcos_r50():
     ours = sum(p.numel() for p in build_model(ModelConfig(method="fcos", backbone="resnet50", num_classes=91,
                                                                       norm="bn")).parameters())
     assert ours == ref + 5
+
+
+@pytest.mark.parametrize("name", sorted(f for f in __import__("os").listdir(
+    __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "config")) if f.endswith(".py")))
+def test_every_config_file_has_known_keys_and_builds(name):
+    """Guards config/*.py: a typo in a key would only be caught by the configurator at launch,
+    and a model key combination ModelConfig refuses (e.g. method on the wrong backbone) only
+    when the model is built. Every key must be a train.py or ModelConfig key, and the model
+    keys must build (on the meta device: no memory, no weights download)."""
+    import os
+    import re
+    root = os.path.join(os.path.dirname(__file__), "..")
+    ns = {}
+    exec(open(os.path.join(root, "config", name)).read(), ns)
+    ns = {k: v for k, v in ns.items() if not k.startswith("_")}
+    train_keys = set(re.findall(r"^(\w+) = ", open(os.path.join(root, "train.py")).read(), re.M))
+    model_keys = set(ModelConfig.__dataclass_fields__)
+    assert set(ns) <= train_keys | model_keys, set(ns) - train_keys - model_keys
+    cfg = ModelConfig(**{k: v for k, v in ns.items() if k in model_keys and k != "pretrained"}, num_classes=80)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) > 0

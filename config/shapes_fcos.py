@@ -1,0 +1,39 @@
+# Quick start of the FCOS family: FCOS on the synthetic shapes set, on the CPU, no download.
+#   python train.py config/shapes_fcos.py
+#   python train.py config/shapes_fcos.py --method=fcosreg          # FCOSreg ([IS 3.3])
+# Writes data/shapes if missing (as config/shapes_centermask.py), trains, evaluates (COCO box AP
+# on the 200 val images) and draws predictions into out/shapes_fcos.
+# Measured: see README ("The FCOS family on shapes").
+# Deviations from the COCO recipe (config/fcos_r50.py), for a CPU and no ImageNet weights:
+# ResNet-18 trained from scratch (trainable BatchNorm, nothing frozen), FPN and heads 64 wide,
+# 128-px images, Adam with warmup instead of SGD, bf16 autocast on CPUs that have it.
+method = "fcos"
+backbone = "resnet18"
+pretrained = False
+norm = "bn"
+freeze_at = 0
+fpn_channels = 64
+
+shapes_dir = "data/shapes"
+shapes_n_train = 1000
+shapes_n_val = 200
+shapes_size = 128
+out_dir = "out/shapes_fcos"
+transform = "fcos"
+input_size = 128                 # short side; the shapes images are 128 x 128
+scale_range = (1.0, 1.0)         # no multi-scale (as [IS 4])
+batch_size = 8
+num_workers = 2
+optimizer = "adam"
+learning_rate = 1e-3
+warmup_iters = 200
+epochs = 16
+lr_steps = (12, 15)
+grad_clip = 10.0
+eval_every_epochs = 4
+eval_max_images = 100
+log_interval = 25
+device = "cpu"
+dtype = "auto"
+visualize = True
+vis_images = 8
