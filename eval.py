@@ -449,7 +449,7 @@ def _save_maps_figure(image, maps, path, capacity=5):
     """Teaching view: the image the network saw, then each named 2-D map, with titles.
 
     Float maps are drawn with a colour bar (viridis; NaN cells blank, e.g. the gaps between
-    tiles), integer maps as label maps (0 = none in black, 1..n in distinct colours, e.g.
+    tiles), (h, w, 3) maps as RGB images (no colour bar), integer maps as label maps (0 = none in black, 1..n in distinct colours, e.g.
     instance ids). Every map keeps its aspect ratio and is enlarged to the panel size with
     nearest interpolation, so a 32x32 stride-4 map shows its cells instead of a blur. Panels
     flow into rows of `capacity` grid units; a wide map (a row of tiles) takes several units.
@@ -474,8 +474,8 @@ def _save_maps_figure(image, maps, path, capacity=5):
             col += widths[i]
             ax.set_title(f"{name} {m.shape[0]}x{m.shape[1]}", fontsize=10)
             ax.set_xticks([]), ax.set_yticks([])
-            if i == 0:
-                ax.imshow(m, interpolation="nearest")
+            if i == 0 or m.ndim == 3:  # the image, or an RGB map (e.g. FCOSIS's angle field)
+                ax.imshow(m.astype(np.float32) if i else m, interpolation="nearest")
             elif np.issubdtype(m.dtype, np.integer) or m.dtype == bool:
                 n = max(int(m.max()), 1)
                 palette = [(0, 0, 0)] + [tuple(c / 255 for c in rgb) for rgb in _class_colors(n)]

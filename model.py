@@ -39,7 +39,7 @@ from torchvision.ops import deform_conv2d
 # 1. Configuration
 
 
-METHODS = ("centermask", "fcos", "fcosreg", "maskfcos", "centermask_fcos")
+METHODS = ("centermask", "fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")
 
 
 @dataclass
@@ -89,6 +89,11 @@ class ModelConfig:
     mask_proposals: int = 64          # FCOS detections per image used as RoIs in training (N not given in [IS])
     roi_size: int = 14                # RoIAlign output ([IS 4])
     mask_size: int = 28               # mask head output ([IS 4])
+    # FCOSIS ([IS 3.2])
+    attention: str = "segm"           # "segm" (the paper's map), Table 3: "mu0" (mu := 0), "bbox" (bbox only), "none" (no top-down)
+    seg_classes: str = "agnostic"     # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
+    com_assignment: str = "mask"      # locations regressing the centre of mass: "mask" (every mask pixel, [IS] Fig. 3)
+                                      # or "positive" (FCOS positives inside the mask, DESIGN 4.7)
 
     def __post_init__(self):
         # tuples survive a round trip through a checkpoint's plain dict / the configurator
@@ -123,7 +128,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.reg_weights must be 3 numbers (a, b, c) summing to 1 ([IS 3.3]), "
                              f"got {self.reg_weights}")
         for key, allowed in (("ambiguity", ("area", "mask")), ("center_sampling_at", ("box", "mass")),
-                             ("box_loss", ("giou", "iou")), ("norm", ("frozen_bn", "bn"))):
+                             ("box_loss", ("giou", "iou")), ("norm", ("frozen_bn", "bn")),
+                             ("attention", ("segm", "mu0", "bbox", "none")), ("seg_classes", ("agnostic", "specific")),
+                             ("com_assignment", ("mask", "positive"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"ModelConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.method == "fcos" and (self.ambiguity == "mask" or self.center_sampling_at == "mass"
@@ -153,7 +160,7 @@ def auto_dtype(device_type):
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The one entry point: ModelConfig -> nn.Module of the requested method."""
     return {"centermask": CenterMask, "fcos": FCOS, "fcosreg": FCOS, "maskfcos": MaskFCOS,
-            "centermask_fcos": CenterMaskFCOS}[cfg.method](cfg)
+            "centermask_fcos": CenterMaskFCOS, "fcosis": FCOSIS}[cfg.method](cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -2077,8 +2084,8 @@ class SegmentationHead(nn.Module):
         separate weights per level (as Panoptic FPN's semantic branch); num_convs adjustable.
       * GroupNorm(32) + ReLU after each conv, as the FCOS detection head [IS 3.2.1]
         (norm=False: ReLU only). Bilinear upsampling (the paper says "upsampling").
-      * Kaiming init, biases 0: the padded-crop loss balances foreground at ~0.5 [IS 3.2.2],
-        so an initial probability of 0.5 needs no prior bias.
+      * Kaiming init, biases 0, the 1x1 predictor N(0, 0.01): the padded-crop loss balances
+        foreground at ~0.5 [IS 3.2.2], so every pixel starts at a probability of ~0.5.
     """
 
     def __init__(self, in_channels=256, channels=256, num_classes=1, num_convs=3, num_levels=3, norm=True):
@@ -2100,6 +2107,7 @@ class SegmentationHead(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        nn.init.normal_(self.predictor.weight, std=0.01)  # start every pixel at p ~ 0.5
 
     def forward(self, features):
         size = features[0].shape[-2:]                                              # P2: (H/4, W/4)
@@ -2149,3 +2157,229 @@ def padded_crop_bce(mask_logits, gt_masks, boxes, stride=4, ratio=0.5):
     crop = crop.float()
     per_instance = (bce * crop).sum((1, 2)) / crop.sum((1, 2))                     # (N,)
     return per_instance.mean()
+
+
+class ASPP(nn.Module):
+    """Atrous Spatial Pyramid Pooling (DeepLab v3), for the no-top-down baseline of [IS 4.2]
+    Table 3a ("the segmentation branch contains an ASPP module", after DeeperLab): a 1x1 conv,
+    three 3x3 convs dilated 6/12/18 and a global-pooling branch, concatenated and projected
+    back to `channels`. GroupNorm instead of torchvision's ASPP's BatchNorm, whose pooled 1x1
+    branch fails on a batch of one. (B, cin, h, w) -> (B, channels, h, w)."""
+
+    def __init__(self, cin, channels, rates=(6, 12, 18)):
+        super().__init__()
+
+        def block(k, d):
+            return nn.Sequential(nn.Conv2d(cin, channels, k, padding=d if k == 3 else 0, dilation=d, bias=False),
+                                 nn.GroupNorm(32, channels), nn.ReLU(inplace=True))
+        self.branches = nn.ModuleList([block(1, 1)] + [block(3, r) for r in rates])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, channels, 1), nn.ReLU(inplace=True))
+        self.project = nn.Sequential(nn.Conv2d(channels * (len(rates) + 2), channels, 1, bias=False),
+                                     nn.GroupNorm(32, channels), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])                      # (B, channels, h, w)
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1))
+
+
+class FCOSIS(FCOS):
+    """
+    FCOSIS ([IS 3.2]): FCOS on P3-P7 whose box tower also predicts, per location, the centre
+    of mass of its object (r_x, r_y) in stride units and a coarse class-agnostic foreground
+    (`extra` = 3 channels); a segmentation head on P2-P4; and between them the parametrised
+    attention map (the top-down connection): for each instance, zero outside its box, +lambda *
+    coarse foreground where a location's regressed centre is closest to this instance's centre,
+    -mu elsewhere in the box. It is built on P3, resized onto P2, P3 and P4, and multiplies them
+    before the segmentation head. Instances whose boxes do not overlap share one map and one
+    segmentation pass: the groups are the colours of a Largest-First colouring of the box
+    overlap graph ([IS 3.2.1] "Efficient Attention Map Propagation").
+
+    Training: model(images, targets) -> FCOS's losses (cls, box, centerness) plus
+        com: SmoothL1 of the centre-of-mass regression ([IS 3.2.1]) at every location of every
+             level whose pixel lies in a mask (com_assignment="mask", see deviations)
+        foreground: BCE of the coarse foreground against the average-pooled union of the masks
+        mask: the padded-crop BCE ([IS 3.2.2], `padded_crop_bce`), mean over instances
+    with ground-truth boxes and mass centres in the attention maps (teacher forcing).
+    Inference: FCOS detections; each detection's centre is the centre of mass its own location
+        regresses; colouring, attention maps and segmentation passes as in training; masks (K,
+        H, W) probabilities, upsampled from stride 4 and cropped to the detection's box.
+    Table 3 ablations (attention=...): "none" (3a: no top-down connection; class-wise
+        segmentation with ASPP, masks cropped by box and class), "mu0" (3b: mu fixed at 0),
+        "bbox" (3c: the whole box filled with lambda, no coarse segmentation / centre regression).
+
+    Deviations / readings (the paper leaves these open):
+      * com_assignment="mask": every mask pixel regresses its object's centre of mass, on every
+        level (the paper's Fig. 3: "foreground pixels of masks"), because the attention map is
+        built on P3 for objects of every size, while FCOS sends large objects to P4-P7.
+        DESIGN 4.7's reading (FCOS positives inside the mask) is com_assignment="positive".
+      * Training colours the ground-truth boxes grown by their loss padding, so that no
+        instance's padded crop reaches into another instance of its own pass.
+      * The "none" baseline is trained with the same per-instance padded-crop loss, on the
+        instance's class channel. Loss weights are all 1 ([IS] gives none).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, extra=3, first_level=2)                            # P2-P7; head on P3-P7
+        c = cfg.fpn_channels
+        n = cfg.num_classes if (cfg.seg_classes == "specific" or cfg.attention == "none") else 1
+        self.seg_head = SegmentationHead(c, c, n)
+        self.aspp = ASPP(c, c) if cfg.attention == "none" else None
+        self.attention = None if cfg.attention == "none" else AttentionMap(cfg.attention)
+        self.mask_threshold = 0.5
+
+    def p3_maps(self, out):
+        """The P3 detection outputs the attention map is built from: regressed centres (B, 2,
+        h, w) input frame and coarse foreground probabilities (B, 1, h, w)."""
+        h, w = out["hw"][0]
+        p3 = out["extra"][:, :h * w].float().transpose(1, 2).reshape(-1, 3, h, w)   # (B, 3, h, w)
+        return regressed_centers(p3[:, :2], self.strides[0]), p3[:, 2:3].sigmoid()
+
+    def segment(self, features, out, boxes, centers, batch, labels, num_images, color_boxes=None):
+        """
+        Mask logits (M, H/4, W/4) of M instances (boxes (M, 4), centres (M, 2) input frame,
+        batch (M,), labels (M,)): one segmentation pass per colour group. Also returns the
+        attention maps (G, 1, h3, w3) and groups (M,) (None for the "none" baseline).
+        """
+        p2_p4 = features[:3]                                                     # P2, P3, P4
+        ch = labels if self.seg_head.predictor.out_channels > 1 else torch.zeros_like(labels)
+        if self.attention is None:  # Table 3a: one class-wise map per image, ASPP on P4
+            seg = self.seg_head([p2_p4[0], p2_p4[1], self.aspp(p2_p4[2])])       # (B, C, H/4, W/4)
+            return seg[batch, ch], None, None
+        groups, group_batch = coloring_groups(boxes if color_boxes is None else color_boxes, batch, num_images)
+        regressed, fg = self.p3_maps(out)
+        att = self.attention(regressed, fg, self.strides[0], boxes, centers, batch, groups, len(group_batch))
+        seg = self.seg_head(apply_attention(p2_p4, att, group_batch))            # (G, n, H/4, W/4)
+        return seg[groups, ch], att, groups
+
+    def extra_losses(self, out, t, points, levels, targets, features, images):
+        B, device = len(targets), images.device
+        H, W = images.shape[-2:]
+        boxes = torch.cat([tg["boxes"].float() for tg in targets]).to(device)   # (M, 4)
+        labels = torch.cat([tg["labels"] for tg in targets]).to(device)
+        batch = torch.cat([torch.full((len(tg["boxes"]),), b, device=device) for b, tg in enumerate(targets)]).long()
+        masks = torch.cat([F.pad(tg["masks"], (0, W - tg["masks"].shape[-1], 0, H - tg["masks"].shape[-2]))
+                           for tg in targets]).to(device)                        # (M, H, W)
+        extra = out["extra"].float()                                             # (B, P, 3)
+        # coarse foreground of every level: BCE against the pooled union of the masks
+        fg_target = torch.cat([coarse_foreground_targets(masks, s, batch, B, hw).flatten(1)
+                               for s, hw in zip(self.strides, out["hw"])], 1)   # (B, P)
+        losses = {"foreground": F.binary_cross_entropy_with_logits(extra[..., 2], fg_target, reduction="sum")
+                  / reduce_mean(torch.tensor(float(fg_target.numel()), device=device))}
+        # centre-of-mass regression, in stride units
+        mass = center_of_mass(masks, boxes)                                      # (M, 2)
+        if self.cfg.com_assignment == "mask":
+            matched = mask_assignment(points, masks, batch, B)                   # (B, P) flat index
+        else:  # FCOS positives (t["matched"] indexes each image's boxes)
+            offsets = torch.cumsum(torch.tensor([0] + [len(tg["boxes"]) for tg in targets[:-1]], device=device), 0)
+            matched = torch.where(t["matched"] >= 0, t["matched"] + offsets[:, None], -1)
+        strides = torch.tensor(self.strides, device=device, dtype=torch.float32)[levels]
+        target, valid = center_of_mass_targets(points, strides, matched, mass, masks)
+        losses["com"] = center_of_mass_loss(extra[..., :2], target, valid,
+                                            normalizer=reduce_mean(valid.sum().float()).clamp(min=1))
+        # the padded-crop segmentation loss of every instance
+        M = len(boxes)
+        num_instances = reduce_mean(torch.tensor(float(M), device=device)).clamp(min=1)
+        if M == 0:  # keep the segmentation branch and P2 in the graph (DDP)
+            losses["mask"] = features[0].float().sum() * 0 + sum(
+                p.sum() * 0 for n, p in self.named_parameters() if n.startswith(("seg_head", "aspp", "attention")))
+            return losses
+        fg_pixels = masks.flatten(1).sum(1, dtype=torch.float32)
+        wh = boxes[:, 2:] - boxes[:, :2]
+        pad = optimal_padding(fg_pixels, wh[:, 0], wh[:, 1]).float()             # (M,) [IS 3.2.2]
+        color_boxes = boxes + pad[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
+        logits, _, _ = self.segment(features, out, boxes, mass, batch, labels, B, color_boxes)
+        losses["mask"] = padded_crop_bce(logits.float(), masks, boxes) * M / num_instances
+        return losses
+
+    def predict_masks(self, dets, out, points, levels, input_hw, features):
+        """Segment the detections of every image (see `segment`); adds masks (K, H, W) to each
+        dict and returns (attention maps, groups, batch) for the teaching pictures."""
+        H, W = input_hw
+        device = points.device
+        batch = torch.cat([torch.full((len(d["boxes"]),), b, device=device) for b, d in enumerate(dets)]).long()
+        boxes = torch.cat([d["boxes"] for d in dets])
+        labels, index = torch.cat([d["labels"] for d in dets]), torch.cat([d["index"] for d in dets])
+        if len(boxes) == 0:
+            for d in dets:
+                d["masks"] = torch.zeros(0, H, W, device=device)
+            return None, None, batch
+        # each detection's centre: the centre of mass regressed at its own location
+        s = torch.tensor(self.strides, device=device, dtype=torch.float32)[levels[index]]
+        centers = points[index] + s[:, None] * out["extra"][batch, index, :2].float()
+        logits, att, groups = self.segment(features, out, boxes, centers, batch, labels, len(dets))
+        probs = F.interpolate(logits[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        probs = probs.sigmoid() * box_grid(boxes, H, W)[1]                       # cropped to the box
+        start = 0
+        for d in dets:
+            d["masks"] = probs[start:start + len(d["boxes"])]
+            start += len(d["boxes"])
+        return att, groups, batch
+
+    def postprocess(self, out, points, levels, input_hw, features):
+        dets = self.detect(out, points, levels, input_hw)
+        self.predict_masks(dets, out, points, levels, input_hw, features)
+        for d in dets:
+            del d["index"]
+        return dets
+
+    @torch.no_grad()
+    def teaching_maps(self, images, k=8, score_threshold=0.3):
+        """
+        What [IS] Fig. 2-4 show, for eval.visualize's `maps_fn` hook. images (B, 3, H, W) ->
+        list of B dicts (h, w = H/8, W/8, the P3 grid the attention map is built on):
+            "centre of mass field"  (h, w, 3) RGB: hue = angle of the regressed vector (r_x,
+                                    r_y), brightness = coarse foreground (Fig. 3)
+            "coarse foreground"     (h, w) sigmoid of the detection head's coarse segmentation
+            "attention map"         (h, w) the attention map of the best detection's pass
+                                    (absent for the "none" baseline)
+            "colour groups"         (H, W) int64: each detection's box (score >= threshold,
+                                    best k) filled with 1 + its colour (one segmentation pass
+                                    per colour, Fig. 4); overlapping boxes have other colours
+            "masks"                 (H, W) int64: 1 + rank of the detection whose mask is the
+                                    most probable there and >= mask_threshold
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            features = self.backbone(images)
+            out = self.head(features[self.fcos_levels])
+            points, _, levels = fcos_locations(out["hw"], self.strides, images.device)
+            dets = self.detect(out, points, levels, images.shape[-2:], k)
+            for d in dets:  # keep the confident ones: the picture is about them
+                keep = d["scores"] >= score_threshold
+                for key in list(d):
+                    d[key] = d[key][keep]
+            att, groups, batch = self.predict_masks(dets, out, points, levels, images.shape[-2:], features)
+        finally:
+            self.train(was_training)
+        regressed, fg = self.p3_maps(out)
+        h, w = fg.shape[-2:]
+        loc = fcos_locations([(h, w)], [self.strides[0]], images.device)[0].t().reshape(1, 2, h, w)
+        vec = regressed - loc                                                    # (B, 2, h, w) input pixels
+        hue = (torch.atan2(vec[:, 1], vec[:, 0]) / (2 * math.pi)) % 1.0          # (B, h, w) in [0, 1)
+        H, W = images.shape[-2:]
+        maps = []
+        for b, d in enumerate(dets):
+            m = {"centre of mass field": hsv_to_rgb(hue[b], fg[b, 0]), "coarse foreground": fg[b, 0]}
+            mine = (batch == b).nonzero()[:, 0] if len(batch) else batch
+            if att is not None and len(mine):
+                m["attention map"] = att[groups[mine[0]], 0]
+            colour = torch.zeros(H, W, dtype=torch.long, device=images.device)
+            if len(mine):
+                inside = box_grid(d["boxes"], H, W)[1]                           # (K, H, W)
+                cols = coloring_groups(d["boxes"], torch.zeros(len(mine), dtype=torch.long, device=images.device), 1)[0]
+                for j in range(len(mine)):  # a handful of boxes, drawn in rank order
+                    colour[inside[j]] = cols[j] + 1
+                prob, rank = d["masks"].max(0)
+                m["masks"] = torch.where(prob >= self.mask_threshold, rank + 1, torch.zeros_like(rank))
+            else:
+                m["masks"] = colour.clone()
+            m["colour groups"] = colour
+            maps.append(m)
+        return maps
+
+
+def hsv_to_rgb(h, v):
+    """Hue h and value v, each (h, w) in [0, 1], full saturation -> (h, w, 3) RGB in [0, 1]."""
+    k = (torch.tensor([5.0, 3.0, 1.0], device=h.device) + h[..., None] * 6) % 6  # (h, w, 3)
+    return v[..., None] * (1 - (torch.minimum(k, 4 - k).clamp(0, 1)))

@@ -292,7 +292,9 @@ def test_visualize_writes_pngs(tiny, tmp_path):
     model = PerfectModel()
 
     def maps_fn(images):
-        return [{"heatmap": images[i, 0]} for i in range(images.shape[0])]
+        # a float map (colour bar) and an (h, w, 3) RGB map (FCOSIS's angle field)
+        return [{"heatmap": images[i, 0], "field": images[i].permute(1, 2, 0).sigmoid()}
+                for i in range(images.shape[0])]
 
     paths = visualize(model, ds, tmp_path / "vis", n=2, collate_fn=model.collate)
     assert len(paths) == 2 and all(p.endswith(".png") and os.path.getsize(p) > 0 for p in paths)
