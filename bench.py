@@ -12,7 +12,9 @@ Measured, each as the median of `steps` timed runs after `burn_in` untimed ones
   * train ms/img: forward with targets (target building and losses) + backward + Adam step
   * inference ms/img: model.eval() forward with decoding and mask assembly, no_grad + autocast
   * post-processing ms/img: `model.decode(model.heads(images), hw)` timed alone (heads
-    computed once beforehand), and its share of inference in %
+    computed once beforehand), and its share of inference in %: CenterMask's peak decoding and
+    mask assembly; the FCOS family's candidate selection, NMS and mask branch (the mask
+    heads of MaskFCOS / CenterMask-FCOS / FCOSIS run on the detections, so they count here)
   * peak memory: GPU torch.cuda.max_memory_allocated (train and inference phases); CPU the
     peak resident set size of the whole process (resource.getrusage), Python and torch included
   * FLOPs per image of one forward and one train step (forward + backward) from
@@ -83,6 +85,8 @@ shapes_n_val = 200
 shapes_size = 128
 max_train_images = 0
 max_val_images = 0
+transform = "centernet"           # with real_data: the test transform of the config ("centernet" or "fcos")
+max_size = 1333
 scale_range = (0.6, 1.3)
 flip_prob = 0.5
 color_jitter = 0.4
@@ -175,7 +179,8 @@ def real_batch(B, size_divisibility):
     p = lambda rel: rel if os.path.isabs(rel) else os.path.join(real_data, rel)  # noqa: E731
     try:
         ds = CocoInstances(p(val_img_dir), p(val_ann), max_images=B,
-                           transforms=build_transforms("centernet", False, input_size))
+                           transforms=build_transforms(transform, False, input_size,
+                                                       **({"max_size": max_size} if transform == "fcos" else {})))
         if ds.num_classes != num_classes:
             sys.exit(f"bench.py: {p(val_ann)} has {ds.num_classes} categories but num_classes={num_classes}")
         if len(ds) < B:

@@ -1375,13 +1375,25 @@ class FCOS(nn.Module):
         self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, self.strides, cfg.head_convs, extra)
         self.uses_masks = cfg.method == "fcosreg"     # segmentation labels ([IS 3.3])
 
-    def forward(self, images, targets=None):
+    def heads(self, images):
+        """(B, 3, H, W) -> the head outputs (see FCOSHead) and, under "features", the FPN maps
+        (the mask branches read them)."""
         features = self.backbone(images)
         out = self.head(features[self.fcos_levels])
-        hw = [f.shape[-2:] for f in features[self.fcos_levels]]
-        points, strides, levels = fcos_locations(hw, self.strides, images.device)
+        out["features"] = features
+        return out
+
+    def decode(self, out, input_hw):
+        """Head outputs -> detections (and masks): the inference post-processing."""
+        points, _, levels = fcos_locations(out["hw"], self.strides, out["cls"].device)
+        return self.postprocess(out, points, levels, input_hw, out["features"])
+
+    def forward(self, images, targets=None):
         if not self.training:
-            return self.postprocess(out, points, levels, images.shape[-2:], features)
+            return self.decode(self.heads(images), images.shape[-2:])
+        out = self.heads(images)
+        features = out.pop("features")
+        points, strides, levels = fcos_locations(out["hw"], self.strides, images.device)
         if targets is None:
             raise ValueError(f"{type(self).__name__} in train mode needs targets (call model.eval() for inference)")
         with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (DESIGN 6)
@@ -2341,8 +2353,8 @@ class FCOSIS(FCOS):
         was_training = self.training
         self.eval()
         try:
-            features = self.backbone(images)
-            out = self.head(features[self.fcos_levels])
+            out = self.heads(images)
+            features = out["features"]
             points, _, levels = fcos_locations(out["hw"], self.strides, images.device)
             dets = self.detect(out, points, levels, images.shape[-2:], k)
             for d in dets:  # keep the confident ones: the picture is about them
