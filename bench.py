@@ -6,6 +6,7 @@ configurator -> one fixed batch -> timed train steps, inference and post-process
     python bench.py config/centermask_dla34.py --device=cpu --batch_size=2 --input_size=512
     python bench.py config/centermask_dla34.py --batch_size=16 --peers=True     # + torchvision peers
     python bench.py config/centermask_dla34.py --real_data=data/coco            # first images of val_ann
+    python bench.py --coloring=True --real_data=../shared/data/coco128 --val_ann=annotations/instances_train2017.json
 
 Measured, each as the median of `steps` timed runs after `burn_in` untimed ones
 (torch.cuda.synchronize() around every timed run on GPU):
@@ -59,6 +60,8 @@ channels_last = True              # on GPU only
 compile = False                   # torch.compile the model (train and inference; decode is timed eagerly)
 peers = False                     # also time torchvision's fcos_resnet50_fpn and maskrcnn_resnet50_fpn
 real_data = ""                    # COCO-format folder (like train.py's data_root): use its first batch_size val images
+coloring = False                  # instead of a model: FCOSIS's Largest-First colouring of every image's
+                                  # ground-truth boxes in real_data's val_ann (colours vs instances, time)
 seed = 0
 learning_rate = 2.5e-4            # Adam's lr for the train steps (its value does not change the timing)
 # model: every ModelConfig field is a config key
@@ -244,6 +247,42 @@ ptdtype = getattr(torch, dtype)
 amp = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 new_scaler = lambda: torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # noqa: E731
 device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else (platform.processor() or platform.machine())
+
+# -- FCOSIS's colouring on real boxes (no model) ---------------------------------------------------
+if coloring:
+    from pycocotools.coco import COCO
+    from model import largest_first_coloring
+    if not real_data:
+        sys.exit("bench.py: coloring=True needs --real_data=DIR (a COCO folder; val_ann relative to it)")
+    ann_file = val_ann if os.path.isabs(val_ann) else os.path.join(real_data, val_ann)
+    if not os.path.isfile(ann_file):
+        sys.exit(f"bench.py: coloring=True: annotation file {ann_file} not found")
+    import contextlib, io
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(ann_file)
+    n_inst, n_col, times = [], [], []
+    for img_id in sorted(coco.getImgIds()):
+        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id)) if not a.get("iscrowd", 0)]
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1).to(device)
+        largest_first_coloring(boxes)                        # warm-up of this size
+        t0 = time.perf_counter()
+        colors = largest_first_coloring(boxes)
+        sync()
+        times.append(time.perf_counter() - t0)
+        n_inst.append(len(anns))
+        n_col.append(int(colors.max()) + 1 if len(colors) else 0)
+    res = {"images": len(n_inst), "instances_per_image": statistics.mean(n_inst),
+           "colours_per_image": statistics.mean(n_col), "max_instances": max(n_inst), "max_colours": max(n_col),
+           "passes_saved": 1 - sum(n_col) / max(1, sum(n_inst)),
+           "coloring_ms_per_image_mean": 1e3 * statistics.mean(times), "coloring_ms_per_image_max": 1e3 * max(times),
+           "device": device}
+    print(f"{ann_file}: {res['images']} images, {res['instances_per_image']:.2f} instances / image (max "
+          f"{res['max_instances']}), {res['colours_per_image']:.2f} colours = segmentation passes / image (max "
+          f"{res['max_colours']}): {100 * res['passes_saved']:.0f}% of the per-instance passes saved; colouring "
+          f"{res['coloring_ms_per_image_mean']:.2f} ms / image (max {res['coloring_ms_per_image_max']:.2f}) on {device}")
+    print(json.dumps(res))
+    sys.exit(0)
 
 # -- model and batch ------------------------------------------------------------------------------
 model_args = {f.name: config[f.name] for f in fields(ModelConfig)}

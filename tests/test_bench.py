@@ -38,3 +38,35 @@ def test_bench_peers():
     for name in ("fcos", "maskrcnn"):
         assert res[f"peer_{name}_train_ms_per_img"] > 0 and res[f"peer_{name}_infer_ms_per_img"] > 0
         assert res[f"peer_{name}_train_ratio"] > 0 and res[f"peer_{name}_infer_ratio"] > 0
+
+
+def test_bench_fcos_family_config():
+    """Guards: bench.py on an FCOS-family config (the heads()/decode() split, the fcos keys)."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), os.path.join(ROOT, "config", "shapes_fcosis.py"),
+                        "--device=cpu", "--input_size=64", "--batch_size=1", "--steps=1", "--burn_in=0",
+                        "--threads=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["method"] == "fcosis" and res["train_ms_per_img"] > 0 and res["post_ms_per_img"] > 0
+
+
+def test_bench_coloring_counts(tmp_path):
+    """Guards the FCOSIS colouring statistics (segmentation passes vs instances). Two images:
+    three disjoint boxes -> 1 colour; three boxes that all overlap -> 3 colours; a crowd box is
+    not an instance. Mean instances (3 + 3) / 2 = 3, mean colours (1 + 3) / 2 = 2, passes saved
+    1 - 4/6 = 1/3."""
+    boxes = {1: [[0, 0, 10, 10], [20, 0, 10, 10], [40, 0, 10, 10]], 2: [[0, 0, 10, 10], [5, 5, 10, 10], [8, 2, 10, 10]]}
+    anns = [{"id": i, "image_id": img, "category_id": 1, "bbox": b, "area": 100, "iscrowd": 0}
+            for i, (img, b) in enumerate([(img, b) for img, bs in boxes.items() for b in bs], start=1)]
+    anns.append({"id": 99, "image_id": 1, "category_id": 1, "bbox": [5, 5, 30, 3], "area": 90, "iscrowd": 1,
+                 "segmentation": {"counts": [0, 90], "size": [64, 64]}})
+    ann = {"images": [{"id": i, "file_name": f"{i}.png", "height": 64, "width": 64} for i in (1, 2)],
+           "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "a.json").write_text(json.dumps(ann))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--coloring=True", f"--real_data={tmp_path}",
+                        "--val_ann=a.json", "--device=cpu", "--threads=1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (res["images"], res["instances_per_image"], res["colours_per_image"]) == (2, 3, 2)
+    assert abs(res["passes_saved"] - 1 / 3) < 1e-9 and res["max_colours"] == 3
