@@ -24,7 +24,9 @@ Measured, each as the median of `steps` timed runs after `burn_in` untimed ones
     of peak dense FLOP/s keyed by the device name ("n/a (unknown peak)" elsewhere)
   * with --peers=True: torchvision's fcos_resnet50_fpn and maskrcnn_resnet50_fpn (random
     weights, 91 classes) on the same images and boxes/labels/masks, train step and inference,
-    and the ratios ours / theirs of the ms per image (< 1: ours is faster)
+    and the ratios ours / theirs of the ms per image (< 1: ours is faster). The three models
+    are timed in alternation (ours, fcos, maskrcnn, ours, ...), so a drifting machine load
+    hits all of them alike
 
 The images are synthetic by default (random pixels, a few random boxes/masks per image,
 deterministic from `seed`), so the numbers measure compute, not accuracy. Timings are reported,
@@ -193,10 +195,10 @@ def real_batch(B, size_divisibility):
         sys.exit(f"bench.py: {e}")
 
 
-def time_model(model, images, targets, scaler):
-    """Median seconds of a train step (forward with targets, backward, Adam) and of an inference
-    forward, and the GPU peak memory (MiB) of each phase (None on CPU). Works for ours (losses
-    dict with "loss") and torchvision's detection models (a dict of loss terms)."""
+def model_steps(model, images, targets, scaler):
+    """The two timed closures of a model: a train step (forward with targets, backward, Adam) and
+    an inference forward. Works for ours (losses dict with "loss") and torchvision's detection
+    models (a dict of loss terms)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=learning_rate, fused=True)  # fused: CUDA, and CPU since torch 2.4
 
@@ -213,15 +215,34 @@ def time_model(model, images, targets, scaler):
         with torch.no_grad(), amp:
             return model(images)
 
+    return train_step, infer
+
+
+def time_interleaved(models, mode):
+    """Median seconds of `mode` ("train" or "infer") for several models, timed in alternation
+    (round r times model 1, 2, 3, ... then round r + 1): on a machine whose load drifts, every
+    model sees the same drift, so their ratios hold (timing one model after the other would
+    compare different moments). models: list of (model, train_step, infer). Also the GPU peak
+    memory (MiB) of each model in that phase, from its burn-in alone (None on CPU)."""
     peaks = []
-    for mode, fn in ((True, train_step), (False, infer)):
+    for model, train_step, infer in models:
+        model.train(mode == "train")
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        model.train(mode)
-        peaks.append(median_seconds(fn))
+        for _ in range(burn_in):
+            (train_step if mode == "train" else infer)()
+        sync()
         peaks.append(torch.cuda.max_memory_allocated(device) / 2**20 if device_type == "cuda" else None)
-    t_train, peak_train, t_infer, peak_infer = peaks
-    return t_train, t_infer, peak_train, peak_infer
+    times = [[] for _ in models]
+    for _ in range(steps):
+        for i, (model, train_step, infer) in enumerate(models):
+            model.train(mode == "train")
+            sync()
+            t0 = time.perf_counter()
+            (train_step if mode == "train" else infer)()
+            sync()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times], peaks
 
 
 # -- device, dtype ------------------------------------------------------------------------------
@@ -309,8 +330,24 @@ n_params = sum(p.numel() for p in raw_model.parameters())
 print(f"{model_args['method']} / {model_args['backbone']}: {n_params / 1e6:.2f}M parameters | batch {B} x 3 x {H} x {W} "
       f"({source}) | device {device} ({device_name}) | dtype {dtype} | burn-in {burn_in}, median of {steps}", flush=True)
 
-# -- ours -----------------------------------------------------------------------------------------
-t_train, t_infer, peak_train, peak_infer = time_model(model, images, targets, new_scaler())
+# -- ours (and, with peers=True, torchvision's models in alternation with ours) -------------------
+timed = [(model, *model_steps(model, images, targets, new_scaler()))]
+if peers:
+    from torchvision.models.detection import fcos_resnet50_fpn, maskrcnn_resnet50_fpn
+    peer_images = list(images.contiguous())  # torchvision takes a list of (3, H, W)
+    # torchvision's labels: 1..90 (0 is background for Mask R-CNN); masks are used by Mask R-CNN only
+    peer_targets = [{"boxes": t["boxes"], "labels": t["labels"] % 90 + 1, "masks": t["masks"]} for t in targets]
+    for builder in (fcos_resnet50_fpn, maskrcnn_resnet50_fpn):
+        # min_size = max_size = the input side: GeneralizedRCNNTransform keeps the pixels as they are
+        # (its default would resize to 800) so all models see the same pixels
+        peer = builder(weights=None, weights_backbone=None, num_classes=91, min_size=max(H, W),
+                       max_size=max(H, W)).to(device)
+        if device_type == "cuda" and channels_last:
+            peer = peer.to(memory_format=torch.channels_last)
+        timed.append((peer, *model_steps(peer, peer_images, peer_targets, new_scaler())))
+train_times, train_peaks = time_interleaved(timed, "train")
+infer_times, infer_peaks = time_interleaved(timed, "infer")
+t_train, t_infer, peak_train, peak_infer = train_times[0], infer_times[0], train_peaks[0], infer_peaks[0]
 with torch.no_grad(), amp:
     heads_output = raw_model.heads(images)
 
@@ -367,25 +404,15 @@ for name in ("fcos", "maskrcnn"):
     for k in ("train_ms_per_img", "infer_ms_per_img", "train_ratio", "infer_ratio"):
         results[f"peer_{name}_{k}"] = None
 
-# -- torchvision peers on the same pixels --------------------------------------------------------
+# -- torchvision peers on the same pixels (timed above, in alternation with ours) ------------------
 if peers:
-    from torchvision.models.detection import fcos_resnet50_fpn, maskrcnn_resnet50_fpn
-    peer_images = list(images.contiguous())  # torchvision takes a list of (3, H, W)
-    # torchvision's labels: 1..90 (0 is background for Mask R-CNN); masks are used by Mask R-CNN only
-    peer_targets = [{"boxes": t["boxes"], "labels": t["labels"] % 90 + 1, "masks": t["masks"]} for t in targets]
-    for name, builder in (("fcos", fcos_resnet50_fpn), ("maskrcnn", maskrcnn_resnet50_fpn)):
-        # min_size = max_size = the input side: GeneralizedRCNNTransform keeps the pixels as they are
-        # (its default would resize to 800) so all models see the same pixels
-        peer = builder(weights=None, weights_backbone=None, num_classes=91, min_size=max(H, W),
-                       max_size=max(H, W)).to(device)
-        if device_type == "cuda" and channels_last:
-            peer = peer.to(memory_format=torch.channels_last)
-        pt_train, pt_infer, _, _ = time_model(peer, peer_images, peer_targets, new_scaler())
+    for i, name in enumerate(("fcos", "maskrcnn"), start=1):
+        pt_train, pt_infer = train_times[i], infer_times[i]
         results[f"peer_{name}_train_ms_per_img"] = pt_train * 1e3 / B
         results[f"peer_{name}_infer_ms_per_img"] = pt_infer * 1e3 / B
         results[f"peer_{name}_train_ratio"] = t_train / pt_train
         results[f"peer_{name}_infer_ratio"] = t_infer / pt_infer
-        del peer
+    del timed, peer
 
 # -- report -----------------------------------------------------------------------------------------
 def fmt(v, spec):
