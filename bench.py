@@ -6,6 +6,7 @@ configurator -> one fixed batch -> timed train steps, inference and post-process
     python bench.py config/centermask_dla34.py --device=cpu --batch_size=2 --input_size=512
     python bench.py config/centermask_dla34.py --batch_size=16 --peers=True     # + torchvision peers
     python bench.py config/centermask_dla34.py --real_data=data/coco            # first images of val_ann
+    python bench.py config/centermask_dla34.py --loader=True --real_data=../shared/data/coco128  # + DataLoader img/s
     python bench.py --coloring=True --real_data=../shared/data/coco128 --val_ann=annotations/instances_train2017.json
 
 Measured, each as the median of `steps` timed runs after `burn_in` untimed ones
@@ -13,7 +14,9 @@ Measured, each as the median of `steps` timed runs after `burn_in` untimed ones
   * train ms/img: forward with targets (target building and losses) + backward + Adam step
   * inference ms/img: model.eval() forward with decoding and mask assembly, no_grad + autocast
   * post-processing ms/img: `model.decode(model.heads(images), hw)` timed alone (heads
-    computed once beforehand), and its share of inference in %: CenterMask's peak decoding and
+    computed once beforehand), then eval.py's `to_original` of its output (boxes and masks to an
+    original image 1.25x the input, COCO's 640 -> 512), and their share of (inference +
+    to_original) in %: CenterMask's peak decoding and
     mask assembly; the FCOS family's candidate selection, NMS and mask branch (the mask
     heads of MaskFCOS / CenterMask-FCOS / FCOSIS run on the detections, so they count here)
   * peak memory: GPU torch.cuda.max_memory_allocated (train and inference phases); CPU the
@@ -62,6 +65,8 @@ channels_last = True              # on GPU only
 compile = False                   # torch.compile the model (train and inference; decode is timed eagerly)
 peers = False                     # also time torchvision's fcos_resnet50_fpn and maskrcnn_resnet50_fpn
 real_data = ""                    # COCO-format folder (like train.py's data_root): use its first batch_size val images
+loader = False                    # also time the training DataLoader on real_data's train split (images/s)
+loader_batches = 20               # batches timed (after one untimed)
 coloring = False                  # instead of a model: FCOSIS's Largest-First colouring of every image's
                                   # ground-truth boxes in real_data's val_ann (colours vs instances, time)
 seed = 0
@@ -358,7 +363,21 @@ def post_process():  # under the same autocast as in inference, where decode run
 
 
 t_post = median_seconds(post_process)
-del heads_output
+# eval.py then maps every detection back to the original image (boxes / scale, masks resized to
+# the original size and thresholded): timed for an original 1.25x the input (COCO's 640 -> 512)
+from eval import to_original  # noqa: E402
+outputs = post_process()
+originals = [{"orig_size": (round(H * 1.25), round(W * 1.25)), "size": (H, W), "scale": 0.8}] * B
+mask_threshold = getattr(raw_model, "mask_threshold", 0.5)
+
+
+def map_to_original():
+    return [to_original(o, t, mask_threshold) for o, t in zip(outputs, originals)]
+
+
+t_orig = median_seconds(map_to_original)
+n_dets = sum(len(o["boxes"]) for o in outputs) / B
+del heads_output, outputs
 
 
 def forward_backward():
@@ -394,7 +413,9 @@ results = {
     "method": model_args["method"], "backbone": model_args["backbone"], "device": device, "device_name": device_name,
     "dtype": dtype, "batch_size": B, "input_hw": [H, W], "synthetic": not real_data, "params_m": n_params / 1e6,
     "train_ms_per_img": t_train * 1e3 / B, "infer_ms_per_img": t_infer * 1e3 / B,
-    "post_ms_per_img": t_post * 1e3 / B, "post_share": 100 * t_post / t_infer,
+    "post_ms_per_img": t_post * 1e3 / B, "to_original_ms_per_img": t_orig * 1e3 / B, "detections_per_img": n_dets,
+    # post-processing = decode (+ masks) + mapping to the original size, as a share of the whole inference
+    "post_share": 100 * (t_post + t_orig) / (t_infer + t_orig),
     "peak_mem_mb": peak_mem, "peak_mem_train_mb": peak_train, "peak_mem_infer_mb": peak_infer,
     "flops_train_per_img": flops_train / B, "flops_infer_per_img": flops_infer / B,
     "gflops_train_achieved": flops_train / t_train / 1e9, "gflops_infer_achieved": flops_infer / t_infer / 1e9,
@@ -414,6 +435,38 @@ if peers:
         results[f"peer_{name}_infer_ratio"] = t_infer / pt_infer
     del timed, peer
 
+# -- the training data loader on real images ----------------------------------------------------------
+results["loader_images_per_s"] = results["train_images_per_s"] = results["loader_over_train"] = None
+if loader:
+    from functools import partial
+    from torch.utils.data import DataLoader
+    from data import CocoInstances, build_transforms, collate_fn
+    if not real_data:
+        sys.exit("bench.py: loader=True needs --real_data=DIR (a COCO folder; train_img_dir/train_ann relative to it)")
+    p = lambda rel: rel if os.path.isabs(rel) else os.path.join(real_data, rel)  # noqa: E731
+    kw = dict(scale_range=scale_range, flip_prob=flip_prob, color_jitter=color_jitter,
+              **({"max_size": max_size} if transform == "fcos" else {}))
+    try:
+        train_set = CocoInstances(p(train_img_dir), p(train_ann), transforms=build_transforms(transform, True, input_size, **kw))
+    except (OSError, ValueError) as e:
+        sys.exit(f"bench.py: {e}")
+    dl = DataLoader(train_set, batch_size=B, shuffle=True, num_workers=num_workers, collate_fn=partial(collate_fn, size_divisibility=d),
+                    persistent_workers=num_workers > 0, drop_last=True, pin_memory=device_type == "cuda")
+    n, t0, it_ = 0, None, iter(dl)
+    for k in range(loader_batches + 1):
+        try:
+            batch = next(it_)
+        except StopIteration:  # a small set: start another epoch
+            it_ = iter(dl)
+            batch = next(it_)
+        if k == 0:
+            t0 = time.perf_counter()  # the first batch pays for the workers' start
+        else:
+            n += len(batch[1])
+    results["loader_images_per_s"] = n / (time.perf_counter() - t0)
+    results["train_images_per_s"] = 1e3 / results["train_ms_per_img"]
+    results["loader_over_train"] = results["loader_images_per_s"] / results["train_images_per_s"]
+
 # -- report -----------------------------------------------------------------------------------------
 def fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
@@ -424,7 +477,9 @@ unknown_peak = "n/a (unknown peak)" if device_type == "cuda" else "n/a (CPU)"
 rows = [
     ("train step (fwd+targets+losses, bwd, Adam)", f"{fmt(r['train_ms_per_img'], '.2f')} ms/img"),
     ("inference (eval fwd + decode + masks)", f"{fmt(r['infer_ms_per_img'], '.2f')} ms/img"),
-    ("post-processing (decode alone)", f"{fmt(r['post_ms_per_img'], '.2f')} ms/img = {r['post_share']:.1f}% of inference"),
+    ("post-processing: decode + masks | to original size", f"{fmt(r['post_ms_per_img'], '.2f')} | "
+     f"{fmt(r['to_original_ms_per_img'], '.2f')} ms/img ({r['detections_per_img']:.0f} detections) = "
+     f"{r['post_share']:.1f}% of inference + mapping"),
     (f"peak memory ({mem_note})", f"{fmt(r['peak_mem_mb'], '.0f')} MiB"
      + (f" (train {peak_train:.0f}, inference {peak_infer:.0f})" if device_type == "cuda" else "")),
     ("FLOPs/img train (fwd+bwd) | inference", f"{r['flops_train_per_img'] / 1e9:.2f} | {r['flops_infer_per_img'] / 1e9:.2f} GFLOP"),
@@ -432,6 +487,9 @@ rows = [
     ("MFU train | inference" + (f" (peak {peak / 1e12:.0f} TFLOP/s {dtype})" if peak else ""),
      f"{mfu_train:.1%} | {mfu_infer:.1%}" if peak else unknown_peak),
 ]
+if loader:
+    rows.append((f"training DataLoader ({num_workers} workers) | train step", f"{r['loader_images_per_s']:.1f} | "
+                 f"{r['train_images_per_s']:.1f} img/s = {r['loader_over_train']:.1f}x"))
 if peers:
     for name, title in (("fcos", "torchvision fcos_resnet50_fpn"), ("maskrcnn", "torchvision maskrcnn_resnet50_fpn")):
         rows.append((f"{title} train | inference",

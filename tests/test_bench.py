@@ -70,3 +70,18 @@ def test_bench_coloring_counts(tmp_path):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert (res["images"], res["instances_per_image"], res["colours_per_image"]) == (2, 3, 2)
     assert abs(res["passes_saved"] - 1 / 3) < 1e-9 and res["max_colours"] == 3
+
+
+def test_bench_loader_on_coco128():
+    """Guards the DataLoader throughput measurement (training transforms on real images) and
+    the post-processing numbers (decode + mapping to the original size, 100 detections) that
+    the README's speed table reports. Skipped without COCO128."""
+    import pytest
+    from conftest import COCO128
+    if not os.path.isfile(os.path.join(COCO128, "annotations", "instances_train2017.json")):
+        pytest.skip(f"COCO128 not found at {COCO128}")
+    res = bench("--loader=True", f"--real_data={COCO128}", "--val_img_dir=train2017",
+                "--val_ann=annotations/instances_train2017.json", "--num_classes=80", "--num_workers=1",
+                "--loader_batches=3")
+    assert res["loader_images_per_s"] > 0 and res["loader_over_train"] > 0
+    assert res["detections_per_img"] == 100 and res["to_original_ms_per_img"] > 0 and 0 < res["post_share"] < 100
