@@ -355,6 +355,27 @@ def test_test_transform_scale_and_size(tmp_path):
     assert t["masks"].shape == (2, 32, 64)
 
 
+def test_fcos_multi_scale_training(tmp_path):
+    """Guards FCOS's training resize: without multi-scale (scale_range (1, 1)) the short side is
+    exactly input_size (a 20x60 image at input_size 40 -> 40x120, scale 2); with scale_range
+    (0.5, 0.5) the short side is 0.5 * 40 = 20 (scale 1: 20x60); with (0.5, 1.0) every short side
+    lies in [20, 40] and the long-side cap (max_size) still holds (40 * 3 = 120 > 100 -> 100)."""
+    ds = CocoInstances(*make_coco(tmp_path, [ann(1)], size=(20, 60)),
+                       transforms=build_transforms("fcos", train=True, input_size=40, scale_range=(1.0, 1.0),
+                                                   flip_prob=0.0))
+    image, t = ds[0]
+    assert image.shape[-2:] == (40, 120) and t["scale"] == pytest.approx(2.0)
+    ds.transforms = build_transforms("fcos", train=True, input_size=40, scale_range=(0.5, 0.5), flip_prob=0.0)
+    assert ds[0][0].shape[-2:] == (20, 60)
+    ds.transforms = build_transforms("fcos", train=True, input_size=40, scale_range=(0.5, 1.0), max_size=100)
+    shorts = set()
+    for _ in range(20):
+        h, w = ds[0][0].shape[-2:]
+        assert 20 <= h <= 40 and w <= 100
+        shorts.add(h)
+    assert len(shorts) > 3  # really random
+
+
 def test_fcos_test_transform_sizes(tmp_path):
     """Guards the FCOS resize rule: short side -> 800 unless the long side would pass 1333."""
     ds = CocoInstances(*make_coco(tmp_path, [ann(1)], size=(20, 60)),
