@@ -422,13 +422,18 @@ results = {
     "peak_flops": peak, "mfu_train": mfu_train, "mfu_infer": mfu_infer,
 }
 for name in ("fcos", "maskrcnn"):
-    for k in ("train_ms_per_img", "infer_ms_per_img", "train_ratio", "infer_ratio"):
+    for k in ("train_ms_per_img", "infer_ms_per_img", "train_ratio", "infer_ratio", "detections_per_img"):
         results[f"peer_{name}_{k}"] = None
 
 # -- torchvision peers on the same pixels (timed above, in alternation with ours) ------------------
 if peers:
     for i, name in enumerate(("fcos", "maskrcnn"), start=1):
         pt_train, pt_infer = train_times[i], infer_times[i]
+        timed[i][0].eval()
+        # detections per image: with random weights each model keeps a different number (its own
+        # score threshold), and the mask branches cost per detection: compare at equal counts
+        # with --max_detections (see README, speed notes)
+        results[f"peer_{name}_detections_per_img"] = sum(len(o["boxes"]) for o in timed[i][2]()) / B
         results[f"peer_{name}_train_ms_per_img"] = pt_train * 1e3 / B
         results[f"peer_{name}_infer_ms_per_img"] = pt_infer * 1e3 / B
         results[f"peer_{name}_train_ratio"] = t_train / pt_train
@@ -493,7 +498,8 @@ if loader:
 if peers:
     for name, title in (("fcos", "torchvision fcos_resnet50_fpn"), ("maskrcnn", "torchvision maskrcnn_resnet50_fpn")):
         rows.append((f"{title} train | inference",
-                     f"{r[f'peer_{name}_train_ms_per_img']:.2f} | {r[f'peer_{name}_infer_ms_per_img']:.2f} ms/img"))
+                     f"{r[f'peer_{name}_train_ms_per_img']:.2f} | {r[f'peer_{name}_infer_ms_per_img']:.2f} ms/img "
+                     f"({r[f'peer_{name}_detections_per_img']:.0f} detections; ours {r['detections_per_img']:.0f})"))
         rows.append((f"  ours / {name} train | inference",
                      f"{r[f'peer_{name}_train_ratio']:.2f}x | {r[f'peer_{name}_infer_ratio']:.2f}x"))
 width = max(len(k) for k, _ in rows)
