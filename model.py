@@ -701,25 +701,48 @@ def head(cin, cout, hidden, bias_fill=0.0):
     return nn.Sequential(nn.Conv2d(cin, hidden, 3, padding=1), nn.ReLU(inplace=True), last)
 
 
-def box_grid(boxes, out_h, out_w, pixel=1.0):
+def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
     """
-    For M boxes (xyxy in a frame whose pixel j has centre (j + 0.5) * pixel), the grid_sample
-    coordinates of every pixel of an (out_h, out_w) map relative to each box: -1 at the box's
-    left/top edge, +1 at its right/bottom edge (align_corners=False convention, so an S x S
-    local shape stretched over the box puts its cell centres at the box's S x S cell centres).
-    Returns grid (M, out_h, out_w, 2) and `inside` (M, out_h, out_w) bool.
+    1-D bilinear resampling, as a matrix: n_in cells stretched over the interval [lo, hi]
+    (M intervals), read at the n_out pixel centres (j + 0.5) * pixel. Cell i's centre sits at
+    lo + (i + 0.5) (hi - lo) / n_in (align_corners=False) and positions past the first / last
+    centre take that cell's value (border clamp): exactly grid_sample's bilinear, border mode.
+    lo, hi (M,) -> weights (M, n_out, n_in) and inside (M, n_out): lo <= pixel centre <= hi.
     """
-    dev = boxes.device
-    xs = (torch.arange(out_w, device=dev, dtype=torch.float32) + 0.5) * pixel   # (W,)
-    ys = (torch.arange(out_h, device=dev, dtype=torch.float32) + 0.5) * pixel   # (H,)
-    x1, y1, x2, y2 = boxes.float().unbind(1)                                     # (M,)
-    gx = 2 * (xs[None, :] - x1[:, None]) / (x2 - x1)[:, None] - 1               # (M, W)
-    gy = 2 * (ys[None, :] - y1[:, None]) / (y2 - y1)[:, None] - 1               # (M, H)
-    M = len(boxes)
-    grid = torch.stack([gx[:, None, :].expand(M, out_h, out_w),
-                        gy[:, :, None].expand(M, out_h, out_w)], dim=-1)         # (M, H, W, 2)
-    inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]          # (M, H, W)
-    return grid, inside
+    pos = (torch.arange(n_out, device=lo.device, dtype=torch.float32) + 0.5) * pixel          # (n_out,)
+    lo, hi = lo.float()[:, None], hi.float()[:, None]                                        # (M, 1)
+    u = ((pos[None] - lo) / (hi - lo) * n_in - 0.5).clamp(0, n_in - 1)                       # (M, n_out) source coord
+    i0 = u.floor().long().clamp(max=max(n_in - 2, 0))
+    w1 = (u - i0).clamp(max=1.0)                                                             # (M, n_out)
+    weights = torch.zeros(len(lo), n_out, n_in, device=lo.device)
+    weights.scatter_(2, i0[..., None], (1 - w1)[..., None])
+    weights.scatter_add_(2, (i0 + 1).clamp(max=n_in - 1)[..., None], w1[..., None])
+    return weights, (pos[None] >= lo) & (pos[None] <= hi)
+
+
+def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0):
+    """
+    Stretch M small maps (M, s, s) over their boxes (M, 4) xyxy on an (out_h, out_w) pixel grid
+    whose pixel j has centre (j + 0.5) * pixel in the boxes' frame: bilinear, border-clamped
+    inside the box (the [CM 3.1] resize of a local shape; also MaskFCOS's paste). A bilinear
+    resize is separable, so it is two batched matrix products, rows then columns:
+    (M, out_h, s) @ (M, s, s) @ (M, s, out_w) - no (M, out_h, out_w, 2) sampling grid.
+    Returns the values (M, out_h, out_w) and inside (M, out_h, out_w) bool (pixel centre in the box).
+    """
+    wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)       # (M, H, s)
+    wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)       # (M, W, s)
+    values = wy @ small.float() @ wx.transpose(1, 2)                                         # (M, H, W)
+    return values, in_y[:, :, None] & in_x[:, None, :]
+
+
+def boxes_inside(boxes, out_h, out_w, pixel=1.0):
+    """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4)."""
+    ys = (torch.arange(out_h, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
+    xs = (torch.arange(out_w, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
+    b = boxes.float()
+    in_y = (ys[None] >= b[:, 1:2]) & (ys[None] <= b[:, 3:4])                                 # (M, H)
+    in_x = (xs[None] >= b[:, 0:1]) & (xs[None] <= b[:, 2:3])                                 # (M, W)
+    return in_y[:, :, None] & in_x[:, None, :]
 
 
 def min_size_boxes(center, wh, min_size=1.0):
@@ -768,29 +791,34 @@ def assemble_masks(local, saliency, batch, channels, boxes, grid_hw, pixel, log_
         boxes (M, 4) xyxy in output units; grid_hw (gh, gw): grid pixel j has centre
                   (j + 0.5) * pixel in output units (pixel = 1: the output grid itself;
                   pixel = 1/R: the input resolution)
-    The S x S shape is stretched over the box by one bilinear `grid_sample` (border-clamped,
-    [CM 3.1]); the saliency map is bilinearly resampled onto the grid and read in the box
-    ([CM 3.2]). Returns (M, gh, gw) probabilities, zero outside each box, or with log_space=True
-    (log M, log(1 - M), inside) for the loss. Used by CenterMask and CenterMask-FCOS.
+    The S x S shape is stretched over the box by a bilinear, border-clamped resize
+    (`stretch_to_boxes`, [CM 3.1]); the saliency map is bilinearly resampled onto the grid and
+    read in the box ([CM 3.2]). Returns (M, gh, gw) probabilities, zero outside each box, or with
+    log_space=True (log M, log(1 - M), inside) for the loss. Used by CenterMask and
+    CenterMask-FCOS. Inference takes the cheap path: sigmoid(L) * sigmoid(G) in place, the
+    saliency's sigmoid once per image (B maps), not once per object.
     """
     M = len(batch)
     gh, gw = grid_hw
-    grid, inside = box_grid(boxes, gh, gw, pixel)                                # (M, gh, gw, 2)
-    L = G = None
-    if local is not None:
-        L = F.grid_sample(local[:, None], grid, mode="bilinear", padding_mode="border",
-                          align_corners=False)[:, 0]                             # (M, gh, gw)
-    if saliency is not None:
-        if saliency.shape[-2:] != (gh, gw):
-            # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
-            saliency = F.interpolate(saliency, size=(gh, gw), mode="bilinear", align_corners=False)
-        G = saliency[batch, channels]                                            # (M, gh, gw)
     if M == 0:
         empty = torch.zeros(0, gh, gw, device=boxes.device)
-        return (empty, empty, inside) if log_space else empty
-    log_m, log_1m = mask_log_terms(L, G)
+        return (empty, empty, empty.bool()) if log_space else empty
+    L = G = None
+    if local is not None:
+        L, inside = stretch_to_boxes(local, boxes, gh, gw, pixel)                # (M, gh, gw)
+    else:
+        inside = boxes_inside(boxes, gh, gw, pixel)
+    if saliency is not None and saliency.shape[-2:] != (gh, gw):
+        # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
+        saliency = F.interpolate(saliency.float(), size=(gh, gw), mode="bilinear", align_corners=False)
     if not log_space:
-        return log_m.exp() * inside
+        masks = L.sigmoid_() if L is not None else inside.float()
+        if saliency is not None:
+            masks = masks * saliency.float().sigmoid()[batch, channels]          # (M, gh, gw)
+        return masks * inside
+    if saliency is not None:
+        G = saliency[batch, channels]                                            # (M, gh, gw)
+    log_m, log_1m = mask_log_terms(L, G)
     return log_m, log_1m, inside
 
 
@@ -1631,13 +1659,13 @@ class MaskFCOS(FCOS):
 def paste_masks(masks, boxes, hw):
     """Paste K small masks (K, m, m) into their boxes (K, 4) xyxy input frame on an (H, W)
     image: bilinear resampling of each mask stretched over its box (the same grid as CenterMask's
-    local shapes, `box_grid`), zero outside the box. -> (K, H, W)."""
+    local shapes, `stretch_to_boxes`), zero outside the box. -> (K, H, W)."""
     H, W = hw
     if len(boxes) == 0:
         return torch.zeros(0, H, W, device=boxes.device)
-    grid, inside = box_grid(min_size_boxes((boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]), H, W)  # (K, H, W, 2)
-    return F.grid_sample(masks[:, None].float(), grid, mode="bilinear", padding_mode="border",
-                         align_corners=False)[:, 0] * inside
+    values, inside = stretch_to_boxes(masks, min_size_boxes((boxes[:, :2] + boxes[:, 2:]) / 2,
+                                                            boxes[:, 2:] - boxes[:, :2]), H, W)  # (K, H, W)
+    return values * inside
 
 
 # -----------------------------------------------------------------------------
@@ -2320,7 +2348,7 @@ class FCOSIS(FCOS):
         centers = points[index] + s[:, None] * out["extra"][batch, index, :2].float()
         logits, att, groups = self.segment(features, out, boxes, centers, batch, labels, len(dets))
         probs = F.interpolate(logits[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-        probs = probs.sigmoid() * box_grid(boxes, H, W)[1]                       # cropped to the box
+        probs = probs.sigmoid() * boxes_inside(boxes, H, W)                      # cropped to the box
         start = 0
         for d in dets:
             d["masks"] = probs[start:start + len(d["boxes"])]
@@ -2378,7 +2406,7 @@ class FCOSIS(FCOS):
                 m["attention map"] = att[groups[mine[0]], 0]
             colour = torch.zeros(H, W, dtype=torch.long, device=images.device)
             if len(mine):
-                inside = box_grid(d["boxes"], H, W)[1]                           # (K, H, W)
+                inside = boxes_inside(d["boxes"], H, W)                          # (K, H, W)
                 cols = coloring_groups(d["boxes"], torch.zeros(len(mine), dtype=torch.long, device=images.device), 1)[0]
                 for j in range(len(mine)):  # a handful of boxes, drawn in rank order
                     colour[inside[j]] = cols[j] + 1

@@ -323,3 +323,25 @@ def test_config_errors():
         ModelConfig(use_shape=False, use_saliency=False)
     with pytest.raises(ValueError, match="method"):
         build_model(ModelConfig(method="yolo"))
+
+
+def test_stretch_to_boxes_equals_grid_sample():
+    """Guards the separable resize of the local shapes (two matrix products instead of a
+    sampling grid): it must equal torch's grid_sample (bilinear, border padding,
+    align_corners=False) of the S x S map stretched over each box, at every pixel inside the
+    box, for boxes at any sub-pixel position, smaller or larger than S, partly off the grid."""
+    from model import stretch_to_boxes
+    torch.manual_seed(0)
+    small = torch.randn(4, 5, 5)
+    boxes = torch.tensor([[2.3, 1.7, 9.9, 12.2], [0.0, 0.0, 3.0, 2.0], [-4.0, 5.5, 6.0, 30.0], [10.2, 3.1, 15.8, 4.6]])
+    H, W = 16, 14
+    values, inside = stretch_to_boxes(small, boxes, H, W, pixel=1.0)
+    xs, ys = torch.arange(W) + 0.5, torch.arange(H) + 0.5
+    gx = 2 * (xs[None] - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1]) - 1        # (M, W)
+    gy = 2 * (ys[None] - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2]) - 1        # (M, H)
+    grid = torch.stack([gx[:, None, :].expand(4, H, W), gy[:, :, None].expand(4, H, W)], -1)
+    ref = torch.nn.functional.grid_sample(small[:, None], grid, mode="bilinear", padding_mode="border",
+                                          align_corners=False)[:, 0]
+    ref_inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
+    assert torch.equal(inside, ref_inside) and inside.any((1, 2)).all()
+    assert torch.allclose(values[inside], ref[inside], atol=1e-5)
