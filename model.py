@@ -720,18 +720,21 @@ def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
     return weights, (pos[None] >= lo) & (pos[None] <= hi)
 
 
-def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0):
+def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
     """
     Stretch M small maps (M, s, s) over their boxes (M, 4) xyxy on an (out_h, out_w) pixel grid
     whose pixel j has centre (j + 0.5) * pixel in the boxes' frame: bilinear, border-clamped
     inside the box (the [CM 3.1] resize of a local shape; also MaskFCOS's paste). A bilinear
     resize is separable, so it is two batched matrix products, rows then columns:
     (M, out_h, s) @ (M, s, s) @ (M, s, out_w) - no (M, out_h, out_w, 2) sampling grid.
-    Returns the values (M, out_h, out_w) and inside (M, out_h, out_w) bool (pixel centre in the box).
+    Returns the values (M, out_h, out_w) and inside (M, out_h, out_w) bool (pixel centre in the
+    box), or with separable=True inside as its two factors (M, out_h, 1), (M, 1, out_w) float.
     """
     wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)       # (M, H, s)
     wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)       # (M, W, s)
     values = wy @ small.float() @ wx.transpose(1, 2)                                         # (M, H, W)
+    if separable:
+        return values, (in_y[:, :, None].float(), in_x[:, None, :].float())
     return values, in_y[:, :, None] & in_x[:, None, :]
 
 
@@ -805,17 +808,23 @@ def assemble_masks(local, saliency, batch, channels, boxes, grid_hw, pixel, log_
         return (empty, empty, empty.bool()) if log_space else empty
     L = G = None
     if local is not None:
-        L, inside = stretch_to_boxes(local, boxes, gh, gw, pixel)                # (M, gh, gw)
+        L, inside = stretch_to_boxes(local, boxes, gh, gw, pixel, separable=not log_space)  # (M, gh, gw)
     else:
         inside = boxes_inside(boxes, gh, gw, pixel)
     if saliency is not None and saliency.shape[-2:] != (gh, gw):
         # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
         saliency = F.interpolate(saliency.float(), size=(gh, gw), mode="bilinear", align_corners=False)
-    if not log_space:
+    if not log_space:  # in place, no (M, gh, gw) temporaries beyond the masks themselves
         masks = L.sigmoid_() if L is not None else inside.float()
         if saliency is not None:
-            masks = masks * saliency.float().sigmoid()[batch, channels]          # (M, gh, gw)
-        return masks * inside
+            P = saliency.float().sigmoid()                                       # (B, n, gh, gw)
+            if bool((batch == batch[0]).all() and (channels == channels[0]).all()):
+                masks.mul_(P[batch[0], channels[0]])                             # one map: broadcast
+            else:
+                masks.mul_(P[batch, channels])                                   # (M, gh, gw)
+        if L is not None:  # zero outside the boxes, one factor per axis
+            return masks.mul_(inside[0]).mul_(inside[1])
+        return masks
     if saliency is not None:
         G = saliency[batch, channels]                                            # (M, gh, gw)
     log_m, log_1m = mask_log_terms(L, G)
