@@ -65,9 +65,10 @@ def _masks_to_original(masks, size, orig_size, threshold):
     chunk = max(1, (1 << 26) // (H0 * W0))
     out = []
     for i in range(0, masks.shape[0], chunk):
-        m = masks[i:i + chunk, None].float()                     # (k, 1, h, w)
+        # the k masks as the channels of one image: 1.3x faster than k images of one channel (CPU)
+        m = masks[None, i:i + chunk].float()                     # (1, k, h, w)
         m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)
-        out.append(m[:, 0] > threshold)                          # (k, H0, W0) bool
+        out.append(m[0] > threshold)                             # (k, H0, W0) bool
     return torch.cat(out)
 
 
