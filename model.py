@@ -8,6 +8,11 @@ builder, loss, mask assembly and decoder, in reading order.
     4. CenterNet targets                          gaussian_radius, draw_gaussian, batched heatmaps
     5. CenterNet losses                           penalty-reduced focal loss, L1 at the centres
     6. CenterMask                                 Local Shape x Global Saliency (paper 001)
+    7. ResNet / ResNeXt + FPN                     P3-P7 (P2-P7 for FCOSIS), torchvision parts
+    8. FCOS and FCOSreg                           fcos_targets, focal / GIoU / centerness, NMS
+    9. MaskFCOS                                   FCOS proposals + RoIAlign mask head
+   10. CenterMask-FCOS                            Local Shape x Global Saliency on FCOS
+   11. FCOSIS                                     attention map, colouring, segmentation head
 
 Papers (full texts in the shared `papers/` folder):
     [CM]   Wang et al., "CenterMask: single shot instance segmentation with point
@@ -18,6 +23,10 @@ Papers (full texts in the shared `papers/` folder):
     [DLA]  Yu et al., "Deep Layer Aggregation", CVPR 2018.
     CornerNet  Law and Deng, "CornerNet: Detecting Objects as Paired Keypoints", ECCV 2018,
            whose Hourglass-104 (CornerNet 3.5) CenterNet and [CM] reuse unchanged.
+    [IS]   "FCOSIS: Fully-Convolutional One-Stage Instance Segmentation" (file 000_*), with
+           FCOSreg ([IS 3.3]) and MaskFCOS ([IS 4]).
+    [FCOS] Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection", ICCV 2019, the
+           detector [IS] and [CM 4.3] build on.
 
 Coordinate frames used throughout:
     * input frame: pixels of the network input (the padded batch), x right, y down; pixel X
