@@ -1,38 +1,12 @@
 # FCOSreg (FCOS with mask regularisation, [IS 3.3]), ResNet-50-FPN, COCO 2017.
 #   1 GPU:   python train.py config/fcosreg_r50.py --data_root=/path/to/coco
 #   8 GPUs:  torchrun --standalone --nproc_per_node=8 train.py config/fcosreg_r50.py --data_root=/path/to/coco --batch_size=2
-# Expected (paper, test-dev, Table 1): box AP 37.5 (FCOS: 37.1). Settings as config/fcos_r50.py.
-# Not yet reproduced here (no GPU/COCO in our sessions).
+# Expected (paper, test-dev, Table 1): box AP 37.5 (FCOS: 37.1). Settings as config/fcos_r50.py
+# (read first). Not yet reproduced here (no GPU/COCO in our sessions).
+import os
+exec(open(os.path.join(os.path.dirname(__file__), 'fcos_r50.py')).read())
 method = "fcosreg"
 ambiguity = "mask"               # ambiguous locations -> highest segmentation label ([IS 3.3])
 reg_weights = (1 / 3, 1 / 3, 1 / 3)  # w = (ctr + s + sqrt(ctr*s)) / 3 (Fig. 6c)
 center_sampling_at = "box"       # "mass": sample around the mask's centre of mass (Fig. 5 right)
-backbone = "resnet50"
-pretrained = True                # ImageNet weights, as FCOS
-norm = "frozen_bn"               # FCOS: frozen BatchNorm ...
-freeze_at = 2                    # ... and frozen stem + res2
-fpn_channels = 256               # [FCOS] 3.2
-head_convs = 4                   # [FCOS] Fig. 2
-center_sampling = 1.5            # the FCOS improvements (DESIGN 4.4); 0 = [IS 3.1]'s every location in the box
-box_loss = "giou"                # "iou" = [IS 3.1]'s UnitBox loss
-score_threshold = 0.05           # [FCOS] 4
-nms_threshold = 0.6              # [FCOS] 4
-max_detections = 100
-
 out_dir = "out/fcosreg_r50"
-data_root = "data/coco"          # holds train2017/, val2017/, annotations/instances_{train,val}2017.json
-transform = "fcos"
-input_size = 800                 # short side ([IS 4])
-max_size = 1333                  # long side at most ([IS 4])
-scale_range = (1.0, 1.0)         # single scale ([IS 4]); FCOS's multi-scale 640-800 = (0.8, 1.0)
-flip_prob = 0.5
-batch_size = 16                  # [IS 4]: 16 images per step, in total (8 GPUs: --batch_size=2)
-optimizer = "sgd"                # [IS 4]: SGD, momentum 0.9
-learning_rate = 0.01             # [IS 4]
-weight_decay = 1e-4              # [IS 4]
-warmup_iters = 500               # FCOS's linear warmup (from 1/3 there, from 0 here)
-epochs = 24                      # [IS 4]
-lr_steps = (14, 21)              # x0.1 at epochs 14 and 21 ([IS 4])
-eval_every_epochs = 4
-eval_max_images = 500
-num_workers = 8

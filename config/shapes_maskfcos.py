@@ -1,36 +1,10 @@
 # Quick start of MaskFCOS ([IS 4]: FCOS proposals + RoIAlign mask head) on the synthetic shapes
 # set, on the CPU.
 #   python train.py config/shapes_maskfcos.py
-# As config/shapes_fcos.py, plus: 16 proposals per image in training (64 in the COCO config) to
-# bound the mask head's cost on a CPU.
+# As config/shapes_fcos.py (read first), plus: 16 proposals per image in training (64 in the COCO
+# config) to bound the mask head's cost on a CPU.
+import os
+exec(open(os.path.join(os.path.dirname(__file__), 'shapes_fcos.py')).read())
 method = "maskfcos"
 mask_proposals = 16
-backbone = "resnet18"
-pretrained = False
-norm = "bn"
-freeze_at = 0
-fpn_channels = 64
-
-shapes_dir = "data/shapes"
-shapes_n_train = 1000
-shapes_n_val = 200
-shapes_size = 128
 out_dir = "out/shapes_maskfcos"
-transform = "fcos"
-input_size = 128                 # short side; the shapes images are 128 x 128
-scale_range = (1.0, 1.0)         # no multi-scale (as [IS 4])
-batch_size = 8
-num_workers = 2
-optimizer = "adam"
-learning_rate = 1e-3
-warmup_iters = 200
-epochs = 16
-lr_steps = (12, 15)
-grad_clip = 10.0
-eval_every_epochs = 4
-eval_max_images = 100
-log_interval = 25
-device = "cpu"
-dtype = "auto"
-visualize = True
-vis_images = 8
