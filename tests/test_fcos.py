@@ -288,24 +288,29 @@ def test_conv3x3_at_equals_the_full_conv():
 
 # -- models ---------------------------------------------------------------------------------------
 
+def train_steps(model, images, targets, steps=40):
+    """`steps` Adam steps (lr 1e-3) on one fixed batch, asserting finite losses at every step;
+    returns the first and the last step's losses as floats."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(steps):
+        losses = model(images, targets)
+        assert all(torch.isfinite(v) for v in losses.values()), losses
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        first = first or {k: v.item() for k, v in losses.items()}
+    return first, {k: v.item() for k, v in losses.items()}
+
+
 @pytest.mark.parametrize("method", ["fcos", "fcosreg", "maskfcos", "centermask_fcos"])
 def test_every_method_learns_a_toy_batch(method):
     """Guards the whole training path of each method (targets, losses, backward, optimiser):
     40 Adam steps on one fixed batch (an empty image included) must cut the total loss by at
     least half, and every loss term must stay finite."""
     torch.manual_seed(0)
-    model = build_model(tiny(method))
-    images, targets = toy_batch()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    first = None
-    for _ in range(40):
-        losses = model(images, targets)
-        assert all(torch.isfinite(v) for v in losses.values()), losses
-        opt.zero_grad()
-        losses["loss"].backward()
-        opt.step()
-        first = first if first is not None else losses["loss"].item()
-    assert losses["loss"].item() < 0.5 * first, (method, first, losses)
+    first, losses = train_steps(build_model(tiny(method)), *toy_batch())
+    assert losses["loss"] < 0.5 * first["loss"], (method, first, losses)
     expected = {"cls", "box", "centerness", "loss"} | ({"mask"} if "mask" in method else set())
     assert set(losses) == expected
 

@@ -424,14 +424,13 @@ def test_padded_crop_bce_tiny_box_keeps_its_centre_cell():
 
 # -- the FCOSIS model -------------------------------------------------------------------------------
 
-from model import ModelConfig, build_model, FCOSIS  # noqa: E402
+from model import build_model, FCOSIS  # noqa: E402
+from test_fcos import tiny, train_steps  # noqa: E402
 
 
 def tiny_fcosis(**kw):
     """A CPU-sized FCOSIS: ResNet-18 from scratch, 32-wide FPN / heads, 3 classes."""
-    base = dict(method="fcosis", backbone="resnet18", num_classes=3, norm="bn", freeze_at=0, fpn_channels=32)
-    base.update(kw)
-    return ModelConfig(**base)
+    return tiny("fcosis", **kw)
 
 
 def toy_instances(H=96, W=128):
@@ -475,20 +474,10 @@ def test_fcosis_learns_a_toy_batch(kw):
     image) cut the total loss by more than half, every term stays finite, and the mask loss
     itself falls."""
     torch.manual_seed(0)
-    model = build_model(tiny_fcosis(**kw))
-    images, targets = toy_instances()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    first = None
-    for _ in range(40):
-        losses = model(images, targets)
-        assert all(torch.isfinite(v) for v in losses.values()), losses
-        opt.zero_grad()
-        losses["loss"].backward()
-        opt.step()
-        first = first or {k: v.item() for k, v in losses.items()}
+    first, losses = train_steps(build_model(tiny_fcosis(**kw)), *toy_instances())
     assert set(losses) == {"cls", "box", "centerness", "foreground", "com", "mask", "loss"}
-    assert losses["loss"].item() < 0.5 * first["loss"], (first, losses)
-    assert losses["mask"].item() < first["mask"]
+    assert losses["loss"] < 0.5 * first["loss"], (first, losses)
+    assert losses["mask"] < first["mask"]
 
 
 def test_fcosis_inference_and_teaching_maps():
