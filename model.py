@@ -621,6 +621,21 @@ def flatten_targets(targets, stride):
                 center_int=center.floor().long(), wh=boxes[:, 2:] - boxes[:, :2])
 
 
+def batch_masks(targets, H, W, device):
+    """The ground-truth masks of a batch, image after image (the order of the concatenated
+    boxes), zero-padded bottom/right to the padded batch size: B target dicts with masks
+    (N_i, H_i, W_i) -> (M, H, W) on `device`, M = sum N_i."""
+    return torch.cat([F.pad(t["masks"], (0, W - t["masks"].shape[-1], 0, H - t["masks"].shape[-2]))
+                      for t in targets]).to(device)
+
+
+def first_box_index(targets, device):
+    """(B,) index of each image's first box among the batch's concatenated boxes: per-image box
+    index + first_box_index[b] = index into batch_masks(...)."""
+    counts = torch.tensor([len(t["boxes"]) for t in targets], device=device)
+    return torch.cumsum(counts, 0) - counts
+
+
 def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=0.7, cornernet_bug=True):
     """
     Ground-truth heatmaps of a batch, all objects at once ([CN] 3):
@@ -990,8 +1005,7 @@ class CenterMask(nn.Module):
         M = len(objs["labels"])
         num_objects = reduce_mean(torch.tensor(float(M), device=device)).clamp(min=1)  # over processes
         if M:
-            gt_masks = torch.cat([F.pad(t["masks"], (0, w * R - t["masks"].shape[-1], 0, h * R - t["masks"].shape[-2]))
-                                  for t in targets]).to(device)            # (M, H, W)
+            gt_masks = batch_masks(targets, h * R, w * R, device)                         # (M, H, W)
             gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]                   # (M, h, w)
         if M == 0:
             # keep every mask parameter in the graph (DDP expects a gradient for each)
@@ -1433,9 +1447,13 @@ class FCOS(nn.Module):
         return out
 
     def decode(self, out, input_hw):
-        """Head outputs -> detections (and masks): the inference post-processing."""
+        """Head outputs -> detections (and masks): the inference post-processing. The
+        detections' `index` (their location, read by the mask branches) is dropped here."""
         points, _, levels = fcos_locations(out["hw"], self.strides, out["cls"].device)
-        return self.postprocess(out, points, levels, input_hw, out["features"])
+        dets = self.postprocess(out, points, levels, input_hw, out["features"])
+        for d in dets:
+            del d["index"]
+        return dets
 
     def forward(self, images, targets=None):
         if not self.training:
@@ -1543,10 +1561,8 @@ class FCOS(nn.Module):
         return results
 
     def postprocess(self, out, points, levels, input_hw, features):
-        dets = self.detect(out, points, levels, input_hw)
-        for d in dets:
-            del d["index"]
-        return dets
+        """Detections -> the final per-image dicts; the mask methods add their masks here."""
+        return self.detect(out, points, levels, input_hw)
 
 
 def box_iou_aligned(a, b):
@@ -1653,9 +1669,7 @@ class MaskFCOS(FCOS):
         if not rois:  # no objects in the batch: keep the mask head in the graph (DDP)
             return {"mask": sum(p.sum() * 0 for p in self.mask_head.parameters())}
         batch, rois, gt_index = torch.cat(batch), torch.cat(rois), torch.cat(gt_index)
-        gt_masks = torch.cat([F.pad(tg["masks"], (0, images.shape[-1] - tg["masks"].shape[-1],
-                                                  0, images.shape[-2] - tg["masks"].shape[-2]))
-                              for tg in targets]).to(device)                      # (G, H, W)
+        gt_masks = batch_masks(targets, *images.shape[-2:], device)              # (G, H, W)
         gt_labels = torch.cat([tg["labels"] for tg in targets]).to(device)
         target = (mask_targets(gt_masks, gt_index, rois, S) >= 0.5).float()     # (K, 28, 28)
         logits = self.mask_logits(features, batch, rois, gt_labels[gt_index]).float()
@@ -1673,7 +1687,6 @@ class MaskFCOS(FCOS):
             d["masks"] = paste_masks(probs[start:start + k] if k else torch.zeros(0, 1, 1, device=points.device),
                                      d["boxes"], input_hw)
             start += k
-            del d["index"]
         return dets
 
 
@@ -1745,11 +1758,8 @@ class CenterMaskFCOS(FCOS):
             params = [p for m in (self.shape, self.saliency) if m is not None for p in m.parameters()]
             return {"mask": sum(p.sum() * 0 for p in params)}
         gt_boxes = t["boxes"][batch, t["matched"][pos]]                          # (M, 4) input frame
-        offsets = torch.cumsum(torch.tensor([0] + [len(tg["boxes"]) for tg in targets[:-1]], device=images.device), 0)
-        gt_index = offsets[batch] + t["matched"][pos]                            # (M,) into the concatenated masks
-        gt_masks = torch.cat([F.pad(tg["masks"], (0, images.shape[-1] - tg["masks"].shape[-1],
-                                                  0, images.shape[-2] - tg["masks"].shape[-2]))
-                              for tg in targets]).to(images.device)              # (G, H, W)
+        gt_index = first_box_index(targets, images.device)[batch] + t["matched"][pos]  # (M,) into the masks
+        gt_masks = batch_masks(targets, *images.shape[-2:], images.device)       # (G, H, W)
         target = mask_targets(gt_masks, gt_index, gt_boxes, S)                   # (M, S, S) soft
         L = self.local_shapes(out, levels, batch, index) if self.shape is not None else None
         G = None
@@ -1777,7 +1787,6 @@ class CenterMaskFCOS(FCOS):
             boxes = min_size_boxes((d["boxes"][:, :2] + d["boxes"][:, 2:]) / (2 * R),
                                    (d["boxes"][:, 2:] - d["boxes"][:, :2]) / R, 1.0 / R)
             d["masks"] = assemble_masks(local, sal, batch, ch, boxes, input_hw, 1.0 / R)
-            del d["index"]
         return dets
 
 
@@ -2318,8 +2327,7 @@ class FCOSIS(FCOS):
         boxes = torch.cat([tg["boxes"].float() for tg in targets]).to(device)   # (M, 4)
         labels = torch.cat([tg["labels"] for tg in targets]).to(device)
         batch = torch.cat([torch.full((len(tg["boxes"]),), b, device=device) for b, tg in enumerate(targets)]).long()
-        masks = torch.cat([F.pad(tg["masks"], (0, W - tg["masks"].shape[-1], 0, H - tg["masks"].shape[-2]))
-                           for tg in targets]).to(device)                        # (M, H, W)
+        masks = batch_masks(targets, H, W, device)                               # (M, H, W)
         extra = out["extra"].float()                                             # (B, P, 3)
         # coarse foreground of every level: BCE against the pooled union of the masks
         fg_target = torch.cat([coarse_foreground_targets(masks, s, batch, B, hw).flatten(1)
@@ -2331,8 +2339,8 @@ class FCOSIS(FCOS):
         if self.cfg.com_assignment == "mask":
             matched = mask_assignment(points, masks, batch, B)                   # (B, P) flat index
         else:  # FCOS positives (t["matched"] indexes each image's boxes)
-            offsets = torch.cumsum(torch.tensor([0] + [len(tg["boxes"]) for tg in targets[:-1]], device=device), 0)
-            matched = torch.where(t["matched"] >= 0, t["matched"] + offsets[:, None], -1)
+            first = first_box_index(targets, device)
+            matched = torch.where(t["matched"] >= 0, t["matched"] + first[:, None], -1)
         strides = torch.tensor(self.strides, device=device, dtype=torch.float32)[levels]
         target, valid = center_of_mass_targets(points, strides, matched, mass, masks)
         losses["com"] = center_of_mass_loss(extra[..., :2], target, valid,
@@ -2379,8 +2387,6 @@ class FCOSIS(FCOS):
     def postprocess(self, out, points, levels, input_hw, features):
         dets = self.detect(out, points, levels, input_hw)
         self.predict_masks(dets, out, points, levels, input_hw, features)
-        for d in dets:
-            del d["index"]
         return dets
 
     @torch.no_grad()
