@@ -103,6 +103,8 @@ class ModelConfig:
     seg_classes: str = "agnostic"     # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
     com_assignment: str = "mask"      # locations regressing the centre of mass: "mask" (every mask pixel, [IS] Fig. 3)
                                       # or "positive" (FCOS positives inside the mask, DESIGN 4.7)
+    attention_grid: str = "p2"        # grid the attention map is built on: "p2" (stride 4, the P3 outputs resampled)
+                                      # or "p3" (stride 8, the detection head's own grid); not fixed by [IS]
 
     def __post_init__(self):
         # tuples survive a round trip through a checkpoint's plain dict / the configurator
@@ -139,6 +141,7 @@ class ModelConfig:
         for key, allowed in (("ambiguity", ("area", "mask")), ("center_sampling_at", ("box", "mass")),
                              ("box_loss", ("giou", "iou")), ("norm", ("frozen_bn", "bn")),
                              ("attention", ("segm", "mu0", "bbox", "none")), ("seg_classes", ("agnostic", "specific")),
+                             ("attention_grid", ("p2", "p3")),
                              ("com_assignment", ("mask", "positive"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"ModelConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -2069,9 +2072,11 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
     Returns (G, 1, h, w) float32.
 
     Readings of [IS 3.2.1] taken here (the paper does not fix them):
-      * the map is built on the level where the detection head predicts coarse_fg and r; the
-        model builds it on P3 (stride 8), the finest detection level ("generated in upper
-        layers"), and `apply_attention` resizes it bilinearly onto P2, P3, P4.
+      * coarse_fg and r come from the detection head's finest level, P3 ("generated in upper
+        layers"); FCOSIS resamples them onto the P2 grid and builds the map there (stride 4,
+        `FCOSIS.attention_inputs`), then `apply_attention` shrinks it onto P3 and P4. Built on
+        P3's own grid (attention_grid="p3"), an 8-16 px object has 1-4 cells of attention and
+        its masks on the shapes set fail (README, FCOSIS).
       * an instance is assigned among ALL instances of its image (not only its group), so a
         location of B_j voting for a neighbour in another pass is a distractor (-mu) for j.
       * -mu replaces the value (it is not scaled by the coarse foreground); a location
@@ -2125,15 +2130,20 @@ class AttentionMap(nn.Module):
 def apply_attention(features, attention, group_batch):
     """
     The top-down connection [IS 3.2.1]: every pass (group) g gets its image's FPN maps
-    multiplied by the group's attention map, bilinearly resized to each level
-    (align_corners=False: cell centres, which are the FCOS locations, stay aligned).
+    multiplied by the group's attention map, resized to each level: bilinearly where the level
+    is finer (align_corners=False: cell centres, which are the FCOS locations, stay aligned),
+    by area averaging where it is coarser (a 4x bilinear shrink would read 2 of every 4 cells).
     features: list of (B, C, h_i, w_i) (P2, P3, P4); attention (G, 1, h, w);
     group_batch (G,) image of each group -> list of (G, C, h_i, w_i).
     """
     out = []
     for f in features:
-        a = attention if attention.shape[-2:] == f.shape[-2:] else F.interpolate(
-            attention, size=f.shape[-2:], mode="bilinear", align_corners=False)   # (G, 1, h_i, w_i)
+        if attention.shape[-2:] == f.shape[-2:]:
+            a = attention
+        elif f.shape[-1] < attention.shape[-1]:
+            a = F.interpolate(attention, size=f.shape[-2:], mode="area")           # (G, 1, h_i, w_i)
+        else:
+            a = F.interpolate(attention, size=f.shape[-2:], mode="bilinear", align_corners=False)
         out.append(f[group_batch] * a.to(f.dtype))                                 # (G, C, h_i, w_i)
     return out
 
@@ -2259,8 +2269,8 @@ class FCOSIS(FCOS):
     (`extra` = 3 channels); a segmentation head on P2-P4; and between them the parametrised
     attention map (the top-down connection): for each instance, zero outside its box, +lambda *
     coarse foreground where a location's regressed centre is closest to this instance's centre,
-    -mu elsewhere in the box. It is built on P3, resized onto P2, P3 and P4, and multiplies them
-    before the segmentation head. Instances whose boxes do not overlap share one map and one
+    -mu elsewhere in the box. It is built on the P2 grid from the P3 outputs, shrunk onto P3
+    and P4, and multiplies P2-P4 before the segmentation head. Instances whose boxes do not overlap share one map and one
     segmentation pass: the groups are the colours of a Largest-First colouring of the box
     overlap graph ([IS 3.2.1] "Efficient Attention Map Propagation").
 
@@ -2304,6 +2314,20 @@ class FCOSIS(FCOS):
         p3 = out["extra"][:, :h * w].float().transpose(1, 2).reshape(-1, 3, h, w)   # (B, 3, h, w)
         return regressed_centers(p3[:, :2], self.strides[0]), p3[:, 2:3].sigmoid()
 
+    def attention_inputs(self, out, p2_hw):
+        """
+        The P3 maps (`p3_maps`) on the grid the attention map is built on, and that grid's
+        stride. attention_grid="p2" (default): both resampled bilinearly onto the P2 grid
+        (stride 4; the regressed centres are absolute input-frame coordinates, so this is exact
+        inside the map), so that the box constraint and the assignment are drawn at stride 4 and
+        an 8-16 px object gets 4-16 cells of attention instead of 1-4. "p3": P3's own grid.
+        """
+        regressed, fg = self.p3_maps(out)                                        # (B, 2|1, H/8, W/8)
+        if self.cfg.attention_grid == "p3":
+            return regressed, fg, self.strides[0]
+        up = lambda x: F.interpolate(x, size=tuple(p2_hw), mode="bilinear", align_corners=False)
+        return up(regressed), up(fg), self.strides[0] // 2                       # (B, 2|1, H/4, W/4)
+
     def segment(self, features, out, boxes, centers, batch, labels, num_images, color_boxes=None):
         """
         Mask logits (M, H/4, W/4) of M instances (boxes (M, 4), centres (M, 2) input frame,
@@ -2316,8 +2340,8 @@ class FCOSIS(FCOS):
             seg = self.seg_head([p2_p4[0], p2_p4[1], self.aspp(p2_p4[2])])       # (B, C, H/4, W/4)
             return seg[batch, ch], None, None
         groups, group_batch = coloring_groups(boxes if color_boxes is None else color_boxes, batch, num_images)
-        regressed, fg = self.p3_maps(out)
-        att = self.attention(regressed, fg, self.strides[0], boxes, centers, batch, groups, len(group_batch))
+        regressed, fg, stride = self.attention_inputs(out, p2_p4[0].shape[-2:])
+        att = self.attention(regressed, fg, stride, boxes, centers, batch, groups, len(group_batch))
         seg = self.seg_head(apply_attention(p2_p4, att, group_batch))            # (G, n, H/4, W/4)
         return seg[groups, ch], att, groups
 
@@ -2393,11 +2417,12 @@ class FCOSIS(FCOS):
     def teaching_maps(self, images, k=8, score_threshold=0.3):
         """
         What [IS] Fig. 2-4 show, for eval.visualize's `maps_fn` hook. images (B, 3, H, W) ->
-        list of B dicts (h, w = H/8, W/8, the P3 grid the attention map is built on):
+        list of B dicts (h, w = H/8, W/8, the P3 grid of the detection head's outputs):
             "centre of mass field"  (h, w, 3) RGB: hue = angle of the regressed vector (r_x,
                                     r_y), brightness = coarse foreground (Fig. 3)
             "coarse foreground"     (h, w) sigmoid of the detection head's coarse segmentation
-            "attention map"         (h, w) the attention map of the best detection's pass
+            "attention map"         the attention map of the best detection's pass, on its own
+                                    grid (H/4, W/4; (h, w) with attention_grid="p3")
                                     (absent for the "none" baseline)
             "colour groups"         (H, W) int64: each detection's box (score >= threshold,
                                     best k) filled with 1 + its colour (one segmentation pass

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from eval import evaluate, to_original, visualize  # noqa: E402
+from eval import evaluate, to_original, visualize, _masks_to_original  # noqa: E402
 
 CAT_IDS = (5, 9)
 # (id, height, width): long side 60 everywhere, so data.py's test transform with
@@ -388,3 +388,42 @@ def test_cli_missing_checkpoint_names_path(tmp_path):
     assert r.returncode != 0
     assert missing in r.stderr and "Traceback" not in r.stderr
     assert "{" not in r.stdout
+
+
+@pytest.mark.parametrize("size,orig", [((40, 56), (50, 70)), ((40, 56), (20, 28)),
+                                       ((40, 56), (40, 56)), ((37, 53), (61, 29))])
+def test_masks_to_original_box_windows_equal_dense_resize(size, orig, monkeypatch):
+    """Guards the box-bounded mapping (only each box's window of the original image is
+    computed) against the dense `F.interpolate` of whole masks: for masks that are zero outside
+    their boxes they must give the same bool masks, for up-, down-, identity and mixed scales,
+    boxes touching the image border, sub-pixel boxes and boxes past the padding; with a box as
+    large as the image the dense path is taken (and gives the same too)."""
+    import eval as eval_module
+    calls = []
+    paste = eval_module._paste_windows
+    monkeypatch.setattr(eval_module, "_paste_windows", lambda *a: calls.append(1) or paste(*a))
+    g = torch.Generator().manual_seed(0)
+    h, w = size
+    K = 9
+    xy = torch.rand(K, 2, generator=g) * torch.tensor([w, h])
+    wh = torch.rand(K, 2, generator=g) * torch.tensor([w, h]) * 0.3
+    boxes = torch.cat([xy, xy + wh], 1)
+    boxes[0] = torch.tensor([0.0, 0.0, w, h])                      # the whole image
+    boxes[1] = torch.tensor([w - 0.6, h - 0.6, w + 5.0, h + 5.0])   # past the corner, into the padding
+    boxes[2] = torch.tensor([10.2, 11.3, 10.7, 11.9])               # thinner than a pixel
+    H, W = h + 3, w + 5                                             # batch padding
+    ys = torch.arange(H, dtype=torch.float32)[:, None] + 0.5
+    xs = torch.arange(W, dtype=torch.float32)[None, :] + 0.5
+    inside = ((xs >= boxes[:, 0, None, None]) & (xs < boxes[:, 2, None, None]) &
+              (ys >= boxes[:, 1, None, None]) & (ys < boxes[:, 3, None, None]))
+    inside[2, 11, 10] = True                                        # the thin box keeps its one pixel
+    masks = torch.rand(K, H, W, generator=g) * inside
+    for first in (1, 0):  # without the whole-image box: windows; with it: dense
+        dense = _masks_to_original(masks[first:], size, orig, 0.4)
+        windowed = _masks_to_original(masks[first:], size, orig, 0.4, boxes[first:])
+        assert dense.any() and torch.equal(windowed, dense)
+        assert len(calls) == 1
+    bool_masks = masks[1:] > 0.5                                    # bool input: threshold 0.5
+    assert torch.equal(_masks_to_original(bool_masks, size, orig, 0.4, boxes[1:]),
+                       _masks_to_original(bool_masks, size, orig, 0.4))
+    assert len(calls) == 2

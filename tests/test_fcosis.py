@@ -327,10 +327,13 @@ def test_attention_group_map_is_sum_and_images_independent():
 
 
 def test_regressed_centers_and_apply_attention():
-    """Guards the stride-unit offsets (x + s*r_x) and the bilinear resize onto P2-P4.
+    """Guards the stride-unit offsets (x + s*r_x) and the resize onto P2-P4.
     Stride 8, cell (0,1) = location (12, 4), r = (0.5, -0.25) -> (12 + 4, 4 - 2) = (16, 2).
-    A constant map 2 resized to any level stays 2 (bilinear, align_corners=False); at P3's own
-    size the map is used as is; group_batch picks each group's image."""
+    A constant map 2 resized to any level stays 2 (bilinear up, area down); at P3's own
+    size the map is used as is; group_batch picks each group's image.
+    Area shrink of a P2-size map (4x4) onto P4 (1x1, factor 4): the mean of all 16 cells,
+    (15 * 1 + 17) / 16 = 2 for a map of ones with one cell 17 (a 4x bilinear shrink would
+    read only the middle 2x2 cells: 1); onto P3 (2x2) its top-left cell is (17 + 1 + 1 + 1) / 4 = 5."""
     r = torch.zeros(1, 2, 4, 4)
     r[0, :, 0, 1] = torch.tensor([0.5, -0.25])
     rc = regressed_centers(r, 8)
@@ -343,6 +346,10 @@ def test_regressed_centers_and_apply_attention():
     torch.testing.assert_close(out[0][0], 2 * feats[0][1])
     torch.testing.assert_close(out[2][1], 2 * feats[2][0])
     torch.testing.assert_close(out[1][2], feats[1][1] * att[2])
+    fine = torch.ones(1, 1, 4, 4)
+    fine[0, 0, 0, 0] = 17.0
+    shrunk = apply_attention([torch.ones(1, 1, 2, 2), torch.ones(1, 1, 1, 1)], fine, torch.tensor([0]))
+    assert shrunk[1].item() == 2.0 and shrunk[0][0, 0, 0, 0].item() == (17 + 3) / 4
 
 
 # -- segmentation head and loss [IS 3.2.1, 3.2.2] ---------------------------------------------------
@@ -501,9 +508,11 @@ def test_fcosis_inference_and_teaching_maps():
     m = maps[0]
     assert set(m) == {"centre of mass field", "coarse foreground", "attention map", "colour groups", "masks"}
     assert m["centre of mass field"].shape == (12, 16, 3) and m["coarse foreground"].shape == (12, 16)
-    assert m["attention map"].shape == (12, 16)
+    assert m["attention map"].shape == (24, 32)          # built on the P2 grid (stride 4)
     assert m["colour groups"].shape == (96, 128) and m["colour groups"].dtype == torch.long
     assert m["colour groups"].max() >= 1 and m["masks"].shape == (96, 128)
+    p3 = build_model(tiny_fcosis(score_threshold=0.0, max_detections=6, attention_grid="p3")).eval()
+    assert p3.teaching_maps(images, score_threshold=0.0, k=4)[0]["attention map"].shape == (12, 16)
 
 
 def test_fcosis_empty_batch_keeps_every_parameter_in_the_graph():
