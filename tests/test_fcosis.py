@@ -251,7 +251,7 @@ def test_attention_map_two_instances_by_hand():
     (3,0) (4,28) is outside both boxes: 0 in both maps."""
     regressed, fg, boxes, centers, batch, groups = toy_attention_inputs()
     att = attention_maps(regressed, fg, 8, boxes, centers, batch, groups, 2,
-                         torch.tensor(2.0), torch.tensor(3.0))
+                         torch.tensor(2.0), torch.tensor(3.0), assign="image")
     assert att.shape == (2, 1, 4, 4)
     expect_a = torch.tensor([[-3.0, 1, 0, 0], [1, 1.6, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
     expect_b = torch.tensor([[0.0, 0, 0, 0], [0, -3, -3, 1], [0, -3, 1, 1], [0, 1, 1, 1]])
@@ -259,13 +259,38 @@ def test_attention_map_two_instances_by_hand():
     torch.testing.assert_close(att[1, 0], expect_b)
 
 
+def test_attention_map_assignment_within_the_pass_by_hand():
+    """Guards assign="pass" ([IS 3.2.1]: each location is assigned among the objects {1..n} of
+    its segmentation pass), the model's default. lam = 2, mu = 3, toy_attention_inputs plus
+    C: box (24, 0, 32, 8), centre (28, 4), which touches B only, so the colouring puts A and C
+    in pass 0 and B alone in pass 1.
+    Pass 0, A's cells: (0,0) (4,4) votes (22,23): d^2 to A = 14^2+15^2 = 421, to C = 6^2+19^2
+      = 397 -> C: -mu = -3 (B, in the other pass, does not compete); (0,1), (1,0): nearer A:
+      2*0.5 = 1; (1,1) votes (10,9) -> A: 2*0.8 = 1.6. C's cell (0,3) (28,4) votes itself: 1.
+    Pass 1, B alone: every cell of its box is B's: 2*fg -> (1,1) 1.6, the rest 1 (with
+      assign="image" A took (1,1), (1,2), (2,1): -3 there, test above)."""
+    regressed, fg, boxes, centers, batch, _ = toy_attention_inputs()
+    boxes3 = torch.cat([boxes, torch.tensor([[24.0, 0.0, 32.0, 8.0]])])
+    centers3 = torch.cat([centers, torch.tensor([[28.0, 4.0]])])
+    groups, _ = coloring_groups(boxes3, torch.zeros(3, dtype=torch.long), 1)
+    assert groups.tolist() == [0, 1, 0]
+    att = attention_maps(regressed, fg, 8, boxes3, centers3, torch.zeros(3, dtype=torch.long), groups, 2,
+                         torch.tensor(2.0), torch.tensor(3.0))                    # assign="pass"
+    expect0 = torch.tensor([[-3.0, 1, 0, 1], [1, 1.6, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    expect1 = torch.tensor([[0.0, 0, 0, 0], [0, 1.6, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]])
+    torch.testing.assert_close(att[0, 0], expect0)
+    torch.testing.assert_close(att[1, 0], expect1)
+
+
 def test_attention_map_ablations_mu0_and_bbox_only():
     """Guards Table 3's variants [IS 4.2]. mu := 0: the -3 entries above become 0, the rest is
     unchanged. bbox only: lam = 2 on every cell inside the box (A: cells {0,1}^2, B: {1,2,3}^2),
     no coarse fg, no assignment, no -mu."""
     regressed, fg, boxes, centers, batch, groups = toy_attention_inputs()
-    full = attention_maps(regressed, fg, 8, boxes, centers, batch, groups, 2, torch.tensor(2.0), torch.tensor(3.0))
-    mu0 = attention_maps(regressed, fg, 8, boxes, centers, batch, groups, 2, torch.tensor(2.0), torch.tensor(0.0))
+    full = attention_maps(regressed, fg, 8, boxes, centers, batch, groups, 2, torch.tensor(2.0), torch.tensor(3.0),
+                          assign="image")
+    mu0 = attention_maps(regressed, fg, 8, boxes, centers, batch, groups, 2, torch.tensor(2.0), torch.tensor(0.0),
+                         assign="image")
     torch.testing.assert_close(mu0, full.clamp(min=0))
     bbox = attention_maps(regressed, fg, 8, boxes, centers, batch, groups, 2, torch.tensor(2.0), torch.tensor(3.0),
                           bbox_only=True)
@@ -281,7 +306,7 @@ def test_attention_module_gradients_reach_lambda_and_mu():
     dL/dfg(1,1) = lam = 1. "mu0": mu is a buffer (0, not learnable); "bbox": only lam."""
     regressed, fg, boxes, centers, batch, groups = toy_attention_inputs()
     fg.requires_grad_(True)
-    module = AttentionMap()
+    module = AttentionMap(assign="image")
     assert module.lam.item() == 1.0 and module.mu.item() == 1.0
     att = module(regressed, fg, 8, boxes, centers, batch, groups, 2)
     (att[0, 0, 0, 0] + att[0, 0, 1, 1]).backward()
@@ -308,8 +333,9 @@ def test_attention_group_map_is_sum_and_images_independent():
     groups, group_batch = coloring_groups(boxes3, batch3, 1)
     assert groups.tolist() == [0, 1, 0] and group_batch.tolist() == [0, 0]
     lam, mu = torch.tensor(2.0), torch.tensor(3.0)
-    shared = attention_maps(regressed, fg, 8, boxes3, centers3, batch3, groups, 2, lam, mu)
-    alone = attention_maps(regressed, fg, 8, boxes3, centers3, batch3, torch.tensor([0, 1, 2]), 3, lam, mu)
+    shared = attention_maps(regressed, fg, 8, boxes3, centers3, batch3, groups, 2, lam, mu, assign="image")
+    alone = attention_maps(regressed, fg, 8, boxes3, centers3, batch3, torch.tensor([0, 1, 2]), 3, lam, mu,
+                           assign="image")
     torch.testing.assert_close(shared[0], alone[0] + alone[2])
     torch.testing.assert_close(shared[1], alone[1])
     # two images: image 1 = a D instance whose centre sits on A's vote
