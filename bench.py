@@ -365,7 +365,7 @@ def post_process():  # under the same autocast as in inference, where decode run
 t_post = median_seconds(post_process)
 # eval.py then maps every detection back to the original image (boxes / scale, masks resized to
 # the original size and thresholded): timed for an original 1.25x the input (COCO's 640 -> 512)
-from eval import to_original  # noqa: E402
+from eval import to_original, _masks_to_original  # noqa: E402
 outputs = post_process()
 originals = [{"orig_size": (round(H * 1.25), round(W * 1.25)), "size": (H, W), "scale": 0.8}] * B
 mask_threshold = getattr(raw_model, "mask_threshold", 0.5)
@@ -377,6 +377,13 @@ def map_to_original():
 
 t_orig = median_seconds(map_to_original)
 n_dets = sum(len(o["boxes"]) for o in outputs) / B
+# to_original computes each mask only in its box's window: its time depends on the box sizes,
+# which random weights make small. The worst case, every mask resized over the whole image
+# (eval.py's dense path, taken when boxes are large), is timed too.
+box_side = [((o["boxes"][:, 2:] - o["boxes"][:, :2]).clamp(min=0).prod(1).sqrt()) for o in outputs]
+box_side = torch.cat(box_side).mean().item() if n_dets else 0.0
+t_orig_dense = median_seconds(lambda: [_masks_to_original(o["masks"], t["size"], t["orig_size"], mask_threshold)
+                                       for o, t in zip(outputs, originals)]) if "masks" in outputs[0] else t_orig
 del heads_output, outputs
 
 
@@ -415,7 +422,9 @@ results = {
     "train_ms_per_img": t_train * 1e3 / B, "infer_ms_per_img": t_infer * 1e3 / B,
     "post_ms_per_img": t_post * 1e3 / B, "to_original_ms_per_img": t_orig * 1e3 / B, "detections_per_img": n_dets,
     # post-processing = decode (+ masks) + mapping to the original size, as a share of the whole inference
-    "post_share": 100 * (t_post + t_orig) / (t_infer + t_orig),
+    "post_share": 100 * (t_post + t_orig) / (t_infer + t_orig), "mean_box_side": box_side,
+    "to_original_dense_ms_per_img": t_orig_dense * 1e3 / B,
+    "post_share_dense": 100 * (t_post + t_orig_dense) / (t_infer + t_orig_dense),
     "peak_mem_mb": peak_mem, "peak_mem_train_mb": peak_train, "peak_mem_infer_mb": peak_infer,
     "flops_train_per_img": flops_train / B, "flops_infer_per_img": flops_infer / B,
     "gflops_train_achieved": flops_train / t_train / 1e9, "gflops_infer_achieved": flops_infer / t_infer / 1e9,
@@ -484,7 +493,9 @@ rows = [
     ("inference (eval fwd + decode + masks)", f"{fmt(r['infer_ms_per_img'], '.2f')} ms/img"),
     ("post-processing: decode + masks | to original size", f"{fmt(r['post_ms_per_img'], '.2f')} | "
      f"{fmt(r['to_original_ms_per_img'], '.2f')} ms/img ({r['detections_per_img']:.0f} detections) = "
-     f"{r['post_share']:.1f}% of inference + mapping"),
+     f"{r['post_share']:.1f}% of inference + mapping (mean box side {r['mean_box_side']:.0f} px)"),
+    ("... mapping every mask over the whole image (worst case)", f"{fmt(r['to_original_dense_ms_per_img'], '.2f')} "
+     f"ms/img = {r['post_share_dense']:.1f}% of inference + mapping"),
     (f"peak memory ({mem_note})", f"{fmt(r['peak_mem_mb'], '.0f')} MiB"
      + (f" (train {peak_train:.0f}, inference {peak_infer:.0f})" if device_type == "cuda" else "")),
     ("FLOPs/img train (fwd+bwd) | inference", f"{r['flops_train_per_img'] / 1e9:.2f} | {r['flops_infer_per_img'] / 1e9:.2f} GFLOP"),

@@ -26,7 +26,8 @@ def test_bench_smoke():
     dtype) or not ending with the JSON line that scripts read."""
     res = bench()
     assert res["train_ms_per_img"] > 0 and res["infer_ms_per_img"] > 0
-    assert 0 < res["post_ms_per_img"] and res["post_share"] > 0
+    assert 0 < res["post_ms_per_img"] and res["post_share"] > 0 and res["post_share_dense"] > 0
+    assert res["mean_box_side"] >= 0 and res["to_original_dense_ms_per_img"] > 0
     assert res["peak_mem_mb"] > 0 and res["flops_train_per_img"] > res["flops_infer_per_img"] > 0
     assert res["mfu_train"] is None and res["peer_fcos_train_ratio"] is None  # CPU, no peers asked
 
