@@ -2303,6 +2303,9 @@ class FCOSIS(FCOS):
         level (the paper's Fig. 3: "foreground pixels of masks"), because the attention map is
         built on P3 for objects of every size, while FCOS sends large objects to P4-P7.
         DESIGN 4.7's reading (FCOS positives inside the mask) is com_assignment="positive".
+      * The attention map is drawn on the P2 grid from the P3 outputs (attention_grid="p2"),
+        and each location is assigned among the instances of its own pass
+        (attention_assign="pass"); see `attention_maps` and `attention_inputs`.
       * Training colours the ground-truth boxes grown by their loss padding, so that no
         instance's padded crop reaches into another instance of its own pass.
       * The "none" baseline is trained with the same per-instance padded-crop loss, on the
