@@ -6,7 +6,7 @@
 # Measured: see README ("The FCOS family on shapes").
 # Deviations from the COCO recipe (config/fcos_r50.py), for a CPU and no ImageNet weights:
 # ResNet-18 trained from scratch (trainable BatchNorm, nothing frozen), FPN and heads 64 wide,
-# 128-px images, Adam with warmup instead of SGD, bf16 autocast on CPUs that have it.
+# 128-px images shown at 256 px, Adam with warmup instead of SGD, bf16 autocast on CPUs that have it.
 method = "fcos"
 backbone = "resnet18"
 pretrained = False
@@ -20,7 +20,9 @@ shapes_n_val = 200
 shapes_size = 128
 out_dir = "out/shapes_fcos"
 transform = "fcos"
-input_size = 128                 # short side; the shapes images are 128 x 128
+input_size = 256                 # short side: the 128 x 128 shapes images upscaled 2x, as FCOS's short side
+                                 # 800 upscales COCO's ~480-640 px images; at 128 the 8-16 px objects have 1-4
+                                 # P3 cells (FCOS box AP 0.43 at 128 vs 0.63 at 256 after 16 epochs, README)
 scale_range = (1.0, 1.0)         # no multi-scale (as [IS 4])
 batch_size = 8
 num_workers = 2
