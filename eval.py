@@ -20,6 +20,7 @@ Coordinate frames: the model sees the "network input" (the image resized by `sca
 zero-padded bottom/right to the batch size); COCO wants the original image. One function,
 `to_original`, does that mapping for evaluation and for the pictures.
 """
+import ast
 import contextlib
 import functools
 import io
@@ -634,6 +635,8 @@ if __name__ == "__main__":
     vis_dir = None             # None: <checkpoint folder>/vis
     vis_n = 8
     seed = 0
+    model_args = ""            # overrides of the checkpoint's model_args, a dict literal, e.g. an
+                               # inference-time switch: --model_args="{'attention_assign': 'pass'}"
     # -----------------------------------------------------------------------------------------
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
@@ -664,7 +667,17 @@ if __name__ == "__main__":
     from data import CocoInstances, build_transforms, dataset_paths
 
     try:
-        model = build_model(ModelConfig(**checkpoint["model_args"]))
+        overrides = ast.literal_eval(model_args) if model_args else {}
+    except (ValueError, SyntaxError):
+        overrides = None
+    if not isinstance(overrides, dict):
+        _fail(f"--model_args must be a dict literal such as \"{{'attention_assign': 'pass'}}\", got {model_args!r}")
+    unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        _fail(f"--model_args: {', '.join(unknown)} not ModelConfig field(s)")
+
+    try:
+        model = build_model(ModelConfig(**{**checkpoint["model_args"], **overrides}))
     except TypeError as e:
         _fail(f"checkpoint '{ckpt}' has model_args this model.py does not know: {e}")
     # a compiled or DDP-wrapped model saves its weights under these prefixes

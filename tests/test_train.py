@@ -142,6 +142,20 @@ def test_eval_cli_reads_checkpoint_and_prints_json_last(trained, tmp_path):
     assert isinstance(json.load(open(tmp_path / "res.json")), list)
 
 
+def test_eval_cli_model_args_overrides(trained):
+    """Guards --model_args (inference-time switches over the checkpoint's model_args): a valid
+    override changes the model that is built (mask_threshold 1.0: no mask pixel survives, so
+    mask AP 0), a non-dict or an unknown field stops with one line naming the problem."""
+    tmp, _ = trained
+    ckpt = f"--ckpt={tmp / 'out' / 'ckpt.pt'}"
+    r = run("eval.py", ckpt, "--device=cpu", "--num_workers=0", "--model_args={'mask_threshold': 1.0}", cwd=tmp)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["segm_AP"] == 0.0
+    for bad, words in (("[1]", "dict literal"), ("{'no_such_field': 1}", "no_such_field")):
+        r = run("eval.py", ckpt, "--device=cpu", f"--model_args={bad}", cwd=tmp)
+        assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr
+
+
 def test_eval_cli_bad_checkpoint(tmp_path):
     """Guards a corrupt checkpoint: eval.py names the file instead of a pickle traceback."""
     bad = tmp_path / "bad.pt"
