@@ -2118,6 +2118,7 @@ class AttentionMap(nn.Module):
     (-, background / distractor), both initialised to 1 and learned end to end.
     mode: "segm" (the paper's map), "mu0" (Table 3b: mu := 0, not learnable) or "bbox"
     (Table 3c: the whole box filled with lam; no mu, so no unused parameter under DDP).
+    assign: "pass" or "image", who competes for a location (see `attention_maps`).
     forward(...) takes `attention_maps`' arguments after lam/mu and returns (G, 1, h, w).
     """
 
@@ -2281,9 +2282,10 @@ class FCOSIS(FCOS):
     attention map (the top-down connection): for each instance, zero outside its box, +lambda *
     coarse foreground where a location's regressed centre is closest to this instance's centre,
     -mu elsewhere in the box. It is built on the P2 grid from the P3 outputs, shrunk onto P3
-    and P4, and multiplies P2-P4 before the segmentation head. Instances whose boxes do not overlap share one map and one
-    segmentation pass: the groups are the colours of a Largest-First colouring of the box
-    overlap graph ([IS 3.2.1] "Efficient Attention Map Propagation").
+    and P4, and multiplies P2-P4 before the segmentation head. Instances whose boxes do not
+    overlap share one map and one segmentation pass: the groups are the colours of a
+    Largest-First colouring of the box overlap graph ([IS 3.2.1] "Efficient Attention Map
+    Propagation").
 
     Training: model(images, targets) -> FCOS's losses (cls, box, centerness) plus
         com: SmoothL1 of the centre-of-mass regression ([IS 3.2.1]) at every location of every

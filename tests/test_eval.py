@@ -397,8 +397,13 @@ def test_masks_to_original_box_windows_equal_dense_resize(size, orig, monkeypatc
     computed) against the dense `F.interpolate` of whole masks: for masks that are zero outside
     their boxes they must give the same bool masks, for up-, down-, identity and mixed scales,
     boxes touching the image border, sub-pixel boxes and boxes past the padding; with a box as
-    large as the image the dense path is taken (and gives the same too)."""
+    large as the image the dense path is taken (and gives the same too).
+    The window by hand: box x 10..20 on 100 input px mapped to 125 (scale 100/125 = 0.8): pixels
+    widened to [9, 21], lo = floor((9 + 0.5) / 0.8 - 0.5) = floor(11.375) = 11,
+    hi = ceil((21 + 0.5) / 0.8 - 0.5) + 1 = ceil(26.375) + 1 = 28."""
     import eval as eval_module
+    lo, hi = eval_module._box_windows(torch.tensor([[10.0, 0.0, 20.0, 5.0]]), 125, 100, 0)
+    assert (lo.item(), hi.item()) == (11, 28)
     calls = []
     paste = eval_module._paste_windows
     monkeypatch.setattr(eval_module, "_paste_windows", lambda *a: calls.append(1) or paste(*a))
