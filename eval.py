@@ -7,6 +7,7 @@ predictions.
     python eval.py config/eval_quick.py --ckpt=out/shapes/ckpt.pt --visualize=True
     python eval.py --ckpt=ckpt.pt --val_ann=annotations/instances_val2017.json \\
         --val_img_dir=val2017 --max_images=500 --results_json=out/results.json
+    python eval.py --oracle_stride=4 --val_ann=data/shapes/annotations/instances_val.json
 
 The COCOeval tables are printed, then, as the very last line, one JSON object with the AP
 numbers and the speed, so scripts can read it with `tail -n 1`.
@@ -318,6 +319,32 @@ def _coco_eval(coco_gt, results, iou_type, img_ids, verbose):
         E.accumulate()
         E.summarize()
     return [float(x) for x in E.stats[:6]]
+
+
+def grid_oracle(ann_file, stride, threshold=0.4, verbose=False):
+    """
+    Mask AP that a perfect mask on a stride-`stride` grid reaches on `ann_file`: every
+    ground-truth mask (H, W) is average-pooled to (H/stride, W/stride), bilinearly resized back
+    (align_corners=False, as the assembled masks are) and binarised at `threshold` (0.4, [CM 3.5]),
+    then scored (score 1) against the ground truth by COCOeval segm. It tells what a mask loss on
+    that grid can teach at best (README, "Quick start": 0.61 at stride 4 on the shapes set).
+    Returns {"segm_AP": ..., ..., "segm_APl": ...}.
+    """
+    from pycocotools.coco import COCO
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(ann_file)
+    results = []
+    for ann in coco_gt.loadAnns(coco_gt.getAnnIds(iscrowd=False)):
+        gt = torch.from_numpy(coco_gt.annToMask(ann)).float()[None, None]           # (1, 1, H, W)
+        H, W = gt.shape[-2:]
+        pooled = F.avg_pool2d(gt, stride, ceil_mode=True)                          # (1, 1, H/s, W/s)
+        mask = F.interpolate(pooled, size=(H, W), mode="bilinear", align_corners=False)[0, 0] > threshold
+        rle = mask_util.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                        "segmentation": rle, "score": 1.0})
+    stats = _coco_eval(coco_gt, results, "segm", coco_gt.getImgIds(), verbose)
+    return {f"segm_{name}": v for name, v in zip(_STAT_NAMES, stats)}
 
 
 # -----------------------------------------------------------------------------
@@ -637,6 +664,8 @@ if __name__ == "__main__":
     seed = 0
     model_args = ""            # overrides of the checkpoint's model_args, a dict literal, e.g. an
                                # inference-time switch: --model_args="{'attention_assign': 'pass'}"
+    oracle_stride = 0          # > 0: no model; the mask AP of perfect stride-R masks on --val_ann
+                               # (`grid_oracle`), e.g. --oracle_stride=4 --val_ann=data/shapes/annotations/instances_val.json
     # -----------------------------------------------------------------------------------------
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
@@ -644,6 +673,11 @@ if __name__ == "__main__":
         raise SystemExit(f"eval.py: error: {msg}")
 
     torch.manual_seed(seed)
+    if oracle_stride:
+        if not val_ann or not os.path.isfile(val_ann):
+            _fail(f"--oracle_stride needs --val_ann=FILE (a COCO instances json), got {val_ann!r}")
+        print(json.dumps({"oracle_stride": oracle_stride, **grid_oracle(val_ann, int(oracle_stride), verbose=True)}))
+        raise SystemExit(0)
     if device.startswith("cuda") and not torch.cuda.is_available():
         _fail(f"--device={device} was asked for but no CUDA GPU is available "
               f"(use --device=cpu)")

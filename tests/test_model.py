@@ -160,6 +160,31 @@ def test_mask_zero_outside_box():
     assert masks[0, :2, :2].eq(0.25).all() and masks[0, 2:].eq(0).all() and masks[0, :, 2:].eq(0).all()
 
 
+@pytest.mark.parametrize("grid,expected", [("output", 2.93322), ("input", 1.05990)])
+def test_mask_loss_on_output_and_input_grid(grid, expected):
+    """Guards eq. 2 on both grids (`mask_loss_grid`). One object, box (0, 0, 8, 8) input px =
+    (0, 0, 2, 2) output units (R = 4), ground truth = input columns 3..7 (every row).
+    S = 2 shape logits: column 0 -> -20, column 1 -> +20; saliency logit 0 (sigmoid 0.5), so
+    M = 0.5 sigmoid(l) with l the stretched shape logit. BCE(l, t) = -t log M - (1-t) log(1-M).
+    output grid: cell centres x = 0.5, 1.5 sit on the shape cells: l = -20, +20; targets are the
+      4x4 average pools: 1/4 (one of four columns) and 1.
+      BCE(-20, 1/4) = 1/4 (ln 2 + softplus(20)) + 3/4 * 0 = 5.17329; BCE(20, 1) = ln 2 = 0.69315;
+      mean = 2.93322.
+    input grid: pixel centres x = (j + 0.5)/4 = .125 ... 1.875; source coordinate
+      u = clamp(x - 0.5, 0, 1) = 0, 0, .125, .375, .625, .875, 1, 1; l = -20 + 40 u =
+      -20, -20, -15, -5, 5, 15, 20, 20; binary targets 0, 0, 0, 1, 1, 1, 1, 1.
+      BCE: ~0, ~0, ~0, ln 2 + softplus(5) = 5.69985, ln 2 + softplus(-5) = 0.69987, ln 2 (x3)
+      = 2.07944; sum 8.47917 / 8 = 1.05990."""
+    m = CenterMask(tiny_cfg(shape_size=2, mask_loss_grid=grid))
+    out = {"heatmap": torch.zeros(1, 3, 2, 2), "offset": torch.zeros(1, 2, 2, 2), "size": torch.zeros(1, 2, 2, 2),
+           "shape": torch.tensor([-20.0, 20.0, -20.0, 20.0]).view(1, 4, 1, 1).expand(1, 4, 2, 2).contiguous(),
+           "saliency": torch.zeros(1, 1, 2, 2)}
+    mask = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    mask[:, :, 3:] = 1
+    target = {"boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]]), "labels": torch.tensor([0]), "masks": mask}
+    assert m.losses(out, [target])["mask"].item() == pytest.approx(expected, abs=1e-4)
+
+
 # -- decoding --------------------------------------------------------------------------------
 
 def test_decode_planted_peak():
@@ -323,6 +348,10 @@ def test_config_errors():
         ModelConfig(use_shape=False, use_saliency=False)
     with pytest.raises(ValueError, match="method"):
         build_model(ModelConfig(method="yolo"))
+    with pytest.raises(ValueError, match="mask_loss_grid"):
+        ModelConfig(mask_loss_grid="stride2")
+    with pytest.raises(ValueError, match="mask_loss_grid"):
+        ModelConfig(method="maskfcos", backbone="resnet18", mask_loss_grid="input")
 
 
 def test_stretch_to_boxes_equals_grid_sample():
