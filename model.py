@@ -709,6 +709,21 @@ def gather_at(feature, batch, cells_xy):
     return feature[batch, :, cells_xy[:, 1], cells_xy[:, 0]]
 
 
+def conv3x3_at(conv, feature, batch, ys, xs):
+    """
+    A 3x3 conv (stride 1, padding 1) evaluated only at M chosen cells: feature (B, C, h, w) and
+    cells (batch, ys, xs) each (M,) -> (M, out). Equal to conv(feature)[batch, :, ys, xs]
+    without computing the other cells: CenterMask and CenterMask-FCOS read their S^2 = 1024-channel
+    shape heads only at a few cells (centres, positives, detections); computed everywhere, that
+    head costs more than the whole detector on the finest FCOS level.
+    """
+    f = F.pad(feature, (1, 1, 1, 1))                                             # (B, C, h+2, w+2)
+    d = torch.arange(3, device=feature.device)
+    patch = f[batch[:, None, None], :, ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]]
+    patch = patch.permute(0, 3, 1, 2).reshape(len(batch), -1)                    # (M, C*9) as conv.weight
+    return F.linear(patch, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (M, out)
+
+
 def l1_at_centers(pred_map, objs, target):
     """
     L1 loss of a 2-channel head read at the ground-truth centre cells ([CM] eq. 4-5).
@@ -878,6 +893,11 @@ class CenterMaskHeads(nn.Module):
         shape    (B, S*S, h, w)    Local Shape vector, reshaped S x S at a centre ([CM 3.1])
         saliency (B, 1 or C, h, w) Global Saliency logits ([CM 3.2])
     shape / saliency are None (and absent from the dict) when their branch is switched off.
+    The shape vector is only ever read at a few cells (the ground-truth centres in training,
+    the top-100 peaks at test), so by default the dict carries the head's input instead,
+    "shape_features" (B, cin, h, w), and `shape_at` evaluates the head at those cells alone
+    (the same numbers; computed densely, the 1024-channel head is a quarter of DLA-34's work).
+    forward(p, dense_shape=True) returns the dense "shape" map (tests, inspection).
     """
 
     def __init__(self, cin, cfg: ModelConfig):
@@ -891,13 +911,26 @@ class CenterMaskHeads(nn.Module):
         n_sal = 1 if cfg.saliency == "agnostic" else C
         self.saliency = head(cin, n_sal, hc) if cfg.use_saliency else None
 
-    def forward(self, p):
+    def forward(self, p, dense_shape=False):
         out = {"heatmap": self.heatmap(p), "offset": self.offset(p), "size": self.size(p)}
         if self.shape is not None:
-            out["shape"] = self.shape(p)                       # (B, S*S, h, w)
+            if dense_shape:
+                out["shape"] = self.shape(p)                   # (B, S*S, h, w)
+            else:
+                out["shape_features"] = p                      # (B, cin, h, w), read by shape_at
         if self.saliency is not None:
             out["saliency"] = self.saliency(p)                 # (B, 1 or C, h, w)
         return out
+
+    def shape_at(self, out, batch, cells_xy):
+        """Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of
+        the stride-4 map. Equal to self.shape(p)[batch, :, y, x] (a dense "shape" map in `out`
+        is simply read there)."""
+        if "shape" in out:
+            return gather_at(out["shape"], batch, cells_xy)
+        conv3, _, conv1 = self.shape                            # Conv3x3, ReLU, Conv1x1 (`head`)
+        hidden = F.relu(conv3x3_at(conv3, out["shape_features"], batch, cells_xy[:, 1], cells_xy[:, 0]))
+        return F.linear(hidden, conv1.weight.flatten(1), conv1.bias)  # (M, S*S)
 
 
 class CenterMask(nn.Module):
@@ -980,27 +1013,32 @@ class CenterMask(nn.Module):
             raise ValueError("CenterMask in train mode needs targets (call model.eval() for inference)")
         outs = [head_set(p) for head_set, p in zip(self.head_sets, self.features(images))]  # per stack
         with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (DESIGN 6)
-            per_stack = [self.losses({k: v.float() for k, v in out.items()}, targets) for out in outs]
+            per_stack = [self.losses({k: v.float() for k, v in out.items()}, targets, head_set)
+                         for out, head_set in zip(outs, self.head_sets)]
         # intermediate supervision: every stack's losses, averaged (one stack: unchanged)
         return {k: sum(losses[k] for losses in per_stack) / len(per_stack) for k in per_stack[0]}
 
     # -- mask assembly ([CM 3.3] eq. 1) --------------------------------------------------------
-    def assemble(self, out, batch, centers_int, boxes, channels, grid_hw, pixel, log_space=False):
+    def assemble(self, out, batch, centers_int, boxes, channels, grid_hw, pixel, log_space=False, head_set=None):
         """
         Assemble the masks of M objects on a (grid_h, grid_w) pixel grid (see `assemble_masks`).
             batch (M,) image index; centers_int (M, 2) output-frame cell whose shape vector is
             read; boxes (M, 4) xyxy in the grid's frame scaled so that grid pixel j has centre
             (j + 0.5) * pixel in output units; channels (M,) saliency channel per object.
+            head_set: the CenterMaskHeads that produced `out` (default: the last stack's).
         """
         local = None
         if self.shape is not None:
             S = self.cfg.shape_size
-            local = gather_at(out["shape"], batch, centers_int).view(len(batch), S, S)  # (M, S, S)
+            head_set = self.head_sets[-1] if head_set is None else head_set
+            local = head_set.shape_at(out, batch, centers_int).view(len(batch), S, S)  # (M, S, S)
         return assemble_masks(local, out.get("saliency"), batch, channels, boxes, grid_hw, pixel, log_space)
 
     # -- training -------------------------------------------------------------------------------
-    def losses(self, out, targets):
-        """Head outputs (fp32) + list of B target dicts -> dict of weighted scalar losses."""
+    def losses(self, out, targets, head_set=None):
+        """Head outputs (fp32) of `head_set` (default: the last stack's) + list of B target
+        dicts -> dict of weighted scalar losses."""
+        head_set = self.head_sets[-1] if head_set is None else head_set
         B, C, h, w = out["heatmap"].shape
         R = self.stride
         device = out["heatmap"].device
@@ -1023,7 +1061,9 @@ class CenterMask(nn.Module):
             gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]                   # (M, h, w)
         if M == 0:
             # keep every mask parameter in the graph (DDP expects a gradient for each)
-            losses["mask"] = sum(out[k].sum() * 0 for k in ("shape", "saliency") if k in out)
+            keep = [out[k] for k in ("shape", "saliency") if k in out]
+            keep += list(head_set.shape.parameters()) if head_set.shape is not None else []
+            losses["mask"] = sum(t.sum() * 0 for t in keep)
         else:
             channels = objs["labels"] if self.cfg.saliency == "specific" else torch.zeros_like(objs["labels"])
             boxes = min_size_boxes(objs["center"], objs["wh"])                            # teacher forcing
@@ -1032,7 +1072,7 @@ class CenterMask(nn.Module):
             else:                                    # the stride-R output grid, soft truth
                 grid, pixel, gt = (h, w), 1.0, gt_small                                  # (M, h, w)
             log_m, log_1m, inside = self.assemble(out, objs["batch"], objs["center_int"], boxes,
-                                                  channels, grid, pixel, log_space=True)
+                                                  channels, grid, pixel, log_space=True, head_set=head_set)
             bce = -(gt * log_m + (1 - gt) * log_1m)                                      # (M, gh, gw)
             inside = inside.float()
             per_object = (bce * inside).sum((1, 2)) / inside.sum((1, 2)).clamp(min=1)     # (M,)
@@ -1125,7 +1165,9 @@ class CenterMask(nn.Module):
                 m["saliency"] = out["saliency"][b].float().sigmoid().amax(0)  # (h, w)
             if self.shape is not None:
                 S = self.cfg.shape_size
-                local = out["shape"][b, :, ys[b], xs[b]].float().t().sigmoid().view(K, S, S)
+                cells = torch.stack([xs[b], ys[b]], 1)                       # (K, 2) as (x, y)
+                local = self.head_sets[-1].shape_at(out, torch.full_like(xs[b], b), cells)
+                local = local.float().sigmoid().view(K, S, S)
                 gap = torch.full((K, S, 1), float("nan"), device=local.device)
                 m["local shapes"] = torch.cat([local, gap], 2).permute(1, 0, 2).reshape(S, -1)[:, :-1]
             prob, rank = dets[b]["masks"].max(0)                             # (H, W) each
@@ -1328,21 +1370,6 @@ def reduce_mean(x):
         torch.distributed.all_reduce(x)
         x = x / torch.distributed.get_world_size()
     return x
-
-
-def conv3x3_at(conv, feature, batch, ys, xs):
-    """
-    A 3x3 conv (stride 1, padding 1) evaluated only at M chosen cells: feature (B, C, h, w) and
-    cells (batch, ys, xs) each (M,) -> (M, out). Equal to conv(feature)[batch, :, ys, xs]
-    without computing the other cells: CenterMask-FCOS reads its S^2 = 1024-channel shape
-    head only at positives / detections, which would otherwise cost more than the whole
-    detector on the finest level.
-    """
-    f = F.pad(feature, (1, 1, 1, 1))                                             # (B, C, h+2, w+2)
-    d = torch.arange(3, device=feature.device)
-    patch = f[batch[:, None, None], :, ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]]
-    patch = patch.permute(0, 3, 1, 2).reshape(len(batch), -1)                    # (M, C*9) as conv.weight
-    return F.linear(patch, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (M, out)
 
 
 class FCOSHead(nn.Module):

@@ -158,7 +158,7 @@ def test_losses_averaged_over_stacks():
     x, t = make_batch()
     avg = model(x, t)
     feats = model.features(x)                       # train-mode BN: same batch -> same stats
-    per = [model.losses({k: v.float() for k, v in heads(p).items()}, t)
+    per = [model.losses({k: v.float() for k, v in heads(p).items()}, t, heads)
            for heads, p in zip(model.head_sets, feats)]
     for k in avg:
         assert per[0][k].item() != pytest.approx(per[1][k].item(), rel=1e-3), k   # the test can tell

@@ -264,10 +264,12 @@ def test_head_shapes():
     """Guards every head's channel count and the stride-4 resolution ([CM] Fig. 3)."""
     for sal, n in (("agnostic", 1), ("specific", 3)):
         m = build_model(tiny_cfg(saliency=sal))
-        out = m.heads(torch.randn(2, 3, 64, 32))
+        p = m.features(torch.randn(2, 3, 64, 32))[-1]
+        out = m.head_sets[-1](p, dense_shape=True)
         assert out["heatmap"].shape == (2, 3, 16, 8)
         assert out["offset"].shape == out["size"].shape == (2, 2, 16, 8)
         assert out["shape"].shape == (2, 64, 16, 8)
+        assert m.head_sets[-1](p)["shape_features"] is p          # default: the head is read at cells
         assert out["saliency"].shape == (2, n, 16, 8)
 
 
@@ -307,6 +309,37 @@ def test_losses_are_batch_consistent():
     two = m(torch.cat([x, x]), t + t)
     for k in ("offset", "size", "mask", "heatmap"):
         assert one[k].item() == pytest.approx(two[k].item(), rel=1e-4), k
+
+
+def test_shape_head_at_cells_equals_dense():
+    """Guards `shape_at`: the shape head evaluated only at the cells it is read (the default)
+    gives the dense head's numbers - the losses and every gradient in training, the detections
+    and masks at test - including cells on the map border (the 3x3 conv's zero padding)."""
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg(mask_loss_grid="input")).train()
+    for mod in m.modules():          # BN in eval: both passes see the same normalisation
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.eval()
+    x, t = make_batch()
+    t[0]["boxes"][0] = torch.tensor([0.0, 0.0, 3.0, 3.0])        # centre cell (0, 0): the corner
+    p = m.features(x)[-1]
+    grads = []
+    for dense in (False, True):
+        m.zero_grad()
+        out = {k: v.float() for k, v in m.head_sets[-1](p, dense_shape=dense).items()}
+        losses = m.losses(out, t)
+        losses["loss"].backward(retain_graph=True)
+        grads.append((losses["mask"].item(), [q.grad.clone() for q in m.head_sets[-1].shape.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    m.eval()
+    with torch.no_grad():
+        p = m.features(x)[-1]
+        lazy = m.decode(m.head_sets[-1](p), x.shape[-2:])
+        dense = m.decode(m.head_sets[-1](p, dense_shape=True), x.shape[-2:])
+    for a, b in zip(lazy, dense):
+        torch.testing.assert_close(a["masks"], b["masks"], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [dict(use_shape=False), dict(use_saliency=False), dict(saliency="specific", saliency_loss=True)])
