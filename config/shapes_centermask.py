@@ -4,7 +4,7 @@
 # evaluates (COCO bbox + segm AP on the val split) and draws predictions into out/shapes_centermask.
 # Measured: see README ("Quick start") for the time and AP on a 2-core machine.
 # Deviations from the COCO recipe, for CPU speed: plain 3x3 convs in DLA-up (dcn=False),
-# heads 128 wide, 128x128 input, batch 8 with a larger learning rate and warmup, 16 epochs,
+# heads 128 wide, 128x128 input, batch 8 with a larger learning rate and warmup, 20 epochs,
 # bf16 autocast on CPUs that have it. For the small objects of the set: the mask loss on the
 # input pixels (mask_loss_grid="input") and no random scaling (flip and colour jitter only).
 method = "centermask"
@@ -27,8 +27,8 @@ num_workers = 2
 optimizer = "adam"
 learning_rate = 1e-3
 warmup_iters = 200
-epochs = 16
-lr_steps = (12, 15)
+epochs = 20
+lr_steps = (15, 19)
 grad_clip = 10.0
 eval_every_epochs = 4
 eval_max_images = 100
