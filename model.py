@@ -896,7 +896,8 @@ class CenterMaskHeads(nn.Module):
     The shape vector is only ever read at a few cells (the ground-truth centres in training,
     the top-100 peaks at test), so by default the dict carries the head's input instead,
     "shape_features" (B, cin, h, w), and `shape_at` evaluates the head at those cells alone
-    (the same numbers; computed densely, the 1024-channel head is a quarter of DLA-34's work).
+    (the same numbers; computed densely, the 1024-channel head is a fifth of the model's FLOPs at
+    512 x 512 and half its CPU inference time, README "Speed notes").
     forward(p, dense_shape=True) returns the dense "shape" map (tests, inspection).
     """
 
