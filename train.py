@@ -394,4 +394,7 @@ if master:
         paths = draw_predictions(raw_model, val_set, os.path.join(out_dir, "pictures"), n=vis_images, device=device, maps_fn=getattr(raw_model, "teaching_maps", None))
         log(f"wrote {len(paths)} pictures to {os.path.join(out_dir, 'pictures')}")
 if ddp:
+    # every rank waits until rank 0 has drawn its pictures: a gloo group torn down on one rank
+    # while a peer is still busy can abort that process ("terminate called ..." after training)
+    dist.barrier()
     dist.destroy_process_group()
