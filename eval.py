@@ -324,21 +324,26 @@ def _coco_eval(coco_gt, results, iou_type, img_ids, verbose):
 def grid_oracle(ann_file, stride, threshold=0.4, verbose=False):
     """
     Mask AP that a perfect mask on a stride-`stride` grid reaches on `ann_file`: every
-    ground-truth mask (H, W) is average-pooled to (H/stride, W/stride), bilinearly resized back
-    (align_corners=False, as the assembled masks are) and binarised at `threshold` (0.4, [CM 3.5]),
+    ground-truth mask (H, W) is zero-padded bottom/right to a multiple of the stride and
+    average-pooled (model.average_pool_masks, as the batch's masks are for a stride-R loss) to
+    (h, w) = (ceil(H/stride), ceil(W/stride)), bilinearly resized back to (h*stride, w*stride)
+    (align_corners=False, as the assembled masks are), cropped to (H, W) and binarised at
+    `threshold` (0.4, [CM 3.5]),
     then scored (score 1) against the ground truth by COCOeval segm. It tells what a mask loss on
     that grid can teach at best (README, "Quick start": 0.61 at stride 4 on the shapes set).
     Returns {"segm_AP": ..., ..., "segm_APl": ...}.
     """
     from pycocotools.coco import COCO
+    from model import average_pool_masks
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(ann_file)
     results = []
     for ann in coco_gt.loadAnns(coco_gt.getAnnIds(iscrowd=False)):
-        gt = torch.from_numpy(coco_gt.annToMask(ann)).float()[None, None]           # (1, 1, H, W)
+        gt = torch.from_numpy(coco_gt.annToMask(ann))[None]                         # (1, H, W)
         H, W = gt.shape[-2:]
-        pooled = F.avg_pool2d(gt, stride, ceil_mode=True)                          # (1, 1, H/s, W/s)
-        mask = F.interpolate(pooled, size=(H, W), mode="bilinear", align_corners=False)[0, 0] > threshold
+        pooled = average_pool_masks(gt, stride)[None]                               # (1, 1, h, w)
+        up = F.interpolate(pooled, scale_factor=stride, mode="bilinear", align_corners=False)
+        mask = up[0, 0, :H, :W] > threshold                                         # (H, W) bool
         rle = mask_util.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
         rle["counts"] = rle["counts"].decode("ascii")
         results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],

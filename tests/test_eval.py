@@ -434,10 +434,10 @@ def test_masks_to_original_box_windows_equal_dense_resize(size, orig, monkeypatc
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("stride,expected", [(1, 1.0), (4, 0.9)])
-def test_grid_oracle_by_hand(tmp_path, stride, expected):
-    """Guards `grid_oracle` (the AP of perfect stride-R masks). One 16x16 image, one 4x4 square
-    at pixels [0, 4) x [0, 4).
+@pytest.mark.parametrize("size,stride,expected", [(16, 1, 1.0), (16, 4, 0.9), (6, 4, 0.9)])
+def test_grid_oracle_by_hand(tmp_path, size, stride, expected):
+    """Guards `grid_oracle` (the AP of perfect stride-R masks). One size x size image, one 4x4
+    square at pixels [0, 4) x [0, 4).
     stride 1: pooling and resizing are the identity -> the mask itself, IoU 1, AP 1.0.
     stride 4: pooled, the square is cell (0, 0) = 1, every other cell 0. Bilinear back to 16 px
     (cell centres at 2, 6, ...; pixel centres at j + 0.5): along one axis pixels 0-2 read 1
@@ -445,12 +445,15 @@ def test_grid_oracle_by_hand(tmp_path, stride, expected):
     reads 0.375. In 2-D the value is the product: pixel (3, 3) has 0.625^2 = 0.39 < 0.4 and
     drops out, pixels (3, 0..2) keep 0.625 >= 0.4; (4, *) stay out. Oracle mask = 15 of the 16
     pixels: IoU 15/16 = 0.9375, matched at the IoU thresholds 0.50 ... 0.90 (9 of 10), not at
-    0.95, so AP = 9/10 = 0.9."""
+    0.95, so AP = 9/10 = 0.9.
+    6x6 at stride 4: padded to 8x8 (as a batch is), the same 2x2 cells and the same taps, cropped
+    to 6x6: AP 0.9 again. (Resizing the 2 cells straight onto 6 pixels would stretch them by 3,
+    not 4: the pixel centres would read 1, 1, 0.67, 0.33 -> a 3x3 mask, IoU 9/16, AP 0.2.)"""
     from eval import grid_oracle
-    mask = np.zeros((16, 16), np.uint8)
+    mask = np.zeros((size, size), np.uint8)
     mask[:4, :4] = 1
     rle = mask_util.encode(np.asfortranarray(mask))
-    gt = {"images": [{"id": 1, "height": 16, "width": 16, "file_name": "a.png"}],
+    gt = {"images": [{"id": 1, "height": size, "width": size, "file_name": "a.png"}],
           "categories": [{"id": 3, "name": "square"}],
           "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "iscrowd": 0, "area": 16.0,
                            "bbox": [0.0, 0.0, 4.0, 4.0],
