@@ -103,12 +103,15 @@ color_jitter = 0.4
 num_workers = 4
 epochs = 130
 max_iters = 0
+lr_schedule = "step"
 lr_steps = (100, 120)
 lr_decay = 0.1
 warmup_iters = 0
 optimizer = "adam"                # the bench always uses Adam ([CM 3.5])
 weight_decay = 0.0
 grad_clip = 0.0
+ema_decay = 0.0
+test_input_size = 0
 sync_bn = False
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())

@@ -755,6 +755,27 @@ def dataset_paths(config):
             for k in ("train_img_dir", "train_ann", "val_img_dir", "val_ann")}
 
 
+def shapes_dataset_missing(root, n_train, n_val, size):
+    """Why the shapes set under `root` cannot serve a run that wants (n_train, n_val, size)
+    images, or "" when it can. A set with more images than wanted serves: each split is one
+    random stream, so the first n images of a bigger set are the n-image set, byte for byte
+    (train.py then reads only the first n). Read from the two jsons, which are written last."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        ann = os.path.join(root, "annotations", f"instances_{split}.json")
+        if not os.path.exists(ann):
+            return f"{ann} is missing"
+        try:
+            with open(ann) as f:
+                images = json.load(f)["images"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{ann} is unreadable ({type(e).__name__})"
+        if len(images) < n:
+            return f"{ann} has {len(images)} images, {n} wanted"
+        if images and (images[0].get("height"), images[0].get("width")) != (size, size):
+            return f"{ann} has {images[0].get('height')}x{images[0].get('width')} images, {size}x{size} wanted"
+    return ""
+
+
 def write_shapes_dataset(root, n_train=1000, n_val=100, size=128, seed=0):
     """Write a deterministic synthetic COCO instance segmentation set under `root`.
 

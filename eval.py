@@ -655,7 +655,7 @@ if __name__ == "__main__":
     ckpt = ""                  # checkpoint written by train.py (required)
     val_img_dir = None         # None: from the checkpoint's training config (data_root/shapes_dir)
     val_ann = None             # None: from the checkpoint's training config
-    input_size = None          # None: the checkpoint's training config's input_size
+    input_size = None          # None: the checkpoint's training config's test_input_size, else its input_size
     transform = None           # build_transforms kind; None: checkpoint config, else "centernet"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast on GPU)
@@ -719,9 +719,11 @@ if __name__ == "__main__":
         model = build_model(ModelConfig(**{**checkpoint["model_args"], **overrides}))
     except TypeError as e:
         _fail(f"checkpoint '{ckpt}' has model_args this model.py does not know: {e}")
-    # a compiled or DDP-wrapped model saves its weights under these prefixes
+    # a compiled or DDP-wrapped model saves its weights under these prefixes; a run with
+    # ema_decay > 0 evaluated (and reported) its moving average, kept under "ema"
+    weights = "ema" if "ema" in checkpoint else "model"
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v
-             for k, v in checkpoint["model"].items()}
+             for k, v in checkpoint[weights].items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -732,8 +734,10 @@ if __name__ == "__main__":
     saved_paths = dataset_paths(saved)
     saved_img_dir, saved_ann = saved_paths["val_img_dir"], saved_paths["val_ann"]
     val_img_dir = val_img_dir if val_img_dir is not None else saved_img_dir
+    if val_ann is None and saved.get("shapes_dir") and max_images is None:
+        max_images = saved.get("shapes_n_val")  # as train.py: the first n of a possibly bigger set
     val_ann = val_ann if val_ann is not None else saved_ann
-    input_size = input_size if input_size is not None else saved.get("input_size")
+    input_size = input_size if input_size is not None else (saved.get("test_input_size") or saved.get("input_size"))
     transform = transform if transform is not None else saved.get("transform", "centernet")
     for key, value in (("val_img_dir", val_img_dir), ("val_ann", val_ann)):
         if value is None:
@@ -746,6 +750,9 @@ if __name__ == "__main__":
     except (OSError, ValueError) as e:                     # data.py's messages name the file
         _fail(str(e))
 
+    n_eval = len(dataset) if max_images is None else min(max_images, len(dataset))
+    print(f"evaluating {ckpt} ({weights} weights) on {n_eval} images of {val_ann}, "
+          f"{transform} test transform at input size {dataset.transforms.input_size}")
     amp_dtype = None if dtype == "float32" or device == "cpu" else getattr(torch, dtype)
     stats = evaluate(model, dataset, device=device, batch_size=batch_size,
                      num_workers=num_workers, max_images=max_images,

@@ -53,6 +53,7 @@ shapes_n_val = 200
 shapes_size = 128
 transform = "centernet"           # "centernet" (square canvas, [CM 3.5]) or "fcos" (short side, [IS 4]); see data.py
 input_size = 512                  # centernet: square training input ([CM 3.5]); fcos: short side (800, [IS 4])
+test_input_size = 0               # evaluation: long side (centernet) / short side (fcos); 0: input_size
 max_size = 1333                   # fcos: longest side at most this ([IS 4])
 max_train_images = 0              # 0: all; >0: the first N images (overfitting checks)
 max_val_images = 0                # 0: all; >0: the first N val images
@@ -65,12 +66,14 @@ batch_size = 32                   # per process; CenterNet used 114 on 8 GPUs (l
 epochs = 130
 max_iters = 0                     # 0: derived from epochs and the dataset length
 learning_rate = 2.5e-4
-lr_steps = (100, 120)             # epochs at which lr *= lr_decay
+lr_schedule = "step"              # "step" ([CM 3.5]: x lr_decay at each of lr_steps) or "cosine" (to 0 at the end)
+lr_steps = (100, 120)             # epochs at which lr *= lr_decay (step schedule)
 lr_decay = 0.1
 warmup_iters = 0                  # linear warmup from 0 (not in [CM]; helps tiny batches)
 optimizer = "adam"                # "adam" ([CM 3.5]) or "adamw"/"sgd"
 weight_decay = 0.0
 grad_clip = 0.0                   # clip the gradient norm at this value (0: off; [CM] none)
+ema_decay = 0.0                   # >0: evaluate and save an exponential moving average of the weights (not in [CM]/[IS])
 # system
 device = "auto"                   # "auto", "cpu", "cuda", "cuda:1", ...
 dtype = "auto"                    # "auto": GPU bf16 (else fp16); CPU bf16 where native (AMX/AVX512-BF16), else fp32
@@ -87,7 +90,8 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 config = config_from_globals(globals())  # the resolved config, saved in checkpoints
 # -----------------------------------------------------------------------------
 
-from data import CocoInstances, build_transforms, collate_fn, dataset_paths, write_shapes_dataset  # noqa: E402
+from data import (CocoInstances, build_transforms, collate_fn, dataset_paths, shapes_dataset_missing,  # noqa: E402
+                  write_shapes_dataset)
 from eval import evaluate, visualize as draw_predictions  # noqa: E402
 
 # -- processes and device ---------------------------------------------------------------------
@@ -133,18 +137,23 @@ def log(*a):
 paths = dataset_paths(config)  # the shapes set's layout under shapes_dir, else under data_root
 if shapes_dir:
     # the quick start: the synthetic set is written once (rank 0), everyone else waits
-    if master and not (os.path.exists(paths["train_ann"]) and os.path.exists(paths["val_ann"])):
-        log(f"writing the synthetic shapes set to {shapes_dir} ({shapes_n_train} train / {shapes_n_val} val, {shapes_size}px)")
+    why = shapes_dataset_missing(shapes_dir, shapes_n_train, shapes_n_val, shapes_size) if master else ""
+    if why:
+        log(f"writing the synthetic shapes set to {shapes_dir} ({shapes_n_train} train / {shapes_n_val} val, "
+            f"{shapes_size}px; {why})")
         write_shapes_dataset(shapes_dir, shapes_n_train, shapes_n_val, shapes_size, seed)
     if ddp:
         dist.barrier()
+    # a bigger set written by another config serves too: its first n images are the n-image set
+    max_train_images = min(max_train_images or shapes_n_train, shapes_n_train)
+    max_val_images = min(max_val_images or shapes_n_val, shapes_n_val)
 augment = dict(scale_range=scale_range, flip_prob=flip_prob, color_jitter=color_jitter)
 sizes = dict(max_size=max_size) if transform == "fcos" else {}
 try:
     train_set = CocoInstances(paths["train_img_dir"], paths["train_ann"], max_images=max_train_images or None,
                               transforms=build_transforms(transform, True, input_size, **augment, **sizes))
     val_set = CocoInstances(paths["val_img_dir"], paths["val_ann"], max_images=max_val_images or None,
-                            transforms=build_transforms(transform, False, input_size, **sizes))
+                            transforms=build_transforms(transform, False, test_input_size or input_size, **sizes))
 except (OSError, ValueError) as e:  # data.py's messages name the file / annotation
     sys.exit(f"train.py: {e}")
 num_classes = num_classes or train_set.num_classes
@@ -201,6 +210,20 @@ if checkpoint is not None:
     scaler.load_state_dict(checkpoint["scaler"])
 
 raw_model = model
+# Exponential moving average of the weights (ema_decay > 0; not in [CM]/[IS]): a copy of the model
+# whose parameters and BN statistics follow the trained ones, p_ema <- d * p_ema + (1 - d) * p after
+# every step (torch's AveragedModel). Evaluations, checkpoints' "ema" entry (which eval.py loads)
+# and the pictures use it; training and resume continue from the raw weights. The decay is constant
+# (no warm-up), so for the first ~1/(1 - d) steps the average still carries the initial weights:
+# on the shapes set, d = 0.998 scored AP 0.0 at iteration 500 and caught up by the end (README).
+ema = None
+if ema_decay > 0:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+    if checkpoint is not None and "ema" in checkpoint:
+        ema.module.load_state_dict(checkpoint["ema"])
+        ema.n_averaged.fill_(1)  # > 0: the next update averages instead of copying
+eval_model = ema.module if ema is not None else raw_model
 if compile:
     model = torch.compile(model)
 if ddp:
@@ -222,10 +245,17 @@ eval_every = eval_interval or max(1, eval_every_epochs * iters_per_epoch)
 
 
 def get_lr(it):
-    """Linear warmup (optional), then x lr_decay at each step ([CM 3.5]: epochs 100 and 120)."""
+    """Linear warmup (optional), then x lr_decay at each step ([CM 3.5]: epochs 100 and 120),
+    or a half cosine from learning_rate down to 0 at max_iters."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / warmup_iters
+    if lr_schedule == "cosine":
+        return learning_rate * 0.5 * (1 + math.cos(math.pi * (it - warmup_iters) / max(1, max_iters - warmup_iters)))
     return learning_rate * lr_decay ** sum(it >= s for s in step_iters)
+
+
+if lr_schedule not in ("step", "cosine"):
+    sys.exit(f"train.py: lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}")
 
 
 def write_atomic(name, write):
@@ -258,6 +288,8 @@ def save_checkpoint(it, best_ap, name="ckpt.pt"):
     """Everything a resume needs, written atomically (write_atomic)."""
     ckpt = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
             "iter": it, "best_ap": best_ap, "model_args": model_args, "config": config}
+    if ema is not None:
+        ckpt["ema"] = ema.module.state_dict()
     write_atomic(name, partial(torch.save, ckpt))
 
 
@@ -270,7 +302,7 @@ def run_eval(max_images):
     eval_loader = DataLoader(subset, batch_size=max(1, batch_size // 2), sampler=eval_sampler, collate_fn=collate,
                              num_workers=num_workers)
     with torch.random.fork_rng(devices=[]):
-        stats = evaluate(raw_model, eval_loader, device=device, verbose=False,
+        stats = evaluate(eval_model, eval_loader, device=device, verbose=False,
                          amp_dtype=None if ptdtype == torch.float32 else ptdtype)
     raw_model.train()
     return stats
@@ -298,7 +330,8 @@ best_ap = checkpoint["best_ap"] if checkpoint is not None else -1.0
 history = {"iter": [], "loss": {}}  # for the loss-curve PNG
 checkpoint = None  # free memory
 log(f"training for {max_iters} iterations ({iters_per_epoch} per epoch, batch {batch_size} x {world_size}); "
-    f"lr steps at iterations {step_iters}")
+    + ("cosine learning rate to 0" if lr_schedule == "cosine" else f"lr steps at iterations {step_iters}")
+    + (f", weight EMA {ema_decay}" if ema is not None else ""))
 model.train()
 t_start, t_log, epoch = time.time(), time.time(), it // iters_per_epoch
 sum_losses, n_losses = {}, 0
@@ -338,6 +371,8 @@ while it < max_iters:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         scaler.step(opt)
         scaler.update()
+        if ema is not None:
+            ema.update_parameters(raw_model)
         opt.zero_grad(set_to_none=True)
         it += 1
         for k, v in losses.items():
@@ -391,7 +426,8 @@ if master:
     write_atomic("loss.png", partial(fig.savefig, format="png", dpi=100))
     log(f"wrote {os.path.join(out_dir, 'loss.png')}")
     if visualize:
-        paths = draw_predictions(raw_model, val_set, os.path.join(out_dir, "pictures"), n=vis_images, device=device, maps_fn=getattr(raw_model, "teaching_maps", None))
+        paths = draw_predictions(eval_model, val_set, os.path.join(out_dir, "pictures"), n=vis_images, device=device,
+                                 maps_fn=getattr(eval_model, "teaching_maps", None))
         log(f"wrote {len(paths)} pictures to {os.path.join(out_dir, 'pictures')}")
 if ddp:
     # every rank waits until rank 0 has drawn its pictures: a gloo group torn down on one rank

@@ -513,6 +513,34 @@ def test_shapes_deterministic(tmp_path):
     assert not [f for f in ta if f.endswith(".tmp")]  # atomic json writes leave no temp file
 
 
+def test_shapes_prefix_and_missing(tmp_path):
+    """Guards train.py's reuse of a bigger shapes set (the quick start writes 4000 train images,
+    the FCOS configs read the first 1000 of the same folder): the first n images of an
+    (n + k)-image set must be the n-image set byte for byte, and shapes_dataset_missing must
+    say why a set cannot serve (missing json, too few images, other size) and accept one that can."""
+    from data import shapes_dataset_missing
+    write_shapes_dataset(str(tmp_path / "small"), n_train=3, n_val=2, size=64, seed=5)
+    write_shapes_dataset(str(tmp_path / "big"), n_train=5, n_val=4, size=64, seed=5)
+    small, big = _read_tree(tmp_path / "small"), _read_tree(tmp_path / "big")
+    pngs = [f for f in small if f.endswith(".png")]
+    assert len(pngs) == 5 and all(small[f] == big[f] for f in pngs)
+    for split, n in (("train", 3), ("val", 2)):
+        name = os.path.join("annotations", f"instances_{split}.json")
+        a, b = json.loads(small[name]), json.loads(big[name])
+        assert a["images"] == b["images"][:n]
+        assert a["annotations"] == [x for x in b["annotations"] if x["image_id"] <= n]
+    big_root = str(tmp_path / "big")
+    assert shapes_dataset_missing(big_root, 5, 4, 64) == ""
+    assert shapes_dataset_missing(big_root, 3, 2, 64) == ""         # a bigger set serves
+    assert "has 5 images, 6 wanted" in shapes_dataset_missing(big_root, 6, 4, 64)
+    assert "instances_val.json has 4 images, 9 wanted" in shapes_dataset_missing(big_root, 5, 9, 64)
+    assert "64x64 images, 128x128 wanted" in shapes_dataset_missing(big_root, 5, 4, 128)
+    assert "instances_train.json is missing" in shapes_dataset_missing(str(tmp_path / "none"), 1, 1, 64)
+    with open(os.path.join(big_root, "annotations", "instances_val.json"), "w") as f:
+        f.write("{not json")
+    assert "instances_val.json is unreadable" in shapes_dataset_missing(big_root, 5, 4, 64)
+
+
 def test_shapes_content(shapes):
     """Guards a synthetic set too easy to test instance segmentation: needs >= 3 classes, 1-10
     instances per image, overlapping/occluding same-class instances, small and large objects,

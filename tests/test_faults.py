@@ -372,8 +372,8 @@ def test_torchrun_two_processes_train_and_evaluate(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "shapes_centermask.py"), "--device=cpu",
            f"--shapes_dir={tmp_path / 'shapes'}", f"--out_dir={out}", "--shapes_n_train=8", "--shapes_n_val=5",
-           "--shapes_size=64", "--input_size=64", "--dla_channels=(4, 8, 8, 16, 16, 32)", "--head_conv=8",
-           "--shape_size=8", "--batch_size=2", "--num_workers=0", "--max_iters=4", "--eval_interval=2",
+           "--shapes_size=64", "--input_size=64", "--test_input_size=0", "--dla_channels=(4, 8, 8, 16, 16, 32)",
+           "--head_conv=8", "--shape_size=8", "--batch_size=2", "--num_workers=0", "--max_iters=4", "--eval_interval=2",
            "--eval_max_images=0", "--log_interval=1", "--visualize=False", "--dtype=float32", "--threads=1"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

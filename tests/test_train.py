@@ -65,6 +65,25 @@ def test_train_writes_checkpoint_curve_and_logs(trained):
     assert not [p for p in os.listdir(tmp / "out") if ".tmp" in p]      # no temporary left behind
 
 
+def test_shapes_set_reused_when_big_enough_rewritten_when_not(trained, tmp_path):
+    """Guards train.py with a shapes set written by another config: a bigger set is read, not
+    rewritten, and only its first shapes_n_train / shapes_n_val images are used; a smaller one is
+    rewritten (saying why) to the size wanted."""
+    tmp, _ = trained
+    os.makedirs(tmp_path / "a")
+    os.symlink(tmp / "shapes", tmp_path / "a" / "shapes")
+    r = train(tmp_path / "a", "--shapes_n_train=4", "--shapes_n_val=2", "--max_iters=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "4 train / 2 val images" in r.stdout and "writing the synthetic" not in r.stdout
+    os.makedirs(tmp_path / "b")
+    r = train(tmp_path / "b", "--shapes_n_train=9", "--max_iters=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "instances_train.json is missing" in r.stdout and "9 train / 4 val images" in r.stdout
+    r = train(tmp_path / "b", "--shapes_n_train=10", "--max_iters=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "instances_train.json has 9 images, 10 wanted" in r.stdout and "10 train / 4 val images" in r.stdout
+
+
 def test_resume_continues_from_checkpoint(trained, tmp_path):
     """Guards --init_from=resume: it starts at the saved iteration (not 0) and runs to max_iters."""
     tmp, _ = trained
@@ -162,3 +181,60 @@ def test_eval_cli_bad_checkpoint(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     r = run("eval.py", f"--ckpt={bad}", "--device=cpu", cwd=tmp_path)
     assert r.returncode != 0 and "bad.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cosine_schedule_learning_rates(tmp_path):
+    """Guards lr_schedule="cosine": linear warmup, then lr * (1 + cos(pi * (it - w) / (T - w))) / 2.
+    lr 0.01, warmup 1, T = 5 iterations, the lr used at iteration it (0-based) is printed on line it+1:
+      it 0: warmup 0.01 * 1/1 = 1.00e-02
+      it 1: (1 + cos 0) / 2 = 1           -> 1.00e-02
+      it 2: (1 + cos(pi/4)) / 2 = 0.85355  -> 8.54e-03
+      it 3: (1 + cos(pi/2)) / 2 = 0.5      -> 5.00e-03
+      it 4: (1 + cos(3pi/4)) / 2 = 0.14645 -> 1.46e-03"""
+    r = train(tmp_path, "--max_iters=5", "--eval_interval=100", "--learning_rate=0.01", "--warmup_iters=1",
+              "--lr_schedule=cosine")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lrs = [line.split("| lr ")[1].split(" ")[0] for line in r.stdout.splitlines() if line.startswith("iter ")]
+    assert lrs == ["1.00e-02", "1.00e-02", "8.54e-03", "5.00e-03", "1.46e-03"]
+    assert "cosine learning rate to 0" in r.stdout
+    r = train(tmp_path, "--max_iters=1", "--lr_schedule=linear")
+    assert r.returncode != 0 and "lr_schedule" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_weight_ema_update_resume_and_eval(tmp_path):
+    """Guards ema_decay: the first update copies the weights, each later one is
+    e <- d * e + (1 - d) * p. With d = 0.5, after iteration 1: e1 = p1; resumed for iteration 2:
+    e2 = 0.5 * e1 + 0.5 * p2 = (p1 + p2) / 2 (parameters and BN statistics alike). eval.py
+    evaluates the "ema" weights: it works with a checkpoint whose raw "model" entry is broken."""
+    r = train(tmp_path, "--max_iters=1", "--eval_interval=100", "--ema_decay=0.5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "weight EMA 0.5" in r.stdout
+    c1 = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    r = train(tmp_path, "--max_iters=2", "--eval_interval=100", "--ema_decay=0.5", "--init_from=resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    c2 = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    floats = [k for k, v in c1["model"].items() if v.is_floating_point()]
+    assert len(floats) > 50
+    for k in floats:
+        assert torch.equal(c1["ema"][k], c1["model"][k]), k
+        torch.testing.assert_close(c2["ema"][k], (c1["model"][k] + c2["model"][k]) / 2, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(c1["model"][k], c2["model"][k]) for k in floats)  # the step did change them
+    broken = dict(c2, model={k: v for k, v in c2["model"].items() if k != floats[0]})
+    torch.save(broken, tmp_path / "broken.pt")
+    r = run("eval.py", f"--ckpt={tmp_path / 'broken.pt'}", "--device=cpu", "--num_workers=0", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(ema weights)" in r.stdout
+    assert 0.0 <= json.loads(r.stdout.strip().splitlines()[-1])["segm_AP"] <= 1.0
+
+
+def test_test_input_size_used_by_train_and_eval(tmp_path):
+    """Guards test_input_size: train.py evaluates at it, saves it, and eval.py takes it from the
+    checkpoint (the training input_size only when it is 0), --input_size still overriding."""
+    r = train(tmp_path, "--max_iters=2", "--test_input_size=96")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = tmp_path / "out" / "ckpt.pt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["config"]["test_input_size"] == 96
+    for args, size in (((), 96), (("--input_size=80",), 80)):
+        r = run("eval.py", f"--ckpt={ckpt}", "--device=cpu", "--num_workers=0", *args, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "on 4 images of" in r.stdout and f"at input size {size}" in r.stdout, r.stdout[-500:]
