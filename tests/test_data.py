@@ -514,7 +514,7 @@ def test_shapes_deterministic(tmp_path):
 
 
 def test_shapes_prefix_and_missing(tmp_path):
-    """Guards train.py's reuse of a bigger shapes set (the quick start writes 4000 train images,
+    """Guards train.py's reuse of a bigger shapes set (the quick start writes 2000 train images,
     the FCOS configs read the first 1000 of the same folder): the first n images of an
     (n + k)-image set must be the n-image set byte for byte, and shapes_dataset_missing must
     say why a set cannot serve (missing json, too few images, other size) and accept one that can."""
