@@ -68,13 +68,18 @@ def test_train_writes_checkpoint_curve_and_logs(trained):
 def test_shapes_set_reused_when_big_enough_rewritten_when_not(trained, tmp_path):
     """Guards train.py with a shapes set written by another config: a bigger set is read, not
     rewritten, and only its first shapes_n_train / shapes_n_val images are used; a smaller one is
-    rewritten (saying why) to the size wanted."""
+    rewritten (saying why) to the size wanted. eval.py, given only the checkpoint, reads the same
+    first shapes_n_val images."""
     tmp, _ = trained
     os.makedirs(tmp_path / "a")
     os.symlink(tmp / "shapes", tmp_path / "a" / "shapes")
     r = train(tmp_path / "a", "--shapes_n_train=4", "--shapes_n_val=2", "--max_iters=1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "4 train / 2 val images" in r.stdout and "writing the synthetic" not in r.stdout
+    r = run("eval.py", f"--ckpt={tmp_path / 'a' / 'out' / 'ckpt.pt'}", "--device=cpu", "--num_workers=0",
+            cwd=tmp_path / "a")                                     # eval.py reads the same first 2
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "on 2 images of" in r.stdout and json.loads(r.stdout.strip().splitlines()[-1])["num_images"] == 2
     os.makedirs(tmp_path / "b")
     r = train(tmp_path / "b", "--shapes_n_train=9", "--max_iters=1")
     assert r.returncode == 0, r.stderr[-2000:]
