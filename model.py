@@ -76,7 +76,9 @@ class ModelConfig:
     min_overlap: float = 0.7          # gaussian_radius IoU ([CN] 3, CornerNet 4.1)
     cornernet_bug: bool = True        # use the shipped (buggy) radius formula, as all published numbers
     max_detections: int = 100         # top-K peaks ([CM 3.5]); detections after NMS ([FCOS] 4)
-    mask_threshold: float = 0.4       # binarisation of assembled masks ([CM 3.5])
+    mask_threshold: float = None      # binarisation of every method's mask probabilities; None: the method's own,
+                                      # 0.4 for CenterMask and CenterMask-FCOS ([CM 3.5]), 0.5 for MaskFCOS (Mask
+                                      # R-CNN's, [IS 4] "Mask Prediction Head") and FCOSIS ([IS] gives none)
     mask_loss_grid: str = "output"    # grid of the CenterMask mask loss ([CM] eq. 2; resolution not given):
                                       # "output" (stride R, ground truth average-pooled) or "input" (input
                                       # pixels, binary ground truth: the masks' detail on small objects)
@@ -106,8 +108,11 @@ class ModelConfig:
     seg_classes: str = "agnostic"     # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
     com_assignment: str = "mask"      # locations regressing the centre of mass: "mask" (every mask pixel, [IS] Fig. 3)
                                       # or "positive" (FCOS positives inside the mask, DESIGN 4.7)
-    attention_assign: str = "pass"    # locations are assigned among the instances of their segmentation pass ("pass",
-                                      # [IS 3.2.1]) or of their whole image ("image"); see `attention_maps`
+    attention_assign: str = "image"   # locations are assigned among the objects of their image ("image", [IS 3.2.1]:
+                                      # a neighbour's pixels are distractors, -mu) or of their pass only ("pass",
+                                      # an ablation: no location is ever a distractor); see `attention_maps`
+    assign_nms_threshold: float = 0.6  # inference, "image": detections that a class-agnostic NMS at this IoU merges
+                                      # compete as one object (`duplicate_owners`); FCOS's own NMS IoU ([FCOS] 4)
     attention_grid: str = "p2"        # grid the attention map is built on: "p2" (stride 4, the P3 outputs resampled)
                                       # or "p3" (stride 8, the detection head's own grid); not fixed by [IS]
 
@@ -138,6 +143,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: CenterMask runs on backbone='dla34' or 'hourglass104', not {self.backbone!r} "
                              "(on a ResNet-FPN, use method='centermask_fcos')")
         self.ambiguity = self.ambiguity or ("mask" if self.method == "fcosreg" else "area")
+        if self.mask_threshold is None:
+            self.mask_threshold = 0.4 if self.method in ("centermask", "centermask_fcos") else 0.5
+        if not 0.0 <= self.mask_threshold <= 1.0:
+            raise ValueError(f"ModelConfig.mask_threshold must be a probability in [0, 1], got {self.mask_threshold}")
         self.reg_weights = tuple(float(w) for w in self.reg_weights) or \
             ((1 / 3, 1 / 3, 1 / 3) if self.method == "fcosreg" else (1.0, 0.0, 0.0))
         if len(self.reg_weights) != 3 or abs(sum(self.reg_weights) - 1) > 1e-6:
@@ -1663,7 +1672,7 @@ class MaskFCOS(FCOS):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.mask_threshold = 0.5                                                # Mask R-CNN's
+        self.mask_threshold = cfg.mask_threshold                                 # 0.5: Mask R-CNN's
         c = cfg.fpn_channels
         layers = []
         for _ in range(4):
@@ -2092,8 +2101,38 @@ def regressed_centers(center_offsets, stride):
     return loc + stride * center_offsets.float()
 
 
+def duplicate_owners(boxes, scores, batch, iou_threshold):
+    """
+    Which object each detection stands for, when detections compete for the locations of the
+    attention map at inference (assign="image"): a class-agnostic greedy NMS per image at
+    `iou_threshold` keeps one detection per object; every detection it suppresses (the same
+    shape detected as a second class, or a lower-scored copy a pixel away) is owned by the
+    kept detection that suppressed it, i.e. the highest-scored kept detection of its image
+    with IoU > iou_threshold; a kept detection owns itself.
+    boxes (N, 4) xyxy, scores (N,), batch (N,) image index -> owner (N,) int64 in 0..N-1.
+
+    Why: in training the competitors are the ground-truth objects, each present once. At test
+    time the detector returns duplicates, and a duplicate would take half of its object's
+    locations and give them -mu in the other copy's map (a distractor that training never
+    shows). Merging them keeps the test-time competition what the paper describes, "each
+    location gets assigned to a unique instance", with each object counted once; every
+    detection is still segmented and reported. The default threshold is FCOS's own NMS IoU
+    (0.6, [FCOS] 4): after the class-wise NMS two detections of one class never overlap more,
+    so this merges only detections of different classes, or pairs the class-wise NMS could
+    not see.
+    """
+    from torchvision.ops import batched_nms, box_iou
+    N = len(boxes)
+    kept = torch.zeros(N, dtype=torch.bool, device=boxes.device)
+    kept[batched_nms(boxes.float(), scores.float(), batch, iou_threshold)] = True       # (N,)
+    can_own = kept[None, :] & (batch[:, None] == batch[None, :]) \
+        & (box_iou(boxes.float(), boxes.float()) > iou_threshold)                        # (N, N)
+    best = torch.where(can_own, scores.float()[None, :], float("-inf")).argmax(1)         # (N,)
+    return torch.where(kept, torch.arange(N, device=boxes.device), best)
+
+
 def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
-                   lam, mu, bbox_only=False, assign="pass"):
+                   lam, mu, bbox_only=False, assign="image", owner=None):
     """
     The attention map of [IS 3.2.1] for each segmentation pass (colour group), at one level.
         regressed  (B, 2, h, w) regressed centres (x + r_x, y + r_y), input frame
@@ -2103,14 +2142,25 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
         boxes (N, 4), centers (N, 2) input frame: ground truth (boxes, mass centres) in
                    training, detections at inference; batch (N,) image index
         groups (N,) in 0..G-1 (`coloring_groups`), num_groups G; lam, mu scalar tensors
+        owner (N,) or None: the instance each one competes as (`duplicate_owners`, inference);
+                   None: every instance is its own object (training: ground truth)
     For instance j and location q = (x, y):
         A_j(q) = 0                  if q is outside B_j
                = +lam * coarse_fg(q) if q is inside B_j and assigned to j
                = -mu                 if q is inside B_j and assigned to another instance
     where q is assigned to the instance whose centre is nearest (Euclidean) to the regressed
-    centre of q ([IS 3.2.1]; ties -> lower index), among the instances of the same pass
-    (assign="pass") or of the same image (assign="image"). The map of a group is the sum of its
-    instances' maps (their boxes do not overlap, so it is their union) ([IS 3.2.1]).
+    centre of q ([IS 3.2.1]; ties -> lower index). Who competes (assign):
+      * "image" (default): every object of the image. A location of B_j whose regressed centre
+        is nearer an overlapping neighbour's centre is a distractor for j and gets -mu: "-mu
+        marks pixels which belong to the background or distractor instances" ([IS 3.2.1]),
+        "the negative features help to distinguish neighboring objects from one another"
+        ([IS 4.2], Table 3b). At inference the competitors are the de-duplicated detections:
+        only instances that own themselves compete, and j counts q as its own when q went to
+        owner[j].
+      * "pass" (ablation): only the instances of j's own pass. Their boxes never overlap B_j,
+        so no location inside B_j is ever a distractor: -mu marks nothing, mu never learns.
+    The map of a group is the sum of its instances' maps (their boxes do not overlap, so it is
+    their union) ([IS 3.2.1]).
     bbox_only=True is Table 3c's "bbox only": every location inside B_j gets lam ([IS 4.2]).
     Table 3b's "mu := 0" is mu = 0 (see `AttentionMap`).
     Returns (G, 1, h, w) float32.
@@ -2119,16 +2169,7 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
       * coarse_fg and r come from the detection head's finest level, P3 ("generated in upper
         layers"); FCOSIS resamples them onto the P2 grid and builds the map there (stride 4,
         `FCOSIS.attention_inputs`), then `apply_attention` shrinks it onto P3 and P4. Built on
-        P3's own grid (attention_grid="p3"), an 8-16 px object has 1-4 cells of attention and
-        its masks on the shapes set fail (README, FCOSIS).
-      * assign="pass" (default): "for every segmentation forward pass (with GT or detected
-        objects {1 ... n}), each location gets assigned to a unique instance ID 1 <= j <= n"
-        read literally: the n objects of the pass. assign="image" (all instances of the
-        image, so a location of B_j voting for an overlapping neighbour is a distractor for j)
-        is the other reading; at inference it lets duplicate detections (another class, a
-        lower score, centres a pixel apart) take an object's locations and give them -mu: on
-        the shapes set a model trained with it scores mask AP 0.10 tested with "image" and
-        0.36 tested with "pass" (README, FCOSIS).
+        P3's own grid (attention_grid="p3"), an 8-16 px object has 1-4 cells of attention.
       * -mu replaces the value (it is not scaled by the coarse foreground); a location
         assigned to j with low foreground gets lam * fg ~ 0 rather than -mu.
     """
@@ -2142,11 +2183,17 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
         per_instance = lam * inside                                                # (N, L)
     else:
         with torch.no_grad():
+            ids = torch.arange(N, device=boxes.device)
+            owner = ids if owner is None else owner                                # (N,)
             votes = regressed.float().flatten(2)[batch]                            # (N, 2, L)
             dist2 = ((votes - centers.float()[:, :, None]) ** 2).sum(1)            # (N, L)
-            key, n = (groups, num_groups) if assign == "pass" else (batch, B)      # who competes
-            winner = argmin_per_image(dist2, key, n)                               # (n, L)
-            assigned = winner[key] == torch.arange(N, device=winner.device)[:, None]  # (N, L)
+            if assign == "pass":
+                winner = argmin_per_image(dist2, groups, num_groups)[groups]       # (N, L)
+                assigned = winner == ids[:, None]
+            else:  # "image": the objects (instances that own themselves) of the image compete
+                dist2 = torch.where((owner == ids)[:, None], dist2, float("inf"))
+                winner = argmin_per_image(dist2, batch, B)[batch]                  # (N, L)
+                assigned = winner == owner[:, None]                                # (N, L)
         fg = coarse_fg.float().flatten(1)[batch]                                   # (N, L)
         per_instance = torch.where(assigned, lam * fg, -mu) * inside               # (N, L)
     out = per_instance.new_zeros(num_groups, L).index_add(0, groups, per_instance.float())
@@ -2159,11 +2206,12 @@ class AttentionMap(nn.Module):
     (-, background / distractor), both initialised to 1 and learned end to end.
     mode: "segm" (the paper's map), "mu0" (Table 3b: mu := 0, not learnable) or "bbox"
     (Table 3c: the whole box filled with lam; no mu, so no unused parameter under DDP).
-    assign: "pass" or "image", who competes for a location (see `attention_maps`).
-    forward(...) takes `attention_maps`' arguments after lam/mu and returns (G, 1, h, w).
+    assign: "image" or "pass", who competes for a location (see `attention_maps`).
+    forward(...) takes `attention_maps`' arguments except lam/mu/bbox_only/assign (owner last)
+    and returns (G, 1, h, w).
     """
 
-    def __init__(self, mode="segm", assign="pass"):
+    def __init__(self, mode="segm", assign="image"):
         super().__init__()
         self.assign = assign                                       # see `attention_maps`
         if mode not in ("segm", "mu0", "bbox"):
@@ -2175,9 +2223,9 @@ class AttentionMap(nn.Module):
         else:
             self.register_buffer("mu", torch.tensor(0.0))          # fixed 0 [IS 4.2] / unused
 
-    def forward(self, regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups):
-        return attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups,
-                              num_groups, self.lam, self.mu, bbox_only=self.mode == "bbox", assign=self.assign)
+    def forward(self, regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups, owner=None):
+        return attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
+                              self.lam, self.mu, bbox_only=self.mode == "bbox", assign=self.assign, owner=owner)
 
 
 def apply_attention(features, attention, group_batch):
@@ -2346,9 +2394,12 @@ class FCOSIS(FCOS):
         level (the paper's Fig. 3: "foreground pixels of masks"), because the attention map is
         built on P3 for objects of every size, while FCOS sends large objects to P4-P7.
         DESIGN 4.7's reading (FCOS positives inside the mask) is com_assignment="positive".
-      * The attention map is drawn on the P2 grid from the P3 outputs (attention_grid="p2"),
-        and each location is assigned among the instances of its own pass
-        (attention_assign="pass"); see `attention_maps` and `attention_inputs`.
+      * The attention map is drawn on the P2 grid from the P3 outputs (attention_grid="p2");
+        see `attention_maps` and `attention_inputs`.
+      * Inference: each location is assigned among the de-duplicated detections of its image
+        (a class-agnostic NMS at assign_nms_threshold, `duplicate_owners`): a duplicate
+        detection competes as the object it duplicates. Training assigns among the
+        ground-truth objects of the image, as [IS 3.2.1].
       * Training colours the ground-truth boxes grown by their loss padding, so that no
         instance's padded crop reaches into another instance of its own pass.
       * The "none" baseline is trained with the same per-instance padded-crop loss, on the
@@ -2362,7 +2413,7 @@ class FCOSIS(FCOS):
         self.seg_head = SegmentationHead(c, c, n)
         self.aspp = ASPP(c, c) if cfg.attention == "none" else None
         self.attention = None if cfg.attention == "none" else AttentionMap(cfg.attention, cfg.attention_assign)
-        self.mask_threshold = 0.5
+        self.mask_threshold = cfg.mask_threshold                                 # 0.5 (not given in [IS])
 
     def p3_maps(self, out):
         """The P3 detection outputs the attention map is built from: regressed centres (B, 2,
@@ -2385,11 +2436,13 @@ class FCOSIS(FCOS):
         up = lambda x: F.interpolate(x, size=tuple(p2_hw), mode="bilinear", align_corners=False)
         return up(regressed), up(fg), self.strides[0] // 2                       # (B, 2|1, H/4, W/4)
 
-    def segment(self, features, out, boxes, centers, batch, labels, num_images, color_boxes=None):
+    def segment(self, features, out, boxes, centers, batch, labels, num_images, color_boxes=None, owner=None):
         """
         Mask logits (M, H/4, W/4) of M instances (boxes (M, 4), centres (M, 2) input frame,
-        batch (M,), labels (M,)): one segmentation pass per colour group. Also returns the
-        attention maps (G, 1, h3, w3) and groups (M,) (None for the "none" baseline).
+        batch (M,), labels (M,)): one segmentation pass per colour group. owner (M,) or None:
+        the object each instance competes as for the attention map's locations (inference,
+        `duplicate_owners`). Also returns the attention maps (G, 1, h, w) and groups (M,)
+        (None for the "none" baseline).
         """
         p2_p4 = features[:3]                                                     # P2, P3, P4
         ch = labels if self.seg_head.predictor.out_channels > 1 else torch.zeros_like(labels)
@@ -2398,7 +2451,7 @@ class FCOSIS(FCOS):
             return seg[batch, ch], None, None
         groups, group_batch = coloring_groups(boxes if color_boxes is None else color_boxes, batch, num_images)
         regressed, fg, stride = self.attention_inputs(out, p2_p4[0].shape[-2:])
-        att = self.attention(regressed, fg, stride, boxes, centers, batch, groups, len(group_batch))
+        att = self.attention(regressed, fg, stride, boxes, centers, batch, groups, len(group_batch), owner)
         seg = self.seg_head(apply_attention(p2_p4, att, group_batch))            # (G, n, H/4, W/4)
         return seg[groups, ch], att, groups
 
@@ -2456,7 +2509,9 @@ class FCOSIS(FCOS):
         # each detection's centre: the centre of mass regressed at its own location
         s = torch.tensor(self.strides, device=device, dtype=torch.float32)[levels[index]]
         centers = points[index] + s[:, None] * out["extra"][batch, index, :2].float()
-        logits, att, groups = self.segment(features, out, boxes, centers, batch, labels, len(dets))
+        # duplicates compete as one object for the attention map's locations (`duplicate_owners`)
+        owner = duplicate_owners(boxes, torch.cat([d["scores"] for d in dets]), batch, self.cfg.assign_nms_threshold)
+        logits, att, groups = self.segment(features, out, boxes, centers, batch, labels, len(dets), owner=owner)
         probs = F.interpolate(logits[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
         probs = probs.sigmoid() * boxes_inside(boxes, H, W)                      # cropped to the box
         start = 0

@@ -62,16 +62,21 @@ flip_prob = 0.5                   # horizontal flips ([CN])
 color_jitter = 0.4                # brightness/contrast/saturation jitter ([CN])
 num_workers = 4
 # optimisation ([CM 3.5]: Adam, lr 2.5e-4, 130 epochs, x0.1 at 100 and 120)
-batch_size = 32                   # per process; CenterNet used 114 on 8 GPUs (lr scaled with it)
+batch_size = 32                   # per process; CenterNet's DLA-34 COCO run: 128 on 8 GPUs at lr 5e-4 (experiments/ctdet_coco_dla_1x.sh)
 epochs = 130
 max_iters = 0                     # 0: derived from epochs and the dataset length
 learning_rate = 2.5e-4
 lr_schedule = "step"              # "step" ([CM 3.5]: x lr_decay at each of lr_steps) or "cosine" (to 0 at the end)
 lr_steps = (100, 120)             # epochs at which lr *= lr_decay (step schedule)
 lr_decay = 0.1
-warmup_iters = 0                  # linear warmup from 0 (not in [CM]; helps tiny batches)
+warmup_iters = 0                  # warm-up iterations (not in [CM]; FCOS: 500, its SOLVER.WARMUP_ITERS)
+warmup_method = "linear"          # "linear": from warmup_factor x lr up to lr; "constant": warmup_factor x lr
+                                  # throughout (FCOS's configs/fcos/*.yaml: WARMUP_METHOD "constant")
+warmup_factor = 0.0               # start factor f (FCOS, Mask R-CNN: 1/3, SOLVER.WARMUP_FACTOR in fcos_core/config/defaults.py)
 optimizer = "adam"                # "adam" ([CM 3.5]) or "adamw"/"sgd"
 weight_decay = 0.0
+bias_lr_factor = 1.0              # lr multiplier of every parameter whose name contains "bias" (FCOS: 2, SOLVER.BIAS_LR_FACTOR)
+bias_weight_decay = None          # their weight decay (FCOS: 0, SOLVER.WEIGHT_DECAY_BIAS); None: weight_decay
 grad_clip = 0.0                   # clip the gradient norm at this value (0: off; [CM] none)
 ema_decay = 0.0                   # >0: evaluate and save an exponential moving average of the weights (not in [CM]/[IS])
 # system
@@ -195,7 +200,17 @@ log(f"{model_args['method']} / {model_args['backbone']}: {sum(p.numel() for p in
     f"{num_classes} classes, {len(train_set)} train / {len(val_set)} val images, device {device}, dtype {dtype}, "
     f"{world_size} process(es)")
 
-params = [p for p in model.parameters() if p.requires_grad]
+# Parameter groups. FCOS's solver (fcos_core/solver/build.py, inherited from maskrcnn-benchmark) gives
+# every parameter named "*bias*" (conv, norm and Scale biases) bias_lr_factor x the learning rate and
+# bias_weight_decay; each group carries its "lr_factor", which the schedule below multiplies in.
+# With the defaults (CenterMask's Adam, [CM 3.5]) it is one group, in model.parameters() order.
+named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+if bias_lr_factor == 1.0 and bias_weight_decay in (None, weight_decay):
+    params = [{"params": [p for _, p in named], "lr_factor": 1.0}]
+else:
+    params = [{"params": [p for n, p in named if "bias" not in n], "lr_factor": 1.0},
+              {"params": [p for n, p in named if "bias" in n], "lr_factor": float(bias_lr_factor),
+               "weight_decay": weight_decay if bias_weight_decay is None else float(bias_weight_decay)}]
 fused = {"fused": True}  # one kernel over all parameters (CUDA; CPU since torch 2.4): ~8% of a CPU step
 if optimizer == "adam":
     opt = torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay, **fused)
@@ -245,10 +260,12 @@ eval_every = eval_interval or max(1, eval_every_epochs * iters_per_epoch)
 
 
 def get_lr(it):
-    """Linear warmup (optional), then x lr_decay at each step ([CM 3.5]: epochs 100 and 120),
-    or a half cosine from learning_rate down to 0 at max_iters."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / warmup_iters
+    """Warm-up (optional: linear from 0, or FCOS's constant warmup_factor x lr), then x lr_decay at
+    each step ([CM 3.5]: epochs 100 and 120), or a half cosine from learning_rate down to 0 at
+    max_iters. The base rate: each parameter group multiplies in its lr_factor."""
+    if it < warmup_iters:  # linear: f + (1 - f) (it + 1) / W, never 0 at the first step (f = 0 included)
+        f = warmup_factor
+        return learning_rate * (f if warmup_method == "constant" else f + (1 - f) * (it + 1) / warmup_iters)
     if lr_schedule == "cosine":
         return learning_rate * 0.5 * (1 + math.cos(math.pi * (it - warmup_iters) / max(1, max_iters - warmup_iters)))
     return learning_rate * lr_decay ** sum(it >= s for s in step_iters)
@@ -256,6 +273,10 @@ def get_lr(it):
 
 if lr_schedule not in ("step", "cosine"):
     sys.exit(f"train.py: lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}")
+if warmup_method not in ("linear", "constant"):
+    sys.exit(f"train.py: warmup_method must be 'linear' or 'constant', got {warmup_method!r}")
+if not 0 <= warmup_factor <= 1 or (warmup_method == "constant" and warmup_factor == 0 and warmup_iters > 0):
+    sys.exit(f"train.py: warmup_factor must be in [0, 1] (> 0 with warmup_method='constant'), got {warmup_factor}")
 
 
 def write_atomic(name, write):
@@ -352,7 +373,7 @@ while it < max_iters:
             continue
         lr = get_lr(it)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_factor", 1.0)
         images = images.to(device, non_blocking=True)
         if device_type == "cuda" and channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

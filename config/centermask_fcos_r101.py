@@ -5,7 +5,7 @@
 # Expected (paper, test-dev, [CM] Table 3): mask AP 36.1 (R-101-FPN), 36.7 (X-101-FPN); the DCN
 # variants (37.6 / 38.5) are not built here. [CM 4.3]: "the training follows the same setting of
 # Mask R-CNN": the 1x schedule (12 epochs, 16 images per step), with FCOS's lr 0.01 for its GN
-# heads. Not yet reproduced here (no GPU/COCO in our sessions).
+# heads. Not reproduced: no COCO run of this config has been measured.
 method = "centermask_fcos"
 backbone = "resnet101"
 pretrained = True
@@ -32,7 +32,10 @@ batch_size = 16                  # 16 images per step in total (8 GPUs: --batch_
 optimizer = "sgd"
 learning_rate = 0.01
 weight_decay = 1e-4
-warmup_iters = 500
+warmup_iters = 500               # Mask R-CNN's solver (maskrcnn-benchmark, as FCOS's fcos_core/config/defaults.py):
+warmup_factor = 1 / 3            # linear warm-up from 1/3 of the lr over 500 iterations,
+bias_lr_factor = 2.0             # biases at 2x the lr
+bias_weight_decay = 0.0          # and without weight decay
 epochs = 12                      # Mask R-CNN 1x: 90k iterations of 16 images
 lr_steps = (8, 11)               # x0.1 at 60k and 80k iterations
 eval_every_epochs = 4

@@ -5,9 +5,10 @@
 # Expected (paper): mask AP 33.9 on minival (= val2017) with class-specific saliency (Table 1e;
 # class-agnostic: 31.5); 34.5 AP on test-dev at 12.3 FPS (Table 2). Trained from scratch, 130
 # epochs of a 188M-parameter backbone (194M with the two stacks' heads): many days on 8 GPUs
-# (not measured). Not reproduced here (no GPU/COCO in our sessions): treat the AP as the
-# target, not a measured number. [CM] does not give the batch size; 8 x 3 = 24 is what
-# CenterNet used with this learning rate for Hourglass-104 (5 GPUs, lr 2.5e-4). With fewer
+# (not measured). Not reproduced: no COCO run of this config has been measured, so treat the AP
+# as the target, not a measured number. [CM] does not give the batch size; 8 x 3 = 24 is what
+# CenterNet used with this learning rate for Hourglass-104 (its experiments/ctdet_coco_hg.sh:
+# --batch_size 24 on 5 GPUs at --lr 2.5e-4; its paper says 29). With fewer
 # images per step, scale learning_rate down with the batch. Memory: a forward+backward of one
 # 512x512 image peaked at 1.6 GB above the 0.8 GB of weights in fp32 on the CPU (activations
 # and gradients), so 24 images on one GPU need very roughly 40 GB in fp32, less in bf16 (an

@@ -3,8 +3,8 @@
 #   1 GPU:   python train.py config/fcos_r50.py --data_root=/path/to/coco
 #   8 GPUs:  torchrun --standalone --nproc_per_node=8 train.py config/fcos_r50.py --data_root=/path/to/coco --batch_size=2
 # Expected (paper, test-dev, Table 1): box AP 37.1. ImageNet-pretrained backbone (downloaded by
-# torchvision on first use). Not yet reproduced here (no GPU/COCO in our sessions): treat the AP
-# as the target, not a measured number.
+# torchvision on first use). Not reproduced: no COCO run of this config has been measured, so
+# treat the AP as the target, not a measured number.
 method = "fcos"
 backbone = "resnet50"
 pretrained = True                # ImageNet weights, as FCOS
@@ -29,7 +29,11 @@ batch_size = 16                  # [IS 4]: 16 images per step, in total (8 GPUs:
 optimizer = "sgd"                # [IS 4]: SGD, momentum 0.9
 learning_rate = 0.01             # [IS 4]
 weight_decay = 1e-4              # [IS 4]
-warmup_iters = 500               # FCOS's linear warmup (from 1/3 there, from 0 here)
+warmup_iters = 500               # FCOS: SOLVER.WARMUP_ITERS 500 (fcos_core/config/defaults.py) ...
+warmup_method = "constant"       # ... at a constant 1/3 of the lr (configs/fcos/*.yaml: WARMUP_METHOD "constant",
+warmup_factor = 1 / 3            # SOLVER.WARMUP_FACTOR 1/3): the standard FCOS settings of [IS 4]
+bias_lr_factor = 2.0             # FCOS's solver: biases at 2x the lr (SOLVER.BIAS_LR_FACTOR) ...
+bias_weight_decay = 0.0          # ... and without weight decay (SOLVER.WEIGHT_DECAY_BIAS)
 epochs = 24                      # [IS 4]
 lr_steps = (14, 21)              # x0.1 at epochs 14 and 21 ([IS 4])
 eval_every_epochs = 4

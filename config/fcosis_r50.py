@@ -4,7 +4,7 @@
 #   1 GPU:   python train.py config/fcosis_r50.py --data_root=/path/to/coco
 #   8 GPUs:  torchrun --standalone --nproc_per_node=8 train.py config/fcosis_r50.py --data_root=/path/to/coco --batch_size=2
 # Expected (paper, test-dev): mask AP 32.4 (Table 2), box AP 38.2 (Table 1); val2017 ablations
-# in Table 3. Not yet reproduced here (no GPU/COCO in our sessions).
+# in Table 3. Not reproduced: no COCO run of this config has been measured.
 import os
 exec(open(os.path.join(os.path.dirname(__file__), 'fcos_r50.py')).read())
 method = "fcosis"

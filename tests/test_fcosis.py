@@ -8,7 +8,8 @@ from torchvision.ops import box_iou
 from model import (optimal_padding, box_overlap_graph, largest_first_coloring, coloring_groups,
                    center_of_mass, average_pool_masks, coarse_foreground_targets, mask_assignment,
                    center_of_mass_targets, center_of_mass_loss, fcos_locations, regressed_centers,
-                   attention_maps, AttentionMap, apply_attention, SegmentationHead, padded_crop_bce)
+                   attention_maps, duplicate_owners, AttentionMap, apply_attention, SegmentationHead,
+                   padded_crop_bce)
 
 SP1 = math.log1p(math.e)  # BCE of logit 1 against target 0 = log(1 + e) = 1.313262; against t: SP1 - t
 
@@ -238,8 +239,10 @@ def toy_attention_inputs():
 
 
 def test_attention_map_two_instances_by_hand():
-    """Guards the map of [IS 3.2.1]: 0 outside B_j, +lam*fg where assigned to j, -mu where
-    assigned to the other instance. lam = 2, mu = 3 (toy_attention_inputs).
+    """Guards the map of [IS 3.2.1] with the default assign="image": 0 outside B_j, +lam*fg
+    where assigned to j, -mu where assigned to the other instance, so the overlapping
+    neighbour's cells inside B_j are distractors ("-mu marks pixels which belong to the
+    background or distractor instances"). lam = 2, mu = 3 (toy_attention_inputs).
     A (box covers cells i, j in {0, 1}):
       (0,0) inside A only, votes (22,23): d^2 to A = 196+225, to B = 4+1 -> B: -mu = -3
       (0,1) (12,4): d^2 A = 16+16 = 32, B = 144+400 -> A: 2*0.5 = 1;  (1,0) likewise 1
@@ -251,7 +254,7 @@ def test_attention_map_two_instances_by_hand():
     (3,0) (4,28) is outside both boxes: 0 in both maps."""
     regressed, fg, boxes, centers, batch, groups = toy_attention_inputs()
     att = attention_maps(regressed, fg, 8, boxes, centers, batch, groups, 2,
-                         torch.tensor(2.0), torch.tensor(3.0), assign="image")
+                         torch.tensor(2.0), torch.tensor(3.0))                    # assign="image"
     assert att.shape == (2, 1, 4, 4)
     expect_a = torch.tensor([[-3.0, 1, 0, 0], [1, 1.6, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
     expect_b = torch.tensor([[0.0, 0, 0, 0], [0, -3, -3, 1], [0, -3, 1, 1], [0, 1, 1, 1]])
@@ -260,8 +263,8 @@ def test_attention_map_two_instances_by_hand():
 
 
 def test_attention_map_assignment_within_the_pass_by_hand():
-    """Guards assign="pass" ([IS 3.2.1]: each location is assigned among the objects {1..n} of
-    its segmentation pass), the model's default. lam = 2, mu = 3, toy_attention_inputs plus
+    """Guards the assign="pass" ablation (each location is assigned among the objects of its
+    segmentation pass only): lam = 2, mu = 3, toy_attention_inputs plus
     C: box (24, 0, 32, 8), centre (28, 4), which touches B only, so the colouring puts A and C
     in pass 0 and B alone in pass 1.
     Pass 0, A's cells: (0,0) (4,4) votes (22,23): d^2 to A = 14^2+15^2 = 421, to C = 6^2+19^2
@@ -275,11 +278,49 @@ def test_attention_map_assignment_within_the_pass_by_hand():
     groups, _ = coloring_groups(boxes3, torch.zeros(3, dtype=torch.long), 1)
     assert groups.tolist() == [0, 1, 0]
     att = attention_maps(regressed, fg, 8, boxes3, centers3, torch.zeros(3, dtype=torch.long), groups, 2,
-                         torch.tensor(2.0), torch.tensor(3.0))                    # assign="pass"
+                         torch.tensor(2.0), torch.tensor(3.0), assign="pass")
     expect0 = torch.tensor([[-3.0, 1, 0, 1], [1, 1.6, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
     expect1 = torch.tensor([[0.0, 0, 0, 0], [0, 1.6, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]])
     torch.testing.assert_close(att[0, 0], expect0)
     torch.testing.assert_close(att[1, 0], expect1)
+
+
+def test_duplicate_owners_by_hand():
+    """Guards the test-time de-duplication of the competitors (`duplicate_owners`): a
+    class-agnostic NMS at IoU 0.6 per image; a suppressed detection is owned by the
+    highest-scored kept detection of its image that overlaps it by more than 0.6.
+    Image 0: A (0, 0, 10, 10) score 0.9; A' (1, 0, 11, 10) score 0.5 (IoU 90/110 = 0.818 -> A);
+      C (20, 0, 30, 10) score 0.8 (no overlap, kept); C' (20, 0, 30, 10) score 0.85 (the same box
+      as C, higher: C' is kept, C is owned by C').
+    Image 1: D (0, 0, 10, 10) score 0.1, the same box as A but in another image: kept, owns itself.
+    -> owners [0, 0, 3, 3, 4]."""
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [20, 0, 30, 10], [20, 0, 30, 10], [0, 0, 10, 10]])
+    scores = torch.tensor([0.9, 0.5, 0.8, 0.85, 0.1])
+    batch = torch.tensor([0, 0, 0, 0, 1])
+    assert duplicate_owners(boxes, scores, batch, 0.6).tolist() == [0, 0, 3, 3, 4]
+    assert duplicate_owners(boxes, scores, batch, 0.85).tolist() == [0, 1, 3, 3, 4]   # 0.818 < 0.85: kept
+
+
+def test_attention_map_duplicate_competes_as_its_object():
+    """Guards the inference assignment among de-duplicated detections (assign="image"): D, a
+    copy of A (box (0, 0, 20, 20), centre (9, 9): a second class, lower score), owned by A.
+    Without owners D competes and wins the cells whose vote is nearer (9, 9) than A's (8, 8):
+      (0,1) (12,4): d^2 A = 16+16 = 32, D = 9+25 = 34 -> A;  (1,0) (4,12): likewise A;
+      (1,1) votes (10,9): d^2 A = 4+1 = 5, D = 1+0 = 1 -> D: -mu = -3 in A's map (test above: 1.6).
+    With owner = [0, 1, 0]: D does not compete; A's map is the two-instance map of the test
+    above, and D's map equals A's (each cell assigned to A counts as D's own)."""
+    regressed, fg, boxes, centers, batch, _ = toy_attention_inputs()
+    boxes3 = torch.cat([boxes, boxes[:1]])
+    centers3 = torch.cat([centers, torch.tensor([[9.0, 9.0]])])
+    batch3, groups3 = torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2])
+    lam, mu = torch.tensor(2.0), torch.tensor(3.0)
+    plain = attention_maps(regressed, fg, 8, boxes3, centers3, batch3, groups3, 3, lam, mu)
+    assert plain[0, 0, 1, 1].item() == -3.0 and plain[2, 0, 1, 1].item() == pytest.approx(1.6)
+    owned = attention_maps(regressed, fg, 8, boxes3, centers3, batch3, groups3, 3, lam, mu,
+                           owner=torch.tensor([0, 1, 0]))
+    two = attention_maps(regressed, fg, 8, boxes, centers, batch, torch.tensor([0, 1]), 2, lam, mu)
+    torch.testing.assert_close(owned[:2], two)
+    torch.testing.assert_close(owned[2], two[0])
 
 
 def test_attention_map_ablations_mu0_and_bbox_only():
@@ -511,6 +552,34 @@ def test_fcosis_learns_a_toy_batch(kw):
     assert set(losses) == {"cls", "box", "centerness", "foreground", "com", "mask", "loss"}
     assert losses["loss"] < 0.5 * first["loss"], (first, losses)
     assert losses["mask"] < first["mask"]
+
+
+def test_mask_threshold_is_each_methods_key():
+    """Guards the one mask_threshold key: every mask method binarises at ModelConfig.mask_threshold,
+    whose default is the method's own (0.4 CenterMask and CenterMask-FCOS [CM 3.5]; 0.5 MaskFCOS,
+    Mask R-CNN's, and FCOSIS), and an explicit value reaches every method."""
+    from model import ModelConfig
+    assert ModelConfig(method="centermask").mask_threshold == 0.4
+    for method, default in (("centermask_fcos", 0.4), ("maskfcos", 0.5), ("fcosis", 0.5)):
+        assert build_model(tiny(method)).mask_threshold == default, method
+        assert build_model(tiny(method, mask_threshold=0.3)).mask_threshold == 0.3, method
+    with pytest.raises(ValueError, match="mask_threshold"):
+        ModelConfig(method="centermask", mask_threshold=1.5)
+
+
+def test_mu_learns_in_a_real_training_step():
+    """Guards mu being a live parameter ([IS 3.2.1], Table 3b): in one FCOSIS training step on
+    toy_instances, whose rectangles (40, 20, 90, 60) and L shape (60, 50, 110, 90) overlap,
+    the default assignment among the image's objects puts the neighbour's cells inside a box
+    at -mu, so mu receives a gradient; the "pass" ablation never marks a distractor, so its
+    gradient is exactly 0 there (a dead parameter)."""
+    images, targets = toy_instances()
+    for assign, live in (("image", True), ("pass", False)):
+        torch.manual_seed(0)
+        model = build_model(tiny_fcosis(attention_assign=assign))
+        model(images, targets)["loss"].backward()
+        g = model.attention.mu.grad
+        assert g is not None and (g.abs().item() > 0) == live, (assign, g)
 
 
 def test_fcosis_inference_and_teaching_maps():

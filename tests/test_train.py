@@ -206,6 +206,39 @@ def test_cosine_schedule_learning_rates(tmp_path):
     assert r.returncode != 0 and "lr_schedule" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_fcos_solver_bias_groups_and_constant_warmup(tmp_path):
+    """Guards FCOS's solver options (fcos_core/solver/build.py and config/defaults.py: biases at
+    BIAS_LR_FACTOR = 2 x the lr with WEIGHT_DECAY_BIAS = 0; WARMUP_METHOD "constant").
+    lr 0.01, constant warm-up at f = 0.25 for 3 iterations, 4 iterations; the printed base lr:
+      it 0, 1, 2: 0.01 * 0.25 = 2.50e-03;  it 3: 1.00e-02.
+    The optimizer saved at the end has two groups: every parameter whose name holds "bias" at
+    2 * 0.01 = 0.02 without weight decay, the rest at 0.01 with weight decay 1e-4.
+    Linear warm-up from f = 0.5 over 2 iterations: it 0: 0.01 * (0.5 + 0.5 * 1/2) = 7.50e-03,
+    it 1: 0.01 * (0.5 + 0.5 * 2/2) = 1.00e-02 (f = 0 is the old ramp (it + 1) / W)."""
+    from model import ModelConfig, build_model
+    r = train(tmp_path, "--max_iters=4", "--eval_interval=100", "--learning_rate=0.01", "--optimizer=sgd",
+              "--weight_decay=1e-4", "--bias_lr_factor=2.0", "--bias_weight_decay=0.0", "--warmup_iters=3",
+              "--warmup_method=constant", "--warmup_factor=0.25")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lrs = [line.split("| lr ")[1].split(" ")[0] for line in r.stdout.splitlines() if line.startswith("iter ")]
+    assert lrs == ["2.50e-03", "2.50e-03", "2.50e-03", "1.00e-02"]
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    weights, biases = ckpt["optimizer"]["param_groups"]
+    model = build_model(ModelConfig(**ckpt["model_args"]))
+    n_bias = sum("bias" in n for n, _ in model.named_parameters())
+    assert len(biases["params"]) == n_bias > 0 and len(weights["params"]) == len(list(model.parameters())) - n_bias
+    assert biases["lr"] == pytest.approx(0.02) and biases["weight_decay"] == 0.0
+    assert weights["lr"] == pytest.approx(0.01) and weights["weight_decay"] == pytest.approx(1e-4)
+    os.makedirs(tmp_path / "lin")
+    r = train(tmp_path / "lin", "--max_iters=2", "--eval_interval=100", "--learning_rate=0.01",
+              "--warmup_iters=2", "--warmup_factor=0.5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lrs = [line.split("| lr ")[1].split(" ")[0] for line in r.stdout.splitlines() if line.startswith("iter ")]
+    assert lrs == ["7.50e-03", "1.00e-02"]
+    r = train(tmp_path, "--max_iters=1", "--warmup_method=cosine")
+    assert r.returncode != 0 and "warmup_method" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_weight_ema_update_resume_and_eval(tmp_path):
     """Guards ema_decay: the first update copies the weights, each later one is
     e <- d * e + (1 - d) * p. With d = 0.5, after iteration 1: e1 = p1; resumed for iteration 2:
