@@ -1476,6 +1476,11 @@ class FCOS(nn.Module):
         predicted regularisation map, as FCOS does with its centerness); [IS 3.3] only says
         w replaces centerness as the regression weight. With reg_weights = (1, 0, 0) FCOSreg's
         losses are FCOS's exactly.
+      * FCOSIS with reg_weights != (1, 0, 0): the box loss is weighted by w as FCOSreg's, the
+        centerness branch keeps learning centerness, and inference weights the scores by w
+        computed from the predicted centerness and the predicted coarse foreground as s ([IS
+        3.3]: w "can be applied if mask information is available during both training and
+        inference, which is supported by FCOSIS"). Default (1, 0, 0): FCOS's weighting.
       * GIoU and centre sampling (the FCOS improvements, DESIGN 4.3) are on by default; [IS]
         quotes FCOS's original IoU loss: box_loss="iou", center_sampling=0 restore it.
     """
@@ -1491,7 +1496,8 @@ class FCOS(nn.Module):
         self.fcos_levels = slice(3 - first_level, None)   # P3-P7 of the FPN maps
         self.strides = self.backbone.strides[self.fcos_levels]                   # [8, 16, 32, 64, 128]
         self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, self.strides, cfg.head_convs, extra)
-        self.uses_masks = cfg.method == "fcosreg"     # segmentation labels ([IS 3.3])
+        self.uses_masks = cfg.method == "fcosreg" or (cfg.method == "fcosis" and (  # segmentation labels ([IS 3.3])
+            cfg.reg_weights != (1.0, 0.0, 0.0) or cfg.ambiguity == "mask" or cfg.center_sampling_at == "mass"))
 
     def heads(self, images):
         """(B, 3, H, W) -> the head outputs (see FCOSHead) and, under "features", the FPN maps
@@ -1559,10 +1565,13 @@ class FCOS(nn.Module):
         losses = {"cls": sigmoid_focal_loss(out["cls"], onehot, alpha=self.cfg.focal_alpha,
                                             gamma=self.cfg.focal_gamma, reduction="sum") / num_pos}
         weight = t["centerness"][pos]                                            # (M,)
-        if self.cfg.method == "fcosreg":
+        if self.cfg.method in ("fcosreg", "fcosis") and self.cfg.reg_weights != (1.0, 0.0, 0.0):
             seg = t["seg"].gather(1, t["matched"].clamp(min=0)[:, None, :])[:, 0] if "seg" in t else None
             weight = regression_weights(weight, seg[pos] if seg is not None else weight, self.cfg.reg_weights)
         t["weight"] = weight
+        # FCOSreg's centerness branch learns w itself; FCOSIS's keeps centerness, since at inference
+        # its coarse foreground gives the s of w (`detect`, [IS 3.3] "supported by FCOSIS")
+        ctr_target = t["centerness"][pos] if self.cfg.method == "fcosis" else weight
         p = points[None].expand_as(t["ltrb"][..., :2])[pos]                      # (M, 2)
         pred = torch.cat([p - out["ltrb"][pos][:, :2], p + out["ltrb"][pos][:, 2:]], 1)  # (M, 4)
         gt = torch.cat([p - t["ltrb"][pos][:, :2], p + t["ltrb"][pos][:, 2:]], 1)
@@ -1571,7 +1580,7 @@ class FCOS(nn.Module):
         else:  # UnitBox IoU loss, -log IoU ([IS 3.1])
             per_box = -torch.log(box_iou_aligned(pred, gt).clamp(min=1e-6))
         losses["box"] = (per_box * weight).sum() / reduce_mean(weight.sum()).clamp(min=1e-6)
-        losses["centerness"] = F.binary_cross_entropy_with_logits(out["centerness"][pos], weight,
+        losses["centerness"] = F.binary_cross_entropy_with_logits(out["centerness"][pos], ctr_target,
                                                                   reduction="sum") / num_pos
         return losses, t
 
@@ -1590,6 +1599,10 @@ class FCOS(nn.Module):
         cfg = self.cfg
         cls = out["cls"].float().sigmoid()                                       # (B, P, C)
         ctr = out["centerness"].float().sigmoid()                                # (B, P)
+        if cfg.method == "fcosis" and cfg.reg_weights != (1.0, 0.0, 0.0):
+            # [IS 3.3]: "can be applied if mask information is available during both training
+            # and inference, which is supported by FCOSIS": s = the predicted coarse foreground
+            ctr = regression_weights(ctr, out["extra"][..., 2].float().sigmoid(), cfg.reg_weights)
         B, P, C = cls.shape
         score = torch.where(cls > cfg.score_threshold, cls * ctr[..., None], torch.zeros_like(cls))
         cand_scores, cand_index = [], []

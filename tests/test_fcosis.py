@@ -567,6 +567,30 @@ def test_mask_threshold_is_each_methods_key():
         ModelConfig(method="centermask", mask_threshold=1.5)
 
 
+def test_fcosis_mask_weighting_at_inference_by_hand():
+    """Guards FCOSreg's weighting in FCOSIS at inference ([IS 3.3]: "supported by FCOSIS"): with
+    reg_weights (1/3, 1/3, 1/3) the score is sqrt(cls * w), w = (ctr + fg + sqrt(ctr fg)) / 3, with
+    fg the predicted coarse foreground. Two locations, cls = ctr = sigmoid(0) = 0.5:
+      fg 0.8: w = (0.5 + 0.8 + sqrt(0.4)) / 3 = (1.3 + 0.632456) / 3 = 0.644152 -> sqrt(0.322076) = 0.567517
+      fg 0.2: w = (0.5 + 0.2 + sqrt(0.1)) / 3 = (0.7 + 0.316228) / 3 = 0.338743 -> sqrt(0.169371) = 0.411547
+    With the default (1, 0, 0), both are sqrt(0.5 * 0.5) = 0.5 whatever fg. A training step with
+    the weighting is finite (the box loss weighted by w from the ground-truth masks)."""
+    logit = lambda p: math.log(p / (1 - p))
+    points = torch.tensor([[10.0, 10.0], [50.0, 50.0]])
+    levels = torch.zeros(2, dtype=torch.long)
+    out = {"cls": torch.zeros(1, 2, 3), "centerness": torch.zeros(1, 2), "ltrb": torch.full((1, 2, 4), 5.0),
+           "extra": torch.tensor([[[0.0, 0.0, logit(0.8)], [0.0, 0.0, logit(0.2)]]])}
+    for weights, expect in (((1 / 3, 1 / 3, 1 / 3), [0.567517, 0.411547]), ((1.0, 0.0, 0.0), [0.5, 0.5])):
+        model = build_model(tiny_fcosis(reg_weights=weights)).eval()
+        det = model.detect(out, points, levels, (64, 64))[0]
+        best = {tuple(b.tolist()): v.item() for b, v in zip(det["boxes"], det["scores"]) if det["labels"].numel()}
+        assert best[(5.0, 5.0, 15.0, 15.0)] == pytest.approx(expect[0], abs=1e-5)
+        assert best[(45.0, 45.0, 55.0, 55.0)] == pytest.approx(expect[1], abs=1e-5)
+    model = build_model(tiny_fcosis(reg_weights=(1 / 3, 1 / 3, 1 / 3)))
+    losses = model(*toy_instances())
+    assert model.uses_masks and all(torch.isfinite(v) for v in losses.values())
+
+
 def test_mu_learns_in_a_real_training_step():
     """Guards mu being a live parameter ([IS 3.2.1], Table 3b): in one FCOSIS training step on
     toy_instances, whose rectangles (40, 20, 90, 60) and L shape (60, 50, 110, 90) overlap,
