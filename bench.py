@@ -116,6 +116,7 @@ bias_weight_decay = None
 grad_clip = 0.0
 ema_decay = 0.0
 test_input_size = 0
+keep_res = False
 sync_bn = False
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())

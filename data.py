@@ -4,8 +4,9 @@ synthetic "shapes" set written in COCO format so that everything runs with no do
 
 Read top to bottom:
   1. CocoInstances          any COCO instances json -> (image, target) with torchvision conventions
-  2. build_transforms       CenterNet-style (random scale/crop/flip/jitter) and FCOS-style resizing,
-                            written with torchvision.transforms.v2 + tv_tensors
+  2. build_transforms       CenterNet's augmentation (random zoom + crop centre, flip, colour and
+                            lighting) and FCOS-style resizing, written with
+                            torchvision.transforms.v2 + tv_tensors
   3. collate_fn             zero-pads a list of samples into one (B, 3, H, W) batch
   4. write_shapes_dataset   synthetic COCO-format set: overlapping shapes on textured backgrounds
 
@@ -36,10 +37,30 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-# ImageNet statistics: every backbone here (ResNets from torchvision, DLA and Hourglass as in
-# CenterNet) expects inputs normalised with them.
+# ImageNet statistics (torchvision's, RGB order): every input here is normalised with them. The
+# torchvision ResNets were pretrained with them. CenterNet does otherwise for DLA-34 and
+# Hourglass-104: it normalises its BGR images (OpenCV's order) with COCO statistics, mean
+# (0.408, 0.447, 0.470) and std (0.289, 0.274, 0.278) in B, G, R order (`mean` / `std` in
+# CenterNet's src/lib/datasets/dataset/coco.py). Ours differ (in RGB order the two means differ
+# by at most 0.015, the stds by at most 0.064); for DLA-34 and Hourglass-104 trained from
+# scratch, as [CM 3.5] trains them, either is fine: a per-channel scale and shift of the input
+# is one the first convolution can absorb (its weights and bias are learned from scratch).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# CenterNet's colour augmentation (`color_aug` in CenterNet's src/lib/utils/image.py, CornerNet's
+# before it), written for our RGB tensors. Its "lighting" is PCA noise along the eigenvectors of
+# the pixel colours, with these eigenvalues and eigenvectors (the columns), `_eig_val` and
+# `_eig_vec` in CenterNet's src/lib/datasets/dataset/coco.py. CenterNet adds the resulting vector
+# to BGR images, so its entries are in B, G, R order (see centernet_color_aug).
+CENTERNET_EIG_VAL = (0.2141788, 0.01817699, 0.00341571)
+CENTERNET_EIG_VEC = ((-0.58752847, -0.69563484, 0.41340352),
+                     (-0.5832747, 0.00994535, -0.81221408),
+                     (-0.56089297, 0.71832671, 0.41158938))
+CENTERNET_LIGHTING_STD = 0.1   # alpha ~ N(0, 0.1) per eigenvector (`lighting_(data_rng, image, 0.1, ...)`)
+# The grey level of saturation / contrast: CenterNet takes cv2.cvtColor(image, COLOR_BGR2GRAY),
+# Y = 0.299 R + 0.587 G + 0.114 B (OpenCV's documented weights, exact for float images).
+GRAY_WEIGHTS_RGB = (0.299, 0.587, 0.114)
 
 
 # -----------------------------------------------------------------------------
@@ -128,8 +149,8 @@ class CocoInstances(torch.utils.data.Dataset):
           orig_size  int64 tensor [H0, W0]
           size       int64 tensor [h, w], network input before batch padding
           scale      float, network pixels per original pixel (exact for the test transforms:
-                     original = network / scale; for random train transforms, the mean scale
-                     applied, for information only)
+                     original = network / scale; for the centernet training transform the
+                     zoom applied, exact; for fcos training the mean of the two axes' scales)
     Crowd annotations (iscrowd=1) never become instances (COCOeval ignores matches to them on
     its side). Annotations with empty/invalid segmentations or bboxes are skipped with one
     warning each, at construction (see _sanitize). Boxes are clipped to the image; zero-area
@@ -456,22 +477,99 @@ def _identity_transform(pil_image, target):
     return _finish(image, target["boxes"], target["masks"], target, 1.0)
 
 
+def centernet_scales(scale_range):
+    """The crop sizes s that CenterNet's training draws from, as fractions of the long side:
+    lo, lo + 0.1, lo + 0.2, ... up to hi, each equally likely. (0.6, 1.3) gives CenterNet's
+    np.arange(0.6, 1.4, 0.1) = 0.6, 0.7, ..., 1.3 (8 values; CenterNet's ctdet.py __getitem__),
+    (1.0, 1.0) gives 1.0 alone. The zoom is 1/s: see InstanceTransform."""
+    lo, hi = scale_range
+    n = int(math.floor((hi - lo) / 0.1 + 1e-6)) + 1   # the 1e-6: in floats 0.3 / 0.1 = 2.9999999999999996
+    return [lo + 0.1 * i for i in range(n)]
+
+
+def centernet_border(size, border=128):
+    """CenterNet's margin between the random crop centre and the image edge (`_get_border` in
+    CenterNet's src/lib/datasets/sample/ctdet.py): 128 px, halved (integer division) until the
+    centres' range [b, size - b) is not empty. 640 -> 128, 200 -> 64, 150 -> 64, 128 -> 32,
+    64 -> 16; a 1 px side gives 0 (the range [0, 1))."""
+    b = border
+    while size - b <= b:
+        b //= 2                  # b // 2 // 2 = b // 4: the same as CenterNet's border // i, i = 2, 4, ...
+    return b
+
+
+def centernet_color_aug(image, order, alphas, light):
+    """CenterNet's colour augmentation with its random draws given (`color_aug` in CenterNet's
+    src/lib/utils/image.py), on one of our images: float (3, h, w) RGB in [0, 1]. Returns a new
+    (3, h, w) float tensor; nothing is clipped, as in CenterNet.
+
+    order:  the application order of brightness (0), contrast (1), saturation (2), a permutation
+            (CenterNet shuffles the three functions)
+    alphas: (3,) the factors of brightness, contrast, saturation, each 1 + U(-var, var) there
+    light:  (3,) the PCA weights, each N(0, 0.1) there
+
+    As CenterNet does, the grey image gs (Y = 0.299 R + 0.587 G + 0.114 B, OpenCV's BGR2GRAY) and
+    its mean are computed ONCE, from the image before the three operations, and then
+        brightness  image = a * image
+        contrast    image = a * image + (1 - a) * mean(gs)
+        saturation  image = a * image + (1 - a) * gs
+    and last the lighting: v = eig_vec @ (eig_val * light) is added to every pixel. CenterNet's
+    images are BGR, so its v[0] goes to blue and v[2] to red; on our RGB image the same operation
+    adds v reversed: R += v[2], G += v[1], B += v[0]. E.g. light = (0, 1, 0): v = 0.01817699 *
+    (-0.69563484, 0.00994535, 0.71832671) = (-0.012645, 0.000181, 0.013057) (B, G, R), so red
+    gains 0.013057 and blue loses 0.012645.
+    """
+    image = image.clone()
+    w = torch.tensor(GRAY_WEIGHTS_RGB, dtype=image.dtype)
+    gs = torch.einsum("c,chw->hw", w, image)                           # (h, w), before the three
+    gs_mean = gs.mean()
+    for op in order:
+        a = float(alphas[op])
+        if op == 0:                                                    # brightness
+            image.mul_(a)
+        elif op == 1:                                                  # contrast
+            image.mul_(a).add_((1 - a) * gs_mean)
+        else:                                                          # saturation
+            image.mul_(a).add_(gs, alpha=1 - a)
+    vec = torch.tensor(CENTERNET_EIG_VEC, dtype=torch.float64)
+    val = torch.tensor(CENTERNET_EIG_VAL, dtype=torch.float64)
+    v_bgr = vec @ (val * torch.as_tensor(light, dtype=torch.float64))  # (3,) B, G, R
+    return image.add_(v_bgr.flip(0).to(image.dtype)[:, None, None])   # R += v[2], G += v[1], B += v[0]
+
+
 class InstanceTransform:
-    """(pil_image, target) -> (image, target): resize keeping the aspect ratio, then (train)
-    flip, colour jitter and, for CenterNet, a random crop/shift onto a square canvas.
+    """(pil_image, target) -> (image, target): CenterNet's random square crop in training,
+    otherwise a resize keeping the aspect ratio (and for fcos training a flip).
 
     The target comes from CocoInstances: boxes as tv_tensors.BoundingBoxes (XYXY, original
     canvas), masks as tv_tensors.Mask (N, H0, W0). The output follows CocoInstances' docstring.
 
-    kind "centernet" (paper 001 section 3.5: 512 x 512 input and CenterNet's training
-    settings, hence CenterNet's augmentation; DESIGN 4.1):
-        train: long side -> s * input_size, s ~ U(scale_range) = U(0.6, 1.3); horizontal flip
-               p=0.5; colour jitter 0.4; then a random crop/shift into an input_size x
-               input_size canvas (padded with zeros where the image does not reach).
-               CenterNet does the same with one random affine warp; resize + pad + crop is the
-               same family of transforms, written with standard pieces.
-        test:  long side -> input_size exactly, no padding (collate_fn pads the batch).
-    kind "fcos" (paper 000 section 4, "Training details": the FCOS settings; DESIGN 4.7):
+    kind "centernet" ([CM 3.5]: a 512 x 512 input and CenterNet's training settings, hence
+    CenterNet's augmentation, `__getitem__` of CenterNet's src/lib/datasets/sample/ctdet.py):
+        train: a square window of side s * max(H0, W0), s drawn uniformly from
+               centernet_scales(scale_range) (0.6, 0.7, ..., 1.3), centred at a random
+               integer pixel (cx, cy), cx uniform in [b, W0 - b) with b = centernet_border(W0)
+               (128 px for COCO's sizes; cy likewise), is resized onto the input_size x
+               input_size input. So the zoom is input_size / (s * max(H0, W0)): s = 0.6 shows
+               the long side at input_size / 0.6 = 1.67 input_size, s = 1.3 at 0.77
+               input_size; the zoom is 1/s, not s. Then a horizontal flip (flip_prob, 0.5) and
+               CenterNet's colour augmentation (centernet_color_aug, var color_jitter = 0.4, and
+               the PCA lighting; color_jitter=0 turns both off, as CenterNet's no_color_aug).
+               CenterNet does this with one affine warp of the flipped image around the
+               mirrored centre (W0 - cx - 1); the same distribution here: the window is cut
+               from the unflipped image and the result is flipped (cx's range is symmetric).
+               Deviations, all small: the window's side is rounded to whole pixels and the
+               pixel cx sits at its centre (to half a pixel), the resize is antialiased
+               (cv2.warpAffine's INTER_LINEAR is not), and where the window leaves the image
+               the input is the mean colour (0 after normalisation), where CenterNet's warp
+               fills black before the colour augmentation and normalisation (see
+               _centernet_train).
+        test:  long side -> input_size exactly, no padding (collate_fn pads the batch); with
+               keep_res=True (CenterNet's --keep_res) the image keeps its own size (scale 1)
+               and collate_fn pads the batch to the backbone's stride (32, or 128 for
+               Hourglass-104) on the bottom/right, where CenterNet centres the image in a
+               canvas of (size | 31) + 1 (or | 127) pixels.
+    kind "fcos" ([IS 4], "Training details": the FCOS settings):
         short side -> input_size (800), long side at most max_size (1333); train adds FCOS's
         horizontal flip and, when scale_range is not (1, 1), multi-scale training: the short
         side is s * input_size with s ~ U(scale_range) (FCOS's 640-800: (0.8, 1.0)). No crop,
@@ -479,34 +577,32 @@ class InstanceTransform:
     """
 
     def __init__(self, kind, train, input_size, scale_range=(0.6, 1.3), flip_prob=0.5,
-                 color_jitter=0.4, max_size=1333):
+                 color_jitter=0.4, max_size=1333, keep_res=False):
         if kind not in ("centernet", "fcos"):
             raise ValueError(f"unknown transform kind {kind!r}: expected 'centernet' or 'fcos'")
+        if keep_res and (kind != "centernet" or train):
+            raise ValueError("keep_res is a test-time mode of the centernet transform "
+                             f"(got kind={kind!r}, train={bool(train)})")
         self.kind, self.train, self.input_size = kind, bool(train), int(input_size)
         self.scale_range = tuple(float(s) for s in scale_range)
+        if not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {scale_range}")
         self.max_size = int(max_size)
+        self.keep_res = bool(keep_res)
+        self.flip_prob = float(flip_prob) if train else 0.0
         self.flip = v2.RandomHorizontalFlip(flip_prob) if train and flip_prob > 0 else None
-        jitter = train and kind == "centernet" and color_jitter > 0
-        # Brightness/contrast/saturation only, as CenterNet's color_aug (no hue shift).
-        self.jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter) if jitter else None
-        # pad_if_needed pads both sides by the shortfall, so a small image lands at a random
-        # place in the canvas; a large one is randomly cropped. fill=0 is applied after
-        # normalisation, so the padding equals the batch padding of collate_fn (the mean colour).
-        self.crop = v2.RandomCrop(self.input_size, pad_if_needed=True, fill=0) \
-            if train and kind == "centernet" else None
+        self.color_var = float(color_jitter) if train and kind == "centernet" else 0.0
+        self.scales = centernet_scales(self.scale_range) if kind == "centernet" else None
 
     def __repr__(self):
         return (f"InstanceTransform(kind={self.kind!r}, train={self.train}, "
                 f"input_size={self.input_size})")
 
     def _scale(self, H0, W0):
-        """Network pixels per original pixel, before rounding the size."""
+        """Network pixels per original pixel of the resize (test transforms, fcos training),
+        before rounding the size."""
         if self.kind == "centernet":
-            s = 1.0
-            if self.train:  # torch's RNG, so torch.manual_seed and DataLoader workers seed it
-                lo, hi = self.scale_range
-                s = lo + (hi - lo) * torch.rand(()).item()
-            return s * self.input_size / max(H0, W0)
+            return 1.0 if self.keep_res else self.input_size / max(H0, W0)
         short, long = self.input_size, self.max_size  # fcos
         if self.train and self.scale_range != (1.0, 1.0):  # multi-scale training
             lo, hi = self.scale_range
@@ -514,8 +610,66 @@ class InstanceTransform:
             short = s * short                          # the long-side cap stays (FCOS)
         return min(short / min(H0, W0), long / max(H0, W0))
 
+    def _centernet_draw(self, H0, W0):
+        """The geometric draws of one CenterNet training crop -> (s, side, cx, cy, flip): the
+        crop size s, the window's side in whole original pixels, the centre pixel, the flip.
+        torch's RNG, so torch.manual_seed and the DataLoader's per-worker seeds drive it."""
+        s = self.scales[int(torch.randint(len(self.scales), ()))]
+        side = max(1, round(s * max(H0, W0)))
+        bx, by = centernet_border(W0), centernet_border(H0)
+        cx = int(torch.randint(bx, W0 - bx, ()))                   # CenterNet's randint(low, high)
+        cy = int(torch.randint(by, H0 - by, ()))
+        flip = bool(torch.rand(()) < self.flip_prob)
+        return s, side, cx, cy, flip
+
+    def _centernet_train(self, image, target):
+        """CenterNet's training crop (see the class docstring) of a uint8 (3, H0, W0) image."""
+        H0, W0 = image.shape[-2:]
+        S = self.input_size
+        s, side, cx, cy, flip = self._centernet_draw(H0, W0)
+        k = S / side                                     # the zoom: input pixels per original pixel
+        x0, y0 = cx - side // 2, cy - side // 2          # the window [x0, x0 + side) x [y0, y0 + side)
+        # Only the part of the window inside the image is resized (a window 1.3x the long side is
+        # mostly outside). Its edges land at (x - x0) * k, rounded to whole input pixels; boxes
+        # are mapped exactly, so boxes and pixels agree to within half a pixel.
+        ix0, ix1 = max(x0, 0), min(x0 + side, W0)        # not empty: it holds the pixel cx
+        iy0, iy1 = max(y0, 0), min(y0 + side, H0)
+        u0, v0 = round((ix0 - x0) * k), round((iy0 - y0) * k)
+        u1, v1 = max(u0 + 1, round((ix1 - x0) * k)), max(v0 + 1, round((iy1 - y0) * k))
+        part = TF.resize(image[:, iy0:iy1, ix0:ix1], [v1 - v0, u1 - u0], antialias=True)
+        part = TF.to_dtype(part, torch.float32, scale=True)       # (3, v1 - v0, u1 - u0) in [0, 1]
+        if self.color_var > 0:                                    # CenterNet: after the warp and / 255
+            order = torch.randperm(3).tolist()
+            alphas = 1 + self.color_var * (2 * torch.rand(3) - 1)  # 1 + U(-var, var)
+            light = CENTERNET_LIGHTING_STD * torch.randn(3)
+            part = centernet_color_aug(part, order, alphas, light)
+        part = TF.normalize(part, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        # Outside the image: 0 after normalisation, the mean colour. CenterNet's warp fills black
+        # there, which its colour augmentation then shifts and its normalisation (COCO statistics)
+        # maps to about -1.4 .. -1.7; its model meets black padding at test too (its test warp
+        # pads black), so it is consistent. Ours pads test batches with 0 after normalisation
+        # (collate_fn), so the training window gets the same 0: the model never has to tell two
+        # paddings apart.
+        # (Colour statistics, gs_mean, are then over the image pixels only; CenterNet's include
+        # the black fill.)
+        out = torch.zeros(3, S, S)                                  # (3, S, S)
+        out[:, v0:v1, u0:u1] = part
+        m = target["masks"].as_subclass(torch.Tensor)               # (N, H0, W0)
+        masks = m.new_zeros(m.shape[0], S, S)                       # (N, S, S)
+        if m.shape[0]:
+            masks[:, v0:v1, u0:u1] = TF.resize(tv_tensors.Mask(m[:, iy0:iy1, ix0:ix1]),
+                                               [v1 - v0, u1 - u0])  # nearest, as tv_tensors.Mask
+        shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+        boxes = tv_tensors.BoundingBoxes((target["boxes"].as_subclass(torch.Tensor) - shift) * k,
+                                         format="XYXY", canvas_size=(S, S))          # (N, 4)
+        if flip:  # x -> S - x for the pixels, the masks and the boxes
+            out, masks, boxes = (TF.horizontal_flip(t) for t in (out, tv_tensors.Mask(masks), boxes))
+        return _finish(out, boxes, masks, target, k)
+
     def __call__(self, pil_image, target):
         image = TF.to_image(pil_image)                              # Image uint8 (3, H0, W0)
+        if self.kind == "centernet" and self.train:
+            return self._centernet_train(image, target)
         H0, W0 = image.shape[-2:]
         scale = self._scale(H0, W0)
         h, w = max(1, round(H0 * scale)), max(1, round(W0 * scale))
@@ -529,13 +683,9 @@ class InstanceTransform:
         if self.train:
             # The scale actually applied differs per axis by the rounding: report the mean.
             scale = 0.5 * (h / H0 + w / W0)
-        if self.flip is not None:
+        if self.flip is not None:                                   # fcos training
             image, boxes, masks = self.flip(image, boxes, masks)
-        if self.jitter is not None:
-            image = self.jitter(image)
         image = _to_normalized(image)                               # float32 (3, h, w)
-        if self.crop is not None:
-            image, boxes, masks = self.crop(image, boxes, masks)    # (3, S, S), S = input_size
         return _finish(image, boxes, masks, target, scale)
 
 
@@ -546,10 +696,13 @@ def build_transforms(kind="centernet", train=True, input_size=512, **kw):
                  "fcos" (short side = input_size, long side <= max_size)
     train:       random augmentation (True) or the deterministic test resize (False)
     input_size:  centernet: canvas side / test long side (512); fcos: short side (800)
-    kw:          scale_range=(0.6, 1.3), flip_prob=0.5, color_jitter=0.4 (centernet only),
-                 max_size=1333 (fcos only)
+    kw:          scale_range=(0.6, 1.3) (centernet: the crop sizes s, zoom 1/s, see
+                 centernet_scales; fcos: U(lo, hi) times the short side), flip_prob=0.5,
+                 color_jitter=0.4 (centernet only: CenterNet's colour augmentation and
+                 lighting, 0 = off), max_size=1333 (fcos only), keep_res=False (centernet
+                 test only: each image at its own size, CenterNet's --keep_res)
     """
-    allowed = {"scale_range", "flip_prob", "color_jitter", "max_size"}
+    allowed = {"scale_range", "flip_prob", "color_jitter", "max_size", "keep_res"}
     unknown = set(kw) - allowed
     if unknown:
         raise TypeError(f"build_transforms: unknown option(s) {sorted(unknown)}; "

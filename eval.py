@@ -657,6 +657,8 @@ if __name__ == "__main__":
     val_ann = None             # None: from the checkpoint's training config
     input_size = None          # None: the checkpoint's training config's test_input_size, else its input_size
     transform = None           # build_transforms kind; None: checkpoint config, else "centernet"
+    keep_res = None            # centernet: each image at its own size (CenterNet's --keep_res; wins over
+                               # input_size); None: the checkpoint config's keep_res, else False
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast on GPU)
     batch_size = 8
@@ -739,11 +741,14 @@ if __name__ == "__main__":
     val_ann = val_ann if val_ann is not None else saved_ann
     input_size = input_size if input_size is not None else (saved.get("test_input_size") or saved.get("input_size"))
     transform = transform if transform is not None else saved.get("transform", "centernet")
+    keep_res = bool(keep_res if keep_res is not None else saved.get("keep_res", False))
     for key, value in (("val_img_dir", val_img_dir), ("val_ann", val_ann)):
         if value is None:
             _fail(f"--{key} not given and the checkpoint's config has none")
     # input_size None (not in the checkpoint either): build_transforms' own default
     size_kw = {} if input_size is None else {"input_size": input_size}
+    if keep_res:
+        size_kw["keep_res"] = True                         # data.py refuses it for fcos
     try:
         dataset = CocoInstances(val_img_dir, val_ann,
                                 transforms=build_transforms(transform, train=False, **size_kw))
@@ -751,8 +756,9 @@ if __name__ == "__main__":
         _fail(str(e))
 
     n_eval = len(dataset) if max_images is None else min(max_images, len(dataset))
+    at = "with each image at its own size (keep_res)" if keep_res else f"at input size {dataset.transforms.input_size}"
     print(f"evaluating {ckpt} ({weights} weights) on {n_eval} images of {val_ann}, "
-          f"{transform} test transform at input size {dataset.transforms.input_size}")
+          f"{transform} test transform {at}")
     amp_dtype = None if dtype == "float32" or device == "cpu" else getattr(torch, dtype)
     stats = evaluate(model, dataset, device=device, batch_size=batch_size,
                      num_workers=num_workers, max_images=max_images,

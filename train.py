@@ -54,12 +54,15 @@ shapes_size = 128
 transform = "centernet"           # "centernet" (square canvas, [CM 3.5]) or "fcos" (short side, [IS 4]); see data.py
 input_size = 512                  # centernet: square training input ([CM 3.5]); fcos: short side (800, [IS 4])
 test_input_size = 0               # evaluation: long side (centernet) / short side (fcos); 0: input_size
+keep_res = False                  # centernet evaluation: each image at its own size (scale 1, batches padded to the
+                                  # backbone stride) instead of long side = test_input_size; CenterNet's --keep_res
 max_size = 1333                   # fcos: longest side at most this ([IS 4])
 max_train_images = 0              # 0: all; >0: the first N images (overfitting checks)
 max_val_images = 0                # 0: all; >0: the first N val images
-scale_range = (0.6, 1.3)          # random scale of the training input ([CM 3.5] as [CN]); fcos: of the short side
+scale_range = (0.6, 1.3)          # centernet: crop sizes s = lo, lo+0.1, ..., hi of the long side, zoom 1/s
+                                  # ([CM 3.5] as [CN]); fcos: U(lo, hi) times the short side
 flip_prob = 0.5                   # horizontal flips ([CN])
-color_jitter = 0.4                # brightness/contrast/saturation jitter ([CN])
+color_jitter = 0.4                # centernet: [CN]'s brightness/contrast/saturation var, with its PCA lighting; 0: neither
 num_workers = 4
 # optimisation ([CM 3.5]: Adam, lr 2.5e-4, 130 epochs, x0.1 at 100 and 120)
 batch_size = 32                   # per process; CenterNet's DLA-34 COCO run: 128 on 8 GPUs at lr 5e-4 (experiments/ctdet_coco_dla_1x.sh)
@@ -158,7 +161,8 @@ try:
     train_set = CocoInstances(paths["train_img_dir"], paths["train_ann"], max_images=max_train_images or None,
                               transforms=build_transforms(transform, True, input_size, **augment, **sizes))
     val_set = CocoInstances(paths["val_img_dir"], paths["val_ann"], max_images=max_val_images or None,
-                            transforms=build_transforms(transform, False, test_input_size or input_size, **sizes))
+                            transforms=build_transforms(transform, False, test_input_size or input_size, **sizes,
+                                                        **({"keep_res": True} if keep_res else {})))  # fcos: an error
 except (OSError, ValueError) as e:  # data.py's messages name the file / annotation
     sys.exit(f"train.py: {e}")
 num_classes = num_classes or train_set.num_classes

@@ -24,6 +24,12 @@ max_detections = 100             # [CM] 3.5
 out_dir = "out/centermask_dla34"
 data_root = "data/coco"          # holds train2017/, val2017/, annotations/instances_{train,val}2017.json
 input_size = 512                 # [CM] 3.5
+# Test at each image's own size (CenterNet's --keep_res), not 512: [CM] 3.5 "directly makes use
+# of the same hyper-parameters of CenterNet" and its Table 2 says "Resolution represents the
+# image size of training"; CenterNet's COCO numbers are keep_res ones (experiments/
+# ctdet_coco_dla_1x.sh, _2x.sh: "test.py ctdet ... --keep_res"; readme/GETTING_STARTED.md: 37.4 AP
+# with --keep_res, "Without --keep_res it will resize the images to 512 x 512").
+keep_res = True
 batch_size = 16                  # per GPU: 8 x 16 = 128, CenterNet's DLA-34 batch (its experiments/ctdet_coco_dla_1x.sh:
                                  # --batch_size 128 on 8 GPUs at --lr 5e-4; [CM 3.5] gives lr 2.5e-4, no batch)
 optimizer = "adam"               # [CM] 3.5

@@ -29,6 +29,11 @@ max_detections = 100             # [CM] 3.5
 out_dir = "out/centermask_hourglass104"
 data_root = "data/coco"          # holds train2017/, val2017/, annotations/instances_{train,val}2017.json
 input_size = 512                 # [CM] 3.5 (batches are padded to multiples of 128 for Hourglass-104)
+# Test at each image's own size, padded to a multiple of 128 (CenterNet's --keep_res, pad 127):
+# [CM] 3.5 takes CenterNet's settings and Table 2's "Resolution" is the training size; CenterNet's
+# experiments/ctdet_coco_hg.sh tests "--arch hourglass --keep_res". (Its readme/GETTING_STARTED.md
+# shows the Hourglass test with --fix_res instead, which is 512 x 512: the sources disagree.)
+keep_res = True
 batch_size = 3                   # per GPU: 8 x 3 = 24 (CenterNet's Hourglass-104 batch at lr 2.5e-4)
 optimizer = "adam"               # [CM] 3.5
 learning_rate = 2.5e-4           # [CM] 3.5

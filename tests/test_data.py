@@ -412,7 +412,8 @@ def test_train_transform_square_and_in_sync(shapes):
             assert len(b) == len(t["labels"]) == len(t["masks"])
             assert (b >= 0).all() and (b <= 96).all()
             assert ((b[:, 2:] - b[:, :2]) >= 1).all()
-            assert 0.6 * 96 / 128 - 0.01 <= t["scale"] <= 1.3 * 96 / 128 + 0.01
+            # the zoom is 96 / side, side = round(s * 128) for s in 0.6 .. 1.3: 96/166 .. 96/77
+            assert 96 / 166 - 1e-6 <= t["scale"] <= 96 / 77 + 1e-6
             for box, mask in zip(b.tolist(), t["masks"]):
                 assert mask.any()
                 x1, y1, x2, y2 = mask_extent(mask)
@@ -429,27 +430,218 @@ def test_train_transform_square_and_in_sync(shapes):
 
 
 def test_train_flip_moves_boxes_masks_and_pixels(tmp_path):
-    """Guards a flip applied to the image only: with scale 1 and a square input, a flip maps
-    x -> W - x for boxes and mirrors masks and pixels; seeded, both outcomes occur."""
+    """Guards a flip applied to the image only. Scale 1 on a 64x64 image with a 64 input: the
+    window is 64 px, centred on the random pixel (cx, cy) (border 16: cx, cy in [16, 48)), so it
+    starts at x0 = cx - 32, y0 = cy - 32 and a point x lands at x - x0, or 64 - (x - x0) when
+    flipped. The draws are replayed from the same seed (_centernet_draw comes first); the box
+    (10, 20)-(30, 40) (clipped to the input), its mask and a red pixel (original column 20, row
+    30) must all land there; both outcomes occur."""
     img_dir, ann_file = make_coco(tmp_path, [ann(1, bbox=(10, 20, 20, 20))], size=(64, 64))
     arr = np.zeros((64, 64, 3), np.uint8)
     arr[:, :32] = (255, 0, 0)  # red left half
     Image.fromarray(arr).save(os.path.join(img_dir, "a.png"))
     ds = CocoInstances(img_dir, ann_file)
     red = ((torch.tensor([1.0, 0, 0]) - MEAN.flatten()) / STD.flatten())
-    outcomes = set()
-    for seed in range(8):
-        torch.manual_seed(seed)
+    black = -MEAN.flatten() / STD.flatten()
+    outcomes, shifts = set(), set()
+    for seed in range(12):
         ds.transforms = build_transforms("centernet", True, 64, scale_range=(1, 1), color_jitter=0)
+        torch.manual_seed(seed)
+        s, side, cx, cy, flipped = ds.transforms._centernet_draw(64, 64)
+        assert (s, side) == (1.0, 64) and 16 <= cx < 48 and 16 <= cy < 48
+        x0, y0 = cx - 32, cy - 32
+        torch.manual_seed(seed)
         image, t = ds[0]
-        box = t["boxes"][0].tolist()
-        flipped = box == [34.0, 20.0, 54.0, 40.0]
-        assert flipped or box == [10.0, 20.0, 30.0, 40.0], box
-        assert mask_extent(t["masks"][0]) == tuple(int(v) for v in box)
-        red_col = 60 if flipped else 3
-        assert torch.allclose(image[:, 10, red_col], red, atol=1e-5)
+        x1, x2 = 10 - x0, 30 - x0
+        if flipped:
+            x1, x2 = 64 - x2, 64 - x1
+        box = [min(max(v, 0), 64) for v in (x1, 20 - y0, x2, 40 - y0)]  # clipped to the input
+        assert t["boxes"][0].tolist() == box and t["scale"] == 1.0
+        assert mask_extent(t["masks"][0]) == tuple(box)
+        col = 20 - x0                                   # original column 20 (red), row 30
+        col = 63 - col if flipped else col              # pixel c -> 63 - c when mirrored
+        assert torch.allclose(image[:, 30 - y0, col], red, atol=1e-5)
+        col = 40 - x0                                   # original column 40 (black)
+        col = 63 - col if flipped else col
+        assert torch.allclose(image[:, 30 - y0, col], black, atol=1e-5)
         outcomes.add(flipped)
-    assert outcomes == {True, False}
+        shifts.add((x0, y0))
+    assert outcomes == {True, False} and len(shifts) > 6
+
+
+def test_centernet_scales_and_border_by_hand():
+    """Guards the two rules of CenterNet's crop (its ctdet.py): the crop sizes lo, lo + 0.1, ...
+    up to hi ((0.6, 1.3): np.arange(0.6, 1.4, 0.1), 8 values; (1, 1): 1 alone; (0.9, 1.1): 3;
+    (1, 1.25): 1.0, 1.1, 1.2, nothing past hi), and `_get_border(128, size)`: 640 - 128 = 512 >
+    128 -> 128; 480 -> 128; 200 - 128 = 72 <= 128, halve: 200 - 64 = 136 > 64 -> 64; 150 - 64 =
+    86 > 64 -> 64; 128 - 64 = 64 <= 64, halve: 128 - 32 = 96 > 32 -> 32; 64 -> 16; 2 - 1 = 1 <=
+    1 -> 0; 1 -> 0 (the centre range [0, 1) of a 1 px side)."""
+    assert data.centernet_scales((0.6, 1.3)) == pytest.approx([0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3])
+    assert data.centernet_scales((1.0, 1.0)) == [1.0]
+    assert data.centernet_scales((0.9, 1.1)) == pytest.approx([0.9, 1.0, 1.1])
+    assert data.centernet_scales((1.0, 1.25)) == pytest.approx([1.0, 1.1, 1.2])
+    assert [data.centernet_border(s) for s in (640, 480, 200, 150, 128, 64, 2, 1)] == \
+        [128, 128, 64, 64, 32, 16, 0, 0]
+    with pytest.raises(ValueError, match="scale_range"):
+        build_transforms("centernet", True, 64, scale_range=(1.3, 0.6))
+
+
+def test_centernet_zoom_and_crop_centre_distribution():
+    """Guards CenterNet's zoom and crop-centre distribution on a 640 x 480 image, input 512, over
+    4000 seeded draws. The window's side is s * 640 for s in 0.6, ..., 1.3 = 384, 448, ..., 832
+    px, so the zoom 512 / side takes the 8 values 512 / (s * 640) = 0.8 / s: 1.333, 1.143, 1.0,
+    0.889, 0.8, 0.727, 0.667, 0.615, each ~1/8 of the time (500 +- 21 expected: limits 400-600).
+    Mean zoom 0.8 * mean(1/s): 1/s = 1.6667 + 1.4286 + 1.25 + 1.1111 + 1 + 0.9091 + 0.8333 +
+    0.7692 = 8.968, / 8 = 1.121, * 0.8 = 0.8968 (one draw's sd 0.233, so the mean of 4000 is
+    within 0.004; limit 0.015). The zoom is 1/s: the old rule s * 512 / 640 would have a mean of
+    0.8 * 0.95 = 0.76. Centre: border 128 on both sides, so cx in [128, 640 - 128) = [128, 512),
+    cy in [128, 352), integers, reaching both ends; the mean of cx is (128 + 511) / 2 = 319.5.
+    Flips ~1/2. And the whole transform applies what was drawn: target["scale"] = 512 / side."""
+    t = build_transforms("centernet", True, 512)
+    torch.manual_seed(0)
+    draws = [t._centernet_draw(480, 640) for _ in range(4000)]
+    zooms = torch.tensor([512 / side for _, side, _, _, _ in draws])
+    values = sorted(set(zooms.tolist()))
+    expected = sorted(512 / (s * 640) for s in (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3))
+    assert len(values) == 8 and values == pytest.approx(expected, abs=1e-3)
+    counts = [(zooms == v).sum().item() for v in values]
+    assert all(400 <= c <= 600 for c in counts), counts
+    assert zooms.mean().item() == pytest.approx(0.8968, abs=0.015)
+    cx = torch.tensor([d[2] for d in draws])
+    cy = torch.tensor([d[3] for d in draws])
+    assert cx.min() >= 128 and cx.max() < 512 and cy.min() >= 128 and cy.max() < 352
+    assert cx.min() <= 131 and cx.max() >= 508 and cy.min() <= 131 and cy.max() >= 348
+    assert cx.float().mean().item() == pytest.approx(319.5, abs=8)
+    assert 0.45 <= sum(d[4] for d in draws) / 4000 <= 0.55
+    empty = {"boxes": data.tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(480, 640)),
+             "labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 480, 640, dtype=torch.uint8),
+             "image_id": 1, "orig_size": torch.tensor([480, 640])}
+    img = Image.new("RGB", (640, 480), (100, 120, 140))
+    for seed in range(6):
+        torch.manual_seed(seed)
+        side = t._centernet_draw(480, 640)[1]
+        torch.manual_seed(seed)
+        image, out = t(img, empty)
+        assert image.shape == (3, 512, 512) and out["scale"] == 512 / side
+
+
+def test_centernet_crop_centre_small_image():
+    """Guards the border rule on an image smaller than 2 x 128: 200 x 150 (w x h) -> borders 64
+    and 64 (test above), so cx in [64, 136), cy in [64, 86), every value reachable; the window
+    sides are s * 200 = 120, 140, ..., 260."""
+    t = build_transforms("centernet", True, 512)
+    torch.manual_seed(1)
+    draws = [t._centernet_draw(150, 200) for _ in range(2000)]
+    assert {d[2] for d in draws} == set(range(64, 136))
+    assert {d[3] for d in draws} == set(range(64, 86))
+    assert {d[1] for d in draws} == {120, 140, 160, 180, 200, 220, 240, 260}
+
+
+def test_centernet_color_aug_by_hand():
+    """Guards CenterNet's colour augmentation (its utils/image.py color_aug) on a 2 x 1 RGB image,
+    p1 = (0.6, 0.4, 0.2), p2 = (0.2, 0.4, 0.6), draws fixed.
+    Grey (OpenCV's BGR2GRAY, 0.299 R + 0.587 G + 0.114 B), once, before the three operations:
+      gs1 = 0.1794 + 0.2348 + 0.0228 = 0.437, gs2 = 0.0598 + 0.2348 + 0.0684 = 0.363, mean 0.4.
+    (a) order brightness, contrast, saturation; alphas 1.2, 0.5, 1.5; lighting (0, 1, 0):
+      brightness x 1.2:          p1 (0.72, 0.48, 0.24)        p2 (0.24, 0.48, 0.72)
+      contrast 0.5 x + 0.5 * 0.4: p1 (0.56, 0.44, 0.32)        p2 (0.32, 0.44, 0.56)
+      saturation 1.5 x - 0.5 gs:  p1 - 0.2185: (0.6215, 0.4415, 0.2615)
+                                  p2 - 0.1815: (0.2985, 0.4785, 0.6585)
+      (gs is the grey of the ORIGINAL image: recomputed after contrast it would be 0.4622 for p1)
+      lighting: v = 0.01817699 * (-0.69563484, 0.00994535, 0.71832671) = (-0.0126445, 0.0001808,
+      0.0130570) in CenterNet's B, G, R order, so R += 0.0130570, G += 0.0001808, B -= 0.0126445:
+                                  p1 (0.6345570, 0.4416808, 0.2488555)
+                                  p2 (0.3115570, 0.4786808, 0.6458555)
+      (adding v unreversed would give R 0.6088555 and B 0.2745570 for p1)
+    (b) order saturation, brightness, contrast, same alphas, no lighting:
+      saturation: p1 (0.9, 0.6, 0.3) - 0.2185 = (0.6815, 0.3815, 0.0815); p2 (0.1185, 0.4185, 0.7185)
+      brightness: p1 (0.8178, 0.4578, 0.0978); p2 (0.1422, 0.5022, 0.8622)
+      contrast:   p1 (0.6089, 0.4289, 0.2489); p2 (0.2711, 0.4511, 0.6311)
+    (c) no clipping: a grey 0.9 pixel, brightness 1.4 (contrast and saturation 1.0) -> 1.26."""
+    img = torch.tensor([[[0.6, 0.2]], [[0.4, 0.4]], [[0.2, 0.6]]])                    # (3, 1, 2)
+    out = data.centernet_color_aug(img, [0, 1, 2], torch.tensor([1.2, 0.5, 1.5]), torch.tensor([0.0, 1.0, 0.0]))
+    expected = torch.tensor([[0.6345570, 0.4416808, 0.2488555], [0.3115570, 0.4786808, 0.6458555]])
+    torch.testing.assert_close(out[:, 0].T, expected, atol=2e-6, rtol=0)
+    assert torch.equal(img[:, 0, 0], torch.tensor([0.6, 0.4, 0.2]))                  # input untouched
+    out = data.centernet_color_aug(img, [2, 0, 1], torch.tensor([1.2, 0.5, 1.5]), torch.zeros(3))
+    expected = torch.tensor([[0.6089, 0.4289, 0.2489], [0.2711, 0.4511, 0.6311]])
+    torch.testing.assert_close(out[:, 0].T, expected, atol=2e-6, rtol=0)
+    out = data.centernet_color_aug(torch.full((3, 1, 1), 0.9), [1, 0, 2], torch.tensor([1.4, 1.0, 1.0]),
+                                   torch.zeros(3))
+    torch.testing.assert_close(out.flatten(), torch.full((3,), 1.26), atol=1e-6, rtol=0)
+
+
+def test_centernet_train_transform_draws_colour_after_geometry(tmp_path):
+    """Guards the wiring of the colour augmentation into the training transform: on a uniform
+    64 x 64 image (100, 120, 140) with scale 1 and input 64, every pixel inside the image is
+    normalise(centernet_color_aug(colour, order, alphas, light)) with the draws replayed from the
+    seed in the transform's order (geometry, then order = randperm(3), alphas = 1 + 0.4 * U(-1, 1),
+    light = 0.1 * N(0, 1)); outside the image it is 0 (the mean colour, as collate_fn pads)."""
+    ds = CocoInstances(*make_coco(tmp_path, [], size=(64, 64)),
+                       transforms=build_transforms("centernet", True, 64, scale_range=(1, 1)))
+    colour = torch.tensor([100, 120, 140]) / 255
+    for seed in range(4):
+        torch.manual_seed(seed)
+        _, _, cx, cy, flip = ds.transforms._centernet_draw(64, 64)
+        order = torch.randperm(3).tolist()
+        alphas = 1 + 0.4 * (2 * torch.rand(3) - 1)
+        light = 0.1 * torch.randn(3)
+        want = data.centernet_color_aug(colour.view(3, 1, 1), order, alphas, light).flatten()
+        want = (want - MEAN.flatten()) / STD.flatten()
+        torch.manual_seed(seed)
+        image, t = ds[0]
+        x0, y0 = cx - 32, cy - 32                     # the image covers [-x0, 64 - x0) of the input
+        image = image.flip(-1) if flip else image     # (flipped: [x0, 64 + x0))
+        inside = image[:, max(-y0, 0):64 - max(y0, 0), max(-x0, 0):64 - max(x0, 0)].flatten(1)
+        torch.testing.assert_close(inside, want[:, None].expand_as(inside), atol=1e-5, rtol=0)
+        assert (image.abs().sum(0) == 0).sum() == 64 * 64 - inside.shape[1]   # the rest is 0
+
+
+def test_centernet_train_boxes_and_masks_agree_with_pixels(tmp_path):
+    """Guards boxes, masks and pixels drifting apart under the zoom, crop and flip: a white
+    rectangle (200, 150)-(360, 330) on a black 640 x 480 image, annotated by that box. After the
+    transform (no colour augmentation) the white pixels (brightness > 0.5 after undoing the
+    normalisation) must span target["boxes"] to within 1 px, and the mask must cover the same
+    pixels (IoU > 0.95); where the crop cut the rectangle away, no white pixel is left."""
+    img_dir, ann_file = make_coco(tmp_path, [ann(1, bbox=(200, 150, 160, 180))], size=(480, 640))
+    arr = np.zeros((480, 640, 3), np.uint8)
+    arr[150:330, 200:360] = 255
+    Image.fromarray(arr).save(os.path.join(img_dir, "a.png"))
+    ds = CocoInstances(img_dir, ann_file, transforms=build_transforms("centernet", True, 512, color_jitter=0))
+    n_kept, flips = 0, set()
+    for seed in range(16):
+        torch.manual_seed(seed)
+        flips.add(ds.transforms._centernet_draw(480, 640)[4])
+        torch.manual_seed(seed)
+        image, t = ds[0]
+        white = (image * STD + MEAN).mean(0) > 0.5                                   # (512, 512)
+        if len(t["boxes"]) == 0:
+            assert white.sum() == 0
+            continue
+        n_kept += 1
+        box = t["boxes"][0].tolist()
+        assert all(abs(e - b) <= 1 for e, b in zip(mask_extent(white), box)), (mask_extent(white), box)
+        m = t["masks"][0].bool()
+        assert (m & white).sum() / (m | white).sum() > 0.95
+    assert n_kept >= 10 and flips == {True, False}
+
+
+def test_keep_res_test_transform(tmp_path):
+    """Guards keep_res (CenterNet's --keep_res): the centernet test transform leaves the image at
+    its own size (50 x 100 stays 50 x 100, scale 1.0), boxes and masks unchanged; it is a
+    test-time option of the centernet kind only."""
+    anns = [ann(1, bbox=(10, 5, 40, 20)), ann(2, bbox=(60.5, 20.25, 33.3, 21.1))]
+    ds = CocoInstances(*make_coco(tmp_path, anns, size=(50, 100)))
+    plain_image, plain = ds[0]                                           # transforms=None: scale 1
+    ds.transforms = build_transforms("centernet", False, 512, keep_res=True)
+    image, t = ds[0]
+    assert image.shape == (3, 50, 100) and t["scale"] == 1.0 and t["size"].tolist() == [50, 100]
+    orig = torch.tensor([[10, 5, 50, 25], [60.5, 20.25, 93.8, 41.35]], dtype=torch.float32)
+    torch.testing.assert_close(t["boxes"], orig)
+    assert torch.equal(t["masks"], plain["masks"]) and torch.equal(image, plain_image)
+    for kind, train in (("centernet", True), ("fcos", False)):
+        with pytest.raises(ValueError, match="keep_res"):
+            build_transforms(kind, train, 512, keep_res=True)
 
 
 # -----------------------------------------------------------------------------

@@ -276,3 +276,22 @@ def test_test_input_size_used_by_train_and_eval(tmp_path):
         r = run("eval.py", f"--ckpt={ckpt}", "--device=cpu", "--num_workers=0", *args, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "on 4 images of" in r.stdout and f"at input size {size}" in r.stdout, r.stdout[-500:]
+
+
+def test_keep_res_saved_and_read_by_eval(trained, tmp_path):
+    """Guards keep_res (CenterNet's --keep_res test mode): a run saves it in the checkpoint's
+    config (False by default), eval.py takes it from there (a copy of the checkpoint with
+    keep_res True evaluates each image at its own size) and --keep_res=False/True overrides it."""
+    tmp, _ = trained
+    ckpt = torch.load(tmp / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["config"]["keep_res"] is False
+    ckpt["config"]["keep_res"] = True
+    torch.save(ckpt, tmp_path / "keep.pt")
+    torch.save(dict(ckpt, config=dict(ckpt["config"], keep_res=False)), tmp_path / "fixed.pt")
+    own, fixed = "centernet test transform with each image at its own size (keep_res)", "at input size 64"
+    for name, args, words in (("keep.pt", (), own), ("keep.pt", ("--keep_res=False",), fixed),
+                              ("fixed.pt", (), fixed), ("fixed.pt", ("--keep_res=True",), own)):
+        r = run("eval.py", f"--ckpt={tmp_path / name}", "--device=cpu", "--num_workers=0", *args, cwd=tmp)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert words in r.stdout, r.stdout[-500:]
+        assert 0.0 <= json.loads(r.stdout.strip().splitlines()[-1])["segm_AP"] <= 1.0
