@@ -212,13 +212,14 @@ def test_fcos_solver_bias_groups_and_constant_warmup(tmp_path):
     lr 0.01, constant warm-up at f = 0.25 for 3 iterations, 4 iterations; the printed base lr:
       it 0, 1, 2: 0.01 * 0.25 = 2.50e-03;  it 3: 1.00e-02.
     The optimizer saved at the end has two groups: every parameter whose name holds "bias" at
-    2 * 0.01 = 0.02 without weight decay, the rest at 0.01 with weight decay 1e-4.
+    2 * 0.01 = 0.02 without weight decay, the rest at 0.01 with weight decay 1e-4 (gradient
+    clipping on: it runs over both groups).
     Linear warm-up from f = 0.5 over 2 iterations: it 0: 0.01 * (0.5 + 0.5 * 1/2) = 7.50e-03,
     it 1: 0.01 * (0.5 + 0.5 * 2/2) = 1.00e-02 (f = 0 is the old ramp (it + 1) / W)."""
     from model import ModelConfig, build_model
     r = train(tmp_path, "--max_iters=4", "--eval_interval=100", "--learning_rate=0.01", "--optimizer=sgd",
               "--weight_decay=1e-4", "--bias_lr_factor=2.0", "--bias_weight_decay=0.0", "--warmup_iters=3",
-              "--warmup_method=constant", "--warmup_factor=0.25")
+              "--warmup_method=constant", "--warmup_factor=0.25", "--grad_clip=10.0")
     assert r.returncode == 0, r.stderr[-2000:]
     lrs = [line.split("| lr ")[1].split(" ")[0] for line in r.stdout.splitlines() if line.startswith("iter ")]
     assert lrs == ["2.50e-03", "2.50e-03", "2.50e-03", "1.00e-02"]
