@@ -181,6 +181,12 @@ class CocoInstances(torch.utils.data.Dataset):
         self.cat_id_to_label = {cid: label for label, cid in enumerate(self.cat_ids)}
         self.class_names = [str(c.get("name", c["id"])) for c in cats]
         self.num_classes = len(self.cat_ids)
+        used = {a.get("category_id") for a in anns}
+        unused = [f"{c['id']} ({self.class_names[k]})" for k, c in enumerate(cats) if c["id"] not in used]
+        if unused:  # e.g. labelme2coco's "_background_" (id 0): a class the model learns never to predict
+            warnings.warn(f"{ann_file}: {len(unused)} listed categor{'y has' if len(unused) == 1 else 'ies have'} "
+                          f"no annotation at all: {', '.join(unused[:10])}{' ...' if len(unused) > 10 else ''} "
+                          "(still a class of the model; COCOeval skips it)", stacklevel=2)
 
         # Dataset order and optional subset.
         if image_ids is not None:

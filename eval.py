@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 # COCOeval.stats[0:6] in order; these become "bbox_AP", ..., "segm_APl"
@@ -295,12 +296,31 @@ def _write_json_atomic(obj, path):
         raise
 
 
+def _positive_ann_ids(coco_gt):
+    """`coco_gt` itself when every annotation id is positive; else a COCO object over the same
+    images, categories and annotations with the annotation ids renumbered 1..N (in file order).
+    COCOeval records matches by annotation id and reads id 0 as "unmatched": a ground truth
+    whose id is 0 (labelme2coco and other exporters number from 0) is never matched and its
+    detection counts as a false positive. Annotation ids are not reported anywhere in the
+    results (they hold image and category ids), so nothing needs mapping back."""
+    anns = coco_gt.dataset.get("annotations", [])
+    if all(a["id"] > 0 for a in anns):
+        return coco_gt
+    renumbered = COCO()
+    renumbered.dataset = dict(coco_gt.dataset, annotations=[dict(a, id=k + 1) for k, a in enumerate(anns)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        renumbered.createIndex()
+    return renumbered
+
+
 def _coco_eval(coco_gt, results, iou_type, img_ids, verbose):
     """COCOeval stats[0:6] for one iou_type over `img_ids`.
 
     No detections -> all 0.0 (pycocotools' loadRes indexes results[0] and would crash).
     COCOeval reports -1.0 for an area range with no ground truth objects; we pass it on.
+    Annotation ids <= 0 are renumbered first (`_positive_ann_ids`).
     """
+    coco_gt = _positive_ann_ids(coco_gt)
     if not results:
         if verbose:
             print(f"no detections: {iou_type} AP = 0.0")

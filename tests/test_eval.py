@@ -487,3 +487,44 @@ def test_eval_cli_oracle_needs_val_ann():
     the missing key."""
     r = subprocess.run([sys.executable, "eval.py", "--oracle_stride=4"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "--val_ann" in r.stderr
+
+
+def test_labelme_style_ids_from_zero(tmp_path):
+    """Guards users' own COCO exports (labelme2coco numbers images and annotations from 0 and
+    lists a "_background_" category with id 0). COCOeval stores matches by annotation id and
+    reads 0 as "unmatched", so the annotation with id 0 can never be matched: fed back as
+    predictions, the ground truth of 2 images x 2 objects (ids 0..3) scores box AP < 1 in plain
+    COCOeval (checked below, so the test can fail), and exactly 1.0 / segm 1.0 through eval.py,
+    which renumbers the annotation ids 1..4 for COCOeval. Loading the file says in one warning
+    that "_background_" has no annotation at all."""
+    import warnings
+    from pycocotools.cocoeval import COCOeval as _COCOeval
+    from data import CocoInstances
+    from eval import _coco_eval
+    (tmp_path / "img").mkdir()
+    images, anns = [], []
+    for i in range(2):
+        Image.new("RGB", (40, 30), (90, 90, 90)).save(tmp_path / "img" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "height": 30, "width": 40})
+        for j, (x, y) in enumerate(((2, 3), (20, 10))):
+            box = [x, y, 12, 10]
+            poly = [[x, y, x + 12, y, x + 12, y + 10, x, y + 10]]
+            anns.append({"id": len(anns), "image_id": i, "category_id": 1 + j, "bbox": box,
+                         "segmentation": poly, "area": 120.0, "iscrowd": 0})
+    cats = [{"id": 0, "name": "_background_"}, {"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    ann_file = tmp_path / "labelme.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = CocoInstances(str(tmp_path / "img"), str(ann_file))
+    notices = [str(w.message) for w in caught if "no annotation at all" in str(w.message)]
+    assert len(notices) == 1 and "0 (_background_)" in notices[0] and "labelme.json" in notices[0]
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+                "segmentation": ds.coco.annToRLE(a)} for a in anns]
+    with contextlib.redirect_stdout(io.StringIO()):
+        plain = _COCOeval(ds.coco, ds.coco.loadRes([dict(r) for r in results]), "bbox")
+        plain.evaluate(), plain.accumulate(), plain.summarize()
+    assert plain.stats[0] < 0.99                                   # the id-0 annotation is never matched
+    assert _coco_eval(ds.coco, results, "bbox", [0, 1], False)[0] == pytest.approx(1.0)
+    assert _coco_eval(ds.coco, results, "segm", [0, 1], False)[0] == pytest.approx(1.0)
+    assert [a["id"] for a in ds.coco.dataset["annotations"]] == [0, 1, 2, 3]   # the dataset's own ids stay
