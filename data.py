@@ -321,6 +321,7 @@ class CocoInstances(torch.utils.data.Dataset):
             return _identity_transform(img, target)
         return self.transforms(img, target)
 
+
     def _sanitize(self, anns, images):
         """Check every annotation's segmentation and bbox once, here rather than in each worker.
 
@@ -388,6 +389,21 @@ class CocoInstances(torch.utils.data.Dataset):
                 warnings.warn(f"annotation id {ann['id']} of image {path} ({self.ann_file}): "
                               f"cannot decode its RLE ({e}); skipped", stacklevel=3)
             return None
+
+
+
+def unlabelled_sample(pil_image, transforms, image_id=0):
+    """A picture without annotations (a user's own photo) as a CocoInstances sample: the RGB PIL
+    image through `transforms` (a test transform of build_transforms) with an empty target, so
+    that collate_fn and eval.to_original handle it as they handle the val set.
+    Returns (image (3, h, w) float, target {boxes (0, 4), labels (0,), masks (0, h, w),
+    image_id, orig_size [H0, W0], size [h, w], scale})."""
+    W0, H0 = pil_image.size
+    target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(H0, W0)),
+              "labels": torch.zeros(0, dtype=torch.int64),
+              "masks": tv_tensors.Mask(torch.zeros(0, H0, W0, dtype=torch.uint8)),
+              "image_id": int(image_id), "orig_size": torch.tensor([H0, W0], dtype=torch.int64)}
+    return transforms(pil_image, target)
 
 
 def _valid_polygon(p):

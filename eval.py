@@ -667,6 +667,45 @@ def visualize(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.3,
 
 
 # -----------------------------------------------------------------------------
+# a trained model from its checkpoint (eval.py and predict.py)
+
+
+def load_checkpoint_model(ckpt, device="cpu", overrides=None):
+    """The model a train.py checkpoint describes, with its weights, on `device`, in eval mode.
+
+    ckpt: path of a checkpoint written by train.py ({"model", "model_args", "config", ...}).
+    overrides: ModelConfig fields to change at inference (e.g. {"attention_assign": "pass"}).
+    The moving average "ema" is loaded when the checkpoint has one (train.py evaluated it), and
+    the prefixes of a compiled ("_orig_mod.") or DDP ("module.") model are stripped.
+    Returns (model, checkpoint dict, "ema" | "model"). Raises ValueError naming the file.
+    """
+    from model import ModelConfig, build_model
+    if not os.path.isfile(ckpt):
+        raise ValueError(f"checkpoint '{ckpt}' not found")
+    try:
+        checkpoint = torch.load(ckpt, map_location=device, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint '{ckpt}': {type(e).__name__}: {e}") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
+        raise ValueError(f"checkpoint '{ckpt}' has no 'model'/'model_args' entries (not written by train.py?)")
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"--model_args: {', '.join(unknown)} not ModelConfig field(s)")
+    try:
+        model = build_model(ModelConfig(**{**checkpoint["model_args"], **overrides}))
+    except TypeError as e:
+        raise ValueError(f"checkpoint '{ckpt}' has model_args this model.py does not know: {e}") from None
+    weights = "ema" if "ema" in checkpoint else "model"
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint[weights].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"weights in '{ckpt}' do not fit the model built from its model_args: {e}") from None
+    return model.to(device).eval(), checkpoint, weights
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 if __name__ == "__main__":
@@ -712,45 +751,18 @@ if __name__ == "__main__":
         _fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if not ckpt:
         _fail("no checkpoint given: pass --ckpt=PATH")
-    if not os.path.isfile(ckpt):
-        _fail(f"checkpoint '{ckpt}' not found")
-    try:
-        checkpoint = torch.load(ckpt, map_location=device, weights_only=False)
-    except Exception as e:
-        _fail(f"cannot read checkpoint '{ckpt}': {type(e).__name__}: {e}")
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint \
-            or "model_args" not in checkpoint:
-        _fail(f"checkpoint '{ckpt}' has no 'model'/'model_args' entries "
-              f"(not written by train.py?)")
-    saved = checkpoint.get("config") or {}
-
-    from model import ModelConfig, build_model
-    from data import CocoInstances, build_transforms, dataset_paths
-
     try:
         overrides = ast.literal_eval(model_args) if model_args else {}
     except (ValueError, SyntaxError):
         overrides = None
     if not isinstance(overrides, dict):
         _fail(f"--model_args must be a dict literal such as \"{{'attention_assign': 'pass'}}\", got {model_args!r}")
-    unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
-    if unknown:
-        _fail(f"--model_args: {', '.join(unknown)} not ModelConfig field(s)")
-
     try:
-        model = build_model(ModelConfig(**{**checkpoint["model_args"], **overrides}))
-    except TypeError as e:
-        _fail(f"checkpoint '{ckpt}' has model_args this model.py does not know: {e}")
-    # a compiled or DDP-wrapped model saves its weights under these prefixes; a run with
-    # ema_decay > 0 evaluated (and reported) its moving average, kept under "ema"
-    weights = "ema" if "ema" in checkpoint else "model"
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v
-             for k, v in checkpoint[weights].items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        _fail(f"weights in '{ckpt}' do not fit the model built from its model_args: {e}")
-    model.to(device)
+        model, checkpoint, weights = load_checkpoint_model(ckpt, device, overrides)
+    except ValueError as e:
+        _fail(str(e))
+    saved = checkpoint.get("config") or {}
+    from data import CocoInstances, build_transforms, dataset_paths
 
     # val paths not given: where the training config had them (data.dataset_paths, as train.py)
     saved_paths = dataset_paths(saved)

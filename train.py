@@ -313,7 +313,10 @@ def write_json(obj, path):
 def save_checkpoint(it, best_ap, name="ckpt.pt"):
     """Everything a resume needs, written atomically (write_atomic)."""
     ckpt = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-            "iter": it, "best_ap": best_ap, "model_args": model_args, "config": config}
+            "iter": it, "best_ap": best_ap, "model_args": model_args, "config": config,
+            # what a label means, for predict.py on a checkpoint alone: label k is class_names[k],
+            # COCO category id label_to_cat_id[k] of the training json
+            "class_names": list(train_set.class_names), "label_to_cat_id": list(train_set.label_to_cat_id)}
     if ema is not None:
         ckpt["ema"] = ema.module.state_dict()
     write_atomic(name, partial(torch.save, ckpt))

@@ -296,3 +296,47 @@ def test_keep_res_saved_and_read_by_eval(trained, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         assert words in r.stdout, r.stdout[-500:]
         assert 0.0 <= json.loads(r.stdout.strip().splitlines()[-1])["segm_AP"] <= 1.0
+
+
+def test_predict_on_own_pictures(trained, tmp_path):
+    """Guards predict.py, a checkpoint on a user's own pictures: from a folder holding one real
+    picture (one of the shapes images), a text file and a corrupt JPEG, it writes the picture's
+    drawing and its maps, and predictions.json keyed by file name with each detection's label,
+    class name (from the checkpoint: train.py saves class_names and label_to_cat_id), COCO
+    category id, score, xywh box in the picture's pixels and RLE mask of the picture's size;
+    the two other files are named as skipped, and no temporary file is left. A checkpoint
+    without the class names reads them from its training json."""
+    import shutil
+    run_dir, _ = trained
+    ckpt = torch.load(run_dir / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["class_names"] == ["ellipse", "rectangle", "triangle", "ring"]
+    assert ckpt["label_to_cat_id"] == [1, 2, 3, 4]
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    shapes_img = sorted((run_dir / "shapes" / "val").iterdir())[0]
+    shutil.copy(shapes_img, pics / "mine.png")
+    (pics / "notes.txt").write_text("not a picture")
+    (pics / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "pred"
+    r = run("predict.py", f"--ckpt={run_dir / 'out' / 'ckpt.pt'}", f"--input={pics}", f"--out_dir={out}",
+            "--score_threshold=0.0", "--maps=True", "--device=cpu", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "skipping" in r.stdout and "notes.txt" in r.stdout and "bad.jpg" in r.stdout
+    assert sorted(os.listdir(out)) == ["mine_maps.png", "mine_pred.png", "predictions.json"]
+    preds = json.load(open(out / "predictions.json"))
+    assert list(preds) == ["mine.png"] and len(preds["mine.png"]) > 0
+    from PIL import Image
+    W, H = Image.open(pics / "mine.png").size
+    for d in preds["mine.png"]:
+        assert d["class"] == ckpt["class_names"][d["label"]] and d["category_id"] == d["label"] + 1
+        assert 0.0 <= d["score"] <= 1.0 and len(d["bbox"]) == 4 and d["segmentation"]["size"] == [H, W]
+    # an older checkpoint, without the class names: the training json of its config names them
+    old = {k: v for k, v in ckpt.items() if k not in ("class_names", "label_to_cat_id")}
+    torch.save(old, tmp_path / "old.pt")
+    r = run("predict.py", f"--ckpt={tmp_path / 'old.pt'}", f"--input={pics / 'mine.png'}",
+            f"--out_dir={tmp_path / 'pred_old'}", "--score_threshold=0.0", "--device=cpu", cwd=tmp_path)
+    assert r.returncode == 0 and "read them from" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert {d["class"] for d in json.load(open(tmp_path / "pred_old" / "predictions.json"))["mine.png"]} \
+        <= set(ckpt["class_names"])
+    r = run("predict.py", f"--ckpt={run_dir / 'out' / 'ckpt.pt'}", f"--input={tmp_path / 'nothing*.png'}", cwd=tmp_path)
+    assert r.returncode != 0 and "names no file" in r.stderr and "Traceback" not in r.stderr

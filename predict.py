@@ -1,0 +1,166 @@
+"""
+A trained model on your own pictures.
+
+    python predict.py --ckpt=out/shapes_centermask/ckpt.pt --input=photo.jpg
+    python predict.py --ckpt=out/shapes_centermask/ckpt.pt --input=my_pictures/          # every file in it
+    python predict.py --ckpt=out/shapes_centermask/ckpt.pt --input="my_pictures/*.png"   # a glob
+    python predict.py --ckpt=... --input=... --maps=True     # also the teaching maps of the method
+
+For every picture it writes `<stem>_pred.png` (masks, boxes, class names and scores drawn over
+the picture) into `out_dir` (default: a `predict` folder beside the checkpoint), and one results
+file `predictions.json`, keyed by file name:
+
+    {"photo.jpg": [{"label": 2, "class": "triangle", "category_id": 3, "score": 0.91,
+                    "bbox": [x, y, w, h], "segmentation": {"size": [H, W], "counts": "..."}}, ...]}
+
+in the picture's own pixels (COCO's xywh boxes and RLE masks, as eval.py's results). Only the
+detections with score >= score_threshold are drawn and written. The picture goes through the test
+transform of the checkpoint's training config (its input size, keep_res, normalisation), as
+eval.py does. A file that is not an image, or cannot be read, is named and skipped; every file is
+written whole (a temporary name, then renamed), so an interrupted run leaves no half file.
+
+The checkpoint says what each label means ("class_names", "label_to_cat_id", saved by train.py);
+for a checkpoint written before train.py saved them, the training json named by its config is
+read, and failing that the classes are called by their label number.
+"""
+
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+from eval import (_network_input_rgb, _save_maps_figure, _write_json_atomic, draw_predictions,
+                  load_checkpoint_model, to_coco_results, to_original)
+
+# -- config (overridable: python predict.py --key=value) ------------------------------------------
+ckpt = ""                     # checkpoint written by train.py (required)
+input = ""                    # a picture, a folder (every file in it) or a glob pattern (required)
+out_dir = ""                  # "": <checkpoint folder>/predict
+score_threshold = 0.3         # detections drawn and written
+maps = False                  # also <stem>_maps.png: the method's teaching maps (heatmap, shapes, saliency, ...)
+device = "auto"               # "auto" (a GPU when there is one), "cpu", "cuda", "cuda:1"
+model_args = ""               # inference-time ModelConfig overrides, as eval.py's --model_args
+# ----------------------------------------------------------------------------------------------------
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+
+
+def fail(msg):
+    raise SystemExit(f"predict.py: error: {msg}")
+
+
+def input_files(pattern):
+    """The files `pattern` names: a file, every file of a folder (sorted), or a glob's matches."""
+    if os.path.isdir(pattern):
+        return sorted(os.path.join(pattern, f) for f in os.listdir(pattern)
+                      if os.path.isfile(os.path.join(pattern, f)))
+    if os.path.isfile(pattern):
+        return [pattern]
+    return sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+
+
+def class_meaning(checkpoint, num_classes):
+    """(class_names, label_to_cat_id) of a checkpoint: saved by train.py, else read from the
+    training json of its config, else the label numbers themselves."""
+    if "class_names" in checkpoint and "label_to_cat_id" in checkpoint:
+        return list(checkpoint["class_names"]), list(checkpoint["label_to_cat_id"])
+    from data import dataset_paths
+    try:
+        ann = dataset_paths(checkpoint.get("config") or {})["train_ann"]
+        with open(ann) as f:
+            cats = sorted(json.load(f)["categories"], key=lambda c: c["id"])
+        print(f"predict.py: the checkpoint does not name its classes: read them from {ann}")
+        return [str(c.get("name", c["id"])) for c in cats], [c["id"] for c in cats]
+    except (OSError, ValueError, KeyError, TypeError):
+        print("predict.py: the checkpoint does not name its classes and its training json is not at hand: "
+              "classes are shown by label number")
+        return [str(k) for k in range(num_classes)], list(range(num_classes))
+
+
+def write_png_atomic(image, path):
+    """(3, H, W) uint8 -> PNG at `path`, written under a temporary name first."""
+    from PIL import Image
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(tmp)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    import ast
+    from functools import partial
+
+    from data import ImageReadError, build_transforms, collate_fn, load_rgb_image, unlabelled_sample
+
+    if not ckpt:
+        fail("no checkpoint given: pass --ckpt=PATH")
+    if not input:
+        fail("no pictures given: pass --input=FILE, --input=FOLDER or --input='PATTERN*.jpg'")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device={device} was asked for but no CUDA GPU is available (use --device=cpu)")
+    try:
+        overrides = ast.literal_eval(model_args) if model_args else {}
+        assert isinstance(overrides, dict)
+    except (ValueError, SyntaxError, AssertionError):
+        fail(f"--model_args must be a dict literal such as \"{{'mask_threshold': 0.5}}\", got {model_args!r}")
+    try:
+        model, checkpoint, _ = load_checkpoint_model(ckpt, device, overrides)
+    except ValueError as e:
+        fail(str(e))
+    files = input_files(input)
+    if not files:
+        fail(f"--input={input!r} names no file")
+    class_names, label_to_cat_id = class_meaning(checkpoint, model.cfg.num_classes)
+
+    # the test transform of the training config, as eval.py builds it
+    saved = checkpoint.get("config") or {}
+    size = saved.get("test_input_size") or saved.get("input_size")
+    kw = {"input_size": size} if size else {}
+    kind = saved.get("transform", "centernet")
+    if saved.get("keep_res") and kind == "centernet":
+        kw["keep_res"] = True
+    transform = build_transforms(kind, train=False, **kw)
+    collate = partial(collate_fn, size_divisibility=model.size_divisibility)
+    threshold = model.mask_threshold
+    maps_fn = getattr(model, "teaching_maps", None) if maps else None
+    if maps and maps_fn is None:
+        print(f"predict.py: {type(model).__name__} draws no teaching maps; --maps ignored")
+
+    out = out_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "predict")
+    os.makedirs(out, exist_ok=True)
+    print(f"predicting {len(files)} file(s) with {ckpt} ({type(model).__name__}, {len(class_names)} classes) "
+          f"on {device}, {kind} test transform; writing to {out}")
+    results, skipped = {}, []
+    with torch.no_grad():
+        for path in files:
+            name = os.path.basename(path)
+            try:
+                pil = load_rgb_image(path)
+            except ImageReadError as e:
+                print(f"skipping {path}: not an image that can be read ({e.__cause__ or e})")
+                skipped.append(path)
+                continue
+            images, targets = collate([unlabelled_sample(pil, transform)])  # (1, 3, H, W)
+            output = model(images.to(device))[0]
+            pred = to_original({k: v.cpu() for k, v in output.items()}, targets[0], threshold)
+            keep = pred["scores"] >= score_threshold
+            pred = {k: v[keep] for k, v in pred.items()}
+            image = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).contiguous()  # (3, H0, W0) uint8
+            stem = os.path.splitext(name)[0]
+            write_png_atomic(draw_predictions(image, pred, class_names, score_threshold),
+                             os.path.join(out, f"{stem}_pred.png"))
+            if maps_fn is not None:
+                tmp = os.path.join(out, f"{stem}_maps.tmp{os.getpid()}.png")
+                _save_maps_figure(_network_input_rgb(images[0]), maps_fn(images.to(device))[0], tmp)
+                os.replace(tmp, os.path.join(out, f"{stem}_maps.png"))
+            dets = to_coco_results(pred, 0, label_to_cat_id)
+            for d, label in zip(dets, pred["labels"].tolist()):
+                del d["image_id"]
+                d.update(label=label, **{"class": class_names[label]})
+            results[name] = dets
+            print(f"{name}: {len(dets)} detection(s) >= {score_threshold}")
+    _write_json_atomic(results, os.path.join(out, "predictions.json"))
+    print(f"wrote {len(results)} picture(s) and predictions.json to {out}"
+          + (f"; skipped {len(skipped)} file(s) that are not readable images" if skipped else ""))
