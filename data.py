@@ -47,6 +47,14 @@ from torchvision.transforms.v2 import functional as TF
 # is one the first convolution can absorb (its weights and bias are learned from scratch).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# ... except for a model started from CenterNet's published weights, which must see its inputs as
+# CenterNet did: input_format "bgr_coco" (train.py sets it for a CenterNet file, and saves it in the
+# checkpoint's config, where eval.py and predict.py read it): the channels in B, G, R order,
+# normalised with CenterNet's COCO statistics (`mean` / `std` of its src/lib/datasets/dataset/
+# coco.py, in B, G, R order; inp = (image / 255 - mean) / std on OpenCV's BGR image).
+COCO_BGR_MEAN = (0.40789654, 0.44719302, 0.47026115)
+COCO_BGR_STD = (0.28863828, 0.27408164, 0.27809835)
+INPUT_FORMATS = ("rgb_imagenet", "bgr_coco")
 
 # CenterNet's colour augmentation (`color_aug` in CenterNet's src/lib/utils/image.py, CornerNet's
 # before it), written for our RGB tensors. Its "lighting" is PCA noise along the eigenvectors of
@@ -140,7 +148,8 @@ class CocoInstances(torch.utils.data.Dataset):
         num_classes      C (all categories of the json, used or not)
 
     __getitem__(i) -> (image, target):
-        image   float32 (3, h, w), ImageNet-normalised, network frame
+        image   float32 (3, h, w), normalised (ImageNet statistics, or the transform's
+                input_format, `normalize_input`), network frame
         target  dict:
           boxes      float32 (N, 4) xyxy, absolute pixels of the network frame
           labels     int64 (N,) in 0..C-1
@@ -487,10 +496,21 @@ def _finish(image, boxes, masks, target, scale):
     return image.as_subclass(torch.Tensor).contiguous(), out
 
 
-def _to_normalized(image):
-    """uint8 tv_tensors.Image (3, h, w) -> float32 ImageNet-normalised tv_tensors.Image."""
-    image = TF.to_dtype(image, torch.float32, scale=True)  # [0, 255] -> [0, 1]
+def normalize_input(image, input_format="rgb_imagenet"):
+    """An RGB float image (3, h, w) in [0, 1] -> the network input: "rgb_imagenet" (the default)
+    normalised with ImageNet's statistics; "bgr_coco" (CenterNet's) the channels reversed to
+    B, G, R and normalised with COCO_BGR_MEAN / COCO_BGR_STD."""
+    if input_format == "bgr_coco":
+        return TF.normalize(image.flip(-3), mean=COCO_BGR_MEAN, std=COCO_BGR_STD)
+    if input_format != "rgb_imagenet":
+        raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
     return TF.normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _to_normalized(image, input_format="rgb_imagenet"):
+    """uint8 (3, h, w) RGB image -> float32 network input (`normalize_input`)."""
+    image = TF.to_dtype(image, torch.float32, scale=True)  # [0, 255] -> [0, 1]
+    return normalize_input(image, input_format)
 
 
 def _identity_transform(pil_image, target):
@@ -599,7 +619,7 @@ class InstanceTransform:
     """
 
     def __init__(self, kind, train, input_size, scale_range=(0.6, 1.3), flip_prob=0.5,
-                 color_jitter=0.4, max_size=1333, keep_res=False):
+                 color_jitter=0.4, max_size=1333, keep_res=False, input_format="rgb_imagenet"):
         if kind not in ("centernet", "fcos"):
             raise ValueError(f"unknown transform kind {kind!r}: expected 'centernet' or 'fcos'")
         if keep_res and (kind != "centernet" or train):
@@ -615,6 +635,9 @@ class InstanceTransform:
         self.flip = v2.RandomHorizontalFlip(flip_prob) if train and flip_prob > 0 else None
         self.color_var = float(color_jitter) if train and kind == "centernet" else 0.0
         self.scales = centernet_scales(self.scale_range) if kind == "centernet" else None
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
+        self.input_format = input_format                # normalize_input: the network's colour order and statistics
 
     def __repr__(self):
         return (f"InstanceTransform(kind={self.kind!r}, train={self.train}, "
@@ -665,7 +688,7 @@ class InstanceTransform:
             alphas = 1 + self.color_var * (2 * torch.rand(3) - 1)  # 1 + U(-var, var)
             light = CENTERNET_LIGHTING_STD * torch.randn(3)
             part = centernet_color_aug(part, order, alphas, light)
-        part = TF.normalize(part, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        part = normalize_input(part, self.input_format)          # colour augmentation on RGB, then BGR if asked
         # Outside the image: 0 after normalisation, the mean colour. CenterNet's warp fills black
         # there, which its colour augmentation then shifts and its normalisation (COCO statistics)
         # maps to about -1.4 .. -1.7; its model meets black padding at test too (its test warp
@@ -707,7 +730,7 @@ class InstanceTransform:
             scale = 0.5 * (h / H0 + w / W0)
         if self.flip is not None:                                   # fcos training
             image, boxes, masks = self.flip(image, boxes, masks)
-        image = _to_normalized(image)                               # float32 (3, h, w)
+        image = _to_normalized(image, self.input_format)            # float32 (3, h, w)
         return _finish(image, boxes, masks, target, scale)
 
 
@@ -722,9 +745,10 @@ def build_transforms(kind="centernet", train=True, input_size=512, **kw):
                  centernet_scales; fcos: U(lo, hi) times the short side), flip_prob=0.5,
                  color_jitter=0.4 (centernet only: CenterNet's colour augmentation and
                  lighting, 0 = off), max_size=1333 (fcos only), keep_res=False (centernet
-                 test only: each image at its own size, CenterNet's --keep_res)
+                 test only: each image at its own size, CenterNet's --keep_res),
+                 input_format="rgb_imagenet" (or "bgr_coco", CenterNet's: `normalize_input`)
     """
-    allowed = {"scale_range", "flip_prob", "color_jitter", "max_size", "keep_res"}
+    allowed = {"scale_range", "flip_prob", "color_jitter", "max_size", "keep_res", "input_format"}
     unknown = set(kw) - allowed
     if unknown:
         raise TypeError(f"build_transforms: unknown option(s) {sorted(unknown)}; "

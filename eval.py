@@ -544,13 +544,17 @@ def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
                                width=2)
 
 
-def _network_input_rgb(image):
-    """A normalised (3, H, W) network input -> (3, H, W) uint8 RGB for display (ImageNet
-    statistics undone, as data.py normalises; the batch padding shows as the mean colour)."""
-    from data import IMAGENET_MEAN, IMAGENET_STD              # lazy: data.py is optional here
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=image.device)[:, None, None]
-    return ((image.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+def _network_input_rgb(image, input_format="rgb_imagenet"):
+    """A normalised (3, H, W) network input -> (3, H, W) uint8 RGB for display: data.py's
+    normalisation undone (ImageNet statistics; for input_format "bgr_coco" CenterNet's COCO
+    statistics, then B, G, R back to R, G, B); the batch padding shows as the mean colour."""
+    from data import IMAGENET_MEAN, IMAGENET_STD, COCO_BGR_MEAN, COCO_BGR_STD  # lazy: data.py is optional here
+    bgr = input_format == "bgr_coco"
+    mean = torch.tensor(COCO_BGR_MEAN if bgr else IMAGENET_MEAN, device=image.device)[:, None, None]
+    std = torch.tensor(COCO_BGR_STD if bgr else IMAGENET_STD, device=image.device)[:, None, None]
+    rgb = image.float() * std + mean
+    rgb = rgb.flip(0) if bgr else rgb
+    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 def _maps_layout(widths, capacity):
@@ -637,6 +641,7 @@ def visualize(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.3,
     loader = _make_loader(subset, batch_size, 0, device, None, collate_fn, False,
                           getattr(net, "size_divisibility", 32))
     class_names = getattr(base, "class_names", None)
+    input_format = getattr(getattr(base, "transforms", None), "input_format", "rgb_imagenet")
     mask_threshold = getattr(net, "mask_threshold", 0.5)
     was_training = net.training
     net.to(device).eval()
@@ -659,7 +664,7 @@ def visualize(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.3,
                     if maps is not None:
                         # the maps live in the padded network-input frame: show that image
                         map_path = os.path.join(out_dir, f"{stem}_maps.png")
-                        _save_maps_figure(_network_input_rgb(images[i]), maps[i], map_path)
+                        _save_maps_figure(_network_input_rgb(images[i], input_format), maps[i], map_path)
                         paths.append(map_path)
     finally:
         net.train(was_training)
@@ -718,6 +723,8 @@ if __name__ == "__main__":
     transform = None           # build_transforms kind; None: checkpoint config, else "centernet"
     keep_res = None            # centernet: each image at its own size (CenterNet's --keep_res; wins over
                                # input_size); None: the checkpoint config's keep_res, else False
+    input_format = None        # "rgb_imagenet" or "bgr_coco" (data.normalize_input); None: the checkpoint
+                               # config's (a model started from CenterNet's weights: "bgr_coco"), else rgb_imagenet
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast on GPU)
     batch_size = 8
@@ -774,11 +781,13 @@ if __name__ == "__main__":
     input_size = input_size if input_size is not None else (saved.get("test_input_size") or saved.get("input_size"))
     transform = transform if transform is not None else saved.get("transform", "centernet")
     keep_res = bool(keep_res if keep_res is not None else saved.get("keep_res", False))
+    input_format = input_format or saved.get("input_format", "rgb_imagenet")
     for key, value in (("val_img_dir", val_img_dir), ("val_ann", val_ann)):
         if value is None:
             _fail(f"--{key} not given and the checkpoint's config has none")
     # input_size None (not in the checkpoint either): build_transforms' own default
     size_kw = {} if input_size is None else {"input_size": input_size}
+    size_kw["input_format"] = input_format
     if keep_res:
         size_kw["keep_res"] = True                         # data.py refuses it for fcos
     try:
@@ -790,7 +799,7 @@ if __name__ == "__main__":
     n_eval = len(dataset) if max_images is None else min(max_images, len(dataset))
     at = "with each image at its own size (keep_res)" if keep_res else f"at input size {dataset.transforms.input_size}"
     print(f"evaluating {ckpt} ({weights} weights) on {n_eval} images of {val_ann}, "
-          f"{transform} test transform {at}")
+          f"{transform} test transform {at}, inputs {input_format}")
     amp_dtype = None if dtype == "float32" or device == "cpu" else getattr(torch, dtype)
     stats = evaluate(model, dataset, device=device, batch_size=batch_size,
                      num_workers=num_workers, max_images=max_images,

@@ -13,6 +13,8 @@ builder, loss, mask assembly and decoder, in reading order.
     9. MaskFCOS                                   FCOS proposals + RoIAlign mask head
    10. CenterMask-FCOS                            Local Shape x Global Saliency on FCOS
    11. FCOSIS                                     attention map, colouring, segmentation head
+   12. Published weights                          key maps: CenterNet, ImageNet DLA-34, torchvision's
+                                                  FCOS, our checkpoints (train.py's init_from=PATH)
 
 Papers (full texts in the shared `papers/` folder):
     [CM]   Wang et al., "CenterMask: single shot instance segmentation with point
@@ -37,6 +39,8 @@ Coordinate frames used throughout:
 """
 
 import math
+import os
+import re
 from dataclasses import dataclass, field, asdict
 
 import torch
@@ -99,6 +103,11 @@ class ModelConfig:
     score_threshold: float = 0.05     # candidate locations at inference ([FCOS] 4)
     pre_nms_top_n: int = 1000         # candidates per level before NMS ([FCOS] 4)
     nms_threshold: float = 0.6        # class-wise NMS IoU ([FCOS] 4)
+    score_threshold_on: str = "cls"   # what score_threshold tests: "cls" (FCOS: the class probability, before the
+                                      # centerness) or "score" (torchvision's FCOS: sqrt(cls * centerness))
+    location_offset: str = "half"     # FCOS locations (`fcos_locations`): "half" (FCOS: cell j at j*s + s//2) or
+                                      # "zero" (torchvision's FCOS: j * (input size // grid size)); set to "zero" by
+                                      # train.py for torchvision's weights (section 12)
     # MaskFCOS ([IS 4], "Mask Prediction Head")
     mask_proposals: int = 64          # FCOS detections per image used as RoIs in training (N not given in [IS])
     roi_size: int = 14                # RoIAlign output ([IS 4])
@@ -156,7 +165,8 @@ class ModelConfig:
                              ("box_loss", ("giou", "iou")), ("norm", ("frozen_bn", "bn")),
                              ("attention", ("segm", "mu0", "bbox", "none")), ("seg_classes", ("agnostic", "specific")),
                              ("attention_grid", ("p2", "p3")), ("attention_assign", ("pass", "image")),
-                             ("com_assignment", ("mask", "positive")), ("mask_loss_grid", ("output", "input"))):
+                             ("com_assignment", ("mask", "positive")), ("mask_loss_grid", ("output", "input")),
+                             ("score_threshold_on", ("cls", "score")), ("location_offset", ("half", "zero"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"ModelConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.method == "fcos" and (self.ambiguity == "mask" or self.center_sampling_at == "mass"
@@ -1272,17 +1282,33 @@ class ResNetFPN(nn.Module):
 FCOS_SIZE_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, math.inf))
 
 
-def fcos_locations(hw_per_level, strides, device=None):
+def fcos_locations(hw_per_level, strides, device=None, offset="half", input_hw=None):
     """
-    The locations of every level, flattened level after level (row-major inside a level):
-    cell (i, j) of a stride-s map is the input-frame point (j*s + s//2, i*s + s//2), "near the
-    centre of the receptive field" ([FCOS] 3.1). Returns points (P, 2) xy float, strides (P,)
-    float and levels (P,) int64 (0 = the first level).
+    The locations of every level, flattened level after level (row-major inside a level).
+    offset="half" (FCOS's, ModelConfig.location_offset's default): cell (i, j) of a stride-s map
+    is the input-frame point (j*s + s//2, i*s + s//2), "near the centre of the receptive field"
+    ([FCOS] 3.1; FCOS's compute_locations).
+    offset="zero" (torchvision's FCOS, for its weights, section 12): cell (i, j) is the point
+    (j * step_x, i * step_y), the centre of torchvision's AnchorGenerator anchors, whose step per
+    axis is (padded input size // grid size) when `input_hw` (H, W) is given (torchvision's rule),
+    else s. Inputs padded to 32 give step = s on P3-P5; on P6/P7 the step is smaller than s
+    when the padded size is not a multiple of 64 / 128 (320 rows: P6 has 5 rows, step 64; P7 3
+    rows, step 320 // 3 = 106, not 128). We follow torchvision there: its weights were trained
+    and tested with those points, so its boxes come out the same on any input (the parity test
+    of tests/test_weights.py uses 320 x 416). The box scale stays s (torchvision's anchor size).
+    Returns points (P, 2) xy float, strides (P,) float (the nominal s) and levels (P,) int64
+    (0 = the first level).
     """
+    if offset not in ("half", "zero"):
+        raise ValueError(f"fcos_locations: offset must be 'half' or 'zero', got {offset!r}")
     points, point_strides, levels = [], [], []
     for level, ((h, w), s) in enumerate(zip(hw_per_level, strides)):
         ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        points.append(torch.stack([xs.reshape(-1) * s + s // 2, ys.reshape(-1) * s + s // 2], 1).float())
+        if offset == "zero":
+            sy, sx = (int(input_hw[0]) // h, int(input_hw[1]) // w) if input_hw is not None else (s, s)
+            points.append(torch.stack([xs.reshape(-1) * sx, ys.reshape(-1) * sy], 1).float())
+        else:
+            points.append(torch.stack([xs.reshape(-1) * s + s // 2, ys.reshape(-1) * s + s // 2], 1).float())
         point_strides.append(torch.full((h * w,), float(s), device=device))
         levels.append(torch.full((h * w,), level, dtype=torch.long, device=device))
     return torch.cat(points), torch.cat(point_strides), torch.cat(levels)
@@ -1464,6 +1490,7 @@ class FCOS(nn.Module):
     Inference: model(images) -> list of B dicts: boxes (K, 4) xyxy input frame, scores (K,),
         labels (K,). Per level: locations whose class score > 0.05, top 1000 of cls * ctr; then
         score = sqrt(cls * ctr), class-wise NMS at IoU 0.6 (torchvision's batched_nms), best 100.
+        (score_threshold_on="score": the 0.05 is tested on sqrt(cls * ctr), as torchvision's FCOS.)
 
     FCOSreg ([IS 3.3]): masks give every location a segmentation label s per object (the
     fraction of its cell the mask covers); ambiguous locations go to the object with the
@@ -1507,10 +1534,14 @@ class FCOS(nn.Module):
         out["features"] = features
         return out
 
+    def locations(self, hw, input_hw, device):
+        """`fcos_locations` of the head's levels in this model's convention (cfg.location_offset)."""
+        return fcos_locations(hw, self.strides, device, self.cfg.location_offset, input_hw)
+
     def decode(self, out, input_hw):
         """Head outputs -> detections (and masks): the inference post-processing. The
         detections' `index` (their location, read by the mask branches) is dropped here."""
-        points, _, levels = fcos_locations(out["hw"], self.strides, out["cls"].device)
+        points, _, levels = self.locations(out["hw"], input_hw, out["cls"].device)
         dets = self.postprocess(out, points, levels, input_hw, out["features"])
         for d in dets:
             del d["index"]
@@ -1521,7 +1552,7 @@ class FCOS(nn.Module):
             return self.decode(self.heads(images), images.shape[-2:])
         out = self.heads(images)
         features = out.pop("features")
-        points, strides, levels = fcos_locations(out["hw"], self.strides, images.device)
+        points, strides, levels = self.locations(out["hw"], images.shape[-2:], images.device)
         if targets is None:
             raise ValueError(f"{type(self).__name__} in train mode needs targets (call model.eval() for inference)")
         with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (DESIGN 6)
@@ -1604,7 +1635,11 @@ class FCOS(nn.Module):
             # and inference, which is supported by FCOSIS": s = the predicted coarse foreground
             ctr = regression_weights(ctr, out["extra"][..., 2].float().sigmoid(), cfg.reg_weights)
         B, P, C = cls.shape
-        score = torch.where(cls > cfg.score_threshold, cls * ctr[..., None], torch.zeros_like(cls))
+        score = cls * ctr[..., None]                                             # (B, P, C)
+        # the candidates: FCOS tests the class probability (score_threshold_on="cls"), torchvision's
+        # FCOS the final score sqrt(cls * ctr) ("score", its postprocess_detections)
+        passed = (cls if cfg.score_threshold_on == "cls" else score.sqrt()) > cfg.score_threshold
+        score = torch.where(passed, score, torch.zeros_like(score))
         cand_scores, cand_index = [], []
         start = 0
         for n in torch.bincount(levels, minlength=len(self.strides)).tolist():   # top 1000 per level
@@ -2106,11 +2141,12 @@ def center_of_mass_loss(pred, target, valid, beta=1.0, normalizer=None):
 # -- the parametrised attention map [IS 3.2.1, 4.2] ---------------------------------------------
 
 
-def regressed_centers(center_offsets, stride):
+def regressed_centers(center_offsets, stride, offset="half"):
     """Head output (r_x, r_y) (B, 2, h, w) in stride units -> (x + s r_x, y + s r_y) (B, 2, h, w),
-    input frame: the centre each location votes for [IS 3.2.1]."""
+    input frame: the centre each location votes for [IS 3.2.1]. offset: the location convention
+    (`fcos_locations`, ModelConfig.location_offset)."""
     B, _, h, w = center_offsets.shape
-    loc = fcos_locations([(h, w)], [stride], center_offsets.device)[0].t().reshape(1, 2, h, w)
+    loc = fcos_locations([(h, w)], [stride], center_offsets.device, offset)[0].t().reshape(1, 2, h, w)
     return loc + stride * center_offsets.float()
 
 
@@ -2145,13 +2181,14 @@ def duplicate_owners(boxes, scores, batch, iou_threshold):
 
 
 def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
-                   lam, mu, bbox_only=False, assign="image", owner=None):
+                   lam, mu, bbox_only=False, assign="image", owner=None, offset="half"):
     """
     The attention map of [IS 3.2.1] for each segmentation pass (colour group), at one level.
         regressed  (B, 2, h, w) regressed centres (x + r_x, y + r_y), input frame
                    (`regressed_centers`); used for the assignment only (no gradient: argmin)
         coarse_fg  (B, 1, h, w) coarse foreground probabilities (sigmoid), differentiable
         stride     the level's stride s; location of cell (i, j) = (j*s + s//2, i*s + s//2)
+                   (offset="zero", ModelConfig.location_offset: (j*s, i*s), `fcos_locations`)
         boxes (N, 4), centers (N, 2) input frame: ground truth (boxes, mass centres) in
                    training, detections at inference; batch (N,) image index
         groups (N,) in 0..G-1 (`coloring_groups`), num_groups G; lam, mu scalar tensors
@@ -2188,7 +2225,7 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
     """
     B, _, h, w = coarse_fg.shape
     N, L = len(boxes), h * w
-    loc = fcos_locations([(h, w)], [stride], coarse_fg.device)[0]                # (L, 2)
+    loc = fcos_locations([(h, w)], [stride], coarse_fg.device, offset)[0]        # (L, 2)
     x0, y0, x1, y1 = boxes.float().unbind(1)                                       # (N,)
     inside = ((loc[None, :, 0] >= x0[:, None]) & (loc[None, :, 0] < x1[:, None]) &
               (loc[None, :, 1] >= y0[:, None]) & (loc[None, :, 1] < y1[:, None]))   # (N, L)
@@ -2220,13 +2257,15 @@ class AttentionMap(nn.Module):
     mode: "segm" (the paper's map), "mu0" (Table 3b: mu := 0, not learnable) or "bbox"
     (Table 3c: the whole box filled with lam; no mu, so no unused parameter under DDP).
     assign: "image" or "pass", who competes for a location (see `attention_maps`).
-    forward(...) takes `attention_maps`' arguments except lam/mu/bbox_only/assign (owner last)
-    and returns (G, 1, h, w).
+    offset: the location convention (ModelConfig.location_offset, `fcos_locations`).
+    forward(...) takes `attention_maps`' arguments except lam/mu/bbox_only/assign/offset (owner
+    last) and returns (G, 1, h, w).
     """
 
-    def __init__(self, mode="segm", assign="image"):
+    def __init__(self, mode="segm", assign="image", offset="half"):
         super().__init__()
         self.assign = assign                                       # see `attention_maps`
+        self.offset = offset
         if mode not in ("segm", "mu0", "bbox"):
             raise ValueError(f"AttentionMap: mode must be 'segm', 'mu0' or 'bbox', got {mode!r}")
         self.mode = mode
@@ -2238,7 +2277,8 @@ class AttentionMap(nn.Module):
 
     def forward(self, regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups, owner=None):
         return attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
-                              self.lam, self.mu, bbox_only=self.mode == "bbox", assign=self.assign, owner=owner)
+                              self.lam, self.mu, bbox_only=self.mode == "bbox", assign=self.assign, owner=owner,
+                              offset=self.offset)
 
 
 def apply_attention(features, attention, group_batch):
@@ -2425,7 +2465,8 @@ class FCOSIS(FCOS):
         n = cfg.num_classes if (cfg.seg_classes == "specific" or cfg.attention == "none") else 1
         self.seg_head = SegmentationHead(c, c, n)
         self.aspp = ASPP(c, c) if cfg.attention == "none" else None
-        self.attention = None if cfg.attention == "none" else AttentionMap(cfg.attention, cfg.attention_assign)
+        self.attention = None if cfg.attention == "none" else AttentionMap(cfg.attention, cfg.attention_assign,
+                                                                                 cfg.location_offset)
         self.mask_threshold = cfg.mask_threshold                                 # 0.5 (not given in [IS])
 
     def p3_maps(self, out):
@@ -2433,7 +2474,7 @@ class FCOSIS(FCOS):
         h, w) input frame and coarse foreground probabilities (B, 1, h, w)."""
         h, w = out["hw"][0]
         p3 = out["extra"][:, :h * w].float().transpose(1, 2).reshape(-1, 3, h, w)   # (B, 3, h, w)
-        return regressed_centers(p3[:, :2], self.strides[0]), p3[:, 2:3].sigmoid()
+        return regressed_centers(p3[:, :2], self.strides[0], self.cfg.location_offset), p3[:, 2:3].sigmoid()
 
     def attention_inputs(self, out, p2_hw):
         """
@@ -2442,11 +2483,23 @@ class FCOSIS(FCOS):
         (stride 4; the regressed centres are absolute input-frame coordinates, so this is exact
         inside the map), so that the box constraint and the assignment are drawn at stride 4 and
         an 8-16 px object gets 4-16 cells of attention instead of 1-4. "p3": P3's own grid.
+        The resampling follows the location convention: with location_offset="half" P3 cell j is
+        the point 8j + 4 and P2 cell k the point 4k + 2 (cell centres: align_corners=False); with
+        "zero" they are 8j and 4k, so P2 cell k reads P3 at j = k / 2 (align_corners=True onto
+        2h - 1 cells, the last row / column repeated, as the "half" resampling clamps there).
+        (apply_attention's shrink of the map onto P3 / P4 averages cells in both conventions.)
         """
         regressed, fg = self.p3_maps(out)                                        # (B, 2|1, H/8, W/8)
         if self.cfg.attention_grid == "p3":
             return regressed, fg, self.strides[0]
-        up = lambda x: F.interpolate(x, size=tuple(p2_hw), mode="bilinear", align_corners=False)
+        if self.cfg.location_offset == "zero":
+            h, w = regressed.shape[-2:]
+
+            def up(x):
+                y = F.interpolate(x, size=(2 * h - 1, 2 * w - 1), mode="bilinear", align_corners=True)
+                return F.pad(y, (0, 1, 0, 1), mode="replicate")[..., :p2_hw[0], :p2_hw[1]]
+        else:
+            up = lambda x: F.interpolate(x, size=tuple(p2_hw), mode="bilinear", align_corners=False)  # noqa: E731
         return up(regressed), up(fg), self.strides[0] // 2                       # (B, 2|1, H/4, W/4)
 
     def segment(self, features, out, boxes, centers, batch, labels, num_images, color_boxes=None, owner=None):
@@ -2560,7 +2613,7 @@ class FCOSIS(FCOS):
         try:
             out = self.heads(images)
             features = out["features"]
-            points, _, levels = fcos_locations(out["hw"], self.strides, images.device)
+            points, _, levels = self.locations(out["hw"], images.shape[-2:], images.device)
             dets = self.detect(out, points, levels, images.shape[-2:], k)
             for d in dets:  # keep the confident ones: the picture is about them
                 keep = d["scores"] >= score_threshold
@@ -2571,7 +2624,8 @@ class FCOSIS(FCOS):
             self.train(was_training)
         regressed, fg = self.p3_maps(out)
         h, w = fg.shape[-2:]
-        loc = fcos_locations([(h, w)], [self.strides[0]], images.device)[0].t().reshape(1, 2, h, w)
+        loc = fcos_locations([(h, w)], [self.strides[0]], images.device,
+                             self.cfg.location_offset)[0].t().reshape(1, 2, h, w)
         vec = regressed - loc                                                    # (B, 2, h, w) input pixels
         hue = (torch.atan2(vec[:, 1], vec[:, 0]) / (2 * math.pi)) % 1.0          # (B, h, w) in [0, 1)
         H, W = images.shape[-2:]
@@ -2600,3 +2654,490 @@ def hsv_to_rgb(h, v):
     """Hue h and value v, each (h, w) in [0, 1], full saturation -> (h, w, 3) RGB in [0, 1]."""
     k = (torch.tensor([5.0, 3.0, 1.0], device=h.device) + h[..., None] * 6) % 6  # (h, w, 3)
     return v[..., None] * (1 - (torch.minimum(k, 4 - k).clamp(0, 1)))
+
+
+# -----------------------------------------------------------------------------
+# 12. Published weights (train.py's init_from=PATH)
+#
+#     read_weights(source)       a file (or "torchvision:fcos_resnet50_fpn", torchvision's weights
+#                                API) -> LoadedWeights: its tensors and which layout they follow
+#     import_weights(model, w)   the key map of that layout (below), the class channels of the
+#                                model's labels, every shape checked; loads and returns an
+#                                ImportReport that accounts for every tensor of the file and of
+#                                the model: loaded, ignored (with why), newly initialised
+#
+# The layouts, and what goes where:
+#   * CenterNet's ctdet COCO detectors (its src/lib/models/networks/pose_dla_dcn.py `DLASeg` and
+#     large_hourglass.py `HourglassNet`, heads hm 80 / wh 2 / reg 2): the backbone and the
+#     heatmap / size / offset heads of CenterMask; the Local Shape and Global Saliency heads start
+#     fresh. Our DLASeg / Hourglass104 / CenterMaskHeads compute what CenterNet's code computes
+#     with the same weights (checked against CenterNet's code with copied weights), so the maps
+#     are a renaming; see `_CENTERNET_DLA_RULES` and `_CENTERNET_HOURGLASS_RULES`.
+#   * The ImageNet DLA-34 (dla34-ba72cf86.pth, the classifier CenterNet's DLA-34 starts from):
+#     the DLA base; its classifier `fc` is dropped.
+#   * torchvision's FCOS R-50-FPN COCO detector (torchvision/models/detection/fcos.py): ResNet-50,
+#     FPN, P6/P7 and the head of FCOS and of the FCOS part of FCOSreg, MaskFCOS, CenterMask-FCOS
+#     and FCOSIS (their own branches start fresh); see `_torchvision_fcos_rules`.
+#   * A checkpoint of this project (train.py's ckpt.pt): every tensor whose name and shape match
+#     (the FPN levels renumbered between FCOS's P3-P7 and FCOSIS's P2-P7).
+# Input conventions that come with the weights (set by train.py from `config_updates`):
+# CenterNet's detectors saw BGR images normalised with COCO statistics (input_format
+# "bgr_coco", data.py); torchvision's FCOS puts its locations at j * stride, not FCOS's
+# j * stride + stride // 2 (ModelConfig.location_offset "zero", `fcos_locations`).
+
+# COCO's 80 category ids in order: CenterNet's class channel k is category COCO_CATEGORY_IDS[k]
+# (its `_valid_ids`, src/lib/datasets/dataset/coco.py); torchvision's detectors have 91 slots, the
+# channel of category c being c itself (the others, "N/A" and the background, never used).
+COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+                     27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
+                     52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
+                     78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+
+TORCHVISION_FCOS = "torchvision:fcos_resnet50_fpn"
+
+# layout -> (what it is, the models it fits, ModelConfig settings it needs)
+WEIGHT_LAYOUTS = {
+    "centernet_dla34": ("CenterNet's ctdet DLA-34 COCO detector (ctdet_coco_dla_1x.pth / ctdet_coco_dla_2x.pth)",
+                        "method='centermask', backbone='dla34'", "dcn=True, dla_channels=(16, 32, 64, 128, 256, 512)"),
+    "centernet_hourglass104": ("CenterNet's ctdet Hourglass-104 COCO detector (ctdet_coco_hg.pth)",
+                               "method='centermask', backbone='hourglass104'",
+                               "num_stacks=2, hg_dims and hg_modules of Hourglass-104"),
+    "dla34_imagenet": ("the ImageNet DLA-34 classifier (dla34-ba72cf86.pth)",
+                       "method='centermask', backbone='dla34'", "dla_channels=(16, 32, 64, 128, 256, 512)"),
+    "torchvision_fcos": ("torchvision's FCOS R-50-FPN COCO detector (FCOS_ResNet50_FPN_Weights.COCO_V1)",
+                         "an FCOS-family method with backbone='resnet50'", "fpn_channels=256, head_convs=4"),
+    "project": ("a checkpoint of this project", "any model (what matches by name and shape)", ""),
+}
+
+
+class _Ignore(str):
+    """A key-map rule's verdict: drop the tensor, for this reason."""
+
+
+_UNUSED_PROJECTION = ("built by CenterNet's DLA (its Tree makes a 1x1 projection whenever the width changes) but "
+                      "never used in its forward: a depth-2 Tree hands its residual to its first child, which "
+                      "projects it itself; our DLA34 does not build it")
+
+
+def _deform_conv_key(rest):
+    """CenterNet's DeformConv (conv = DCNv2 with its conv_offset_mask, actf = BN + ReLU) -> ours
+    (conv, offset_mask, bn). The 27 offset / mask channels keep their order: DCNv2 splits them as
+    chunks o1, o2, mask (offsets = the first 18, in the (dy, dx) pairs torchvision's
+    deform_conv2d reads; mask = the last 9, sigmoid), as `DeformConv.forward` does."""
+    if rest.startswith("conv.conv_offset_mask."):
+        return "offset_mask." + rest[len("conv.conv_offset_mask."):]
+    if rest.startswith("actf.0."):
+        return "bn." + rest[len("actf.0."):]
+    return rest                                                   # conv.weight, conv.bias
+
+
+# CenterNet's DLASeg (pose_dla_dcn.py) -> CenterMask on DLA-34. Its IDAUp numbers its nodes
+# proj_1, up_1, node_1, ... (setattr); ours holds them in ModuleLists from 0. Heads: hm -> heatmap,
+# wh -> size, reg -> offset, each Conv3x3(64 -> 256) + ReLU + Conv1x1 at indices 0 and 2 in both.
+# CenterNet's wh is (w, h) (`wh[k] = 1. * w, 1. * h` in its datasets/sample/ctdet.py) and reg
+# (x, y) (`reg[k] = ct - ct_int`), the order of our size and offset channels.
+_CENTERNET_DLA_RULES = (
+    (r"base\.level[34]\.project\..*", _Ignore(_UNUSED_PROJECTION)),
+    (r"base\.(.+)", r"backbone.base.\1"),
+    (r"dla_up\.ida_(\d+)\.(proj|node)_(\d+)\.(.+)",
+     lambda m: f"backbone.dla_up.ida.{m[1]}.{m[2]}.{int(m[3]) - 1}.{_deform_conv_key(m[4])}"),
+    (r"dla_up\.ida_(\d+)\.up_(\d+)\.weight", lambda m: f"backbone.dla_up.ida.{m[1]}.up.{int(m[2]) - 1}.weight"),
+    (r"ida_up\.(proj|node)_(\d+)\.(.+)", lambda m: f"backbone.ida_up.{m[1]}.{int(m[2]) - 1}.{_deform_conv_key(m[3])}"),
+    (r"ida_up\.up_(\d+)\.weight", lambda m: f"backbone.ida_up.up.{int(m[1]) - 1}.weight"),
+    (r"hm\.(.+)", r"head_sets.0.heatmap.\1"),
+    (r"wh\.(.+)", r"head_sets.0.size.\1"),
+    (r"reg\.(.+)", r"head_sets.0.offset.\1"),
+)
+
+# CenterNet's HourglassNet (large_hourglass.py, CornerNet's exkp) -> CenterMask on Hourglass-104.
+#   pre.0 (convolution: conv, bn)    -> backbone.pre.0 (Sequential: 0 conv, 1 BN)
+#   pre.1 (residual)                 -> backbone.pre.1 (Residual: conv1 bn1 conv2 bn2 skip.0 skip.1)
+#   kps.s (kp_module: up1, low1, low2 (recursive, or the middle residuals), low3; max1 / up2 /
+#          merge have no weights)    -> backbone.hourglasses.s (HourglassModule, the same names)
+#   cnvs.s (convolution)             -> backbone.convs.s (0 conv, 1 BN)
+#   inters_.s / cnvs_.s (1x1 + BN)   -> backbone.skip_input.s / backbone.skip_features.s
+#   inters.s (residual)              -> backbone.inter.s
+#   hm / wh / reg .s (make_kp_layer: 0 = convolution(3, with_bn=False): conv with bias, no BN;
+#          1 = Conv1x1)              -> head_sets.s.heatmap / size / offset (0 Conv3x3, 2 Conv1x1)
+_CENTERNET_HOURGLASS_RULES = (
+    (r"pre\.0\.conv\.(.+)", r"backbone.pre.0.0.\1"),
+    (r"pre\.0\.bn\.(.+)", r"backbone.pre.0.1.\1"),
+    (r"pre\.1\.(.+)", r"backbone.pre.1.\1"),
+    (r"kps\.(\d+)\.(.+)", r"backbone.hourglasses.\1.\2"),
+    (r"cnvs\.(\d+)\.conv\.(.+)", r"backbone.convs.\1.0.\2"),
+    (r"cnvs\.(\d+)\.bn\.(.+)", r"backbone.convs.\1.1.\2"),
+    (r"inters\.(\d+)\.(.+)", r"backbone.inter.\1.\2"),
+    (r"inters_\.(\d+)\.(.+)", r"backbone.skip_input.\1.\2"),
+    (r"cnvs_\.(\d+)\.(.+)", r"backbone.skip_features.\1.\2"),
+    (r"(hm|wh|reg)\.(\d+)\.0\.conv\.(weight|bias)",
+     lambda m: f"head_sets.{m[2]}.{_CENTERNET_HEADS[m[1]]}.0.{m[3]}"),
+    (r"(hm|wh|reg)\.(\d+)\.1\.(weight|bias)", lambda m: f"head_sets.{m[2]}.{_CENTERNET_HEADS[m[1]]}.2.{m[3]}"),
+)
+_CENTERNET_HEADS = {"hm": "heatmap", "wh": "size", "reg": "offset"}
+
+# The ImageNet DLA-34 (the DLA of pose_dla_dcn.py with a 1x1-conv classifier `fc`) -> the DLA base.
+_DLA34_IMAGENET_RULES = (
+    (r"fc\..*", _Ignore("the ImageNet classifier (a 1x1 conv to 1000 classes): not part of the detector")),
+    (r"level[34]\.project\..*", _Ignore(_UNUSED_PROJECTION)),
+    (r"(base_layer|level\d)\.(.+)", r"backbone.base.\1.\2"),
+)
+
+
+def _torchvision_fcos_rules(first_level=3):
+    """torchvision's FCOS (fcos.py: resnet50 + _resnet_fpn_extractor(returned_layers [2, 3, 4],
+    LastLevelP6P7(256, 256)) + FCOSHead) -> our ResNetFPN + FCOSHead:
+        backbone.body.conv1 / bn1 / layer1-4    -> backbone.stem.0 / stem.1 / stages.0-3
+        backbone.fpn.inner_blocks / layer_blocks.i (C3-C5) -> the same, i + 1 in FCOSIS (P2-P7,
+                                                   whose block 0 is C2's, new)
+        backbone.fpn.extra_blocks.p6 / p7       -> the same (P6 from P5, P7 from ReLU(P6), as ours)
+        head.classification_head.conv / cls_logits -> head.cls_tower / cls_logits (class rows
+                                                   chosen by category id, `import_weights`)
+        head.regression_head.conv / bbox_reg / bbox_ctrness -> head.box_tower / ltrb / centerness
+    Both towers are 4 x (Conv3x3, GroupNorm(32), ReLU), so the Sequential indices agree."""
+    shift = 3 - first_level
+    return (
+        (r"backbone\.body\.conv1\.(.+)", r"backbone.stem.0.\1"),
+        (r"backbone\.body\.bn1\.(.+)", r"backbone.stem.1.\1"),
+        (r"backbone\.body\.layer(\d)\.(.+)", lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}"),
+        (r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(.+)",
+         lambda m: f"backbone.fpn.{m[1]}_blocks.{int(m[2]) + shift}.{m[3]}"),
+        (r"backbone\.fpn\.extra_blocks\.(.+)", r"backbone.fpn.extra_blocks.\1"),
+        (r"head\.classification_head\.conv\.(.+)", r"head.cls_tower.\1"),
+        (r"head\.classification_head\.cls_logits\.(.+)", r"head.cls_logits.\1"),
+        (r"head\.regression_head\.conv\.(.+)", r"head.box_tower.\1"),
+        (r"head\.regression_head\.bbox_reg\.(.+)", r"head.ltrb.\1"),
+        (r"head\.regression_head\.bbox_ctrness\.(.+)", r"head.centerness.\1"),
+    )
+
+
+def _project_rules(src_first_level, dst_first_level):
+    """Our own checkpoints: the same names, except the FPN blocks between FCOS (C3-C5: blocks
+    0-2) and FCOSIS (C2-C5: blocks 0-3), renumbered so that each level finds its own."""
+    shift = src_first_level - dst_first_level
+    if shift == 0:
+        return ((r"(.+)", r"\1"),)
+    return ((r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(.+)",
+             lambda m: f"backbone.fpn.{m[1]}_blocks.{int(m[2]) + shift}.{m[3]}"),
+            (r"(.+)", r"\1"))
+
+
+def _rename(key, rules):
+    """The first rule whose pattern matches the whole key decides: a new name, an _Ignore, or
+    None when no rule matches."""
+    for pattern, target in rules:
+        m = re.fullmatch(pattern, key)
+        if m:
+            if isinstance(target, _Ignore):
+                return target
+            return target(m) if callable(target) else m.expand(target)
+    return None
+
+
+def _layout_of(state):
+    """Which published layout a state dict follows, from a few keys only it has (None: none)."""
+    keys = set(state)
+    for kind, signature in (("centernet_dla34", ("base.base_layer.0.weight", "dla_up.ida_0.proj_1.conv.weight")),
+                            ("centernet_hourglass104", ("pre.0.conv.weight", "kps.0.up1.0.conv1.weight")),
+                            ("dla34_imagenet", ("base_layer.0.weight", "level5.root.conv.weight")),
+                            ("torchvision_fcos", ("backbone.body.conv1.weight",
+                                                  "head.classification_head.cls_logits.weight"))):
+        if set(signature) <= keys:
+            return kind
+    return None
+
+
+def _strip_prefixes(state):
+    """Drop DataParallel's "module." and torch.compile's "_orig_mod." from every key."""
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def _first_line(e):
+    """The telling line of an exception's message (torch.load's weights_only errors put it after
+    a paragraph of advice)."""
+    text = str(e).strip()
+    if "WeightsUnpickler error:" in text:
+        after = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
+        return "weights_only unpickler: " + (after[0] if after else "refused")
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@dataclass
+class LoadedWeights:
+    """What read_weights found: the layout (a WEIGHT_LAYOUTS key), its tensors (names as in the
+    file, "module." / "_orig_mod." removed), and for our own checkpoints the model_args, the
+    train.py config and label_to_cat_id they were trained with."""
+    kind: str
+    source: str
+    state: dict
+    model_args: dict = None
+    config: dict = None
+    label_to_cat_id: list = None
+    which: str = ""                     # our checkpoints: "ema" or "model", the weights taken
+
+    @property
+    def description(self):
+        what = WEIGHT_LAYOUTS[self.kind][0]
+        if self.kind == "project":
+            a = self.model_args or {}
+            what += f" ({a.get('method')} / {a.get('backbone')}, its {self.which} weights)"
+        return what
+
+    def config_updates(self, config):
+        """(key, value, why) for the train.py config keys that these weights decide, where
+        `config` (train.py's resolved config) says otherwise: the input format and the location
+        convention the weights were trained with, and pretrained=False when the file holds the
+        backbone (no ImageNet download to overwrite)."""
+        want = []
+        if self.kind in ("centernet_dla34", "centernet_hourglass104"):
+            want.append(("input_format", "bgr_coco", "CenterNet trained these weights on BGR images normalised "
+                         "with COCO statistics, its src/lib/datasets/dataset/coco.py"))
+        elif self.kind == "torchvision_fcos":
+            want.append(("location_offset", "zero", "torchvision's FCOS puts location (i, j) at (j, i) x (input "
+                         "size // grid size), FCOS at s * (j, i) + s // 2; `fcos_locations`"))
+            want.append(("pretrained", False, "the ResNet-50 comes from the file"))
+        elif self.kind == "project":
+            args = self.model_args or {}
+            want.append(("input_format", (self.config or {}).get("input_format", "rgb_imagenet"),
+                         "as the checkpoint was trained"))
+            want.append(("location_offset", args.get("location_offset", "half"), "as the checkpoint was trained"))
+            if args.get("backbone") == config.get("backbone"):
+                want.append(("pretrained", False, "the backbone comes from the checkpoint"))
+        return [(k, v, why) for k, v, why in want if k in config and config[k] != v]
+
+
+def _torchvision_fcos_state():
+    """torchvision's FCOS R-50-FPN COCO weights through its weights API (downloaded once into
+    torch.hub's cache). Offline, a one-line error names the file and where to put it."""
+    from urllib.parse import urlparse
+    from torchvision.models.detection import FCOS_ResNet50_FPN_Weights
+    weights = FCOS_ResNet50_FPN_Weights.COCO_V1
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # URLError, OSError, hash mismatch, ...
+        name = os.path.basename(urlparse(weights.url).path)
+        raise RuntimeError(f"could not load torchvision's FCOS R-50-FPN COCO weights ({type(e).__name__}: "
+                           f"{_first_line(e)}); without a network, put {name} (from {weights.url}) into "
+                           f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}") from e
+
+
+def read_weights(source):
+    """
+    Read the weights to start from: a path (torch.load with weights_only=True: tensors and
+    plain containers only), TORCHVISION_FCOS ("torchvision:fcos_resnet50_fpn"), or an already
+    loaded dict. Recognised: this project's checkpoints ({"model", "model_args", ...}; the "ema"
+    weights when there are, as eval.py), CenterNet's ({"state_dict": ...}, or the bare state dict;
+    keys with or without DataParallel's "module."), the ImageNet DLA-34 and torchvision's FCOS
+    (bare state dicts). -> LoadedWeights. Raises ValueError (RuntimeError for a failed
+    torchvision download) with a one-line message naming the source.
+    """
+    if isinstance(source, dict):
+        obj, name = source, "<state dict>"
+    elif source == TORCHVISION_FCOS:
+        obj, name = _torchvision_fcos_state(), source
+    elif str(source).startswith("torchvision:"):
+        raise ValueError(f"unknown torchvision weights {source!r} (known: {TORCHVISION_FCOS!r})")
+    else:
+        name = str(source)
+        if not os.path.isfile(name):
+            raise ValueError(f"no file {name}")
+        try:
+            obj = torch.load(name, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read {name} as a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{name} holds a {type(obj).__name__}, not a checkpoint (a dict of tensors)")
+    if "model" in obj and "model_args" in obj:                    # train.py's
+        which = "ema" if isinstance(obj.get("ema"), dict) else "model"
+        return LoadedWeights("project", name, _strip_prefixes(obj[which]), model_args=dict(obj["model_args"]),
+                             config=dict(obj.get("config") or {}), label_to_cat_id=obj.get("label_to_cat_id"),
+                             which=which)
+    state = obj.get("state_dict", obj)                            # CenterNet's checkpoints hold it there
+    state = _strip_prefixes({k: v for k, v in state.items() if torch.is_tensor(v)}) if isinstance(state, dict) else {}
+    kind = _layout_of(state)
+    if kind is None:
+        some = ", ".join(list(state)[:4]) or "no tensors"
+        raise ValueError(f"{name} is none of the weights init_from knows (CenterNet's ctdet DLA-34 / Hourglass-104, "
+                         f"the ImageNet DLA-34, torchvision's FCOS, a train.py checkpoint); its first keys: {some}")
+    return LoadedWeights(kind, name, state)
+
+
+def _fits(kind, cfg):
+    if kind in ("centernet_dla34", "dla34_imagenet"):
+        return cfg.method == "centermask" and cfg.backbone == "dla34"
+    if kind == "centernet_hourglass104":
+        return cfg.method == "centermask" and cfg.backbone == "hourglass104"
+    if kind == "torchvision_fcos":
+        return cfg.method != "centermask" and cfg.backbone == "resnet50"
+    return True
+
+
+def _class_rows(cat_ids, num_classes, by_id):
+    """The rows of a COCO-trained class layer that become this model's labels 0..C-1: label k is
+    category cat_ids[k] (the training json's ids, data.CocoInstances.label_to_cat_id; default
+    COCO's 80 when the model has 80 classes). by_id: the layer's row of category c is c
+    (torchvision's 91 slots), else its position in COCO_CATEGORY_IDS (CenterNet's 80)."""
+    if cat_ids is None:
+        if num_classes != len(COCO_CATEGORY_IDS):
+            raise ValueError(f"the file's class channels are COCO's 80 categories and this model has {num_classes} "
+                             "classes: give the COCO category id of each label (train.py passes the training json's)")
+        cat_ids = COCO_CATEGORY_IDS
+    cat_ids = [int(c) for c in cat_ids]
+    if len(cat_ids) != num_classes:
+        raise ValueError(f"{len(cat_ids)} category ids for a model of {num_classes} classes")
+    unknown = [c for c in cat_ids if c not in COCO_CATEGORY_IDS]
+    if unknown:
+        raise ValueError(f"category id(s) {unknown} of the training json are not COCO categories: the file's class "
+                         "channels cannot be given to them")
+    return [c if by_id else COCO_CATEGORY_IDS.index(c) for c in cat_ids], cat_ids
+
+
+def _group_keys(keys, universe, limit=12):
+    """A short listing of `keys` (a subset of `universe`): each key is shown by its shortest
+    dotted prefix all of whose `universe` keys are in `keys`, as "prefix.* (n)"."""
+    def prefixes(k):
+        parts = k.split(".")
+        return [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    in_universe, in_keys = {}, {}
+    for k in universe:
+        for p in prefixes(k):
+            in_universe[p] = in_universe.get(p, 0) + 1
+    for k in keys:
+        for p in prefixes(k):
+            in_keys[p] = in_keys.get(p, 0) + 1
+    groups = {}
+    for k in keys:
+        p = next(p for p in prefixes(k) if in_keys[p] == in_universe.get(p, 0))
+        groups[p] = in_keys[p]
+    shown = [p if p in keys and n == 1 else f"{p}.* ({n})" for p, n in groups.items()]
+    more = f", ... ({len(shown) - limit} more groups)" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more
+
+
+@dataclass
+class ImportReport:
+    """Every tensor of an import accounted for (import_weights): loaded (model keys), ignored
+    (file key -> why), new (model keys left as the model initialised them), notes (class
+    channels, settings), and the file's and the model's key lists (for the grouped listing)."""
+    source: str
+    description: str
+    model: str
+    loaded: list
+    ignored: dict
+    new: list
+    notes: list
+    file_keys: list
+    model_keys: list
+
+    def __str__(self):
+        lines = [f"init_from {self.source}: {self.description} -> {self.model}",
+                 f"  loaded: {len(self.loaded)} tensors"]
+        lines += [f"  note: {n}" for n in self.notes]
+        lines.append(f"  ignored: {len(self.ignored)} tensors of the file" + (":" if self.ignored else ""))
+        by_reason = {}
+        for k, why in self.ignored.items():
+            by_reason.setdefault(why, []).append(k)
+        for why, keys in by_reason.items():
+            if all(k.endswith("num_batches_tracked") for k in keys):   # scattered over every BN: just count them
+                lines.append(f"    {len(keys)} num_batches_tracked counters: {why}")
+            else:
+                lines.append(f"    {_group_keys(keys, self.file_keys)}: {why}")
+        counters = [k for k in self.new if k.endswith("num_batches_tracked")]
+        fresh = [k for k in self.new if not k.endswith("num_batches_tracked")]
+        lines.append(f"  newly initialised: {len(self.new)} tensors of the model" + (":" if self.new else ""))
+        if fresh:
+            lines.append(f"    {_group_keys(fresh, [k for k in self.model_keys if not k.endswith('num_batches_tracked')])}")
+        if counters:
+            lines.append(f"    {len(counters)} BatchNorm num_batches_tracked counters (not in the file; left at 0, "
+                         "unused with a fixed momentum)")
+        return "\n".join(lines)
+
+
+def import_weights(model, weights, cat_ids=None):
+    """
+    Load published weights (or one of our checkpoints) into `model` (built, not yet wrapped in
+    DDP): weights = a LoadedWeights or anything read_weights takes. cat_ids: the COCO category
+    id of each of the model's labels (label k = category cat_ids[k]; the training json's
+    `label_to_cat_id`), used to pick the class channels of CenterNet's heatmap and torchvision's
+    classifier; default COCO's 80 when the model has 80 classes.
+    Published layouts are refused when they do not fit the model (a file of another model, a
+    model built with other widths): a tensor the model lacks, or of another shape, stops the
+    import naming the keys and shapes. Our checkpoints load what matches by name and shape, the
+    rest is listed as ignored. Returns an ImportReport (print it).
+    """
+    if not isinstance(weights, LoadedWeights):
+        weights = read_weights(weights)
+    cfg, kind = model.cfg, weights.kind
+    what = f"{cfg.method} / {cfg.backbone}"
+    desc, fits, needs = WEIGHT_LAYOUTS[kind]
+    if not _fits(kind, cfg):
+        raise ValueError(f"{weights.source} holds {desc}; it fits {fits}, not this {what} model")
+    first_level = getattr(getattr(model, "backbone", None), "first_level", 3)
+    if kind == "project":
+        src_method = (weights.model_args or {}).get("method", "")
+        rules = _project_rules(2 if src_method == "fcosis" else 3, first_level)
+    else:
+        rules = {"centernet_dla34": _CENTERNET_DLA_RULES, "centernet_hourglass104": _CENTERNET_HOURGLASS_RULES,
+                 "dla34_imagenet": _DLA34_IMAGENET_RULES,
+                 "torchvision_fcos": _torchvision_fcos_rules(first_level)}[kind]
+    model_state = model.state_dict()
+    mapped, source_of, ignored, missing, notes = {}, {}, {}, [], []
+    for key, tensor in weights.state.items():
+        target = _rename(key, rules)
+        if isinstance(target, _Ignore):
+            ignored[key] = str(target)
+        elif target is None:
+            ignored[key] = "not part of the layout the key map knows"
+        elif target not in model_state:
+            if key.endswith("num_batches_tracked"):
+                ignored[key] = "BatchNorm's step counter: this model's (frozen) BatchNorm keeps none"
+            elif kind == "project":
+                ignored[key] = f"this {what} model has no such tensor"
+            else:
+                missing.append((key, target))
+        else:
+            mapped[target], source_of[target] = tensor, key
+    if missing:
+        examples = "; ".join(f"{k} -> {t}" for k, t in missing[:3])
+        raise ValueError(f"this {what} model has no tensor for {len(missing)} of the {len(weights.state)} tensors of "
+                         f"{weights.source} ({desc}), e.g. {examples}: it needs {needs}")
+    # class channels: the rows of the model's labels, by COCO category id
+    class_keys = {"centernet_dla34": r"head_sets\.\d+\.heatmap\.2\.(weight|bias)",
+                  "centernet_hourglass104": r"head_sets\.\d+\.heatmap\.2\.(weight|bias)",
+                  "torchvision_fcos": r"head\.cls_logits\.(weight|bias)"}.get(kind)
+    if class_keys:
+        rows, ids = _class_rows(cat_ids, cfg.num_classes, by_id=kind == "torchvision_fcos")
+        slots = {"torchvision_fcos": "91 slots (channel = category id)"}.get(kind, "80 COCO channels")
+        for t in [t for t in mapped if re.fullmatch(class_keys, t)]:
+            if mapped[t].shape[0] <= max(rows):
+                raise ValueError(f"{source_of[t]} has {mapped[t].shape[0]} class channels, not the {slots} of {desc}")
+            mapped[t] = mapped[t][rows]
+        shown = ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")
+        notes.append(f"class channels: labels 0..{len(ids) - 1} <- the file's channels of COCO category ids "
+                     f"{shown} ({len(ids)} of its {slots})")
+    mismatched = [(source_of[t], t, tuple(v.shape), tuple(model_state[t].shape))
+                  for t, v in mapped.items() if v.shape != model_state[t].shape]
+    if mismatched and kind != "project":
+        listing = "; ".join(f"{k} {a} in the file, {t} {b} in the model" for k, t, a, b in mismatched[:4])
+        raise ValueError(f"shape mismatch ({len(mismatched)} tensors) between {weights.source} ({desc}) and this "
+                         f"{what} model: {listing}" + (" ..." if len(mismatched) > 4 else "") + f"; it needs {needs}")
+    for k, t, a, b in mismatched:                                 # our checkpoints: skip them
+        ignored[k] = f"shape {a} in the file, {b} in this model"
+        del mapped[t]
+    if not mapped:
+        raise ValueError(f"nothing in {weights.source} ({weights.description}) fits this {what} model")
+    unexpected = model.load_state_dict(mapped, strict=False).unexpected_keys
+    assert not unexpected, unexpected
+    new = [k for k in model_state if k not in mapped]
+    if kind == "torchvision_fcos":
+        with torch.no_grad():
+            model.head.scales.fill_(1.0)
+        notes.append("head.scales set to 1 (torchvision's FCOS has no learnable scale: its ltrb = relu(x) * stride)")
+        if cfg.location_offset != "zero":
+            notes.append("this model has location_offset='half': torchvision's boxes need 'zero' (train.py sets it)")
+    if kind in ("centernet_dla34", "centernet_hourglass104"):
+        notes.append("inputs as CenterNet's: BGR, COCO statistics (input_format='bgr_coco'; train.py sets it)")
+    if kind == "dla34_imagenet":
+        notes.append("the ImageNet DLA-34 was trained on RGB images with ImageNet statistics (input_format "
+                     "'rgb_imagenet', the default); CenterNet fed it BGR / COCO statistics (--input_format=bgr_coco)")
+    return ImportReport(weights.source, weights.description, what, list(mapped), ignored, new, notes,
+                        list(weights.state), list(model_state))

@@ -15,7 +15,7 @@ file `predictions.json`, keyed by file name:
 
 in the picture's own pixels (COCO's xywh boxes and RLE masks, as eval.py's results). Only the
 detections with score >= score_threshold are drawn and written. The picture goes through the test
-transform of the checkpoint's training config (its input size, keep_res, normalisation), as
+transform of the checkpoint's training config (its input size, keep_res, input_format), as
 eval.py does. A file that is not an image, or cannot be read, is named and skipped; every file is
 written whole (a temporary name, then renamed), so an interrupted run leaves no half file.
 
@@ -121,6 +121,8 @@ if __name__ == "__main__":
     kind = saved.get("transform", "centernet")
     if saved.get("keep_res") and kind == "centernet":
         kw["keep_res"] = True
+    # the colour order and statistics the model was trained with ("bgr_coco" after CenterNet's weights)
+    kw["input_format"] = saved.get("input_format", "rgb_imagenet")
     transform = build_transforms(kind, train=False, **kw)
     collate = partial(collate_fn, size_divisibility=model.size_divisibility)
     threshold = model.mask_threshold
@@ -131,7 +133,7 @@ if __name__ == "__main__":
     out = out_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "predict")
     os.makedirs(out, exist_ok=True)
     print(f"predicting {len(files)} file(s) with {ckpt} ({type(model).__name__}, {len(class_names)} classes) "
-          f"on {device}, {kind} test transform; writing to {out}")
+          f"on {device}, {kind} test transform, inputs {transform.input_format}; writing to {out}")
     results, skipped = {}, []
     with torch.no_grad():
         for path in files:
@@ -153,7 +155,8 @@ if __name__ == "__main__":
                              os.path.join(out, f"{stem}_pred.png"))
             if maps_fn is not None:
                 tmp = os.path.join(out, f"{stem}_maps.tmp{os.getpid()}.png")
-                _save_maps_figure(_network_input_rgb(images[0]), maps_fn(images.to(device))[0], tmp)
+                _save_maps_figure(_network_input_rgb(images[0], transform.input_format),
+                                  maps_fn(images.to(device))[0], tmp)
                 os.replace(tmp, os.path.join(out, f"{stem}_maps.png"))
             dets = to_coco_results(pred, 0, label_to_cat_id)
             for d, label in zip(dets, pred["labels"].tolist()):

@@ -6,6 +6,8 @@ DDP -> data -> model/optimizer/resume -> learning-rate schedule -> loop.
     python train.py config/centermask_dla34.py                  # 1 GPU, COCO
     torchrun --standalone --nproc_per_node=8 train.py config/centermask_dla34.py   # 8 GPUs
     python train.py config/centermask_dla34.py --batch_size=16 --init_from=resume  # overrides
+    python train.py config/centermask_dla34.py --init_from=ctdet_coco_dla_2x.pth    # from CenterNet's weights
+    python train.py config/fcos_r50.py --init_from=torchvision:fcos_resnet50_fpn     # from torchvision's FCOS
 
 Every name assigned below (before the configurator line) is a config key: a config file sets
 them with plain assignments, `--key=value` overrides them. Every field of model.ModelConfig is
@@ -27,13 +29,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from model import ModelConfig, build_model, auto_dtype
+from model import ModelConfig, build_model, auto_dtype, import_weights, read_weights
 
 # -----------------------------------------------------------------------------
 # default config values (the CenterMask DLA-34 COCO recipe, [CM 3.5])
 # I/O
 out_dir = "out"                   # checkpoints, logs, loss curve, pictures
-init_from = "scratch"             # "scratch" or "resume" (from out_dir/ckpt.pt)
+init_from = "scratch"             # "scratch", "resume" (from out_dir/ckpt.pt), or weights to start from (iteration 0,
+                                  # new optimizer): a path (CenterNet's ctdet_coco_dla_1x/2x.pth or ctdet_coco_hg.pth,
+                                  # the ImageNet dla34-ba72cf86.pth, a ckpt.pt of this project) or
+                                  # "torchvision:fcos_resnet50_fpn" (torchvision's FCOS COCO weights); model.py section 12
 log_interval = 20                 # iterations between progress lines
 eval_interval = 0                 # iterations between evaluations (0: every epoch ... see below)
 eval_every_epochs = 10            # evaluate every this many epochs when eval_interval == 0
@@ -57,6 +62,8 @@ test_input_size = 0               # evaluation: long side (centernet) / short si
 keep_res = False                  # centernet evaluation: each image at its own size (scale 1, batches padded to the
                                   # backbone stride) instead of long side = test_input_size; CenterNet's --keep_res
 max_size = 1333                   # fcos: longest side at most this ([IS 4])
+input_format = "rgb_imagenet"     # network input (data.normalize_input): "rgb_imagenet" (RGB, ImageNet statistics) or
+                                  # "bgr_coco" (CenterNet's: BGR, COCO statistics; set when init_from is a CenterNet file)
 max_train_images = 0              # 0: all; >0: the first N images (overfitting checks)
 max_val_images = 0                # 0: all; >0: the first N val images
 scale_range = (0.6, 1.3)          # centernet: crop sizes s = lo, lo+0.1, ..., hi of the long side, zoom 1/s
@@ -141,6 +148,43 @@ def log(*a):
         print(*a, flush=True)
 
 
+# -- what to start from (init_from) -------------------------------------------------------------
+# "resume": out_dir/ckpt.pt, read here and checked against the model config below. A path or
+# "torchvision:fcos_resnet50_fpn": weights imported into the new model below (model.py section
+# 12), a fresh start (iteration 0, new optimizer). Either way the settings the weights were
+# trained with are taken here, before the data and the model are built: the input format
+# (CenterNet's weights: BGR with COCO statistics), the FCOS location convention (torchvision's),
+# and pretrained=False when the file holds the backbone.
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+checkpoint = imported = None
+updates = []
+if init_from == "resume":
+    if not os.path.exists(ckpt_path):
+        sys.exit(f"train.py: init_from='resume' but there is no checkpoint at {ckpt_path}")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        sys.exit(f"train.py: cannot read checkpoint {ckpt_path}: {e}")
+    saved_config = (checkpoint.get("config") or {}) if isinstance(checkpoint, dict) else {}
+    updates = [(k, saved_config[k], "as the checkpoint was trained") for k in ("input_format", "location_offset")
+               if k in saved_config]
+elif init_from != "scratch":
+    if ddp and not master:
+        dist.barrier()                # rank 0 first: a download lands once in torch.hub's cache
+    try:
+        imported = read_weights(init_from)
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.exit(f"train.py: init_from={init_from!r}: {e}")
+    if ddp and master:
+        dist.barrier()
+    log(f"init_from={init_from!r}: {imported.description}")
+    updates = imported.config_updates(config)
+for key, value, why in updates:
+    if config[key] != value:
+        log(f"init_from: {key}={value!r} ({why})")
+        config[key] = globals()[key] = value
+
+
 # -- data ---------------------------------------------------------------------------------------
 paths = dataset_paths(config)  # the shapes set's layout under shapes_dir, else under data_root
 if shapes_dir:
@@ -157,6 +201,7 @@ if shapes_dir:
     max_val_images = min(max_val_images or shapes_n_val, shapes_n_val)
 augment = dict(scale_range=scale_range, flip_prob=flip_prob, color_jitter=color_jitter)
 sizes = dict(max_size=max_size) if transform == "fcos" else {}
+sizes["input_format"] = input_format  # the normalisation, train and val alike (data.normalize_input)
 try:
     train_set = CocoInstances(paths["train_img_dir"], paths["train_ann"], max_images=max_train_images or None,
                               transforms=build_transforms(transform, True, input_size, **augment, **sizes))
@@ -172,15 +217,7 @@ config["num_classes"] = num_classes
 
 # -- model and optimiser ----------------------------------------------------------------------------
 model_args = {f.name: config[f.name] for f in fields(ModelConfig)}
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-checkpoint = None
-if init_from == "resume":
-    if not os.path.exists(ckpt_path):
-        sys.exit(f"train.py: init_from='resume' but there is no checkpoint at {ckpt_path}")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        sys.exit(f"train.py: cannot read checkpoint {ckpt_path}: {e}")
+if checkpoint is not None:  # resume
     try:  # compare normalised configs (tuples vs lists, ints vs floats do not count as changes)
         saved, now = asdict(ModelConfig(**checkpoint["model_args"])), asdict(ModelConfig(**model_args))
     except (KeyError, TypeError, ValueError) as e:
@@ -189,12 +226,19 @@ if init_from == "resume":
     if diff:
         sys.exit(f"train.py: checkpoint {ckpt_path} was made with another model config; differing keys "
                  f"(checkpoint, now): {diff}. Use another out_dir or the same config.")
-elif init_from != "scratch":
-    sys.exit(f"train.py: init_from must be 'scratch' or 'resume', got {init_from!r}")
 
 model = build_model(ModelConfig(**model_args))
 if checkpoint is not None:
     model.load_state_dict(checkpoint["model"])
+elif imported is not None:
+    # published weights: renamed into the model, every tensor accounted for (model.import_weights);
+    # the class channels of the training json's categories (label k = COCO category label_to_cat_id[k])
+    try:
+        report = import_weights(model, imported, cat_ids=train_set.label_to_cat_id)
+    except ValueError as e:
+        sys.exit(f"train.py: init_from={init_from!r}: {e}")
+    log(str(report))
+    imported = None  # free memory
 model.to(device)
 if device_type == "cuda" and channels_last:
     model = model.to(memory_format=torch.channels_last)
