@@ -122,6 +122,8 @@ class ModelConfig:
                                       # an ablation: no location is ever a distractor); see `attention_maps`
     assign_nms_threshold: float = 0.6  # inference, "image": detections that a class-agnostic NMS at this IoU merges
                                       # compete as one object (`duplicate_owners`); FCOS's own NMS IoU ([FCOS] 4)
+    assign_score_floor: float = 0.0   # inference, "image": only detections scoring at least this take locations from
+                                      # others (`duplicate_owners`); 0: every detection ([IS] gives no rule)
     attention_grid: str = "p2"        # grid the attention map is built on: "p2" (stride 4, the P3 outputs resampled)
                                       # or "p3" (stride 8, the detection head's own grid); not fixed by [IS]
 
@@ -2150,15 +2152,18 @@ def regressed_centers(center_offsets, stride, offset="half"):
     return loc + stride * center_offsets.float()
 
 
-def duplicate_owners(boxes, scores, batch, iou_threshold):
+def duplicate_owners(boxes, scores, batch, iou_threshold, score_floor=0.0):
     """
     Which object each detection stands for, when detections compete for the locations of the
     attention map at inference (assign="image"): a class-agnostic greedy NMS per image at
     `iou_threshold` keeps one detection per object; every detection it suppresses (the same
     shape detected as a second class, or a lower-scored copy a pixel away) is owned by the
     kept detection that suppressed it, i.e. the highest-scored kept detection of its image
-    with IoU > iou_threshold; a kept detection owns itself.
-    boxes (N, 4) xyxy, scores (N,), batch (N,) image index -> owner (N,) int64 in 0..N-1.
+    with IoU > iou_threshold; a kept detection owns itself. The competitors are the kept
+    detections scoring at least `score_floor`: a weaker detection takes no location from
+    another one (it still competes for its own box, see `attention_maps`).
+    boxes (N, 4) xyxy, scores (N,), batch (N,) image index ->
+        owner (N,) int64 in 0..N-1, competes (N,) bool.
 
     Why: in training the competitors are the ground-truth objects, each present once. At test
     time the detector returns duplicates, and a duplicate would take half of its object's
@@ -2177,11 +2182,11 @@ def duplicate_owners(boxes, scores, batch, iou_threshold):
     can_own = kept[None, :] & (batch[:, None] == batch[None, :]) \
         & (box_iou(boxes.float(), boxes.float()) > iou_threshold)                        # (N, N)
     best = torch.where(can_own, scores.float()[None, :], float("-inf")).argmax(1)         # (N,)
-    return torch.where(kept, torch.arange(N, device=boxes.device), best)
+    return torch.where(kept, torch.arange(N, device=boxes.device), best), kept & (scores >= score_floor)
 
 
 def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
-                   lam, mu, bbox_only=False, assign="image", owner=None, offset="half"):
+                   lam, mu, bbox_only=False, assign="image", owner=None, offset="half", competes=None):
     """
     The attention map of [IS 3.2.1] for each segmentation pass (colour group), at one level.
         regressed  (B, 2, h, w) regressed centres (x + r_x, y + r_y), input frame
@@ -2194,6 +2199,8 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
         groups (N,) in 0..G-1 (`coloring_groups`), num_groups G; lam, mu scalar tensors
         owner (N,) or None: the instance each one competes as (`duplicate_owners`, inference);
                    None: every instance is its own object (training: ground truth)
+        competes (N,) bool or None: the instances that take locations from others
+                   (`duplicate_owners`); None: those that own themselves
     For instance j and location q = (x, y):
         A_j(q) = 0                  if q is outside B_j
                = +lam * coarse_fg(q) if q is inside B_j and assigned to j
@@ -2204,9 +2211,10 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
         is nearer an overlapping neighbour's centre is a distractor for j and gets -mu: "-mu
         marks pixels which belong to the background or distractor instances" ([IS 3.2.1]),
         "the negative features help to distinguish neighboring objects from one another"
-        ([IS 4.2], Table 3b). At inference the competitors are the de-duplicated detections:
-        only instances that own themselves compete, and j counts q as its own when q went to
-        owner[j].
+        ([IS 4.2], Table 3b). At inference the competitors C are the de-duplicated detections
+        above a score floor, and j counts q as its own when owner[j] wins q among C, or, when
+        owner[j] is not in C, among C and owner[j] (a weak detection takes nothing from
+        others, but its confident neighbours are distractors in its own map).
       * "pass" (ablation): only the instances of j's own pass. Their boxes never overlap B_j,
         so no location inside B_j is ever a distractor: -mu marks nothing, mu never learns.
     The map of a group is the sum of its instances' maps (their boxes do not overlap, so it is
@@ -2240,10 +2248,12 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
             if assign == "pass":
                 winner = argmin_per_image(dist2, groups, num_groups)[groups]       # (N, L)
                 assigned = winner == ids[:, None]
-            else:  # "image": the objects (instances that own themselves) of the image compete
-                dist2 = torch.where((owner == ids)[:, None], dist2, float("inf"))
-                winner = argmin_per_image(dist2, batch, B)[batch]                  # (N, L)
-                assigned = winner == owner[:, None]                                # (N, L)
+            else:  # "image": the objects C of the image compete (see above)
+                comp = (owner == ids) if competes is None else competes            # (N,)
+                in_c = torch.where(comp[:, None], dist2, float("inf"))             # (N, L)
+                winner = argmin_per_image(in_c, batch, B)[batch]                   # (N, L), N: no competitor
+                best = torch.cat([in_c, in_c.new_full((1, L), float("inf"))]).gather(0, winner)  # (N, L)
+                assigned = (winner == owner[:, None]) | (~comp[owner][:, None] & (dist2[owner] < best))
         fg = coarse_fg.float().flatten(1)[batch]                                   # (N, L)
         per_instance = torch.where(assigned, lam * fg, -mu) * inside               # (N, L)
     out = per_instance.new_zeros(num_groups, L).index_add(0, groups, per_instance.float())
@@ -2275,10 +2285,11 @@ class AttentionMap(nn.Module):
         else:
             self.register_buffer("mu", torch.tensor(0.0))          # fixed 0 [IS 4.2] / unused
 
-    def forward(self, regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups, owner=None):
+    def forward(self, regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups, owner=None,
+                competes=None):
         return attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
                               self.lam, self.mu, bbox_only=self.mode == "bbox", assign=self.assign, owner=owner,
-                              offset=self.offset)
+                              offset=self.offset, competes=competes)
 
 
 def apply_attention(features, attention, group_batch):
@@ -2502,7 +2513,8 @@ class FCOSIS(FCOS):
             up = lambda x: F.interpolate(x, size=tuple(p2_hw), mode="bilinear", align_corners=False)  # noqa: E731
         return up(regressed), up(fg), self.strides[0] // 2                       # (B, 2|1, H/4, W/4)
 
-    def segment(self, features, out, boxes, centers, batch, labels, num_images, color_boxes=None, owner=None):
+    def segment(self, features, out, boxes, centers, batch, labels, num_images, color_boxes=None, owner=None,
+                competes=None):
         """
         Mask logits (M, H/4, W/4) of M instances (boxes (M, 4), centres (M, 2) input frame,
         batch (M,), labels (M,)): one segmentation pass per colour group. owner (M,) or None:
@@ -2517,7 +2529,7 @@ class FCOSIS(FCOS):
             return seg[batch, ch], None, None
         groups, group_batch = coloring_groups(boxes if color_boxes is None else color_boxes, batch, num_images)
         regressed, fg, stride = self.attention_inputs(out, p2_p4[0].shape[-2:])
-        att = self.attention(regressed, fg, stride, boxes, centers, batch, groups, len(group_batch), owner)
+        att = self.attention(regressed, fg, stride, boxes, centers, batch, groups, len(group_batch), owner, competes)
         seg = self.seg_head(apply_attention(p2_p4, att, group_batch))            # (G, n, H/4, W/4)
         return seg[groups, ch], att, groups
 
@@ -2576,8 +2588,10 @@ class FCOSIS(FCOS):
         s = torch.tensor(self.strides, device=device, dtype=torch.float32)[levels[index]]
         centers = points[index] + s[:, None] * out["extra"][batch, index, :2].float()
         # duplicates compete as one object for the attention map's locations (`duplicate_owners`)
-        owner = duplicate_owners(boxes, torch.cat([d["scores"] for d in dets]), batch, self.cfg.assign_nms_threshold)
-        logits, att, groups = self.segment(features, out, boxes, centers, batch, labels, len(dets), owner=owner)
+        owner, competes = duplicate_owners(boxes, torch.cat([d["scores"] for d in dets]), batch,
+                                           self.cfg.assign_nms_threshold, self.cfg.assign_score_floor)
+        logits, att, groups = self.segment(features, out, boxes, centers, batch, labels, len(dets), owner=owner,
+                                           competes=competes)
         probs = F.interpolate(logits[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
         probs = probs.sigmoid() * boxes_inside(boxes, H, W)                      # cropped to the box
         start = 0

@@ -297,8 +297,27 @@ def test_duplicate_owners_by_hand():
     boxes = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [20, 0, 30, 10], [20, 0, 30, 10], [0, 0, 10, 10]])
     scores = torch.tensor([0.9, 0.5, 0.8, 0.85, 0.1])
     batch = torch.tensor([0, 0, 0, 0, 1])
-    assert duplicate_owners(boxes, scores, batch, 0.6).tolist() == [0, 0, 3, 3, 4]
-    assert duplicate_owners(boxes, scores, batch, 0.85).tolist() == [0, 1, 3, 3, 4]   # 0.818 < 0.85: kept
+    owner, competes = duplicate_owners(boxes, scores, batch, 0.6)
+    assert owner.tolist() == [0, 0, 3, 3, 4] and competes.tolist() == [True, False, False, True, True]
+    assert duplicate_owners(boxes, scores, batch, 0.85)[0].tolist() == [0, 1, 3, 3, 4]   # 0.818 < 0.85: kept
+    assert duplicate_owners(boxes, scores, batch, 0.6, score_floor=0.5)[1].tolist() == [True, False, False, True, False]
+
+
+def test_attention_map_score_floor_by_hand():
+    """Guards the score floor of the inference competition: toy_attention_inputs with A kept as a
+    competitor and B (a weak detection) not (competes = [True, False]); lam = 2, mu = 3.
+    A's map: B takes nothing from A, so A's cell (0,0), whose vote (22,23) is nearer B's centre,
+      is A's own: 2 * 0.6 = 1.2 (it was -3 with both competing); the rest as before.
+    B's map: B competes against A for its own box, ties going to A: (1,1) votes (10,9), nearer A:
+      -3; (1,2) and (2,1) tie (d^2 160 = 160): -3; every other cell is nearer B: 2 * 0.5 = 1,
+      the map of the test with both competing."""
+    regressed, fg, boxes, centers, batch, groups = toy_attention_inputs()
+    att = attention_maps(regressed, fg, 8, boxes, centers, batch, groups, 2, torch.tensor(2.0), torch.tensor(3.0),
+                         owner=torch.tensor([0, 1]), competes=torch.tensor([True, False]))
+    expect_a = torch.tensor([[1.2, 1, 0, 0], [1, 1.6, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    expect_b = torch.tensor([[0.0, 0, 0, 0], [0, -3, -3, 1], [0, -3, 1, 1], [0, 1, 1, 1]])
+    torch.testing.assert_close(att[0, 0], expect_a)
+    torch.testing.assert_close(att[1, 0], expect_b)
 
 
 def test_attention_map_duplicate_competes_as_its_object():
