@@ -451,10 +451,18 @@ def ddp_grads(tmp_path_factory):
 
 
 def single_process_grads(kind, counts):
-    model = tiny_model(kind)
-    images, targets = make_batch(counts)
-    model(images, targets)["loss"].backward()
-    return grads_of(model)
+    """The one-process gradients, computed with one thread as the DDP workers are: with two threads
+    the kernels round differently (on some CPUs enough to flip a hard choice, a MaskFCOS proposal's
+    IoU match or an FCOSIS location's argmin, and move a gradient by 0.5% of its scale)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tiny_model(kind)
+        images, targets = make_batch(counts)
+        model(images, targets)["loss"].backward()
+        return grads_of(model)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def max_relative_difference(ddp, single):
