@@ -6,8 +6,8 @@ configurator -> one fixed batch -> timed train steps, inference and post-process
     python bench.py config/centermask_dla34.py --device=cpu --batch_size=2 --input_size=512
     python bench.py config/centermask_dla34.py --batch_size=16 --peers=True     # + torchvision peers
     python bench.py config/centermask_dla34.py --real_data=data/coco            # first images of val_ann
-    python bench.py config/centermask_dla34.py --loader=True --real_data=../shared/data/coco128  # + DataLoader img/s
-    python bench.py --coloring=True --real_data=../shared/data/coco128 --val_ann=annotations/instances_train2017.json
+    python bench.py config/centermask_dla34.py --loader=True --real_data=data/coco128  # + DataLoader img/s
+    python bench.py --coloring=True --real_data=data/coco128 --val_ann=annotations/instances_train2017.json
 
 Measured, each as the median of `steps` timed runs after `burn_in` untimed ones
 (torch.cuda.synchronize() around every timed run on GPU):
@@ -102,6 +102,7 @@ flip_prob = 0.5
 color_jitter = 0.4
 num_workers = 4
 epochs = 130
+gradient_accumulation_steps = 1
 max_iters = 0
 lr_schedule = "step"
 lr_steps = (100, 120)
@@ -173,8 +174,8 @@ def count_flops(fn):
 
 def synthetic_batch(B, S, num_classes, gen, n_objects=3):
     """Random images (B, 3, S, S) and per image `n_objects` boxes (xyxy, 1/8 to 1/2 of the side),
-    labels in 0..C-1 and elliptic uint8 masks inside the boxes (N, S, S): the data contract of
-    DESIGN 2, so the train step builds real targets."""
+    labels in 0..C-1 and elliptic uint8 masks inside the boxes (N, S, S): the targets that
+    `data.collate_fn` hands the model, so the train step builds real targets."""
     images = torch.randn(B, 3, S, S, generator=gen)
     yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")  # (S, S)
     targets = []
@@ -231,21 +232,30 @@ def model_steps(model, images, targets, scaler):
     return train_step, infer
 
 
+FIRST_CALL_S = {}  # phase -> seconds of our model's first call (time_interleaved)
+
+
 def time_interleaved(models, mode):
     """Median seconds of `mode` ("train" or "infer") for several models, timed in alternation
     (round r times model 1, 2, 3, ... then round r + 1): on a machine whose load drifts, every
     model sees the same drift, so their ratios hold (timing one model after the other would
     compare different moments). models: list of (model, train_step, infer). Also the GPU peak
-    memory (MiB) of each model in that phase, from its burn-in alone (None on CPU)."""
-    peaks = []
+    memory (MiB) of each model in that phase, from its burn-in alone (None on CPU), and the
+    seconds of its first call (with compile=True: the compilation of that phase's graphs)."""
+    peaks, first_call = [], []
     for model, train_step, infer in models:
         model.train(mode == "train")
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(burn_in):
+        for i in range(burn_in):
+            t0 = time.perf_counter()
             (train_step if mode == "train" else infer)()
+            if i == 0:
+                sync()
+                first_call.append(time.perf_counter() - t0)
         sync()
         peaks.append(torch.cuda.max_memory_allocated(device) / 2**20 if device_type == "cuda" else None)
+    FIRST_CALL_S[mode] = first_call[0] if first_call else None
     times = [[] for _ in models]
     for _ in range(steps):
         for i, (model, train_step, infer) in enumerate(models):
@@ -373,7 +383,11 @@ def post_process():  # under the same autocast as in inference, where decode run
 t_post = median_seconds(post_process)
 # eval.py then maps every detection back to the original image (boxes / scale, masks resized to
 # the original size and thresholded): timed for an original 1.25x the input (COCO's 640 -> 512)
-from eval import to_original, _masks_to_original  # noqa: E402
+try:  # eval.py reads COCO with pycocotools; a bare GPU machine (PyTorch only) may lack it
+    from eval import to_original, _masks_to_original  # noqa: E402
+except ImportError as e:
+    print(f"bench.py: the mapping to the original size is not timed ({e})", flush=True)
+    to_original = _masks_to_original = None
 outputs = post_process()
 originals = [{"orig_size": (round(H * 1.25), round(W * 1.25)), "size": (H, W), "scale": 0.8}] * B
 mask_threshold = getattr(raw_model, "mask_threshold", 0.5)
@@ -383,7 +397,7 @@ def map_to_original():
     return [to_original(o, t, mask_threshold) for o, t in zip(outputs, originals)]
 
 
-t_orig = median_seconds(map_to_original)
+t_orig = median_seconds(map_to_original) if to_original is not None else 0.0
 n_dets = sum(len(o["boxes"]) for o in outputs) / B
 # to_original computes each mask only in its box's window: its time depends on the box sizes,
 # which random weights make small. The worst case, every mask resized over the whole image
@@ -391,7 +405,7 @@ n_dets = sum(len(o["boxes"]) for o in outputs) / B
 box_side = [((o["boxes"][:, 2:] - o["boxes"][:, :2]).clamp(min=0).prod(1).sqrt()) for o in outputs]
 box_side = torch.cat(box_side).mean().item() if n_dets else 0.0
 t_orig_dense = median_seconds(lambda: [_masks_to_original(o["masks"], t["size"], t["orig_size"], mask_threshold)
-                                       for o, t in zip(outputs, originals)]) if "masks" in outputs[0] else t_orig
+                                       for o, t in zip(outputs, originals)]) if "masks" in outputs[0] and to_original else t_orig
 del heads_output, outputs
 
 
@@ -436,8 +450,11 @@ results = {
     "peak_mem_mb": peak_mem, "peak_mem_train_mb": peak_train, "peak_mem_infer_mb": peak_infer,
     "flops_train_per_img": flops_train / B, "flops_infer_per_img": flops_infer / B,
     "gflops_train_achieved": flops_train / t_train / 1e9, "gflops_infer_achieved": flops_infer / t_infer / 1e9,
-    "peak_flops": peak, "mfu_train": mfu_train, "mfu_infer": mfu_infer,
+    "peak_flops": peak, "mfu_train": mfu_train, "mfu_infer": mfu_infer, "compile": bool(compile),
+    "train_first_call_s": FIRST_CALL_S.get("train"), "infer_first_call_s": FIRST_CALL_S.get("infer"),
 }
+if to_original is None:  # not timed (no pycocotools): the shares above count the mapping as 0
+    results["to_original_ms_per_img"] = results["to_original_dense_ms_per_img"] = None
 for name in ("fcos", "maskrcnn"):
     for k in ("train_ms_per_img", "infer_ms_per_img", "train_ratio", "infer_ratio", "detections_per_img"):
         results[f"peer_{name}_{k}"] = None
@@ -510,6 +527,8 @@ rows = [
     ("achieved train | inference", f"{r['gflops_train_achieved']:.1f} | {r['gflops_infer_achieved']:.1f} GFLOP/s"),
     ("MFU train | inference" + (f" (peak {peak / 1e12:.0f} TFLOP/s {dtype})" if peak else ""),
      f"{mfu_train:.1%} | {mfu_infer:.1%}" if peak else unknown_peak),
+    ("first call train | inference" + (" (compilation included)" if compile else ""),
+     f"{fmt(r['train_first_call_s'], '.1f')} | {fmt(r['infer_first_call_s'], '.1f')} s"),
 ]
 if loader:
     rows.append((f"training DataLoader ({num_workers} workers) | train step", f"{r['loader_images_per_s']:.1f} | "

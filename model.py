@@ -7,7 +7,7 @@ builder, loss, mask assembly and decoder, in reading order.
     3. Hourglass-104 (CenterNet's `large_hourglass`)  two stacks of stride-4, 256-channel features
     4. CenterNet targets                          gaussian_radius, draw_gaussian, batched heatmaps
     5. CenterNet losses                           penalty-reduced focal loss, L1 at the centres
-    6. CenterMask                                 Local Shape x Global Saliency (paper 001)
+    6. CenterMask                                 Local Shape x Global Saliency ([CM])
     7. ResNet / ResNeXt + FPN                     P3-P7 (P2-P7 for FCOSIS), torchvision parts
     8. FCOS and FCOSreg                           fcos_targets, focal / GIoU / centerness, NMS
     9. MaskFCOS                                   FCOS proposals + RoIAlign mask head
@@ -16,17 +16,17 @@ builder, loss, mask assembly and decoder, in reading order.
    12. Published weights                          key maps: CenterNet, ImageNet DLA-34, torchvision's
                                                   FCOS, our checkpoints (train.py's init_from=PATH)
 
-Papers (full texts in the shared `papers/` folder):
+Papers (sections, equations and tables are cited as [CM 3.1], [CM] eq. 2, [IS] Table 3):
     [CM]   Wang et al., "CenterMask: single shot instance segmentation with point
-           representation", CVPR 2020 (file 001_*). Sections are cited as [CM 3.1] etc.
+           representation", CVPR 2020, arXiv 2004.04446.
     [CN]   Zhou et al., "Objects as Points" (CenterNet), arXiv 1904.07850, which [CM] builds on
            and whose hyper-parameters it reuses ([CM 3.5]: "the same hyper-parameters of
            CenterNet").
     [DLA]  Yu et al., "Deep Layer Aggregation", CVPR 2018.
     CornerNet  Law and Deng, "CornerNet: Detecting Objects as Paired Keypoints", ECCV 2018,
            whose Hourglass-104 (CornerNet 3.5) CenterNet and [CM] reuse unchanged.
-    [IS]   "FCOSIS: Fully-Convolutional One-Stage Instance Segmentation" (file 000_*), with
-           FCOSreg ([IS 3.3]) and MaskFCOS ([IS 4]).
+    [IS]   "FCOSIS: Fully-Convolutional One-Stage Instance Segmentation", anonymous CVPR
+           submission (paper ID 8272), with FCOSreg ([IS 3.3]) and MaskFCOS ([IS 4]).
     [FCOS] Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection", ICCV 2019, the
            detector [IS] and [CM 4.3] build on.
 
@@ -38,6 +38,7 @@ Coordinate frames used throughout:
       centre j + 0.5 sits at input R*j + R/2.
 """
 
+import contextlib
 import math
 import os
 import re
@@ -86,18 +87,18 @@ class ModelConfig:
     mask_loss_grid: str = "output"    # grid of the CenterMask mask loss ([CM] eq. 2; resolution not given):
                                       # "output" (stride R, ground truth average-pooled) or "input" (input
                                       # pixels, binary ground truth: the masks' detail on small objects)
-    # FCOS family ([IS], [FCOS]; DESIGN 3, 4.2-4.6). backbone "resnet50", "resnet101",
+    # FCOS family ([IS], [FCOS]; sections 7-10 below). backbone "resnet50", "resnet101",
     # "resnext101_32x8d" ("resnet18"/"resnet34" only for CPU demos)
     pretrained: bool = False          # ImageNet weights via torchvision (FCOS recipes: True; [CM 3.5]: from scratch)
     norm: str = "frozen_bn"           # ResNet BN: "frozen_bn" (FCOS, ImageNet statistics) or "bn" (trainable, from scratch)
     freeze_at: int = 2                # frozen stem + res2, as FCOS; 0 = nothing frozen
     fpn_channels: int = 256           # FPN and head tower width ([FCOS] 3.2)
     head_convs: int = 4               # convs per head tower ([FCOS] Fig. 2)
-    center_sampling: float = 1.5      # radius in strides (FCOS improvements, DESIGN 4.4); 0: any location in the box ([IS 3.1])
+    center_sampling: float = 1.5      # radius in strides (an [FCOS] improvement, see `FCOS`); 0: any location in the box ([IS 3.1])
     center_sampling_at: str = "box"   # sampling centre: "box" or "mass" (the mask's centre of mass, [IS 3.3] Fig. 5)
     ambiguity: str = ""               # "area" (FCOS: smallest box) or "mask" (FCOSreg [IS 3.3]); "": the method's own
     reg_weights: tuple = ()           # (a, b, c) of FCOSreg's w ([IS 3.3] Fig. 6); (): (1,0,0) FCOS, (1/3,1/3,1/3) FCOSreg
-    box_loss: str = "giou"            # "giou" (FCOS improvements, DESIGN 4.3) or "iou" (-log IoU, UnitBox, [IS 3.1])
+    box_loss: str = "giou"            # "giou" (an [FCOS] improvement, see `FCOS`) or "iou" (-log IoU, UnitBox, [IS 3.1])
     focal_alpha: float = 0.25         # [FCOS] 3.1, RetinaNet's focal loss
     focal_gamma: float = 2.0
     score_threshold: float = 0.05     # candidate locations at inference ([FCOS] 4)
@@ -116,7 +117,7 @@ class ModelConfig:
     attention: str = "segm"           # "segm" (the paper's map), Table 3: "mu0" (mu := 0), "bbox" (bbox only), "none" (no top-down)
     seg_classes: str = "agnostic"     # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
     com_assignment: str = "mask"      # locations regressing the centre of mass: "mask" (every mask pixel, [IS] Fig. 3)
-                                      # or "positive" (FCOS positives inside the mask, DESIGN 4.7)
+                                      # or "positive" (FCOS positives inside the mask; see `FCOSIS`)
     attention_assign: str = "image"   # locations are assigned among the objects of their image ("image", [IS 3.2.1]:
                                       # a neighbour's pixels are distractors, -mu) or of their pass only ("pass",
                                       # an ablation: no location is ever a distractor); see `attention_maps`
@@ -1035,7 +1036,7 @@ class CenterMask(nn.Module):
         if targets is None:
             raise ValueError("CenterMask in train mode needs targets (call model.eval() for inference)")
         outs = [head_set(p) for head_set, p in zip(self.head_sets, self.features(images))]  # per stack
-        with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (DESIGN 6)
+        with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (bf16/fp16 logs and sums lose precision)
             per_stack = [self.losses({k: v.float() for k, v in out.items()}, targets, head_set)
                          for out, head_set in zip(outs, self.head_sets)]
         # intermediate supervision: every stack's losses, averaged (one stack: unchanged)
@@ -1200,10 +1201,10 @@ class CenterMask(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 7. ResNet / ResNeXt + FPN ([FCOS] 3.2, as FCOS's `R-50-FPN-RETINANET` body; DESIGN 3)
+# 7. ResNet / ResNeXt + FPN ([FCOS] 3.2, as FCOS's `R-50-FPN-RETINANET` body)
 #
 # [FCOS] = Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection", ICCV 2019, the
-# detector both papers build on ([IS 3.1], [CM 4.3]). [IS] = the FCOSIS paper (file 000_*).
+# detector both papers build on ([IS 3.1], [CM 4.3]). [IS] = the FCOSIS paper (module docstring).
 
 # name -> (torchvision builder, weights enum, channels of C2..C5). ResNet-18/34 only for CPU demos.
 RESNETS = {
@@ -1278,7 +1279,7 @@ class ResNetFPN(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 8. FCOS ([IS 3.1] as [FCOS]; DESIGN 4.3-4.5) and FCOSreg ([IS 3.3])
+# 8. FCOS ([IS 3.1] as [FCOS]) and FCOSreg ([IS 3.3])
 
 # object size range of each level, on max(l*, t*, r*, b*) ([FCOS] 3.2: m_2..m_7 = 0, 64, 128,
 # 256, 512, inf for P3..P7)
@@ -1326,7 +1327,7 @@ def fcos_targets(points, strides, boxes, labels=None, valid=None, size_ranges=No
         valid (B, N) bool: which boxes are real (images padded to N boxes); default all
         size_ranges (P, 2): [lo, hi] of max(l*, t*, r*, b*) for each point's level; default
             FCOS_SIZE_RANGES by the rank of the point's stride (8 -> P3 -> [0, 64], ...)
-        radius: centre sampling ([FCOS] improvements; DESIGN 4.4): a location is positive only
+        radius: centre sampling (an [FCOS] improvement, see `FCOS`): a location is positive only
             within radius * stride of the box centre (the region clipped to the box); 0 = off,
             every location inside the box is a candidate ([IS 3.1])
         centers (B, N, 2): centre of the sampling region (default: the box centres; FCOSreg's
@@ -1402,18 +1403,83 @@ def regression_weights(centerness, seg, weights=(1.0, 0.0, 0.0)):
 
 
 def reduce_mean(x):
-    """x averaged over all processes (DESIGN 4.3: FCOS's normalisers, num_pos / world_size);
-    x itself in a single process."""
+    """A loss normaliser (a count of positives, objects, pixels; never a function of the
+    predictions) averaged over all processes: FCOS's num_pos / world_size, so that W processes
+    with batch b compute the gradient of one process with batch W * b. x itself in a single process.
+
+    Under gradient accumulation (`MicroBatchNormalizers`, train.py's gradient_accumulation_steps)
+    it is also averaged over the k micro-batches of the step: a recording pass stores every
+    call's value, then each micro-batch's forward gets, call by call, the mean over micro-batches."""
+    acc = MicroBatchNormalizers.active
+    if acc is not None and acc.means is not None:  # replay: the whole step's mean, already reduced
+        x = acc.means[acc.calls].to(x.device)
+        acc.calls += 1
+        return x
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         x = x.detach().clone()
         torch.distributed.all_reduce(x)
         x = x / torch.distributed.get_world_size()
+    if acc is not None:  # recording
+        acc.recorded[-1].append(x.detach().float())
     return x
+
+
+class MicroBatchNormalizers:
+    """Gradient accumulation with the normalisers of the whole batch (train.py's
+    gradient_accumulation_steps = k): k micro-batches of b images give the gradient of one batch of
+    k * b images, as k processes with b images each do under DDP.
+
+    Every loss is sum_i l_i / N with N a count over the batch (positives, objects, pixels,
+    `reduce_mean`). The plain form: one micro-batch's loss with its own count n_m, divided by k,
+    gives sum_m sum_i grad l_i / (k n_m), not sum grad l_i / sum_m n_m. The counts depend only on
+    the targets, but they are computed inside each method's losses, so:
+      1. `record(model, micro_batches)`: a forward of every micro-batch without gradients stores
+         each reduce_mean call's value n_{m,j} (the call sequence is the same in every forward: DDP
+         already needs that); BatchNorm statistics are put back as they were.
+      2. `replay()` around each micro-batch's real forward: reduce_mean's j-th call returns
+         N_j = mean_m n_{m,j}; the loss is divided by k before backward. Then
+         sum_m sum_i grad l_i / (k N_j) = sum grad l_i / sum_m n_{m,j}: the big batch's gradient.
+    The record pass costs one forward without gradients per micro-batch (about a third of a
+    training step); k = 1 takes none of this path. The clamps on normalisers (max(N, 1)) act on the
+    per-micro-batch mean, as FCOS's act on the per-process mean (same as DDP with k processes).
+    """
+    active = None  # the instance reduce_mean reads, set inside record() / replay()
+
+    def __init__(self):
+        self.means, self.recorded, self.calls = None, [], 0
+
+    @torch.no_grad()
+    def record(self, model, micro_batches, autocast=None):
+        """micro_batches: list of (images, targets); model in training mode."""
+        buffers = [b.clone() for b in model.buffers()]    # BatchNorm running statistics
+        self.means, self.recorded, MicroBatchNormalizers.active = None, [], self
+        try:
+            for images, targets in micro_batches:
+                self.recorded.append([])
+                with autocast if autocast is not None else contextlib.nullcontext():
+                    model(images, targets)
+        finally:
+            MicroBatchNormalizers.active = None
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        counts = {len(r) for r in self.recorded}
+        if len(counts) != 1:
+            raise RuntimeError(f"the micro-batches called reduce_mean {sorted(counts)} times: a method's "
+                               "losses must call it the same number of times in every forward")
+        self.means = torch.stack([torch.stack(r) for r in self.recorded]).mean(0)  # (calls,)
+
+    @contextlib.contextmanager
+    def replay(self):
+        self.calls, MicroBatchNormalizers.active = 0, self
+        try:
+            yield
+        finally:
+            MicroBatchNormalizers.active = None
 
 
 class FCOSHead(nn.Module):
     """
-    FCOS's shared head ([FCOS] 3.1, Fig. 2; DESIGN 4.3), applied to every FPN level:
+    FCOS's shared head ([FCOS] 3.1, Fig. 2), applied to every FPN level:
     a classification tower and a box tower, each num_convs x (Conv3x3 + GroupNorm(32) + ReLU),
     then cls logits (C) on the first, ltrb (4) and centerness (1) on the second (centerness on
     the box tower: the FCOS improvement), one learnable Scale per level. `extra` more channels
@@ -1488,8 +1554,8 @@ class FCOS(nn.Module):
              UnitBox) loss of the positives, weighted by the centerness target (FCOSreg: the
              regularisation map w), / the sum of those weights
         centerness: BCE of the centerness logits against the centerness target (FCOSreg: w)
-    N_pos and the weight sum are averaged over processes (DESIGN 4.3), so that 2 processes with
-    batch b give the same gradients as 1 process with batch 2b.
+    N_pos and the weight sum are averaged over processes (`reduce_mean`, as FCOS's num_pos /
+    world_size), so that 2 processes with batch b give the same gradients as 1 process with batch 2b.
     Inference: model(images) -> list of B dicts: boxes (K, 4) xyxy input frame, scores (K,),
         labels (K,). Per level: locations whose class score > 0.05, top 1000 of cls * ctr; then
         score = sqrt(cls * ctr), class-wise NMS at IoU 0.6 (torchvision's batched_nms), best 100.
@@ -1511,8 +1577,10 @@ class FCOS(nn.Module):
         computed from the predicted centerness and the predicted coarse foreground as s ([IS
         3.3]: w "can be applied if mask information is available during both training and
         inference, which is supported by FCOSIS"). Default (1, 0, 0): FCOS's weighting.
-      * GIoU and centre sampling (the FCOS improvements, DESIGN 4.3) are on by default; [IS]
-        quotes FCOS's original IoU loss: box_loss="iou", center_sampling=0 restore it.
+      * GIoU and centre sampling are on by default: two of the FCOS improvements (with
+        centerness on the box tower and normalised regression) that FCOS's authors added after
+        [FCOS]'s first version. [IS 3.1] describes the original (IoU loss, every location in the
+        box a candidate): box_loss="iou", center_sampling=0 restore it.
     """
 
     def __init__(self, cfg: ModelConfig, extra=0, first_level=3):
@@ -1558,7 +1626,7 @@ class FCOS(nn.Module):
         points, strides, levels = self.locations(out["hw"], images.shape[-2:], images.device)
         if targets is None:
             raise ValueError(f"{type(self).__name__} in train mode needs targets (call model.eval() for inference)")
-        with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (DESIGN 6)
+        with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (bf16/fp16 logs and sums lose precision)
             out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
             losses, t = self.detection_losses(out, points, strides, targets)
         # the mask branches run their convs under autocast and cast their logits to fp32
@@ -1622,7 +1690,7 @@ class FCOS(nn.Module):
         """Hook for the methods built on FCOS (MaskFCOS, CenterMask-FCOS, FCOSIS)."""
         return {}
 
-    # -- inference ([FCOS] 4; DESIGN 4.3) ---------------------------------------------------------
+    # -- inference ([FCOS] 4) ----------------------------------------------------------------------
     @torch.no_grad()
     def detect(self, out, points, levels, input_hw, max_detections=None):
         """
@@ -1680,7 +1748,7 @@ def box_iou_aligned(a, b):
 
 
 # -----------------------------------------------------------------------------
-# 9. MaskFCOS ([IS 4], "Mask Prediction Head"; DESIGN 4.6)
+# 9. MaskFCOS ([IS 4], "Mask Prediction Head")
 
 
 def maskfcos_levels(boxes, k0=4, canonical=224.0, k_min=3, k_max=5):
@@ -1809,7 +1877,7 @@ def paste_masks(masks, boxes, hw):
 
 
 # -----------------------------------------------------------------------------
-# 10. CenterMask-FCOS ([CM 4.3]; DESIGN 4.2)
+# 10. CenterMask-FCOS ([CM 4.3])
 
 
 class CenterMaskFCOS(FCOS):
@@ -1897,7 +1965,7 @@ class CenterMaskFCOS(FCOS):
 
 
 # -----------------------------------------------------------------------------
-# 11. FCOSIS ([IS 3.2]; DESIGN 4.7)
+# 11. FCOSIS ([IS 3.2])
 #
 #     padding     optimal_padding                          padded-crop loss padding [IS 3.2.2]
 #     colouring   box_overlap_graph, greedy_coloring,       Largest-First groups that share one
@@ -2099,13 +2167,14 @@ def mask_assignment(locations, masks, batch, num_images):
 def center_of_mass_targets(locations, strides, matched, mass_centers, masks):
     """
     Centre-of-mass regression targets of the detection head [IS 3.2.1]:
-    (r_x, r_y) = (x_C - x, y_C - y) / s, in stride units (DESIGN 4.7), only where the location
+    (r_x, r_y) = (x_C - x, y_C - y) / s, in stride units ([IS] gives pixels; divided by s as FCOS
+    normalises its ltrb, so every level regresses values of a similar range), only where the location
     is assigned to an instance AND its pixel lies in that instance's mask.
         locations (L, 2) input-frame points (x, y) of one level or of all levels concatenated
         strides   number, or (L,) tensor: the stride s of each location's level
         matched   (B, L) int64 instance index per location, -1 = none: FCOS's positives
-                  (`fcos_targets`' "matched", DESIGN 4.7 reading) or `mask_assignment`
-                  (the paper's Fig. 3 reading)
+                  (`fcos_targets`' "matched": [IS 3.2.1]'s "positive samples" read as FCOS's)
+                  or `mask_assignment` (the paper's Fig. 3 reading: every mask pixel)
         mass_centers (M, 2) input frame (`center_of_mass`); masks (M, H, W) input resolution,
                   with `matched` indexing the flat M instances of the batch; or, per image as
                   `fcos_targets` pads them, (B, N, 2) and (B, N, H, W) with `matched` in 0..N-1
@@ -2323,10 +2392,10 @@ class SegmentationHead(nn.Module):
     each level -> num_convs x (Conv3x3(channels) + GroupNorm(32) + ReLU), upsampled
     (bilinear) to P2 and summed, then Conv1x1 -> mask logits at stride 4.
         in:  [(G, in_channels, H/4, W/4), (G, in_channels, H/8, W/8), (G, in_channels, H/16, W/16)]
-        out: (G, num_classes, H/4, W/4); num_classes = 1 class-agnostic (DESIGN 4.7 default,
+        out: (G, num_classes, H/4, W/4); num_classes = 1 class-agnostic (the default,
              [IS 3.2.2]) or C class-specific ([IS 3.2.1] "W/4 x H/4 x C").
     Deviations / choices where [IS] is silent:
-      * "three 3x3 conv layers with 256 channels" read as three per level (DESIGN 4.7), with
+      * "three 3x3 conv layers with 256 channels" read as three per level, with
         separate weights per level (as Panoptic FPN's semantic branch); num_convs adjustable.
       * GroupNorm(32) + ReLU after each conv, as the FCOS detection head [IS 3.2.1]
         (norm=False: ReLU only). Bilinear upsampling (the paper says "upsampling").
@@ -2458,7 +2527,8 @@ class FCOSIS(FCOS):
       * com_assignment="mask": every mask pixel regresses its object's centre of mass, on every
         level (the paper's Fig. 3: "foreground pixels of masks"), because the attention map is
         built on P3 for objects of every size, while FCOS sends large objects to P4-P7.
-        DESIGN 4.7's reading (FCOS positives inside the mask) is com_assignment="positive".
+        The narrower reading of [IS 3.2.1]'s "positive samples" (FCOS positives inside the
+        mask) is com_assignment="positive".
       * The attention map is drawn on the P2 grid from the P3 outputs (attention_grid="p2");
         see `attention_maps` and `attention_inputs`.
       * Inference: each location is assigned among the de-duplicated detections of its image

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from model import ModelConfig, build_model, auto_dtype, import_weights, read_weights
+from model import ModelConfig, MicroBatchNormalizers, build_model, auto_dtype, import_weights, read_weights
 
 # -----------------------------------------------------------------------------
 # default config values (the CenterMask DLA-34 COCO recipe, [CM 3.5])
@@ -72,7 +72,11 @@ flip_prob = 0.5                   # horizontal flips ([CN])
 color_jitter = 0.4                # centernet: [CN]'s brightness/contrast/saturation var, with its PCA lighting; 0: neither
 num_workers = 4
 # optimisation ([CM 3.5]: Adam, lr 2.5e-4, 130 epochs, x0.1 at 100 and 120)
-batch_size = 32                   # per process; CenterNet's DLA-34 COCO run: 128 on 8 GPUs at lr 5e-4 (experiments/ctdet_coco_dla_1x.sh)
+batch_size = 32                   # per process and micro-batch; CenterNet's DLA-34 COCO run: 128 on 8 GPUs at lr 5e-4
+                                  # (experiments/ctdet_coco_dla_1x.sh)
+gradient_accumulation_steps = 1   # micro-batches per optimizer step (nanoGPT's key): the global batch is
+                                  # batch_size x this x processes, with the gradient of one such batch (the loss
+                                  # normalisers too, model.MicroBatchNormalizers); 1 GPU x 4 = CenterNet's 4 x 32
 epochs = 130
 max_iters = 0                     # 0: derived from epochs and the dataset length
 learning_rate = 2.5e-4
@@ -140,7 +144,12 @@ if dtype == "auto":
     dtype = auto_dtype(device_type)  # GPU: bf16 (else fp16); CPU: bf16 where native, else fp32
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+# fp16 needs loss scaling (dynamic, from 2^16). fp32 and bf16 do not: their scaler keeps the scale at 1
+# (x 1 and / 1 are exact; never grown) and is there for its device-side check: a step whose gradients
+# hold an inf or NaN is not applied (the fused optimizers read the scaler's found_inf on the device),
+# so the loop below needs no host sync per step to keep a non-finite step out of the weights.
+scaler = torch.amp.GradScaler(device_type, **({} if dtype == "float16" else dict(init_scale=1.0,
+                                                                                 growth_interval=2**31 - 1)))
 
 
 def log(*a):
@@ -260,18 +269,21 @@ else:
     groups = [{"params": [p for n, p in named if "bias" not in n], "lr_factor": 1.0},
               {"params": [p for n, p in named if "bias" in n], "lr_factor": float(bias_lr_factor),
                "weight_decay": weight_decay if bias_weight_decay is None else float(bias_weight_decay)}]
-fused = {"fused": True}  # one kernel over all parameters (CUDA; CPU since torch 2.4): ~8% of a CPU step
-if optimizer == "adam":
-    opt = torch.optim.Adam(groups, lr=learning_rate, weight_decay=weight_decay, **fused)
-elif optimizer == "adamw":
-    opt = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay, **fused)
-elif optimizer == "sgd":
-    opt = torch.optim.SGD(groups, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
-else:
+# fused: one kernel over all parameters (~8% of a CPU step), and the scaler's found_inf is read on the
+# device (no sync per step). Adam/AdamW: CUDA, and CPU since torch 2.4; SGD where this torch has it,
+# else the plain loop (then GradScaler.step reads found_inf on the host once per step).
+optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+              "sgd": partial(torch.optim.SGD, momentum=0.9)}
+if optimizer not in optimizers:
     sys.exit(f"train.py: optimizer must be 'adam', 'adamw' or 'sgd', got {optimizer!r}")
+try:
+    opt = optimizers[optimizer](groups, lr=learning_rate, weight_decay=weight_decay, fused=True)
+except (RuntimeError, TypeError):  # no fused kernel for this optimizer and device in this torch
+    opt = optimizers[optimizer](groups, lr=learning_rate, weight_decay=weight_decay)
 if checkpoint is not None:
     opt.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    if dtype == "float16" and checkpoint.get("scaler"):  # fp16's dynamic scale; the others restart at 1
+        scaler.load_state_dict(checkpoint["scaler"])
 
 raw_model = model
 # Exponential moving average of the weights (ema_decay > 0; not in [CM]/[IS]): a copy of the model
@@ -299,10 +311,13 @@ sampler = (DistributedSampler(train_set, num_replicas=world_size, rank=rank, shu
 collate = partial(collate_fn, size_divisibility=raw_model.size_divisibility)
 loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
                     num_workers=num_workers, pin_memory=device_type == "cuda", persistent_workers=num_workers > 0)
-if len(loader) == 0:
-    sys.exit(f"train.py: batch_size={batch_size} x {world_size} process(es) is larger than the training set "
-             f"({len(train_set)} images)")
-iters_per_epoch = len(loader)
+accum = gradient_accumulation_steps
+if not isinstance(accum, int) or accum < 1:
+    sys.exit(f"train.py: gradient_accumulation_steps must be an integer >= 1, got {accum!r}")
+if len(loader) < accum:
+    sys.exit(f"train.py: batch_size={batch_size} x {accum} micro-batch(es) x {world_size} process(es) is larger "
+             f"than the training set ({len(train_set)} images)")
+iters_per_epoch = len(loader) // accum  # optimizer steps; an epoch's last len(loader) % accum batches are dropped
 max_iters = max_iters or epochs * iters_per_epoch
 step_iters = [int(e * iters_per_epoch) for e in lr_steps]
 eval_every = eval_interval or max(1, eval_every_epochs * iters_per_epoch)
@@ -402,12 +417,95 @@ it = checkpoint["iter"] if checkpoint is not None else 0
 best_ap = checkpoint["best_ap"] if checkpoint is not None else -1.0
 history = {"iter": [], "loss": {}}  # for the loss-curve PNG
 checkpoint = None  # free memory
-log(f"training for {max_iters} iterations ({iters_per_epoch} per epoch, batch {batch_size} x {world_size}); "
+log(f"training for {max_iters} iterations ({iters_per_epoch} per epoch, batch {batch_size} x {world_size}"
+    + (f" x {accum} micro-batches" if accum > 1 else "") + "); "
     + ("cosine learning rate to 0" if lr_schedule == "cosine" else f"lr steps at iterations {step_iters}")
     + (f", weight EMA {ema_decay}" if ema is not None else ""))
+normalizers = MicroBatchNormalizers() if accum > 1 else None
+
+
+class Tally:
+    """The losses of the steps since the last log line, kept on the device: a step adds its terms
+    without reading anything back to the host (nanoGPT reads its loss only at log_interval). A step
+    whose loss is not finite is counted and its terms are kept (the first one since the last read);
+    its update never reaches the weights (the scaler skips it, see `scaler` above) and `check`, at
+    every log line and before every evaluation or checkpoint, stops the run there."""
+
+    def __init__(self):
+        self.names, self.sums, self.steps, self.bad, self.first_bad, self.first_bad_iter = None, 0, 0, 0, 0, 0
+
+    def add(self, terms, step):  # terms: {name: 0-d tensor}, the step's mean over micro-batches
+        self.names = self.names or list(terms)
+        v = torch.stack([terms[k].detach().float() for k in self.names])           # (T,)
+        finite = torch.isfinite(v).all()
+        first = (torch.as_tensor(self.bad, device=v.device) == 0) & ~finite
+        self.first_bad = torch.where(first, v, torch.as_tensor(self.first_bad, device=v.device, dtype=v.dtype))
+        self.first_bad_iter = torch.where(first, step, torch.as_tensor(self.first_bad_iter, device=v.device))
+        self.sums = self.sums + torch.where(finite, v, 0.0)
+        self.bad = self.bad + (~finite).long()
+        self.steps += 1
+
+    def check(self):
+        """Stop the run if a step since the last read had a non-finite loss (every rank together)."""
+        bad = torch.as_tensor(self.bad, device=device).clone()
+        if ddp:
+            dist.all_reduce(bad)
+        if bad.item() == 0:  # the host sync: one per log line / evaluation
+            return
+        if torch.as_tensor(self.bad).item() > 0:  # this rank saw it
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.names, self.first_bad.tolist()))
+            print(f"train.py: non-finite loss at iteration {int(self.first_bad_iter)} (rank {rank}): {terms}. "
+                  f"Stopping; the last good checkpoint in {out_dir} is kept. Try a lower learning_rate, "
+                  f"warmup_iters or grad_clip.", flush=True)
+        sys.exit(1)
+
+    def read(self):
+        """Mean of each term over the finite steps since the last read, then reset."""
+        finite_steps = max(1, self.steps - int(torch.as_tensor(self.bad).item()))
+        mean = dict(zip(self.names, (torch.as_tensor(self.sums) / finite_steps).tolist()))
+        self.__init__()
+        return mean
+
+
+def to_device(images, targets):
+    images = images.to(device, non_blocking=True)
+    if device_type == "cuda" and channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+                    for t in targets]
+
+
+def train_step(micro_batches):
+    """One optimizer step over `accum` micro-batches: the gradient of their union (the loss of
+    each divided by accum, the normalisers of the whole step from a recording pass when accum > 1,
+    model.MicroBatchNormalizers); under DDP the gradients are all-reduced once, at the last one.
+    Returns the step's loss terms (means over micro-batches), on the device."""
+    if normalizers is not None:
+        normalizers.record(raw_model, micro_batches, autocast)
+    terms = {}
+    for m, (images, targets) in enumerate(micro_batches):
+        last = m == len(micro_batches) - 1
+        with (model.no_sync() if ddp and not last else nullcontext()), \
+                (normalizers.replay() if normalizers is not None else nullcontext()):
+            with autocast:
+                losses = model(images, targets)
+            scaler.scale(losses["loss"] / len(micro_batches)).backward()
+        for k, v in losses.items():
+            terms[k] = terms.get(k, 0.0) + v.detach() / len(micro_batches)
+    if grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(opt)      # skipped (on the device) if a gradient is inf/NaN
+    scaler.update()
+    if ema is not None:
+        ema.update_parameters(raw_model)
+    opt.zero_grad(set_to_none=True)
+    return terms
+
+
 model.train()
+tally = Tally()
 t_start, t_log, epoch = time.time(), time.time(), it // iters_per_epoch
-sum_losses, n_losses = {}, 0
 while it < max_iters:
     if ddp:
         sampler.set_epoch(epoch)
@@ -418,55 +516,41 @@ while it < max_iters:
     # augmentations of the uninterrupted one (bitwise on the CPU with num_workers=0; persistent
     # workers keep their own RNG across epochs, so with workers only the data order is exact).
     torch.manual_seed(seed + 1_000_003 * (epoch + 1) + rank)
-    skip = it - epoch * iters_per_epoch  # after a resume: skip the batches already seen this epoch
+    skip = (it - epoch * iters_per_epoch) * accum  # after a resume: the batches already seen this epoch
+    micro_batches, steps_this_epoch = [], it - epoch * iters_per_epoch
     for images, targets in loader:
         if skip > 0:
             skip -= 1
             continue
+        micro_batches.append(to_device(images, targets))
+        if len(micro_batches) < accum:
+            continue
         lr = get_lr(it)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_factor", 1.0)
-        images = images.to(device, non_blocking=True)
-        if device_type == "cuda" and channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        with autocast:
-            losses = model(images, targets)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            print(f"train.py: non-finite loss at iteration {it} (rank {rank}): {terms}. Stopping; the last good "
-                  f"checkpoint in {out_dir} is kept. Try a lower learning_rate, warmup_iters or grad_clip.", flush=True)
-            sys.exit(1)
-        scaler.scale(loss).backward()
-        if grad_clip > 0:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        if ema is not None:
-            ema.update_parameters(raw_model)
-        opt.zero_grad(set_to_none=True)
+        tally.add(train_step(micro_batches), it)
+        micro_batches = []
         it += 1
-        for k, v in losses.items():
-            sum_losses[k] = sum_losses.get(k, 0.0) + v.item()
-        n_losses += 1
+        steps_this_epoch += 1
 
         if it % log_interval == 0 or it == max_iters:
-            dt = (time.time() - t_log) / n_losses
-            mean = {k: v / n_losses for k, v in sum_losses.items()}
+            tally.check()
+            dt = (time.time() - t_log) / tally.steps
+            mean = tally.read()
             history["iter"].append(it)
             for k, v in mean.items():
                 history["loss"].setdefault(k, []).append(v)
             eta = (max_iters - it) * dt
             mem = f", mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB" if device_type == "cuda" else ""
+            scale = f", loss scale {scaler.get_scale():g}" if dtype == "float16" else ""
             log(f"iter {it}/{max_iters} (epoch {it / iters_per_epoch:.1f}): " +
                 " ".join(f"{k} {v:.4f}" for k, v in mean.items()) +
-                f" | lr {lr:.2e} | {dt * 1000:.0f}ms/iter, {batch_size * world_size / dt:.1f} img/s | "
-                f"ETA {eta / 60:.1f}min{mem}")
-            sum_losses, n_losses, t_log = {}, 0, time.time()
+                f" | lr {lr:.2e} | {dt * 1000:.0f}ms/iter, {batch_size * accum * world_size / dt:.1f} img/s | "
+                f"ETA {eta / 60:.1f}min{mem}{scale}")
+            t_log = time.time()
 
         if it % eval_every == 0 or it == max_iters:
+            tally.check()  # nothing non-finite is evaluated or saved
             t_eval = time.time()
             stats = run_eval(eval_max_images if it < max_iters else 0)
             if master:
@@ -479,9 +563,11 @@ while it < max_iters:
                     save_checkpoint(it, best_ap, "best.pt")
                 write_atomic("eval.json", partial(write_json, {"iter": it, **stats}))
             t_log += time.time() - t_eval  # evaluation time is not training time
-        elif ckpt_interval and it % ckpt_interval == 0 and master:
-            save_checkpoint(it, best_ap)
-        if it >= max_iters:
+        elif ckpt_interval and it % ckpt_interval == 0:
+            tally.check()
+            if master:
+                save_checkpoint(it, best_ap)
+        if it >= max_iters or steps_this_epoch >= iters_per_epoch:
             break
     epoch += 1
 

@@ -1,7 +1,8 @@
 # Overfitting check on real data: CenterMask (DLA-34) memorises 8 COCO128 images (train = val).
 #   python train.py config/coco128_overfit.py
-# Reads ../shared/data/coco128 (COCO's own json and images; never committed): the first 8
-# images by id (30 instances, 12 categories, objects of 7 to 208 px, square root of the area, at this input).
+# Reads data/coco128 (COCO's own json and images, never committed; README, "Overfitting real
+# images", says how to get it): the first 8 images by id (30 instances, 12 categories, objects
+# of 7 to 208 px, square root of the area, at this input).
 # Passes when the final segm AP50 on the same 8 images is >= 0.8 (README has the measured run).
 # Deviations for CPU speed: 384x384 input (paper 512), plain convs in DLA-up (dcn=False),
 # 128-wide heads, mild augmentation (memorising is the point), bf16 autocast where native.
@@ -15,7 +16,7 @@ head_conv = 128
 saliency = "specific"
 saliency_loss = True
 
-data_root = "../shared/data/coco128"
+data_root = "data/coco128"
 train_img_dir = "train2017"
 train_ann = "annotations/instances_train2017.json"
 val_img_dir = "train2017"

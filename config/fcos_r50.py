@@ -12,7 +12,7 @@ norm = "frozen_bn"               # FCOS: frozen BatchNorm ...
 freeze_at = 2                    # ... and frozen stem + res2
 fpn_channels = 256               # [FCOS] 3.2
 head_convs = 4                   # [FCOS] Fig. 2
-center_sampling = 1.5            # the FCOS improvements (DESIGN 4.4); 0 = [IS 3.1]'s every location in the box
+center_sampling = 1.5            # an FCOS improvement (model.py, `FCOS`); 0 = [IS 3.1]'s every location in the box
 box_loss = "giou"                # "iou" = [IS 3.1]'s UnitBox loss
 score_threshold = 0.05           # [FCOS] 4
 nms_threshold = 0.6              # [FCOS] 4

@@ -12,10 +12,10 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(int(os.environ.get("TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 # Real-data tests read COCO128 from here and skip when it is absent (never committed).
-COCO128 = os.environ.get("COCO128", os.path.join(ROOT, "..", "shared", "data", "coco128"))
+COCO128 = os.environ.get("COCO128", os.path.join(ROOT, "data", "coco128"))
 # The key manifests of published weights (names and shapes, no weights): tests/test_weights.py
 # fabricates state dicts from them, and skips when the folder is absent.
-WEIGHTS_MANIFESTS = os.environ.get("WEIGHTS_MANIFESTS", os.path.join(ROOT, "..", "shared", "weights"))
+WEIGHTS_MANIFESTS = os.environ.get("WEIGHTS_MANIFESTS", os.path.join(ROOT, "data", "weights"))
 
 
 @pytest.fixture(autouse=True)

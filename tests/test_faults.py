@@ -1,12 +1,13 @@
-"""Faults and hardening (DESIGN sections 5 and 7): runs killed with SIGKILL and resumed, half-written
-checkpoints, a full disk and a read-only out_dir, bad inputs that go through the whole model
-(images with only crowd annotations, very small and very large images), and real multi-process
-training with gloo on the CPU (torchrun, and DDP gradients against one process).
+"""Faults and hardening (README, "What happens when things fail"): runs killed with SIGKILL and
+resumed, half-written checkpoints, a full disk and a read-only out_dir, bad inputs that go through
+the whole model (images with only crowd annotations, very small and very large images), and real
+multi-process training with gloo on the CPU (torchrun, and DDP gradients against one process).
 
 Every run is a tiny CenterMask (0.1M parameters) on a tiny synthetic shapes set, so each train.py
 subprocess takes a few seconds. Runs that are compared weight for weight use dtype float32, one
 thread and no DataLoader workers (see test_sigkill_between_checkpoints_resumes_bitwise).
 """
+import contextlib
 import json
 import os
 import re
@@ -497,3 +498,65 @@ def test_ddp_gradients_equal_one_process_with_unequal_object_counts(ddp_grads, k
     across processes (model.reduce_mean), for every method."""
     single = single_process_grads(kind, UNEQUAL_COUNTS)
     assert max_relative_difference(ddp_grads[kind, UNEQUAL_COUNTS], single) < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# gradient accumulation (train.py's gradient_accumulation_steps)
+
+def accumulated_grads(kind, counts, k, whole_batch_normalizers=True):
+    """Gradients after k micro-batches of len(counts) / k images each, accumulated as train.py
+    does: each loss divided by k, and with `whole_batch_normalizers` the normalisers of the whole
+    batch (model.MicroBatchNormalizers: a recording pass, then replay); without it, the plain
+    form (each micro-batch's own counts). One thread, as `single_process_grads`."""
+    from model import MicroBatchNormalizers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tiny_model(kind)
+        images, targets = make_batch(counts)
+        b = len(counts) // k
+        micro = [(images[i * b:(i + 1) * b], targets[i * b:(i + 1) * b]) for i in range(k)]
+        normalizers = MicroBatchNormalizers()
+        if whole_batch_normalizers:
+            normalizers.record(model, micro)
+        for images_m, targets_m in micro:
+            with normalizers.replay() if whole_batch_normalizers else contextlib.nullcontext():
+                loss = model(images_m, targets_m)["loss"]
+            (loss / k).backward()
+        return grads_of(model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_accumulation_equals_one_batch_of_k_times_the_size(kind):
+    """Guards gradient_accumulation_steps: 2 micro-batches of 2 images accumulated must give the
+    gradient of one batch of 4 (the global batch one GPU runs in place of several), every method,
+    with micro-batches holding different numbers of objects (2 and 6), to the tolerance of the DDP
+    tests above (relative 1e-4; the sums split differently). This holds only with the whole
+    batch's normalisers: the plain form, each micro-batch's loss over its own counts divided by k,
+    weighs the first micro-batch's 2 objects by 1 / (2 * 2) instead of 1 / 8 and misses by far
+    more (asserted > 1e-2, so this test would catch the normalisers being dropped)."""
+    single = single_process_grads(kind, UNEQUAL_COUNTS)
+    assert max_relative_difference(accumulated_grads(kind, UNEQUAL_COUNTS, 2), single) < 1e-4
+    assert max_relative_difference(accumulated_grads(kind, UNEQUAL_COUNTS, 2, False), single) > 1e-2
+
+
+def test_normalizer_recording_pass_leaves_batchnorm_statistics_and_gradients_alone():
+    """Guards the recording pass of MicroBatchNormalizers on a model with BatchNorm in training
+    mode (the tiny DLA CenterMask): it runs forwards without gradients, so no parameter gets a
+    gradient, and it puts every running mean / variance / batch count back bit for bit; it records
+    the same number of reduce_mean calls for every micro-batch and their means are the plain
+    averages (CenterMask: heatmap positives, the L1 losses' 2N, objects M; counts (1, 1) and (3, 3)
+    objects per image give positives 2 and 6: mean 4)."""
+    from model import MicroBatchNormalizers
+    model = tiny_centermask()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, targets = make_batch(UNEQUAL_COUNTS)
+    normalizers = MicroBatchNormalizers()
+    normalizers.record(model, [(images[:2], targets[:2]), (images[2:], targets[2:])])
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    recorded = torch.stack([torch.stack(r) for r in normalizers.recorded])  # (2 micro-batches, calls)
+    assert recorded.shape[0] == 2 and recorded[0, 0] == 2 and recorded[1, 0] == 6
+    assert torch.equal(normalizers.means, recorded.mean(0)) and normalizers.means[0] == 4

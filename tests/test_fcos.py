@@ -49,7 +49,7 @@ def test_locations_at_cell_centres():
     assert strides.tolist() == [8] * 6 + [16] * 2 and levels.tolist() == [0] * 6 + [1] * 2
 
 
-def test_worked_example_of_design_4_4():
+def test_fcos_targets_worked_example():
     """Guards ltrb, level choice and centerness. Box (20, 10, 130, 70), P4 point (56, 40):
     l = 56-20 = 36, t = 40-10 = 30, r = 130-56 = 74, b = 70-40 = 30; max 74 in [64, 128] -> P4;
     centerness = sqrt(min(36,74)/max(36,74) * min(30,30)/max(30,30)) = sqrt(36/74) = 0.69749.
@@ -317,7 +317,7 @@ def test_every_method_learns_a_toy_batch(method):
 
 @pytest.mark.parametrize("method", ["fcos", "maskfcos", "centermask_fcos"])
 def test_inference_outputs(method):
-    """Guards the inference contract (DESIGN 2): per image boxes (K, 4) inside the input,
+    """Guards the inference contract (eval mode): per image boxes (K, 4) inside the input,
     scores in (0, 1] sorted, labels < C, masks (K, H, W) in [0, 1] for the mask methods; at most
     max_detections; score_threshold 0 so that an untrained model detects something."""
     torch.manual_seed(0)
@@ -338,7 +338,7 @@ def test_inference_outputs(method):
 
 
 def test_empty_batch_gives_finite_losses_and_gradients_everywhere():
-    """Guards images with no objects (DESIGN 2) and DDP's need for a gradient on every parameter:
+    """Guards images with no objects (valid input) and DDP's need for a gradient on every parameter:
     a batch with no boxes at all gives finite losses, and the mask branches stay in the graph."""
     for method in ("maskfcos", "centermask_fcos", "fcosreg"):
         model = build_model(tiny(method))

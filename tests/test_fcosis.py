@@ -654,7 +654,7 @@ def test_fcosis_inference_and_teaching_maps():
 
 
 def test_fcosis_empty_batch_keeps_every_parameter_in_the_graph():
-    """Guards images with no objects (DESIGN 2) under DDP: a batch without any box gives finite
+    """Guards images with no objects (valid input) under DDP: a batch without any box gives finite
     losses and a gradient for every parameter (the segmentation branch included)."""
     model = build_model(tiny_fcosis())
     images, targets = toy_instances()

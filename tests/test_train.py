@@ -1,5 +1,6 @@
 """train.py and eval.py as a user runs them: tiny runs through the command line on a tiny
-synthetic set (a few seconds each), resume, and the bad inputs of DESIGN section 7."""
+synthetic set (a few seconds each), resume, and the bad inputs of README, "What happens when
+things fail"."""
 import hashlib
 import json
 import os

@@ -3,10 +3,10 @@ the ImageNet DLA-34, torchvision's FCOS and our own checkpoints imported with ev
 accounted for; the refusals; torchvision parity of the decoded detections; CenterNet's BGR / COCO
 input format; train.py started from a file.
 
-No network and no real weights: state dicts are fabricated from the key manifests of the shared
-weights folder ($WEIGHTS_MANIFESTS, names and shapes only; the tests that need them skip without
-it), with random values; the parity test builds torchvision's FCOS with random weights and reads
-two COCO128 images ($COCO128, skipped without it)."""
+No network and no real weights: state dicts are fabricated from the key manifests in
+$WEIGHTS_MANIFESTS (default data/weights; names and shapes only, see README "Tests"; the tests
+that need them skip without them), with random values; the parity test builds torchvision's FCOS
+with random weights and reads two COCO128 images ($COCO128, skipped without it)."""
 import json
 import os
 import subprocess
@@ -29,7 +29,7 @@ IMAGENET = "dla34_imagenet_keys.json"
 
 
 def manifest(name):
-    """{key: shape} of a published checkpoint (the shared manifests); skip when absent."""
+    """{key: shape} of a published checkpoint (its manifest in WEIGHTS_MANIFESTS); skip when absent."""
     path = os.path.join(WEIGHTS_MANIFESTS, name)
     if not os.path.isfile(path):
         pytest.skip(f"key manifest {path} not found (set WEIGHTS_MANIFESTS)")
