@@ -341,3 +341,68 @@ def test_predict_on_own_pictures(trained, tmp_path):
         <= set(ckpt["class_names"])
     r = run("predict.py", f"--ckpt={run_dir / 'out' / 'ckpt.pt'}", f"--input={tmp_path / 'nothing*.png'}", cwd=tmp_path)
     assert r.returncode != 0 and "names no file" in r.stderr and "Traceback" not in r.stderr
+
+
+HOST_READS = """
+import atexit, os, runpy, sys, torch
+TRAIN = {train!r}
+reads = [0]
+
+
+def counted(name):
+    original = getattr(torch.Tensor, name)
+
+    def read(self, *args, **kwargs):  # a tensor value read on the host by a line of train.py itself
+        if sys._getframe(1).f_code.co_filename == TRAIN:
+            reads[0] += 1
+        return original(self, *args, **kwargs)
+    setattr(torch.Tensor, name, read)
+
+
+for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+    counted(name)
+atexit.register(lambda: print("HOST_READS", reads[0], flush=True))
+sys.argv = [TRAIN] + sys.argv[1:]
+sys.path.insert(0, os.path.dirname(TRAIN))
+runpy.run_path(TRAIN, run_name="__main__")
+"""
+
+
+def test_training_loop_reads_the_host_per_log_line_not_per_step_and_accumulates(tmp_path):
+    """Guards the loop's device-side tally (nanoGPT: the loss is read at log_interval only): the
+    number of tensor reads on the host by train.py's own lines (.item(), .tolist(), bool(), float(),
+    int() of a tensor) does not grow with the number of steps: 4 steps with one log line and one
+    evaluation read exactly as often as 8 steps with one log line and one evaluation (a read per
+    step, as `if not torch.isfinite(loss)` and a `.item()` per loss term were, gives 4 more).
+    The second run also accumulates 2 micro-batches of 2 images per step: 8 images / (2 x 2) = 2
+    steps per epoch, so its 8 steps are 4 epochs."""
+    wrapper = tmp_path / "count_reads.py"
+    wrapper.write_text(HOST_READS.format(train=os.path.join(ROOT, "train.py")))
+    counts = {}
+    for name, args in (("4", ["--max_iters=4", "--log_interval=4", "--eval_interval=4"]),
+                       ("8", ["--max_iters=8", "--log_interval=8", "--eval_interval=8", "--batch_size=2",
+                              "--gradient_accumulation_steps=2"])):
+        work = tmp_path / name
+        work.mkdir()
+        r = subprocess.run([sys.executable, str(wrapper), f"--shapes_dir={tmp_path / 'shapes'}",
+                            f"--out_dir={work / 'out'}", *TINY, *args], cwd=work, capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        counts[name] = int(r.stdout.split("HOST_READS ")[1].split()[0])
+        log = r.stdout
+    assert counts["8"] == counts["4"] > 0, counts
+    # the accumulating run: 8 images / (2 x 2) = 2 steps per epoch, 4 images per step
+    assert "training for 8 iterations (2 per epoch, batch 2 x 1 x 2 micro-batches)" in log
+    assert "iter 8/8 (epoch 4.0)" in log
+
+
+def test_gradient_accumulation_steps_bad_values(tmp_path):
+    """Guards gradient_accumulation_steps values that cannot work: 0, and more micro-batches per
+    step than the epoch holds (8 images in batches of 4: 2 batches < 3), each one line naming the
+    key, no traceback."""
+    r = train(tmp_path, "--max_iters=1", "--gradient_accumulation_steps=0")
+    assert r.returncode != 0 and "gradient_accumulation_steps must be an integer >= 1, got 0" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = train(tmp_path, "--max_iters=1", "--gradient_accumulation_steps=3")
+    assert r.returncode != 0 and "batch_size=4 x 3 micro-batch(es) x 1 process(es) is larger" in r.stderr
+    assert "Traceback" not in r.stderr
