@@ -50,7 +50,7 @@ from dataclasses import fields
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import ModelConfig, build_model, auto_dtype
+from model import ModelConfig, MicroBatchNormalizers, build_model, auto_dtype
 
 # -----------------------------------------------------------------------------
 # bench settings
@@ -381,6 +381,12 @@ def post_process():  # under the same autocast as in inference, where decode run
 
 
 t_post = median_seconds(post_process)
+# gradient_accumulation_steps > 1: train.py's extra cost per step, the normaliser recording pass
+# (model.MicroBatchNormalizers: a forward without gradients of each micro-batch), on this batch
+t_record = None
+if gradient_accumulation_steps > 1:
+    raw_model.train()
+    t_record = median_seconds(lambda: MicroBatchNormalizers().record(raw_model, [(images, targets)], amp))
 # eval.py then maps every detection back to the original image (boxes / scale, masks resized to
 # the original size and thresholded): timed for an original 1.25x the input (COCO's 640 -> 512)
 try:  # eval.py reads COCO with pycocotools; a bare GPU machine (PyTorch only) may lack it
@@ -451,6 +457,8 @@ results = {
     "flops_train_per_img": flops_train / B, "flops_infer_per_img": flops_infer / B,
     "gflops_train_achieved": flops_train / t_train / 1e9, "gflops_infer_achieved": flops_infer / t_infer / 1e9,
     "peak_flops": peak, "mfu_train": mfu_train, "mfu_infer": mfu_infer, "compile": bool(compile),
+    "record_ms_per_img": t_record * 1e3 / B if t_record else None,
+    "record_over_train": t_record / t_train if t_record else None,
     "train_first_call_s": FIRST_CALL_S.get("train"), "infer_first_call_s": FIRST_CALL_S.get("infer"),
 }
 if to_original is None:  # not timed (no pycocotools): the shares above count the mapping as 0
@@ -530,6 +538,9 @@ rows = [
     ("first call train | inference" + (" (compilation included)" if compile else ""),
      f"{fmt(r['train_first_call_s'], '.1f')} | {fmt(r['infer_first_call_s'], '.1f')} s"),
 ]
+if t_record:
+    rows.append(("normaliser recording pass (gradient_accumulation_steps > 1)",
+                 f"{r['record_ms_per_img']:.2f} ms/img = {r['record_over_train']:.2f}x the train step"))
 if loader:
     rows.append((f"training DataLoader ({num_workers} workers) | train step", f"{r['loader_images_per_s']:.1f} | "
                  f"{r['train_images_per_s']:.1f} img/s = {r['loader_over_train']:.1f}x"))

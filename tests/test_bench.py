@@ -91,17 +91,20 @@ def test_bench_loader_on_coco128():
 def test_bench_without_pycocotools(tmp_path):
     """Guards a bare GPU machine (PyTorch only): bench.py must run without pycocotools (eval.py
     imports it), skip only the mapping to the original size, and say so. A `pycocotools` package
-    that raises ImportError shadows the installed one."""
+    that raises ImportError shadows the installed one. The run also times gradient accumulation's
+    normaliser recording pass (asked with gradient_accumulation_steps=2)."""
     fake = tmp_path / "pycocotools"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('pycocotools hidden by the test')\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *TINY], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *TINY, "--gradient_accumulation_steps=2"],
+                       cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mapping to the original size is not timed (pycocotools hidden by the test)" in r.stdout
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["to_original_ms_per_img"] is None and res["infer_ms_per_img"] > 0
+    assert res["record_ms_per_img"] > 0 and res["record_over_train"] > 0  # the accumulation's recording pass
 
 
 def test_bench_gpu_script_runs_a_row_on_the_cpu(tmp_path):
