@@ -484,6 +484,7 @@ if peers:
 
 # -- the training data loader on real images ----------------------------------------------------------
 results["loader_images_per_s"] = results["train_images_per_s"] = results["loader_over_train"] = None
+results["loader_worker_images_per_s"] = results["loader_workers_needed"] = None
 if loader:
     from functools import partial
     from torch.utils.data import DataLoader
@@ -513,6 +514,17 @@ if loader:
     results["loader_images_per_s"] = n / (time.perf_counter() - t0)
     results["train_images_per_s"] = 1e3 / results["train_ms_per_img"]
     results["loader_over_train"] = results["loader_images_per_s"] / results["train_images_per_s"]
+    # One worker's rate: what each DataLoader worker does (dataset[i] and collate_fn, one torch
+    # thread), here in this process (so without the batch's transfer to the main process), and
+    # how many such workers one train step's rate needs.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    for k in range(loader_batches):
+        collate_fn([train_set[(k * B + j) % len(train_set)] for j in range(B)], size_divisibility=d)
+    results["loader_worker_images_per_s"] = loader_batches * B / (time.perf_counter() - t0)
+    torch.set_num_threads(threads_before)
+    results["loader_workers_needed"] = results["train_images_per_s"] / results["loader_worker_images_per_s"]
 
 # -- report -----------------------------------------------------------------------------------------
 def fmt(v, spec):
@@ -544,6 +556,8 @@ if t_record:
 if loader:
     rows.append((f"training DataLoader ({num_workers} workers) | train step", f"{r['loader_images_per_s']:.1f} | "
                  f"{r['train_images_per_s']:.1f} img/s = {r['loader_over_train']:.1f}x"))
+    rows.append(("one loader worker (dataset[i] + collate, 1 thread) | workers per train step",
+                 f"{r['loader_worker_images_per_s']:.1f} img/s | {r['loader_workers_needed']:.1f}"))
 if peers:
     for name, title in (("fcos", "torchvision fcos_resnet50_fpn"), ("maskrcnn", "torchvision maskrcnn_resnet50_fpn")):
         rows.append((f"{title} train | inference",

@@ -20,6 +20,9 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -28,7 +31,7 @@ if ROOT not in sys.path:
 import data  # noqa: E402
 from data import CocoInstances, build_transforms, collate_fn, write_shapes_dataset  # noqa: E402
 
-COCO128 = os.environ.get("COCO128", os.path.join(ROOT, "..", "shared", "data", "coco128"))
+COCO128 = os.environ.get("COCO128", os.path.join(ROOT, "data", "coco128"))
 # pycocotools' decode triggers a numpy 2 DeprecationWarning inside pycocotools itself
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -645,6 +648,125 @@ def test_keep_res_test_transform(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# 3b. the masks' fast path (_resize_masks) against the previous one, the reference
+
+def reference_resize_masks(masks, src, dst, canvas, flip=False):
+    """The previous mask path: every instance resized over the whole region with TF.resize
+    (nearest, as tv_tensors.Mask), pasted into a zero canvas, flipped last."""
+    (x0, y0, x1, y1), (u0, v0, u1, v1) = src, dst
+    out = torch.zeros(masks.shape[0], *canvas, dtype=torch.uint8)
+    if masks.shape[0]:
+        out[:, v0:v1, u0:u1] = TF.resize(tv_tensors.Mask(masks[:, y0:y1, x0:x1]), [v1 - v0, u1 - u0])
+    return TF.horizontal_flip(tv_tensors.Mask(out)).as_subclass(torch.Tensor) if flip else out
+
+
+def reference_transform(transform, monkeypatch):
+    """The previous transforms, (pil_image, target) -> (image, target), on contiguous masks (the
+    previous layout): the centernet training crop with reference_resize_masks; the fcos and test
+    paths as they were, v2.Resize of image and masks together, then v2.RandomHorizontalFlip of
+    image, boxes and masks (its own draw)."""
+    def call(pil_image, target):
+        target = dict(target, masks=tv_tensors.Mask(target["masks"].contiguous()))
+        if transform.kind == "centernet" and transform.train:
+            with monkeypatch.context() as mp:
+                mp.setattr(data, "_resize_masks", reference_resize_masks)
+                return transform(pil_image, target)
+        image = TF.to_image(pil_image)
+        H0, W0 = image.shape[-2:]
+        scale = transform._scale(H0, W0)
+        h, w = max(1, round(H0 * scale)), max(1, round(W0 * scale))
+        image, masks = v2.Resize((h, w), antialias=True)(image, target["masks"])
+        boxes = tv_tensors.BoundingBoxes(target["boxes"].as_subclass(torch.Tensor) * scale,
+                                         format="XYXY", canvas_size=(h, w))
+        if transform.train:
+            scale = 0.5 * (h / H0 + w / W0)
+        if transform.flip_prob > 0:
+            image, boxes, masks = v2.RandomHorizontalFlip(transform.flip_prob)(image, boxes, masks)
+        return data._finish(data._to_normalized(image, transform.input_format), boxes, masks, target, scale)
+    return call
+
+
+def assert_same_sample(got, want, what):
+    (image, t), (image_ref, t_ref) = got, want
+    assert torch.equal(image, image_ref), what
+    assert t.keys() == t_ref.keys(), what
+    for k in t:
+        assert torch.equal(t[k], t_ref[k]) if torch.is_tensor(t[k]) else t[k] == t_ref[k], (what, k)
+    assert t["masks"].dtype == torch.uint8 and t["masks"].is_contiguous(), what
+
+
+def test_nearest_index_is_tv_resize_of_masks():
+    """Guards _nearest_index drifting from the nearest-neighbour resize that TF.resize applies
+    to a tv_tensors.Mask (the fast mask path would then differ from the previous one): picking
+    columns by it gives TF.resize's result, down- and upsampling, identity, x2, odd sizes."""
+    g = torch.Generator().manual_seed(0)
+    for n_in in (1, 2, 3, 7, 64, 127, 480, 640, 1333):
+        for n_out in (1, 2, 5, 64, 96, 127, 256, 512, 800, 1066, 1399, n_in, 2 * n_in):
+            m = torch.randint(0, 2, (16, 1, n_in), dtype=torch.uint8, generator=g)  # a wrong index shows
+            want = TF.resize(tv_tensors.Mask(m), [1, n_out])
+            assert torch.equal(m[:, :, data._nearest_index(n_in, n_out)], want), (n_in, n_out)
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_resize_masks_equals_reference(column_major):
+    """Guards the fast mask path (each instance resampled over its own extent only, into a zero
+    canvas) against the previous one (reference_resize_masks): bit for bit, for contiguous
+    masks and CocoInstances' column-major ones, identity, up- and downsampling, one output
+    pixel, a crop pasted into a larger canvas (the centernet window), flips, an empty mask,
+    single pixels on the corners and edges, pixels outside the cropped region."""
+    g = torch.Generator().manual_seed(0)
+    H0, W0 = 37, 53
+    masks = torch.zeros(9, H0, W0, dtype=torch.uint8)
+    masks[0, 5:20, 10:30] = 1                                      # a rectangle
+    masks[1] = torch.rand(H0, W0, generator=g) < 0.3               # noise everywhere
+    masks[2, 0, 0] = masks[2, -1, -1] = 1                          # two corners
+    masks[3, 17, 0] = masks[3, 0, 40] = 1                          # two edges
+    masks[4, 30:, 45:] = 1                                         # bottom right: outside some crops
+    masks[6, 10, 12] = 1                                           # one pixel (5 stays empty)
+    masks[7, 2:35, 2:51] = torch.rand(33, 49, generator=g) < 0.9   # large, with holes
+    masks[8, :, 26] = 1                                            # one column
+    if column_major:  # (N, H0, W0) view of (N, W0, H0) memory, as CocoInstances decodes
+        masks = masks.transpose(1, 2).contiguous().transpose(1, 2)
+    cases = [((0, 0, W0, H0), (0, 0, W0, H0), (H0, W0)),     # identity
+             ((0, 0, W0, H0), (0, 0, 88, 62), (62, 88)),     # upsampling (fcos)
+             ((0, 0, W0, H0), (0, 0, 20, 14), (14, 20)),     # downsampling
+             ((0, 0, W0, H0), (0, 0, 1, 1), (1, 1)),         # to one pixel
+             ((7, 3, 41, 30), (10, 0, 64, 45), (64, 64)),    # a crop pasted into a canvas (centernet)
+             ((12, 0, W0, 22), (0, 9, 24, 32), (32, 32)),
+             ((0, 0, W0, H0), (5, 11, 47, 40), (48, 48))]    # the whole image inside a larger window
+    for src, dst, canvas in cases:
+        for flip in (False, True):
+            got = data._resize_masks(tv_tensors.Mask(masks), src, dst, canvas, flip)
+            assert got.dtype == torch.uint8 and got.is_contiguous() and got.shape == (9, *canvas)
+            assert torch.equal(got, reference_resize_masks(masks, src, dst, canvas, flip)), (src, dst, flip)
+    assert data._resize_masks(masks[:0], *cases[1]).shape == (0, 62, 88)
+
+
+TRANSFORM_CASES = [("centernet", True, {}), ("fcos", True, {}), ("fcos", True, {"scale_range": (0.8, 1.0)}),
+                   ("centernet", False, {}), ("centernet", False, {"keep_res": True}), ("fcos", False, {})]
+
+
+def test_transforms_equal_reference_on_shapes(shapes, monkeypatch):
+    """Guards the transforms against the previous ones (reference_transform) on the synthetic
+    set, whose masks are compressed RLE: from the same seed the same image, boxes, labels and
+    masks, bit for bit, for the centernet crop (flips, windows leaving the image), fcos training
+    (single- and multi-scale, flips) and the test transforms."""
+    ds = CocoInstances(shapes["train_img_dir"], shapes["train_ann"], max_images=6)
+    for kind, train, kw in TRANSFORM_CASES:
+        size, kw = (96, kw) if kind == "centernet" else (160, dict(kw, max_size=267))
+        transform = build_transforms(kind, train, size, **kw)
+        reference = reference_transform(transform, monkeypatch)
+        for seed in range(3 if train else 1):
+            for i in range(len(ds)):
+                ds.transforms = transform
+                torch.manual_seed(seed)
+                got = ds[i]
+                ds.transforms = reference
+                torch.manual_seed(seed)
+                assert_same_sample(got, ds[i], (kind, train, kw, seed, i))
+
+
+# -----------------------------------------------------------------------------
 # 4. collate
 
 def test_collate_pads_images_and_masks():
@@ -678,6 +800,21 @@ def test_dataloader_end_to_end(shapes):
     for t in targets:
         assert set(t) == {"boxes", "labels", "masks", "image_id", "orig_size", "size", "scale"}
         assert t["masks"].shape[1:] == (128, 128) and t["size"].tolist() == [100, 100]
+
+
+def test_dataloader_worker_batch_equals_main_process(shapes):
+    """Guards collate_fn's batch in a DataLoader worker (allocated uninitialised in shared
+    memory, only the padding zeroed): the batch a worker sends equals the one collated in the
+    main process, padding included (100 px inputs padded to 128)."""
+    ds = CocoInstances(shapes["val_img_dir"], shapes["val_ann"],
+                       transforms=build_transforms("fcos", False, 100, max_size=150))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_fn, num_workers=1)
+    images, targets = next(iter(loader))
+    want_images, want_targets = collate_fn([ds[i] for i in range(4)])
+    assert images.shape == (4, 3, 128, 128) and torch.equal(images, want_images)
+    for t, want in zip(targets, want_targets):
+        assert t["masks"].shape[1:] == (128, 128) and torch.equal(t["masks"], want["masks"])
+        assert torch.equal(t["boxes"], want["boxes"]) and torch.equal(t["labels"], want["labels"])
 
 
 # -----------------------------------------------------------------------------
@@ -833,6 +970,46 @@ def test_coco128_real_images():
                 assert 0 <= t["labels"].min() and t["labels"].max() < 80
                 assert (t["masks"].flatten(1).sum(1) > 0).all()
                 assert ((t["boxes"][:, 2:] - t["boxes"][:, :2]) >= 1).all()
+
+
+@pytest.mark.skipif(not os.path.isdir(COCO128), reason=f"COCO128 not found at {COCO128}")
+@pytest.mark.filterwarnings("ignore:.*categories have no annotation at all")
+def test_coco128_fast_masks_equal_reference(monkeypatch):
+    """Guards the loader's fast mask path on real images (polygons with holes and several
+    parts, crowd RLE skipped, landscape and portrait, the training sizes 512 and 800):
+    (1) the decoded masks (column-major, a transposed view) are pycocotools' annToMask of every
+    non-crowd annotation; (2) every transform gives what the previous one gave
+    (reference_transform) from the same seed: images, boxes, labels equal and every instance's
+    mask identical, IoU 1. Bound measured on all 128 images, 3 seeds, both training transforms
+    and the test ones: every mask bit-identical (the fast path resamples with the resize's own
+    source indices), so the bound asserted is equality. Here 12 images, to keep it short."""
+    ann_file = os.path.join(COCO128, "annotations", "instances_train2017.json")
+    with open(ann_file) as f:
+        d = json.load(f)
+    images = sorted(d["images"], key=lambda im: im["id"])
+    crowd = sorted({a["image_id"] for a in d["annotations"] if a["iscrowd"]})[:2]
+    portrait = [im["id"] for im in images if im["height"] > im["width"]][:2]
+    ids = list(dict.fromkeys([im["id"] for im in images[:8]] + crowd + portrait))
+    ds = CocoInstances(os.path.join(COCO128, "train2017"), ann_file, image_ids=ids)
+    for i, image_id in enumerate(ids):                                  # (1) decoding
+        _, t = ds[i]
+        anns = [a for a in ds.coco.imgToAnns[image_id] if not a["iscrowd"]]
+        want = np.stack([ds.coco.annToMask(a) for a in anns])
+        assert torch.equal(t["masks"], torch.from_numpy(want)), image_id
+    for kind, train, kw in TRANSFORM_CASES:                            # (2) the transforms
+        if kw.get("keep_res") or kw.get("scale_range"):
+            continue  # (on the shapes set; the 12 images x 6 cases here would double the time)
+        size, kw = (512, kw) if kind == "centernet" else (800, dict(kw, max_size=1333))
+        transform = build_transforms(kind, train, size, **kw)
+        reference = reference_transform(transform, monkeypatch)
+        for seed in range(2 if train else 1):
+            for i in range(len(ds)):
+                ds.transforms = transform
+                torch.manual_seed(seed)
+                got = ds[i]
+                ds.transforms = reference
+                torch.manual_seed(seed)
+                assert_same_sample(got, ds[i], (kind, train, seed, ds.ids[i]))
 
 
 def test_dataset_paths_shapes_and_data_root():
