@@ -839,7 +839,7 @@ def topk_peaks(heat, k):
     """
     B, C, h, w = heat.shape
     peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat)                # keep local maxima
-    scores, idx = peaks.view(B, -1).topk(min(k, C * h * w))              # (B, K)
+    scores, idx = peaks.reshape(B, -1).topk(min(k, C * h * w))           # (B, K); reshape: a channels_last map too
     labels = idx // (h * w)
     ys, xs = (idx % (h * w)) // w, idx % w                               # (B, K)
     return scores, labels, ys, xs

@@ -120,6 +120,8 @@ if device == "auto":
 if device.startswith("cuda") and not torch.cuda.is_available():
     sys.exit(f"train.py: device={device!r} was asked for but no CUDA GPU is visible; "
              "use --device=cpu (or --device=auto)")
+if ddp and sync_bn and not device.startswith("cuda"):  # SyncBatchNorm's forward refuses CPU tensors in a group
+    sys.exit("train.py: sync_bn=True needs GPUs (torch's SyncBatchNorm does not run on the CPU); use --sync_bn=False")
 if ddp:
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):

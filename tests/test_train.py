@@ -406,3 +406,16 @@ def test_gradient_accumulation_steps_bad_values(tmp_path):
     r = train(tmp_path, "--max_iters=1", "--gradient_accumulation_steps=3")
     assert r.returncode != 0 and "batch_size=4 x 3 micro-batch(es) x 1 process(es) is larger" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_sync_bn_on_the_cpu_stops_before_any_work(tmp_path):
+    """Guards sync_bn=True in a torchrun process on the CPU: torch's SyncBatchNorm raises inside a
+    process group on CPU tensors (tests/test_gpu_paths.py records it), which would surface as a
+    traceback at the first training step; train.py stops first, one line, before the process
+    group and the data (torchrun's environment variables are set by hand: one process)."""
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29599")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--sync_bn=True", "--device=cpu",
+                        f"--out_dir={tmp_path / 'out'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "sync_bn=True needs GPUs" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
