@@ -746,6 +746,20 @@ TRANSFORM_CASES = [("centernet", True, {}), ("fcos", True, {}), ("fcos", True, {
                    ("centernet", False, {}), ("centernet", False, {"keep_res": True}), ("fcos", False, {})]
 
 
+def assert_transform_matches_reference(ds, transform, monkeypatch, seeds, what):
+    """Every sample of `ds` through `transform` and through its reference_transform, from the
+    same torch seed (0 .. seeds - 1), must be the same sample bit for bit."""
+    reference = reference_transform(transform, monkeypatch)
+    for seed in range(seeds):
+        for i in range(len(ds)):
+            ds.transforms = transform
+            torch.manual_seed(seed)
+            got = ds[i]
+            ds.transforms = reference
+            torch.manual_seed(seed)
+            assert_same_sample(got, ds[i], (*what, seed, ds.ids[i]))
+
+
 def test_transforms_equal_reference_on_shapes(shapes, monkeypatch):
     """Guards the transforms against the previous ones (reference_transform) on the synthetic
     set, whose masks are compressed RLE: from the same seed the same image, boxes, labels and
@@ -755,15 +769,7 @@ def test_transforms_equal_reference_on_shapes(shapes, monkeypatch):
     for kind, train, kw in TRANSFORM_CASES:
         size, kw = (96, kw) if kind == "centernet" else (160, dict(kw, max_size=267))
         transform = build_transforms(kind, train, size, **kw)
-        reference = reference_transform(transform, monkeypatch)
-        for seed in range(3 if train else 1):
-            for i in range(len(ds)):
-                ds.transforms = transform
-                torch.manual_seed(seed)
-                got = ds[i]
-                ds.transforms = reference
-                torch.manual_seed(seed)
-                assert_same_sample(got, ds[i], (kind, train, kw, seed, i))
+        assert_transform_matches_reference(ds, transform, monkeypatch, 3 if train else 1, (kind, train, kw))
 
 
 # -----------------------------------------------------------------------------
@@ -1001,15 +1007,7 @@ def test_coco128_fast_masks_equal_reference(monkeypatch):
             continue  # (on the shapes set; the 12 images x 6 cases here would double the time)
         size, kw = (512, kw) if kind == "centernet" else (800, dict(kw, max_size=1333))
         transform = build_transforms(kind, train, size, **kw)
-        reference = reference_transform(transform, monkeypatch)
-        for seed in range(2 if train else 1):
-            for i in range(len(ds)):
-                ds.transforms = transform
-                torch.manual_seed(seed)
-                got = ds[i]
-                ds.transforms = reference
-                torch.manual_seed(seed)
-                assert_same_sample(got, ds[i], (kind, train, seed, ds.ids[i]))
+        assert_transform_matches_reference(ds, transform, monkeypatch, 2 if train else 1, (kind, train))
 
 
 def test_dataset_paths_shapes_and_data_root():
