@@ -50,77 +50,31 @@ from dataclasses import fields
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import ModelConfig, MicroBatchNormalizers, build_model, auto_dtype
+from configurator import defaults_of
+from model import ModelConfig, MicroBatchNormalizers, build_model, auto_dtype, check_settings, method_transform
 
 # -----------------------------------------------------------------------------
-# bench settings
-batch_size = 2
-input_size = 512                  # square side of the synthetic images (rounded up to the model's size divisibility)
-device = "auto"                   # "auto", "cpu", "cuda", "cuda:1", ...
-dtype = "auto"                    # "auto": GPU bf16 (else fp16); CPU bf16 where native, else fp32 (as train.py)
+# train.py's config keys with train.py's defaults (model.ModelConfig's fields among them), so that
+# the same config files run here. bench.py reads the model keys, batch_size, input_size, device,
+# dtype, threads, compile, channels_last, seed, learning_rate, gradient_accumulation_steps and,
+# with real_data, transform / input_format / max_size / val_img_dir / val_ann / the train split
+# (loader=True); the others are accepted and ignored (the timed train step always uses Adam, [CM 3.5]).
+globals().update(defaults_of(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")))
+# bench settings, and the train.py keys whose default differs here
+batch_size = 2                    # images per timed step (train.py: 32)
+seed = 0                          # of the synthetic batch (random pixels, boxes and masks)
+num_classes = 80                  # COCO's (train.py: 0 = the training set's; real_data must have as many)
 burn_in = 2                       # untimed runs before each measurement
 steps = 5                         # timed runs; the median is reported
-threads = 0                       # CPU threads for torch (0: all cores)
-channels_last = True              # on GPU only
-compile = False                   # torch.compile the model (train and inference; decode is timed eagerly)
 peers = False                     # also time torchvision's fcos_resnet50_fpn and maskrcnn_resnet50_fpn
 real_data = ""                    # COCO-format folder (like train.py's data_root): use its first batch_size val images
 loader = False                    # also time the training DataLoader on real_data's train split (images/s)
 loader_batches = 20               # batches timed (after one untimed)
 coloring = False                  # instead of a model: FCOSIS's Largest-First colouring of every image's
                                   # ground-truth boxes in real_data's val_ann (colours vs instances, time)
-seed = 0
-learning_rate = 2.5e-4            # Adam's lr for the train steps (its value does not change the timing)
-# model: every ModelConfig field is a config key
-globals().update({f.name: f.default for f in fields(ModelConfig)})
-# train.py keys that the shipped configs set: accepted so the same config files work here.
-# Ignored, except val_img_dir / val_ann (with real_data) and learning_rate above.
-out_dir = "out"
-init_from = "scratch"
-log_interval = 20
-eval_interval = 0
-eval_every_epochs = 10
-eval_max_images = 500
-ckpt_interval = 0
-visualize = False
-vis_images = 8
-data_root = "data/coco"
-train_img_dir = "train2017"
-train_ann = "annotations/instances_train2017.json"
-val_img_dir = "val2017"
-val_ann = "annotations/instances_val2017.json"
-shapes_dir = ""
-shapes_n_train = 1000
-shapes_n_val = 200
-shapes_size = 128
-max_train_images = 0
-max_val_images = 0
-transform = "centernet"           # with real_data: the test transform of the config ("centernet" or "fcos")
-max_size = 1333
-scale_range = (0.6, 1.3)
-flip_prob = 0.5
-color_jitter = 0.4
-num_workers = 4
-epochs = 130
-gradient_accumulation_steps = 1
-max_iters = 0
-lr_schedule = "step"
-lr_steps = (100, 120)
-lr_decay = 0.1
-warmup_iters = 0
-warmup_method = "linear"
-warmup_factor = 0.0
-optimizer = "adam"                # the bench always uses Adam ([CM 3.5])
-weight_decay = 0.0
-bias_lr_factor = 1.0
-bias_weight_decay = None
-grad_clip = 0.0
-ema_decay = 0.0
-test_input_size = 0
-keep_res = False
-sync_bn = False
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+transform = transform or method_transform(method)   # as train.py
 config = config_from_globals(globals())
 # -----------------------------------------------------------------------------
 
@@ -198,7 +152,7 @@ def real_batch(B, size_divisibility):
     p = lambda rel: rel if os.path.isabs(rel) else os.path.join(real_data, rel)  # noqa: E731
     try:
         ds = CocoInstances(p(val_img_dir), p(val_ann), max_images=B,
-                           transforms=build_transforms(transform, False, input_size,
+                           transforms=build_transforms(transform, False, input_size, input_format=input_format,
                                                        **({"max_size": max_size} if transform == "fcos" else {})))
         if ds.num_classes != num_classes:
             sys.exit(f"bench.py: {p(val_ann)} has {ds.num_classes} categories but num_classes={num_classes}")
@@ -331,7 +285,7 @@ if coloring:
 # -- model and batch ------------------------------------------------------------------------------
 model_args = {f.name: config[f.name] for f in fields(ModelConfig)}
 try:
-    raw_model = build_model(ModelConfig(**model_args)).to(device)
+    raw_model = build_model(check_settings(model_args)).to(device)   # train.py's checks of the model keys
 except ValueError as e:
     sys.exit(f"bench.py: {e}")
 d = raw_model.size_divisibility
@@ -396,11 +350,10 @@ except ImportError as e:
     to_original = _masks_to_original = None
 outputs = post_process()
 originals = [{"orig_size": (round(H * 1.25), round(W * 1.25)), "size": (H, W), "scale": 0.8}] * B
-mask_threshold = getattr(raw_model, "mask_threshold", 0.5)
 
 
 def map_to_original():
-    return [to_original(o, t, mask_threshold) for o, t in zip(outputs, originals)]
+    return [to_original(o, t, raw_model.mask_threshold) for o, t in zip(outputs, originals)]
 
 
 t_orig = median_seconds(map_to_original) if to_original is not None else 0.0
@@ -410,7 +363,7 @@ n_dets = sum(len(o["boxes"]) for o in outputs) / B
 # (eval.py's dense path, taken when boxes are large), is timed too.
 box_side = [((o["boxes"][:, 2:] - o["boxes"][:, :2]).clamp(min=0).prod(1).sqrt()) for o in outputs]
 box_side = torch.cat(box_side).mean().item() if n_dets else 0.0
-t_orig_dense = median_seconds(lambda: [_masks_to_original(o["masks"], t["size"], t["orig_size"], mask_threshold)
+t_orig_dense = median_seconds(lambda: [_masks_to_original(o["masks"], t["size"], t["orig_size"], raw_model.mask_threshold)
                                        for o, t in zip(outputs, originals)]) if "masks" in outputs[0] and to_original else t_orig
 del heads_output, outputs
 
@@ -474,7 +427,7 @@ if peers:
         timed[i][0].eval()
         # detections per image: with random weights each model keeps a different number (its own
         # score threshold), and the mask branches cost per detection: compare at equal counts
-        # with --max_detections (see README, speed notes)
+        # with --max_detections (README, "Speed notes", command (2))
         results[f"peer_{name}_detections_per_img"] = sum(len(o["boxes"]) for o in timed[i][2]()) / B
         results[f"peer_{name}_train_ms_per_img"] = pt_train * 1e3 / B
         results[f"peer_{name}_infer_ms_per_img"] = pt_infer * 1e3 / B
@@ -492,7 +445,7 @@ if loader:
     if not real_data:
         sys.exit("bench.py: loader=True needs --real_data=DIR (a COCO folder; train_img_dir/train_ann relative to it)")
     p = lambda rel: rel if os.path.isabs(rel) else os.path.join(real_data, rel)  # noqa: E731
-    kw = dict(scale_range=scale_range, flip_prob=flip_prob, color_jitter=color_jitter,
+    kw = dict(scale_range=scale_range, flip_prob=flip_prob, color_jitter=color_jitter, input_format=input_format,
               **({"max_size": max_size} if transform == "fcos" else {}))
     try:
         train_set = CocoInstances(p(train_img_dir), p(train_ann), transforms=build_transforms(transform, True, input_size, **kw))

@@ -58,6 +58,21 @@ def config_from_globals(namespace):
             if not k.startswith('_') and isinstance(v, _CONFIG_TYPES)}
 
 
+def defaults_of(script):
+    """The config keys and defaults of another script: its source up to the line that execs this
+    file, run in a fresh namespace (imports included). bench.py takes train.py's this way, so
+    that one config file serves both and the defaults are written once."""
+    with open(script) as f:
+        source = f.read()
+    marker = source.find('"configurator.py")).read())')
+    if marker < 0:
+        raise ConfigError(f"{script} does not exec configurator.py: no config defaults to read")
+    head = source[:source.rfind("\n", 0, marker) + 1]           # up to the line before the exec
+    namespace = {"__file__": os.path.abspath(script), "__name__": "__defaults__"}
+    exec(builtins.compile(head, script, "exec"), namespace)
+    return config_from_globals(namespace)
+
+
 def _unknown_key(key, known, source):
     matches = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
     hint = (f"did you mean: {', '.join(matches)}?" if matches

@@ -47,6 +47,52 @@ _STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # mapping predictions back to the original image
 
 
+def _masks_to_original(masks, size, orig_size, threshold, boxes=None):
+    """(K, H, W) masks at padded network-input resolution -> (K, H0, W0) bool original masks.
+
+    The plain form: the padding cropped away (`size` = (h, w) before padding) so that it does
+    not stretch into the image, then F.interpolate(masks, (H0, W0), bilinear) > threshold.
+    Bool/uint8 masks are resized as 0/1 floats and thresholded at 0.5 (a 0/1 mask made by
+    nearest-downsampling by 1/2 comes back exactly).
+    With `boxes` (K, 4) in the input frame, the masks must be zero outside their boxes (every
+    model here crops them so; anything further out is dropped): when the boxes' windows are
+    small (the largest under 1/4 of the image), only each box's window of the original image is
+    computed, with the same bilinear taps as F.interpolate, all detections at once (padded to
+    the largest window). Otherwise (or without boxes): one dense `interpolate` of all
+    detections, in chunks that bound memory (~256 MB fp32).
+    """
+    if masks.dim() == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]                                      # (K, 1, H, W) -> (K, H, W)
+    if not masks.is_floating_point():
+        threshold = 0.5
+    h, w = size
+    H0, W0 = orig_size
+    masks = masks[:, :h, :w]                                     # (K, h, w)
+    K = masks.shape[0]
+    if K == 0:
+        return torch.zeros((0, H0, W0), dtype=torch.bool, device=masks.device)
+    if boxes is not None:
+        x_lo, x_hi = _box_windows(boxes.float(), W0, w, 0)       # (K,) original columns
+        y_lo, y_hi = _box_windows(boxes.float(), H0, h, 1)       # (K,) original rows
+        Wm, Hm = int((x_hi - x_lo).max()), int((y_hi - y_lo).max())
+        if Wm <= 0 or Hm <= 0:
+            return torch.zeros((K, H0, W0), dtype=torch.bool, device=masks.device)
+        if Hm * Wm * 4 < H0 * W0:  # windows (padded to the largest) well below the image: worth it
+            return _paste_windows(masks, (H0, W0), threshold, x_lo, x_hi, y_lo, y_hi, Wm, Hm)
+    chunk = max(1, (1 << 26) // (H0 * W0))
+    out = []
+    for i in range(0, K, chunk):
+        # the k masks as the channels of one image: 1.3x faster than k images of one channel (CPU)
+        m = masks[None, i:i + chunk].float()                     # (1, k, h, w)
+        m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)
+        out.append(m[0] > threshold)                             # (k, H0, W0) bool
+    return torch.cat(out)
+
+
+# The windowed fast path of `_masks_to_original`: the same bilinear taps, only over each box's
+# window of the original image.
+
+
 def _source_taps(n_out, n_in, start, length):
     """Bilinear taps (align_corners=False, exactly as F.interpolate with a `size`) of the output
     pixels start + 0 .. length-1 along one axis resized from n_in to n_out pixels.
@@ -102,48 +148,6 @@ def _paste_windows(masks, orig_size, threshold, x_lo, x_hi, y_lo, y_hi, Wm, Hm):
     out = torch.zeros((K, H0 * W0), dtype=torch.uint8, device=dev)
     out.scatter_reduce_(1, where.flatten(1), ((value > threshold) & ok).flatten(1).to(torch.uint8), "amax")
     return out.view(torch.bool).view(K, H0, W0)
-
-
-def _masks_to_original(masks, size, orig_size, threshold, boxes=None):
-    """(K, H, W) masks at padded network-input resolution -> (K, H0, W0) bool original masks.
-
-    The padding is cropped away first (`size` = (h, w) before padding) so that it does not
-    stretch into the image, then the masks are resized bilinearly as float and thresholded.
-    Bool/uint8 masks are resized as 0/1 floats and thresholded at 0.5 (a 0/1 mask made by
-    nearest-downsampling by 1/2 comes back exactly).
-    With `boxes` (K, 4) in the input frame, the masks must be zero outside their boxes (every
-    model here crops them so; anything further out is dropped): when the boxes' windows are
-    small (the largest under 1/4 of the image), only each box's window of the original image is
-    computed, with the same bilinear taps as F.interpolate, all detections at once (padded to
-    the largest window). Otherwise (or without boxes): one dense `interpolate` of all
-    detections, in chunks that bound memory (~256 MB fp32).
-    """
-    if masks.dim() == 4 and masks.shape[1] == 1:
-        masks = masks[:, 0]                                      # (K, 1, H, W) -> (K, H, W)
-    if not masks.is_floating_point():
-        threshold = 0.5
-    h, w = size
-    H0, W0 = orig_size
-    masks = masks[:, :h, :w]                                     # (K, h, w)
-    K = masks.shape[0]
-    if K == 0:
-        return torch.zeros((0, H0, W0), dtype=torch.bool, device=masks.device)
-    if boxes is not None:
-        x_lo, x_hi = _box_windows(boxes.float(), W0, w, 0)       # (K,) original columns
-        y_lo, y_hi = _box_windows(boxes.float(), H0, h, 1)       # (K,) original rows
-        Wm, Hm = int((x_hi - x_lo).max()), int((y_hi - y_lo).max())
-        if Wm <= 0 or Hm <= 0:
-            return torch.zeros((K, H0, W0), dtype=torch.bool, device=masks.device)
-        if Hm * Wm * 4 < H0 * W0:  # windows (padded to the largest) well below the image: worth it
-            return _paste_windows(masks, (H0, W0), threshold, x_lo, x_hi, y_lo, y_hi, Wm, Hm)
-    chunk = max(1, (1 << 26) // (H0 * W0))
-    out = []
-    for i in range(0, K, chunk):
-        # the k masks as the channels of one image: 1.3x faster than k images of one channel (CPU)
-        m = masks[None, i:i + chunk].float()                     # (1, k, h, w)
-        m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)
-        out.append(m[0] > threshold)                             # (k, H0, W0) bool
-    return torch.cat(out)
 
 
 def to_original(output, target, mask_threshold=0.5):
@@ -350,7 +354,7 @@ def grid_oracle(ann_file, stride, threshold=0.4, verbose=False):
     (align_corners=False, as the assembled masks are), cropped to (H, W) and binarised at
     `threshold` (0.4, [CM 3.5]),
     then scored (score 1) against the ground truth by COCOeval segm. It tells what a mask loss on
-    that grid can teach at best (README, "Quick start": 0.61 at stride 4 on the shapes set).
+    that grid can teach at best (RESULTS.md, "CenterMask quick start": 0.61 at stride 4 on the shapes set).
     Returns {"segm_AP": ..., ..., "segm_APl": ...}.
     """
     from pycocotools.coco import COCO
@@ -381,10 +385,11 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
              collate_fn=None):
     """COCO box (and mask) AP of `model` on a COCO-format dataset.
 
-    model: in eval mode `model(images (B, 3, H, W))` returns one dict per image (boxes,
-        scores, labels, optional masks; see `to_original`). Masks are thresholded at
-        `model.mask_threshold` if it has one, else 0.5. Moved to `device`; its train/eval
-        mode is restored on return. A DDP wrapper is unwrapped.
+    model: a model.Method (or anything with its eval-mode call, `size_divisibility` and
+        `mask_threshold`): `model(images (B, 3, H, W))` returns one dict per image (boxes,
+        scores, labels, optional masks; see `to_original`), masks thresholded at
+        `model.mask_threshold`. Moved to `device`; its train/eval mode is restored on return.
+        A DDP wrapper is unwrapped.
     loader_or_dataset: a DataLoader yielding `(images, targets)`, or a Dataset (then a
         loader is built with `collate_fn`, else the dataset's `collate_fn` attribute, else
         `data.collate_fn`). The (Subset-unwrapped) dataset must have `coco` (pycocotools
@@ -412,7 +417,7 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
     distributed, rank, world = _dist_info()
     net = _unwrap_model(model)
     loader = _make_loader(loader_or_dataset, batch_size, num_workers, device, max_images,
-                          collate_fn, distributed, getattr(net, "size_divisibility", 32))
+                          collate_fn, distributed, net.size_divisibility)
     dataset = _base_dataset(loader.dataset)
     for attr in ("coco", "label_to_cat_id"):
         if not hasattr(dataset, attr):
@@ -420,7 +425,7 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
                             f"COCO-format dataset (see data.CocoInstances)")
     limit = None if max_images is None else math.ceil(max_images / world)
 
-    mask_threshold = getattr(net, "mask_threshold", 0.5)
+    mask_threshold = net.mask_threshold
     was_training = net.training
     net.to(device).eval()
 
@@ -621,7 +626,7 @@ def _save_maps_figure(image, maps, path, capacity=5):
     fig.savefig(path, dpi=100)
 
 
-def visualize(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.3,
+def save_pictures(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.3,
               batch_size=1, amp_dtype=None, collate_fn=None, maps_fn=None):
     """Draw the predictions on the first `n` images of `dataset`; returns the PNG paths.
 
@@ -639,10 +644,10 @@ def visualize(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.3,
     net = _unwrap_model(model)
     subset = Subset(dataset, range(min(n, len(dataset))))
     loader = _make_loader(subset, batch_size, 0, device, None, collate_fn, False,
-                          getattr(net, "size_divisibility", 32))
+                          net.size_divisibility)
     class_names = getattr(base, "class_names", None)
     input_format = getattr(getattr(base, "transforms", None), "input_format", "rgb_imagenet")
-    mask_threshold = getattr(net, "mask_threshold", 0.5)
+    mask_threshold = net.mask_threshold
     was_training = net.training
     net.to(device).eval()
     os.makedirs(out_dir, exist_ok=True)
@@ -714,7 +719,6 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
 # command line
 
 if __name__ == "__main__":
-    draw = visualize           # the function; the config key `visualize` (a bool) shadows it
     # ---- config (overridable: python eval.py [CONFIG] --key=value) -------------------------
     ckpt = ""                  # checkpoint written by train.py (required)
     val_img_dir = None         # None: from the checkpoint's training config (data_root/shapes_dir)
@@ -806,8 +810,8 @@ if __name__ == "__main__":
                      results_json=results_json, amp_dtype=amp_dtype)
     if visualize:
         out = vis_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "vis")
-        # model.py may offer `teaching_maps(images)` (heatmap, shapes, saliency, ...)
-        written = draw(model, dataset, out, n=vis_n, device=device, amp_dtype=amp_dtype,
-                       maps_fn=getattr(model, "teaching_maps", None))
+        # the method's teaching maps (heatmap, shapes, saliency, ...) where it has them (model.Method)
+        written = save_pictures(model, dataset, out, n=vis_n, device=device, amp_dtype=amp_dtype,
+                       maps_fn=model.teaching_maps)
         print(f"wrote {len(written)} pictures to {out}")
     print(json.dumps(stats))

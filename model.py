@@ -42,7 +42,7 @@ import contextlib
 import math
 import os
 import re
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, fields, asdict
 
 import torch
 import torch.nn as nn
@@ -54,50 +54,55 @@ from torchvision.ops import deform_conv2d
 
 
 METHODS = ("centermask", "fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")
+MASK_METHODS = ("centermask", "maskfcos", "centermask_fcos", "fcosis")          # the ones that segment
+FCOS_FAMILY = ("fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")      # ResNet-FPN + FCOS
 
 
 @dataclass
 class ModelConfig:
-    """Architecture knobs of every method. Saved in checkpoints as `model_args`."""
-    method: str = "centermask"        # which system build_model() makes
-    backbone: str = "dla34"           # "dla34" or "hourglass104" ([CM 3.5], Table 1b)
+    """Architecture knobs of every method, grouped by the methods that read them (CONFIG_GROUPS
+    below lists the same groups; train.py stops a run that sets a key its method does not read).
+    Saved in checkpoints as `model_args`."""
+    # -- every method ------------------------------------------------------------------------------
+    method: str = "centermask"        # which system build_model() makes (METHODS)
+    backbone: str = "dla34"           # CenterMask: "dla34" or "hourglass104" ([CM 3.5], Table 1b); the FCOS family:
+                                      # "resnet50", "resnet101", "resnext101_32x8d" ("resnet18"/"resnet34" CPU demos)
     num_classes: int = 80             # COCO
+    max_detections: int = 100         # top-K peaks ([CM 3.5]); detections after NMS ([FCOS] 4)
+    # -- every method that segments (MASK_METHODS) -------------------------------------------------
+    mask_threshold: float = None      # binarisation of every method's mask probabilities; None: the method's own,
+                                      # 0.4 for CenterMask and CenterMask-FCOS ([CM 3.5]), 0.5 for MaskFCOS (Mask
+                                      # R-CNN's, [IS 4] "Mask Prediction Head") and FCOSIS ([IS] gives none)
+    # -- CenterMask, backbone="dla34": DLA-34 + DLA-up -------------------------------------------
     dcn: bool = True                  # DLA-up nodes: modulated deformable conv ([CN] 4) or plain 3x3
     dla_channels: tuple = (16, 32, 64, 128, 256, 512)  # [DLA] Table 1, DLA-34; narrower only for CPU demos
-    # Hourglass-104 (CornerNet 3.5); smaller widths / fewer residuals only for tests and CPU demos
+    # -- CenterMask, backbone="hourglass104" (CornerNet 3.5); smaller only for tests and CPU demos --
     num_stacks: int = 2               # hourglass stacks, each with its own heads (CornerNet 3.5)
     hg_dims: tuple = (256, 256, 384, 384, 384, 512)  # width per level: 5 downsamplings (CornerNet 3.5)
     hg_modules: tuple = (2, 2, 2, 2, 2, 4)  # residual blocks per level; 4 in the middle (CornerNet 3.5)
+    # -- CenterMask: CenterNet's targets and losses ([CN] 3, [CM 3.4]) ---------------------------
+    min_overlap: float = 0.7          # gaussian_radius IoU ([CN] 3, CornerNet 4.1)
+    cornernet_bug: bool = True        # use the shipped (buggy) radius formula, as all published numbers
+    mask_loss_grid: str = "output"    # grid of the CenterMask mask loss ([CM] eq. 2; resolution not given):
+                                      # "output" (stride R, ground truth average-pooled) or "input" (input
+                                      # pixels, binary ground truth: the masks' detail on small objects)
+    saliency_loss: bool = False       # direct BCE on class-specific saliency ([CM 4.1], Table 1f)
+    saliency_loss_weight: float = 1.0  # weight of the Table 1f loss (not given in [CM]; our choice)
+    # -- Local Shape x Global Saliency: CenterMask and CenterMask-FCOS ([CM 3]) -------------------
     head_conv: int = 256              # hidden width of every head ([CN] 4: 256 for DLA and Hourglass)
-    # CenterMask [CM 3]
     shape_size: int = 32              # S: local shape is S x S ([CM 3.5], Table 1a)
     use_shape: bool = True            # Local Shape branch ([CM 3.1]); False = saliency-only (Table 1c)
     use_saliency: bool = True         # Global Saliency branch ([CM 3.2]); False = shape-only (Table 1d)
     saliency: str = "agnostic"        # "agnostic" (1 channel) or "specific" (C channels), [CM 3.2], Table 1e
-    saliency_loss: bool = False       # direct BCE on class-specific saliency ([CM 4.1], Table 1f)
     loss_weights: tuple = (1.0, 1.0, 0.1, 1.0)  # lambda_p, lambda_off, lambda_size, lambda_mask [CM 3.5]
-    saliency_loss_weight: float = 1.0  # weight of the Table 1f loss (not given in [CM]; our choice)
-    # CenterNet targets and decoding
-    min_overlap: float = 0.7          # gaussian_radius IoU ([CN] 3, CornerNet 4.1)
-    cornernet_bug: bool = True        # use the shipped (buggy) radius formula, as all published numbers
-    max_detections: int = 100         # top-K peaks ([CM 3.5]); detections after NMS ([FCOS] 4)
-    mask_threshold: float = None      # binarisation of every method's mask probabilities; None: the method's own,
-                                      # 0.4 for CenterMask and CenterMask-FCOS ([CM 3.5]), 0.5 for MaskFCOS (Mask
-                                      # R-CNN's, [IS 4] "Mask Prediction Head") and FCOSIS ([IS] gives none)
-    mask_loss_grid: str = "output"    # grid of the CenterMask mask loss ([CM] eq. 2; resolution not given):
-                                      # "output" (stride R, ground truth average-pooled) or "input" (input
-                                      # pixels, binary ground truth: the masks' detail on small objects)
-    # FCOS family ([IS], [FCOS]; sections 7-10 below). backbone "resnet50", "resnet101",
-    # "resnext101_32x8d" ("resnet18"/"resnet34" only for CPU demos)
+                                      # (CenterMask-FCOS reads lambda_mask only: FCOS's losses are unweighted)
+    # -- the FCOS family (FCOS_FAMILY): ResNet-FPN and the FCOS detector ([FCOS], [IS 3.1]) -------
     pretrained: bool = False          # ImageNet weights via torchvision (FCOS recipes: True; [CM 3.5]: from scratch)
     norm: str = "frozen_bn"           # ResNet BN: "frozen_bn" (FCOS, ImageNet statistics) or "bn" (trainable, from scratch)
     freeze_at: int = 2                # frozen stem + res2, as FCOS; 0 = nothing frozen
     fpn_channels: int = 256           # FPN and head tower width ([FCOS] 3.2)
     head_convs: int = 4               # convs per head tower ([FCOS] Fig. 2)
     center_sampling: float = 1.5      # radius in strides (an [FCOS] improvement, see `FCOS`); 0: any location in the box ([IS 3.1])
-    center_sampling_at: str = "box"   # sampling centre: "box" or "mass" (the mask's centre of mass, [IS 3.3] Fig. 5)
-    ambiguity: str = ""               # "area" (FCOS: smallest box) or "mask" (FCOSreg [IS 3.3]); "": the method's own
-    reg_weights: tuple = ()           # (a, b, c) of FCOSreg's w ([IS 3.3] Fig. 6); (): (1,0,0) FCOS, (1/3,1/3,1/3) FCOSreg
     box_loss: str = "giou"            # "giou" (an [FCOS] improvement, see `FCOS`) or "iou" (-log IoU, UnitBox, [IS 3.1])
     focal_alpha: float = 0.25         # [FCOS] 3.1, RetinaNet's focal loss
     focal_gamma: float = 2.0
@@ -109,11 +114,15 @@ class ModelConfig:
     location_offset: str = "half"     # FCOS locations (`fcos_locations`): "half" (FCOS: cell j at j*s + s//2) or
                                       # "zero" (torchvision's FCOS: j * (input size // grid size)); set to "zero" by
                                       # train.py for torchvision's weights (section 12)
-    # MaskFCOS ([IS 4], "Mask Prediction Head")
+    # FCOSreg's assignment ([IS 3.3]); FCOS ("fcos") keeps its own values, the methods with masks may change them
+    ambiguity: str = ""               # "area" (FCOS: smallest box) or "mask" (FCOSreg [IS 3.3]); "": the method's own
+    reg_weights: tuple = ()           # (a, b, c) of FCOSreg's w ([IS 3.3] Fig. 6); (): (1,0,0) FCOS, (1/3,1/3,1/3) FCOSreg
+    center_sampling_at: str = "box"   # sampling centre: "box" or "mass" (the mask's centre of mass, [IS 3.3] Fig. 5)
+    # -- MaskFCOS ([IS 4], "Mask Prediction Head") -------------------------------------------------
     mask_proposals: int = 64          # FCOS detections per image used as RoIs in training (N not given in [IS])
     roi_size: int = 14                # RoIAlign output ([IS 4])
     mask_size: int = 28               # mask head output ([IS 4])
-    # FCOSIS ([IS 3.2])
+    # -- FCOSIS ([IS 3.2]) -----------------------------------------------------------------------
     attention: str = "segm"           # "segm" (the paper's map), Table 3: "mu0" (mu := 0), "bbox" (bbox only), "none" (no top-down)
     seg_classes: str = "agnostic"     # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
     com_assignment: str = "mask"      # locations regressing the centre of mass: "mask" (every mask pixel, [IS] Fig. 3)
@@ -187,6 +196,55 @@ class ModelConfig:
                              "(the direct supervision of [CM] Table 1f is per class)")
 
 
+
+# The groups of ModelConfig and the methods (and backbone) that read each one: (group, methods,
+# backbone or None for any, fields). Every field is in exactly one group (tests/test_configurator.py).
+CONFIG_GROUPS = (
+    ("every method", METHODS, None, ("method", "backbone", "num_classes", "max_detections")),
+    ("every method that segments", MASK_METHODS, None, ("mask_threshold",)),
+    ("DLA-34", ("centermask",), "dla34", ("dcn", "dla_channels")),
+    ("Hourglass-104", ("centermask",), "hourglass104", ("num_stacks", "hg_dims", "hg_modules")),
+    ("CenterMask: CenterNet's targets and losses", ("centermask",), None,
+     ("min_overlap", "cornernet_bug", "mask_loss_grid", "saliency_loss", "saliency_loss_weight")),
+    ("Local Shape x Global Saliency", ("centermask", "centermask_fcos"), None,
+     ("head_conv", "shape_size", "use_shape", "use_saliency", "saliency", "loss_weights")),
+    ("the FCOS family", FCOS_FAMILY, None,
+     ("pretrained", "norm", "freeze_at", "fpn_channels", "head_convs", "center_sampling", "box_loss", "focal_alpha",
+      "focal_gamma", "score_threshold", "pre_nms_top_n", "nms_threshold", "score_threshold_on", "location_offset",
+      "ambiguity", "reg_weights", "center_sampling_at")),
+    ("MaskFCOS", ("maskfcos",), None, ("mask_proposals", "roi_size", "mask_size")),
+    ("FCOSIS", ("fcosis",), None,
+     ("attention", "seg_classes", "com_assignment", "attention_assign", "assign_nms_threshold", "assign_score_floor",
+      "attention_grid")),
+)
+
+
+def fields_of(method, backbone):
+    """The ModelConfig fields that `method` on `backbone` reads (CONFIG_GROUPS), in field order."""
+    return [f for _, methods, bb, names in CONFIG_GROUPS if method in methods and bb in (None, backbone)
+            for f in names]
+
+
+def check_settings(settings):
+    """
+    Check the model keys of a run before any work: settings = {field: value} of every
+    ModelConfig field (train.py's and bench.py's config). Raises ValueError with a one-line
+    message naming the key: a value ModelConfig refuses (its allowed values), or a key set to
+    anything but its default that the chosen method does not read (say `--attention=mu0` with
+    method="centermask": silently ignored, it would make a run that is not what was asked for).
+    Returns the ModelConfig.
+    """
+    cfg = ModelConfig(**settings)                  # values: ModelConfig's own checks name the key
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    used = fields_of(cfg.method, cfg.backbone)
+    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v   # a list from a config file is a tuple
+    unused = [k for k, v in settings.items() if k not in used and norm(v) != norm(defaults[k])]
+    if unused:
+        on = f"method={cfg.method!r}" + (f" on backbone={cfg.backbone!r}" if cfg.method == "centermask" else "")
+        raise ValueError(f"{', '.join(f'{k}={settings[k]!r}' for k in unused)}: not read by {on}, whose keys are "
+                         f"{', '.join(used)} (model.CONFIG_GROUPS)")
+    return cfg
+
 def auto_dtype(device_type):
     """The autocast dtype train.py and bench.py use for dtype="auto": bf16 on GPUs that have
     it, else fp16; on the CPU bf16 only where oneDNN runs it natively (AMX / AVX512-BF16:
@@ -200,10 +258,57 @@ def auto_dtype(device_type):
     return "bfloat16" if native else "float32"
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The one entry point: ModelConfig -> nn.Module of the requested method."""
+def method_class(method):
+    """The nn.Module class that implements `method` (sections 6-11)."""
     return {"centermask": CenterMask, "fcos": FCOS, "fcosreg": FCOS, "maskfcos": MaskFCOS,
-            "centermask_fcos": CenterMaskFCOS, "fcosis": FCOSIS}[cfg.method](cfg)
+            "centermask_fcos": CenterMaskFCOS, "fcosis": FCOSIS}[method]
+
+
+def method_transform(method):
+    """The data transform of a method's recipe (data.build_transforms; train.py's default)."""
+    return method_class(method).transform
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The one entry point: ModelConfig -> the Method of the requested method."""
+    return method_class(cfg.method)(cfg)
+
+
+class Method(nn.Module):
+    """
+    What every method's model provides: train.py, eval.py, predict.py and bench.py use this and
+    nothing else. Frames and shapes as in the module docstring; B images, H x W the padded batch.
+
+    model(images, targets)   in train mode: images (B, 3, H, W) normalised (data.py), H and W
+                             multiples of `size_divisibility`; targets a list of B dicts (data.py:
+                             "boxes" (N, 4) xyxy input frame, "labels" (N,) int64 in 0..C-1,
+                             "masks" (N, H, W) uint8, ...) -> dict of named scalar losses, each
+                             already weighted, and "loss" = their sum (what train.py backpropagates
+                             and logs; the others are logged too)
+    model(images)            in eval mode -> list of B dicts, input frame: "boxes" (K, 4) xyxy,
+                             "scores" (K,), "labels" (K,), and for the methods that segment "masks"
+                             (K, H, W) probabilities (eval.to_original binarises them)
+    model.heads(images)      the raw network outputs, a dict of tensors (bench.py)
+    model.decode(out, hw)    heads(images) -> the eval-mode list above: all the post-processing
+                             (peaks / NMS, mask assembly), timed alone by bench.py
+    model.teaching_maps      None, or a function images -> list of B dicts of named 2-D maps (the
+                             method's intermediate results, drawn by eval.save_pictures / predict.py)
+    model.cfg                the ModelConfig (saved in checkpoints as `model_args`)
+    model.size_divisibility  pad the batch to a multiple of this (data.collate_fn)
+    model.mask_threshold     binarisation of the mask probabilities (cfg.mask_threshold)
+    Method.transform         the data transform of the recipe: "centernet" (square canvas) or
+                             "fcos" (short side); train.py's default for `transform`
+
+    Adding a method: subclass this (or FCOS, whose `extra_losses` / `postprocess` hooks are what
+    MaskFCOS, CenterMask-FCOS and FCOSIS override), add it to METHODS and `method_class`, give its
+    own ModelConfig fields a group in CONFIG_GROUPS, and write a config (README, "Adding a method").
+    """
+    transform = None                  # each method's class sets it
+    teaching_maps = None
+
+    @property
+    def mask_threshold(self):
+        return self.cfg.mask_threshold
 
 
 # -----------------------------------------------------------------------------
@@ -637,36 +742,56 @@ def draw_gaussian(heatmap, center, radius):
     return heatmap
 
 
+# The objects of a batch come in three layouts:
+#   per image  the list of B target dicts of data.py's collate_fn, one per image: boxes (N_b, 4),
+#              labels (N_b,), masks (N_b, H_b, W_b)
+#   padded     (B, N, ...), N = max N_b, with valid (B, N): `pad_boxes`, FCOS's assignment, whose
+#              "matched" (B, P) indexes each image's own boxes
+#   flat       (M, ...), M = sum N_b, image after image, with batch (M,) the image of each
+#              (`image_index`): `flatten_targets`, `batch_masks`. Object n of image b is flat
+#              object first_box_index(...)[b] + n.
+
+
+def image_index(counts, device=None):
+    """
+    The flat layout's `batch` vector: counts = the number of objects of each of the B images
+    (Python ints), laid out image after image -> (M,) int64, M = sum(counts), the image of each
+    object; (2, 0, 1) -> [0, 0, 2]. That is torch.repeat_interleave(torch.arange(B),
+    torch.tensor(counts)), built from the Python ints (nothing is read back from the device).
+    """
+    return torch.cat([torch.full((n,), b, dtype=torch.long, device=device) for b, n in enumerate(counts)])
+
+
 def flatten_targets(targets, stride):
     """
     Gather every object of a batch (a list of B >= 1 target dicts) into flat tensors, without
     a Python loop over objects. Returns a dict with M = total number of objects:
         batch (M,) int64 image index; labels (M,) int64;
-        boxes (M, 4) xyxy in the output frame (input / stride);
+        boxes (M, 4) xyxy in the output frame (input / stride; stride 1: the input frame);
         center (M, 2) continuous box centre, output frame; center_int (M, 2) floor(center);
         wh (M, 2) box width, height in output pixels.
     """
-    boxes = torch.cat([t["boxes"].reshape(-1, 4).float() for t in targets]) / stride          # (M, 4)
-    labels = torch.cat([t["labels"].reshape(-1).long() for t in targets])                     # (M,)
-    batch = torch.cat([torch.full((len(t["labels"]),), i, dtype=torch.long, device=boxes.device)
-                       for i, t in enumerate(targets)])                                        # (M,)
+    boxes = torch.cat([target["boxes"].reshape(-1, 4).float() for target in targets]) / stride  # (M, 4)
+    labels = torch.cat([target["labels"].reshape(-1).long() for target in targets])             # (M,)
+    batch = image_index([len(target["labels"]) for target in targets], boxes.device)            # (M,)
     center = (boxes[:, :2] + boxes[:, 2:]) / 2
     return dict(batch=batch, labels=labels, boxes=boxes, center=center,
                 center_int=center.floor().long(), wh=boxes[:, 2:] - boxes[:, :2])
 
 
 def batch_masks(targets, H, W, device):
-    """The ground-truth masks of a batch, image after image (the order of the concatenated
-    boxes), zero-padded bottom/right to the padded batch size: B target dicts with masks
-    (N_i, H_i, W_i) -> (M, H, W) on `device`, M = sum N_i."""
-    return torch.cat([F.pad(t["masks"], (0, W - t["masks"].shape[-1], 0, H - t["masks"].shape[-2]))
-                      for t in targets]).to(device)
+    """The ground-truth masks of a batch in the flat layout (image after image, the order of
+    `flatten_targets`), zero-padded bottom/right to the padded batch size: B target dicts with
+    masks (N_b, H_b, W_b) -> (M, H, W) on `device`, M = sum N_b."""
+    return torch.cat([F.pad(target["masks"], (0, W - target["masks"].shape[-1], 0, H - target["masks"].shape[-2]))
+                      for target in targets]).to(device)
 
 
 def first_box_index(targets, device):
-    """(B,) index of each image's first box among the batch's concatenated boxes: per-image box
-    index + first_box_index[b] = index into batch_masks(...)."""
-    counts = torch.tensor([len(t["boxes"]) for t in targets], device=device)
+    """(B,) int64 flat index of each image's first object: object n of image b (its n-th box, the
+    n of FCOS's "matched") is flat object first_box_index(...)[b] + n, the row of `batch_masks`
+    and of `flatten_targets`' tensors; box counts (2, 0, 1) -> [0, 2, 2]."""
+    counts = torch.tensor([len(target["boxes"]) for target in targets], device=device)
     return torch.cumsum(counts, 0) - counts
 
 
@@ -707,8 +832,8 @@ def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=
 def centernet_focal_loss(pred_logits, gt_heatmap, alpha=2, beta=4):
     """
     Penalty-reduced pixel-wise focal loss ([CM] eq. 3, CornerNet eq. 1):
-        L = -1/N sum_{ijc} (1 - p)^alpha log(p)                 if Y = 1
-                           (1 - Y)^beta p^alpha log(1 - p)       otherwise
+        L_p = -1/N sum_{ijc} (1 - p)^alpha log(p)               if Y = 1
+                             (1 - Y)^beta p^alpha log(1 - p)     otherwise
     with p = sigmoid(logits) clamped to [1e-4, 1 - 1e-4] (CenterNet's `_sigmoid`), N the number
     of positives (Y == 1) in the whole batch, averaged over processes (`reduce_mean`, so that
     DDP's gradient average equals one process with the whole batch); with no positive anywhere
@@ -767,8 +892,9 @@ def l1_at_centers(pred_map, objs, target):
 # 6. CenterMask ([CM] 3)
 
 
-def head(cin, cout, hidden, bias_fill=0.0):
-    """CenterNet head: Conv3x3(cin -> hidden) + ReLU + Conv1x1(hidden -> cout) ([CN] 4)."""
+def conv_relu_conv(cin, cout, hidden, bias_fill=0.0):
+    """One CenterNet head branch: Conv3x3(cin -> hidden) + ReLU + Conv1x1(hidden -> cout) ([CN] 4),
+    as nn.Sequential (indices 0 and 2 hold the weights); the last bias starts at `bias_fill`."""
     last = nn.Conv2d(hidden, cout, 1)
     nn.init.constant_(last.bias, bias_fill)
     return nn.Sequential(nn.Conv2d(cin, hidden, 3, padding=1), nn.ReLU(inplace=True), last)
@@ -797,11 +923,15 @@ def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
     """
     Stretch M small maps (M, s, s) over their boxes (M, 4) xyxy on an (out_h, out_w) pixel grid
     whose pixel j has centre (j + 0.5) * pixel in the boxes' frame: bilinear, border-clamped
-    inside the box (the [CM 3.1] resize of a local shape; also MaskFCOS's paste). A bilinear
-    resize is separable, so it is two batched matrix products, rows then columns:
+    inside the box (the [CM 3.1] resize of a local shape; also MaskFCOS's paste). The plain form:
+    F.grid_sample(small[:, None], grid, "bilinear", padding_mode="border", align_corners=False)
+    with each pixel centre mapped into its box's [-1, 1] frame (the same numbers up to rounding,
+    tests/test_model.py). Computed here the fast way: a bilinear resize is separable, so it is
+    two batched matrix products, rows then columns (`stretch_weights`):
     (M, out_h, s) @ (M, s, s) @ (M, s, out_w) - no (M, out_h, out_w, 2) sampling grid.
     Returns the values (M, out_h, out_w) and inside (M, out_h, out_w) bool (pixel centre in the
-    box), or with separable=True inside as its two factors (M, out_h, 1), (M, 1, out_w) float.
+    box, closed as `boxes_inside`), or with separable=True inside as its two factors
+    (M, out_h, 1), (M, 1, out_w) float, to be multiplied in one axis at a time.
     """
     wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)       # (M, H, s)
     wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)       # (M, W, s)
@@ -815,7 +945,10 @@ def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
 
 
 def boxes_inside(boxes, out_h, out_w, pixel=1.0):
-    """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4)."""
+    """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4).
+    Closed boxes, x0 <= x <= x1, as `stretch_weights`' inside: a mask covers the same pixels
+    with and without the local shape (Table 1c), and a flipped box covers the flipped pixels.
+    (FCOS's locations use open boxes, FCOSIS's half-open ones: `fcos_targets`, section 11.)"""
     ys = (torch.arange(out_h, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
     xs = (torch.arange(out_w, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
     b = boxes.float()
@@ -872,10 +1005,12 @@ def assemble_masks(local, saliency, batch, channels, boxes, grid_hw, pixel, log_
                   pixel = 1/R: the input resolution)
     The S x S shape is stretched over the box by a bilinear, border-clamped resize
     (`stretch_to_boxes`, [CM 3.1]); the saliency map is bilinearly resampled onto the grid and
-    read in the box ([CM 3.2]). Returns (M, gh, gw) probabilities, zero outside each box, or with
-    log_space=True (log M, log(1 - M), inside) for the loss. Used by CenterMask and
-    CenterMask-FCOS. Inference takes the cheap path: sigmoid(L) * sigmoid(G) in place, the
-    saliency's sigmoid once per image (B maps), not once per object.
+    read in the box ([CM 3.2]). Returns (M, gh, gw) probabilities, zero outside each box:
+        M = sigmoid(L) * sigmoid(G) * inside,  L = the stretched shape, G = saliency[batch, channels]
+    or with log_space=True (log M, log(1 - M), inside) for the loss (`mask_log_terms`). Used by
+    CenterMask and CenterMask-FCOS. Inference computes the same formula the cheap way: in place,
+    the saliency's sigmoid once per image (B maps), not once per object, and `inside` one axis
+    at a time.
     """
     M = len(batch)
     gh, gw = grid_hw
@@ -890,14 +1025,14 @@ def assemble_masks(local, saliency, batch, channels, boxes, grid_hw, pixel, log_
     if saliency is not None and saliency.shape[-2:] != (gh, gw):
         # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
         saliency = F.interpolate(saliency.float(), size=(gh, gw), mode="bilinear", align_corners=False)
-    if not log_space:  # in place, no (M, gh, gw) temporaries beyond the masks themselves
+    if not log_space:  # sigmoid(L) * sigmoid(G) * inside in place: no (M, gh, gw) temporaries
         masks = L.sigmoid_() if L is not None else inside.float()
         if saliency is not None:
-            P = saliency.float().sigmoid()                                       # (B, n, gh, gw)
+            sal_prob = saliency.float().sigmoid()                                # (B, n, gh, gw)
             if bool((batch == batch[0]).all() and (channels == channels[0]).all()):
-                masks.mul_(P[batch[0], channels[0]])                             # one map: broadcast
+                masks.mul_(sal_prob[batch[0], channels[0]])                      # one map: broadcast
             else:
-                masks.mul_(P[batch, channels])                                   # (M, gh, gw)
+                masks.mul_(sal_prob[batch, channels])                            # (M, gh, gw)
         if L is not None:  # zero outside the boxes, one factor per axis
             return masks.mul_(inside[0]).mul_(inside[1])
         return masks
@@ -907,7 +1042,24 @@ def assemble_masks(local, saliency, batch, channels, boxes, grid_hw, pixel, log_
     return log_m, log_1m, inside
 
 
-class CenterMaskHeads(nn.Module):
+class LocalShapeKeys:
+    """
+    Mixin of the modules that hold a Local Shape head (CenterMaskHeads, CenterMaskFCOS): that
+    submodule is `local_shape`, and checkpoints written while it was called `shape` have keys
+    like head_sets.0.shape.0.weight (CenterMask) or shape.weight (CenterMask-FCOS).
+    load_state_dict renames them to local_shape on the way in (as torchvision's BatchNorm
+    upgrades its older layouts), so those checkpoints load unchanged, strict=True included;
+    import_weights does the same for our checkpoints (`_project_rules`).
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = prefix + "shape."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[prefix + "local_shape." + key[len(old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class CenterMaskHeads(LocalShapeKeys, nn.Module):
     """
     The five heads of [CM] Fig. 3 on one stride-4 feature map: (B, cin, h, w) -> dict
         heatmap  (B, C, h, w)      centre points per class, sigmoid ([CM 3.4])
@@ -915,7 +1067,9 @@ class CenterMaskHeads(nn.Module):
         size     (B, 2, h, w)      box (w, h) in output pixels ([CM] eq. 5)
         shape    (B, S*S, h, w)    Local Shape vector, reshaped S x S at a centre ([CM 3.1])
         saliency (B, 1 or C, h, w) Global Saliency logits ([CM 3.2])
-    shape / saliency are None (and absent from the dict) when their branch is switched off.
+    Each is one `conv_relu_conv` branch, the module of the same name (the Local Shape head's is
+    `local_shape`: "shape" names its output map). local_shape / saliency are None (and their
+    maps absent from the dict) when their branch is switched off.
     The shape vector is only ever read at a few cells (the ground-truth centres in training,
     the top-100 peaks at test), so by default the dict carries the head's input instead,
     "shape_features" (B, cin, h, w), and `shape_at` evaluates the head at those cells alone
@@ -928,18 +1082,18 @@ class CenterMaskHeads(nn.Module):
         super().__init__()
         hc, C, S = cfg.head_conv, cfg.num_classes, cfg.shape_size
         # heatmap bias -2.19 = -log((1 - 0.1) / 0.1): initial score 0.1 ([CN] 4, focal-loss prior)
-        self.heatmap = head(cin, C, hc, bias_fill=-2.19)
-        self.offset = head(cin, 2, hc)
-        self.size = head(cin, 2, hc)
-        self.shape = head(cin, S * S, hc) if cfg.use_shape else None
+        self.heatmap = conv_relu_conv(cin, C, hc, bias_fill=-2.19)
+        self.offset = conv_relu_conv(cin, 2, hc)
+        self.size = conv_relu_conv(cin, 2, hc)
+        self.local_shape = conv_relu_conv(cin, S * S, hc) if cfg.use_shape else None
         n_sal = 1 if cfg.saliency == "agnostic" else C
-        self.saliency = head(cin, n_sal, hc) if cfg.use_saliency else None
+        self.saliency = conv_relu_conv(cin, n_sal, hc) if cfg.use_saliency else None
 
     def forward(self, p, dense_shape=False):
         out = {"heatmap": self.heatmap(p), "offset": self.offset(p), "size": self.size(p)}
-        if self.shape is not None:
+        if self.local_shape is not None:
             if dense_shape:
-                out["shape"] = self.shape(p)                   # (B, S*S, h, w)
+                out["shape"] = self.local_shape(p)             # (B, S*S, h, w)
             else:
                 out["shape_features"] = p                      # (B, cin, h, w), read by shape_at
         if self.saliency is not None:
@@ -947,17 +1101,21 @@ class CenterMaskHeads(nn.Module):
         return out
 
     def shape_at(self, out, batch, cells_xy):
-        """Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of
-        the stride-4 map. Equal to self.shape(p)[batch, :, y, x] (a dense "shape" map in `out`
-        is simply read there)."""
+        """
+        Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of the
+        stride-4 map. The plain form: the dense map self.local_shape(p) (B, S*S, h, w) read at
+        the cells, [b, :, y, x] (`gather_at`; what a dense "shape" map in `out` gets). The fast
+        form, for "shape_features": the same Conv3x3 + ReLU + Conv1x1 evaluated at those cells
+        alone (`conv3x3_at`, then the 1x1 conv as a matrix product): equal numbers.
+        """
         if "shape" in out:
             return gather_at(out["shape"], batch, cells_xy)
-        conv3, _, conv1 = self.shape                            # Conv3x3, ReLU, Conv1x1 (`head`)
+        conv3, _, conv1 = self.local_shape                      # Conv3x3, ReLU, Conv1x1 (`conv_relu_conv`)
         hidden = F.relu(conv3x3_at(conv3, out["shape_features"], batch, cells_xy[:, 1], cells_xy[:, 0]))
         return F.linear(hidden, conv1.weight.flatten(1), conv1.bias)  # (M, S*S)
 
 
-class CenterMask(nn.Module):
+class CenterMask(Method):
     """
     CenterMask ([CM]): CenterNet + Local Shape x Global Saliency.
 
@@ -992,6 +1150,7 @@ class CenterMask(nn.Module):
       * Hourglass-104 heads: the non-heatmap output biases start at 0 (CenterNet's hourglass
         leaves PyTorch's default init there; its DLA heads use 0, as we do for both).
     """
+    transform = "centernet"                                    # the square canvas of [CN] / [CM 3.5]
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -1005,15 +1164,15 @@ class CenterMask(nn.Module):
                              "(known: 'dla34', 'hourglass104')")
         self.stride = self.backbone.stride                     # R = 4 ([CM 3.4])
         self.size_divisibility = self.backbone.size_divisibility  # 32 (DLA-34) or 128 (Hourglass-104)
-        self.mask_threshold = cfg.mask_threshold
         num_sets = cfg.num_stacks if cfg.backbone == "hourglass104" else 1
+        # one CenterMaskHeads (the five heads of [CM] Fig. 3) per backbone output map
         self.head_sets = nn.ModuleList(CenterMaskHeads(self.backbone.out_channels, cfg)
                                        for _ in range(num_sets))
 
     # The branches in use, read by `assemble` (None when switched off: Table 1c/1d ablations).
     @property
-    def shape(self):
-        return self.head_sets[-1].shape
+    def local_shape(self):
+        return self.head_sets[-1].local_shape
 
     @property
     def saliency(self):
@@ -1026,8 +1185,9 @@ class CenterMask(nn.Module):
         return [features] if torch.is_tensor(features) else features  # DLA-34 returns one map
 
     def heads(self, images):
-        """(B, 3, H, W) -> dict of the LAST head set's outputs, each (B, ch, H/4, W/4): the
-        ones used at test time (the earlier stacks' heads only serve as training signal)."""
+        """The raw network outputs (`Method.heads`): (B, 3, H, W) -> dict of the LAST head set's
+        outputs, each (B, ch, H/4, W/4): the ones used at test time (the earlier stacks' heads
+        only serve as training signal)."""
         return self.head_sets[-1](self.features(images)[-1])
 
     def forward(self, images, targets=None):
@@ -1052,7 +1212,7 @@ class CenterMask(nn.Module):
             head_set: the CenterMaskHeads that produced `out` (default: the last stack's).
         """
         local = None
-        if self.shape is not None:
+        if self.local_shape is not None:
             S = self.cfg.shape_size
             head_set = self.head_sets[-1] if head_set is None else head_set
             local = head_set.shape_at(out, batch, centers_int).view(len(batch), S, S)  # (M, S, S)
@@ -1086,8 +1246,8 @@ class CenterMask(nn.Module):
         if M == 0:
             # keep every mask parameter in the graph (DDP expects a gradient for each)
             keep = [out[k] for k in ("shape", "saliency") if k in out]
-            keep += list(head_set.shape.parameters()) if head_set.shape is not None else []
-            losses["mask"] = sum(t.sum() * 0 for t in keep)
+            keep += list(head_set.local_shape.parameters()) if head_set.local_shape is not None else []
+            losses["mask"] = sum(x.sum() * 0 for x in keep)
         else:
             channels = objs["labels"] if self.cfg.saliency == "specific" else torch.zeros_like(objs["labels"])
             boxes = min_size_boxes(objs["center"], objs["wh"])                            # teacher forcing
@@ -1127,7 +1287,7 @@ class CenterMask(nn.Module):
         R = self.stride
         scores, labels, ys, xs = topk_peaks(heat, k)                         # (B, K) each
         k = scores.shape[1]
-        batch = torch.arange(B, device=heat.device)[:, None].expand(B, k).reshape(-1)
+        batch = image_index([k] * B, heat.device)                           # (B*K,) image of each peak
         cells = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1)             # (B*K, 2) as (x, y)
         offset = gather_at(out["offset"].float(), batch, cells)              # (B*K, 2)
         wh = gather_at(out["size"].float(), batch, cells).clamp(min=0)       # (B*K, 2)
@@ -1148,7 +1308,7 @@ class CenterMask(nn.Module):
     @torch.no_grad()
     def teaching_maps(self, images, k=4):
         """
-        The intermediate results of [CM] Fig. 3 for eval.visualize's `maps_fn` hook: what the
+        The intermediate results of [CM] Fig. 3 for eval.save_pictures's `maps_fn` hook: what the
         heads predict and how the top-k detections' masks are put together.
         images (B, 3, H, W) normalised and padded, as model(images) -> list of B dicts of 2-D
         tensors (h, w = H/4, W/4; K = min(k, number of heatmap cells); best detection first):
@@ -1187,7 +1347,7 @@ class CenterMask(nn.Module):
             m = {"heatmap": heat[b].amax(0), "peaks": peaks[b]}
             if self.saliency is not None:
                 m["saliency"] = out["saliency"][b].float().sigmoid().amax(0)  # (h, w)
-            if self.shape is not None:
+            if self.local_shape is not None:
                 S = self.cfg.shape_size
                 cells = torch.stack([xs[b], ys[b]], 1)                       # (K, 2) as (x, y)
                 local = self.head_sets[-1].shape_at(out, torch.full_like(xs[b], b), cells)
@@ -1318,15 +1478,15 @@ def fcos_locations(hw_per_level, strides, device=None, offset="half", input_hw=N
     return torch.cat(points), torch.cat(point_strides), torch.cat(levels)
 
 
-def fcos_targets(points, strides, boxes, labels=None, valid=None, size_ranges=None, radius=1.5,
-                 centers=None, seg_labels=None):
+def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, centers=None, seg_labels=None):
     """
     FCOS's per-location targets ([IS 3.1] eq. 1, [FCOS] 3.1-3.3), for a batch at once.
-        points (P, 2) xy input frame; strides (P,) stride of each point's level
-        boxes (B, N, 4) or (N, 4) xyxy input frame; labels (B, N) / (N,) int64 (optional)
+        points (P, 2) xy input frame; strides (P,) stride of each point's level, which picks
+            the level's size range [lo, hi] of max(l*, t*, r*, b*): FCOS_SIZE_RANGES by the
+            rank of the point's stride (8 -> P3 -> [0, 64], ...)
+        boxes (B, N, 4) xyxy input frame, each image's boxes padded to N (`pad_boxes`; one
+            image: boxes[None]); labels (B, N) int64 (optional)
         valid (B, N) bool: which boxes are real (images padded to N boxes); default all
-        size_ranges (P, 2): [lo, hi] of max(l*, t*, r*, b*) for each point's level; default
-            FCOS_SIZE_RANGES by the rank of the point's stride (8 -> P3 -> [0, 64], ...)
         radius: centre sampling (an [FCOS] improvement, see `FCOS`): a location is positive only
             within radius * stride of the box centre (the region clipped to the box); 0 = off,
             every location inside the box is a candidate ([IS 3.1])
@@ -1338,27 +1498,20 @@ def fcos_targets(points, strides, boxes, labels=None, valid=None, size_ranges=No
     A location is a candidate for a box when it lies strictly inside the box (and the sampling
     region) and lo <= max(l*, t*, r*, b*) <= hi (both bounds inclusive, as FCOS's code: a box
     with max = 64 is a candidate on P3 and P4).
-    Returns a dict, (B, P) or (P,) per entry as `boxes` was batched or not:
-        matched (B, P) int64 index of the box assigned to each location, -1 = negative
+    Returns a dict:
+        matched (B, P) int64 index of the box assigned to each location (0..N-1, the image's
+            own box), -1 = negative
         labels (B, P) int64 its class (-1 for negatives; only when labels are given)
         ltrb (B, P, 4) float distances to the assigned box's sides (0 for negatives)
         centerness (B, P) sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)) (0 for negatives)
     """
-    single = boxes.dim() == 2
-    if single:
-        boxes = boxes[None]
-        labels = None if labels is None else labels[None]
-        valid = None if valid is None else valid[None]
-        centers = None if centers is None else centers[None]
-        seg_labels = None if seg_labels is None else seg_labels[None]
     B, N = boxes.shape[:2]
     P = len(points)
     boxes = boxes.float()
     if valid is None:
         valid = torch.ones(B, N, dtype=torch.bool, device=boxes.device)
-    if size_ranges is None:
-        rank = torch.unique(strides, return_inverse=True)[1]                     # level of each point
-        size_ranges = torch.tensor(FCOS_SIZE_RANGES, device=points.device)[rank]  # (P, 2)
+    rank = torch.unique(strides, return_inverse=True)[1]                         # level of each point
+    size_ranges = torch.tensor(FCOS_SIZE_RANGES, device=points.device)[rank]      # (P, 2)
     x, y = points[:, 0][None, :, None], points[:, 1][None, :, None]              # (1, P, 1)
     x0, y0, x1, y1 = boxes[:, None].unbind(-1)                                   # (B, 1, N) each
     ltrb = torch.stack([x - x0, y - y0, x1 - x, y1 - y], -1)                     # (B, P, N, 4)
@@ -1373,6 +1526,10 @@ def fcos_targets(points, strides, boxes, labels=None, valid=None, size_ranges=No
         inside = region.amin(-1) > 0                                             # (B, P, N)
     else:
         inside = ltrb.amin(-1) > 0
+    # Open boxes (strict > 0), as FCOS's code (compute_targets_for_locations' `min(dim=1)[0] > 0`,
+    # its centre sampling alike): a location on a box edge would regress a zero side, a box of
+    # no width. (CenterMask's pixels use closed boxes, FCOSIS's locations half-open ones: see
+    # `boxes_inside` and section 11.)
     m = ltrb.amax(-1)                                                            # (B, P, N)
     candidate = inside & (m >= size_ranges[None, :, 0:1]) & (m <= size_ranges[None, :, 1:2]) & valid[:, None, :]
     if seg_labels is not None:
@@ -1391,7 +1548,7 @@ def fcos_targets(points, strides, boxes, labels=None, valid=None, size_ranges=No
     if labels is not None:
         lab = labels.gather(1, matched.clamp(min=0))
         out["labels"] = torch.where(positive, lab, torch.full_like(lab, -1))
-    return {k: v[0] for k, v in out.items()} if single else out
+    return out
 
 
 def regression_weights(centerness, seg, weights=(1.0, 0.0, 0.0)):
@@ -1484,7 +1641,7 @@ class FCOSHead(nn.Module):
     then cls logits (C) on the first, ltrb (4) and centerness (1) on the second (centerness on
     the box tower: the FCOS improvement), one learnable Scale per level. `extra` more channels
     can be predicted on the box tower (FCOSIS: centre of mass 2 + coarse foreground 1).
-    features: list of L maps (B, cin, h_l, w_l) -> dict, locations flattened level after level
+    features: one map per level, (B, cin, h_l, w_l) -> dict, locations flattened level after level
     (P = sum h_l * w_l, as `fcos_locations`):
         cls (B, P, C) logits; ltrb (B, P, 4) input pixels = relu(scale_l * x) * stride_l
         (normalised regression, [FCOS] improvements); centerness (B, P) logits;
@@ -1531,20 +1688,37 @@ class FCOSHead(nn.Module):
 
 
 def pad_boxes(targets, device):
-    """List of B target dicts -> boxes (B, N, 4), labels (B, N), valid (B, N) bool, padded to
-    the largest N in the batch (N >= 1 so that empty batches keep their shapes)."""
-    n = max([len(t["boxes"]) for t in targets] + [1])
+    """The padded layout (section 4): list of B target dicts -> boxes (B, N, 4), labels (B, N),
+    valid (B, N) bool, padded to the largest N in the batch (N >= 1 so that empty batches keep
+    their shapes)."""
+    n = max([len(target["boxes"]) for target in targets] + [1])
     B = len(targets)
     boxes = torch.zeros(B, n, 4, device=device)
     labels = torch.zeros(B, n, dtype=torch.long, device=device)
     valid = torch.zeros(B, n, dtype=torch.bool, device=device)
-    for b, t in enumerate(targets):  # one copy per image
-        k = len(t["boxes"])
-        boxes[b, :k], labels[b, :k], valid[b, :k] = t["boxes"].float(), t["labels"], True
+    for b, target in enumerate(targets):  # one copy per image
+        k = len(target["boxes"])
+        boxes[b, :k], labels[b, :k], valid[b, :k] = target["boxes"].float(), target["labels"], True
     return boxes, labels, valid
 
 
-class FCOS(nn.Module):
+@dataclass
+class FCOSPass:
+    """
+    One forward of the FCOS detector, as the methods built on it (MaskFCOS, CenterMask-FCOS,
+    FCOSIS) read it in their hooks, `extra_losses(x)` (training) and `postprocess(x)` (inference).
+    """
+    out: dict                  # head outputs (FCOSHead): "cls" (B, P, C), "ltrb" (B, P, 4), "centerness"
+                               # (B, P), "extra" (B, P, n) where a method asks for it, "hw" per level
+    features: list             # the FPN maps, finest first ((B, c, H/s, W/s) each; P3-P7, FCOSIS P2-P7)
+    points: torch.Tensor       # (P, 2) every location, input frame (`fcos_locations`), levels concatenated
+    levels: torch.Tensor       # (P,) int64 index of each location's level in the model's `strides`
+    input_hw: tuple            # (H, W) of the padded batch
+    targets: list = None       # training: the B target dicts (data.py; "boxes", "labels", "masks")
+    assigned: dict = None      # training: every location's FCOS targets and the padded boxes (`FCOS.assign`)
+
+
+class FCOS(Method):
     """
     FCOS ([IS 3.1], [FCOS]) and FCOSreg ([IS 3.3], method="fcosreg") on ResNet-FPN P3-P7.
 
@@ -1582,6 +1756,7 @@ class FCOS(nn.Module):
         [FCOS]'s first version. [IS 3.1] describes the original (IoU loss, every location in the
         box a candidate): box_loss="iou", center_sampling=0 restore it.
     """
+    transform = "fcos"                                         # the short side of [FCOS] / [IS 4]
 
     def __init__(self, cfg: ModelConfig, extra=0, first_level=3):
         super().__init__()
@@ -1593,13 +1768,13 @@ class FCOS(nn.Module):
         self.size_divisibility = self.backbone.size_divisibility
         self.fcos_levels = slice(3 - first_level, None)   # P3-P7 of the FPN maps
         self.strides = self.backbone.strides[self.fcos_levels]                   # [8, 16, 32, 64, 128]
-        self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, self.strides, cfg.head_convs, extra)
+        self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, self.strides, cfg.head_convs, extra)  # shared by P3-P7
         self.uses_masks = cfg.method == "fcosreg" or (cfg.method == "fcosis" and (  # segmentation labels ([IS 3.3])
             cfg.reg_weights != (1.0, 0.0, 0.0) or cfg.ambiguity == "mask" or cfg.center_sampling_at == "mass"))
 
     def heads(self, images):
-        """(B, 3, H, W) -> the head outputs (see FCOSHead) and, under "features", the FPN maps
-        (the mask branches read them)."""
+        """The raw network outputs (`Method.heads`): (B, 3, H, W) -> the outputs of `self.head`
+        (see FCOSHead) and, under "features", the FPN maps (the mask branches read them)."""
         features = self.backbone(images)
         out = self.head(features[self.fcos_levels])
         out["features"] = features
@@ -1613,7 +1788,7 @@ class FCOS(nn.Module):
         """Head outputs -> detections (and masks): the inference post-processing. The
         detections' `index` (their location, read by the mask branches) is dropped here."""
         points, _, levels = self.locations(out["hw"], input_hw, out["cls"].device)
-        dets = self.postprocess(out, points, levels, input_hw, out["features"])
+        dets = self.postprocess(FCOSPass(out, out["features"], points, levels, tuple(input_hw)))
         for d in dets:
             del d["index"]
         return dets
@@ -1628,9 +1803,10 @@ class FCOS(nn.Module):
             raise ValueError(f"{type(self).__name__} in train mode needs targets (call model.eval() for inference)")
         with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (bf16/fp16 logs and sums lose precision)
             out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
-            losses, t = self.detection_losses(out, points, strides, targets)
+            losses, assigned = self.detection_losses(out, points, strides, targets)
         # the mask branches run their convs under autocast and cast their logits to fp32
-        losses.update(self.extra_losses(out, t, points, levels, targets, features, images))
+        x = FCOSPass(out, features, points, levels, tuple(images.shape[-2:]), targets, assigned)
+        losses.update(self.extra_losses(x))
         losses["loss"] = sum(losses.values())
         return losses
 
@@ -1640,43 +1816,44 @@ class FCOS(nn.Module):
         variants need: boxes/labels/valid (B, N, ...) and, with masks, seg (B, N, P)."""
         device = points.device
         boxes, labels, valid = pad_boxes(targets, device)
-        t = {"boxes": boxes, "labels_per_box": labels, "valid": valid}
+        assigned = {"boxes": boxes, "labels_per_box": labels, "valid": valid}
         seg = centers = None
         if self.uses_masks:
             seg = torch.zeros(len(targets), boxes.shape[1], len(points), device=device)
             mass = torch.zeros(len(targets), boxes.shape[1], 2, device=device)
-            for b, tgt in enumerate(targets):  # one image at a time: (N_b, H, W) masks
-                n = len(tgt["boxes"])
+            for b, target in enumerate(targets):  # one image at a time: (N_b, H, W) masks
+                n = len(target["boxes"])
                 if n:  # segmentation label of every location of every level ([IS 3.3])
-                    seg[b, :n] = torch.cat([average_pool_masks(tgt["masks"], s, hw_l).flatten(1)
+                    seg[b, :n] = torch.cat([average_pool_masks(target["masks"], s, hw_l).flatten(1)
                                             for s, hw_l in zip(self.strides, hw)], 1)
-                    mass[b, :n] = center_of_mass(tgt["masks"], tgt["boxes"])
-            t["seg"] = seg
+                    mass[b, :n] = center_of_mass(target["masks"], target["boxes"])
+            assigned["seg"] = seg
             centers = mass if self.cfg.center_sampling_at == "mass" else None
-        t.update(fcos_targets(points, strides, boxes, labels, valid, radius=self.cfg.center_sampling, centers=centers,
-                              seg_labels=seg if self.cfg.ambiguity == "mask" else None))
-        return t
+        assigned.update(fcos_targets(points, strides, boxes, labels, valid, radius=self.cfg.center_sampling,
+                                     centers=centers, seg_labels=seg if self.cfg.ambiguity == "mask" else None))
+        return assigned
 
     def detection_losses(self, out, points, strides, targets):
         from torchvision.ops import sigmoid_focal_loss, generalized_box_iou_loss
-        t = self.assign(points, strides, targets, out["hw"])
-        pos = t["matched"] >= 0                                                  # (B, P)
+        assigned = self.assign(points, strides, targets, out["hw"])
+        pos = assigned["matched"] >= 0                                           # (B, P)
         num_pos = reduce_mean(pos.sum().float()).clamp(min=1.0)
         onehot = torch.zeros_like(out["cls"])                                    # (B, P, C)
-        onehot[pos, t["labels"][pos]] = 1.0
+        onehot[pos, assigned["labels"][pos]] = 1.0
         losses = {"cls": sigmoid_focal_loss(out["cls"], onehot, alpha=self.cfg.focal_alpha,
                                             gamma=self.cfg.focal_gamma, reduction="sum") / num_pos}
-        weight = t["centerness"][pos]                                            # (M,)
+        weight = assigned["centerness"][pos]                                     # (M,)
         if self.cfg.method in ("fcosreg", "fcosis") and self.cfg.reg_weights != (1.0, 0.0, 0.0):
-            seg = t["seg"].gather(1, t["matched"].clamp(min=0)[:, None, :])[:, 0] if "seg" in t else None
+            seg = (assigned["seg"].gather(1, assigned["matched"].clamp(min=0)[:, None, :])[:, 0]
+                   if "seg" in assigned else None)
             weight = regression_weights(weight, seg[pos] if seg is not None else weight, self.cfg.reg_weights)
-        t["weight"] = weight
+        assigned["weight"] = weight
         # FCOSreg's centerness branch learns w itself; FCOSIS's keeps centerness, since at inference
         # its coarse foreground gives the s of w (`detect`, [IS 3.3] "supported by FCOSIS")
-        ctr_target = t["centerness"][pos] if self.cfg.method == "fcosis" else weight
-        p = points[None].expand_as(t["ltrb"][..., :2])[pos]                      # (M, 2)
+        ctr_target = assigned["centerness"][pos] if self.cfg.method == "fcosis" else weight
+        p = points[None].expand_as(assigned["ltrb"][..., :2])[pos]               # (M, 2)
         pred = torch.cat([p - out["ltrb"][pos][:, :2], p + out["ltrb"][pos][:, 2:]], 1)  # (M, 4)
-        gt = torch.cat([p - t["ltrb"][pos][:, :2], p + t["ltrb"][pos][:, 2:]], 1)
+        gt = torch.cat([p - assigned["ltrb"][pos][:, :2], p + assigned["ltrb"][pos][:, 2:]], 1)
         if self.cfg.box_loss == "giou":
             per_box = generalized_box_iou_loss(pred, gt, reduction="none")
         else:  # UnitBox IoU loss, -log IoU ([IS 3.1])
@@ -1684,21 +1861,23 @@ class FCOS(nn.Module):
         losses["box"] = (per_box * weight).sum() / reduce_mean(weight.sum()).clamp(min=1e-6)
         losses["centerness"] = F.binary_cross_entropy_with_logits(out["centerness"][pos], ctr_target,
                                                                   reduction="sum") / num_pos
-        return losses, t
+        return losses, assigned
 
-    def extra_losses(self, out, t, points, levels, targets, features, images):
-        """Hook for the methods built on FCOS (MaskFCOS, CenterMask-FCOS, FCOSIS)."""
+    def extra_losses(self, x: FCOSPass):
+        """Hook for the methods built on FCOS (MaskFCOS, CenterMask-FCOS, FCOSIS): their own
+        losses (a dict of named scalars), from the training pass `x` (its `targets` and
+        `assigned` set). FCOS and FCOSreg have none."""
         return {}
 
     # -- inference ([FCOS] 4) ----------------------------------------------------------------------
     @torch.no_grad()
-    def detect(self, out, points, levels, input_hw, max_detections=None):
+    def detect(self, x: FCOSPass, max_detections=None):
         """
         Head outputs -> per image a dict of the kept detections: boxes (K, 4), scores (K,),
         labels (K,) and `index` (K,) the flat location each came from (for the mask branches).
         """
         from torchvision.ops import batched_nms
-        cfg = self.cfg
+        cfg, out, points, levels, input_hw = self.cfg, x.out, x.points, x.levels, x.input_hw
         cls = out["cls"].float().sigmoid()                                       # (B, P, C)
         ctr = out["centerness"].float().sigmoid()                                # (B, P)
         if cfg.method == "fcosis" and cfg.reg_weights != (1.0, 0.0, 0.0):
@@ -1734,9 +1913,10 @@ class FCOS(nn.Module):
             results.append({"boxes": boxes[keep], "scores": s[keep], "labels": lab[keep], "index": lo[keep]})
         return results
 
-    def postprocess(self, out, points, levels, input_hw, features):
-        """Detections -> the final per-image dicts; the mask methods add their masks here."""
-        return self.detect(out, points, levels, input_hw)
+    def postprocess(self, x: FCOSPass):
+        """Hook: the inference pass `x` -> the final per-image dicts (`detect`'s); the mask
+        methods add their masks here."""
+        return self.detect(x)
 
 
 def box_iou_aligned(a, b):
@@ -1763,9 +1943,10 @@ def maskfcos_levels(boxes, k0=4, canonical=224.0, k_min=3, k_max=5):
 
 def mask_targets(gt_masks, gt_index, boxes, size):
     """RoIAlign of ground-truth masks onto boxes: the training target of a size x size mask
-    (Mask R-CNN's, [IS 4] "Similarly to [8]"). gt_masks (G, H, W) 0/1; gt_index (K,) which mask
-    each box crops; boxes (K, 4) xyxy input frame -> (K, size, size) float in [0, 1] (bilinear
-    average of the mask over each output cell's sampling points; threshold 0.5 for a 0/1 target)."""
+    (Mask R-CNN's, [IS 4] "Similarly to [8]"). gt_masks (M, H, W) 0/1 (`batch_masks`); gt_index
+    (K,) which mask each box crops; boxes (K, 4) xyxy input frame -> (K, size, size) float in
+    [0, 1] (bilinear average of the mask over each output cell's sampling points; threshold 0.5
+    for a 0/1 target)."""
     from torchvision.ops import roi_align
     if len(boxes) == 0:
         return torch.zeros(0, size, size, device=boxes.device)
@@ -1791,7 +1972,6 @@ class MaskFCOS(FCOS):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.mask_threshold = cfg.mask_threshold                                 # 0.5: Mask R-CNN's
         c = cfg.fpn_channels
         layers = []
         for _ in range(4):
@@ -1823,43 +2003,44 @@ class MaskFCOS(FCOS):
         logits = self.mask_head(self.roi_features(features, batch, boxes))       # (K, C, 28, 28)
         return logits[torch.arange(len(boxes), device=boxes.device), labels]
 
-    def extra_losses(self, out, t, points, levels, targets, features, images):
+    def extra_losses(self, x: FCOSPass):
         from torchvision.ops import box_iou
-        device = images.device
-        dets = self.detect(out, points, levels, images.shape[-2:], self.cfg.mask_proposals)
-        batch, rois, gt_index, offset = [], [], [], 0
-        for b, (d, tgt) in enumerate(zip(dets, targets)):  # per image: proposals matched to its boxes
-            gt = tgt["boxes"].float()
+        targets, features, device = x.targets, x.features, x.points.device
+        dets = self.detect(x, self.cfg.mask_proposals)
+        counts, rois, gt_index = [], [], []
+        for d, target in zip(dets, targets):  # per image: proposals matched to its boxes
+            gt = target["boxes"].float()
             if len(gt):
                 props = torch.cat([gt, d["boxes"]])
                 iou, idx = box_iou(props, gt).max(1)                             # (R,)
                 keep = iou >= 0.5                                                # GT boxes always match
-                batch.append(torch.full((int(keep.sum()),), b, device=device))
                 rois.append(props[keep])
-                gt_index.append(idx[keep] + offset)
-            offset += len(gt)
+                gt_index.append(idx[keep])                                       # among the image's boxes
+            counts.append(len(rois[-1]) if len(gt) else 0)
         S = self.cfg.mask_size
-        num_pixels = reduce_mean(torch.tensor(float(sum(len(r) for r in rois) * S * S), device=device)).clamp(min=1)
+        num_pixels = reduce_mean(torch.tensor(float(sum(counts) * S * S), device=device)).clamp(min=1)
         if not rois:  # no objects in the batch: keep the mask head in the graph (DDP)
             return {"mask": sum(p.sum() * 0 for p in self.mask_head.parameters())}
-        batch, rois, gt_index = torch.cat(batch), torch.cat(rois), torch.cat(gt_index)
-        gt_masks = batch_masks(targets, *images.shape[-2:], device)              # (G, H, W)
-        gt_labels = torch.cat([tg["labels"] for tg in targets]).to(device)
-        target = (mask_targets(gt_masks, gt_index, rois, S) >= 0.5).float()     # (K, 28, 28)
+        batch, rois = image_index(counts, device), torch.cat(rois)               # (K,), (K, 4)
+        gt_index = first_box_index(targets, device)[batch] + torch.cat(gt_index)  # (K,) flat
+        gt_masks = batch_masks(targets, *x.input_hw, device)                     # (M, H, W)
+        gt_labels = torch.cat([target["labels"] for target in targets]).to(device)  # (M,)
+        mask_target = (mask_targets(gt_masks, gt_index, rois, S) >= 0.5).float()  # (K, 28, 28)
         logits = self.mask_logits(features, batch, rois, gt_labels[gt_index]).float()
         # mean pixel BCE, the pixel count averaged over processes (reduce_mean)
-        return {"mask": F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / num_pixels}
+        return {"mask": F.binary_cross_entropy_with_logits(logits, mask_target, reduction="sum") / num_pixels}
 
-    def postprocess(self, out, points, levels, input_hw, features):
-        dets = self.detect(out, points, levels, input_hw)
-        batch = torch.cat([torch.full((len(d["boxes"]),), b, device=points.device) for b, d in enumerate(dets)])
+    def postprocess(self, x: FCOSPass):
+        dets = self.detect(x)
+        device = x.points.device
+        batch = image_index([len(d["boxes"]) for d in dets], device)            # (K,) over the batch
         boxes, labels = torch.cat([d["boxes"] for d in dets]), torch.cat([d["labels"] for d in dets])
-        probs = self.mask_logits(features, batch, boxes, labels).float().sigmoid() if len(boxes) else None
+        probs = self.mask_logits(x.features, batch, boxes, labels).float().sigmoid() if len(boxes) else None
         start = 0
         for d in dets:
             k = len(d["boxes"])
-            d["masks"] = paste_masks(probs[start:start + k] if k else torch.zeros(0, 1, 1, device=points.device),
-                                     d["boxes"], input_hw)
+            d["masks"] = paste_masks(probs[start:start + k] if k else torch.zeros(0, 1, 1, device=device),
+                                     d["boxes"], x.input_hw)
             start += k
         return dets
 
@@ -1880,7 +2061,7 @@ def paste_masks(masks, boxes, hw):
 # 10. CenterMask-FCOS ([CM 4.3])
 
 
-class CenterMaskFCOS(FCOS):
+class CenterMaskFCOS(LocalShapeKeys, FCOS):
     """
     CenterMask on the FCOS detector ([CM 4.3]): FCOS, plus a Local Shape head (S^2 channels)
     on the box tower at every P3-P7 location and a Global Saliency head on the
@@ -1900,67 +2081,72 @@ class CenterMaskFCOS(FCOS):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.mask_threshold = cfg.mask_threshold                                 # 0.4 ([CM 3.5])
         S, c = cfg.shape_size, cfg.fpn_channels
-        self.shape = nn.Conv2d(c, S * S, 3, padding=1) if cfg.use_shape else None
-        if self.shape is not None:
-            nn.init.normal_(self.shape.weight, std=0.01)
-            nn.init.constant_(self.shape.bias, 0)
+        self.local_shape = nn.Conv2d(c, S * S, 3, padding=1) if cfg.use_shape else None
+        if self.local_shape is not None:
+            nn.init.normal_(self.local_shape.weight, std=0.01)
+            nn.init.constant_(self.local_shape.bias, 0)
         n_sal = 1 if cfg.saliency == "agnostic" else cfg.num_classes
-        self.saliency = head(c, n_sal, cfg.head_conv) if cfg.use_saliency else None
+        self.saliency = conv_relu_conv(c, n_sal, cfg.head_conv) if cfg.use_saliency else None
 
-    def local_shapes(self, out, levels, batch, index):
-        """Shape logits (M, S, S) of M flat locations (batch, index) of the FCOS levels."""
+    def local_shapes(self, out, batch, index):
+        """
+        Shape logits (M, S, S) of M flat locations (batch, index) of the FCOS levels. The plain
+        form: self.local_shape(f) on every level's box-tower map f, read at each location; the
+        same numbers are computed here at those M locations alone (`conv3x3_at`).
+        """
         S = self.cfg.shape_size
         res = torch.zeros(len(batch), S * S, device=batch.device)
         start = 0
-        for lv, f in enumerate(out["box_features"]):  # per level
+        for f in out["box_features"]:  # per level
             h, w = f.shape[-2:]
             sel = (index >= start) & (index < start + h * w)
             if sel.any():
                 cell = index[sel] - start
-                res[sel] = conv3x3_at(self.shape, f, batch[sel], cell // w, cell % w).float()
+                res[sel] = conv3x3_at(self.local_shape, f, batch[sel], cell // w, cell % w).float()
             start += h * w
         return res.view(-1, S, S)
 
-    def extra_losses(self, out, t, points, levels, targets, features, images):
-        pos = t["matched"] >= 0                                                  # (B, P)
+    def extra_losses(self, x: FCOSPass):
+        out, assigned, targets, device = x.out, x.assigned, x.targets, x.points.device
+        pos = assigned["matched"] >= 0                                           # (B, P)
         batch, index = pos.nonzero(as_tuple=True)                                # (M,) each
         S = self.cfg.shape_size
-        num_pixels = reduce_mean(torch.tensor(float(len(batch) * S * S), device=images.device)).clamp(min=1)
+        num_pixels = reduce_mean(torch.tensor(float(len(batch) * S * S), device=device)).clamp(min=1)
         if len(batch) == 0:
-            params = [p for m in (self.shape, self.saliency) if m is not None for p in m.parameters()]
+            params = [p for m in (self.local_shape, self.saliency) if m is not None for p in m.parameters()]
             return {"mask": sum(p.sum() * 0 for p in params)}
-        gt_boxes = t["boxes"][batch, t["matched"][pos]]                          # (M, 4) input frame
-        gt_index = first_box_index(targets, images.device)[batch] + t["matched"][pos]  # (M,) into the masks
-        gt_masks = batch_masks(targets, *images.shape[-2:], images.device)       # (G, H, W)
-        target = mask_targets(gt_masks, gt_index, gt_boxes, S)                   # (M, S, S) soft
-        L = self.local_shapes(out, levels, batch, index) if self.shape is not None else None
+        matched = assigned["matched"][pos]                                       # (M,) among the image's boxes
+        gt_boxes = assigned["boxes"][batch, matched]                             # (M, 4) input frame
+        gt_index = first_box_index(targets, device)[batch] + matched             # (M,) flat: into the masks
+        gt_masks = batch_masks(targets, *x.input_hw, device)                     # every box's, flat layout
+        mask_target = mask_targets(gt_masks, gt_index, gt_boxes, S)              # (M, S, S) soft
+        L = self.local_shapes(out, batch, index) if self.local_shape is not None else None
         G = None
         if self.saliency is not None:
             from torchvision.ops import roi_align
-            sal = self.saliency(features[self.fcos_levels][0]).float()           # (B, n, H/8, W/8)
-            ch = t["labels"][pos] if self.cfg.saliency == "specific" else torch.zeros_like(batch)
+            sal = self.saliency(x.features[self.fcos_levels][0]).float()         # (B, n, H/8, W/8)
+            ch = assigned["labels"][pos] if self.cfg.saliency == "specific" else torch.zeros_like(batch)
             rois = torch.cat([batch[:, None].float(), gt_boxes], 1)
             G = roi_align(sal, rois, S, 1.0 / self.strides[0], sampling_ratio=2, aligned=True)  # (M, n, S, S)
             G = G[torch.arange(len(batch), device=G.device), ch]                 # (M, S, S)
         log_m, log_1m = mask_log_terms(L, G)
-        bce = -(target * log_m + (1 - target) * log_1m)                          # (M, S, S)
+        bce = -(mask_target * log_m + (1 - mask_target) * log_1m)                # (M, S, S)
         return {"mask": self.cfg.loss_weights[3] * bce.sum() / num_pixels}      # mean over processes' pixels
 
-    def postprocess(self, out, points, levels, input_hw, features):
-        dets = self.detect(out, points, levels, input_hw)
-        sal = self.saliency(features[self.fcos_levels][0]).float() if self.saliency is not None else None
+    def postprocess(self, x: FCOSPass):
+        dets = self.detect(x)
+        sal = self.saliency(x.features[self.fcos_levels][0]).float() if self.saliency is not None else None
         R = self.strides[0]
         for b, d in enumerate(dets):
             k = len(d["boxes"])
-            batch = torch.full((k,), b, device=points.device, dtype=torch.long)
-            local = self.local_shapes(out, levels, batch, d["index"]) if self.shape is not None else None
+            batch = torch.full((k,), b, device=x.points.device, dtype=torch.long)
+            local = self.local_shapes(x.out, batch, d["index"]) if self.local_shape is not None else None
             ch = d["labels"] if self.cfg.saliency == "specific" else torch.zeros_like(batch)
             # boxes in P3 units; the input-resolution grid has pixel 1/R of them
             boxes = min_size_boxes((d["boxes"][:, :2] + d["boxes"][:, 2:]) / (2 * R),
                                    (d["boxes"][:, 2:] - d["boxes"][:, :2]) / R, 1.0 / R)
-            d["masks"] = assemble_masks(local, sal, batch, ch, boxes, input_hw, 1.0 / R)
+            d["masks"] = assemble_masks(local, sal, batch, ch, boxes, x.input_hw, 1.0 / R)
         return dets
 
 
@@ -1981,8 +2167,12 @@ class CenterMaskFCOS(FCOS):
 #     model       FCOSIS
 #
 # A point is inside a box when x0 <= x < x1 and y0 <= y < y1 (half-open, like the slice
-# S[y0:y1, x0:x1] of [IS 3.2.2]). Instances of a batch are flat: M instances with `batch (M,)`
-# their image index and masks (M, H, W) zero-padded to the batch's input size.
+# S[y0:y1, x0:x1] of [IS 3.2.2]): the attention map's box constraint and the padded crop. The
+# final masks are the exception: `FCOSIS.predict_masks` crops them to the detection boxes with
+# `boxes_inside` (closed, as CenterMask's masks), which differs only for a pixel centre exactly
+# on a box's right or bottom edge. Instances of a batch are flat (section 4's flat layout): M
+# instances with `batch (M,)` their image index and masks (M, H, W) zero-padded to the batch's
+# input size.
 
 
 def optimal_padding(fg_pixels, w, h, ratio=0.5):
@@ -2061,19 +2251,19 @@ def largest_first_coloring(boxes):
     return greedy_coloring(box_overlap_graph(boxes))
 
 
-def coloring_groups(boxes, batch, num_images):
+def coloring_groups(boxes, batch):
     """
     Segmentation passes of a batch: instances of the same image and the same Largest-First
     colour form one group [IS 3.2.1]. One colouring of the block-diagonal overlap graph
     gives every image the colours it would get alone (the stable degree order keeps each
     image's relative order, and images share no edge).
     boxes (M, 4) input frame, batch (M,) image index ->
-        groups (M,) int64 in 0..G-1, dense, ordered by (image, colour);
-        group_batch (G,) int64 image of each group (index the image's features with it).
+        groups (M,) int64 in 0..num_groups-1, dense, ordered by (image, colour);
+        group_batch (num_groups,) int64 image of each group (index the image's features with it).
     """
     colors = greedy_coloring(box_overlap_graph(boxes, batch))                      # (M,)
     K = int(colors.max()) + 1 if len(colors) else 1                                # colours used
-    keys, groups = torch.unique(batch * K + colors, sorted=True, return_inverse=True)  # (G,), (M,)
+    keys, groups = torch.unique(batch * K + colors, sorted=True, return_inverse=True)  # (num_groups,), (M,)
     return groups, keys // K
 
 
@@ -2131,17 +2321,17 @@ def coarse_foreground_targets(masks, stride, batch=None, num_images=1, out_hw=No
 
 def argmin_per_image(cost, batch, num_images):
     """
-    For every column l, the row n of lowest cost among the rows of each image.
-    cost (N, L) float (inf = not a candidate), batch (N,) -> (B, L) int64 row index, N where an
+    For every column p (a location), the row n of lowest cost among the rows of each image.
+    cost (N, P) float (inf = not a candidate), batch (N,) -> (B, P) int64 row index, N where an
     image has no finite candidate. Ties go to the lower index, so the winner is unique.
     """
-    N, L = cost.shape
-    idx = batch[:, None].expand(N, L)
-    best = torch.full((num_images, L), float("inf"), device=cost.device, dtype=cost.dtype)
-    best.scatter_reduce_(0, idx, cost, "amin")                                     # (B, L)
-    rows = torch.arange(N, device=cost.device)[:, None].expand(N, L)
-    cand = torch.where((cost == best[batch]) & cost.isfinite(), rows, N)           # (N, L)
-    winner = torch.full((num_images, L), N, dtype=torch.long, device=cost.device)
+    N, P = cost.shape
+    idx = batch[:, None].expand(N, P)
+    best = torch.full((num_images, P), float("inf"), device=cost.device, dtype=cost.dtype)
+    best.scatter_reduce_(0, idx, cost, "amin")                                     # (B, P)
+    rows = torch.arange(N, device=cost.device)[:, None].expand(N, P)
+    cand = torch.where((cost == best[batch]) & cost.isfinite(), rows, N)           # (N, P)
+    winner = torch.full((num_images, P), N, dtype=torch.long, device=cost.device)
     return winner.scatter_reduce_(0, idx, cand, "amin")
 
 
@@ -2151,16 +2341,16 @@ def mask_assignment(locations, masks, batch, num_images):
     regress the center of mass of the object they belong to"): every location whose pixel lies
     in a mask is assigned to that instance, on every level, whatever FCOS's own assignment.
     Overlapping masks: the smaller mask wins (FCOS's minimum-area rule), then the lower index.
-    locations (L, 2) input frame (x, y); masks (M, H, W); batch (M,) ->
-    matched (B, L) int64 flat instance index, -1 where no mask covers the pixel.
+    locations (P, 2) input frame (x, y); masks (M, H, W); batch (M,) ->
+    matched (B, P) int64 flat instance index, -1 where no mask covers the pixel.
     """
     M, H, W = masks.shape
     px = locations[:, 0].long().clamp(0, W - 1)                  # pixel covering the point
     py = locations[:, 1].long().clamp(0, H - 1)
-    covered = masks[:, py, px] > 0                                                 # (M, L)
+    covered = masks[:, py, px] > 0                                                 # (M, P)
     area = masks.flatten(1).sum(1, dtype=torch.float32)                            # (M,)
     cost = torch.where(covered, area[:, None], float("inf"))
-    winner = argmin_per_image(cost, batch, num_images)                             # (B, L)
+    winner = argmin_per_image(cost, batch, num_images)                             # (B, P)
     return torch.where(winner < M, winner, -1)
 
 
@@ -2170,31 +2360,25 @@ def center_of_mass_targets(locations, strides, matched, mass_centers, masks):
     (r_x, r_y) = (x_C - x, y_C - y) / s, in stride units ([IS] gives pixels; divided by s as FCOS
     normalises its ltrb, so every level regresses values of a similar range), only where the location
     is assigned to an instance AND its pixel lies in that instance's mask.
-        locations (L, 2) input-frame points (x, y) of one level or of all levels concatenated
-        strides   number, or (L,) tensor: the stride s of each location's level
-        matched   (B, L) int64 instance index per location, -1 = none: FCOS's positives
-                  (`fcos_targets`' "matched": [IS 3.2.1]'s "positive samples" read as FCOS's)
-                  or `mask_assignment` (the paper's Fig. 3 reading: every mask pixel)
-        mass_centers (M, 2) input frame (`center_of_mass`); masks (M, H, W) input resolution,
-                  with `matched` indexing the flat M instances of the batch; or, per image as
-                  `fcos_targets` pads them, (B, N, 2) and (B, N, H, W) with `matched` in 0..N-1
-    Returns target (B, L, 2) (0 where invalid) and valid (B, L) bool.
+        locations (P, 2) input-frame points (x, y) of one level or of all levels concatenated
+        strides   number, or (P,) tensor: the stride s of each location's level
+        matched   (B, P) int64 flat instance index per location (into the M instances of the
+                  batch), -1 = none: FCOS's positives (`fcos_targets`' "matched" made flat with
+                  `first_box_index`: [IS 3.2.1]'s "positive samples" read as FCOS's) or
+                  `mask_assignment` (the paper's Fig. 3 reading: every mask pixel)
+        mass_centers (M, 2) input frame (`center_of_mass`); masks (M, H, W) input resolution
+    Returns target (B, P, 2) (0 where invalid) and valid (B, P) bool.
     """
-    B, L = matched.shape
-    if masks.dim() == 4:                      # per-image padded layout -> flat index b*N + n
-        N = masks.shape[1]
-        offset = torch.arange(B, device=matched.device)[:, None] * N
-        matched = torch.where(matched >= 0, matched + offset, -1)
-        mass_centers, masks = mass_centers.reshape(B * N, 2), masks.flatten(0, 1)
+    B, P = matched.shape
     M, H, W = masks.shape
     if M == 0:
-        return locations.new_zeros(B, L, 2).float(), torch.zeros(B, L, dtype=torch.bool, device=matched.device)
-    m = matched.clamp(min=0)                                                       # (B, L)
-    px = locations[:, 0].long().clamp(0, W - 1).expand(B, L)
-    py = locations[:, 1].long().clamp(0, H - 1).expand(B, L)
-    valid = (matched >= 0) & (masks[m, py, px] > 0)                                # (B, L)
+        return locations.new_zeros(B, P, 2).float(), torch.zeros(B, P, dtype=torch.bool, device=matched.device)
+    m = matched.clamp(min=0)                                                       # (B, P)
+    px = locations[:, 0].long().clamp(0, W - 1).expand(B, P)
+    py = locations[:, 1].long().clamp(0, H - 1).expand(B, P)
+    valid = (matched >= 0) & (masks[m, py, px] > 0)                                # (B, P)
     s = torch.as_tensor(strides, dtype=torch.float32, device=locations.device).reshape(-1, 1)
-    target = (mass_centers[m].float() - locations.float()) / s                     # (B, L, 2)
+    target = (mass_centers[m].float() - locations.float()) / s                     # (B, P, 2)
     return torch.where(valid[..., None], target, 0.0), valid
 
 
@@ -2203,9 +2387,9 @@ def center_of_mass_loss(pred, target, valid, beta=1.0, normalizer=None):
     SmoothL1 of the centre-of-mass regression [IS 3.2.1] over the valid locations: summed over
     (x, y), divided by `normalizer` (default: number of valid locations, floor 1; pass an
     all-reduced count under DDP). beta = 1 stride unit (not given in [IS]; torch's default).
-    pred, target (B, L, 2); valid (B, L). No valid location -> 0, still in the graph.
+    pred, target (B, P, 2); valid (B, P). No valid location -> 0, still in the graph.
     """
-    loss = F.smooth_l1_loss(pred.float(), target, beta=beta, reduction="none").sum(-1)  # (B, L)
+    loss = F.smooth_l1_loss(pred.float(), target, beta=beta, reduction="none").sum(-1)  # (B, P)
     n = valid.sum().clamp(min=1) if normalizer is None else normalizer
     return (loss * valid).sum() / n
 
@@ -2266,7 +2450,7 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
                    (offset="zero", ModelConfig.location_offset: (j*s, i*s), `fcos_locations`)
         boxes (N, 4), centers (N, 2) input frame: ground truth (boxes, mass centres) in
                    training, detections at inference; batch (N,) image index
-        groups (N,) in 0..G-1 (`coloring_groups`), num_groups G; lam, mu scalar tensors
+        groups (N,) in 0..num_groups-1 (`coloring_groups`); lam, mu scalar tensors
         owner (N,) or None: the instance each one competes as (`duplicate_owners`, inference);
                    None: every instance is its own object (training: ground truth)
         competes (N,) bool or None: the instances that take locations from others
@@ -2291,7 +2475,7 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
     their union) ([IS 3.2.1]).
     bbox_only=True is Table 3c's "bbox only": every location inside B_j gets lam ([IS 4.2]).
     Table 3b's "mu := 0" is mu = 0 (see `AttentionMap`).
-    Returns (G, 1, h, w) float32.
+    Returns (num_groups, 1, h, w) float32.
 
     Readings of [IS 3.2.1] taken here (the paper does not fix them):
       * coarse_fg and r come from the detection head's finest level, P3 ("generated in upper
@@ -2302,31 +2486,31 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
         assigned to j with low foreground gets lam * fg ~ 0 rather than -mu.
     """
     B, _, h, w = coarse_fg.shape
-    N, L = len(boxes), h * w
-    loc = fcos_locations([(h, w)], [stride], coarse_fg.device, offset)[0]        # (L, 2)
+    N, P = len(boxes), h * w
+    loc = fcos_locations([(h, w)], [stride], coarse_fg.device, offset)[0]        # (P, 2)
     x0, y0, x1, y1 = boxes.float().unbind(1)                                       # (N,)
     inside = ((loc[None, :, 0] >= x0[:, None]) & (loc[None, :, 0] < x1[:, None]) &
-              (loc[None, :, 1] >= y0[:, None]) & (loc[None, :, 1] < y1[:, None]))   # (N, L)
+              (loc[None, :, 1] >= y0[:, None]) & (loc[None, :, 1] < y1[:, None]))   # (N, P)
     if bbox_only:
-        per_instance = lam * inside                                                # (N, L)
+        per_instance = lam * inside                                                # (N, P)
     else:
         with torch.no_grad():
             ids = torch.arange(N, device=boxes.device)
             owner = ids if owner is None else owner                                # (N,)
-            votes = regressed.float().flatten(2)[batch]                            # (N, 2, L)
-            dist2 = ((votes - centers.float()[:, :, None]) ** 2).sum(1)            # (N, L)
+            votes = regressed.float().flatten(2)[batch]                            # (N, 2, P)
+            dist2 = ((votes - centers.float()[:, :, None]) ** 2).sum(1)            # (N, P)
             if assign == "pass":
-                winner = argmin_per_image(dist2, groups, num_groups)[groups]       # (N, L)
-                assigned = winner == ids[:, None]
+                winner = argmin_per_image(dist2, groups, num_groups)[groups]       # (N, P)
+                assigned_to_j = winner == ids[:, None]                             # (N, P)
             else:  # "image": the objects C of the image compete (see above)
                 comp = (owner == ids) if competes is None else competes            # (N,)
-                in_c = torch.where(comp[:, None], dist2, float("inf"))             # (N, L)
-                winner = argmin_per_image(in_c, batch, B)[batch]                   # (N, L), N: no competitor
-                best = torch.cat([in_c, in_c.new_full((1, L), float("inf"))]).gather(0, winner)  # (N, L)
-                assigned = (winner == owner[:, None]) | (~comp[owner][:, None] & (dist2[owner] < best))
-        fg = coarse_fg.float().flatten(1)[batch]                                   # (N, L)
-        per_instance = torch.where(assigned, lam * fg, -mu) * inside               # (N, L)
-    out = per_instance.new_zeros(num_groups, L).index_add(0, groups, per_instance.float())
+                in_c = torch.where(comp[:, None], dist2, float("inf"))             # (N, P)
+                winner = argmin_per_image(in_c, batch, B)[batch]                   # (N, P), N: no competitor
+                best = torch.cat([in_c, in_c.new_full((1, P), float("inf"))]).gather(0, winner)  # (N, P)
+                assigned_to_j = (winner == owner[:, None]) | (~comp[owner][:, None] & (dist2[owner] < best))
+        fg = coarse_fg.float().flatten(1)[batch]                                   # (N, P)
+        per_instance = torch.where(assigned_to_j, lam * fg, -mu) * inside          # (N, P)
+    out = per_instance.new_zeros(num_groups, P).index_add(0, groups, per_instance.float())
     return out.view(num_groups, 1, h, w)
 
 
@@ -2339,7 +2523,7 @@ class AttentionMap(nn.Module):
     assign: "image" or "pass", who competes for a location (see `attention_maps`).
     offset: the location convention (ModelConfig.location_offset, `fcos_locations`).
     forward(...) takes `attention_maps`' arguments except lam/mu/bbox_only/assign/offset (owner
-    last) and returns (G, 1, h, w).
+    last) and returns (num_groups, 1, h, w).
     """
 
     def __init__(self, mode="segm", assign="image", offset="half"):
@@ -2368,18 +2552,18 @@ def apply_attention(features, attention, group_batch):
     multiplied by the group's attention map, resized to each level: bilinearly where the level
     is finer (align_corners=False: cell centres, which are the FCOS locations, stay aligned),
     by area averaging where it is coarser (a 4x bilinear shrink would read 2 of every 4 cells).
-    features: list of (B, C, h_i, w_i) (P2, P3, P4); attention (G, 1, h, w);
-    group_batch (G,) image of each group -> list of (G, C, h_i, w_i).
+    features: list of (B, C, h_i, w_i) (P2, P3, P4); attention (num_groups, 1, h, w);
+    group_batch (num_groups,) image of each group -> list of (num_groups, C, h_i, w_i).
     """
     out = []
     for f in features:
         if attention.shape[-2:] == f.shape[-2:]:
             a = attention
         elif f.shape[-1] < attention.shape[-1]:
-            a = F.interpolate(attention, size=f.shape[-2:], mode="area")           # (G, 1, h_i, w_i)
+            a = F.interpolate(attention, size=f.shape[-2:], mode="area")           # (num_groups, 1, h_i, w_i)
         else:
             a = F.interpolate(attention, size=f.shape[-2:], mode="bilinear", align_corners=False)
-        out.append(f[group_batch] * a.to(f.dtype))                                 # (G, C, h_i, w_i)
+        out.append(f[group_batch] * a.to(f.dtype))                                 # (num_groups, C, h_i, w_i)
     return out
 
 
@@ -2391,8 +2575,9 @@ class SegmentationHead(nn.Module):
     The segmentation head of [IS 3.2.1] (Fig. 2c) on P2-P4 (after `apply_attention`):
     each level -> num_convs x (Conv3x3(channels) + GroupNorm(32) + ReLU), upsampled
     (bilinear) to P2 and summed, then Conv1x1 -> mask logits at stride 4.
-        in:  [(G, in_channels, H/4, W/4), (G, in_channels, H/8, W/8), (G, in_channels, H/16, W/16)]
-        out: (G, num_classes, H/4, W/4); num_classes = 1 class-agnostic (the default,
+        in:  P2, P3, P4 of every pass: [(num_groups, in_channels, H/4, W/4),
+             (num_groups, in_channels, H/8, W/8), (num_groups, in_channels, H/16, W/16)]
+        out: (num_groups, num_classes, H/4, W/4); num_classes = 1 class-agnostic (the default,
              [IS 3.2.2]) or C class-specific ([IS 3.2.1] "W/4 x H/4 x C").
     Deviations / choices where [IS] is silent:
       * "three 3x3 conv layers with 256 channels" read as three per level, with
@@ -2428,11 +2613,11 @@ class SegmentationHead(nn.Module):
         size = features[0].shape[-2:]                                              # P2: (H/4, W/4)
         x = 0
         for tower, f in zip(self.towers, features):
-            y = tower(f)                                                           # (G, channels, h_i, w_i)
+            y = tower(f)                                                           # (num_groups, channels, h_i, w_i)
             if y.shape[-2:] != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            x = x + y                                                              # (G, channels, H/4, W/4)
-        return self.predictor(x)                                                   # (G, num_classes, H/4, W/4)
+            x = x + y                                                              # (num_groups, channels, H/4, W/4)
+        return self.predictor(x)                                                   # (num_groups, num_classes, H/4, W/4)
 
 
 def padded_crop_bce(mask_logits, gt_masks, boxes, stride=4, ratio=0.5):
@@ -2549,7 +2734,6 @@ class FCOSIS(FCOS):
         self.aspp = ASPP(c, c) if cfg.attention == "none" else None
         self.attention = None if cfg.attention == "none" else AttentionMap(cfg.attention, cfg.attention_assign,
                                                                                  cfg.location_offset)
-        self.mask_threshold = cfg.mask_threshold                                 # 0.5 (not given in [IS])
 
     def p3_maps(self, out):
         """The P3 detection outputs the attention map is built from: regressed centres (B, 2,
@@ -2584,13 +2768,12 @@ class FCOSIS(FCOS):
             up = lambda x: F.interpolate(x, size=tuple(p2_hw), mode="bilinear", align_corners=False)  # noqa: E731
         return up(regressed), up(fg), self.strides[0] // 2                       # (B, 2|1, H/4, W/4)
 
-    def segment(self, features, out, boxes, centers, batch, labels, num_images, color_boxes=None, owner=None,
-                competes=None):
+    def segment(self, features, out, boxes, centers, batch, labels, color_boxes=None, owner=None, competes=None):
         """
         Mask logits (M, H/4, W/4) of M instances (boxes (M, 4), centres (M, 2) input frame,
         batch (M,), labels (M,)): one segmentation pass per colour group. owner (M,) or None:
         the object each instance competes as for the attention map's locations (inference,
-        `duplicate_owners`). Also returns the attention maps (G, 1, h, w) and groups (M,)
+        `duplicate_owners`). Also returns the attention maps (num_groups, 1, h, w) and groups (M,)
         (None for the "none" baseline).
         """
         p2_p4 = features[:3]                                                     # P2, P3, P4
@@ -2598,18 +2781,18 @@ class FCOSIS(FCOS):
         if self.attention is None:  # Table 3a: one class-wise map per image, ASPP on P4
             seg = self.seg_head([p2_p4[0], p2_p4[1], self.aspp(p2_p4[2])])       # (B, C, H/4, W/4)
             return seg[batch, ch], None, None
-        groups, group_batch = coloring_groups(boxes if color_boxes is None else color_boxes, batch, num_images)
+        groups, group_batch = coloring_groups(boxes if color_boxes is None else color_boxes, batch)
         regressed, fg, stride = self.attention_inputs(out, p2_p4[0].shape[-2:])
         att = self.attention(regressed, fg, stride, boxes, centers, batch, groups, len(group_batch), owner, competes)
-        seg = self.seg_head(apply_attention(p2_p4, att, group_batch))            # (G, n, H/4, W/4)
+        seg = self.seg_head(apply_attention(p2_p4, att, group_batch))            # (num_groups, n, H/4, W/4)
         return seg[groups, ch], att, groups
 
-    def extra_losses(self, out, t, points, levels, targets, features, images):
-        B, device = len(targets), images.device
-        H, W = images.shape[-2:]
-        boxes = torch.cat([tg["boxes"].float() for tg in targets]).to(device)   # (M, 4)
-        labels = torch.cat([tg["labels"] for tg in targets]).to(device)
-        batch = torch.cat([torch.full((len(tg["boxes"]),), b, device=device) for b, tg in enumerate(targets)]).long()
+    def extra_losses(self, x: FCOSPass):
+        out, features, targets, points = x.out, x.features, x.targets, x.points
+        B, device = len(targets), points.device
+        H, W = x.input_hw
+        flat = {k: v.to(device) for k, v in flatten_targets(targets, 1).items()}  # stride 1: input frame
+        boxes, labels, batch = flat["boxes"], flat["labels"], flat["batch"]      # (M, 4), (M,), (M,)
         masks = batch_masks(targets, H, W, device)                               # (M, H, W)
         extra = out["extra"].float()                                             # (B, P, 3)
         # coarse foreground of every level: BCE against the pooled union of the masks
@@ -2621,12 +2804,12 @@ class FCOSIS(FCOS):
         mass = center_of_mass(masks, boxes)                                      # (M, 2)
         if self.cfg.com_assignment == "mask":
             matched = mask_assignment(points, masks, batch, B)                   # (B, P) flat index
-        else:  # FCOS positives (t["matched"] indexes each image's boxes)
+        else:  # FCOS positives (assigned["matched"] indexes each image's boxes: made flat)
             first = first_box_index(targets, device)
-            matched = torch.where(t["matched"] >= 0, t["matched"] + first[:, None], -1)
-        strides = torch.tensor(self.strides, device=device, dtype=torch.float32)[levels]
-        target, valid = center_of_mass_targets(points, strides, matched, mass, masks)
-        losses["com"] = center_of_mass_loss(extra[..., :2], target, valid,
+            matched = torch.where(x.assigned["matched"] >= 0, x.assigned["matched"] + first[:, None], -1)
+        strides = torch.tensor(self.strides, device=device, dtype=torch.float32)[x.levels]
+        com_target, valid = center_of_mass_targets(points, strides, matched, mass, masks)
+        losses["com"] = center_of_mass_loss(extra[..., :2], com_target, valid,
                                             normalizer=reduce_mean(valid.sum().float()).clamp(min=1))
         # the padded-crop segmentation loss of every instance
         M = len(boxes)
@@ -2639,16 +2822,18 @@ class FCOSIS(FCOS):
         wh = boxes[:, 2:] - boxes[:, :2]
         pad = optimal_padding(fg_pixels, wh[:, 0], wh[:, 1]).float()             # (M,) [IS 3.2.2]
         color_boxes = boxes + pad[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
-        logits, _, _ = self.segment(features, out, boxes, mass, batch, labels, B, color_boxes)
+        logits, _, _ = self.segment(features, out, boxes, mass, batch, labels, color_boxes)
         losses["mask"] = padded_crop_bce(logits.float(), masks, boxes) * M / num_instances
         return losses
 
-    def predict_masks(self, dets, out, points, levels, input_hw, features):
-        """Segment the detections of every image (see `segment`); adds masks (K, H, W) to each
-        dict and returns (attention maps, groups, batch) for the teaching pictures."""
-        H, W = input_hw
+    def predict_masks(self, dets, x: FCOSPass):
+        """Segment the detections `dets` of the inference pass `x` (see `segment`); adds masks
+        (K, H, W) to each dict and returns (attention maps, groups, batch) for the teaching
+        pictures."""
+        out, points, levels, features = x.out, x.points, x.levels, x.features
+        H, W = x.input_hw
         device = points.device
-        batch = torch.cat([torch.full((len(d["boxes"]),), b, device=device) for b, d in enumerate(dets)]).long()
+        batch = image_index([len(d["boxes"]) for d in dets], device)            # (K,) over the batch
         boxes = torch.cat([d["boxes"] for d in dets])
         labels, index = torch.cat([d["labels"] for d in dets]), torch.cat([d["index"] for d in dets])
         if len(boxes) == 0:
@@ -2661,25 +2846,26 @@ class FCOSIS(FCOS):
         # duplicates compete as one object for the attention map's locations (`duplicate_owners`)
         owner, competes = duplicate_owners(boxes, torch.cat([d["scores"] for d in dets]), batch,
                                            self.cfg.assign_nms_threshold, self.cfg.assign_score_floor)
-        logits, att, groups = self.segment(features, out, boxes, centers, batch, labels, len(dets), owner=owner,
+        logits, att, groups = self.segment(features, out, boxes, centers, batch, labels, owner=owner,
                                            competes=competes)
         probs = F.interpolate(logits[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-        probs = probs.sigmoid() * boxes_inside(boxes, H, W)                      # cropped to the box
+        # cropped to the box: closed (`boxes_inside`), not this section's half-open rule (see its header)
+        probs = probs.sigmoid() * boxes_inside(boxes, H, W)
         start = 0
         for d in dets:
             d["masks"] = probs[start:start + len(d["boxes"])]
             start += len(d["boxes"])
         return att, groups, batch
 
-    def postprocess(self, out, points, levels, input_hw, features):
-        dets = self.detect(out, points, levels, input_hw)
-        self.predict_masks(dets, out, points, levels, input_hw, features)
+    def postprocess(self, x: FCOSPass):
+        dets = self.detect(x)
+        self.predict_masks(dets, x)
         return dets
 
     @torch.no_grad()
     def teaching_maps(self, images, k=8, score_threshold=0.3):
         """
-        What [IS] Fig. 2-4 show, for eval.visualize's `maps_fn` hook. images (B, 3, H, W) ->
+        What [IS] Fig. 2-4 show, for eval.save_pictures's `maps_fn` hook. images (B, 3, H, W) ->
         list of B dicts (h, w = H/8, W/8, the P3 grid of the detection head's outputs):
             "centre of mass field"  (h, w, 3) RGB: hue = angle of the regressed vector (r_x,
                                     r_y), brightness = coarse foreground (Fig. 3)
@@ -2697,14 +2883,14 @@ class FCOSIS(FCOS):
         self.eval()
         try:
             out = self.heads(images)
-            features = out["features"]
             points, _, levels = self.locations(out["hw"], images.shape[-2:], images.device)
-            dets = self.detect(out, points, levels, images.shape[-2:], k)
+            x = FCOSPass(out, out["features"], points, levels, tuple(images.shape[-2:]))
+            dets = self.detect(x, k)
             for d in dets:  # keep the confident ones: the picture is about them
                 keep = d["scores"] >= score_threshold
                 for key in list(d):
                     d[key] = d[key][keep]
-            att, groups, batch = self.predict_masks(dets, out, points, levels, images.shape[-2:], features)
+            att, groups, batch = self.predict_masks(dets, x)
         finally:
             self.train(was_training)
         regressed, fg = self.p3_maps(out)
@@ -2723,7 +2909,7 @@ class FCOSIS(FCOS):
             colour = torch.zeros(H, W, dtype=torch.long, device=images.device)
             if len(mine):
                 inside = boxes_inside(d["boxes"], H, W)                          # (K, H, W)
-                cols = coloring_groups(d["boxes"], torch.zeros(len(mine), dtype=torch.long, device=images.device), 1)[0]
+                cols = coloring_groups(d["boxes"], torch.zeros(len(mine), dtype=torch.long, device=images.device))[0]
                 for j in range(len(mine)):  # a handful of boxes, drawn in rank order
                     colour[inside[j]] = cols[j] + 1
                 prob, rank = d["masks"].max(0)
@@ -2895,15 +3081,21 @@ def _torchvision_fcos_rules(first_level=3):
     )
 
 
+# Our checkpoints written while the Local Shape head was called `shape` (`LocalShapeKeys`):
+# head_sets.<i>.shape.* (CenterMask) and shape.* (CenterMask-FCOS) are now local_shape.
+_OLD_LOCAL_SHAPE_RULE = (r"((?:head_sets\.\d+\.)?)shape\.(.+)", r"\1local_shape.\2")
+
+
 def _project_rules(src_first_level, dst_first_level):
     """Our own checkpoints: the same names, except the FPN blocks between FCOS (C3-C5: blocks
-    0-2) and FCOSIS (C2-C5: blocks 0-3), renumbered so that each level finds its own."""
+    0-2) and FCOSIS (C2-C5: blocks 0-3), renumbered so that each level finds its own, and the
+    Local Shape head's old name (`_OLD_LOCAL_SHAPE_RULE`)."""
     shift = src_first_level - dst_first_level
     if shift == 0:
-        return ((r"(.+)", r"\1"),)
+        return (_OLD_LOCAL_SHAPE_RULE, (r"(.+)", r"\1"))
     return ((r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(.+)",
              lambda m: f"backbone.fpn.{m[1]}_blocks.{int(m[2]) + shift}.{m[3]}"),
-            (r"(.+)", r"\1"))
+            _OLD_LOCAL_SHAPE_RULE, (r"(.+)", r"\1"))
 
 
 def _rename(key, rules):

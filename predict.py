@@ -126,7 +126,7 @@ if __name__ == "__main__":
     transform = build_transforms(kind, train=False, **kw)
     collate = partial(collate_fn, size_divisibility=model.size_divisibility)
     threshold = model.mask_threshold
-    maps_fn = getattr(model, "teaching_maps", None) if maps else None
+    maps_fn = model.teaching_maps if maps else None
     if maps and maps_fn is None:
         print(f"predict.py: {type(model).__name__} draws no teaching maps; --maps ignored")
 

@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from model import ModelConfig, MicroBatchNormalizers, build_model, auto_dtype, import_weights, read_weights
+from model import (ModelConfig, MicroBatchNormalizers, build_model, auto_dtype, check_settings, import_weights,
+                   method_transform, read_weights)
 
 # -----------------------------------------------------------------------------
 # default config values (the CenterMask DLA-34 COCO recipe, [CM 3.5])
@@ -56,7 +57,8 @@ shapes_dir = ""                   # if set: write the synthetic shapes set here 
 shapes_n_train = 1000
 shapes_n_val = 200
 shapes_size = 128
-transform = "centernet"           # "centernet" (square canvas, [CM 3.5]) or "fcos" (short side, [IS 4]); see data.py
+transform = ""                    # "centernet" (square canvas, [CM 3.5]) or "fcos" (short side, [IS 4]); see data.py;
+                                  # "": the method's own (model.method_transform: centernet for CenterMask, else fcos)
 input_size = 512                  # centernet: square training input ([CM 3.5]); fcos: short side (800, [IS 4])
 test_input_size = 0               # evaluation: long side (centernet) / short side (fcos); 0: input_size
 keep_res = False                  # centernet evaluation: each image at its own size (scale 1, batches padded to the
@@ -106,12 +108,22 @@ globals().update({f.name: f.default for f in fields(ModelConfig)})
 num_classes = 0                   # 0: take it from the training set
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+# The model keys are checked before any work (a value ModelConfig refuses, or a key the method
+# does not read: one line naming the key, exit status 2, as the configurator's own errors).
+transform = transform or method_transform(method)
+try:
+    check_settings({**{f.name: globals()[f.name] for f in fields(ModelConfig)}, "num_classes": num_classes or 1})
+    if transform not in ("centernet", "fcos"):
+        raise ValueError(f"transform={transform!r}: expected 'centernet' or 'fcos' (or '': the method's own)")
+except ValueError as _e:
+    print(f"{os.path.basename(sys.argv[0])}: error: {_e}", file=sys.stderr)
+    sys.exit(2)
 config = config_from_globals(globals())  # the resolved config, saved in checkpoints
 # -----------------------------------------------------------------------------
 
 from data import (CocoInstances, build_transforms, collate_fn, dataset_paths, shapes_dataset_missing,  # noqa: E402
                   write_shapes_dataset)
-from eval import evaluate, visualize as draw_predictions  # noqa: E402
+from eval import evaluate, save_pictures  # noqa: E402
 
 # -- processes and device ---------------------------------------------------------------------
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
@@ -292,8 +304,9 @@ raw_model = model
 # whose parameters and BN statistics follow the trained ones, p_ema <- d * p_ema + (1 - d) * p after
 # every step (torch's AveragedModel). Evaluations, checkpoints' "ema" entry (which eval.py loads)
 # and the pictures use it; training and resume continue from the raw weights. The decay is constant
-# (no warm-up), so for the first ~1/(1 - d) steps the average still carries the initial weights:
-# on the shapes set, d = 0.998 scored AP 0.0 at iteration 500 and caught up by the end (README).
+# (no warm-up), so for the first ~1/(1 - d) steps the average still carries the initial weights
+# (on the shapes quick start, d = 0.998 ended at mask AP 0.478 against 0.486 without it: RESULTS.md,
+# "CenterMask quick start: tried and not kept").
 ema = None
 if ema_decay > 0:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -587,8 +600,8 @@ if master:
     write_atomic("loss.png", partial(fig.savefig, format="png", dpi=100))
     log(f"wrote {os.path.join(out_dir, 'loss.png')}")
     if visualize:
-        paths = draw_predictions(eval_model, val_set, os.path.join(out_dir, "pictures"), n=vis_images, device=device,
-                                 maps_fn=getattr(eval_model, "teaching_maps", None))
+        paths = save_pictures(eval_model, val_set, os.path.join(out_dir, "pictures"), n=vis_images, device=device,
+                                 maps_fn=eval_model.teaching_maps)
         log(f"wrote {len(paths)} pictures to {os.path.join(out_dir, 'pictures')}")
 if ddp:
     # every rank waits until rank 0 has drawn its pictures: a gloo group torn down on one rank

@@ -11,7 +11,7 @@
 method = "centermask"
 backbone = "dla34"
 dcn = False
-head_conv = 128                  # [CM]/[CN]: 256; 64 learned slower per epoch (see README)
+head_conv = 128                  # [CM]/[CN]: 256; 64 learned slower per epoch (RESULTS.md, quick start steps)
 shape_size = 32
 saliency = "agnostic"
 mask_loss_grid = "input"         # [CM] eq. 2 on input pixels: at stride 4 the masks of 8-30 px objects cap at 0.61 AP
@@ -22,9 +22,9 @@ shapes_n_val = 200
 shapes_size = 128
 out_dir = "out/shapes_centermask"
 input_size = 128
-test_input_size = 160            # val images shown at 1.25x: mask AP 0.484 -> 0.507 (see README)
+test_input_size = 160            # val images shown at 1.25x: mask AP 0.484 -> 0.507 (RESULTS.md)
 # No random zoom (the COCO recipe draws s in 0.6, ..., 1.3 and zooms by 1/s): on this set, at this
-# budget, random scaling cost mask AP (README, "No random scaling": 8 epochs, mask 0.193 -> 0.241
+# budget, random scaling cost mask AP (RESULTS.md, "CenterMask quick start: what each step was worth": 8 epochs, mask 0.193 -> 0.241
 # without it). Its objects are 8-64 px; zoomed out by 1/1.3 an 8 px object is 6 px, a cell and a
 # half of the stride-4 output. CenterNet's random crop centre (border 32 px at 128 px), the flip
 # and the colour augmentation stay.

@@ -3,7 +3,7 @@
 #   python train.py config/shapes_fcos.py --method=fcosreg          # FCOSreg ([IS 3.3])
 # Writes data/shapes if missing (as config/shapes_centermask.py), trains, evaluates (COCO box AP
 # on the 200 val images) and draws predictions into out/shapes_fcos.
-# Measured: see README ("The FCOS family on shapes").
+# Measured: README ("The other methods on the shapes set"), RESULTS.md ("The FCOS family on the shapes set").
 # Deviations from the COCO recipe (config/fcos_r50.py), for a CPU and no ImageNet weights:
 # ResNet-18 trained from scratch (trainable BatchNorm, nothing frozen), FPN and heads 64 wide,
 # 128-px images shown at 256 px, Adam with warmup instead of SGD, bf16 autocast on CPUs that have it.
@@ -22,7 +22,7 @@ out_dir = "out/shapes_fcos"
 transform = "fcos"
 input_size = 256                 # short side: the 128 x 128 shapes images upscaled 2x, as FCOS's short side
                                  # 800 upscales COCO's ~480-640 px images; at 128 the 8-16 px objects have 1-4
-                                 # P3 cells (FCOS box AP 0.43 at 128 vs 0.63 at 256 after 16 epochs, README)
+                                 # P3 cells (FCOS box AP 0.43 at 128 vs 0.63 at 256 after 16 epochs, RESULTS.md)
 scale_range = (1.0, 1.0)         # no multi-scale (as [IS 4])
 batch_size = 8
 num_workers = 2

@@ -76,7 +76,7 @@ def test_bench_coloring_counts(tmp_path):
 def test_bench_loader_on_coco128():
     """Guards the DataLoader throughput measurement (training transforms on real images) and
     the post-processing numbers (decode + mapping to the original size, 100 detections) that
-    the README's speed table reports. Skipped without COCO128."""
+    README's speed table and RESULTS.md report. Skipped without COCO128."""
     import pytest
     from conftest import COCO128
     if not os.path.isfile(os.path.join(COCO128, "annotations", "instances_train2017.json")):

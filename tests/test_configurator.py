@@ -212,3 +212,174 @@ def test_import_has_no_side_effects():
     import importlib
     import configurator
     importlib.reload(configurator)     # would raise SystemExit if the exec'd block ran
+
+
+# -----------------------------------------------------------------------------
+# train.py's model keys: grouped by method (model.CONFIG_GROUPS), checked before any work
+
+def test_every_model_field_is_in_exactly_one_group():
+    """Guards model.CONFIG_GROUPS against drift from ModelConfig: a new field left out of every
+    group would be refused for every method, one listed twice would be ambiguous."""
+    from dataclasses import fields
+    from model import CONFIG_GROUPS, METHODS, ModelConfig, fields_of
+    listed = [f for _, _, _, names in CONFIG_GROUPS for f in names]
+    assert sorted(listed) == sorted(f.name for f in fields(ModelConfig))
+    assert len(listed) == len(set(listed))
+    for method in METHODS:
+        for backbone in (("dla34", "hourglass104") if method == "centermask" else ("resnet50",)):
+            keys = fields_of(method, backbone)
+            assert {"method", "backbone", "num_classes"} <= set(keys)
+    assert "dcn" in fields_of("centermask", "dla34") and "dcn" not in fields_of("centermask", "hourglass104")
+    assert "attention" in fields_of("fcosis", "resnet50") and "attention" not in fields_of("maskfcos", "resnet50")
+
+
+def test_check_settings_names_the_unread_key_and_the_methods_keys():
+    """Guards the check itself: a key set away from its default that the method does not read
+    stops with one line naming it and the method's own keys; the defaults of every method pass,
+    and a list equal to a tuple default (a config file's list) is not a change."""
+    from dataclasses import fields
+    from model import METHODS, ModelConfig, check_settings
+    base = {f.name: f.default for f in fields(ModelConfig)}
+    for method in METHODS:
+        backbone = "dla34" if method == "centermask" else "resnet50"
+        cfg = check_settings({**base, "method": method, "backbone": backbone})
+        assert cfg.method == method
+    check_settings({**base, "dla_channels": list(base["dla_channels"])})
+    with pytest.raises(ValueError) as e:
+        check_settings({**base, "attention": "mu0"})
+    msg = str(e.value)
+    assert "attention='mu0'" in msg and "method='centermask'" in msg and "shape_size" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match="dcn=False.*hourglass104"):
+        check_settings({**base, "backbone": "hourglass104", "dcn": False})
+    with pytest.raises(ValueError, match="saliency"):                        # ModelConfig's own value check
+        check_settings({**base, "saliency": "specifc"})
+
+
+def synthetic_targets(B, S, num_classes, seed=0):
+    """B random images (B, 3, S, S) and per image three boxes (xyxy) with their elliptic masks
+    (uint8 (3, S, S)) and labels: what data.collate_fn hands a model."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, S, S, generator=gen)
+    yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")     # (S, S)
+    targets = []
+    for _ in range(B):
+        wh = (torch.rand(3, 2, generator=gen) * 3 + 1) * S / 8                               # (3, 2)
+        x0y0 = torch.rand(3, 2, generator=gen) * (S - wh)
+        c, r = x0y0 + wh / 2, wh / 2
+        inside = ((xx - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2 + \
+                 ((yy - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2 <= 1                  # (3, S, S)
+        targets.append({"boxes": torch.cat([x0y0, x0y0 + wh], 1), "masks": inside.to(torch.uint8),
+                        "labels": torch.randint(0, num_classes, (3,), generator=gen)})
+    return images, targets
+
+
+# A value of every field other than its default, each one valid on its own (tiny models).
+ALTERNATIVES = dict(
+    mask_threshold=0.3, dcn=False, dla_channels=(8, 8, 16, 16, 32, 32), num_stacks=1, hg_dims=(8, 8, 16),
+    hg_modules=(1, 1, 1), min_overlap=0.5, cornernet_bug=False, mask_loss_grid="input", saliency_loss=True,
+    saliency_loss_weight=2.0, head_conv=16, shape_size=4, use_shape=False, saliency="specific",
+    loss_weights=(2.0, 2.0, 0.2, 2.0), pretrained=True, norm="bn", freeze_at=1, fpn_channels=16, head_convs=2,
+    center_sampling=0.0, box_loss="iou", focal_alpha=0.5, focal_gamma=1.0, score_threshold=0.1, pre_nms_top_n=50,
+    nms_threshold=0.5, score_threshold_on="score", location_offset="zero", ambiguity="mask",
+    reg_weights=(0.5, 0.5, 0.0), center_sampling_at="mass", mask_proposals=8, roi_size=7, mask_size=14,
+    attention="mu0", seg_classes="specific", com_assignment="positive", attention_assign="pass",
+    assign_nms_threshold=0.5, assign_score_floor=0.0, attention_grid="p3")
+
+TINY_MODELS = {
+    ("centermask", "dla34"): dict(dcn=False, dla_channels=(4, 8, 8, 16, 16, 32), head_conv=8, shape_size=8),
+    ("centermask", "hourglass104"): dict(num_stacks=1, hg_dims=(8, 8, 16), hg_modules=(1, 1, 1), head_conv=8,
+                                         shape_size=8),
+    **{(m, "resnet18"): dict(norm="frozen_bn", freeze_at=0, fpn_channels=32, pretrained=False)
+       for m in ("fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")},
+}
+
+
+@pytest.mark.parametrize("method,backbone", list(TINY_MODELS))
+def test_keys_outside_a_methods_groups_do_not_change_it(method, backbone):
+    """Guards CONFIG_GROUPS against a key that a method does read (train.py would refuse a key
+    that matters): every field outside fields_of(method) set to another value (the ones
+    ModelConfig refuses for this method left out: they stop a run anyway) builds the same
+    parameters, the same losses and the same detections, bit for bit. Tiny models, one batch
+    of two 64 x 64 images with three objects."""
+    import torch
+    from model import ModelConfig, build_model, fields_of
+    base = dict(method=method, backbone=backbone, num_classes=3, max_detections=10, **TINY_MODELS[method, backbone])
+    read = set(fields_of(method, backbone))
+    changed = {}
+    for key, value in ALTERNATIVES.items():
+        if key in read or key in base:
+            continue
+        try:
+            ModelConfig(**{**base, **changed, key: value})
+        except ValueError:                        # refused for this method (e.g. saliency_loss with FCOS)
+            continue
+        changed[key] = value
+    assert len(changed) >= 10, changed
+    images, targets = synthetic_targets(2, 64, 3, seed=0)
+    results = []
+    for settings in (base, {**base, **changed}):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**settings))
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        losses = {k: v.detach() for k, v in model.train()(images, targets).items()}
+        with torch.no_grad():
+            dets = model.eval()(images)
+        results.append((state, losses, dets))
+    (s0, l0, d0), (s1, l1, d1) = results
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert l0.keys() == l1.keys() and all(torch.equal(l0[k], l1[k]) for k in l0), (l0, l1)
+    assert len(d0) == len(d1) and all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                                      for a, b in zip(d0, d1))
+
+
+def test_train_py_stops_a_bad_model_key_before_any_work(tmp_path):
+    """Guards train.py's check of the model keys, before the data set is written or read: an
+    unknown method / backbone pairing, a misspelt choice and a key the method does not read
+    each end with one line naming the key (and the allowed values or the method's keys),
+    exit status 2, no traceback, nothing written."""
+    config = ROOT / "config" / "shapes_centermask.py"
+    for args, words in (([str(config), "--method=fcos"], ["method 'fcos'", "backbone"]),
+                        ([str(config), "--saliency=specifc"], ["saliency", "'agnostic'", "'specific'"]),
+                        ([str(config), "--attention=mu0"], ["attention='mu0'", "method='centermask'", "shape_size"]),
+                        ([str(config), "--transform=square"], ["transform", "'centernet'"])):
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"--shapes_dir={tmp_path / 'shapes'}",
+                            f"--out_dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert len(lines) == 1 and lines[0].startswith("train.py: error: "), r.stderr
+        assert all(w in lines[0] for w in words), (words, lines[0])
+        assert not (tmp_path / "shapes").exists() and not (tmp_path / "out").exists()
+
+
+def test_transform_defaults_to_the_methods_own():
+    """Guards transform="" (train.py's default): CenterMask's square canvas, the FCOS family's
+    short side, from each method's class (model.method_transform)."""
+    from model import METHODS, method_transform
+    assert {m: method_transform(m) for m in METHODS} == {
+        "centermask": "centernet", "fcos": "fcos", "fcosreg": "fcos", "maskfcos": "fcos", "centermask_fcos": "fcos",
+        "fcosis": "fcos"}
+
+
+def test_bench_reads_train_py_defaults():
+    """Guards bench.py sharing train.py's keys and defaults (configurator.defaults_of) instead of
+    a copy: every train.py key is a bench.py key, with train.py's default except the ones bench.py
+    declares as its own (batch_size, seed, num_classes), so every config file runs in both."""
+    import ast
+    from configurator import defaults_of
+    train = defaults_of(str(ROOT / "train.py"))
+    assert len(train) > 90 and train["transform"] == "" and train["batch_size"] == 32
+    tree = ast.parse((ROOT / "bench.py").read_text())
+    own = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    overridden = own & set(train)
+    assert overridden == {"batch_size", "seed", "num_classes", "transform"}, overridden  # transform: resolved as train.py
+    assert {"batch_size", "seed"} <= overridden
+
+
+def test_defaults_of_a_script_without_configurator(tmp_path):
+    """Guards defaults_of on a file that does not exec configurator.py: one ConfigError naming it."""
+    from configurator import defaults_of
+    p = tmp_path / "s.py"
+    p.write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="s.py"):
+        defaults_of(str(p))

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from eval import evaluate, to_original, visualize, _masks_to_original  # noqa: E402
+from eval import evaluate, to_original, save_pictures, _masks_to_original  # noqa: E402
 
 CAT_IDS = (5, 9)
 # (id, height, width): long side 60 everywhere, so data.py's test transform with
@@ -150,7 +150,10 @@ class PerfectModel(torch.nn.Module):
     It learns the ground truth through the collate function (`self.collate`), which runs in
     the main process right before the forward when num_workers=0, whatever the sampler.
     mask_kind: "float" (probabilities 0/1), "bool", or None (a box-only model like FCOS).
+    It has what evaluate() reads of a model (model.Method): size_divisibility, mask_threshold.
     """
+    size_divisibility = 32
+    mask_threshold = 0.5
 
     def __init__(self, base_collate=pad_collate, mask_kind="float", empty=False):
         super().__init__()
@@ -296,11 +299,11 @@ def test_visualize_writes_pngs(tiny, tmp_path):
         return [{"heatmap": images[i, 0], "field": images[i].permute(1, 2, 0).sigmoid()}
                 for i in range(images.shape[0])]
 
-    paths = visualize(model, ds, tmp_path / "vis", n=2, collate_fn=model.collate)
+    paths = save_pictures(model, ds, tmp_path / "vis", n=2, collate_fn=model.collate)
     assert len(paths) == 2 and all(p.endswith(".png") and os.path.getsize(p) > 0 for p in paths)
     img = np.asarray(Image.open(paths[0]))
     assert img.shape[:2] == (40 * 7, 60 * 7)   # the original size, enlarged 7x (ceil(384 / 60)) for legible labels
-    paths = visualize(model, ds, tmp_path / "vis2", n=3, collate_fn=model.collate,
+    paths = save_pictures(model, ds, tmp_path / "vis2", n=3, collate_fn=model.collate,
                       maps_fn=maps_fn)
     assert len(paths) == 6 and sum(p.endswith("_maps.png") for p in paths) == 3
 

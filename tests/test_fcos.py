@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (ModelConfig, build_model, fcos_locations, fcos_targets, regression_weights, average_pool_masks,
-                   maskfcos_levels, mask_targets, conv3x3_at, paste_masks, box_iou_aligned,
+from model import (ModelConfig, build_model, check_settings, fcos_locations, fcos_targets, regression_weights,
+                   average_pool_masks, maskfcos_levels, mask_targets, conv3x3_at, paste_masks, box_iou_aligned,
                    center_of_mass, ResNetFPN)
 
 
@@ -22,6 +22,12 @@ def tiny(method, **kw):
                 head_conv=32, shape_size=8)
     base.update(kw)
     return ModelConfig(**base)
+
+
+def one_image(points, strides, boxes, labels=None, **kw):
+    """fcos_targets of one image: boxes (N, 4), labels (N,) as a batch of one -> entries (P, ...)."""
+    t = fcos_targets(points, strides, boxes[None], None if labels is None else labels[None], **kw)
+    return {k: v[0] for k, v in t.items()}
 
 
 def toy_batch(H=128, W=96):
@@ -57,7 +63,7 @@ def test_fcos_targets_worked_example():
     The P3 location (52, 36) next to it has max(32, 26, 78, 34) = 78 > 64: not on P3."""
     hw = [(256 // s, 256 // s) for s in (8, 16, 32, 64, 128)]
     points, strides, _ = fcos_locations(hw, [8, 16, 32, 64, 128])
-    t = fcos_targets(points, strides, torch.tensor([[20., 10, 130, 70]]), torch.tensor([5]))
+    t = one_image(points, strides, torch.tensor([[20., 10, 130, 70]]), torch.tensor([5]))
     p4 = ((points == torch.tensor([56., 40])).all(1) & (strides == 16)).nonzero().item()
     assert t["matched"][p4] == 0 and t["labels"][p4] == 5
     assert t["ltrb"][p4].tolist() == [36, 30, 74, 30]
@@ -78,7 +84,7 @@ def test_level_ranges_inclusive_at_their_boundaries():
     points = torch.tensor([[100., 100], [100, 100]])
     strides = torch.tensor([8., 16])
     for x0, expected in ((36.0, [0, 0]), (35.5, [-1, 0]), (37.0, [0, -1])):
-        t = fcos_targets(points, strides, torch.tensor([[x0, 90, 110, 110]]), radius=0)
+        t = one_image(points, strides, torch.tensor([[x0, 90, 110, 110]]), radius=0)
         assert t["matched"].tolist() == expected, x0
 
 
@@ -92,8 +98,8 @@ def test_centre_sampling_radius():
     points = torch.tensor([[x, 20.] for x in (76, 84, 92, 100, 108, 116, 124)])
     strides = torch.full((7,), 8.0)
     box = torch.tensor([[60., 0, 140, 40]])
-    assert fcos_targets(points, strides, box)["matched"].tolist() == [-1, -1, 0, 0, 0, -1, -1]
-    assert fcos_targets(points, strides, box, radius=0)["matched"].tolist() == [0] * 7
+    assert one_image(points, strides, box)["matched"].tolist() == [-1, -1, 0, 0, 0, -1, -1]
+    assert one_image(points, strides, box, radius=0)["matched"].tolist() == [0] * 7
 
 
 def test_ambiguity_by_area_vs_by_segmentation_label():
@@ -121,7 +127,7 @@ def test_batched_targets_equal_per_image_and_padding_ignored():
     valid = torch.tensor([[True, True, True], [True, False, False]])
     batched = fcos_targets(points, strides, torch.stack([a, b]), torch.tensor([[0, 1, 2], [1, 0, 0]]), valid)
     for i, (boxes, lab) in enumerate(((a, torch.tensor([0, 1, 2])), (b[:1], torch.tensor([1])))):
-        single = fcos_targets(points, strides, boxes, lab)
+        single = one_image(points, strides, boxes, lab)
         for k in ("matched", "labels", "ltrb", "centerness"):
             assert torch.equal(batched[k][i], single[k]), k
     assert (batched["matched"][1] <= 0).all()
@@ -398,7 +404,8 @@ def test_every_config_file_has_known_keys_and_builds(name):
     """Guards config/*.py: a typo in a key would only be caught by the configurator at launch,
     and a model key combination ModelConfig refuses (e.g. method on the wrong backbone) only
     when the model is built. Every key must be a train.py or ModelConfig key, and the model
-    keys must build (on the meta device: no memory, no weights download)."""
+    keys must pass train.py's check (model.check_settings: no key the method does not read) and
+    build (on the meta device: no memory, no weights download)."""
     import os
     import re
     root = os.path.join(os.path.dirname(__file__), "..")
@@ -408,7 +415,10 @@ def test_every_config_file_has_known_keys_and_builds(name):
     train_keys = set(re.findall(r"^(\w+) = ", open(os.path.join(root, "train.py")).read(), re.M))
     model_keys = set(ModelConfig.__dataclass_fields__)
     assert set(ns) <= train_keys | model_keys, set(ns) - train_keys - model_keys
-    cfg = ModelConfig(**{k: v for k, v in ns.items() if k in model_keys and k != "pretrained"}, num_classes=80)
+    settings = {**{f.name: f.default for f in __import__("dataclasses").fields(ModelConfig)},
+                **{k: v for k, v in ns.items() if k in model_keys}, "num_classes": 80}
+    check_settings(settings)                      # train.py's check: no key its method does not read
+    cfg = ModelConfig(**{**settings, "pretrained": False})
     with torch.device("meta"):
         model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) > 0

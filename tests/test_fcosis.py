@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from model import (optimal_padding, box_overlap_graph, largest_first_coloring, coloring_groups,
+from model import (first_box_index, optimal_padding, box_overlap_graph, largest_first_coloring, coloring_groups,
                    center_of_mass, average_pool_masks, coarse_foreground_targets, mask_assignment,
                    center_of_mass_targets, center_of_mass_loss, fcos_locations, regressed_centers,
                    attention_maps, duplicate_owners, AttentionMap, apply_attention, SegmentationHead,
@@ -122,11 +122,11 @@ def test_coloring_groups_per_image():
     different images never conflict (a disjoint third box of image 1 joins colour 0)."""
     boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 15, 15], [0, 0, 10, 10], [5, 5, 15, 15], [30, 30, 40, 40]])
     batch = torch.tensor([0, 0, 1, 1, 1])
-    groups, group_batch = coloring_groups(boxes, batch, 2)
+    groups, group_batch = coloring_groups(boxes, batch)
     # image 1: degrees (1, 1, 0) -> box 2 -> 0, box 3 -> 1, box 4 -> 0
     assert groups.tolist() == [0, 1, 2, 3, 2]
     assert group_batch.tolist() == [0, 0, 1, 1]
-    g, gb = coloring_groups(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 2)
+    g, gb = coloring_groups(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
     assert g.shape == (0,) and gb.shape == (0,)
 
 
@@ -163,8 +163,9 @@ def test_center_of_mass_targets_hand():
     (12,4) in the mask but negative -> invalid; (4,12), (12,12) positive but outside the mask.
     All matched: (12,4) -> ((8-12)/8, 0.125) = (-0.5, 0.125). Per-location strides agree.
     Loss with pred 0: SmoothL1 (beta 1) = 0.5*0.5^2 + 0.5*0.125^2 = 0.125 + 0.0078125 = 0.1328125.
-    The per-image padded layout (B, N, ...) of fcos_targets gives the same targets (guards the
-    b*N + n index conversion)."""
+    Two images in the flat layout, with FCOS's per-image box index made flat by first_box_index
+    (as FCOSIS does for com_assignment="positive"), give the same targets (guards that index
+    conversion)."""
     masks = torch.zeros(1, 16, 16, dtype=torch.uint8)
     masks[0, 2:8, 2:14] = 1
     com = center_of_mass(masks)
@@ -180,12 +181,15 @@ def test_center_of_mass_targets_hand():
     torch.testing.assert_close(target[0, 1], torch.tensor([-0.5, 0.125]))
     loss = center_of_mass_loss(torch.zeros(1, 4, 2), target, valid)
     assert loss.item() == pytest.approx(0.1328125, abs=1e-7)
-    # per-image padded layout (as fcos_targets pads boxes): image 1 holds the same mask as its
-    # second instance, so its locations match index 1 and give the same targets
-    masks_bn = torch.cat([masks, torch.zeros_like(masks)])[None].repeat(2, 1, 1, 1)   # (2, 2, H, W)
-    masks_bn[1] = masks_bn[1].flip(0)
-    com_bn = center_of_mass(masks_bn.flatten(0, 1), torch.zeros(4, 4)).view(2, 2, 2)
-    tb, vb = center_of_mass_targets(loc, 8, torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]), com_bn, masks_bn)
+    # two images of two instances each, flat (0, 1 | 2, 3): image 0 holds the mask as its box 0,
+    # image 1 as its box 1, which is flat instance first_box_index[1] + 1 = 3
+    masks4 = torch.cat([masks, torch.zeros_like(masks), torch.zeros_like(masks), masks])   # (4, H, W)
+    com4 = center_of_mass(masks4, torch.zeros(4, 4))
+    per_image = torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]])                              # FCOS's "matched"
+    two_images = [{"boxes": torch.zeros(2, 4)}, {"boxes": torch.zeros(2, 4)}]
+    flat = per_image + first_box_index(two_images, per_image.device)[:, None]
+    assert flat.tolist() == [[0, 0, 0, 0], [3, 3, 3, 3]]
+    tb, vb = center_of_mass_targets(loc, 8, flat, com4, masks4)
     torch.testing.assert_close(tb, target.repeat(2, 1, 1))
     assert torch.equal(vb, valid.repeat(2, 1))
     t0, v0 = center_of_mass_targets(loc, 8, torch.full((1, 4), -1), torch.zeros(0, 2), torch.zeros(0, 16, 16))
@@ -275,7 +279,7 @@ def test_attention_map_assignment_within_the_pass_by_hand():
     regressed, fg, boxes, centers, batch, _ = toy_attention_inputs()
     boxes3 = torch.cat([boxes, torch.tensor([[24.0, 0.0, 32.0, 8.0]])])
     centers3 = torch.cat([centers, torch.tensor([[28.0, 4.0]])])
-    groups, _ = coloring_groups(boxes3, torch.zeros(3, dtype=torch.long), 1)
+    groups, _ = coloring_groups(boxes3, torch.zeros(3, dtype=torch.long))
     assert groups.tolist() == [0, 1, 0]
     att = attention_maps(regressed, fg, 8, boxes3, centers3, torch.zeros(3, dtype=torch.long), groups, 2,
                          torch.tensor(2.0), torch.tensor(3.0), assign="pass")
@@ -390,7 +394,7 @@ def test_attention_group_map_is_sum_and_images_independent():
     boxes3 = torch.cat([boxes, torch.tensor([[24.0, 0.0, 32.0, 8.0]])])
     centers3 = torch.cat([centers, torch.tensor([[28.0, 4.0]])])
     batch3 = torch.tensor([0, 0, 0])
-    groups, group_batch = coloring_groups(boxes3, batch3, 1)
+    groups, group_batch = coloring_groups(boxes3, batch3)
     assert groups.tolist() == [0, 1, 0] and group_batch.tolist() == [0, 0]
     lam, mu = torch.tensor(2.0), torch.tensor(3.0)
     shared = attention_maps(regressed, fg, 8, boxes3, centers3, batch3, groups, 2, lam, mu, assign="image")
@@ -517,7 +521,7 @@ def test_padded_crop_bce_tiny_box_keeps_its_centre_cell():
 
 # -- the FCOSIS model -------------------------------------------------------------------------------
 
-from model import build_model, FCOSIS  # noqa: E402
+from model import build_model, FCOSIS, FCOSPass  # noqa: E402
 from test_fcos import tiny, train_steps  # noqa: E402
 
 
@@ -601,7 +605,7 @@ def test_fcosis_mask_weighting_at_inference_by_hand():
            "extra": torch.tensor([[[0.0, 0.0, logit(0.8)], [0.0, 0.0, logit(0.2)]]])}
     for weights, expect in (((1 / 3, 1 / 3, 1 / 3), [0.567517, 0.411547]), ((1.0, 0.0, 0.0), [0.5, 0.5])):
         model = build_model(tiny_fcosis(reg_weights=weights)).eval()
-        det = model.detect(out, points, levels, (64, 64))[0]
+        det = model.detect(FCOSPass(out, [], points, levels, (64, 64)))[0]
         best = {tuple(b.tolist()): v.item() for b, v in zip(det["boxes"], det["scores"]) if det["labels"].numel()}
         assert best[(5.0, 5.0, 15.0, 15.0)] == pytest.approx(expect[0], abs=1e-5)
         assert best[(45.0, 45.0, 55.0, 55.0)] == pytest.approx(expect[1], abs=1e-5)

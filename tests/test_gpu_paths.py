@@ -373,7 +373,7 @@ def test_inductor_centermask_losses_and_decode_match_eager():
     with torch.no_grad():
         heads = model.heads(images)                                              # dict of (2, ch, 16, 16)
     out = {k: v.detach().requires_grad_() for k, v in heads.items()}
-    shape_params = list(model.head_sets[-1].shape.parameters())                  # read by `shape_at`
+    shape_params = list(model.head_sets[-1].local_shape.parameters())            # read by `shape_at`
 
     def losses_and_grads(fn):
         losses = fn(out, targets)

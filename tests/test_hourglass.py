@@ -224,7 +224,7 @@ def test_teaching_maps_keys_and_shapes(kw):
     maps = model.teaching_maps(x, k=3)
     assert model.training and len(maps) == 2
     expected = {"heatmap", "peaks", "masks"} | ({"saliency"} if model.saliency is not None else set()) \
-        | ({"local shapes"} if model.shape is not None else set())
+        | ({"local shapes"} if model.local_shape is not None else set())
     for m in maps:
         assert set(m) == expected
         assert m["heatmap"].shape == m["peaks"].shape == (8, 12)

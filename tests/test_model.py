@@ -1,5 +1,8 @@
 """Hand-computed checks of the CenterNet / CenterMask formulas and the DLA-34 backbone."""
 import math
+import re
+from collections import OrderedDict
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -7,7 +10,8 @@ import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
 from model import (ModelConfig, build_model, gaussian_radius, draw_gaussian, centernet_focal_loss,
-                   centernet_heatmaps, flatten_targets, l1_at_centers, DLASeg, DeformConv, CenterMask)
+                   centernet_heatmaps, flatten_targets, image_index, first_box_index, l1_at_centers, DLASeg,
+                   DeformConv, CenterMask, import_weights)
 
 
 def tiny_cfg(**kw):
@@ -103,6 +107,22 @@ def test_heatmaps_flip_equivariant():
         objs = flatten_targets([{"boxes": b, "labels": torch.tensor([0, 1])}], 4)
         maps.append(centernet_heatmaps(objs, 1, 2, 16, 16))
     torch.testing.assert_close(maps[1], maps[0].flip(-1))
+
+
+def test_flat_layout_index_conversions():
+    """Guards the flat layout of a batch's objects: with 2, 0 and 1 boxes, batch = [0, 0, 2]
+    (repeat_interleave of the image ids by the counts) and each image's first flat index is
+    [0, 2, 2], so box n of image b is flat object first[b] + n (box 0 of image 2 -> 2)."""
+    targets = [{"boxes": torch.zeros(2, 4), "labels": torch.tensor([1, 0])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+               {"boxes": torch.ones(1, 4), "labels": torch.tensor([2])}]
+    batch = image_index([2, 0, 1])
+    assert batch.dtype == torch.int64 and batch.tolist() == [0, 0, 2]
+    assert torch.equal(batch, torch.repeat_interleave(torch.arange(3), torch.tensor([2, 0, 1])))
+    assert torch.equal(flatten_targets(targets, 4)["batch"], batch)
+    first = first_box_index(targets, "cpu")
+    assert first.tolist() == [0, 2, 2]
+    assert flatten_targets(targets, 4)["labels"][first[2] + 0].item() == 2
 
 
 # -- losses ----------------------------------------------------------------------------------
@@ -329,7 +349,7 @@ def test_shape_head_at_cells_equals_dense():
         out = {k: v.float() for k, v in m.head_sets[-1](p, dense_shape=dense).items()}
         losses = m.losses(out, t)
         losses["loss"].backward(retain_graph=True)
-        grads.append((losses["mask"].item(), [q.grad.clone() for q in m.head_sets[-1].shape.parameters()]))
+        grads.append((losses["mask"].item(), [q.grad.clone() for q in m.head_sets[-1].local_shape.parameters()]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -347,7 +367,7 @@ def test_ablation_switches(kw):
     """Guards the Table 1 switches: shape-only has no saliency head, saliency-only no shape
     head, Table 1f adds a `saliency` loss; all train and decode."""
     m = build_model(tiny_cfg(**kw))
-    assert (m.shape is None) == (not kw.get("use_shape", True))
+    assert (m.local_shape is None) == (not kw.get("use_shape", True))
     assert (m.saliency is None) == (not kw.get("use_saliency", True))
     x, t = make_batch()
     losses = m.train()(x, t)
@@ -407,3 +427,34 @@ def test_stretch_to_boxes_equals_grid_sample():
     ref_inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
     assert torch.equal(inside, ref_inside) and inside.any((1, 2)).all()
     assert torch.allclose(values[inside], ref[inside], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["centermask", "centermask_fcos"])
+def test_checkpoints_with_the_old_shape_keys_load(method):
+    """Guards the Local Shape head's rename (`shape` -> `local_shape`): a state dict written
+    with the old names (CenterMask's head_sets.0.shape.{0,2}.*, CenterMask-FCOS's shape.*) loads
+    bit-identically, strict=True, through load_state_dict (`LocalShapeKeys`) and through
+    import_weights of one of our checkpoints (`_project_rules`)."""
+    cfg = (tiny_cfg() if method == "centermask" else
+           ModelConfig(method="centermask_fcos", backbone="resnet18", num_classes=3, norm="bn", freeze_at=0,
+                       fpn_channels=32, head_conv=32, shape_size=8))
+    torch.manual_seed(0)
+    new = build_model(cfg).state_dict()
+    old_name = lambda k: re.sub(r"^((?:head_sets\.\d+\.)?)local_shape\.", r"\1shape.", k)  # noqa: E731
+    old = OrderedDict((old_name(k), v) for k, v in new.items())
+    old._metadata = OrderedDict((old_name(k), v) for k, v in new._metadata.items())   # as torch.save keeps it
+    renamed = sorted(k for k in old if k not in new)
+    assert renamed == (["head_sets.0.shape.0.bias", "head_sets.0.shape.0.weight", "head_sets.0.shape.2.bias",
+                        "head_sets.0.shape.2.weight"] if method == "centermask" else ["shape.bias", "shape.weight"])
+    for load in ("load_state_dict", "import_weights"):
+        torch.manual_seed(1)
+        model = build_model(cfg)
+        assert not all(torch.equal(v, new[k]) for k, v in model.state_dict().items())   # other weights
+        if load == "load_state_dict":
+            model.load_state_dict(old)                                                   # strict
+        else:
+            report = import_weights(model, {"model": old, "model_args": asdict(cfg)})
+            assert not report.ignored and not report.new and len(report.loaded) == len(new)
+        state = model.state_dict()
+        assert list(state) == list(new)
+        assert all(torch.equal(state[k], new[k]) for k in new), load

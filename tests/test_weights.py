@@ -21,7 +21,7 @@ from conftest import COCO128, ROOT, WEIGHTS_MANIFESTS
 
 import data
 from eval import _network_input_rgb
-from model import (COCO_CATEGORY_IDS, ModelConfig, build_model, fcos_locations, import_weights, read_weights)
+from model import (COCO_CATEGORY_IDS, FCOSPass, ModelConfig, build_model, fcos_locations, import_weights, read_weights)
 
 DLA34 = "centernet_ctdet_dla34_keys.json"
 HOURGLASS = "centernet_ctdet_hourglass104_keys.json"
@@ -99,7 +99,7 @@ def test_centernet_dla34_import_accounts_for_every_tensor(prefix, counters):
     assert sorted(report.ignored) == sorted(k.removeprefix(prefix) for k in sd if k.removeprefix(prefix).startswith(unused))
     assert len(report.ignored) == (12 if counters else 10)
     fresh = sorted(k for k in report.new if not k.endswith("num_batches_tracked"))
-    assert fresh == sorted(k for k in state_of(model) if k.startswith(("head_sets.0.shape.", "head_sets.0.saliency.")))
+    assert fresh == sorted(k for k in state_of(model) if k.startswith(("head_sets.0.local_shape.", "head_sets.0.saliency.")))
     assert len(report.new) - len(fresh) == (0 if counters else n_counters)
     assert set(report.loaded) | set(report.new) == set(state_of(model))      # every model tensor accounted for
     assert len(report.loaded) + len(report.ignored) == len(sd)               # every file tensor accounted for
@@ -109,7 +109,7 @@ def test_centernet_dla34_import_accounts_for_every_tensor(prefix, counters):
     if counters:
         assert int(state["backbone.base.level0.1.num_batches_tracked"]) == int(sd[prefix + "base.level0.1.num_batches_tracked"])
     text = str(report)
-    assert "loaded: " in text and "base.level3.project.*" in text and "head_sets.0.shape.* (4)" in text
+    assert "loaded: " in text and "base.level3.project.*" in text and "head_sets.0.local_shape.* (4)" in text
     assert "COCO category ids 1, 2, 3" in text
 
 
@@ -137,7 +137,7 @@ def test_centernet_hourglass104_import_two_stacks(prefix, counters):
     report = import_weights(model, {"state_dict": sd})
     assert len(report.loaded) == len(sd) and not report.ignored
     fresh = sorted(k for k in report.new if not k.endswith("num_batches_tracked"))
-    assert fresh == sorted(k for k in state_of(model) if ".shape." in k or ".saliency." in k)
+    assert fresh == sorted(k for k in state_of(model) if ".local_shape." in k or ".saliency." in k)
     assert len(fresh) == 16 and len(report.new) == 16 + (0 if counters else 160)
     state = state_of(model)
     for theirs, ours in spots:
@@ -400,7 +400,7 @@ def test_torchvision_fcos_parity_on_coco128():
         anchors = tv.anchor_generator(batch, features)[0]
         points, _, levels = model.locations(out["hw"], batch.tensors.shape[-2:], "cpu")
         assert torch.equal(points, (anchors[:, :2] + anchors[:, 2:]) / 2)
-        detected = model.detect(out, points, levels, batch.tensors.shape[-2:])
+        detected = model.detect(FCOSPass(out, out["features"], points, levels, tuple(batch.tensors.shape[-2:])))
         kept = torch.cat([d["index"] for d in detected])
         from_level = [levels[d["index"]] for d in detected]
         # a kept detection sits where torchvision's P6/P7 step (size // grid) and the stride disagree
@@ -523,7 +523,7 @@ def test_train_init_from_centernet_file_runs_and_saves_the_input_format(tmp_path
     out = r.stdout
     assert "init_from: input_format='bgr_coco' (CenterNet trained these weights on BGR images" in out
     assert "loaded: 333 tensors" in out and "ignored: 10 tensors of the file" in out   # 386 - 53 counters
-    assert "base.level3.project.* (5)" in out and "head_sets.0.shape.* (4), head_sets.0.saliency.* (4)" in out
+    assert "base.level3.project.* (5)" in out and "head_sets.0.local_shape.* (4), head_sets.0.saliency.* (4)" in out
     assert "53 BatchNorm num_batches_tracked counters" in out
     assert "COCO category ids 1, 2, 3, 4 (4 of its 80 COCO channels)" in out and "iter 1/1" in out
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
