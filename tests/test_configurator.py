@@ -377,9 +377,10 @@ def test_bench_reads_train_py_defaults():
 
 
 def test_defaults_of_a_script_without_configurator(tmp_path):
-    """Guards defaults_of on a file that does not exec configurator.py: one ConfigError naming it."""
-    from configurator import defaults_of
+    """Guards defaults_of on a file that does not exec configurator.py: one ConfigError naming it.
+    (Both names from the module as it is now: test_import_has_no_side_effects reloads it.)"""
+    from configurator import ConfigError as CurrentConfigError, defaults_of
     p = tmp_path / "s.py"
     p.write_text("x = 1\n")
-    with pytest.raises(ConfigError, match="s.py"):
+    with pytest.raises(CurrentConfigError, match="s.py"):
         defaults_of(str(p))
