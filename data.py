@@ -653,6 +653,10 @@ def centernet_color_aug(image, order, alphas, light):
     return image.add_(v_bgr.flip(0).to(image.dtype)[:, None, None])   # R += v[2], G += v[1], B += v[0]
 
 
+# the two kinds: CenterNet's square canvas ([CM 3.5], [CN]) and FCOS's short side ([IS 4], [FCOS])
+TRANSFORM_KINDS = ("centernet", "fcos")
+
+
 class InstanceTransform:
     """(pil_image, target) -> (image, target): CenterNet's random square crop in training,
     otherwise a resize keeping the aspect ratio (and for fcos training a flip).
@@ -694,7 +698,7 @@ class InstanceTransform:
 
     def __init__(self, kind, train, input_size, scale_range=(0.6, 1.3), flip_prob=0.5,
                  color_jitter=0.4, max_size=1333, keep_res=False, input_format="rgb_imagenet"):
-        if kind not in ("centernet", "fcos"):
+        if kind not in TRANSFORM_KINDS:
             raise ValueError(f"unknown transform kind {kind!r}: expected 'centernet' or 'fcos'")
         if keep_res and (kind != "centernet" or train):
             raise ValueError("keep_res is a test-time mode of the centernet transform "

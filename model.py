@@ -196,7 +196,6 @@ class ModelConfig:
                              "(the direct supervision of [CM] Table 1f is per class)")
 
 
-
 # The groups of ModelConfig and the methods (and backbone) that read each one: (group, methods,
 # backbone or None for any, fields). Every field is in exactly one group (tests/test_configurator.py).
 CONFIG_GROUPS = (
@@ -244,6 +243,7 @@ def check_settings(settings):
         raise ValueError(f"{', '.join(f'{k}={settings[k]!r}' for k in unused)}: not read by {on}, whose keys are "
                          f"{', '.join(used)} (model.CONFIG_GROUPS)")
     return cfg
+
 
 def auto_dtype(device_type):
     """The autocast dtype train.py and bench.py use for dtype="auto": bf16 on GPUs that have
@@ -964,6 +964,22 @@ def min_size_boxes(center, wh, min_size=1.0):
     return torch.cat([center - half, center + half], dim=1)
 
 
+def saliency_targets(pooled, batch, channels, num_images, num_channels):
+    """
+    The per-channel union of the ground-truth masks on the output grid: the target of [CM] Table
+    1f's direct saliency loss (class-specific: channel = the object's label). pooled (M, h, w)
+    each object's mask average-pooled to the grid; batch (M,) its image; channels (M,) its
+    saliency channel (0 for one class-agnostic map) -> (B, n, h, w), B = num_images,
+    n = num_channels: the max over the objects of each image and channel, 0 where there is none.
+    (A cell half covered by each of two touching objects of one channel gets 0.5: each mask is
+    pooled before the union.)
+    """
+    M, h, w = pooled.shape
+    out = torch.zeros(num_images * num_channels, h * w, device=pooled.device, dtype=pooled.dtype)
+    row = (batch * num_channels + channels)[:, None].expand(M, h * w)          # (M, h*w) its map
+    return out.scatter_reduce_(0, row, pooled.reshape(M, -1), "amax").view(num_images, num_channels, h, w)
+
+
 def topk_peaks(heat, k):
     """
     CenterNet's peak extraction ([CM 3.4-3.5]): keep the 3x3 max-pool local maxima of the
@@ -1264,12 +1280,10 @@ class CenterMask(Method):
         if self.cfg.saliency_loss:
             # [CM 4.1] Table 1f: BCE of the class-specific saliency against the per-class union
             # of ground-truth masks at stride 4
-            gt_sal = torch.zeros(B * C, h * w, device=device)
-            if M:
-                row = (objs["batch"] * C + objs["labels"])[:, None].expand(M, h * w)
-                gt_sal.scatter_reduce_(0, row, gt_small.view(M, -1), "amax")
+            gt_sal = (saliency_targets(gt_small, objs["batch"], objs["labels"], B, C) if M
+                      else torch.zeros(B, C, h, w, device=device))                          # (B, C, h, w)
             losses["saliency"] = self.cfg.saliency_loss_weight * F.binary_cross_entropy_with_logits(
-                out["saliency"], gt_sal.view(B, C, h, w))
+                out["saliency"], gt_sal)
         losses["loss"] = sum(losses.values())
         return losses
 

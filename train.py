@@ -110,20 +110,20 @@ num_classes = 0                   # 0: take it from the training set
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # The model keys are checked before any work (a value ModelConfig refuses, or a key the method
 # does not read: one line naming the key, exit status 2, as the configurator's own errors).
+from data import (TRANSFORM_KINDS, CocoInstances, build_transforms, collate_fn, dataset_paths,  # noqa: E402
+                  shapes_dataset_missing, write_shapes_dataset)
+from eval import evaluate, save_pictures  # noqa: E402
+
 transform = transform or method_transform(method)
 try:
     check_settings({**{f.name: globals()[f.name] for f in fields(ModelConfig)}, "num_classes": num_classes or 1})
-    if transform not in ("centernet", "fcos"):
-        raise ValueError(f"transform={transform!r}: expected 'centernet' or 'fcos' (or '': the method's own)")
+    if transform not in TRANSFORM_KINDS:
+        raise ValueError(f"transform={transform!r}: expected one of {TRANSFORM_KINDS} (or '': the method's own)")
 except ValueError as _e:
     print(f"{os.path.basename(sys.argv[0])}: error: {_e}", file=sys.stderr)
     sys.exit(2)
 config = config_from_globals(globals())  # the resolved config, saved in checkpoints
 # -----------------------------------------------------------------------------
-
-from data import (CocoInstances, build_transforms, collate_fn, dataset_paths, shapes_dataset_missing,  # noqa: E402
-                  write_shapes_dataset)
-from eval import evaluate, save_pictures  # noqa: E402
 
 # -- processes and device ---------------------------------------------------------------------
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
@@ -601,7 +601,7 @@ if master:
     log(f"wrote {os.path.join(out_dir, 'loss.png')}")
     if visualize:
         paths = save_pictures(eval_model, val_set, os.path.join(out_dir, "pictures"), n=vis_images, device=device,
-                                 maps_fn=eval_model.teaching_maps)
+                              maps_fn=eval_model.teaching_maps)
         log(f"wrote {len(paths)} pictures to {os.path.join(out_dir, 'pictures')}")
 if ddp:
     # every rank waits until rank 0 has drawn its pictures: a gloo group torn down on one rank

@@ -51,7 +51,7 @@ from model import (  # noqa: E402
     ModelConfig, assemble_masks, batch_masks, box_overlap_graph, build_model,
     center_of_mass, center_of_mass_targets, centernet_heatmaps, coarse_foreground_targets,
     coloring_groups, draw_gaussian, fcos_locations, flatten_targets, gaussian_radius,
-    mask_assignment, mask_targets, min_size_boxes, optimal_padding)
+    mask_assignment, mask_targets, min_size_boxes, optimal_padding, saliency_targets)
 
 # -----------------------------------------------------------------------------
 # settings (fixed: the pictures must come out the same every time)
@@ -146,12 +146,11 @@ def centermask_maps(targets, H, W, cfg):
     boxes = min_size_boxes(objs["center"], objs["wh"])                           # (M, 4) output frame
     local = mask_targets(gt_masks, torch.arange(M), boxes * R, S)                 # (M, S, S) in [0, 1]
 
-    # (d) global saliency: as CenterMask.losses builds the Table 1f target, each mask
-    # average-pooled to stride 4 then the max over the image's objects (one class-agnostic
-    # channel: cfg.saliency = "agnostic", the default)
+    # (d) global saliency: the Table 1f target of CenterMask.losses (`saliency_targets`), each
+    # mask average-pooled to stride 4 then the max over the image's objects, in one
+    # class-agnostic channel (cfg.saliency = "agnostic", the default)
     gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]                  # (M, h, w)
-    saliency = torch.zeros(B, h * w).scatter_reduce_(
-        0, objs["batch"][:, None].expand(M, h * w), gt_small.view(M, -1), "amax").view(B, 1, h, w)
+    saliency = saliency_targets(gt_small, objs["batch"], torch.zeros(M, dtype=torch.long), B, 1)  # (B, 1, h, w)
 
     # (e) assembly ([CM] eq. 1): sigmoid(L) x sigmoid(G), L stretched over the box, G read in
     # it. assemble_masks takes logits, so the targets go in as logit(p) (clamped to EPS). Drawn

@@ -458,3 +458,18 @@ def test_checkpoints_with_the_old_shape_keys_load(method):
         state = model.state_dict()
         assert list(state) == list(new)
         assert all(torch.equal(state[k], new[k]) for k in new), load
+
+
+def test_saliency_targets_by_hand():
+    """Guards [CM] Table 1f's saliency target (model.saliency_targets), worked by hand: 2 images,
+    2 channels, a 2 x 2 grid. Image 0, channel 1 holds two objects whose pooled masks are
+    [[0.5, 0], [0, 0]] and [[0.5, 1], [0, 0]]: the max per cell is [[0.5, 1], [0, 0]] (cell
+    (0, 0) half covered by each stays 0.5: pooled before the union); image 1, channel 0 holds
+    [[0, 0], [0.25, 0]]; the other two maps have no object: all 0."""
+    from model import saliency_targets
+    pooled = torch.tensor([[[0.5, 0.0], [0.0, 0.0]], [[0.5, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.25, 0.0]]])
+    out = saliency_targets(pooled, torch.tensor([0, 0, 1]), torch.tensor([1, 1, 0]), 2, 2)
+    expect = torch.zeros(2, 2, 2, 2)
+    expect[0, 1] = torch.tensor([[0.5, 1.0], [0.0, 0.0]])
+    expect[1, 0] = torch.tensor([[0.0, 0.0], [0.25, 0.0]])
+    assert out.shape == (2, 2, 2, 2) and torch.equal(out, expect)
