@@ -39,6 +39,7 @@ Coordinate frames used throughout:
 """
 
 import contextlib
+import fnmatch
 import math
 import os
 import re
@@ -3343,13 +3344,17 @@ class ImportReport:
         return "\n".join(lines)
 
 
-def import_weights(model, weights, cat_ids=None):
+def import_weights(model, weights, cat_ids=None, fresh=()):
     """
     Load published weights (or one of our checkpoints) into `model` (built, not yet wrapped in
     DDP): weights = a LoadedWeights or anything read_weights takes. cat_ids: the COCO category
     id of each of the model's labels (label k = category cat_ids[k]; the training json's
     `label_to_cat_id`), used to pick the class channels of CenterNet's heatmap and torchvision's
-    classifier; default COCO's 80 when the model has 80 classes.
+    classifier; default COCO's 80 when the model has 80 classes. fresh: glob patterns over the
+    model's key names (fnmatch, e.g. "head_sets.*.local_shape.*"): the file's tensors for those
+    keys are not loaded (listed as ignored), the keys stay as the model initialised them (train.py's
+    `init_fresh`: a head that the file holds but that should start over); a pattern that matches
+    no key of the model is refused, so that a typo cannot load what it meant to leave out.
     Published layouts are refused when they do not fit the model (a file of another model, a
     model built with other widths): a tensor the model lacks, or of another shape, stops the
     import naming the keys and shapes. Our checkpoints load what matches by name and shape, the
@@ -3414,6 +3419,15 @@ def import_weights(model, weights, cat_ids=None):
     for k, t, a, b in mismatched:                                 # our checkpoints: skip them
         ignored[k] = f"shape {a} in the file, {b} in this model"
         del mapped[t]
+    for pattern in fresh:                                         # init_fresh: left as initialised
+        keys = [t for t in model_state if fnmatch.fnmatchcase(t, pattern)]
+        if not keys:
+            raise ValueError(f"init_fresh pattern {pattern!r} matches no tensor of this {what} model "
+                             f"(its keys look like {next(iter(model_state))})")
+        for t in keys:
+            if t in mapped:
+                ignored[source_of[t]] = f"init_fresh {pattern!r}: started fresh"
+                del mapped[t]
     if not mapped:
         raise ValueError(f"nothing in {weights.source} ({weights.description}) fits this {what} model")
     unexpected = model.load_state_dict(mapped, strict=False).unexpected_keys

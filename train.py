@@ -40,6 +40,8 @@ init_from = "scratch"             # "scratch", "resume" (from out_dir/ckpt.pt), 
                                   # new optimizer): a path (CenterNet's ctdet_coco_dla_1x/2x.pth or ctdet_coco_hg.pth,
                                   # the ImageNet dla34-ba72cf86.pth, a ckpt.pt of this project) or
                                   # "torchvision:fcos_resnet50_fpn" (torchvision's FCOS COCO weights); model.py section 12
+init_fresh = ()                   # with init_from=weights: glob patterns of model keys not to import, started fresh
+                                  # (e.g. ("head_sets.*.local_shape.*",)); import_weights lists them as ignored
 log_interval = 20                 # iterations between progress lines
 eval_interval = 0                 # iterations between evaluations (0: every epoch ... see below)
 eval_every_epochs = 10            # evaluate every this many epochs when eval_interval == 0
@@ -181,6 +183,8 @@ def log(*a):
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 checkpoint = imported = None
 updates = []
+if init_fresh and init_from in ("scratch", "resume"):
+    sys.exit(f"train.py: init_fresh={init_fresh!r} needs init_from=<weights to import>, not {init_from!r}")
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
         sys.exit(f"train.py: init_from='resume' but there is no checkpoint at {ckpt_path}")
@@ -257,7 +261,7 @@ elif imported is not None:
     # published weights: renamed into the model, every tensor accounted for (model.import_weights);
     # the class channels of the training json's categories (label k = COCO category label_to_cat_id[k])
     try:
-        report = import_weights(model, imported, cat_ids=train_set.label_to_cat_id)
+        report = import_weights(model, imported, cat_ids=train_set.label_to_cat_id, fresh=init_fresh)
     except ValueError as e:
         sys.exit(f"train.py: init_from={init_from!r}: {e}")
     log(str(report))

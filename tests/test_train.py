@@ -112,6 +112,29 @@ def test_resume_from_another_config_names_the_keys(trained, tmp_path):
     assert digest(work / "out" / "ckpt.pt") == before
 
 
+def test_init_fresh_leaves_the_named_heads_out_of_the_import(trained, tmp_path):
+    """Guards init_fresh (fine-tuning: the file holds a head that should start over): the shared
+    run's checkpoint starts a new run whose Local Shape and Saliency heads are not imported; the
+    accounting lists their 8 file tensors as ignored (conv_relu_conv: 2 weights + 2 biases each)
+    and the same 8 model tensors as newly initialised. A pattern that matches no key, and
+    init_fresh without weights to import, stop with one line naming the value."""
+    tmp, _ = trained
+    ckpt = str(tmp / "out" / "ckpt.pt")
+    fresh = '--init_fresh=("head_sets.*.local_shape.*", "head_sets.*.saliency.*")'
+    r = run("train.py", f"--shapes_dir={tmp / 'shapes'}", f"--out_dir={tmp_path / 'ft'}", *TINY, "--max_iters=1",
+            f"--init_from={ckpt}", fresh, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "ignored: 8 tensors of the file:" in r.stdout and "newly initialised: 8 tensors of the model:" in r.stdout
+    assert "init_fresh 'head_sets.*.local_shape.*': started fresh" in r.stdout
+    assert "head_sets.0.local_shape.* (4), head_sets.0.saliency.* (4)" in r.stdout
+    r = run("train.py", f"--shapes_dir={tmp / 'shapes'}", f"--out_dir={tmp_path / 'ft2'}", *TINY, "--max_iters=1",
+            f"--init_from={ckpt}", '--init_fresh=("head_sets.*.shape.*",)', cwd=tmp_path)
+    assert r.returncode != 0 and "init_fresh pattern 'head_sets.*.shape.*' matches no tensor" in r.stderr
+    assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "ft2" / "ckpt.pt")
+    r = train(tmp_path, "--max_iters=1", fresh)
+    assert r.returncode != 0 and "needs init_from=<weights to import>, not 'scratch'" in r.stderr
+
+
 def test_resume_without_checkpoint(tmp_path):
     """Guards --init_from=resume with an empty out_dir: a message naming the missing path."""
     r = train(tmp_path, "--max_iters=2", "--init_from=resume")

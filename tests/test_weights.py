@@ -265,6 +265,31 @@ def test_project_checkpoint_fcos_into_fcosis_and_maskfcos(tmp_path):
         import_weights(build_model(tiny_fcos_config("fcos")), str(tmp_path / "cm.pt"))
 
 
+def test_fresh_patterns_keep_the_models_own_initialisation(tmp_path):
+    """Guards import_weights(fresh=...): a CenterMask checkpoint into a CenterMask of the same
+    shape with fresh = the Local Shape head: its 4 tensors keep the values the new model was built
+    with (not the file's), are listed as new, and the file's 4 are listed as ignored with the
+    pattern; every other tensor is the file's. A pattern matching nothing is refused."""
+    cfg = dict(dla_channels=(4, 8, 8, 16, 16, 32), head_conv=8, shape_size=4, dcn=False, num_classes=4)
+    torch.manual_seed(0)
+    src = build_model(ModelConfig(**cfg))
+    save_checkpoint(src, tmp_path / "cm.pt")
+    torch.manual_seed(1)
+    dst = build_model(ModelConfig(**cfg))
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    report = import_weights(dst, str(tmp_path / "cm.pt"), fresh=("head_sets.*.local_shape.*",))
+    shape_keys = [k for k in before if ".local_shape." in k]
+    assert len(shape_keys) == 4 and sorted(report.new) == sorted(shape_keys)
+    assert report.ignored == {k: "init_fresh 'head_sets.*.local_shape.*': started fresh" for k in shape_keys}
+    after, file = dst.state_dict(), src.state_dict()
+    for k in after:
+        expected = before[k] if k in shape_keys else file[k]
+        assert torch.equal(after[k], expected), k
+    assert not torch.equal(before[shape_keys[0]], file[shape_keys[0]])     # the two seeds differ there
+    with pytest.raises(ValueError, match="init_fresh pattern 'head.local_shape.*' matches no tensor"):
+        import_weights(build_model(ModelConfig(**cfg)), str(tmp_path / "cm.pt"), fresh=("head.local_shape.*",))
+
+
 # -- torchvision's FCOS -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("hw", [(320, 416), (800, 1216), (512, 512), (96, 160)])
