@@ -149,7 +149,7 @@ if __name__ == "__main__":
             pred = to_original({k: v.cpu() for k, v in output.items()}, targets[0], threshold)
             keep = pred["scores"] >= score_threshold
             pred = {k: v[keep] for k, v in pred.items()}
-            image = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).contiguous()  # (3, H0, W0) uint8
+            image = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()  # (3, H0, W0) uint8
             stem = os.path.splitext(name)[0]
             write_png_atomic(draw_predictions(image, pred, class_names, score_threshold),
                              os.path.join(out, f"{stem}_pred.png"))
