@@ -183,8 +183,8 @@ def log(*a):
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 checkpoint = imported = None
 updates = []
-if init_fresh and init_from in ("scratch", "resume"):
-    sys.exit(f"train.py: init_fresh={init_fresh!r} needs init_from=<weights to import>, not {init_from!r}")
+if init_fresh and init_from in ("scratch", "resume"):   # e.g. a fine-tuning config resumed: nothing to leave out
+    log(f"init_fresh={init_fresh!r}: no effect with init_from={init_from!r} (nothing is imported)")
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
         sys.exit(f"train.py: init_from='resume' but there is no checkpoint at {ckpt_path}")
