@@ -699,7 +699,7 @@ class InstanceTransform:
     def __init__(self, kind, train, input_size, scale_range=(0.6, 1.3), flip_prob=0.5,
                  color_jitter=0.4, max_size=1333, keep_res=False, input_format="rgb_imagenet"):
         if kind not in TRANSFORM_KINDS:
-            raise ValueError(f"unknown transform kind {kind!r}: expected 'centernet' or 'fcos'")
+            raise ValueError(f"unknown transform kind {kind!r}: expected one of {TRANSFORM_KINDS}")
         if keep_res and (kind != "centernet" or train):
             raise ValueError("keep_res is a test-time mode of the centernet transform "
                              f"(got kind={kind!r}, train={bool(train)})")
