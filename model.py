@@ -9,7 +9,7 @@ builder, loss, mask assembly and decoder, in reading order.
     5. CenterNet losses                           penalty-reduced focal loss, L1 at the centres
     6. CenterMask                                 Local Shape x Global Saliency ([CM])
     7. ResNet / ResNeXt + FPN                     P3-P7 (P2-P7 for FCOSIS), torchvision parts
-    8. FCOS and FCOSreg                           fcos_targets, focal / GIoU / centerness, NMS
+    8. FCOS and FCOSreg                           fcos_targets, focal / IoU or GIoU / centerness, NMS
     9. MaskFCOS                                   FCOS proposals + RoIAlign mask head
    10. CenterMask-FCOS                            Local Shape x Global Saliency on FCOS
    11. FCOSIS                                     attention map, colouring, segmentation head
@@ -103,8 +103,17 @@ class ModelConfig:
     freeze_at: int = 2                # frozen stem + res2, as FCOS; 0 = nothing frozen
     fpn_channels: int = 256           # FPN and head tower width ([FCOS] 3.2)
     head_convs: int = 4               # convs per head tower ([FCOS] Fig. 2)
-    center_sampling: float = 1.5      # radius in strides (an [FCOS] improvement, see `FCOS`); 0: any location in the box ([IS 3.1])
-    box_loss: str = "giou"            # "giou" (an [FCOS] improvement, see `FCOS`) or "iou" (-log IoU, UnitBox, [IS 3.1])
+    # The four choices that tell the original FCOS (the paper's, FCOS's code defaults, the detector
+    # [IS 3.1] builds on) from the improved FCOS (FCOS's fcos_imprv_* configs, torchvision's FCOS);
+    # see `FCOS`. Defaults: the improved one (torchvision's, whose weights import; section 12).
+    centerness_on: str = "reg"        # centerness conv on the box tower ("reg": FCOS's CENTERNESS_ON_REG True) or on
+                                      # the classification tower ("cls": [FCOS] 3.3 and Fig. 2, CENTERNESS_ON_REG False)
+    reg_form: str = "relu_stride"     # ltrb = relu(scale_l * x) * stride ("relu_stride": FCOS's NORM_REG_TARGETS True)
+                                      # or exp(scale_l * x) in pixels ("exp": [FCOS] 3.2, NORM_REG_TARGETS False)
+    center_sampling: float = 1.5      # positives within this radius in strides of the box centre (FCOS's
+                                      # CENTER_SAMPLING_RADIUS 1.5); 0: every location in the box ([FCOS] 3.1, [IS 3.1])
+    box_loss: str = "giou"            # "giou" (FCOS's IOU_LOSS_TYPE "giou"; torchvision's GIoU loss) or "iou" (FCOS's
+                                      # IOULoss "iou": -log((I + 1) / (U + 1)), UnitBox's IoU loss, [IS 3.1])
     focal_alpha: float = 0.25         # [FCOS] 3.1, RetinaNet's focal loss
     focal_gamma: float = 2.0
     score_threshold: float = 0.05     # candidate locations at inference ([FCOS] 4)
@@ -131,6 +140,10 @@ class ModelConfig:
     attention_assign: str = "image"   # locations are assigned among the objects of their image ("image", [IS 3.2.1]:
                                       # a neighbour's pixels are distractors, -mu) or of their pass only ("pass",
                                       # an ablation: no location is ever a distractor); see `attention_maps`
+    attention_background: str = "distractor_only"  # what -mu marks inside a box ([IS 3.2.1]: "the background or
+                                      # distractor instances"): "distractor_only" (a neighbour's locations; the own
+                                      # object's get lambda * coarse fg, ~0 on its background) or "own_background"
+                                      # (also the own object's background: lambda * fg - mu * (1 - fg)); `attention_maps`
     assign_nms_threshold: float = 0.6  # inference, "image": detections that a class-agnostic NMS at this IoU merges
                                       # compete as one object (`duplicate_owners`); FCOS's own NMS IoU ([FCOS] 4)
     assign_score_floor: float = 0.5   # inference, "image": only detections scoring at least this (more likely right
@@ -180,13 +193,18 @@ class ModelConfig:
                              ("attention", ("segm", "mu0", "bbox", "none")), ("seg_classes", ("agnostic", "specific")),
                              ("attention_grid", ("p2", "p3")), ("attention_assign", ("pass", "image")),
                              ("com_assignment", ("mask", "positive")), ("mask_loss_grid", ("output", "input")),
-                             ("score_threshold_on", ("cls", "score")), ("location_offset", ("half", "zero"))):
+                             ("score_threshold_on", ("cls", "score")), ("location_offset", ("half", "zero")),
+                             ("centerness_on", ("reg", "cls")), ("reg_form", ("relu_stride", "exp")),
+                             ("attention_background", ("distractor_only", "own_background"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"ModelConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.method == "fcos" and (self.ambiguity == "mask" or self.center_sampling_at == "mass"
                                       or self.reg_weights != (1.0, 0.0, 0.0)):
             raise ValueError("ModelConfig: ambiguity='mask', center_sampling_at='mass' and reg_weights need the "
                              "masks: use method='fcosreg' ([IS 3.3])")
+        if self.attention_background != "distractor_only" and self.attention in ("bbox", "none"):
+            raise ValueError(f"ModelConfig.attention_background={self.attention_background!r} needs a map with -mu "
+                             f"(attention='segm' or 'mu0'), not attention={self.attention!r}")
         if self.mask_loss_grid != "output" and self.method != "centermask":
             raise ValueError(f"ModelConfig.mask_loss_grid={self.mask_loss_grid!r} is CenterMask's (method='centermask'); "
                              f"{self.method!r} has its own mask loss")
@@ -209,13 +227,13 @@ CONFIG_GROUPS = (
     ("Local Shape x Global Saliency", ("centermask", "centermask_fcos"), None,
      ("head_conv", "shape_size", "use_shape", "use_saliency", "saliency", "loss_weights")),
     ("the FCOS family", FCOS_FAMILY, None,
-     ("pretrained", "norm", "freeze_at", "fpn_channels", "head_convs", "center_sampling", "box_loss", "focal_alpha",
-      "focal_gamma", "score_threshold", "pre_nms_top_n", "nms_threshold", "score_threshold_on", "location_offset",
-      "ambiguity", "reg_weights", "center_sampling_at")),
+     ("pretrained", "norm", "freeze_at", "fpn_channels", "head_convs", "centerness_on", "reg_form", "center_sampling",
+      "box_loss", "focal_alpha", "focal_gamma", "score_threshold", "pre_nms_top_n", "nms_threshold",
+      "score_threshold_on", "location_offset", "ambiguity", "reg_weights", "center_sampling_at")),
     ("MaskFCOS", ("maskfcos",), None, ("mask_proposals", "roi_size", "mask_size")),
     ("FCOSIS", ("fcosis",), None,
-     ("attention", "seg_classes", "com_assignment", "attention_assign", "assign_nms_threshold", "assign_score_floor",
-      "attention_grid")),
+     ("attention", "seg_classes", "com_assignment", "attention_assign", "attention_background", "assign_nms_threshold",
+      "assign_score_floor", "attention_grid")),
 )
 
 
@@ -1574,6 +1592,23 @@ def regression_weights(centerness, seg, weights=(1.0, 0.0, 0.0)):
     return a * centerness + b * seg + c * torch.sqrt((centerness * seg).clamp(min=0))
 
 
+def iou_loss(pred, target):
+    """
+    FCOS's IoU loss (its IOULoss with IOU_LOSS_TYPE "iou", the default; UnitBox's -ln(IoU),
+    [IS 3.1]) of pairs of boxes written as distances from the same location: pred, target (M, 4)
+    ltrb >= 0 -> (M,) -log((I + 1) / (U + 1)). Both boxes hold the location, so their overlap is
+    I = (min(l, l*) + min(r, r*)) * (min(t, t*) + min(b, b*)) and U = area + area* - I. FCOS's +1
+    keeps the log finite for a box of no area; it counts in the units of the distances: input
+    pixels here, as FCOS's original form (NORM_REG_TARGETS False; with True FCOS would count in
+    strides, a combination none of its configs uses).
+    """
+    l, t, r, b = pred.unbind(1)
+    l_, t_, r_, b_ = target.unbind(1)
+    inter = (torch.minimum(l, l_) + torch.minimum(r, r_)) * (torch.minimum(t, t_) + torch.minimum(b, b_))  # (M,)
+    union = (l + r) * (t + b) + (l_ + r_) * (t_ + b_) - inter
+    return -torch.log((inter + 1) / (union + 1))
+
+
 def reduce_mean(x):
     """A loss normaliser (a count of positives, objects, pixels; never a function of the
     predictions) averaged over all processes: FCOS's num_pos / world_size, so that W processes
@@ -1653,19 +1688,30 @@ class FCOSHead(nn.Module):
     """
     FCOS's shared head ([FCOS] 3.1, Fig. 2), applied to every FPN level:
     a classification tower and a box tower, each num_convs x (Conv3x3 + GroupNorm(32) + ReLU),
-    then cls logits (C) on the first, ltrb (4) and centerness (1) on the second (centerness on
-    the box tower: the FCOS improvement), one learnable Scale per level. `extra` more channels
-    can be predicted on the box tower (FCOSIS: centre of mass 2 + coarse foreground 1).
+    then cls logits (C) on the first, ltrb (4) on the second and centerness (1) on either, one
+    learnable Scale per level. `extra` more channels can be predicted on the box tower (FCOSIS:
+    centre of mass 2 + coarse foreground 1). The two forms of FCOS (see `FCOS`):
+        centerness_on "cls": on the classification tower ([FCOS] 3.3, Fig. 2; FCOS's code with
+                      CENTERNESS_ON_REG False); "reg": on the box tower (CENTERNESS_ON_REG True)
+        reg_form "exp": ltrb = exp(scale_l * x), the distances in input pixels ([FCOS] 3.2;
+                      NORM_REG_TARGETS False); "relu_stride": relu(scale_l * x) * stride_l, x
+                      regressing the distances in strides (NORM_REG_TARGETS True; torchvision's
+                      FCOS, whose box coder multiplies by the anchor size, the stride)
+    Either way the predicted ltrb comes out in input pixels, and the targets, the losses and
+    the decoding read them so. (FCOS's own code leaves the ReLU out of "relu_stride" at test
+    time; torchvision keeps it, and so do we.) The module and its state-dict keys are the same
+    in every form: only which tower feeds `centerness` and the function of the scaled ltrb differ.
     features: one map per level, (B, cin, h_l, w_l) -> dict, locations flattened level after level
     (P = sum h_l * w_l, as `fcos_locations`):
-        cls (B, P, C) logits; ltrb (B, P, 4) input pixels = relu(scale_l * x) * stride_l
-        (normalised regression, [FCOS] improvements); centerness (B, P) logits;
+        cls (B, P, C) logits; ltrb (B, P, 4) input pixels; centerness (B, P) logits;
         extra (B, P, extra) when asked; box_features: the box tower output of every level.
     """
 
-    def __init__(self, cin, num_classes, strides, num_convs=4, extra=0, prior=0.01):
+    def __init__(self, cin, num_classes, strides, num_convs=4, extra=0, prior=0.01, centerness_on="reg",
+                 reg_form="relu_stride"):
         super().__init__()
         self.strides = list(strides)
+        self.centerness_on, self.reg_form = centerness_on, reg_form
 
         def tower():
             layers = []
@@ -1690,8 +1736,10 @@ class FCOSHead(nn.Module):
         for level, (p, s) in enumerate(zip(features, self.strides)):
             c, b = self.cls_tower(p), self.box_tower(p)                          # (B, cin, h, w)
             out["cls"].append(self.cls_logits(c).flatten(2))                     # (B, C, h*w)
-            out["ltrb"].append((F.relu(self.scales[level] * self.ltrb(b)) * s).flatten(2))  # (B, 4, h*w)
-            out["centerness"].append(self.centerness(b).flatten(2))              # (B, 1, h*w)
+            x = self.scales[level] * self.ltrb(b)                                # (B, 4, h, w)
+            ltrb = torch.exp(x) if self.reg_form == "exp" else F.relu(x) * s     # input pixels
+            out["ltrb"].append(ltrb.flatten(2))                                  # (B, 4, h*w)
+            out["centerness"].append(self.centerness(c if self.centerness_on == "cls" else b).flatten(2))  # (B, 1, h*w)
             if self.extra is not None:
                 out["extra"].append(self.extra(b).flatten(2))
             out["box_features"].append(b)
@@ -1737,11 +1785,29 @@ class FCOS(Method):
     """
     FCOS ([IS 3.1], [FCOS]) and FCOSreg ([IS 3.3], method="fcosreg") on ResNet-FPN P3-P7.
 
+    Two forms of the detector, four ModelConfig keys (FCOS's own config option in brackets):
+                        original FCOS                        improved FCOS
+      centerness_on     "cls": classification tower          "reg": box tower (CENTERNESS_ON_REG)
+      reg_form          "exp": exp(scale_l x), pixels        "relu_stride": relu(scale_l x) * stride
+                                                             (NORM_REG_TARGETS)
+      center_sampling   0: every location in the box         1.5 strides around the centre
+                                                             (CENTER_SAMPLING_RADIUS)
+      box_loss          "iou": -log((I+1)/(U+1))              "giou" (IOU_LOSS_TYPE)
+    The original is [FCOS] as published and FCOS's code with its defaults (fcos_core/config/
+    defaults.py: False, False, 0.0, "iou"), i.e. its FCOS_R_50_FPN_1x, whose 37.1 box AP (FCOS's
+    README) is the FCOS R-50 number of [IS] Table 1, and the detector [IS 3.1] reviews ("If
+    location (x, y) falls into a groundtruth bounding box ..., it is considered as a positive
+    sample"; an IoU loss "similar to UnitBox"). The improved one is FCOS's later fcos_imprv_*
+    configs (FCOS_imprv_R_50_FPN_1x: 38.7, FCOS's README) and torchvision's FCOS (39.2 on COCO
+    val2017, its weights' documentation), whose weights section 12 imports and whose assignment
+    and losses tests/test_fcos.py matches: it is ModelConfig's default. The [IS] COCO configs set
+    the original.
+
     Training: model(images, targets) -> dict of losses ([IS] eq. 2, alpha = beta = 1):
         cls: sigmoid focal loss (alpha 0.25, gamma 2; torchvision) over all locations / N_pos
-        box: GIoU (box_loss="giou", the FCOS improvement) or IoU (-log IoU, "iou", [IS 3.1] as
-             UnitBox) loss of the positives, weighted by the centerness target (FCOSreg: the
-             regularisation map w), / the sum of those weights
+        box: GIoU (box_loss="giou", torchvision's, on the decoded boxes) or IoU loss (box_loss="iou",
+             FCOS's, `iou_loss`) of the positives, weighted by the centerness target (FCOSreg: the
+             regularisation map w), / the sum of those weights, as FCOS's code
         centerness: BCE of the centerness logits against the centerness target (FCOSreg: w)
     N_pos and the weight sum are averaged over processes (`reduce_mean`, as FCOS's num_pos /
     world_size), so that 2 processes with batch b give the same gradients as 1 process with batch 2b.
@@ -1766,10 +1832,11 @@ class FCOS(Method):
         computed from the predicted centerness and the predicted coarse foreground as s ([IS
         3.3]: w "can be applied if mask information is available during both training and
         inference, which is supported by FCOSIS"). Default (1, 0, 0): FCOS's weighting.
-      * GIoU and centre sampling are on by default: two of the FCOS improvements (with
-        centerness on the box tower and normalised regression) that FCOS's authors added after
-        [FCOS]'s first version. [IS 3.1] describes the original (IoU loss, every location in the
-        box a candidate): box_loss="iou", center_sampling=0 restore it.
+      * Both forms compute the regression in input pixels (targets, losses, decoding);
+        "relu_stride" scales the output instead of dividing the targets by the stride (the same
+        GIoU, which does not depend on the unit; FCOS's "iou" +1 counts in pixels here).
+      * [IS] eq. 2 divides the regression loss by N_pos; FCOS's code (both forms) weights it by
+        the centerness target and divides by the sum of those weights, as here.
     """
     transform = "fcos"                                         # the short side of [FCOS] / [IS 4]
 
@@ -1783,7 +1850,8 @@ class FCOS(Method):
         self.size_divisibility = self.backbone.size_divisibility
         self.fcos_levels = slice(3 - first_level, None)   # P3-P7 of the FPN maps
         self.strides = self.backbone.strides[self.fcos_levels]                   # [8, 16, 32, 64, 128]
-        self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, self.strides, cfg.head_convs, extra)  # shared by P3-P7
+        self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, self.strides, cfg.head_convs, extra,  # shared by P3-P7
+                             centerness_on=cfg.centerness_on, reg_form=cfg.reg_form)
         self.uses_masks = cfg.method == "fcosreg" or (cfg.method == "fcosis" and (  # segmentation labels ([IS 3.3])
             cfg.reg_weights != (1.0, 0.0, 0.0) or cfg.ambiguity == "mask" or cfg.center_sampling_at == "mass"))
 
@@ -1869,10 +1937,10 @@ class FCOS(Method):
         p = points[None].expand_as(assigned["ltrb"][..., :2])[pos]               # (M, 2)
         pred = torch.cat([p - out["ltrb"][pos][:, :2], p + out["ltrb"][pos][:, 2:]], 1)  # (M, 4)
         gt = torch.cat([p - assigned["ltrb"][pos][:, :2], p + assigned["ltrb"][pos][:, 2:]], 1)
-        if self.cfg.box_loss == "giou":
+        if self.cfg.box_loss == "giou":  # torchvision's GIoU loss on the decoded boxes
             per_box = generalized_box_iou_loss(pred, gt, reduction="none")
-        else:  # UnitBox IoU loss, -log IoU ([IS 3.1])
-            per_box = -torch.log(box_iou_aligned(pred, gt).clamp(min=1e-6))
+        else:  # FCOS's IoU loss on the distances ([IS 3.1])
+            per_box = iou_loss(out["ltrb"][pos], assigned["ltrb"][pos])
         losses["box"] = (per_box * weight).sum() / reduce_mean(weight.sum()).clamp(min=1e-6)
         losses["centerness"] = F.binary_cross_entropy_with_logits(out["centerness"][pos], ctr_target,
                                                                   reduction="sum") / num_pos
@@ -1932,14 +2000,6 @@ class FCOS(Method):
         """Hook: the inference pass `x` -> the final per-image dicts (`detect`'s); the mask
         methods add their masks here."""
         return self.detect(x)
-
-
-def box_iou_aligned(a, b):
-    """IoU of the pairs (a[i], b[i]): a, b (M, 4) xyxy -> (M,)."""
-    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(1)  # noqa: E731
-    return inter / (area(a) + area(b) - inter).clamp(min=1e-9)
 
 
 # -----------------------------------------------------------------------------
@@ -2455,7 +2515,8 @@ def duplicate_owners(boxes, scores, batch, iou_threshold, score_floor=0.0):
 
 
 def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
-                   lam, mu, bbox_only=False, assign="image", owner=None, offset="half", competes=None):
+                   lam, mu, bbox_only=False, assign="image", owner=None, offset="half", competes=None,
+                   background="distractor_only"):
     """
     The attention map of [IS 3.2.1] for each segmentation pass (colour group), at one level.
         regressed  (B, 2, h, w) regressed centres (x + r_x, y + r_y), input frame
@@ -2470,12 +2531,22 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
                    None: every instance is its own object (training: ground truth)
         competes (N,) bool or None: the instances that take locations from others
                    (`duplicate_owners`); None: those that own themselves
-    For instance j and location q = (x, y):
+    For instance j and location q = (x, y), with f = coarse_fg(q):
         A_j(q) = 0                  if q is outside B_j
-               = +lam * coarse_fg(q) if q is inside B_j and assigned to j
+               = +lam * f            if q is inside B_j and assigned to j
                = -mu                 if q is inside B_j and assigned to another instance
     where q is assigned to the instance whose centre is nearest (Euclidean) to the regressed
-    centre of q ([IS 3.2.1]; ties -> lower index). Who competes (assign):
+    centre of q ([IS 3.2.1]; ties -> lower index). What -mu marks (background), [IS 3.2.1]:
+    "lambda indicates foreground pixels on the object while -mu marks pixels which belong to the
+    background or distractor instances", and "the grouped pixels are then multiplied with the
+    coarse segmentation map":
+      * "distractor_only" (default): the map above; j's own background inside B_j gets
+        lam * f, about 0 where the coarse foreground says background.
+      * "own_background": j's own locations get lam * f - mu * (1 - f), the coarse foreground
+        weighing +lam (foreground) against -mu (background): -mu on j's own background as on a
+        distractor, +lam on its foreground, no threshold to choose (f is a probability; f = 1/2
+        gives (lam - mu) / 2). Table 3b's mu := 0 makes the two readings the same map.
+    Who competes (assign):
       * "image" (default): every object of the image. A location of B_j whose regressed centre
         is nearer an overlapping neighbour's centre is a distractor for j and gets -mu: "-mu
         marks pixels which belong to the background or distractor instances" ([IS 3.2.1]),
@@ -2497,8 +2568,9 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
         layers"); FCOSIS resamples them onto the P2 grid and builds the map there (stride 4,
         `FCOSIS.attention_inputs`), then `apply_attention` shrinks it onto P3 and P4. Built on
         P3's own grid (attention_grid="p3"), an 8-16 px object has 1-4 cells of attention.
-      * -mu replaces the value (it is not scaled by the coarse foreground); a location
-        assigned to j with low foreground gets lam * fg ~ 0 rather than -mu.
+      * -mu on a distractor replaces the value (it is not scaled by the coarse foreground).
+        Which background gets -mu is `background` (above): both readings fit the sentences;
+        the default is the map as the model was first built and measured (README, FCOSIS).
     """
     B, _, h, w = coarse_fg.shape
     N, P = len(boxes), h * w
@@ -2524,7 +2596,8 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
                 best = torch.cat([in_c, in_c.new_full((1, P), float("inf"))]).gather(0, winner)  # (N, P)
                 assigned_to_j = (winner == owner[:, None]) | (~comp[owner][:, None] & (dist2[owner] < best))
         fg = coarse_fg.float().flatten(1)[batch]                                   # (N, P)
-        per_instance = torch.where(assigned_to_j, lam * fg, -mu) * inside          # (N, P)
+        own = lam * fg if background == "distractor_only" else lam * fg - mu * (1 - fg)  # (N, P)
+        per_instance = torch.where(assigned_to_j, own, -mu) * inside               # (N, P)
     out = per_instance.new_zeros(num_groups, P).index_add(0, groups, per_instance.float())
     return out.view(num_groups, 1, h, w)
 
@@ -2537,14 +2610,16 @@ class AttentionMap(nn.Module):
     (Table 3c: the whole box filled with lam; no mu, so no unused parameter under DDP).
     assign: "image" or "pass", who competes for a location (see `attention_maps`).
     offset: the location convention (ModelConfig.location_offset, `fcos_locations`).
-    forward(...) takes `attention_maps`' arguments except lam/mu/bbox_only/assign/offset (owner
-    last) and returns (num_groups, 1, h, w).
+    background: "distractor_only" or "own_background", what -mu marks (see `attention_maps`).
+    forward(...) takes `attention_maps`' arguments except lam/mu/bbox_only/assign/offset/background
+    (owner, competes last) and returns (num_groups, 1, h, w).
     """
 
-    def __init__(self, mode="segm", assign="image", offset="half"):
+    def __init__(self, mode="segm", assign="image", offset="half", background="distractor_only"):
         super().__init__()
         self.assign = assign                                       # see `attention_maps`
         self.offset = offset
+        self.background = background
         if mode not in ("segm", "mu0", "bbox"):
             raise ValueError(f"AttentionMap: mode must be 'segm', 'mu0' or 'bbox', got {mode!r}")
         self.mode = mode
@@ -2558,7 +2633,7 @@ class AttentionMap(nn.Module):
                 competes=None):
         return attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
                               self.lam, self.mu, bbox_only=self.mode == "bbox", assign=self.assign, owner=owner,
-                              offset=self.offset, competes=competes)
+                              offset=self.offset, competes=competes, background=self.background)
 
 
 def apply_attention(features, attention, group_batch):
@@ -2735,6 +2810,9 @@ class FCOSIS(FCOS):
         (a class-agnostic NMS at assign_nms_threshold, `duplicate_owners`): a duplicate
         detection competes as the object it duplicates. Training assigns among the
         ground-truth objects of the image, as [IS 3.2.1].
+      * What -mu marks: a neighbour's locations ("distractor_only", default) or also the own
+        object's background (attention_background="own_background"); [IS 3.2.1] can be read
+        either way (`attention_maps`).
       * Training colours the ground-truth boxes grown by their loss padding, so that no
         instance's padded crop reaches into another instance of its own pass.
       * The "none" baseline is trained with the same per-instance padded-crop loss, on the
@@ -2748,7 +2826,8 @@ class FCOSIS(FCOS):
         self.seg_head = SegmentationHead(c, c, n)
         self.aspp = ASPP(c, c) if cfg.attention == "none" else None
         self.attention = None if cfg.attention == "none" else AttentionMap(cfg.attention, cfg.attention_assign,
-                                                                                 cfg.location_offset)
+                                                                                 cfg.location_offset,
+                                                                                 cfg.attention_background)
 
     def p3_maps(self, out):
         """The P3 detection outputs the attention map is built from: regressed centres (B, 2,
@@ -3176,9 +3255,10 @@ class LoadedWeights:
 
     def config_updates(self, config):
         """(key, value, why) for the train.py config keys that these weights decide, where
-        `config` (train.py's resolved config) says otherwise: the input format and the location
-        convention the weights were trained with, and pretrained=False when the file holds the
-        backbone (no ImageNet download to overwrite)."""
+        `config` (train.py's resolved config) says otherwise: the input format, the location
+        convention and the form of the FCOS head (`FCOSHead`: centerness_on, reg_form) the weights
+        were trained with, and pretrained=False when the file holds the backbone (no ImageNet
+        download to overwrite)."""
         want = []
         if self.kind in ("centernet_dla34", "centernet_hourglass104"):
             want.append(("input_format", "bgr_coco", "CenterNet trained these weights on BGR images normalised "
@@ -3186,12 +3266,16 @@ class LoadedWeights:
         elif self.kind == "torchvision_fcos":
             want.append(("location_offset", "zero", "torchvision's FCOS puts location (i, j) at (j, i) x (input "
                          "size // grid size), FCOS at s * (j, i) + s // 2; `fcos_locations`"))
+            want.append(("centerness_on", "reg", "torchvision's FCOS predicts centerness on the box tower"))
+            want.append(("reg_form", "relu_stride", "torchvision's FCOS regresses relu(x) * stride"))
             want.append(("pretrained", False, "the ResNet-50 comes from the file"))
         elif self.kind == "project":
             args = self.model_args or {}
             want.append(("input_format", (self.config or {}).get("input_format", "rgb_imagenet"),
                          "as the checkpoint was trained"))
-            want.append(("location_offset", args.get("location_offset", "half"), "as the checkpoint was trained"))
+            for key, before in (("location_offset", "half"), ("centerness_on", "reg"), ("reg_form", "relu_stride")):
+                # `before`: the value of checkpoints written before the key existed
+                want.append((key, args.get(key, before), "as the checkpoint was trained"))
             if args.get("backbone") == config.get("backbone"):
                 want.append(("pretrained", False, "the backbone comes from the checkpoint"))
         return [(k, v, why) for k, v, why in want if k in config and config[k] != v]

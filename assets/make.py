@@ -6,7 +6,9 @@ The two README pictures of what CenterMask and FCOSIS are TAUGHT, drawn from the
                                     (e) the masks they assemble (local shape x saliency, [CM] eq. 1)
     assets/fcosis_targets.png       FCOSIS ([IS]): (a) image + boxes, (b) the centre-of-mass field,
                                     (c) the coarse foreground, (d) the attention map of one pass,
-                                    (e) the Largest-First colouring (one segmentation pass per colour)
+                                    (e) the same map with -mu on the own background too (the other
+                                    reading, attention_background="own_background"), (f) the
+                                    Largest-First colouring (one segmentation pass per colour)
 
 Regenerate them with one command, from the repository root:
 
@@ -48,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 from model import (  # noqa: E402
-    ModelConfig, assemble_masks, batch_masks, box_overlap_graph, build_model,
+    AttentionMap, ModelConfig, assemble_masks, batch_masks, box_overlap_graph, build_model,
     center_of_mass, center_of_mass_targets, centernet_heatmaps, coarse_foreground_targets,
     coloring_groups, draw_gaussian, fcos_locations, flatten_targets, gaussian_radius,
     mask_assignment, mask_targets, min_size_boxes, optimal_padding, saliency_targets)
@@ -65,7 +67,7 @@ EPS = 1e-6             # probabilities -> logits for the code that takes logits 
 FIG_WIDTH = 10.0       # inches
 DPI = 130              # 1300 px wide (sharp on high-density screens); each PNG under 100 KB
 MAX_BYTES = 200_000    # README pictures stay small
-INSTANCE_COLORS = plt.get_cmap("tab10").colors  # one colour per object of an image, (a) to (e)
+INSTANCE_COLORS = plt.get_cmap("tab10").colors  # one colour per object of an image, (a) to (e) ((f) in FCOSIS)
 PASS_COLORS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00")  # FCOSIS colour groups
 
 
@@ -177,13 +179,16 @@ def fcosis_maps(targets, H, W, cfg):
         mass (M, 2)                        centres of mass, input frame (`center_of_mass`)
         fg (B, P)                          coarse foreground target ([IS 3.2.1])
         att (G, 1, H/4, W/4)               attention map of every segmentation pass ([IS 3.2.1])
+        att_own (G, 1, H/4, W/4)           the same with -mu on the own object's background too
+                                           (attention_background="own_background")
         groups (M,), group_batch (G,)      the passes: Largest-First colours ([IS 3.2.1])
         color_boxes (M, 4)                 the boxes that were coloured (grown by the loss padding)
     The attention map is what FCOSIS.segment builds in training (ground-truth boxes and centres
     of mass), from detection-head outputs that equal their targets: the regressed centres and
     the coarse foreground are the two targets above, fed through FCOSIS.attention_inputs
     (P3 -> the stride-4 P2 grid) and the AttentionMap module (lambda = mu = 1, their initial
-    values [IS 3.2.1]).
+    values [IS 3.2.1]). att is the map of cfg's attention_background; att_own the other reading's
+    map, from the same module settings with background="own_background".
     """
     B = len(targets)
     # a real FCOSIS (random weights, never run; ResNet-18 keeps it light): its level strides,
@@ -217,9 +222,11 @@ def fcosis_maps(targets, H, W, cfg):
     regressed, coarse, stride = net.attention_inputs(out, (H // 4, W // 4))  # (B, 2|1, H/4, W/4), 4
     with torch.no_grad():  # exactly FCOSIS.segment's call, with training's arguments
         att = net.attention(regressed, coarse, stride, boxes, mass, batch, groups, len(group_batch))  # (G, 1, h, w)
-    assert att.shape[1:] == (1, H // 4, W // 4)
+        own = AttentionMap(cfg.attention, cfg.attention_assign, cfg.location_offset, "own_background")
+        att_own = own(regressed, coarse, stride, boxes, mass, batch, groups, len(group_batch))  # (G, 1, h, w)
+    assert att.shape[1:] == att_own.shape[1:] == (1, H // 4, W // 4)
     return dict(points=points, strides=strides, hw=hw, target=target, valid=valid, matched=matched,
-                mass=mass, fg=fg, att=att, groups=groups, group_batch=group_batch, boxes=boxes,
+                mass=mass, fg=fg, att=att, att_own=att_own, groups=groups, group_batch=group_batch, boxes=boxes,
                 batch=batch, color_boxes=color_boxes, lam=net.attention.lam.item(), mu=net.attention.mu.item())
 
 
@@ -373,7 +380,7 @@ def draw_fcosis(rgbs, targets, names, path):
     ends = t["points"][None] + t["strides"][None, :, None] * t["target"]            # (B, P, 2)
     err = (ends - t["mass"][t["matched"].clamp(min=0)]).norm(dim=-1)[t["valid"]]
     assert float(err.max()) < 1e-3, f"centre-of-mass targets miss the centres by {float(err.max())} px"
-    fig, axes, height = panel_grid(len(rgbs), bottom=0.6)                  # room for the legends
+    fig, axes, height = panel_grid(len(rgbs), cols=6, bottom=0.6)          # room for the legends
     first_of_image = torch.searchsorted(t["batch"], torch.arange(len(rgbs)))  # flat index of each image's object 1
     for b, rgb in enumerate(rgbs):
         mine = (t["batch"] == b).nonzero()[:, 0]
@@ -405,22 +412,25 @@ def draw_fcosis(rgbs, targets, names, path):
         # object with the most (padded) box overlaps first), on the stride-4 P2 grid:
         # +lambda x foreground where a location votes for this pass's object, -mu where it
         # votes for a neighbour (a distractor), 0 outside the pass's boxes
+        # votes for a neighbour (a distractor), 0 outside the pass's boxes. (e) the same pass with
+        # -mu on the own object's background too: lambda x fg - mu x (1 - fg) on its own locations
         g = int((t["group_batch"] == b).nonzero()[0, 0])                   # first pass of image b
-        att_image = show_map(ax[3], t["att"][g, 0], H, W, cmap="RdBu_r", vmin=-1, vmax=1)
         in_pass = (t["groups"][mine] == g).tolist()
-        for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-            ax[3].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.0 if in_pass[k] else 0.6,
+        for a, att in ((ax[3], t["att"]), (ax[4], t["att_own"])):
+            att_image = show_map(a, att[g, 0], H, W, cmap="RdBu_r", vmin=-1, vmax=1)
+            for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+                a.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.0 if in_pass[k] else 0.6,
                                       edgecolor=colors[k], ls="-" if in_pass[k] else ":"))
-        # (e) colouring: every box filled with its pass's colour; dashed: the padded box that
+        # (f) colouring: every box filled with its pass's colour; dashed: the padded box that
         # was coloured (overlapping padded boxes never share a pass)
-        show_image(ax[4], rgb, dim=0.3)
+        show_image(ax[5], rgb, dim=0.3)
         col = (t["groups"][mine] - t["groups"][mine].min()).tolist()       # 0..K-1 within the image
         for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
             c = PASS_COLORS[col[k] % len(PASS_COLORS)]
-            ax[4].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fc=c, alpha=0.35, ec=c, lw=1.2))
+            ax[5].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fc=c, alpha=0.35, ec=c, lw=1.2))
             px0, py0, px1, py1 = t["color_boxes"][mine[k]].tolist()
-            ax[4].add_patch(Rectangle((px0, py0), px1 - px0, py1 - py0, fill=False, ec=c, lw=0.8, ls="--"))
-            ax[4].text((x0 + x1) / 2, (y0 + y1) / 2, str(col[k] + 1), color="white", fontsize=7,
+            ax[5].add_patch(Rectangle((px0, py0), px1 - px0, py1 - py0, fill=False, ec=c, lw=0.8, ls="--"))
+            ax[5].text((x0 + x1) / 2, (y0 + y1) / 2, str(col[k] + 1), color="white", fontsize=7,
                        fontweight="bold", ha="center", va="center",
                        bbox=dict(boxstyle="round,pad=0.15", fc=c, ec="none"))
         for a in ax:
@@ -428,16 +438,19 @@ def draw_fcosis(rgbs, targets, names, path):
     titles = ["(a) image + boxes", "(b) centre-of-mass field\nP3, stride 8 ([IS 3.2.1])",
               "(c) coarse foreground\nP3, stride 8 ([IS 3.2.1])",
               "(d) attention map, pass 1\nP2, stride 4 ([IS 3.2.1])",
-              "(e) colouring: 1 pass/colour\n([IS 3.2.1], Largest-First)"]
+              "(e) the same, −μ also on\nthe own background",
+              "(f) colouring: 1 pass/colour\n([IS 3.2.1], Largest-First)"]
     for a, title in zip(axes[0], titles):
-        a.set_title(title, fontsize=9)
+        a.set_title(title, fontsize=8)
     fig.suptitle("What FCOSIS is taught: the targets model.py computes from the ground truth, "
                  "and the attention map they build", fontsize=10, y=1 - 0.06 / height, va="top")
-    # the attention map's scale, under its column: -mu, 0 (outside the pass's boxes), +lambda
+    # the attention maps' scale, under their two columns: -mu, 0 (outside the pass's boxes), +lambda
     x0, _, x1, _ = axes[-1, 3].get_position().extents
+    x1 = axes[-1, 4].get_position().extents[2]
     cax = fig.add_axes((x0, 0.4 / height, x1 - x0, 0.1 / height))
     bar = fig.colorbar(att_image, cax=cax, orientation="horizontal", ticks=(-t["mu"], 0, t["lam"]))
-    bar.ax.set_xticklabels([f"−μ = −{t['mu']:g}\n(neighbour)", "0", f"+λ·fg\n(λ = {t['lam']:g})"], fontsize=7)
+    bar.ax.set_xticklabels([f"−μ = −{t['mu']:g}\n(neighbour; (e): also background)", "0",
+                            f"+λ·fg\n(λ = {t['lam']:g})"], fontsize=7)
     x0, _, x1, _ = axes[-1, 1].get_position().extents
     fig.text((x0 + x1) / 2, 0.45 / height, "arrow: location → its object's\ncentre of mass (✕)", fontsize=7,
              ha="center", va="top")

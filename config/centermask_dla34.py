@@ -1,6 +1,7 @@
 # CenterMask, DLA-34 backbone, class-specific Global Saliency, COCO 2017: the paper's recipe
 # ([CM] 3.5, Table 2).
-#   1 GPU:   python train.py config/centermask_dla34.py --data_root=/path/to/coco --batch_size=16
+#   1 GPU:   python train.py config/centermask_dla34.py --data_root=/path/to/coco --gradient_accumulation_steps=8
+#            (8 micro-batches of 16 per step: the 8-GPU global batch of 128 on one GPU)
 #   8 GPUs:  torchrun --standalone --nproc_per_node=8 train.py config/centermask_dla34.py --data_root=/path/to/coco
 # Expected (paper): mask AP 32.5 on minival (Table 1a, S = 32), 33.1 on test-dev at 25.2 FPS
 # (Table 2). Trained from scratch, 130 epochs: days on 8 GPUs. Not reproduced: no COCO run of

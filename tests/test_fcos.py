@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from model import (ModelConfig, build_model, check_settings, fcos_locations, fcos_targets, regression_weights,
-                   average_pool_masks, maskfcos_levels, mask_targets, conv3x3_at, paste_masks, box_iou_aligned,
+                   average_pool_masks, maskfcos_levels, mask_targets, conv3x3_at, paste_masks, iou_loss,
                    center_of_mass, ResNetFPN)
 
 
@@ -183,12 +183,131 @@ def test_center_of_mass_of_an_l_shape():
     assert com.tolist() == [[0.75, 1.75], [2.0, 1.0]]
 
 
-def test_iou_of_pairs_by_hand():
-    """Guards the UnitBox IoU loss input. (0,0,4,4) vs (2,0,6,4): intersection 2*4 = 8, union
-    16 + 16 - 8 = 24 -> 1/3. Identical boxes -> 1; disjoint -> 0."""
-    a = torch.tensor([[0., 0, 4, 4], [1, 1, 3, 3], [0, 0, 1, 1]])
-    b = torch.tensor([[2., 0, 6, 4], [1, 1, 3, 3], [5, 5, 6, 6]])
-    assert box_iou_aligned(a, b).tolist() == pytest.approx([1 / 3, 1.0, 0.0])
+def test_iou_loss_by_hand():
+    """Guards FCOS's IoU loss (box_loss="iou", its IOULoss "iou"), on distances from one location.
+    pred (2, 2, 2, 2), target (1, 1, 3, 3): areas 4*4 = 16 and 4*4 = 16; overlap (min(2,1) +
+    min(2,3)) * (min(2,1) + min(2,3)) = 3 * 3 = 9; union 16 + 16 - 9 = 23 ->
+    -log((9 + 1) / (23 + 1)) = log(2.4) = 0.87547. Identical (3, 3, 3, 3): -log(37/37) = 0.
+    pred (1, 1, 1, 1) in target (4, 4, 4, 4): overlap 2*2 = 4, union 4 + 64 - 4 = 64 ->
+    -log(5/65) = log(13) = 2.56495. A box of no area, (0, 0, 0, 0) vs (0, 0, 0, 0): -log(1/1) = 0
+    (FCOS's +1 keeps it finite)."""
+    pred = torch.tensor([[2., 2, 2, 2], [3, 3, 3, 3], [1, 1, 1, 1], [0, 0, 0, 0]])
+    target = torch.tensor([[1., 1, 3, 3], [3, 3, 3, 3], [4, 4, 4, 4], [0, 0, 0, 0]])
+    assert iou_loss(pred, target).tolist() == pytest.approx([0.87547, 0.0, 2.56495, 0.0], abs=1e-5)
+    assert math.log(2.4) == pytest.approx(0.87547, abs=1e-5) and math.log(13) == pytest.approx(2.56495, abs=1e-5)
+
+
+# -- the original FCOS: centerness on the classification tower, exp(scale x) in pixels ----------------
+
+ORIGINAL = dict(centerness_on="cls", reg_form="exp", center_sampling=0.0, box_loss="iou")  # FCOS's defaults
+
+
+def constant_towers(model, cls_value, box_value, ltrb_bias):
+    """Set a tiny FCOS's head so that every output is computable by hand: the last GroupNorm of
+    the classification tower outputs cls_value everywhere (weight 0, bias cls_value, then ReLU),
+    the box tower's box_value; the centerness conv averages its input over the 3x3 window and
+    the channels (weight 1 / (9 C), bias 0); the ltrb conv outputs its bias (weight 0)."""
+    head = model.head
+    with torch.no_grad():
+        for tower, value in ((head.cls_tower, cls_value), (head.box_tower, box_value)):
+            gn = [m for m in tower if isinstance(m, torch.nn.GroupNorm)][-1]
+            gn.weight.zero_()
+            gn.bias.fill_(value)
+        C = head.centerness.in_channels
+        head.centerness.weight.fill_(1 / (9 * C))
+        head.centerness.bias.zero_()
+        head.ltrb.weight.zero_()
+        head.ltrb.bias.copy_(torch.tensor(ltrb_bias))
+
+
+def test_original_head_by_hand():
+    """Guards the two forms of FCOSHead. Classification tower = 1, box tower = 2 everywhere, the
+    centerness conv the mean of its 3x3 x C window: centerness on the classification tower
+    ("cls", [FCOS] Fig. 2) reads 1 inside the map and 4/9 at a corner (4 of the 9 taps inside,
+    zero padding); on the box tower ("reg") 2 and 8/9.
+    ltrb conv = its bias b = (ln 4, ln 2, 0, ln 8), Scales (1, 2, 1, 1, 1):
+      "exp" ([FCOS] 3.2): exp(scale * b) in pixels, whatever the stride: P3 (4, 2, 1, 8),
+        P4 exp(2b) = (16, 4, 1, 64);
+      "relu_stride": relu(scale * b) * stride: P3 8 b = (11.0904, 5.5452, 0, 16.6355),
+        P4 16 * 2b = (44.3614, 22.1807, 0, 66.5421).
+    The state-dict keys and shapes are the same in every form (published weights import alike)."""
+    images = torch.zeros(2, 3, 64, 64)   # P3 8x8, P4 4x4, P5 2x2, P6 1x1, P7 1x1: P = 86 (2 images: GroupNorm
+                                         # needs 2 values per group on the 1x1 levels)
+    b = [math.log(4), math.log(2), 0.0, math.log(8)]
+    outs, keys = {}, set()
+    for centerness_on in ("cls", "reg"):
+        for reg_form in ("exp", "relu_stride"):
+            model = build_model(tiny("fcos", centerness_on=centerness_on, reg_form=reg_form)).eval()
+            constant_towers(model, 1.0, 2.0, b)
+            with torch.no_grad():
+                model.head.scales.copy_(torch.tensor([1.0, 2, 1, 1, 1]))
+                outs[centerness_on, reg_form] = model.heads(images)
+            keys.add(tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+    assert len(keys) == 1
+    corner, inside, p4 = 0, 9, 64                    # P3 (0, 0); P3 (1, 1); P4 (0, 0)
+    for reg_form in ("exp", "relu_stride"):
+        assert outs["cls", reg_form]["centerness"][0, [corner, inside]].tolist() == pytest.approx([4 / 9, 1.0], abs=1e-5)
+        assert outs["reg", reg_form]["centerness"][0, [corner, inside]].tolist() == pytest.approx([8 / 9, 2.0], abs=1e-5)
+    for centerness_on in ("cls", "reg"):
+        exp, relu = outs[centerness_on, "exp"]["ltrb"][0], outs[centerness_on, "relu_stride"]["ltrb"][0]
+        assert exp[inside].tolist() == pytest.approx([4, 2, 1, 8]) and exp[corner].tolist() == pytest.approx([4, 2, 1, 8])
+        assert exp[p4].tolist() == pytest.approx([16, 4, 1, 64])
+        assert relu[inside].tolist() == pytest.approx([11.0904, 5.5452, 0, 16.6355], abs=1e-4)
+        assert relu[p4].tolist() == pytest.approx([44.3614, 22.1807, 0, 66.5421], abs=1e-4)
+
+
+def test_original_decoding_by_hand():
+    """Guards the decoding of the original regression ([FCOS] 3.1: x0 = x - l, y0 = y - t,
+    x1 = x + r, y1 = y + b, the distances exp(scale * x) already in pixels): the head of
+    test_original_head_by_hand (centerness on the classification tower, 1 -> sigmoid(1) =
+    0.731059; ltrb (4, 2, 1, 8) on P3), and one class score left: location (12, 12) of P3
+    (cell (1, 1)), class 2, logit 5 -> sigmoid 0.993307; every other logit -20 (below 0.05).
+    Box (12 - 4, 12 - 2, 12 + 1, 12 + 8) = (8, 10, 13, 20), score sqrt(0.993307 * 0.731059) =
+    0.852154, label 2."""
+    model = build_model(tiny("fcos", **ORIGINAL)).eval()
+    constant_towers(model, 1.0, 2.0, [math.log(4), math.log(2), 0.0, math.log(8)])
+    images = torch.zeros(2, 3, 64, 64)                      # two images, as test_original_head_by_hand
+    with torch.no_grad():
+        out = model.heads(images)
+        out["cls"] = torch.full_like(out["cls"], -20.0)
+        out["cls"][0, 9, 2] = 5.0
+        det, other = model.decode(out, (64, 64))
+    assert len(other["boxes"]) == 0
+    assert len(det["boxes"]) == 1 and det["boxes"][0].tolist() == pytest.approx([8, 10, 13, 20], abs=1e-5)
+    assert det["scores"].tolist() == pytest.approx([0.852154], abs=1e-6) and det["labels"].tolist() == [2]
+
+
+def test_original_fcos_targets_and_losses_by_hand():
+    """Guards the original FCOS's training ([IS 3.1]: every location in a box a candidate; FCOS's
+    IoU loss weighted by the centerness target, as its code). 64 x 64 input, one box
+    (4, 4, 44, 20), centre (24, 12). P3 locations (8j + 4) strictly inside: x in {12, 20, 28, 36},
+    y = 12, ltrb (8, 8, 32, 8), (16, 8, 24, 8), (24, 8, 16, 8), (32, 8, 8, 8), max <= 64: 4
+    positives (P4's (8, 8) has max 28 < 64: none). Centre sampling 1.5 would keep x in
+    (24 - 12, 24 + 12) only: 20 and 28.
+    Predicted ltrb (16, 16, 16, 16) everywhere (area 32 * 32 = 1024):
+      (8, 8, 32, 8): area 40 * 16 = 640, overlap (8 + 16) * (8 + 8) = 384, union 1280 ->
+        -log(385 / 1281) = 1.20215; centerness sqrt(8/32 * 8/8) = 0.5
+      (16, 8, 24, 8): area 640, overlap (16 + 16) * 16 = 512, union 1152 -> -log(513 / 1153) =
+        0.80985; centerness sqrt(16/24) = 0.81650; the other two are their mirror images
+      box loss = (2 * 0.5 * 1.20215 + 2 * 0.81650 * 0.80985) / (2 * 0.5 + 2 * 0.81650)
+               = (1.20215 + 1.32248) / 2.63299 = 0.95884
+    Centerness logits 0: BCE = log 2 whatever the target -> 4 log 2 / 4 positives = 0.69315."""
+    model = build_model(tiny("fcos", **ORIGINAL))
+    hw = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
+    points, strides, _ = fcos_locations(hw, model.strides)
+    P = len(points)
+    targets = [{"boxes": torch.tensor([[4., 4, 44, 20]]), "labels": torch.tensor([1])}]
+    out = {"cls": torch.zeros(1, P, 3), "ltrb": torch.full((1, P, 4), 16.0), "centerness": torch.zeros(1, P), "hw": hw}
+    losses, t = model.detection_losses(out, points, strides, targets)
+    pos = (t["matched"][0] >= 0).nonzero()[:, 0]
+    assert points[pos].tolist() == [[12, 12], [20, 12], [28, 12], [36, 12]] and (strides[pos] == 8).all()
+    assert t["labels"][0, pos].tolist() == [1] * 4
+    assert t["centerness"][0, pos].tolist() == pytest.approx([0.5, 0.81650, 0.81650, 0.5], abs=1e-5)
+    assert losses["box"].item() == pytest.approx(0.95884, abs=1e-5)
+    assert losses["centerness"].item() == pytest.approx(math.log(2), abs=1e-6)
+    sampled = build_model(tiny("fcos", **{**ORIGINAL, "center_sampling": 1.5}))
+    t = sampled.detection_losses(out, points, strides, targets)[1]
+    assert points[t["matched"][0] >= 0].tolist() == [[20, 12], [28, 12]]
 
 
 # -- parity with torchvision's FCOS -----------------------------------------------------------------
@@ -319,6 +438,15 @@ def test_every_method_learns_a_toy_batch(method):
     assert losses["loss"] < 0.5 * first["loss"], (method, first, losses)
     expected = {"cls", "box", "centerness", "loss"} | ({"mask"} if "mask" in method else set())
     assert set(losses) == expected
+
+
+def test_original_fcos_learns_a_toy_batch():
+    """Guards the original FCOS's training path end to end (exp regression, IoU loss, centerness
+    on the classification tower, no centre sampling): as test_every_method_learns_a_toy_batch,
+    40 Adam steps halve the loss, every term finite."""
+    torch.manual_seed(0)
+    first, losses = train_steps(build_model(tiny("fcos", **ORIGINAL)), *toy_batch())
+    assert losses["loss"] < 0.5 * first["loss"], (first, losses)
 
 
 @pytest.mark.parametrize("method", ["fcos", "maskfcos", "centermask_fcos"])

@@ -364,6 +364,40 @@ def test_attention_map_ablations_mu0_and_bbox_only():
     torch.testing.assert_close(bbox[:, 0], expect)
 
 
+def test_attention_map_own_background_by_hand():
+    """Guards the other reading of "-mu marks pixels which belong to the background or distractor
+    instances" ([IS 3.2.1], attention_background="own_background"): j's own locations get
+    lam * f - mu * (1 - f); with lam = 2, mu = 3 that is 5 f - 3. toy_attention_inputs:
+      f = 0.5 -> 2.5 - 3 = -0.5;  f = 0.8 (cell (1,1)) -> 4 - 3 = 1.0
+    A: (0,0) votes for B: -mu = -3 as before; (0,1), (1,0) own, f 0.5: -0.5; (1,1) own: 1.0.
+    B: the distractors (1,1), (1,2), (2,1) stay -3; its own cells (f 0.5) -0.5.
+    mu := 0 (Table 3b) gives the same map in both readings. The module (lam = mu = 1): for
+    L = A(0,1) = lam * 0.5 - mu * 0.5, dL/dlam = 0.5, dL/dmu = -0.5, dL/df(0,1) = lam + mu = 2.
+    A config refuses the key where the map has no -mu (attention "bbox", "none")."""
+    regressed, fg, boxes, centers, batch, groups = toy_attention_inputs()
+    lam, mu = torch.tensor(2.0), torch.tensor(3.0)
+    att = attention_maps(regressed, fg, 8, boxes, centers, batch, groups, 2, lam, mu, background="own_background")
+    expect_a = torch.tensor([[-3.0, -0.5, 0, 0], [-0.5, 1.0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    expect_b = torch.tensor([[0.0, 0, 0, 0], [0, -3, -3, -0.5], [0, -3, -0.5, -0.5], [0, -0.5, -0.5, -0.5]])
+    torch.testing.assert_close(att[0, 0], expect_a)
+    torch.testing.assert_close(att[1, 0], expect_b)
+    zero = torch.tensor(0.0)
+    torch.testing.assert_close(
+        attention_maps(regressed, fg, 8, boxes, centers, batch, groups, 2, lam, zero, background="own_background"),
+        attention_maps(regressed, fg, 8, boxes, centers, batch, groups, 2, lam, zero))
+    fg.requires_grad_(True)
+    module = AttentionMap(background="own_background")
+    module(regressed, fg, 8, boxes, centers, batch, groups, 2)[0, 0, 0, 1].backward()
+    assert module.lam.grad.item() == pytest.approx(0.5) and module.mu.grad.item() == pytest.approx(-0.5)
+    assert fg.grad[0, 0, 0, 1].item() == pytest.approx(2.0)
+    from model import ModelConfig
+    assert ModelConfig(method="fcosis", backbone="resnet18", attention="mu0",
+                       attention_background="own_background").attention_background == "own_background"
+    for attention in ("bbox", "none"):
+        with pytest.raises(ValueError, match="attention_background"):
+            ModelConfig(method="fcosis", backbone="resnet18", attention=attention, attention_background="own_background")
+
+
 def test_attention_module_gradients_reach_lambda_and_mu():
     """Guards lam and mu being learnable [IS 3.2.1] (initialised to 1) and the coarse fg staying
     differentiable. L = A(0,0) + A(1,1) = -mu + lam*0.8 -> dL/dlam = 0.8, dL/dmu = -1,
@@ -564,12 +598,15 @@ def test_ablation_switches_change_what_they_should():
     assert m.backbone.strides == [4, 8, 16, 32, 64, 128] and m.strides == [8, 16, 32, 64, 128]
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(attention="none"), dict(com_assignment="positive")])
+@pytest.mark.parametrize("kw", [dict(), dict(attention="none"), dict(com_assignment="positive"),
+                                dict(attention_background="own_background"),
+                                dict(centerness_on="cls", reg_form="exp", center_sampling=0.0, box_loss="iou")])
 def test_fcosis_learns_a_toy_batch(kw):
     """Guards the whole FCOSIS training path (targets, colouring, attention maps, segmentation
     passes, the padded-crop loss, backward): 40 Adam steps on one fixed batch (with an empty
     image) cut the total loss by more than half, every term stays finite, and the mask loss
-    itself falls."""
+    itself falls. Also with -mu on the own background, and on the original FCOS (the [IS]
+    config's detector)."""
     torch.manual_seed(0)
     first, losses = train_steps(build_model(tiny_fcosis(**kw)), *toy_instances())
     assert set(losses) == {"cls", "box", "centerness", "foreground", "com", "mask", "loss"}
