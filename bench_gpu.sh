@@ -6,6 +6,7 @@
 #     bash bench_gpu.sh                      # all rows, on cuda
 #     ONLY=dla34_infer bash bench_gpu.sh     # the rows whose name contains this
 #     bash bench_gpu.sh --threads=1          # extra bench.py arguments, appended to every run
+#     PYTHON=.venv/bin/python bash bench_gpu.sh   # the interpreter (default: python from PATH)
 #
 # Rows (each one bench.py run; its log and JSON line land in $OUT, default bench_gpu_out/):
 #   * CenterMask DLA-34 / Hourglass-104 inference, 512 x 512, batch 1, as frames per second:

@@ -9,6 +9,7 @@ Read top to bottom:
                             torchvision.transforms.v2 + tv_tensors
   3. collate_fn             zero-pads a list of samples into one (B, 3, H, W) batch
   4. write_shapes_dataset   synthetic COCO-format set: overlapping shapes on textured backgrounds
+  5. write_coco_subset      the first N images of a COCO json and their files (COCO128 from COCO)
 
 Coordinate frames used below (all boxes are xyxy in absolute pixels, pixel edges: a box
 (0, 0, W, H) covers the whole image):
@@ -18,7 +19,9 @@ Coordinate frames used below (all boxes are xyxy in absolute pixels, pixel edges
                    original = network / scale.
   batch frame      network frame plus zero padding on the bottom/right (same coordinates).
 
-CLI: `python data.py shapes --out=DIR [--n_train=1000] [--n_val=100] [--size=128] [--seed=0]`
+CLI: `python data.py shapes --out=DIR [--n_train=2000] [--n_val=200] [--size=128] [--seed=1337]`
+(the defaults: the quick start's set) and `python data.py subset --ann=FILE --img_dir=DIR --out=DIR
+[--n=128] [--split=NAME]`.
 """
 
 import bisect
@@ -27,11 +30,12 @@ import io
 import json
 import math
 import os
+import shutil
 import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
@@ -74,22 +78,29 @@ GRAY_WEIGHTS_RGB = (0.299, 0.587, 0.114)
 # -----------------------------------------------------------------------------
 # 1. COCO instances dataset
 
+# Category names that mean "no object" in labelling tools' COCO exports (labelme2coco: "_background_";
+# Detectron-style lists: "__background__"): such a category without annotations is not made a class.
+BACKGROUND_NAMES = ("_background_", "__background__", "background")
+
+
 class ImageReadError(RuntimeError):
     """An image file is missing, unreadable, corrupt or truncated (the message names the path)."""
 
 
-def load_rgb_image(path):
+def load_rgb_image(path, upright=False):
     """Read an image file as an 8-bit RGB PIL image, whatever its mode on disk.
 
     Handles grayscale (L, 1), palette (P), RGBA/LA (alpha dropped), CMYK, YCbCr, and 16/32-bit
     integer or float images (I;16*, I, F: scaled from 0..65535 to 0..255, see below).
-    EXIF orientation is deliberately ignored: COCO annotations refer to the stored pixel grid.
+    EXIF orientation is ignored by default: COCO annotations refer to the stored pixel grid.
+    upright=True turns the picture as its EXIF orientation tag says (a phone's portrait photo is
+    stored lying on its side), as an image viewer shows it: predict.py's pictures.
     Raises ImageReadError naming `path` if the file is missing, corrupt or truncated.
     """
     try:
         with Image.open(path) as img:
             img.load()  # decode now, inside the try: truncation only shows up while decoding
-            return _to_rgb(img)
+            return _to_rgb(ImageOps.exif_transpose(img) if upright else img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # OSError covers FileNotFoundError, UnidentifiedImageError and "image file is truncated"
         raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
@@ -145,7 +156,7 @@ class CocoInstances(torch.utils.data.Dataset):
         label_to_cat_id  list: contiguous label 0..C-1 -> COCO category id
         cat_id_to_label  dict: COCO category id -> label
         class_names      list of C names, by label
-        num_classes      C (all categories of the json, used or not)
+        num_classes      C (the json's categories, used or not, but for a background one, below)
 
     __getitem__(i) -> (image, target):
         image   float32 (3, h, w), normalised (ImageNet statistics, or the transform's
@@ -160,6 +171,12 @@ class CocoInstances(torch.utils.data.Dataset):
           scale      float, network pixels per original pixel (exact for the test transforms:
                      original = network / scale; for the centernet training transform the
                      zoom applied, exact; for fcos training the mean of the two axes' scales)
+    Labelling tools' exports (labelme2coco, Roboflow, CVAT) are read as they come: category ids
+    from 0, file names with a folder prefix (joined to `img_dir`), images without annotations. A
+    category named like the background ("_background_", "background", BACKGROUND_NAMES) that no
+    annotation uses is not a class: it is left out of the labels, with a warning. Other
+    categories without annotations stay classes (a warning names them); a category whose
+    annotations are all crowd regions gets a warning too (a class never trained).
     Crowd annotations (iscrowd=1) never become instances (COCOeval ignores matches to them on
     its side). Annotations with empty/invalid segmentations or bboxes are skipped with one
     warning each, at construction (see _sanitize). Boxes are clipped to the image; zero-area
@@ -183,19 +200,31 @@ class CocoInstances(torch.utils.data.Dataset):
         images, anns, cats = self._validate(data, ann_file)
 
         # Category ids are sorted and renumbered 0..C-1: the model predicts labels, eval.py
-        # maps them back through label_to_cat_id before writing COCO results.
-        cats = sorted(cats, key=lambda c: c["id"])
+        # maps them back through label_to_cat_id before writing COCO results. A background
+        # category that no annotation uses (labelme2coco writes "_background_", id 0) is no class.
+        used = {a.get("category_id") for a in anns}
+        objects = {a.get("category_id") for a in anns if not a.get("iscrowd", 0)}
+        background = [c for c in cats if c["id"] not in used and str(c.get("name", "")).lower() in BACKGROUND_NAMES]
+        if background:
+            warnings.warn(f"{ann_file}: " + ", ".join(f"category {c['id']} ({c.get('name')!r})" for c in background)
+                          + " names the background and has no annotation: not a class of the model", stacklevel=2)
+        cats = sorted((c for c in cats if c not in background), key=lambda c: c["id"])
         self.cat_ids = [c["id"] for c in cats]
         self.label_to_cat_id = list(self.cat_ids)
         self.cat_id_to_label = {cid: label for label, cid in enumerate(self.cat_ids)}
         self.class_names = [str(c.get("name", c["id"])) for c in cats]
         self.num_classes = len(self.cat_ids)
-        used = {a.get("category_id") for a in anns}
         unused = [f"{c['id']} ({self.class_names[k]})" for k, c in enumerate(cats) if c["id"] not in used]
-        if unused:  # e.g. labelme2coco's "_background_" (id 0): a class the model learns never to predict
+        if unused:  # e.g. Roboflow's category 0, named after the project: a class the model learns never to predict
             warnings.warn(f"{ann_file}: {len(unused)} listed categor{'y has' if len(unused) == 1 else 'ies have'} "
                           f"no annotation at all: {', '.join(unused[:10])}{' ...' if len(unused) > 10 else ''} "
                           "(still a class of the model; COCOeval skips it)", stacklevel=2)
+        crowd_only = [f"{c['id']} ({self.class_names[k]})" for k, c in enumerate(cats)
+                      if c["id"] in used and c["id"] not in objects]
+        if crowd_only:  # CVAT, for one, exports masks drawn with a brush as iscrowd=1 RLE
+            warnings.warn(f"{ann_file}: categor{'y' if len(crowd_only) == 1 else 'ies'} {', '.join(crowd_only[:10])} "
+                          "only have crowd regions (iscrowd=1), which are never trained on: if they are objects, "
+                          "set their iscrowd to 0", stacklevel=2)
 
         # Dataset order and optional subset.
         if image_ids is not None:
@@ -288,19 +317,37 @@ class CocoInstances(torch.utils.data.Dataset):
         return os.path.join(self.img_dir, self.coco.imgs[self.ids[index]]["file_name"])
 
     def load_image(self, index):
-        """The original image as an 8-bit RGB PIL image (for drawing predictions)."""
-        return load_rgb_image(self.image_path(index))
+        """The original image as an 8-bit RGB PIL image, as stored (EXIF orientation ignored). A
+        missing file's error says how the json's file_name was joined to img_dir, and names the
+        file when it lies in img_dir without the json's folder prefix."""
+        path = self.image_path(index)
+        try:
+            return load_rgb_image(path)
+        except ImageReadError as e:
+            if os.path.exists(path):
+                raise
+            name = self.coco.imgs[self.ids[index]]["file_name"]
+            hint = f" (the json's file_name {name!r}, under img_dir {self.img_dir})"
+            flat = os.path.join(self.img_dir, os.path.basename(name))
+            if flat != path and os.path.exists(flat):
+                hint += (f"; {flat} exists: point img_dir at the folder that the json's file names start from, "
+                         f"or drop their folder prefix")
+            raise ImageReadError(f"{e}{hint}") from e.__cause__
 
     def __getitem__(self, index):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = self.image_path(index)
-        img = load_rgb_image(path)
+        img = self.load_image(index)
         H0, W0 = int(info["height"]), int(info["width"])
         if img.size != (W0, H0):
             # The json's coordinates would not match the pixels: fail loudly, never mis-train.
+            upright = load_rgb_image(path, upright=True).size
+            hint = (f"; turned upright by its EXIF orientation tag it is {upright[0]}x{upright[1]}, so the json was "
+                    "made on the upright picture (as labelling tools show it): save the images upright (PIL's "
+                    "ImageOps.exif_transpose) to train on them" if upright == (W0, H0) else "")
             raise ValueError(f"image {path} is {img.size[0]}x{img.size[1]} (w x h) but "
-                             f"{self.ann_file} says {W0}x{H0} for image id {image_id}")
+                             f"{self.ann_file} says {W0}x{H0} for image id {image_id}{hint}")
 
         boxes, labels, masks = [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
@@ -1070,6 +1117,11 @@ def shapes_dataset_missing(root, n_train, n_val, size):
     return ""
 
 
+# The quick start's set (config/shapes_centermask.py, train.py's shapes_seed): what
+# `python data.py shapes --out=data/shapes` writes when given nothing else.
+SHAPES_DEFAULTS = {"n_train": 2000, "n_val": 200, "size": 128, "seed": 1337}
+
+
 def write_shapes_dataset(root, n_train=1000, n_val=100, size=128, seed=0):
     """Write a deterministic synthetic COCO instance segmentation set under `root`.
 
@@ -1091,20 +1143,77 @@ def write_shapes_dataset(root, n_train=1000, n_val=100, size=128, seed=0):
     return paths
 
 
+# -----------------------------------------------------------------------------
+# 5. A subset of a COCO-format set (COCO128 from COCO)
+
+def write_coco_subset(ann_file, img_dir, out, n=128, split=None):
+    """The first `n` images (by image id) of a COCO instances json, with their annotations and
+    every category of the json, laid out as this repository reads COCO128:
+    out/<split>/<file_name> (the image files copied) and out/annotations/instances_<split>.json.
+    `split` defaults to img_dir's folder name (train2017). Taken from COCO 2017's own
+    instances_train2017.json and train2017/, n=128 gives Ultralytics' COCO128 ("the first 128
+    images of COCO train 2017") in COCO's json layout; any COCO-format set gives its first n.
+    Images without annotations are kept, as they are in the source. Every source image is
+    checked before anything is written; the json is written last (atomically), so a json on disk
+    means its images are complete. Returns (image folder, json path, images, annotations)."""
+    data = _load_json(ann_file)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("categories"), list):
+        raise ValueError(f"{ann_file}: expected a COCO json with 'images' and 'categories' lists")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    for k, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not isinstance(img.get("id"), int) or not isinstance(img.get("file_name"), str):
+            raise ValueError(f"{ann_file}: image entry #{k} has no integer 'id' or no 'file_name'")
+    images = sorted(data["images"], key=lambda img: img["id"])[:n]
+    keep = {img["id"] for img in images}
+    anns = [a for a in data.get("annotations") or [] if isinstance(a, dict) and a.get("image_id") in keep]
+    missing = [os.path.join(img_dir, img["file_name"]) for img in images
+               if not os.path.isfile(os.path.join(img_dir, img["file_name"]))]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(images)} images of {ann_file} are not in {img_dir}, "
+                                f"e.g. {missing[0]}")
+    split = split or os.path.basename(os.path.normpath(img_dir))
+    out_img_dir = os.path.join(out, split)
+    for img in images:
+        dst = os.path.join(out_img_dir, img["file_name"])
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copyfile(os.path.join(img_dir, img["file_name"]), dst)
+    out_ann = os.path.join(out, "annotations", f"instances_{split}.json")
+    os.makedirs(os.path.dirname(out_ann), exist_ok=True)
+    _write_json_atomic({**data, "images": images, "annotations": anns}, out_ann)
+    return out_img_dir, out_ann, len(images), len(anns)
+
+
 if __name__ == "__main__":
     import argparse
     import time
 
     parser = argparse.ArgumentParser(description="data utilities")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("shapes", help="write the synthetic shapes dataset (COCO format)")
+    p = sub.add_parser("shapes", help="write the synthetic shapes dataset (COCO format); by default the quick "
+                                      "start's set, as train.py config/shapes_centermask.py writes it")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n_train", type=int, default=1000)
-    p.add_argument("--n_val", type=int, default=100)
-    p.add_argument("--size", type=int, default=128, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_train", type=int, default=SHAPES_DEFAULTS["n_train"])
+    p.add_argument("--n_val", type=int, default=SHAPES_DEFAULTS["n_val"])
+    p.add_argument("--size", type=int, default=SHAPES_DEFAULTS["size"], help="image side in pixels")
+    p.add_argument("--seed", type=int, default=SHAPES_DEFAULTS["seed"], help="train.py's shapes_seed")
+    p = sub.add_parser("subset", help="the first N images of a COCO json and their files, laid out as COCO128 "
+                                      "(OUT/SPLIT/*.jpg, OUT/annotations/instances_SPLIT.json)")
+    p.add_argument("--ann", required=True, help="COCO instances json, e.g. annotations/instances_train2017.json")
+    p.add_argument("--img_dir", required=True, help="the folder its file names are relative to, e.g. train2017")
+    p.add_argument("--out", required=True, help="output folder, e.g. data/coco128")
+    p.add_argument("--n", type=int, default=128, help="images to keep, the first by id (128: COCO128)")
+    p.add_argument("--split", default=None, help="the split's name (default: img_dir's folder name)")
     args = parser.parse_args()
     t0 = time.time()
+    if args.command == "subset":
+        try:
+            folder, ann, n_img, n_ann = write_coco_subset(args.ann, args.img_dir, args.out, args.n, args.split)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"data.py subset: error: {e}")
+        print(f"{n_img} images in {folder}, {n_ann} annotations in {ann}; done in {time.time() - t0:.1f}s")
+        raise SystemExit(0)
     paths = write_shapes_dataset(args.out, args.n_train, args.n_val, args.size, args.seed)
     for split in ("train", "val"):
         with open(paths[f"{split}_ann"]) as f:

@@ -687,9 +687,10 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
     overrides: ModelConfig fields to change at inference (e.g. {"attention_assign": "pass"}).
     The moving average "ema" is loaded when the checkpoint has one (train.py evaluated it), and
     the prefixes of a compiled ("_orig_mod.") or DDP ("module.") model are stripped.
+    Weights holding NaN / inf or a negative BatchNorm variance are refused (model.check_weights).
     Returns (model, checkpoint dict, "ema" | "model"). Raises ValueError naming the file.
     """
-    from model import ModelConfig, build_model
+    from model import ModelConfig, build_model, check_weights
     if not os.path.isfile(ckpt):
         raise ValueError(f"checkpoint '{ckpt}' not found")
     try:
@@ -708,6 +709,7 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
         raise ValueError(f"checkpoint '{ckpt}' has model_args this model.py does not know: {e}") from None
     weights = "ema" if "ema" in checkpoint else "model"
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint[weights].items()}
+    check_weights(state, f"checkpoint '{ckpt}' ({weights!r} weights)")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -800,18 +802,28 @@ if __name__ == "__main__":
     except (OSError, ValueError) as e:                     # data.py's messages name the file
         _fail(str(e))
 
+    trained = checkpoint.get("label_to_cat_id")              # label k = category trained[k] (train.py saves it)
+    if trained is not None and list(trained) != list(dataset.label_to_cat_id):
+        _fail(f"{val_ann} lists other categories than {ckpt} was trained on (ids {list(dataset.label_to_cat_id)[:20]} "
+              f"against {list(trained)[:20]}): its labels would be scored as other classes")
     n_eval = len(dataset) if max_images is None else min(max_images, len(dataset))
     at = "with each image at its own size (keep_res)" if keep_res else f"at input size {dataset.transforms.input_size}"
     print(f"evaluating {ckpt} ({weights} weights) on {n_eval} images of {val_ann}, "
           f"{transform} test transform {at}, inputs {input_format}")
     amp_dtype = None if dtype == "float32" or device == "cpu" else getattr(torch, dtype)
-    stats = evaluate(model, dataset, device=device, batch_size=batch_size,
-                     num_workers=num_workers, max_images=max_images,
-                     results_json=results_json, amp_dtype=amp_dtype)
-    if visualize:
-        out = vis_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "vis")
-        # the method's teaching maps (heatmap, shapes, saliency, ...) where it has them (model.Method)
-        written = save_pictures(model, dataset, out, n=vis_n, device=device, amp_dtype=amp_dtype,
-                       maps_fn=model.teaching_maps)
-        print(f"wrote {len(written)} pictures to {out}")
+    from model import NON_FINITE_DEFORM
+    try:
+        stats = evaluate(model, dataset, device=device, batch_size=batch_size,
+                         num_workers=num_workers, max_images=max_images,
+                         results_json=results_json, amp_dtype=amp_dtype)
+        if visualize:
+            out = vis_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "vis")
+            # the method's teaching maps (heatmap, shapes, saliency, ...) where it has them (model.Method)
+            written = save_pictures(model, dataset, out, n=vis_n, device=device, amp_dtype=amp_dtype,
+                                    maps_fn=model.teaching_maps)
+            print(f"wrote {len(written)} pictures to {out}")
+    except RuntimeError as e:  # DeformConv's refusal of NaN / inf as one line; anything else passes through
+        if NON_FINITE_DEFORM not in str(e):
+            raise
+        _fail(f"{ckpt}: {NON_FINITE_DEFORM}")
     print(json.dumps(stats))

@@ -449,6 +449,14 @@ class DLA34(nn.Module):
         return levels
 
 
+# A NaN or inf offset sends deform_conv2d's bilinear sampling to addresses outside its input: on the
+# CPU a segmentation fault, not an error. DeformConv asserts finite offsets first, with this message
+# (train.py, eval.py and predict.py print it as one line).
+NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolution of DLA-34 (model.DeformConv): "
+                     "the weights or the activations hold NaN or inf (a corrupt checkpoint, a BatchNorm running_var "
+                     "below 0, a diverged run); stopped before torchvision's deform_conv2d reads outside its input")
+
+
 class DeformConv(nn.Module):
     """
     DLA-up node: modulated deformable 3x3 conv (DCNv2) + BN + ReLU ([CN] 4, "deformable
@@ -472,6 +480,9 @@ class DeformConv(nn.Module):
             x = self.conv(x)
         else:
             om = self.offset_mask(x)                          # (B, 27, H, W)
+            # NaN or inf anywhere in x reaches om (a conv of it): raise NON_FINITE_DEFORM. Asserted on the
+            # device: no host sync on a GPU (there a device-side assert), no graph break under torch.compile
+            torch._assert_async(torch.isfinite(om).all(), NON_FINITE_DEFORM)
             offset, mask = om[:, :18], om[:, 18:].sigmoid()   # (B, 18, H, W), (B, 9, H, W)
             # in fp32 under any autocast: torchvision has no bf16 CPU kernel for it (and its
             # CUDA autocast rule casts to fp32 anyway)
@@ -3025,7 +3036,9 @@ def hsv_to_rgb(h, v):
 # 12. Published weights (train.py's init_from=PATH)
 #
 #     read_weights(source)       a file (or "torchvision:fcos_resnet50_fpn", torchvision's weights
-#                                API) -> LoadedWeights: its tensors and which layout they follow
+#                                API) -> LoadedWeights: its tensors and which layout they follow,
+#                                refused when they hold NaN / inf or a negative BatchNorm
+#                                variance (check_weights; eval.py and train.py's resume run it too)
 #     import_weights(model, w)   the key map of that layout (below), the class channels of the
 #                                model's labels, every shape checked; loads and returns an
 #                                ImportReport that accounts for every tensor of the file and of
@@ -3232,6 +3245,28 @@ def _first_line(e):
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def check_weights(state, source):
+    """Refuse weights that cannot run: a tensor holding NaN or inf, or a BatchNorm running_var below
+    0 (eval-mode BatchNorm divides by its square root: NaN, which DLA-34's deformable convolutions
+    would read as sampling offsets). Such a file is corrupt, hand-made, or saved from a diverged run.
+    state: {name: tensor}. Raises ValueError naming `source` and the first such tensor."""
+    bad = []
+    for k, v in state.items():
+        if not torch.is_tensor(v) or not v.is_floating_point():
+            continue
+        if not bool(torch.isfinite(v).all()):
+            n = int((~torch.isfinite(v)).sum())
+            bad.append(f"tensor {k} holds {n} non-finite value(s) (NaN or inf) of {v.numel()}")
+        elif k.endswith("running_var") and bool((v < 0).any()):
+            n = int((v < 0).sum())
+            bad.append(f"tensor {k} holds {n} negative BatchNorm running variance(s) of {v.numel()} "
+                       f"(min {float(v.min()):.3g}; a variance is >= 0)")
+    if bad:
+        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        raise ValueError(f"{source}: {bad[0]}{more}: a corrupt or hand-made file, or one saved from a diverged run; "
+                         "not loaded")
+
+
 @dataclass
 class LoadedWeights:
     """What read_weights found: the layout (a WEIGHT_LAYOUTS key), its tensors (names as in the
@@ -3304,7 +3339,8 @@ def read_weights(source):
     weights when there are, as eval.py), CenterNet's ({"state_dict": ...}, or the bare state dict;
     keys with or without DataParallel's "module."), the ImageNet DLA-34 and torchvision's FCOS
     (bare state dicts). -> LoadedWeights. Raises ValueError (RuntimeError for a failed
-    torchvision download) with a one-line message naming the source.
+    torchvision download) with a one-line message naming the source; weights that cannot run
+    (NaN / inf, a negative BatchNorm variance: check_weights) are refused the same way.
     """
     if isinstance(source, dict):
         obj, name = source, "<state dict>"
@@ -3324,6 +3360,7 @@ def read_weights(source):
         raise ValueError(f"{name} holds a {type(obj).__name__}, not a checkpoint (a dict of tensors)")
     if "model" in obj and "model_args" in obj:                    # train.py's
         which = "ema" if isinstance(obj.get("ema"), dict) else "model"
+        check_weights(obj[which], f"{name} ({which!r} weights)")
         return LoadedWeights("project", name, _strip_prefixes(obj[which]), model_args=dict(obj["model_args"]),
                              config=dict(obj.get("config") or {}), label_to_cat_id=obj.get("label_to_cat_id"),
                              which=which)
@@ -3334,6 +3371,7 @@ def read_weights(source):
         some = ", ".join(list(state)[:4]) or "no tensors"
         raise ValueError(f"{name} is none of the weights init_from knows (CenterNet's ctdet DLA-34 / Hourglass-104, "
                          f"the ImageNet DLA-34, torchvision's FCOS, a train.py checkpoint); its first keys: {some}")
+    check_weights(state, name)
     return LoadedWeights(kind, name, state)
 
 
@@ -3434,7 +3472,8 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
     DDP): weights = a LoadedWeights or anything read_weights takes. cat_ids: the COCO category
     id of each of the model's labels (label k = category cat_ids[k]; the training json's
     `label_to_cat_id`), used to pick the class channels of CenterNet's heatmap and torchvision's
-    classifier; default COCO's 80 when the model has 80 classes. fresh: glob patterns over the
+    classifier (ids that are not COCO's are refused unless `fresh` leaves that class layer out, so that
+    it starts fresh); default COCO's 80 when the model has 80 classes. fresh: glob patterns over the
     model's key names (fnmatch, e.g. "head_sets.*.local_shape.*"): the file's tensors for those
     keys are not loaded (listed as ignored), the keys stay as the model initialised them (train.py's
     `init_fresh`: a head that the file holds but that should start over); a pattern that matches
@@ -3480,14 +3519,28 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
         examples = "; ".join(f"{k} -> {t}" for k, t in missing[:3])
         raise ValueError(f"this {what} model has no tensor for {len(missing)} of the {len(weights.state)} tensors of "
                          f"{weights.source} ({desc}), e.g. {examples}: it needs {needs}")
-    # class channels: the rows of the model's labels, by COCO category id
-    class_keys = {"centernet_dla34": r"head_sets\.\d+\.heatmap\.2\.(weight|bias)",
-                  "centernet_hourglass104": r"head_sets\.\d+\.heatmap\.2\.(weight|bias)",
-                  "torchvision_fcos": r"head\.cls_logits\.(weight|bias)"}.get(kind)
+    for pattern in fresh:                                         # init_fresh: left as initialised
+        keys = [t for t in model_state if fnmatch.fnmatchcase(t, pattern)]
+        if not keys:
+            raise ValueError(f"init_fresh pattern {pattern!r} matches no tensor of this {what} model "
+                             f"(its keys look like {next(iter(model_state))})")
+        for t in keys:
+            if t in mapped:
+                ignored[source_of[t]] = f"init_fresh {pattern!r}: started fresh"
+                del mapped[t]
+    # class channels: the rows of the model's labels, by COCO category id (unless init_fresh left the
+    # class layer out: a training json whose categories are not COCO's starts it fresh)
+    class_layer = {"centernet_dla34": "head_sets.*.heatmap.2.*", "centernet_hourglass104": "head_sets.*.heatmap.2.*",
+                   "torchvision_fcos": "head.cls_logits.*"}.get(kind)       # as an init_fresh pattern
+    class_keys = [t for t in mapped if class_layer and fnmatch.fnmatchcase(t, class_layer)]
     if class_keys:
-        rows, ids = _class_rows(cat_ids, cfg.num_classes, by_id=kind == "torchvision_fcos")
+        try:
+            rows, ids = _class_rows(cat_ids, cfg.num_classes, by_id=kind == "torchvision_fcos")
+        except ValueError as e:
+            raise ValueError(f"{e}; to start the class layer fresh and import the rest: "
+                             f"--init_fresh='(\"{class_layer}\",)'") from None
         slots = {"torchvision_fcos": "91 slots (channel = category id)"}.get(kind, "80 COCO channels")
-        for t in [t for t in mapped if re.fullmatch(class_keys, t)]:
+        for t in class_keys:
             if mapped[t].shape[0] <= max(rows):
                 raise ValueError(f"{source_of[t]} has {mapped[t].shape[0]} class channels, not the {slots} of {desc}")
             mapped[t] = mapped[t][rows]
@@ -3503,15 +3556,6 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
     for k, t, a, b in mismatched:                                 # our checkpoints: skip them
         ignored[k] = f"shape {a} in the file, {b} in this model"
         del mapped[t]
-    for pattern in fresh:                                         # init_fresh: left as initialised
-        keys = [t for t in model_state if fnmatch.fnmatchcase(t, pattern)]
-        if not keys:
-            raise ValueError(f"init_fresh pattern {pattern!r} matches no tensor of this {what} model "
-                             f"(its keys look like {next(iter(model_state))})")
-        for t in keys:
-            if t in mapped:
-                ignored[source_of[t]] = f"init_fresh {pattern!r}: started fresh"
-                del mapped[t]
     if not mapped:
         raise ValueError(f"nothing in {weights.source} ({weights.description}) fits this {what} model")
     unexpected = model.load_state_dict(mapped, strict=False).unexpected_keys

@@ -13,7 +13,9 @@ file `predictions.json`, keyed by file name:
     {"photo.jpg": [{"label": 2, "class": "triangle", "category_id": 3, "score": 0.91,
                     "bbox": [x, y, w, h], "segmentation": {"size": [H, W], "counts": "..."}}, ...]}
 
-in the picture's own pixels (COCO's xywh boxes and RLE masks, as eval.py's results). Only the
+in the picture's pixels as a viewer shows it: a photo whose EXIF orientation tag says it is stored
+turned (a phone's portrait photo, stored lying on its side) is turned upright first, and its boxes,
+masks and drawing are in the upright picture (COCO's xywh boxes and RLE masks, as eval.py's results). Only the
 detections with score >= score_threshold are drawn and written. The picture goes through the test
 transform of the checkpoint's training config (its input size, keep_res, input_format), as
 eval.py does. A file that is not an image, or cannot be read, is named and skipped; every file is
@@ -91,6 +93,7 @@ if __name__ == "__main__":
     from functools import partial
 
     from data import ImageReadError, build_transforms, collate_fn, load_rgb_image, unlabelled_sample
+    from model import NON_FINITE_DEFORM
 
     if not ckpt:
         fail("no checkpoint given: pass --ckpt=PATH")
@@ -139,13 +142,18 @@ if __name__ == "__main__":
         for path in files:
             name = os.path.basename(path)
             try:
-                pil = load_rgb_image(path)
+                pil = load_rgb_image(path, upright=True)         # EXIF orientation applied
             except ImageReadError as e:
                 print(f"skipping {path}: not an image that can be read ({e.__cause__ or e})")
                 skipped.append(path)
                 continue
             images, targets = collate([unlabelled_sample(pil, transform)])  # (1, 3, H, W)
-            output = model(images.to(device))[0]
+            try:
+                output = model(images.to(device))[0]
+            except RuntimeError as e:  # DeformConv's refusal of NaN / inf as one line; anything else passes
+                if NON_FINITE_DEFORM not in str(e):
+                    raise
+                fail(f"{ckpt} on {path}: {NON_FINITE_DEFORM}")
             pred = to_original({k: v.cpu() for k, v in output.items()}, targets[0], threshold)
             keep = pred["scores"] >= score_threshold
             pred = {k: v[keep] for k, v in pred.items()}

@@ -15,12 +15,13 @@ also a key. The whole resolved config is saved in each checkpoint.
 """
 
 import math
+import multiprocessing
 import os
 import shutil
 import sys
 import time
 import json
-from contextlib import nullcontext, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import fields, asdict
 from functools import partial
 
@@ -29,8 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from model import (ModelConfig, MicroBatchNormalizers, build_model, auto_dtype, check_settings, import_weights,
-                   method_transform, read_weights)
+from model import (NON_FINITE_DEFORM, ModelConfig, MicroBatchNormalizers, build_model, auto_dtype, check_settings,
+                   check_weights, import_weights, method_transform, read_weights)
 
 # -----------------------------------------------------------------------------
 # default config values (the CenterMask DLA-34 COCO recipe, [CM 3.5])
@@ -42,6 +43,8 @@ init_from = "scratch"             # "scratch", "resume" (from out_dir/ckpt.pt), 
                                   # "torchvision:fcos_resnet50_fpn" (torchvision's FCOS COCO weights); model.py section 12
 init_fresh = ()                   # with init_from=weights: glob patterns of model keys not to import, started fresh
                                   # (e.g. ("head_sets.*.local_shape.*",)); import_weights lists them as ignored
+overwrite = False                 # a start that is not a resume refuses an out_dir holding a ckpt.pt (it would write over
+                                  # that run's training at its first evaluation); True: start over in it anyway
 log_interval = 20                 # iterations between progress lines
 eval_interval = 0                 # iterations between evaluations (0: every epoch ... see below)
 eval_every_epochs = 10            # evaluate every this many epochs when eval_interval == 0
@@ -59,6 +62,8 @@ shapes_dir = ""                   # if set: write the synthetic shapes set here 
 shapes_n_train = 1000
 shapes_n_val = 200
 shapes_size = 128
+shapes_seed = 1337                # the set's own seed (not the training seed: a --seed=1338 run reads the same images);
+                                  # `python data.py shapes --out=data/shapes` writes the same set
 transform = ""                    # "centernet" (square canvas, [CM 3.5]) or "fcos" (short side, [IS 4]); see data.py;
                                   # "": the method's own (model.method_transform: centernet for CenterMask, else fcos)
 input_size = 512                  # centernet: square training input ([CM 3.5]); fcos: short side (800, [IS 4])
@@ -125,6 +130,15 @@ except ValueError as _e:
     print(f"{os.path.basename(sys.argv[0])}: error: {_e}", file=sys.stderr)
     sys.exit(2)
 config = config_from_globals(globals())  # the resolved config, saved in checkpoints
+# Nothing a user trained is written over: a start that is not a resume (from scratch, or from weights)
+# writes a new ckpt.pt into out_dir at its first evaluation, so an out_dir that holds one stops the
+# run here, before any work (a rerun after a kill without --init_from=resume would lose that run).
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from != "resume" and os.path.exists(ckpt_path) and not overwrite:
+    print(f"{os.path.basename(sys.argv[0])}: error: {ckpt_path} exists and init_from={init_from!r} would write over it: "
+          f"continue that run with --init_from=resume, train into another --out_dir, or start over in this one "
+          f"with --overwrite=True", file=sys.stderr)
+    sys.exit(2)
 # -----------------------------------------------------------------------------
 
 # -- processes and device ---------------------------------------------------------------------
@@ -173,6 +187,18 @@ def log(*a):
         print(*a, flush=True)
 
 
+@contextmanager
+def stop_on_non_finite_deform(where):
+    """DeformConv's refusal of NaN / inf offsets (model.NON_FINITE_DEFORM) as one line naming where
+    it happened, instead of a traceback; any other error passes through."""
+    try:
+        yield
+    except RuntimeError as e:
+        if NON_FINITE_DEFORM not in str(e):
+            raise
+        sys.exit(f"train.py: {where}: {NON_FINITE_DEFORM}")
+
+
 # -- what to start from (init_from) -------------------------------------------------------------
 # "resume": out_dir/ckpt.pt, read here and checked against the model config below. A path or
 # "torchvision:fcos_resnet50_fpn": weights imported into the new model below (model.py section
@@ -180,7 +206,6 @@ def log(*a):
 # trained with are taken here, before the data and the model are built: the input format
 # (CenterNet's weights: BGR with COCO statistics), the FCOS location convention (torchvision's),
 # and pretrained=False when the file holds the backbone.
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
 checkpoint = imported = None
 updates = []
 if init_fresh and init_from in ("scratch", "resume"):   # e.g. a fine-tuning config resumed: nothing to leave out
@@ -192,6 +217,12 @@ if init_from == "resume":
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as e:
         sys.exit(f"train.py: cannot read checkpoint {ckpt_path}: {e}")
+    try:  # NaN / inf, a BatchNorm variance below 0: refused here, not met as a crash later (model.check_weights)
+        for entry in ("model", "ema"):
+            if isinstance(checkpoint, dict) and isinstance(checkpoint.get(entry), dict):
+                check_weights(checkpoint[entry], f"{ckpt_path} ({entry!r} weights)")
+    except ValueError as e:
+        sys.exit(f"train.py: init_from='resume': {e}")
     saved_config = (checkpoint.get("config") or {}) if isinstance(checkpoint, dict) else {}
     updates = [(k, saved_config[k], "as the checkpoint was trained") for k in ("input_format", "location_offset")
                if k in saved_config]
@@ -219,8 +250,8 @@ if shapes_dir:
     why = shapes_dataset_missing(shapes_dir, shapes_n_train, shapes_n_val, shapes_size) if master else ""
     if why:
         log(f"writing the synthetic shapes set to {shapes_dir} ({shapes_n_train} train / {shapes_n_val} val, "
-            f"{shapes_size}px; {why})")
-        write_shapes_dataset(shapes_dir, shapes_n_train, shapes_n_val, shapes_size, seed)
+            f"{shapes_size}px, shapes_seed {shapes_seed}; {why})")
+        write_shapes_dataset(shapes_dir, shapes_n_train, shapes_n_val, shapes_size, shapes_seed)
     if ddp:
         dist.barrier()
     # a bigger set written by another config serves too: its first n images are the n-image set
@@ -237,6 +268,10 @@ try:
                                                         **({"keep_res": True} if keep_res else {})))  # fcos: an error
 except (OSError, ValueError) as e:  # data.py's messages name the file / annotation
     sys.exit(f"train.py: {e}")
+if val_set.label_to_cat_id != train_set.label_to_cat_id:  # labels are read through the val json's categories
+    sys.exit(f"train.py: {paths['val_ann']} lists other categories than {paths['train_ann']} (ids "
+             f"{val_set.label_to_cat_id[:20]} against {train_set.label_to_cat_id[:20]}): the model's labels are the "
+             f"training json's, so evaluation would score them as other classes; give both jsons the same categories")
 num_classes = num_classes or train_set.num_classes
 if num_classes != train_set.num_classes:
     sys.exit(f"train.py: num_classes={num_classes} but {paths['train_ann']} has {train_set.num_classes} categories")
@@ -325,11 +360,21 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 # -- loader and schedule ------------------------------------------------------------------------------
+# DataLoader workers. train.py is a script of globals, not an importable module: a worker started by
+# spawning or from a fork server (the default start method of Windows and macOS, and of Linux from
+# Python 3.14) imports the main script again, and would rerun the whole training in every worker. So the
+# workers are forked wherever the platform can fork; where it cannot (Windows), the main process loads.
+if num_workers > 0 and "fork" not in multiprocessing.get_all_start_methods():
+    log(f"num_workers={num_workers}: this platform cannot fork DataLoader workers (a spawned one would rerun "
+        f"train.py), so the main process loads the data (num_workers=0)")
+    num_workers = 0
+worker_context = "fork" if num_workers > 0 else None
 sampler = (DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
            if ddp else RandomSampler(train_set, generator=torch.Generator().manual_seed(seed)))
 collate = partial(collate_fn, size_divisibility=raw_model.size_divisibility)
 loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
-                    num_workers=num_workers, pin_memory=device_type == "cuda", persistent_workers=num_workers > 0)
+                    num_workers=num_workers, pin_memory=device_type == "cuda", persistent_workers=num_workers > 0,
+                    multiprocessing_context=worker_context)
 accum = gradient_accumulation_steps
 if not isinstance(accum, int) or accum < 1:
     sys.exit(f"train.py: gradient_accumulation_steps must be an integer >= 1, got {accum!r}")
@@ -407,7 +452,7 @@ def run_eval(max_images):
     subset = val_set if not max_images or max_images >= len(val_set) else torch.utils.data.Subset(val_set, range(max_images))
     eval_sampler = DistributedSampler(subset, world_size, rank, shuffle=False) if ddp else None
     eval_loader = DataLoader(subset, batch_size=max(1, batch_size // 2), sampler=eval_sampler, collate_fn=collate,
-                             num_workers=num_workers)
+                             num_workers=num_workers, multiprocessing_context=worker_context)
     with torch.random.fork_rng(devices=[]):
         stats = evaluate(eval_model, eval_loader, device=device, verbose=False,
                          amp_dtype=None if ptdtype == torch.float32 else ptdtype)
@@ -547,7 +592,8 @@ while it < max_iters:
         lr = get_lr(it)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_factor", 1.0)
-        tally.add(train_step(micro_batches), it)
+        with stop_on_non_finite_deform(f"iteration {it + 1}"):
+            tally.add(train_step(micro_batches), it)
         micro_batches = []
         it += 1
         steps_this_epoch += 1
@@ -571,7 +617,8 @@ while it < max_iters:
         if it % eval_every == 0 or it == max_iters:
             tally.check()  # nothing non-finite is evaluated or saved
             t_eval = time.time()
-            stats = run_eval(eval_max_images if it < max_iters else 0)
+            with stop_on_non_finite_deform(f"evaluation at iteration {it}"):
+                stats = run_eval(eval_max_images if it < max_iters else 0)
             if master:
                 ap = stats.get("segm_AP", stats.get("bbox_AP", -1.0))
                 log(f"eval @ iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items() if "AP" in k) +
@@ -604,8 +651,9 @@ if master:
     write_atomic("loss.png", partial(fig.savefig, format="png", dpi=100))
     log(f"wrote {os.path.join(out_dir, 'loss.png')}")
     if visualize:
-        paths = save_pictures(eval_model, val_set, os.path.join(out_dir, "pictures"), n=vis_images, device=device,
-                              maps_fn=eval_model.teaching_maps)
+        with stop_on_non_finite_deform("drawing the pictures"):
+            paths = save_pictures(eval_model, val_set, os.path.join(out_dir, "pictures"), n=vis_images, device=device,
+                                  maps_fn=eval_model.teaching_maps)
         log(f"wrote {len(paths)} pictures to {os.path.join(out_dir, 'pictures')}")
 if ddp:
     # every rank waits until rank 0 has drawn its pictures: a gloo group torn down on one rank

@@ -37,6 +37,6 @@ grad_clip = 10.0
 eval_interval = 100
 eval_max_images = 0
 log_interval = 10
-device = "cpu"
+device = "auto"                  # a GPU when there is one (train.py), else the CPU
 visualize = True
 vis_images = 8

@@ -1,6 +1,6 @@
 # Quick start of the FCOS family: FCOS on the synthetic shapes set, on the CPU, no download.
 #   python train.py config/shapes_fcos.py
-#   python train.py config/shapes_fcos.py --method=fcosreg          # FCOSreg ([IS 3.3])
+#   python train.py config/shapes_fcos.py --method=fcosreg --out_dir=out/shapes_fcos_fcosreg   # FCOSreg ([IS 3.3])
 # Writes data/shapes if missing (as config/shapes_centermask.py), trains, evaluates (COCO box AP
 # on the 200 val images) and draws predictions into out/shapes_fcos.
 # Measured: README ("The other methods on the shapes set"), RESULTS.md ("The FCOS family on the shapes set").
@@ -43,7 +43,7 @@ grad_clip = 10.0
 eval_every_epochs = 4
 eval_max_images = 100
 log_interval = 25
-device = "cpu"
+device = "auto"                  # a GPU when there is one (train.py), else the CPU
 dtype = "auto"
 visualize = True
 vis_images = 8

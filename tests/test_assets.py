@@ -16,6 +16,7 @@ def load_make():
     return make
 
 
+@pytest.mark.slow
 def test_make_writes_both_pictures(tmp_path):
     make = load_make()
     t0 = time.time()

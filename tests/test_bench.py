@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # every test runs bench.py or bench_gpu.sh in a subprocess
 
 TINY = [
     os.path.join(ROOT, "config", "shapes_centermask.py"), "--device=cpu", "--input_size=64", "--batch_size=1",
@@ -77,7 +81,6 @@ def test_bench_loader_on_coco128():
     """Guards the DataLoader throughput measurement (training transforms on real images) and
     the post-processing numbers (decode + mapping to the original size, 100 detections) that
     README's speed table and RESULTS.md report. Skipped without COCO128."""
-    import pytest
     from conftest import COCO128
     if not os.path.isfile(os.path.join(COCO128, "annotations", "instances_train2017.json")):
         pytest.skip(f"COCO128 not found at {COCO128}")
@@ -111,8 +114,9 @@ def test_bench_gpu_script_runs_a_row_on_the_cpu(tmp_path):
     """Guards bench_gpu.sh's plumbing (row selection, extra arguments appended to every run,
     the JSON line read back into the final table) with one row on the CPU and a tiny model; the
     GPU rows themselves need a GPU. The row's batch is 1, so the table shows a frames-per-second
-    value and the paper's 25.2 FPS beside it; the first-call time is in the JSON."""
-    env = dict(os.environ, OUT=str(tmp_path / "out"), ONLY="dla34_infer_fp32")
+    value and the paper's 25.2 FPS beside it; the first-call time is in the JSON. The script runs
+    the interpreter in $PYTHON (this one: a virtual environment needs no activation)."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), ONLY="dla34_infer_fp32", PYTHON=sys.executable)
     r = subprocess.run(["bash", os.path.join(ROOT, "bench_gpu.sh"), "--device=cpu", "--input_size=64",
                         "--dla_channels=(4, 8, 8, 16, 16, 32)", "--dcn=False", "--head_conv=8", "--shape_size=8",
                         "--steps=1", "--burn_in=1", "--threads=1"], cwd=tmp_path, env=env,

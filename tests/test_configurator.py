@@ -333,6 +333,7 @@ def test_keys_outside_a_methods_groups_do_not_change_it(method, backbone):
                                       for a, b in zip(d0, d1))
 
 
+@pytest.mark.slow
 def test_train_py_stops_a_bad_model_key_before_any_work(tmp_path):
     """Guards train.py's check of the model keys, before the data set is written or read: an
     unknown method / backbone pairing, a misspelt choice and a key the method does not read

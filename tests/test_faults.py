@@ -80,6 +80,7 @@ def start_and_kill_after(work, line, *args):
 # -----------------------------------------------------------------------------
 # runs killed and resumed
 
+@pytest.mark.slow
 def test_sigkill_between_checkpoints_resumes_bitwise(reference, tmp_path):
     """Guards resume equivalence: a run killed with SIGKILL mid-training, then resumed with
     --init_from=resume, must end with exactly (bitwise) the weights and Adam state of the run that
@@ -141,6 +142,7 @@ def wrapper(tmp_path, patch):
     return str(script)
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_write_resumes_from_previous(reference, tmp_path):
     """Guards the atomic checkpoint: a run killed (SIGKILL) while torch.save is writing must leave
     the previous checkpoint loadable, the half-written file must never be loaded (nor left to
@@ -163,6 +165,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(reference, tmp_pa
     assert_same_state(load(work / "out" / "ckpt.pt"), load(reference / "out" / "ckpt.pt"))
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_refused(reference, tmp_path):
     """Guards loading half a checkpoint (e.g. copied while it was written, or cut by a full
     disk on another machine): resume must stop with a message naming the file, not a torch
@@ -178,6 +181,7 @@ def test_truncated_checkpoint_is_refused(reference, tmp_path):
     assert "Traceback" not in r.stderr and "iter 1/12" not in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full to fail writes with ENOSPC")
 def test_full_disk_names_the_checkpoint_and_keeps_the_previous(reference, tmp_path):
     """Guards a full disk during a checkpoint write. torch.save reports ENOSPC as a RuntimeError
@@ -210,6 +214,7 @@ save = _save
 """
 
 
+@pytest.mark.slow
 def test_read_only_out_dir_fails_at_start_naming_the_file(reference, tmp_path):
     """Guards a read-only out_dir: the run must stop in its first seconds (not at the first
     checkpoint, hours later) with one line naming the file it could not write, and leave the
@@ -364,6 +369,7 @@ def test_decompression_bomb_names_the_image(tmp_path):
 # -----------------------------------------------------------------------------
 # real multi-process training (gloo on the CPU)
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_evaluate(tmp_path):
     """Guards the documented multi-process launch, for real: torchrun, 2 gloo processes on the
     CPU, the quick-start config. Both processes train (batch 2 each, so 2 iterations per epoch
@@ -477,6 +483,7 @@ def max_relative_difference(ddp, single):
                for k in single)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_ddp_gradients_equal_one_process_with_equal_object_counts(ddp_grads, kind):
     """Guards DDP training computing a different step than one process with the whole batch:
@@ -491,6 +498,7 @@ def test_ddp_gradients_equal_one_process_with_equal_object_counts(ddp_grads, kin
     assert max_relative_difference(ddp_grads[kind, EQUAL_COUNTS], single) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_ddp_gradients_equal_one_process_with_unequal_object_counts(ddp_grads, kind):
     """The same property as above when the ranks hold different numbers of objects (2 and 6): it
@@ -528,6 +536,7 @@ def accumulated_grads(kind, counts, k, whole_batch_normalizers=True):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradient_accumulation_equals_one_batch_of_k_times_the_size(kind):
     """Guards gradient_accumulation_steps: 2 micro-batches of 2 images accumulated must give the

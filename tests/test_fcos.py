@@ -428,6 +428,7 @@ def train_steps(model, images, targets, steps=40):
     return first, {k: v.item() for k, v in losses.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fcos", "fcosreg", "maskfcos", "centermask_fcos"])
 def test_every_method_learns_a_toy_batch(method):
     """Guards the whole training path of each method (targets, losses, backward, optimiser):

@@ -601,6 +601,7 @@ def test_ablation_switches_change_what_they_should():
 @pytest.mark.parametrize("kw", [dict(), dict(attention="none"), dict(com_assignment="positive"),
                                 dict(attention_background="own_background"),
                                 dict(centerness_on="cls", reg_form="exp", center_sampling=0.0, box_loss="iou")])
+@pytest.mark.slow
 def test_fcosis_learns_a_toy_batch(kw):
     """Guards the whole FCOSIS training path (targets, colouring, attention maps, segmentation
     passes, the padded-crop loss, backward): 40 Adam steps on one fixed batch (with an empty

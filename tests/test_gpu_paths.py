@@ -272,6 +272,7 @@ def compiled():
     dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiled_training_matches_eager(compiled, kind):
     """Guards torch.compile of a training step (train.py's compile=True): the compiled model's
@@ -290,6 +291,7 @@ def test_compiled_training_matches_eager(compiled, kind):
     assert max_relative_difference(r["grads"], r["eager_grads"]) < 5e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiled_inference_matches_eager(compiled, kind):
     """Guards torch.compile at inference (eval.py / bench.py on a compiled model; model.eval()
@@ -303,6 +305,7 @@ def test_compiled_inference_matches_eager(compiled, kind):
     assert_same_detections(r["dets"], r["eager_dets"], 1e-4, 1e-6, 1e-5, kind)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_compile_graph_breaks_within_measured_bounds(compiled, kind):
     """Guards what dynamo makes of each method (EXPECTED, with every cause explained): in the
@@ -354,6 +357,7 @@ def test_deform_conv2d_compiles_without_graph_break():
     dynamo.reset()
 
 
+@pytest.mark.slow
 def test_inductor_centermask_losses_and_decode_match_eager():
     """Guards inductor's generated code on the model's own math (train.py's torch.compile uses
     inductor): CenterMask's training losses (heatmaps, penalty-reduced focal loss, L1 at the
@@ -445,6 +449,7 @@ def record_conv_dtypes(model):
     return dtypes
 
 
+@pytest.mark.slow
 @needs_fp16
 @pytest.mark.parametrize("kind", FP16_KINDS)
 def test_fp16_autocast_gradscaler_fused_adam_trains(kind):

@@ -12,6 +12,8 @@ import torch
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # every test runs train.py, eval.py or bench.py in a subprocess
+
 TINY = [
     "--shapes_n_train=8", "--shapes_n_val=4", "--shapes_size=64", "--input_size=64",
     "--dla_channels=(4, 8, 8, 16, 16, 32)", "--head_conv=8", "--shape_size=8", "--dcn=False",
@@ -85,7 +87,7 @@ def test_shapes_set_reused_when_big_enough_rewritten_when_not(trained, tmp_path)
     r = train(tmp_path / "b", "--shapes_n_train=9", "--max_iters=1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "instances_train.json is missing" in r.stdout and "9 train / 4 val images" in r.stdout
-    r = train(tmp_path / "b", "--shapes_n_train=10", "--max_iters=1")
+    r = train(tmp_path / "b", "--shapes_n_train=10", "--max_iters=1", "--overwrite=True")   # b/out holds a ckpt.pt
     assert r.returncode == 0, r.stderr[-2000:]
     assert "instances_train.json has 9 images, 10 wanted" in r.stdout and "10 train / 4 val images" in r.stdout
 
@@ -228,7 +230,7 @@ def test_cosine_schedule_learning_rates(tmp_path):
     lrs = [line.split("| lr ")[1].split(" ")[0] for line in r.stdout.splitlines() if line.startswith("iter ")]
     assert lrs == ["1.00e-02", "1.00e-02", "8.54e-03", "5.00e-03", "1.46e-03"]
     assert "cosine learning rate to 0" in r.stdout
-    r = train(tmp_path, "--max_iters=1", "--lr_schedule=linear")
+    r = train(tmp_path, "--max_iters=1", "--lr_schedule=linear", "--overwrite=True")
     assert r.returncode != 0 and "lr_schedule" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -262,7 +264,7 @@ def test_fcos_solver_bias_groups_and_constant_warmup(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lrs = [line.split("| lr ")[1].split(" ")[0] for line in r.stdout.splitlines() if line.startswith("iter ")]
     assert lrs == ["7.50e-03", "1.00e-02"]
-    r = train(tmp_path, "--max_iters=1", "--warmup_method=cosine")
+    r = train(tmp_path, "--max_iters=1", "--warmup_method=cosine", "--overwrite=True")
     assert r.returncode != 0 and "warmup_method" in r.stderr and "Traceback" not in r.stderr
 
 

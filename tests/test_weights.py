@@ -4,8 +4,8 @@ accounted for; the refusals; torchvision parity of the decoded detections; Cente
 input format; train.py started from a file.
 
 No network and no real weights: state dicts are fabricated from the key manifests in
-$WEIGHTS_MANIFESTS (default data/weights; names and shapes only, see README "Tests"; the tests
-that need them skip without them), with random values; the parity test builds torchvision's FCOS
+$WEIGHTS_MANIFESTS (default tests/weights, in the repository; names and shapes only, see README
+"Tests"), with random values; the parity test builds torchvision's FCOS
 with random weights and reads two COCO128 images ($COCO128, skipped without it)."""
 import json
 import os
@@ -29,10 +29,9 @@ IMAGENET = "dla34_imagenet_keys.json"
 
 
 def manifest(name):
-    """{key: shape} of a published checkpoint (its manifest in WEIGHTS_MANIFESTS); skip when absent."""
+    """{key: shape} of a published checkpoint (its manifest in WEIGHTS_MANIFESTS, tests/weights)."""
     path = os.path.join(WEIGHTS_MANIFESTS, name)
-    if not os.path.isfile(path):
-        pytest.skip(f"key manifest {path} not found (set WEIGHTS_MANIFESTS)")
+    assert os.path.isfile(path), f"key manifest {path} not found (tests/weights, or $WEIGHTS_MANIFESTS)"
     with open(path) as f:
         return json.load(f)["keys"]
 
@@ -359,6 +358,7 @@ def freeze_batchnorm(module):
             freeze_batchnorm(child)
 
 
+@pytest.mark.slow
 def test_torchvision_fcos_parity_on_coco128():
     """Guards the torchvision FCOS import end to end: torchvision's fcos_resnet50_fpn(weights=None,
     weights_backbone=None, num_classes=91) with seeded random weights (BN statistics, biases, the
@@ -527,6 +527,7 @@ def test_bgr_coco_training_crop_is_the_rgb_crop_in_centernets_statistics():
 
 # -- train.py ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_init_from_centernet_file_runs_and_saves_the_input_format(tmp_path):
     """Guards train.py's init_from=PATH end to end: a fabricated CenterNet DLA-34 checkpoint
     (DataParallel keys, no num_batches_tracked, under 'state_dict') starts a full-width DLA-34
@@ -560,7 +561,7 @@ def test_train_init_from_centernet_file_runs_and_saves_the_input_format(tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     assert "inputs bgr_coco" in r.stdout
     (tmp_path / "notes.txt").write_text("hello\n")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args,
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--overwrite=True",   # out holds a run
                         f"--init_from={tmp_path / 'notes.txt'}"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
