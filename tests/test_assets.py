@@ -5,6 +5,7 @@ import os
 import time
 
 import matplotlib.image
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
