@@ -441,6 +441,7 @@ def test_every_method_learns_a_toy_batch(method):
     assert set(losses) == expected
 
 
+@pytest.mark.slow
 def test_original_fcos_learns_a_toy_batch():
     """Guards the original FCOS's training path end to end (exp regression, IoU loss, centerness
     on the classification tower, no centre sampling): as test_every_method_learns_a_toy_batch,
