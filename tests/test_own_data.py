@@ -178,7 +178,8 @@ def test_own_data_round_trip_train_eval_predict(tmp_path):
     """Guards the README's own-data path end to end, on a labelling tool's export: the quick
     start's config with the data keys of the README's command (data_root, train/val json and
     folder, shapes_dir="") trains a tiny model a few steps, evaluates, saves the classes;
-    eval.py reads the val paths from the checkpoint and prints COCO AP; predict.py on the
+    eval.py reads the val paths from the checkpoint and prints COCO AP, and refuses a val json
+    whose categories are not the checkpoint's (one line); predict.py on the
     export's pictures and on a phone photo writes category ids and names of the json (no
     background) in the upright picture's pixels."""
     ann, export = labelling_tool_export(tmp_path)
@@ -197,6 +198,14 @@ def test_own_data_round_trip_train_eval_predict(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     stats = json.loads(r.stdout.strip().splitlines()[-1])
     assert 0 <= stats["segm_AP"] <= 1 and 0 <= stats["bbox_AP"] <= 1 and str(ann) in r.stdout
+    renumbered = dict(export, categories=[dict(c, id=c["id"] + 10) for c in export["categories"]],
+                      annotations=[dict(a, category_id=a["category_id"] + 10) for a in export["annotations"]])
+    with open(data / "renumbered.json", "w") as f:
+        json.dump(renumbered, f)                                       # the same classes under other ids
+    r = run("eval.py", f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", f"--val_ann={data / 'renumbered.json'}",
+            f"--val_img_dir={data}", "--device=cpu", "--num_workers=0", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].endswith(
+        "(ids [11, 12, 13, 14] against [1, 2, 3, 4]): its labels would be scored as other classes"), r.stderr[-2000:]
 
     phone_photo(tmp_path / "phone.jpg", "JPEG")
     for pictures in (data / "JPEGImages", tmp_path / "phone.jpg"):

@@ -221,18 +221,21 @@ def test_deform_conv_refuses_non_finite_input_instead_of_crashing():
 @pytest.mark.slow
 def test_non_finite_activations_at_a_deformable_convolution_stop_eval_with_one_line(tmp_path):
     """Guards the path no load-time check can see: finite weights so large that the activations
-    overflow to inf and NaN before a deformable convolution. eval.py stops with one line naming
-    the checkpoint and the reason (exit status 1), not a segmentation fault (-11)."""
+    overflow to inf and NaN before a deformable convolution. eval.py and predict.py stop with one
+    line naming the checkpoint and the reason (exit status 1), not a segmentation fault (-11)."""
     r = train(tmp_path, "--max_iters=1", "--dcn=True", "--eval_interval=0")
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
     ckpt["model"]["backbone.base.base_layer.0.weight"].fill_(1e38)           # finite, but x * 1e38 overflows
     torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
-    r = run("eval.py", f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", "--device=cpu", "--num_workers=0", cwd=tmp_path)
-    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "non-finite values (NaN or inf) reach a deformable convolution" in lines[0], r.stderr
-    assert str(tmp_path / "out" / "ckpt.pt") in lines[0]
+    picture = tmp_path / "shapes" / "val" / "000000.png"
+    for r in (run("eval.py", f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", "--device=cpu", "--num_workers=0", cwd=tmp_path),
+              run("predict.py", f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", f"--input={picture}", "--device=cpu",
+                  cwd=tmp_path)):
+        assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "non-finite values (NaN or inf) reach a deformable convolution" in lines[0], r.stderr
+        assert str(tmp_path / "out" / "ckpt.pt") in lines[0]
 
 
 # -- 4. the synthetic set has its own seed ----------------------------------------------------------
