@@ -1,7 +1,8 @@
 # Fine-tuning recipe, CenterMask: start from a trained CenterNet detector (DLA-34, heatmap, size and
 # offset heads), train CenterMask's new heads (Local Shape, Global Saliency) with it, evaluate, predict.
 # On the shapes set, with a CenterNet trained there in place of CenterNet's published COCO weights:
-#   1. python train.py config/shapes_centermask.py --shapes_n_train=1000 --epochs=8 --lr_steps="(6, 7)" \
+#   1. python train.py config/shapes_centermask.py --dla_channels="(16, 32, 64, 128, 256, 512)" \
+#          --shapes_n_train=1000 --epochs=8 --lr_steps="(6, 7)" \
 #          --loss_weights="(1.0, 1.0, 0.1, 0.0)" --eval_every_epochs=8 --eval_max_images=0 --out_dir=out/shapes_centernet
 #   2. python train.py config/shapes_finetune_centermask.py      # CenterMask started from 1's checkpoint
 #   3. python eval.py --ckpt=out/shapes_finetune_centermask/ckpt.pt
@@ -22,6 +23,7 @@
 import os
 exec(open(os.path.join(os.path.dirname(__file__), 'shapes_centermask.py')).read())
 init_from = "out/shapes_centernet/ckpt.pt"
+dla_channels = (16, 32, 64, 128, 256, 512)  # the full-width DLA-34 of step 1 ([DLA] Table 1), not the quick start's
 init_fresh = ("head_sets.*.local_shape.*", "head_sets.*.saliency.*")
 out_dir = "out/shapes_finetune_centermask"
 shapes_n_train = 1000            # step 1's images (the first 1000 of the quick start's 2000)
