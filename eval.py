@@ -687,10 +687,11 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
     overrides: ModelConfig fields to change at inference (e.g. {"attention_assign": "pass"}).
     The moving average "ema" is loaded when the checkpoint has one (train.py evaluated it), and
     the prefixes of a compiled ("_orig_mod.") or DDP ("module.") model are stripped.
-    Weights holding NaN / inf or a negative BatchNorm variance are refused (model.check_weights).
+    Weights holding NaN / inf or a negative BatchNorm variance are refused (weights.check_weights).
     Returns (model, checkpoint dict, "ema" | "model"). Raises ValueError naming the file.
     """
-    from model import ModelConfig, build_model, check_weights
+    from model import ModelConfig, build_model
+    from weights import check_weights
     if not os.path.isfile(ckpt):
         raise ValueError(f"checkpoint '{ckpt}' not found")
     try:

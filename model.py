@@ -13,8 +13,6 @@ builder, loss, mask assembly and decoder, in reading order.
     9. MaskFCOS                                   FCOS proposals + RoIAlign mask head
    10. CenterMask-FCOS                            Local Shape x Global Saliency on FCOS
    11. FCOSIS                                     attention map, colouring, segmentation head
-   12. Published weights                          key maps: CenterNet, ImageNet DLA-34, torchvision's
-                                                  FCOS, our checkpoints (train.py's init_from=PATH)
 
 Papers (sections, equations and tables are cited as [CM 3.1], [CM] eq. 2, [IS] Table 3):
     [CM]   Wang et al., "CenterMask: single shot instance segmentation with point
@@ -39,16 +37,15 @@ Coordinate frames used throughout:
 """
 
 import contextlib
-import fnmatch
 import math
-import os
-import re
 from dataclasses import dataclass, fields, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
+
+from weights import LocalShapeKeys   # old checkpoints' key names of the Local Shape head
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
@@ -105,7 +102,7 @@ class ModelConfig:
     head_convs: int = 4               # convs per head tower ([FCOS] Fig. 2)
     # The four choices that tell the original FCOS (the paper's, FCOS's code defaults, the detector
     # [IS 3.1] builds on) from the improved FCOS (FCOS's fcos_imprv_* configs, torchvision's FCOS);
-    # see `FCOS`. Defaults: the improved one (torchvision's, whose weights import; section 12).
+    # see `FCOS`. Defaults: the improved one (torchvision's, whose weights import; weights.py).
     centerness_on: str = "reg"        # centerness conv on the box tower ("reg": FCOS's CENTERNESS_ON_REG True) or on
                                       # the classification tower ("cls": [FCOS] 3.3 and Fig. 2, CENTERNESS_ON_REG False)
     reg_form: str = "relu_stride"     # ltrb = relu(scale_l * x) * stride ("relu_stride": FCOS's NORM_REG_TARGETS True)
@@ -123,7 +120,7 @@ class ModelConfig:
                                       # centerness) or "score" (torchvision's FCOS: sqrt(cls * centerness))
     location_offset: str = "half"     # FCOS locations (`fcos_locations`): "half" (FCOS: cell j at j*s + s//2) or
                                       # "zero" (torchvision's FCOS: j * (input size // grid size)); set to "zero" by
-                                      # train.py for torchvision's weights (section 12)
+                                      # train.py for torchvision's weights (weights.py)
     # FCOSreg's assignment ([IS 3.3]); FCOS ("fcos") keeps its own values, the methods with masks may change them
     ambiguity: str = ""               # "area" (FCOS: smallest box) or "mask" (FCOSreg [IS 3.3]); "": the method's own
     reg_weights: tuple = ()           # (a, b, c) of FCOSreg's w ([IS 3.3] Fig. 6); (): (1,0,0) FCOS, (1/3,1/3,1/3) FCOSreg
@@ -1088,23 +1085,6 @@ def assemble_masks(local, saliency, batch, channels, boxes, grid_hw, pixel, log_
     return log_m, log_1m, inside
 
 
-class LocalShapeKeys:
-    """
-    Mixin of the modules that hold a Local Shape head (CenterMaskHeads, CenterMaskFCOS): that
-    submodule is `local_shape`, and checkpoints written while it was called `shape` have keys
-    like head_sets.0.shape.0.weight (CenterMask) or shape.weight (CenterMask-FCOS).
-    load_state_dict renames them to local_shape on the way in (as torchvision's BatchNorm
-    upgrades its older layouts), so those checkpoints load unchanged, strict=True included;
-    import_weights does the same for our checkpoints (`_project_rules`).
-    """
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        old = prefix + "shape."
-        for key in [k for k in state_dict if k.startswith(old)]:
-            state_dict[prefix + "local_shape." + key[len(old):]] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
 class CenterMaskHeads(LocalShapeKeys, nn.Module):
     """
     The five heads of [CM] Fig. 3 on one stride-4 feature map: (B, cin, h, w) -> dict
@@ -1496,7 +1476,7 @@ def fcos_locations(hw_per_level, strides, device=None, offset="half", input_hw=N
     offset="half" (FCOS's, ModelConfig.location_offset's default): cell (i, j) of a stride-s map
     is the input-frame point (j*s + s//2, i*s + s//2), "near the centre of the receptive field"
     ([FCOS] 3.1; FCOS's compute_locations).
-    offset="zero" (torchvision's FCOS, for its weights, section 12): cell (i, j) is the point
+    offset="zero" (torchvision's FCOS, for its weights, weights.py): cell (i, j) is the point
     (j * step_x, i * step_y), the centre of torchvision's AnchorGenerator anchors, whose step per
     axis is (padded input size // grid size) when `input_hw` (H, W) is given (torchvision's rule),
     else s. Inputs padded to 32 give step = s on P3-P5; on P6/P7 the step is smaller than s
@@ -1810,7 +1790,7 @@ class FCOS(Method):
     location (x, y) falls into a groundtruth bounding box ..., it is considered as a positive
     sample"; an IoU loss "similar to UnitBox"). The improved one is FCOS's later fcos_imprv_*
     configs (FCOS_imprv_R_50_FPN_1x: 38.7, FCOS's README) and torchvision's FCOS (39.2 on COCO
-    val2017, its weights' documentation), whose weights section 12 imports and whose assignment
+    val2017, its weights' documentation), whose weights weights.py imports and whose assignment
     and losses tests/test_fcos.py matches: it is ModelConfig's default. The [IS] COCO configs set
     the original.
 
@@ -3030,547 +3010,3 @@ def hsv_to_rgb(h, v):
     """Hue h and value v, each (h, w) in [0, 1], full saturation -> (h, w, 3) RGB in [0, 1]."""
     k = (torch.tensor([5.0, 3.0, 1.0], device=h.device) + h[..., None] * 6) % 6  # (h, w, 3)
     return v[..., None] * (1 - (torch.minimum(k, 4 - k).clamp(0, 1)))
-
-
-# -----------------------------------------------------------------------------
-# 12. Published weights (train.py's init_from=PATH)
-#
-#     read_weights(source)       a file (or "torchvision:fcos_resnet50_fpn", torchvision's weights
-#                                API) -> LoadedWeights: its tensors and which layout they follow,
-#                                refused when they hold NaN / inf or a negative BatchNorm
-#                                variance (check_weights; eval.py and train.py's resume run it too)
-#     import_weights(model, w)   the key map of that layout (below), the class channels of the
-#                                model's labels, every shape checked; loads and returns an
-#                                ImportReport that accounts for every tensor of the file and of
-#                                the model: loaded, ignored (with why), newly initialised
-#
-# The layouts, and what goes where:
-#   * CenterNet's ctdet COCO detectors (its src/lib/models/networks/pose_dla_dcn.py `DLASeg` and
-#     large_hourglass.py `HourglassNet`, heads hm 80 / wh 2 / reg 2): the backbone and the
-#     heatmap / size / offset heads of CenterMask; the Local Shape and Global Saliency heads start
-#     fresh. Our DLASeg / Hourglass104 / CenterMaskHeads compute what CenterNet's code computes
-#     with the same weights (checked against CenterNet's code with copied weights), so the maps
-#     are a renaming; see `_CENTERNET_DLA_RULES` and `_CENTERNET_HOURGLASS_RULES`.
-#   * The ImageNet DLA-34 (dla34-ba72cf86.pth, the classifier CenterNet's DLA-34 starts from):
-#     the DLA base; its classifier `fc` is dropped.
-#   * torchvision's FCOS R-50-FPN COCO detector (torchvision/models/detection/fcos.py): ResNet-50,
-#     FPN, P6/P7 and the head of FCOS and of the FCOS part of FCOSreg, MaskFCOS, CenterMask-FCOS
-#     and FCOSIS (their own branches start fresh); see `_torchvision_fcos_rules`.
-#   * A checkpoint of this project (train.py's ckpt.pt): every tensor whose name and shape match
-#     (the FPN levels renumbered between FCOS's P3-P7 and FCOSIS's P2-P7).
-# Input conventions that come with the weights (set by train.py from `config_updates`):
-# CenterNet's detectors saw BGR images normalised with COCO statistics (input_format
-# "bgr_coco", data.py); torchvision's FCOS puts its locations at j * stride, not FCOS's
-# j * stride + stride // 2 (ModelConfig.location_offset "zero", `fcos_locations`).
-
-# COCO's 80 category ids in order: CenterNet's class channel k is category COCO_CATEGORY_IDS[k]
-# (its `_valid_ids`, src/lib/datasets/dataset/coco.py); torchvision's detectors have 91 slots, the
-# channel of category c being c itself (the others, "N/A" and the background, never used).
-COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
-                     27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
-                     52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
-                     78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
-
-TORCHVISION_FCOS = "torchvision:fcos_resnet50_fpn"
-
-# layout -> (what it is, the models it fits, ModelConfig settings it needs)
-WEIGHT_LAYOUTS = {
-    "centernet_dla34": ("CenterNet's ctdet DLA-34 COCO detector (ctdet_coco_dla_1x.pth / ctdet_coco_dla_2x.pth)",
-                        "method='centermask', backbone='dla34'", "dcn=True, dla_channels=(16, 32, 64, 128, 256, 512)"),
-    "centernet_hourglass104": ("CenterNet's ctdet Hourglass-104 COCO detector (ctdet_coco_hg.pth)",
-                               "method='centermask', backbone='hourglass104'",
-                               "num_stacks=2, hg_dims and hg_modules of Hourglass-104"),
-    "dla34_imagenet": ("the ImageNet DLA-34 classifier (dla34-ba72cf86.pth)",
-                       "method='centermask', backbone='dla34'", "dla_channels=(16, 32, 64, 128, 256, 512)"),
-    "torchvision_fcos": ("torchvision's FCOS R-50-FPN COCO detector (FCOS_ResNet50_FPN_Weights.COCO_V1)",
-                         "an FCOS-family method with backbone='resnet50'", "fpn_channels=256, head_convs=4"),
-    "project": ("a checkpoint of this project", "any model (what matches by name and shape)", ""),
-}
-
-
-class _Ignore(str):
-    """A key-map rule's verdict: drop the tensor, for this reason."""
-
-
-_UNUSED_PROJECTION = ("built by CenterNet's DLA (its Tree makes a 1x1 projection whenever the width changes) but "
-                      "never used in its forward: a depth-2 Tree hands its residual to its first child, which "
-                      "projects it itself; our DLA34 does not build it")
-
-
-def _deform_conv_key(rest):
-    """CenterNet's DeformConv (conv = DCNv2 with its conv_offset_mask, actf = BN + ReLU) -> ours
-    (conv, offset_mask, bn). The 27 offset / mask channels keep their order: DCNv2 splits them as
-    chunks o1, o2, mask (offsets = the first 18, in the (dy, dx) pairs torchvision's
-    deform_conv2d reads; mask = the last 9, sigmoid), as `DeformConv.forward` does."""
-    if rest.startswith("conv.conv_offset_mask."):
-        return "offset_mask." + rest[len("conv.conv_offset_mask."):]
-    if rest.startswith("actf.0."):
-        return "bn." + rest[len("actf.0."):]
-    return rest                                                   # conv.weight, conv.bias
-
-
-# CenterNet's DLASeg (pose_dla_dcn.py) -> CenterMask on DLA-34. Its IDAUp numbers its nodes
-# proj_1, up_1, node_1, ... (setattr); ours holds them in ModuleLists from 0. Heads: hm -> heatmap,
-# wh -> size, reg -> offset, each Conv3x3(64 -> 256) + ReLU + Conv1x1 at indices 0 and 2 in both.
-# CenterNet's wh is (w, h) (`wh[k] = 1. * w, 1. * h` in its datasets/sample/ctdet.py) and reg
-# (x, y) (`reg[k] = ct - ct_int`), the order of our size and offset channels.
-_CENTERNET_DLA_RULES = (
-    (r"base\.level[34]\.project\..*", _Ignore(_UNUSED_PROJECTION)),
-    (r"base\.(.+)", r"backbone.base.\1"),
-    (r"dla_up\.ida_(\d+)\.(proj|node)_(\d+)\.(.+)",
-     lambda m: f"backbone.dla_up.ida.{m[1]}.{m[2]}.{int(m[3]) - 1}.{_deform_conv_key(m[4])}"),
-    (r"dla_up\.ida_(\d+)\.up_(\d+)\.weight", lambda m: f"backbone.dla_up.ida.{m[1]}.up.{int(m[2]) - 1}.weight"),
-    (r"ida_up\.(proj|node)_(\d+)\.(.+)", lambda m: f"backbone.ida_up.{m[1]}.{int(m[2]) - 1}.{_deform_conv_key(m[3])}"),
-    (r"ida_up\.up_(\d+)\.weight", lambda m: f"backbone.ida_up.up.{int(m[1]) - 1}.weight"),
-    (r"hm\.(.+)", r"head_sets.0.heatmap.\1"),
-    (r"wh\.(.+)", r"head_sets.0.size.\1"),
-    (r"reg\.(.+)", r"head_sets.0.offset.\1"),
-)
-
-# CenterNet's HourglassNet (large_hourglass.py, CornerNet's exkp) -> CenterMask on Hourglass-104.
-#   pre.0 (convolution: conv, bn)    -> backbone.pre.0 (Sequential: 0 conv, 1 BN)
-#   pre.1 (residual)                 -> backbone.pre.1 (Residual: conv1 bn1 conv2 bn2 skip.0 skip.1)
-#   kps.s (kp_module: up1, low1, low2 (recursive, or the middle residuals), low3; max1 / up2 /
-#          merge have no weights)    -> backbone.hourglasses.s (HourglassModule, the same names)
-#   cnvs.s (convolution)             -> backbone.convs.s (0 conv, 1 BN)
-#   inters_.s / cnvs_.s (1x1 + BN)   -> backbone.skip_input.s / backbone.skip_features.s
-#   inters.s (residual)              -> backbone.inter.s
-#   hm / wh / reg .s (make_kp_layer: 0 = convolution(3, with_bn=False): conv with bias, no BN;
-#          1 = Conv1x1)              -> head_sets.s.heatmap / size / offset (0 Conv3x3, 2 Conv1x1)
-_CENTERNET_HOURGLASS_RULES = (
-    (r"pre\.0\.conv\.(.+)", r"backbone.pre.0.0.\1"),
-    (r"pre\.0\.bn\.(.+)", r"backbone.pre.0.1.\1"),
-    (r"pre\.1\.(.+)", r"backbone.pre.1.\1"),
-    (r"kps\.(\d+)\.(.+)", r"backbone.hourglasses.\1.\2"),
-    (r"cnvs\.(\d+)\.conv\.(.+)", r"backbone.convs.\1.0.\2"),
-    (r"cnvs\.(\d+)\.bn\.(.+)", r"backbone.convs.\1.1.\2"),
-    (r"inters\.(\d+)\.(.+)", r"backbone.inter.\1.\2"),
-    (r"inters_\.(\d+)\.(.+)", r"backbone.skip_input.\1.\2"),
-    (r"cnvs_\.(\d+)\.(.+)", r"backbone.skip_features.\1.\2"),
-    (r"(hm|wh|reg)\.(\d+)\.0\.conv\.(weight|bias)",
-     lambda m: f"head_sets.{m[2]}.{_CENTERNET_HEADS[m[1]]}.0.{m[3]}"),
-    (r"(hm|wh|reg)\.(\d+)\.1\.(weight|bias)", lambda m: f"head_sets.{m[2]}.{_CENTERNET_HEADS[m[1]]}.2.{m[3]}"),
-)
-_CENTERNET_HEADS = {"hm": "heatmap", "wh": "size", "reg": "offset"}
-
-# The ImageNet DLA-34 (the DLA of pose_dla_dcn.py with a 1x1-conv classifier `fc`) -> the DLA base.
-_DLA34_IMAGENET_RULES = (
-    (r"fc\..*", _Ignore("the ImageNet classifier (a 1x1 conv to 1000 classes): not part of the detector")),
-    (r"level[34]\.project\..*", _Ignore(_UNUSED_PROJECTION)),
-    (r"(base_layer|level\d)\.(.+)", r"backbone.base.\1.\2"),
-)
-
-
-def _torchvision_fcos_rules(first_level=3):
-    """torchvision's FCOS (fcos.py: resnet50 + _resnet_fpn_extractor(returned_layers [2, 3, 4],
-    LastLevelP6P7(256, 256)) + FCOSHead) -> our ResNetFPN + FCOSHead:
-        backbone.body.conv1 / bn1 / layer1-4    -> backbone.stem.0 / stem.1 / stages.0-3
-        backbone.fpn.inner_blocks / layer_blocks.i (C3-C5) -> the same, i + 1 in FCOSIS (P2-P7,
-                                                   whose block 0 is C2's, new)
-        backbone.fpn.extra_blocks.p6 / p7       -> the same (P6 from P5, P7 from ReLU(P6), as ours)
-        head.classification_head.conv / cls_logits -> head.cls_tower / cls_logits (class rows
-                                                   chosen by category id, `import_weights`)
-        head.regression_head.conv / bbox_reg / bbox_ctrness -> head.box_tower / ltrb / centerness
-    Both towers are 4 x (Conv3x3, GroupNorm(32), ReLU), so the Sequential indices agree."""
-    shift = 3 - first_level
-    return (
-        (r"backbone\.body\.conv1\.(.+)", r"backbone.stem.0.\1"),
-        (r"backbone\.body\.bn1\.(.+)", r"backbone.stem.1.\1"),
-        (r"backbone\.body\.layer(\d)\.(.+)", lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}"),
-        (r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(.+)",
-         lambda m: f"backbone.fpn.{m[1]}_blocks.{int(m[2]) + shift}.{m[3]}"),
-        (r"backbone\.fpn\.extra_blocks\.(.+)", r"backbone.fpn.extra_blocks.\1"),
-        (r"head\.classification_head\.conv\.(.+)", r"head.cls_tower.\1"),
-        (r"head\.classification_head\.cls_logits\.(.+)", r"head.cls_logits.\1"),
-        (r"head\.regression_head\.conv\.(.+)", r"head.box_tower.\1"),
-        (r"head\.regression_head\.bbox_reg\.(.+)", r"head.ltrb.\1"),
-        (r"head\.regression_head\.bbox_ctrness\.(.+)", r"head.centerness.\1"),
-    )
-
-
-# Our checkpoints written while the Local Shape head was called `shape` (`LocalShapeKeys`):
-# head_sets.<i>.shape.* (CenterMask) and shape.* (CenterMask-FCOS) are now local_shape.
-_OLD_LOCAL_SHAPE_RULE = (r"((?:head_sets\.\d+\.)?)shape\.(.+)", r"\1local_shape.\2")
-
-
-def _project_rules(src_first_level, dst_first_level):
-    """Our own checkpoints: the same names, except the FPN blocks between FCOS (C3-C5: blocks
-    0-2) and FCOSIS (C2-C5: blocks 0-3), renumbered so that each level finds its own, and the
-    Local Shape head's old name (`_OLD_LOCAL_SHAPE_RULE`)."""
-    shift = src_first_level - dst_first_level
-    if shift == 0:
-        return (_OLD_LOCAL_SHAPE_RULE, (r"(.+)", r"\1"))
-    return ((r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(.+)",
-             lambda m: f"backbone.fpn.{m[1]}_blocks.{int(m[2]) + shift}.{m[3]}"),
-            _OLD_LOCAL_SHAPE_RULE, (r"(.+)", r"\1"))
-
-
-def _rename(key, rules):
-    """The first rule whose pattern matches the whole key decides: a new name, an _Ignore, or
-    None when no rule matches."""
-    for pattern, target in rules:
-        m = re.fullmatch(pattern, key)
-        if m:
-            if isinstance(target, _Ignore):
-                return target
-            return target(m) if callable(target) else m.expand(target)
-    return None
-
-
-def _layout_of(state):
-    """Which published layout a state dict follows, from a few keys only it has (None: none)."""
-    keys = set(state)
-    for kind, signature in (("centernet_dla34", ("base.base_layer.0.weight", "dla_up.ida_0.proj_1.conv.weight")),
-                            ("centernet_hourglass104", ("pre.0.conv.weight", "kps.0.up1.0.conv1.weight")),
-                            ("dla34_imagenet", ("base_layer.0.weight", "level5.root.conv.weight")),
-                            ("torchvision_fcos", ("backbone.body.conv1.weight",
-                                                  "head.classification_head.cls_logits.weight"))):
-        if set(signature) <= keys:
-            return kind
-    return None
-
-
-def _strip_prefixes(state):
-    """Drop DataParallel's "module." and torch.compile's "_orig_mod." from every key."""
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-
-
-def _first_line(e):
-    """The telling line of an exception's message (torch.load's weights_only errors put it after
-    a paragraph of advice)."""
-    text = str(e).strip()
-    if "WeightsUnpickler error:" in text:
-        after = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
-        return "weights_only unpickler: " + (after[0] if after else "refused")
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def check_weights(state, source):
-    """Refuse weights that cannot run: a tensor holding NaN or inf, or a BatchNorm running_var below
-    0 (eval-mode BatchNorm divides by its square root: NaN, which DLA-34's deformable convolutions
-    would read as sampling offsets). Such a file is corrupt, hand-made, or saved from a diverged run.
-    state: {name: tensor}. Raises ValueError naming `source` and the first such tensor."""
-    bad = []
-    for k, v in state.items():
-        if not torch.is_tensor(v) or not v.is_floating_point():
-            continue
-        if not bool(torch.isfinite(v).all()):
-            n = int((~torch.isfinite(v)).sum())
-            bad.append(f"tensor {k} holds {n} non-finite value(s) (NaN or inf) of {v.numel()}")
-        elif k.endswith("running_var") and bool((v < 0).any()):
-            n = int((v < 0).sum())
-            bad.append(f"tensor {k} holds {n} negative BatchNorm running variance(s) of {v.numel()} "
-                       f"(min {float(v.min()):.3g}; a variance is >= 0)")
-    if bad:
-        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
-        raise ValueError(f"{source}: {bad[0]}{more}: a corrupt or hand-made file, or one saved from a diverged run; "
-                         "not loaded")
-
-
-@dataclass
-class LoadedWeights:
-    """What read_weights found: the layout (a WEIGHT_LAYOUTS key), its tensors (names as in the
-    file, "module." / "_orig_mod." removed), and for our own checkpoints the model_args, the
-    train.py config and label_to_cat_id they were trained with."""
-    kind: str
-    source: str
-    state: dict
-    model_args: dict = None
-    config: dict = None
-    label_to_cat_id: list = None
-    which: str = ""                     # our checkpoints: "ema" or "model", the weights taken
-
-    @property
-    def description(self):
-        what = WEIGHT_LAYOUTS[self.kind][0]
-        if self.kind == "project":
-            a = self.model_args or {}
-            what += f" ({a.get('method')} / {a.get('backbone')}, its {self.which} weights)"
-        return what
-
-    def config_updates(self, config):
-        """(key, value, why) for the train.py config keys that these weights decide, where
-        `config` (train.py's resolved config) says otherwise: the input format, the location
-        convention and the form of the FCOS head (`FCOSHead`: centerness_on, reg_form) the weights
-        were trained with, and pretrained=False when the file holds the backbone (no ImageNet
-        download to overwrite)."""
-        want = []
-        if self.kind in ("centernet_dla34", "centernet_hourglass104"):
-            want.append(("input_format", "bgr_coco", "CenterNet trained these weights on BGR images normalised "
-                         "with COCO statistics, its src/lib/datasets/dataset/coco.py"))
-        elif self.kind == "torchvision_fcos":
-            want.append(("location_offset", "zero", "torchvision's FCOS puts location (i, j) at (j, i) x (input "
-                         "size // grid size), FCOS at s * (j, i) + s // 2; `fcos_locations`"))
-            want.append(("centerness_on", "reg", "torchvision's FCOS predicts centerness on the box tower"))
-            want.append(("reg_form", "relu_stride", "torchvision's FCOS regresses relu(x) * stride"))
-            want.append(("pretrained", False, "the ResNet-50 comes from the file"))
-        elif self.kind == "project":
-            args = self.model_args or {}
-            want.append(("input_format", (self.config or {}).get("input_format", "rgb_imagenet"),
-                         "as the checkpoint was trained"))
-            for key, before in (("location_offset", "half"), ("centerness_on", "reg"), ("reg_form", "relu_stride")):
-                # `before`: the value of checkpoints written before the key existed
-                want.append((key, args.get(key, before), "as the checkpoint was trained"))
-            if args.get("backbone") == config.get("backbone"):
-                want.append(("pretrained", False, "the backbone comes from the checkpoint"))
-        return [(k, v, why) for k, v, why in want if k in config and config[k] != v]
-
-
-def _torchvision_fcos_state():
-    """torchvision's FCOS R-50-FPN COCO weights through its weights API (downloaded once into
-    torch.hub's cache). Offline, a one-line error names the file and where to put it."""
-    from urllib.parse import urlparse
-    from torchvision.models.detection import FCOS_ResNet50_FPN_Weights
-    weights = FCOS_ResNet50_FPN_Weights.COCO_V1
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True)
-    except Exception as e:  # URLError, OSError, hash mismatch, ...
-        name = os.path.basename(urlparse(weights.url).path)
-        raise RuntimeError(f"could not load torchvision's FCOS R-50-FPN COCO weights ({type(e).__name__}: "
-                           f"{_first_line(e)}); without a network, put {name} (from {weights.url}) into "
-                           f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}") from e
-
-
-def read_weights(source):
-    """
-    Read the weights to start from: a path (torch.load with weights_only=True: tensors and
-    plain containers only), TORCHVISION_FCOS ("torchvision:fcos_resnet50_fpn"), or an already
-    loaded dict. Recognised: this project's checkpoints ({"model", "model_args", ...}; the "ema"
-    weights when there are, as eval.py), CenterNet's ({"state_dict": ...}, or the bare state dict;
-    keys with or without DataParallel's "module."), the ImageNet DLA-34 and torchvision's FCOS
-    (bare state dicts). -> LoadedWeights. Raises ValueError (RuntimeError for a failed
-    torchvision download) with a one-line message naming the source; weights that cannot run
-    (NaN / inf, a negative BatchNorm variance: check_weights) are refused the same way.
-    """
-    if isinstance(source, dict):
-        obj, name = source, "<state dict>"
-    elif source == TORCHVISION_FCOS:
-        obj, name = _torchvision_fcos_state(), source
-    elif str(source).startswith("torchvision:"):
-        raise ValueError(f"unknown torchvision weights {source!r} (known: {TORCHVISION_FCOS!r})")
-    else:
-        name = str(source)
-        if not os.path.isfile(name):
-            raise ValueError(f"no file {name}")
-        try:
-            obj = torch.load(name, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read {name} as a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{name} holds a {type(obj).__name__}, not a checkpoint (a dict of tensors)")
-    if "model" in obj and "model_args" in obj:                    # train.py's
-        which = "ema" if isinstance(obj.get("ema"), dict) else "model"
-        check_weights(obj[which], f"{name} ({which!r} weights)")
-        return LoadedWeights("project", name, _strip_prefixes(obj[which]), model_args=dict(obj["model_args"]),
-                             config=dict(obj.get("config") or {}), label_to_cat_id=obj.get("label_to_cat_id"),
-                             which=which)
-    state = obj.get("state_dict", obj)                            # CenterNet's checkpoints hold it there
-    state = _strip_prefixes({k: v for k, v in state.items() if torch.is_tensor(v)}) if isinstance(state, dict) else {}
-    kind = _layout_of(state)
-    if kind is None:
-        some = ", ".join(list(state)[:4]) or "no tensors"
-        raise ValueError(f"{name} is none of the weights init_from knows (CenterNet's ctdet DLA-34 / Hourglass-104, "
-                         f"the ImageNet DLA-34, torchvision's FCOS, a train.py checkpoint); its first keys: {some}")
-    check_weights(state, name)
-    return LoadedWeights(kind, name, state)
-
-
-def _fits(kind, cfg):
-    if kind in ("centernet_dla34", "dla34_imagenet"):
-        return cfg.method == "centermask" and cfg.backbone == "dla34"
-    if kind == "centernet_hourglass104":
-        return cfg.method == "centermask" and cfg.backbone == "hourglass104"
-    if kind == "torchvision_fcos":
-        return cfg.method != "centermask" and cfg.backbone == "resnet50"
-    return True
-
-
-def _class_rows(cat_ids, num_classes, by_id):
-    """The rows of a COCO-trained class layer that become this model's labels 0..C-1: label k is
-    category cat_ids[k] (the training json's ids, data.CocoInstances.label_to_cat_id; default
-    COCO's 80 when the model has 80 classes). by_id: the layer's row of category c is c
-    (torchvision's 91 slots), else its position in COCO_CATEGORY_IDS (CenterNet's 80)."""
-    if cat_ids is None:
-        if num_classes != len(COCO_CATEGORY_IDS):
-            raise ValueError(f"the file's class channels are COCO's 80 categories and this model has {num_classes} "
-                             "classes: give the COCO category id of each label (train.py passes the training json's)")
-        cat_ids = COCO_CATEGORY_IDS
-    cat_ids = [int(c) for c in cat_ids]
-    if len(cat_ids) != num_classes:
-        raise ValueError(f"{len(cat_ids)} category ids for a model of {num_classes} classes")
-    unknown = [c for c in cat_ids if c not in COCO_CATEGORY_IDS]
-    if unknown:
-        raise ValueError(f"category id(s) {unknown} of the training json are not COCO categories: the file's class "
-                         "channels cannot be given to them")
-    return [c if by_id else COCO_CATEGORY_IDS.index(c) for c in cat_ids], cat_ids
-
-
-def _group_keys(keys, universe, limit=12):
-    """A short listing of `keys` (a subset of `universe`): each key is shown by its shortest
-    dotted prefix all of whose `universe` keys are in `keys`, as "prefix.* (n)"."""
-    def prefixes(k):
-        parts = k.split(".")
-        return [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
-    in_universe, in_keys = {}, {}
-    for k in universe:
-        for p in prefixes(k):
-            in_universe[p] = in_universe.get(p, 0) + 1
-    for k in keys:
-        for p in prefixes(k):
-            in_keys[p] = in_keys.get(p, 0) + 1
-    groups = {}
-    for k in keys:
-        p = next(p for p in prefixes(k) if in_keys[p] == in_universe.get(p, 0))
-        groups[p] = in_keys[p]
-    shown = [p if p in keys and n == 1 else f"{p}.* ({n})" for p, n in groups.items()]
-    more = f", ... ({len(shown) - limit} more groups)" if len(shown) > limit else ""
-    return ", ".join(shown[:limit]) + more
-
-
-@dataclass
-class ImportReport:
-    """Every tensor of an import accounted for (import_weights): loaded (model keys), ignored
-    (file key -> why), new (model keys left as the model initialised them), notes (class
-    channels, settings), and the file's and the model's key lists (for the grouped listing)."""
-    source: str
-    description: str
-    model: str
-    loaded: list
-    ignored: dict
-    new: list
-    notes: list
-    file_keys: list
-    model_keys: list
-
-    def __str__(self):
-        lines = [f"init_from {self.source}: {self.description} -> {self.model}",
-                 f"  loaded: {len(self.loaded)} tensors"]
-        lines += [f"  note: {n}" for n in self.notes]
-        lines.append(f"  ignored: {len(self.ignored)} tensors of the file" + (":" if self.ignored else ""))
-        by_reason = {}
-        for k, why in self.ignored.items():
-            by_reason.setdefault(why, []).append(k)
-        for why, keys in by_reason.items():
-            if all(k.endswith("num_batches_tracked") for k in keys):   # scattered over every BN: just count them
-                lines.append(f"    {len(keys)} num_batches_tracked counters: {why}")
-            else:
-                lines.append(f"    {_group_keys(keys, self.file_keys)}: {why}")
-        counters = [k for k in self.new if k.endswith("num_batches_tracked")]
-        fresh = [k for k in self.new if not k.endswith("num_batches_tracked")]
-        lines.append(f"  newly initialised: {len(self.new)} tensors of the model" + (":" if self.new else ""))
-        if fresh:
-            lines.append(f"    {_group_keys(fresh, [k for k in self.model_keys if not k.endswith('num_batches_tracked')])}")
-        if counters:
-            lines.append(f"    {len(counters)} BatchNorm num_batches_tracked counters (not in the file; left at 0, "
-                         "unused with a fixed momentum)")
-        return "\n".join(lines)
-
-
-def import_weights(model, weights, cat_ids=None, fresh=()):
-    """
-    Load published weights (or one of our checkpoints) into `model` (built, not yet wrapped in
-    DDP): weights = a LoadedWeights or anything read_weights takes. cat_ids: the COCO category
-    id of each of the model's labels (label k = category cat_ids[k]; the training json's
-    `label_to_cat_id`), used to pick the class channels of CenterNet's heatmap and torchvision's
-    classifier (ids that are not COCO's are refused unless `fresh` leaves that class layer out, so that
-    it starts fresh); default COCO's 80 when the model has 80 classes. fresh: glob patterns over the
-    model's key names (fnmatch, e.g. "head_sets.*.local_shape.*"): the file's tensors for those
-    keys are not loaded (listed as ignored), the keys stay as the model initialised them (train.py's
-    `init_fresh`: a head that the file holds but that should start over); a pattern that matches
-    no key of the model is refused, so that a typo cannot load what it meant to leave out.
-    Published layouts are refused when they do not fit the model (a file of another model, a
-    model built with other widths): a tensor the model lacks, or of another shape, stops the
-    import naming the keys and shapes. Our checkpoints load what matches by name and shape, the
-    rest is listed as ignored. Returns an ImportReport (print it).
-    """
-    if not isinstance(weights, LoadedWeights):
-        weights = read_weights(weights)
-    cfg, kind = model.cfg, weights.kind
-    what = f"{cfg.method} / {cfg.backbone}"
-    desc, fits, needs = WEIGHT_LAYOUTS[kind]
-    if not _fits(kind, cfg):
-        raise ValueError(f"{weights.source} holds {desc}; it fits {fits}, not this {what} model")
-    first_level = getattr(getattr(model, "backbone", None), "first_level", 3)
-    if kind == "project":
-        src_method = (weights.model_args or {}).get("method", "")
-        rules = _project_rules(2 if src_method == "fcosis" else 3, first_level)
-    else:
-        rules = {"centernet_dla34": _CENTERNET_DLA_RULES, "centernet_hourglass104": _CENTERNET_HOURGLASS_RULES,
-                 "dla34_imagenet": _DLA34_IMAGENET_RULES,
-                 "torchvision_fcos": _torchvision_fcos_rules(first_level)}[kind]
-    model_state = model.state_dict()
-    mapped, source_of, ignored, missing, notes = {}, {}, {}, [], []
-    for key, tensor in weights.state.items():
-        target = _rename(key, rules)
-        if isinstance(target, _Ignore):
-            ignored[key] = str(target)
-        elif target is None:
-            ignored[key] = "not part of the layout the key map knows"
-        elif target not in model_state:
-            if key.endswith("num_batches_tracked"):
-                ignored[key] = "BatchNorm's step counter: this model's (frozen) BatchNorm keeps none"
-            elif kind == "project":
-                ignored[key] = f"this {what} model has no such tensor"
-            else:
-                missing.append((key, target))
-        else:
-            mapped[target], source_of[target] = tensor, key
-    if missing:
-        examples = "; ".join(f"{k} -> {t}" for k, t in missing[:3])
-        raise ValueError(f"this {what} model has no tensor for {len(missing)} of the {len(weights.state)} tensors of "
-                         f"{weights.source} ({desc}), e.g. {examples}: it needs {needs}")
-    for pattern in fresh:                                         # init_fresh: left as initialised
-        keys = [t for t in model_state if fnmatch.fnmatchcase(t, pattern)]
-        if not keys:
-            raise ValueError(f"init_fresh pattern {pattern!r} matches no tensor of this {what} model "
-                             f"(its keys look like {next(iter(model_state))})")
-        for t in keys:
-            if t in mapped:
-                ignored[source_of[t]] = f"init_fresh {pattern!r}: started fresh"
-                del mapped[t]
-    # class channels: the rows of the model's labels, by COCO category id (unless init_fresh left the
-    # class layer out: a training json whose categories are not COCO's starts it fresh)
-    class_layer = {"centernet_dla34": "head_sets.*.heatmap.2.*", "centernet_hourglass104": "head_sets.*.heatmap.2.*",
-                   "torchvision_fcos": "head.cls_logits.*"}.get(kind)       # as an init_fresh pattern
-    class_keys = [t for t in mapped if class_layer and fnmatch.fnmatchcase(t, class_layer)]
-    if class_keys:
-        try:
-            rows, ids = _class_rows(cat_ids, cfg.num_classes, by_id=kind == "torchvision_fcos")
-        except ValueError as e:
-            raise ValueError(f"{e}; to start the class layer fresh and import the rest: "
-                             f"--init_fresh='(\"{class_layer}\",)'") from None
-        slots = {"torchvision_fcos": "91 slots (channel = category id)"}.get(kind, "80 COCO channels")
-        for t in class_keys:
-            if mapped[t].shape[0] <= max(rows):
-                raise ValueError(f"{source_of[t]} has {mapped[t].shape[0]} class channels, not the {slots} of {desc}")
-            mapped[t] = mapped[t][rows]
-        shown = ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")
-        notes.append(f"class channels: labels 0..{len(ids) - 1} <- the file's channels of COCO category ids "
-                     f"{shown} ({len(ids)} of its {slots})")
-    mismatched = [(source_of[t], t, tuple(v.shape), tuple(model_state[t].shape))
-                  for t, v in mapped.items() if v.shape != model_state[t].shape]
-    if mismatched and kind != "project":
-        listing = "; ".join(f"{k} {a} in the file, {t} {b} in the model" for k, t, a, b in mismatched[:4])
-        raise ValueError(f"shape mismatch ({len(mismatched)} tensors) between {weights.source} ({desc}) and this "
-                         f"{what} model: {listing}" + (" ..." if len(mismatched) > 4 else "") + f"; it needs {needs}")
-    for k, t, a, b in mismatched:                                 # our checkpoints: skip them
-        ignored[k] = f"shape {a} in the file, {b} in this model"
-        del mapped[t]
-    if not mapped:
-        raise ValueError(f"nothing in {weights.source} ({weights.description}) fits this {what} model")
-    unexpected = model.load_state_dict(mapped, strict=False).unexpected_keys
-    assert not unexpected, unexpected
-    new = [k for k in model_state if k not in mapped]
-    if kind == "torchvision_fcos":
-        with torch.no_grad():
-            model.head.scales.fill_(1.0)
-        notes.append("head.scales set to 1 (torchvision's FCOS has no learnable scale: its ltrb = relu(x) * stride)")
-        if cfg.location_offset != "zero":
-            notes.append("this model has location_offset='half': torchvision's boxes need 'zero' (train.py sets it)")
-    if kind in ("centernet_dla34", "centernet_hourglass104"):
-        notes.append("inputs as CenterNet's: BGR, COCO statistics (input_format='bgr_coco'; train.py sets it)")
-    if kind == "dla34_imagenet":
-        notes.append("the ImageNet DLA-34 was trained on RGB images with ImageNet statistics (input_format "
-                     "'rgb_imagenet', the default); CenterNet fed it BGR / COCO statistics (--input_format=bgr_coco)")
-    return ImportReport(weights.source, weights.description, what, list(mapped), ignored, new, notes,
-                        list(weights.state), list(model_state))

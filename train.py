@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from model import (NON_FINITE_DEFORM, ModelConfig, MicroBatchNormalizers, build_model, auto_dtype, check_settings,
-                   check_weights, import_weights, method_transform, read_weights)
+from model import NON_FINITE_DEFORM, ModelConfig, MicroBatchNormalizers, build_model, auto_dtype, check_settings, method_transform
+from weights import check_weights, import_weights, read_weights
 
 # -----------------------------------------------------------------------------
 # default config values (the CenterMask DLA-34 COCO recipe, [CM 3.5])
@@ -40,7 +40,7 @@ out_dir = "out"                   # checkpoints, logs, loss curve, pictures
 init_from = "scratch"             # "scratch", "resume" (from out_dir/ckpt.pt), or weights to start from (iteration 0,
                                   # new optimizer): a path (CenterNet's ctdet_coco_dla_1x/2x.pth or ctdet_coco_hg.pth,
                                   # the ImageNet dla34-ba72cf86.pth, a ckpt.pt of this project) or
-                                  # "torchvision:fcos_resnet50_fpn" (torchvision's FCOS COCO weights); model.py section 12
+                                  # "torchvision:fcos_resnet50_fpn" (torchvision's FCOS COCO weights); weights.py
 init_fresh = ()                   # with init_from=weights: glob patterns of model keys not to import, started fresh
                                   # (e.g. ("head_sets.*.local_shape.*",)); import_weights lists them as ignored
 overwrite = False                 # a start that is not a resume refuses an out_dir holding a ckpt.pt (it would write over
@@ -217,7 +217,7 @@ if init_from == "resume":
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as e:
         sys.exit(f"train.py: cannot read checkpoint {ckpt_path}: {e}")
-    try:  # NaN / inf, a BatchNorm variance below 0: refused here, not met as a crash later (model.check_weights)
+    try:  # NaN / inf, a BatchNorm variance below 0: refused here, not met as a crash later (weights.check_weights)
         for entry in ("model", "ema"):
             if isinstance(checkpoint, dict) and isinstance(checkpoint.get(entry), dict):
                 check_weights(checkpoint[entry], f"{ckpt_path} ({entry!r} weights)")
@@ -293,7 +293,7 @@ model = build_model(ModelConfig(**model_args))
 if checkpoint is not None:
     model.load_state_dict(checkpoint["model"])
 elif imported is not None:
-    # published weights: renamed into the model, every tensor accounted for (model.import_weights);
+    # published weights: renamed into the model, every tensor accounted for (weights.import_weights);
     # the class channels of the training json's categories (label k = COCO category label_to_cat_id[k])
     try:
         report = import_weights(model, imported, cat_ids=train_set.label_to_cat_id, fresh=init_fresh)

@@ -12,7 +12,7 @@
 # Saliency heads are built but get no gradient (and no weight decay: Adam, weight_decay 0), so they stay
 # as initialised. Step 2 imports every tensor of that checkpoint except those two heads (init_fresh:
 # they start fresh, from this run's seed, as the heads a CenterNet file lacks would); train.py prints the
-# accounting (model.py section 12, `import_weights`). Measured against CenterMask from scratch with the
+# accounting (weights.py, `import_weights`). Measured against CenterMask from scratch with the
 # same data, model and schedule: README, "Fine-tuning from trained weights".
 #
 # With CenterNet's own COCO detector: init_from = "ctdet_coco_dla_2x.pth" and a full-width DLA-34 with

@@ -7,7 +7,7 @@
 #   4. python predict.py --ckpt=out/shapes_finetune_maskfcos/ckpt.pt --input=your_photo.jpg
 # Step 2 imports every tensor of the checkpoint that matches by name and shape (the ResNet-18, FPN and
 # FCOS head) and starts the new ones (MaskFCOS's RoIAlign mask head) fresh; train.py prints the
-# accounting (model.py section 12, `import_weights`). Measured against MaskFCOS from scratch with the
+# accounting (weights.py, `import_weights`). Measured against MaskFCOS from scratch with the
 # same data and model: README, "Fine-tuning from trained weights".
 #
 # On your own data: set data_root / train_img_dir / train_ann / val_img_dir / val_ann (COCO layout, see

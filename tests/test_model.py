@@ -11,7 +11,8 @@ from torchvision.ops import deform_conv2d
 
 from model import (ModelConfig, build_model, gaussian_radius, draw_gaussian, centernet_focal_loss,
                    centernet_heatmaps, flatten_targets, image_index, first_box_index, l1_at_centers, DLASeg,
-                   DeformConv, CenterMask, import_weights)
+                   DeformConv, CenterMask)
+from weights import import_weights
 
 
 def tiny_cfg(**kw):

@@ -307,7 +307,8 @@ def test_centernet_weights_for_own_categories_start_the_class_layer_fresh(tmp_pa
     categories 0..2 (not COCO's) is refused with the init_fresh pattern to use; with it, every
     other tensor is loaded and the heatmap's last layer keeps the model's own initialisation
     (its prior bias)."""
-    from model import ModelConfig, build_model, import_weights
+    from model import ModelConfig, build_model
+    from weights import import_weights
     with open(os.path.join(WEIGHTS_MANIFESTS, "centernet_ctdet_dla34_keys.json")) as f:
         keys = json.load(f)["keys"]
     g = torch.Generator().manual_seed(0)

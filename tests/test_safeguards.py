@@ -1,6 +1,6 @@
 """Nothing a user trained is lost, and bad weights get a message, not a crash: train.py's refusal
 to start over a checkpoint, the checks of every path that loads weights (train.py's resume and
-import, eval.py, predict.py, model.read_weights), DeformConv's refusal of non-finite offsets, the
+import, eval.py, predict.py, weights.read_weights), DeformConv's refusal of non-finite offsets, the
 synthetic set's own seed, and DataLoader workers under a start method that spawns.
 
 Tiny runs through the command line, as tests/test_train.py's (a few seconds each)."""
@@ -167,7 +167,7 @@ def test_read_weights_refuses_a_centernet_file_with_negative_variances(tmp_path)
     """Guards the issue's file itself: CenterNet's DLA-34 layout (fabricated from its key
     manifest) whose running variances are partly negative is refused by read_weights, the door
     of every import, naming the file and the tensor; the same file with them positive is read."""
-    from model import read_weights
+    from weights import read_weights
     with open(os.path.join(WEIGHTS_MANIFESTS, "centernet_ctdet_dla34_keys.json")) as f:
         keys = json.load(f)["keys"]
     state = {k: (torch.ones(shape) if k.endswith("running_var") else torch.zeros(shape)) for k, shape in keys.items()
@@ -184,9 +184,9 @@ def test_read_weights_refuses_a_centernet_file_with_negative_variances(tmp_path)
 
 
 def test_check_weights_names_the_tensor_and_passes_good_weights():
-    """Guards model.check_weights itself: inf in a weight, NaN in a bias, a negative running
+    """Guards weights.check_weights itself: inf in a weight, NaN in a bias, a negative running
     variance are each named; integer counters, zero variances and finite values pass."""
-    from model import check_weights
+    from weights import check_weights
     good = {"conv.weight": torch.randn(4, 3, 3, 3), "bn.running_var": torch.zeros(4),
             "bn.num_batches_tracked": torch.tensor(7)}
     check_weights(good, "good.pt")

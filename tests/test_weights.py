@@ -1,4 +1,4 @@
-"""Published weights (model.py section 12; train.py's init_from=PATH): CenterNet's COCO detectors,
+"""Published weights (weights.py; train.py's init_from=PATH): CenterNet's COCO detectors,
 the ImageNet DLA-34, torchvision's FCOS and our own checkpoints imported with every tensor
 accounted for; the refusals; torchvision parity of the decoded detections; CenterNet's BGR / COCO
 input format; train.py started from a file.
@@ -21,7 +21,8 @@ from conftest import COCO128, ROOT, WEIGHTS_MANIFESTS
 
 import data
 from eval import _network_input_rgb
-from model import (COCO_CATEGORY_IDS, FCOSPass, ModelConfig, build_model, fcos_locations, import_weights, read_weights)
+from model import FCOSPass, ModelConfig, build_model, fcos_locations
+from weights import COCO_CATEGORY_IDS, import_weights, read_weights
 
 DLA34 = "centernet_ctdet_dla34_keys.json"
 HOURGLASS = "centernet_ctdet_hourglass104_keys.json"
