@@ -51,7 +51,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from configurator import defaults_of
-from model import ModelConfig, MicroBatchNormalizers, build_model, auto_dtype, check_settings, method_transform
+from accumulate import MicroBatchNormalizers
+from model import ModelConfig, build_model, auto_dtype, check_settings, method_transform
 
 # -----------------------------------------------------------------------------
 # train.py's config keys with train.py's defaults (model.ModelConfig's fields among them), so that
@@ -336,7 +337,7 @@ def post_process():  # under the same autocast as in inference, where decode run
 
 t_post = median_seconds(post_process)
 # gradient_accumulation_steps > 1: train.py's extra cost per step, the normaliser recording pass
-# (model.MicroBatchNormalizers: a forward without gradients of each micro-batch), on this batch
+# (accumulate.MicroBatchNormalizers: a forward without gradients of each micro-batch), on this batch
 t_record = None
 if gradient_accumulation_steps > 1:
     raw_model.train()

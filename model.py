@@ -36,7 +36,6 @@ Coordinate frames used throughout:
       centre j + 0.5 sits at input R*j + R/2.
 """
 
-import contextlib
 import math
 from dataclasses import dataclass, fields, asdict
 
@@ -325,6 +324,36 @@ class Method(nn.Module):
     @property
     def mask_threshold(self):
         return self.cfg.mask_threshold
+
+
+# -- loss normalisers -----------------------------------------------------------------------------
+# Every loss of every method is a sum over the batch divided by a count N (positives, objects,
+# pixels; never a function of the predictions), and every such N goes through `reduce_mean`,
+# unconditionally: also when it is 0, also for a batch without objects, in the same order in every
+# forward. Two things rely on it: DDP (every process must make the same collective calls, or they
+# wait for each other forever) and train.py's gradient accumulation (accumulate.py records the
+# counts of each micro-batch and hands the j-th call the j-th count of the whole batch; it stops
+# with a one-line error when two forwards make different numbers of calls).
+
+normalizer_hook = None  # accumulate.MicroBatchNormalizers while it records or replays; None otherwise
+
+
+def mean_over_processes(x):
+    """x averaged over all processes (FCOS's num_pos / world_size); x itself in one process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        x = x.detach().clone()
+        torch.distributed.all_reduce(x)
+        x = x / torch.distributed.get_world_size()
+    return x
+
+
+def reduce_mean(x):
+    """A loss normaliser N (a 0-d tensor) -> its mean over the processes, so that W processes with
+    batch b compute the gradient of one process with batch W * b. Under gradient accumulation the
+    mean over the step's micro-batches as well (`normalizer_hook`, accumulate.py)."""
+    if normalizer_hook is not None:
+        return normalizer_hook(x)
+    return mean_over_processes(x)
 
 
 # -----------------------------------------------------------------------------
@@ -1598,81 +1627,6 @@ def iou_loss(pred, target):
     inter = (torch.minimum(l, l_) + torch.minimum(r, r_)) * (torch.minimum(t, t_) + torch.minimum(b, b_))  # (M,)
     union = (l + r) * (t + b) + (l_ + r_) * (t_ + b_) - inter
     return -torch.log((inter + 1) / (union + 1))
-
-
-def reduce_mean(x):
-    """A loss normaliser (a count of positives, objects, pixels; never a function of the
-    predictions) averaged over all processes: FCOS's num_pos / world_size, so that W processes
-    with batch b compute the gradient of one process with batch W * b. x itself in a single process.
-
-    Under gradient accumulation (`MicroBatchNormalizers`, train.py's gradient_accumulation_steps)
-    it is also averaged over the k micro-batches of the step: a recording pass stores every
-    call's value, then each micro-batch's forward gets, call by call, the mean over micro-batches."""
-    acc = MicroBatchNormalizers.active
-    if acc is not None and acc.means is not None:  # replay: the whole step's mean, already reduced
-        x = acc.means[acc.calls].to(x.device)
-        acc.calls += 1
-        return x
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        x = x.detach().clone()
-        torch.distributed.all_reduce(x)
-        x = x / torch.distributed.get_world_size()
-    if acc is not None:  # recording
-        acc.recorded[-1].append(x.detach().float())
-    return x
-
-
-class MicroBatchNormalizers:
-    """Gradient accumulation with the normalisers of the whole batch (train.py's
-    gradient_accumulation_steps = k): k micro-batches of b images give the gradient of one batch of
-    k * b images, as k processes with b images each do under DDP.
-
-    Every loss is sum_i l_i / N with N a count over the batch (positives, objects, pixels,
-    `reduce_mean`). The plain form: one micro-batch's loss with its own count n_m, divided by k,
-    gives sum_m sum_i grad l_i / (k n_m), not sum grad l_i / sum_m n_m. The counts depend only on
-    the targets, but they are computed inside each method's losses, so:
-      1. `record(model, micro_batches)`: a forward of every micro-batch without gradients stores
-         each reduce_mean call's value n_{m,j} (the call sequence is the same in every forward: DDP
-         already needs that); BatchNorm statistics are put back as they were.
-      2. `replay()` around each micro-batch's real forward: reduce_mean's j-th call returns
-         N_j = mean_m n_{m,j}; the loss is divided by k before backward. Then
-         sum_m sum_i grad l_i / (k N_j) = sum grad l_i / sum_m n_{m,j}: the big batch's gradient.
-    The record pass costs one forward without gradients per micro-batch (about a third of a
-    training step); k = 1 takes none of this path. The clamps on normalisers (max(N, 1)) act on the
-    per-micro-batch mean, as FCOS's act on the per-process mean (same as DDP with k processes).
-    """
-    active = None  # the instance reduce_mean reads, set inside record() / replay()
-
-    def __init__(self):
-        self.means, self.recorded, self.calls = None, [], 0
-
-    @torch.no_grad()
-    def record(self, model, micro_batches, autocast=None):
-        """micro_batches: list of (images, targets); model in training mode."""
-        buffers = [b.clone() for b in model.buffers()]    # BatchNorm running statistics
-        self.means, self.recorded, MicroBatchNormalizers.active = None, [], self
-        try:
-            for images, targets in micro_batches:
-                self.recorded.append([])
-                with autocast if autocast is not None else contextlib.nullcontext():
-                    model(images, targets)
-        finally:
-            MicroBatchNormalizers.active = None
-            for b, saved in zip(model.buffers(), buffers):
-                b.copy_(saved)
-        counts = {len(r) for r in self.recorded}
-        if len(counts) != 1:
-            raise RuntimeError(f"the micro-batches called reduce_mean {sorted(counts)} times: a method's "
-                               "losses must call it the same number of times in every forward")
-        self.means = torch.stack([torch.stack(r) for r in self.recorded]).mean(0)  # (calls,)
-
-    @contextlib.contextmanager
-    def replay(self):
-        self.calls, MicroBatchNormalizers.active = 0, self
-        try:
-            yield
-        finally:
-            MicroBatchNormalizers.active = None
 
 
 class FCOSHead(nn.Module):

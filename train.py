@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from model import NON_FINITE_DEFORM, ModelConfig, MicroBatchNormalizers, build_model, auto_dtype, check_settings, method_transform
+from accumulate import MicroBatchNormalizers
+from model import NON_FINITE_DEFORM, ModelConfig, build_model, auto_dtype, check_settings, method_transform
 from weights import check_weights, import_weights, read_weights
 
 # -----------------------------------------------------------------------------
@@ -85,7 +86,7 @@ batch_size = 32                   # per process and micro-batch; CenterNet's DLA
                                   # (experiments/ctdet_coco_dla_1x.sh)
 gradient_accumulation_steps = 1   # micro-batches per optimizer step (nanoGPT's key): the global batch is
                                   # batch_size x this x processes, with the gradient of one such batch (the loss
-                                  # normalisers too, model.MicroBatchNormalizers); 1 GPU x 4 = CenterNet's 4 x 32
+                                  # normalisers too, accumulate.MicroBatchNormalizers); 1 GPU x 4 = CenterNet's 4 x 32
 epochs = 130
 max_iters = 0                     # 0: derived from epochs and the dataset length
 learning_rate = 2.5e-4
@@ -500,6 +501,9 @@ class Tally:
 
     def add(self, terms, step):  # terms: {name: 0-d tensor}, the step's mean over micro-batches
         self.names = self.names or list(terms)
+        if set(terms) != set(self.names):  # the log, the curve and the checks read the first step's keys
+            raise RuntimeError(f"the loss keys changed after the first step: {sorted(self.names)} -> {sorted(terms)}; "
+                               "a method must return the same keys in every forward (an empty batch included)")
         v = torch.stack([terms[k].detach().float() for k in self.names])           # (T,)
         finite = torch.isfinite(v).all()
         first = (torch.as_tensor(self.bad, device=v.device) == 0) & ~finite
@@ -542,7 +546,7 @@ def to_device(images, targets):
 def train_step(micro_batches):
     """One optimizer step over `accum` micro-batches: the gradient of their union (the loss of
     each divided by accum, the normalisers of the whole step from a recording pass when accum > 1,
-    model.MicroBatchNormalizers); under DDP the gradients are all-reduced once, at the last one.
+    accumulate.MicroBatchNormalizers); under DDP the gradients are all-reduced once, at the last one.
     Returns the step's loss terms (means over micro-batches), on the device."""
     if normalizers is not None:
         normalizers.record(raw_model, micro_batches, autocast)

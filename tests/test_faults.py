@@ -514,9 +514,9 @@ def test_ddp_gradients_equal_one_process_with_unequal_object_counts(ddp_grads, k
 def accumulated_grads(kind, counts, k, whole_batch_normalizers=True):
     """Gradients after k micro-batches of len(counts) / k images each, accumulated as train.py
     does: each loss divided by k, and with `whole_batch_normalizers` the normalisers of the whole
-    batch (model.MicroBatchNormalizers: a recording pass, then replay); without it, the plain
+    batch (accumulate.MicroBatchNormalizers: a recording pass, then replay); without it, the plain
     form (each micro-batch's own counts). One thread, as `single_process_grads`."""
-    from model import MicroBatchNormalizers
+    from accumulate import MicroBatchNormalizers
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -558,7 +558,7 @@ def test_normalizer_recording_pass_leaves_batchnorm_statistics_and_gradients_alo
     the same number of reduce_mean calls for every micro-batch and their means are the plain
     averages (CenterMask: heatmap positives, the L1 losses' 2N, objects M; counts (1, 1) and (3, 3)
     objects per image give positives 2 and 6: mean 4)."""
-    from model import MicroBatchNormalizers
+    from accumulate import MicroBatchNormalizers
     model = tiny_centermask()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images, targets = make_batch(UNEQUAL_COUNTS)
