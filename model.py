@@ -2,17 +2,23 @@
 Anchor-free, one-stage instance segmentation in one file: every backbone, head, target
 builder, loss, mask assembly and decoder, in reading order.
 
-    1. ModelConfig and build_model(cfg)           the knobs of every method, one entry point
-    2. DLA-34 + DLA-up (CenterNet's `DLASeg`)     stride-4, 64-channel features
-    3. Hourglass-104 (CenterNet's `large_hourglass`)  two stacks of stride-4, 256-channel features
-    4. CenterNet targets                          gaussian_radius, draw_gaussian, batched heatmaps
-    5. CenterNet losses                           penalty-reduced focal loss, L1 at the centres
-    6. CenterMask                                 Local Shape x Global Saliency ([CM])
-    7. ResNet / ResNeXt + FPN                     P3-P7 (P2-P7 for FCOSIS), torchvision parts
-    8. FCOS and FCOSreg                           fcos_targets, focal / IoU or GIoU / centerness, NMS
-    9. MaskFCOS                                   FCOS proposals + RoIAlign mask head
-   10. CenterMask-FCOS                            Local Shape x Global Saliency on FCOS
-   11. FCOSIS                                     attention map, colouring, segmentation head
+    1. ModelConfig, Method, build_model(cfg)      the knobs of every method, what every model provides
+    2. Shared by the methods                      reduce_mean (the normalisers' contract), inside (three box
+                                                  rules), the layouts of a batch's objects, pooled masks
+    3. DLA-34 + DLA-up (CenterNet's `DLASeg`)     stride-4, 64-channel features
+    4. Hourglass-104 (CenterNet's `large_hourglass`)  two stacks of stride-4, 256-channel features
+    5. CenterNet targets                          gaussian_radius, draw_gaussian, batched heatmaps
+    6. CenterNet losses                           penalty-reduced focal loss, L1 at the centres
+    7. CenterMask                                 Local Shape x Global Saliency ([CM])
+    8. ResNet / ResNeXt + FPN                     P3-P7 (P2-P7 for FCOSIS), torchvision parts
+    9. FCOS and FCOSreg                           fcos_targets, focal / IoU or GIoU / centerness, NMS
+   10. MaskFCOS                                   FCOS proposals + RoIAlign mask head
+   11. CenterMask-FCOS                            Local Shape x Global Saliency on FCOS
+   12. FCOSIS                                     attention map, colouring, segmentation head
+   13. Settings of train.py and bench.py          the keys each method reads, the autocast dtype
+
+Elsewhere: weights.py (published weights, old checkpoint keys), accumulate.py (gradient
+accumulation), train.py / eval.py / predict.py / bench.py (the scripts).
 
 Papers (sections, equations and tables are cited as [CM 3.1], [CM] eq. 2, [IS] Table 3):
     [CM]   Wang et al., "CenterMask: single shot instance segmentation with point
@@ -57,8 +63,8 @@ FCOS_FAMILY = ("fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")      
 
 @dataclass
 class ModelConfig:
-    """Architecture knobs of every method, grouped by the methods that read them (CONFIG_GROUPS
-    below lists the same groups; train.py stops a run that sets a key its method does not read).
+    """Architecture knobs of every method, grouped by the methods that read them (CONFIG_GROUPS,
+    section 13, lists the same groups; train.py stops a run that sets a key its method does not read).
     Saved in checkpoints as `model_args`."""
     # -- every method ------------------------------------------------------------------------------
     method: str = "centermask"        # which system build_model() makes (METHODS)
@@ -211,70 +217,8 @@ class ModelConfig:
                              "(the direct supervision of [CM] Table 1f is per class)")
 
 
-# The groups of ModelConfig and the methods (and backbone) that read each one: (group, methods,
-# backbone or None for any, fields). Every field is in exactly one group (tests/test_configurator.py).
-CONFIG_GROUPS = (
-    ("every method", METHODS, None, ("method", "backbone", "num_classes", "max_detections")),
-    ("every method that segments", MASK_METHODS, None, ("mask_threshold",)),
-    ("DLA-34", ("centermask",), "dla34", ("dcn", "dla_channels")),
-    ("Hourglass-104", ("centermask",), "hourglass104", ("num_stacks", "hg_dims", "hg_modules")),
-    ("CenterMask: CenterNet's targets and losses", ("centermask",), None,
-     ("min_overlap", "cornernet_bug", "mask_loss_grid", "saliency_loss", "saliency_loss_weight")),
-    ("Local Shape x Global Saliency", ("centermask", "centermask_fcos"), None,
-     ("head_conv", "shape_size", "use_shape", "use_saliency", "saliency", "loss_weights")),
-    ("the FCOS family", FCOS_FAMILY, None,
-     ("pretrained", "norm", "freeze_at", "fpn_channels", "head_convs", "centerness_on", "reg_form", "center_sampling",
-      "box_loss", "focal_alpha", "focal_gamma", "score_threshold", "pre_nms_top_n", "nms_threshold",
-      "score_threshold_on", "location_offset", "ambiguity", "reg_weights", "center_sampling_at")),
-    ("MaskFCOS", ("maskfcos",), None, ("mask_proposals", "roi_size", "mask_size")),
-    ("FCOSIS", ("fcosis",), None,
-     ("attention", "seg_classes", "com_assignment", "attention_assign", "attention_background", "assign_nms_threshold",
-      "assign_score_floor", "attention_grid")),
-)
-
-
-def fields_of(method, backbone):
-    """The ModelConfig fields that `method` on `backbone` reads (CONFIG_GROUPS), in field order."""
-    return [f for _, methods, bb, names in CONFIG_GROUPS if method in methods and bb in (None, backbone)
-            for f in names]
-
-
-def check_settings(settings):
-    """
-    Check the model keys of a run before any work: settings = {field: value} of every
-    ModelConfig field (train.py's and bench.py's config). Raises ValueError with a one-line
-    message naming the key: a value ModelConfig refuses (its allowed values), or a key set to
-    anything but its default that the chosen method does not read (say `--attention=mu0` with
-    method="centermask": silently ignored, it would make a run that is not what was asked for).
-    Returns the ModelConfig.
-    """
-    cfg = ModelConfig(**settings)                  # values: ModelConfig's own checks name the key
-    defaults = {f.name: f.default for f in fields(ModelConfig)}
-    used = fields_of(cfg.method, cfg.backbone)
-    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v   # a list from a config file is a tuple
-    unused = [k for k, v in settings.items() if k not in used and norm(v) != norm(defaults[k])]
-    if unused:
-        on = f"method={cfg.method!r}" + (f" on backbone={cfg.backbone!r}" if cfg.method == "centermask" else "")
-        raise ValueError(f"{', '.join(f'{k}={settings[k]!r}' for k in unused)}: not read by {on}, whose keys are "
-                         f"{', '.join(used)} (model.CONFIG_GROUPS)")
-    return cfg
-
-
-def auto_dtype(device_type):
-    """The autocast dtype train.py and bench.py use for dtype="auto": bf16 on GPUs that have
-    it, else fp16; on the CPU bf16 only where oneDNN runs it natively (AMX / AVX512-BF16:
-    1.45x faster training measured on a 2-core Xeon), else fp32 (emulated bf16 is slower)."""
-    if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    try:
-        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bfloat16" if native else "float32"
-
-
 def method_class(method):
-    """The nn.Module class that implements `method` (sections 6-11)."""
+    """The nn.Module class that implements `method` (sections 7-12)."""
     return {"centermask": CenterMask, "fcos": FCOS, "fcosreg": FCOS, "maskfcos": MaskFCOS,
             "centermask_fcos": CenterMaskFCOS, "fcosis": FCOSIS}[method]
 
@@ -326,6 +270,9 @@ class Method(nn.Module):
         return self.cfg.mask_threshold
 
 
+# -----------------------------------------------------------------------------
+# 3. Shared by the methods: loss normalisers, box rules, the layouts of a batch's objects, masks
+
 # -- loss normalisers -----------------------------------------------------------------------------
 # Every loss of every method is a sum over the batch divided by a count N (positives, objects,
 # pixels; never a function of the predictions), and every such N goes through `reduce_mean`,
@@ -356,8 +303,137 @@ def reduce_mean(x):
     return mean_over_processes(x)
 
 
+# -- which points a box holds ------------------------------------------------------------------
+# Three rules, each where its source uses it, and differing only for a point exactly on an edge:
+#   "closed"     x0 <= x <= x1   CenterMask's pixels ([CM] eq. 1's crop, `boxes_inside`) and every method's
+#                                final masks: a mask covers the same pixels with and without the local
+#                                shape (Table 1c), and a flipped box covers the flipped pixels
+#   "open"       x0 <  x <  x1   FCOS's locations (`fcos_targets`, FCOS's `min(dim=1)[0] > 0`): a location on
+#                                an edge would regress a zero side, a box of no width
+#   "half-open"  x0 <= x <  x1   FCOSIS's attention map and padded crop ([IS 3.2.2]'s slice S[y0:y1, x0:x1])
+INSIDE_RULES = {"closed": (torch.ge, torch.le), "open": (torch.gt, torch.lt), "half-open": (torch.ge, torch.lt)}
+
+
+def between(v, lo, hi, rule):
+    """One axis of `inside`: lo <= v <= hi, lo < v < hi or lo <= v < hi (rule), broadcast -> bool."""
+    above, below = INSIDE_RULES[rule]
+    return above(v, lo) & below(v, hi)
+
+
+def inside(points, boxes, rule):
+    """Which points (..., 2) xy lie in which boxes (..., 4) xyxy (broadcast against each other) under
+    `rule` ("closed", "open" or "half-open", above) -> bool (...). Grids use `between` one axis at a time."""
+    return (between(points[..., 0], boxes[..., 0], boxes[..., 2], rule)
+            & between(points[..., 1], boxes[..., 1], boxes[..., 3], rule))
+
+
+# -- the objects of a batch ----------------------------------------------------------------------
+# The objects of a batch come in three layouts:
+#   per image  the list of B target dicts of data.py's collate_fn, one per image: boxes (N_b, 4),
+#              labels (N_b,), masks (N_b, H_b, W_b)
+#   padded     (B, N, ...), N = max N_b, with valid (B, N): `pad_boxes`, FCOS's assignment, whose
+#              "matched" (B, P) indexes each image's own boxes
+#   flat       (M, ...), M = sum N_b, image after image, with batch (M,) the image of each
+#              (`image_index`): `flatten_targets`, `batch_masks`. Object n of image b is flat
+#              object first_box_index(...)[b] + n.
+
+
+def image_index(counts, device=None):
+    """
+    The flat layout's `batch` vector: counts = the number of objects of each of the B images
+    (Python ints), laid out image after image -> (M,) int64, M = sum(counts), the image of each
+    object; (2, 0, 1) -> [0, 0, 2]. That is torch.repeat_interleave(torch.arange(B),
+    torch.tensor(counts)), built from the Python ints (nothing is read back from the device).
+    """
+    return torch.cat([torch.full((n,), b, dtype=torch.long, device=device) for b, n in enumerate(counts)])
+
+
+def flatten_targets(targets, stride):
+    """
+    Gather every object of a batch (a list of B >= 1 target dicts) into flat tensors, without
+    a Python loop over objects. Returns a dict with M = total number of objects:
+        batch (M,) int64 image index; labels (M,) int64;
+        boxes (M, 4) xyxy in the output frame (input / stride; stride 1: the input frame);
+        center (M, 2) continuous box centre, output frame; center_int (M, 2) floor(center);
+        wh (M, 2) box width, height in output pixels.
+    """
+    boxes = torch.cat([target["boxes"].reshape(-1, 4).float() for target in targets]) / stride  # (M, 4)
+    labels = torch.cat([target["labels"].reshape(-1).long() for target in targets])             # (M,)
+    batch = image_index([len(target["labels"]) for target in targets], boxes.device)            # (M,)
+    center = (boxes[:, :2] + boxes[:, 2:]) / 2
+    return dict(batch=batch, labels=labels, boxes=boxes, center=center,
+                center_int=center.floor().long(), wh=boxes[:, 2:] - boxes[:, :2])
+
+
+def batch_masks(targets, H, W, device):
+    """The ground-truth masks of a batch in the flat layout (image after image, the order of
+    `flatten_targets`), zero-padded bottom/right to the padded batch size: B target dicts with
+    masks (N_b, H_b, W_b) -> (M, H, W) on `device`, M = sum N_b."""
+    return torch.cat([F.pad(target["masks"], (0, W - target["masks"].shape[-1], 0, H - target["masks"].shape[-2]))
+                      for target in targets]).to(device)
+
+
+def first_box_index(targets, device):
+    """(B,) int64 flat index of each image's first object: object n of image b (its n-th box, the
+    n of FCOS's "matched") is flat object first_box_index(...)[b] + n, the row of `batch_masks`
+    and of `flatten_targets`' tensors; box counts (2, 0, 1) -> [0, 2, 2]."""
+    counts = torch.tensor([len(target["boxes"]) for target in targets], device=device)
+    return torch.cumsum(counts, 0) - counts
+
+
+def pad_boxes(targets, device):
+    """The padded layout (above): list of B target dicts -> boxes (B, N, 4), labels (B, N),
+    valid (B, N) bool, padded to the largest N in the batch (N >= 1 so that empty batches keep
+    their shapes)."""
+    n = max([len(target["boxes"]) for target in targets] + [1])
+    B = len(targets)
+    boxes = torch.zeros(B, n, 4, device=device)
+    labels = torch.zeros(B, n, dtype=torch.long, device=device)
+    valid = torch.zeros(B, n, dtype=torch.bool, device=device)
+    for b, target in enumerate(targets):  # one copy per image
+        k = len(target["boxes"])
+        boxes[b, :k], labels[b, :k], valid[b, :k] = target["boxes"].float(), target["labels"], True
+    return boxes, labels, valid
+
+
+# -- masks at a coarser grid, and their centres --------------------------------------------------
+
+
+def average_pool_masks(masks, stride, out_hw=None):
+    """
+    masks (M, H, W) at input resolution -> (M, h, w) float: the fraction of each stride x
+    stride cell covered (the segmentation label of [IS 3.3]). Zero-padded bottom/right to
+    (h*s, w*s) first, so that levels whose size is rounded up (P6, P7) count the missing
+    pixels as background; out_hw defaults to (ceil(H/s), ceil(W/s)).
+    """
+    M, H, W = masks.shape
+    h, w = out_hw if out_hw is not None else (-(-H // stride), -(-W // stride))
+    m = F.pad(masks.float(), (0, w * stride - W, 0, h * stride - H))[:, :h * stride, :w * stride]
+    return F.avg_pool2d(m[:, None], stride)[:, 0]                                  # (M, h, w)
+
+
+def center_of_mass(masks, boxes=None):
+    """
+    Mass centres of masks (N, H, W) (bool, uint8 or float weights) -> (N, 2) (x, y) float32 in
+    the input frame (pixel X counts at its centre X + 0.5). An empty mask has no centre: it gets
+    the centre of its box when boxes (N, 4) are given, else NaN (callers that feed targets must
+    pass boxes; NaN makes a forgotten case loud rather than silently wrong).
+    """
+    N, H, W = masks.shape
+    dev = masks.device
+    col = masks.sum(1, dtype=torch.float32)                                        # (N, W)
+    row = masks.sum(2, dtype=torch.float32)                                        # (N, H)
+    area = col.sum(1)                                                              # (N,)
+    xs = torch.arange(W, device=dev, dtype=torch.float32) + 0.5
+    ys = torch.arange(H, device=dev, dtype=torch.float32) + 0.5
+    com = torch.stack([(col * xs).sum(1), (row * ys).sum(1)], 1) / area[:, None]   # (N, 2)
+    fallback = (torch.full_like(com, float("nan")) if boxes is None
+                else (boxes[:, :2].float() + boxes[:, 2:].float()) / 2)
+    return torch.where(area[:, None] > 0, com, fallback)
+
+
 # -----------------------------------------------------------------------------
-# 2. DLA-34 + DLA-up ([DLA], as CenterNet's `dla_34` + `DLASeg`)
+# 3. DLA-34 + DLA-up ([DLA], as CenterNet's `dla_34` + `DLASeg`)
 #
 # DLA-34 is a ResNet-like network whose stages are merged by "Tree" aggregation (iterative
 # deep aggregation inside a stage, hierarchical across stages). CenterNet adds "DLA-up": three
@@ -608,7 +684,7 @@ class DLASeg(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 3. Hourglass-104 (CornerNet 3.5, as CenterNet's `large_hourglass`)
+# 4. Hourglass-104 (CornerNet 3.5, as CenterNet's `large_hourglass`)
 #
 # Two hourglasses ("stacks") in a row. Each is a symmetric encoder-decoder: at every level the
 # features go two ways, a skip branch that stays at the current resolution (`up1`) and a branch
@@ -738,7 +814,7 @@ class Hourglass104(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 4. CenterNet targets ([CN] 3; CornerNet 4.1 for the radius)
+# 5. CenterNet targets ([CN] 3; CornerNet 4.1 for the radius)
 
 
 def gaussian_radius(h, w, min_overlap=0.7, cornernet_bug=True):
@@ -798,59 +874,6 @@ def draw_gaussian(heatmap, center, radius):
     return heatmap
 
 
-# The objects of a batch come in three layouts:
-#   per image  the list of B target dicts of data.py's collate_fn, one per image: boxes (N_b, 4),
-#              labels (N_b,), masks (N_b, H_b, W_b)
-#   padded     (B, N, ...), N = max N_b, with valid (B, N): `pad_boxes`, FCOS's assignment, whose
-#              "matched" (B, P) indexes each image's own boxes
-#   flat       (M, ...), M = sum N_b, image after image, with batch (M,) the image of each
-#              (`image_index`): `flatten_targets`, `batch_masks`. Object n of image b is flat
-#              object first_box_index(...)[b] + n.
-
-
-def image_index(counts, device=None):
-    """
-    The flat layout's `batch` vector: counts = the number of objects of each of the B images
-    (Python ints), laid out image after image -> (M,) int64, M = sum(counts), the image of each
-    object; (2, 0, 1) -> [0, 0, 2]. That is torch.repeat_interleave(torch.arange(B),
-    torch.tensor(counts)), built from the Python ints (nothing is read back from the device).
-    """
-    return torch.cat([torch.full((n,), b, dtype=torch.long, device=device) for b, n in enumerate(counts)])
-
-
-def flatten_targets(targets, stride):
-    """
-    Gather every object of a batch (a list of B >= 1 target dicts) into flat tensors, without
-    a Python loop over objects. Returns a dict with M = total number of objects:
-        batch (M,) int64 image index; labels (M,) int64;
-        boxes (M, 4) xyxy in the output frame (input / stride; stride 1: the input frame);
-        center (M, 2) continuous box centre, output frame; center_int (M, 2) floor(center);
-        wh (M, 2) box width, height in output pixels.
-    """
-    boxes = torch.cat([target["boxes"].reshape(-1, 4).float() for target in targets]) / stride  # (M, 4)
-    labels = torch.cat([target["labels"].reshape(-1).long() for target in targets])             # (M,)
-    batch = image_index([len(target["labels"]) for target in targets], boxes.device)            # (M,)
-    center = (boxes[:, :2] + boxes[:, 2:]) / 2
-    return dict(batch=batch, labels=labels, boxes=boxes, center=center,
-                center_int=center.floor().long(), wh=boxes[:, 2:] - boxes[:, :2])
-
-
-def batch_masks(targets, H, W, device):
-    """The ground-truth masks of a batch in the flat layout (image after image, the order of
-    `flatten_targets`), zero-padded bottom/right to the padded batch size: B target dicts with
-    masks (N_b, H_b, W_b) -> (M, H, W) on `device`, M = sum N_b."""
-    return torch.cat([F.pad(target["masks"], (0, W - target["masks"].shape[-1], 0, H - target["masks"].shape[-2]))
-                      for target in targets]).to(device)
-
-
-def first_box_index(targets, device):
-    """(B,) int64 flat index of each image's first object: object n of image b (its n-th box, the
-    n of FCOS's "matched") is flat object first_box_index(...)[b] + n, the row of `batch_masks`
-    and of `flatten_targets`' tensors; box counts (2, 0, 1) -> [0, 2, 2]."""
-    counts = torch.tensor([len(target["boxes"]) for target in targets], device=device)
-    return torch.cumsum(counts, 0) - counts
-
-
 def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=0.7, cornernet_bug=True):
     """
     Ground-truth heatmaps of a batch, all objects at once ([CN] 3):
@@ -882,7 +905,7 @@ def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=
 
 
 # -----------------------------------------------------------------------------
-# 5. CenterNet losses ([CM 3.4] eq. 3-5, as [CN] 3)
+# 6. CenterNet losses ([CM 3.4] eq. 3-5, as [CN] 3)
 
 
 def centernet_focal_loss(pred_logits, gt_heatmap, alpha=2, beta=4):
@@ -913,21 +936,6 @@ def gather_at(feature, batch, cells_xy):
     return feature[batch, :, cells_xy[:, 1], cells_xy[:, 0]]
 
 
-def conv3x3_at(conv, feature, batch, ys, xs):
-    """
-    A 3x3 conv (stride 1, padding 1) evaluated only at M chosen cells: feature (B, C, h, w) and
-    cells (batch, ys, xs) each (M,) -> (M, out). Equal to conv(feature)[batch, :, ys, xs]
-    without computing the other cells: CenterMask and CenterMask-FCOS read their S^2 = 1024-channel
-    shape heads only at a few cells (centres, positives, detections); computed everywhere, that
-    head costs more than the whole detector on the finest FCOS level.
-    """
-    f = F.pad(feature, (1, 1, 1, 1))                                             # (B, C, h+2, w+2)
-    d = torch.arange(3, device=feature.device)
-    patch = f[batch[:, None, None], :, ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]]
-    patch = patch.permute(0, 3, 1, 2).reshape(len(batch), -1)                    # (M, C*9) as conv.weight
-    return F.linear(patch, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (M, out)
-
-
 def l1_at_centers(pred_map, objs, target):
     """
     L1 loss of a 2-channel head read at the ground-truth centre cells ([CM] eq. 4-5).
@@ -945,7 +953,7 @@ def l1_at_centers(pred_map, objs, target):
 
 
 # -----------------------------------------------------------------------------
-# 6. CenterMask ([CM] 3)
+# 7. CenterMask ([CM] 3)
 
 
 def conv_relu_conv(cin, cout, hidden, bias_fill=0.0):
@@ -962,7 +970,7 @@ def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
     (M intervals), read at the n_out pixel centres (j + 0.5) * pixel. Cell i's centre sits at
     lo + (i + 0.5) (hi - lo) / n_in (align_corners=False) and positions past the first / last
     centre take that cell's value (border clamp): exactly grid_sample's bilinear, border mode.
-    lo, hi (M,) -> weights (M, n_out, n_in) and inside (M, n_out): lo <= pixel centre <= hi.
+    lo, hi (M,) -> weights (M, n_out, n_in) and in_box (M, n_out): lo <= pixel centre <= hi ("closed").
     """
     pos = (torch.arange(n_out, device=lo.device, dtype=torch.float32) + 0.5) * pixel          # (n_out,)
     lo, hi = lo.float()[:, None], hi.float()[:, None]                                        # (M, 1)
@@ -972,7 +980,7 @@ def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
     weights = torch.zeros(len(lo), n_out, n_in, device=lo.device)
     weights.scatter_(2, i0[..., None], (1 - w1)[..., None])
     weights.scatter_add_(2, (i0 + 1).clamp(max=n_in - 1)[..., None], w1[..., None])
-    return weights, (pos[None] >= lo) & (pos[None] <= hi)
+    return weights, between(pos[None], lo, hi, "closed")
 
 
 def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
@@ -985,9 +993,9 @@ def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
     tests/test_model.py). Computed here the fast way: a bilinear resize is separable, so it is
     two batched matrix products, rows then columns (`stretch_weights`):
     (M, out_h, s) @ (M, s, s) @ (M, s, out_w) - no (M, out_h, out_w, 2) sampling grid.
-    Returns the values (M, out_h, out_w) and inside (M, out_h, out_w) bool (pixel centre in the
-    box, closed as `boxes_inside`), or with separable=True inside as its two factors
-    (M, out_h, 1), (M, 1, out_w) float, to be multiplied in one axis at a time.
+    Returns the values (M, out_h, out_w) and in_box (M, out_h, out_w) bool (pixel centre in the
+    box, "closed" as `boxes_inside`), or with separable=True in_box as its two factors
+    (in_y (M, out_h, 1), in_x (M, 1, out_w)) float, to be multiplied in one axis at a time.
     """
     wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)       # (M, H, s)
     wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)       # (M, W, s)
@@ -1004,12 +1012,12 @@ def boxes_inside(boxes, out_h, out_w, pixel=1.0):
     """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4).
     Closed boxes, x0 <= x <= x1, as `stretch_weights`' inside: a mask covers the same pixels
     with and without the local shape (Table 1c), and a flipped box covers the flipped pixels.
-    (FCOS's locations use open boxes, FCOSIS's half-open ones: `fcos_targets`, section 11.)"""
+    (The "closed" rule of `inside`, section 2.)"""
     ys = (torch.arange(out_h, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
     xs = (torch.arange(out_w, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
     b = boxes.float()
-    in_y = (ys[None] >= b[:, 1:2]) & (ys[None] <= b[:, 3:4])                                 # (M, H)
-    in_x = (xs[None] >= b[:, 0:1]) & (xs[None] <= b[:, 2:3])                                 # (M, W)
+    in_y = between(ys[None], b[:, 1:2], b[:, 3:4], "closed")                                  # (M, H)
+    in_x = between(xs[None], b[:, 0:1], b[:, 2:3], "closed")                                  # (M, W)
     return in_y[:, :, None] & in_x[:, None, :]
 
 
@@ -1078,40 +1086,56 @@ def assemble_masks(local, saliency, batch, channels, boxes, grid_hw, pixel, log_
     The S x S shape is stretched over the box by a bilinear, border-clamped resize
     (`stretch_to_boxes`, [CM 3.1]); the saliency map is bilinearly resampled onto the grid and
     read in the box ([CM 3.2]). Returns (M, gh, gw) probabilities, zero outside each box:
-        M = sigmoid(L) * sigmoid(G) * inside,  L = the stretched shape, G = saliency[batch, channels]
-    or with log_space=True (log M, log(1 - M), inside) for the loss (`mask_log_terms`). Used by
-    CenterMask and CenterMask-FCOS. Inference computes the same formula the cheap way: in place,
-    the saliency's sigmoid once per image (B maps), not once per object, and `inside` one axis
-    at a time.
+        M = sigmoid(L) * sigmoid(G) * in_box,  L = the stretched shape, G = saliency[batch, channels]
+    or with log_space=True (log M, log(1 - M), in_box) for the loss (`mask_log_terms`); in_box
+    (M, gh, gw) bool, the pixel centres in the box ("closed"). Used by CenterMask and
+    CenterMask-FCOS. Inference computes the same formula the cheap way: in place, the saliency's
+    sigmoid once per image (B maps), not once per object, and the box crop one axis at a time.
     """
     M = len(batch)
     gh, gw = grid_hw
     if M == 0:
         empty = torch.zeros(0, gh, gw, device=boxes.device)
         return (empty, empty, empty.bool()) if log_space else empty
-    L = G = None
-    if local is not None:
-        L, inside = stretch_to_boxes(local, boxes, gh, gw, pixel, separable=not log_space)  # (M, gh, gw)
-    else:
-        inside = boxes_inside(boxes, gh, gw, pixel)
     if saliency is not None and saliency.shape[-2:] != (gh, gw):
         # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
         saliency = F.interpolate(saliency.float(), size=(gh, gw), mode="bilinear", align_corners=False)
-    if not log_space:  # sigmoid(L) * sigmoid(G) * inside in place: no (M, gh, gw) temporaries
-        masks = L.sigmoid_() if L is not None else inside.float()
-        if saliency is not None:
-            sal_prob = saliency.float().sigmoid()                                # (B, n, gh, gw)
-            if bool((batch == batch[0]).all() and (channels == channels[0]).all()):
-                masks.mul_(sal_prob[batch[0], channels[0]])                      # one map: broadcast
-            else:
-                masks.mul_(sal_prob[batch, channels])                            # (M, gh, gw)
-        if L is not None:  # zero outside the boxes, one factor per axis
-            return masks.mul_(inside[0]).mul_(inside[1])
-        return masks
+    if log_space:  # eq. 1 as written, in log space for the loss (`mask_log_terms`)
+        L, in_box = (stretch_to_boxes(local, boxes, gh, gw, pixel) if local is not None
+                     else (None, boxes_inside(boxes, gh, gw, pixel)))                  # (M, gh, gw)
+        G = saliency[batch, channels] if saliency is not None else None              # (M, gh, gw)
+        log_m, log_1m = mask_log_terms(L, G)
+        return log_m, log_1m, in_box
+    # inference: the same product in place, no (M, gh, gw) temporaries; the box crop one axis at a time
+    if local is not None:
+        masks, (in_y, in_x) = stretch_to_boxes(local, boxes, gh, gw, pixel, separable=True)
+        masks.sigmoid_()                                                         # (M, gh, gw)
+    else:
+        masks = boxes_inside(boxes, gh, gw, pixel).float()
     if saliency is not None:
-        G = saliency[batch, channels]                                            # (M, gh, gw)
-    log_m, log_1m = mask_log_terms(L, G)
-    return log_m, log_1m, inside
+        sal_prob = saliency.float().sigmoid()                                    # (B, n, gh, gw)
+        if bool((batch == batch[0]).all() and (channels == channels[0]).all()):
+            masks.mul_(sal_prob[batch[0], channels[0]])                          # one map: broadcast
+        else:
+            masks.mul_(sal_prob[batch, channels])                                # (M, gh, gw)
+    if local is not None:  # zero outside the boxes
+        masks.mul_(in_y).mul_(in_x)
+    return masks
+
+
+def conv3x3_at(conv, feature, batch, ys, xs):
+    """
+    A 3x3 conv (stride 1, padding 1) evaluated only at M chosen cells: feature (B, C, h, w) and
+    cells (batch, ys, xs) each (M,) -> (M, out). Equal to conv(feature)[batch, :, ys, xs]
+    without computing the other cells: CenterMask and CenterMask-FCOS read their S^2 = 1024-channel
+    shape heads only at a few cells (centres, positives, detections); computed everywhere, that
+    head costs more than the whole detector on the finest FCOS level.
+    """
+    f = F.pad(feature, (1, 1, 1, 1))                                             # (B, C, h+2, w+2)
+    d = torch.arange(3, device=feature.device)
+    patch = f[batch[:, None, None], :, ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]]
+    patch = patch.permute(0, 3, 1, 2).reshape(len(batch), -1)                    # (M, C*9) as conv.weight
+    return F.linear(patch, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (M, out)
 
 
 class CenterMaskHeads(LocalShapeKeys, nn.Module):
@@ -1310,11 +1334,11 @@ class CenterMask(Method):
                 grid, pixel, gt = (h * R, w * R), 1.0 / R, gt_masks.float()              # (M, H, W)
             else:                                    # the stride-R output grid, soft truth
                 grid, pixel, gt = (h, w), 1.0, gt_small                                  # (M, h, w)
-            log_m, log_1m, inside = self.assemble(out, objs["batch"], objs["center_int"], boxes,
+            log_m, log_1m, in_box = self.assemble(out, objs["batch"], objs["center_int"], boxes,
                                                   channels, grid, pixel, log_space=True, head_set=head_set)
             bce = -(gt * log_m + (1 - gt) * log_1m)                                      # (M, gh, gw)
-            inside = inside.float()
-            per_object = (bce * inside).sum((1, 2)) / inside.sum((1, 2)).clamp(min=1)     # (M,)
+            in_box = in_box.float()
+            per_object = (bce * in_box).sum((1, 2)) / in_box.sum((1, 2)).clamp(min=1)     # (M,)
             losses["mask"] = lmask * per_object.sum() / num_objects                       # [CM] eq. 2
         if self.cfg.saliency_loss:
             # [CM 4.1] Table 1f: BCE of the class-specific saliency against the per-class union
@@ -1414,7 +1438,7 @@ class CenterMask(Method):
 
 
 # -----------------------------------------------------------------------------
-# 7. ResNet / ResNeXt + FPN ([FCOS] 3.2, as FCOS's `R-50-FPN-RETINANET` body)
+# 8. ResNet / ResNeXt + FPN ([FCOS] 3.2, as FCOS's `R-50-FPN-RETINANET` body)
 #
 # [FCOS] = Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection", ICCV 2019, the
 # detector both papers build on ([IS 3.1], [CM 4.3]). [IS] = the FCOSIS paper (module docstring).
@@ -1492,7 +1516,7 @@ class ResNetFPN(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 8. FCOS ([IS 3.1] as [FCOS]) and FCOSreg ([IS 3.3])
+# 9. FCOS ([IS 3.1] as [FCOS]) and FCOSreg ([IS 3.3])
 
 # object size range of each level, on max(l*, t*, r*, b*) ([FCOS] 3.2: m_2..m_7 = 0, 64, 128,
 # 256, 512, inf for P3..P7)
@@ -1576,15 +1600,13 @@ def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, ce
         r = radius * strides[None, :, None]                                      # (1, P, 1)
         region = torch.stack([x - torch.maximum(cx - r, x0), y - torch.maximum(cy - r, y0),
                               torch.minimum(cx + r, x1) - x, torch.minimum(cy + r, y1) - y], -1)
-        inside = region.amin(-1) > 0                                             # (B, P, N)
+        in_region = region.amin(-1) > 0                                          # (B, P, N)
     else:
-        inside = ltrb.amin(-1) > 0
-    # Open boxes (strict > 0), as FCOS's code (compute_targets_for_locations' `min(dim=1)[0] > 0`,
-    # its centre sampling alike): a location on a box edge would regress a zero side, a box of
-    # no width. (CenterMask's pixels use closed boxes, FCOSIS's locations half-open ones: see
-    # `boxes_inside` and section 11.)
+        in_region = ltrb.amin(-1) > 0
+    # The "open" rule of `inside` (strict > 0 on every distance), as FCOS's code
+    # (compute_targets_for_locations' `min(dim=1)[0] > 0`, its centre sampling alike).
     m = ltrb.amax(-1)                                                            # (B, P, N)
-    candidate = inside & (m >= size_ranges[None, :, 0:1]) & (m <= size_ranges[None, :, 1:2]) & valid[:, None, :]
+    candidate = in_region & (m >= size_ranges[None, :, 0:1]) & (m <= size_ranges[None, :, 1:2]) & valid[:, None, :]
     if seg_labels is not None:
         # FCOSreg: keep only the candidates with the highest segmentation label
         s = torch.where(candidate, seg_labels.transpose(1, 2).float(), torch.full_like(m, -1.0))
@@ -1693,21 +1715,6 @@ class FCOSHead(nn.Module):
         res["box_features"] = out["box_features"]
         res["hw"] = [tuple(b.shape[-2:]) for b in out["box_features"]]          # (h_l, w_l) per level
         return res
-
-
-def pad_boxes(targets, device):
-    """The padded layout (section 4): list of B target dicts -> boxes (B, N, 4), labels (B, N),
-    valid (B, N) bool, padded to the largest N in the batch (N >= 1 so that empty batches keep
-    their shapes)."""
-    n = max([len(target["boxes"]) for target in targets] + [1])
-    B = len(targets)
-    boxes = torch.zeros(B, n, 4, device=device)
-    labels = torch.zeros(B, n, dtype=torch.long, device=device)
-    valid = torch.zeros(B, n, dtype=torch.bool, device=device)
-    for b, target in enumerate(targets):  # one copy per image
-        k = len(target["boxes"])
-        boxes[b, :k], labels[b, :k], valid[b, :k] = target["boxes"].float(), target["labels"], True
-    return boxes, labels, valid
 
 
 @dataclass
@@ -1948,7 +1955,7 @@ class FCOS(Method):
 
 
 # -----------------------------------------------------------------------------
-# 9. MaskFCOS ([IS 4], "Mask Prediction Head")
+# 10. MaskFCOS ([IS 4], "Mask Prediction Head")
 
 
 def maskfcos_levels(boxes, k0=4, canonical=224.0, k_min=3, k_max=5):
@@ -2072,13 +2079,13 @@ def paste_masks(masks, boxes, hw):
     H, W = hw
     if len(boxes) == 0:
         return torch.zeros(0, H, W, device=boxes.device)
-    values, inside = stretch_to_boxes(masks, min_size_boxes((boxes[:, :2] + boxes[:, 2:]) / 2,
+    values, in_box = stretch_to_boxes(masks, min_size_boxes((boxes[:, :2] + boxes[:, 2:]) / 2,
                                                             boxes[:, 2:] - boxes[:, :2]), H, W)  # (K, H, W)
-    return values * inside
+    return values * in_box
 
 
 # -----------------------------------------------------------------------------
-# 10. CenterMask-FCOS ([CM 4.3])
+# 11. CenterMask-FCOS ([CM 4.3])
 
 
 class CenterMaskFCOS(LocalShapeKeys, FCOS):
@@ -2171,7 +2178,7 @@ class CenterMaskFCOS(LocalShapeKeys, FCOS):
 
 
 # -----------------------------------------------------------------------------
-# 11. FCOSIS ([IS 3.2])
+# 12. FCOSIS ([IS 3.2])
 #
 #     padding     optimal_padding                          padded-crop loss padding [IS 3.2.2]
 #     colouring   box_overlap_graph, greedy_coloring,       Largest-First groups that share one
@@ -2190,7 +2197,7 @@ class CenterMaskFCOS(LocalShapeKeys, FCOS):
 # S[y0:y1, x0:x1] of [IS 3.2.2]): the attention map's box constraint and the padded crop. The
 # final masks are the exception: `FCOSIS.predict_masks` crops them to the detection boxes with
 # `boxes_inside` (closed, as CenterMask's masks), which differs only for a pixel centre exactly
-# on a box's right or bottom edge. Instances of a batch are flat (section 4's flat layout): M
+# on a box's right or bottom edge. Instances of a batch are flat (section 2's flat layout): M
 # instances with `batch (M,)` their image index and masks (M, H, W) zero-padded to the batch's
 # input size.
 
@@ -2288,39 +2295,6 @@ def coloring_groups(boxes, batch):
 
 
 # -- centre of mass and the detection head's extra targets [IS 3.2.1] -------------------------
-
-
-def center_of_mass(masks, boxes=None):
-    """
-    Mass centres of masks (N, H, W) (bool, uint8 or float weights) -> (N, 2) (x, y) float32 in
-    the input frame (pixel X counts at its centre X + 0.5). An empty mask has no centre: it gets
-    the centre of its box when boxes (N, 4) are given, else NaN (callers that feed targets must
-    pass boxes; NaN makes a forgotten case loud rather than silently wrong).
-    """
-    N, H, W = masks.shape
-    dev = masks.device
-    col = masks.sum(1, dtype=torch.float32)                                        # (N, W)
-    row = masks.sum(2, dtype=torch.float32)                                        # (N, H)
-    area = col.sum(1)                                                              # (N,)
-    xs = torch.arange(W, device=dev, dtype=torch.float32) + 0.5
-    ys = torch.arange(H, device=dev, dtype=torch.float32) + 0.5
-    com = torch.stack([(col * xs).sum(1), (row * ys).sum(1)], 1) / area[:, None]   # (N, 2)
-    fallback = (torch.full_like(com, float("nan")) if boxes is None
-                else (boxes[:, :2].float() + boxes[:, 2:].float()) / 2)
-    return torch.where(area[:, None] > 0, com, fallback)
-
-
-def average_pool_masks(masks, stride, out_hw=None):
-    """
-    masks (M, H, W) at input resolution -> (M, h, w) float: the fraction of each stride x
-    stride cell covered (the segmentation label of [IS 3.3]). Zero-padded bottom/right to
-    (h*s, w*s) first, so that levels whose size is rounded up (P6, P7) count the missing
-    pixels as background; out_hw defaults to (ceil(H/s), ceil(W/s)).
-    """
-    M, H, W = masks.shape
-    h, w = out_hw if out_hw is not None else (-(-H // stride), -(-W // stride))
-    m = F.pad(masks.float(), (0, w * stride - W, 0, h * stride - H))[:, :h * stride, :w * stride]
-    return F.avg_pool2d(m[:, None], stride)[:, 0]                                  # (M, h, w)
 
 
 def coarse_foreground_targets(masks, stride, batch=None, num_images=1, out_hw=None):
@@ -2463,88 +2437,85 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
                    lam, mu, bbox_only=False, assign="image", owner=None, offset="half", competes=None,
                    background="distractor_only"):
     """
-    The attention map of [IS 3.2.1] for each segmentation pass (colour group), at one level.
-        regressed  (B, 2, h, w) regressed centres (x + r_x, y + r_y), input frame
-                   (`regressed_centers`); used for the assignment only (no gradient: argmin)
-        coarse_fg  (B, 1, h, w) coarse foreground probabilities (sigmoid), differentiable
-        stride     the level's stride s; location of cell (i, j) = (j*s + s//2, i*s + s//2)
-                   (offset="zero", ModelConfig.location_offset: (j*s, i*s), `fcos_locations`)
-        boxes (N, 4), centers (N, 2) input frame: ground truth (boxes, mass centres) in
-                   training, detections at inference; batch (N,) image index
-        groups (N,) in 0..num_groups-1 (`coloring_groups`); lam, mu scalar tensors
-        owner (N,) or None: the instance each one competes as (`duplicate_owners`, inference);
-                   None: every instance is its own object (training: ground truth)
-        competes (N,) bool or None: the instances that take locations from others
-                   (`duplicate_owners`); None: those that own themselves
-    For instance j and location q = (x, y), with f = coarse_fg(q):
-        A_j(q) = 0                  if q is outside B_j
-               = +lam * f            if q is inside B_j and assigned to j
-               = -mu                 if q is inside B_j and assigned to another instance
-    where q is assigned to the instance whose centre is nearest (Euclidean) to the regressed
-    centre of q ([IS 3.2.1]; ties -> lower index). What -mu marks (background), [IS 3.2.1]:
-    "lambda indicates foreground pixels on the object while -mu marks pixels which belong to the
-    background or distractor instances", and "the grouped pixels are then multiplied with the
-    coarse segmentation map":
-      * "distractor_only" (default): the map above; j's own background inside B_j gets
-        lam * f, about 0 where the coarse foreground says background.
-      * "own_background": j's own locations get lam * f - mu * (1 - f), the coarse foreground
-        weighing +lam (foreground) against -mu (background): -mu on j's own background as on a
-        distractor, +lam on its foreground, no threshold to choose (f is a probability; f = 1/2
-        gives (lam - mu) / 2). Table 3b's mu := 0 makes the two readings the same map.
-    Who competes (assign):
-      * "image" (default): every object of the image. A location of B_j whose regressed centre
-        is nearer an overlapping neighbour's centre is a distractor for j and gets -mu: "-mu
-        marks pixels which belong to the background or distractor instances" ([IS 3.2.1]),
-        "the negative features help to distinguish neighboring objects from one another"
-        ([IS 4.2], Table 3b). At inference the competitors C are the de-duplicated detections
-        above a score floor, and j counts q as its own when owner[j] wins q among C, or, when
-        owner[j] is not in C, among C and owner[j] (a weak detection takes nothing from
-        others, but its confident neighbours are distractors in its own map).
-      * "pass" (ablation): only the instances of j's own pass. Their boxes never overlap B_j,
-        so no location inside B_j is ever a distractor: -mu marks nothing, mu never learns.
-    The map of a group is the sum of its instances' maps (their boxes do not overlap, so it is
-    their union) ([IS 3.2.1]).
-    bbox_only=True is Table 3c's "bbox only": every location inside B_j gets lam ([IS 4.2]).
-    Table 3b's "mu := 0" is mu = 0 (see `AttentionMap`).
-    Returns (num_groups, 1, h, w) float32.
-
-    Readings of [IS 3.2.1] taken here (the paper does not fix them):
-      * coarse_fg and r come from the detection head's finest level, P3 ("generated in upper
-        layers"); FCOSIS resamples them onto the P2 grid and builds the map there (stride 4,
-        `FCOSIS.attention_inputs`), then `apply_attention` shrinks it onto P3 and P4. Built on
-        P3's own grid (attention_grid="p3"), an 8-16 px object has 1-4 cells of attention.
-      * -mu on a distractor replaces the value (it is not scaled by the coarse foreground).
-        Which background gets -mu is `background` (above): both readings fit the sentences;
-        the default is the map as the model was first built and measured (README, FCOSIS).
+    The attention map of [IS 3.2.1] of every colour group, at one level. For instance j and
+    location q, with f(q) the coarse foreground and B_j the box of j:
+        A_j(q) = 0             if q is outside B_j
+               = +lam * f(q)   if q is inside B_j and assigned to j
+               = -mu           if q is inside B_j and assigned to another instance (a distractor)
+    q is assigned to the instance whose centre is nearest (Euclidean) to the centre regressed at
+    q (ties -> lower index; `nearest_center`). The map of a group is the sum of its instances'
+    maps (their boxes do not overlap: the union) ([IS 3.2.1]).
+        regressed (B, 2, h, w) regressed centres, input frame (`regressed_centers`; assignment only)
+        coarse_fg (B, 1, h, w) coarse foreground probabilities (differentiable)
+        stride    the level's stride; q = cell (i, j)'s location (`fcos_locations`, offset)
+        boxes (N, 4), centers (N, 2) input frame: ground truth in training, detections at inference;
+        batch (N,) image index; groups (N,) in 0..num_groups-1 (`coloring_groups`); lam, mu 0-d tensors
+    Options (Table 3 ablations and readings the paper leaves open; ModelConfig's keys):
+        bbox_only   Table 3c "bbox only": A_j(q) = lam on the whole box
+        background  "distractor_only": as above; "own_background": j's own locations get
+                    lam * f - mu * (1 - f), -mu on j's own background too ([IS 3.2.1]: "-mu marks
+                    pixels which belong to the background or distractor instances")
+        assign      "image": the objects of the image compete; "pass" (ablation): only those of
+                    j's colour group, whose boxes never overlap B_j, so -mu marks nothing
+        owner, competes  inference only: detections that duplicate one object compete as that
+                    object (`duplicate_owners`, `nearest_center_among_owners`); None in training
+    Returns (num_groups, 1, h, w) float32. The map is built on P2 from the P3 outputs
+    (`FCOSIS.attention_inputs`), then `apply_attention` shrinks it onto P3 and P4.
     """
     B, _, h, w = coarse_fg.shape
-    N, P = len(boxes), h * w
-    loc = fcos_locations([(h, w)], [stride], coarse_fg.device, offset)[0]        # (P, 2)
-    x0, y0, x1, y1 = boxes.float().unbind(1)                                       # (N,)
-    inside = ((loc[None, :, 0] >= x0[:, None]) & (loc[None, :, 0] < x1[:, None]) &
-              (loc[None, :, 1] >= y0[:, None]) & (loc[None, :, 1] < y1[:, None]))   # (N, P)
+    q = fcos_locations([(h, w)], [stride], coarse_fg.device, offset)[0]          # (P, 2) the locations
+    in_box = inside(q[None], boxes.float()[:, None], "half-open")                # (N, P) q in B_j
     if bbox_only:
-        per_instance = lam * inside                                                # (N, P)
+        per_instance = lam * in_box                                               # (N, P)
     else:
-        with torch.no_grad():
-            ids = torch.arange(N, device=boxes.device)
-            owner = ids if owner is None else owner                                # (N,)
-            votes = regressed.float().flatten(2)[batch]                            # (N, 2, P)
-            dist2 = ((votes - centers.float()[:, :, None]) ** 2).sum(1)            # (N, P)
-            if assign == "pass":
-                winner = argmin_per_image(dist2, groups, num_groups)[groups]       # (N, P)
-                assigned_to_j = winner == ids[:, None]                             # (N, P)
-            else:  # "image": the objects C of the image compete (see above)
-                comp = (owner == ids) if competes is None else competes            # (N,)
-                in_c = torch.where(comp[:, None], dist2, float("inf"))             # (N, P)
-                winner = argmin_per_image(in_c, batch, B)[batch]                   # (N, P), N: no competitor
-                best = torch.cat([in_c, in_c.new_full((1, P), float("inf"))]).gather(0, winner)  # (N, P)
-                assigned_to_j = (winner == owner[:, None]) | (~comp[owner][:, None] & (dist2[owner] < best))
-        fg = coarse_fg.float().flatten(1)[batch]                                   # (N, P)
-        own = lam * fg if background == "distractor_only" else lam * fg - mu * (1 - fg)  # (N, P)
-        per_instance = torch.where(assigned_to_j, own, -mu) * inside               # (N, P)
-    out = per_instance.new_zeros(num_groups, P).index_add(0, groups, per_instance.float())
+        dist2 = center_distances(regressed, centers, batch)                      # (N, P)
+        if assign == "pass":
+            mine = nearest_center(dist2, groups, num_groups)                      # (N, P) q assigned to j
+        elif owner is None and competes is None:  # training: the ground-truth objects of the image
+            mine = nearest_center(dist2, batch, B)
+        else:  # inference: the de-duplicated detections of the image
+            mine = nearest_center_among_owners(dist2, batch, B, owner, competes)
+        f = coarse_fg.float().flatten(1)[batch]                                   # (N, P) f(q)
+        own = lam * f if background == "distractor_only" else lam * f - mu * (1 - f)
+        per_instance = torch.where(mine, own, -mu) * in_box                       # (N, P) A_j(q)
+    out = per_instance.new_zeros(num_groups, h * w).index_add(0, groups, per_instance.float())
     return out.view(num_groups, 1, h, w)
+
+
+@torch.no_grad()
+def center_distances(regressed, centers, batch):
+    """Squared distance between each instance's centre (N, 2) and the centre regressed at every
+    location of its image (B, 2, h, w) -> (N, P). No gradient: it only decides the assignment."""
+    votes = regressed.float().flatten(2)[batch]                                   # (N, 2, P)
+    return ((votes - centers.float()[:, :, None]) ** 2).sum(1)                    # (N, P)
+
+
+def nearest_center(dist2, batch, num_images):
+    """[IS 3.2.1]'s assignment: location q goes to the instance (among those of its image, `batch`)
+    whose centre is nearest to q's regressed centre, ties to the lower index.
+    dist2 (N, P) -> (N, P) bool: q assigned to j."""
+    ids = torch.arange(len(dist2), device=dist2.device)
+    return argmin_per_image(dist2, batch, num_images)[batch] == ids[:, None]
+
+
+def nearest_center_among_owners(dist2, batch, num_images, owner=None, competes=None):
+    """
+    Inference's form of `nearest_center`, beside it: the detector returns duplicates of an object
+    (`duplicate_owners`), and each competes as the object it duplicates. The competitors C are
+    the de-duplicated detections above a score floor (competes (N,) bool; None: those that own
+    themselves); j counts q as its own when owner[j] wins q among C, or, when owner[j] is not in C,
+    among C and owner[j] (a weak detection takes nothing from others, but its confident
+    neighbours are distractors in its own map). owner (N,) (None: every detection its own object);
+    dist2 (N, P) -> (N, P) bool.
+    """
+    N, P = dist2.shape
+    ids = torch.arange(N, device=dist2.device)
+    owner = ids if owner is None else owner                                       # (N,)
+    comp = (owner == ids) if competes is None else competes                      # (N,)
+    in_c = torch.where(comp[:, None], dist2, float("inf"))                       # (N, P)
+    winner = argmin_per_image(in_c, batch, num_images)[batch]                    # (N, P), N: no competitor
+    best = torch.cat([in_c, in_c.new_full((1, P), float("inf"))]).gather(0, winner)  # (N, P)
+    return (winner == owner[:, None]) | (~comp[owner][:, None] & (dist2[owner] < best))
 
 
 class AttentionMap(nn.Module):
@@ -2682,8 +2653,8 @@ def padded_crop_bce(mask_logits, gt_masks, boxes, stride=4, ratio=0.5):
     padded = boxes + p[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])         # (N, 4)
     xs = (torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5) * stride  # (w,)
     ys = (torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5) * stride  # (h,)
-    in_x = (xs[None] >= padded[:, 0:1]) & (xs[None] < padded[:, 2:3])              # (N, w)
-    in_y = (ys[None] >= padded[:, 1:2]) & (ys[None] < padded[:, 3:4])              # (N, h)
+    in_x = between(xs[None], padded[:, 0:1], padded[:, 2:3], "half-open")           # (N, w)
+    in_y = between(ys[None], padded[:, 1:2], padded[:, 3:4], "half-open")           # (N, h)
     crop = in_y[:, :, None] & in_x[:, None, :]                                     # (N, h, w)
     center_cell = ((boxes[:, :2] + boxes[:, 2:]) / 2 / stride).floor().long()      # (N, 2) (x, y)
     cx, cy = center_cell[:, 0].clamp(0, w - 1), center_cell[:, 1].clamp(0, h - 1)
@@ -2964,3 +2935,68 @@ def hsv_to_rgb(h, v):
     """Hue h and value v, each (h, w) in [0, 1], full saturation -> (h, w, 3) RGB in [0, 1]."""
     k = (torch.tensor([5.0, 3.0, 1.0], device=h.device) + h[..., None] * 6) % 6  # (h, w, 3)
     return v[..., None] * (1 - (torch.minimum(k, 4 - k).clamp(0, 1)))
+
+
+# -----------------------------------------------------------------------------
+# 13. The settings of train.py and bench.py: which keys each method reads, the autocast dtype
+
+# The groups of ModelConfig and the methods (and backbone) that read each one: (group, methods,
+# backbone or None for any, fields). Every field is in exactly one group (tests/test_configurator.py).
+CONFIG_GROUPS = (
+    ("every method", METHODS, None, ("method", "backbone", "num_classes", "max_detections")),
+    ("every method that segments", MASK_METHODS, None, ("mask_threshold",)),
+    ("DLA-34", ("centermask",), "dla34", ("dcn", "dla_channels")),
+    ("Hourglass-104", ("centermask",), "hourglass104", ("num_stacks", "hg_dims", "hg_modules")),
+    ("CenterMask: CenterNet's targets and losses", ("centermask",), None,
+     ("min_overlap", "cornernet_bug", "mask_loss_grid", "saliency_loss", "saliency_loss_weight")),
+    ("Local Shape x Global Saliency", ("centermask", "centermask_fcos"), None,
+     ("head_conv", "shape_size", "use_shape", "use_saliency", "saliency", "loss_weights")),
+    ("the FCOS family", FCOS_FAMILY, None,
+     ("pretrained", "norm", "freeze_at", "fpn_channels", "head_convs", "centerness_on", "reg_form", "center_sampling",
+      "box_loss", "focal_alpha", "focal_gamma", "score_threshold", "pre_nms_top_n", "nms_threshold",
+      "score_threshold_on", "location_offset", "ambiguity", "reg_weights", "center_sampling_at")),
+    ("MaskFCOS", ("maskfcos",), None, ("mask_proposals", "roi_size", "mask_size")),
+    ("FCOSIS", ("fcosis",), None,
+     ("attention", "seg_classes", "com_assignment", "attention_assign", "attention_background", "assign_nms_threshold",
+      "assign_score_floor", "attention_grid")),
+)
+
+
+def fields_of(method, backbone):
+    """The ModelConfig fields that `method` on `backbone` reads (CONFIG_GROUPS), in field order."""
+    return [f for _, methods, bb, names in CONFIG_GROUPS if method in methods and bb in (None, backbone)
+            for f in names]
+
+
+def check_settings(settings):
+    """
+    Check the model keys of a run before any work: settings = {field: value} of every
+    ModelConfig field (train.py's and bench.py's config). Raises ValueError with a one-line
+    message naming the key: a value ModelConfig refuses (its allowed values), or a key set to
+    anything but its default that the chosen method does not read (say `--attention=mu0` with
+    method="centermask": silently ignored, it would make a run that is not what was asked for).
+    Returns the ModelConfig.
+    """
+    cfg = ModelConfig(**settings)                  # values: ModelConfig's own checks name the key
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    used = fields_of(cfg.method, cfg.backbone)
+    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v   # a list from a config file is a tuple
+    unused = [k for k, v in settings.items() if k not in used and norm(v) != norm(defaults[k])]
+    if unused:
+        on = f"method={cfg.method!r}" + (f" on backbone={cfg.backbone!r}" if cfg.method == "centermask" else "")
+        raise ValueError(f"{', '.join(f'{k}={settings[k]!r}' for k in unused)}: not read by {on}, whose keys are "
+                         f"{', '.join(used)} (model.CONFIG_GROUPS)")
+    return cfg
+
+
+def auto_dtype(device_type):
+    """The autocast dtype train.py and bench.py use for dtype="auto": bf16 on GPUs that have
+    it, else fp16; on the CPU bf16 only where oneDNN runs it natively (AMX / AVX512-BF16:
+    1.45x faster training measured on a 2-core Xeon), else fp32 (emulated bf16 is slower)."""
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    try:
+        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bfloat16" if native else "float32"
