@@ -2,7 +2,7 @@
 Anchor-free, one-stage instance segmentation in one file: every backbone, head, target
 builder, loss, mask assembly and decoder, in reading order.
 
-    1. ModelConfig, Method, build_model(cfg)      the knobs of every method, what every model provides
+    1. ModelConfig and Method                     the knobs of every method, what every model provides
     2. Shared by the methods                      reduce_mean (the normalisers' contract), inside (three box
                                                   rules), the layouts of a batch's objects, pooled masks
     3. DLA-34 + DLA-up (CenterNet's `DLASeg`)     stride-4, 64-channel features
@@ -15,7 +15,8 @@ builder, loss, mask assembly and decoder, in reading order.
    10. MaskFCOS                                   FCOS proposals + RoIAlign mask head
    11. CenterMask-FCOS                            Local Shape x Global Saliency on FCOS
    12. FCOSIS                                     attention map, colouring, segmentation head
-   13. Settings of train.py and bench.py          the keys each method reads, the autocast dtype
+   13. build_model(cfg)                           the one entry point: ModelConfig -> the method's model
+   14. Settings of train.py and bench.py          the keys each method reads, the autocast dtype
 
 Elsewhere: weights.py (published weights, old checkpoint keys), accumulate.py (gradient
 accumulation), train.py / eval.py / predict.py / bench.py (the scripts).
@@ -64,7 +65,7 @@ FCOS_FAMILY = ("fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")      
 @dataclass
 class ModelConfig:
     """Architecture knobs of every method, grouped by the methods that read them (CONFIG_GROUPS,
-    section 13, lists the same groups; train.py stops a run that sets a key its method does not read).
+    section 14, lists the same groups; train.py stops a run that sets a key its method does not read).
     Saved in checkpoints as `model_args`."""
     # -- every method ------------------------------------------------------------------------------
     method: str = "centermask"        # which system build_model() makes (METHODS)
@@ -217,22 +218,6 @@ class ModelConfig:
                              "(the direct supervision of [CM] Table 1f is per class)")
 
 
-def method_class(method):
-    """The nn.Module class that implements `method` (sections 7-12)."""
-    return {"centermask": CenterMask, "fcos": FCOS, "fcosreg": FCOS, "maskfcos": MaskFCOS,
-            "centermask_fcos": CenterMaskFCOS, "fcosis": FCOSIS}[method]
-
-
-def method_transform(method):
-    """The data transform of a method's recipe (data.build_transforms; train.py's default)."""
-    return method_class(method).transform
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The one entry point: ModelConfig -> the Method of the requested method."""
-    return method_class(cfg.method)(cfg)
-
-
 class Method(nn.Module):
     """
     What every method's model provides: train.py, eval.py, predict.py and bench.py use this and
@@ -271,7 +256,7 @@ class Method(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 3. Shared by the methods: loss normalisers, box rules, the layouts of a batch's objects, masks
+# 2. Shared by the methods: loss normalisers, box rules, the layouts of a batch's objects, masks
 
 # -- loss normalisers -----------------------------------------------------------------------------
 # Every loss of every method is a sum over the batch divided by a count N (positives, objects,
@@ -1382,59 +1367,10 @@ class CenterMask(Method):
         return results
 
     # -- teaching pictures ([CM] Fig. 3 and 5) --------------------------------------------------
-    @torch.no_grad()
     def teaching_maps(self, images, k=4):
-        """
-        The intermediate results of [CM] Fig. 3 for eval.save_pictures's `maps_fn` hook: what the
-        heads predict and how the top-k detections' masks are put together.
-        images (B, 3, H, W) normalised and padded, as model(images) -> list of B dicts of 2-D
-        tensors (h, w = H/4, W/4; K = min(k, number of heatmap cells); best detection first):
-            "heatmap"       (h, w)  max over classes of the sigmoid heatmap ([CM 3.4])
-            "peaks"         (h, w) int64  rank (1 = best) of each top-K peak (3x3 local
-                                    maximum, as `decode`) at its cell, 0 elsewhere: the
-                                    centres whose heads are read; same numbers as "masks"
-            "saliency"      (h, w)  sigmoid Global Saliency ([CM 3.2]); class-specific: the max
-                                    over classes (every object's pixels, as the class-agnostic
-                                    map drawn in [CM] Fig. 3)
-            "local shapes"  (S, K*(S+1) - 1)  sigmoid S x S local shapes of the top-K detections
-                                    ([CM 3.1]), left to right, separated by NaN columns (blank)
-            "masks"         (H, W) int64  the top-K assembled masks ([CM] eq. 1) as an instance
-                                    map: 1 + rank of the detection whose mask probability is the
-                                    highest there and >= mask_threshold, 0 elsewhere
-        "saliency" / "local shapes" are absent when that branch is switched off (Table 1c/1d,
-        [CM] Fig. 5a/5b). Uses the last stack's heads; runs in eval mode (restored after).
-        """
-        was_training = self.training
-        self.eval()
-        try:
-            out = self.heads(images)
-            dets = self.decode(out, images.shape[-2:], k=k)
-        finally:
-            self.train(was_training)
-        heat = out["heatmap"].float().sigmoid()                              # (B, C, h, w)
-        B, C, h, w = heat.shape
-        scores, labels, ys, xs = topk_peaks(heat, k)                         # (B, K), as decode
-        K = scores.shape[1]
-        # rank map; two classes can peak on one cell: the better rank is kept there
-        ranks = torch.arange(1, K + 1, device=heat.device).expand(B, K)
-        peaks = torch.zeros(B, h * w, dtype=torch.long, device=heat.device).scatter_reduce_(
-            1, ys * w + xs, ranks, "amin", include_self=False).view(B, h, w)  # (B, h, w)
-        maps = []
-        for b in range(B):
-            m = {"heatmap": heat[b].amax(0), "peaks": peaks[b]}
-            if self.saliency is not None:
-                m["saliency"] = out["saliency"][b].float().sigmoid().amax(0)  # (h, w)
-            if self.local_shape is not None:
-                S = self.cfg.shape_size
-                cells = torch.stack([xs[b], ys[b]], 1)                       # (K, 2) as (x, y)
-                local = self.head_sets[-1].shape_at(out, torch.full_like(xs[b], b), cells)
-                local = local.float().sigmoid().view(K, S, S)
-                gap = torch.full((K, S, 1), float("nan"), device=local.device)
-                m["local shapes"] = torch.cat([local, gap], 2).permute(1, 0, 2).reshape(S, -1)[:, :-1]
-            prob, rank = dets[b]["masks"].max(0)                             # (H, W) each
-            m["masks"] = torch.where(prob >= self.mask_threshold, rank + 1, torch.zeros_like(rank))
-            maps.append(m)
-        return maps
+        """The intermediate results of [CM] Fig. 3 for the top-k detections (pictures.py)."""
+        from pictures import centermask_maps
+        return centermask_maps(self, images, k)
 
 
 # -----------------------------------------------------------------------------
@@ -1778,12 +1714,7 @@ class FCOS(Method):
       * FCOSreg: the centerness branch learns w (so inference weights the scores by the
         predicted regularisation map, as FCOS does with its centerness); [IS 3.3] only says
         w replaces centerness as the regression weight. With reg_weights = (1, 0, 0) FCOSreg's
-        losses are FCOS's exactly.
-      * FCOSIS with reg_weights != (1, 0, 0): the box loss is weighted by w as FCOSreg's, the
-        centerness branch keeps learning centerness, and inference weights the scores by w
-        computed from the predicted centerness and the predicted coarse foreground as s ([IS
-        3.3]: w "can be applied if mask information is available during both training and
-        inference, which is supported by FCOSIS"). Default (1, 0, 0): FCOS's weighting.
+        losses are FCOS's exactly. (FCOSIS's own use of w: its `box_weights`, `score_weights`.)
       * Both forms compute the regression in input pixels (targets, losses, decoding);
         "relu_stride" scales the output instead of dividing the targets by the stride (the same
         GIoU, which does not depend on the unit; FCOS's "iou" +1 counts in pixels here).
@@ -1804,8 +1735,7 @@ class FCOS(Method):
         self.strides = self.backbone.strides[self.fcos_levels]                   # [8, 16, 32, 64, 128]
         self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, self.strides, cfg.head_convs, extra,  # shared by P3-P7
                              centerness_on=cfg.centerness_on, reg_form=cfg.reg_form)
-        self.uses_masks = cfg.method == "fcosreg" or (cfg.method == "fcosis" and (  # segmentation labels ([IS 3.3])
-            cfg.reg_weights != (1.0, 0.0, 0.0) or cfg.ambiguity == "mask" or cfg.center_sampling_at == "mass"))
+        self.uses_masks = cfg.method == "fcosreg"  # segmentation labels in `assign` ([IS 3.3]); FCOSIS sets its own
 
     def heads(self, images):
         """The raw network outputs (`Method.heads`): (B, 3, H, W) -> the outputs of `self.head`
@@ -1877,15 +1807,8 @@ class FCOS(Method):
         onehot[pos, assigned["labels"][pos]] = 1.0
         losses = {"cls": sigmoid_focal_loss(out["cls"], onehot, alpha=self.cfg.focal_alpha,
                                             gamma=self.cfg.focal_gamma, reduction="sum") / num_pos}
-        weight = assigned["centerness"][pos]                                     # (M,)
-        if self.cfg.method in ("fcosreg", "fcosis") and self.cfg.reg_weights != (1.0, 0.0, 0.0):
-            seg = (assigned["seg"].gather(1, assigned["matched"].clamp(min=0)[:, None, :])[:, 0]
-                   if "seg" in assigned else None)
-            weight = regression_weights(weight, seg[pos] if seg is not None else weight, self.cfg.reg_weights)
+        weight, ctr_target = self.box_weights(assigned, pos)                     # (M,), (M,)
         assigned["weight"] = weight
-        # FCOSreg's centerness branch learns w itself; FCOSIS's keeps centerness, since at inference
-        # its coarse foreground gives the s of w (`detect`, [IS 3.3] "supported by FCOSIS")
-        ctr_target = assigned["centerness"][pos] if self.cfg.method == "fcosis" else weight
         p = points[None].expand_as(assigned["ltrb"][..., :2])[pos]               # (M, 2)
         pred = torch.cat([p - out["ltrb"][pos][:, :2], p + out["ltrb"][pos][:, 2:]], 1)  # (M, 4)
         gt = torch.cat([p - assigned["ltrb"][pos][:, :2], p + assigned["ltrb"][pos][:, 2:]], 1)
@@ -1898,6 +1821,23 @@ class FCOS(Method):
                                                                   reduction="sum") / num_pos
         return losses, assigned
 
+    def mask_weighted(self, assigned, pos):
+        """FCOSreg's w = a * ctr + b * s + c * sqrt(ctr * s) of the positives (M,) ([IS 3.3],
+        `regression_weights`), s the segmentation label of each positive with its own object."""
+        ctr = assigned["centerness"][pos]
+        seg = (assigned["seg"].gather(1, assigned["matched"].clamp(min=0)[:, None, :])[:, 0]
+               if "seg" in assigned else None)
+        return regression_weights(ctr, seg[pos] if seg is not None else ctr, self.cfg.reg_weights)
+
+    def box_weights(self, assigned, pos):
+        """Hook: the weight of each positive's box loss and the target of the centerness branch,
+        each (M,). FCOS: the centerness target, both ([FCOS] 3.3). FCOSreg: w (`mask_weighted`)
+        for both: its centerness branch learns w itself ([IS 3.3])."""
+        weight = assigned["centerness"][pos]                                     # (M,)
+        if self.cfg.method == "fcosreg" and self.cfg.reg_weights != (1.0, 0.0, 0.0):
+            weight = self.mask_weighted(assigned, pos)
+        return weight, weight
+
     def extra_losses(self, x: FCOSPass):
         """Hook for the methods built on FCOS (MaskFCOS, CenterMask-FCOS, FCOSIS): their own
         losses (a dict of named scalars), from the training pass `x` (its `targets` and
@@ -1905,6 +1845,11 @@ class FCOS(Method):
         return {}
 
     # -- inference ([FCOS] 4) ----------------------------------------------------------------------
+    def score_weights(self, out):
+        """Hook: what multiplies the class probabilities at inference, (B, P): the predicted
+        centerness ([FCOS] 3.3; FCOSreg's branch predicts w there)."""
+        return out["centerness"].float().sigmoid()
+
     @torch.no_grad()
     def detect(self, x: FCOSPass, max_detections=None):
         """
@@ -1914,11 +1859,7 @@ class FCOS(Method):
         from torchvision.ops import batched_nms
         cfg, out, points, levels, input_hw = self.cfg, x.out, x.points, x.levels, x.input_hw
         cls = out["cls"].float().sigmoid()                                       # (B, P, C)
-        ctr = out["centerness"].float().sigmoid()                                # (B, P)
-        if cfg.method == "fcosis" and cfg.reg_weights != (1.0, 0.0, 0.0):
-            # [IS 3.3]: "can be applied if mask information is available during both training
-            # and inference, which is supported by FCOSIS": s = the predicted coarse foreground
-            ctr = regression_weights(ctr, out["extra"][..., 2].float().sigmoid(), cfg.reg_weights)
+        ctr = self.score_weights(out)                                            # (B, P)
         B, P, C = cls.shape
         score = cls * ctr[..., None]                                             # (B, P, C)
         # the candidates: FCOS tests the class probability (score_threshold_on="cls"), torchvision's
@@ -2733,7 +2674,16 @@ class FCOSIS(FCOS):
         instance's padded crop reaches into another instance of its own pass.
       * The "none" baseline is trained with the same per-instance padded-crop loss, on the
         instance's class channel. Loss weights are all 1 ([IS] gives none).
+      * reg_weights != (1, 0, 0): the box loss is weighted by w as FCOSreg's, the
+        centerness branch keeps learning centerness, and inference weights the scores by w
+        computed from the predicted centerness and the predicted coarse foreground as s ([IS
+        3.3]: w "can be applied if mask information is available during both training and
+        inference, which is supported by FCOSIS"). Default (1, 0, 0): FCOS's weighting.
     """
+
+    # the channels of the box tower's `extra` (FCOSHead) at every location ([IS 3.2.1]): the centre of
+    # mass offset (r_x, r_y) in strides, then the coarse foreground logit
+    COM, FOREGROUND = slice(0, 2), 2
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, extra=3, first_level=2)                            # P2-P7; head on P3-P7
@@ -2744,13 +2694,34 @@ class FCOSIS(FCOS):
         self.attention = None if cfg.attention == "none" else AttentionMap(cfg.attention, cfg.attention_assign,
                                                                                  cfg.location_offset,
                                                                                  cfg.attention_background)
+        # FCOSreg's assignment and weights where asked for: every location's segmentation labels ([IS 3.3])
+        self.uses_masks = (cfg.reg_weights != (1.0, 0.0, 0.0) or cfg.ambiguity == "mask"
+                           or cfg.center_sampling_at == "mass")
+
+    def box_weights(self, assigned, pos):
+        """FCOS's hook: the box loss weighted by FCOSreg's w when reg_weights != (1, 0, 0); the
+        centerness branch keeps learning centerness, since at inference the coarse foreground gives
+        the s of w (`score_weights`)."""
+        weight = assigned["centerness"][pos]                                     # (M,)
+        if self.cfg.reg_weights != (1.0, 0.0, 0.0):
+            weight = self.mask_weighted(assigned, pos)
+        return weight, assigned["centerness"][pos]
+
+    def score_weights(self, out):
+        """FCOS's hook: [IS 3.3], w "can be applied if mask information is available during both
+        training and inference, which is supported by FCOSIS": s = the predicted coarse foreground."""
+        ctr = out["centerness"].float().sigmoid()                                # (B, P)
+        if self.cfg.reg_weights != (1.0, 0.0, 0.0):
+            ctr = regression_weights(ctr, out["extra"][..., self.FOREGROUND].float().sigmoid(), self.cfg.reg_weights)
+        return ctr
 
     def p3_maps(self, out):
         """The P3 detection outputs the attention map is built from: regressed centres (B, 2,
         h, w) input frame and coarse foreground probabilities (B, 1, h, w)."""
         h, w = out["hw"][0]
         p3 = out["extra"][:, :h * w].float().transpose(1, 2).reshape(-1, 3, h, w)   # (B, 3, h, w)
-        return regressed_centers(p3[:, :2], self.strides[0], self.cfg.location_offset), p3[:, 2:3].sigmoid()
+        fg = self.FOREGROUND
+        return regressed_centers(p3[:, self.COM], self.strides[0], self.cfg.location_offset), p3[:, fg:fg + 1].sigmoid()
 
     def attention_inputs(self, out, p2_hw):
         """
@@ -2804,11 +2775,11 @@ class FCOSIS(FCOS):
         flat = {k: v.to(device) for k, v in flatten_targets(targets, 1).items()}  # stride 1: input frame
         boxes, labels, batch = flat["boxes"], flat["labels"], flat["batch"]      # (M, 4), (M,), (M,)
         masks = batch_masks(targets, H, W, device)                               # (M, H, W)
-        extra = out["extra"].float()                                             # (B, P, 3)
+        extra = out["extra"].float()                                             # (B, P, 3): COM, FOREGROUND
         # coarse foreground of every level: BCE against the pooled union of the masks
         fg_target = torch.cat([coarse_foreground_targets(masks, s, batch, B, hw).flatten(1)
                                for s, hw in zip(self.strides, out["hw"])], 1)   # (B, P)
-        losses = {"foreground": F.binary_cross_entropy_with_logits(extra[..., 2], fg_target, reduction="sum")
+        losses = {"foreground": F.binary_cross_entropy_with_logits(extra[..., self.FOREGROUND], fg_target, reduction="sum")
                   / reduce_mean(torch.tensor(float(fg_target.numel()), device=device))}
         # centre-of-mass regression, in stride units
         mass = center_of_mass(masks, boxes)                                      # (M, 2)
@@ -2819,7 +2790,7 @@ class FCOSIS(FCOS):
             matched = torch.where(x.assigned["matched"] >= 0, x.assigned["matched"] + first[:, None], -1)
         strides = torch.tensor(self.strides, device=device, dtype=torch.float32)[x.levels]
         com_target, valid = center_of_mass_targets(points, strides, matched, mass, masks)
-        losses["com"] = center_of_mass_loss(extra[..., :2], com_target, valid,
+        losses["com"] = center_of_mass_loss(extra[..., self.COM], com_target, valid,
                                             normalizer=reduce_mean(valid.sum().float()).clamp(min=1))
         # the padded-crop segmentation loss of every instance
         M = len(boxes)
@@ -2852,7 +2823,7 @@ class FCOSIS(FCOS):
             return None, None, batch
         # each detection's centre: the centre of mass regressed at its own location
         s = torch.tensor(self.strides, device=device, dtype=torch.float32)[levels[index]]
-        centers = points[index] + s[:, None] * out["extra"][batch, index, :2].float()
+        centers = points[index] + s[:, None] * out["extra"][batch, index, self.COM].float()
         # duplicates compete as one object for the attention map's locations (`duplicate_owners`)
         owner, competes = duplicate_owners(boxes, torch.cat([d["scores"] for d in dets]), batch,
                                            self.cfg.assign_nms_threshold, self.cfg.assign_score_floor)
@@ -2872,73 +2843,34 @@ class FCOSIS(FCOS):
         self.predict_masks(dets, x)
         return dets
 
-    @torch.no_grad()
     def teaching_maps(self, images, k=8, score_threshold=0.3):
-        """
-        What [IS] Fig. 2-4 show, for eval.save_pictures's `maps_fn` hook. images (B, 3, H, W) ->
-        list of B dicts (h, w = H/8, W/8, the P3 grid of the detection head's outputs):
-            "centre of mass field"  (h, w, 3) RGB: hue = angle of the regressed vector (r_x,
-                                    r_y), brightness = coarse foreground (Fig. 3)
-            "coarse foreground"     (h, w) sigmoid of the detection head's coarse segmentation
-            "attention map"         the attention map of the best detection's pass, on its own
-                                    grid (H/4, W/4; (h, w) with attention_grid="p3")
-                                    (absent for the "none" baseline)
-            "colour groups"         (H, W) int64: each detection's box (score >= threshold,
-                                    best k) filled with 1 + its colour (one segmentation pass
-                                    per colour, Fig. 4); overlapping boxes have other colours
-            "masks"                 (H, W) int64: 1 + rank of the detection whose mask is the
-                                    most probable there and >= mask_threshold
-        """
-        was_training = self.training
-        self.eval()
-        try:
-            out = self.heads(images)
-            points, _, levels = self.locations(out["hw"], images.shape[-2:], images.device)
-            x = FCOSPass(out, out["features"], points, levels, tuple(images.shape[-2:]))
-            dets = self.detect(x, k)
-            for d in dets:  # keep the confident ones: the picture is about them
-                keep = d["scores"] >= score_threshold
-                for key in list(d):
-                    d[key] = d[key][keep]
-            att, groups, batch = self.predict_masks(dets, x)
-        finally:
-            self.train(was_training)
-        regressed, fg = self.p3_maps(out)
-        h, w = fg.shape[-2:]
-        loc = fcos_locations([(h, w)], [self.strides[0]], images.device,
-                             self.cfg.location_offset)[0].t().reshape(1, 2, h, w)
-        vec = regressed - loc                                                    # (B, 2, h, w) input pixels
-        hue = (torch.atan2(vec[:, 1], vec[:, 0]) / (2 * math.pi)) % 1.0          # (B, h, w) in [0, 1)
-        H, W = images.shape[-2:]
-        maps = []
-        for b, d in enumerate(dets):
-            m = {"centre of mass field": hsv_to_rgb(hue[b], fg[b, 0]), "coarse foreground": fg[b, 0]}
-            mine = (batch == b).nonzero()[:, 0] if len(batch) else batch
-            if att is not None and len(mine):
-                m["attention map"] = att[groups[mine[0]], 0]
-            colour = torch.zeros(H, W, dtype=torch.long, device=images.device)
-            if len(mine):
-                inside = boxes_inside(d["boxes"], H, W)                          # (K, H, W)
-                cols = coloring_groups(d["boxes"], torch.zeros(len(mine), dtype=torch.long, device=images.device))[0]
-                for j in range(len(mine)):  # a handful of boxes, drawn in rank order
-                    colour[inside[j]] = cols[j] + 1
-                prob, rank = d["masks"].max(0)
-                m["masks"] = torch.where(prob >= self.mask_threshold, rank + 1, torch.zeros_like(rank))
-            else:
-                m["masks"] = colour.clone()
-            m["colour groups"] = colour
-            maps.append(m)
-        return maps
-
-
-def hsv_to_rgb(h, v):
-    """Hue h and value v, each (h, w) in [0, 1], full saturation -> (h, w, 3) RGB in [0, 1]."""
-    k = (torch.tensor([5.0, 3.0, 1.0], device=h.device) + h[..., None] * 6) % 6  # (h, w, 3)
-    return v[..., None] * (1 - (torch.minimum(k, 4 - k).clamp(0, 1)))
+        """What [IS] Fig. 2-4 show, for the best k detections scoring at least score_threshold (pictures.py)."""
+        from pictures import fcosis_maps
+        return fcosis_maps(self, images, k, score_threshold)
 
 
 # -----------------------------------------------------------------------------
-# 13. The settings of train.py and bench.py: which keys each method reads, the autocast dtype
+# 13. build_model: ModelConfig -> the model of its method (sections 7-12)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The one entry point: ModelConfig -> the Method of the requested method."""
+    return method_class(cfg.method)(cfg)
+
+
+def method_class(method):
+    """The nn.Module class that implements `method` (sections 7-12)."""
+    return {"centermask": CenterMask, "fcos": FCOS, "fcosreg": FCOS, "maskfcos": MaskFCOS,
+            "centermask_fcos": CenterMaskFCOS, "fcosis": FCOSIS}[method]
+
+
+def method_transform(method):
+    """The data transform of a method's recipe (data.build_transforms; train.py's default)."""
+    return method_class(method).transform
+
+
+# -----------------------------------------------------------------------------
+# 14. The settings of train.py and bench.py: which keys each method reads, the autocast dtype
 
 # The groups of ModelConfig and the methods (and backbone) that read each one: (group, methods,
 # backbone or None for any, fields). Every field is in exactly one group (tests/test_configurator.py).

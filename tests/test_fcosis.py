@@ -710,7 +710,7 @@ def test_fcosis_empty_batch_keeps_every_parameter_in_the_graph():
 def test_hsv_field_colours():
     """Guards the angle colouring of the centre-of-mass field (Fig. 3): hue 0 -> red (1, 0, 0),
     1/3 -> green, 2/3 -> blue, value 0 -> black."""
-    from model import hsv_to_rgb
+    from pictures import hsv_to_rgb
     rgb = hsv_to_rgb(torch.tensor([[0.0, 1 / 3, 2 / 3, 0.5]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
     assert torch.allclose(rgb[0, :3], torch.eye(3), atol=1e-6)
     assert rgb[0, 3].tolist() == [0, 0, 0]
