@@ -985,7 +985,8 @@ def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
     wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)       # (M, H, s)
     wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)       # (M, W, s)
     # fp32 even under autocast: the (M, H, W) result is what every later step reads and writes,
-    # and bf16 elementwise work on it is 3x slower on CPUs (measured), besides less precise
+    # and bf16 elementwise work on it is slower on CPUs (RESULTS.md, "Numbers behind model.py's choices")
+    # besides less precise
     with torch.autocast(small.device.type, enabled=False):
         values = wy @ small.float() @ wx.transpose(1, 2)                                     # (M, H, W)
     if separable:
@@ -1137,8 +1138,8 @@ class CenterMaskHeads(LocalShapeKeys, nn.Module):
     The shape vector is only ever read at a few cells (the ground-truth centres in training,
     the top-100 peaks at test), so by default the dict carries the head's input instead,
     "shape_features" (B, cin, h, w), and `shape_at` evaluates the head at those cells alone
-    (the same numbers; computed densely, the 1024-channel head is a fifth of the model's FLOPs at
-    512 x 512 and half its CPU inference time, README "Speed notes").
+    (the same numbers; computed densely, the 1024-channel head is a large share of the model's
+    FLOPs and CPU inference time: RESULTS.md, "Numbers behind model.py's choices").
     forward(p, dense_shape=True) returns the dense "shape" map (tests, inspection).
     """
 
@@ -1206,8 +1207,8 @@ class CenterMask(Method):
       * The mask loss is evaluated on the stride-4 grid against the ground-truth mask
         average-pooled to stride 4 (soft targets); [CM] does not say at which resolution.
         `mask_loss_grid="input"` evaluates it on the input pixels against the binary mask
-        instead (the shapes quick start: its objects are mostly 8-30 px, and masks that match the
-        stride-4 targets exactly, upsampled, score only 0.61 mask AP there).
+        instead (the shapes quick start: its objects are mostly 8-30 px, too small for masks that
+        match the stride-4 targets exactly; RESULTS.md, "Numbers behind model.py's choices").
       * L1 losses are normalised by 2N as CenterNet's code (see `l1_at_centers`).
       * Boxes narrower than one output pixel are widened to one pixel before assembly.
       * The Table 1f saliency loss weight is not given in [CM]; we use 1.
@@ -2923,8 +2924,8 @@ def check_settings(settings):
 
 def auto_dtype(device_type):
     """The autocast dtype train.py and bench.py use for dtype="auto": bf16 on GPUs that have
-    it, else fp16; on the CPU bf16 only where oneDNN runs it natively (AMX / AVX512-BF16:
-    1.45x faster training measured on a 2-core Xeon), else fp32 (emulated bf16 is slower)."""
+    it, else fp16; on the CPU bf16 only where oneDNN runs it natively (AMX / AVX512-BF16; RESULTS.md,
+    "Machines"), else fp32 (emulated bf16 is slower)."""
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     try:

@@ -345,8 +345,8 @@ raw_model = model
 # every step (torch's AveragedModel). Evaluations, checkpoints' "ema" entry (which eval.py loads)
 # and the pictures use it; training and resume continue from the raw weights. The decay is constant
 # (no warm-up), so for the first ~1/(1 - d) steps the average still carries the initial weights
-# (on the shapes quick start, d = 0.998 ended at mask AP 0.478 against 0.486 without it: RESULTS.md,
-# "CenterMask quick start: tried and not kept").
+# (what d = 0.998 was worth on the shapes quick start: RESULTS.md, "CenterMask quick start: tried and
+# not kept").
 ema = None
 if ema_decay > 0:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
