@@ -141,8 +141,8 @@ class ModelConfig:
     com_assignment: str = "mask"      # locations regressing the centre of mass: "mask" (every mask pixel, [IS] Fig. 3)
                                       # or "positive" (FCOS positives inside the mask; see `FCOSIS`)
     attention_assign: str = "image"   # locations are assigned among the objects of their image ("image", [IS 3.2.1]:
-                                      # a neighbour's pixels are distractors, -mu) or of their pass only ("pass",
-                                      # an ablation: no location is ever a distractor); see `attention_maps`
+                                      # a neighbour's pixels are distractors, -mu) or of their colour group ("pass",
+                                      # one segmentation forward; an ablation: no location is ever a distractor)
     attention_background: str = "distractor_only"  # what -mu marks inside a box ([IS 3.2.1]: "the background or
                                       # distractor instances"): "distractor_only" (a neighbour's locations; the own
                                       # object's get lambda * coarse fg, ~0 on its background) or "own_background"
@@ -1014,19 +1014,19 @@ def min_size_boxes(center, wh, min_size=1.0):
     return torch.cat([center - half, center + half], dim=1)
 
 
-def saliency_targets(pooled, batch, channels, num_images, num_channels):
+def saliency_targets(pooled, batch, sal_channel, num_images, num_channels):
     """
     The per-channel union of the ground-truth masks on the output grid: the target of [CM] Table
     1f's direct saliency loss (class-specific: channel = the object's label). pooled (M, h, w)
-    each object's mask average-pooled to the grid; batch (M,) its image; channels (M,) its
-    saliency channel (0 for one class-agnostic map) -> (B, n, h, w), B = num_images,
+    each object's mask average-pooled to the grid; batch (M,) its image; sal_channel (M,)
+    its saliency channel (0 for one class-agnostic map) -> (B, n, h, w), B = num_images,
     n = num_channels: the max over the objects of each image and channel, 0 where there is none.
     (A cell half covered by each of two touching objects of one channel gets 0.5: each mask is
     pooled before the union.)
     """
     M, h, w = pooled.shape
     out = torch.zeros(num_images * num_channels, h * w, device=pooled.device, dtype=pooled.dtype)
-    row = (batch * num_channels + channels)[:, None].expand(M, h * w)          # (M, h*w) its map
+    row = (batch * num_channels + sal_channel)[:, None].expand(M, h * w)          # (M, h*w) its map
     return out.scatter_reduce_(0, row, pooled.reshape(M, -1), "amax").view(num_images, num_channels, h, w)
 
 
@@ -1059,20 +1059,20 @@ def mask_log_terms(L=None, G=None):
     return log_m, torch.log1p(-log_m.exp().clamp(max=1 - 1e-6))
 
 
-def assemble_masks(local, saliency, batch, channels, boxes, grid_hw, pixel, log_space=False):
+def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False):
     """
     Local Shape x Global Saliency ([CM 3.3] eq. 1) for M objects at once, on a pixel grid.
         local     (M, S, S) local-shape logits, or None (saliency-only, Table 1c)
         saliency  (B, n, h, w) saliency logits (cell j has centre j + 0.5 in output units), or
                   None (shape-only, Table 1d)
-        batch (M,) image of each object; channels (M,) its saliency channel (0, or its class)
+        batch (M,) image of each object; sal_channel (M,) its saliency channel (0, or its class)
         boxes (M, 4) xyxy in output units; grid_hw (gh, gw): grid pixel j has centre
                   (j + 0.5) * pixel in output units (pixel = 1: the output grid itself;
                   pixel = 1/R: the input resolution)
     The S x S shape is stretched over the box by a bilinear, border-clamped resize
     (`stretch_to_boxes`, [CM 3.1]); the saliency map is bilinearly resampled onto the grid and
     read in the box ([CM 3.2]). Returns (M, gh, gw) probabilities, zero outside each box:
-        M = sigmoid(L) * sigmoid(G) * in_box,  L = the stretched shape, G = saliency[batch, channels]
+        M = sigmoid(L) * sigmoid(G) * in_box,  L = the stretched shape, G = saliency[batch, sal_channel]
     or with log_space=True (log M, log(1 - M), in_box) for the loss (`mask_log_terms`); in_box
     (M, gh, gw) bool, the pixel centres in the box ("closed"). Used by CenterMask and
     CenterMask-FCOS. Inference computes the same formula the cheap way: in place, the saliency's
@@ -1089,7 +1089,7 @@ def assemble_masks(local, saliency, batch, channels, boxes, grid_hw, pixel, log_
     if log_space:  # eq. 1 as written, in log space for the loss (`mask_log_terms`)
         L, in_box = (stretch_to_boxes(local, boxes, gh, gw, pixel) if local is not None
                      else (None, boxes_inside(boxes, gh, gw, pixel)))                  # (M, gh, gw)
-        G = saliency[batch, channels] if saliency is not None else None              # (M, gh, gw)
+        G = saliency[batch, sal_channel] if saliency is not None else None              # (M, gh, gw)
         log_m, log_1m = mask_log_terms(L, G)
         return log_m, log_1m, in_box
     # inference: the same product in place, no (M, gh, gw) temporaries; the box crop one axis at a time
@@ -1100,10 +1100,10 @@ def assemble_masks(local, saliency, batch, channels, boxes, grid_hw, pixel, log_
         masks = boxes_inside(boxes, gh, gw, pixel).float()
     if saliency is not None:
         sal_prob = saliency.float().sigmoid()                                    # (B, n, gh, gw)
-        if bool((batch == batch[0]).all() and (channels == channels[0]).all()):
-            masks.mul_(sal_prob[batch[0], channels[0]])                          # one map: broadcast
+        if bool((batch == batch[0]).all() and (sal_channel == sal_channel[0]).all()):
+            masks.mul_(sal_prob[batch[0], sal_channel[0]])                          # one map: broadcast
         else:
-            masks.mul_(sal_prob[batch, channels])                                # (M, gh, gw)
+            masks.mul_(sal_prob[batch, sal_channel])                                # (M, gh, gw)
     if local is not None:  # zero outside the boxes
         masks.mul_(in_y).mul_(in_x)
     return masks
@@ -1137,7 +1137,7 @@ class CenterMaskHeads(LocalShapeKeys, nn.Module):
     maps absent from the dict) when their branch is switched off.
     The shape vector is only ever read at a few cells (the ground-truth centres in training,
     the top-100 peaks at test), so by default the dict carries the head's input instead,
-    "shape_features" (B, cin, h, w), and `shape_at` evaluates the head at those cells alone
+    "features" (B, cin, h, w), and `shape_at` evaluates the head at those cells alone
     (the same numbers; computed densely, the 1024-channel head is a large share of the model's
     FLOPs and CPU inference time: RESULTS.md, "Numbers behind model.py's choices").
     forward(p, dense_shape=True) returns the dense "shape" map (tests, inspection).
@@ -1160,7 +1160,7 @@ class CenterMaskHeads(LocalShapeKeys, nn.Module):
             if dense_shape:
                 out["shape"] = self.local_shape(p)             # (B, S*S, h, w)
             else:
-                out["shape_features"] = p                      # (B, cin, h, w), read by shape_at
+                out["features"] = p                            # (B, cin, h, w), read by shape_at
         if self.saliency is not None:
             out["saliency"] = self.saliency(p)                 # (B, 1 or C, h, w)
         return out
@@ -1170,13 +1170,13 @@ class CenterMaskHeads(LocalShapeKeys, nn.Module):
         Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of the
         stride-4 map. The plain form: the dense map self.local_shape(p) (B, S*S, h, w) read at
         the cells, [b, :, y, x] (`gather_at`; what a dense "shape" map in `out` gets). The fast
-        form, for "shape_features": the same Conv3x3 + ReLU + Conv1x1 evaluated at those cells
+        form, for "features": the same Conv3x3 + ReLU + Conv1x1 evaluated at those cells
         alone (`conv3x3_at`, then the 1x1 conv as a matrix product): equal numbers.
         """
         if "shape" in out:
             return gather_at(out["shape"], batch, cells_xy)
         conv3, _, conv1 = self.local_shape                      # Conv3x3, ReLU, Conv1x1 (`conv_relu_conv`)
-        hidden = F.relu(conv3x3_at(conv3, out["shape_features"], batch, cells_xy[:, 1], cells_xy[:, 0]))
+        hidden = F.relu(conv3x3_at(conv3, out["features"], batch, cells_xy[:, 1], cells_xy[:, 0]))
         return F.linear(hidden, conv1.weight.flatten(1), conv1.bias)  # (M, S*S)
 
 
@@ -1268,12 +1268,12 @@ class CenterMask(Method):
         return {k: sum(losses[k] for losses in per_stack) / len(per_stack) for k in per_stack[0]}
 
     # -- mask assembly ([CM 3.3] eq. 1) --------------------------------------------------------
-    def assemble(self, out, batch, centers_int, boxes, channels, grid_hw, pixel, log_space=False, head_set=None):
+    def assemble(self, out, batch, centers_int, boxes, sal_channel, grid_hw, pixel, log_space=False, head_set=None):
         """
         Assemble the masks of M objects on a (grid_h, grid_w) pixel grid (see `assemble_masks`).
             batch (M,) image index; centers_int (M, 2) output-frame cell whose shape vector is
             read; boxes (M, 4) xyxy in the grid's frame scaled so that grid pixel j has centre
-            (j + 0.5) * pixel in output units; channels (M,) saliency channel per object.
+            (j + 0.5) * pixel in output units; sal_channel (M,) saliency channel per object.
             head_set: the CenterMaskHeads that produced `out` (default: the last stack's).
         """
         local = None
@@ -1281,7 +1281,7 @@ class CenterMask(Method):
             S = self.cfg.shape_size
             head_set = self.head_sets[-1] if head_set is None else head_set
             local = head_set.shape_at(out, batch, centers_int).view(len(batch), S, S)  # (M, S, S)
-        return assemble_masks(local, out.get("saliency"), batch, channels, boxes, grid_hw, pixel, log_space)
+        return assemble_masks(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw, pixel, log_space)
 
     # -- training -------------------------------------------------------------------------------
     def losses(self, out, targets, head_set=None):
@@ -1314,14 +1314,14 @@ class CenterMask(Method):
             keep += list(head_set.local_shape.parameters()) if head_set.local_shape is not None else []
             losses["mask"] = sum(x.sum() * 0 for x in keep)
         else:
-            channels = objs["labels"] if self.cfg.saliency == "specific" else torch.zeros_like(objs["labels"])
+            sal_channel = objs["labels"] if self.cfg.saliency == "specific" else torch.zeros_like(objs["labels"])
             boxes = min_size_boxes(objs["center"], objs["wh"])                            # teacher forcing
             if self.cfg.mask_loss_grid == "input":   # input pixels (centre (j + 0.5) / R), binary truth
                 grid, pixel, gt = (h * R, w * R), 1.0 / R, gt_masks.float()              # (M, H, W)
             else:                                    # the stride-R output grid, soft truth
                 grid, pixel, gt = (h, w), 1.0, gt_small                                  # (M, h, w)
             log_m, log_1m, in_box = self.assemble(out, objs["batch"], objs["center_int"], boxes,
-                                                  channels, grid, pixel, log_space=True, head_set=head_set)
+                                                  sal_channel, grid, pixel, log_space=True, head_set=head_set)
             bce = -(gt * log_m + (1 - gt) * log_1m)                                      # (M, gh, gw)
             in_box = in_box.float()
             per_object = (bce * in_box).sum((1, 2)) / in_box.sum((1, 2)).clamp(min=1)     # (M,)
@@ -1356,12 +1356,12 @@ class CenterMask(Method):
         wh = gather_at(out["size"].float(), batch, cells).clamp(min=0)       # (B*K, 2)
         center = cells.float() + offset                                      # output frame
         boxes_out = min_size_boxes(center, wh)                               # (B*K, 4) output frame
-        channels = labels.reshape(-1) if self.cfg.saliency == "specific" else torch.zeros_like(batch)
+        sal_channel = labels.reshape(-1) if self.cfg.saliency == "specific" else torch.zeros_like(batch)
         H, W = input_hw
         results = []
         for b in range(B):  # one image at a time bounds the (K, H, W) memory
             sl = slice(b * k, (b + 1) * k)
-            masks = self.assemble(out, batch[sl], cells[sl], boxes_out[sl], channels[sl],
+            masks = self.assemble(out, batch[sl], cells[sl], boxes_out[sl], sal_channel[sl],
                                   (H, W), 1.0 / R)                           # (K, H, W)
             results.append({"boxes": (boxes_out[sl] * R).clamp(min=0).clamp(max=torch.tensor([W, H, W, H], device=heat.device)),
                             "scores": scores[b], "labels": labels[b], "masks": masks})
@@ -1655,7 +1655,7 @@ class FCOSHead(nn.Module):
 
 
 @dataclass
-class FCOSPass:
+class FCOSForward:
     """
     One forward of the FCOS detector, as the methods built on it (MaskFCOS, CenterMask-FCOS,
     FCOSIS) read it in their hooks, `extra_losses(x)` (training) and `postprocess(x)` (inference).
@@ -1754,7 +1754,7 @@ class FCOS(Method):
         """Head outputs -> detections (and masks): the inference post-processing. The
         detections' `index` (their location, read by the mask branches) is dropped here."""
         points, _, levels = self.locations(out["hw"], input_hw, out["cls"].device)
-        dets = self.postprocess(FCOSPass(out, out["features"], points, levels, tuple(input_hw)))
+        dets = self.postprocess(FCOSForward(out, out["features"], points, levels, tuple(input_hw)))
         for d in dets:
             del d["index"]
         return dets
@@ -1771,7 +1771,7 @@ class FCOS(Method):
             out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
             losses, assigned = self.detection_losses(out, points, strides, targets)
         # the mask branches run their convs under autocast and cast their logits to fp32
-        x = FCOSPass(out, features, points, levels, tuple(images.shape[-2:]), targets, assigned)
+        x = FCOSForward(out, features, points, levels, tuple(images.shape[-2:]), targets, assigned)
         losses.update(self.extra_losses(x))
         losses["loss"] = sum(losses.values())
         return losses
@@ -1839,9 +1839,9 @@ class FCOS(Method):
             weight = self.mask_weighted(assigned, pos)
         return weight, weight
 
-    def extra_losses(self, x: FCOSPass):
+    def extra_losses(self, x: FCOSForward):
         """Hook for the methods built on FCOS (MaskFCOS, CenterMask-FCOS, FCOSIS): their own
-        losses (a dict of named scalars), from the training pass `x` (its `targets` and
+        losses (a dict of named scalars), from the training forward `x` (its `targets` and
         `assigned` set). FCOS and FCOSreg have none."""
         return {}
 
@@ -1852,7 +1852,7 @@ class FCOS(Method):
         return out["centerness"].float().sigmoid()
 
     @torch.no_grad()
-    def detect(self, x: FCOSPass, max_detections=None):
+    def detect(self, x: FCOSForward, max_detections=None):
         """
         Head outputs -> per image a dict of the kept detections: boxes (K, 4), scores (K,),
         labels (K,) and `index` (K,) the flat location each came from (for the mask branches).
@@ -1890,8 +1890,8 @@ class FCOS(Method):
             results.append({"boxes": boxes[keep], "scores": s[keep], "labels": lab[keep], "index": lo[keep]})
         return results
 
-    def postprocess(self, x: FCOSPass):
-        """Hook: the inference pass `x` -> the final per-image dicts (`detect`'s); the mask
+    def postprocess(self, x: FCOSForward):
+        """Hook: the inference forward `x` -> the final per-image dicts (`detect`'s); the mask
         methods add their masks here."""
         return self.detect(x)
 
@@ -1972,7 +1972,7 @@ class MaskFCOS(FCOS):
         logits = self.mask_head(self.roi_features(features, batch, boxes))       # (K, C, 28, 28)
         return logits[torch.arange(len(boxes), device=boxes.device), labels]
 
-    def extra_losses(self, x: FCOSPass):
+    def extra_losses(self, x: FCOSForward):
         from torchvision.ops import box_iou
         targets, features, device = x.targets, x.features, x.points.device
         dets = self.detect(x, self.cfg.mask_proposals)
@@ -1999,7 +1999,7 @@ class MaskFCOS(FCOS):
         # mean pixel BCE, the pixel count averaged over processes (reduce_mean)
         return {"mask": F.binary_cross_entropy_with_logits(logits, mask_target, reduction="sum") / num_pixels}
 
-    def postprocess(self, x: FCOSPass):
+    def postprocess(self, x: FCOSForward):
         dets = self.detect(x)
         device = x.points.device
         batch = image_index([len(d["boxes"]) for d in dets], device)            # (K,) over the batch
@@ -2076,7 +2076,7 @@ class CenterMaskFCOS(LocalShapeKeys, FCOS):
             start += h * w
         return res.view(-1, S, S)
 
-    def extra_losses(self, x: FCOSPass):
+    def extra_losses(self, x: FCOSForward):
         out, assigned, targets, device = x.out, x.assigned, x.targets, x.points.device
         pos = assigned["matched"] >= 0                                           # (B, P)
         batch, index = pos.nonzero(as_tuple=True)                                # (M,) each
@@ -2103,7 +2103,7 @@ class CenterMaskFCOS(LocalShapeKeys, FCOS):
         bce = -(mask_target * log_m + (1 - mask_target) * log_1m)                # (M, S, S)
         return {"mask": self.cfg.loss_weights[3] * bce.sum() / num_pixels}      # mean over processes' pixels
 
-    def postprocess(self, x: FCOSPass):
+    def postprocess(self, x: FCOSForward):
         dets = self.detect(x)
         sal = self.saliency(x.features[self.fcos_levels][0]).float() if self.saliency is not None else None
         R = self.strides[0]
@@ -2124,7 +2124,7 @@ class CenterMaskFCOS(LocalShapeKeys, FCOS):
 #
 #     padding     optimal_padding                          padded-crop loss padding [IS 3.2.2]
 #     colouring   box_overlap_graph, greedy_coloring,       Largest-First groups that share one
-#                 largest_first_coloring, coloring_groups  segmentation pass [IS 3.2.1]
+#                 largest_first_coloring, coloring_groups  segmentation forward [IS 3.2.1]
 #     targets     center_of_mass, average_pool_masks,       centre-of-mass regression and coarse
 #                 mask_assignment, center_of_mass_targets,  foreground of the detection head
 #                 center_of_mass_loss, coarse_foreground_targets          [IS 3.2.1]
@@ -2191,7 +2191,7 @@ def greedy_coloring(adjacency):
     visit the vertices by degree, highest first, ties by lower index first (stable sort);
     each takes the smallest colour no already-coloured neighbour has.
     adjacency (N, N) bool symmetric -> (N,) int64 colours 0..K-1 on the same device.
-    The greedy pass is sequential by nature: it runs once on CPU Python lists, O(N + E), after
+    The greedy colouring is sequential by nature: it runs once on CPU Python lists, O(N + E), after
     one device -> host copy (N is the number of instances of a batch, ~100s).
     """
     N = adjacency.shape[0]
@@ -2213,8 +2213,8 @@ def greedy_coloring(adjacency):
 def largest_first_coloring(boxes):
     """
     Colour id per box such that no two overlapping boxes (IoU > 0) share one [IS 3.2.1]:
-    the instances of one colour share an attention map and one segmentation forward pass.
-    boxes (N, 4) xyxy -> (N,) int64 in 0..K-1 (K = number of passes; N = 0 -> empty).
+    the instances of one colour share an attention map and one segmentation forward.
+    boxes (N, 4) xyxy -> (N,) int64 in 0..K-1 (K = number of colours; N = 0 -> empty).
     Largest-First heuristic, ties by lower index (see `greedy_coloring`).
     """
     return greedy_coloring(box_overlap_graph(boxes))
@@ -2222,7 +2222,7 @@ def largest_first_coloring(boxes):
 
 def coloring_groups(boxes, batch):
     """
-    Segmentation passes of a batch: instances of the same image and the same Largest-First
+    The colour groups of a batch: instances of the same image and the same Largest-First
     colour form one group [IS 3.2.1]. One colouring of the block-diagonal overlap graph
     gives every image the colours it would get alone (the stable degree order keeps each
     image's relative order, and images share no edge).
@@ -2397,8 +2397,9 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
         background  "distractor_only": as above; "own_background": j's own locations get
                     lam * f - mu * (1 - f), -mu on j's own background too ([IS 3.2.1]: "-mu marks
                     pixels which belong to the background or distractor instances")
-        assign      "image": the objects of the image compete; "pass" (ablation): only those of
-                    j's colour group, whose boxes never overlap B_j, so -mu marks nothing
+        assign      "image": the objects of the image compete; "pass" (ablation, ModelConfig's
+                    attention_assign): only those of j's colour group (its segmentation forward),
+                    whose boxes never overlap B_j, so -mu marks nothing
         owner, competes  inference only: detections that duplicate one object compete as that
                     object (`duplicate_owners`, `nearest_center_among_owners`); None in training
     Returns (num_groups, 1, h, w) float32. The map is built on P2 from the P3 outputs
@@ -2496,7 +2497,7 @@ class AttentionMap(nn.Module):
 
 def apply_attention(features, attention, group_batch):
     """
-    The top-down connection [IS 3.2.1]: every pass (group) g gets its image's FPN maps
+    The top-down connection [IS 3.2.1]: every colour group g gets its image's FPN maps
     multiplied by the group's attention map, resized to each level: bilinearly where the level
     is finer (align_corners=False: cell centres, which are the FCOS locations, stay aligned),
     by area averaging where it is coarser (a 4x bilinear shrink would read 2 of every 4 cells).
@@ -2523,7 +2524,7 @@ class SegmentationHead(nn.Module):
     The segmentation head of [IS 3.2.1] (Fig. 2c) on P2-P4 (after `apply_attention`):
     each level -> num_convs x (Conv3x3(channels) + GroupNorm(32) + ReLU), upsampled
     (bilinear) to P2 and summed, then Conv1x1 -> mask logits at stride 4.
-        in:  P2, P3, P4 of every pass: [(num_groups, in_channels, H/4, W/4),
+        in:  P2, P3, P4 of every colour group: [(num_groups, in_channels, H/4, W/4),
              (num_groups, in_channels, H/8, W/8), (num_groups, in_channels, H/16, W/16)]
         out: (num_groups, num_classes, H/4, W/4); num_classes = 1 class-agnostic (the default,
              [IS 3.2.2]) or C class-specific ([IS 3.2.1] "W/4 x H/4 x C").
@@ -2639,7 +2640,7 @@ class FCOSIS(FCOS):
     coarse foreground where a location's regressed centre is closest to this instance's centre,
     -mu elsewhere in the box. It is built on the P2 grid from the P3 outputs, shrunk onto P3
     and P4, and multiplies P2-P4 before the segmentation head. Instances whose boxes do not
-    overlap share one map and one segmentation pass: the groups are the colours of a
+    overlap share one map and one segmentation forward: the groups are the colours of a
     Largest-First colouring of the box overlap graph ([IS 3.2.1] "Efficient Attention Map
     Propagation").
 
@@ -2650,7 +2651,7 @@ class FCOSIS(FCOS):
         mask: the padded-crop BCE ([IS 3.2.2], `padded_crop_bce`), mean over instances
     with ground-truth boxes and mass centres in the attention maps (teacher forcing).
     Inference: FCOS detections; each detection's centre is the centre of mass its own location
-        regresses; colouring, attention maps and segmentation passes as in training; masks (K,
+        regresses; colouring, attention maps and segmentation forwards as in training; masks (K,
         H, W) probabilities, upsampled from stride 4 and cropped to the detection's box.
     Table 3 ablations (attention=...): "none" (3a: no top-down connection; class-wise
         segmentation with ASPP, masks cropped by box and class), "mu0" (3b: mu fixed at 0),
@@ -2672,7 +2673,7 @@ class FCOSIS(FCOS):
         object's background (attention_background="own_background"); [IS 3.2.1] can be read
         either way (`attention_maps`).
       * Training colours the ground-truth boxes grown by their loss padding, so that no
-        instance's padded crop reaches into another instance of its own pass.
+        instance's padded crop reaches into another instance of its own colour group.
       * The "none" baseline is trained with the same per-instance padded-crop loss, on the
         instance's class channel. Loss weights are all 1 ([IS] gives none).
       * reg_weights != (1, 0, 0): the box loss is weighted by w as FCOSreg's, the
@@ -2753,7 +2754,7 @@ class FCOSIS(FCOS):
     def segment(self, features, out, boxes, centers, batch, labels, color_boxes=None, owner=None, competes=None):
         """
         Mask logits (M, H/4, W/4) of M instances (boxes (M, 4), centres (M, 2) input frame,
-        batch (M,), labels (M,)): one segmentation pass per colour group. owner (M,) or None:
+        batch (M,), labels (M,)): one segmentation forward per colour group. owner (M,) or None:
         the object each instance competes as for the attention map's locations (inference,
         `duplicate_owners`). Also returns the attention maps (num_groups, 1, h, w) and groups (M,)
         (None for the "none" baseline).
@@ -2769,7 +2770,7 @@ class FCOSIS(FCOS):
         seg = self.seg_head(apply_attention(p2_p4, att, group_batch))            # (num_groups, n, H/4, W/4)
         return seg[groups, ch], att, groups
 
-    def extra_losses(self, x: FCOSPass):
+    def extra_losses(self, x: FCOSForward):
         out, features, targets, points = x.out, x.features, x.targets, x.points
         B, device = len(targets), points.device
         H, W = x.input_hw
@@ -2808,8 +2809,8 @@ class FCOSIS(FCOS):
         losses["mask"] = padded_crop_bce(logits.float(), masks, boxes) * M / num_instances
         return losses
 
-    def predict_masks(self, dets, x: FCOSPass):
-        """Segment the detections `dets` of the inference pass `x` (see `segment`); adds masks
+    def predict_masks(self, dets, x: FCOSForward):
+        """Segment the detections `dets` of the inference forward `x` (see `segment`); adds masks
         (K, H, W) to each dict and returns (attention maps, groups, batch) for the teaching
         pictures."""
         out, points, levels, features = x.out, x.points, x.levels, x.features
@@ -2839,7 +2840,7 @@ class FCOSIS(FCOS):
             start += len(d["boxes"])
         return att, groups, batch
 
-    def postprocess(self, x: FCOSPass):
+    def postprocess(self, x: FCOSForward):
         dets = self.detect(x)
         self.predict_masks(dets, x)
         return dets

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from model import FCOSPass, boxes_inside, coloring_groups, fcos_locations, topk_peaks
+from model import FCOSForward, boxes_inside, coloring_groups, fcos_locations, topk_peaks
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def fcosis_maps(model, images, k=8, score_threshold=0.3):
     try:
         out = model.heads(images)
         points, _, levels = model.locations(out["hw"], images.shape[-2:], images.device)
-        x = FCOSPass(out, out["features"], points, levels, tuple(images.shape[-2:]))
+        x = FCOSForward(out, out["features"], points, levels, tuple(images.shape[-2:]))
         dets = model.detect(x, k)
         for d in dets:  # keep the confident ones: the picture is about them
             keep = d["scores"] >= score_threshold

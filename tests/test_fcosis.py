@@ -555,7 +555,7 @@ def test_padded_crop_bce_tiny_box_keeps_its_centre_cell():
 
 # -- the FCOSIS model -------------------------------------------------------------------------------
 
-from model import build_model, FCOSIS, FCOSPass  # noqa: E402
+from model import build_model, FCOSIS, FCOSForward  # noqa: E402
 from test_fcos import tiny, train_steps  # noqa: E402
 
 
@@ -643,7 +643,7 @@ def test_fcosis_mask_weighting_at_inference_by_hand():
            "extra": torch.tensor([[[0.0, 0.0, logit(0.8)], [0.0, 0.0, logit(0.2)]]])}
     for weights, expect in (((1 / 3, 1 / 3, 1 / 3), [0.567517, 0.411547]), ((1.0, 0.0, 0.0), [0.5, 0.5])):
         model = build_model(tiny_fcosis(reg_weights=weights)).eval()
-        det = model.detect(FCOSPass(out, [], points, levels, (64, 64)))[0]
+        det = model.detect(FCOSForward(out, [], points, levels, (64, 64)))[0]
         best = {tuple(b.tolist()): v.item() for b, v in zip(det["boxes"], det["scores"]) if det["labels"].numel()}
         assert best[(5.0, 5.0, 15.0, 15.0)] == pytest.approx(expect[0], abs=1e-5)
         assert best[(45.0, 45.0, 55.0, 55.0)] == pytest.approx(expect[1], abs=1e-5)

@@ -290,7 +290,7 @@ def test_head_shapes():
         assert out["heatmap"].shape == (2, 3, 16, 8)
         assert out["offset"].shape == out["size"].shape == (2, 2, 16, 8)
         assert out["shape"].shape == (2, 64, 16, 8)
-        assert m.head_sets[-1](p)["shape_features"] is p          # default: the head is read at cells
+        assert m.head_sets[-1](p)["features"] is p          # default: the head is read at cells
         assert out["saliency"].shape == (2, n, 16, 8)
 
 

@@ -21,7 +21,7 @@ from conftest import COCO128, ROOT, WEIGHTS_MANIFESTS
 
 import data
 from eval import _network_input_rgb
-from model import FCOSPass, ModelConfig, build_model, fcos_locations
+from model import FCOSForward, ModelConfig, build_model, fcos_locations
 from weights import COCO_CATEGORY_IDS, import_weights, read_weights
 
 DLA34 = "centernet_ctdet_dla34_keys.json"
@@ -426,7 +426,7 @@ def test_torchvision_fcos_parity_on_coco128():
         anchors = tv.anchor_generator(batch, features)[0]
         points, _, levels = model.locations(out["hw"], batch.tensors.shape[-2:], "cpu")
         assert torch.equal(points, (anchors[:, :2] + anchors[:, 2:]) / 2)
-        detected = model.detect(FCOSPass(out, out["features"], points, levels, tuple(batch.tensors.shape[-2:])))
+        detected = model.detect(FCOSForward(out, out["features"], points, levels, tuple(batch.tensors.shape[-2:])))
         kept = torch.cat([d["index"] for d in detected])
         from_level = [levels[d["index"]] for d in detected]
         # a kept detection sits where torchvision's P6/P7 step (size // grid) and the stride disagree
