@@ -2120,123 +2120,27 @@ class CenterMaskFCOS(LocalShapeKeys, FCOS):
 
 
 # -----------------------------------------------------------------------------
-# 12. FCOSIS ([IS 3.2])
+# 12. FCOSIS ([IS 3.2]), in the paper's order
 #
-#     padding     optimal_padding                          padded-crop loss padding [IS 3.2.2]
-#     colouring   box_overlap_graph, greedy_coloring,       Largest-First groups that share one
-#                 largest_first_coloring, coloring_groups  segmentation forward [IS 3.2.1]
-#     targets     center_of_mass, average_pool_masks,       centre-of-mass regression and coarse
-#                 mask_assignment, center_of_mass_targets,  foreground of the detection head
-#                 center_of_mass_loss, coarse_foreground_targets          [IS 3.2.1]
-#     attention   regressed_centers, argmin_per_image,      the parametrised attention map (top-
-#                 attention_maps, AttentionMap,             down path) and its Table 3 ablations
-#                 apply_attention                                  [IS 3.2.1, 4.2]
-#     head/loss   SegmentationHead, padded_crop_bce         P2-P4 segmentation head, BCE on the
-#                                                           padded GT box crop [IS 3.2.1, 3.2.2]
-#     model       FCOSIS
+#     detection head  coarse_foreground_targets, mask_assignment,  the centre of mass and coarse foreground
+#                     center_of_mass_targets, center_of_mass_loss  each location predicts [IS 3.2.1]
+#     attention       regressed_centers, nearest_center,           the parametrised attention map (top-down
+#                     attention_maps, AttentionMap,                path) and its Table 3 ablations; inference's
+#                     apply_attention; duplicate_owners,           duplicates beside it [IS 3.2.1, 4.2]
+#                     nearest_center_among_owners
+#     colouring       box_overlap_graph, greedy_coloring,          Largest-First groups that share one
+#                     largest_first_coloring, coloring_groups      segmentation forward [IS 3.2.1]
+#     head and loss   SegmentationHead, optimal_padding,           P2-P4 segmentation head, BCE on the
+#                     padded_crop_bce (ASPP: Table 3a)             padded ground-truth box crop [IS 3.2.1, 3.2.2]
+#     model           FCOSIS
 #
-# A point is inside a box when x0 <= x < x1 and y0 <= y < y1 (half-open, like the slice
-# S[y0:y1, x0:x1] of [IS 3.2.2]): the attention map's box constraint and the padded crop. The
-# final masks are the exception: `FCOSIS.predict_masks` crops them to the detection boxes with
-# `boxes_inside` (closed, as CenterMask's masks), which differs only for a pixel centre exactly
-# on a box's right or bottom edge. Instances of a batch are flat (section 2's flat layout): M
-# instances with `batch (M,)` their image index and masks (M, H, W) zero-padded to the batch's
-# input size.
+# Box rule: "half-open" (`inside`, section 2; the slice S[y0:y1, x0:x1] of [IS 3.2.2]) for the attention
+# map's box constraint and the padded crop. The final masks are cropped to the detection boxes with
+# `boxes_inside` ("closed", as every method's masks). Instances of a batch are flat (section 2): M
+# instances with `batch (M,)` their image index and masks (M, H, W) zero-padded to the batch's input size.
 
 
-def optimal_padding(fg_pixels, w, h, ratio=0.5):
-    """
-    Padding p (input pixels) of the padded-crop loss [IS 3.2.2]: the box w x h grown by p on
-    every side holds `ratio` (0.5 in [IS 3.2.2]) foreground, i.e. (w + 2p)(h + 2p) = fg / ratio.
-    The positive root of 4p^2 + 2(w + h)p + wh - fg/ratio = 0 is
-        p = (sqrt((w - h)^2 + 4 fg / ratio) - (w + h)) / 4,
-    rounded up ([IS 3.2.2]) and clamped at 0: a box that is already at most `ratio` foreground
-    would need p < 0 (a crop smaller than the box), so it keeps p = 0.
-    Rounding up uses a 1e-6 px tolerance, so an exact integer root is not pushed up one pixel
-    by floating-point error. Python numbers -> int; any tensor argument -> int64 tensor,
-    broadcast element-wise (computed in float64).
-    """
-    if not any(isinstance(v, torch.Tensor) for v in (fg_pixels, w, h)):
-        p = (math.sqrt((w - h) ** 2 + 4 * fg_pixels / ratio) - (w + h)) / 4
-        return max(0, math.ceil(p - 1e-6))
-    dev = next(v.device for v in (fg_pixels, w, h) if isinstance(v, torch.Tensor))
-    fg, w, h = (torch.as_tensor(v, dtype=torch.float64, device=dev) for v in (fg_pixels, w, h))
-    p = (torch.sqrt((w - h) ** 2 + 4 * fg / ratio) - (w + h)) / 4
-    return torch.ceil(p - 1e-6).clamp(min=0).long()
-
-
-# -- efficient attention map propagation: graph colouring [IS 3.2.1] -------------------------
-
-
-def box_overlap_graph(boxes, batch=None):
-    """
-    The overlap graph of [IS 3.2.1] eq. 3: edge (i, j), i != j, when IoU(B_i, B_j) > 0, i.e.
-    the intersection has positive area (boxes that only touch along an edge or at a corner are
-    not adjacent). boxes (N, 4) xyxy; with batch (N,), boxes of different images are never
-    adjacent (they never share a feature map). Returns (N, N) bool, symmetric, False diagonal.
-    Written by hand rather than box_iou > 0, which is 0/0 = NaN for two zero-area boxes.
-    """
-    x0, y0, x1, y1 = boxes.unbind(-1)                                              # (N,)
-    iw = torch.minimum(x1[:, None], x1[None, :]) - torch.maximum(x0[:, None], x0[None, :])
-    ih = torch.minimum(y1[:, None], y1[None, :]) - torch.maximum(y0[:, None], y0[None, :])
-    adj = (iw > 0) & (ih > 0)                                                      # (N, N)
-    if batch is not None:
-        adj &= batch[:, None] == batch[None, :]
-    return adj & ~torch.eye(len(boxes), dtype=torch.bool, device=boxes.device)
-
-
-def greedy_coloring(adjacency):
-    """
-    Largest-First greedy colouring (Welsh-Powell; [IS 3.2.1] cites Kosowski & Manuszewski):
-    visit the vertices by degree, highest first, ties by lower index first (stable sort);
-    each takes the smallest colour no already-coloured neighbour has.
-    adjacency (N, N) bool symmetric -> (N,) int64 colours 0..K-1 on the same device.
-    The greedy colouring is sequential by nature: it runs once on CPU Python lists, O(N + E), after
-    one device -> host copy (N is the number of instances of a batch, ~100s).
-    """
-    N = adjacency.shape[0]
-    adj = adjacency.cpu()
-    order = torch.sort(adj.sum(1), descending=True, stable=True).indices.tolist()
-    neighbours = [[] for _ in range(N)]
-    for i, j in adj.nonzero().tolist():
-        neighbours[i].append(j)
-    colors = [-1] * N                                   # -1 = not coloured yet
-    for v in order:
-        used = {colors[u] for u in neighbours[v]}
-        c = 0
-        while c in used:
-            c += 1
-        colors[v] = c
-    return torch.tensor(colors, dtype=torch.long, device=adjacency.device)
-
-
-def largest_first_coloring(boxes):
-    """
-    Colour id per box such that no two overlapping boxes (IoU > 0) share one [IS 3.2.1]:
-    the instances of one colour share an attention map and one segmentation forward.
-    boxes (N, 4) xyxy -> (N,) int64 in 0..K-1 (K = number of colours; N = 0 -> empty).
-    Largest-First heuristic, ties by lower index (see `greedy_coloring`).
-    """
-    return greedy_coloring(box_overlap_graph(boxes))
-
-
-def coloring_groups(boxes, batch):
-    """
-    The colour groups of a batch: instances of the same image and the same Largest-First
-    colour form one group [IS 3.2.1]. One colouring of the block-diagonal overlap graph
-    gives every image the colours it would get alone (the stable degree order keeps each
-    image's relative order, and images share no edge).
-    boxes (M, 4) input frame, batch (M,) image index ->
-        groups (M,) int64 in 0..num_groups-1, dense, ordered by (image, colour);
-        group_batch (num_groups,) int64 image of each group (index the image's features with it).
-    """
-    colors = greedy_coloring(box_overlap_graph(boxes, batch))                      # (M,)
-    K = int(colors.max()) + 1 if len(colors) else 1                                # colours used
-    keys, groups = torch.unique(batch * K + colors, sorted=True, return_inverse=True)  # (num_groups,), (M,)
-    return groups, keys // K
-
-
-# -- centre of mass and the detection head's extra targets [IS 3.2.1] -------------------------
+# -- the detection head's extra outputs: centre of mass and coarse foreground [IS 3.2.1] --------
 
 
 def coarse_foreground_targets(masks, stride, batch=None, num_images=1, out_hw=None):
@@ -2342,6 +2246,22 @@ def regressed_centers(center_offsets, stride, offset="half"):
     return loc + stride * center_offsets.float()
 
 
+@torch.no_grad()
+def center_distances(regressed, centers, batch):
+    """Squared distance between each instance's centre (N, 2) and the centre regressed at every
+    location of its image (B, 2, h, w) -> (N, P). No gradient: it only decides the assignment."""
+    votes = regressed.float().flatten(2)[batch]                                   # (N, 2, P)
+    return ((votes - centers.float()[:, :, None]) ** 2).sum(1)                    # (N, P)
+
+
+def nearest_center(dist2, batch, num_images):
+    """[IS 3.2.1]'s assignment: location q goes to the instance (among those of its image, `batch`)
+    whose centre is nearest to q's regressed centre, ties to the lower index.
+    dist2 (N, P) -> (N, P) bool: q assigned to j."""
+    ids = torch.arange(len(dist2), device=dist2.device)
+    return argmin_per_image(dist2, batch, num_images)[batch] == ids[:, None]
+
+
 def duplicate_owners(boxes, scores, batch, iou_threshold, score_floor=0.0):
     """
     Which object each detection stands for, when detections compete for the locations of the
@@ -2373,6 +2293,26 @@ def duplicate_owners(boxes, scores, batch, iou_threshold, score_floor=0.0):
         & (box_iou(boxes.float(), boxes.float()) > iou_threshold)                        # (N, N)
     best = torch.where(can_own, scores.float()[None, :], float("-inf")).argmax(1)         # (N,)
     return torch.where(kept, torch.arange(N, device=boxes.device), best), kept & (scores >= score_floor)
+
+
+def nearest_center_among_owners(dist2, batch, num_images, owner=None, competes=None):
+    """
+    Inference's form of `nearest_center`, beside it: the detector returns duplicates of an object
+    (`duplicate_owners`), and each competes as the object it duplicates. The competitors C are
+    the de-duplicated detections above a score floor (competes (N,) bool; None: those that own
+    themselves); j counts q as its own when owner[j] wins q among C, or, when owner[j] is not in C,
+    among C and owner[j] (a weak detection takes nothing from others, but its confident
+    neighbours are distractors in its own map). owner (N,) (None: every detection its own object);
+    dist2 (N, P) -> (N, P) bool.
+    """
+    N, P = dist2.shape
+    ids = torch.arange(N, device=dist2.device)
+    owner = ids if owner is None else owner                                       # (N,)
+    comp = (owner == ids) if competes is None else competes                      # (N,)
+    in_c = torch.where(comp[:, None], dist2, float("inf"))                       # (N, P)
+    winner = argmin_per_image(in_c, batch, num_images)[batch]                    # (N, P), N: no competitor
+    best = torch.cat([in_c, in_c.new_full((1, P), float("inf"))]).gather(0, winner)  # (N, P)
+    return (winner == owner[:, None]) | (~comp[owner][:, None] & (dist2[owner] < best))
 
 
 def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
@@ -2423,42 +2363,6 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
         per_instance = torch.where(mine, own, -mu) * in_box                       # (N, P) A_j(q)
     out = per_instance.new_zeros(num_groups, h * w).index_add(0, groups, per_instance.float())
     return out.view(num_groups, 1, h, w)
-
-
-@torch.no_grad()
-def center_distances(regressed, centers, batch):
-    """Squared distance between each instance's centre (N, 2) and the centre regressed at every
-    location of its image (B, 2, h, w) -> (N, P). No gradient: it only decides the assignment."""
-    votes = regressed.float().flatten(2)[batch]                                   # (N, 2, P)
-    return ((votes - centers.float()[:, :, None]) ** 2).sum(1)                    # (N, P)
-
-
-def nearest_center(dist2, batch, num_images):
-    """[IS 3.2.1]'s assignment: location q goes to the instance (among those of its image, `batch`)
-    whose centre is nearest to q's regressed centre, ties to the lower index.
-    dist2 (N, P) -> (N, P) bool: q assigned to j."""
-    ids = torch.arange(len(dist2), device=dist2.device)
-    return argmin_per_image(dist2, batch, num_images)[batch] == ids[:, None]
-
-
-def nearest_center_among_owners(dist2, batch, num_images, owner=None, competes=None):
-    """
-    Inference's form of `nearest_center`, beside it: the detector returns duplicates of an object
-    (`duplicate_owners`), and each competes as the object it duplicates. The competitors C are
-    the de-duplicated detections above a score floor (competes (N,) bool; None: those that own
-    themselves); j counts q as its own when owner[j] wins q among C, or, when owner[j] is not in C,
-    among C and owner[j] (a weak detection takes nothing from others, but its confident
-    neighbours are distractors in its own map). owner (N,) (None: every detection its own object);
-    dist2 (N, P) -> (N, P) bool.
-    """
-    N, P = dist2.shape
-    ids = torch.arange(N, device=dist2.device)
-    owner = ids if owner is None else owner                                       # (N,)
-    comp = (owner == ids) if competes is None else competes                      # (N,)
-    in_c = torch.where(comp[:, None], dist2, float("inf"))                       # (N, P)
-    winner = argmin_per_image(in_c, batch, num_images)[batch]                    # (N, P), N: no competitor
-    best = torch.cat([in_c, in_c.new_full((1, P), float("inf"))]).gather(0, winner)  # (N, P)
-    return (winner == owner[:, None]) | (~comp[owner][:, None] & (dist2[owner] < best))
 
 
 class AttentionMap(nn.Module):
@@ -2516,7 +2420,78 @@ def apply_attention(features, attention, group_batch):
     return out
 
 
-# -- segmentation head and its loss [IS 3.2.1, 3.2.2] -------------------------------------------
+# -- efficient attention map propagation: graph colouring [IS 3.2.1] ----------------------------
+
+
+def box_overlap_graph(boxes, batch=None):
+    """
+    The overlap graph of [IS 3.2.1] eq. 3: edge (i, j), i != j, when IoU(B_i, B_j) > 0, i.e.
+    the intersection has positive area (boxes that only touch along an edge or at a corner are
+    not adjacent). boxes (N, 4) xyxy; with batch (N,), boxes of different images are never
+    adjacent (they never share a feature map). Returns (N, N) bool, symmetric, False diagonal.
+    Written by hand rather than box_iou > 0, which is 0/0 = NaN for two zero-area boxes.
+    """
+    x0, y0, x1, y1 = boxes.unbind(-1)                                              # (N,)
+    iw = torch.minimum(x1[:, None], x1[None, :]) - torch.maximum(x0[:, None], x0[None, :])
+    ih = torch.minimum(y1[:, None], y1[None, :]) - torch.maximum(y0[:, None], y0[None, :])
+    adj = (iw > 0) & (ih > 0)                                                      # (N, N)
+    if batch is not None:
+        adj &= batch[:, None] == batch[None, :]
+    return adj & ~torch.eye(len(boxes), dtype=torch.bool, device=boxes.device)
+
+
+def greedy_coloring(adjacency):
+    """
+    Largest-First greedy colouring (Welsh-Powell; [IS 3.2.1] cites Kosowski & Manuszewski):
+    visit the vertices by degree, highest first, ties by lower index first (stable sort);
+    each takes the smallest colour no already-coloured neighbour has.
+    adjacency (N, N) bool symmetric -> (N,) int64 colours 0..K-1 on the same device.
+    The greedy colouring is sequential by nature: it runs once on CPU Python lists, O(N + E), after
+    one device -> host copy (N is the number of instances of a batch, ~100s).
+    """
+    N = adjacency.shape[0]
+    adj = adjacency.cpu()
+    order = torch.sort(adj.sum(1), descending=True, stable=True).indices.tolist()
+    neighbours = [[] for _ in range(N)]
+    for i, j in adj.nonzero().tolist():
+        neighbours[i].append(j)
+    colors = [-1] * N                                   # -1 = not coloured yet
+    for v in order:
+        used = {colors[u] for u in neighbours[v]}
+        c = 0
+        while c in used:
+            c += 1
+        colors[v] = c
+    return torch.tensor(colors, dtype=torch.long, device=adjacency.device)
+
+
+def largest_first_coloring(boxes):
+    """
+    Colour id per box such that no two overlapping boxes (IoU > 0) share one [IS 3.2.1]:
+    the instances of one colour share an attention map and one segmentation forward.
+    boxes (N, 4) xyxy -> (N,) int64 in 0..K-1 (K = number of colours; N = 0 -> empty).
+    Largest-First heuristic, ties by lower index (see `greedy_coloring`).
+    """
+    return greedy_coloring(box_overlap_graph(boxes))
+
+
+def coloring_groups(boxes, batch):
+    """
+    The colour groups of a batch: instances of the same image and the same Largest-First
+    colour form one group [IS 3.2.1]. One colouring of the block-diagonal overlap graph
+    gives every image the colours it would get alone (the stable degree order keeps each
+    image's relative order, and images share no edge).
+    boxes (M, 4) input frame, batch (M,) image index ->
+        groups (M,) int64 in 0..num_groups-1, dense, ordered by (image, colour);
+        group_batch (num_groups,) int64 image of each group (index the image's features with it).
+    """
+    colors = greedy_coloring(box_overlap_graph(boxes, batch))                      # (M,)
+    K = int(colors.max()) + 1 if len(colors) else 1                                # colours used
+    keys, groups = torch.unique(batch * K + colors, sorted=True, return_inverse=True)  # (num_groups,), (M,)
+    return groups, keys // K
+
+
+# -- segmentation head [IS 3.2.1] and the padded-crop loss [IS 3.2.2] ---------------------------
 
 
 class SegmentationHead(nn.Module):
@@ -2567,6 +2542,27 @@ class SegmentationHead(nn.Module):
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             x = x + y                                                              # (num_groups, channels, H/4, W/4)
         return self.predictor(x)                                                   # (num_groups, num_classes, H/4, W/4)
+
+
+def optimal_padding(fg_pixels, w, h, ratio=0.5):
+    """
+    Padding p (input pixels) of the padded-crop loss [IS 3.2.2]: the box w x h grown by p on
+    every side holds `ratio` (0.5 in [IS 3.2.2]) foreground, i.e. (w + 2p)(h + 2p) = fg / ratio.
+    The positive root of 4p^2 + 2(w + h)p + wh - fg/ratio = 0 is
+        p = (sqrt((w - h)^2 + 4 fg / ratio) - (w + h)) / 4,
+    rounded up ([IS 3.2.2]) and clamped at 0: a box that is already at most `ratio` foreground
+    would need p < 0 (a crop smaller than the box), so it keeps p = 0.
+    Rounding up uses a 1e-6 px tolerance, so an exact integer root is not pushed up one pixel
+    by floating-point error. Python numbers -> int; any tensor argument -> int64 tensor,
+    broadcast element-wise (computed in float64).
+    """
+    if not any(isinstance(v, torch.Tensor) for v in (fg_pixels, w, h)):
+        p = (math.sqrt((w - h) ** 2 + 4 * fg_pixels / ratio) - (w + h)) / 4
+        return max(0, math.ceil(p - 1e-6))
+    dev = next(v.device for v in (fg_pixels, w, h) if isinstance(v, torch.Tensor))
+    fg, w, h = (torch.as_tensor(v, dtype=torch.float64, device=dev) for v in (fg_pixels, w, h))
+    p = (torch.sqrt((w - h) ** 2 + 4 * fg / ratio) - (w + h)) / 4
+    return torch.ceil(p - 1e-6).clamp(min=0).long()
 
 
 def padded_crop_bce(mask_logits, gt_masks, boxes, stride=4, ratio=0.5):
@@ -2934,3 +2930,4 @@ def auto_dtype(device_type):
     except (AttributeError, RuntimeError):
         native = False
     return "bfloat16" if native else "float32"
+
