@@ -243,9 +243,13 @@ class Method(nn.Module):
     Method.transform         the data transform of the recipe: "centernet" (square canvas) or
                              "fcos" (short side); train.py's default for `transform`
 
-    Adding a method: subclass this (or FCOS, whose `extra_losses` / `postprocess` hooks are what
-    MaskFCOS, CenterMask-FCOS and FCOSIS override), add it to METHODS and `method_class`, give its
-    own ModelConfig fields a group in CONFIG_GROUPS, and write a config (README, "Adding a method").
+    Adding a method: subclass this (or FCOS, whose hooks `extra_losses` / `postprocess` MaskFCOS,
+    CenterMask-FCOS and FCOSIS override, and `box_weights` / `score_weights` FCOSIS), add it to
+    METHODS and `method_class`, give its own ModelConfig fields a group in CONFIG_GROUPS, and write
+    a config (README, "Adding a method"). Two contracts, each checked with a one-line error: the
+    loss keys are the same in every forward, a batch without objects included (train.py logs and
+    checks the first step's keys), and every count that normalises a loss goes through
+    `reduce_mean` (section 2), the same number of times in every forward (accumulate.py).
     """
     transform = None                  # each method's class sets it
     teaching_maps = None
@@ -2851,11 +2855,6 @@ class FCOSIS(FCOS):
 # 13. build_model: ModelConfig -> the model of its method (sections 7-12)
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The one entry point: ModelConfig -> the Method of the requested method."""
-    return method_class(cfg.method)(cfg)
-
-
 def method_class(method):
     """The nn.Module class that implements `method` (sections 7-12)."""
     return {"centermask": CenterMask, "fcos": FCOS, "fcosreg": FCOS, "maskfcos": MaskFCOS,
@@ -2865,6 +2864,11 @@ def method_class(method):
 def method_transform(method):
     """The data transform of a method's recipe (data.build_transforms; train.py's default)."""
     return method_class(method).transform
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The one entry point: ModelConfig -> the Method of the requested method."""
+    return method_class(cfg.method)(cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -2930,4 +2934,5 @@ def auto_dtype(device_type):
     except (AttributeError, RuntimeError):
         native = False
     return "bfloat16" if native else "float32"
+
 
