@@ -260,7 +260,7 @@ class Method(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 2. Shared by the methods: loss normalisers, box rules, the layouts of a batch's objects, masks
+# 2. Shared by the methods (loss normalisers, box rules, batch layouts, pooled masks)
 
 # -- loss normalisers -----------------------------------------------------------------------------
 # Every loss of every method is a sum over the batch divided by a count N (positives, objects,
@@ -2872,7 +2872,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 # -----------------------------------------------------------------------------
-# 14. The settings of train.py and bench.py: which keys each method reads, the autocast dtype
+# 14. Settings of train.py and bench.py (CONFIG_GROUPS, check_settings, auto_dtype)
 
 # The groups of ModelConfig and the methods (and backbone) that read each one: (group, methods,
 # backbone or None for any, fields). Every field is in exactly one group (tests/test_configurator.py).
