@@ -19,7 +19,7 @@ builder, loss, mask assembly and decoder, in reading order.
    14. Settings of train.py and bench.py          the keys each method reads, the autocast dtype
 
 Elsewhere: weights.py (published weights, old checkpoint keys), accumulate.py (gradient
-accumulation), train.py / eval.py / predict.py / bench.py (the scripts).
+accumulation), pictures.py (the teaching pictures), train.py / eval.py / predict.py / bench.py.
 
 Papers (sections, equations and tables are cited as [CM 3.1], [CM] eq. 2, [IS] Table 3):
     [CM]   Wang et al., "CenterMask: single shot instance segmentation with point
