@@ -1812,7 +1812,11 @@ class FCOS(Method):
         onehot[pos, assigned["labels"][pos]] = 1.0
         losses = {"cls": sigmoid_focal_loss(out["cls"], onehot, alpha=self.cfg.focal_alpha,
                                             gamma=self.cfg.focal_gamma, reduction="sum") / num_pos}
-        weight, ctr_target = self.box_weights(assigned, pos)                     # (M,), (M,)
+        ctr = assigned["centerness"][pos]                                        # (M,)
+        seg = None  # FCOSreg's segmentation label of each positive with its own object ([IS 3.3])
+        if "seg" in assigned and self.cfg.reg_weights != (1.0, 0.0, 0.0):
+            seg = assigned["seg"].gather(1, assigned["matched"].clamp(min=0)[:, None, :])[:, 0][pos]
+        weight, ctr_target = self.box_weights(ctr, seg)                          # (M,), (M,)
         assigned["weight"] = weight
         p = points[None].expand_as(assigned["ltrb"][..., :2])[pos]               # (M, 2)
         pred = torch.cat([p - out["ltrb"][pos][:, :2], p + out["ltrb"][pos][:, 2:]], 1)  # (M, 4)
@@ -1826,22 +1830,17 @@ class FCOS(Method):
                                                                   reduction="sum") / num_pos
         return losses, assigned
 
-    def mask_weighted(self, assigned, pos):
-        """FCOSreg's w = a * ctr + b * s + c * sqrt(ctr * s) of the positives (M,) ([IS 3.3],
-        `regression_weights`), s the segmentation label of each positive with its own object."""
-        ctr = assigned["centerness"][pos]
-        seg = (assigned["seg"].gather(1, assigned["matched"].clamp(min=0)[:, None, :])[:, 0]
-               if "seg" in assigned else None)
-        return regression_weights(ctr, seg[pos] if seg is not None else ctr, self.cfg.reg_weights)
-
-    def box_weights(self, assigned, pos):
+    def box_weights(self, ctr, seg):
         """Hook: the weight of each positive's box loss and the target of the centerness branch,
-        each (M,). FCOS: the centerness target, both ([FCOS] 3.3). FCOSreg: w (`mask_weighted`)
-        for both: its centerness branch learns w itself ([IS 3.3])."""
-        weight = assigned["centerness"][pos]                                     # (M,)
-        if self.cfg.method == "fcosreg" and self.cfg.reg_weights != (1.0, 0.0, 0.0):
-            weight = self.mask_weighted(assigned, pos)
-        return weight, weight
+        each (M,), from its centerness target ctr (M,) and, where the masks are read and
+        reg_weights is not (1, 0, 0), its segmentation label seg (M,) (else None). FCOS: ctr, both
+        ([FCOS] 3.3). FCOSreg: w = a * ctr + b * s + c * sqrt(ctr * s) (`regression_weights`) for
+        both: its centerness branch learns w itself ([IS 3.3]). Elementwise only: the positives are
+        picked in `detection_losses` (one data-dependent step for torch.compile, not one per hook)."""
+        if self.cfg.method == "fcosreg" and seg is not None:
+            weight = regression_weights(ctr, seg, self.cfg.reg_weights)
+            return weight, weight
+        return ctr, ctr
 
     def extra_losses(self, x: FCOSForward):
         """Hook for the methods built on FCOS (MaskFCOS, CenterMask-FCOS, FCOSIS): their own
@@ -2700,14 +2699,12 @@ class FCOSIS(FCOS):
         self.uses_masks = (cfg.reg_weights != (1.0, 0.0, 0.0) or cfg.ambiguity == "mask"
                            or cfg.center_sampling_at == "mass")
 
-    def box_weights(self, assigned, pos):
-        """FCOS's hook: the box loss weighted by FCOSreg's w when reg_weights != (1, 0, 0); the
-        centerness branch keeps learning centerness, since at inference the coarse foreground gives
-        the s of w (`score_weights`)."""
-        weight = assigned["centerness"][pos]                                     # (M,)
-        if self.cfg.reg_weights != (1.0, 0.0, 0.0):
-            weight = self.mask_weighted(assigned, pos)
-        return weight, assigned["centerness"][pos]
+    def box_weights(self, ctr, seg):
+        """FCOS's hook: the box loss weighted by FCOSreg's w when reg_weights != (1, 0, 0) (seg
+        given); the centerness branch keeps learning centerness, since at inference the coarse
+        foreground gives the s of w (`score_weights`)."""
+        weight = regression_weights(ctr, seg, self.cfg.reg_weights) if seg is not None else ctr
+        return weight, ctr
 
     def score_weights(self, out):
         """FCOS's hook: [IS 3.3], w "can be applied if mask information is available during both
