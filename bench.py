@@ -428,7 +428,7 @@ if peers:
         timed[i][0].eval()
         # detections per image: with random weights each model keeps a different number (its own
         # score threshold), and the mask branches cost per detection: compare at equal counts
-        # with --max_detections (README, "Speed notes", command (2))
+        # with --max_detections (RESULTS.md, "The headline table", command (2))
         results[f"peer_{name}_detections_per_img"] = sum(len(o["boxes"]) for o in timed[i][2]()) / B
         results[f"peer_{name}_train_ms_per_img"] = pt_train * 1e3 / B
         results[f"peer_{name}_infer_ms_per_img"] = pt_infer * 1e3 / B

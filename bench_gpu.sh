@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU number the README's speed section lacks, in one command on one GPU (H100 / H200 class),
+# Every GPU number the speed table (RESULTS.md, Speed) lacks, in one command on one GPU (H100 / H200 class),
 # within 8 minutes: needs only this repository and PyTorch + torchvision (no data, no weights, no
 # pycocotools: synthetic inputs, random weights, pretrained=False).
 #

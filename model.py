@@ -151,7 +151,7 @@ class ModelConfig:
                                       # compete as one object (`duplicate_owners`); FCOS's own NMS IoU ([FCOS] 4)
     assign_score_floor: float = 0.5   # inference, "image": only detections scoring at least this (more likely right
                                       # than wrong) take locations from others (`duplicate_owners`); [IS] gives no
-                                      # rule; 0: every detection competes (README, FCOSIS's Table 3: it costs mask AP)
+                                      # rule; 0: every detection competes (RESULTS.md, FCOSIS's Table 3: it costs mask AP)
     attention_grid: str = "p2"        # grid the attention map is built on: "p2" (stride 4, the P3 outputs resampled)
                                       # or "p3" (stride 8, the detection head's own grid); not fixed by [IS]
 

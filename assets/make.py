@@ -1,5 +1,5 @@
 """
-The two README pictures of what CenterMask and FCOSIS are TAUGHT, drawn from the ground truth:
+The two METHODS.md pictures of what CenterMask and FCOSIS are TAUGHT, drawn from the ground truth:
 
     assets/centermask_targets.png   CenterMask ([CM]): (a) image + boxes, (b) the centre heatmap,
                                     (c) the S x S local shapes, (d) the global saliency,
@@ -66,7 +66,7 @@ MIN_OVERLAPS = 2       # pairs of objects whose boxes overlap
 EPS = 1e-6             # probabilities -> logits for the code that takes logits (logit(0) = -inf)
 FIG_WIDTH = 10.0       # inches
 DPI = 130              # 1300 px wide (sharp on high-density screens); each PNG under 100 KB
-MAX_BYTES = 200_000    # README pictures stay small
+MAX_BYTES = 200_000    # METHODS.md pictures stay small
 INSTANCE_COLORS = plt.get_cmap("tab10").colors  # one colour per object of an image, (a) to (e) ((f) in FCOSIS)
 PASS_COLORS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00")  # FCOSIS colour groups
 

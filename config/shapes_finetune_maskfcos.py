@@ -23,4 +23,4 @@ epochs = 4                       # half of step 1's 8: the detector is trained, 
 lr_steps = (3,)                  # x0.1 for the last epoch
 warmup_iters = 50                # a short ramp: Adam's moments start at zero, the new head's weights random
 eval_every_epochs = 1
-eval_max_images = 0              # all 200 val images at every evaluation (the curve in README)
+eval_max_images = 0              # all 200 val images at every evaluation (the curve in RESULTS.md)

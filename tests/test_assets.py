@@ -1,4 +1,4 @@
-"""assets/make.py draws the README's two teaching pictures from the ground truth: it runs (fast,
+"""assets/make.py draws METHODS.md's two teaching pictures from the ground truth: it runs (fast,
 no network, no download) and writes two valid, small, non-blank PNGs."""
 import importlib.util
 import os

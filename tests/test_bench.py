@@ -80,7 +80,7 @@ def test_bench_coloring_counts(tmp_path):
 def test_bench_loader_on_coco128():
     """Guards the DataLoader throughput measurement (training transforms on real images) and
     the post-processing numbers (decode + mapping to the original size, 100 detections) that
-    README's speed table and RESULTS.md report. Skipped without COCO128."""
+    the speed table of RESULTS.md reports. Skipped without COCO128."""
     from conftest import COCO128
     if not os.path.isfile(os.path.join(COCO128, "annotations", "instances_train2017.json")):
         pytest.skip(f"COCO128 not found at {COCO128}")
