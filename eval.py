@@ -691,7 +691,7 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
     Returns (model, checkpoint dict, "ema" | "model"). Raises ValueError naming the file.
     """
     from model import ModelConfig, build_model
-    from weights import check_weights
+    from weights import check_weights, current_keys
     if not os.path.isfile(ckpt):
         raise ValueError(f"checkpoint '{ckpt}' not found")
     try:
@@ -709,7 +709,7 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
     except TypeError as e:
         raise ValueError(f"checkpoint '{ckpt}' has model_args this model.py does not know: {e}") from None
     weights = "ema" if "ema" in checkpoint else "model"
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint[weights].items()}
+    state = current_keys({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint[weights].items()})
     check_weights(state, f"checkpoint '{ckpt}' ({weights!r} weights)")
     try:
         model.load_state_dict(state)

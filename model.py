@@ -16,10 +16,10 @@ builder, loss, mask assembly and decoder, in reading order.
    11. CenterMask-FCOS                            Local Shape x Global Saliency on FCOS
    12. FCOSIS                                     attention map, colouring, segmentation head
    13. build_model(cfg)                           the one entry point: ModelConfig -> the method's model
-   14. Settings of train.py and bench.py          the keys each method reads, the autocast dtype
 
 Elsewhere: weights.py (published weights, old checkpoint keys), accumulate.py (gradient
-accumulation), pictures.py (the teaching pictures), train.py / eval.py / predict.py / bench.py.
+accumulation), pictures.py (the teaching pictures), settings.py (the keys each method reads, the
+autocast dtype), train.py / eval.py / predict.py / bench.py.
 
 Papers (sections, equations and tables are cited as [CM 3.1], [CM] eq. 2, [IS] Table 3):
     [CM]   Wang et al., "CenterMask: single shot instance segmentation with point
@@ -51,8 +51,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from weights import LocalShapeKeys   # old checkpoints' key names of the Local Shape head
-
 # -----------------------------------------------------------------------------
 # 1. Configuration
 
@@ -64,8 +62,8 @@ FCOS_FAMILY = ("fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")      
 
 @dataclass
 class ModelConfig:
-    """Architecture knobs of every method, grouped by the methods that read them (CONFIG_GROUPS,
-    section 14, lists the same groups; train.py stops a run that sets a key its method does not read).
+    """Architecture knobs of every method, grouped by the methods that read them (settings.py's
+    CONFIG_GROUPS lists the same groups; train.py stops a run that sets a key its method does not read).
     Saved in checkpoints as `model_args`."""
     # -- every method ------------------------------------------------------------------------------
     method: str = "centermask"        # which system build_model() makes (METHODS)
@@ -245,7 +243,7 @@ class Method(nn.Module):
 
     Adding a method: subclass this (or FCOS, whose hooks `extra_losses` / `postprocess` MaskFCOS,
     CenterMask-FCOS and FCOSIS override, and `box_weights` / `score_weights` FCOSIS), add it to
-    METHODS and `method_class`, give its own ModelConfig fields a group in CONFIG_GROUPS, and write
+    METHODS and `method_class`, give its own ModelConfig fields a group in settings.CONFIG_GROUPS, and write
     a config (README, "Adding a method"). Two contracts, each checked with a one-line error: the
     loss keys are the same in every forward, a batch without objects included (train.py logs and
     checks the first step's keys), and every count that normalises a loss goes through
@@ -1128,7 +1126,7 @@ def conv3x3_at(conv, feature, batch, ys, xs):
     return F.linear(patch, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (M, out)
 
 
-class CenterMaskHeads(LocalShapeKeys, nn.Module):
+class CenterMaskHeads(nn.Module):
     """
     The five heads of [CM] Fig. 3 on one stride-4 feature map: (B, cin, h, w) -> dict
         heatmap  (B, C, h, w)      centre points per class, sigmoid ([CM 3.4])
@@ -2033,7 +2031,7 @@ def paste_masks(masks, boxes, hw):
 # 11. CenterMask-FCOS ([CM 4.3])
 
 
-class CenterMaskFCOS(LocalShapeKeys, FCOS):
+class CenterMaskFCOS(FCOS):
     """
     CenterMask on the FCOS detector ([CM 4.3]): FCOS, plus a Local Shape head (S^2 channels)
     on the box tower at every P3-P7 location and a Global Saliency head on the
@@ -2866,70 +2864,3 @@ def method_transform(method):
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The one entry point: ModelConfig -> the Method of the requested method."""
     return method_class(cfg.method)(cfg)
-
-
-# -----------------------------------------------------------------------------
-# 14. Settings of train.py and bench.py (CONFIG_GROUPS, check_settings, auto_dtype)
-
-# The groups of ModelConfig and the methods (and backbone) that read each one: (group, methods,
-# backbone or None for any, fields). Every field is in exactly one group (tests/test_configurator.py).
-CONFIG_GROUPS = (
-    ("every method", METHODS, None, ("method", "backbone", "num_classes", "max_detections")),
-    ("every method that segments", MASK_METHODS, None, ("mask_threshold",)),
-    ("DLA-34", ("centermask",), "dla34", ("dcn", "dla_channels")),
-    ("Hourglass-104", ("centermask",), "hourglass104", ("num_stacks", "hg_dims", "hg_modules")),
-    ("CenterMask: CenterNet's targets and losses", ("centermask",), None,
-     ("min_overlap", "cornernet_bug", "mask_loss_grid", "saliency_loss", "saliency_loss_weight")),
-    ("Local Shape x Global Saliency", ("centermask", "centermask_fcos"), None,
-     ("head_conv", "shape_size", "use_shape", "use_saliency", "saliency", "loss_weights")),
-    ("the FCOS family", FCOS_FAMILY, None,
-     ("pretrained", "norm", "freeze_at", "fpn_channels", "head_convs", "centerness_on", "reg_form", "center_sampling",
-      "box_loss", "focal_alpha", "focal_gamma", "score_threshold", "pre_nms_top_n", "nms_threshold",
-      "score_threshold_on", "location_offset", "ambiguity", "reg_weights", "center_sampling_at")),
-    ("MaskFCOS", ("maskfcos",), None, ("mask_proposals", "roi_size", "mask_size")),
-    ("FCOSIS", ("fcosis",), None,
-     ("attention", "seg_classes", "com_assignment", "attention_assign", "attention_background", "assign_nms_threshold",
-      "assign_score_floor", "attention_grid")),
-)
-
-
-def fields_of(method, backbone):
-    """The ModelConfig fields that `method` on `backbone` reads (CONFIG_GROUPS), in field order."""
-    return [f for _, methods, bb, names in CONFIG_GROUPS if method in methods and bb in (None, backbone)
-            for f in names]
-
-
-def check_settings(settings):
-    """
-    Check the model keys of a run before any work: settings = {field: value} of every
-    ModelConfig field (train.py's and bench.py's config). Raises ValueError with a one-line
-    message naming the key: a value ModelConfig refuses (its allowed values), or a key set to
-    anything but its default that the chosen method does not read (say `--attention=mu0` with
-    method="centermask": silently ignored, it would make a run that is not what was asked for).
-    Returns the ModelConfig.
-    """
-    cfg = ModelConfig(**settings)                  # values: ModelConfig's own checks name the key
-    defaults = {f.name: f.default for f in fields(ModelConfig)}
-    used = fields_of(cfg.method, cfg.backbone)
-    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v   # a list from a config file is a tuple
-    unused = [k for k, v in settings.items() if k not in used and norm(v) != norm(defaults[k])]
-    if unused:
-        on = f"method={cfg.method!r}" + (f" on backbone={cfg.backbone!r}" if cfg.method == "centermask" else "")
-        raise ValueError(f"{', '.join(f'{k}={settings[k]!r}' for k in unused)}: not read by {on}, whose keys are "
-                         f"{', '.join(used)} (model.CONFIG_GROUPS)")
-    return cfg
-
-
-def auto_dtype(device_type):
-    """The autocast dtype train.py and bench.py use for dtype="auto": bf16 on GPUs that have
-    it, else fp16; on the CPU bf16 only where oneDNN runs it natively (AMX / AVX512-BF16; RESULTS.md,
-    "Machines"), else fp32 (emulated bf16 is slower)."""
-    if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    try:
-        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bfloat16" if native else "float32"
-
-

@@ -31,8 +31,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from accumulate import MicroBatchNormalizers
-from model import NON_FINITE_DEFORM, ModelConfig, build_model, auto_dtype, check_settings, method_transform
-from weights import check_weights, import_weights, read_weights
+from model import NON_FINITE_DEFORM, ModelConfig, build_model, method_transform
+from settings import auto_dtype, check_settings
+from weights import check_weights, current_keys, import_weights, read_weights
 
 # -----------------------------------------------------------------------------
 # default config values (the CenterMask DLA-34 COCO recipe, [CM 3.5])
@@ -292,7 +293,7 @@ if checkpoint is not None:  # resume
 
 model = build_model(ModelConfig(**model_args))
 if checkpoint is not None:
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(current_keys(checkpoint["model"]))   # earlier layouts' key names renamed (weights.py)
 elif imported is not None:
     # published weights: renamed into the model, every tensor accounted for (weights.import_weights);
     # the class channels of the training json's categories (label k = COCO category label_to_cat_id[k])
@@ -352,7 +353,7 @@ if ema_decay > 0:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
     if checkpoint is not None and "ema" in checkpoint:
-        ema.module.load_state_dict(checkpoint["ema"])
+        ema.module.load_state_dict(current_keys(checkpoint["ema"]))
         ema.n_averaged.fill_(1)  # > 0: the next update averages instead of copying
 eval_model = ema.module if ema is not None else raw_model
 if compile:

@@ -1,7 +1,7 @@
 """
 Weights from elsewhere, and checkpoints of earlier layouts: what train.py's init_from=PATH,
 train.py's resume and eval.py read besides model.py's own state dicts. Nothing here is part
-of a method; model.py imports only `LocalShapeKeys` (old key names of one head).
+of a method, and model.py imports nothing from here.
 
     read_weights(source)       a file (or "torchvision:fcos_resnet50_fpn", torchvision's weights
                                API) -> LoadedWeights: its tensors and which layout they follow,
@@ -11,7 +11,8 @@ of a method; model.py imports only `LocalShapeKeys` (old key names of one head).
                                model's labels, every shape checked; loads and returns an
                                ImportReport that accounts for every tensor of the file and of
                                the model: loaded, ignored (with why), newly initialised
-    LocalShapeKeys             checkpoints written while the Local Shape head was called `shape`
+    current_keys(state)        one of our checkpoints' state dicts with the keys of earlier
+                               layouts renamed (the Local Shape head was once called `shape`)
 """
 
 import fnmatch
@@ -23,24 +24,25 @@ import torch
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint keys of earlier layouts (model.py's CenterMaskHeads and CenterMaskFCOS inherit this)
+# Checkpoint keys of earlier layouts (train.py's resume and eval.py's load_checkpoint_model)
+
+# Our checkpoints written while the Local Shape head was called `shape`: head_sets.<i>.shape.*
+# (CenterMask) and shape.* (CenterMask-FCOS) are now local_shape.* (CenterMaskHeads,
+# CenterMaskFCOS). import_weights applies the same rule to our checkpoints (`_project_rules`).
+_OLD_LOCAL_SHAPE_RULE = (r"((?:head_sets\.\d+\.)?)shape\.(.+)", r"\1local_shape.\2")
 
 
-class LocalShapeKeys:
-    """
-    Mixin of the modules that hold a Local Shape head (CenterMaskHeads, CenterMaskFCOS): that
-    submodule is `local_shape`, and checkpoints written while it was called `shape` have keys
-    like head_sets.0.shape.0.weight (CenterMask) or shape.weight (CenterMask-FCOS).
-    load_state_dict renames them to local_shape on the way in (as torchvision's BatchNorm
-    upgrades its older layouts), so those checkpoints load unchanged, strict=True included;
-    import_weights does the same for our checkpoints (`_project_rules`).
-    """
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        old = prefix + "shape."
-        for key in [k for k in state_dict if k.startswith(old)]:
-            state_dict[prefix + "local_shape." + key[len(old):]] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+def current_keys(state):
+    """A state dict of one of our checkpoints with the keys of earlier layouts renamed to
+    today's (`_OLD_LOCAL_SHAPE_RULE`), so that `model.load_state_dict(current_keys(state))` loads
+    it, strict=True included. torch.save's `_metadata` (the modules' layout versions) is renamed
+    with the keys."""
+    rename = lambda key: re.sub(rf"^{_OLD_LOCAL_SHAPE_RULE[0]}$", _OLD_LOCAL_SHAPE_RULE[1], key)  # noqa: E731
+    renamed = type(state)((rename(k), v) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        renamed._metadata = type(metadata)((rename(k + ".x")[:-2] if k else k, v) for k, v in metadata.items())
+    return renamed
 
 
 # -----------------------------------------------------------------------------
@@ -188,11 +190,6 @@ def _torchvision_fcos_rules(first_level=3):
         (r"head\.regression_head\.bbox_reg\.(.+)", r"head.ltrb.\1"),
         (r"head\.regression_head\.bbox_ctrness\.(.+)", r"head.centerness.\1"),
     )
-
-
-# Our checkpoints written while the Local Shape head was called `shape` (`LocalShapeKeys`):
-# head_sets.<i>.shape.* (CenterMask) and shape.* (CenterMask-FCOS) are now local_shape.
-_OLD_LOCAL_SHAPE_RULE = (r"((?:head_sets\.\d+\.)?)shape\.(.+)", r"\1local_shape.\2")
 
 
 def _project_rules(src_first_level, dst_first_level):

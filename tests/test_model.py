@@ -12,7 +12,7 @@ from torchvision.ops import deform_conv2d
 from model import (ModelConfig, build_model, gaussian_radius, draw_gaussian, centernet_focal_loss,
                    centernet_heatmaps, flatten_targets, image_index, first_box_index, l1_at_centers, DLASeg,
                    DeformConv, CenterMask)
-from weights import import_weights
+from weights import current_keys, import_weights
 
 
 def tiny_cfg(**kw):
@@ -434,8 +434,9 @@ def test_stretch_to_boxes_equals_grid_sample():
 def test_checkpoints_with_the_old_shape_keys_load(method):
     """Guards the Local Shape head's rename (`shape` -> `local_shape`): a state dict written
     with the old names (CenterMask's head_sets.0.shape.{0,2}.*, CenterMask-FCOS's shape.*) loads
-    bit-identically, strict=True, through load_state_dict (`LocalShapeKeys`) and through
-    import_weights of one of our checkpoints (`_project_rules`)."""
+    bit-identically, strict=True, through load_state_dict after weights.current_keys (train.py's
+    resume, eval.py) and through import_weights of one of our checkpoints (`_project_rules`); the
+    old names alone are refused by a strict load (the rename is what loads them)."""
     cfg = (tiny_cfg() if method == "centermask" else
            ModelConfig(method="centermask_fcos", backbone="resnet18", num_classes=3, norm="bn", freeze_at=0,
                        fpn_channels=32, head_conv=32, shape_size=8))
@@ -452,7 +453,11 @@ def test_checkpoints_with_the_old_shape_keys_load(method):
         model = build_model(cfg)
         assert not all(torch.equal(v, new[k]) for k, v in model.state_dict().items())   # other weights
         if load == "load_state_dict":
-            model.load_state_dict(old)                                                   # strict
+            with pytest.raises(RuntimeError, match="local_shape"):
+                model.load_state_dict(old)                                               # strict, old names
+            renamed = current_keys(old)
+            assert list(renamed._metadata) == list(new._metadata)
+            model.load_state_dict(renamed)                                               # strict
         else:
             report = import_weights(model, {"model": old, "model_args": asdict(cfg)})
             assert not report.ignored and not report.new and len(report.loaded) == len(new)
