@@ -17,16 +17,15 @@ builder, loss, mask assembly and decoder, in reading order.
    12. FCOSIS                                     attention map, colouring, segmentation head
    13. build_model(cfg)                           the one entry point: ModelConfig -> the method's model
 
-Elsewhere: weights.py (published weights, old checkpoint keys), accumulate.py (gradient
-accumulation), pictures.py (the teaching pictures), settings.py (the keys each method reads, the
-autocast dtype), train.py / eval.py / predict.py / bench.py.
+Elsewhere: weights.py (published weights, old checkpoint keys), accumulate.py (gradient accumulation),
+pictures.py (the teaching pictures), settings.py (the keys each method reads, the autocast dtype), train.py /
+eval.py / predict.py / bench.py. How each method works and where each constant comes from: METHODS.md.
 
 Papers (sections, equations and tables are cited as [CM 3.1], [CM] eq. 2, [IS] Table 3):
     [CM]   Wang et al., "CenterMask: single shot instance segmentation with point
            representation", CVPR 2020, arXiv 2004.04446.
-    [CN]   Zhou et al., "Objects as Points" (CenterNet), arXiv 1904.07850, which [CM] builds on
-           and whose hyper-parameters it reuses ([CM 3.5]: "the same hyper-parameters of
-           CenterNet").
+    [CN]   Zhou et al., "Objects as Points" (CenterNet), arXiv 1904.07850, which [CM] builds on, with
+           "the same hyper-parameters of CenterNet" ([CM 3.5]).
     [DLA]  Yu et al., "Deep Layer Aggregation", CVPR 2018.
     CornerNet  Law and Deng, "CornerNet: Detecting Objects as Paired Keypoints", ECCV 2018,
            whose Hourglass-104 (CornerNet 3.5) CenterNet and [CM] reuse unchanged.
@@ -62,9 +61,8 @@ FCOS_FAMILY = ("fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")      
 
 @dataclass
 class ModelConfig:
-    """Architecture knobs of every method, grouped by the methods that read them (settings.py's
-    CONFIG_GROUPS lists the same groups; train.py stops a run that sets a key its method does not read).
-    Saved in checkpoints as `model_args`."""
+    """Architecture knobs of every method, grouped by the methods that read them (the groups of settings.py's
+    CONFIG_GROUPS; train.py stops a run that sets a key its method does not read). Checkpoints' `model_args`."""
     # -- every method ------------------------------------------------------------------------------
     method: str = "centermask"        # which system build_model() makes (METHODS)
     backbone: str = "dla34"           # CenterMask: "dla34" or "hourglass104" ([CM 3.5], Table 1b); the FCOS family:
@@ -72,9 +70,8 @@ class ModelConfig:
     num_classes: int = 80             # COCO
     max_detections: int = 100         # top-K peaks ([CM 3.5]); detections after NMS ([FCOS] 4)
     # -- every method that segments (MASK_METHODS) -------------------------------------------------
-    mask_threshold: float = None      # binarisation of every method's mask probabilities; None: the method's own,
-                                      # 0.4 for CenterMask and CenterMask-FCOS ([CM 3.5]), 0.5 for MaskFCOS (Mask
-                                      # R-CNN's, [IS 4] "Mask Prediction Head") and FCOSIS ([IS] gives none)
+    mask_threshold: float = None      # binarisation of mask probabilities; None: 0.4 for CenterMask(-FCOS) ([CM 3.5]),
+                                      # 0.5 for MaskFCOS (Mask R-CNN's, [IS 4]) and FCOSIS ([IS] gives none)
     # -- CenterMask, backbone="dla34": DLA-34 + DLA-up -------------------------------------------
     dcn: bool = True                  # DLA-up nodes: modulated deformable conv ([CN] 4) or plain 3x3
     dla_channels: tuple = (16, 32, 64, 128, 256, 512)  # [DLA] Table 1, DLA-34; narrower only for CPU demos
@@ -85,9 +82,8 @@ class ModelConfig:
     # -- CenterMask: CenterNet's targets and losses ([CN] 3, [CM 3.4]) ---------------------------
     min_overlap: float = 0.7          # gaussian_radius IoU ([CN] 3, CornerNet 4.1)
     cornernet_bug: bool = True        # use the shipped (buggy) radius formula, as all published numbers
-    mask_loss_grid: str = "output"    # grid of the CenterMask mask loss ([CM] eq. 2; resolution not given):
-                                      # "output" (stride R, ground truth average-pooled) or "input" (input
-                                      # pixels, binary ground truth: the masks' detail on small objects)
+    mask_loss_grid: str = "output"    # grid of CenterMask's mask loss ([CM] eq. 2 gives none): "output" (stride R,
+                                      # ground truth average-pooled) or "input" (input pixels, binary ground truth)
     saliency_loss: bool = False       # direct BCE on class-specific saliency ([CM 4.1], Table 1f)
     saliency_loss_weight: float = 1.0  # weight of the Table 1f loss (not given in [CM]; our choice)
     # -- Local Shape x Global Saliency: CenterMask and CenterMask-FCOS ([CM 3]) -------------------
@@ -97,24 +93,20 @@ class ModelConfig:
     use_saliency: bool = True         # Global Saliency branch ([CM 3.2]); False = shape-only (Table 1d)
     saliency: str = "agnostic"        # "agnostic" (1 channel) or "specific" (C channels), [CM 3.2], Table 1e
     loss_weights: tuple = (1.0, 1.0, 0.1, 1.0)  # lambda_p, lambda_off, lambda_size, lambda_mask [CM 3.5]
-                                      # (CenterMask-FCOS reads lambda_mask only: FCOS's losses are unweighted)
+                                      # (CenterMask-FCOS reads lambda_mask only)
     # -- the FCOS family (FCOS_FAMILY): ResNet-FPN and the FCOS detector ([FCOS], [IS 3.1]) -------
     pretrained: bool = False          # ImageNet weights via torchvision (FCOS recipes: True; [CM 3.5]: from scratch)
     norm: str = "frozen_bn"           # ResNet BN: "frozen_bn" (FCOS, ImageNet statistics) or "bn" (trainable, from scratch)
     freeze_at: int = 2                # frozen stem + res2, as FCOS; 0 = nothing frozen
     fpn_channels: int = 256           # FPN and head tower width ([FCOS] 3.2)
     head_convs: int = 4               # convs per head tower ([FCOS] Fig. 2)
-    # The four choices that tell the original FCOS (the paper's, FCOS's code defaults, the detector
-    # [IS 3.1] builds on) from the improved FCOS (FCOS's fcos_imprv_* configs, torchvision's FCOS);
-    # see `FCOS`. Defaults: the improved one (torchvision's, whose weights import; weights.py).
-    centerness_on: str = "reg"        # centerness conv on the box tower ("reg": FCOS's CENTERNESS_ON_REG True) or on
-                                      # the classification tower ("cls": [FCOS] 3.3 and Fig. 2, CENTERNESS_ON_REG False)
-    reg_form: str = "relu_stride"     # ltrb = relu(scale_l * x) * stride ("relu_stride": FCOS's NORM_REG_TARGETS True)
-                                      # or exp(scale_l * x) in pixels ("exp": [FCOS] 3.2, NORM_REG_TARGETS False)
-    center_sampling: float = 1.5      # positives within this radius in strides of the box centre (FCOS's
-                                      # CENTER_SAMPLING_RADIUS 1.5); 0: every location in the box ([FCOS] 3.1, [IS 3.1])
-    box_loss: str = "giou"            # "giou" (FCOS's IOU_LOSS_TYPE "giou"; torchvision's GIoU loss) or "iou" (FCOS's
-                                      # IOULoss "iou": -log((I + 1) / (U + 1)), UnitBox's IoU loss, [IS 3.1])
+    # The original FCOS against the improved one (the defaults, torchvision's, whose weights import): see `FCOS`
+    centerness_on: str = "reg"        # on the box tower ("reg", CENTERNESS_ON_REG) or cls tower ("cls", [FCOS] 3.3)
+    reg_form: str = "relu_stride"     # ltrb = relu(scale_l x) * stride (NORM_REG_TARGETS) or "exp": exp(scale_l x),
+                                      # in pixels ([FCOS] 3.2)
+    center_sampling: float = 1.5      # positives within this many strides of the box centre (CENTER_SAMPLING_RADIUS);
+                                      # 0: every location in the box ([FCOS] 3.1, [IS 3.1])
+    box_loss: str = "giou"            # "giou" (torchvision's GIoU loss) or "iou" (-log((I+1)/(U+1)), FCOS's, [IS 3.1])
     focal_alpha: float = 0.25         # [FCOS] 3.1, RetinaNet's focal loss
     focal_gamma: float = 2.0
     score_threshold: float = 0.05     # candidate locations at inference ([FCOS] 4)
@@ -122,9 +114,8 @@ class ModelConfig:
     nms_threshold: float = 0.6        # class-wise NMS IoU ([FCOS] 4)
     score_threshold_on: str = "cls"   # what score_threshold tests: "cls" (FCOS: the class probability, before the
                                       # centerness) or "score" (torchvision's FCOS: sqrt(cls * centerness))
-    location_offset: str = "half"     # FCOS locations (`fcos_locations`): "half" (FCOS: cell j at j*s + s//2) or
-                                      # "zero" (torchvision's FCOS: j * (input size // grid size)); set to "zero" by
-                                      # train.py for torchvision's weights (weights.py)
+    location_offset: str = "half"     # `fcos_locations`: "half" (FCOS: j*s + s//2) or "zero" (torchvision's FCOS, set
+                                      # by train.py for its weights: j * (input size // grid size))
     # FCOSreg's assignment ([IS 3.3]); FCOS ("fcos") keeps its own values, the methods with masks may change them
     ambiguity: str = ""               # "area" (FCOS: smallest box) or "mask" (FCOSreg [IS 3.3]); "": the method's own
     reg_weights: tuple = ()           # (a, b, c) of FCOSreg's w ([IS 3.3] Fig. 6); (): (1,0,0) FCOS, (1/3,1/3,1/3) FCOSreg
@@ -138,18 +129,14 @@ class ModelConfig:
     seg_classes: str = "agnostic"     # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
     com_assignment: str = "mask"      # locations regressing the centre of mass: "mask" (every mask pixel, [IS] Fig. 3)
                                       # or "positive" (FCOS positives inside the mask; see `FCOSIS`)
-    attention_assign: str = "image"   # locations are assigned among the objects of their image ("image", [IS 3.2.1]:
-                                      # a neighbour's pixels are distractors, -mu) or of their colour group ("pass",
-                                      # one segmentation forward; an ablation: no location is ever a distractor)
-    attention_background: str = "distractor_only"  # what -mu marks inside a box ([IS 3.2.1]: "the background or
-                                      # distractor instances"): "distractor_only" (a neighbour's locations; the own
-                                      # object's get lambda * coarse fg, ~0 on its background) or "own_background"
-                                      # (also the own object's background: lambda * fg - mu * (1 - fg)); `attention_maps`
+    attention_assign: str = "image"   # who competes for a location: the objects of its image ("image", [IS 3.2.1]) or
+                                      # of its colour group ("pass", an ablation: no location is ever a distractor)
+    attention_background: str = "distractor_only"  # what -mu marks in a box, a reading of [IS 3.2.1]: a neighbour's
+                                      # locations, or "own_background": the own background too (`attention_maps`)
     assign_nms_threshold: float = 0.6  # inference, "image": detections that a class-agnostic NMS at this IoU merges
                                       # compete as one object (`duplicate_owners`); FCOS's own NMS IoU ([FCOS] 4)
-    assign_score_floor: float = 0.5   # inference, "image": only detections scoring at least this (more likely right
-                                      # than wrong) take locations from others (`duplicate_owners`); [IS] gives no
-                                      # rule; 0: every detection competes (RESULTS.md, FCOSIS's Table 3: it costs mask AP)
+    assign_score_floor: float = 0.5   # inference, "image": only detections scoring at least this take locations from
+                                      # others (`duplicate_owners`; [IS] gives no rule; RESULTS.md, FCOSIS's Table 3)
     attention_grid: str = "p2"        # grid the attention map is built on: "p2" (stride 4, the P3 outputs resampled)
                                       # or "p3" (stride 8, the detection head's own grid); not fixed by [IS]
 
@@ -217,37 +204,26 @@ class ModelConfig:
 
 
 class Method(nn.Module):
-    """
-    What every method's model provides: train.py, eval.py, predict.py and bench.py use this and
-    nothing else. Frames and shapes as in the module docstring; B images, H x W the padded batch.
+    """What every method's model provides; train.py, eval.py, predict.py and bench.py use nothing else.
+    B images, H x W the padded batch, frames as in the module docstring.
 
-    model(images, targets)   in train mode: images (B, 3, H, W) normalised (data.py), H and W
-                             multiples of `size_divisibility`; targets a list of B dicts (data.py:
-                             "boxes" (N, 4) xyxy input frame, "labels" (N,) int64 in 0..C-1,
-                             "masks" (N, H, W) uint8, ...) -> dict of named scalar losses, each
-                             already weighted, and "loss" = their sum (what train.py backpropagates
-                             and logs; the others are logged too)
-    model(images)            in eval mode -> list of B dicts, input frame: "boxes" (K, 4) xyxy,
-                             "scores" (K,), "labels" (K,), and for the methods that segment "masks"
-                             (K, H, W) probabilities (eval.to_original binarises them)
-    model.heads(images)      the raw network outputs, a dict of tensors (bench.py)
-    model.decode(out, hw)    heads(images) -> the eval-mode list above: all the post-processing
-                             (peaks / NMS, mask assembly), timed alone by bench.py
-    model.teaching_maps      None, or a function images -> list of B dicts of named 2-D maps (the
-                             method's intermediate results, drawn by eval.save_pictures / predict.py)
-    model.cfg                the ModelConfig (saved in checkpoints as `model_args`)
+    model(images, targets)   train mode: images (B, 3, H, W) normalised (data.py), H, W multiples of
+                             `size_divisibility`; targets B dicts (data.py: "boxes" (N, 4) xyxy input frame,
+                             "labels" (N,) int64 in 0..C-1, "masks" (N, H, W) uint8) -> dict of named, weighted
+                             scalar losses and "loss", their sum (what train.py backpropagates)
+    model(images)            eval mode -> B dicts, input frame: "boxes" (K, 4) xyxy, "scores" (K,), "labels" (K,),
+                             and for the methods that segment "masks" (K, H, W) probabilities
+    model.heads(images)      the raw network outputs, a dict of tensors
+    model.decode(out, hw)    heads(images) -> the eval-mode list: all the post-processing (bench.py times it)
+    model.teaching_maps      None, or images -> B dicts of named 2-D maps (eval.save_pictures, predict.py)
+    model.cfg                the ModelConfig (checkpoints' `model_args`)
     model.size_divisibility  pad the batch to a multiple of this (data.collate_fn)
     model.mask_threshold     binarisation of the mask probabilities (cfg.mask_threshold)
-    Method.transform         the data transform of the recipe: "centernet" (square canvas) or
-                             "fcos" (short side); train.py's default for `transform`
+    Method.transform         the recipe's data transform: "centernet" (square canvas) or "fcos" (short side)
 
-    Adding a method: subclass this (or FCOS, whose hooks `extra_losses` / `postprocess` MaskFCOS,
-    CenterMask-FCOS and FCOSIS override, and `box_weights` / `score_weights` FCOSIS), add it to
-    METHODS and `method_class`, give its own ModelConfig fields a group in settings.CONFIG_GROUPS, and write
-    a config (README, "Adding a method"). Two contracts, each checked with a one-line error: the
-    loss keys are the same in every forward, a batch without objects included (train.py logs and
-    checks the first step's keys), and every count that normalises a loss goes through
-    `reduce_mean` (section 2), the same number of times in every forward (accumulate.py).
+    Two contracts, each checked with a one-line error: the loss keys are the same in every forward, a batch
+    without objects included; every count that normalises a loss goes through `reduce_mean` (section 2), the
+    same number of times in every forward. Adding a method (FCOS's hooks among them): README, "Adding a method".
     """
     transform = None                  # each method's class sets it
     teaching_maps = None
@@ -261,13 +237,10 @@ class Method(nn.Module):
 # 2. Shared by the methods (loss normalisers, box rules, batch layouts, pooled masks)
 
 # -- loss normalisers -----------------------------------------------------------------------------
-# Every loss of every method is a sum over the batch divided by a count N (positives, objects,
-# pixels; never a function of the predictions), and every such N goes through `reduce_mean`,
-# unconditionally: also when it is 0, also for a batch without objects, in the same order in every
-# forward. Two things rely on it: DDP (every process must make the same collective calls, or they
-# wait for each other forever) and train.py's gradient accumulation (accumulate.py records the
-# counts of each micro-batch and hands the j-th call the j-th count of the whole batch; it stops
-# with a one-line error when two forwards make different numbers of calls).
+# Every loss is a sum over the batch divided by a count N (positives, objects, pixels; never a function of the
+# predictions), and every N goes through `reduce_mean` unconditionally: also when 0, also for a batch without
+# objects, in the same order in every forward. DDP needs it (every process makes the same collective calls), and
+# so does gradient accumulation (accumulate.py hands a micro-batch's j-th call the whole batch's j-th count).
 
 normalizer_hook = None  # accumulate.MicroBatchNormalizers while it records or replays; None otherwise
 
@@ -282,21 +255,18 @@ def mean_over_processes(x):
 
 
 def reduce_mean(x):
-    """A loss normaliser N (a 0-d tensor) -> its mean over the processes, so that W processes with
-    batch b compute the gradient of one process with batch W * b. Under gradient accumulation the
-    mean over the step's micro-batches as well (`normalizer_hook`, accumulate.py)."""
+    """A loss normaliser N (0-d tensor) -> its mean over the processes, so that W processes with batch b compute
+    the gradient of one with batch W * b; under gradient accumulation over the micro-batches too (`normalizer_hook`)."""
     if normalizer_hook is not None:
         return normalizer_hook(x)
     return mean_over_processes(x)
 
 
 # -- which points a box holds ------------------------------------------------------------------
-# Three rules, each where its source uses it, and differing only for a point exactly on an edge:
-#   "closed"     x0 <= x <= x1   CenterMask's pixels ([CM] eq. 1's crop, `boxes_inside`) and every method's
-#                                final masks: a mask covers the same pixels with and without the local
-#                                shape (Table 1c), and a flipped box covers the flipped pixels
-#   "open"       x0 <  x <  x1   FCOS's locations (`fcos_targets`, FCOS's `min(dim=1)[0] > 0`): a location on
-#                                an edge would regress a zero side, a box of no width
+# Three rules, each where its source uses it, differing only for a point exactly on an edge:
+#   "closed"     x0 <= x <= x1   CenterMask's pixels ([CM] eq. 1's crop, `boxes_inside`) and every method's final
+#                                masks (the same pixels with and without the local shape; flips stay exact)
+#   "open"       x0 <  x <  x1   FCOS's locations (`fcos_targets`): an edge location would regress a zero side
 #   "half-open"  x0 <= x <  x1   FCOSIS's attention map and padded crop ([IS 3.2.2]'s slice S[y0:y1, x0:x1])
 INSIDE_RULES = {"closed": (torch.ge, torch.le), "open": (torch.gt, torch.lt), "half-open": (torch.ge, torch.lt)}
 
@@ -315,35 +285,22 @@ def inside(points, boxes, rule):
 
 
 # -- the objects of a batch ----------------------------------------------------------------------
-# The objects of a batch come in three layouts:
-#   per image  the list of B target dicts of data.py's collate_fn, one per image: boxes (N_b, 4),
-#              labels (N_b,), masks (N_b, H_b, W_b)
-#   padded     (B, N, ...), N = max N_b, with valid (B, N): `pad_boxes`, FCOS's assignment, whose
-#              "matched" (B, P) indexes each image's own boxes
-#   flat       (M, ...), M = sum N_b, image after image, with batch (M,) the image of each
-#              (`image_index`): `flatten_targets`, `batch_masks`. Object n of image b is flat
-#              object first_box_index(...)[b] + n.
+#   per image  data.py's B target dicts: boxes (N_b, 4), labels (N_b,), masks (N_b, H_b, W_b)
+#   padded     (B, N, ...), N = max N_b, with valid (B, N): `pad_boxes`; FCOS's "matched" (B, P) indexes these
+#   flat       (M, ...), M = sum N_b, image after image, batch (M,) the image of each (`image_index`):
+#              `flatten_targets`, `batch_masks`; object n of image b is flat object first_box_index(...)[b] + n
 
 
 def image_index(counts, device=None):
-    """
-    The flat layout's `batch` vector: counts = the number of objects of each of the B images
-    (Python ints), laid out image after image -> (M,) int64, M = sum(counts), the image of each
-    object; (2, 0, 1) -> [0, 0, 2]. That is torch.repeat_interleave(torch.arange(B),
-    torch.tensor(counts)), built from the Python ints (nothing is read back from the device).
-    """
+    """The flat layout's `batch`: counts (Python ints, objects per image) -> (M,) int64, the image of each object;
+    (2, 0, 1) -> [0, 0, 2]. torch.repeat_interleave(arange(B), counts) without reading back from the device."""
     return torch.cat([torch.full((n,), b, dtype=torch.long, device=device) for b, n in enumerate(counts)])
 
 
 def flatten_targets(targets, stride):
-    """
-    Gather every object of a batch (a list of B >= 1 target dicts) into flat tensors, without
-    a Python loop over objects. Returns a dict with M = total number of objects:
-        batch (M,) int64 image index; labels (M,) int64;
-        boxes (M, 4) xyxy in the output frame (input / stride; stride 1: the input frame);
-        center (M, 2) continuous box centre, output frame; center_int (M, 2) floor(center);
-        wh (M, 2) box width, height in output pixels.
-    """
+    """Every object of B >= 1 target dicts as flat tensors, M objects -> dict: batch (M,) image index; labels (M,);
+    boxes (M, 4) xyxy, output frame (input / stride); center (M, 2) box centre, output frame; center_int (M, 2)
+    floor(center); wh (M, 2) box width, height in output pixels."""
     boxes = torch.cat([target["boxes"].reshape(-1, 4).float() for target in targets]) / stride  # (M, 4)
     labels = torch.cat([target["labels"].reshape(-1).long() for target in targets])             # (M,)
     batch = image_index([len(target["labels"]) for target in targets], boxes.device)            # (M,)
@@ -353,25 +310,19 @@ def flatten_targets(targets, stride):
 
 
 def batch_masks(targets, H, W, device):
-    """The ground-truth masks of a batch in the flat layout (image after image, the order of
-    `flatten_targets`), zero-padded bottom/right to the padded batch size: B target dicts with
-    masks (N_b, H_b, W_b) -> (M, H, W) on `device`, M = sum N_b."""
+    """The ground-truth masks in the flat layout, zero-padded bottom/right to the batch: (M, H, W) on `device`."""
     return torch.cat([F.pad(target["masks"], (0, W - target["masks"].shape[-1], 0, H - target["masks"].shape[-2]))
                       for target in targets]).to(device)
 
 
 def first_box_index(targets, device):
-    """(B,) int64 flat index of each image's first object: object n of image b (its n-th box, the
-    n of FCOS's "matched") is flat object first_box_index(...)[b] + n, the row of `batch_masks`
-    and of `flatten_targets`' tensors; box counts (2, 0, 1) -> [0, 2, 2]."""
+    """(B,) int64 flat index of each image's first object; box counts (2, 0, 1) -> [0, 2, 2]."""
     counts = torch.tensor([len(target["boxes"]) for target in targets], device=device)
     return torch.cumsum(counts, 0) - counts
 
 
 def pad_boxes(targets, device):
-    """The padded layout (above): list of B target dicts -> boxes (B, N, 4), labels (B, N),
-    valid (B, N) bool, padded to the largest N in the batch (N >= 1 so that empty batches keep
-    their shapes)."""
+    """The padded layout: B target dicts -> boxes (B, N, 4), labels (B, N), valid (B, N) bool, N = max(counts, 1)."""
     n = max([len(target["boxes"]) for target in targets] + [1])
     B = len(targets)
     boxes = torch.zeros(B, n, 4, device=device)
@@ -387,12 +338,8 @@ def pad_boxes(targets, device):
 
 
 def average_pool_masks(masks, stride, out_hw=None):
-    """
-    masks (M, H, W) at input resolution -> (M, h, w) float: the fraction of each stride x
-    stride cell covered (the segmentation label of [IS 3.3]). Zero-padded bottom/right to
-    (h*s, w*s) first, so that levels whose size is rounded up (P6, P7) count the missing
-    pixels as background; out_hw defaults to (ceil(H/s), ceil(W/s)).
-    """
+    """masks (M, H, W) -> (M, h, w) float, the fraction of each stride x stride cell covered ([IS 3.3]'s segmentation
+    label), zero-padded bottom/right (P6, P7: missing pixels are background); out_hw default (ceil(H/s), ceil(W/s))."""
     M, H, W = masks.shape
     h, w = out_hw if out_hw is not None else (-(-H // stride), -(-W // stride))
     m = F.pad(masks.float(), (0, w * stride - W, 0, h * stride - H))[:, :h * stride, :w * stride]
@@ -400,12 +347,8 @@ def average_pool_masks(masks, stride, out_hw=None):
 
 
 def center_of_mass(masks, boxes=None):
-    """
-    Mass centres of masks (N, H, W) (bool, uint8 or float weights) -> (N, 2) (x, y) float32 in
-    the input frame (pixel X counts at its centre X + 0.5). An empty mask has no centre: it gets
-    the centre of its box when boxes (N, 4) are given, else NaN (callers that feed targets must
-    pass boxes; NaN makes a forgotten case loud rather than silently wrong).
-    """
+    """Mass centres of masks (N, H, W) (bool, uint8 or float) -> (N, 2) (x, y) float32, input frame (pixel X at
+    X + 0.5). An empty mask gets its box's centre when boxes (N, 4) are given, else NaN (loud, not wrong)."""
     N, H, W = masks.shape
     dev = masks.device
     col = masks.sum(1, dtype=torch.float32)                                        # (N, W)
@@ -421,11 +364,8 @@ def center_of_mass(masks, boxes=None):
 
 # -----------------------------------------------------------------------------
 # 3. DLA-34 + DLA-up ([DLA], as CenterNet's `dla_34` + `DLASeg`)
-#
-# DLA-34 is a ResNet-like network whose stages are merged by "Tree" aggregation (iterative
-# deep aggregation inside a stage, hierarchical across stages). CenterNet adds "DLA-up": three
-# IDA-up stages that walk the pyramid from stride 32 back to stride 4, and one final IDA-up.
-# Every projection and aggregation node of DLA-up is a modulated deformable 3x3 conv ([CN] 4).
+# DLA-34: a ResNet-like network whose stages are merged by "Tree" aggregation. CenterNet's "DLA-up": three
+# IDA-up stages from stride 32 back to stride 4 and a final IDA-up, every node a modulated deformable conv ([CN] 4).
 
 BN_MOMENTUM = 0.1  # CenterNet's DLA uses PyTorch's default BatchNorm momentum
 
@@ -460,11 +400,8 @@ class Root(nn.Module):
 
 
 class Tree(nn.Module):
-    """
-    Hierarchical deep aggregation ([DLA] 3.2, Fig. 2d-f). A Tree of depth 1 is two blocks
-    merged by a Root; a Tree of depth d is two Trees of depth d-1 whose outputs (and, for
-    a `level_root`, the stage's input) are merged by the Root of the innermost right tree.
-    """
+    """Hierarchical deep aggregation ([DLA] 3.2, Fig. 2d-f): depth 1 is two blocks merged by a Root; depth d, two
+    Trees of depth d-1 whose outputs (and a `level_root`'s stage input) the innermost right tree's Root merges."""
 
     def __init__(self, levels, cin, cout, stride=1, level_root=False, root_dim=0):
         super().__init__()
@@ -480,10 +417,8 @@ class Tree(nn.Module):
             self.tree2 = Tree(levels - 1, cout, cout, 1, root_dim=root_dim + cout)
         self.levels, self.level_root = levels, level_root
         self.downsample = nn.MaxPool2d(stride, stride) if stride > 1 else None
-        # The residual of the first block when the width changes. A deeper Tree's first child
-        # is itself a Tree that makes its own, so there the projection would be dead weight
-        # (CenterNet builds it anyway and never uses it; we do not, so DDP needs no
-        # find_unused_parameters).
+        # the first block's residual when the width changes; not for deeper Trees, whose first child makes its
+        # own (CenterNet builds that one unused; leaving it out spares DDP find_unused_parameters)
         self.project = (nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
                                       nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
                         if cin != cout and levels == 1 else None)
@@ -503,10 +438,8 @@ class Tree(nn.Module):
 
 
 class DLA34(nn.Module):
-    """
-    DLA-34 base ([DLA] Table 1): levels (1, 1, 1, 2, 2, 1), BasicBlock.
-    (B, 3, H, W) -> list of 6 maps at strides 1, 2, 4, 8, 16, 32 with `channels` widths.
-    """
+    """DLA-34 base ([DLA] Table 1): levels (1, 1, 1, 2, 2, 1), BasicBlock.
+    (B, 3, H, W) -> list of 6 maps at strides 1, 2, 4, 8, 16, 32 with `channels` widths."""
 
     def __init__(self, channels=(16, 32, 64, 128, 256, 512), levels=(1, 1, 1, 2, 2, 1)):
         super().__init__()
@@ -538,22 +471,15 @@ class DLA34(nn.Module):
         return levels
 
 
-# A NaN or inf offset sends deform_conv2d's bilinear sampling to addresses outside its input: on the
-# CPU a segmentation fault, not an error. DeformConv asserts finite offsets first, with this message
-# (train.py, eval.py and predict.py print it as one line).
+# NaN or inf offsets send deform_conv2d's sampling outside its input (on the CPU a segfault): DeformConv asserts first
 NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolution of DLA-34 (model.DeformConv): "
                      "the weights or the activations hold NaN or inf (a corrupt checkpoint, a BatchNorm running_var "
                      "below 0, a diverged run); stopped before torchvision's deform_conv2d reads outside its input")
 
 
 class DeformConv(nn.Module):
-    """
-    DLA-up node: modulated deformable 3x3 conv (DCNv2) + BN + ReLU ([CN] 4, "deformable
-    convolution"). Offsets (18 ch) and modulation mask (9 ch, sigmoid) come from a 3x3 conv
-    initialised to zero, as CenterNet's DCN: at init every offset is 0 and every mask 0.5.
-    Runs through `torchvision.ops.deform_conv2d` (CPU and GPU, no compiled extension).
-    With dcn=False the same slot is a plain 3x3 conv.
-    """
+    """DLA-up node: modulated deformable 3x3 conv (DCNv2) + BN + ReLU ([CN] 4); offsets (18 ch) and mask (9 ch, sigmoid)
+    from a zero-initialised 3x3 conv, as CenterNet's (offsets 0, mask 0.5 at init). dcn=False: a plain 3x3 conv."""
 
     def __init__(self, cin, cout, dcn=True):
         super().__init__()
@@ -569,12 +495,10 @@ class DeformConv(nn.Module):
             x = self.conv(x)
         else:
             om = self.offset_mask(x)                          # (B, 27, H, W)
-            # NaN or inf anywhere in x reaches om (a conv of it): raise NON_FINITE_DEFORM. Asserted on the
-            # device: no host sync on a GPU (there a device-side assert), no graph break under torch.compile
+            # NaN or inf in x reaches om: NON_FINITE_DEFORM, asserted on the device (no host sync, no graph break)
             torch._assert_async(torch.isfinite(om).all(), NON_FINITE_DEFORM)
             offset, mask = om[:, :18], om[:, 18:].sigmoid()   # (B, 18, H, W), (B, 9, H, W)
-            # in fp32 under any autocast: torchvision has no bf16 CPU kernel for it (and its
-            # CUDA autocast rule casts to fp32 anyway)
+            # fp32 under any autocast: torchvision has no bf16 CPU kernel (its CUDA autocast casts to fp32 too)
             with torch.autocast(x.device.type, enabled=False):
                 x = deform_conv2d(x.float(), offset.float(), self.conv.weight, self.conv.bias,
                                   padding=1, mask=mask.float())
@@ -593,12 +517,9 @@ def bilinear_upsample_init(up: nn.ConvTranspose2d):
 
 
 class IDAUp(nn.Module):
-    """
-    Iterative deep aggregation, upward ([DLA] 3.1; CenterNet's IDAUp). For maps i = startp+1..
-    endp-1: project to `cout` channels, upsample by its factor with a bilinear-initialised
-    depthwise transposed conv, add the previous (already merged) map, and merge with a node.
-    Works in place on the list, as CenterNet's (the caller reads the last entries).
-    """
+    """Iterative deep aggregation, upward ([DLA] 3.1; CenterNet's IDAUp): each map i in startp+1..endp-1 is
+    projected to `cout`, upsampled (bilinear-initialised depthwise transposed conv), added to the merged map i-1
+    and merged by a node. In place on the list, as CenterNet's."""
 
     def __init__(self, cout, channels, up_factors, dcn=True):
         super().__init__()
@@ -620,10 +541,8 @@ class IDAUp(nn.Module):
 
 
 class DLAUp(nn.Module):
-    """
-    CenterNet's DLAUp over the stride-4..32 maps: three IDA-up stages, each merging one more
-    level from the top (stride 32 -> 16 -> 8 -> 4). Returns the merged maps, finest first.
-    """
+    """CenterNet's DLAUp over the stride-4..32 maps: three IDA-up stages, each merging one more level from the
+    top (stride 32 -> 16 -> 8 -> 4). Returns the merged maps, finest first."""
 
     def __init__(self, channels, scales, dcn=True):
         super().__init__()
@@ -646,10 +565,8 @@ class DLAUp(nn.Module):
 
 
 class DLASeg(nn.Module):
-    """
-    DLA-34 + DLA-up + final IDA-up (CenterNet's `DLASeg`, down_ratio 4).
-    (B, 3, H, W) -> (B, 64, H/4, W/4)    (H, W multiples of 32)
-    """
+    """DLA-34 + DLA-up + final IDA-up (CenterNet's `DLASeg`, down_ratio 4).
+    (B, 3, H, W) -> (B, 64, H/4, W/4)    (H, W multiples of 32)"""
 
     def __init__(self, channels=(16, 32, 64, 128, 256, 512), dcn=True):
         super().__init__()
@@ -672,26 +589,17 @@ class DLASeg(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 4. Hourglass-104 (CornerNet 3.5, as CenterNet's `large_hourglass`)
-#
-# Two hourglasses ("stacks") in a row. Each is a symmetric encoder-decoder: at every level the
-# features go two ways, a skip branch that stays at the current resolution (`up1`) and a branch
-# that halves the resolution with a stride-2 residual block (no max-pool), recurses into the
-# next level, and comes back with nearest upsampling (`up2`); the two are added. Five levels
-# take stride 4 down to stride 128 and back. A 3x3 conv after each hourglass gives the features
-# its heads read; the second hourglass starts from the first one's input and output merged
-# ("inters", CornerNet 3.5), so the first stack's heads give intermediate supervision.
-#
-# The "104": the longest chain of convs from the image to the last stack's features is
-# 3 (stem) + 48 (24 residual blocks down and up one hourglass) + 1 (3x3 after it)
-# + 1 (1x1 merge) + 2 (residual between stacks) + 48 + 1 = 104.
+# Two hourglasses ("stacks") in a row. At each level of one, a skip branch stays at the resolution (`up1`) and a
+# branch halves it (stride-2 residual, no max-pool), recurses and comes back by nearest upsampling; the two are
+# added. Five levels: stride 4 to 128 and back. A 3x3 conv after each hourglass gives its heads' features; the
+# next stack starts from its input and output merged ("inters", CornerNet 3.5), so the first stack's heads give
+# intermediate supervision. "104": 3 (stem) + 48 (24 residuals down and up) + 1 (3x3) + 1 (1x1 merge) + 2
+# (residual between stacks) + 48 + 1 convs from the image to the last stack's features.
 
 
 class Residual(BasicBlock):
-    """
-    CornerNet's residual block: DLA's BasicBlock (3x3 conv stride s + BN + ReLU, 3x3 conv + BN,
-    add, ReLU) with its own skip: a 1x1 conv (stride s) + BN when the block changes width or
-    resolution, the identity otherwise. (B, cin, H, W) -> (B, cout, H/s, W/s).
-    """
+    """CornerNet's residual block: BasicBlock with its own skip, a 1x1 conv (stride s) + BN when the block changes
+    width or resolution, else the identity. (B, cin, H, W) -> (B, cout, H/s, W/s)."""
 
     def __init__(self, cin, cout, stride=1):
         super().__init__(cin, cout, stride)
@@ -714,17 +622,14 @@ def residuals_reversed(cin, cout, n):
 
 
 class HourglassModule(nn.Module):
-    """
-    One hourglass, built recursively (CenterNet's `kp_module`). dims[0] / modules[0] are the
-    width / number of residual blocks of this level, dims[1:] / modules[1:] those of the levels
-    below; the last entry is the middle (4 x 512 in Hourglass-104).
+    """One hourglass, built recursively (CenterNet's `kp_module`). dims[0] / modules[0]: width / residual blocks
+    of this level, dims[1:] / modules[1:] of the levels below; the last entry is the middle (4 x 512).
         up1  = modules[0] residuals at (dims[0], H, W)                 skip branch
         low1 = stride-2 residual to dims[1], then modules[0]-1 more    (dims[1], H/2, W/2)
         low2 = the next level's hourglass, or, innermost, modules[1] residuals at dims[1]
         low3 = modules[0]-1 residuals, then one back to dims[0]        (dims[0], H/2, W/2)
         out  = up1 + nearest_upsample_x2(low3)                         (dims[0], H, W)
-    (B, dims[0], H, W) -> (B, dims[0], H, W), H and W multiples of 2 ** (len(dims) - 1).
-    """
+    (B, dims[0], H, W) -> (B, dims[0], H, W), H and W multiples of 2 ** (len(dims) - 1)."""
 
     def __init__(self, dims, modules):
         super().__init__()
@@ -748,21 +653,14 @@ def conv_bn_relu(cin, cout, k, stride=1):
 
 
 class Hourglass104(nn.Module):
-    """
-    Stacked hourglass backbone of CornerNet / CenterNet (CornerNet 3.5; CenterNet's
-    `HourglassNet` with its heads taken out).
+    """Stacked hourglass backbone (CornerNet 3.5; CenterNet's `HourglassNet` without its heads, the same layout
+    layer by layer as its `large_hourglass.py`):
         pre:    7x7 stride-2 conv (dims[0]/2 = 128) + BN + ReLU, stride-2 residual (dims[0] = 256)
         stack:  hourglass -> 3x3 conv (256) + BN + ReLU -> features for this stack's heads
         inters: next input = Residual(ReLU(BN(1x1(input)) + BN(1x1(features))))
-    (B, 3, H, W) -> list of `num_stacks` maps (B, dims[0], H/4, W/4), first stack first; the
-    last one is the test-time feature map. H and W must be multiples of `size_divisibility` =
-    4 * 2**5 = 128 (stride 4 of the stem times five halvings inside the hourglass).
-
-    Deviations from CenterNet: none in the layout (checked layer by layer against its
-    `large_hourglass.py`). The width after each hourglass (CenterNet's `cnv_dim` = 256) is tied
-    to dims[0], and the stem width to dims[0] / 2, which is what CenterNet uses; the tie only
-    matters for the reduced widths of the tests.
-    """
+    (B, 3, H, W) -> `num_stacks` maps (B, dims[0], H/4, W/4), first stack first (the last one at test); H, W
+    multiples of `size_divisibility` = 4 * 2**5 = 128. CenterNet's `cnv_dim` (256) and stem width (128) are
+    tied to dims[0] and dims[0] / 2 here (equal at full width)."""
 
     def __init__(self, dims=(256, 256, 384, 384, 384, 512), modules=(2, 2, 2, 2, 2, 4), num_stacks=2):
         super().__init__()
@@ -771,8 +669,7 @@ class Hourglass104(nn.Module):
                                  Residual(c // 2, c, stride=2))         # (B, 256, H/4, W/4)
         self.hourglasses = nn.ModuleList(HourglassModule(dims, modules) for _ in range(num_stacks))
         self.convs = nn.ModuleList(conv_bn_relu(c, c, 3) for _ in range(num_stacks))  # CenterNet `cnvs`
-        # between stacks (CenterNet `inters_`, `cnvs_`, `inters`): 1x1 conv + BN of the previous
-        # stack's input and of its features, added, ReLU, one residual block
+        # between stacks ("inters" above; CenterNet's `inters_`, `cnvs_`, `inters`)
         self.skip_input = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1, bias=False),
                                                       nn.BatchNorm2d(c, momentum=BN_MOMENTUM))
                                         for _ in range(num_stacks - 1))
@@ -805,23 +702,16 @@ class Hourglass104(nn.Module):
 
 
 def gaussian_radius(h, w, min_overlap=0.7, cornernet_bug=True):
-    """
-    Radius r (output pixels) such that a box whose corners are shifted by up to r from the
-    ground truth (h, w) still has IoU >= min_overlap with it (CornerNet 4.1), taking the
-    smallest radius over three cases: both corners move inward/outward (case 1), both
-    inward (case 2), both outward (case 3). Each case is a quadratic a r^2 + b r + c = 0:
-
+    """Radius r (output pixels) such that a box whose corners move by up to r from the ground truth (h, w) keeps
+    IoU >= min_overlap with it (CornerNet 4.1): the smallest over three cases (corners moved inward/outward, both
+    inward, both outward), each a r^2 + b r + c = 0:
         case 1: a=1,    b=(h+w),        c=w h (1-m)/(1+m)
         case 2: a=4,    b=2(h+w),       c=(1-m) w h
         case 3: a=4m,   b=-2m(h+w),     c=(m-1) w h
-
-    cornernet_bug=True reproduces the formula CornerNet/CenterNet shipped and every published
-    CenterNet/CenterMask number used: r_i = (b_i + sqrt(b_i^2 - 4 a_i c_i)) / 2 for all three
-    (it neither divides by 2a nor takes the right root), so case 3 usually decides and the
-    radius is larger than intended (10x10 box: 2.73 instead of 0.82). cornernet_bug=False
-    solves the quadratics properly: r1 = (b1 - sq1)/(2 a1), r2 = (b2 - sq2)/(2 a2),
-    r3 = (-b3 + sq3)/(2 a3). Accepts floats or tensors (element-wise).
-    """
+    cornernet_bug=True: the formula CornerNet/CenterNet shipped, behind every published CenterNet/CenterMask number,
+    r_i = (b_i + sqrt(b_i^2 - 4 a_i c_i)) / 2 (10x10 box: 2.73 instead of 0.82; METHODS.md, CenterMask).
+    False: the right roots, r1 = (b1 - sq1)/(2 a1), r2 = (b2 - sq2)/(2 a2), r3 = (-b3 + sq3)/(2 a3).
+    Floats or tensors (element-wise)."""
     m = min_overlap
     sqrt = torch.sqrt if isinstance(h, torch.Tensor) or isinstance(w, torch.Tensor) else math.sqrt
     b1, c1 = h + w, w * h * (1 - m) / (1 + m)
@@ -840,14 +730,10 @@ def gaussian_radius(h, w, min_overlap=0.7, cornernet_bug=True):
 
 
 def draw_gaussian(heatmap, center, radius):
-    """
-    Splat one object onto a (H, W) heatmap in place, as CenterNet's `draw_umich_gaussian`:
-    heatmap[y, x] = max(heatmap[y, x], exp(-((x-cx)^2 + (y-cy)^2) / (2 sigma^2))) for
-    |x - cx| <= r and |y - cy| <= r, with sigma = (2r + 1) / 6 and (cx, cy) the integer centre.
-    The peak is exactly 1 at the centre (the focal loss takes Y == 1 as the positive).
-    This is the readable one-object form (tests, teaching); training uses the batched
-    `centernet_heatmaps`, which evaluates the same formula for all objects at once.
-    """
+    """Splat one object onto a (H, W) heatmap in place (CenterNet's `draw_umich_gaussian`):
+    heatmap[y, x] = max(heatmap[y, x], exp(-((x-cx)^2 + (y-cy)^2) / (2 sigma^2))) for |x - cx|, |y - cy| <= r,
+    sigma = (2r + 1) / 6, (cx, cy) the integer centre, where it is exactly 1 (the focal loss's positive).
+    The one-object form; training uses `centernet_heatmaps`, the same formula for all objects at once."""
     cx, cy, r = int(center[0]), int(center[1]), int(radius)
     sigma = (2 * r + 1) / 6
     H, W = heatmap.shape
@@ -862,12 +748,8 @@ def draw_gaussian(heatmap, center, radius):
 
 
 def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=0.7, cornernet_bug=True):
-    """
-    Ground-truth heatmaps of a batch, all objects at once ([CN] 3):
-    (B, C, H/R, W/R), B = num_images, with, per class, the element-wise max of every object's
-    Gaussian (`draw_gaussian`'s formula, radius = max(0, int(gaussian_radius(ceil h, ceil w)))).
-    `objs` is `flatten_targets`' dict (centres already on the map).
-    """
+    """Ground-truth heatmaps of a batch ([CN] 3) from `flatten_targets`' objs: (B, C, H/R, W/R), per class the max of
+    every object's Gaussian (`draw_gaussian`, radius max(0, int(gaussian_radius(ceil h, ceil w))))."""
     B = num_images
     device = objs["center"].device
     heat = torch.zeros(B * num_classes, out_h * out_w, device=device)
@@ -896,17 +778,12 @@ def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=
 
 
 def centernet_focal_loss(pred_logits, gt_heatmap, alpha=2, beta=4):
-    """
-    Penalty-reduced pixel-wise focal loss ([CM] eq. 3, CornerNet eq. 1):
+    """Penalty-reduced pixel-wise focal loss ([CM] eq. 3, CornerNet eq. 1), alpha = 2, beta = 4 ([CN] 3):
         L_p = -1/N sum_{ijc} (1 - p)^alpha log(p)               if Y = 1
                              (1 - Y)^beta p^alpha log(1 - p)     otherwise
-    with p = sigmoid(logits) clamped to [1e-4, 1 - 1e-4] (CenterNet's `_sigmoid`), N the number
-    of positives (Y == 1) in the whole batch, averaged over processes (`reduce_mean`, so that
-    DDP's gradient average equals one process with the whole batch); with no positive anywhere
-    the negative term alone, not normalised (CenterNet's `_neg_loss`). alpha = 2, beta = 4
-    ([CN] 3). Computed in fp32.
-    pred_logits, gt_heatmap: (B, C, H, W).
-    """
+    p = sigmoid(logits) clamped to [1e-4, 1 - 1e-4] (CenterNet's `_sigmoid`), N the positives (Y == 1) of the
+    batch (`reduce_mean`); with none, the negative term alone (CenterNet's `_neg_loss`). fp32.
+    pred_logits, gt_heatmap: (B, C, H, W)."""
     p = pred_logits.float().sigmoid().clamp(1e-4, 1 - 1e-4)
     gt = gt_heatmap.float()
     pos = gt.eq(1).float()
@@ -924,14 +801,9 @@ def gather_at(feature, batch, cells_xy):
 
 
 def l1_at_centers(pred_map, objs, target):
-    """
-    L1 loss of a 2-channel head read at the ground-truth centre cells ([CM] eq. 4-5).
-    Normalised as CenterNet's `RegL1Loss`: the sum of |pred - target| over objects and both
-    coordinates divided by 2N, i.e. the mean over objects *and* coordinates. ([CM] eq. 4-5
-    write 1/N per object; the published lambda_size = 0.1 was tuned with the code's 2N.)
-    2N is averaged over processes (`reduce_mean`). pred_map: (B, 2, h, w); target: (M, 2).
-    Zero objects -> 0 (kept in the graph).
-    """
+    """L1 of a 2-channel head at the ground-truth centre cells ([CM] eq. 4-5), summed and divided by 2N (`reduce_mean`)
+    as CenterNet's `RegL1Loss` ([CM] writes 1/N; the published lambda_size = 0.1 was tuned with 2N).
+    pred_map (B, 2, h, w); target (M, 2). No objects -> 0, in the graph."""
     pred = gather_at(pred_map, objs["batch"], objs["center_int"]).float()   # (M, 2)
     n = reduce_mean(torch.tensor(float(target.numel()), device=pred_map.device))  # every rank joins
     if len(target) == 0:
@@ -952,13 +824,10 @@ def conv_relu_conv(cin, cout, hidden, bias_fill=0.0):
 
 
 def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
-    """
-    1-D bilinear resampling, as a matrix: n_in cells stretched over the interval [lo, hi]
-    (M intervals), read at the n_out pixel centres (j + 0.5) * pixel. Cell i's centre sits at
-    lo + (i + 0.5) (hi - lo) / n_in (align_corners=False) and positions past the first / last
-    centre take that cell's value (border clamp): exactly grid_sample's bilinear, border mode.
-    lo, hi (M,) -> weights (M, n_out, n_in) and in_box (M, n_out): lo <= pixel centre <= hi ("closed").
-    """
+    """1-D bilinear resampling as a matrix: n_in cells stretched over [lo, hi] (M intervals), read at the n_out
+    pixel centres (j + 0.5) * pixel; cell i's centre at lo + (i + 0.5) (hi - lo) / n_in (align_corners=False),
+    clamped at the border: grid_sample's bilinear, border mode. lo, hi (M,) -> weights (M, n_out, n_in) and
+    in_box (M, n_out): lo <= pixel centre <= hi ("closed")."""
     pos = (torch.arange(n_out, device=lo.device, dtype=torch.float32) + 0.5) * pixel          # (n_out,)
     lo, hi = lo.float()[:, None], hi.float()[:, None]                                        # (M, 1)
     u = ((pos[None] - lo) / (hi - lo) * n_in - 0.5).clamp(0, n_in - 1)                       # (M, n_out) source coord
@@ -971,24 +840,16 @@ def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
 
 
 def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
-    """
-    Stretch M small maps (M, s, s) over their boxes (M, 4) xyxy on an (out_h, out_w) pixel grid
-    whose pixel j has centre (j + 0.5) * pixel in the boxes' frame: bilinear, border-clamped
-    inside the box (the [CM 3.1] resize of a local shape; also MaskFCOS's paste). The plain form:
-    F.grid_sample(small[:, None], grid, "bilinear", padding_mode="border", align_corners=False)
-    with each pixel centre mapped into its box's [-1, 1] frame (the same numbers up to rounding,
-    tests/test_model.py). Computed here the fast way: a bilinear resize is separable, so it is
-    two batched matrix products, rows then columns (`stretch_weights`):
-    (M, out_h, s) @ (M, s, s) @ (M, s, out_w) - no (M, out_h, out_w, 2) sampling grid.
-    Returns the values (M, out_h, out_w) and in_box (M, out_h, out_w) bool (pixel centre in the
-    box, "closed" as `boxes_inside`), or with separable=True in_box as its two factors
-    (in_y (M, out_h, 1), in_x (M, 1, out_w)) float, to be multiplied in one axis at a time.
-    """
+    """Stretch M small maps (M, s, s) over their boxes (M, 4) xyxy on an (out_h, out_w) grid whose pixel j has
+    centre (j + 0.5) * pixel in the boxes' frame: bilinear, border-clamped ([CM 3.1]'s resize of a local shape;
+    MaskFCOS's paste). Plain form: F.grid_sample(small[:, None], grid, "bilinear", padding_mode="border",
+    align_corners=False), each pixel centre mapped into its box's [-1, 1] (tests/test_model.py); here two
+    batched matrix products (M, out_h, s) @ (M, s, s) @ (M, s, out_w) (`stretch_weights`). Returns values
+    (M, out_h, out_w) and in_box, the pixel centres in the box ("closed"): bool (M, out_h, out_w), or with
+    separable=True its float factors in_y (M, out_h, 1), in_x (M, 1, out_w)."""
     wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)       # (M, H, s)
     wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)       # (M, W, s)
-    # fp32 even under autocast: the (M, H, W) result is what every later step reads and writes,
-    # and bf16 elementwise work on it is slower on CPUs (RESULTS.md, "Numbers behind model.py's choices")
-    # besides less precise
+    # fp32 even under autocast: every later step works on it (RESULTS.md, "Numbers behind model.py's choices")
     with torch.autocast(small.device.type, enabled=False):
         values = wy @ small.float() @ wx.transpose(1, 2)                                     # (M, H, W)
     if separable:
@@ -997,10 +858,8 @@ def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
 
 
 def boxes_inside(boxes, out_h, out_w, pixel=1.0):
-    """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4).
-    Closed boxes, x0 <= x <= x1, as `stretch_weights`' inside: a mask covers the same pixels
-    with and without the local shape (Table 1c), and a flipped box covers the flipped pixels.
-    (The "closed" rule of `inside`, section 2.)"""
+    """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4), "closed" (`inside`,
+    section 2) as `stretch_weights`' in_box."""
     ys = (torch.arange(out_h, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
     xs = (torch.arange(out_w, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
     b = boxes.float()
@@ -1017,15 +876,9 @@ def min_size_boxes(center, wh, min_size=1.0):
 
 
 def saliency_targets(pooled, batch, sal_channel, num_images, num_channels):
-    """
-    The per-channel union of the ground-truth masks on the output grid: the target of [CM] Table
-    1f's direct saliency loss (class-specific: channel = the object's label). pooled (M, h, w)
-    each object's mask average-pooled to the grid; batch (M,) its image; sal_channel (M,)
-    its saliency channel (0 for one class-agnostic map) -> (B, n, h, w), B = num_images,
-    n = num_channels: the max over the objects of each image and channel, 0 where there is none.
-    (A cell half covered by each of two touching objects of one channel gets 0.5: each mask is
-    pooled before the union.)
-    """
+    """The target of [CM] Table 1f's saliency loss, the per-channel union of the masks on the output grid: pooled
+    (M, h, w) each mask average-pooled (before the union); batch (M,); sal_channel (M,) (the label, or 0) ->
+    (B, n, h, w), B = num_images, n = num_channels, the max over each image's objects of a channel, else 0."""
     M, h, w = pooled.shape
     out = torch.zeros(num_images * num_channels, h * w, device=pooled.device, dtype=pooled.dtype)
     row = (batch * num_channels + sal_channel)[:, None].expand(M, h * w)          # (M, h*w) its map
@@ -1033,11 +886,8 @@ def saliency_targets(pooled, batch, sal_channel, num_images, num_channels):
 
 
 def topk_peaks(heat, k):
-    """
-    CenterNet's peak extraction ([CM 3.4-3.5]): keep the 3x3 max-pool local maxima of the
-    sigmoid heatmap (B, C, h, w), then the top-k over all classes and positions (no NMS).
-    Returns scores, labels, ys, xs, each (B, K) with K = min(k, C*h*w), best first.
-    """
+    """CenterNet's peaks ([CM 3.4-3.5]): the 3x3 max-pool local maxima of the sigmoid heatmap (B, C, h, w), top-k
+    over all classes and positions (no NMS) -> scores, labels, ys, xs, each (B, K), K = min(k, C*h*w), best first."""
     B, C, h, w = heat.shape
     peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat)                # keep local maxima
     scores, idx = peaks.reshape(B, -1).topk(min(k, C * h * w))           # (B, K); reshape: a channels_last map too
@@ -1047,12 +897,8 @@ def topk_peaks(heat, k):
 
 
 def mask_log_terms(L=None, G=None):
-    """
-    log M and log(1 - M) of M = sigmoid(L) * sigmoid(G) ([CM] eq. 1) from logits L (local
-    shape) and G (saliency), either of which may be None (Table 1c/1d: one branch only), for a
-    numerically stable BCE. With one branch log(1 - M) is logsigmoid(-x) exactly; with both,
-    1 - s(L)s(G) is computed as log1p(-exp(log M)), clamped away from log 0.
-    """
+    """log M and log(1 - M) of M = sigmoid(L) * sigmoid(G) ([CM] eq. 1), for a stable BCE; L (local shape) or
+    G (saliency) may be None (Table 1c/1d). One branch: logsigmoid(-x); both: log1p(-exp(log M)), clamped."""
     log_m = sum(F.logsigmoid(x) for x in (L, G) if x is not None)
     if G is None:
         return log_m, F.logsigmoid(-L)
@@ -1062,24 +908,14 @@ def mask_log_terms(L=None, G=None):
 
 
 def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False):
-    """
-    Local Shape x Global Saliency ([CM 3.3] eq. 1) for M objects at once, on a pixel grid.
-        local     (M, S, S) local-shape logits, or None (saliency-only, Table 1c)
-        saliency  (B, n, h, w) saliency logits (cell j has centre j + 0.5 in output units), or
-                  None (shape-only, Table 1d)
-        batch (M,) image of each object; sal_channel (M,) its saliency channel (0, or its class)
-        boxes (M, 4) xyxy in output units; grid_hw (gh, gw): grid pixel j has centre
-                  (j + 0.5) * pixel in output units (pixel = 1: the output grid itself;
-                  pixel = 1/R: the input resolution)
-    The S x S shape is stretched over the box by a bilinear, border-clamped resize
-    (`stretch_to_boxes`, [CM 3.1]); the saliency map is bilinearly resampled onto the grid and
-    read in the box ([CM 3.2]). Returns (M, gh, gw) probabilities, zero outside each box:
-        M = sigmoid(L) * sigmoid(G) * in_box,  L = the stretched shape, G = saliency[batch, sal_channel]
-    or with log_space=True (log M, log(1 - M), in_box) for the loss (`mask_log_terms`); in_box
-    (M, gh, gw) bool, the pixel centres in the box ("closed"). Used by CenterMask and
-    CenterMask-FCOS. Inference computes the same formula the cheap way: in place, the saliency's
-    sigmoid once per image (B maps), not once per object, and the box crop one axis at a time.
-    """
+    """Local Shape x Global Saliency ([CM 3.3] eq. 1) of M objects on a pixel grid (CenterMask, CenterMask-FCOS):
+        M = sigmoid(L) * sigmoid(G) * in_box,  L = the S x S shape stretched over the box (`stretch_to_boxes`,
+            [CM 3.1]), G = saliency[batch, sal_channel] resampled bilinearly onto the grid ([CM 3.2])
+    local (M, S, S) logits or None (saliency only, Table 1c); saliency (B, n, h, w) logits (cell j centred at
+    j + 0.5, output units) or None (shape only, Table 1d); batch, sal_channel (M,) (0 or the class); boxes (M, 4)
+    xyxy, output units; grid_hw (gh, gw), grid pixel j centred at (j + 0.5) * pixel output units (pixel 1: the
+    output grid; 1/R: the input resolution). Returns (M, gh, gw) probabilities, or with log_space=True (log M,
+    log(1 - M), in_box (M, gh, gw) bool, "closed") for the loss. Inference computes the same in place."""
     M = len(batch)
     gh, gw = grid_hw
     if M == 0:
@@ -1112,13 +948,8 @@ def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, l
 
 
 def conv3x3_at(conv, feature, batch, ys, xs):
-    """
-    A 3x3 conv (stride 1, padding 1) evaluated only at M chosen cells: feature (B, C, h, w) and
-    cells (batch, ys, xs) each (M,) -> (M, out). Equal to conv(feature)[batch, :, ys, xs]
-    without computing the other cells: CenterMask and CenterMask-FCOS read their S^2 = 1024-channel
-    shape heads only at a few cells (centres, positives, detections); computed everywhere, that
-    head costs more than the whole detector on the finest FCOS level.
-    """
+    """conv(feature)[batch, :, ys, xs] of a 3x3 conv (stride 1, padding 1) at M cells only: feature (B, C, h, w),
+    batch, ys, xs (M,) -> (M, out). For the S^2-channel shape heads, read at centres, positives or detections."""
     f = F.pad(feature, (1, 1, 1, 1))                                             # (B, C, h+2, w+2)
     d = torch.arange(3, device=feature.device)
     patch = f[batch[:, None, None], :, ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]]
@@ -1127,23 +958,15 @@ def conv3x3_at(conv, feature, batch, ys, xs):
 
 
 class CenterMaskHeads(nn.Module):
-    """
-    The five heads of [CM] Fig. 3 on one stride-4 feature map: (B, cin, h, w) -> dict
+    """The five heads of [CM] Fig. 3, each a `conv_relu_conv`, on one stride-4 map: (B, cin, h, w) -> dict
         heatmap  (B, C, h, w)      centre points per class, sigmoid ([CM 3.4])
         offset   (B, 2, h, w)      sub-cell centre offset in [0, 1) ([CM] eq. 4)
         size     (B, 2, h, w)      box (w, h) in output pixels ([CM] eq. 5)
-        shape    (B, S*S, h, w)    Local Shape vector, reshaped S x S at a centre ([CM 3.1])
+        shape    (B, S*S, h, w)    Local Shape vector, S x S at a centre ([CM 3.1]; module `local_shape`)
         saliency (B, 1 or C, h, w) Global Saliency logits ([CM 3.2])
-    Each is one `conv_relu_conv` branch, the module of the same name (the Local Shape head's is
-    `local_shape`: "shape" names its output map). local_shape / saliency are None (and their
-    maps absent from the dict) when their branch is switched off.
-    The shape vector is only ever read at a few cells (the ground-truth centres in training,
-    the top-100 peaks at test), so by default the dict carries the head's input instead,
-    "features" (B, cin, h, w), and `shape_at` evaluates the head at those cells alone
-    (the same numbers; computed densely, the 1024-channel head is a large share of the model's
-    FLOPs and CPU inference time: RESULTS.md, "Numbers behind model.py's choices").
-    forward(p, dense_shape=True) returns the dense "shape" map (tests, inspection).
-    """
+    A switched-off branch's module is None, its map absent. The shape vector is read at a few cells only, so the
+    dict carries "features" (B, cin, h, w) instead and `shape_at` evaluates the head there (RESULTS.md, "Numbers
+    behind model.py's choices"); dense_shape=True gives the dense "shape" map."""
 
     def __init__(self, cin, cfg: ModelConfig):
         super().__init__()
@@ -1168,13 +991,9 @@ class CenterMaskHeads(nn.Module):
         return out
 
     def shape_at(self, out, batch, cells_xy):
-        """
-        Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of the
-        stride-4 map. The plain form: the dense map self.local_shape(p) (B, S*S, h, w) read at
-        the cells, [b, :, y, x] (`gather_at`; what a dense "shape" map in `out` gets). The fast
-        form, for "features": the same Conv3x3 + ReLU + Conv1x1 evaluated at those cells
-        alone (`conv3x3_at`, then the 1x1 conv as a matrix product): equal numbers.
-        """
+        """Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of the stride-4 map. Plain
+        form: the dense map read at [b, :, y, x] (`gather_at`, when `out` holds "shape"); else the same head at
+        those cells alone (`conv3x3_at`, then the 1x1 conv as a matrix product)."""
         if "shape" in out:
             return gather_at(out["shape"], batch, cells_xy)
         conv3, _, conv1 = self.local_shape                      # Conv3x3, ReLU, Conv1x1 (`conv_relu_conv`)
@@ -1183,40 +1002,19 @@ class CenterMaskHeads(nn.Module):
 
 
 class CenterMask(Method):
-    """
-    CenterMask ([CM]): CenterNet + Local Shape x Global Saliency.
+    """CenterMask ([CM]): CenterNet + Local Shape x Global Saliency, on DLA-34 (one stride-4 map, 64 channels) or
+    Hourglass-104 (a stride-4 map of 256 channels per stack); each map gets its own `CenterMaskHeads`.
+    Mask of object k ([CM] eq. 1): M_k = sigmoid(L_k) * sigmoid(G_k), L_k the S x S local shape resized to its
+    box, G_k the saliency map cropped to it (`assemble_masks`).
 
-    Backbone: DLA-34 (one stride-4 map, 64 channels) or Hourglass-104 (one stride-4 map of 256
-    channels per stack, 2 stacks). Each feature map gets its own set of the five heads
-    (`CenterMaskHeads`, [CM] Fig. 3); with Hourglass-104 that is one set per stack, as CenterNet.
-    Mask of object k ([CM] eq. 1): M_k = sigmoid(L_k) * sigmoid(G_k), where L_k is the S x S
-    local shape resized to the object's box and G_k the saliency map cropped to it. Both are
-    evaluated on the pixel grid by one bilinear resize for all objects at once: the pixels inside
-    the box get the bilinearly resampled local shape, the ones outside are not part of the mask.
-
-    Training: model(images, targets) -> dict of losses (each weighted, and `loss` = their sum):
-        heatmap ([CM] eq. 3), offset (eq. 4), size (eq. 5), mask (eq. 2), and optionally
-        saliency (Table 1f). Teacher forcing: the masks are assembled at the ground-truth
-        centres with the ground-truth boxes. With several stacks every stack's heads are
-        trained (intermediate supervision, CornerNet 3.5) and each named loss, `loss`
-        included, is the AVERAGE over stacks (CenterNet's `CtdetLoss` divides by num_stacks).
-    Inference: model(images) -> list of B dicts: boxes (K, 4) xyxy input frame, scores (K,),
-        labels (K,), masks (K, H, W) float probabilities at input resolution ([CM 3.5]: top
-        100 peaks, no NMS; threshold `mask_threshold` = 0.4 is applied by eval.py). Only the
-        last stack's heads are evaluated.
-
-    Deviations from [CM]:
-      * The mask loss is evaluated on the stride-4 grid against the ground-truth mask
-        average-pooled to stride 4 (soft targets); [CM] does not say at which resolution.
-        `mask_loss_grid="input"` evaluates it on the input pixels against the binary mask
-        instead (the shapes quick start: its objects are mostly 8-30 px, too small for masks that
-        match the stride-4 targets exactly; RESULTS.md, "Numbers behind model.py's choices").
-      * L1 losses are normalised by 2N as CenterNet's code (see `l1_at_centers`).
-      * Boxes narrower than one output pixel are widened to one pixel before assembly.
-      * The Table 1f saliency loss weight is not given in [CM]; we use 1.
-      * Hourglass-104 heads: the non-heatmap output biases start at 0 (CenterNet's hourglass
-        leaves PyTorch's default init there; its DLA heads use 0, as we do for both).
-    """
+    Training: losses heatmap ([CM] eq. 3), offset (eq. 4), size (eq. 5), mask (eq. 2), optionally saliency
+        (Table 1f); masks assembled at the ground-truth centres and boxes (teacher forcing). With several stacks
+        each named loss, `loss` included, is the average over the stacks' heads (intermediate supervision,
+        CornerNet 3.5; CenterNet's `CtdetLoss`).
+    Inference: the last stack's heads; top 100 peaks, no NMS ([CM 3.5]); masks (K, H, W) probabilities at input
+        resolution (eval.py binarises at `mask_threshold`, 0.4).
+    Deviations and readings (mask loss grid, L1 over 2N, boxes widened to one output pixel, Table 1f's weight,
+    the heads' biases): METHODS.md, CenterMask."""
     transform = "centernet"                                    # the square canvas of [CN] / [CM 3.5]
 
     def __init__(self, cfg: ModelConfig):
@@ -1252,9 +1050,7 @@ class CenterMask(Method):
         return [features] if torch.is_tensor(features) else features  # DLA-34 returns one map
 
     def heads(self, images):
-        """The raw network outputs (`Method.heads`): (B, 3, H, W) -> dict of the LAST head set's
-        outputs, each (B, ch, H/4, W/4): the ones used at test time (the earlier stacks' heads
-        only serve as training signal)."""
+        """`Method.heads`: (B, 3, H, W) -> the last head set's outputs, each (B, ch, H/4, W/4) (the others train)."""
         return self.head_sets[-1](self.features(images)[-1])
 
     def forward(self, images, targets=None):
@@ -1271,13 +1067,8 @@ class CenterMask(Method):
 
     # -- mask assembly ([CM 3.3] eq. 1) --------------------------------------------------------
     def assemble(self, out, batch, centers_int, boxes, sal_channel, grid_hw, pixel, log_space=False, head_set=None):
-        """
-        Assemble the masks of M objects on a (grid_h, grid_w) pixel grid (see `assemble_masks`).
-            batch (M,) image index; centers_int (M, 2) output-frame cell whose shape vector is
-            read; boxes (M, 4) xyxy in the grid's frame scaled so that grid pixel j has centre
-            (j + 0.5) * pixel in output units; sal_channel (M,) saliency channel per object.
-            head_set: the CenterMaskHeads that produced `out` (default: the last stack's).
-        """
+        """`assemble_masks` of M objects, the shape vectors read at centers_int (M, 2) output cells; boxes (M, 4)
+        xyxy, output units; head_set: the CenterMaskHeads of `out` (default the last stack's)."""
         local = None
         if self.local_shape is not None:
             S = self.cfg.shape_size
@@ -1287,8 +1078,7 @@ class CenterMask(Method):
 
     # -- training -------------------------------------------------------------------------------
     def losses(self, out, targets, head_set=None):
-        """Head outputs (fp32) of `head_set` (default: the last stack's) + list of B target
-        dicts -> dict of weighted scalar losses."""
+        """Head outputs (fp32) of `head_set` (default the last) + B target dicts -> dict of weighted scalar losses."""
         head_set = self.head_sets[-1] if head_set is None else head_set
         B, C, h, w = out["heatmap"].shape
         R = self.stride
@@ -1329,8 +1119,7 @@ class CenterMask(Method):
             per_object = (bce * in_box).sum((1, 2)) / in_box.sum((1, 2)).clamp(min=1)     # (M,)
             losses["mask"] = lmask * per_object.sum() / num_objects                       # [CM] eq. 2
         if self.cfg.saliency_loss:
-            # [CM 4.1] Table 1f: BCE of the class-specific saliency against the per-class union
-            # of ground-truth masks at stride 4
+            # Table 1f ([CM 4.1]): BCE of the class-specific saliency against the per-class union of the masks
             gt_sal = (saliency_targets(gt_small, objs["batch"], objs["labels"], B, C) if M
                       else torch.zeros(B, C, h, w, device=device))                          # (B, C, h, w)
             losses["saliency"] = self.cfg.saliency_loss_weight * F.binary_cross_entropy_with_logits(
@@ -1341,11 +1130,8 @@ class CenterMask(Method):
     # -- inference ([CM 3.5]) -------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, out, input_hw, k=None):
-        """
-        Heads -> detections. Peaks = 3x3 max-pool local maxima of the sigmoid heatmap, top-K
-        over all classes, no NMS ([CM 3.5]). Centre = cell + offset, box from the predicted size;
-        masks assembled at input resolution (K, H, W) as probabilities.
-        """
+        """Heads -> detections ([CM 3.5]): `topk_peaks`, centre = cell + offset, box from the predicted size;
+        masks (K, H, W) probabilities assembled at input resolution."""
         k = k or self.cfg.max_detections
         heat = out["heatmap"].float().sigmoid()                              # (B, C, h, w)
         B, C, h, w = heat.shape
@@ -1378,9 +1164,6 @@ class CenterMask(Method):
 
 # -----------------------------------------------------------------------------
 # 8. ResNet / ResNeXt + FPN ([FCOS] 3.2, as FCOS's `R-50-FPN-RETINANET` body)
-#
-# [FCOS] = Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection", ICCV 2019, the
-# detector both papers build on ([IS 3.1], [CM 4.3]). [IS] = the FCOSIS paper (module docstring).
 
 # name -> (torchvision builder, weights enum, channels of C2..C5). ResNet-18/34 only for CPU demos.
 RESNETS = {
@@ -1393,9 +1176,8 @@ RESNETS = {
 
 
 def load_resnet(name, pretrained=False, norm="frozen_bn"):
-    """torchvision's ResNet/ResNeXt `name`, with ImageNet-1k weights (torchvision's weights
-    API, downloaded once into torch.hub's cache) when `pretrained`. Offline, that download
-    fails: the error says which option turns it off."""
+    """torchvision's ResNet/ResNeXt `name`, with ImageNet-1k weights (torchvision's weights API, torch.hub's cache)
+    when `pretrained`; offline, the error names the option that turns them off."""
     import torchvision
     from torchvision.ops import FrozenBatchNorm2d
     builder, weights_enum, _ = RESNETS[name]
@@ -1412,18 +1194,10 @@ def load_resnet(name, pretrained=False, norm="frozen_bn"):
 
 
 class ResNetFPN(nn.Module):
-    """
-    ResNet/ResNeXt body + FPN: images (B, 3, H, W) -> list of maps [P_first, ..., P7], P_k of
-    shape (B, channels, H/2^k, W/2^k) (rounded up past P5).
-    * FPN on C3-C5 (FCOS, first_level=3) or C2-C5 (FCOSIS needs P2, first_level=2): lateral 1x1
-      + top-down nearest upsampling + 3x3 output convs (torchvision's FeaturePyramidNetwork);
-      P6 = stride-2 3x3 conv on P5 and P7 = the same on ReLU(P6) ([FCOS] 3.2: "P6 and P7 are
-      produced by applying one convolutional layer with the stride being 2 on P5 and P6").
-    * norm "frozen_bn": BatchNorm frozen to its ImageNet statistics, and the stem and res2
-      frozen (freeze_at=2), as FCOS (detectron's FREEZE_CONV_BODY_AT: 2). "bn" (trainable)
-      with freeze_at=0 is for training from scratch (CPU demos: frozen random features and
-      identity BN cannot learn).
-    """
+    """ResNet/ResNeXt body + FPN: (B, 3, H, W) -> [P_first, ..., P7], P_k (B, channels, H/2^k, W/2^k) (rounded up
+    past P5). torchvision's FeaturePyramidNetwork on C3-C5 (first_level=3) or C2-C5 (FCOSIS, first_level=2); P6 and
+    P7 stride-2 3x3 convs on P5 and ReLU(P6) ([FCOS] 3.2). norm="frozen_bn", freeze_at=2: BN frozen to ImageNet
+    statistics, stem and res2 frozen, as FCOS; "bn" with freeze_at=0 trains from scratch."""
 
     def __init__(self, name="resnet50", first_level=3, channels=256, pretrained=False, norm="frozen_bn",
                  freeze_at=2):
@@ -1457,28 +1231,17 @@ class ResNetFPN(nn.Module):
 # -----------------------------------------------------------------------------
 # 9. FCOS ([IS 3.1] as [FCOS]) and FCOSreg ([IS 3.3])
 
-# object size range of each level, on max(l*, t*, r*, b*) ([FCOS] 3.2: m_2..m_7 = 0, 64, 128,
-# 256, 512, inf for P3..P7)
+# size range of each level on max(l*, t*, r*, b*) ([FCOS] 3.2: m_2..m_7 = 0, 64, 128, 256, 512, inf for P3..P7)
 FCOS_SIZE_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, math.inf))
 
 
 def fcos_locations(hw_per_level, strides, device=None, offset="half", input_hw=None):
-    """
-    The locations of every level, flattened level after level (row-major inside a level).
-    offset="half" (FCOS's, ModelConfig.location_offset's default): cell (i, j) of a stride-s map
-    is the input-frame point (j*s + s//2, i*s + s//2), "near the centre of the receptive field"
-    ([FCOS] 3.1; FCOS's compute_locations).
-    offset="zero" (torchvision's FCOS, for its weights, weights.py): cell (i, j) is the point
-    (j * step_x, i * step_y), the centre of torchvision's AnchorGenerator anchors, whose step per
-    axis is (padded input size // grid size) when `input_hw` (H, W) is given (torchvision's rule),
-    else s. Inputs padded to 32 give step = s on P3-P5; on P6/P7 the step is smaller than s
-    when the padded size is not a multiple of 64 / 128 (320 rows: P6 has 5 rows, step 64; P7 3
-    rows, step 320 // 3 = 106, not 128). We follow torchvision there: its weights were trained
-    and tested with those points, so its boxes come out the same on any input (the parity test
-    of tests/test_weights.py uses 320 x 416). The box scale stays s (torchvision's anchor size).
-    Returns points (P, 2) xy float, strides (P,) float (the nominal s) and levels (P,) int64
-    (0 = the first level).
-    """
+    """The locations of every level, level after level (row-major inside one).
+    offset="half" (FCOS): cell (i, j) of a stride-s map is the input-frame point (j*s + s//2, i*s + s//2) ([FCOS]
+    3.1, FCOS's compute_locations). offset="zero" (torchvision's FCOS, for its weights): (j * step_x, i * step_y),
+    step = padded input size // grid size when `input_hw` (H, W) is given (torchvision's AnchorGenerator), else s;
+    on P6/P7 it can be smaller than s (320 rows: P7 has 3, step 106), as torchvision's weights were trained.
+    Returns points (P, 2) xy float, strides (P,) float (the nominal s), levels (P,) int64 (0 = the first)."""
     if offset not in ("half", "zero"):
         raise ValueError(f"fcos_locations: offset must be 'half' or 'zero', got {offset!r}")
     points, point_strides, levels = [], [], []
@@ -1495,32 +1258,21 @@ def fcos_locations(hw_per_level, strides, device=None, offset="half", input_hw=N
 
 
 def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, centers=None, seg_labels=None):
-    """
-    FCOS's per-location targets ([IS 3.1] eq. 1, [FCOS] 3.1-3.3), for a batch at once.
-        points (P, 2) xy input frame; strides (P,) stride of each point's level, which picks
-            the level's size range [lo, hi] of max(l*, t*, r*, b*): FCOS_SIZE_RANGES by the
-            rank of the point's stride (8 -> P3 -> [0, 64], ...)
-        boxes (B, N, 4) xyxy input frame, each image's boxes padded to N (`pad_boxes`; one
-            image: boxes[None]); labels (B, N) int64 (optional)
-        valid (B, N) bool: which boxes are real (images padded to N boxes); default all
-        radius: centre sampling (an [FCOS] improvement, see `FCOS`): a location is positive only
-            within radius * stride of the box centre (the region clipped to the box); 0 = off,
-            every location inside the box is a candidate ([IS 3.1])
-        centers (B, N, 2): centre of the sampling region (default: the box centres; FCOSreg's
-            option: the mask's centre of mass, [IS 3.3] Fig. 5 right)
-        seg_labels (B, N, P): FCOSreg ([IS 3.3]) - the fraction of each location's stride x
-            stride cell covered by each object's mask; ambiguous locations go to the object with
-            the highest one (ties: the smaller box). Default: FCOS's rule, the smallest box.
-    A location is a candidate for a box when it lies strictly inside the box (and the sampling
-    region) and lo <= max(l*, t*, r*, b*) <= hi (both bounds inclusive, as FCOS's code: a box
-    with max = 64 is a candidate on P3 and P4).
-    Returns a dict:
-        matched (B, P) int64 index of the box assigned to each location (0..N-1, the image's
-            own box), -1 = negative
-        labels (B, P) int64 its class (-1 for negatives; only when labels are given)
-        ltrb (B, P, 4) float distances to the assigned box's sides (0 for negatives)
-        centerness (B, P) sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)) (0 for negatives)
-    """
+    """FCOS's per-location targets ([IS 3.1] eq. 1, [FCOS] 3.1-3.3) of a batch.
+        points (P, 2) xy input frame; strides (P,), whose rank picks the level's range [lo, hi] of
+            max(l*, t*, r*, b*) in FCOS_SIZE_RANGES (8 -> P3 -> [0, 64], ...)
+        boxes (B, N, 4) xyxy input frame (`pad_boxes`; one image: boxes[None]); labels (B, N) int64 (optional);
+            valid (B, N) bool, the real boxes (default all)
+        radius: centre sampling, positives within radius * stride of `centers` (default the box centres; FCOSreg:
+            the masks' mass centres, [IS 3.3] Fig. 5), clipped to the box; 0: the whole box ([IS 3.1])
+        seg_labels (B, N, P): FCOSreg ([IS 3.3]): ambiguous locations go to the highest segmentation label
+            (ties: the smaller box); default FCOS's rule, the smallest box
+    A candidate lies strictly inside the box and region ("open") with lo <= max(l*, t*, r*, b*) <= hi (both
+    inclusive, as FCOS's code). Returns a dict:
+        matched (B, P) int64 the assigned box (0..N-1, the image's own), -1 = negative
+        labels (B, P) int64 its class, -1 for negatives (only when labels are given)
+        ltrb (B, P, 4) distances to its sides; centerness (B, P) sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b));
+            both 0 for negatives"""
     B, N = boxes.shape[:2]
     P = len(points)
     boxes = boxes.float()
@@ -1542,8 +1294,7 @@ def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, ce
         in_region = region.amin(-1) > 0                                          # (B, P, N)
     else:
         in_region = ltrb.amin(-1) > 0
-    # The "open" rule of `inside` (strict > 0 on every distance), as FCOS's code
-    # (compute_targets_for_locations' `min(dim=1)[0] > 0`, its centre sampling alike).
+    # "open" (`inside`): strict > 0 on every distance, as FCOS's `min(dim=1)[0] > 0`
     m = ltrb.amax(-1)                                                            # (B, P, N)
     candidate = in_region & (m >= size_ranges[None, :, 0:1]) & (m <= size_ranges[None, :, 1:2]) & valid[:, None, :]
     if seg_labels is not None:
@@ -1566,23 +1317,16 @@ def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, ce
 
 
 def regression_weights(centerness, seg, weights=(1.0, 0.0, 0.0)):
-    """FCOSreg's regularisation map ([IS 3.3]): w = a * centerness + b * s + c * sqrt(centerness
-    * s), a + b + c = 1, s = the location's segmentation label. Fig. 6: (a) = (1, 0, 0) (FCOS's
-    centerness), (b) = (0, 1, 0), (c) = (1/3, 1/3, 1/3)."""
+    """FCOSreg's regularisation map ([IS 3.3]): w = a * centerness + b * s + c * sqrt(centerness * s), a + b + c = 1,
+    s the segmentation label. Fig. 6: (a) = (1, 0, 0) (FCOS), (b) = (0, 1, 0), (c) = (1/3, 1/3, 1/3)."""
     a, b, c = weights
     return a * centerness + b * seg + c * torch.sqrt((centerness * seg).clamp(min=0))
 
 
 def iou_loss(pred, target):
-    """
-    FCOS's IoU loss (its IOULoss with IOU_LOSS_TYPE "iou", the default; UnitBox's -ln(IoU),
-    [IS 3.1]) of pairs of boxes written as distances from the same location: pred, target (M, 4)
-    ltrb >= 0 -> (M,) -log((I + 1) / (U + 1)). Both boxes hold the location, so their overlap is
-    I = (min(l, l*) + min(r, r*)) * (min(t, t*) + min(b, b*)) and U = area + area* - I. FCOS's +1
-    keeps the log finite for a box of no area; it counts in the units of the distances: input
-    pixels here, as FCOS's original form (NORM_REG_TARGETS False; with True FCOS would count in
-    strides, a combination none of its configs uses).
-    """
+    """FCOS's IoU loss (IOULoss "iou", UnitBox's -ln IoU, [IS 3.1]) of boxes given as distances from one location:
+    pred, target (M, 4) ltrb >= 0 -> (M,) -log((I + 1) / (U + 1)), I = (min(l, l*) + min(r, r*)) (min(t, t*) +
+    min(b, b*)), U = area + area* - I. FCOS's +1 counts in input pixels, as its original form."""
     l, t, r, b = pred.unbind(1)
     l_, t_, r_, b_ = target.unbind(1)
     inter = (torch.minimum(l, l_) + torch.minimum(r, r_)) * (torch.minimum(t, t_) + torch.minimum(b, b_))  # (M,)
@@ -1591,27 +1335,15 @@ def iou_loss(pred, target):
 
 
 class FCOSHead(nn.Module):
-    """
-    FCOS's shared head ([FCOS] 3.1, Fig. 2), applied to every FPN level:
-    a classification tower and a box tower, each num_convs x (Conv3x3 + GroupNorm(32) + ReLU),
-    then cls logits (C) on the first, ltrb (4) on the second and centerness (1) on either, one
-    learnable Scale per level. `extra` more channels can be predicted on the box tower (FCOSIS:
-    centre of mass 2 + coarse foreground 1). The two forms of FCOS (see `FCOS`):
-        centerness_on "cls": on the classification tower ([FCOS] 3.3, Fig. 2; FCOS's code with
-                      CENTERNESS_ON_REG False); "reg": on the box tower (CENTERNESS_ON_REG True)
-        reg_form "exp": ltrb = exp(scale_l * x), the distances in input pixels ([FCOS] 3.2;
-                      NORM_REG_TARGETS False); "relu_stride": relu(scale_l * x) * stride_l, x
-                      regressing the distances in strides (NORM_REG_TARGETS True; torchvision's
-                      FCOS, whose box coder multiplies by the anchor size, the stride)
-    Either way the predicted ltrb comes out in input pixels, and the targets, the losses and
-    the decoding read them so. (FCOS's own code leaves the ReLU out of "relu_stride" at test
-    time; torchvision keeps it, and so do we.) The module and its state-dict keys are the same
-    in every form: only which tower feeds `centerness` and the function of the scaled ltrb differ.
-    features: one map per level, (B, cin, h_l, w_l) -> dict, locations flattened level after level
-    (P = sum h_l * w_l, as `fcos_locations`):
+    """FCOS's shared head ([FCOS] 3.1, Fig. 2) on every FPN level: a classification and a box tower, each num_convs
+    x (Conv3x3 + GroupNorm(32) + ReLU); cls logits (C) on the first, ltrb (4) on the second, centerness (1) on
+    either, one learnable Scale per level; `extra` channels on the box tower (FCOSIS: centre of mass 2 + coarse
+    foreground 1). The two forms (`FCOS`) differ in which tower feeds centerness ("cls" or "reg") and in ltrb =
+    exp(scale_l x) ("exp") or relu(scale_l x) * stride_l ("relu_stride", x in strides, the ReLU kept at test as
+    torchvision's); ltrb is in input pixels either way, and the state-dict keys are the same.
+    features: one map per level (B, cin, h_l, w_l) -> dict, locations level after level (P = sum h_l * w_l):
         cls (B, P, C) logits; ltrb (B, P, 4) input pixels; centerness (B, P) logits;
-        extra (B, P, extra) when asked; box_features: the box tower output of every level.
-    """
+        extra (B, P, extra) when asked; box_features: the box tower output of every level."""
 
     def __init__(self, cin, num_classes, strides, num_convs=4, extra=0, prior=0.01, centerness_on="reg",
                  reg_form="relu_stride"):
@@ -1658,10 +1390,7 @@ class FCOSHead(nn.Module):
 
 @dataclass
 class FCOSForward:
-    """
-    One forward of the FCOS detector, as the methods built on it (MaskFCOS, CenterMask-FCOS,
-    FCOSIS) read it in their hooks, `extra_losses(x)` (training) and `postprocess(x)` (inference).
-    """
+    """One forward of the FCOS detector, as its hooks `extra_losses(x)` and `postprocess(x)` read it."""
     out: dict                  # head outputs (FCOSHead): "cls" (B, P, C), "ltrb" (B, P, 4), "centerness"
                                # (B, P), "extra" (B, P, n) where a method asks for it, "hw" per level
     features: list             # the FPN maps, finest first ((B, c, H/s, W/s) each; P3-P7, FCOSIS P2-P7)
@@ -1673,57 +1402,27 @@ class FCOSForward:
 
 
 class FCOS(Method):
-    """
-    FCOS ([IS 3.1], [FCOS]) and FCOSreg ([IS 3.3], method="fcosreg") on ResNet-FPN P3-P7.
+    """FCOS ([IS 3.1], [FCOS]) and FCOSreg ([IS 3.3], method="fcosreg") on ResNet-FPN P3-P7.
 
-    Two forms of the detector, four ModelConfig keys (FCOS's own config option in brackets):
+    Two forms of the detector, four ModelConfig keys (FCOS's own option in brackets; METHODS.md, FCOS family):
                         original FCOS                        improved FCOS
       centerness_on     "cls": classification tower          "reg": box tower (CENTERNESS_ON_REG)
-      reg_form          "exp": exp(scale_l x), pixels        "relu_stride": relu(scale_l x) * stride
-                                                             (NORM_REG_TARGETS)
-      center_sampling   0: every location in the box         1.5 strides around the centre
-                                                             (CENTER_SAMPLING_RADIUS)
+      reg_form          "exp": exp(scale_l x), pixels        "relu_stride": relu(scale_l x) * stride (NORM_REG_TARGETS)
+      center_sampling   0: every location in the box         1.5 strides around the centre (CENTER_SAMPLING_RADIUS)
       box_loss          "iou": -log((I+1)/(U+1))              "giou" (IOU_LOSS_TYPE)
-    The original is [FCOS] as published and FCOS's code with its defaults (fcos_core/config/
-    defaults.py: False, False, 0.0, "iou"), i.e. its FCOS_R_50_FPN_1x, whose 37.1 box AP (FCOS's
-    README) is the FCOS R-50 number of [IS] Table 1, and the detector [IS 3.1] reviews ("If
-    location (x, y) falls into a groundtruth bounding box ..., it is considered as a positive
-    sample"; an IoU loss "similar to UnitBox"). The improved one is FCOS's later fcos_imprv_*
-    configs (FCOS_imprv_R_50_FPN_1x: 38.7, FCOS's README) and torchvision's FCOS (39.2 on COCO
-    val2017, its weights' documentation), whose weights weights.py imports and whose assignment
-    and losses tests/test_fcos.py matches: it is ModelConfig's default. The [IS] COCO configs set
-    the original.
+    The original: [FCOS] and FCOS's code defaults (FCOS_R_50_FPN_1x, the FCOS of [IS 3.1] and Table 1; the [IS]
+    configs). The improved: FCOS's fcos_imprv_* and torchvision's FCOS (ModelConfig's default; its weights import).
 
-    Training: model(images, targets) -> dict of losses ([IS] eq. 2, alpha = beta = 1):
-        cls: sigmoid focal loss (alpha 0.25, gamma 2; torchvision) over all locations / N_pos
-        box: GIoU (box_loss="giou", torchvision's, on the decoded boxes) or IoU loss (box_loss="iou",
-             FCOS's, `iou_loss`) of the positives, weighted by the centerness target (FCOSreg: the
-             regularisation map w), / the sum of those weights, as FCOS's code
-        centerness: BCE of the centerness logits against the centerness target (FCOSreg: w)
-    N_pos and the weight sum are averaged over processes (`reduce_mean`, as FCOS's num_pos /
-    world_size), so that 2 processes with batch b give the same gradients as 1 process with batch 2b.
-    Inference: model(images) -> list of B dicts: boxes (K, 4) xyxy input frame, scores (K,),
-        labels (K,). Per level: locations whose class score > 0.05, top 1000 of cls * ctr; then
-        score = sqrt(cls * ctr), class-wise NMS at IoU 0.6 (torchvision's batched_nms), best 100.
-        (score_threshold_on="score": the 0.05 is tested on sqrt(cls * ctr), as torchvision's FCOS.)
-
-    FCOSreg ([IS 3.3]): masks give every location a segmentation label s per object (the
-    fraction of its cell the mask covers); ambiguous locations go to the object with the
-    highest s (not the smallest box), and w = a * ctr + b * s + c * sqrt(ctr * s)
-    (`reg_weights`, Fig. 6) replaces the centerness target as the regression weight. Centre
-    sampling can be centred on the mask's centre of mass (center_sampling_at="mass").
-
-    Deviations from [IS]/[FCOS]:
-      * FCOSreg: the centerness branch learns w (so inference weights the scores by the
-        predicted regularisation map, as FCOS does with its centerness); [IS 3.3] only says
-        w replaces centerness as the regression weight. With reg_weights = (1, 0, 0) FCOSreg's
-        losses are FCOS's exactly. (FCOSIS's own use of w: its `box_weights`, `score_weights`.)
-      * Both forms compute the regression in input pixels (targets, losses, decoding);
-        "relu_stride" scales the output instead of dividing the targets by the stride (the same
-        GIoU, which does not depend on the unit; FCOS's "iou" +1 counts in pixels here).
-      * [IS] eq. 2 divides the regression loss by N_pos; FCOS's code (both forms) weights it by
-        the centerness target and divides by the sum of those weights, as here.
-    """
+    Training ([IS] eq. 2, alpha = beta = 1): cls, sigmoid focal loss (0.25, 2) / N_pos; box, GIoU or IoU loss
+        (`iou_loss`) of the positives weighted by the centerness target / the sum of those weights (FCOS's code;
+        [IS] eq. 2 writes / N_pos); centerness, BCE against the centerness target. N_pos and the weight sum go
+        through `reduce_mean`.
+    Inference: boxes (K, 4) xyxy input frame, scores (K,), labels (K,). Per level the locations whose class
+        score > 0.05 (score_threshold_on="score": sqrt(cls * ctr), torchvision's), top 1000 of cls * ctr; then
+        score = sqrt(cls * ctr), class-wise NMS at IoU 0.6, best 100.
+    FCOSreg ([IS 3.3]): ambiguous locations go to the highest segmentation label s, and w = a ctr + b s +
+        c sqrt(ctr s) (`reg_weights`, Fig. 6) replaces the centerness target, of the box loss and of the
+        centerness branch, which so weights the scores at test (METHODS.md); center_sampling_at="mass"."""
     transform = "fcos"                                         # the short side of [FCOS] / [IS 4]
 
     def __init__(self, cfg: ModelConfig, extra=0, first_level=3):
@@ -1741,8 +1440,7 @@ class FCOS(Method):
         self.uses_masks = cfg.method == "fcosreg"  # segmentation labels in `assign` ([IS 3.3]); FCOSIS sets its own
 
     def heads(self, images):
-        """The raw network outputs (`Method.heads`): (B, 3, H, W) -> the outputs of `self.head`
-        (see FCOSHead) and, under "features", the FPN maps (the mask branches read them)."""
+        """`Method.heads`: (B, 3, H, W) -> the outputs of `self.head` (FCOSHead) and "features", the FPN maps."""
         features = self.backbone(images)
         out = self.head(features[self.fcos_levels])
         out["features"] = features
@@ -1753,8 +1451,7 @@ class FCOS(Method):
         return fcos_locations(hw, self.strides, device, self.cfg.location_offset, input_hw)
 
     def decode(self, out, input_hw):
-        """Head outputs -> detections (and masks): the inference post-processing. The
-        detections' `index` (their location, read by the mask branches) is dropped here."""
+        """Head outputs -> detections (and masks), without the detections' `index`."""
         points, _, levels = self.locations(out["hw"], input_hw, out["cls"].device)
         dets = self.postprocess(FCOSForward(out, out["features"], points, levels, tuple(input_hw)))
         for d in dets:
@@ -1829,43 +1526,36 @@ class FCOS(Method):
         return losses, assigned
 
     def box_weights(self, ctr, seg):
-        """Hook: the weight of each positive's box loss and the target of the centerness branch,
-        each (M,), from its centerness target ctr (M,) and, where the masks are read and
-        reg_weights is not (1, 0, 0), its segmentation label seg (M,) (else None). FCOS: ctr, both
-        ([FCOS] 3.3). FCOSreg: w = a * ctr + b * s + c * sqrt(ctr * s) (`regression_weights`) for
-        both: its centerness branch learns w itself ([IS 3.3]). Elementwise only: the positives are
-        picked in `detection_losses` (one data-dependent step for torch.compile, not one per hook)."""
+        """Hook: (weight of each positive's box loss, target of the centerness branch), each (M,), from its
+        centerness target ctr (M,) and segmentation label seg (M,) (None unless the masks are read and reg_weights
+        != (1, 0, 0)). FCOS: ctr, ctr ([FCOS] 3.3); FCOSreg: w, w (`regression_weights`, [IS 3.3]). Elementwise:
+        the positives are picked in `detection_losses` (one data-dependent step under torch.compile)."""
         if self.cfg.method == "fcosreg" and seg is not None:
             weight = regression_weights(ctr, seg, self.cfg.reg_weights)
             return weight, weight
         return ctr, ctr
 
     def extra_losses(self, x: FCOSForward):
-        """Hook for the methods built on FCOS (MaskFCOS, CenterMask-FCOS, FCOSIS): their own
-        losses (a dict of named scalars), from the training forward `x` (its `targets` and
-        `assigned` set). FCOS and FCOSreg have none."""
+        """Hook: the own losses (named scalars) of the methods built on FCOS, from the training forward `x` (its
+        `targets` and `assigned` set). FCOS and FCOSreg have none."""
         return {}
 
     # -- inference ([FCOS] 4) ----------------------------------------------------------------------
     def score_weights(self, out):
-        """Hook: what multiplies the class probabilities at inference, (B, P): the predicted
-        centerness ([FCOS] 3.3; FCOSreg's branch predicts w there)."""
+        """Hook: what multiplies the class probabilities at inference, (B, P): the predicted centerness ([FCOS] 3.3)."""
         return out["centerness"].float().sigmoid()
 
     @torch.no_grad()
     def detect(self, x: FCOSForward, max_detections=None):
-        """
-        Head outputs -> per image a dict of the kept detections: boxes (K, 4), scores (K,),
-        labels (K,) and `index` (K,) the flat location each came from (for the mask branches).
-        """
+        """Head outputs -> per image the kept detections: boxes (K, 4), scores (K,), labels (K,) and `index` (K,),
+        the flat location of each (for the mask branches)."""
         from torchvision.ops import batched_nms
         cfg, out, points, levels, input_hw = self.cfg, x.out, x.points, x.levels, x.input_hw
         cls = out["cls"].float().sigmoid()                                       # (B, P, C)
         ctr = self.score_weights(out)                                            # (B, P)
         B, P, C = cls.shape
         score = cls * ctr[..., None]                                             # (B, P, C)
-        # the candidates: FCOS tests the class probability (score_threshold_on="cls"), torchvision's
-        # FCOS the final score sqrt(cls * ctr) ("score", its postprocess_detections)
+        # candidates: FCOS tests the class probability ("cls"), torchvision's FCOS sqrt(cls * ctr) ("score")
         passed = (cls if cfg.score_threshold_on == "cls" else score.sqrt()) > cfg.score_threshold
         score = torch.where(passed, score, torch.zeros_like(score))
         cand_scores, cand_index = [], []
@@ -1892,8 +1582,7 @@ class FCOS(Method):
         return results
 
     def postprocess(self, x: FCOSForward):
-        """Hook: the inference forward `x` -> the final per-image dicts (`detect`'s); the mask
-        methods add their masks here."""
+        """Hook: the inference forward `x` -> the per-image dicts of `detect`, to which the mask methods add masks."""
         return self.detect(x)
 
 
@@ -1902,21 +1591,16 @@ class FCOS(Method):
 
 
 def maskfcos_levels(boxes, k0=4, canonical=224.0, k_min=3, k_max=5):
-    """FPN level of each box ([IS] eq. 4, from FPN): k = floor(k0 + log2(sqrt(w h) / 224)),
-    clamped to P3-P5: boxes smaller than 224^2 -> P3, 224^2 up to 448^2 -> P4, larger -> P5.
-    boxes (K, 4) xyxy input frame -> (K,) int64. (+1e-6 so that exactly 224^2 gives P4 despite
-    rounding in log2.)"""
+    """FPN level of each box ([IS] eq. 4, from FPN): k = floor(k0 + log2(sqrt(w h) / 224)) clamped to P3-P5 (below
+    224^2 -> P3, up to 448^2 -> P4, larger -> P5; +1e-6: exactly 224^2 gives P4). boxes (K, 4) -> (K,) int64."""
     wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-6)
     k = torch.floor(k0 + torch.log2(torch.sqrt(wh[:, 0] * wh[:, 1]) / canonical) + 1e-6)
     return k.clamp(k_min, k_max).long()
 
 
 def mask_targets(gt_masks, gt_index, boxes, size):
-    """RoIAlign of ground-truth masks onto boxes: the training target of a size x size mask
-    (Mask R-CNN's, [IS 4] "Similarly to [8]"). gt_masks (M, H, W) 0/1 (`batch_masks`); gt_index
-    (K,) which mask each box crops; boxes (K, 4) xyxy input frame -> (K, size, size) float in
-    [0, 1] (bilinear average of the mask over each output cell's sampling points; threshold 0.5
-    for a 0/1 target)."""
+    """RoIAlign of ground-truth masks (M, H, W) onto boxes (K, 4) xyxy input frame, gt_index (K,) the mask of each
+    box: the target of a size x size mask (Mask R-CNN's, [IS 4]), (K, size, size) float in [0, 1]."""
     from torchvision.ops import roi_align
     if len(boxes) == 0:
         return torch.zeros(0, size, size, device=boxes.device)
@@ -1925,20 +1609,12 @@ def mask_targets(gt_masks, gt_index, boxes, size):
 
 
 class MaskFCOS(FCOS):
-    """
-    MaskFCOS ([IS 4], "Mask Prediction Head"): FCOS proposes boxes, a Mask R-CNN mask head
-    segments them. RoIAlign 14x14 from P_k (k by `maskfcos_levels`, P3-P5) -> 4 x (Conv3x3 256
-    + ReLU) -> ConvTranspose 2x2 stride 2 + ReLU -> Conv1x1 -> (C, 28, 28) logits; the channel
-    of the box's class is its mask (as Mask R-CNN).
-    Training: RoIs = ground-truth boxes + the top `mask_proposals` FCOS detections of each
-    image (no gradient into the proposals) that overlap a ground-truth box at IoU >= 0.5;
-    target = RoIAlign of the matched ground-truth mask, thresholded at 0.5; mean pixel BCE.
-    Joint training also shapes the shared backbone ([IS] Table 1: FCOS 37.1 -> 39.8 box AP).
-    Inference: the FCOS detections' masks, pasted into the image: (K, H, W) probabilities.
-    Deviations: [IS] gives no N for the proposals, no RoI sampling rule; we use 64 per image
-    in training and all (up to 100) detections at test. RoIAlign with aligned=True (half-pixel
-    correct, as detectron2's ROIAlignV2), sampling ratio 2.
-    """
+    """MaskFCOS ([IS 4], "Mask Prediction Head"): FCOS proposes, a Mask R-CNN mask head segments. RoIAlign 14x14
+    from P_k (`maskfcos_levels`) -> 4 x (Conv3x3 256 + ReLU) -> ConvTranspose 2x2 stride 2 + ReLU -> Conv1x1 ->
+    (C, 28, 28) logits, the box's class channel its mask. Training: RoIs = the ground-truth boxes + the top
+    `mask_proposals` detections per image (no gradient into them) at IoU >= 0.5 with a ground-truth box; target
+    the RoIAlign of its mask >= 0.5; mean pixel BCE. Inference: each detection's mask pasted into its box,
+    (K, H, W) probabilities. Proposals and RoIAlign ([IS] gives neither): METHODS.md, FCOS family."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -2016,9 +1692,8 @@ class MaskFCOS(FCOS):
 
 
 def paste_masks(masks, boxes, hw):
-    """Paste K small masks (K, m, m) into their boxes (K, 4) xyxy input frame on an (H, W)
-    image: bilinear resampling of each mask stretched over its box (the same grid as CenterMask's
-    local shapes, `stretch_to_boxes`), zero outside the box. -> (K, H, W)."""
+    """Paste K small masks (K, m, m) into their boxes (K, 4) xyxy input frame on an (H, W) image: bilinear, as
+    CenterMask's local shapes (`stretch_to_boxes`), zero outside the box -> (K, H, W)."""
     H, W = hw
     if len(boxes) == 0:
         return torch.zeros(0, H, W, device=boxes.device)
@@ -2032,22 +1707,12 @@ def paste_masks(masks, boxes, hw):
 
 
 class CenterMaskFCOS(FCOS):
-    """
-    CenterMask on the FCOS detector ([CM 4.3]): FCOS, plus a Local Shape head (S^2 channels)
-    on the box tower at every P3-P7 location and a Global Saliency head on the
-    highest-resolution FPN level (P3, stride 8). The object size comes from the FCOS box (no
-    size head). Mask of a location = sigmoid(its S x S local shape stretched over its box) x
-    sigmoid(saliency cropped to the box) ([CM] eq. 1, `assemble_masks`).
-    Training: every positive location assembles a mask with its ground-truth box (teacher
-    forcing, as CenterMask), compared on an S x S grid over the box with the RoIAlign of the
-    ground-truth mask (`mask_targets`); mean BCE over positives ([CM] eq. 2).
-    Inference: each kept FCOS detection assembles its mask from its own location's shape vector
-    at input resolution.
-    Deviations: [CM 4.3] gives no layer details. Our readings: the shape head is one Conv3x3 on
-    the box tower (as FCOS's other predictions), evaluated only at the locations it is read
-    (`conv3x3_at`); the saliency head is CenterMask's (Conv3x3 + ReLU + Conv1x1) on P3; the
-    training loss is computed on the box's S x S grid instead of the stride-4 map.
-    """
+    """CenterMask on the FCOS detector ([CM 4.3]): FCOS, a Local Shape head (S^2 channels, one Conv3x3 on the box
+    tower of P3-P7, evaluated where it is read) and CenterMask's Global Saliency head on P3; the box is FCOS's (no
+    size head). Mask = sigmoid(local shape stretched over the box) x sigmoid(saliency cropped to it) ([CM] eq. 1,
+    `assemble_masks`). Training: every positive with its ground-truth box (teacher forcing), on the box's S x S
+    grid against the RoIAlign of its mask (`mask_targets`); mean BCE ([CM] eq. 2). Inference: each detection's
+    own location's shape vector, at input resolution. Readings ([CM 4.3] gives no layers): METHODS.md, FCOS family."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -2060,11 +1725,7 @@ class CenterMaskFCOS(FCOS):
         self.saliency = conv_relu_conv(c, n_sal, cfg.head_conv) if cfg.use_saliency else None
 
     def local_shapes(self, out, batch, index):
-        """
-        Shape logits (M, S, S) of M flat locations (batch, index) of the FCOS levels. The plain
-        form: self.local_shape(f) on every level's box-tower map f, read at each location; the
-        same numbers are computed here at those M locations alone (`conv3x3_at`).
-        """
+        """Shape logits (M, S, S) of M flat locations (batch, index) of the box-tower maps (`conv3x3_at`)."""
         S = self.cfg.shape_size
         res = torch.zeros(len(batch), S * S, device=batch.device)
         start = 0
@@ -2123,35 +1784,22 @@ class CenterMaskFCOS(FCOS):
 # -----------------------------------------------------------------------------
 # 12. FCOSIS ([IS 3.2]), in the paper's order
 #
-#     detection head  coarse_foreground_targets, mask_assignment,  the centre of mass and coarse foreground
-#                     center_of_mass_targets, center_of_mass_loss  each location predicts [IS 3.2.1]
-#     attention       regressed_centers, nearest_center,           the parametrised attention map (top-down
-#                     attention_maps, AttentionMap,                path) and its Table 3 ablations; inference's
-#                     apply_attention; duplicate_owners,           duplicates beside it [IS 3.2.1, 4.2]
-#                     nearest_center_among_owners
-#     colouring       box_overlap_graph, greedy_coloring,          Largest-First groups that share one
-#                     largest_first_coloring, coloring_groups      segmentation forward [IS 3.2.1]
-#     head and loss   SegmentationHead, optimal_padding,           P2-P4 segmentation head, BCE on the
-#                     padded_crop_bce (ASPP: Table 3a)             padded ground-truth box crop [IS 3.2.1, 3.2.2]
+#     detection head  the centre of mass and coarse foreground each location predicts [IS 3.2.1]
+#     attention       the parametrised attention map (top-down path), its Table 3 ablations, inference's duplicates
+#     colouring       the Largest-First groups that share one segmentation forward [IS 3.2.1]
+#     head and loss   the P2-P4 segmentation head, the BCE on the padded box crop [IS 3.2.2] (ASPP: Table 3a)
 #     model           FCOSIS
 #
-# Box rule: "half-open" (`inside`, section 2; the slice S[y0:y1, x0:x1] of [IS 3.2.2]) for the attention
-# map's box constraint and the padded crop. The final masks are cropped to the detection boxes with
-# `boxes_inside` ("closed", as every method's masks). Instances of a batch are flat (section 2): M
-# instances with `batch (M,)` their image index and masks (M, H, W) zero-padded to the batch's input size.
+# Box rule: "half-open" (section 2) for the attention map and the padded crop; the final masks are cropped with
+# `boxes_inside` ("closed"). Instances are flat (section 2): batch (M,), masks (M, H, W) padded to the batch.
 
 
 # -- the detection head's extra outputs: centre of mass and coarse foreground [IS 3.2.1] --------
 
 
 def coarse_foreground_targets(masks, stride, batch=None, num_images=1, out_hw=None):
-    """
-    Target of the coarse class-agnostic foreground head at one level [IS 3.2.1]: the union of
-    an image's masks, average-pooled to the level (soft, in [0, 1]); train with BCE.
-    masks (M, H, W) input resolution; batch (M,) image index (None: all of one image) ->
-    (B, 1, h, w), B = num_images, h, w as `average_pool_masks`. Union first, then pooling:
-    two half-covering masks of one cell give their union's coverage, not a sum or max.
-    """
+    """Target of the coarse foreground head at one level [IS 3.2.1] (BCE): the union of an image's masks (M, H, W),
+    then average-pooled (soft); batch (M,) (None: one image) -> (B, 1, h, w), B = num_images."""
     M, H, W = masks.shape
     batch = torch.zeros(M, dtype=torch.long, device=masks.device) if batch is None else batch
     flat = masks.reshape(M, H * W).to(torch.uint8)
@@ -2161,11 +1809,8 @@ def coarse_foreground_targets(masks, stride, batch=None, num_images=1, out_hw=No
 
 
 def argmin_per_image(cost, batch, num_images):
-    """
-    For every column p (a location), the row n of lowest cost among the rows of each image.
-    cost (N, P) float (inf = not a candidate), batch (N,) -> (B, P) int64 row index, N where an
-    image has no finite candidate. Ties go to the lower index, so the winner is unique.
-    """
+    """Per column p (a location) and image, the row of lowest cost among the image's rows (ties: the lower):
+    cost (N, P) float (inf = not a candidate), batch (N,) -> (B, P) int64, N where no finite candidate."""
     N, P = cost.shape
     idx = batch[:, None].expand(N, P)
     best = torch.full((num_images, P), float("inf"), device=cost.device, dtype=cost.dtype)
@@ -2177,14 +1822,10 @@ def argmin_per_image(cost, batch, num_images):
 
 
 def mask_assignment(locations, masks, batch, num_images):
-    """
-    The literal reading of [IS 3.2.1] / Fig. 3 ("foreground pixels of masks are activated to
-    regress the center of mass of the object they belong to"): every location whose pixel lies
-    in a mask is assigned to that instance, on every level, whatever FCOS's own assignment.
-    Overlapping masks: the smaller mask wins (FCOS's minimum-area rule), then the lower index.
-    locations (P, 2) input frame (x, y); masks (M, H, W); batch (M,) ->
-    matched (B, P) int64 flat instance index, -1 where no mask covers the pixel.
-    """
+    """[IS] Fig. 3 ("foreground pixels of masks are activated to regress the center of mass of the object they
+    belong to"): every location whose pixel lies in a mask goes to that instance, on every level; overlaps to the
+    smaller mask (FCOS's rule), then the lower index. locations (P, 2) input frame; masks (M, H, W); batch (M,)
+    -> matched (B, P) int64 flat instance index, -1 where no mask covers the pixel."""
     M, H, W = masks.shape
     px = locations[:, 0].long().clamp(0, W - 1)                  # pixel covering the point
     py = locations[:, 1].long().clamp(0, H - 1)
@@ -2196,20 +1837,12 @@ def mask_assignment(locations, masks, batch, num_images):
 
 
 def center_of_mass_targets(locations, strides, matched, mass_centers, masks):
-    """
-    Centre-of-mass regression targets of the detection head [IS 3.2.1]:
-    (r_x, r_y) = (x_C - x, y_C - y) / s, in stride units ([IS] gives pixels; divided by s as FCOS
-    normalises its ltrb, so every level regresses values of a similar range), only where the location
-    is assigned to an instance AND its pixel lies in that instance's mask.
-        locations (P, 2) input-frame points (x, y) of one level or of all levels concatenated
-        strides   number, or (P,) tensor: the stride s of each location's level
-        matched   (B, P) int64 flat instance index per location (into the M instances of the
-                  batch), -1 = none: FCOS's positives (`fcos_targets`' "matched" made flat with
-                  `first_box_index`: [IS 3.2.1]'s "positive samples" read as FCOS's) or
-                  `mask_assignment` (the paper's Fig. 3 reading: every mask pixel)
-        mass_centers (M, 2) input frame (`center_of_mass`); masks (M, H, W) input resolution
-    Returns target (B, P, 2) (0 where invalid) and valid (B, P) bool.
-    """
+    """Centre-of-mass targets of the detection head [IS 3.2.1]: (r_x, r_y) = (x_C - x, y_C - y) / s, in stride units
+    ([IS] gives pixels; / s as FCOS's ltrb, a similar range on every level), where the location is assigned to an
+    instance and its pixel lies in that instance's mask. locations (P, 2) input frame; strides a number or (P,);
+    matched (B, P) flat instance index, -1 = none (FCOS's positives made flat with `first_box_index`, or
+    `mask_assignment`); mass_centers (M, 2) input frame; masks (M, H, W) -> target (B, P, 2) (0 where invalid),
+    valid (B, P) bool."""
     B, P = matched.shape
     M, H, W = masks.shape
     if M == 0:
@@ -2224,12 +1857,8 @@ def center_of_mass_targets(locations, strides, matched, mass_centers, masks):
 
 
 def center_of_mass_loss(pred, target, valid, beta=1.0, normalizer=None):
-    """
-    SmoothL1 of the centre-of-mass regression [IS 3.2.1] over the valid locations: summed over
-    (x, y), divided by `normalizer` (default: number of valid locations, floor 1; pass an
-    all-reduced count under DDP). beta = 1 stride unit (not given in [IS]; torch's default).
-    pred, target (B, P, 2); valid (B, P). No valid location -> 0, still in the graph.
-    """
+    """SmoothL1 of the centre-of-mass regression [IS 3.2.1], summed over (x, y) and the valid locations, / `normalizer`
+    (default their count, at least 1). beta = 1 stride unit ([IS] gives none). pred, target (B, P, 2); valid (B, P)."""
     loss = F.smooth_l1_loss(pred.float(), target, beta=beta, reduction="none").sum(-1)  # (B, P)
     n = valid.sum().clamp(min=1) if normalizer is None else normalizer
     return (loss * valid).sum() / n
@@ -2239,9 +1868,8 @@ def center_of_mass_loss(pred, target, valid, beta=1.0, normalizer=None):
 
 
 def regressed_centers(center_offsets, stride, offset="half"):
-    """Head output (r_x, r_y) (B, 2, h, w) in stride units -> (x + s r_x, y + s r_y) (B, 2, h, w),
-    input frame: the centre each location votes for [IS 3.2.1]. offset: the location convention
-    (`fcos_locations`, ModelConfig.location_offset)."""
+    """Head output (r_x, r_y) (B, 2, h, w) in stride units -> (x + s r_x, y + s r_y) (B, 2, h, w), input frame: the
+    centre each location votes for [IS 3.2.1]. offset: the location convention (`fcos_locations`)."""
     B, _, h, w = center_offsets.shape
     loc = fcos_locations([(h, w)], [stride], center_offsets.device, offset)[0].t().reshape(1, 2, h, w)
     return loc + stride * center_offsets.float()
@@ -2256,36 +1884,19 @@ def center_distances(regressed, centers, batch):
 
 
 def nearest_center(dist2, batch, num_images):
-    """[IS 3.2.1]'s assignment: location q goes to the instance (among those of its image, `batch`)
-    whose centre is nearest to q's regressed centre, ties to the lower index.
-    dist2 (N, P) -> (N, P) bool: q assigned to j."""
+    """[IS 3.2.1]'s assignment: q goes to the instance of its image (`batch`) whose centre is nearest q's regressed
+    centre (ties: the lower index). dist2 (N, P) -> (N, P) bool: q assigned to j."""
     ids = torch.arange(len(dist2), device=dist2.device)
     return argmin_per_image(dist2, batch, num_images)[batch] == ids[:, None]
 
 
 def duplicate_owners(boxes, scores, batch, iou_threshold, score_floor=0.0):
-    """
-    Which object each detection stands for, when detections compete for the locations of the
-    attention map at inference (assign="image"): a class-agnostic greedy NMS per image at
-    `iou_threshold` keeps one detection per object; every detection it suppresses (the same
-    shape detected as a second class, or a lower-scored copy a pixel away) is owned by the
-    kept detection that suppressed it, i.e. the highest-scored kept detection of its image
-    with IoU > iou_threshold; a kept detection owns itself. The competitors are the kept
-    detections scoring at least `score_floor`: a weaker detection takes no location from
-    another one (it still competes for its own box, see `attention_maps`).
-    boxes (N, 4) xyxy, scores (N,), batch (N,) image index ->
-        owner (N,) int64 in 0..N-1, competes (N,) bool.
-
-    Why: in training the competitors are the ground-truth objects, each present once. At test
-    time the detector returns duplicates, and a duplicate would take half of its object's
-    locations and give them -mu in the other copy's map (a distractor that training never
-    shows). Merging them keeps the test-time competition what the paper describes, "each
-    location gets assigned to a unique instance", with each object counted once; every
-    detection is still segmented and reported. The default threshold is FCOS's own NMS IoU
-    (0.6, [FCOS] 4): after the class-wise NMS two detections of one class never overlap more,
-    so this merges only detections of different classes, or pairs the class-wise NMS could
-    not see.
-    """
+    """Which object each detection stands for when detections compete for the attention map's locations at
+    inference (assign="image"): a class-agnostic greedy NMS per image at `iou_threshold` keeps one per object; a
+    suppressed one (a second class, a lower-scored copy) is owned by the highest-scored kept detection of its
+    image with IoU > iou_threshold, a kept one by itself. The competitors are the kept ones scoring at least
+    `score_floor`. boxes (N, 4) xyxy, scores (N,), batch (N,) -> owner (N,) int64, competes (N,) bool.
+    Why (each object counted once, as the ground truth in training): METHODS.md, FCOSIS."""
     from torchvision.ops import batched_nms, box_iou
     N = len(boxes)
     kept = torch.zeros(N, dtype=torch.bool, device=boxes.device)
@@ -2297,15 +1908,10 @@ def duplicate_owners(boxes, scores, batch, iou_threshold, score_floor=0.0):
 
 
 def nearest_center_among_owners(dist2, batch, num_images, owner=None, competes=None):
-    """
-    Inference's form of `nearest_center`, beside it: the detector returns duplicates of an object
-    (`duplicate_owners`), and each competes as the object it duplicates. The competitors C are
-    the de-duplicated detections above a score floor (competes (N,) bool; None: those that own
-    themselves); j counts q as its own when owner[j] wins q among C, or, when owner[j] is not in C,
-    among C and owner[j] (a weak detection takes nothing from others, but its confident
-    neighbours are distractors in its own map). owner (N,) (None: every detection its own object);
-    dist2 (N, P) -> (N, P) bool.
-    """
+    """Inference's `nearest_center`, duplicates competing as their object (`duplicate_owners`). The competitors C:
+    competes (N,) bool (None: the detections that own themselves); j counts q as its own when owner[j] wins q among
+    C, or, owner[j] not in C, among C and owner[j] (a weak detection takes nothing from others, but its confident
+    neighbours are distractors in its own map). owner (N,) (None: each its own); dist2 (N, P) -> (N, P) bool."""
     N, P = dist2.shape
     ids = torch.arange(N, device=dist2.device)
     owner = ids if owner is None else owner                                       # (N,)
@@ -2319,33 +1925,19 @@ def nearest_center_among_owners(dist2, batch, num_images, owner=None, competes=N
 def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
                    lam, mu, bbox_only=False, assign="image", owner=None, offset="half", competes=None,
                    background="distractor_only"):
-    """
-    The attention map of [IS 3.2.1] of every colour group, at one level. For instance j and
-    location q, with f(q) the coarse foreground and B_j the box of j:
+    """The attention maps of [IS 3.2.1] of every colour group at one level. For instance j, location q, coarse
+    foreground f(q) and box B_j:
         A_j(q) = 0             if q is outside B_j
                = +lam * f(q)   if q is inside B_j and assigned to j
                = -mu           if q is inside B_j and assigned to another instance (a distractor)
-    q is assigned to the instance whose centre is nearest (Euclidean) to the centre regressed at
-    q (ties -> lower index; `nearest_center`). The map of a group is the sum of its instances'
-    maps (their boxes do not overlap: the union) ([IS 3.2.1]).
-        regressed (B, 2, h, w) regressed centres, input frame (`regressed_centers`; assignment only)
-        coarse_fg (B, 1, h, w) coarse foreground probabilities (differentiable)
-        stride    the level's stride; q = cell (i, j)'s location (`fcos_locations`, offset)
-        boxes (N, 4), centers (N, 2) input frame: ground truth in training, detections at inference;
-        batch (N,) image index; groups (N,) in 0..num_groups-1 (`coloring_groups`); lam, mu 0-d tensors
-    Options (Table 3 ablations and readings the paper leaves open; ModelConfig's keys):
-        bbox_only   Table 3c "bbox only": A_j(q) = lam on the whole box
-        background  "distractor_only": as above; "own_background": j's own locations get
-                    lam * f - mu * (1 - f), -mu on j's own background too ([IS 3.2.1]: "-mu marks
-                    pixels which belong to the background or distractor instances")
-        assign      "image": the objects of the image compete; "pass" (ablation, ModelConfig's
-                    attention_assign): only those of j's colour group (its segmentation forward),
-                    whose boxes never overlap B_j, so -mu marks nothing
-        owner, competes  inference only: detections that duplicate one object compete as that
-                    object (`duplicate_owners`, `nearest_center_among_owners`); None in training
-    Returns (num_groups, 1, h, w) float32. The map is built on P2 from the P3 outputs
-    (`FCOSIS.attention_inputs`), then `apply_attention` shrinks it onto P3 and P4.
-    """
+    q goes to the instance whose centre is nearest the centre regressed at q (`nearest_center`); a group's map is
+    the sum of its instances' (their boxes do not overlap). regressed (B, 2, h, w) input frame (assignment only);
+    coarse_fg (B, 1, h, w) probabilities; q: `fcos_locations` of stride, offset; boxes (N, 4), centers (N, 2)
+    input frame (ground truth in training, detections at test); batch (N,); groups (N,) (`coloring_groups`).
+    bbox_only (Table 3c): lam on the whole box. background="own_background": j's own locations get
+    lam * f - mu * (1 - f) (METHODS.md, FCOSIS). assign="pass" (ablation): only j's colour group competes.
+    owner, competes: inference's duplicates (`nearest_center_among_owners`); None in training.
+    Returns (num_groups, 1, h, w) float32 (drawn on P2 from the P3 outputs, `FCOSIS.attention_inputs`)."""
     B, _, h, w = coarse_fg.shape
     q = fcos_locations([(h, w)], [stride], coarse_fg.device, offset)[0]          # (P, 2) the locations
     in_box = inside(q[None], boxes.float()[:, None], "half-open")                # (N, P) q in B_j
@@ -2367,17 +1959,10 @@ def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, 
 
 
 class AttentionMap(nn.Module):
-    """
-    The learnable scalars of the attention map [IS 3.2.1]: lam (+, foreground) and mu
-    (-, background / distractor), both initialised to 1 and learned end to end.
-    mode: "segm" (the paper's map), "mu0" (Table 3b: mu := 0, not learnable) or "bbox"
-    (Table 3c: the whole box filled with lam; no mu, so no unused parameter under DDP).
-    assign: "image" or "pass", who competes for a location (see `attention_maps`).
-    offset: the location convention (ModelConfig.location_offset, `fcos_locations`).
-    background: "distractor_only" or "own_background", what -mu marks (see `attention_maps`).
-    forward(...) takes `attention_maps`' arguments except lam/mu/bbox_only/assign/offset/background
-    (owner, competes last) and returns (num_groups, 1, h, w).
-    """
+    """The learnable scalars of [IS 3.2.1]'s attention map, lam (foreground) and mu (background / distractor), both
+    initialised to 1. mode "segm" (the paper's), "mu0" (Table 3b: mu := 0, a buffer) or "bbox" (Table 3c: no mu,
+    no unused parameter under DDP); assign, offset, background: `attention_maps`, whose other arguments forward
+    takes (owner, competes last) -> (num_groups, 1, h, w)."""
 
     def __init__(self, mode="segm", assign="image", offset="half", background="distractor_only"):
         super().__init__()
@@ -2401,14 +1986,10 @@ class AttentionMap(nn.Module):
 
 
 def apply_attention(features, attention, group_batch):
-    """
-    The top-down connection [IS 3.2.1]: every colour group g gets its image's FPN maps
-    multiplied by the group's attention map, resized to each level: bilinearly where the level
-    is finer (align_corners=False: cell centres, which are the FCOS locations, stay aligned),
-    by area averaging where it is coarser (a 4x bilinear shrink would read 2 of every 4 cells).
-    features: list of (B, C, h_i, w_i) (P2, P3, P4); attention (num_groups, 1, h, w);
-    group_batch (num_groups,) image of each group -> list of (num_groups, C, h_i, w_i).
-    """
+    """The top-down connection [IS 3.2.1]: each colour group's image's FPN maps times its attention map, resized to
+    each level bilinearly where finer (align_corners=False: the locations stay aligned), by area averaging where
+    coarser (a 4x bilinear shrink would read 2 of every 4 cells). features [(B, C, h_i, w_i)] (P2, P3, P4);
+    attention (num_groups, 1, h, w); group_batch (num_groups,) -> [(num_groups, C, h_i, w_i)]."""
     out = []
     for f in features:
         if attention.shape[-2:] == f.shape[-2:]:
@@ -2425,13 +2006,8 @@ def apply_attention(features, attention, group_batch):
 
 
 def box_overlap_graph(boxes, batch=None):
-    """
-    The overlap graph of [IS 3.2.1] eq. 3: edge (i, j), i != j, when IoU(B_i, B_j) > 0, i.e.
-    the intersection has positive area (boxes that only touch along an edge or at a corner are
-    not adjacent). boxes (N, 4) xyxy; with batch (N,), boxes of different images are never
-    adjacent (they never share a feature map). Returns (N, N) bool, symmetric, False diagonal.
-    Written by hand rather than box_iou > 0, which is 0/0 = NaN for two zero-area boxes.
-    """
+    """The overlap graph of [IS 3.2.1] eq. 3: edge (i, j), i != j, when IoU(B_i, B_j) > 0 (by hand: box_iou is NaN for
+    empty boxes) and, with batch (N,), one image. boxes (N, 4) xyxy -> (N, N) bool, symmetric, False diagonal."""
     x0, y0, x1, y1 = boxes.unbind(-1)                                              # (N,)
     iw = torch.minimum(x1[:, None], x1[None, :]) - torch.maximum(x0[:, None], x0[None, :])
     ih = torch.minimum(y1[:, None], y1[None, :]) - torch.maximum(y0[:, None], y0[None, :])
@@ -2442,14 +2018,8 @@ def box_overlap_graph(boxes, batch=None):
 
 
 def greedy_coloring(adjacency):
-    """
-    Largest-First greedy colouring (Welsh-Powell; [IS 3.2.1] cites Kosowski & Manuszewski):
-    visit the vertices by degree, highest first, ties by lower index first (stable sort);
-    each takes the smallest colour no already-coloured neighbour has.
-    adjacency (N, N) bool symmetric -> (N,) int64 colours 0..K-1 on the same device.
-    The greedy colouring is sequential by nature: it runs once on CPU Python lists, O(N + E), after
-    one device -> host copy (N is the number of instances of a batch, ~100s).
-    """
+    """Largest-First greedy colouring (Welsh-Powell; [IS 3.2.1] cites Kosowski & Manuszewski): by degree, highest first
+    (ties: lower index), the smallest colour no coloured neighbour has. adjacency (N, N) bool -> (N,) int64."""
     N = adjacency.shape[0]
     adj = adjacency.cpu()
     order = torch.sort(adj.sum(1), descending=True, stable=True).indices.tolist()
@@ -2467,25 +2037,15 @@ def greedy_coloring(adjacency):
 
 
 def largest_first_coloring(boxes):
-    """
-    Colour id per box such that no two overlapping boxes (IoU > 0) share one [IS 3.2.1]:
-    the instances of one colour share an attention map and one segmentation forward.
-    boxes (N, 4) xyxy -> (N,) int64 in 0..K-1 (K = number of colours; N = 0 -> empty).
-    Largest-First heuristic, ties by lower index (see `greedy_coloring`).
-    """
+    """A colour per box, no two overlapping boxes (IoU > 0) alike [IS 3.2.1]: one colour shares an attention map and a
+    segmentation forward. boxes (N, 4) xyxy -> (N,) int64 in 0..K-1 (`greedy_coloring`)."""
     return greedy_coloring(box_overlap_graph(boxes))
 
 
 def coloring_groups(boxes, batch):
-    """
-    The colour groups of a batch: instances of the same image and the same Largest-First
-    colour form one group [IS 3.2.1]. One colouring of the block-diagonal overlap graph
-    gives every image the colours it would get alone (the stable degree order keeps each
-    image's relative order, and images share no edge).
-    boxes (M, 4) input frame, batch (M,) image index ->
-        groups (M,) int64 in 0..num_groups-1, dense, ordered by (image, colour);
-        group_batch (num_groups,) int64 image of each group (index the image's features with it).
-    """
+    """The colour groups of a batch [IS 3.2.1]: one image, one Largest-First colour (one colouring of the
+    block-diagonal graph gives each image its own colours). boxes (M, 4), batch (M,) -> groups (M,) int64 in
+    0..num_groups-1, ordered by (image, colour), and group_batch (num_groups,) int64, the image of each group."""
     colors = greedy_coloring(box_overlap_graph(boxes, batch))                      # (M,)
     K = int(colors.max()) + 1 if len(colors) else 1                                # colours used
     keys, groups = torch.unique(batch * K + colors, sorted=True, return_inverse=True)  # (num_groups,), (M,)
@@ -2496,22 +2056,12 @@ def coloring_groups(boxes, batch):
 
 
 class SegmentationHead(nn.Module):
-    """
-    The segmentation head of [IS 3.2.1] (Fig. 2c) on P2-P4 (after `apply_attention`):
-    each level -> num_convs x (Conv3x3(channels) + GroupNorm(32) + ReLU), upsampled
-    (bilinear) to P2 and summed, then Conv1x1 -> mask logits at stride 4.
-        in:  P2, P3, P4 of every colour group: [(num_groups, in_channels, H/4, W/4),
-             (num_groups, in_channels, H/8, W/8), (num_groups, in_channels, H/16, W/16)]
-        out: (num_groups, num_classes, H/4, W/4); num_classes = 1 class-agnostic (the default,
-             [IS 3.2.2]) or C class-specific ([IS 3.2.1] "W/4 x H/4 x C").
-    Deviations / choices where [IS] is silent:
-      * "three 3x3 conv layers with 256 channels" read as three per level, with
-        separate weights per level (as Panoptic FPN's semantic branch); num_convs adjustable.
-      * GroupNorm(32) + ReLU after each conv, as the FCOS detection head [IS 3.2.1]
-        (norm=False: ReLU only). Bilinear upsampling (the paper says "upsampling").
-      * Kaiming init, biases 0, the 1x1 predictor N(0, 0.01): the padded-crop loss balances
-        foreground at ~0.5 [IS 3.2.2], so every pixel starts at a probability of ~0.5.
-    """
+    """The segmentation head of [IS 3.2.1] (Fig. 2c) on P2-P4 (after `apply_attention`): per level num_convs x
+    (Conv3x3(channels) + GroupNorm(32) + ReLU; norm=False: ReLU only), upsampled bilinearly to P2, summed,
+    Conv1x1 -> logits at stride 4 (readings: METHODS.md, FCOSIS).
+        in:  P2, P3, P4 of every colour group: [(num_groups, in_channels, H/4, W/4), (.., H/8, W/8), (.., H/16, W/16)]
+        out: (num_groups, num_classes, H/4, W/4); num_classes 1 (agnostic, [IS 3.2.2]) or C ([IS 3.2.1] "W/4 x H/4 x C")
+    The 1x1 predictor starts at N(0, 0.01), every pixel at p ~ 0.5 (the crop's foreground share, [IS 3.2.2])."""
 
     def __init__(self, in_channels=256, channels=256, num_classes=1, num_convs=3, num_levels=3, norm=True):
         super().__init__()
@@ -2546,17 +2096,11 @@ class SegmentationHead(nn.Module):
 
 
 def optimal_padding(fg_pixels, w, h, ratio=0.5):
-    """
-    Padding p (input pixels) of the padded-crop loss [IS 3.2.2]: the box w x h grown by p on
-    every side holds `ratio` (0.5 in [IS 3.2.2]) foreground, i.e. (w + 2p)(h + 2p) = fg / ratio.
-    The positive root of 4p^2 + 2(w + h)p + wh - fg/ratio = 0 is
+    """Padding p (input pixels) of the padded-crop loss [IS 3.2.2]: the box w x h grown by p on every side is `ratio`
+    (0.5) foreground, (w + 2p)(h + 2p) = fg / ratio, whose positive root is
         p = (sqrt((w - h)^2 + 4 fg / ratio) - (w + h)) / 4,
-    rounded up ([IS 3.2.2]) and clamped at 0: a box that is already at most `ratio` foreground
-    would need p < 0 (a crop smaller than the box), so it keeps p = 0.
-    Rounding up uses a 1e-6 px tolerance, so an exact integer root is not pushed up one pixel
-    by floating-point error. Python numbers -> int; any tensor argument -> int64 tensor,
-    broadcast element-wise (computed in float64).
-    """
+    rounded up ([IS 3.2.2]; 1e-6 px tolerance for exact integer roots) and at least 0 (a box already at most
+    `ratio` foreground keeps p = 0). Python numbers -> int; tensors -> int64 tensor, element-wise in float64."""
     if not any(isinstance(v, torch.Tensor) for v in (fg_pixels, w, h)):
         p = (math.sqrt((w - h) ** 2 + 4 * fg_pixels / ratio) - (w + h)) / 4
         return max(0, math.ceil(p - 1e-6))
@@ -2567,22 +2111,12 @@ def optimal_padding(fg_pixels, w, h, ratio=0.5):
 
 
 def padded_crop_bce(mask_logits, gt_masks, boxes, stride=4, ratio=0.5):
-    """
-    Segmentation loss of [IS 3.2.2]: per instance, BCE over its ground-truth box grown by
-    p = optimal_padding(foreground pixels, w, h, ratio) input pixels on every side (so the
-    crop is ~`ratio` = 0.5 foreground), then the mean over instances.
-        mask_logits (N, h, w): each instance's logits at stride `stride` (the map of its
-                    colour group and, class-specific, of its class: seg[groups, channel])
-        gt_masks    (N, H, W) input resolution, zero-padded to the batch input (H <= h*s)
-        boxes       (N, 4) xyxy input frame (ground truth)
-    A stride-s cell is in the crop when its centre ((j + 0.5) s, (i + 0.5) s) lies in the
-    padded box (half-open); the cell holding the box centre always counts, so a box thinner
-    than a cell still has a loss. N = 0 -> 0 (in the graph). Computed in fp32.
-    Deviations: [IS 3.2.2] writes the crop on an H x W map and does not say how the stride-4
-    prediction meets the full-resolution mask; we compare at stride 4 against the mask
-    average-pooled to stride 4 (soft targets), as CenterMask in model.py. p is counted in
-    input pixels (the paper's "p pixels"), from the full-resolution foreground count.
-    """
+    """Segmentation loss of [IS 3.2.2]: per instance, the BCE over its ground-truth box grown by p =
+    optimal_padding(foreground pixels, w, h, ratio) input pixels (a crop ~half foreground), then the mean over
+    instances. mask_logits (N, h, w) at stride `stride` (its group's map; class-specific, its class channel);
+    gt_masks (N, H, W) zero-padded to the batch; boxes (N, 4) xyxy input frame. A cell is in the crop when its
+    centre lies in the padded box (half-open); the box centre's cell always is. Compared at stride 4 against the
+    mask average-pooled to stride 4 (METHODS.md, FCOSIS). N = 0 -> 0 (in the graph). fp32."""
     N, h, w = mask_logits.shape
     if N == 0:
         return mask_logits.sum() * 0
@@ -2606,11 +2140,9 @@ def padded_crop_bce(mask_logits, gt_masks, boxes, stride=4, ratio=0.5):
 
 
 class ASPP(nn.Module):
-    """Atrous Spatial Pyramid Pooling (DeepLab v3), for the no-top-down baseline of [IS 4.2]
-    Table 3a ("the segmentation branch contains an ASPP module", after DeeperLab): a 1x1 conv,
-    three 3x3 convs dilated 6/12/18 and a global-pooling branch, concatenated and projected
-    back to `channels`. GroupNorm instead of torchvision's ASPP's BatchNorm, whose pooled 1x1
-    branch fails on a batch of one. (B, cin, h, w) -> (B, channels, h, w)."""
+    """Atrous Spatial Pyramid Pooling (DeepLab v3) of [IS 4.2] Table 3a's no-top-down baseline: a 1x1 conv, three 3x3
+    convs dilated 6/12/18 and a global-pooling branch, concatenated, projected to `channels`; GroupNorm (BatchNorm's
+    pooled branch fails on a batch of one). (B, cin, h, w) -> (B, channels, h, w)."""
 
     def __init__(self, cin, channels, rates=(6, 12, 18)):
         super().__init__()
@@ -2629,59 +2161,25 @@ class ASPP(nn.Module):
 
 
 class FCOSIS(FCOS):
-    """
-    FCOSIS ([IS 3.2]): FCOS on P3-P7 whose box tower also predicts, per location, the centre
-    of mass of its object (r_x, r_y) in stride units and a coarse class-agnostic foreground
-    (`extra` = 3 channels); a segmentation head on P2-P4; and between them the parametrised
-    attention map (the top-down connection): for each instance, zero outside its box, +lambda *
-    coarse foreground where a location's regressed centre is closest to this instance's centre,
-    -mu elsewhere in the box. It is built on the P2 grid from the P3 outputs, shrunk onto P3
-    and P4, and multiplies P2-P4 before the segmentation head. Instances whose boxes do not
-    overlap share one map and one segmentation forward: the groups are the colours of a
-    Largest-First colouring of the box overlap graph ([IS 3.2.1] "Efficient Attention Map
-    Propagation").
+    """FCOSIS ([IS 3.2]): FCOS on P3-P7 whose box tower also predicts, per location, its object's centre of mass
+    (r_x, r_y) in stride units and a coarse class-agnostic foreground (`extra` = 3 channels); a segmentation head
+    on P2-P4; and between them the parametrised attention map (the top-down connection): per instance, 0 outside
+    its box, +lambda * coarse fg where a location's regressed centre is nearest this instance's centre, -mu at a
+    distractor's (`attention_maps`). Drawn on the P2 grid from the P3 outputs and shrunk onto P3 and P4, it
+    multiplies P2-P4 before the head. Instances whose boxes do not overlap share one map and one segmentation
+    forward: the colours of a Largest-First colouring of the box-overlap graph ([IS 3.2.1]).
 
-    Training: model(images, targets) -> FCOS's losses (cls, box, centerness) plus
-        com: SmoothL1 of the centre-of-mass regression ([IS 3.2.1]) at every location of every
-             level whose pixel lies in a mask (com_assignment="mask", see deviations)
-        foreground: BCE of the coarse foreground against the average-pooled union of the masks
-        mask: the padded-crop BCE ([IS 3.2.2], `padded_crop_bce`), mean over instances
-    with ground-truth boxes and mass centres in the attention maps (teacher forcing).
-    Inference: FCOS detections; each detection's centre is the centre of mass its own location
-        regresses; colouring, attention maps and segmentation forwards as in training; masks (K,
-        H, W) probabilities, upsampled from stride 4 and cropped to the detection's box.
-    Table 3 ablations (attention=...): "none" (3a: no top-down connection; class-wise
-        segmentation with ASPP, masks cropped by box and class), "mu0" (3b: mu fixed at 0),
-        "bbox" (3c: the whole box filled with lambda, no coarse segmentation / centre regression).
+    Training: FCOS's losses plus com (SmoothL1 of the centre-of-mass regression), foreground (BCE against the
+        pooled union of the masks) and mask (`padded_crop_bce`, [IS 3.2.2]), the attention maps drawn from the
+        ground-truth boxes and mass centres (teacher forcing).
+    Inference: each detection's centre is the centre of mass its own location regresses; masks (K, H, W)
+        probabilities, upsampled from stride 4 and cropped to the box.
+    Table 3 (attention=...): "none" (3a: class-wise segmentation with ASPP, masks cropped by box and class),
+        "mu0" (3b: mu fixed at 0), "bbox" (3c: the whole box filled with lambda).
+    Readings (com_assignment, the attention grid and assignment, duplicates, what -mu marks, colouring the padded
+    boxes, the "none" baseline's loss, loss weights 1, reg_weights): METHODS.md, FCOSIS."""
 
-    Deviations / readings (the paper leaves these open):
-      * com_assignment="mask": every mask pixel regresses its object's centre of mass, on every
-        level (the paper's Fig. 3: "foreground pixels of masks"), because the attention map is
-        built on P3 for objects of every size, while FCOS sends large objects to P4-P7.
-        The narrower reading of [IS 3.2.1]'s "positive samples" (FCOS positives inside the
-        mask) is com_assignment="positive".
-      * The attention map is drawn on the P2 grid from the P3 outputs (attention_grid="p2");
-        see `attention_maps` and `attention_inputs`.
-      * Inference: each location is assigned among the de-duplicated detections of its image
-        (a class-agnostic NMS at assign_nms_threshold, `duplicate_owners`): a duplicate
-        detection competes as the object it duplicates. Training assigns among the
-        ground-truth objects of the image, as [IS 3.2.1].
-      * What -mu marks: a neighbour's locations ("distractor_only", default) or also the own
-        object's background (attention_background="own_background"); [IS 3.2.1] can be read
-        either way (`attention_maps`).
-      * Training colours the ground-truth boxes grown by their loss padding, so that no
-        instance's padded crop reaches into another instance of its own colour group.
-      * The "none" baseline is trained with the same per-instance padded-crop loss, on the
-        instance's class channel. Loss weights are all 1 ([IS] gives none).
-      * reg_weights != (1, 0, 0): the box loss is weighted by w as FCOSreg's, the
-        centerness branch keeps learning centerness, and inference weights the scores by w
-        computed from the predicted centerness and the predicted coarse foreground as s ([IS
-        3.3]: w "can be applied if mask information is available during both training and
-        inference, which is supported by FCOSIS"). Default (1, 0, 0): FCOS's weighting.
-    """
-
-    # the channels of the box tower's `extra` (FCOSHead) at every location ([IS 3.2.1]): the centre of
-    # mass offset (r_x, r_y) in strides, then the coarse foreground logit
+    # the box tower's `extra` channels ([IS 3.2.1]): centre-of-mass offset (r_x, r_y) in strides, foreground logit
     COM, FOREGROUND = slice(0, 2), 2
 
     def __init__(self, cfg: ModelConfig):
@@ -2698,9 +2196,8 @@ class FCOSIS(FCOS):
                            or cfg.center_sampling_at == "mass")
 
     def box_weights(self, ctr, seg):
-        """FCOS's hook: the box loss weighted by FCOSreg's w when reg_weights != (1, 0, 0) (seg
-        given); the centerness branch keeps learning centerness, since at inference the coarse
-        foreground gives the s of w (`score_weights`)."""
+        """FCOS's hook: the box loss weighted by FCOSreg's w when reg_weights != (1, 0, 0); the centerness branch
+        keeps learning centerness (at inference the coarse foreground gives w's s, `score_weights`)."""
         weight = regression_weights(ctr, seg, self.cfg.reg_weights) if seg is not None else ctr
         return weight, ctr
 
@@ -2713,26 +2210,17 @@ class FCOSIS(FCOS):
         return ctr
 
     def p3_maps(self, out):
-        """The P3 detection outputs the attention map is built from: regressed centres (B, 2,
-        h, w) input frame and coarse foreground probabilities (B, 1, h, w)."""
+        """The P3 outputs the attention map is built from: regressed centres (B, 2, h, w), coarse fg (B, 1, h, w)."""
         h, w = out["hw"][0]
         p3 = out["extra"][:, :h * w].float().transpose(1, 2).reshape(-1, 3, h, w)   # (B, 3, h, w)
         fg = self.FOREGROUND
         return regressed_centers(p3[:, self.COM], self.strides[0], self.cfg.location_offset), p3[:, fg:fg + 1].sigmoid()
 
     def attention_inputs(self, out, p2_hw):
-        """
-        The P3 maps (`p3_maps`) on the grid the attention map is built on, and that grid's
-        stride. attention_grid="p2" (default): both resampled bilinearly onto the P2 grid
-        (stride 4; the regressed centres are absolute input-frame coordinates, so this is exact
-        inside the map), so that the box constraint and the assignment are drawn at stride 4 and
-        an 8-16 px object gets 4-16 cells of attention instead of 1-4. "p3": P3's own grid.
-        The resampling follows the location convention: with location_offset="half" P3 cell j is
-        the point 8j + 4 and P2 cell k the point 4k + 2 (cell centres: align_corners=False); with
-        "zero" they are 8j and 4k, so P2 cell k reads P3 at j = k / 2 (align_corners=True onto
-        2h - 1 cells, the last row / column repeated, as the "half" resampling clamps there).
-        (apply_attention's shrink of the map onto P3 / P4 averages cells in both conventions.)
-        """
+        """The P3 maps (`p3_maps`) on the attention map's grid, and its stride: "p2" (default) resampled bilinearly
+        onto P2 (exact inside the map: the centres are input-frame coordinates), "p3" P3's own. The resampling
+        follows the locations: "half", 8j + 4 -> 4k + 2 (align_corners=False); "zero", 8j -> 4k (align_corners=True
+        onto 2h - 1 cells, the last row / column repeated)."""
         regressed, fg = self.p3_maps(out)                                        # (B, 2|1, H/8, W/8)
         if self.cfg.attention_grid == "p3":
             return regressed, fg, self.strides[0]
@@ -2747,13 +2235,9 @@ class FCOSIS(FCOS):
         return up(regressed), up(fg), self.strides[0] // 2                       # (B, 2|1, H/4, W/4)
 
     def segment(self, features, out, boxes, centers, batch, labels, color_boxes=None, owner=None, competes=None):
-        """
-        Mask logits (M, H/4, W/4) of M instances (boxes (M, 4), centres (M, 2) input frame,
-        batch (M,), labels (M,)): one segmentation forward per colour group. owner (M,) or None:
-        the object each instance competes as for the attention map's locations (inference,
-        `duplicate_owners`). Also returns the attention maps (num_groups, 1, h, w) and groups (M,)
-        (None for the "none" baseline).
-        """
+        """Mask logits (M, H/4, W/4) of M instances (boxes (M, 4), centres (M, 2) input frame, batch, labels (M,)),
+        one segmentation forward per colour group; owner, competes: inference's (`duplicate_owners`). Also returns
+        the attention maps (num_groups, 1, h, w) and groups (M,) (None for the "none" baseline)."""
         p2_p4 = features[:3]                                                     # P2, P3, P4
         ch = labels if self.seg_head.predictor.out_channels > 1 else torch.zeros_like(labels)
         if self.attention is None:  # Table 3a: one class-wise map per image, ASPP on P4
@@ -2805,9 +2289,7 @@ class FCOSIS(FCOS):
         return losses
 
     def predict_masks(self, dets, x: FCOSForward):
-        """Segment the detections `dets` of the inference forward `x` (see `segment`); adds masks
-        (K, H, W) to each dict and returns (attention maps, groups, batch) for the teaching
-        pictures."""
+        """Adds masks (K, H, W) to `dets` (`segment`); returns (attention maps, groups, batch) for the pictures."""
         out, points, levels, features = x.out, x.points, x.levels, x.features
         H, W = x.input_hw
         device = points.device
