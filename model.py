@@ -101,14 +101,14 @@ class ModelConfig:
     fpn_channels: int = 256           # FPN and head tower width ([FCOS] 3.2)
     head_convs: int = 4               # convs per head tower ([FCOS] Fig. 2)
     # The original FCOS against the improved one (the defaults, torchvision's, whose weights import): see `FCOS`
-    centerness_on: str = "reg"        # on the box tower ("reg", CENTERNESS_ON_REG) or cls tower ("cls", [FCOS] 3.3)
-    reg_form: str = "relu_stride"     # ltrb = relu(scale_l x) * stride (NORM_REG_TARGETS) or "exp": exp(scale_l x),
+    centerness_on: str = "reg"        # box tower ("reg", FCOS code: CENTERNESS_ON_REG) or cls tower ("cls", [FCOS] 3.3)
+    reg_form: str = "relu_stride"     # ltrb = relu(scale_l x) * stride (FCOS code: NORM_REG_TARGETS) or "exp": exp(scale_l x),
                                       # in pixels ([FCOS] 3.2)
-    center_sampling: float = 1.5      # positives within this many strides of the box centre (CENTER_SAMPLING_RADIUS);
-                                      # 0: every location in the box ([FCOS] 3.1, [IS 3.1])
+    center_sampling: float = 1.5      # positives within this many strides of the box centre (FCOS code:
+                                      # CENTER_SAMPLING_RADIUS 1.5); 0: every location in the box ([FCOS] 3.1, [IS 3.1])
     box_loss: str = "giou"            # "giou" (torchvision's GIoU loss) or "iou" (-log((I+1)/(U+1)), FCOS's, [IS 3.1])
     focal_alpha: float = 0.25         # [FCOS] 3.1, RetinaNet's focal loss
-    focal_gamma: float = 2.0
+    focal_gamma: float = 2.0          # [FCOS] 3.1
     score_threshold: float = 0.05     # candidate locations at inference ([FCOS] 4)
     pre_nms_top_n: int = 1000         # candidates per level before NMS ([FCOS] 4)
     nms_threshold: float = 0.6        # class-wise NMS IoU ([FCOS] 4)

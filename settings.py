@@ -71,5 +71,3 @@ def auto_dtype(device_type):
     except (AttributeError, RuntimeError):
         native = False
     return "bfloat16" if native else "float32"
-
-

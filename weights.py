@@ -29,7 +29,8 @@ import torch
 # Our checkpoints written while the Local Shape head was called `shape`: head_sets.<i>.shape.*
 # (CenterMask) and shape.* (CenterMask-FCOS) are now local_shape.* (CenterMaskHeads,
 # CenterMaskFCOS). import_weights applies the same rule to our checkpoints (`_project_rules`).
-_OLD_LOCAL_SHAPE_RULE = (r"((?:head_sets\.\d+\.)?)shape\.(.+)", r"\1local_shape.\2")
+# The rule matches a key (shape.weight) and a module name (shape), the latter for torch.save's _metadata.
+_OLD_LOCAL_SHAPE_RULE = (r"((?:head_sets\.\d+\.)?)shape(\..+)?", r"\1local_shape\2")
 
 
 def current_keys(state):
@@ -37,11 +38,12 @@ def current_keys(state):
     today's (`_OLD_LOCAL_SHAPE_RULE`), so that `model.load_state_dict(current_keys(state))` loads
     it, strict=True included. torch.save's `_metadata` (the modules' layout versions) is renamed
     with the keys."""
-    rename = lambda key: re.sub(rf"^{_OLD_LOCAL_SHAPE_RULE[0]}$", _OLD_LOCAL_SHAPE_RULE[1], key)  # noqa: E731
+    pattern, target = _OLD_LOCAL_SHAPE_RULE
+    rename = lambda name: re.sub(f"^{pattern}$", target, name)  # noqa: E731
     renamed = type(state)((rename(k), v) for k, v in state.items())
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
-        renamed._metadata = type(metadata)((rename(k + ".x")[:-2] if k else k, v) for k, v in metadata.items())
+        renamed._metadata = type(metadata)((rename(k), v) for k, v in metadata.items())
     return renamed
 
 

@@ -38,8 +38,9 @@ batch_size = 4                   # more Adam steps per epoch: mask AP 0.326 agai
 num_workers = 2                  # the loader takes ~3 ms per image: the workers mostly wait
 optimizer = "adam"
 learning_rate = 1e-3
-warmup_iters = 400                # 1600 images, as 200 iterations of 8
-epochs = 7                       # 8 epochs: mask AP 0.363 in 15 min 37 s (over the budget); 10 epochs of the full-width model: mask AP 0.475, 52 min in fp32 (RESULTS.md)
+warmup_iters = 400               # 1600 images, as 200 iterations of 8
+epochs = 7                       # 8 epochs: mask AP 0.363 in 15 min 37 s, over the budget; 10 epochs of the
+                                 # full-width model: mask AP 0.475, 52 min in fp32 (RESULTS.md)
 lr_steps = (5.25, 6.65)          # x0.1 at 75% and 95% of the run ([CM 3.5]: at epochs 100 and 120 of 130)
 grad_clip = 10.0
 eval_every_epochs = 7            # one evaluation, at the end, on all 200 val images

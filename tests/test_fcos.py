@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from settings import check_settings
 from model import (ModelConfig, build_model, fcos_locations, fcos_targets, regression_weights,
                    average_pool_masks, maskfcos_levels, mask_targets, conv3x3_at, paste_masks, iou_loss,
                    center_of_mass, ResNetFPN)
+from settings import check_settings
 
 
 def tiny(method, **kw):
