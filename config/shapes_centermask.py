@@ -6,14 +6,15 @@
 # one with it; RESULTS.md ("CenterMask quick start") what each setting below was worth.
 # Sized for 15 minutes on 2 cores in fp32: DLA-34 at half width at every level (dla_channels;
 # the output is 32 wide), plain 3x3 convs in DLA-up (dcn=False), heads 64 wide, 128x128 input,
-# batch 4 with a larger learning rate and warmup, 7 epochs of 2000 images. For the small objects of the set: the
-# mask loss on the input pixels (mask_loss_grid="input"), no random scaling (CenterNet's crop
-# centre, flip and colour + lighting noise stay), and evaluation with the images shown at 160 px
-# (1.25x; training stays at 128). The COCO configs keep the paper's architecture.
+# batch 4 with a larger learning rate and warmup, 7 epochs of 2000 images. For the small objects
+# of the set: the mask loss on the input pixels (mask_loss_grid="input"), no random scaling
+# (CenterNet's crop centre, flip and colour + lighting noise stay), and evaluation with the images
+# shown at 160 px (1.25x; training stays at 128). The COCO configs keep the paper's architecture.
 method = "centermask"
 backbone = "dla34"
 dla_channels = (8, 16, 32, 64, 128, 256)  # [DLA] Table 1: (16, 32, 64, 128, 256, 512); halved at every level:
-                                 # the stride-1 and -2 levels halved too: 8 epochs, mask AP 0.391 against 0.365, no slower (RESULTS.md)
+                                 # the stride-1 and -2 levels halved too: mask AP 0.391 against 0.365
+                                 # after 8 epochs, no slower (RESULTS.md)
 dcn = False
 head_conv = 64                   # [CM]/[CN]: 256
 shape_size = 32
