@@ -275,8 +275,9 @@ def _sync(device):
 def _predict_batch(model, images, targets, device, amp_dtype, mask_threshold):
     """Forward one batch and map every image's predictions back to its original frame."""
     images = images.to(device, non_blocking=True)                # (B, 3, H, W)
+    sizes = [tuple(int(v) for v in t["size"]) for t in targets]  # each image before padding
     with _amp_context(device, amp_dtype):
-        outputs = model(images)
+        outputs = model(images, image_sizes=sizes)
     if len(outputs) != len(targets):
         raise ValueError(f"model returned {len(outputs)} outputs for {len(targets)} images")
     return [to_original(o, t, mask_threshold) for o, t in zip(outputs, targets)]
@@ -386,7 +387,8 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
     """COCO box (and mask) AP of `model` on a COCO-format dataset.
 
     model: a model.Method (or anything with its eval-mode call, `size_divisibility` and
-        `mask_threshold`): `model(images (B, 3, H, W))` returns one dict per image (boxes,
+        `mask_threshold`): `model(images (B, 3, H, W), image_sizes=[(h, w)] * B)` (each
+        image's size before padding) returns one dict per image (boxes,
         scores, labels, optional masks; see `to_original`), masks thresholded at
         `model.mask_threshold`. Moved to `device`; its train/eval mode is restored on return.
         A DDP wrapper is unwrapped.

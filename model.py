@@ -84,14 +84,14 @@ class ModelConfig:
     cornernet_bug: bool = True        # use the shipped (buggy) radius formula, as all published numbers
     mask_loss_grid: str = "output"    # grid of CenterMask's mask loss ([CM] eq. 2 gives none): "output" (stride R,
                                       # ground truth average-pooled) or "input" (input pixels, binary ground truth)
-    saliency_loss: bool = False       # direct BCE on class-specific saliency ([CM 4.1], Table 1f)
-    saliency_loss_weight: float = 1.0  # weight of the Table 1f loss (not given in [CM]; our choice)
     # -- Local Shape x Global Saliency: CenterMask and CenterMask-FCOS ([CM 3]) -------------------
     head_conv: int = 256              # hidden width of every head ([CN] 4: 256 for DLA and Hourglass)
     shape_size: int = 32              # S: local shape is S x S ([CM 3.5], Table 1a)
     use_shape: bool = True            # Local Shape branch ([CM 3.1]); False = saliency-only (Table 1c)
     use_saliency: bool = True         # Global Saliency branch ([CM 3.2]); False = shape-only (Table 1d)
     saliency: str = "agnostic"        # "agnostic" (1 channel) or "specific" (C channels), [CM 3.2], Table 1e
+    saliency_loss: bool = False       # direct BCE on class-specific saliency ([CM 4.1], Table 1f)
+    saliency_loss_weight: float = 1.0  # weight of the Table 1f loss (not given in [CM]; our choice)
     loss_weights: tuple = (1.0, 1.0, 0.1, 1.0)  # lambda_p, lambda_off, lambda_size, lambda_mask [CM 3.5]
                                       # (CenterMask-FCOS reads lambda_mask only)
     # -- the FCOS family (FCOS_FAMILY): ResNet-FPN and the FCOS detector ([FCOS], [IS 3.1]) -------
@@ -132,11 +132,12 @@ class ModelConfig:
     attention_assign: str = "image"   # who competes for a location: the objects of its image ("image", [IS 3.2.1]) or
                                       # of its colour group ("pass", an ablation: no location is ever a distractor)
     attention_background: str = "distractor_only"  # what -mu marks in a box, a reading of [IS 3.2.1]: a neighbour's
-                                      # locations, or "own_background": the own background too (`attention_maps`)
+                                      # locations, or "own_background": the own background too (`attention_maps`;
+                                      # read by "segm" only: "mu0", "bbox" and "none" have no -mu)
     assign_nms_threshold: float = 0.6  # inference, "image": detections that a class-agnostic NMS at this IoU merges
                                       # compete as one object (`duplicate_owners`); FCOS's own NMS IoU ([FCOS] 4)
     assign_score_floor: float = 0.5   # inference, "image": only detections scoring at least this take locations from
-                                      # others (`duplicate_owners`; [IS] gives no rule; RESULTS.md, FCOSIS's Table 3)
+                                      # others (`duplicate_owners`). Not in [IS], which gives no rule: ours (METHODS.md)
     attention_grid: str = "p2"        # grid the attention map is built on: "p2" (stride 4, the P3 outputs resampled)
                                       # or "p3" (stride 8, the detection head's own grid); not fixed by [IS]
 
@@ -190,14 +191,12 @@ class ModelConfig:
                                       or self.reg_weights != (1.0, 0.0, 0.0)):
             raise ValueError("ModelConfig: ambiguity='mask', center_sampling_at='mass' and reg_weights need the "
                              "masks: use method='fcosreg' ([IS 3.3])")
-        if self.attention_background != "distractor_only" and self.attention in ("bbox", "none"):
-            raise ValueError(f"ModelConfig.attention_background={self.attention_background!r} needs a map with -mu "
-                             f"(attention='segm' or 'mu0'), not attention={self.attention!r}")
         if self.mask_loss_grid != "output" and self.method != "centermask":
             raise ValueError(f"ModelConfig.mask_loss_grid={self.mask_loss_grid!r} is CenterMask's (method='centermask'); "
                              f"{self.method!r} has its own mask loss")
-        if self.saliency_loss and self.method != "centermask":
-            raise ValueError("ModelConfig.saliency_loss (Table 1f) is implemented for method='centermask' only")
+        if self.saliency_loss and self.method not in ("centermask", "centermask_fcos"):
+            raise ValueError("ModelConfig.saliency_loss (Table 1f) is CenterMask's (method='centermask' or "
+                             "'centermask_fcos')")
         if self.saliency_loss and self.saliency != "specific":
             raise ValueError("ModelConfig.saliency_loss=True needs saliency='specific' "
                              "(the direct supervision of [CM] Table 1f is per class)")
@@ -211,10 +210,14 @@ class Method(nn.Module):
                              `size_divisibility`; targets B dicts (data.py: "boxes" (N, 4) xyxy input frame,
                              "labels" (N,) int64 in 0..C-1, "masks" (N, H, W) uint8) -> dict of named, weighted
                              scalar losses and "loss", their sum (what train.py backpropagates)
-    model(images)            eval mode -> B dicts, input frame: "boxes" (K, 4) xyxy, "scores" (K,), "labels" (K,),
-                             and for the methods that segment "masks" (K, H, W) probabilities
+    model(images, image_sizes=None)
+                             eval mode -> B dicts, input frame: "boxes" (K, 4) xyxy, "scores" (K,), "labels" (K,),
+                             and for the methods that segment "masks" (K, H, W) probabilities; image_sizes: B
+                             (h, w), each image before padding (data.py's target["size"]), which the FCOS family
+                             clips its boxes to before NMS (None: the padded batch)
     model.heads(images)      the raw network outputs, a dict of tensors
-    model.decode(out, hw)    heads(images) -> the eval-mode list: all the post-processing (bench.py times it)
+    model.decode(out, hw, image_sizes=None)
+                             heads(images) -> the eval-mode list: all the post-processing (bench.py times it)
     model.teaching_maps      None, or images -> B dicts of named 2-D maps (eval.save_pictures, predict.py)
     model.cfg                the ModelConfig (checkpoints' `model_args`)
     model.size_divisibility  pad the batch to a multiple of this (data.collate_fn)
@@ -1053,9 +1056,9 @@ class CenterMask(Method):
         """`Method.heads`: (B, 3, H, W) -> the last head set's outputs, each (B, ch, H/4, W/4) (the others train)."""
         return self.head_sets[-1](self.features(images)[-1])
 
-    def forward(self, images, targets=None):
+    def forward(self, images, targets=None, image_sizes=None):
         if not self.training:
-            return self.decode(self.heads(images), images.shape[-2:])
+            return self.decode(self.heads(images), images.shape[-2:], image_sizes)
         if targets is None:
             raise ValueError("CenterMask in train mode needs targets (call model.eval() for inference)")
         outs = [head_set(p) for head_set, p in zip(self.head_sets, self.features(images))]  # per stack
@@ -1129,9 +1132,10 @@ class CenterMask(Method):
 
     # -- inference ([CM 3.5]) -------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, out, input_hw, k=None):
+    def decode(self, out, input_hw, image_sizes=None, k=None):
         """Heads -> detections ([CM 3.5]): `topk_peaks`, centre = cell + offset, box from the predicted size;
-        masks (K, H, W) probabilities assembled at input resolution."""
+        masks (K, H, W) probabilities assembled at input resolution. Nothing is clipped, as in CenterNet (no NMS
+        reads the boxes; eval.py clips them to the original image), so image_sizes is not read."""
         k = k or self.cfg.max_detections
         heat = out["heatmap"].float().sigmoid()                              # (B, C, h, w)
         B, C, h, w = heat.shape
@@ -1399,6 +1403,7 @@ class FCOSForward:
     input_hw: tuple            # (H, W) of the padded batch
     targets: list = None       # training: the B target dicts (data.py; "boxes", "labels", "masks")
     assigned: dict = None      # training: every location's FCOS targets and the padded boxes (`FCOS.assign`)
+    image_sizes: list = None   # inference: B (h, w), each image before padding (None: input_hw for all)
 
 
 class FCOS(Method):
@@ -1450,17 +1455,19 @@ class FCOS(Method):
         """`fcos_locations` of the head's levels in this model's convention (cfg.location_offset)."""
         return fcos_locations(hw, self.strides, device, self.cfg.location_offset, input_hw)
 
-    def decode(self, out, input_hw):
-        """Head outputs -> detections (and masks), without the detections' `index`."""
+    def decode(self, out, input_hw, image_sizes=None):
+        """Head outputs -> detections (and masks), without the detections' `index`; boxes clipped to each image's
+        own (h, w) of image_sizes (`detect`)."""
         points, _, levels = self.locations(out["hw"], input_hw, out["cls"].device)
-        dets = self.postprocess(FCOSForward(out, out["features"], points, levels, tuple(input_hw)))
+        dets = self.postprocess(FCOSForward(out, out["features"], points, levels, tuple(input_hw),
+                                            image_sizes=image_sizes))
         for d in dets:
             del d["index"]
         return dets
 
-    def forward(self, images, targets=None):
+    def forward(self, images, targets=None, image_sizes=None):
         if not self.training:
-            return self.decode(self.heads(images), images.shape[-2:])
+            return self.decode(self.heads(images), images.shape[-2:], image_sizes)
         out = self.heads(images)
         features = out.pop("features")
         points, strides, levels = self.locations(out["hw"], images.shape[-2:], images.device)
@@ -1548,7 +1555,9 @@ class FCOS(Method):
     @torch.no_grad()
     def detect(self, x: FCOSForward, max_detections=None):
         """Head outputs -> per image the kept detections: boxes (K, 4), scores (K,), labels (K,) and `index` (K,),
-        the flat location of each (for the mask branches)."""
+        the flat location of each (for the mask branches). Each box is clipped to its own image (x.image_sizes, else
+        the padded batch) before the NMS, as FCOS's FCOSPostProcessor (clip_to_image, then boxlist_ml_nms) and
+        torchvision's FCOS do: a box reaching into the padding would otherwise keep its extent through NMS."""
         from torchvision.ops import batched_nms
         cfg, out, points, levels, input_hw = self.cfg, x.out, x.points, x.levels, x.input_hw
         cls = out["cls"].float().sigmoid()                                       # (B, P, C)
@@ -1568,9 +1577,9 @@ class FCOS(Method):
             start += n
         cand_scores, cand_index = torch.cat(cand_scores, 1), torch.cat(cand_index, 1)  # (B, K)
         loc, labels = cand_index // C, cand_index % C
-        H, W = input_hw
         results = []
         for b in range(B):  # NMS per image
+            H, W = (int(v) for v in (x.image_sizes[b] if x.image_sizes is not None else input_hw))
             keep = cand_scores[b] > 0
             s, lo, lab = cand_scores[b][keep].sqrt(), loc[b][keep], labels[b][keep]
             p, d = points[lo], out["ltrb"][b, lo].float()
@@ -1744,9 +1753,22 @@ class CenterMaskFCOS(FCOS):
         batch, index = pos.nonzero(as_tuple=True)                                # (M,) each
         S = self.cfg.shape_size
         num_pixels = reduce_mean(torch.tensor(float(len(batch) * S * S), device=device)).clamp(min=1)
+        sal = self.saliency(x.features[self.fcos_levels][0]).float() if self.saliency is not None else None
+        losses = {}                                                              # sal: (B, n, H/8, W/8)
+        if self.cfg.saliency_loss:
+            # Table 1f ([CM 4.1]), as CenterMask's: BCE of the class-specific saliency against the per-class union
+            # of every object's mask, average-pooled to P3's grid
+            B, n, h, w = sal.shape
+            counts = [len(t["labels"]) for t in targets]
+            gt_sal = torch.zeros_like(sal)                                       # (B, C, h, w)
+            if sum(counts):
+                pooled = average_pool_masks(batch_masks(targets, *x.input_hw, device), self.strides[0], (h, w))
+                labels = torch.cat([t["labels"].reshape(-1) for t in targets]).to(device)
+                gt_sal = saliency_targets(pooled, image_index(counts, device), labels, B, n)
+            losses["saliency"] = self.cfg.saliency_loss_weight * F.binary_cross_entropy_with_logits(sal, gt_sal)
         if len(batch) == 0:
             params = [p for m in (self.local_shape, self.saliency) if m is not None for p in m.parameters()]
-            return {"mask": sum(p.sum() * 0 for p in params)}
+            return {"mask": sum(p.sum() * 0 for p in params), **losses}
         matched = assigned["matched"][pos]                                       # (M,) among the image's boxes
         gt_boxes = assigned["boxes"][batch, matched]                             # (M, 4) input frame
         gt_index = first_box_index(targets, device)[batch] + matched             # (M,) flat: into the masks
@@ -1756,14 +1778,14 @@ class CenterMaskFCOS(FCOS):
         G = None
         if self.saliency is not None:
             from torchvision.ops import roi_align
-            sal = self.saliency(x.features[self.fcos_levels][0]).float()         # (B, n, H/8, W/8)
             ch = assigned["labels"][pos] if self.cfg.saliency == "specific" else torch.zeros_like(batch)
             rois = torch.cat([batch[:, None].float(), gt_boxes], 1)
             G = roi_align(sal, rois, S, 1.0 / self.strides[0], sampling_ratio=2, aligned=True)  # (M, n, S, S)
             G = G[torch.arange(len(batch), device=G.device), ch]                 # (M, S, S)
         log_m, log_1m = mask_log_terms(L, G)
         bce = -(mask_target * log_m + (1 - mask_target) * log_1m)                # (M, S, S)
-        return {"mask": self.cfg.loss_weights[3] * bce.sum() / num_pixels}      # mean over processes' pixels
+        return {"mask": self.cfg.loss_weights[3] * bce.sum() / num_pixels,       # mean over processes' pixels
+                **losses}
 
     def postprocess(self, x: FCOSForward):
         dets = self.detect(x)
@@ -1896,7 +1918,8 @@ def duplicate_owners(boxes, scores, batch, iou_threshold, score_floor=0.0):
     suppressed one (a second class, a lower-scored copy) is owned by the highest-scored kept detection of its
     image with IoU > iou_threshold, a kept one by itself. The competitors are the kept ones scoring at least
     `score_floor`. boxes (N, 4) xyxy, scores (N,), batch (N,) -> owner (N,) int64, competes (N,) bool.
-    Why (each object counted once, as the ground truth in training): METHODS.md, FCOSIS."""
+    Not in [IS], which gives no test-time rule: ours, so that each object competes once, as the ground truth does
+    in training, and a weak false detection takes no locations from a confident one (METHODS.md, FCOSIS)."""
     from torchvision.ops import batched_nms, box_iou
     N = len(boxes)
     kept = torch.zeros(N, dtype=torch.bool, device=boxes.device)

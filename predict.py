@@ -149,7 +149,7 @@ if __name__ == "__main__":
                 continue
             images, targets = collate([unlabelled_sample(pil, transform)])  # (1, 3, H, W)
             try:
-                output = model(images.to(device))[0]
+                output = model(images.to(device), image_sizes=[tuple(targets[0]["size"].tolist())])[0]
             except RuntimeError as e:  # DeformConv's refusal of NaN / inf as one line; anything else passes
                 if NON_FINITE_DEFORM not in str(e):
                     raise

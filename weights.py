@@ -292,9 +292,9 @@ class LoadedWeights:
     def config_updates(self, config):
         """(key, value, why) for the train.py config keys that these weights decide, where
         `config` (train.py's resolved config) says otherwise: the input format, the location
-        convention and the form of the FCOS head (`FCOSHead`: centerness_on, reg_form) the weights
-        were trained with, and pretrained=False when the file holds the backbone (no ImageNet
-        download to overwrite)."""
+        convention and the form of FCOS the weights were trained with (torchvision's: the improved
+        head, `FCOSHead`'s centerness_on and reg_form, with its centre sampling and GIoU loss), and
+        pretrained=False when the file holds the backbone (no ImageNet download to overwrite)."""
         want = []
         if self.kind in ("centernet_dla34", "centernet_hourglass104"):
             want.append(("input_format", "bgr_coco", "CenterNet trained these weights on BGR images normalised "
@@ -304,6 +304,9 @@ class LoadedWeights:
                          "size // grid size), FCOS at s * (j, i) + s // 2; `fcos_locations`"))
             want.append(("centerness_on", "reg", "torchvision's FCOS predicts centerness on the box tower"))
             want.append(("reg_form", "relu_stride", "torchvision's FCOS regresses relu(x) * stride"))
+            # the improved FCOS is one form: its head and the targets and loss it was trained with
+            want.append(("center_sampling", 1.5, "torchvision's FCOS samples positives within 1.5 strides"))
+            want.append(("box_loss", "giou", "torchvision's FCOS trains its boxes with the GIoU loss"))
             want.append(("pretrained", False, "the ResNet-50 comes from the file"))
         elif self.kind == "project":
             args = self.model_args or {}

@@ -164,7 +164,7 @@ class PerfectModel(torch.nn.Module):
         images, self.targets = self.base_collate(batch)
         return images, self.targets
 
-    def forward(self, images):
+    def forward(self, images, image_sizes=None):
         B, _, H, W = images.shape
         assert len(self.targets) >= B      # evaluate(max_images=...) may cut the last batch
         outputs = []

@@ -278,6 +278,41 @@ def test_original_decoding_by_hand():
     assert det["scores"].tolist() == pytest.approx([0.852154], abs=1e-6) and det["labels"].tolist() == [2]
 
 
+def test_boxes_are_clipped_to_their_own_image_before_nms():
+    """Guards FCOS's decoding order (FCOSPostProcessor: clip_to_image, then the NMS; torchvision's
+    FCOS: clip_boxes_to_image(boxes, image_shape), then batched_nms): each box is clipped to its own
+    image, not to the padded batch. Batch 64 x 64; image 0 is 64 high and 32 wide (padded on the
+    right), image 1 64 x 64. Every class logit -20 (below 0.05) but two of image 0, class 1, on P3
+    (stride 8, locations j * 8 + 4); centerness logit 20 (sigmoid 1 - 2e-9):
+      A: cell (1, 1), point (12, 12), ltrb (12, 12, 18, 18) -> box (0, 0, 30, 30), area 900,
+         logit 2 -> score sqrt(sigmoid(2)) = sqrt(0.880797) = 0.938508;
+      B: cell (1, 3), point (28, 12), ltrb (18, 12, 22, 18) -> box (10, 0, 50, 30), area 1200,
+         logit 1 -> score sqrt(0.731059) = 0.855020.
+    Clipped to the padded batch (x <= 64) B keeps its extent: intersection with A (10, 0, 30, 30) =
+    600, union 900 + 1200 - 600 = 1500, IoU 0.4 <= 0.6: both kept. Clipped to image 0 (x <= 32), B
+    is (10, 0, 32, 30), area 660: union 900 + 660 - 600 = 960, IoU 0.625 > 0.6: NMS keeps A only."""
+    model = build_model(tiny("fcos", **ORIGINAL)).eval()
+    images = torch.zeros(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model.heads(images)
+        out["cls"] = torch.full_like(out["cls"], -20.0)
+        out["centerness"] = torch.full_like(out["centerness"], 20.0)
+        out["cls"][0, 9, 1], out["cls"][0, 11, 1] = 2.0, 1.0
+        out["ltrb"][0, 9] = torch.tensor([12.0, 12, 18, 18])
+        out["ltrb"][0, 11] = torch.tensor([18.0, 12, 22, 18])
+        own = model.decode(out, (64, 64), image_sizes=[(64, 32), (64, 64)])
+        padded = model.decode(out, (64, 64))
+    assert own[0]["boxes"].tolist() == [[0.0, 0.0, 30.0, 30.0]]
+    assert own[0]["scores"].tolist() == pytest.approx([0.938508], abs=1e-6) and own[0]["labels"].tolist() == [1]
+    assert padded[0]["boxes"].tolist() == [[0.0, 0.0, 30.0, 30.0], [10.0, 0.0, 50.0, 30.0]]
+    assert padded[0]["scores"].tolist() == pytest.approx([0.938508, 0.855020], abs=1e-6)
+    assert len(own[1]["boxes"]) == len(padded[1]["boxes"]) == 0
+    # the eval-mode call takes the sizes too (eval.py hands it each target's "size")
+    with torch.no_grad():
+        model.heads = lambda images: out
+        assert model(images, image_sizes=[(64, 32), (64, 64)])[0]["boxes"].tolist() == [[0.0, 0.0, 30.0, 30.0]]
+
+
 def test_original_fcos_targets_and_losses_by_hand():
     """Guards the original FCOS's training ([IS 3.1]: every location in a box a candidate; FCOS's
     IoU loss weighted by the centerness target, as its code). 64 x 64 input, one box
@@ -485,6 +520,65 @@ def test_empty_batch_gives_finite_losses_and_gradients_everywhere():
         losses["loss"].backward()
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing, (method, missing[:5])
+
+
+def test_centermask_fcos_table_1f_saliency_loss_by_hand():
+    """Guards [CM] Table 1f on CenterMask-FCOS (the COCO config's setting): BCE of the class-specific
+    saliency on P3 against the per-class union of the masks average-pooled to P3's grid, the mean
+    over B x C x h x w. Two 64 x 64 images (the second without objects), C = 2, P3 8 x 8: 256
+    cells. One object of class 1, mask rows 0-15, columns 0-11: pooled cells (0, 0) and (1, 0) 1,
+    (0, 1) and (1, 1) 0.5 (4 of 8 columns), every other cell and channel 0: sum of targets 3.
+    The saliency head's last conv outputs its bias: channel 0 z0 = -1, channel 1 z1 = 2. BCE of
+    logit z against t is softplus(z) - t z, so the loss is
+        (128 softplus(-1) + 128 softplus(2) - 2 * 3) / 256
+      = (128 * 0.3132617 + 128 * 2.1269280 - 6) / 256 = 306.344282 / 256 = 1.1966574.
+    The same batch without objects keeps the key (every forward has the same loss keys) and the
+    head in the graph."""
+    model = build_model(tiny("centermask_fcos", num_classes=2, saliency="specific", saliency_loss=True)).train()
+    with torch.no_grad():
+        model.saliency[2].weight.zero_()
+        model.saliency[2].bias.copy_(torch.tensor([-1.0, 2.0]))
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, :16, :12] = 1
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+             "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}
+    one = {"boxes": torch.tensor([[0.0, 0, 12, 16]]), "labels": torch.tensor([1]), "masks": masks}
+    images = torch.randn(2, 3, 64, 64)
+    losses = model(images, [one, empty])
+    assert losses["saliency"].item() == pytest.approx(1.1966574, abs=1e-6)
+    assert losses["loss"].item() == pytest.approx(sum(v.item() for k, v in losses.items() if k != "loss"), abs=1e-5)
+    none = model(images, [empty, empty])
+    assert set(none) == set(losses)
+    assert none["saliency"].item() == pytest.approx((128 * 0.3132617 + 128 * 2.1269280) / 256, abs=1e-6)
+    none["loss"].backward()
+    assert model.saliency[2].bias.grad is not None and model.saliency[2].bias.grad.abs().sum() > 0
+
+
+def test_table_3_switches_build_on_the_fcosis_coco_config():
+    """Guards config/fcosis_r50.py's ablations ([IS] Table 3): each row is one key on top of the
+    config (attention "mu0" / "bbox" / "none", and the paper's "segm"), which passes train.py's
+    checks and builds, though the config sets attention_background="own_background" (read only by
+    a map with -mu). And CenterMask-FCOS's COCO config runs class-specific saliency with Table 1f's
+    loss, as the DLA-34 and Hourglass-104 configs ([CM] Table 1e / 1f)."""
+    import dataclasses
+    import os
+    root = os.path.join(os.path.dirname(__file__), "..")
+
+    def config(name):
+        ns = {"__file__": os.path.join(root, "config", name)}
+        exec(open(os.path.join(root, "config", name)).read(), ns)
+        return {f.name: ns.get(f.name, f.default) for f in dataclasses.fields(ModelConfig)}
+
+    fcosis = config("fcosis_r50.py")
+    assert fcosis["attention_background"] == "own_background"
+    for attention in ("segm", "mu0", "bbox", "none"):
+        cfg = check_settings({**fcosis, "attention": attention, "num_classes": 80, "pretrained": False})
+        with torch.device("meta"):
+            model = build_model(cfg)
+        assert (model.attention is None) == (attention == "none")
+        assert hasattr(model.attention, "mu") == (attention != "none")
+    cm = check_settings({**config("centermask_fcos_r101.py"), "num_classes": 80, "pretrained": False})
+    assert cm.saliency == "specific" and cm.saliency_loss
 
 
 def test_resnet_fpn_levels_and_freezing():

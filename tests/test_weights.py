@@ -369,13 +369,15 @@ def test_torchvision_fcos_parity_on_coco128():
     mode on two COCO128 images: same labels, boxes and scores to 1e-4 (measured: 0 difference).
     Thresholds on both sides: score 0.05 (on sqrt(cls * ctr), torchvision's rule), class-wise NMS
     0.6, 100 detections, top 1000 candidates per level.
-    Input: the images resized by PIL to 416 x 320, then torchvision's GeneralizedRCNNTransform with
-    min_size 320 (ImageNet normalisation, a resize at scale 1, batching); our model gets that very
-    batch tensor, and its boxes go through the transform's postprocess as torchvision's do. 320 x
-    416 is a multiple of 32 (no batch padding: torchvision clips boxes to the unpadded image before
-    its NMS, we to the padded batch) but not of 128: P6 / P7 steps are 64 / 106 rows and 59 / 104
-    columns, and a kept detection comes from a P6 cell whose point moves under the nominal stride,
-    so the test holds torchvision's step rule (and with FCOS's "half" locations the boxes differ)."""
+    Input: the images resized by PIL to 416 x 320 and 352 x 320 (w x h), then torchvision's
+    GeneralizedRCNNTransform with min_size 320 (ImageNet normalisation, a resize at scale 1,
+    batching: the second image padded on the right to 416); our model gets that very batch tensor
+    and the two image sizes, and its boxes go through the transform's postprocess as torchvision's
+    do. Both clip each box to its own image before the NMS (boxes of the second image that reach
+    into the padding are shown to exist: decoded against the padded batch they differ). 320 x 416
+    is a multiple of 32 but not of 128: P6 / P7 steps are 64 / 106 rows and 59 / 104 columns, and
+    a kept detection comes from a P6 cell whose point moves under the nominal stride, so the test
+    holds torchvision's step rule (and with FCOS's "half" locations the boxes differ)."""
     import torchvision
     import torchvision.transforms.functional as TF
     paths = [os.path.join(COCO128, "train2017", f) for f in ("000000000009.jpg", "000000000042.jpg")]
@@ -406,9 +408,10 @@ def test_torchvision_fcos_parity_on_coco128():
     published = tv.state_dict()                                               # BatchNorm2d: with counters
     freeze_batchnorm(tv)
     tv.eval()
-    images = [TF.to_tensor(Image.open(p).convert("RGB").resize((416, 320), Image.BILINEAR)) for p in paths]
+    images = [TF.to_tensor(Image.open(p).convert("RGB").resize(wh, Image.BILINEAR))
+              for p, wh in zip(paths, ((416, 320), (352, 320)))]
     batch, _ = tv.transform(images)
-    assert tuple(batch.tensors.shape) == (2, 3, 320, 416)
+    assert tuple(batch.tensors.shape) == (2, 3, 320, 416) and batch.image_sizes == [(320, 416), (320, 352)]
 
     model = build_model(ModelConfig(method="fcos", backbone="resnet50", num_classes=80, location_offset="zero",
                                     score_threshold_on="score", score_threshold=0.05, nms_threshold=0.6,
@@ -420,13 +423,16 @@ def test_torchvision_fcos_parity_on_coco128():
     with torch.no_grad():
         ref = tv(images)
         out = model.heads(batch.tensors)
-        ours = model.decode(out, batch.tensors.shape[-2:])
+        ours = model.decode(out, batch.tensors.shape[-2:], batch.image_sizes)
+        padded = model.decode(out, batch.tensors.shape[-2:])                  # clipped to the batch: other boxes
+        assert padded[1]["boxes"][:, 2].max() > 352 and not torch.equal(padded[1]["boxes"], ours[1]["boxes"])
         # our locations are torchvision's anchor centres for this very batch
         features = list(tv.backbone(batch.tensors).values())
         anchors = tv.anchor_generator(batch, features)[0]
         points, _, levels = model.locations(out["hw"], batch.tensors.shape[-2:], "cpu")
         assert torch.equal(points, (anchors[:, :2] + anchors[:, 2:]) / 2)
-        detected = model.detect(FCOSForward(out, out["features"], points, levels, tuple(batch.tensors.shape[-2:])))
+        detected = model.detect(FCOSForward(out, out["features"], points, levels, tuple(batch.tensors.shape[-2:]),
+                                            image_sizes=batch.image_sizes))
         kept = torch.cat([d["index"] for d in detected])
         from_level = [levels[d["index"]] for d in detected]
         # a kept detection sits where torchvision's P6/P7 step (size // grid) and the stride disagree
@@ -449,10 +455,31 @@ def test_torchvision_fcos_parity_on_coco128():
     assert torch.cat([a["scores"] for a in ref]).std() > 0.01
     assert int(torch.cat(from_level).max()) >= 3
     with torch.no_grad():
-        zero = model.decode(out, batch.tensors.shape[-2:])
+        zero = model.decode(out, batch.tensors.shape[-2:], batch.image_sizes)
         model.cfg.location_offset = "half"                                    # FCOS's locations: other boxes
-        half = model.decode(out, batch.tensors.shape[-2:])
+        half = model.decode(out, batch.tensors.shape[-2:], batch.image_sizes)
     assert (half[0]["boxes"][0] - zero[0]["boxes"][0]).abs().max() >= 1.0
+
+
+def test_torchvision_weights_set_every_key_of_their_form():
+    """Guards init_from=torchvision:fcos_resnet50_fpn on the original-FCOS config (config/fcos_r50.py:
+    centerness on the classification tower, exp regression, no centre sampling, IoU loss): the
+    import sets every key of the improved form its weights were trained with (torchvision's FCOS:
+    centerness on the box tower, relu(x) * stride, centre sampling 1.5, GIoU; its locations at
+    j * step), not the head alone, so no hybrid of the two forms is trained."""
+    from weights import LoadedWeights
+    ns = {"__file__": os.path.join(ROOT, "config", "fcos_r50.py")}
+    exec(open(os.path.join(ROOT, "config", "fcos_r50.py")).read(), ns)
+    config = {k: ns[k] for k in ("centerness_on", "reg_form", "center_sampling", "box_loss", "pretrained")}
+    config.update(location_offset="half", input_format="rgb_imagenet")
+    w = LoadedWeights(kind="torchvision_fcos", source="torchvision:fcos_resnet50_fpn", state={})
+    assert {k: v for k, v, _ in w.config_updates(config)} == {
+        "location_offset": "zero", "centerness_on": "reg", "reg_form": "relu_stride", "center_sampling": 1.5,
+        "box_loss": "giou", "pretrained": False}
+    # ... which is ModelConfig's improved form (its defaults) in every key of the form
+    improved = ModelConfig()
+    assert (improved.centerness_on, improved.reg_form, improved.center_sampling, improved.box_loss) == \
+        ("reg", "relu_stride", 1.5, "giou")
 
 
 def test_torchvision_download_offline_names_the_file(monkeypatch):
