@@ -4,8 +4,9 @@ DDP -> data -> model/optimizer/resume -> learning-rate schedule -> loop.
 
     python train.py config/shapes_centermask.py                 # CPU quick start, minutes
     python train.py config/centermask_dla34.py                  # 1 GPU, COCO
-    torchrun --standalone --nproc_per_node=8 train.py config/centermask_dla34.py   # 8 GPUs
-    python train.py config/centermask_dla34.py --batch_size=16 --init_from=resume  # overrides
+    torchrun --standalone --nproc_per_node=8 train.py config/centermask_dla34.py \
+        --gradient_accumulation_steps=1                                         # 8 GPUs, the same 128 per step
+    python train.py config/centermask_dla34.py --init_from=resume               # go on after a stop
     python train.py config/centermask_dla34.py --init_from=ctdet_coco_dla_2x.pth    # from CenterNet's weights
     python train.py config/fcos_r50.py --init_from=torchvision:fcos_resnet50_fpn     # from torchvision's FCOS
 
@@ -117,6 +118,13 @@ globals().update({f.name: f.default for f in fields(ModelConfig)})
 num_classes = 0                   # 0: take it from the training set
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+# The recipe's global batch is what its config file gives one process, batch_size x
+# gradient_accumulation_steps (every documented launch keeps it: 8 GPUs divide batch_size or the
+# micro-batches); a launch that changes it without a --learning_rate of its own is warned about.
+_recipe = apply_overrides(defaults_of(os.path.abspath(__file__)),
+                          [a for a in sys.argv[1:] if not a.startswith("-")], verbose=False)
+_recipe_batch = _recipe["batch_size"] * _recipe["gradient_accumulation_steps"]
+_own_learning_rate = any(a.startswith("--learning_rate=") for a in sys.argv[1:])
 # The model keys are checked before any work (a value ModelConfig refuses, or a key the method
 # does not read: one line naming the key, exit status 2, as the configurator's own errors).
 from data import (TRANSFORM_KINDS, CocoInstances, build_transforms, collate_fn, dataset_paths,  # noqa: E402
@@ -488,6 +496,13 @@ log(f"training for {max_iters} iterations ({iters_per_epoch} per epoch, batch {b
     + ("cosine learning rate to 0" if lr_schedule == "cosine" else f"lr steps at iterations {step_iters}")
     + (f", weight EMA {ema_decay}" if ema is not None else ""))
 normalizers = MicroBatchNormalizers() if accum > 1 else None
+global_batch = world_size * batch_size * accum
+log(f"global batch {global_batch} ({world_size} process(es) x batch_size {batch_size} x {accum} micro-batch(es)), "
+    f"learning rate {learning_rate:g}")
+if global_batch != _recipe_batch and not _own_learning_rate:
+    log(f"warning: the config's recipe steps on {_recipe_batch} images at learning rate {learning_rate:g}; this "
+        f"launch steps on {global_batch}, another recipe: give it its own --learning_rate, or keep "
+        f"processes x batch_size x gradient_accumulation_steps = {_recipe_batch}")
 
 
 class Tally:

@@ -1,8 +1,10 @@
 # CenterMask, DLA-34 backbone, class-specific Global Saliency, COCO 2017: the paper's recipe
 # ([CM] 3.5, Table 2).
-#   1 GPU:   python train.py config/centermask_dla34.py --data_root=/path/to/coco --gradient_accumulation_steps=8
-#            (8 micro-batches of 16 per step: the 8-GPU global batch of 128 on one GPU)
-#   8 GPUs:  torchrun --standalone --nproc_per_node=8 train.py config/centermask_dla34.py --data_root=/path/to/coco
+#   1 GPU:   python train.py config/centermask_dla34.py --data_root=/path/to/coco
+#            (8 micro-batches of 16 per step: CenterNet's global batch of 128 on one GPU)
+#   8 GPUs:  torchrun --standalone --nproc_per_node=8 train.py config/centermask_dla34.py --data_root=/path/to/coco \
+#                --gradient_accumulation_steps=1          (8 x 16 = 128)
+#   2 x 8:   add --batch_size=8 --gradient_accumulation_steps=1 (16 x 8 = 128; README, "Launching")
 # Expected (paper): mask AP 32.5 on minival (Table 1a, S = 32), 33.1 on test-dev at 25.2 FPS
 # (Table 2). Trained from scratch, 130 epochs: days on 8 GPUs. Not reproduced: no COCO run of
 # this config has been measured, so treat the AP as the target, not a measured number.
@@ -31,8 +33,9 @@ input_size = 512                 # [CM] 3.5
 # ctdet_coco_dla_1x.sh, _2x.sh: "test.py ctdet ... --keep_res"; readme/GETTING_STARTED.md: 37.4 AP
 # with --keep_res, "Without --keep_res it will resize the images to 512 x 512").
 keep_res = True
-batch_size = 16                  # per GPU: 8 x 16 = 128, CenterNet's DLA-34 batch (its experiments/ctdet_coco_dla_1x.sh:
-                                 # --batch_size 128 on 8 GPUs at --lr 5e-4; [CM 3.5] gives lr 2.5e-4, no batch)
+batch_size = 16                  # x 8 micro-batches = 128 per step, CenterNet's DLA-34 batch (its
+gradient_accumulation_steps = 8  # experiments/ctdet_coco_dla_1x.sh: --batch_size 128 on 8 GPUs at --lr 5e-4;
+                                 # [CM 3.5] gives lr 2.5e-4, no batch); launches keep the 128 (header)
 optimizer = "adam"               # [CM] 3.5
 learning_rate = 2.5e-4           # [CM] 3.5
 epochs = 130                     # [CM] 3.5

@@ -423,6 +423,30 @@ def test_training_loop_reads_the_host_per_log_line_not_per_step_and_accumulates(
     assert "iter 8/8 (epoch 4.0)" in log
 
 
+def test_global_batch_and_learning_rate_printed_and_a_changed_recipe_warned(trained, tmp_path):
+    """Guards the recipe's global batch: a config file gives one process batch_size x
+    gradient_accumulation_steps (train.py's defaults: 32 x 1). The shared tiny run launches 4 x 1
+    on one process without its own learning rate: the start names the global batch and the rate,
+    and warns, naming both batches. A config file of 2 x 2 launched as batch 4 x 1 keeps its 4
+    images per step (no warning); launched as 4 x 2 (8) with its own --learning_rate, it is a
+    recipe the user chose (no warning)."""
+    _, r = trained
+    assert "global batch 4 (1 process(es) x batch_size 4 x 1 micro-batch(es)), learning rate 0.00025" in r.stdout
+    warnings = [line for line in r.stdout.splitlines() if line.startswith("warning: the config's recipe")]
+    assert len(warnings) == 1 and "steps on 32 images" in warnings[0] and "steps on 4," in warnings[0]
+    config = tmp_path / "two_by_two.py"
+    config.write_text("batch_size = 2\ngradient_accumulation_steps = 2\n")
+    for extra, warned in ((["--gradient_accumulation_steps=1"], False),
+                          (["--gradient_accumulation_steps=2", "--learning_rate=5e-4"], False),
+                          (["--gradient_accumulation_steps=2"], True)):
+        work = tmp_path / "_".join(a.split("=")[1] for a in extra)
+        work.mkdir()
+        r = run("train.py", str(config), f"--shapes_dir={trained[0] / 'shapes'}", f"--out_dir={work / 'out'}", *TINY,
+                "--max_iters=1", "--eval_interval=0", "--eval_every_epochs=100", *extra, cwd=work)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert ("warning: the config's recipe steps on 4 images" in r.stdout) == warned, (extra, r.stdout[-2000:])
+
+
 def test_gradient_accumulation_steps_bad_values(tmp_path):
     """Guards gradient_accumulation_steps values that cannot work: 0, and more micro-batches per
     step than the epoch holds (8 images in batches of 4: 2 batches < 3), each one line naming the
