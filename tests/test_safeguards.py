@@ -295,3 +295,38 @@ def test_workers_under_a_spawning_start_method_do_not_rerun_train_py(tmp_path, p
     assert r.stdout.count("training for 2 iterations") == 1 and r.stdout.count("done: 2 iterations") == 1
     said = "cannot fork DataLoader workers" in r.stdout
     assert said == (platform == "no_fork"), r.stdout[-2000:]
+
+
+def test_size_script_counts_a_tree_by_hand(tmp_path):
+    """Guards tests/size.py, the restructuring's yardstick, on a tree counted by hand:
+    a.py: a 3-line module docstring, a comment, a blank line, `import b`, a 101-character
+    assignment and a function (def line, 1-line docstring, return): code = import + assignment +
+    def + return = 4 lines, 1 over 100 characters. b.py imports a inside a function (a circle a <->
+    b; c.py imports only a: no circle). s.py, a configurator script: keys x and y (not _z) before
+    its exec line, inside `if __name__ == "__main__":` as eval.py's; w below the line is no key.
+    tests/ and config/ are not counted; README.md has 2 lines. All code: a 4 + b 3 + c 1 + s 5 = 13."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "t.py").write_text("x = 1\n")
+    (tmp_path / "a.py").write_text('"""doc\nstring\n"""\n# comment\n\nimport b\n'
+                                   + "v = '" + "x" * 95 + "'\n"
+                                   + 'def f():\n    """one"""\n    return 1\n')
+    (tmp_path / "b.py").write_text("def g():\n    import a\n    return a\n")
+    (tmp_path / "c.py").write_text("import a\n")
+    (tmp_path / "s.py").write_text('if __name__ == "__main__":\n    x = 1\n    y, _z = 2, 3\n'
+                                   '    exec(open(os.path.join(d, "configurator.py")).read())\n    w = 4\n')
+    (tmp_path / "README.md").write_text("one\ntwo\n")
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    try:
+        import size
+    finally:
+        sys.path.pop(0)
+    m = size.measure(str(tmp_path))
+    files = {f[0]: f for f in m["files"]}
+    assert set(files) == {"a.py", "b.py", "c.py", "s.py"}
+    assert files["a.py"][1:] == (10, 4, 1)
+    assert m["circles"] == [["a", "b"]]
+    assert m["keys"] == {"s.py": ["x", "y"]}
+    assert m["docs"] == {"README.md": 2}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "size.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "import circles: a <-> b" in r.stdout and "summary: code 13" in r.stdout
