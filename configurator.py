@@ -6,7 +6,7 @@
 #
 # which overrides those globals from the command line:
 #
-#     python train.py config/centermask_dla34.py --batch_size=16 --lr=1e-4
+#     python train.py config/centermask_dla34.py --batch_size=16 --learning_rate=1e-4
 #
 # * a positional argument is a config file (plain Python assignments) that is exec'd;
 # * `--key=value` overrides one key; the value is parsed with `ast.literal_eval`, falling

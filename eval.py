@@ -4,7 +4,7 @@ COCO evaluation: model -> predictions mapped back to the original images -> COCO
 predictions.
 
     python eval.py --ckpt=out/centermask_dla34/ckpt.pt
-    python eval.py config/eval_quick.py --ckpt=out/shapes/ckpt.pt --visualize=True
+    python eval.py --ckpt=out/shapes_centermask/ckpt.pt --visualize=True
     python eval.py --ckpt=ckpt.pt --val_ann=annotations/instances_val2017.json \\
         --val_img_dir=val2017 --max_images=500 --results_json=out/results.json
     python eval.py --oracle_stride=4 --val_ann=data/shapes/annotations/instances_val.json

@@ -211,11 +211,11 @@ def stop_on_non_finite_deform(where):
 
 # -- what to start from (init_from) -------------------------------------------------------------
 # "resume": out_dir/ckpt.pt, read here and checked against the model config below. A path or
-# "torchvision:fcos_resnet50_fpn": weights imported into the new model below (model.py section
-# 12), a fresh start (iteration 0, new optimizer). Either way the settings the weights were
-# trained with are taken here, before the data and the model are built: the input format
-# (CenterNet's weights: BGR with COCO statistics), the FCOS location convention (torchvision's),
-# and pretrained=False when the file holds the backbone.
+# "torchvision:fcos_resnet50_fpn": weights imported into the new model below (weights.py), a
+# fresh start (iteration 0, new optimizer). Either way the settings the weights were trained
+# with are taken here, before the data and the model are built: the input format (CenterNet's
+# weights: BGR with COCO statistics), the form of FCOS and its location convention
+# (torchvision's), and pretrained=False when the file holds the backbone.
 checkpoint = imported = None
 updates = []
 if init_fresh and init_from in ("scratch", "resume"):   # e.g. a fine-tuning config resumed: nothing to leave out
