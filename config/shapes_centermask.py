@@ -2,8 +2,8 @@
 #   python train.py config/shapes_centermask.py
 # Writes data/shapes (2000 train / 200 val images, 128x128, 4 classes) if missing, trains,
 # evaluates (COCO bbox + segm AP on the val split) and draws predictions into out/shapes_centermask.
-# Measured: README ("Quick start") gives the time and AP on a 2-core CPU without bf16 (fp32) and on
-# one with it; RESULTS.md ("CenterMask quick start") what each setting below was worth.
+# Measured: README ("Quick start") gives the time and AP on a 2-core CPU without bf16 (fp32);
+# RESULTS.md ("CenterMask quick start") what each setting below was worth.
 # Sized for 15 minutes on 2 cores in fp32: DLA-34 at half width at every level (dla_channels;
 # the output is 32 wide), plain 3x3 convs in DLA-up (dcn=False), heads 64 wide, 128x128 input,
 # batch 4 with a larger learning rate and warmup, 7 epochs of 2000 images. For the small objects

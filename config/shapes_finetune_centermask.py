@@ -2,9 +2,9 @@
 # offset heads), train CenterMask's new heads (Local Shape, Global Saliency) with it, evaluate, predict.
 # On the shapes set, with a CenterNet trained there in place of CenterNet's published COCO weights:
 #   1. python train.py config/shapes_centermask.py --dla_channels="(16, 32, 64, 128, 256, 512)" \
-#          --shapes_n_train=1000 --epochs=8 --lr_steps="(6, 7)" \
+#          --head_conv=128 --batch_size=8 --warmup_iters=200 --shapes_n_train=1000 --epochs=8 --lr_steps="(6, 7)" \
 #          --loss_weights="(1.0, 1.0, 0.1, 0.0)" --eval_every_epochs=8 --eval_max_images=0 --out_dir=out/shapes_centernet
-#   2. python train.py config/shapes_finetune_centermask.py      # CenterMask started from 1's checkpoint
+#   2. python train.py config/shapes_finetune_centermask.py --head_conv=128 --batch_size=8  # from 1's checkpoint
 #   3. python eval.py --ckpt=out/shapes_finetune_centermask/ckpt.pt
 #   4. python predict.py --ckpt=out/shapes_finetune_centermask/ckpt.pt --input=your_photo.jpg
 # Step 1 is CenterNet: CenterMask with lambda_mask = 0 ([CM 3.4] eq. 6 without its mask term), so only
