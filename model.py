@@ -1640,8 +1640,10 @@ class MaskFCOS(FCOS):
             sel = level == k
             if sel.any():
                 p = features[self.fcos_levels][k - 3]
-                out[sel] = roi_align(p, rois[sel].to(p.dtype), self.cfg.roi_size, 1.0 / 2 ** k,
-                                     sampling_ratio=2, aligned=True)
+                # fp32 features and RoIs under any autocast: a bf16 RoI would round a corner by 4 px between
+                # 512 and 1024 and by 8 px above (torchvision's autocast kernel also computes in fp32)
+                out[sel] = roi_align(p.float(), rois[sel], self.cfg.roi_size, 1.0 / 2 ** k,
+                                     sampling_ratio=2, aligned=True).to(out.dtype)
         return out
 
     def mask_logits(self, features, batch, boxes, labels):

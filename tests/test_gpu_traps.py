@@ -1,0 +1,34 @@
+"""
+What a first GPU run would meet, made visible on the CPU: MaskFCOS's RoIs under bf16 autocast
+(fp32 coordinates) and DeformConv's non-finite guard read on the host (the path GPUs take,
+where a device-side assert would end the process without train.py's one line).
+"""
+import torch
+from torchvision.ops import roi_align
+
+from test_faults import tiny_model
+
+
+def test_maskfcos_rois_keep_fp32_coordinates_under_bf16_autocast():
+    """One RoI, x from 1001.3 to 1009.3 (a P3 box: 125.1625 to 126.1625 on the stride-8 map), on a
+    P3 whose value is its column index minus 120. RoIAlign (aligned: -0.5; 14 bins of 1/14 cell,
+    2 x 2 samples each at 1/4 and 3/4 of the bin) is linear in x, so bin j holds
+    125.1625 - 0.5 - 120 + (j + 0.5) / 14: bin 0 = 4.69821. bf16 keeps 8 significant bits (steps
+    of 4 between 512 and 1024): a bf16 RoI starts at 1000 and bin 0 would be 4.53571, 0.1625
+    lower. The output is bf16 (the features' dtype), in steps of 1/32 between 4 and 8, so it
+    must lie within 1/64 of the fp32 values."""
+    model = tiny_model("maskfcos").eval()
+    c, W = model.cfg.fpn_channels, 1040
+    col = torch.arange(W // 8, dtype=torch.float32) - 120                           # (W/8,)
+    features = [col.expand(1, c, 8, W // 8).contiguous(),                            # P3 (1, c, 8, 130)
+                torch.zeros(1, c, 4, W // 16), torch.zeros(1, c, 2, W // 32)]       # P4, P5
+    boxes, batch = torch.tensor([[1001.3, 8.0, 1009.3, 16.0]]), torch.zeros(1, dtype=torch.long)
+    expected = 125.1625 - 0.5 - 120 + (torch.arange(14) + 0.5) / 14                  # (14,) per bin
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.roi_features([f.bfloat16() for f in features], batch, boxes)     # (1, c, 14, 14)
+        rounded = roi_align(features[0].bfloat16(), torch.tensor([[0, 1000.0, 8.0, 1008.0, 16.0]]).bfloat16(), 14,
+                            1 / 8, sampling_ratio=2, aligned=True)
+    assert out.dtype == torch.bfloat16
+    assert (out[0, :].float() - expected).abs().max() <= 1 / 64, out[0, 0, 0]
+    # what a bf16 RoI gives (the rounding this guards against), 0.1625 lower
+    assert ((rounded[0, 0].float() - expected) + 0.1625).abs().max() <= 1 / 64
