@@ -387,6 +387,16 @@ iters_per_epoch = len(loader) // accum  # optimizer steps; an epoch's last len(l
 max_iters = max_iters or epochs * iters_per_epoch
 step_iters = [int(e * iters_per_epoch) for e in lr_steps]
 eval_every = eval_interval or max(1, eval_every_epochs * iters_per_epoch)
+# A resume continues the saved iteration count: on another global batch (another number of processes,
+# batch_size or gradient_accumulation_steps) or another epoch length, the epoch, the learning-rate
+# steps and the images per step would shift without a word, so it stops here, naming both.
+global_batch = batch_size * accum * world_size
+if checkpoint is not None and (checkpoint.get("global_batch", global_batch), checkpoint.get(
+        "iters_per_epoch", iters_per_epoch)) != (global_batch, iters_per_epoch):
+    sys.exit(f"train.py: checkpoint {ckpt_path} was trained with a global batch of {checkpoint['global_batch']} "
+             f"images, {checkpoint['iters_per_epoch']} iterations per epoch; now {global_batch} (batch_size "
+             f"{batch_size} x {accum} micro-batch(es) x {world_size} process(es)), {iters_per_epoch} per epoch: "
+             f"resume with the saved global batch (e.g. gradient_accumulation_steps for fewer processes)")
 
 
 def get_lr(it):
@@ -439,6 +449,7 @@ def save_checkpoint(it, best_ap, name="ckpt.pt"):
     """Everything a resume needs, written atomically (write_atomic)."""
     ckpt = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
             "iter": it, "best_ap": best_ap, "model_args": model_args, "config": config,
+            "global_batch": global_batch, "iters_per_epoch": iters_per_epoch,  # what a resume must match
             # what a label means, for predict.py on a checkpoint alone: label k is class_names[k],
             # COCO category id label_to_cat_id[k] of the training json
             "class_names": list(train_set.class_names), "label_to_cat_id": list(train_set.label_to_cat_id)}
