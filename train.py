@@ -28,7 +28,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 
 from accumulate import MicroBatchNormalizers
 from model import NON_FINITE_DEFORM, ModelConfig, build_model, method_transform
@@ -119,8 +119,8 @@ num_classes = 0                   # 0: take it from the training set
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # The model keys are checked before any work (a value ModelConfig refuses, or a key the method
 # does not read: one line naming the key, exit status 2, as the configurator's own errors).
-from data import (TRANSFORM_KINDS, CocoInstances, build_transforms, collate_fn, dataset_paths,  # noqa: E402
-                  shapes_dataset_missing, write_shapes_dataset)
+from data import (TRANSFORM_KINDS, CocoInstances, GroupedBatchSampler, aspect_ratio_groups,  # noqa: E402
+                  build_transforms, collate_fn, dataset_paths, shapes_dataset_missing, write_shapes_dataset)
 from eval import evaluate, save_pictures  # noqa: E402
 
 transform = transform or method_transform(method)
@@ -373,8 +373,11 @@ if num_workers > 0 and "fork" not in multiprocessing.get_all_start_methods():
 worker_context = "fork" if num_workers > 0 else None
 sampler = (DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
            if ddp else RandomSampler(train_set, generator=torch.Generator().manual_seed(seed)))
+# "fcos" transform: batches of landscape or of other images (FCOS's aspect-ratio grouping; centernet's are square)
+batches = (GroupedBatchSampler(sampler, aspect_ratio_groups(train_set), batch_size) if transform == "fcos"
+           else BatchSampler(sampler, batch_size, drop_last=True))
 collate = partial(collate_fn, size_divisibility=raw_model.size_divisibility)
-loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
                     num_workers=num_workers, pin_memory=device_type == "cuda", persistent_workers=num_workers > 0,
                     multiprocessing_context=worker_context)
 accum = gradient_accumulation_steps
