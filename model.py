@@ -477,6 +477,28 @@ NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolut
                      "below 0, a diverged run); stopped before torchvision's deform_conv2d reads outside its input")
 
 
+# Where the check runs. On the CPU, torch._assert_async raises at once (RuntimeError(NON_FINITE_DEFORM), which the
+# scripts turn into one line). On a GPU it is a device-side assert: its message goes to stderr only and the CUDA
+# context is lost. There DeformConv zeroes the offsets and mask logits of a forward that holds NaN / inf (the
+# kernel then reads inside its input) and counts it in `non_finite_deform`, read on the host by
+# `non_finite_deform_count` (train.py, at every log line, evaluation and checkpoint) and `check_deform_finite`.
+HOST_ASSERT_DEVICES = ("cpu",)
+non_finite_deform = {}  # device -> 0-d int64 tensor: the DeformConv forwards that met NaN / inf there
+
+
+def non_finite_deform_count(device):
+    """How many DeformConv forwards off HOST_ASSERT_DEVICES met NaN / inf offsets: a 0-d int64 tensor on `device`
+    (not read here: the caller's host sync reads it)."""
+    return sum((n.to(device) for n in non_finite_deform.values()), torch.zeros((), dtype=torch.long, device=device))
+
+
+def check_deform_finite():
+    """RuntimeError(NON_FINITE_DEFORM), as the CPU's assert, if a DeformConv forward met NaN / inf offsets on a
+    device where it only counts them (one host read per device)."""
+    if any(int(n) for n in non_finite_deform.values()):
+        raise RuntimeError(NON_FINITE_DEFORM)
+
+
 class DeformConv(nn.Module):
     """DLA-up node: modulated deformable 3x3 conv (DCNv2) + BN + ReLU ([CN] 4); offsets (18 ch) and mask (9 ch, sigmoid)
     from a zero-initialised 3x3 conv, as CenterNet's (offsets 0, mask 0.5 at init). dcn=False: a plain 3x3 conv."""
@@ -495,8 +517,15 @@ class DeformConv(nn.Module):
             x = self.conv(x)
         else:
             om = self.offset_mask(x)                          # (B, 27, H, W)
-            # NaN or inf in x reaches om: NON_FINITE_DEFORM, asserted on the device (no host sync, no graph break)
-            torch._assert_async(torch.isfinite(om).all(), NON_FINITE_DEFORM)
+            # NaN or inf in x reaches om: NON_FINITE_DEFORM, asserted (CPU) or counted (GPUs) on the device, no host
+            # sync, no graph break (HOST_ASSERT_DEVICES)
+            finite = torch.isfinite(om).all()
+            if om.device.type in HOST_ASSERT_DEVICES:
+                torch._assert_async(finite, NON_FINITE_DEFORM)
+            else:
+                count = non_finite_deform.setdefault(om.device, torch.zeros((), dtype=torch.long, device=om.device))
+                count += ~finite
+                om = torch.where(finite, om, torch.zeros_like(om))
             offset, mask = om[:, :18], om[:, 18:].sigmoid()   # (B, 18, H, W), (B, 9, H, W)
             # fp32 under any autocast: torchvision has no bf16 CPU kernel (its CUDA autocast casts to fp32 too)
             with torch.autocast(x.device.type, enabled=False):

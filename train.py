@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 
 from accumulate import MicroBatchNormalizers
-from model import NON_FINITE_DEFORM, ModelConfig, build_model, method_transform
+from model import NON_FINITE_DEFORM, ModelConfig, build_model, method_transform, non_finite_deform_count
 from settings import auto_dtype, check_settings
 from weights import check_weights, current_keys, import_weights, read_weights
 
@@ -529,11 +529,16 @@ class Tally:
         self.steps += 1
 
     def check(self):
-        """Stop the run if a step since the last read had a non-finite loss (every rank together)."""
-        bad = torch.as_tensor(self.bad, device=device).clone()
+        """Stop the run if a step since the last read had a non-finite loss, or if a DeformConv met NaN / inf
+        offsets on a GPU (model.non_finite_deform_count; the CPU stops at once), every rank together."""
+        local = torch.stack([torch.as_tensor(self.bad, device=device), non_finite_deform_count(device)])  # (2,)
+        bad = local.clone()
         if ddp:
             dist.all_reduce(bad)
-        if bad.item() == 0:  # the host sync: one per log line / evaluation
+        bad_losses, bad_deform = bad.tolist()  # the host sync: one per log line / evaluation
+        if bad_deform:
+            sys.exit(f"train.py: by iteration {it} (rank {rank}): {NON_FINITE_DEFORM}" if local[1] else 1)
+        if bad_losses == 0:
             return
         if torch.as_tensor(self.bad).item() > 0:  # this rank saw it
             terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.names, self.first_bad.tolist()))

@@ -3,6 +3,11 @@ What a first GPU run would meet, made visible on the CPU: MaskFCOS's RoIs under 
 (fp32 coordinates) and DeformConv's non-finite guard read on the host (the path GPUs take,
 where a device-side assert would end the process without train.py's one line).
 """
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 from torchvision.ops import roi_align
 
@@ -32,3 +37,56 @@ def test_maskfcos_rois_keep_fp32_coordinates_under_bf16_autocast():
     assert (out[0, :].float() - expected).abs().max() <= 1 / 64, out[0, 0, 0]
     # what a bf16 RoI gives (the rounding this guards against), 0.1625 lower
     assert ((rounded[0, 0].float() - expected) + 0.1625).abs().max() <= 1 / 64
+
+
+def test_deform_conv_counts_non_finite_offsets_where_it_cannot_assert(monkeypatch):
+    """Guards DeformConv's check on the path GPUs take (model.HOST_ASSERT_DEVICES without "cpu"): a
+    forward whose offsets hold NaN runs with offsets and mask logits 0 (the kernel reads inside
+    its input), counts itself, and check_deform_finite raises NON_FINITE_DEFORM, as the CPU's
+    assert does at once. The node is fresh, its offset conv zero-initialised (offsets 0, mask
+    sigmoid(0) = 0.5): a NaN in that conv's bias gives exactly the fresh node's output."""
+    import model
+    monkeypatch.setattr(model, "HOST_ASSERT_DEVICES", ())
+    monkeypatch.setattr(model, "non_finite_deform", {})
+    torch.manual_seed(0)
+    node = model.DeformConv(4, 6, dcn=True).eval()
+    x = torch.randn(2, 4, 8, 8)
+    fresh = node(x)
+    model.check_deform_finite()                                                   # finite: nothing
+    assert int(model.non_finite_deform_count("cpu")) == 0
+    with torch.no_grad():
+        node.offset_mask.bias[0] = float("nan")
+    assert torch.equal(node(x), fresh)
+    assert int(model.non_finite_deform_count("cpu")) == 1
+    with pytest.raises(RuntimeError) as e:
+        model.check_deform_finite()
+    assert model.NON_FINITE_DEFORM in str(e.value)
+
+
+COUNTED_DEFORM = """
+import runpy, sys, os
+sys.path.insert(0, os.path.dirname({train!r}))
+import model
+model.HOST_ASSERT_DEVICES = ()   # the GPU path: count, do not assert
+sys.argv = [{train!r}] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_train_stops_with_one_line_on_counted_non_finite_offsets(tmp_path):
+    """Guards train.py's host read of the count (Tally.check, at every log line): DLA-34 with
+    deformable convolutions at learning rate 1e30 (Adam moves every weight by about 1e30 in the
+    first step, so the second forward overflows to inf and NaN before the first deformable
+    convolution), on the counting path: one line naming the iteration and NON_FINITE_DEFORM,
+    exit status 1, no checkpoint written."""
+    from test_train import ROOT, TINY
+    wrapper = tmp_path / "counted.py"
+    wrapper.write_text(COUNTED_DEFORM.format(train=os.path.join(ROOT, "train.py")))
+    r = subprocess.run([sys.executable, str(wrapper), f"--shapes_dir={tmp_path / 'shapes'}",
+                        f"--out_dir={tmp_path / 'out'}", *TINY, "--dcn=True", "--learning_rate=1e30",
+                        "--max_iters=4"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: by iteration 2 (rank 0): non-finite values"), r.stderr
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
