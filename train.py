@@ -14,6 +14,7 @@ them with plain assignments, `--key=value` overrides them. Every field of model.
 also a key. The whole resolved config is saved in each checkpoint.
 """
 
+import datetime
 import math
 import multiprocessing
 import os
@@ -110,6 +111,9 @@ dtype = "auto"                    # "auto": GPU bf16 (else fp16); CPU bf16 where
 compile = False                   # torch.compile the model
 channels_last = True              # on GPU only
 sync_bn = False                   # SyncBatchNorm under DDP (CenterNet: off)
+dist_timeout_min = 20             # DDP: minutes a collective waits for the other processes, after which the waiting ones
+                                  # stop (a dead rank on another node ends the run then); above rank 0's work alone
+                                  # (COCOeval of the whole val set at the end, checkpoint writes), which the others await
 seed = 1337
 threads = 0                       # CPU threads for torch (0: all cores)
 # model: every ModelConfig field is a config key (method, backbone, num_classes, dcn, ...)
@@ -157,7 +161,9 @@ if ddp:
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(minutes=dist_timeout_min),
+                            **({"device_id": torch.device(device)} if device.startswith("cuda") else {}))
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
