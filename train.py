@@ -362,10 +362,10 @@ if ema_decay > 0:
         ema.module.load_state_dict(current_keys(checkpoint["ema"]))
         ema.n_averaged.fill_(1)  # > 0: the next update averages instead of copying
 eval_model = ema.module if ema is not None else raw_model
-if compile:
-    model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+if compile:  # after DDP: dynamo splits the graph at DDP's gradient buckets, so their all-reduce overlaps the backward
+    model = torch.compile(model)
 
 # -- loader and schedule ------------------------------------------------------------------------------
 # DataLoader workers. train.py is a script of globals, not an importable module: a worker started by
