@@ -90,3 +90,30 @@ def test_train_stops_with_one_line_on_counted_non_finite_offsets(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train.py: by iteration 2 (rank 0): non-finite values"), r.stderr
     assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_deform_conv_counting_path_compiles_without_graph_break(monkeypatch):
+    """Guards the counting path under torch.compile (train.py's compile=True on a GPU): dynamo
+    (aot_eager, as tests/test_gpu_paths.py) captures the count's creation in model.non_finite_deform
+    and its in-place update without a graph break, the output equals the eager one on a finite
+    input, and each compiled forward on a NaN input adds 1 to the count."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+    import model
+    monkeypatch.setattr(model, "HOST_ASSERT_DEVICES", ())
+    monkeypatch.setattr(model, "non_finite_deform", {})
+    dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    node = model.DeformConv(4, 6, dcn=True)
+    with torch.no_grad():
+        node.offset_mask.weight.normal_(std=0.1)                                  # non-zero offsets
+    x = torch.randn(2, 4, 8, 8)
+    compiled = torch.compile(node, backend="aot_eager")
+    assert torch.allclose(compiled(x), node(x), rtol=1e-5, atol=1e-6)
+    x[0, 0, 0, 0] = float("nan")
+    compiled(x)
+    compiled(x)
+    assert int(model.non_finite_deform_count("cpu")) == 2
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    dynamo.reset()
