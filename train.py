@@ -111,9 +111,9 @@ dtype = "auto"                    # "auto": GPU bf16 (else fp16); CPU bf16 where
 compile = False                   # torch.compile the model
 channels_last = True              # on GPU only
 sync_bn = False                   # SyncBatchNorm under DDP (CenterNet: off)
-dist_timeout_min = 20             # DDP: minutes a collective waits for the other processes, after which the waiting ones
-                                  # stop (a dead rank on another node ends the run then); above rank 0's work alone
-                                  # (COCOeval of the whole val set at the end, checkpoint writes), which the others await
+dist_timeout_min = 20             # DDP: minutes a collective waits for the other processes, then the waiting ones stop
+                                  # (a dead rank on another node ends the run then); above rank 0's work alone, which
+                                  # the others await (COCOeval of the whole val set at the end, checkpoint writes)
 seed = 1337
 threads = 0                       # CPU threads for torch (0: all cores)
 # model: every ModelConfig field is a config key (method, backbone, num_classes, dcn, ...)
