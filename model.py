@@ -1297,6 +1297,8 @@ def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, ce
             the masks' mass centres, [IS 3.3] Fig. 5), clipped to the box; 0: the whole box ([IS 3.1])
         seg_labels (B, N, P): FCOSreg ([IS 3.3]): ambiguous locations go to the highest segmentation label
             (ties: the smaller box); default FCOS's rule, the smallest box
+        levels (P,) int64: that rank, known (`fcos_locations`' levels, every level present), without the
+            host sync of torch.unique
     A candidate lies strictly inside the box and region ("open") with lo <= max(l*, t*, r*, b*) <= hi (both
     inclusive, as FCOS's code). Returns a dict:
         matched (B, P) int64 the assigned box (0..N-1, the image's own), -1 = negative
