@@ -19,8 +19,10 @@ class MicroBatchNormalizers:
 
     Every loss is sum_i l_i / N with N a count over the batch (positives, objects, pixels,
     `model.reduce_mean`). The plain form: one micro-batch's loss with its own count n_m, divided by k,
-    gives sum_m sum_i grad l_i / (k n_m), not sum grad l_i / sum_m n_m. The counts depend only on
-    the targets, but they are computed inside each method's losses, so:
+    gives sum_m sum_i grad l_i / (k n_m), not sum grad l_i / sum_m n_m. The counts are computed
+    inside each method's losses, from the targets and the feature-map sizes, and for MaskFCOS from
+    its predictions too (its RoIs are the proposals that match a box), so they cannot be computed
+    from the targets alone before the step:
       1. `record(model, micro_batches)`: a forward of every micro-batch without gradients stores
          each reduce_mean call's value n_{m,j} (the call sequence is the same in every forward: DDP
          already needs that); BatchNorm statistics are put back as they were.

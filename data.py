@@ -7,7 +7,8 @@ Read top to bottom:
   2. build_transforms       CenterNet's augmentation (random zoom + crop centre, flip, colour and
                             lighting) and FCOS-style resizing, written with
                             torchvision.transforms.v2 + tv_tensors
-  3. collate_fn             zero-pads a list of samples into one (B, 3, H, W) batch
+  3. collate_fn             zero-pads a list of samples into one (B, 3, H, W) batch;
+                            GroupedBatchSampler batches images of one aspect-ratio group (FCOS's)
   4. write_shapes_dataset   synthetic COCO-format set: overlapping shapes on textured backgrounds
   5. write_coco_subset      the first N images of a COCO json and their files (COCO128 from COCO)
 
@@ -909,6 +910,42 @@ def collate_fn(batch, size_divisibility=32):
             tgt["masks"] = _pad_into(_batch_empty(m, m.shape[0], H, W), m)   # (N, H, W)
         targets.append(tgt)
     return out, targets
+
+
+def aspect_ratio_groups(dataset):
+    """FCOS's aspect-ratio groups (DATALOADER.ASPECT_RATIO_GROUPING: bins [1] on h / w in fcos_core/data/build.py,
+    from maskrcnn-benchmark) of a CocoInstances, from its json sizes: 0 for landscape images (h < w), 1 for the
+    others. A batch of one group pads far less under the "fcos" transform (short side fixed, long side free):
+    a portrait 800 x 1333 next to a landscape 1333 x 800 pads both to 1333 x 1333 (1.67x their pixels)."""
+    return [int(info["height"] >= info["width"]) for info in (dataset.coco.imgs[i] for i in dataset.ids)]
+
+
+class GroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of `batch_size` indices of `sampler` from one group each (torchvision's references,
+    detection/group_by_aspect_ratio.py): an index waits in its group's buffer until the group fills a batch.
+    An epoch has len(sampler) // batch_size batches, as BatchSampler(sampler, batch_size, drop_last=True) (the
+    same batches when there is one group); the batches the groups' leftovers still owe at the end are filled,
+    fullest group first, with that group's first indices of the epoch again. Under DDP `sampler` is the rank's
+    DistributedSampler: every rank groups its own indices and yields the same number of batches."""
+
+    def __init__(self, sampler, group_ids, batch_size):
+        self.sampler, self.group_ids, self.batch_size = sampler, group_ids, batch_size
+
+    def __iter__(self):
+        buffers, seen, done = {}, {}, 0
+        for i in self.sampler:
+            g = self.group_ids[i]
+            buffers.setdefault(g, []).append(i)
+            seen.setdefault(g, []).append(i)
+            if len(buffers[g]) == self.batch_size:
+                yield buffers.pop(g)
+                done += 1
+        leftovers = sorted(buffers.items(), key=lambda item: len(item[1]), reverse=True)  # stable: ties by arrival
+        for g, rest in leftovers[:len(self) - done]:
+            yield rest + (seen[g] * self.batch_size)[:self.batch_size - len(rest)]
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
 
 
 def _batch_empty(like, *shape):

@@ -458,16 +458,23 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
     finally:
         net.train(was_training)
 
+    # DeformConv's NaN / inf on a GPU, counted on the device (model.non_finite_deform_count): raised here, on every
+    # rank together, as the CPU's assert raises at once
+    from model import NON_FINITE_DEFORM, non_finite_deform_count
+    bad_deform = int(non_finite_deform_count("cpu"))
     if distributed:
         gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, (per_image, has_masks, seconds))
+        torch.distributed.all_gather_object(gathered, (per_image, has_masks, seconds, bad_deform))
+        bad_deform = sum(g[3] for g in gathered)
         if rank == 0:
             per_image = {}
-            for rank_images, _, _ in gathered:
+            for rank_images, *_ in gathered:
                 for image_id, res in rank_images.items():
                     per_image.setdefault(image_id, res)          # first copy wins
             has_masks = any(g[1] for g in gathered)
             seconds = max(g[2] for g in gathered)                # ranks run in parallel
+    if bad_deform:
+        raise RuntimeError(NON_FINITE_DEFORM)
 
     stats = {}
     if rank == 0:

@@ -480,6 +480,28 @@ NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolut
                      "below 0, a diverged run); stopped before torchvision's deform_conv2d reads outside its input")
 
 
+# Where the check runs. On the CPU, torch._assert_async raises at once (RuntimeError(NON_FINITE_DEFORM), which the
+# scripts turn into one line). On a GPU it is a device-side assert: its message goes to stderr only and the CUDA
+# context is lost. There DeformConv zeroes the offsets and mask logits of a forward that holds NaN / inf (the
+# kernel then reads inside its input) and counts it in `non_finite_deform`, read on the host by
+# `non_finite_deform_count` (train.py, at every log line, evaluation and checkpoint) and `check_deform_finite`.
+HOST_ASSERT_DEVICES = ("cpu",)
+non_finite_deform = {}  # device -> 0-d int64 tensor: the DeformConv forwards that met NaN / inf there
+
+
+def non_finite_deform_count(device):
+    """How many DeformConv forwards off HOST_ASSERT_DEVICES met NaN / inf offsets: a 0-d int64 tensor on `device`
+    (not read here: the caller's host sync reads it)."""
+    return sum((n.to(device) for n in non_finite_deform.values()), torch.zeros((), dtype=torch.long, device=device))
+
+
+def check_deform_finite():
+    """RuntimeError(NON_FINITE_DEFORM), as the CPU's assert, if a DeformConv forward met NaN / inf offsets on a
+    device where it only counts them (one host read per device)."""
+    if any(int(n) for n in non_finite_deform.values()):
+        raise RuntimeError(NON_FINITE_DEFORM)
+
+
 class DeformConv(nn.Module):
     """DLA-up node: modulated deformable 3x3 conv (DCNv2) + BN + ReLU ([CN] 4); offsets (18 ch) and mask (9 ch, sigmoid)
     from a zero-initialised 3x3 conv, as CenterNet's (offsets 0, mask 0.5 at init). dcn=False: a plain 3x3 conv."""
@@ -498,8 +520,15 @@ class DeformConv(nn.Module):
             x = self.conv(x)
         else:
             om = self.offset_mask(x)                          # (B, 27, H, W)
-            # NaN or inf in x reaches om: NON_FINITE_DEFORM, asserted on the device (no host sync, no graph break)
-            torch._assert_async(torch.isfinite(om).all(), NON_FINITE_DEFORM)
+            # NaN or inf in x reaches om: NON_FINITE_DEFORM, asserted (CPU) or counted (GPUs) on the device, no host
+            # sync, no graph break (HOST_ASSERT_DEVICES)
+            finite = torch.isfinite(om).all()
+            if om.device.type in HOST_ASSERT_DEVICES:
+                torch._assert_async(finite, NON_FINITE_DEFORM)
+            else:
+                count = non_finite_deform.setdefault(om.device, torch.zeros((), dtype=torch.long, device=om.device))
+                count += ~finite
+                om = torch.where(finite, om, torch.zeros_like(om))
             offset, mask = om[:, :18], om[:, 18:].sigmoid()   # (B, 18, H, W), (B, 9, H, W)
             # fp32 under any autocast: torchvision has no bf16 CPU kernel (its CUDA autocast casts to fp32 too)
             with torch.autocast(x.device.type, enabled=False):
@@ -793,9 +822,8 @@ def centernet_focal_loss(pred_logits, gt_heatmap, alpha=2, beta=4):
     pos_loss = (torch.log(p) * (1 - p) ** alpha * pos).sum()
     neg_loss = (torch.log(1 - p) * p ** alpha * (1 - gt) ** beta * (1 - pos)).sum()
     num_pos = reduce_mean(pos.sum())
-    if num_pos == 0:
-        return -neg_loss
-    return -(pos_loss + neg_loss) / num_pos
+    # no positive: pos_loss is 0 and the loss -neg_loss (N taken as 1, on the device: no host read)
+    return -(pos_loss + neg_loss) / torch.where(num_pos > 0, num_pos, 1.0)
 
 
 def gather_at(feature, batch, cells_xy):
@@ -808,7 +836,7 @@ def l1_at_centers(pred_map, objs, target):
     as CenterNet's `RegL1Loss` ([CM] writes 1/N; the published lambda_size = 0.1 was tuned with 2N).
     pred_map (B, 2, h, w); target (M, 2). No objects -> 0, in the graph."""
     pred = gather_at(pred_map, objs["batch"], objs["center_int"]).float()   # (M, 2)
-    n = reduce_mean(torch.tensor(float(target.numel()), device=pred_map.device))  # every rank joins
+    n = reduce_mean(torch.full((), float(target.numel()), device=pred_map.device))  # every rank joins
     if len(target) == 0:
         return pred_map.sum() * 0
     return (pred - target).abs().sum() / (n + 1e-4)
@@ -1088,7 +1116,8 @@ class CenterMask(Method):
         device = out["heatmap"].device
         objs = {k: v.to(device) for k, v in flatten_targets(targets, R).items()}
         # a centre on the last pixel edge (or a box past the border) must still index the map
-        objs["center_int"] = torch.minimum(objs["center_int"].clamp(min=0), torch.tensor([w - 1, h - 1], device=device))
+        c = objs["center_int"]
+        objs["center_int"] = torch.stack([c[:, 0].clamp(0, w - 1), c[:, 1].clamp(0, h - 1)], 1)
         lp, loff, lsize, lmask = self.cfg.loss_weights
         gt_heat = centernet_heatmaps(objs, B, C, h, w, self.cfg.min_overlap, self.cfg.cornernet_bug)
         losses = {
@@ -1099,7 +1128,7 @@ class CenterMask(Method):
         }
         # ground-truth masks average-pooled to the stride-4 grid: soft targets in [0, 1]
         M = len(objs["labels"])
-        num_objects = reduce_mean(torch.tensor(float(M), device=device)).clamp(min=1)  # over processes
+        num_objects = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)  # over processes
         if M:
             gt_masks = batch_masks(targets, h * R, w * R, device)                         # (M, H, W)
             gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]                   # (M, h, w)
@@ -1261,7 +1290,8 @@ def fcos_locations(hw_per_level, strides, device=None, offset="half", input_hw=N
     return torch.cat(points), torch.cat(point_strides), torch.cat(levels)
 
 
-def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, centers=None, seg_labels=None):
+def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, centers=None, seg_labels=None,
+                 levels=None):
     """FCOS's per-location targets ([IS 3.1] eq. 1, [FCOS] 3.1-3.3) of a batch.
         points (P, 2) xy input frame; strides (P,), whose rank picks the level's range [lo, hi] of
             max(l*, t*, r*, b*) in FCOS_SIZE_RANGES (8 -> P3 -> [0, 64], ...)
@@ -1271,6 +1301,8 @@ def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, ce
             the masks' mass centres, [IS 3.3] Fig. 5), clipped to the box; 0: the whole box ([IS 3.1])
         seg_labels (B, N, P): FCOSreg ([IS 3.3]): ambiguous locations go to the highest segmentation label
             (ties: the smaller box); default FCOS's rule, the smallest box
+        levels (P,) int64: that rank, known (`fcos_locations`' levels, every level present), without the
+            host sync of torch.unique
     A candidate lies strictly inside the box and region ("open") with lo <= max(l*, t*, r*, b*) <= hi (both
     inclusive, as FCOS's code). Returns a dict:
         matched (B, P) int64 the assigned box (0..N-1, the image's own), -1 = negative
@@ -1282,7 +1314,8 @@ def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, ce
     boxes = boxes.float()
     if valid is None:
         valid = torch.ones(B, N, dtype=torch.bool, device=boxes.device)
-    rank = torch.unique(strides, return_inverse=True)[1]                         # level of each point
+    # level of each point: the given levels, else the rank of its stride (torch.unique: a host sync)
+    rank = torch.unique(strides, return_inverse=True)[1] if levels is None else levels
     size_ranges = torch.tensor(FCOS_SIZE_RANGES, device=points.device)[rank]      # (P, 2)
     x, y = points[:, 0][None, :, None], points[:, 1][None, :, None]              # (1, P, 1)
     x0, y0, x1, y1 = boxes[:, None].unbind(-1)                                   # (B, 1, N) each
@@ -1475,7 +1508,7 @@ class FCOS(Method):
             raise ValueError(f"{type(self).__name__} in train mode needs targets (call model.eval() for inference)")
         with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (bf16/fp16 logs and sums lose precision)
             out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
-            losses, assigned = self.detection_losses(out, points, strides, targets)
+            losses, assigned = self.detection_losses(out, points, strides, targets, levels)
         # the mask branches run their convs under autocast and cast their logits to fp32
         x = FCOSForward(out, features, points, levels, tuple(images.shape[-2:]), targets, assigned)
         losses.update(self.extra_losses(x))
@@ -1483,7 +1516,7 @@ class FCOS(Method):
         return losses
 
     # -- training ([IS] eq. 2) --------------------------------------------------------------------
-    def assign(self, points, strides, targets, hw):
+    def assign(self, points, strides, targets, hw, levels=None):
         """Targets of every location of the batch (fcos_targets), plus what the mask-aware
         variants need: boxes/labels/valid (B, N, ...) and, with masks, seg (B, N, P)."""
         device = points.device
@@ -1502,12 +1535,13 @@ class FCOS(Method):
             assigned["seg"] = seg
             centers = mass if self.cfg.center_sampling_at == "mass" else None
         assigned.update(fcos_targets(points, strides, boxes, labels, valid, radius=self.cfg.center_sampling,
-                                     centers=centers, seg_labels=seg if self.cfg.ambiguity == "mask" else None))
+                                     centers=centers, seg_labels=seg if self.cfg.ambiguity == "mask" else None,
+                                     levels=levels))
         return assigned
 
-    def detection_losses(self, out, points, strides, targets):
+    def detection_losses(self, out, points, strides, targets, levels=None):
         from torchvision.ops import sigmoid_focal_loss, generalized_box_iou_loss
-        assigned = self.assign(points, strides, targets, out["hw"])
+        assigned = self.assign(points, strides, targets, out["hw"], levels)
         pos = assigned["matched"] >= 0                                           # (B, P)
         num_pos = reduce_mean(pos.sum().float()).clamp(min=1.0)
         onehot = torch.zeros_like(out["cls"])                                    # (B, P, C)
@@ -1569,7 +1603,7 @@ class FCOS(Method):
         score = torch.where(passed, score, torch.zeros_like(score))
         cand_scores, cand_index = [], []
         start = 0
-        for n in torch.bincount(levels, minlength=len(self.strides)).tolist():   # top 1000 per level
+        for n in [h * w for h, w in out["hw"]]:                                  # top 1000 per level
             s = score[:, start:start + n].reshape(B, -1)                         # (B, n*C)
             v, i = s.topk(min(cfg.pre_nms_top_n, s.shape[1]), dim=1)
             cand_scores.append(v)
@@ -1645,12 +1679,15 @@ class MaskFCOS(FCOS):
         rois = torch.cat([batch[:, None].float(), boxes.float()], 1)             # (K, 5)
         out = torch.zeros(len(boxes), self.cfg.fpn_channels, self.cfg.roi_size, self.cfg.roi_size,
                           device=boxes.device, dtype=features[0].dtype)
-        for k in (3, 4, 5):  # one roi_align per level
-            sel = level == k
-            if sel.any():
+        # one roi_align per level, the RoIs sorted by level: one host read (the counts), not three per level
+        order = torch.argsort(level, stable=True)                                # (K,)
+        for k, sel in zip((3, 4, 5), order.split(torch.bincount(level - 3, minlength=3).tolist())):
+            if len(sel):
                 p = features[self.fcos_levels][k - 3]
-                out[sel] = roi_align(p, rois[sel].to(p.dtype), self.cfg.roi_size, 1.0 / 2 ** k,
-                                     sampling_ratio=2, aligned=True)
+                # fp32 features and RoIs under any autocast: a bf16 RoI would round a corner by 4 px between
+                # 512 and 1024 and by 8 px above (torchvision's autocast kernel also computes in fp32)
+                out[sel] = roi_align(p.float(), rois[sel], self.cfg.roi_size, 1.0 / 2 ** k,
+                                     sampling_ratio=2, aligned=True).to(out.dtype)
         return out
 
     def mask_logits(self, features, batch, boxes, labels):
@@ -1673,7 +1710,7 @@ class MaskFCOS(FCOS):
                 gt_index.append(idx[keep])                                       # among the image's boxes
             counts.append(len(rois[-1]) if len(gt) else 0)
         S = self.cfg.mask_size
-        num_pixels = reduce_mean(torch.tensor(float(sum(counts) * S * S), device=device)).clamp(min=1)
+        num_pixels = reduce_mean(torch.full((), float(sum(counts) * S * S), device=device)).clamp(min=1)
         if not rois:  # no objects in the batch: keep the mask head in the graph (DDP)
             return {"mask": sum(p.sum() * 0 for p in self.mask_head.parameters())}
         batch, rois = image_index(counts, device), torch.cat(rois)               # (K,), (K, 4)
@@ -1752,7 +1789,7 @@ class CenterMaskFCOS(FCOS):
         pos = assigned["matched"] >= 0                                           # (B, P)
         batch, index = pos.nonzero(as_tuple=True)                                # (M,) each
         S = self.cfg.shape_size
-        num_pixels = reduce_mean(torch.tensor(float(len(batch) * S * S), device=device)).clamp(min=1)
+        num_pixels = reduce_mean(torch.full((), float(len(batch) * S * S), device=device)).clamp(min=1)
         sal = self.saliency(x.features[self.fcos_levels][0]).float() if self.saliency is not None else None
         losses = {}                                                              # sal: (B, n, H/8, W/8)
         if self.cfg.saliency_loss:
@@ -2284,7 +2321,7 @@ class FCOSIS(FCOS):
         fg_target = torch.cat([coarse_foreground_targets(masks, s, batch, B, hw).flatten(1)
                                for s, hw in zip(self.strides, out["hw"])], 1)   # (B, P)
         losses = {"foreground": F.binary_cross_entropy_with_logits(extra[..., self.FOREGROUND], fg_target, reduction="sum")
-                  / reduce_mean(torch.tensor(float(fg_target.numel()), device=device))}
+                  / reduce_mean(torch.full((), float(fg_target.numel()), device=device))}
         # centre-of-mass regression, in stride units
         mass = center_of_mass(masks, boxes)                                      # (M, 2)
         if self.cfg.com_assignment == "mask":
@@ -2298,7 +2335,7 @@ class FCOSIS(FCOS):
                                             normalizer=reduce_mean(valid.sum().float()).clamp(min=1))
         # the padded-crop segmentation loss of every instance
         M = len(boxes)
-        num_instances = reduce_mean(torch.tensor(float(M), device=device)).clamp(min=1)
+        num_instances = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)
         if M == 0:  # keep the segmentation branch and P2 in the graph (DDP)
             losses["mask"] = features[0].float().sum() * 0 + sum(
                 p.sum() * 0 for n, p in self.named_parameters() if n.startswith(("seg_head", "aspp", "attention")))

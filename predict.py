@@ -93,7 +93,7 @@ if __name__ == "__main__":
     from functools import partial
 
     from data import ImageReadError, build_transforms, collate_fn, load_rgb_image, unlabelled_sample
-    from model import NON_FINITE_DEFORM
+    from model import NON_FINITE_DEFORM, check_deform_finite
 
     if not ckpt:
         fail("no checkpoint given: pass --ckpt=PATH")
@@ -150,6 +150,7 @@ if __name__ == "__main__":
             images, targets = collate([unlabelled_sample(pil, transform)])  # (1, 3, H, W)
             try:
                 output = model(images.to(device), image_sizes=[tuple(targets[0]["size"].tolist())])[0]
+                check_deform_finite()  # a GPU's count of NaN / inf offsets (model.py), read once per image
             except RuntimeError as e:  # DeformConv's refusal of NaN / inf as one line; anything else passes
                 if NON_FINITE_DEFORM not in str(e):
                     raise

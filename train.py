@@ -15,6 +15,7 @@ them with plain assignments, `--key=value` overrides them. Every field of model.
 also a key. The whole resolved config is saved in each checkpoint.
 """
 
+import datetime
 import math
 import multiprocessing
 import os
@@ -29,10 +30,10 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 
 from accumulate import MicroBatchNormalizers
-from model import NON_FINITE_DEFORM, ModelConfig, build_model, method_transform
+from model import NON_FINITE_DEFORM, ModelConfig, build_model, method_transform, non_finite_deform_count
 from settings import auto_dtype, check_settings
 from weights import check_weights, current_keys, import_weights, read_weights
 
@@ -127,8 +128,8 @@ _recipe_batch = _recipe["batch_size"] * _recipe["gradient_accumulation_steps"]
 _own_learning_rate = any(a.startswith("--learning_rate=") for a in sys.argv[1:])
 # The model keys are checked before any work (a value ModelConfig refuses, or a key the method
 # does not read: one line naming the key, exit status 2, as the configurator's own errors).
-from data import (TRANSFORM_KINDS, CocoInstances, build_transforms, collate_fn, dataset_paths,  # noqa: E402
-                  shapes_dataset_missing, write_shapes_dataset)
+from data import (TRANSFORM_KINDS, CocoInstances, GroupedBatchSampler, aspect_ratio_groups,  # noqa: E402
+                  build_transforms, collate_fn, dataset_paths, shapes_dataset_missing, write_shapes_dataset)
 from eval import evaluate, save_pictures  # noqa: E402
 
 transform = transform or method_transform(method)
@@ -160,12 +161,18 @@ if device.startswith("cuda") and not torch.cuda.is_available():
              "use --device=cpu (or --device=auto)")
 if ddp and sync_bn and not device.startswith("cuda"):  # SyncBatchNorm's forward refuses CPU tensors in a group
     sys.exit("train.py: sync_bn=True needs GPUs (torch's SyncBatchNorm does not run on the CPU); use --sync_bn=False")
+# DDP: a collective waits this long for the other processes, then the waiting ones stop (a dead rank on
+# another node ends the run then); above rank 0's work alone, which the others await (COCOeval of the
+# whole val set at the end, checkpoint writes)
+DIST_TIMEOUT = datetime.timedelta(minutes=20)
 if ddp:
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                            timeout=DIST_TIMEOUT,
+                            **({"device_id": torch.device(device)} if device.startswith("cuda") else {}))
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
@@ -364,10 +371,10 @@ if ema_decay > 0:
         ema.module.load_state_dict(current_keys(checkpoint["ema"]))
         ema.n_averaged.fill_(1)  # > 0: the next update averages instead of copying
 eval_model = ema.module if ema is not None else raw_model
-if compile:
-    model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+if compile:  # after DDP: dynamo splits the graph at DDP's gradient buckets, so their all-reduce overlaps the backward
+    model = torch.compile(model)
 
 # -- loader and schedule ------------------------------------------------------------------------------
 # DataLoader workers. train.py is a script of globals, not an importable module: a worker started by
@@ -381,8 +388,11 @@ if num_workers > 0 and "fork" not in multiprocessing.get_all_start_methods():
 worker_context = "fork" if num_workers > 0 else None
 sampler = (DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
            if ddp else RandomSampler(train_set, generator=torch.Generator().manual_seed(seed)))
+# "fcos" transform: batches of landscape or of other images (FCOS's aspect-ratio grouping; centernet's are square)
+batches = (GroupedBatchSampler(sampler, aspect_ratio_groups(train_set), batch_size) if transform == "fcos"
+           else BatchSampler(sampler, batch_size, drop_last=True))
 collate = partial(collate_fn, size_divisibility=raw_model.size_divisibility)
-loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
                     num_workers=num_workers, pin_memory=device_type == "cuda", persistent_workers=num_workers > 0,
                     multiprocessing_context=worker_context)
 accum = gradient_accumulation_steps
@@ -395,6 +405,16 @@ iters_per_epoch = len(loader) // accum  # optimizer steps; an epoch's last len(l
 max_iters = max_iters or epochs * iters_per_epoch
 step_iters = [int(e * iters_per_epoch) for e in lr_steps]
 eval_every = eval_interval or max(1, eval_every_epochs * iters_per_epoch)
+# A resume continues the saved iteration count: on another global batch (another number of processes,
+# batch_size or gradient_accumulation_steps) or another epoch length, the epoch, the learning-rate
+# steps and the images per step would shift without a word, so it stops here, naming both.
+global_batch = batch_size * accum * world_size
+if checkpoint is not None and (checkpoint.get("global_batch", global_batch), checkpoint.get(
+        "iters_per_epoch", iters_per_epoch)) != (global_batch, iters_per_epoch):
+    sys.exit(f"train.py: checkpoint {ckpt_path} was trained with a global batch of {checkpoint['global_batch']} "
+             f"images, {checkpoint['iters_per_epoch']} iterations per epoch; now {global_batch} (batch_size "
+             f"{batch_size} x {accum} micro-batch(es) x {world_size} process(es)), {iters_per_epoch} per epoch: "
+             f"resume with the saved global batch (e.g. gradient_accumulation_steps for fewer processes)")
 
 
 def get_lr(it):
@@ -447,6 +467,7 @@ def save_checkpoint(it, best_ap, name="ckpt.pt"):
     """Everything a resume needs, written atomically (write_atomic)."""
     ckpt = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
             "iter": it, "best_ap": best_ap, "model_args": model_args, "config": config,
+            "global_batch": global_batch, "iters_per_epoch": iters_per_epoch,  # what a resume must match
             # what a label means, for predict.py on a checkpoint alone: label k is class_names[k],
             # COCO category id label_to_cat_id[k] of the training json
             "class_names": list(train_set.class_names), "label_to_cat_id": list(train_set.label_to_cat_id)}
@@ -530,11 +551,16 @@ class Tally:
         self.steps += 1
 
     def check(self):
-        """Stop the run if a step since the last read had a non-finite loss (every rank together)."""
-        bad = torch.as_tensor(self.bad, device=device).clone()
+        """Stop the run if a step since the last read had a non-finite loss, or if a DeformConv met NaN / inf
+        offsets on a GPU (model.non_finite_deform_count; the CPU stops at once), every rank together."""
+        local = torch.stack([torch.as_tensor(self.bad, device=device), non_finite_deform_count(device)])  # (2,)
+        bad = local.clone()
         if ddp:
             dist.all_reduce(bad)
-        if bad.item() == 0:  # the host sync: one per log line / evaluation
+        bad_losses, bad_deform = bad.tolist()  # the host sync: one per log line / evaluation
+        if bad_deform:
+            sys.exit(f"train.py: by iteration {it} (rank {rank}): {NON_FINITE_DEFORM}" if local[1] else 1)
+        if bad_losses == 0:
             return
         if torch.as_tensor(self.bad).item() > 0:  # this rank saw it
             terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.names, self.first_bad.tolist()))

@@ -796,6 +796,64 @@ def test_collate_pads_images_and_masks():
     assert images.shape == (2, 3, 128, 128) and targets[0]["masks"].shape == (2, 128, 128)
 
 
+def mixed_orientation_set(tmp_path, sizes):
+    """A CocoInstances of blank images of the given (h, w), one box each, under FCOS's test transform
+    at short side 64 (the sizes below keep theirs)."""
+    (tmp_path / "img").mkdir()
+    images, anns = [], []
+    for i, (h, w) in enumerate(sizes, start=1):
+        Image.new("RGB", (w, h)).save(tmp_path / "img" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "height": h, "width": w})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [4, 4, 20, 20], "area": 400.0,
+                     "iscrowd": 0, "segmentation": [[4, 4, 24, 4, 24, 24, 4, 24]]})
+    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                   "categories": [{"id": 1, "name": "a"}]}))
+    return CocoInstances(str(tmp_path / "img"), str(tmp_path / "ann.json"),
+                         transforms=build_transforms("fcos", False, 64, max_size=128))
+
+
+def test_aspect_ratio_grouping_halves_the_padded_area(tmp_path):
+    """Guards FCOS's aspect-ratio grouping (train.py, transform "fcos"). 8 images alternating
+    landscape 64 x 128 and portrait 128 x 64 (h x w), in order, batches of 2: plain batches pair
+    a landscape with a portrait, each padded to 128 x 128, 4 x 2 x 128^2 = 131072 pixels; grouped,
+    (0, 2), (1, 3), (4, 6), (5, 7) pad to their own 64 x 128: 4 x 2 x 8192 = 65536, half."""
+    dataset = mixed_orientation_set(tmp_path, [(64, 128), (128, 64)] * 4)
+    groups = data.aspect_ratio_groups(dataset)
+    assert groups == [0, 1] * 4
+    order = torch.utils.data.SequentialSampler(dataset)
+
+    def padded_pixels(batches):
+        return sum(collate_fn([dataset[i] for i in b])[0][:, 0].numel() for b in batches)
+    plain = list(torch.utils.data.BatchSampler(order, 2, drop_last=True))
+    grouped = list(data.GroupedBatchSampler(order, groups, 2))
+    assert grouped == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert padded_pixels(plain) == 131072 and padded_pixels(grouped) == 65536
+
+
+def test_grouped_batch_sampler_epoch_length_leftovers_and_ranks():
+    """Guards the epoch of GroupedBatchSampler: len(sampler) // batch_size batches, as the plain
+    drop_last batches train.py's schedule counts. Groups 0 0 0 0 0 1 1 1 in order, batches of 2:
+    [0, 1], [2, 3], [5, 6] fill up, leaving 4 (group 0) and 7 (group 1); 8 // 2 = 4 batches, so
+    one more: the tie goes to the group that arrived first, filled with its first index: [4, 0].
+    One group gives BatchSampler's batches. Under DDP (2 ranks of a DistributedSampler over 10
+    images, groups by parity), every rank yields 5 // 2 = 2 one-group batches of its own indices."""
+    groups = [0, 0, 0, 0, 0, 1, 1, 1]
+    order = range(8)
+    assert list(data.GroupedBatchSampler(order, groups, 2)) == [[0, 1], [2, 3], [5, 6], [4, 0]]
+    shuffled = torch.utils.data.RandomSampler(order, generator=torch.Generator())
+    shuffled.generator.manual_seed(0)  # each pass draws a permutation: the same one for both (as train.py)
+    grouped = list(data.GroupedBatchSampler(shuffled, [1] * 8, 3))
+    shuffled.generator.manual_seed(0)
+    assert grouped == list(torch.utils.data.BatchSampler(shuffled, 3, drop_last=True)) and len(grouped) == 2
+    parity = [i % 2 for i in range(10)]
+    for rank in (0, 1):
+        sampler = torch.utils.data.DistributedSampler(range(10), num_replicas=2, rank=rank, shuffle=True, seed=1,
+                                                      drop_last=True)
+        batches = list(data.GroupedBatchSampler(sampler, parity, 2))
+        assert len(batches) == 2 and all(len({parity[i] for i in b}) == 1 for b in batches)
+        assert {i for b in batches for i in b} <= set(sampler)
+
+
 def test_dataloader_end_to_end(shapes):
     """Guards collate/dataset incompatibilities (types, keys) in a real DataLoader."""
     ds = CocoInstances(shapes["val_img_dir"], shapes["val_ann"],

@@ -132,6 +132,11 @@ def test_batched_targets_equal_per_image_and_padding_ignored():
         for k in ("matched", "labels", "ltrb", "centerness"):
             assert torch.equal(batched[k][i], single[k]), k
     assert (batched["matched"][1] <= 0).all()
+    # the levels of fcos_locations (FCOS.forward passes them: no torch.unique) give the same targets
+    _, _, levels = fcos_locations(hw, [8, 16, 32, 64, 128])
+    given = fcos_targets(points, strides, torch.stack([a, b]), torch.tensor([[0, 1, 2], [1, 0, 0]]), valid,
+                         levels=levels)
+    assert all(torch.equal(given[k], batched[k]) for k in batched)
 
 
 def test_regression_weights_three_settings_of_fig6():

@@ -645,7 +645,7 @@ def test_fcosis_mask_weighting_at_inference_by_hand():
     points = torch.tensor([[10.0, 10.0], [50.0, 50.0]])
     levels = torch.zeros(2, dtype=torch.long)
     out = {"cls": torch.zeros(1, 2, 3), "centerness": torch.zeros(1, 2), "ltrb": torch.full((1, 2, 4), 5.0),
-           "extra": torch.tensor([[[0.0, 0.0, logit(0.8)], [0.0, 0.0, logit(0.2)]]])}
+           "extra": torch.tensor([[[0.0, 0.0, logit(0.8)], [0.0, 0.0, logit(0.2)]]]), "hw": [(1, 2)]}
     for weights, expect in (((1 / 3, 1 / 3, 1 / 3), [0.567517, 0.411547]), ((1.0, 0.0, 0.0), [0.5, 0.5])):
         model = build_model(tiny_fcosis(reg_weights=weights)).eval()
         det = model.detect(FCOSForward(out, [], points, levels, (64, 64)))[0]

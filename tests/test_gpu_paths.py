@@ -109,31 +109,27 @@ TRUNK_EAGER = ("fcosreg", "maskfcos", "centermask_fcos", "fcosis")
 #           skip the rest of that frame; the functions it calls are still compiled as their own
 #           frames. A frame skipped once stays skipped (the inference pass only counts new ones).
 # Causes, by the operator or construct dynamo names:
-#   CenterMask, training: centernet_focal_loss's `if num_pos == 0` (data-dependent branching, 2
-#     events) inside CenterMask.forward's `with torch.autocast(..., enabled=False)` block: dynamo
-#     compiles the backbone and heads, cannot resume inside the block and runs the rest of forward
-#     and its two comprehensions eagerly (3 eager frames; `losses` is compiled as its own frame).
+#   CenterMask, training: none (centernet_focal_loss's "no positive" case is a torch.where on the
+#     device, not a Python `if`): the whole forward and backward in one graph each.
 #   CenterMask, inference: assemble_masks's `bool((batch == batch[0]).all() and ...)` (a branch on
 #     a tensor: data-dependent branching x2, Tensor.item(), then `P[batch[0], channels[0]]` reads a
 #     Python int: aten._local_scalar_dense) and the in-place `masks.mul_` after it, which dynamo
 #     treats as an untraceable builtin ("marked as skipped"). The break sits in decode's per-image
 #     loop: decode's own frame (peaks, boxes) runs eagerly (1 eager frame).
 #   Every FCOS-family training pass (FCOS.assign / detection_losses):
-#     aten._unique2 x4     fcos_targets' torch.unique(strides, return_inverse=True) (the level of
-#                          every location: a data-dependent output size)
-#     aten.nonzero x14     boolean-mask indexing, out[...][pos] and t[...][pos] in
+#     aten.nonzero x15     boolean-mask indexing, out[...][pos] and t[...][pos] in
 #                          detection_losses and torchvision's generalized_box_iou_loss
 #                          (intsctk[mask] = ...): the number of positives is data
 #     FCOSreg: one more aten.nonzero, `seg[pos]` of its regression weights.
-#   Every FCOS-family inference pass (FCOS.detect):
-#     aten.bincount x4     the candidates per level, `.tolist()` to slice the levels
-#     aten._local_scalar_dense  the Python ints of that `.tolist()`
+#   Every FCOS-family inference pass (FCOS.detect; the locations per level are the Python ints
+#   of out["hw"]):
+#     aten.nonzero x3      cand_scores[b][keep], the candidates above 0 of each image
 #     torchvision.nms x3   batched_nms: the number of kept boxes is data
 #     The per-image NMS loop then runs eagerly (a break inside a loop: 1 eager frame).
-#   MaskFCOS, training: FCOS.detect for its proposals (the inference causes above: bincount x3,
-#     _local_scalar_dense, nms x3), then the per-image proposal matching loop of extra_losses and
-#     roi_features' per-level `if sel.any()` loop (data-dependent branching) run eagerly
-#     (5 eager frames). Inference: roi_features' `if sel.any()` (x2).
+#   MaskFCOS, training: FCOS.detect for its proposals (nms x3), then the per-image proposal
+#     matching loop of extra_losses and roi_features (its `bincount(...).tolist()`, the RoIs per
+#     level: aten.bincount x2, _local_scalar_dense) run eagerly (3 eager frames). Inference:
+#     roi_features' bincount (x3, _local_scalar_dense).
 #   CenterMask-FCOS, training: pos.nonzero() and the gathers it indexes in extra_losses (4 more
 #     aten.nonzero), local_shapes' per-level `if sel.any()` loop (eager). Inference: the detect
 #     causes, assemble_masks' branch as CenterMask's, and postprocess's per-image loop runs
@@ -147,12 +143,12 @@ TRUNK_EAGER = ("fcosreg", "maskfcos", "centermask_fcos", "fcosis")
 #     without it their whole-model counts are 1 lower in each pass.
 # Bounds: a change that adds a break or an eager frame fails the test; fewer pass.
 EXPECTED = {  # kind: ((training breaks, eager frames), (inference breaks, eager frames))
-    "centermask": ((2, 3), (5, 1)),
-    "fcos": ((18, 1), (8, 1)),
-    "fcosreg": ((20, 1), (9, 1)),
-    "maskfcos": ((27, 5), (7, 0)),
-    "centermask_fcos": ((24, 2), (12, 2)),
-    "fcosis": ((29, 1), (23, 1)),
+    "centermask": ((0, 0), (5, 1)),
+    "fcos": ((15, 1), (6, 1)),
+    "fcosreg": ((17, 1), (7, 1)),
+    "maskfcos": ((24, 3), (8, 0)),
+    "centermask_fcos": ((20, 2), (10, 2)),
+    "fcosis": ((25, 1), (21, 1)),
 }
 # conv2d calls that run outside the compiled graphs, (training, inference): CenterMask-FCOS's
 # saliency head (Conv3x3 + Conv1x1) at inference, in postprocess's eager per-image loop.
@@ -164,15 +160,14 @@ SKIPPED_CALL = "Attempted to call function marked as skipped"
 DISABLED = "Skip calling `torch.compiler.disable()`d function"
 BRANCH = "Data-dependent branching"
 ITEM = "Unsupported Tensor.item() call with capture_scalar_outputs=False"
-FCOS_CAUSES = {"aten._unique2.default", "aten.nonzero.default", "aten.bincount.default",
-               "aten._local_scalar_dense.default", "torchvision.nms.default", DISABLED}
+FCOS_CAUSES = {"aten.nonzero.default", "torchvision.nms.default", DISABLED}
 EXPECTED_CAUSES = {
     "centermask": {BRANCH, ITEM, "aten._local_scalar_dense.default", SKIPPED_CALL},
     "fcos": FCOS_CAUSES,
     "fcosreg": FCOS_CAUSES,
-    "maskfcos": FCOS_CAUSES | {BRANCH},
-    "centermask_fcos": FCOS_CAUSES | {BRANCH, ITEM, SKIPPED_CALL},
-    "fcosis": FCOS_CAUSES | {ITEM},
+    "maskfcos": FCOS_CAUSES | {"aten.bincount.default", "aten._local_scalar_dense.default"},
+    "centermask_fcos": FCOS_CAUSES | {BRANCH, ITEM, SKIPPED_CALL, "aten._local_scalar_dense.default"},
+    "fcosis": FCOS_CAUSES | {ITEM, "aten._unique2.default", "aten._local_scalar_dense.default"},
 }
 
 

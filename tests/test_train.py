@@ -62,7 +62,8 @@ def test_train_writes_checkpoint_curve_and_logs(trained):
     assert "iter 4/4" in r.stdout and "heatmap" in r.stdout and "ETA" in r.stdout and "lr" in r.stdout
     assert "eval @ iter 4" in r.stdout and "segm_AP" in r.stdout
     ckpt = torch.load(tmp / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
-    assert set(ckpt) >= {"model", "optimizer", "scaler", "iter", "best_ap", "model_args", "config"}
+    assert set(ckpt) >= {"model", "optimizer", "scaler", "iter", "best_ap", "model_args", "config", "global_batch",
+                         "iters_per_epoch"}
     assert ckpt["iter"] == 4 and ckpt["model_args"]["head_conv"] == 8 and ckpt["config"]["input_size"] == 64
     assert (tmp / "out" / "loss.png").stat().st_size > 1000
     assert not [p for p in os.listdir(tmp / "out") if ".tmp" in p]      # no temporary left behind
@@ -112,6 +113,25 @@ def test_resume_from_another_config_names_the_keys(trained, tmp_path):
     assert r.returncode != 0
     assert "another model config" in r.stderr and "head_conv" in r.stderr
     assert digest(work / "out" / "ckpt.pt") == before
+
+
+def test_resume_on_another_global_batch_stops_naming_both(trained, tmp_path):
+    """Guards a resume on another number of processes / batch split: the saved run took 8 images
+    in batches of 4, 2 iterations per epoch. --batch_size=2 would make 4 per epoch (its epoch 2
+    would start at the saved iteration 4, the lr steps at twice the images): one line naming both
+    global batches and both epoch lengths, the checkpoint untouched. 2 x 2 micro-batches is the
+    same global batch of 4 and the same 8 // 2 // 2 = 2 iterations per epoch: it resumes."""
+    tmp, _ = trained
+    work = copy_of_run(tmp, tmp_path)
+    before = digest(work / "out" / "ckpt.pt")
+    r = train(work, "--max_iters=6", "--init_from=resume", "--batch_size=2")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert ("trained with a global batch of 4 images, 2 iterations per epoch; now 2 (batch_size 2 x 1 "
+            "micro-batch(es) x 1 process(es)), 4 per epoch") in r.stderr, r.stderr[-2000:]
+    assert digest(work / "out" / "ckpt.pt") == before
+    r = train(work, "--max_iters=6", "--init_from=resume", "--batch_size=2", "--gradient_accumulation_steps=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "iter 5/6" in r.stdout and "iter 1/6" not in r.stdout
 
 
 def test_init_fresh_leaves_the_named_heads_out_of_the_import(trained, tmp_path):
