@@ -81,7 +81,7 @@ for meta in glob.glob(os.path.join(logs, "*.meta")):
     ev = os.path.join(out_dir or "", "eval.json")
     if out_dir and not rc.startswith("skipped") and os.path.exists(ev):
         r = json.load(open(ev))  # a cut run: its last evaluation
-    dtype = next((a.split("=", 1)[1] for a in reversed(args) if a.startswith("--dtype=")), "auto")
+    dtype = next((a.split("=", 1)[1] for a in reversed(args) if a.startswith("--dtype=")), "-")
     rows.append(dict(r, name=name.split(".", 1)[1], step=step, status=status, commit=commit,
                      t0=float(t0), wall=None if rc.startswith("skipped") else float(t1) - float(t0),
                      dtype=dtype, cmd=shlex.join(["python", *args])))
