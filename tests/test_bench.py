@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow  # every test runs bench.py or bench_gpu.sh in a subprocess
+pytestmark = pytest.mark.slow  # every test runs bench.py in a subprocess
 
 TINY = [
     os.path.join(ROOT, "config", "shapes_centermask.py"), "--device=cpu", "--input_size=64", "--batch_size=1",
@@ -109,21 +109,3 @@ def test_bench_without_pycocotools(tmp_path):
     assert res["to_original_ms_per_img"] is None and res["infer_ms_per_img"] > 0
     assert res["record_ms_per_img"] > 0 and res["record_over_train"] > 0  # the accumulation's recording pass
 
-
-def test_bench_gpu_script_runs_a_row_on_the_cpu(tmp_path):
-    """Guards bench_gpu.sh's plumbing (row selection, extra arguments appended to every run,
-    the JSON line read back into the final table) with one row on the CPU and a tiny model; the
-    GPU rows themselves need a GPU. The row's batch is 1, so the table shows a frames-per-second
-    value and the paper's 25.2 FPS beside it; the first-call time is in the JSON. The script runs
-    the interpreter in $PYTHON (this one: a virtual environment needs no activation)."""
-    env = dict(os.environ, OUT=str(tmp_path / "out"), ONLY="dla34_infer_fp32", PYTHON=sys.executable)
-    r = subprocess.run(["bash", os.path.join(ROOT, "bench_gpu.sh"), "--device=cpu", "--input_size=64",
-                        "--dla_channels=(4, 8, 8, 16, 16, 32)", "--dcn=False", "--head_conv=8", "--shape_size=8",
-                        "--steps=1", "--burn_in=1", "--threads=1"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    row = [line for line in r.stdout.splitlines() if line.startswith("dla34_infer_fp32 ") and "float32" in line]
-    assert len(row) == 1 and row[0].rstrip().endswith("25.2"), r.stdout[-3000:]
-    assert sorted(os.listdir(tmp_path / "out")) == ["dla34_infer_fp32.json", "dla34_infer_fp32.log"]
-    res = json.load(open(tmp_path / "out" / "dla34_infer_fp32.json"))
-    assert res["batch_size"] == 1 and res["input_hw"] == [64, 64] and res["train_first_call_s"] > 0
