@@ -44,6 +44,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import fields
 
@@ -327,6 +328,18 @@ if peers:
 train_times, train_peaks = time_interleaved(timed, "train")
 infer_times, infer_peaks = time_interleaved(timed, "infer")
 t_train, t_infer, peak_train, peak_infer = train_times[0], infer_times[0], train_peaks[0], infer_peaks[0]
+# host syncs per training step (CUDA): the host waiting on the device, counted by torch's sync debug
+# mode over one more step of ours (detection's data-dependent shapes, NMS, leave a few; model.py)
+host_syncs = None
+if device_type == "cuda":
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            timed[0][1]()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    host_syncs = sum("synchroniz" in str(w.message) for w in caught)
 with torch.no_grad(), amp:
     heads_output = raw_model.heads(images)
 
@@ -415,6 +428,7 @@ results = {
     "record_ms_per_img": t_record * 1e3 / B if t_record else None,
     "record_over_train": t_record / t_train if t_record else None,
     "train_first_call_s": FIRST_CALL_S.get("train"), "infer_first_call_s": FIRST_CALL_S.get("infer"),
+    "host_syncs_per_train_step": host_syncs,
 }
 if to_original is None:  # not timed (no pycocotools): the shares above count the mapping as 0
     results["to_original_ms_per_img"] = results["to_original_dense_ms_per_img"] = None

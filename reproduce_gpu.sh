@@ -94,7 +94,8 @@ paper_fps = {"centermask/dla34": 25.2, "centermask/hourglass104": 12.3}  # [CM] 
 text += ["", "| row | status | dtype | compile | batch x H x W | "
          "inference img/s (batch 1: FPS; paper) | train img/s | MFU train | "
          "ours / torchvision FCOS: train, inference | "
-         "first call s: train, inference | wall s | commit | command |", "|" + "---|" * 13]
+         "first call s: train, inference | host syncs per train step | wall s | commit | command |",
+         "|" + "---|" * 14]
 for r in rows:
     if r["step"] != "speed":
         continue
@@ -108,7 +109,8 @@ for r in rows:
         f(ms and 1e3 / ms, ".1f") + (f" ({paper})" if paper else ""), f(tr and 1e3 / tr, ".1f"),
         f(r.get("mfu_train"), ".1%"), f"{fc:.2f}x, {fi:.2f}x" if fc else "-",
         f"{f(r.get('train_first_call_s'), '.1f')}, {f(r.get('infer_first_call_s'), '.1f')}",
-        f(r["wall"], ".0f"), r["commit"], f"`{r['cmd']}`")) + " |")
+        f(r.get("host_syncs_per_train_step"), "d"), f(r["wall"], ".0f"), r["commit"],
+        f"`{r['cmd']}`")) + " |")
 text += ["", "| run | status | dtype | wall s | evaluated at iteration | mask AP | mask AP50 | "
          "box AP | box AP50 | commit | command |", "|" + "---|" * 11]
 for r in rows:
