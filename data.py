@@ -1072,11 +1072,28 @@ def _render_shapes_image(rng, size, min_visible=0.3, min_pixels=12):
     return img, [(shapes[k][0], vis[k]) for k in kept]
 
 
-def _write_json_atomic(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)  # readers see the old file or the complete new one, never half
+def write_atomic(path, write):
+    """Write `path` by write(tmp), a temporary name beside it, then rename that over the old file:
+    readers, and a run killed mid-write, see the old file or the new one whole, never half. On an
+    error the temporary file is removed and the error passes on (the old file is intact). The one
+    atomic write of the project: annotation jsons, results, checkpoints, pictures."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(obj, path, indent=None):
+    """`obj` as a JSON file at `path`, written atomically (`write_atomic`)."""
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent, default=str)
+    write_atomic(path, dump)
 
 
 def _write_shapes_split(root, split, n, size, rng):
@@ -1111,7 +1128,7 @@ def _write_shapes_split(root, split, n, size, rng):
                        for k, name in enumerate(SHAPE_CLASSES)],
     }
     ann_path = os.path.join(root, "annotations", f"instances_{split}.json")
-    _write_json_atomic(ann, ann_path)  # last: a json on disk means its images are complete
+    write_json(ann, ann_path)  # last: a json on disk means its images are complete
     return img_dir, ann_path
 
 
@@ -1218,7 +1235,7 @@ def write_coco_subset(ann_file, img_dir, out, n=128, split=None):
         shutil.copyfile(os.path.join(img_dir, img["file_name"]), dst)
     out_ann = os.path.join(out, "annotations", f"instances_{split}.json")
     os.makedirs(os.path.dirname(out_ann), exist_ok=True)
-    _write_json_atomic({**data, "images": images, "annotations": anns}, out_ann)
+    write_json({**data, "images": images, "annotations": anns}, out_ann)
     return out_img_dir, out_ann, len(images), len(anns)
 
 

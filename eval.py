@@ -1,10 +1,9 @@
 """
 COCO evaluation: model -> predictions mapped back to the original images -> COCO results json
--> COCOeval (bbox, and segm when the model predicts masks). Also reports images/s and draws
-predictions.
+-> COCOeval (bbox, and segm when the model predicts masks). Also reports images/s (predict.py
+draws predictions, pictures.py the teaching maps).
 
     python eval.py --ckpt=out/centermask_dla34/ckpt.pt
-    python eval.py --ckpt=out/shapes_centermask/ckpt.pt --visualize=True
     python eval.py --ckpt=ckpt.pt --val_ann=annotations/instances_val2017.json \\
         --val_img_dir=val2017 --max_images=500 --results_json=out/results.json
     python eval.py --oracle_stride=4 --val_ann=data/shapes/annotations/instances_val.json
@@ -28,7 +27,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -39,6 +37,8 @@ from torch.utils.data.distributed import DistributedSampler
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+import data
 
 # COCOeval.stats[0:6] in order; these become "bbox_AP", ..., "segm_APl"
 _STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -251,7 +251,6 @@ def _make_loader(source, batch_size, num_workers, device, max_images, collate_fn
     if collate_fn is None:
         collate_fn = getattr(_base_dataset(source), "collate_fn", None)
     if collate_fn is None:
-        import data                                          # lazy: data.py is optional here
         collate_fn = functools.partial(data.collate_fn, size_divisibility=size_divisibility)
     sampler = DistributedSampler(source, shuffle=False) if distributed else None
     return DataLoader(source, batch_size=batch_size, shuffle=False, sampler=sampler,
@@ -281,24 +280,6 @@ def _predict_batch(model, images, targets, device, amp_dtype, mask_threshold):
     if len(outputs) != len(targets):
         raise ValueError(f"model returned {len(outputs)} outputs for {len(targets)} images")
     return [to_original(o, t, mask_threshold) for o, t in zip(outputs, targets)]
-
-
-def _write_json_atomic(obj, path):
-    """Write JSON to `path` via a temp file in the same folder + os.replace: a crash midway
-    never leaves a truncated file where a previous good one was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def _positive_ann_ids(coco_gt):
@@ -480,7 +461,7 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
     if rank == 0:
         results = [r for res in per_image.values() for r in res]
         if results_json:
-            _write_json_atomic(results, results_json)
+            data.write_json(results, results_json)
         img_ids = list(per_image)
         for iou_type in ("bbox", "segm") if has_masks else ("bbox",):
             values = _coco_eval(dataset.coco, results, iou_type, img_ids, verbose)
@@ -495,194 +476,6 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
         torch.distributed.broadcast_object_list(box, src=0)
         stats = box[0]
     return stats
-
-
-# -----------------------------------------------------------------------------
-# pictures
-
-
-def _read_rgb(path):
-    """Original image as (3, H, W) uint8 RGB; grayscale/RGBA/CMYK are converted (PIL)."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            arr = np.array(im.convert("RGB"))                   # (H, W, 3) uint8
-    except Exception as e:
-        raise ValueError(f"cannot read image '{path}': {e}") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def _write_png(image, path):
-    from PIL import Image
-    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path)
-
-
-def _class_colors(num_classes):
-    """A fixed, well-spread colour per class (golden-ratio hues) so pictures are comparable."""
-    import colorsys
-    colors = []
-    for i in range(max(num_classes, 1)):
-        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 1.0)
-        colors.append((int(r * 255), int(g * 255), int(b * 255)))
-    return colors
-
-
-def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
-    """Draw `to_original` predictions on a (3, H0, W0) uint8 image; returns a new image.
-
-    Masks are blended in the class colour, boxes are outlined and labelled "class score".
-    """
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
-    # small images (the 128 px shapes) are enlarged so that labels stay readable
-    up = max(1, math.ceil(384 / max(image.shape[-2:])))
-    if up > 1:
-        image = image.repeat_interleave(up, -2).repeat_interleave(up, -1)
-        pred = dict(pred, boxes=pred["boxes"] * up)
-        if "masks" in pred:
-            pred["masks"] = pred["masks"].repeat_interleave(up, -2).repeat_interleave(up, -1)
-    keep = pred["scores"].cpu() >= score_threshold
-    labels = pred["labels"].cpu()[keep].tolist()
-    scores = pred["scores"].cpu()[keep].tolist()
-    if not labels:
-        return image
-    num_classes = len(class_names) if class_names else max(labels) + 1
-    palette = _class_colors(max(num_classes, max(labels) + 1))
-    colors = [palette[c] for c in labels]
-    if "masks" in pred:
-        image = draw_segmentation_masks(image, pred["masks"].cpu()[keep], alpha=0.5,
-                                        colors=colors)
-    names = [class_names[c] if class_names and c < len(class_names) else str(c)
-             for c in labels]
-    texts = [f"{n} {s:.2f}" for n, s in zip(names, scores)]
-    return draw_bounding_boxes(image, pred["boxes"].cpu()[keep], labels=texts, colors=colors,
-                               width=2)
-
-
-def _network_input_rgb(image, input_format="rgb_imagenet"):
-    """A normalised (3, H, W) network input -> (3, H, W) uint8 RGB for display: data.py's
-    normalisation undone (ImageNet statistics; for input_format "bgr_coco" CenterNet's COCO
-    statistics, then B, G, R back to R, G, B); the batch padding shows as the mean colour."""
-    from data import IMAGENET_MEAN, IMAGENET_STD, COCO_BGR_MEAN, COCO_BGR_STD  # lazy: data.py is optional here
-    bgr = input_format == "bgr_coco"
-    mean = torch.tensor(COCO_BGR_MEAN if bgr else IMAGENET_MEAN, device=image.device)[:, None, None]
-    std = torch.tensor(COCO_BGR_STD if bgr else IMAGENET_STD, device=image.device)[:, None, None]
-    rgb = image.float() * std + mean
-    rgb = rgb.flip(0) if bgr else rgb
-    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-
-
-def _maps_layout(widths, capacity):
-    """Flow panels of the given widths (grid units) into rows of at most `capacity` units."""
-    rows, row = [], []
-    for i, w in enumerate(widths):
-        if row and sum(widths[j] for j in row) + w > capacity:
-            rows.append(row)
-            row = []
-        row.append(i)
-    return rows + [row]
-
-
-def _viridis_nan_blank():
-    """viridis with NaN cells drawn white (blank): the gaps between tiles of a tiled map."""
-    import matplotlib
-    return matplotlib.colormaps["viridis"].with_extremes(bad="white")
-
-
-def _save_maps_figure(image, maps, path, capacity=5):
-    """Teaching view: the image the network saw, then each named 2-D map, with titles.
-
-    Float maps are drawn with a colour bar (viridis; NaN cells blank, e.g. the gaps between
-    tiles), (h, w, 3) maps as RGB images (no colour bar), integer maps as label maps (0 = none in black, 1..n in distinct colours, e.g.
-    instance ids). Every map keeps its aspect ratio and is enlarged to the panel size with
-    nearest interpolation, so a 32x32 stride-4 map shows its cells instead of a blur. Panels
-    flow into rows of `capacity` grid units; a wide map (a row of tiles) takes several units.
-    """
-    from matplotlib.colors import ListedColormap, BoundaryNorm
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    panels = [("network input", image.permute(1, 2, 0).numpy())]
-    panels += [(name, m.detach().cpu().numpy() if torch.is_tensor(m) else np.asarray(m))
-               for name, m in maps.items()]
-    # a panel is 1 grid unit per unit of aspect ratio (width / height), at least 1
-    widths = [min(capacity, max(1, round(p.shape[1] / p.shape[0]))) for _, p in panels]
-    rows = _maps_layout(widths, capacity)
-    fig = Figure(figsize=(2.8 * capacity, 2.9 * len(rows)))
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(len(rows), capacity)
-    for r, row in enumerate(rows):
-        col = 0
-        for i in row:
-            name, m = panels[i]
-            ax = fig.add_subplot(grid[r, col:col + widths[i]])
-            col += widths[i]
-            ax.set_title(f"{name} {m.shape[0]}x{m.shape[1]}", fontsize=10)
-            ax.set_xticks([]), ax.set_yticks([])
-            if i == 0 or m.ndim == 3:  # the image, or an RGB map (e.g. FCOSIS's angle field)
-                ax.imshow(m.astype(np.float32) if i else m, interpolation="nearest")
-            elif np.issubdtype(m.dtype, np.integer) or m.dtype == bool:
-                n = max(int(m.max()), 1)
-                palette = [(0, 0, 0)] + [tuple(c / 255 for c in rgb) for rgb in _class_colors(n)]
-                cmap = ListedColormap(palette[:n + 1])
-                norm = BoundaryNorm(np.arange(-0.5, n + 1), cmap.N)
-                im = ax.imshow(m, cmap=cmap, norm=norm, interpolation="nearest")
-                bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, ticks=range(n + 1))
-                bar.ax.tick_params(labelsize=7)
-            else:
-                im = ax.imshow(m.astype(np.float32), cmap=_viridis_nan_blank(), interpolation="nearest")
-                bar = fig.colorbar(im, ax=ax, fraction=0.046 / max(1, widths[i] ** 0.5), pad=0.02)
-                bar.ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def save_pictures(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.3,
-              batch_size=1, amp_dtype=None, collate_fn=None, maps_fn=None):
-    """Draw the predictions on the first `n` images of `dataset`; returns the PNG paths.
-
-    The original image is read from disk (`dataset.img_dir` / file_name from `dataset.coco`)
-    and the predictions are mapped back with `to_original`, the same code as evaluation.
-    Class names come from `dataset.class_names` when it has them.
-
-    maps_fn (the teaching hook): optional `maps_fn(images (B, 3, H, W)) -> list (one per
-    image) of {name: (h, w) tensor}` (e.g. a model method returning its heatmap, local
-    shapes, saliency, attention map); each image's maps are saved next to its prediction as
-    `<stem>_maps.png` with matplotlib, after the network input they were computed from
-    (float maps with a colour bar, integer maps as label maps; see `_save_maps_figure`).
-    """
-    base = _base_dataset(dataset)
-    net = _unwrap_model(model)
-    subset = Subset(dataset, range(min(n, len(dataset))))
-    loader = _make_loader(subset, batch_size, 0, device, None, collate_fn, False,
-                          net.size_divisibility)
-    class_names = getattr(base, "class_names", None)
-    input_format = getattr(getattr(base, "transforms", None), "input_format", "rgb_imagenet")
-    mask_threshold = net.mask_threshold
-    was_training = net.training
-    net.to(device).eval()
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    try:
-        with torch.no_grad():
-            for images, targets in loader:
-                preds = _predict_batch(net, images, targets, device, amp_dtype,
-                                       mask_threshold)
-                maps = maps_fn(images.to(device)) if maps_fn is not None else None
-                for i, (target, pred) in enumerate(zip(targets, preds)):
-                    info = base.coco.loadImgs(int(target["image_id"]))[0]
-                    image = _read_rgb(os.path.join(base.img_dir, info["file_name"]))
-                    stem = os.path.splitext(os.path.basename(info["file_name"]))[0]
-                    path = os.path.join(out_dir, f"{stem}_pred.png")
-                    _write_png(draw_predictions(image, pred, class_names, score_threshold),
-                               path)
-                    paths.append(path)
-                    if maps is not None:
-                        # the maps live in the padded network-input frame: show that image
-                        map_path = os.path.join(out_dir, f"{stem}_maps.png")
-                        _save_maps_figure(_network_input_rgb(images[i], input_format), maps[i], map_path)
-                        paths.append(map_path)
-    finally:
-        net.train(was_training)
-    return paths
 
 
 # -----------------------------------------------------------------------------
@@ -747,9 +540,6 @@ if __name__ == "__main__":
     num_workers = 2
     max_images = None          # None: the whole val set
     results_json = None        # path to write the COCO results list to
-    visualize = False          # draw predictions for the first vis_n images
-    vis_dir = None             # None: <checkpoint folder>/vis
-    vis_n = 8
     seed = 0
     model_args = ""            # overrides of the checkpoint's model_args, a dict literal, e.g. an
                                # inference-time switch: --model_args="{'attention_assign': 'pass'}"
@@ -826,12 +616,6 @@ if __name__ == "__main__":
         stats = evaluate(model, dataset, device=device, batch_size=batch_size,
                          num_workers=num_workers, max_images=max_images,
                          results_json=results_json, amp_dtype=amp_dtype)
-        if visualize:
-            out = vis_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "vis")
-            # the method's teaching maps (heatmap, shapes, saliency, ...) where it has them (model.Method)
-            written = save_pictures(model, dataset, out, n=vis_n, device=device, amp_dtype=amp_dtype,
-                                    maps_fn=model.teaching_maps)
-            print(f"wrote {len(written)} pictures to {out}")
     except RuntimeError as e:  # DeformConv's refusal of NaN / inf as one line; anything else passes through
         if NON_FINITE_DEFORM not in str(e):
             raise

@@ -218,7 +218,6 @@ class Method(nn.Module):
     model.heads(images)      the raw network outputs, a dict of tensors
     model.decode(out, hw, image_sizes=None)
                              heads(images) -> the eval-mode list: all the post-processing (bench.py times it)
-    model.teaching_maps      None, or images -> B dicts of named 2-D maps (eval.save_pictures, predict.py)
     model.cfg                the ModelConfig (checkpoints' `model_args`)
     model.size_divisibility  pad the batch to a multiple of this (data.collate_fn)
     model.mask_threshold     binarisation of the mask probabilities (cfg.mask_threshold)
@@ -229,7 +228,6 @@ class Method(nn.Module):
     same number of times in every forward. Adding a method (FCOS's hooks among them): README, "Adding a method".
     """
     transform = None                  # each method's class sets it
-    teaching_maps = None
 
     @property
     def mask_threshold(self):
@@ -1187,12 +1185,6 @@ class CenterMask(Method):
             results.append({"boxes": (boxes_out[sl] * R).clamp(min=0).clamp(max=torch.tensor([W, H, W, H], device=heat.device)),
                             "scores": scores[b], "labels": labels[b], "masks": masks})
         return results
-
-    # -- teaching pictures ([CM] Fig. 3 and 5) --------------------------------------------------
-    def teaching_maps(self, images, k=4):
-        """The intermediate results of [CM] Fig. 3 for the top-k detections (pictures.py)."""
-        from pictures import centermask_maps
-        return centermask_maps(self, images, k)
 
 
 # -----------------------------------------------------------------------------
@@ -2381,11 +2373,6 @@ class FCOSIS(FCOS):
         dets = self.detect(x)
         self.predict_masks(dets, x)
         return dets
-
-    def teaching_maps(self, images, k=8, score_threshold=0.3):
-        """What [IS] Fig. 2-4 show, for the best k detections scoring at least score_threshold (pictures.py)."""
-        from pictures import fcosis_maps
-        return fcosis_maps(self, images, k, score_threshold)
 
 
 # -----------------------------------------------------------------------------

@@ -33,8 +33,9 @@ import os
 import numpy as np
 import torch
 
-from eval import (_network_input_rgb, _save_maps_figure, _write_json_atomic, draw_predictions,
-                  load_checkpoint_model, to_coco_results, to_original)
+from data import write_json
+from eval import load_checkpoint_model, to_coco_results, to_original
+from pictures import draw_predictions, network_input_rgb, save_maps_figure, teaching_maps, write_png
 
 # -- config (overridable: python predict.py --key=value) ------------------------------------------
 ckpt = ""                     # checkpoint written by train.py (required)
@@ -80,14 +81,6 @@ def class_meaning(checkpoint, num_classes):
         return [str(k) for k in range(num_classes)], list(range(num_classes))
 
 
-def write_png_atomic(image, path):
-    """(3, H, W) uint8 -> PNG at `path`, written under a temporary name first."""
-    from PIL import Image
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(tmp)
-    os.replace(tmp, path)
-
-
 if __name__ == "__main__":
     import ast
     from functools import partial
@@ -129,7 +122,7 @@ if __name__ == "__main__":
     transform = build_transforms(kind, train=False, **kw)
     collate = partial(collate_fn, size_divisibility=model.size_divisibility)
     threshold = model.mask_threshold
-    maps_fn = model.teaching_maps if maps else None
+    maps_fn = teaching_maps(model) if maps else None
     if maps and maps_fn is None:
         print(f"predict.py: {type(model).__name__} draws no teaching maps; --maps ignored")
 
@@ -160,19 +153,17 @@ if __name__ == "__main__":
             pred = {k: v[keep] for k, v in pred.items()}
             image = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()  # (3, H0, W0) uint8
             stem = os.path.splitext(name)[0]
-            write_png_atomic(draw_predictions(image, pred, class_names, score_threshold),
-                             os.path.join(out, f"{stem}_pred.png"))
+            write_png(draw_predictions(image, pred, class_names, score_threshold),
+                      os.path.join(out, f"{stem}_pred.png"))
             if maps_fn is not None:
-                tmp = os.path.join(out, f"{stem}_maps.tmp{os.getpid()}.png")
-                _save_maps_figure(_network_input_rgb(images[0], transform.input_format),
-                                  maps_fn(images.to(device))[0], tmp)
-                os.replace(tmp, os.path.join(out, f"{stem}_maps.png"))
+                save_maps_figure(network_input_rgb(images[0], transform.input_format),
+                                 maps_fn(images.to(device))[0], os.path.join(out, f"{stem}_maps.png"))
             dets = to_coco_results(pred, 0, label_to_cat_id)
             for d, label in zip(dets, pred["labels"].tolist()):
                 del d["image_id"]
                 d.update(label=label, **{"class": class_names[label]})
             results[name] = dets
             print(f"{name}: {len(dets)} detection(s) >= {score_threshold}")
-    _write_json_atomic(results, os.path.join(out, "predictions.json"))
+    write_json(results, os.path.join(out, "predictions.json"))
     print(f"wrote {len(results)} picture(s) and predictions.json to {out}"
           + (f"; skipped {len(skipped)} file(s) that are not readable images" if skipped else ""))

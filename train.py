@@ -130,7 +130,9 @@ _own_learning_rate = any(a.startswith("--learning_rate=") for a in sys.argv[1:])
 # does not read: one line naming the key, exit status 2, as the configurator's own errors).
 from data import (TRANSFORM_KINDS, CocoInstances, GroupedBatchSampler, aspect_ratio_groups,  # noqa: E402
                   build_transforms, collate_fn, dataset_paths, shapes_dataset_missing, write_shapes_dataset)
-from eval import evaluate, save_pictures  # noqa: E402
+from data import write_atomic as data_write_atomic  # noqa: E402
+from eval import evaluate  # noqa: E402
+from pictures import save_pictures, teaching_maps  # noqa: E402
 
 transform = transform or method_transform(method)
 try:
@@ -443,13 +445,9 @@ def write_atomic(name, write):
     run removes, see below). A failed write (full disk, read-only folder) stops the run with one
     line naming the file; the previous version of the file is kept."""
     final = os.path.join(out_dir, name)
-    tmp = f"{final}.tmp{os.getpid()}"
     try:
-        write(tmp)
-        os.replace(tmp, final)
+        data_write_atomic(final, write)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        with suppress(OSError):
-            os.remove(tmp)
         try:  # torch's message for a full disk is cryptic ("unexpected pos ..."): say how full it is
             free = f" ({shutil.disk_usage(out_dir).free / 2**20:.0f} MiB free on that disk)"
         except OSError:
@@ -458,7 +456,7 @@ def write_atomic(name, write):
                  f"The previous {name}, if any, is intact.")
 
 
-def write_json(obj, path):
+def dump_json(obj, path):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, default=str)
 
@@ -497,7 +495,7 @@ if master:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         sys.exit(f"train.py: cannot create out_dir {out_dir}: {e}")
-    write_atomic("config.json", partial(write_json, config))
+    write_atomic("config.json", partial(dump_json, config))
     # A run killed while writing leaves its temporary file (e.g. ckpt.pt.tmp<pid>) behind. It is
     # never loaded (a checkpoint exists only once renamed), so it is only litter: remove it.
     for leftover in sorted(os.listdir(out_dir)):
@@ -673,7 +671,7 @@ while it < max_iters:
                 save_checkpoint(it, best_ap)
                 if ap >= best_ap:
                     save_checkpoint(it, best_ap, "best.pt")
-                write_atomic("eval.json", partial(write_json, {"iter": it, **stats}))
+                write_atomic("eval.json", partial(dump_json, {"iter": it, **stats}))
             t_log += time.time() - t_eval  # evaluation time is not training time
         elif ckpt_interval and it % ckpt_interval == 0:
             tally.check()
@@ -699,7 +697,7 @@ if master:
     if visualize:
         with stop_on_non_finite_deform("drawing the pictures"):
             paths = save_pictures(eval_model, val_set, os.path.join(out_dir, "pictures"), n=vis_images, device=device,
-                                  maps_fn=eval_model.teaching_maps)
+                                  maps_fn=teaching_maps(eval_model))
         log(f"wrote {len(paths)} pictures to {os.path.join(out_dir, 'pictures')}")
 if ddp:
     # every rank waits until rank 0 has drawn its pictures: a gloo group torn down on one rank

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from eval import evaluate, to_original, save_pictures, _masks_to_original  # noqa: E402
+from eval import evaluate, to_original, _masks_to_original  # noqa: E402
+from pictures import save_pictures  # noqa: E402
 
 CAT_IDS = (5, 9)
 # (id, height, width): long side 60 everywhere, so data.py's test transform with

@@ -562,6 +562,7 @@ def test_padded_crop_bce_tiny_box_keeps_its_centre_cell():
 
 from model import build_model, FCOSIS, FCOSForward  # noqa: E402
 from test_fcos import tiny, train_steps  # noqa: E402
+from pictures import teaching_maps  # noqa: E402
 
 
 def tiny_fcosis(**kw):
@@ -688,7 +689,7 @@ def test_fcosis_inference_and_teaching_maps():
         x1 = int(d["boxes"][0, 2].ceil())
         if x1 < 127:
             assert d["masks"][0, :, x1 + 1:].max() == 0   # cropped to its box
-    maps = model.teaching_maps(images, score_threshold=0.0, k=4)
+    maps = teaching_maps(model)(images, score_threshold=0.0, k=4)
     assert not model.training  # the mode it was in is restored
     m = maps[0]
     assert set(m) == {"centre of mass field", "coarse foreground", "attention map", "colour groups", "masks"}
@@ -697,7 +698,7 @@ def test_fcosis_inference_and_teaching_maps():
     assert m["colour groups"].shape == (96, 128) and m["colour groups"].dtype == torch.long
     assert m["colour groups"].max() >= 1 and m["masks"].shape == (96, 128)
     p3 = build_model(tiny_fcosis(score_threshold=0.0, max_detections=6, attention_grid="p3")).eval()
-    assert p3.teaching_maps(images, score_threshold=0.0, k=4)[0]["attention map"].shape == (12, 16)
+    assert teaching_maps(p3)(images, score_threshold=0.0, k=4)[0]["attention map"].shape == (12, 16)
 
 
 def test_fcosis_empty_batch_keeps_every_parameter_in_the_graph():

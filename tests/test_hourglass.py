@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from model import (ModelConfig, build_model, CenterMask, Hourglass104, HourglassModule, Residual,
                    topk_peaks)
+from pictures import teaching_maps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,7 +222,7 @@ def test_teaching_maps_keys_and_shapes(kw):
     input size), value ranges, and that the model's train/eval mode is restored."""
     model = build_model(tiny_hg(**kw)).train()
     x, _ = make_batch(2, 32, 48)
-    maps = model.teaching_maps(x, k=3)
+    maps = teaching_maps(model)(x, k=3)
     assert model.training and len(maps) == 2
     expected = {"heatmap", "peaks", "masks"} | ({"saliency"} if model.saliency is not None else set()) \
         | ({"local shapes"} if model.local_shape is not None else set())
@@ -258,7 +259,7 @@ def test_teaching_maps_hand_planted():
     out["shape"][0, :, 1, 2] = torch.tensor([20.0, 20.0, 20.0, 20.0])
     out["saliency"][0, 1] = torch.log(torch.tensor(3.0))
     model.heads = lambda images: out                      # plant the head outputs
-    m = model.teaching_maps(torch.zeros(1, 3, 16, 16), k=2)[0]
+    m = teaching_maps(model)(torch.zeros(1, 3, 16, 16), k=2)[0]
     assert m["peaks"][1, 2] == 1
     torch.testing.assert_close(m["local shapes"][:, :S], torch.ones(S, S))
     torch.testing.assert_close(m["saliency"], torch.full((4, 4), 0.75))
@@ -267,13 +268,13 @@ def test_teaching_maps_hand_planted():
 
 def test_teaching_maps_figure(tmp_path):
     """Guards the teaching picture path end to end (NaN gaps, integer label maps, the wide
-    tile panel): eval's figure writer must accept teaching_maps' output and write a PNG."""
-    from eval import _save_maps_figure
+    tile panel): pictures.py's figure writer must accept teaching_maps' output and write a PNG."""
+    from pictures import save_maps_figure
     model = build_model(tiny_hg())
     x, _ = make_batch(1)
-    maps = model.teaching_maps(x)[0]
+    maps = teaching_maps(model)(x)[0]
     path = tmp_path / "maps.png"
-    _save_maps_figure(torch.zeros(3, 32, 32, dtype=torch.uint8), maps, path)
+    save_maps_figure(torch.zeros(3, 32, 32, dtype=torch.uint8), maps, path)
     assert path.stat().st_size > 0
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import COCO128, ROOT, WEIGHTS_MANIFESTS
 
 import data
-from eval import _network_input_rgb
+from pictures import network_input_rgb
 from model import FCOSForward, ModelConfig, build_model, fcos_locations
 from weights import COCO_CATEGORY_IDS, import_weights, read_weights
 
@@ -514,7 +514,7 @@ def test_bgr_coco_input_equals_centernets_preprocessing():
                  G = 0:    -0.44719 / 0.27408 = -1.63161
                  R = 0:    -0.47026 / 0.27810 = -1.69099
     The test transform at scale 1 (keep_res) gives these numbers (channel 0 = B), equal to
-    CenterNet's numpy formula; _network_input_rgb gives the RGB pixels back."""
+    CenterNet's numpy formula; network_input_rgb gives the RGB pixels back."""
     rgb = np.array([[[255, 128, 0], [0, 0, 255]]], dtype=np.uint8)            # (H=1, W=2, 3)
     t = data.build_transforms("centernet", train=False, input_size=2, keep_res=True, input_format="bgr_coco")
     image, target = data.unlabelled_sample(Image.fromarray(rgb), t)
@@ -524,7 +524,7 @@ def test_bgr_coco_input_equals_centernets_preprocessing():
     std = np.array([0.28863828, 0.27408164, 0.27809835], np.float32)
     centernet = ((rgb[..., ::-1].astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
     assert torch.allclose(image, torch.from_numpy(centernet.copy()), atol=1e-6)
-    assert torch.equal(_network_input_rgb(image, "bgr_coco"), torch.from_numpy(rgb).permute(2, 0, 1))
+    assert torch.equal(network_input_rgb(image, "bgr_coco"), torch.from_numpy(rgb).permute(2, 0, 1))
     default = data.build_transforms("centernet", train=False, input_size=2, keep_res=True)
     assert default.input_format == "rgb_imagenet"
     with pytest.raises(ValueError, match="input_format"):
