@@ -487,10 +487,9 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
 
     ckpt: path of a checkpoint written by train.py ({"model", "model_args", "config", ...}).
     overrides: ModelConfig fields to change at inference (e.g. {"attention_assign": "pass"}).
-    The moving average "ema" is loaded when the checkpoint has one (train.py evaluated it), and
-    the prefixes of a compiled ("_orig_mod.") or DDP ("module.") model are stripped.
-    Weights holding NaN / inf or a negative BatchNorm variance are refused (weights.check_weights).
-    Returns (model, checkpoint dict, "ema" | "model"). Raises ValueError naming the file.
+    The prefixes of a compiled ("_orig_mod.") or DDP ("module.") model are stripped. Weights
+    holding NaN / inf or a negative BatchNorm variance are refused (weights.check_weights).
+    Returns (model, checkpoint dict). Raises ValueError naming the file.
     """
     from model import ModelConfig, build_model
     from weights import check_weights, current_keys
@@ -510,14 +509,13 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
         model = build_model(ModelConfig(**{**checkpoint["model_args"], **overrides}))
     except TypeError as e:
         raise ValueError(f"checkpoint '{ckpt}' has model_args this model.py does not know: {e}") from None
-    weights = "ema" if "ema" in checkpoint else "model"
-    state = current_keys({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint[weights].items()})
-    check_weights(state, f"checkpoint '{ckpt}' ({weights!r} weights)")
+    state = current_keys({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()})
+    check_weights(state, f"checkpoint '{ckpt}'")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"weights in '{ckpt}' do not fit the model built from its model_args: {e}") from None
-    return model.to(device).eval(), checkpoint, weights
+    return model.to(device).eval(), checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -571,7 +569,7 @@ if __name__ == "__main__":
     if not isinstance(overrides, dict):
         _fail(f"--model_args must be a dict literal such as \"{{'attention_assign': 'pass'}}\", got {model_args!r}")
     try:
-        model, checkpoint, weights = load_checkpoint_model(ckpt, device, overrides)
+        model, checkpoint = load_checkpoint_model(ckpt, device, overrides)
     except ValueError as e:
         _fail(str(e))
     saved = checkpoint.get("config") or {}
@@ -608,7 +606,7 @@ if __name__ == "__main__":
               f"against {list(trained)[:20]}): its labels would be scored as other classes")
     n_eval = len(dataset) if max_images is None else min(max_images, len(dataset))
     at = "with each image at its own size (keep_res)" if keep_res else f"at input size {dataset.transforms.input_size}"
-    print(f"evaluating {ckpt} ({weights} weights) on {n_eval} images of {val_ann}, "
+    print(f"evaluating {ckpt} on {n_eval} images of {val_ann}, "
           f"{transform} test transform {at}, inputs {input_format}")
     amp_dtype = None if dtype == "float32" or device == "cpu" else getattr(torch, dtype)
     from model import NON_FINITE_DEFORM

@@ -102,7 +102,7 @@ if __name__ == "__main__":
     except (ValueError, SyntaxError, AssertionError):
         fail(f"--model_args must be a dict literal such as \"{{'mask_threshold': 0.5}}\", got {model_args!r}")
     try:
-        model, checkpoint, _ = load_checkpoint_model(ckpt, device, overrides)
+        model, checkpoint = load_checkpoint_model(ckpt, device, overrides)
     except ValueError as e:
         fail(str(e))
     files = input_files(input)

@@ -93,7 +93,6 @@ gradient_accumulation_steps = 1   # micro-batches per optimizer step (nanoGPT's 
 epochs = 130
 max_iters = 0                     # 0: derived from epochs and the dataset length
 learning_rate = 2.5e-4
-lr_schedule = "step"              # "step" ([CM 3.5]: x lr_decay at each of lr_steps) or "cosine" (to 0 at the end)
 lr_steps = (100, 120)             # epochs at which lr *= lr_decay (step schedule)
 lr_decay = 0.1
 warmup_iters = 0                  # warm-up iterations (not in [CM]; FCOS: 500, its SOLVER.WARMUP_ITERS)
@@ -105,7 +104,6 @@ weight_decay = 0.0
 bias_lr_factor = 1.0              # lr multiplier of every parameter whose name contains "bias" (FCOS: 2, SOLVER.BIAS_LR_FACTOR)
 bias_weight_decay = None          # their weight decay (FCOS: 0, SOLVER.WEIGHT_DECAY_BIAS); None: weight_decay
 grad_clip = 0.0                   # clip the gradient norm at this value (0: off; [CM] none)
-ema_decay = 0.0                   # >0: evaluate and save an exponential moving average of the weights (not in [CM]/[IS])
 # system
 device = "auto"                   # "auto", "cpu", "cuda", "cuda:1", ...
 dtype = "auto"                    # "auto": GPU bf16 (else fp16); CPU bf16 where native (AMX/AVX512-BF16), else fp32
@@ -237,9 +235,8 @@ if init_from == "resume":
     except Exception as e:
         sys.exit(f"train.py: cannot read checkpoint {ckpt_path}: {e}")
     try:  # NaN / inf, a BatchNorm variance below 0: refused here, not met as a crash later (weights.check_weights)
-        for entry in ("model", "ema"):
-            if isinstance(checkpoint, dict) and isinstance(checkpoint.get(entry), dict):
-                check_weights(checkpoint[entry], f"{ckpt_path} ({entry!r} weights)")
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+            check_weights(checkpoint["model"], f"{ckpt_path} ('model' weights)")
     except ValueError as e:
         sys.exit(f"train.py: init_from='resume': {e}")
     saved_config = (checkpoint.get("config") or {}) if isinstance(checkpoint, dict) else {}
@@ -358,21 +355,7 @@ if checkpoint is not None:
         scaler.load_state_dict(checkpoint["scaler"])
 
 raw_model = model
-# Exponential moving average of the weights (ema_decay > 0; not in [CM]/[IS]): a copy of the model
-# whose parameters and BN statistics follow the trained ones, p_ema <- d * p_ema + (1 - d) * p after
-# every step (torch's AveragedModel). Evaluations, checkpoints' "ema" entry (which eval.py loads)
-# and the pictures use it; training and resume continue from the raw weights. The decay is constant
-# (no warm-up), so for the first ~1/(1 - d) steps the average still carries the initial weights
-# (what d = 0.998 was worth on the shapes quick start: RESULTS.md, "CenterMask quick start: tried and
-# not kept").
-ema = None
-if ema_decay > 0:
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-    if checkpoint is not None and "ema" in checkpoint:
-        ema.module.load_state_dict(current_keys(checkpoint["ema"]))
-        ema.n_averaged.fill_(1)  # > 0: the next update averages instead of copying
-eval_model = ema.module if ema is not None else raw_model
+eval_model = raw_model
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 if compile:  # after DDP: dynamo splits the graph at DDP's gradient buckets, so their all-reduce overlaps the backward
@@ -421,18 +404,14 @@ if checkpoint is not None and (checkpoint.get("global_batch", global_batch), che
 
 def get_lr(it):
     """Warm-up (optional: linear from 0, or FCOS's constant warmup_factor x lr), then x lr_decay at
-    each step ([CM 3.5]: epochs 100 and 120), or a half cosine from learning_rate down to 0 at
-    max_iters. The base rate: each parameter group multiplies in its lr_factor."""
+    each step ([CM 3.5]: epochs 100 and 120). The base rate: each parameter group multiplies in its
+    lr_factor."""
     if it < warmup_iters:  # linear: f + (1 - f) (it + 1) / W, never 0 at the first step (f = 0 included)
         f = warmup_factor
         return learning_rate * (f if warmup_method == "constant" else f + (1 - f) * (it + 1) / warmup_iters)
-    if lr_schedule == "cosine":
-        return learning_rate * 0.5 * (1 + math.cos(math.pi * (it - warmup_iters) / max(1, max_iters - warmup_iters)))
     return learning_rate * lr_decay ** sum(it >= s for s in step_iters)
 
 
-if lr_schedule not in ("step", "cosine"):
-    sys.exit(f"train.py: lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}")
 if warmup_method not in ("linear", "constant"):
     sys.exit(f"train.py: warmup_method must be 'linear' or 'constant', got {warmup_method!r}")
 if not 0 <= warmup_factor <= 1 or (warmup_method == "constant" and warmup_factor == 0 and warmup_iters > 0):
@@ -469,8 +448,6 @@ def save_checkpoint(it, best_ap, name="ckpt.pt"):
             # what a label means, for predict.py on a checkpoint alone: label k is class_names[k],
             # COCO category id label_to_cat_id[k] of the training json
             "class_names": list(train_set.class_names), "label_to_cat_id": list(train_set.label_to_cat_id)}
-    if ema is not None:
-        ckpt["ema"] = ema.module.state_dict()
     write_atomic(name, partial(torch.save, ckpt))
 
 
@@ -512,8 +489,7 @@ history = {"iter": [], "loss": {}}  # for the loss-curve PNG
 checkpoint = None  # free memory
 log(f"training for {max_iters} iterations ({iters_per_epoch} per epoch, batch {batch_size} x {world_size}"
     + (f" x {accum} micro-batches" if accum > 1 else "") + "); "
-    + ("cosine learning rate to 0" if lr_schedule == "cosine" else f"lr steps at iterations {step_iters}")
-    + (f", weight EMA {ema_decay}" if ema is not None else ""))
+    + f"lr steps at iterations {step_iters}")
 normalizers = MicroBatchNormalizers() if accum > 1 else None
 global_batch = world_size * batch_size * accum
 log(f"global batch {global_batch} ({world_size} process(es) x batch_size {batch_size} x {accum} micro-batch(es)), "
@@ -605,8 +581,6 @@ def train_step(micro_batches):
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     scaler.step(opt)      # skipped (on the device) if a gradient is inf/NaN
     scaler.update()
-    if ema is not None:
-        ema.update_parameters(raw_model)
     opt.zero_grad(set_to_none=True)
     return terms
 

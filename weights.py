@@ -279,14 +279,13 @@ class LoadedWeights:
     model_args: dict = None
     config: dict = None
     label_to_cat_id: list = None
-    which: str = ""                     # our checkpoints: "ema" or "model", the weights taken
 
     @property
     def description(self):
         what = WEIGHT_LAYOUTS[self.kind][0]
         if self.kind == "project":
             a = self.model_args or {}
-            what += f" ({a.get('method')} / {a.get('backbone')}, its {self.which} weights)"
+            what += f" ({a.get('method')} / {a.get('backbone')})"
         return what
 
     def config_updates(self, config):
@@ -339,8 +338,7 @@ def read_weights(source):
     """
     Read the weights to start from: a path (torch.load with weights_only=True: tensors and
     plain containers only), TORCHVISION_FCOS ("torchvision:fcos_resnet50_fpn"), or an already
-    loaded dict. Recognised: this project's checkpoints ({"model", "model_args", ...}; the "ema"
-    weights when there are, as eval.py), CenterNet's ({"state_dict": ...}, or the bare state dict;
+    loaded dict. Recognised: this project's checkpoints ({"model", "model_args", ...}), CenterNet's ({"state_dict": ...}, or the bare state dict;
     keys with or without DataParallel's "module."), the ImageNet DLA-34 and torchvision's FCOS
     (bare state dicts). -> LoadedWeights. Raises ValueError (RuntimeError for a failed
     torchvision download) with a one-line message naming the source; weights that cannot run
@@ -363,11 +361,9 @@ def read_weights(source):
     if not isinstance(obj, dict):
         raise ValueError(f"{name} holds a {type(obj).__name__}, not a checkpoint (a dict of tensors)")
     if "model" in obj and "model_args" in obj:                    # train.py's
-        which = "ema" if isinstance(obj.get("ema"), dict) else "model"
-        check_weights(obj[which], f"{name} ({which!r} weights)")
-        return LoadedWeights("project", name, _strip_prefixes(obj[which]), model_args=dict(obj["model_args"]),
-                             config=dict(obj.get("config") or {}), label_to_cat_id=obj.get("label_to_cat_id"),
-                             which=which)
+        check_weights(obj["model"], name)
+        return LoadedWeights("project", name, _strip_prefixes(obj["model"]), model_args=dict(obj["model_args"]),
+                             config=dict(obj.get("config") or {}), label_to_cat_id=obj.get("label_to_cat_id"))
     state = obj.get("state_dict", obj)                            # CenterNet's checkpoints hold it there
     state = _strip_prefixes({k: v for k, v in state.items() if torch.is_tensor(v)}) if isinstance(state, dict) else {}
     kind = _layout_of(state)
