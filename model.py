@@ -80,8 +80,6 @@ class ModelConfig:
     hg_dims: tuple = (256, 256, 384, 384, 384, 512)  # width per level: 5 downsamplings (CornerNet 3.5)
     hg_modules: tuple = (2, 2, 2, 2, 2, 4)  # residual blocks per level; 4 in the middle (CornerNet 3.5)
     # -- CenterMask: CenterNet's targets and losses ([CN] 3, [CM 3.4]) ---------------------------
-    min_overlap: float = 0.7          # gaussian_radius IoU ([CN] 3, CornerNet 4.1)
-    cornernet_bug: bool = True        # use the shipped (buggy) radius formula, as all published numbers
     mask_loss_grid: str = "output"    # grid of CenterMask's mask loss ([CM] eq. 2 gives none): "output" (stride R,
                                       # ground truth average-pooled) or "input" (input pixels, binary ground truth)
     # -- Local Shape x Global Saliency: CenterMask and CenterMask-FCOS ([CM 3]) -------------------
@@ -91,7 +89,6 @@ class ModelConfig:
     use_saliency: bool = True         # Global Saliency branch ([CM 3.2]); False = shape-only (Table 1d)
     saliency: str = "agnostic"        # "agnostic" (1 channel) or "specific" (C channels), [CM 3.2], Table 1e
     saliency_loss: bool = False       # direct BCE on class-specific saliency ([CM 4.1], Table 1f)
-    saliency_loss_weight: float = 1.0  # weight of the Table 1f loss (not given in [CM]; our choice)
     loss_weights: tuple = (1.0, 1.0, 0.1, 1.0)  # lambda_p, lambda_off, lambda_size, lambda_mask [CM 3.5]
                                       # (CenterMask-FCOS reads lambda_mask only)
     # -- the FCOS family (FCOS_FAMILY): ResNet-FPN and the FCOS detector ([FCOS], [IS 3.1]) -------
@@ -107,10 +104,7 @@ class ModelConfig:
     center_sampling: float = 1.5      # positives within this many strides of the box centre (FCOS code:
                                       # CENTER_SAMPLING_RADIUS 1.5); 0: every location in the box ([FCOS] 3.1, [IS 3.1])
     box_loss: str = "giou"            # "giou" (torchvision's GIoU loss) or "iou" (-log((I+1)/(U+1)), FCOS's, [IS 3.1])
-    focal_alpha: float = 0.25         # [FCOS] 3.1, RetinaNet's focal loss
-    focal_gamma: float = 2.0          # [FCOS] 3.1
     score_threshold: float = 0.05     # candidate locations at inference ([FCOS] 4)
-    pre_nms_top_n: int = 1000         # candidates per level before NMS ([FCOS] 4)
     nms_threshold: float = 0.6        # class-wise NMS IoU ([FCOS] 4)
     score_threshold_on: str = "cls"   # what score_threshold tests: "cls" (FCOS: the class probability, before the
                                       # centerness) or "score" (torchvision's FCOS: sqrt(cls * centerness))
@@ -122,8 +116,6 @@ class ModelConfig:
     center_sampling_at: str = "box"   # sampling centre: "box" or "mass" (the mask's centre of mass, [IS 3.3] Fig. 5)
     # -- MaskFCOS ([IS 4], "Mask Prediction Head") -------------------------------------------------
     mask_proposals: int = 64          # FCOS detections per image used as RoIs in training (N not given in [IS])
-    roi_size: int = 14                # RoIAlign output ([IS 4])
-    mask_size: int = 28               # mask head output ([IS 4])
     # -- FCOSIS ([IS 3.2]) -----------------------------------------------------------------------
     attention: str = "segm"           # "segm" (the paper's map), Table 3: "mu0" (mu := 0), "bbox" (bbox only), "none" (no top-down)
     seg_classes: str = "agnostic"     # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
@@ -843,6 +835,8 @@ def l1_at_centers(pred_map, objs, target):
 # -----------------------------------------------------------------------------
 # 7. CenterMask ([CM] 3)
 
+SALIENCY_LOSS_WEIGHT = 1.0  # the weight of [CM] Table 1f's direct saliency loss: [CM 4.1] gives none (ours)
+
 
 def conv_relu_conv(cin, cout, hidden, bias_fill=0.0):
     """One CenterNet head branch: Conv3x3(cin -> hidden) + ReLU + Conv1x1(hidden -> cout) ([CN] 4),
@@ -1117,7 +1111,7 @@ class CenterMask(Method):
         c = objs["center_int"]
         objs["center_int"] = torch.stack([c[:, 0].clamp(0, w - 1), c[:, 1].clamp(0, h - 1)], 1)
         lp, loff, lsize, lmask = self.cfg.loss_weights
-        gt_heat = centernet_heatmaps(objs, B, C, h, w, self.cfg.min_overlap, self.cfg.cornernet_bug)
+        gt_heat = centernet_heatmaps(objs, B, C, h, w)                      # min_overlap 0.7, CornerNet's radius
         losses = {
             "heatmap": lp * centernet_focal_loss(out["heatmap"], gt_heat),
             # offset target: p/R - floor(p/R) in [0, 1) ([CM] eq. 4)
@@ -1152,7 +1146,7 @@ class CenterMask(Method):
             # Table 1f ([CM 4.1]): BCE of the class-specific saliency against the per-class union of the masks
             gt_sal = (saliency_targets(gt_small, objs["batch"], objs["labels"], B, C) if M
                       else torch.zeros(B, C, h, w, device=device))                          # (B, C, h, w)
-            losses["saliency"] = self.cfg.saliency_loss_weight * F.binary_cross_entropy_with_logits(
+            losses["saliency"] = SALIENCY_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(
                 out["saliency"], gt_sal)
         losses["loss"] = sum(losses.values())
         return losses
@@ -1258,6 +1252,8 @@ class ResNetFPN(nn.Module):
 
 # size range of each level on max(l*, t*, r*, b*) ([FCOS] 3.2: m_2..m_7 = 0, 64, 128, 256, 512, inf for P3..P7)
 FCOS_SIZE_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, math.inf))
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # the classification's focal loss ([FCOS] 3.1, RetinaNet's)
+PRE_NMS_TOP_N = 1000                  # candidates per level before the NMS ([FCOS] 4)
 
 
 def fcos_locations(hw_per_level, strides, device=None, offset="half", input_hw=None):
@@ -1538,8 +1534,8 @@ class FCOS(Method):
         num_pos = reduce_mean(pos.sum().float()).clamp(min=1.0)
         onehot = torch.zeros_like(out["cls"])                                    # (B, P, C)
         onehot[pos, assigned["labels"][pos]] = 1.0
-        losses = {"cls": sigmoid_focal_loss(out["cls"], onehot, alpha=self.cfg.focal_alpha,
-                                            gamma=self.cfg.focal_gamma, reduction="sum") / num_pos}
+        losses = {"cls": sigmoid_focal_loss(out["cls"], onehot, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA,
+                                            reduction="sum") / num_pos}
         ctr = assigned["centerness"][pos]                                        # (M,)
         seg = None  # FCOSreg's segmentation label of each positive with its own object ([IS 3.3])
         if "seg" in assigned and self.cfg.reg_weights != (1.0, 0.0, 0.0):
@@ -1597,7 +1593,7 @@ class FCOS(Method):
         start = 0
         for n in [h * w for h, w in out["hw"]]:                                  # top 1000 per level
             s = score[:, start:start + n].reshape(B, -1)                         # (B, n*C)
-            v, i = s.topk(min(cfg.pre_nms_top_n, s.shape[1]), dim=1)
+            v, i = s.topk(min(PRE_NMS_TOP_N, s.shape[1]), dim=1)
             cand_scores.append(v)
             cand_index.append(i + start * C)
             start += n
@@ -1623,6 +1619,8 @@ class FCOS(Method):
 
 # -----------------------------------------------------------------------------
 # 10. MaskFCOS ([IS 4], "Mask Prediction Head")
+
+ROI_SIZE, MASK_SIZE = 14, 28  # RoIAlign output and mask head output ([IS 4], Mask R-CNN's)
 
 
 def maskfcos_levels(boxes, k0=4, canonical=224.0, k_min=3, k_max=5):
@@ -1669,7 +1667,7 @@ class MaskFCOS(FCOS):
         from torchvision.ops import roi_align
         level = maskfcos_levels(boxes)                                           # (K,) in 3..5
         rois = torch.cat([batch[:, None].float(), boxes.float()], 1)             # (K, 5)
-        out = torch.zeros(len(boxes), self.cfg.fpn_channels, self.cfg.roi_size, self.cfg.roi_size,
+        out = torch.zeros(len(boxes), self.cfg.fpn_channels, ROI_SIZE, ROI_SIZE,
                           device=boxes.device, dtype=features[0].dtype)
         # one roi_align per level, the RoIs sorted by level: one host read (the counts), not three per level
         order = torch.argsort(level, stable=True)                                # (K,)
@@ -1678,7 +1676,7 @@ class MaskFCOS(FCOS):
                 p = features[self.fcos_levels][k - 3]
                 # fp32 features and RoIs under any autocast: a bf16 RoI would round a corner by 4 px between
                 # 512 and 1024 and by 8 px above (torchvision's autocast kernel also computes in fp32)
-                out[sel] = roi_align(p.float(), rois[sel], self.cfg.roi_size, 1.0 / 2 ** k,
+                out[sel] = roi_align(p.float(), rois[sel], ROI_SIZE, 1.0 / 2 ** k,
                                      sampling_ratio=2, aligned=True).to(out.dtype)
         return out
 
@@ -1701,7 +1699,7 @@ class MaskFCOS(FCOS):
                 rois.append(props[keep])
                 gt_index.append(idx[keep])                                       # among the image's boxes
             counts.append(len(rois[-1]) if len(gt) else 0)
-        S = self.cfg.mask_size
+        S = MASK_SIZE
         num_pixels = reduce_mean(torch.full((), float(sum(counts) * S * S), device=device)).clamp(min=1)
         if not rois:  # no objects in the batch: keep the mask head in the graph (DDP)
             return {"mask": sum(p.sum() * 0 for p in self.mask_head.parameters())}
@@ -1794,7 +1792,7 @@ class CenterMaskFCOS(FCOS):
                 pooled = average_pool_masks(batch_masks(targets, *x.input_hw, device), self.strides[0], (h, w))
                 labels = torch.cat([t["labels"].reshape(-1) for t in targets]).to(device)
                 gt_sal = saliency_targets(pooled, image_index(counts, device), labels, B, n)
-            losses["saliency"] = self.cfg.saliency_loss_weight * F.binary_cross_entropy_with_logits(sal, gt_sal)
+            losses["saliency"] = SALIENCY_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(sal, gt_sal)
         if len(batch) == 0:
             params = [p for m in (self.local_shape, self.saliency) if m is not None for p in m.parameters()]
             return {"mask": sum(p.sum() * 0 for p in params), **losses}

@@ -130,13 +130,13 @@ def centermask_maps(targets, H, W, cfg):
     objs["center_int"] = torch.minimum(objs["center_int"].clamp(min=0), torch.tensor([w - 1, h - 1]))
 
     # (b) centre heatmap, batched: per class the max of the objects' gaussians
-    heat = centernet_heatmaps(objs, B, C, h, w, cfg.min_overlap, cfg.cornernet_bug)  # (B, C, h, w)
+    heat = centernet_heatmaps(objs, B, C, h, w)                            # (B, C, h, w)
     # the same splats one object at a time with the readable draw_gaussian (radius from
     # gaussian_radius on the box size rounded up, CenterNet's max(0, int(r))): must agree
     check = torch.zeros(B, C, h, w)
     for m in range(M):
         bw, bh = objs["wh"][m].ceil().tolist()
-        r = max(0, int(gaussian_radius(bh, bw, cfg.min_overlap, cfg.cornernet_bug)))
+        r = max(0, int(gaussian_radius(bh, bw)))
         draw_gaussian(check[objs["batch"][m], objs["labels"][m]], objs["center_int"][m], r)
     assert torch.allclose(check, heat, atol=1e-5), "centernet_heatmaps != draw_gaussian splats"
 

@@ -8,6 +8,4 @@ import os
 exec(open(os.path.join(os.path.dirname(__file__), 'fcos_r50.py')).read())
 method = "maskfcos"
 mask_proposals = 64              # FCOS detections per image used as RoIs in training ([IS 4] gives no N)
-roi_size = 14                    # [IS 4]
-mask_size = 28                   # [IS 4]
 out_dir = "out/maskfcos_r50"

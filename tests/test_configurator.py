@@ -279,12 +279,12 @@ def synthetic_targets(B, S, num_classes, seed=0):
 # A value of every field other than its default, each one valid on its own (tiny models).
 ALTERNATIVES = dict(
     mask_threshold=0.3, dcn=False, dla_channels=(8, 8, 16, 16, 32, 32), num_stacks=1, hg_dims=(8, 8, 16),
-    hg_modules=(1, 1, 1), min_overlap=0.5, cornernet_bug=False, mask_loss_grid="input", saliency_loss=True,
-    saliency_loss_weight=2.0, head_conv=16, shape_size=4, use_shape=False, saliency="specific",
+    hg_modules=(1, 1, 1), mask_loss_grid="input", saliency_loss=True,
+    head_conv=16, shape_size=4, use_shape=False, saliency="specific",
     loss_weights=(2.0, 2.0, 0.2, 2.0), pretrained=True, norm="bn", freeze_at=1, fpn_channels=16, head_convs=2,
-    centerness_on="cls", reg_form="exp", center_sampling=0.0, box_loss="iou", focal_alpha=0.5, focal_gamma=1.0, score_threshold=0.1, pre_nms_top_n=50,
+    centerness_on="cls", reg_form="exp", center_sampling=0.0, box_loss="iou", score_threshold=0.1,
     nms_threshold=0.5, score_threshold_on="score", location_offset="zero", ambiguity="mask",
-    reg_weights=(0.5, 0.5, 0.0), center_sampling_at="mass", mask_proposals=8, roi_size=7, mask_size=14,
+    reg_weights=(0.5, 0.5, 0.0), center_sampling_at="mass", mask_proposals=8,
     attention="mu0", seg_classes="specific", com_assignment="positive", attention_assign="pass",
     attention_background="own_background", assign_nms_threshold=0.5, assign_score_floor=0.0, attention_grid="p3")
 

@@ -415,7 +415,7 @@ def test_torchvision_fcos_parity_on_coco128():
 
     model = build_model(ModelConfig(method="fcos", backbone="resnet50", num_classes=80, location_offset="zero",
                                     score_threshold_on="score", score_threshold=0.05, nms_threshold=0.6,
-                                    max_detections=100, pre_nms_top_n=1000))
+                                    max_detections=100))
     report = import_weights(model, published)
     assert len(report.loaded) == 319 and report.new == ["head.scales"]
     assert sorted(report.ignored) == sorted(k for k in published if k.endswith("num_batches_tracked"))
