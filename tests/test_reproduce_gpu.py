@@ -55,9 +55,10 @@ def test_dry_run_writes_every_row(tmp_path):
     assert set(rows) == set(SPEED + TRAIN) | {"row", "run"}  # "row", "run": the two header rows
     for name in SPEED + TRAIN:
         cells = rows[name]
-        # speed: row, status, dtype, ..., wall s, commit, command; trainings: run, status, dtype,
-        # wall s, ..., commit, command
-        wall = cells[10] if name in SPEED else cells[3]
+        # speed: row, status, dtype, ..., host syncs, wall s, commit, command; trainings: run, status,
+        # dtype, wall s, ..., commit, command
+        wall = cells[11] if name in SPEED else cells[3]
+        assert name not in SPEED or cells[10] == "-"  # host syncs: counted on CUDA only
         assert cells[1] == "ok" and float(wall) >= 0 and cells[-2] == commit, cells
         assert cells[2] in ("float32", "bfloat16", "float16", "-"), cells  # -: writes data
         assert re.fullmatch(r"`python (bench|train|data)\.py .*`", cells[-1]), cells
