@@ -78,19 +78,24 @@ def test_offset_and_size_targets_inside_the_loss():
     """Guards eq. 4 and 5 as the loss builds them. Box (1, 2, 13, 16) input px, R = 4: output
     (0.25, 0.5, 3.25, 4); centre (1.75, 2.25), cell (1, 2), offset target p/R - floor(p/R) =
     (0.75, 0.25) (both fractional parts non-zero and different); size target (3, 3.5).
-    Predictions at cell (x=1, y=2): offset (0.7, 0.2), size (2, 3); 0 elsewhere.
+    Predictions at cell (x=1, y=2): offset (0.7, 0.2), size (2, 4); 0 elsewhere.
       offset: lambda_off 1 * (|0.7 - 0.75| + |0.2 - 0.25|) / (2N + 1e-4) = 0.1 / 2.0001 = 0.0499975
-      size:   lambda_size 0.1 * (|2 - 3| + |3 - 3.5|) / 2.0001 = 0.1 * 0.749963 = 0.0749963
-    (target cell + offset swapped in sign, x/y swapped, or read at another cell: 0.5 to 1 / 2)."""
+      size:   lambda_size 0.1 * (|2 - 3| + |4 - 3.5|) / 2.0001 = 0.1 * 0.749963 = 0.0749963
+    (target cell + offset swapped in sign, x/y swapped, or read at another cell: 0.5 to 1 / 2;
+    the size's w and h swapped: 0.1 * 2.5 / 2.0001).
+    Mask ([CM] eq. 2): shape and saliency logits 0, M = 0.25, an empty mask: -log 0.75 = 0.287682
+    on each of the box's 3 x 4 cells (centres 0.5..2.5 in [0.25, 3.25], 0.5..3.5 in [0.5, 4]), their
+    mean (the 52 cells outside the box count neither above nor below the line)."""
     m = tiny_centermask()
     out = centermask_out(8, 8)
     out["offset"][0, :, 2, 1] = torch.tensor([0.7, 0.2])
-    out["size"][0, :, 2, 1] = torch.tensor([2.0, 3.0])
+    out["size"][0, :, 2, 1] = torch.tensor([2.0, 4.0])
     target = {"boxes": torch.tensor([[1.0, 2.0, 13.0, 16.0]]), "labels": torch.tensor([0]),
               "masks": torch.zeros(1, 32, 32, dtype=torch.uint8)}
     losses = m.losses(out, [target])
     assert losses["offset"].item() == pytest.approx(0.1 / 2.0001, abs=1e-6)
     assert losses["size"].item() == pytest.approx(0.1 * 1.5 / 2.0001, abs=1e-6)
+    assert losses["mask"].item() == pytest.approx(-math.log(0.75), abs=1e-6)
 
 
 def test_class_specific_saliency_in_the_mask_and_saliency_losses():
@@ -111,6 +116,98 @@ def test_class_specific_saliency_in_the_mask_and_saliency_losses():
     losses = m.losses(out, [target])
     assert losses["mask"].item() == pytest.approx(-math.log(0.75), abs=1e-6)
     assert losses["saliency"].item() == pytest.approx(-math.log(0.75), abs=1e-6)
+
+
+@pytest.mark.parametrize("branch", ["use_shape", "use_saliency"])
+def test_mask_loss_of_one_branch(branch):
+    """Guards eq. 2 with one branch switched off (Table 1c/1d): M = sigmoid(x) of the other, log(1 - M)
+    = logsigmoid(-x). One object, box (0, 0, 8, 8) = the whole 2 x 2 output grid, mask the left
+    input columns 0..3: pooled targets 1 (left cells), 0 (right); the remaining branch's logits
+    +ln 3 (M = 0.75): BCE -log 0.75 = 0.287682 (left), -log 0.25 = 1.386294 (right): mean 0.836988
+    (log(1 - M) taken as log M: 0.287682)."""
+    m = tiny_centermask(shape_size=2, **{branch: False})
+    out = centermask_out(2, 2, S=2, shape=LN3, saliency=torch.full((1, 1, 2, 2), LN3))
+    mask = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    mask[0, :, :4] = 1
+    target = {"boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]]), "labels": torch.tensor([0]), "masks": mask}
+    loss = m.losses({k: v for k, v in out.items() if k != ("shape" if branch == "use_shape" else "saliency")},
+                    [target])["mask"]
+    assert loss.item() == pytest.approx((-math.log(0.75) - math.log(0.25)) / 2, abs=1e-6)
+
+
+def test_saliency_resampled_onto_the_input_grid():
+    """Guards the saliency's resampling onto a finer grid (inference at input resolution; [CM 3.2]):
+    output cell j is the point j + 0.5, so bilinear with align_corners=False is exact. Saliency
+    only (Table 1c), a 1 x 2 map of logits (0, 4 ln 3) onto 4 columns at pixel 1/2: column j's
+    centre (j + 0.5) / 2 reads source coordinate j / 2 - 0.25 = -0.25, 0.25, 0.75, 1.25 ->
+    clamped 0, 0.25, 0.75, 1: logits 0, ln 3, 3 ln 3, 4 ln 3 -> M = 0.5, 0.75, 27/28, 81/82
+    (align_corners=True reads j / 3: 0, 4/3 ln 3, ...)."""
+    from model import assemble_masks
+    sal = torch.tensor([0.0, 4 * LN3]).view(1, 1, 1, 2)
+    masks = assemble_masks(None, sal, torch.tensor([0]), torch.tensor([0]), torch.tensor([[0.0, 0.0, 2.0, 1.0]]),
+                           (2, 4), 0.5)
+    torch.testing.assert_close(masks[0], torch.tensor([[0.5, 0.75, 27 / 28, 81 / 82]]).expand(2, 4))
+
+
+def test_fcosreg_weights_replace_the_centerness_target():
+    """Guards FCOSreg's w = a ctr + b s + c sqrt(ctr s) ([IS 3.3], (1/3, 1/3, 1/3)) as the weight of
+    the box loss and the centerness branch's target, where plain FCOS keeps ctr. ctr (0.25, 0.64),
+    s (1, 0.25): w = (0.25 + 1 + 0.5) / 3 = 0.583333, (0.64 + 0.25 + 0.4) / 3 = 0.43."""
+    ctr, seg = torch.tensor([0.25, 0.64]), torch.tensor([1.0, 0.25])
+    weight, target = tiny_fcos_family("fcosreg").box_weights(ctr, seg)
+    torch.testing.assert_close(weight, torch.tensor([1.75 / 3, 0.43]))
+    torch.testing.assert_close(target, weight)
+    weight, target = tiny_fcos_family("fcos").box_weights(ctr, None)
+    assert torch.equal(weight, ctr) and torch.equal(target, ctr)
+
+
+def test_fcosreg_samples_around_the_mass_centre():
+    """Guards center_sampling_at="mass" ([IS 3.3] Fig. 5): positives within 1.5 strides of the mask's
+    centre of mass, not the box's centre. Box (0, 0, 48, 48), an L-shaped mask: columns 0..15 of
+    rows 0..47 (768 px, centre (8, 24)) and columns 16..47 of rows 32..47 (512 px, centre (32, 40)):
+    mass centre ((768 * 8 + 512 * 32) / 1280, (768 * 24 + 512 * 40) / 1280) = (17.6, 30.4). Every
+    max(l, t, r, b) <= 48: P3 only, radius 12: x in (5.6, 29.6), y in (18.4, 42.4) -> P3 locations
+    x, y in {12, 20, 28} x {20, 28, 36}, 9 positives (around the box centre (24, 24): x, y in
+    (12, 36) -> {20, 28}^2, 4)."""
+    model = tiny_fcos_family("fcosreg", center_sampling_at="mass")
+    hw, points, strides, _ = locations_64()
+    mask = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    mask[0, 0:48, 0:16] = 1
+    mask[0, 32:48, 16:48] = 1
+    target = {"boxes": torch.tensor([[0.0, 0, 48, 48]]), "labels": torch.tensor([1]), "masks": mask}
+    pos = model.assign(points, strides, [target], hw)["matched"][0] >= 0
+    assert (strides[pos] == 8).all()
+    assert sorted(points[pos].tolist()) == sorted([[x, y] for x in (12.0, 20.0, 28.0) for y in (20.0, 28.0, 36.0)])
+
+
+def test_maskfcos_roi_features_read_the_box_on_its_level():
+    """Guards MaskFCOS's RoIAlign ([IS] eq. 4): the level k of each box and the scale 1 / 2^k. Every
+    level's map is the ramp value = column index, so RoIAlign (bilinear, 2 x 2 samples symmetric in
+    each bin, aligned=True) reads at bin i of 14 the column lo + (i + 0.5) (hi - lo) / 14, lo, hi =
+    x0 / 2^k - 0.5, x1 / 2^k - 0.5. Box (16, 0, 48, 32): sqrt(32 * 32) < 224 -> P3: lo, hi = 1.5,
+    5.5, bin 0 at 1.5 + 2/14 = 1.642857. Box (16, 0, 272, 256): sqrt(256 * 256) in [224, 448) -> P4:
+    0.5, 16.5, bin 0 at 0.5 + 8/14 = 1.071429."""
+    model = tiny_fcos_family("maskfcos")
+    features = [torch.arange(n, dtype=torch.float32).expand(1, 32, n, n).contiguous() for n in (40, 20, 10)]
+    boxes = torch.tensor([[16.0, 0, 48, 32], [16, 0, 272, 256]])
+    out = model.roi_features(features, torch.tensor([0, 0]), boxes)              # (2, 32, 14, 14)
+    i = torch.arange(14) + 0.5
+    for r, (lo, hi) in enumerate(((1.5, 5.5), (0.5, 16.5))):
+        torch.testing.assert_close(out[r, 0, 7], lo + i * (hi - lo) / 14)
+
+
+def test_padded_crop_is_half_open():
+    """Guards the padded crop's rule ([IS 3.2.2]'s slice S[y0:y1, x0:x1], "half-open"): a stride-4
+    cell is in the crop when its centre 4k + 2 lies in [x0, x1) x [y0, y1). Box (2, 2, 10, 10), mask
+    rows 2..9, columns 2..5 (32 px of 64: padding 0): cells 0, 1 on each axis (centres 2, 6; 10
+    is out). Pooled targets: rows 0 and 2 half covered, row 1 fully; columns 0, 1 half: cells
+    (0.25, 0.25, 0.5, 0.5), mean 0.375; logits 1: BCE SP1 - 0.375 = 0.938262 (closed: 9 cells,
+    targets summing to 2: SP1 - 2/9)."""
+    from model import padded_crop_bce
+    mask = torch.zeros(1, 16, 16, dtype=torch.uint8)
+    mask[0, 2:10, 2:6] = 1
+    loss = padded_crop_bce(torch.ones(1, 4, 4), mask, torch.tensor([[2.0, 2, 10, 10]]))
+    assert loss.item() == pytest.approx(SP1 - 0.375, abs=1e-6)
 
 
 def test_class_specific_saliency_at_inference():
