@@ -47,16 +47,24 @@ FCOSIS = ("tests/test_fcosis.py", PINNED)
 M = "model.py"
 
 MUTANTS = [
-    # -- CenterNet targets and losses ([CN] 3, [CM] eq. 3-5) --------------------------------------
-    Mutant("focal_pos_log", M, "pos_loss = (torch.log(p) *", "pos_loss = (torch.log(1 - p) *", CENTERNET),
-    Mutant("focal_pos_weight", M, "torch.log(p) * (1 - p) ** alpha", "torch.log(p) * p ** alpha", CENTERNET),
-    Mutant("focal_neg_weight", M, "torch.log(1 - p) * p ** alpha", "torch.log(1 - p) * (1 - p) ** alpha", CENTERNET),
+    # -- CenterNet targets and losses ([CN] 3, [CM] eq. 3-5) ---------------------------------------
+    Mutant("focal_pos_log", M, "pos_loss = (torch.log(p) *",
+           "pos_loss = (torch.log(1 - p) *", CENTERNET),
+    Mutant("focal_pos_weight", M, "torch.log(p) * (1 - p) ** alpha",
+           "torch.log(p) * p ** alpha", CENTERNET),
+    Mutant("focal_neg_weight", M, "torch.log(1 - p) * p ** alpha",
+           "torch.log(1 - p) * (1 - p) ** alpha", CENTERNET),
     Mutant("focal_beta", M, "(1 - gt) ** beta", "(1 - gt) ** alpha", CENTERNET),
     Mutant("focal_clamp_low", M, ".clamp(1e-4, 1 - 1e-4)", ".clamp(1e-3, 1 - 1e-4)", CENTERNET),
     Mutant("focal_clamp_high", M, ".clamp(1e-4, 1 - 1e-4)", ".clamp(1e-4, 1 - 1e-3)", CENTERNET),
-    Mutant("focal_positive_rule", M, "pos = gt.eq(1).float()", "pos = gt.ge(0.5).float()", CENTERNET),
-    Mutant("radius_case2", M, "sq2 = sqrt(b2 ** 2 - 16 * c2)", "sq2 = sqrt(b2 ** 2 - 4 * c2)", CENTERNET),
-    Mutant("heatmap_sigma", M, "sigma = (2 * radius + 1) / 6", "sigma = (2 * radius + 1) / 3", CENTERNET),
+    Mutant("focal_positive_rule", M, "pos = gt.eq(1).float()",
+           "pos = gt.ge(0.5).float()", CENTERNET),
+    Mutant("focal_no_positive", M, "        return -neg_loss\n",
+           "        return neg_loss\n", CENTERNET),
+    Mutant("radius_case2", M, "sq2 = sqrt(b2 ** 2 - 16 * c2)",
+           "sq2 = sqrt(b2 ** 2 - 4 * c2)", CENTERNET),
+    Mutant("heatmap_sigma", M, "sigma = (2 * radius + 1) / 6",
+           "sigma = (2 * radius + 1) / 3", CENTERNET),
     Mutant("heatmap_window", M, "(dx.abs() <= r)", "(dx.abs() < r)", CENTERNET),
     Mutant("heatmap_class_row", M, 'row = objs["batch"] * num_classes + objs["labels"]',
            'row = objs["batch"] * num_classes + 0 * objs["labels"]', CENTERNET),
@@ -68,109 +76,150 @@ MUTANTS = [
            'objs["center_int"].float() - objs["center"])', CENTERNET),
     Mutant("size_target_xy", M, 'l1_at_centers(out["size"], objs, objs["wh"])',
            'l1_at_centers(out["size"], objs, objs["wh"].flip(1))', CENTERNET),
-    # -- CenterMask: assembly ([CM] eq. 1-2) and decoding ([CM 3.5]) ---------------------------------
-    Mutant("saliency_channel_loss", M, 'sal_channel = objs["labels"] if self.cfg.saliency == "specific"',
-           'sal_channel = torch.zeros_like(objs["labels"]) if self.cfg.saliency == "specific"', CENTERMASK),
-    Mutant("saliency_channel_decode", M, 'sal_channel = labels.reshape(-1) if self.cfg.saliency == "specific"',
-           'sal_channel = torch.zeros_like(batch) if self.cfg.saliency == "specific"', CENTERMASK),
-    Mutant("saliency_target_channel", M, 'saliency_targets(gt_small, objs["batch"], objs["labels"], B, C)',
-           'saliency_targets(gt_small, objs["batch"], objs["labels"] * 0, B, C)', CENTERMASK),
-    Mutant("stretch_half_pixel", M, "* n_in - 0.5).clamp(0, n_in - 1)", "* n_in + 0.5).clamp(0, n_in - 1)",
+    # -- CenterMask: assembly ([CM] eq. 1-2) and decoding ([CM 3.5]) -------------------------------
+    Mutant("saliency_channel_loss", M,
+           'sal_channel = objs["labels"] if self.cfg.saliency == "specific"',
+           'sal_channel = torch.zeros_like(objs["labels"]) if self.cfg.saliency == "specific"',
            CENTERMASK),
+    Mutant("saliency_channel_decode", M,
+           'sal_channel = labels.reshape(-1) if self.cfg.saliency == "specific"',
+           'sal_channel = torch.zeros_like(batch) if self.cfg.saliency == "specific"', CENTERMASK),
+    Mutant("saliency_target_channel", M,
+           'saliency_targets(gt_small, objs["batch"], objs["labels"], B, C)',
+           'saliency_targets(gt_small, objs["batch"], objs["labels"] * 0, B, C)', CENTERMASK),
+    Mutant("stretch_half_pixel", M, "* n_in - 0.5).clamp(0, n_in - 1)",
+           "* n_in + 0.5).clamp(0, n_in - 1)", CENTERMASK),
     Mutant("stretch_in_box_rule", M, 'return weights, between(pos[None], lo, hi, "closed")',
            'return weights, between(pos[None], lo, hi, "open")', CENTERMASK),
-    Mutant("mask_log_shape_only", M, "return log_m, F.logsigmoid(-L)", "return log_m, F.logsigmoid(L)",
-           CENTERMASK),
-    Mutant("mask_log_saliency_only", M, "return log_m, F.logsigmoid(-G)", "return log_m, F.logsigmoid(G)",
-           CENTERMASK),
-    Mutant("saliency_resample_corners", M,
-           'size=(gh, gw), mode="bilinear", align_corners=False)',
+    Mutant("mask_log_shape_only", M, "return log_m, F.logsigmoid(-L)",
+           "return log_m, F.logsigmoid(L)", CENTERMASK),
+    Mutant("mask_log_saliency_only", M, "return log_m, F.logsigmoid(-G)",
+           "return log_m, F.logsigmoid(G)", CENTERMASK),
+    Mutant("saliency_resample_corners", M, 'size=(gh, gw), mode="bilinear", align_corners=False)',
            'size=(gh, gw), mode="bilinear", align_corners=True)', CENTERMASK),
-    Mutant("mask_loss_crop", M, "per_object = (bce * in_box).sum((1, 2))", "per_object = bce.sum((1, 2))",
-           CENTERMASK),
-    Mutant("mask_loss_objects", M, "per_object.sum() / num_objects", "per_object.mean()", CENTERMASK),
-    Mutant("peaks_pool", M, "F.max_pool2d(heat, 3, 1, 1)", "F.max_pool2d(heat, 1, 1, 0)", CENTERMASK),
-    Mutant("peaks_row", M, "ys, xs = (idx % (h * w)) // w, idx % w", "ys, xs = (idx % (h * w)) // h, idx % w",
-           CENTERMASK),
-    Mutant("decode_offset_sign", M, "center = cells.float() + offset", "center = cells.float() - offset",
-           CENTERMASK),
-    Mutant("decode_box_stride", M, '"boxes": (boxes_out[sl] * R)', '"boxes": (boxes_out[sl] * 2)', CENTERMASK),
-    # -- FCOS: locations, targets, losses, decoding ([FCOS], [IS 3.1]) -------------------------------
-    Mutant("locations_half", M, "xs.reshape(-1) * s + s // 2,", "xs.reshape(-1) * s + s // 4,", FCOS),
-    Mutant("targets_region", M, "in_region = region.amin(-1) > 0", "in_region = region.amin(-1) >= 0", FCOS),
-    Mutant("targets_range_low", M, "(m >= size_ranges[None, :, 0:1])", "(m > size_ranges[None, :, 0:1])", FCOS),
-    Mutant("targets_radius_stride", M, "r = radius * strides[None, :, None]", "r = radius * 8 + 0 * strides[None, :, None]", FCOS),
-    Mutant("targets_smallest_area", M, 'torch.where(candidate, area, torch.full_like(area, math.inf)).min(-1)',
-           'torch.where(candidate, -area, torch.full_like(area, math.inf)).min(-1)', FCOS),
+    Mutant("mask_loss_crop", M, "per_object = (bce * in_box).sum((1, 2))",
+           "per_object = bce.sum((1, 2))", CENTERMASK),
+    Mutant("mask_loss_objects", M, "per_object.sum() / num_objects",
+           "per_object.mean()", CENTERMASK),
+    Mutant("peaks_pool", M, "F.max_pool2d(heat, 3, 1, 1)",
+           "F.max_pool2d(heat, 1, 1, 0)", CENTERMASK),
+    Mutant("peaks_row", M, "ys, xs = (idx % (h * w)) // w, idx % w",
+           "ys, xs = (idx % (h * w)) // h, idx % w", CENTERMASK),
+    Mutant("decode_offset_sign", M, "center = cells.float() + offset",
+           "center = cells.float() - offset", CENTERMASK),
+    Mutant("decode_box_stride", M, '"boxes": (boxes_out[sl] * R)',
+           '"boxes": (boxes_out[sl] * 2)', CENTERMASK),
+    # -- FCOS: locations, targets, losses, decoding ([FCOS], [IS 3.1]) -----------------------------
+    Mutant("locations_half", M, "xs.reshape(-1) * s + s // 2,",
+           "xs.reshape(-1) * s + s // 4,", FCOS),
+    Mutant("targets_region", M, "in_region = region.amin(-1) > 0",
+           "in_region = region.amin(-1) >= 0", FCOS),
+    Mutant("targets_range_low", M, "(m >= size_ranges[None, :, 0:1])",
+           "(m > size_ranges[None, :, 0:1])", FCOS),
+    Mutant("targets_radius_stride", M, "r = radius * strides[None, :, None]",
+           "r = radius * 8 + 0 * strides[None, :, None]", FCOS),
+    Mutant("targets_smallest_area", M,
+           "torch.where(candidate, area, torch.full_like(area, math.inf)).min(-1)",
+           "torch.where(candidate, -area, torch.full_like(area, math.inf)).min(-1)", FCOS),
     Mutant("centerness_tb", M, "torch.minimum(t, b) / torch.maximum(t, b))",
            "torch.minimum(l, b) / torch.maximum(t, b))", FCOS),
     Mutant("head_stride", M, "F.relu(x) * s", "F.relu(x) * 8", FCOS),
     Mutant("iou_union", M, "union = (l + r) * (t + b) + (l_ + r_) * (t_ + b_) - inter",
            "union = (l + r) * (t + b) + (l_ + r_) * (t_ + b_) + inter", FCOS),
-    Mutant("focal_alpha", M, "alpha=self.cfg.focal_alpha,", "alpha=1 - self.cfg.focal_alpha,", FCOS),
-    Mutant("box_loss_weight", M, "losses[\"box\"] = (per_box * weight).sum()", "losses[\"box\"] = (per_box * 1).sum()",
-           FCOS),
-    Mutant("centerness_loss_norm", M, 'reduction="sum") / num_pos\n', 'reduction="sum") * num_pos\n', FCOS),
+    Mutant("focal_alpha", M, "alpha=self.cfg.focal_alpha,",
+           "alpha=1 - self.cfg.focal_alpha,", FCOS),
+    Mutant("box_loss_weight", M, 'losses["box"] = (per_box * weight).sum()',
+           'losses["box"] = (per_box * 1).sum()', FCOS),
+    Mutant("centerness_loss_norm", M, 'reduction="sum") / num_pos\n',
+           'reduction="sum") * num_pos\n', FCOS),
     Mutant("decode_box_sides", M, "boxes = torch.cat([p - d[:, :2], p + d[:, 2:]], 1)",
            "boxes = torch.cat([p - d[:, 2:], p + d[:, :2]], 1)", FCOS),
-    Mutant("decode_score_sqrt", M, "s, lo, lab = cand_scores[b][keep].sqrt()", "s, lo, lab = cand_scores[b][keep]",
-           FCOS),
+    Mutant("decode_score_sqrt", M, "s, lo, lab = cand_scores[b][keep].sqrt()",
+           "s, lo, lab = cand_scores[b][keep]", FCOS),
     Mutant("decode_location_class", M, "loc, labels = cand_index // C, cand_index % C",
            "loc, labels = cand_index % C, cand_index // C", FCOS),
-    # -- FCOSreg ([IS 3.3]) --------------------------------------------------------------------------
-    Mutant("fcosreg_sqrt_term", M, "c * torch.sqrt((centerness * seg)", "c * torch.sqrt((centerness + seg)", FCOS),
-    Mutant("fcosreg_highest_label", M, "(s == s.amax(-1, keepdim=True))", "(s == s.amin(-1, keepdim=True))", FCOS),
+    # -- FCOSreg ([IS 3.3]) ------------------------------------------------------------------------
+    Mutant("fcosreg_sqrt_term", M, "c * torch.sqrt((centerness * seg)",
+           "c * torch.sqrt((centerness + seg)", FCOS),
+    Mutant("fcosreg_highest_label", M, "(s == s.amax(-1, keepdim=True))",
+           "(s == s.amin(-1, keepdim=True))", FCOS),
     Mutant("fcosreg_weights_used", M, 'if self.cfg.method == "fcosreg" and seg is not None:',
            'if self.cfg.method == "fcos" and seg is not None:', FCOS),
-    Mutant("fcosreg_mass_sampling", M, 'centers = mass if self.cfg.center_sampling_at == "mass" else None',
+    Mutant("fcosreg_mass_sampling", M,
+           'centers = mass if self.cfg.center_sampling_at == "mass" else None',
            'centers = mass if self.cfg.center_sampling_at == "box" else None', FCOS),
-    # -- MaskFCOS ([IS 4]) ---------------------------------------------------------------------------
-    Mutant("maskfcos_level", M, "k = torch.floor(k0 + torch.log2(", "k = torch.floor(k0 - torch.log2(", FCOS),
-    Mutant("maskfcos_roi_scale", M, "self.cfg.roi_size, 1.0 / 2 ** k,", "self.cfg.roi_size, 1.0 / 2 ** (k - 1),",
-           FCOS),
-    Mutant("maskfcos_flat_index", M, "gt_index = first_box_index(targets, device)[batch] + torch.cat(gt_index)",
+    # -- MaskFCOS ([IS 4]) -------------------------------------------------------------------------
+    Mutant("maskfcos_level", M, "k = torch.floor(k0 + torch.log2(",
+           "k = torch.floor(k0 - torch.log2(", FCOS),
+    Mutant("maskfcos_roi_scale", M, "self.cfg.roi_size, 1.0 / 2 ** k,",
+           "self.cfg.roi_size, 1.0 / 2 ** (k - 1),", FCOS),
+    Mutant("maskfcos_flat_index", M,
+           "gt_index = first_box_index(targets, device)[batch] + torch.cat(gt_index)",
            "gt_index = 0 * first_box_index(targets, device)[batch] + torch.cat(gt_index)", FCOS),
     Mutant("maskfcos_class_channel", M, "rois, gt_labels[gt_index]).float()",
            "rois, 0 * gt_labels[gt_index]).float()", FCOS),
     Mutant("maskfcos_normaliser", M, "float(sum(counts) * S * S)", "float(sum(counts) * S)", FCOS),
-    Mutant("paste_box_size", M, "boxes[:, 2:] - boxes[:, :2]), H, W)", "boxes[:, 2:] + boxes[:, :2]), H, W)", FCOS),
-    # -- CenterMask-FCOS ([CM 4.3]) --------------------------------------------------------------------
-    Mutant("cmfcos_channel_loss", M, 'ch = assigned["labels"][pos] if', 'ch = 0 * assigned["labels"][pos] if', FCOS),
+    Mutant("paste_box_size", M, "boxes[:, 2:] - boxes[:, :2]), H, W)",
+           "boxes[:, 2:] + boxes[:, :2]), H, W)", FCOS),
+    # -- CenterMask-FCOS ([CM 4.3]) ----------------------------------------------------------------
+    Mutant("cmfcos_channel_loss", M, 'ch = assigned["labels"][pos] if',
+           'ch = 0 * assigned["labels"][pos] if', FCOS),
     Mutant("cmfcos_normaliser", M, "float(len(batch) * S * S)", "float(len(batch) * S)", FCOS),
     Mutant("cmfcos_lambda_mask", M, '{"mask": self.cfg.loss_weights[3] * bce.sum()',
            '{"mask": self.cfg.loss_weights[2] * bce.sum()', FCOS),
-    Mutant("cmfcos_cell", M, "batch[sel], cell // w, cell % w)", "batch[sel], cell % w, cell // w)", FCOS),
+    Mutant("cmfcos_cell", M, "batch[sel], cell // w, cell % w)",
+           "batch[sel], cell % w, cell // w)", FCOS),
     Mutant("cmfcos_channel_postprocess", M, 'ch = d["labels"] if', 'ch = 0 * d["labels"] if', FCOS),
-    Mutant("cmfcos_box_units", M, 'd["boxes"][:, 2:]) / (2 * R)', 'd["boxes"][:, 2:]) / (1 * R)', FCOS),
-    # -- FCOSIS ([IS 3.2]) -----------------------------------------------------------------------------
-    Mutant("att_distractor_sign", M, "torch.where(mine, own, -mu)", "torch.where(mine, own, mu)", FCOSIS),
+    Mutant("cmfcos_box_units", M, 'd["boxes"][:, 2:]) / (2 * R)',
+           'd["boxes"][:, 2:]) / (1 * R)', FCOS),
+    # -- FCOSIS ([IS 3.2]) -------------------------------------------------------------------------
+    Mutant("att_distractor_sign", M, "torch.where(mine, own, -mu)",
+           "torch.where(mine, own, mu)", FCOSIS),
     Mutant("att_box_rule", M, 'in_box = inside(q[None], boxes.float()[:, None], "half-open")',
            'in_box = inside(q[None], boxes.float()[:, None], "closed")', FCOSIS),
-    Mutant("att_nearest", M, "return argmin_per_image(dist2, batch, num_images)[batch] == ids[:, None]",
+    Mutant("att_nearest", M,
+           "return argmin_per_image(dist2, batch, num_images)[batch] == ids[:, None]",
            "return argmin_per_image(-dist2, batch, num_images)[batch] == ids[:, None]", FCOSIS),
     Mutant("att_owner_tie", M, "dist2[owner] < best)", "dist2[owner] <= best)", FCOSIS),
+    Mutant("att_own_background", M, "else lam * f - mu * (1 - f)",
+           "else lam * f + mu * (1 - f)", FCOSIS),
+    Mutant("apply_attention_corners", M,
+           'a = F.interpolate(attention, size=f.shape[-2:], mode="bilinear", align_corners=False)',
+           'a = F.interpolate(attention, size=f.shape[-2:], mode="bilinear", align_corners=True)',
+           FCOSIS),
+    Mutant("seg_head_upsample", M,
+           'y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)',
+           'y = F.interpolate(y, size=size, mode="bilinear", align_corners=True)', FCOSIS),
+    Mutant("coloring_group_image", M, "return groups, keys // K",
+           "return groups, keys % K", FCOSIS),
+    Mutant("mass_centre_half_pixel", M,
+           "xs = torch.arange(W, device=dev, dtype=torch.float32) + 0.5",
+           "xs = torch.arange(W, device=dev, dtype=torch.float32) + 0.0", FCOSIS),
     Mutant("regressed_stride", M, "return loc + stride * center_offsets.float()",
            "return loc + center_offsets.float()", FCOSIS),
     Mutant("att_inputs_corners", M, 'mode="bilinear", align_corners=False)  # noqa: E731',
            'mode="bilinear", align_corners=True)  # noqa: E731', FCOSIS),
     Mutant("att_inputs_stride", M, "return up(regressed), up(fg), self.strides[0] // 2",
            "return up(regressed), up(fg), self.strides[0]", FCOSIS),
-    Mutant("apply_attention_area", M, 'size=f.shape[-2:], mode="area")', 'size=f.shape[-2:], mode="nearest")',
-           FCOSIS),
-    Mutant("inference_centre_sign", M, "centers = points[index] + s[:, None] *", "centers = points[index] - s[:, None] *",
-           FCOSIS),
-    Mutant("inference_centre_level", M, "dtype=torch.float32)[levels[index]]", "dtype=torch.float32)[levels[index] - 1]",
-           FCOSIS),
+    Mutant("apply_attention_area", M, 'size=f.shape[-2:], mode="area")',
+           'size=f.shape[-2:], mode="nearest")', FCOSIS),
+    Mutant("inference_centre_sign", M, "centers = points[index] + s[:, None] *",
+           "centers = points[index] - s[:, None] *", FCOSIS),
+    Mutant("inference_centre_level", M, "dtype=torch.float32)[levels[index]]",
+           "dtype=torch.float32)[levels[index] - 1]", FCOSIS),
     Mutant("inference_crop", M, "probs = probs.sigmoid() * boxes_inside(boxes, H, W)",
            "probs = probs.sigmoid() * boxes_inside(boxes, H, W).fill_(True)", FCOSIS),
-    Mutant("coloring_order", M, "torch.sort(adj.sum(1), descending=True", "torch.sort(adj.sum(1), descending=False",
-           FCOSIS),
-    Mutant("overlap_touching", M, "adj = (iw > 0) & (ih > 0)", "adj = (iw >= 0) & (ih > 0)", FCOSIS),
+    Mutant("coloring_order", M, "torch.sort(adj.sum(1), descending=True",
+           "torch.sort(adj.sum(1), descending=False", FCOSIS),
+    Mutant("overlap_touching", M, "adj = (iw > 0) & (ih > 0)",
+           "adj = (iw >= 0) & (ih > 0)", FCOSIS),
     Mutant("crop_rule", M, 'in_x = between(xs[None], padded[:, 0:1], padded[:, 2:3], "half-open")',
            'in_x = between(xs[None], padded[:, 0:1], padded[:, 2:3], "closed")', FCOSIS),
-    Mutant("crop_rule_y", M, 'in_y = between(ys[None], padded[:, 1:2], padded[:, 3:4], "half-open")',
+    Mutant("crop_rule_y", M,
+           'in_y = between(ys[None], padded[:, 1:2], padded[:, 3:4], "half-open")',
            'in_y = between(ys[None], padded[:, 1:2], padded[:, 3:4], "closed")', FCOSIS),
-    Mutant("crop_padding_sign", M, "padded = boxes + p[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])",
+    Mutant("crop_padding_sign", M,
+           "padded = boxes + p[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])",
            "padded = boxes + p[:, None] * boxes.new_tensor([1.0, -1.0, 1.0, 1.0])", FCOSIS),
     Mutant("crop_centre_cell", M, "crop[torch.arange(N, device=crop.device), cy, cx] = True",
            "crop[torch.arange(N, device=crop.device), cy, cx] = False", FCOSIS),
@@ -187,35 +236,40 @@ MUTANTS = [
            "normalizer=None)", FCOSIS),
     Mutant("mask_instances", M, "padded_crop_bce(logits.float(), masks, boxes) * M / num_instances",
            "padded_crop_bce(logits.float(), masks, boxes) / num_instances", FCOSIS),
-    Mutant("fcosis_channels", M, "COM, FOREGROUND = slice(0, 2), 2", "COM, FOREGROUND = slice(1, 3), 0", FCOSIS),
+    Mutant("fcosis_channels", M, "COM, FOREGROUND = slice(0, 2), 2",
+           "COM, FOREGROUND = slice(1, 3), 0", FCOSIS),
 ]
 
 
 def check_snippets(mutants):
-    """file:line of each mutant; stops with the mutant's name when its snippet is not found exactly once."""
+    """file:line of each mutant; stops, naming it, where a snippet is not found exactly once."""
     where = {}
     for m in mutants:
         with open(os.path.join(ROOT, m.file)) as f:
             text = f.read()
         n = text.count(m.find)
         if n != 1:
-            sys.exit(f"mutate.py: mutant {m.name}: its snippet {m.find!r} is found {n} times in {m.file} "
-                     "(must be exactly once)")
+            sys.exit(f"mutate.py: mutant {m.name}: its snippet {m.find!r} is found {n} times in "
+                     f"{m.file} (must be exactly once)")
         where[m.name] = f"{m.file}:{text[:text.index(m.find)].count(chr(10)) + 1}"
     return where
 
 
 def scratch_copy():
-    """A copy of the repository in a temporary folder (never the worktree itself), without git, data, outputs."""
+    """A copy of the repository in a temporary folder (never the worktree itself), without git,
+    data and outputs."""
     dst = tempfile.mkdtemp(prefix="mutate-")
-    ignore = shutil.ignore_patterns(".git", "data", "out", "__pycache__", ".pytest_cache", ".benchmarks", "*.pt")
+    ignore = shutil.ignore_patterns(".git", "data", "out", "__pycache__", ".pytest_cache",
+                                    ".benchmarks", "*.pt")
     shutil.copytree(ROOT, os.path.join(dst, "repo"), ignore=ignore)
     return os.path.join(dst, "repo")
 
 
 def run_tests(repo, tests, timeout):
-    """The fast tier of `tests` in `repo`, stopping at the first failure -> (passed, first failing test or reason)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", *tests]
+    """The fast tier of `tests` in `repo`, stopping at the first failure -> (passed, the first
+    failing test or why it stopped)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
+           *tests]
     env = dict(os.environ, TEST_THREADS="1", OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     try:
         r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
@@ -224,7 +278,9 @@ def run_tests(repo, tests, timeout):
     if r.returncode == 0:
         return True, ""
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
-    return False, failed[0] if failed else f"pytest exit {r.returncode}: {(r.stdout + r.stderr).strip()[-200:]}"
+    if failed:
+        return False, failed[0]
+    return False, f"pytest exit {r.returncode}: {(r.stdout + r.stderr).strip()[-200:]}"
 
 
 def run_mutant(repo, m, timeout):
@@ -242,9 +298,9 @@ def run_mutant(repo, m, timeout):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    ap.add_argument("--list", action="store_true", help="list the mutants and their lines, run nothing")
+    ap.add_argument("--list", action="store_true", help="list the mutants and their lines only")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
-    ap.add_argument("--jobs", type=int, default=1, help="scratch copies run side by side (default 1)")
+    ap.add_argument("--jobs", type=int, default=1, help="scratch copies side by side (default 1)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per mutant (default 300)")
     args = ap.parse_args()
     mutants = MUTANTS
@@ -289,7 +345,8 @@ def main():
                 repos.put(repo)
             with lock:
                 results[m.name] = (passed, why, time.time() - t0)
-                print(f"  {m.name}: {'SURVIVED' if passed else why} ({time.time() - t0:.0f} s)", flush=True)
+                verdict = "SURVIVED" if passed else why
+                print(f"  {m.name}: {verdict} ({time.time() - t0:.0f} s)", flush=True)
 
     todo = list(mutants)
     threads = [threading.Thread(target=worker) for _ in range(max(1, args.jobs))]
@@ -312,7 +369,8 @@ def main():
             verdict = why
         print(f"| {m.name} | {where[m.name]} | {verdict} |")
     killed = sum(not results[m.name][0] for m in mutants)
-    print(f"\n{killed} of {len(mutants)} killed" + (f"; survived: {', '.join(survivors)}" if survivors else ""))
+    print(f"\n{killed} of {len(mutants)} killed"
+          + (f"; survived: {', '.join(survivors)}" if survivors else ""))
     sys.exit(1 if survivors else 0)
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import (ModelConfig, build_model, centernet_focal_loss, fcos_locations, CenterMask, FCOSForward)
+from model import (ModelConfig, build_model, centernet_focal_loss, fcos_locations, CenterMask,
+                   FCOSForward)
 from test_faults import (KINDS, UNEQUAL_COUNTS, accumulated_grads, max_relative_difference,
                          single_process_grads)
 
@@ -21,19 +22,22 @@ SP1 = math.log1p(math.e)           # softplus(1) = 1.313262: BCE(logit 1, target
 
 
 def tiny_centermask(**kw):
-    kw = dict(dict(num_classes=3, dcn=False, dla_channels=(4, 8, 8, 16, 16, 32), head_conv=8, shape_size=8), **kw)
+    base = dict(num_classes=3, dcn=False, dla_channels=(4, 8, 8, 16, 16, 32), head_conv=8,
+                shape_size=8)
+    kw = dict(base, **kw)
     return CenterMask(ModelConfig(**kw))
 
 
 def tiny_fcos_family(method, **kw):
     """ResNet-18, 32-wide FPN and heads, 3 classes (the FCOS family's test size)."""
-    base = dict(method=method, backbone="resnet18", num_classes=3, norm="bn", freeze_at=0, fpn_channels=32,
-                head_conv=32, shape_size=8)
+    base = dict(method=method, backbone="resnet18", num_classes=3, norm="bn", freeze_at=0,
+                fpn_channels=32, head_conv=32, shape_size=8)
     return build_model(ModelConfig(**dict(base, **kw)))
 
 
 def locations_64():
-    """The FCOS locations of a 64 x 64 input: P3 8x8 (0..63), P4 4x4 (64..79), P5 2x2, P6, P7 1x1: P = 86."""
+    """The FCOS locations of a 64 x 64 input: P3 8x8 (0..63), P4 4x4 (64..79), P5 2x2, P6, P7 1x1:
+    P = 86."""
     hw = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
     points, strides, levels = fcos_locations(hw, [8, 16, 32, 64, 128])
     return hw, points, strides, levels
@@ -45,7 +49,7 @@ def test_focal_loss_terms_away_from_one_half():
     """Guards eq. 3's two terms where p != 1 - p (at p = 0.5 log p = log(1 - p), p^a = (1 - p)^a).
     Three cells, N = 1 positive:
       Y = 1,   logit +ln 3, p = 0.75: (1 - p)^2 log p = 0.0625 * -0.287682 = -0.0179801
-      Y = 0.5, logit -ln 3, p = 0.25: (1 - Y)^4 p^2 log(1 - p) = 0.0625 * 0.0625 * -0.287682 = -0.0011238
+      Y = 0.5, logit -ln 3, p = 0.25: (1 - Y)^4 p^2 log(1 - p) = 0.0625^2 * -0.287682 = -0.0011238
       Y = 0,   logit +ln 3, p = 0.75: 1 * 0.5625 * log 0.25 = 0.5625 * -1.386294 = -0.7797906
     loss = -(sum) / 1 = 0.7988945."""
     logits = torch.tensor([LN3, -LN3, LN3]).view(1, 1, 1, 3)
@@ -69,8 +73,8 @@ def test_focal_loss_sigmoid_clamp():
 def centermask_out(h, w, C=3, S=8, shape=0.0, saliency=None):
     """Planted CenterMask head outputs on an h x w output grid: every head 0, the dense shape map
     `shape`, the saliency map given (default 1 channel of 0)."""
-    return {"heatmap": torch.zeros(1, C, h, w), "offset": torch.zeros(1, 2, h, w), "size": torch.zeros(1, 2, h, w),
-            "shape": torch.full((1, S * S, h, w), shape),
+    return {"heatmap": torch.zeros(1, C, h, w), "offset": torch.zeros(1, 2, h, w),
+            "size": torch.zeros(1, 2, h, w), "shape": torch.full((1, S * S, h, w), shape),
             "saliency": torch.zeros(1, 1, h, w) if saliency is None else saliency}
 
 
@@ -120,18 +124,19 @@ def test_class_specific_saliency_in_the_mask_and_saliency_losses():
 
 @pytest.mark.parametrize("branch", ["use_shape", "use_saliency"])
 def test_mask_loss_of_one_branch(branch):
-    """Guards eq. 2 with one branch switched off (Table 1c/1d): M = sigmoid(x) of the other, log(1 - M)
-    = logsigmoid(-x). One object, box (0, 0, 8, 8) = the whole 2 x 2 output grid, mask the left
-    input columns 0..3: pooled targets 1 (left cells), 0 (right); the remaining branch's logits
-    +ln 3 (M = 0.75): BCE -log 0.75 = 0.287682 (left), -log 0.25 = 1.386294 (right): mean 0.836988
-    (log(1 - M) taken as log M: 0.287682)."""
+    """Guards eq. 2 with one branch switched off (Table 1c/1d): M = sigmoid(x) of the other,
+    log(1 - M) = logsigmoid(-x). One object, box (0, 0, 8, 8) = the whole 2 x 2 output grid,
+    mask the left input columns 0..3: pooled targets 1 (left cells), 0 (right); the remaining
+    branch's logits +ln 3 (M = 0.75): BCE -log 0.75 = 0.287682 (left), -log 0.25 = 1.386294
+    (right): mean 0.836988 (log(1 - M) taken as log M: 0.287682)."""
     m = tiny_centermask(shape_size=2, **{branch: False})
     out = centermask_out(2, 2, S=2, shape=LN3, saliency=torch.full((1, 1, 2, 2), LN3))
     mask = torch.zeros(1, 8, 8, dtype=torch.uint8)
     mask[0, :, :4] = 1
-    target = {"boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]]), "labels": torch.tensor([0]), "masks": mask}
-    loss = m.losses({k: v for k, v in out.items() if k != ("shape" if branch == "use_shape" else "saliency")},
-                    [target])["mask"]
+    target = {"boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]]), "labels": torch.tensor([0]),
+              "masks": mask}
+    del out["shape" if branch == "use_shape" else "saliency"]
+    loss = m.losses(out, [target])["mask"]
     assert loss.item() == pytest.approx((-math.log(0.75) - math.log(0.25)) / 2, abs=1e-6)
 
 
@@ -144,8 +149,8 @@ def test_saliency_resampled_onto_the_input_grid():
     (align_corners=True reads j / 3: 0, 4/3 ln 3, ...)."""
     from model import assemble_masks
     sal = torch.tensor([0.0, 4 * LN3]).view(1, 1, 1, 2)
-    masks = assemble_masks(None, sal, torch.tensor([0]), torch.tensor([0]), torch.tensor([[0.0, 0.0, 2.0, 1.0]]),
-                           (2, 4), 0.5)
+    box = torch.tensor([[0.0, 0.0, 2.0, 1.0]])
+    masks = assemble_masks(None, sal, torch.tensor([0]), torch.tensor([0]), box, (2, 4), 0.5)
     torch.testing.assert_close(masks[0], torch.tensor([[0.5, 0.75, 27 / 28, 81 / 82]]).expand(2, 4))
 
 
@@ -162,13 +167,13 @@ def test_fcosreg_weights_replace_the_centerness_target():
 
 
 def test_fcosreg_samples_around_the_mass_centre():
-    """Guards center_sampling_at="mass" ([IS 3.3] Fig. 5): positives within 1.5 strides of the mask's
-    centre of mass, not the box's centre. Box (0, 0, 48, 48), an L-shaped mask: columns 0..15 of
-    rows 0..47 (768 px, centre (8, 24)) and columns 16..47 of rows 32..47 (512 px, centre (32, 40)):
-    mass centre ((768 * 8 + 512 * 32) / 1280, (768 * 24 + 512 * 40) / 1280) = (17.6, 30.4). Every
-    max(l, t, r, b) <= 48: P3 only, radius 12: x in (5.6, 29.6), y in (18.4, 42.4) -> P3 locations
-    x, y in {12, 20, 28} x {20, 28, 36}, 9 positives (around the box centre (24, 24): x, y in
-    (12, 36) -> {20, 28}^2, 4)."""
+    """Guards center_sampling_at="mass" ([IS 3.3] Fig. 5): positives within 1.5 strides of the
+    mask's centre of mass, not the box's centre. Box (0, 0, 48, 48), an L-shaped mask: columns
+    0..15 of rows 0..47 (768 px, centre (8, 24)) and columns 16..47 of rows 32..47 (512 px, centre
+    (32, 40)): mass centre ((768 * 8 + 512 * 32) / 1280, (768 * 24 + 512 * 40) / 1280) =
+    (17.6, 30.4). Every max(l, t, r, b) <= 48: P3 only, radius 12: x in (5.6, 29.6), y in
+    (18.4, 42.4) -> P3 locations x, y in {12, 20, 28} x {20, 28, 36}, 9 positives (around the box
+    centre (24, 24): x, y in (12, 36) -> {20, 28}^2, 4)."""
     model = tiny_fcos_family("fcosreg", center_sampling_at="mass")
     hw, points, strides, _ = locations_64()
     mask = torch.zeros(1, 64, 64, dtype=torch.uint8)
@@ -177,7 +182,8 @@ def test_fcosreg_samples_around_the_mass_centre():
     target = {"boxes": torch.tensor([[0.0, 0, 48, 48]]), "labels": torch.tensor([1]), "masks": mask}
     pos = model.assign(points, strides, [target], hw)["matched"][0] >= 0
     assert (strides[pos] == 8).all()
-    assert sorted(points[pos].tolist()) == sorted([[x, y] for x in (12.0, 20.0, 28.0) for y in (20.0, 28.0, 36.0)])
+    grid = [[x, y] for x in (12.0, 20.0, 28.0) for y in (20.0, 28.0, 36.0)]
+    assert sorted(points[pos].tolist()) == sorted(grid)
 
 
 def test_maskfcos_roi_features_read_the_box_on_its_level():
@@ -188,7 +194,8 @@ def test_maskfcos_roi_features_read_the_box_on_its_level():
     5.5, bin 0 at 1.5 + 2/14 = 1.642857. Box (16, 0, 272, 256): sqrt(256 * 256) in [224, 448) -> P4:
     0.5, 16.5, bin 0 at 0.5 + 8/14 = 1.071429."""
     model = tiny_fcos_family("maskfcos")
-    features = [torch.arange(n, dtype=torch.float32).expand(1, 32, n, n).contiguous() for n in (40, 20, 10)]
+    features = [torch.arange(n, dtype=torch.float32).expand(1, 32, n, n).contiguous()
+                for n in (40, 20, 10)]                                     # P3, P4, P5 of 320 x 320
     boxes = torch.tensor([[16.0, 0, 48, 32], [16, 0, 272, 256]])
     out = model.roi_features(features, torch.tensor([0, 0]), boxes)              # (2, 32, 14, 14)
     i = torch.arange(14) + 0.5
@@ -254,7 +261,8 @@ def test_centermask_fcos_mask_loss_by_hand():
     -0.5 of aligned=True). Two positives, both on the box: BCE mean over 2 x 16 pixels =
     (-log 0.375 - log 0.625) / 2 = (0.980829 + 0.470004) / 2 = 0.725416; lambda_mask = 2 ->
     1.450833 (channel 0: 2 * (2.079442 + 0.133531) / 2 = 2.212973)."""
-    model = tiny_fcos_family("centermask_fcos", saliency="specific", shape_size=4, loss_weights=(1, 1, 0.1, 2))
+    model = tiny_fcos_family("centermask_fcos", saliency="specific", shape_size=4,
+                             loss_weights=(1, 1, 0.1, 2))
     nn.init.zeros_(model.local_shape.weight)
     nn.init.zeros_(model.local_shape.bias)
     constant_saliency(model, [-LN3, -LN3, LN3])
@@ -293,18 +301,20 @@ def test_centermask_fcos_postprocess_by_hand():
     box_features = [torch.full((1, 32, h, w), -20.0) for h, w in hw]
     box_features[1][0, 0, 1, 2] = 20.0
     box_features[0][0, 0, 0, 3] = 20.0
-    dets = [{"boxes": torch.tensor([[8.0, 12, 40, 36], [0, 0, 16, 16]]), "scores": torch.tensor([0.9, 0.8]),
-             "labels": torch.tensor([1, 2]), "index": torch.tensor([70, 3])}]
+    dets = [{"boxes": torch.tensor([[8.0, 12, 40, 36], [0, 0, 16, 16]]),
+             "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2]),
+             "index": torch.tensor([70, 3])}]
     model.detect = lambda x: dets
     features = [torch.zeros(1, 32, h, w) for h, w in hw]
-    d = model.postprocess(FCOSForward({"box_features": box_features}, features, points, levels, (64, 64)))[0]
+    x = FCOSForward({"box_features": box_features}, features, points, levels, (64, 64))
+    d = model.postprocess(x)[0]
     expect = torch.zeros(2, 64, 64)
     expect[0, 12:36, 8:40] = 0.75
     expect[1, :16, :16] = 0.9
     torch.testing.assert_close(d["masks"], expect, atol=1e-6, rtol=0)
 
 
-# -- MaskFCOS: the mask loss ([IS 4]) ---------------------------------------------------------------
+# -- MaskFCOS: the mask loss ([IS 4]) ------------------------------------------------------------
 
 class ConstantMaskHead(nn.Module):
     """A mask head whose (K, C, 28, 28) logits are one constant per class channel."""
@@ -362,10 +372,10 @@ def test_fcosis_inference_centres_and_crop():
         seen["centers"] = centers
         return torch.zeros(len(boxes), 16, 16), None, None
     model.segment = segment
-    dets = [{"boxes": torch.tensor([[0.0, 0, 8, 8]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([0]),
-             "index": torch.tensor([5])},
-            {"boxes": torch.tensor([[30.0, 10, 50, 40]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([2]),
-             "index": torch.tensor([70])}]
+    dets = [{"boxes": torch.tensor([[0.0, 0, 8, 8]]), "scores": torch.tensor([0.9]),
+             "labels": torch.tensor([0]), "index": torch.tensor([5])},
+            {"boxes": torch.tensor([[30.0, 10, 50, 40]]), "scores": torch.tensor([0.8]),
+             "labels": torch.tensor([2]), "index": torch.tensor([70])}]
     model.predict_masks(dets, FCOSForward({"extra": extra}, None, points, levels, (64, 64)))
     assert seen["centers"].tolist() == [[40.0, 12.0], [44.0, 16.0]]
     expect = torch.zeros(1, 64, 64)
@@ -395,6 +405,35 @@ def test_fcosis_attention_inputs_resampled_onto_p2():
     assert coarse[0, 0, 3, 5].item() == pytest.approx(0.625, abs=1e-6)
 
 
+def test_attention_upsampled_onto_a_finer_level():
+    """Guards apply_attention's bilinear upsampling (attention_grid="p3": the P3 map onto P2), which
+    keeps the locations aligned: P2 column k (centre 4k + 2) reads P3 coordinate (k + 0.5) / 2 - 0.5
+    = -0.25, 0.25, 0.75, 1.25 -> clamped 0, 0.25, 0.75, 1 (align_corners=False). A P3 map with
+    columns (0, 4) gives (0, 1, 3, 4) on P2 (align_corners=True: 0, 4/3, 8/3, 4); features 1."""
+    from model import apply_attention
+    att = torch.tensor([[0.0, 4.0], [0.0, 4.0]]).view(1, 1, 2, 2)
+    out = apply_attention([torch.ones(1, 1, 4, 4)], att, torch.tensor([0]))[0]
+    torch.testing.assert_close(out[0, 0], torch.tensor([0.0, 1.0, 3.0, 4.0]).expand(4, 4))
+
+
+def test_segmentation_head_sums_the_levels_upsampled_onto_p2():
+    """Guards the segmentation head's merge ([IS 3.2.1] Fig. 2c): each level's tower, upsampled
+    bilinearly (align_corners=False) onto P2, summed, then the 1x1 predictor. One channel, no
+    GroupNorm, every 3x3 conv the identity (centre tap 1) and the predictor 1, so a non-negative
+    input passes its towers unchanged: P2 zeros (4 x 4), P3 columns (0, 4) (2 x 2), P4 the constant
+    2 (1 x 1): P2 column k reads P3 at (0, 1, 3, 4) (see the test above) -> logits (2, 3, 5, 6)."""
+    from model import SegmentationHead
+    head = SegmentationHead(1, 1, 1, norm=False)
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+            m.weight.data[0, 0, m.weight.shape[2] // 2, m.weight.shape[3] // 2] = 1.0
+    p3 = torch.tensor([[0.0, 4.0], [0.0, 4.0]]).view(1, 1, 2, 2)
+    out = head([torch.zeros(1, 1, 4, 4), p3, torch.full((1, 1, 1, 1), 2.0)])
+    torch.testing.assert_close(out[0, 0], torch.tensor([2.0, 3.0, 5.0, 6.0]).expand(4, 4))
+
+
 class ConstantSegHead(nn.Module):
     """A segmentation head whose logits are 1 everywhere: (num_groups, 1, H/4, W/4) from P2."""
 
@@ -416,9 +455,9 @@ def test_fcosis_losses_combined_by_hand():
       com: the locations whose pixel is in the mask (every level): P3 (20|28, 20|28), targets
         +-4 / 8 = +-0.5, SmoothL1 0.125 per coordinate: 4 x 0.25; P4 (24, 24): 0; P5 (16, 16):
         8 / 32 = 0.25 -> 2 x 0.03125; sum 1.0625 over 6 locations = 0.177083
-      mask: padding p = ceil((sqrt(4 * 256 / 0.5) - 32) / 4) = ceil(3.31) = 4: crop (12, 12, 36, 36),
-        stride-4 cells 3..8 (centres 14..34): 36 cells, 16 of them (4..7) the square: BCE mean
-        SP1 - 16 / 36 = 0.868817, x 1 instance / 1."""
+      mask: padding p = ceil((sqrt(4 * 256 / 0.5) - 32) / 4) = ceil(3.31) = 4: crop
+        (12, 12, 36, 36), stride-4 cells 3..8 (centres 14..34): 36 cells, 16 of them (4..7) the
+        square: BCE mean SP1 - 16 / 36 = 0.868817, x 1 instance / 1."""
     model = tiny_fcos_family("fcosis")
     model.seg_head = ConstantSegHead()
     hw, points, _, levels = locations_64()
@@ -426,7 +465,8 @@ def test_fcosis_losses_combined_by_hand():
     extra[..., 2] = 1.0
     mask = torch.zeros(1, 64, 64, dtype=torch.uint8)
     mask[0, 16:32, 16:32] = 1
-    target = {"boxes": torch.tensor([[16.0, 16, 32, 32]]), "labels": torch.tensor([1]), "masks": mask}
+    target = {"boxes": torch.tensor([[16.0, 16, 32, 32]]), "labels": torch.tensor([1]),
+              "masks": mask}
     features = [torch.zeros(1, 32, 16, 16)] + [torch.zeros(1, 32, h, w) for h, w in hw]
     x = FCOSForward({"extra": extra, "hw": hw}, features, points, levels, (64, 64), [target], None)
     losses = model.extra_losses(x)
