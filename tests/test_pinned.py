@@ -1,10 +1,12 @@
 """
 The central formulas pinned at inputs where their terms differ (tests/mutate.py checks that a
-one-token change to each is caught): CenterNet's focal loss away from p = 0.5 and at its clamp,
-the class-specific saliency channel (CenterMask's loss and decoding, CenterMask-FCOS's loss and
-postprocess), CenterMask's offset and size targets inside the loss, FCOSIS's inference centres,
-the P3 -> P2 resampling of its attention inputs and how its losses are combined, MaskFCOS's mask
-loss, and gradient accumulation against one batch.
+one-token change to each is caught): CenterNet's focal loss away from p = 0.5 and at its clamp;
+CenterMask's offset and size targets inside the loss, the one-branch masks, the saliency's
+resampling and its class channel (CenterMask's loss and decoding, CenterMask-FCOS's loss and
+postprocess); FCOSreg's weights and mass-centre sampling; MaskFCOS's RoI levels and mask loss;
+FCOSIS's inference centres, the P3 -> P2 resampling of its attention inputs, the upsampling in
+apply_attention and the segmentation head, the half-open crop and how its losses are combined;
+and two micro-batches of gradient accumulation against one batch.
 """
 import math
 
