@@ -72,8 +72,14 @@ def test_fcos_targets_worked_example():
     assert math.sqrt(36 / 74) == pytest.approx(0.69749, abs=1e-5)
     p3 = ((points == torch.tensor([52., 36])).all(1) & (strides == 8)).nonzero().item()
     assert t["matched"][p3] == -1 and t["centerness"][p3] == 0 and t["labels"][p3] == -1
-    # every positive is on P4 (74 is the largest side distance of any inside point <= 110)
-    assert set(strides[t["matched"] >= 0].tolist()) <= {8.0, 16.0}
+    # every positive, by hand: inside the sampling region (51, 99) x (16, 64) (P4; P3: radius 12,
+    # (63, 87) x (28, 52)) with max(l, t, r, b) in the level's range. P3 (x = 8j + 4, y = 8i + 4):
+    # x in 68, 76, 84 (max(x - 20, 130 - x) = 62, 56, 64 <= 64), y in 36, 44. P4 (16j + 8): x = 56
+    # (max 74) and 88 (max 68) in [64, 128]; x = 72 has max(52, 58) and t, b <= 46: < 64, not P4. None on P5 up: every max <= 110 < 128.
+    pos = t["matched"] >= 0
+    assert sorted(zip(strides[pos].tolist(), points[pos].tolist())) == sorted(
+        [(8.0, [x, y]) for x in (68.0, 76.0, 84.0) for y in (36.0, 44.0)]
+        + [(16.0, [x, y]) for x in (56.0, 88.0) for y in (24.0, 40.0, 56.0)])
 
 
 def test_level_ranges_inclusive_at_their_boundaries():
@@ -435,8 +441,9 @@ def test_paste_masks_into_boxes():
     out = paste_masks(torch.tensor([[[1., 0], [0, 1]]]), torch.tensor([[2., 2, 6, 6]]), (8, 8))[0]
     assert out[2, 2] == 1 and out[5, 5] == 1 and out[2, 5] == 0 and out[5, 2] == 0
     assert out[:2].sum() == 0 and out[6:].sum() == 0 and out[:, :2].sum() == 0 and out[:, 6:].sum() == 0
-    # between the two cell centres (pixel 3 and 4 centres are 3.5, 4.5 -> grid -0.25, +0.25) -> blend
-    assert 0 < out[3, 4] < 1
+    # pixel (row 3, col 4), centre (4.5, 3.5): source u = (4.5 - 2) / 4 * 2 - 0.5 = 0.75 (x),
+    # (3.5 - 2) / 4 * 2 - 0.5 = 0.25 (y); bilinear (1 - .25)(1 - .75) * 1 + .25 * .75 * 1 = 0.375
+    assert out[3, 4].item() == pytest.approx(0.375, abs=1e-6)
 
 
 # -- CenterMask-FCOS pieces -------------------------------------------------------------------------

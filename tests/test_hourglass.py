@@ -268,14 +268,22 @@ def test_teaching_maps_hand_planted():
 
 def test_teaching_maps_figure(tmp_path):
     """Guards the teaching picture path end to end (NaN gaps, integer label maps, the wide
-    tile panel): pictures.py's figure writer must accept teaching_maps' output and write a PNG."""
-    from pictures import save_maps_figure
+    tile panel): pictures.py's figure writer must accept teaching_maps' output and write a PNG that
+    decodes to the figure's size, 2.8 x 2.9 inches per grid unit at 100 dpi: 5 units wide
+    (1400 px) and 290 px per row of panels (`_maps_layout`), with the input and the maps drawn
+    (not one colour)."""
+    import matplotlib.image
+    from pictures import save_maps_figure, _maps_layout
     model = build_model(tiny_hg())
     x, _ = make_batch(1)
     maps = teaching_maps(model)(x)[0]
     path = tmp_path / "maps.png"
     save_maps_figure(torch.zeros(3, 32, 32, dtype=torch.uint8), maps, path)
-    assert path.stat().st_size > 0
+    img = matplotlib.image.imread(path)                   # (H, W, 3 or 4) floats in [0, 1]
+    shapes = [(32, 32)] + [tuple(m.shape[:2]) for m in maps.values()]
+    rows = _maps_layout([min(5, max(1, round(w / h))) for h, w in shapes], 5)
+    assert img.shape[:2] == (290 * len(rows), 1400) and len(rows) >= 2, (img.shape, rows)
+    assert img[..., :3].std() > 0.1                       # panels, colour bars and titles, not blank
 
 
 def test_topk_peaks_hand_computed():
