@@ -536,21 +536,6 @@ def accumulated_grads(kind, counts, k, whole_batch_normalizers=True):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
-def test_gradient_accumulation_equals_one_batch_of_k_times_the_size(kind):
-    """Guards gradient_accumulation_steps: 2 micro-batches of 2 images accumulated must give the
-    gradient of one batch of 4 (the global batch one GPU runs in place of several), every method,
-    with micro-batches holding different numbers of objects (2 and 6), to the tolerance of the DDP
-    tests above (relative 1e-4; the sums split differently). This holds only with the whole
-    batch's normalisers: the plain form, each micro-batch's loss over its own counts divided by k,
-    weighs the first micro-batch's 2 objects by 1 / (2 * 2) instead of 1 / 8 and misses by far
-    more (asserted > 1e-2, so this test would catch the normalisers being dropped)."""
-    single = single_process_grads(kind, UNEQUAL_COUNTS)
-    assert max_relative_difference(accumulated_grads(kind, UNEQUAL_COUNTS, 2), single) < 1e-4
-    assert max_relative_difference(accumulated_grads(kind, UNEQUAL_COUNTS, 2, False), single) > 1e-2
-
-
 def test_normalizer_recording_pass_leaves_batchnorm_statistics_and_gradients_alone():
     """Guards the recording pass of MicroBatchNormalizers on a model with BatchNorm in training
     mode (the tiny DLA CenterMask): it runs forwards without gradients, so no parameter gets a
