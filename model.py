@@ -1601,7 +1601,7 @@ class FCOS(Method):
         loc, labels = cand_index // C, cand_index % C
         results = []
         for b in range(B):  # NMS per image
-            H, W = (int(v) for v in (x.image_sizes[b] if x.image_sizes is not None else input_hw))
+            H, W = x.image_sizes[b] if x.image_sizes is not None else input_hw        # ints
             keep = cand_scores[b] > 0
             s, lo, lab = cand_scores[b][keep].sqrt(), loc[b][keep], labels[b][keep]
             p, d = points[lo], out["ltrb"][b, lo].float()

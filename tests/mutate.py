@@ -138,6 +138,8 @@ MUTANTS = [
            "s, lo, lab = cand_scores[b][keep]", FCOS),
     Mutant("decode_location_class", M, "loc, labels = cand_index // C, cand_index % C",
            "loc, labels = cand_index % C, cand_index // C", FCOS),
+    Mutant("decode_clip_to_batch", M, "H, W = x.image_sizes[b] if x.image_sizes is not None else input_hw",
+           "H, W = input_hw", FCOS),
     # -- FCOSreg ([IS 3.3]) ------------------------------------------------------------------------
     Mutant("fcosreg_sqrt_term", M, "c * torch.sqrt((centerness * seg)",
            "c * torch.sqrt((centerness + seg)", FCOS),
