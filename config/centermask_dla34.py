@@ -30,7 +30,7 @@ input_size = 512                 # [CM] 3.5
 # Test at each image's own size (CenterNet's --keep_res), not 512: [CM] 3.5 "directly makes use
 # of the same hyper-parameters of CenterNet" and its Table 2 says "Resolution represents the
 # image size of training"; CenterNet's COCO numbers are keep_res ones (experiments/
-# ctdet_coco_dla_1x.sh, _2x.sh: "test.py ctdet ... --keep_res"; readme/GETTING_STARTED.md: 37.4 AP
+# ctdet_coco_dla_1x.sh, ctdet_coco_dla_2x.sh: "test.py ctdet ... --keep_res"; readme/GETTING_STARTED.md: 37.4 AP
 # with --keep_res, "Without --keep_res it will resize the images to 512 x 512").
 keep_res = True
 batch_size = 16                  # x 8 micro-batches = 128 per step, CenterNet's DLA-34 batch (its

@@ -4,6 +4,7 @@ import, eval.py, predict.py, weights.read_weights), DeformConv's refusal of non-
 synthetic set's own seed, and DataLoader workers under a start method that spawns.
 
 Tiny runs through the command line, as tests/test_train.py's (a few seconds each)."""
+import glob
 import hashlib
 import json
 import os
@@ -330,3 +331,65 @@ def test_size_script_counts_a_tree_by_hand(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "size.py"), str(tmp_path)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "import circles: a <-> b" in r.stdout and "summary: code 13" in r.stdout
+
+
+# Names the documents may use that are no key or file of this project: other programs' options
+# (pytest's --durations, pip's --index-url, CenterNet's --fix_res, --arch and --lr of its
+# experiments/*.sh, argparse's --help, the generic --key; torchrun's and SLURM's are cut out) and
+# the upstream files a reading cites (CenterNet's, FCOS's, torchvision's). A foreign name is listed
+# as written ("durations=" with its "="), so that a stale key of ours, say --lr=1e-4, is caught.
+FOREIGN_OPTIONS = {"help", "key", "key=", "durations", "durations=", "index", "fix_res", "arch", "lr"}
+UPSTREAM_FILES = {"coco.py", "ctdet.py", "fcos.py", "large_hourglass.py", "pose_dla_dcn.py", "test.py",
+                  "ctdet_coco_dla_1x.sh", "ctdet_coco_dla_2x.sh"}
+
+
+def named_in_the_documents():
+    """(where, option names, file names) of README.md, METHODS.md and RESULTS.md (their `code` and
+    code blocks), the top-level scripts' docstrings and the config files' comments."""
+    import ast
+    texts = []
+    for doc in ("README.md", "METHODS.md", "RESULTS.md"):
+        text = open(os.path.join(ROOT, doc)).read()
+        blocks = re.findall(r"```\n(.*?)```", text, flags=re.S)
+        texts.append((doc, " ".join(re.findall(r"`([^`\n]+)`", text) + blocks)))
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
+        doc = ast.get_docstring(ast.parse(open(path).read())) or ""
+        texts.append((os.path.basename(path), doc))
+    for path in sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))):
+        comments = [line for line in open(path) if line.lstrip().startswith("#")]
+        texts.append((os.path.relpath(path, ROOT), "".join(comments)))
+    out = []
+    for where, text in texts:
+        text = re.sub(r"#SBATCH[^\n]*", "", text)                           # SLURM's own options
+        text = re.sub(r"torchrun.*?(?=\w+\.py)", "", text, flags=re.S)     # torchrun's, up to the script
+        options = set(re.findall(r"(?<![\w-])--(\w+=?)", text))                 # "name=" or "name"
+        files = set(re.findall(r"(?<![\w/.-])((?:config|tests|assets)/[\w./-]*\w\.(?:py|sh|md|json)|"
+                               r"[\w-]+\.(?:py|sh))(?![\w/])", text))
+        out.append((where, options, files))
+    return out
+
+
+def test_every_key_and_file_the_documents_name_exists():
+    """Guards the documents against stale names (a key removed, a script renamed): every
+    `--option` that README, METHODS.md, RESULTS.md, a script's docstring or a config's comments
+    name is a key of train.py, eval.py, predict.py or bench.py, a ModelConfig field or an option of
+    data.py's, tests/mutate.py's or assets/make.py's command line (FOREIGN_OPTIONS aside), and every
+    file they name exists (as named, or under config/ or assets/; UPSTREAM_FILES aside)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    try:
+        import size
+    finally:
+        sys.path.pop(0)
+    keys = set()
+    for script in ("train.py", "eval.py", "predict.py", "bench.py"):
+        keys |= set(size.script_keys(open(os.path.join(ROOT, script)).read()))
+    keys |= set(size.model_config_fields(open(os.path.join(ROOT, "model.py")).read()))
+    for script in ("data.py", "tests/mutate.py", "assets/make.py"):               # argparse command lines
+        keys |= set(re.findall(r"add_argument\(\"--(\w+)\"", open(os.path.join(ROOT, script)).read()))
+    stale = []
+    for where, options, files in named_in_the_documents():
+        stale += [f"{where}: --{o}" for o in sorted(options)
+                  if o.rstrip("=") not in keys and o not in FOREIGN_OPTIONS]
+        stale += [f"{where}: {f}" for f in sorted(files - UPSTREAM_FILES)
+                  if not any(os.path.exists(os.path.join(ROOT, d, f)) for d in ("", "config", "assets"))]
+    assert not stale, stale
