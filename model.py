@@ -43,7 +43,7 @@ Coordinate frames used throughout:
 """
 
 import math
-from dataclasses import dataclass, fields, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -1581,7 +1581,7 @@ class FCOS(Method):
         the padded batch) before the NMS, as FCOS's FCOSPostProcessor (clip_to_image, then boxlist_ml_nms) and
         torchvision's FCOS do: a box reaching into the padding would otherwise keep its extent through NMS."""
         from torchvision.ops import batched_nms
-        cfg, out, points, levels, input_hw = self.cfg, x.out, x.points, x.levels, x.input_hw
+        cfg, out, points, input_hw = self.cfg, x.out, x.points, x.input_hw
         cls = out["cls"].float().sigmoid()                                       # (B, P, C)
         ctr = self.score_weights(out)                                            # (B, P)
         B, P, C = cls.shape

@@ -16,7 +16,6 @@ also a key. The whole resolved config is saved in each checkpoint.
 """
 
 import datetime
-import math
 import multiprocessing
 import os
 import shutil
