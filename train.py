@@ -53,8 +53,7 @@ eval_interval = 0                 # iterations between evaluations (0: every epo
 eval_every_epochs = 10            # evaluate every this many epochs when eval_interval == 0
 eval_max_images = 500             # images of the val set used by periodic evals (0: all)
 ckpt_interval = 0                 # iterations between checkpoints (0: at each evaluation and at the end)
-visualize = False                 # draw predictions on a few val images at the end
-vis_images = 8
+visualize = False                 # draw predictions and teaching maps of the first 8 val images at the end
 # data (COCO 2017 layout; see README)
 data_root = "data/coco"           # train/val paths below are relative to it unless absolute
 train_img_dir = "train2017"
@@ -92,8 +91,7 @@ gradient_accumulation_steps = 1   # micro-batches per optimizer step (nanoGPT's 
 epochs = 130
 max_iters = 0                     # 0: derived from epochs and the dataset length
 learning_rate = 2.5e-4
-lr_steps = (100, 120)             # epochs at which lr *= lr_decay (step schedule)
-lr_decay = 0.1
+lr_steps = (100, 120)             # epochs at which lr *= 0.1 ([CM 3.5], as FCOS's solver)
 warmup_iters = 0                  # warm-up iterations (not in [CM]; FCOS: 500, its SOLVER.WARMUP_ITERS)
 warmup_method = "linear"          # "linear": from warmup_factor x lr up to lr; "constant": warmup_factor x lr
                                   # throughout (FCOS's configs/fcos/*.yaml: WARMUP_METHOD "constant")
@@ -402,13 +400,13 @@ if checkpoint is not None and (checkpoint.get("global_batch", global_batch), che
 
 
 def get_lr(it):
-    """Warm-up (optional: linear from 0, or FCOS's constant warmup_factor x lr), then x lr_decay at
-    each step ([CM 3.5]: epochs 100 and 120). The base rate: each parameter group multiplies in its
-    lr_factor."""
+    """Warm-up (optional: linear from 0, or FCOS's constant warmup_factor x lr), then x 0.1 at each
+    step ([CM 3.5]: epochs 100 and 120; FCOS's and Mask R-CNN's SOLVER.GAMMA 0.1). The base rate:
+    each parameter group multiplies in its lr_factor."""
     if it < warmup_iters:  # linear: f + (1 - f) (it + 1) / W, never 0 at the first step (f = 0 included)
         f = warmup_factor
         return learning_rate * (f if warmup_method == "constant" else f + (1 - f) * (it + 1) / warmup_iters)
-    return learning_rate * lr_decay ** sum(it >= s for s in step_iters)
+    return learning_rate * 0.1 ** sum(it >= s for s in step_iters)
 
 
 if warmup_method not in ("linear", "constant"):
@@ -669,7 +667,7 @@ if master:
     log(f"wrote {os.path.join(out_dir, 'loss.png')}")
     if visualize:
         with stop_on_non_finite_deform("drawing the pictures"):
-            paths = save_pictures(eval_model, val_set, os.path.join(out_dir, "pictures"), n=vis_images, device=device,
+            paths = save_pictures(eval_model, val_set, os.path.join(out_dir, "pictures"), n=8, device=device,
                                   maps_fn=teaching_maps(eval_model))
         log(f"wrote {len(paths)} pictures to {os.path.join(out_dir, 'pictures')}")
 if ddp:

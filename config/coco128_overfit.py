@@ -39,4 +39,3 @@ eval_max_images = 0
 log_interval = 10
 device = "auto"                  # a GPU when there is one (train.py), else the CPU
 visualize = True
-vis_images = 8

@@ -48,4 +48,3 @@ log_interval = 25
 device = "auto"                  # a GPU when there is one (train.py), else the CPU
 dtype = "auto"                   # bf16 autocast where the CPU has native bf16 (1.45x), else fp32
 visualize = True
-vis_images = 8

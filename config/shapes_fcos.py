@@ -46,4 +46,3 @@ log_interval = 25
 device = "auto"                  # a GPU when there is one (train.py), else the CPU
 dtype = "auto"
 visualize = True
-vis_images = 8
