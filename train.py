@@ -352,7 +352,6 @@ if checkpoint is not None:
         scaler.load_state_dict(checkpoint["scaler"])
 
 raw_model = model
-eval_model = raw_model
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 if compile:  # after DDP: dynamo splits the graph at DDP's gradient buckets, so their all-reduce overlaps the backward
@@ -457,7 +456,7 @@ def run_eval(max_images):
     eval_loader = DataLoader(subset, batch_size=max(1, batch_size // 2), sampler=eval_sampler, collate_fn=collate,
                              num_workers=num_workers, multiprocessing_context=worker_context)
     with torch.random.fork_rng(devices=[]):
-        stats = evaluate(eval_model, eval_loader, device=device, verbose=False,
+        stats = evaluate(raw_model, eval_loader, device=device, verbose=False,
                          amp_dtype=None if ptdtype == torch.float32 else ptdtype)
     raw_model.train()
     return stats
@@ -667,8 +666,8 @@ if master:
     log(f"wrote {os.path.join(out_dir, 'loss.png')}")
     if visualize:
         with stop_on_non_finite_deform("drawing the pictures"):
-            paths = save_pictures(eval_model, val_set, os.path.join(out_dir, "pictures"), n=8, device=device,
-                                  maps_fn=teaching_maps(eval_model))
+            paths = save_pictures(raw_model, val_set, os.path.join(out_dir, "pictures"), n=8, device=device,
+                                  maps_fn=teaching_maps(raw_model))
         log(f"wrote {len(paths)} pictures to {os.path.join(out_dir, 'pictures')}")
 if ddp:
     # every rank waits until rank 0 has drawn its pictures: a gloo group torn down on one rank
