@@ -54,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from configurator import defaults_of
 from accumulate import MicroBatchNormalizers
 from model import ModelConfig, build_model, method_transform
-from settings import auto_dtype, check_settings
+from configurator import auto_dtype, check_settings
 
 # -----------------------------------------------------------------------------
 # train.py's config keys with train.py's defaults (model.ModelConfig's fields among them), so that

@@ -18,7 +18,7 @@ builder, loss, mask assembly and decoder, in reading order.
    13. build_model(cfg)                           the one entry point: ModelConfig -> the method's model
 
 Elsewhere: weights.py (published weights, old checkpoint keys), accumulate.py (gradient accumulation),
-pictures.py (the teaching pictures), settings.py (the keys each method reads, the autocast dtype), train.py /
+pictures.py (the teaching pictures), configurator.py (the keys each method reads), train.py /
 eval.py / predict.py / bench.py. How each method works and where each constant comes from: METHODS.md.
 
 Papers (sections, equations and tables are cited as [CM 3.1], [CM] eq. 2, [IS] Table 3):
@@ -61,8 +61,8 @@ FCOS_FAMILY = ("fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")      
 
 @dataclass
 class ModelConfig:
-    """Architecture knobs of every method, grouped by the methods that read them (the groups of settings.py's
-    CONFIG_GROUPS; train.py stops a run that sets a key its method does not read). Checkpoints' `model_args`."""
+    """Architecture knobs of every method, grouped by the methods that read them (configurator.py's
+    config_groups; train.py stops a run that sets a key its method does not read). Checkpoints' `model_args`."""
     # -- every method ------------------------------------------------------------------------------
     method: str = "centermask"        # which system build_model() makes (METHODS)
     backbone: str = "dla34"           # CenterMask: "dla34" or "hourglass104" ([CM 3.5], Table 1b); the FCOS family:

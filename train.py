@@ -33,7 +33,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 
 from accumulate import MicroBatchNormalizers
 from model import NON_FINITE_DEFORM, ModelConfig, build_model, method_transform, non_finite_deform_count
-from settings import auto_dtype, check_settings
+from configurator import auto_dtype, check_settings
 from weights import check_weights, current_keys, import_weights, read_weights
 
 # -----------------------------------------------------------------------------

@@ -215,15 +215,15 @@ def test_import_has_no_side_effects():
 
 
 # -----------------------------------------------------------------------------
-# train.py's model keys: grouped by method (settings.CONFIG_GROUPS), checked before any work
+# train.py's model keys: grouped by method (configurator.config_groups), checked before any work
 
 def test_every_model_field_is_in_exactly_one_group():
-    """Guards settings.CONFIG_GROUPS against drift from ModelConfig: a new field left out of every
+    """Guards configurator.config_groups against drift from ModelConfig: a new field left out of every
     group would be refused for every method, one listed twice would be ambiguous."""
     from dataclasses import fields
     from model import METHODS, ModelConfig
-    from settings import CONFIG_GROUPS, fields_of
-    listed = [f for _, _, _, names in CONFIG_GROUPS for f in names]
+    from configurator import config_groups, fields_of
+    listed = [f for _, _, _, names in config_groups() for f in names]
     assert sorted(listed) == sorted(f.name for f in fields(ModelConfig))
     assert len(listed) == len(set(listed))
     for method in METHODS:
@@ -240,7 +240,7 @@ def test_check_settings_names_the_unread_key_and_the_methods_keys():
     and a list equal to a tuple default (a config file's list) is not a change."""
     from dataclasses import fields
     from model import METHODS, ModelConfig
-    from settings import check_settings
+    from configurator import check_settings
     base = {f.name: f.default for f in fields(ModelConfig)}
     for method in METHODS:
         backbone = "dla34" if method == "centermask" else "resnet50"
@@ -299,14 +299,14 @@ TINY_MODELS = {
 
 @pytest.mark.parametrize("method,backbone", list(TINY_MODELS))
 def test_keys_outside_a_methods_groups_do_not_change_it(method, backbone):
-    """Guards CONFIG_GROUPS against a key that a method does read (train.py would refuse a key
+    """Guards config_groups against a key that a method does read (train.py would refuse a key
     that matters): every field outside fields_of(method) set to another value (the ones
     ModelConfig refuses for this method left out: they stop a run anyway) builds the same
     parameters, the same losses and the same detections, bit for bit. Tiny models, one batch
     of two 64 x 64 images with three objects."""
     import torch
     from model import ModelConfig, build_model
-    from settings import fields_of
+    from configurator import fields_of
     base = dict(method=method, backbone=backbone, num_classes=3, max_detections=10, **TINY_MODELS[method, backbone])
     read = set(fields_of(method, backbone))
     changed = {}

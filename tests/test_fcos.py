@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from model import (ModelConfig, build_model, fcos_locations, fcos_targets, regression_weights,
                    average_pool_masks, maskfcos_levels, mask_targets, conv3x3_at, paste_masks, iou_loss,
                    center_of_mass, ResNetFPN)
-from settings import check_settings
+from configurator import check_settings
 
 
 def tiny(method, **kw):
@@ -641,7 +641,7 @@ def test_every_config_file_has_known_keys_and_builds(name):
     """Guards config/*.py: a typo in a key would only be caught by the configurator at launch,
     and a model key combination ModelConfig refuses (e.g. method on the wrong backbone) only
     when the model is built. Every key must be a train.py or ModelConfig key, and the model
-    keys must pass train.py's check (settings.check_settings: no key the method does not read) and
+    keys must pass train.py's check (configurator.check_settings: no key the method does not read) and
     build (on the meta device: no memory, no weights download)."""
     import os
     import re
