@@ -2297,8 +2297,9 @@ class FCOSIS(FCOS):
         probabilities, upsampled from stride 4 and cropped to the box.
     Table 3 (attention=...): "none" (3a: class-wise segmentation with ASPP, masks cropped by box and class),
         "mu0" (3b: mu fixed at 0), "bbox" (3c: the whole box filled with lambda).
-    Readings (com_assignment, the attention grid and assignment, duplicates, what -mu marks, colouring the padded
-    boxes, the "none" baseline's loss, loss weights 1, reg_weights): METHODS.md, FCOSIS."""
+    Readings (which locations regress the centre of mass, the attention grid and assignment, the test-time
+    competition, what -mu marks, colouring the padded boxes, the "none" baseline's loss, loss weights 1,
+    reg_weights): METHODS.md, FCOSIS."""
 
     # the box tower's `extra` channels ([IS 3.2.1]): centre-of-mass offset (r_x, r_y) in strides, foreground logit
     COM, FOREGROUND = slice(0, 2), 2
