@@ -25,7 +25,6 @@ CLI: `python data.py shapes --out=DIR [--n_train=2000] [--n_val=200] [--size=128
 [--n=128] [--split=NAME]`.
 """
 
-import bisect
 import contextlib
 import io
 import json
@@ -70,7 +69,8 @@ CENTERNET_EIG_VAL = (0.2141788, 0.01817699, 0.00341571)
 CENTERNET_EIG_VEC = ((-0.58752847, -0.69563484, 0.41340352),
                      (-0.5832747, 0.00994535, -0.81221408),
                      (-0.56089297, 0.71832671, 0.41158938))
-CENTERNET_LIGHTING_STD = 0.1   # alpha ~ N(0, 0.1) per eigenvector (`lighting_(data_rng, image, 0.1, ...)`)
+# alpha ~ N(0, 0.1) per eigenvector (`lighting_(data_rng, image, 0.1, ...)`)
+CENTERNET_LIGHTING_STD = 0.1
 # The grey level of saturation / contrast: CenterNet takes cv2.cvtColor(image, COLOR_BGR2GRAY),
 # Y = 0.299 R + 0.587 G + 0.114 B (OpenCV's documented weights, exact for float images).
 GRAY_WEIGHTS_RGB = (0.299, 0.587, 0.114)
@@ -127,13 +127,9 @@ def _load_json(path):
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read())
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"annotation file {path} is not valid JSON: {e}") from e
-
-
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class CocoInstances(torch.utils.data.Dataset):
@@ -191,68 +187,57 @@ class CocoInstances(torch.utils.data.Dataset):
     """
 
     def __init__(self, img_dir, ann_file, transforms=None, max_images=None, image_ids=None):
-        self.img_dir = img_dir
-        self.ann_file = ann_file
-        self.transforms = transforms
+        self.img_dir, self.ann_file, self.transforms = img_dir, ann_file, transforms
         if not os.path.isdir(img_dir):
             raise FileNotFoundError(f"image folder not found: {img_dir} (for {ann_file})")
-
         data = _load_json(ann_file)
         images, anns, cats = self._validate(data, ann_file)
 
         # Category ids are sorted and renumbered 0..C-1: the model predicts labels, eval.py
         # maps them back through label_to_cat_id before writing COCO results. A background
         # category that no annotation uses (labelme2coco writes "_background_", id 0) is no class.
-        used = {a.get("category_id") for a in anns}
-        objects = {a.get("category_id") for a in anns if not a.get("iscrowd", 0)}
-        background = [c for c in cats if c["id"] not in used and str(c.get("name", "")).lower() in BACKGROUND_NAMES]
+        used = {a["category_id"] for a in anns}
+        objects = {a["category_id"] for a in anns if not a["iscrowd"]}
+        background = [c for c in cats if c["id"] not in used
+                      and str(c.get("name", "")).lower() in BACKGROUND_NAMES]
         if background:
-            warnings.warn(f"{ann_file}: " + ", ".join(f"category {c['id']} ({c.get('name')!r})" for c in background)
-                          + " names the background and has no annotation: not a class of the model", stacklevel=2)
+            said = ", ".join(f"category {c['id']} ({c.get('name')!r})" for c in background)
+            warnings.warn(f"{ann_file}: {said} names the background and has no annotation: "
+                          "not a class of the model", stacklevel=2)
         cats = sorted((c for c in cats if c not in background), key=lambda c: c["id"])
         self.cat_ids = [c["id"] for c in cats]
         self.label_to_cat_id = list(self.cat_ids)
         self.cat_id_to_label = {cid: label for label, cid in enumerate(self.cat_ids)}
         self.class_names = [str(c.get("name", c["id"])) for c in cats]
-        self.num_classes = len(self.cat_ids)
-        unused = [f"{c['id']} ({self.class_names[k]})" for k, c in enumerate(cats) if c["id"] not in used]
-        if unused:  # e.g. Roboflow's category 0, named after the project: a class the model learns never to predict
-            warnings.warn(f"{ann_file}: {len(unused)} listed categor{'y has' if len(unused) == 1 else 'ies have'} "
-                          f"no annotation at all: {', '.join(unused[:10])}{' ...' if len(unused) > 10 else ''} "
-                          "(still a class of the model; COCOeval skips it)", stacklevel=2)
-        crowd_only = [f"{c['id']} ({self.class_names[k]})" for k, c in enumerate(cats)
-                      if c["id"] in used and c["id"] not in objects]
-        if crowd_only:  # CVAT, for one, exports masks drawn with a brush as iscrowd=1 RLE
-            warnings.warn(f"{ann_file}: categor{'y' if len(crowd_only) == 1 else 'ies'} {', '.join(crowd_only[:10])} "
-                          "only have crowd regions (iscrowd=1), which are never trained on: if they are objects, "
-                          "set their iscrowd to 0", stacklevel=2)
+        self.num_classes = len(cats)
+        named = {cid: f"{cid} ({name})" for cid, name in zip(self.cat_ids, self.class_names)}
+        # e.g. Roboflow's category 0, named after the project: a class the model learns never to
+        # predict
+        unused = [named[cid] for cid in self.cat_ids if cid not in used]
+        if unused:
+            warnings.warn(f"{ann_file}: categories with no annotation at all: {_first(unused)} "
+                          "(still classes of the model; COCOeval skips them)", stacklevel=2)
+        # CVAT, for one, exports masks drawn with a brush as iscrowd=1 RLE
+        crowd_only = [named[cid] for cid in self.cat_ids if cid in used - objects]
+        if crowd_only:
+            warnings.warn(f"{ann_file}: categories {_first(crowd_only)} only have crowd regions "
+                          "(iscrowd=1), which are never trained on: if they are objects, set their "
+                          "iscrowd to 0", stacklevel=2)
 
         # Dataset order and optional subset.
-        if image_ids is not None:
-            known = {img["id"] for img in images}
-            missing = [i for i in image_ids if i not in known]
-            if missing:
-                raise ValueError(f"image_ids {missing[:10]} are not in {ann_file}")
-            ids = list(image_ids)
-        else:
-            ids = sorted(img["id"] for img in images)
-        if max_images is not None:
-            ids = ids[:max_images]
-        self.ids = ids
-
-        if len(ids) != len(images):  # a subset: keep self.coco consistent with it
-            keep = set(ids)
-            data = dict(data)
-            data["images"] = [img for img in images if img["id"] in keep]
-            data["annotations"] = [a for a in anns if a["image_id"] in keep]
+        known = {img["id"] for img in images}
+        ids = sorted(known) if image_ids is None else list(image_ids)
+        if any(i not in known for i in ids):
+            raise ValueError(f"image_ids {[i for i in ids if i not in known][:10]} are not in {ann_file}")
+        self.ids = ids[:max_images]
+        if len(self.ids) != len(images):  # a subset: keep self.coco consistent with it
+            keep = set(self.ids)
+            data = dict(data, images=[img for img in images if img["id"] in keep],
+                        annotations=[a for a in anns if a["image_id"] in keep])
         self._warned = set()  # annotation ids already warned about (one warning each)
         self._sanitize(data["annotations"], {img["id"]: img for img in data["images"]})
-        # COCO() would re-read the file; build it from the dict we validated instead.
-        # createIndex prints progress lines: keep them out of training logs.
-        self.coco = COCO()
-        self.coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco.createIndex()
+        # COCO() would re-read the file; built from the dict we validated instead
+        self.coco = coco_index(data)
 
     @staticmethod
     def _validate(data, ann_file):
@@ -263,52 +248,44 @@ class CocoInstances(torch.utils.data.Dataset):
         if not isinstance(data, dict):
             raise ValueError(f"{ann_file}: expected a JSON object with 'images', 'annotations' "
                              f"and 'categories', got {type(data).__name__}")
-        for key in ("images", "categories"):
+        data.setdefault("annotations", [])
+        for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
                 raise ValueError(f"{ann_file}: missing or non-list '{key}'")
-        data.setdefault("annotations", [])
-        if not isinstance(data["annotations"], list):
-            raise ValueError(f"{ann_file}: 'annotations' must be a list")
         images, anns, cats = data["images"], data["annotations"], data["categories"]
 
-        cat_ids = set()
-        for c in cats:
-            if not isinstance(c, dict) or not isinstance(c.get("id"), int):
-                raise ValueError(f"{ann_file}: category {c!r} has no integer 'id'")
-            if c["id"] in cat_ids:
-                raise ValueError(f"{ann_file}: duplicate category id {c['id']}")
-            cat_ids.add(c["id"])
-        img_ids = set()
+        def unique_ids(entries, what):
+            """The ids of `entries`; an entry without one, or an id seen twice: an error."""
+            ids = set()
+            for k, e in enumerate(entries):
+                if not isinstance(e, dict) or "id" not in e:
+                    raise ValueError(f"{ann_file}: {what} #{k} ({str(e)[:60]}) has no 'id'")
+                if e["id"] in ids:
+                    raise ValueError(f"{ann_file}: duplicate {what} id {e['id']}")
+                ids.add(e["id"])
+            return ids
+
+        cat_ids, img_ids = unique_ids(cats, "category"), unique_ids(images, "image")
+        unique_ids(anns, "annotation")
+        if not all(isinstance(cid, int) for cid in cat_ids):
+            raise ValueError(f"{ann_file}: category ids must be integers, got {sorted(cat_ids, key=str)}")
         for img in images:
-            if not isinstance(img, dict) or "id" not in img:
-                raise ValueError(f"{ann_file}: image entry {img!r} has no 'id'")
             for key in ("file_name", "height", "width"):
                 if key not in img:
                     raise ValueError(f"{ann_file}: image id {img['id']} has no '{key}'")
             if not all(isinstance(img[k], int) and img[k] > 0 for k in ("height", "width")):
                 raise ValueError(f"{ann_file}: image id {img['id']} has invalid height/width "
                                  f"{img['height']!r}/{img['width']!r}")
-            if img["id"] in img_ids:
-                raise ValueError(f"{ann_file}: duplicate image id {img['id']}")
-            img_ids.add(img["id"])
-        ann_ids = set()
-        for k, a in enumerate(anns):
-            if not isinstance(a, dict) or "id" not in a:
-                raise ValueError(f"{ann_file}: annotation #{k} has no 'id'")
-            name = f"annotation id {a['id']}"
-            if a["id"] in ann_ids:
-                raise ValueError(f"{ann_file}: duplicate annotation id {a['id']}")
-            ann_ids.add(a["id"])
+        for a in anns:
             if a.get("image_id") not in img_ids:
-                raise ValueError(f"{ann_file}: {name} refers to image_id {a.get('image_id')!r}, "
-                                 f"which is not among the file's images")
+                raise ValueError(f"{ann_file}: annotation id {a['id']} refers to image_id "
+                                 f"{a.get('image_id')!r}, which is not among the file's images")
             if a.get("category_id") not in cat_ids:
-                raise ValueError(f"{ann_file}: {name} has unknown category_id "
+                raise ValueError(f"{ann_file}: annotation id {a['id']} has unknown category_id "
                                  f"{a.get('category_id')!r} (known: {sorted(cat_ids)})")
             a.setdefault("iscrowd", 0)
             if "area" not in a:  # COCOeval's area ranges need it; the box area is a fair stand-in
-                bbox = a.get("bbox")
-                a["area"] = float(bbox[2] * bbox[3]) if _valid_bbox(bbox) else 0.0
+                a["area"] = float(a["bbox"][2] * a["bbox"][3]) if _valid_bbox(a.get("bbox")) else 0.0
         return images, anns, cats
 
     def __len__(self):
@@ -331,8 +308,8 @@ class CocoInstances(torch.utils.data.Dataset):
             hint = f" (the json's file_name {name!r}, under img_dir {self.img_dir})"
             flat = os.path.join(self.img_dir, os.path.basename(name))
             if flat != path and os.path.exists(flat):
-                hint += (f"; {flat} exists: point img_dir at the folder that the json's file names start from, "
-                         f"or drop their folder prefix")
+                hint += (f"; {flat} exists: point img_dir at the folder that the json's file "
+                         "names start from, or drop their folder prefix")
             raise ImageReadError(f"{e}{hint}") from e.__cause__
 
     def __getitem__(self, index):
@@ -344,41 +321,26 @@ class CocoInstances(torch.utils.data.Dataset):
         if img.size != (W0, H0):
             # The json's coordinates would not match the pixels: fail loudly, never mis-train.
             upright = load_rgb_image(path, upright=True).size
-            hint = (f"; turned upright by its EXIF orientation tag it is {upright[0]}x{upright[1]}, so the json was "
-                    "made on the upright picture (as labelling tools show it): save the images upright (PIL's "
-                    "ImageOps.exif_transpose) to train on them" if upright == (W0, H0) else "")
+            hint = (f"; turned upright by its EXIF orientation tag it is {upright[0]}x{upright[1]}, "
+                    "so the json was made on the upright picture (as labelling tools show it): save "
+                    "the images upright (PIL's ImageOps.exif_transpose) to train on them"
+                    if upright == (W0, H0) else "")
             raise ValueError(f"image {path} is {img.size[0]}x{img.size[1]} (w x h) but "
                              f"{self.ann_file} says {W0}x{H0} for image id {image_id}{hint}")
 
         boxes, labels, masks = [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
-            if ann.get("iscrowd", 0):
-                continue  # crowd regions are for COCOeval's ignore logic, never instances
-            box = self._box_xyxy(ann, H0, W0)
-            if box is None:
-                continue
-            mask = self._decode_mask(ann, H0, W0, path)
-            if mask is None:
-                continue
-            boxes.append(box)
-            labels.append(self.cat_id_to_label[ann["category_id"]])
-            masks.append(mask)
-
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(
-                torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                format="XYXY", canvas_size=(H0, W0)),                           # (N, 4)
-            "labels": torch.tensor(labels, dtype=torch.int64),                  # (N,)
-            # (N, H0, W0) as a transposed view of (N, W0, H0) memory: see _decode_mask
-            "masks": tv_tensors.Mask(torch.from_numpy(np.stack(masks)).transpose(1, 2) if masks
-                                     else torch.zeros(0, H0, W0, dtype=torch.uint8)),
-            "image_id": int(image_id),
-            "orig_size": torch.tensor([H0, W0], dtype=torch.int64),
-        }
-        if self.transforms is None:
-            return _identity_transform(img, target)
-        return self.transforms(img, target)
-
+            # crowd regions are for COCOeval's ignore logic, never instances
+            box = None if ann["iscrowd"] else self._box_xyxy(ann, H0, W0)
+            mask = None if box is None else self._decode_mask(ann, H0, W0, path)
+            if mask is not None:
+                boxes.append(box)
+                labels.append(self.cat_id_to_label[ann["category_id"]])
+                masks.append(mask)
+        # (N, H0, W0) as a transposed view of (N, W0, H0) memory: see _decode_mask
+        masks = torch.from_numpy(np.stack(masks)).transpose(1, 2) if masks else None
+        target = _target(image_id, H0, W0, boxes, labels, masks)
+        return (self.transforms or _identity_transform)(img, target)
 
     def _sanitize(self, anns, images):
         """Check every annotation's segmentation and bbox once, here rather than in each worker.
@@ -413,10 +375,9 @@ class CocoInstances(torch.utils.data.Dataset):
             warnings.warn(f"annotation id {ann['id']} of image {path} ({self.ann_file}): {why}",
                           stacklevel=3)
         if len(problems) > 20:
-            more = [ann["id"] for ann, _, _ in problems[20:]]
-            ids = f"{more[:50]}{' ...' if len(more) > 50 else ''}"
+            more = [str(ann["id"]) for ann, _, _ in problems[20:]]
             warnings.warn(f"{len(more)} more annotations of {self.ann_file} with invalid "
-                          f"segmentations or boxes, ids {ids}", stacklevel=3)
+                          f"segmentations or boxes, ids {_first(more, 50)}", stacklevel=3)
 
     @staticmethod
     def _box_xyxy(ann, H0, W0):
@@ -433,15 +394,11 @@ class CocoInstances(torch.utils.data.Dataset):
         it cannot decode. pycocotools decodes column by column (Fortran order): its (H0, W0)
         array's transpose is contiguous, where making the (H0, W0) array contiguous would
         transpose every full-size mask (the transforms read only each instance's extent)."""
-        seg = ann["segmentation"]
-        if isinstance(seg, list):  # polygons, flat [x1, y1, x2, y2, ...] in the original frame
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, H0, W0))
-        elif isinstance(seg["counts"], list):  # uncompressed RLE (e.g. COCO's crowd regions)
-            rle = mask_utils.frPyObjects(seg, H0, W0)
-        else:  # compressed RLE: counts is a str in json, bytes for pycocotools
-            counts = seg["counts"]
-            rle = {"size": [H0, W0],
-                   "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        rle = ann["segmentation"]  # compressed RLE: decoded as it is (pycocotools reads str counts)
+        if isinstance(rle, list):  # polygons, flat [x1, y1, x2, y2, ...] in the original frame
+            rle = mask_utils.merge(mask_utils.frPyObjects(rle, H0, W0))
+        elif isinstance(rle["counts"], list):  # uncompressed RLE (e.g. COCO's crowd regions)
+            rle = mask_utils.frPyObjects(rle, H0, W0)
         try:
             return mask_utils.decode(rle).T                                     # (W0, H0) uint8
         except Exception as e:  # malformed compressed counts: only decoding finds out
@@ -452,6 +409,32 @@ class CocoInstances(torch.utils.data.Dataset):
             return None
 
 
+def coco_index(dataset):
+    """A pycocotools COCO object over a COCO json's dict, indexed without its progress lines
+    (createIndex prints them: they are kept out of training logs)."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _first(names, n=10):
+    """The first n of a list of strings, joined with commas, "..." when there are more."""
+    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
+
+
+def _target(image_id, H0, W0, boxes=(), labels=(), masks=None):
+    """A sample's target before the transforms, in the original frame: boxes (N, 4) xyxy as
+    tv_tensors.BoundingBoxes, labels (N,), masks uint8 (N, H0, W0) as tv_tensors.Mask (None: no
+    instance), image_id, orig_size [H0, W0]."""
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)                  # (N, 4)
+    return {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(H0, W0)),
+            "labels": torch.tensor(labels, dtype=torch.int64),                       # (N,)
+            "masks": tv_tensors.Mask(torch.zeros(0, H0, W0, dtype=torch.uint8) if masks is None
+                                     else masks),                                    # (N, H0, W0)
+            "image_id": int(image_id), "orig_size": torch.tensor([H0, W0], dtype=torch.int64)}
+
 
 def unlabelled_sample(pil_image, transforms, image_id=0):
     """A picture without annotations (a user's own photo) as a CocoInstances sample: the RGB PIL
@@ -460,11 +443,7 @@ def unlabelled_sample(pil_image, transforms, image_id=0):
     Returns (image (3, h, w) float, target {boxes (0, 4), labels (0,), masks (0, h, w),
     image_id, orig_size [H0, W0], size [h, w], scale})."""
     W0, H0 = pil_image.size
-    target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(H0, W0)),
-              "labels": torch.zeros(0, dtype=torch.int64),
-              "masks": tv_tensors.Mask(torch.zeros(0, H0, W0, dtype=torch.uint8)),
-              "image_id": int(image_id), "orig_size": torch.tensor([H0, W0], dtype=torch.int64)}
-    return transforms(pil_image, target)
+    return transforms(pil_image, _target(image_id, H0, W0))
 
 
 def _valid_polygon(p):
@@ -495,8 +474,11 @@ def _is_flat(p):
 
 
 def _valid_bbox(bbox):
-    return isinstance(bbox, (list, tuple)) and len(bbox) == 4 \
-        and all(_is_number(v) for v in bbox) and bbox[2] >= 0 and bbox[3] >= 0
+    """A COCO [x, y, w, h]: four finite numbers (not bools), w and h >= 0."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return False
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               for v in bbox) and bbox[2] >= 0 and bbox[3] >= 0
 
 
 def _check_segmentation(seg, H0, W0):
@@ -532,22 +514,19 @@ def _finish(image, boxes, masks, target, scale):
     Returns (image tensor, target dict of plain tensors) as documented in CocoInstances.
     """
     h, w = image.shape[-2:]
-    boxes = boxes.as_subclass(torch.Tensor).clone()
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)  # keep the transformed COCO box, inside the canvas
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    # the transformed COCO box, kept inside the canvas
+    canvas = torch.tensor([w, h, w, h], dtype=torch.float32)
+    boxes = boxes.as_subclass(torch.Tensor).float().clamp(min=0).minimum(canvas)  # (N, 4)
     masks = masks.as_subclass(torch.Tensor).to(torch.uint8).contiguous()        # (N, h, w)
     # Drop instances the transforms made degenerate (cropped away, or squeezed below a pixel).
     # (On uint8, .any() is many times faster than `> 0` then .any(), and index_select than a
     # boolean index: these are full-size planes, this runs once per sample. On uint8 .any()
     # returns uint8, hence .bool().)
-    keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1) \
-        & masks.flatten(1).any(dim=1).bool()                                     # (N,)
-    out = dict(target)
-    out["boxes"] = boxes[keep].float()                                           # (N', 4)
-    out["labels"] = target["labels"][keep]                                       # (N',)
-    out["masks"] = masks if keep.all() else masks.index_select(0, keep.nonzero().flatten())  # (N', h, w)
-    out["size"] = torch.tensor([h, w], dtype=torch.int64)
-    out["scale"] = float(scale)
+    keep = ((boxes[:, 2:] - boxes[:, :2]) >= 1).all(dim=1) & masks.flatten(1).any(dim=1).bool()
+    if not keep.all():
+        masks = masks.index_select(0, keep.nonzero().flatten())                  # (N', h, w)
+    out = dict(target, boxes=boxes[keep], labels=target["labels"][keep], masks=masks,
+               size=torch.tensor([h, w], dtype=torch.int64), scale=float(scale))
     return image.as_subclass(torch.Tensor).contiguous(), out
 
 
@@ -604,8 +583,6 @@ def _resize_masks(masks, src, dst, canvas, flip=False):
     u0, v0, u1, v1 = dst
     h, w = canvas
     out = torch.zeros(masks.shape[0], h, w, dtype=torch.uint8)
-    if masks.shape[0] == 0:
-        return out
     m = masks.as_subclass(torch.Tensor)[:, y0:y1, x0:x1]                     # (N, Hs, Ws)
     rows, cols = _nearest_index(y1 - y0, v1 - v0), _nearest_index(x1 - x0, u1 - u0)
     # Each instance's extent in the region, columns [ex0, ex1) then rows [ey0, ey1), and the
@@ -613,20 +590,19 @@ def _resize_masks(masks, src, dst, canvas, flip=False):
     # non-decreasing: a binary search); every other output pixel of the instance is 0. The
     # columns of all instances in one pass (CocoInstances' masks are column-major: a fast
     # reduction), the rows of each one only over its own columns.
-    col_any = m.any(dim=1).bool()                                             # (N, Ws) (uint8 .any(): uint8)
+    col_any = m.any(dim=1).bool()                                 # (N, Ws) (uint8 .any(): uint8)
     ix = torch.arange(m.shape[2])
     ex0 = torch.where(col_any, ix, m.shape[2]).amin(dim=1)                   # (N,), Ws if empty
     ex1 = torch.where(col_any, ix + 1, 0).amax(dim=1)                        # (N,), 0 if empty
     c, d = torch.searchsorted(cols, ex0).tolist(), torch.searchsorted(cols, ex1).tolist()
-    rows_list = rows.tolist()
     for i in range(m.shape[0]):
         if c[i] >= d[i]:
             continue                                   # no pixel in a sampled column
         q = cols[c[i]:d[i]]                            # the source columns, in order
-        ys = m[i, :, q[0]:q[-1] + 1].any(dim=1).nonzero()                    # rows holding a pixel
+        ys = m[i, :, q[0]:q[-1] + 1].any(dim=1).nonzero().flatten()          # rows holding a pixel
         if len(ys) == 0:
             continue
-        a, b = bisect.bisect_left(rows_list, ys[0].item()), bisect.bisect_left(rows_list, ys[-1].item() + 1)
+        a, b = torch.searchsorted(rows, torch.stack([ys[0], ys[-1] + 1])).tolist()
         if a >= b:
             continue                                   # no pixel in a sampled row
         r = rows[a:b]
@@ -634,7 +610,8 @@ def _resize_masks(masks, src, dst, canvas, flip=False):
         # in column-major memory, so one copy per column), then one transpose, then the rows
         # picked the same way: several times faster than an element-wise gather.
         part = m[i, r[0]:r[-1] + 1, q[0]:q[-1] + 1].t()                   # (Wc, Hr)
-        pick = (q - q[0]).flip(0) if flip else q - q[0]                   # flip: column u -> w - 1 - u
+        # flip: column u -> w - 1 - u
+        pick = (q - q[0]).flip(0) if flip else q - q[0]
         part = part.index_select(0, pick).t().contiguous().index_select(0, r - r[0])  # (b - a, d - c)
         cs = slice(w - u0 - d[i], w - u0 - c[i]) if flip else slice(u0 + c[i], u0 + d[i])
         out[i, v0 + a:v0 + b, cs] = part
@@ -647,7 +624,8 @@ def centernet_scales(scale_range):
     np.arange(0.6, 1.4, 0.1) = 0.6, 0.7, ..., 1.3 (8 values; CenterNet's ctdet.py __getitem__),
     (1.0, 1.0) gives 1.0 alone. The zoom is 1/s: see InstanceTransform."""
     lo, hi = scale_range
-    n = int(math.floor((hi - lo) / 0.1 + 1e-6)) + 1   # the 1e-6: in floats 0.3 / 0.1 = 2.9999999999999996
+    # the 1e-6: in floats 0.3 / 0.1 = 2.9999999999999996
+    n = int(math.floor((hi - lo) / 0.1 + 1e-6)) + 1
     return [lo + 0.1 * i for i in range(n)]
 
 
@@ -658,7 +636,7 @@ def centernet_border(size, border=128):
     64 -> 16; a 1 px side gives 0 (the range [0, 1))."""
     b = border
     while size - b <= b:
-        b //= 2                  # b // 2 // 2 = b // 4: the same as CenterNet's border // i, i = 2, 4, ...
+        b //= 2           # b // 2 // 2 = b // 4: CenterNet's border // i, i = 2, 4, ...
     return b
 
 
@@ -751,34 +729,29 @@ class InstanceTransform:
         if keep_res and (kind != "centernet" or train):
             raise ValueError("keep_res is a test-time mode of the centernet transform "
                              f"(got kind={kind!r}, train={bool(train)})")
+        if not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {scale_range}")
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
         self.kind, self.train, self.input_size = kind, bool(train), int(input_size)
         self.scale_range = tuple(float(s) for s in scale_range)
-        if not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {scale_range}")
-        self.max_size = int(max_size)
-        self.keep_res = bool(keep_res)
+        self.max_size, self.keep_res = int(max_size), bool(keep_res)
         self.flip_prob = float(flip_prob) if train else 0.0
         self.color_var = float(color_jitter) if train and kind == "centernet" else 0.0
         self.scales = centernet_scales(self.scale_range) if kind == "centernet" else None
-        if input_format not in INPUT_FORMATS:
-            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
-        self.input_format = input_format                # normalize_input: the network's colour order and statistics
-
-    def __repr__(self):
-        return (f"InstanceTransform(kind={self.kind!r}, train={self.train}, "
-                f"input_size={self.input_size})")
+        # normalize_input: the network's colour order and statistics
+        self.input_format = input_format
 
     def _scale(self, H0, W0):
         """Network pixels per original pixel of the resize (test transforms, fcos training),
         before rounding the size."""
         if self.kind == "centernet":
             return 1.0 if self.keep_res else self.input_size / max(H0, W0)
-        short, long = self.input_size, self.max_size  # fcos
+        short = self.input_size                            # fcos
         if self.train and self.scale_range != (1.0, 1.0):  # multi-scale training
             lo, hi = self.scale_range
-            s = lo + (hi - lo) * torch.rand(()).item()
-            short = s * short                          # the long-side cap stays (FCOS)
-        return min(short / min(H0, W0), long / max(H0, W0))
+            short *= lo + (hi - lo) * torch.rand(()).item()  # the long-side cap stays (FCOS)
+        return min(short / min(H0, W0), self.max_size / max(H0, W0))
 
     def _centernet_draw(self, H0, W0):
         """The geometric draws of one CenterNet training crop -> (s, side, cx, cy, flip): the
@@ -807,8 +780,8 @@ class InstanceTransform:
         u0, v0 = round((ix0 - x0) * k), round((iy0 - y0) * k)
         u1, v1 = max(u0 + 1, round((ix1 - x0) * k)), max(v0 + 1, round((iy1 - y0) * k))
         part = TF.resize(image[:, iy0:iy1, ix0:ix1], [v1 - v0, u1 - u0], antialias=True)
-        part = part.contiguous()                                  # (see _to_normalized)
-        part = TF.to_dtype(part, torch.float32, scale=True)       # (3, v1 - v0, u1 - u0) in [0, 1]
+        # (3, v1 - v0, u1 - u0) in [0, 1]; contiguous: see _to_normalized
+        part = TF.to_dtype(part.contiguous(), torch.float32, scale=True)
         if self.color_var > 0:                                    # CenterNet: after the warp and / 255
             order = torch.randperm(3).tolist()
             alphas = 1 + self.color_var * (2 * torch.rand(3) - 1)  # 1 + U(-var, var)
@@ -828,9 +801,8 @@ class InstanceTransform:
         out[:, v0:v1, u0:u1] = part
         # the masks: resized as tv_tensors.Mask (nearest) into the same place, flipped with the rest
         masks = _resize_masks(target["masks"], (ix0, iy0, ix1, iy1), (u0, v0, u1, v1), (S, S), flip)
-        shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
-        boxes = tv_tensors.BoundingBoxes((target["boxes"].as_subclass(torch.Tensor) - shift) * k,
-                                         format="XYXY", canvas_size=(S, S))          # (N, 4)
+        boxes = (target["boxes"].as_subclass(torch.Tensor) - torch.tensor([x0, y0, x0, y0])) * k
+        boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(S, S))   # (N, 4)
         if flip:  # x -> S - x for the pixels and the boxes (the masks: above)
             out, boxes = TF.horizontal_flip(out), TF.horizontal_flip(boxes)
         return _finish(out, boxes, masks, target, k)
@@ -846,15 +818,15 @@ class InstanceTransform:
         # tv_tensors.Mask: _resize_masks). Boxes are multiplied by exactly `scale` so eval can
         # invert with / scale; the two frames agree to within half a pixel.
         image = TF.resize(image, [h, w], antialias=True)            # (3, h, w), bilinear
-        boxes = tv_tensors.BoundingBoxes(target["boxes"].as_subclass(torch.Tensor) * scale,
-                                         format="XYXY", canvas_size=(h, w))       # (N, 4)
+        boxes = target["boxes"].as_subclass(torch.Tensor) * scale                 # (N, 4)
+        boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
         if self.train:
             # The scale actually applied differs per axis by the rounding: report the mean.
             scale = 0.5 * (h / H0 + w / W0)
         # fcos training: a horizontal flip with probability flip_prob (the draw of
         # v2.RandomHorizontalFlip: torch.rand(1) < p), known before the masks are resized
         flip = self.flip_prob > 0 and bool(torch.rand(1) < self.flip_prob)
-        masks = _resize_masks(target["masks"], (0, 0, W0, H0), (0, 0, w, h), (h, w), flip)  # (N, h, w)
+        masks = _resize_masks(target["masks"], (0, 0, W0, H0), (0, 0, w, h), (h, w), flip)
         if flip:
             image, boxes = TF.horizontal_flip(image), TF.horizontal_flip(boxes)
         image = _to_normalized(image, self.input_format)            # float32 (3, h, w)
@@ -875,11 +847,6 @@ def build_transforms(kind="centernet", train=True, input_size=512, **kw):
                  test only: each image at its own size, CenterNet's --keep_res),
                  input_format="rgb_imagenet" (or "bgr_coco", CenterNet's: `normalize_input`)
     """
-    allowed = {"scale_range", "flip_prob", "color_jitter", "max_size", "keep_res", "input_format"}
-    unknown = set(kw) - allowed
-    if unknown:
-        raise TypeError(f"build_transforms: unknown option(s) {sorted(unknown)}; "
-                        f"known: {sorted(allowed)}")
     return InstanceTransform(kind, train, input_size, **kw)
 
 
