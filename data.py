@@ -862,29 +862,28 @@ def collate_fn(batch, size_divisibility=32):
     unchanged; target["size"] keeps the unpadded size. Zero in a normalised image is the
     ImageNet mean colour.
     """
-    images = [img for img, _ in batch]
     d = size_divisibility
-    H = max(img.shape[-2] for img in images)
-    W = max(img.shape[-1] for img in images)
-    H, W = (H + d - 1) // d * d, (W + d - 1) // d * d
-    out = _batch_empty(images[0], len(images), 3, H, W)              # (B, 3, H, W)
+    H = math.ceil(max(img.shape[-2] for img, _ in batch) / d) * d
+    W = math.ceil(max(img.shape[-1] for img, _ in batch) / d) * d
+    out = _batch_empty(batch[0][0], len(batch), 3, H, W)             # (B, 3, H, W)
     targets = []
     for i, (img, tgt) in enumerate(batch):
         _pad_into(out[i], img)
-        tgt = dict(tgt)
         m = tgt["masks"]                                             # (N, h, w)
         if m.shape[-2:] != (H, W):  # (e.g. every centernet training sample already is (S, S))
-            tgt["masks"] = _pad_into(_batch_empty(m, m.shape[0], H, W), m)   # (N, H, W)
-        targets.append(tgt)
+            m = _pad_into(_batch_empty(m, m.shape[0], H, W), m)      # (N, H, W)
+        targets.append(dict(tgt, masks=m))
     return out, targets
 
 
 def aspect_ratio_groups(dataset):
-    """FCOS's aspect-ratio groups (DATALOADER.ASPECT_RATIO_GROUPING: bins [1] on h / w in fcos_core/data/build.py,
-    from maskrcnn-benchmark) of a CocoInstances, from its json sizes: 0 for landscape images (h < w), 1 for the
-    others. A batch of one group pads far less under the "fcos" transform (short side fixed, long side free):
-    a portrait 800 x 1333 next to a landscape 1333 x 800 pads both to 1333 x 1333 (1.67x their pixels)."""
-    return [int(info["height"] >= info["width"]) for info in (dataset.coco.imgs[i] for i in dataset.ids)]
+    """FCOS's aspect-ratio groups (DATALOADER.ASPECT_RATIO_GROUPING: bins [1] on h / w in
+    fcos_core/data/build.py, from maskrcnn-benchmark) of a CocoInstances, from its json sizes: 0
+    for landscape images (h < w), 1 for the others. A batch of one group pads far less under the
+    "fcos" transform (short side fixed, long side free): a portrait 800 x 1333 next to a
+    landscape 1333 x 800 pads both to 1333 x 1333 (1.67x their pixels)."""
+    infos = [dataset.coco.imgs[i] for i in dataset.ids]
+    return [int(info["height"] >= info["width"]) for info in infos]
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler):
@@ -907,7 +906,8 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
             if len(buffers[g]) == self.batch_size:
                 yield buffers.pop(g)
                 done += 1
-        leftovers = sorted(buffers.items(), key=lambda item: len(item[1]), reverse=True)  # stable: ties by arrival
+        # fullest first; stable: ties by arrival
+        leftovers = sorted(buffers.items(), key=lambda item: len(item[1]), reverse=True)
         for g, rest in leftovers[:len(self) - done]:
             yield rest + (seen[g] * self.batch_size)[:self.batch_size - len(rest)]
 
@@ -1063,8 +1063,15 @@ def write_json(obj, path, indent=None):
     write_atomic(path, dump)
 
 
-def _write_shapes_split(root, split, n, size, rng):
-    img_dir = os.path.join(root, split)
+def _shapes_paths(root):
+    """The shapes set's layout under `root`: {train_img_dir, train_ann, val_img_dir, val_ann}."""
+    return {"train_img_dir": os.path.join(root, "train"),
+            "train_ann": os.path.join(root, "annotations", "instances_train.json"),
+            "val_img_dir": os.path.join(root, "val"),
+            "val_ann": os.path.join(root, "annotations", "instances_val.json")}
+
+
+def _write_shapes_split(img_dir, ann_path, n, size, rng, split):
     os.makedirs(img_dir, exist_ok=True)
     images, annotations = [], []
     for i in range(n):
@@ -1073,30 +1080,21 @@ def _write_shapes_split(root, split, n, size, rng):
             img, instances = _render_shapes_image(rng, size)
         file_name = f"{i:06d}.png"
         Image.fromarray(img).save(os.path.join(img_dir, file_name))
-        image_id = i + 1
-        images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+        images.append({"id": i + 1, "file_name": file_name, "height": size, "width": size})
         for label, mask in instances:
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            # the box: the tight box of the visible mask
             annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": label + 1,
+                "id": len(annotations) + 1, "image_id": i + 1, "category_id": label + 1,
                 "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                "bbox": [float(v) for v in mask_utils.toBbox(rle)],  # tight box of the visible mask
-                "area": float(mask_utils.area(rle)),
-                "iscrowd": 0,
-            })
-    ann = {
-        "info": {"description": f"synthetic shapes ({split}), {n} images of {size}x{size}"},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": k + 1, "name": name, "supercategory": "shape"}
-                       for k, name in enumerate(SHAPE_CLASSES)],
-    }
-    ann_path = os.path.join(root, "annotations", f"instances_{split}.json")
-    write_json(ann, ann_path)  # last: a json on disk means its images are complete
-    return img_dir, ann_path
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "area": float(mask_utils.area(rle)), "iscrowd": 0})
+    categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
+                  for k, name in enumerate(SHAPE_CLASSES)]
+    # last: a json on disk means its images are complete
+    write_json({"info": {"description": f"synthetic shapes ({split}), {n} images of {size}x{size}"},
+                "licenses": [], "images": images, "annotations": annotations,
+                "categories": categories}, ann_path)
 
 
 def dataset_paths(config):
@@ -1107,13 +1105,10 @@ def dataset_paths(config):
     (a missing one stays None). Used by train.py, and by eval.py for a checkpoint's config.
     """
     if config.get("shapes_dir"):
-        root = config["shapes_dir"]
-        return {"train_img_dir": os.path.join(root, "train"),
-                "train_ann": os.path.join(root, "annotations", "instances_train.json"),
-                "val_img_dir": os.path.join(root, "val"),
-                "val_ann": os.path.join(root, "annotations", "instances_val.json")}
+        return _shapes_paths(config["shapes_dir"])
     root = config.get("data_root") or ""
-    return {k: None if config.get(k) is None else os.path.join(root, config[k])  # join keeps absolute paths
+    # os.path.join keeps absolute paths
+    return {k: None if config.get(k) is None else os.path.join(root, config[k])
             for k in ("train_img_dir", "train_ann", "val_img_dir", "val_ann")}
 
 
@@ -1123,7 +1118,7 @@ def shapes_dataset_missing(root, n_train, n_val, size):
     random stream, so the first n images of a bigger set are the n-image set, byte for byte
     (train.py then reads only the first n). Read from the two jsons, which are written last."""
     for split, n in (("train", n_train), ("val", n_val)):
-        ann = os.path.join(root, "annotations", f"instances_{split}.json")
+        ann = _shapes_paths(root)[f"{split}_ann"]
         if not os.path.exists(ann):
             return f"{ann} is missing"
         try:
@@ -1133,8 +1128,9 @@ def shapes_dataset_missing(root, n_train, n_val, size):
             return f"{ann} is unreadable ({type(e).__name__})"
         if len(images) < n:
             return f"{ann} has {len(images)} images, {n} wanted"
-        if images and (images[0].get("height"), images[0].get("width")) != (size, size):
-            return f"{ann} has {images[0].get('height')}x{images[0].get('width')} images, {size}x{size} wanted"
+        h, w = (images[0].get("height"), images[0].get("width")) if images else (size, size)
+        if (h, w) != (size, size):
+            return f"{ann} has {h}x{w} images, {size}x{size} wanted"
     return ""
 
 
@@ -1155,12 +1151,10 @@ def write_shapes_dataset(root, n_train=1000, n_val=100, size=128, seed=0):
 
     Returns {"train_img_dir", "train_ann", "val_img_dir", "val_ann"}.
     """
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    paths = {}
+    paths = _shapes_paths(root)
     for k, (split, n) in enumerate((("train", n_train), ("val", n_val))):
         rng = np.random.default_rng([seed, k])
-        paths[f"{split}_img_dir"], paths[f"{split}_ann"] = \
-            _write_shapes_split(root, split, n, size, rng)
+        _write_shapes_split(paths[f"{split}_img_dir"], paths[f"{split}_ann"], n, size, rng, split)
     return paths
 
 
@@ -1184,7 +1178,8 @@ def write_coco_subset(ann_file, img_dir, out, n=128, split=None):
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     for k, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not isinstance(img.get("id"), int) or not isinstance(img.get("file_name"), str):
+        if not isinstance(img, dict) or not isinstance(img.get("id"), int) \
+                or not isinstance(img.get("file_name"), str):
             raise ValueError(f"{ann_file}: image entry #{k} has no integer 'id' or no 'file_name'")
     images = sorted(data["images"], key=lambda img: img["id"])[:n]
     keep = {img["id"] for img in images}
@@ -1192,8 +1187,8 @@ def write_coco_subset(ann_file, img_dir, out, n=128, split=None):
     missing = [os.path.join(img_dir, img["file_name"]) for img in images
                if not os.path.isfile(os.path.join(img_dir, img["file_name"]))]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of the {len(images)} images of {ann_file} are not in {img_dir}, "
-                                f"e.g. {missing[0]}")
+        raise FileNotFoundError(f"{len(missing)} of the {len(images)} images of {ann_file} are not "
+                                f"in {img_dir}, e.g. {missing[0]}")
     split = split or os.path.basename(os.path.normpath(img_dir))
     out_img_dir = os.path.join(out, split)
     for img in images:
@@ -1201,7 +1196,6 @@ def write_coco_subset(ann_file, img_dir, out, n=128, split=None):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.copyfile(os.path.join(img_dir, img["file_name"]), dst)
     out_ann = os.path.join(out, "annotations", f"instances_{split}.json")
-    os.makedirs(os.path.dirname(out_ann), exist_ok=True)
     write_json({**data, "images": images, "annotations": anns}, out_ann)
     return out_img_dir, out_ann, len(images), len(anns)
 
@@ -1212,33 +1206,34 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="data utilities")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("shapes", help="write the synthetic shapes dataset (COCO format); by default the quick "
-                                      "start's set, as train.py config/shapes_centermask.py writes it")
+    p = sub.add_parser("shapes", help="write the synthetic shapes dataset (COCO format); by "
+                       "default the quick start's set, as train.py config/shapes_centermask.py does")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n_train", type=int, default=SHAPES_DEFAULTS["n_train"])
     p.add_argument("--n_val", type=int, default=SHAPES_DEFAULTS["n_val"])
     p.add_argument("--size", type=int, default=SHAPES_DEFAULTS["size"], help="image side in pixels")
     p.add_argument("--seed", type=int, default=SHAPES_DEFAULTS["seed"], help="train.py's shapes_seed")
-    p = sub.add_parser("subset", help="the first N images of a COCO json and their files, laid out as COCO128 "
-                                      "(OUT/SPLIT/*.jpg, OUT/annotations/instances_SPLIT.json)")
-    p.add_argument("--ann", required=True, help="COCO instances json, e.g. annotations/instances_train2017.json")
-    p.add_argument("--img_dir", required=True, help="the folder its file names are relative to, e.g. train2017")
+    p = sub.add_parser("subset", help="the first N images of a COCO json and their files, laid "
+                       "out as COCO128 (OUT/SPLIT/*.jpg, OUT/annotations/instances_SPLIT.json)")
+    p.add_argument("--ann", required=True, help="COCO instances json, e.g. instances_train2017.json")
+    p.add_argument("--img_dir", required=True, help="the folder of its file names, e.g. train2017")
     p.add_argument("--out", required=True, help="output folder, e.g. data/coco128")
-    p.add_argument("--n", type=int, default=128, help="images to keep, the first by id (128: COCO128)")
+    p.add_argument("--n", type=int, default=128, help="images to keep, the first by id (COCO128)")
     p.add_argument("--split", default=None, help="the split's name (default: img_dir's folder name)")
     args = parser.parse_args()
     t0 = time.time()
     if args.command == "subset":
         try:
-            folder, ann, n_img, n_ann = write_coco_subset(args.ann, args.img_dir, args.out, args.n, args.split)
+            folder, ann, n_img, n_ann = write_coco_subset(args.ann, args.img_dir, args.out, args.n,
+                                                          args.split)
         except (OSError, ValueError) as e:
             raise SystemExit(f"data.py subset: error: {e}")
-        print(f"{n_img} images in {folder}, {n_ann} annotations in {ann}; done in {time.time() - t0:.1f}s")
-        raise SystemExit(0)
-    paths = write_shapes_dataset(args.out, args.n_train, args.n_val, args.size, args.seed)
-    for split in ("train", "val"):
-        with open(paths[f"{split}_ann"]) as f:
-            n_ann = len(json.load(f)["annotations"])
-        print(f"{split}: {getattr(args, 'n_' + split)} images in {paths[split + '_img_dir']}, "
-              f"{n_ann} instances in {paths[split + '_ann']}")
+        print(f"{n_img} images in {folder}, {n_ann} annotations in {ann}")
+    else:
+        paths = write_shapes_dataset(args.out, args.n_train, args.n_val, args.size, args.seed)
+        for split in ("train", "val"):
+            with open(paths[f"{split}_ann"]) as f:
+                n_ann = len(json.load(f)["annotations"])
+            print(f"{split}: {getattr(args, 'n_' + split)} images in {paths[split + '_img_dir']}, "
+                  f"{n_ann} instances in {paths[split + '_ann']}")
     print(f"done in {time.time() - t0:.1f}s")
