@@ -227,8 +227,9 @@ class CocoInstances(torch.utils.data.Dataset):
         # Dataset order and optional subset.
         known = {img["id"] for img in images}
         ids = sorted(known) if image_ids is None else list(image_ids)
-        if any(i not in known for i in ids):
-            raise ValueError(f"image_ids {[i for i in ids if i not in known][:10]} are not in {ann_file}")
+        missing = [i for i in ids if i not in known]
+        if missing:
+            raise ValueError(f"image_ids {missing[:10]} are not in {ann_file}")
         self.ids = ids[:max_images]
         if len(self.ids) != len(images):  # a subset: keep self.coco consistent with it
             keep = set(self.ids)
@@ -268,7 +269,8 @@ class CocoInstances(torch.utils.data.Dataset):
         cat_ids, img_ids = unique_ids(cats, "category"), unique_ids(images, "image")
         unique_ids(anns, "annotation")
         if not all(isinstance(cid, int) for cid in cat_ids):
-            raise ValueError(f"{ann_file}: category ids must be integers, got {sorted(cat_ids, key=str)}")
+            raise ValueError(f"{ann_file}: category ids must be integers, got "
+                             f"{sorted(cat_ids, key=str)}")
         for img in images:
             for key in ("file_name", "height", "width"):
                 if key not in img:
@@ -284,8 +286,10 @@ class CocoInstances(torch.utils.data.Dataset):
                 raise ValueError(f"{ann_file}: annotation id {a['id']} has unknown category_id "
                                  f"{a.get('category_id')!r} (known: {sorted(cat_ids)})")
             a.setdefault("iscrowd", 0)
-            if "area" not in a:  # COCOeval's area ranges need it; the box area is a fair stand-in
-                a["area"] = float(a["bbox"][2] * a["bbox"][3]) if _valid_bbox(a.get("bbox")) else 0.0
+            # COCOeval's area ranges need the area; the box area is a fair stand-in
+            if "area" not in a:
+                box_ok = _valid_bbox(a.get("bbox"))
+                a["area"] = float(a["bbox"][2] * a["bbox"][3]) if box_ok else 0.0
         return images, anns, cats
 
     def __len__(self):
@@ -321,8 +325,9 @@ class CocoInstances(torch.utils.data.Dataset):
         if img.size != (W0, H0):
             # The json's coordinates would not match the pixels: fail loudly, never mis-train.
             upright = load_rgb_image(path, upright=True).size
-            hint = (f"; turned upright by its EXIF orientation tag it is {upright[0]}x{upright[1]}, "
-                    "so the json was made on the upright picture (as labelling tools show it): save "
+            hint = (f"; turned upright by its EXIF orientation tag it is "
+                    f"{upright[0]}x{upright[1]}, so the json was made on the upright picture "
+                    "(as labelling tools show it): save "
                     "the images upright (PIL's ImageOps.exif_transpose) to train on them"
                     if upright == (W0, H0) else "")
             raise ValueError(f"image {path} is {img.size[0]}x{img.size[1]} (w x h) but "
@@ -612,7 +617,7 @@ def _resize_masks(masks, src, dst, canvas, flip=False):
         part = m[i, r[0]:r[-1] + 1, q[0]:q[-1] + 1].t()                   # (Wc, Hr)
         # flip: column u -> w - 1 - u
         pick = (q - q[0]).flip(0) if flip else q - q[0]
-        part = part.index_select(0, pick).t().contiguous().index_select(0, r - r[0])  # (b - a, d - c)
+        part = part.index_select(0, pick).t().contiguous().index_select(0, r - r[0])  # (b-a, d-c)
         cs = slice(w - u0 - d[i], w - u0 - c[i]) if flip else slice(u0 + c[i], u0 + d[i])
         out[i, v0 + a:v0 + b, cs] = part
     return out
@@ -676,7 +681,8 @@ def centernet_color_aug(image, order, alphas, light):
     vec = torch.tensor(CENTERNET_EIG_VEC, dtype=torch.float64)
     val = torch.tensor(CENTERNET_EIG_VAL, dtype=torch.float64)
     v_bgr = vec @ (val * torch.as_tensor(light, dtype=torch.float64))  # (3,) B, G, R
-    return image.add_(v_bgr.flip(0).to(image.dtype)[:, None, None])   # R += v[2], G += v[1], B += v[0]
+    # R += v[2], G += v[1], B += v[0]
+    return image.add_(v_bgr.flip(0).to(image.dtype)[:, None, None])
 
 
 # the two kinds: CenterNet's square canvas ([CM 3.5], [CN]) and FCOS's short side ([IS 4], [FCOS])
@@ -771,7 +777,8 @@ class InstanceTransform:
         S = self.input_size
         s, side, cx, cy, flip = self._centernet_draw(H0, W0)
         k = S / side                                     # the zoom: input pixels per original pixel
-        x0, y0 = cx - side // 2, cy - side // 2          # the window [x0, x0 + side) x [y0, y0 + side)
+        # the window [x0, x0 + side) x [y0, y0 + side)
+        x0, y0 = cx - side // 2, cy - side // 2
         # Only the part of the window inside the image is resized (a window 1.3x the long side is
         # mostly outside). Its edges land at (x - x0) * k, rounded to whole input pixels; boxes
         # are mapped exactly, so boxes and pixels agree to within half a pixel.
@@ -782,7 +789,7 @@ class InstanceTransform:
         part = TF.resize(image[:, iy0:iy1, ix0:ix1], [v1 - v0, u1 - u0], antialias=True)
         # (3, v1 - v0, u1 - u0) in [0, 1]; contiguous: see _to_normalized
         part = TF.to_dtype(part.contiguous(), torch.float32, scale=True)
-        if self.color_var > 0:                                    # CenterNet: after the warp and / 255
+        if self.color_var > 0:                          # CenterNet: after the warp and / 255
             order = torch.randperm(3).tolist()
             alphas = 1 + self.color_var * (2 * torch.rand(3) - 1)  # 1 + U(-var, var)
             light = CENTERNET_LIGHTING_STD * torch.randn(3)
@@ -1183,7 +1190,8 @@ def write_coco_subset(ann_file, img_dir, out, n=128, split=None):
             raise ValueError(f"{ann_file}: image entry #{k} has no integer 'id' or no 'file_name'")
     images = sorted(data["images"], key=lambda img: img["id"])[:n]
     keep = {img["id"] for img in images}
-    anns = [a for a in data.get("annotations") or [] if isinstance(a, dict) and a.get("image_id") in keep]
+    anns = [a for a in data.get("annotations") or []
+            if isinstance(a, dict) and a.get("image_id") in keep]
     missing = [os.path.join(img_dir, img["file_name"]) for img in images
                if not os.path.isfile(os.path.join(img_dir, img["file_name"]))]
     if missing:
@@ -1207,19 +1215,19 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="data utilities")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("shapes", help="write the synthetic shapes dataset (COCO format); by "
-                       "default the quick start's set, as train.py config/shapes_centermask.py does")
+                       "default the quick start's set")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n_train", type=int, default=SHAPES_DEFAULTS["n_train"])
     p.add_argument("--n_val", type=int, default=SHAPES_DEFAULTS["n_val"])
     p.add_argument("--size", type=int, default=SHAPES_DEFAULTS["size"], help="image side in pixels")
-    p.add_argument("--seed", type=int, default=SHAPES_DEFAULTS["seed"], help="train.py's shapes_seed")
+    p.add_argument("--seed", type=int, default=SHAPES_DEFAULTS["seed"], help="shapes_seed")
     p = sub.add_parser("subset", help="the first N images of a COCO json and their files, laid "
                        "out as COCO128 (OUT/SPLIT/*.jpg, OUT/annotations/instances_SPLIT.json)")
-    p.add_argument("--ann", required=True, help="COCO instances json, e.g. instances_train2017.json")
+    p.add_argument("--ann", required=True, help="COCO json, e.g. instances_train2017.json")
     p.add_argument("--img_dir", required=True, help="the folder of its file names, e.g. train2017")
     p.add_argument("--out", required=True, help="output folder, e.g. data/coco128")
     p.add_argument("--n", type=int, default=128, help="images to keep, the first by id (COCO128)")
-    p.add_argument("--split", default=None, help="the split's name (default: img_dir's folder name)")
+    p.add_argument("--split", default=None, help="the split's name (default: img_dir's name)")
     args = parser.parse_args()
     t0 = time.time()
     if args.command == "subset":
