@@ -345,7 +345,8 @@ class CocoInstances(torch.utils.data.Dataset):
         # (N, H0, W0) as a transposed view of (N, W0, H0) memory: see _decode_mask
         masks = torch.from_numpy(np.stack(masks)).transpose(1, 2) if masks else None
         target = _target(image_id, H0, W0, boxes, labels, masks)
-        return (self.transforms or _identity_transform)(img, target)
+        transform = _identity_transform if self.transforms is None else self.transforms
+        return transform(img, target)
 
     def _sanitize(self, anns, images):
         """Check every annotation's segmentation and bbox once, here rather than in each worker.
@@ -555,12 +556,6 @@ def _to_normalized(image, input_format="rgb_imagenet"):
     # normalisation's per-channel broadcasts run several times faster on contiguous planes)
     out = TF.to_dtype(image.contiguous(), torch.float32, scale=True)   # [0, 255] -> [0, 1]
     return normalize_input(out, input_format, inplace=out is not image)
-
-
-def _identity_transform(pil_image, target):
-    """No geometric change (scale 1): what CocoInstances does with transforms=None."""
-    image = _to_normalized(TF.to_image(pil_image))
-    return _finish(image, target["boxes"], target["masks"], target, 1.0)
 
 
 def _nearest_index(n_in, n_out):
@@ -838,6 +833,11 @@ class InstanceTransform:
             image, boxes = TF.horizontal_flip(image), TF.horizontal_flip(boxes)
         image = _to_normalized(image, self.input_format)            # float32 (3, h, w)
         return _finish(image, boxes, masks, target, scale)
+
+
+# No geometric change (scale 1; TF.resize returns an image of the same size as it is): what
+# CocoInstances does with transforms=None
+_identity_transform = InstanceTransform("centernet", train=False, input_size=1, keep_res=True)
 
 
 def build_transforms(kind="centernet", train=True, input_size=512, **kw):
