@@ -335,11 +335,17 @@ class CocoInstances(torch.utils.data.Dataset):
 
         boxes, labels, masks = [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
-            # crowd regions are for COCOeval's ignore logic, never instances
-            box = None if ann["iscrowd"] else self._box_xyxy(ann, H0, W0)
-            mask = None if box is None else self._decode_mask(ann, H0, W0, path)
+            # COCO [x, y, w, h] -> [x1, y1, x2, y2] clipped to the image
+            x, y, w, h = ann["bbox"]
+            x1, y1 = min(max(x, 0.0), W0), min(max(y, 0.0), H0)
+            x2, y2 = min(max(x + w, 0.0), W0), min(max(y + h, 0.0), H0)
+            # crowd regions are for COCOeval's ignore logic, never instances; a box of zero area
+            # or fully outside the image has nothing to teach
+            if ann["iscrowd"] or x2 - x1 <= 0 or y2 - y1 <= 0:
+                continue
+            mask = self._decode_mask(ann, H0, W0, path)
             if mask is not None:
-                boxes.append(box)
+                boxes.append([float(x1), float(y1), float(x2), float(y2)])
                 labels.append(self.cat_id_to_label[ann["category_id"]])
                 masks.append(mask)
         # (N, H0, W0) as a transposed view of (N, W0, H0) memory: see _decode_mask
@@ -384,16 +390,6 @@ class CocoInstances(torch.utils.data.Dataset):
             more = [str(ann["id"]) for ann, _, _ in problems[20:]]
             warnings.warn(f"{len(more)} more annotations of {self.ann_file} with invalid "
                           f"segmentations or boxes, ids {_first(more, 50)}", stacklevel=3)
-
-    @staticmethod
-    def _box_xyxy(ann, H0, W0):
-        """COCO [x, y, w, h] -> [x1, y1, x2, y2] clipped to the image, or None if degenerate."""
-        x, y, w, h = ann["bbox"]
-        x1, y1 = min(max(x, 0.0), W0), min(max(y, 0.0), H0)
-        x2, y2 = min(max(x + w, 0.0), W0), min(max(y + h, 0.0), H0)
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
-            return None  # zero-area or fully outside the image: nothing to learn from
-        return [float(x1), float(y1), float(x2), float(y2)]
 
     def _decode_mask(self, ann, H0, W0, path):
         """Segmentation (checked by _sanitize) -> the mask TRANSPOSED, uint8 (W0, H0), or None if
