@@ -245,17 +245,14 @@ def _sync(device):
 
 
 def _predict_batch(model, images, targets, device, amp_dtype, mask_threshold):
-    """Forward one batch and map every image's predictions back to its original frame.
-    amp_dtype: None (fp32) or a torch dtype or its name, for autocast."""
+    """Forward one batch and map every image's predictions (one dict per image) back to its
+    original frame. amp_dtype: None (fp32) or a torch dtype for autocast."""
     images = images.to(device, non_blocking=True)                # (B, 3, H, W)
     sizes = [tuple(int(v) for v in t["size"]) for t in targets]  # each image before padding
-    amp_dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
     amp = contextlib.nullcontext() if amp_dtype is None \
         else torch.autocast(torch.device(device).type, dtype=amp_dtype)
     with amp:
         outputs = model(images, image_sizes=sizes)
-    if len(outputs) != len(targets):
-        raise ValueError(f"model returned {len(outputs)} outputs for {len(targets)} images")
     return [to_original(o, t, mask_threshold) for o, t in zip(outputs, targets)]
 
 
@@ -343,7 +340,7 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
         dataset must have `coco` (pycocotools ground truth) and `label_to_cat_id`.
     max_images: evaluate only the first max_images images (per rank: max_images/world).
     results_json: if given, the COCO results list is written there (atomically).
-    amp_dtype: None (fp32) or torch.bfloat16/float16 (or its name) for autocast.
+    amp_dtype: None (fp32) or torch.bfloat16/float16 for autocast.
 
     Returns {bbox_AP, bbox_AP50, bbox_AP75, bbox_APs, bbox_APm, bbox_APl, and the same with
     segm_ when the model predicted masks, num_images, num_detections, images_per_s, seconds,
@@ -399,17 +396,16 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
     # DeformConv's NaN / inf on a GPU, counted on the device (model.non_finite_deform_count):
     # raised here, on every rank together, as the CPU's assert raises at once
     bad_deform = int(non_finite_deform_count("cpu"))
-    if distributed:
+    if distributed:  # every rank's results (rank 0 scores them), and the ranks' counts
         gathered = [None] * world
         dist.all_gather_object(gathered, (per_image, has_masks, seconds, bad_deform))
-        bad_deform = sum(g[3] for g in gathered)
-        if rank == 0:
-            per_image = {}
-            for rank_images, *_ in gathered:
-                for image_id, res in rank_images.items():
-                    per_image.setdefault(image_id, res)          # first copy wins
-            has_masks = any(g[1] for g in gathered)
-            seconds = max(g[2] for g in gathered)                # ranks run in parallel
+        per_image = {}
+        for rank_images, *_ in gathered:
+            for image_id, res in rank_images.items():
+                per_image.setdefault(image_id, res)              # first copy wins
+        has_masks = any(g[1] for g in gathered)
+        # ranks run in parallel: the slowest one's time
+        seconds, bad_deform = max(g[2] for g in gathered), sum(g[3] for g in gathered)
     if bad_deform:
         raise RuntimeError(NON_FINITE_DEFORM)
 
