@@ -327,9 +327,8 @@ class CocoInstances(torch.utils.data.Dataset):
             upright = load_rgb_image(path, upright=True).size
             hint = (f"; turned upright by its EXIF orientation tag it is "
                     f"{upright[0]}x{upright[1]}, so the json was made on the upright picture "
-                    "(as labelling tools show it): save "
-                    "the images upright (PIL's ImageOps.exif_transpose) to train on them"
-                    if upright == (W0, H0) else "")
+                    "(as labelling tools show it): save the images upright (PIL's "
+                    "ImageOps.exif_transpose) to train on them" if upright == (W0, H0) else "")
             raise ValueError(f"image {path} is {img.size[0]}x{img.size[1]} (w x h) but "
                              f"{self.ann_file} says {W0}x{H0} for image id {image_id}{hint}")
 
@@ -396,11 +395,12 @@ class CocoInstances(torch.utils.data.Dataset):
         it cannot decode. pycocotools decodes column by column (Fortran order): its (H0, W0)
         array's transpose is contiguous, where making the (H0, W0) array contiguous would
         transpose every full-size mask (the transforms read only each instance's extent)."""
-        rle = ann["segmentation"]  # compressed RLE: decoded as it is (pycocotools reads str counts)
+        rle = ann["segmentation"]
         if isinstance(rle, list):  # polygons, flat [x1, y1, x2, y2, ...] in the original frame
             rle = mask_utils.merge(mask_utils.frPyObjects(rle, H0, W0))
         elif isinstance(rle["counts"], list):  # uncompressed RLE (e.g. COCO's crowd regions)
             rle = mask_utils.frPyObjects(rle, H0, W0)
+        # else compressed RLE: its counts a str in json, which pycocotools decodes as it is
         try:
             return mask_utils.decode(rle).T                                     # (W0, H0) uint8
         except Exception as e:  # malformed compressed counts: only decoding finds out
