@@ -435,7 +435,7 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
     """The model a train.py checkpoint describes, with its weights, on `device`, in eval mode.
 
     ckpt: path of a checkpoint written by train.py ({"model", "model_args", "config", ...}).
-    overrides: ModelConfig fields to change at inference (e.g. {"attention_assign": "pass"}).
+    overrides: ModelConfig fields to change at inference (e.g. {"mask_threshold": 0.3}).
     The prefixes of a compiled ("_orig_mod.") or DDP ("module.") model are stripped. Weights
     holding NaN / inf or a negative BatchNorm variance are refused (weights.check_weights).
     Returns (model, checkpoint dict). Raises ValueError naming the file.
@@ -506,7 +506,7 @@ if __name__ == "__main__":
     max_images = None          # None: the whole val set
     results_json = None        # path to write the COCO results list to
     model_args = ""            # overrides of the checkpoint's model_args, a dict literal, e.g. an
-                               # inference-time switch: --model_args="{'attention_assign': 'pass'}"
+                               # inference-time setting: --model_args="{'mask_threshold': 0.3}"
     oracle_stride = 0          # > 0: no model; the mask AP of perfect stride-R masks on --val_ann
                                # (`grid_oracle`), e.g. --oracle_stride=4
                                # --val_ann=data/shapes/annotations/instances_val.json
@@ -533,7 +533,7 @@ if __name__ == "__main__":
     except (ValueError, SyntaxError):
         overrides = None
     if not isinstance(overrides, dict):
-        fail("--model_args must be a dict literal such as \"{'attention_assign': 'pass'}\", "
+        fail("--model_args must be a dict literal such as \"{'mask_threshold': 0.3}\", "
              f"got {model_args!r}")
     try:
         model, checkpoint = load_checkpoint_model(ckpt, device, overrides)
