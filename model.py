@@ -834,8 +834,15 @@ def l1_at_centers(pred_map, objs, target):
 
 # -----------------------------------------------------------------------------
 # 7. CenterMask ([CM] 3)
+# Eq. 1 in plain sight: the Local Shape head's map holds an S^2 vector at every cell; the vector at an object's
+# centre, reshaped to S x S, is resized to the object's box (`resize_to_boxes`, torch's grid_sample) and
+# multiplied by the Global Saliency map cropped to the box (`assemble_masks`). Two fast paths stand beside it,
+# both behind `CenterMask.fast` (True by default; tests/test_model.py checks that both give the same numbers):
+# the shape head evaluated only at the cells read (`CenterMaskHeads.shape_at`, `conv3x3_at`) and the resize as
+# two matrix products (`stretch_to_boxes`). What they buy: RESULTS.md, "Numbers behind model.py's choices".
 
-SALIENCY_LOSS_WEIGHT = 1.0  # the weight of [CM] Table 1f's direct saliency loss: [CM 4.1] gives none (ours)
+# the weight of [CM] Table 1f's direct saliency loss: [CM 4.1] gives none (ours)
+SALIENCY_LOSS_WEIGHT = 1.0
 
 
 def conv_relu_conv(cin, cout, hidden, bias_fill=0.0):
@@ -846,49 +853,62 @@ def conv_relu_conv(cin, cout, hidden, bias_fill=0.0):
     return nn.Sequential(nn.Conv2d(cin, hidden, 3, padding=1), nn.ReLU(inplace=True), last)
 
 
-def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
-    """1-D bilinear resampling as a matrix: n_in cells stretched over [lo, hi] (M intervals), read at the n_out
-    pixel centres (j + 0.5) * pixel; cell i's centre at lo + (i + 0.5) (hi - lo) / n_in (align_corners=False),
-    clamped at the border: grid_sample's bilinear, border mode. lo, hi (M,) -> weights (M, n_out, n_in) and
-    in_box (M, n_out): lo <= pixel centre <= hi ("closed")."""
-    pos = (torch.arange(n_out, device=lo.device, dtype=torch.float32) + 0.5) * pixel          # (n_out,)
-    lo, hi = lo.float()[:, None], hi.float()[:, None]                                        # (M, 1)
-    u = ((pos[None] - lo) / (hi - lo) * n_in - 0.5).clamp(0, n_in - 1)                       # (M, n_out) source coord
-    i0 = u.floor().long().clamp(max=max(n_in - 2, 0))
-    w1 = (u - i0).clamp(max=1.0)                                                             # (M, n_out)
-    weights = torch.zeros(len(lo), n_out, n_in, device=lo.device)
-    weights.scatter_(2, i0[..., None], (1 - w1)[..., None])
-    weights.scatter_add_(2, (i0 + 1).clamp(max=n_in - 1)[..., None], w1[..., None])
-    return weights, between(pos[None], lo, hi, "closed")
-
-
-def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
-    """Stretch M small maps (M, s, s) over their boxes (M, 4) xyxy on an (out_h, out_w) grid whose pixel j has
-    centre (j + 0.5) * pixel in the boxes' frame: bilinear, border-clamped ([CM 3.1]'s resize of a local shape;
-    MaskFCOS's paste). Plain form: F.grid_sample(small[:, None], grid, "bilinear", padding_mode="border",
-    align_corners=False), each pixel centre mapped into its box's [-1, 1] (tests/test_model.py); here two
-    batched matrix products (M, out_h, s) @ (M, s, s) @ (M, s, out_w) (`stretch_weights`). Returns values
-    (M, out_h, out_w) and in_box, the pixel centres in the box ("closed"): bool (M, out_h, out_w), or with
-    separable=True its float factors in_y (M, out_h, 1), in_x (M, 1, out_w)."""
-    wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)       # (M, H, s)
-    wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)       # (M, W, s)
-    # fp32 even under autocast: every later step works on it (RESULTS.md, "Numbers behind model.py's choices")
-    with torch.autocast(small.device.type, enabled=False):
-        values = wy @ small.float() @ wx.transpose(1, 2)                                     # (M, H, W)
-    if separable:
-        return values, (in_y[:, :, None].float(), in_x[:, None, :].float())
-    return values, in_y[:, :, None] & in_x[:, None, :]
+def pixel_centers(n, pixel, device):
+    """(n,) float32: the centres (j + 0.5) * pixel of a grid's pixels along one axis, in the boxes' frame."""
+    return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) * pixel
 
 
 def boxes_inside(boxes, out_h, out_w, pixel=1.0):
     """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4), "closed" (`inside`,
-    section 2) as `stretch_weights`' in_box."""
-    ys = (torch.arange(out_h, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
-    xs = (torch.arange(out_w, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
+    section 2): [CM] eq. 1's crop to the box."""
     b = boxes.float()
-    in_y = between(ys[None], b[:, 1:2], b[:, 3:4], "closed")                                  # (M, H)
-    in_x = between(xs[None], b[:, 0:1], b[:, 2:3], "closed")                                  # (M, W)
+    ys, xs = pixel_centers(out_h, pixel, b.device), pixel_centers(out_w, pixel, b.device)
+    in_y = between(ys[None], b[:, 1:2], b[:, 3:4], "closed")                           # (M, H)
+    in_x = between(xs[None], b[:, 0:1], b[:, 2:3], "closed")                           # (M, W)
     return in_y[:, :, None] & in_x[:, None, :]
+
+
+def resize_to_boxes(small, boxes, out_h, out_w, pixel=1.0):
+    """[CM 3.1]'s resize of a local shape: M maps (M, s, s) stretched over their boxes (M, 4) xyxy, read at the
+    pixel centres (j + 0.5) * pixel of an (out_h, out_w) grid -> (M, out_h, out_w) fp32. torch's bilinear
+    grid_sample, border-clamped, align_corners=False: a box's edges are the map's outer edges."""
+    b = boxes.float()
+    # every pixel centre in its box's frame, -1 at the box's left / top edge and 1 at its right / bottom edge
+    gx = (pixel_centers(out_w, pixel, b.device)[None] - b[:, 0:1]) / (b[:, 2:3] - b[:, 0:1]) * 2 - 1  # (M, W)
+    gy = (pixel_centers(out_h, pixel, b.device)[None] - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]) * 2 - 1  # (M, H)
+    size = (len(b), out_h, out_w)
+    grid = torch.stack([gx[:, None, :].expand(size), gy[:, :, None].expand(size)], -1)  # (M, H, W, 2)
+    with torch.autocast(small.device.type, enabled=False):
+        resized = F.grid_sample(small[:, None].float(), grid, "bilinear", "border", align_corners=False)
+    return resized[:, 0]                                                               # (M, H, W)
+
+
+def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
+    """`resize_to_boxes` along one axis, as a matrix: n_in cells stretched over [lo, hi] (M intervals), read at
+    the n_out pixel centres; cell i's centre at lo + (i + 0.5) (hi - lo) / n_in, clamped at the border.
+    lo, hi (M,) -> weights (M, n_out, n_in)."""
+    pos = pixel_centers(n_out, pixel, lo.device)                                        # (n_out,)
+    lo, hi = lo.float()[:, None], hi.float()[:, None]                                   # (M, 1)
+    # (M, n_out) source coordinate in cells
+    u = ((pos[None] - lo) / (hi - lo) * n_in - 0.5).clamp(0, n_in - 1)
+    i0 = u.floor().long().clamp(max=max(n_in - 2, 0))
+    w1 = (u - i0).clamp(max=1.0)                                                        # (M, n_out)
+    weights = torch.zeros(len(lo), n_out, n_in, device=lo.device)
+    weights.scatter_(2, i0[..., None], (1 - w1)[..., None])
+    weights.scatter_add_(2, (i0 + 1).clamp(max=n_in - 1)[..., None], w1[..., None])
+    return weights
+
+
+def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0):
+    """Fast `resize_to_boxes` (the same numbers up to float rounding): two batched matrix products
+    (M, out_h, s) @ (M, s, s) @ (M, s, out_w) (`stretch_weights`) instead of a grid_sample over a full sampling
+    grid. Also MaskFCOS's paste. Returns values (M, out_h, out_w) fp32 and `boxes_inside` (M, out_h, out_w)."""
+    wy = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)      # (M, H, s)
+    wx = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)      # (M, W, s)
+    # fp32 even under autocast: every later step works on it (RESULTS.md, "Numbers behind model.py's choices")
+    with torch.autocast(small.device.type, enabled=False):
+        values = wy @ small.float() @ wx.transpose(1, 2)                                # (M, H, W)
+    return values, boxes_inside(boxes, out_h, out_w, pixel)
 
 
 def min_size_boxes(center, wh, min_size=1.0):
@@ -905,15 +925,18 @@ def saliency_targets(pooled, batch, sal_channel, num_images, num_channels):
     M, h, w = pooled.shape
     out = torch.zeros(num_images * num_channels, h * w, device=pooled.device, dtype=pooled.dtype)
     row = (batch * num_channels + sal_channel)[:, None].expand(M, h * w)          # (M, h*w) its map
-    return out.scatter_reduce_(0, row, pooled.reshape(M, -1), "amax").view(num_images, num_channels, h, w)
+    out.scatter_reduce_(0, row, pooled.reshape(M, -1), "amax")
+    return out.view(num_images, num_channels, h, w)
 
 
 def topk_peaks(heat, k):
-    """CenterNet's peaks ([CM 3.4-3.5]): the 3x3 max-pool local maxima of the sigmoid heatmap (B, C, h, w), top-k
-    over all classes and positions (no NMS) -> scores, labels, ys, xs, each (B, K), K = min(k, C*h*w), best first."""
+    """CenterNet's peaks ([CM 3.4-3.5]): the 3x3 max-pool local maxima of the sigmoid heatmap (B, C, h, w),
+    top-k over all classes and positions (no NMS) -> scores, labels, ys, xs, each (B, K), K = min(k, C*h*w),
+    best first."""
     B, C, h, w = heat.shape
     peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat)                # keep local maxima
-    scores, idx = peaks.reshape(B, -1).topk(min(k, C * h * w))           # (B, K); reshape: a channels_last map too
+    # reshape, not view: a channels_last map too
+    scores, idx = peaks.reshape(B, -1).topk(min(k, C * h * w))           # (B, K)
     labels = idx // (h * w)
     ys, xs = (idx % (h * w)) // w, idx % w                               # (B, K)
     return scores, labels, ys, xs
@@ -930,52 +953,46 @@ def mask_log_terms(L=None, G=None):
     return log_m, torch.log1p(-log_m.exp().clamp(max=1 - 1e-6))
 
 
-def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False):
+def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False, fast=False):
     """Local Shape x Global Saliency ([CM 3.3] eq. 1) of M objects on a pixel grid (CenterMask, CenterMask-FCOS):
-        M = sigmoid(L) * sigmoid(G) * in_box,  L = the S x S shape stretched over the box (`stretch_to_boxes`,
+        M = sigmoid(L) * sigmoid(G) * in_box,  L = the S x S shape resized to the box (`resize_to_boxes`,
             [CM 3.1]), G = saliency[batch, sal_channel] resampled bilinearly onto the grid ([CM 3.2])
     local (M, S, S) logits or None (saliency only, Table 1c); saliency (B, n, h, w) logits (cell j centred at
     j + 0.5, output units) or None (shape only, Table 1d); batch, sal_channel (M,) (0 or the class); boxes (M, 4)
     xyxy, output units; grid_hw (gh, gw), grid pixel j centred at (j + 0.5) * pixel output units (pixel 1: the
     output grid; 1/R: the input resolution). Returns (M, gh, gw) probabilities, or with log_space=True (log M,
-    log(1 - M), in_box (M, gh, gw) bool, "closed") for the loss. Inference computes the same in place."""
-    M = len(batch)
+    log(1 - M), in_box (M, gh, gw) bool, "closed") for the loss. fast: the resize by `stretch_to_boxes`."""
     gh, gw = grid_hw
-    if M == 0:
+    if len(batch) == 0:
         empty = torch.zeros(0, gh, gw, device=boxes.device)
         return (empty, empty, empty.bool()) if log_space else empty
-    if saliency is not None and saliency.shape[-2:] != (gh, gw):
-        # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
-        saliency = F.interpolate(saliency.float(), size=(gh, gw), mode="bilinear", align_corners=False)
-    if log_space:  # eq. 1 as written, in log space for the loss (`mask_log_terms`)
-        L, in_box = (stretch_to_boxes(local, boxes, gh, gw, pixel) if local is not None
-                     else (None, boxes_inside(boxes, gh, gw, pixel)))                  # (M, gh, gw)
-        G = saliency[batch, sal_channel] if saliency is not None else None              # (M, gh, gw)
-        log_m, log_1m = mask_log_terms(L, G)
-        return log_m, log_1m, in_box
-    # inference: the same product in place, no (M, gh, gw) temporaries; the box crop one axis at a time
-    if local is not None:
-        masks, (in_y, in_x) = stretch_to_boxes(local, boxes, gh, gw, pixel, separable=True)
-        masks.sigmoid_()                                                         # (M, gh, gw)
-    else:
-        masks = boxes_inside(boxes, gh, gw, pixel).float()
+    in_box = boxes_inside(boxes, gh, gw, pixel)                                  # (M, gh, gw) the crop
+    L = G = None
+    if local is not None and fast:
+        L = stretch_to_boxes(local, boxes, gh, gw, pixel)[0]                     # (M, gh, gw)
+    elif local is not None:
+        L = resize_to_boxes(local, boxes, gh, gw, pixel)                         # (M, gh, gw)
     if saliency is not None:
-        sal_prob = saliency.float().sigmoid()                                    # (B, n, gh, gw)
-        if bool((batch == batch[0]).all() and (sal_channel == sal_channel[0]).all()):
-            masks.mul_(sal_prob[batch[0], sal_channel[0]])                          # one map: broadcast
-        else:
-            masks.mul_(sal_prob[batch, sal_channel])                                # (M, gh, gw)
-    if local is not None:  # zero outside the boxes
-        masks.mul_(in_y).mul_(in_x)
+        if saliency.shape[-2:] != (gh, gw):
+            # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
+            saliency = F.interpolate(saliency.float(), size=(gh, gw), mode="bilinear", align_corners=False)
+        G = saliency[batch, sal_channel].float()                                 # (M, gh, gw)
+    if log_space:  # eq. 1 in log space for the loss (`mask_log_terms`)
+        return (*mask_log_terms(L, G), in_box)
+    masks = in_box.float()
+    for logits in (L, G):
+        if logits is not None:
+            masks = masks * logits.sigmoid()
     return masks
 
 
 def conv3x3_at(conv, feature, batch, ys, xs):
-    """conv(feature)[batch, :, ys, xs] of a 3x3 conv (stride 1, padding 1) at M cells only: feature (B, C, h, w),
-    batch, ys, xs (M,) -> (M, out). For the S^2-channel shape heads, read at centres, positives or detections."""
+    """conv(feature)[batch, :, ys, xs] of a 3x3 conv (stride 1, padding 1) at M cells only: feature
+    (B, C, h, w), batch, ys, xs (M,) -> (M, out). The fast path of the S^2-channel shape heads."""
     f = F.pad(feature, (1, 1, 1, 1))                                             # (B, C, h+2, w+2)
     d = torch.arange(3, device=feature.device)
-    patch = f[batch[:, None, None], :, ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]]
+    rows, cols = ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]
+    patch = f[batch[:, None, None], :, rows, cols]                               # (M, 3, 3, C)
     patch = patch.permute(0, 3, 1, 2).reshape(len(batch), -1)                    # (M, C*9) as conv.weight
     return F.linear(patch, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (M, out)
 
@@ -987,9 +1004,8 @@ class CenterMaskHeads(nn.Module):
         size     (B, 2, h, w)      box (w, h) in output pixels ([CM] eq. 5)
         shape    (B, S*S, h, w)    Local Shape vector, S x S at a centre ([CM 3.1]; module `local_shape`)
         saliency (B, 1 or C, h, w) Global Saliency logits ([CM 3.2])
-    A switched-off branch's module is None, its map absent. The shape vector is read at a few cells only, so the
-    dict carries "features" (B, cin, h, w) instead and `shape_at` evaluates the head there (RESULTS.md, "Numbers
-    behind model.py's choices"); dense_shape=True gives the dense "shape" map."""
+    A switched-off branch's module is None, its map absent. fast=True (`CenterMask.fast`): no dense "shape" map;
+    the dict carries "features" (B, cin, h, w) instead, and `shape_at` evaluates the head at the cells read."""
 
     def __init__(self, cin, cfg: ModelConfig):
         super().__init__()
@@ -1002,20 +1018,19 @@ class CenterMaskHeads(nn.Module):
         n_sal = 1 if cfg.saliency == "agnostic" else C
         self.saliency = conv_relu_conv(cin, n_sal, hc) if cfg.use_saliency else None
 
-    def forward(self, p, dense_shape=False):
+    def forward(self, p, fast=False):
         out = {"heatmap": self.heatmap(p), "offset": self.offset(p), "size": self.size(p)}
-        if self.local_shape is not None:
-            if dense_shape:
-                out["shape"] = self.local_shape(p)             # (B, S*S, h, w)
-            else:
-                out["features"] = p                            # (B, cin, h, w), read by shape_at
+        if self.local_shape is not None and fast:
+            out["features"] = p                                # (B, cin, h, w), read by shape_at
+        elif self.local_shape is not None:
+            out["shape"] = self.local_shape(p)                 # (B, S*S, h, w)
         if self.saliency is not None:
             out["saliency"] = self.saliency(p)                 # (B, 1 or C, h, w)
         return out
 
     def shape_at(self, out, batch, cells_xy):
-        """Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of the stride-4 map. Plain
-        form: the dense map read at [b, :, y, x] (`gather_at`, when `out` holds "shape"); else the same head at
+        """Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of the stride-4 map.
+        The dense map read at [b, :, y, x] (`gather_at`) when `out` holds "shape"; else, fast, the same head at
         those cells alone (`conv3x3_at`, then the 1x1 conv as a matrix product)."""
         if "shape" in out:
             return gather_at(out["shape"], batch, cells_xy)
@@ -1039,6 +1054,8 @@ class CenterMask(Method):
     Deviations and readings (mask loss grid, L1 over 2N, boxes widened to one output pixel, Table 1f's weight,
     the heads' biases): METHODS.md, CenterMask."""
     transform = "centernet"                                    # the square canvas of [CN] / [CM 3.5]
+    # the fast paths (section 7's header): the shape head at the cells read, the resize as matrix products
+    fast = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -1057,7 +1074,7 @@ class CenterMask(Method):
         self.head_sets = nn.ModuleList(CenterMaskHeads(self.backbone.out_channels, cfg)
                                        for _ in range(num_sets))
 
-    # The branches in use, read by `assemble` (None when switched off: Table 1c/1d ablations).
+    # The branches in use (None when switched off: Table 1c/1d ablations).
     @property
     def local_shape(self):
         return self.head_sets[-1].local_shape
@@ -1073,35 +1090,42 @@ class CenterMask(Method):
         return [features] if torch.is_tensor(features) else features  # DLA-34 returns one map
 
     def heads(self, images):
-        """`Method.heads`: (B, 3, H, W) -> the last head set's outputs, each (B, ch, H/4, W/4) (the others train)."""
-        return self.head_sets[-1](self.features(images)[-1])
+        """`Method.heads`: (B, 3, H, W) -> the last head set's outputs, each (B, ch, H/4, W/4) (the others
+        train)."""
+        return self.head_sets[-1](self.features(images)[-1], self.fast)
 
     def forward(self, images, targets=None, image_sizes=None):
         if not self.training:
             return self.decode(self.heads(images), images.shape[-2:], image_sizes)
         if targets is None:
             raise ValueError("CenterMask in train mode needs targets (call model.eval() for inference)")
-        outs = [head_set(p) for head_set, p in zip(self.head_sets, self.features(images))]  # per stack
-        with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (bf16/fp16 logs and sums lose precision)
+        # per stack
+        outs = [head_set(p, self.fast) for head_set, p in zip(self.head_sets, self.features(images))]
+        # losses in fp32 (bf16/fp16 logs and sums lose precision)
+        with torch.autocast(images.device.type, enabled=False):
             per_stack = [self.losses({k: v.float() for k, v in out.items()}, targets, head_set)
                          for out, head_set in zip(outs, self.head_sets)]
         # intermediate supervision: every stack's losses, averaged (one stack: unchanged)
         return {k: sum(losses[k] for losses in per_stack) / len(per_stack) for k in per_stack[0]}
 
     # -- mask assembly ([CM 3.3] eq. 1) --------------------------------------------------------
-    def assemble(self, out, batch, centers_int, boxes, sal_channel, grid_hw, pixel, log_space=False, head_set=None):
-        """`assemble_masks` of M objects, the shape vectors read at centers_int (M, 2) output cells; boxes (M, 4)
-        xyxy, output units; head_set: the CenterMaskHeads of `out` (default the last stack's)."""
+    def assemble(self, out, batch, centers_int, boxes, sal_channel, grid_hw, pixel, log_space=False,
+                 head_set=None):
+        """`assemble_masks` of M objects, the shape vectors read at centers_int (M, 2) output cells; boxes
+        (M, 4) xyxy, output units; head_set: the CenterMaskHeads of `out` (default the last stack's)."""
         local = None
         if self.local_shape is not None:
             S = self.cfg.shape_size
             head_set = self.head_sets[-1] if head_set is None else head_set
+            # the vector at each centre, reshaped to S x S
             local = head_set.shape_at(out, batch, centers_int).view(len(batch), S, S)  # (M, S, S)
-        return assemble_masks(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw, pixel, log_space)
+        return assemble_masks(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw, pixel,
+                              log_space, self.fast)
 
     # -- training -------------------------------------------------------------------------------
     def losses(self, out, targets, head_set=None):
-        """Head outputs (fp32) of `head_set` (default the last) + B target dicts -> dict of weighted scalar losses."""
+        """Head outputs (fp32) of `head_set` (default the last) + B target dicts -> dict of weighted scalar
+        losses."""
         head_set = self.head_sets[-1] if head_set is None else head_set
         B, C, h, w = out["heatmap"].shape
         R = self.stride
@@ -1111,16 +1135,18 @@ class CenterMask(Method):
         c = objs["center_int"]
         objs["center_int"] = torch.stack([c[:, 0].clamp(0, w - 1), c[:, 1].clamp(0, h - 1)], 1)
         lp, loff, lsize, lmask = self.cfg.loss_weights
-        gt_heat = centernet_heatmaps(objs, B, C, h, w)                      # min_overlap 0.7, CornerNet's radius
+        gt_heat = centernet_heatmaps(objs, B, C, h, w)            # min_overlap 0.7, CornerNet's radius
+        # offset target: p/R - floor(p/R) in [0, 1) ([CM] eq. 4)
+        gt_offset = objs["center"] - objs["center_int"].float()
         losses = {
             "heatmap": lp * centernet_focal_loss(out["heatmap"], gt_heat),
-            # offset target: p/R - floor(p/R) in [0, 1) ([CM] eq. 4)
-            "offset": loff * l1_at_centers(out["offset"], objs, objs["center"] - objs["center_int"].float()),
+            "offset": loff * l1_at_centers(out["offset"], objs, gt_offset),
             "size": lsize * l1_at_centers(out["size"], objs, objs["wh"]),
         }
         # ground-truth masks average-pooled to the stride-4 grid: soft targets in [0, 1]
         M = len(objs["labels"])
-        num_objects = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)  # over processes
+        # over processes
+        num_objects = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)
         if M:
             gt_masks = batch_masks(targets, h * R, w * R, device)                         # (M, H, W)
             gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]                   # (M, h, w)
@@ -1130,14 +1156,15 @@ class CenterMask(Method):
             keep += list(head_set.local_shape.parameters()) if head_set.local_shape is not None else []
             losses["mask"] = sum(x.sum() * 0 for x in keep)
         else:
-            sal_channel = objs["labels"] if self.cfg.saliency == "specific" else torch.zeros_like(objs["labels"])
+            labels = objs["labels"]
+            sal_channel = labels if self.cfg.saliency == "specific" else torch.zeros_like(labels)
             boxes = min_size_boxes(objs["center"], objs["wh"])                            # teacher forcing
             if self.cfg.mask_loss_grid == "input":   # input pixels (centre (j + 0.5) / R), binary truth
                 grid, pixel, gt = (h * R, w * R), 1.0 / R, gt_masks.float()              # (M, H, W)
             else:                                    # the stride-R output grid, soft truth
                 grid, pixel, gt = (h, w), 1.0, gt_small                                  # (M, h, w)
-            log_m, log_1m, in_box = self.assemble(out, objs["batch"], objs["center_int"], boxes,
-                                                  sal_channel, grid, pixel, log_space=True, head_set=head_set)
+            log_m, log_1m, in_box = self.assemble(out, objs["batch"], objs["center_int"], boxes, sal_channel,
+                                                  grid, pixel, log_space=True, head_set=head_set)
             bce = -(gt * log_m + (1 - gt) * log_1m)                                      # (M, gh, gw)
             in_box = in_box.float()
             per_object = (bce * in_box).sum((1, 2)) / in_box.sum((1, 2)).clamp(min=1)     # (M,)
@@ -1155,8 +1182,8 @@ class CenterMask(Method):
     @torch.no_grad()
     def decode(self, out, input_hw, image_sizes=None, k=None):
         """Heads -> detections ([CM 3.5]): `topk_peaks`, centre = cell + offset, box from the predicted size;
-        masks (K, H, W) probabilities assembled at input resolution. Nothing is clipped, as in CenterNet (no NMS
-        reads the boxes; eval.py clips them to the original image), so image_sizes is not read."""
+        masks (K, H, W) probabilities assembled at input resolution. Nothing is clipped, as in CenterNet (no
+        NMS reads the boxes; eval.py clips them to the original image), so image_sizes is not read."""
         k = k or self.cfg.max_detections
         heat = out["heatmap"].float().sigmoid()                              # (B, C, h, w)
         B, C, h, w = heat.shape
@@ -1171,13 +1198,14 @@ class CenterMask(Method):
         boxes_out = min_size_boxes(center, wh)                               # (B*K, 4) output frame
         sal_channel = labels.reshape(-1) if self.cfg.saliency == "specific" else torch.zeros_like(batch)
         H, W = input_hw
+        image_box = torch.tensor([W, H, W, H], device=heat.device)
         results = []
         for b in range(B):  # one image at a time bounds the (K, H, W) memory
             sl = slice(b * k, (b + 1) * k)
             masks = self.assemble(out, batch[sl], cells[sl], boxes_out[sl], sal_channel[sl],
                                   (H, W), 1.0 / R)                           # (K, H, W)
-            results.append({"boxes": (boxes_out[sl] * R).clamp(min=0).clamp(max=torch.tensor([W, H, W, H], device=heat.device)),
-                            "scores": scores[b], "labels": labels[b], "masks": masks})
+            boxes = (boxes_out[sl] * R).clamp(min=0).clamp(max=image_box)
+            results.append({"boxes": boxes, "scores": scores[b], "labels": labels[b], "masks": masks})
         return results
 
 
@@ -1749,6 +1777,8 @@ class CenterMaskFCOS(FCOS):
     `assemble_masks`). Training: every positive with its ground-truth box (teacher forcing), on the box's S x S
     grid against the RoIAlign of its mask (`mask_targets`); mean BCE ([CM] eq. 2). Inference: each detection's
     own location's shape vector, at input resolution. Readings ([CM 4.3] gives no layers): METHODS.md, FCOS family."""
+    # CenterMask's fast paths (section 7): the shape head at the locations read, the resize as matrix products
+    fast = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -1761,8 +1791,12 @@ class CenterMaskFCOS(FCOS):
         self.saliency = conv_relu_conv(c, n_sal, cfg.head_conv) if cfg.use_saliency else None
 
     def local_shapes(self, out, batch, index):
-        """Shape logits (M, S, S) of M flat locations (batch, index) of the box-tower maps (`conv3x3_at`)."""
+        """Shape logits (M, S, S) of M flat locations (batch, index) of the box-tower maps: the head's dense
+        map read there, or, fast, the head at those locations alone (`conv3x3_at`)."""
         S = self.cfg.shape_size
+        if not self.fast:
+            shape = torch.cat([self.local_shape(f).flatten(2) for f in out["box_features"]], 2)  # (B, S*S, P)
+            return shape[batch, :, index].float().view(-1, S, S)
         res = torch.zeros(len(batch), S * S, device=batch.device)
         start = 0
         for f in out["box_features"]:  # per level
@@ -1826,7 +1860,7 @@ class CenterMaskFCOS(FCOS):
             # boxes in P3 units; the input-resolution grid has pixel 1/R of them
             boxes = min_size_boxes((d["boxes"][:, :2] + d["boxes"][:, 2:]) / (2 * R),
                                    (d["boxes"][:, 2:] - d["boxes"][:, :2]) / R, 1.0 / R)
-            d["masks"] = assemble_masks(local, sal, batch, ch, boxes, x.input_hw, 1.0 / R)
+            d["masks"] = assemble_masks(local, sal, batch, ch, boxes, x.input_hw, 1.0 / R, fast=self.fast)
         return dets
 
 
