@@ -834,12 +834,16 @@ def l1_at_centers(pred_map, objs, target):
 
 # -----------------------------------------------------------------------------
 # 7. CenterMask ([CM] 3)
-# Eq. 1 in plain sight: the Local Shape head's map holds an S^2 vector at every cell; the vector at an object's
-# centre, reshaped to S x S, is resized to the object's box (`resize_to_boxes`, torch's grid_sample) and
-# multiplied by the Global Saliency map cropped to the box (`assemble_masks`). Two fast paths stand beside it,
-# both behind `CenterMask.fast` (True by default; tests/test_model.py checks that both give the same numbers):
-# the shape head evaluated only at the cells read (`CenterMaskHeads.shape_at`, `conv3x3_at`) and the resize as
-# two matrix products (`stretch_to_boxes`). What they buy: RESULTS.md, "Numbers behind model.py's choices".
+# Eq. 1 in plain sight: the Local Shape head's map holds an S^2 vector at every cell; the vector at
+# an object's centre, reshaped to S x S, is resized to the object's box (`resize_to_boxes`, torch's
+# grid_sample) and multiplied by the Global Saliency map cropped to the box (`assemble_masks`).
+# The fast paths stand beside it, behind one switch, `CenterMask.fast` (True by default; tests check
+# that both give the same numbers): the S^2-channel head evaluated only at the cells read
+# (`CenterMaskHeads.shape_at`, `conv3x3_at`), the resize as two matrix products
+# (`stretch_to_boxes`) and, at inference, the product in place (`assemble_masks_fast`). On the
+# shapes quick-start model (AMD EPYC, fp32, one thread) the plain forms take 1.3x the train step
+# and 1.7x the inference: the head 1.3x of both, the resize and the in-place product 1.4x and 1.2x
+# of the inference.
 
 # the weight of [CM] Table 1f's direct saliency loss: [CM 4.1] gives none (ours)
 SALIENCY_LOSS_WEIGHT = 1.0
@@ -884,31 +888,37 @@ def resize_to_boxes(small, boxes, out_h, out_w, pixel=1.0):
 
 
 def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
-    """`resize_to_boxes` along one axis, as a matrix: n_in cells stretched over [lo, hi] (M intervals), read at
-    the n_out pixel centres; cell i's centre at lo + (i + 0.5) (hi - lo) / n_in, clamped at the border.
-    lo, hi (M,) -> weights (M, n_out, n_in)."""
-    pos = pixel_centers(n_out, pixel, lo.device)                                        # (n_out,)
-    lo, hi = lo.float()[:, None], hi.float()[:, None]                                   # (M, 1)
+    """`resize_to_boxes` along one axis, as a matrix: n_in cells stretched over [lo, hi] (M
+    intervals), read at the n_out pixel centres; cell i's centre at lo + (i + 0.5) (hi - lo) / n_in,
+    clamped at the border. lo, hi (M,) -> weights (M, n_out, n_in) and in_box (M, n_out):
+    lo <= pixel centre <= hi ("closed")."""
+    pos = pixel_centers(n_out, pixel, lo.device)                                 # (n_out,)
+    lo, hi = lo.float()[:, None], hi.float()[:, None]                            # (M, 1)
     # (M, n_out) source coordinate in cells
     u = ((pos[None] - lo) / (hi - lo) * n_in - 0.5).clamp(0, n_in - 1)
     i0 = u.floor().long().clamp(max=max(n_in - 2, 0))
-    w1 = (u - i0).clamp(max=1.0)                                                        # (M, n_out)
+    w1 = (u - i0).clamp(max=1.0)                                                 # (M, n_out)
     weights = torch.zeros(len(lo), n_out, n_in, device=lo.device)
     weights.scatter_(2, i0[..., None], (1 - w1)[..., None])
     weights.scatter_add_(2, (i0 + 1).clamp(max=n_in - 1)[..., None], w1[..., None])
-    return weights
+    return weights, between(pos[None], lo, hi, "closed")
 
 
-def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0):
-    """Fast `resize_to_boxes` (the same numbers up to float rounding): two batched matrix products
-    (M, out_h, s) @ (M, s, s) @ (M, s, out_w) (`stretch_weights`) instead of a grid_sample over a full sampling
-    grid. Also MaskFCOS's paste. Returns values (M, out_h, out_w) fp32 and `boxes_inside` (M, out_h, out_w)."""
-    wy = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)      # (M, H, s)
-    wx = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)      # (M, W, s)
-    # fp32 even under autocast: every later step works on it (RESULTS.md, "Numbers behind model.py's choices")
+def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
+    """Fast `resize_to_boxes` (the same numbers up to float rounding; also MaskFCOS's paste): two
+    batched matrix products (M, out_h, s) @ (M, s, s) @ (M, s, out_w) (`stretch_weights`) instead
+    of a grid_sample over a full sampling grid. Returns values (M, out_h, out_w) and in_box, the
+    pixel centres in the box ("closed"): bool (M, out_h, out_w), or with separable=True its float
+    factors in_y (M, out_h, 1), in_x (M, 1, out_w)."""
+    wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)  # (M, H, s)
+    wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)  # (M, W, s)
+    # fp32 even under autocast: every later step works on it (RESULTS.md, "Numbers behind model.py's
+    # choices")
     with torch.autocast(small.device.type, enabled=False):
-        values = wy @ small.float() @ wx.transpose(1, 2)                                # (M, H, W)
-    return values, boxes_inside(boxes, out_h, out_w, pixel)
+        values = wy @ small.float() @ wx.transpose(1, 2)                         # (M, H, W)
+    if separable:
+        return values, (in_y[:, :, None].float(), in_x[:, None, :].float())
+    return values, in_y[:, :, None] & in_x[:, None, :]
 
 
 def min_size_boxes(center, wh, min_size=1.0):
@@ -954,35 +964,61 @@ def mask_log_terms(L=None, G=None):
 
 
 def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False, fast=False):
-    """Local Shape x Global Saliency ([CM 3.3] eq. 1) of M objects on a pixel grid (CenterMask, CenterMask-FCOS):
-        M = sigmoid(L) * sigmoid(G) * in_box,  L = the S x S shape resized to the box (`resize_to_boxes`,
-            [CM 3.1]), G = saliency[batch, sal_channel] resampled bilinearly onto the grid ([CM 3.2])
-    local (M, S, S) logits or None (saliency only, Table 1c); saliency (B, n, h, w) logits (cell j centred at
-    j + 0.5, output units) or None (shape only, Table 1d); batch, sal_channel (M,) (0 or the class); boxes (M, 4)
-    xyxy, output units; grid_hw (gh, gw), grid pixel j centred at (j + 0.5) * pixel output units (pixel 1: the
-    output grid; 1/R: the input resolution). Returns (M, gh, gw) probabilities, or with log_space=True (log M,
-    log(1 - M), in_box (M, gh, gw) bool, "closed") for the loss. fast: the resize by `stretch_to_boxes`."""
+    """Local Shape x Global Saliency ([CM 3.3] eq. 1) of M objects on a pixel grid (CenterMask,
+    CenterMask-FCOS):
+        M = sigmoid(L) * sigmoid(G) * in_box,  L = the S x S shape resized to the box
+            (`resize_to_boxes`, [CM 3.1]), G = saliency[batch, sal_channel] resampled bilinearly
+            onto the grid ([CM 3.2]), in_box the crop to the box (`boxes_inside`)
+    local (M, S, S) logits or None (saliency only, Table 1c); saliency (B, n, h, w) logits (cell j
+    centred at j + 0.5, output units) or None (shape only, Table 1d); batch, sal_channel (M,) (0 or
+    the class); boxes (M, 4) xyxy, output units; grid_hw (gh, gw), grid pixel j centred at
+    (j + 0.5) * pixel output units (pixel 1: the output grid; 1/R: the input resolution). Returns
+    (M, gh, gw) probabilities, or with log_space=True (log M, log(1 - M), in_box (M, gh, gw) bool,
+    "closed") for the loss. fast: the same numbers by `assemble_masks_fast`."""
     gh, gw = grid_hw
     if len(batch) == 0:
         empty = torch.zeros(0, gh, gw, device=boxes.device)
         return (empty, empty, empty.bool()) if log_space else empty
-    in_box = boxes_inside(boxes, gh, gw, pixel)                                  # (M, gh, gw) the crop
-    L = G = None
-    if local is not None and fast:
-        L = stretch_to_boxes(local, boxes, gh, gw, pixel)[0]                     # (M, gh, gw)
-    elif local is not None:
-        L = resize_to_boxes(local, boxes, gh, gw, pixel)                         # (M, gh, gw)
-    if saliency is not None:
-        if saliency.shape[-2:] != (gh, gw):
-            # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
-            saliency = F.interpolate(saliency.float(), size=(gh, gw), mode="bilinear", align_corners=False)
-        G = saliency[batch, sal_channel].float()                                 # (M, gh, gw)
+    if saliency is not None and saliency.shape[-2:] != (gh, gw):
+        # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
+        saliency = F.interpolate(saliency.float(), size=(gh, gw), mode="bilinear", align_corners=False)
+    if fast:
+        return assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space)
+    in_box = boxes_inside(boxes, gh, gw, pixel)                                  # (M, gh, gw)
+    L = resize_to_boxes(local, boxes, gh, gw, pixel) if local is not None else None
+    G = saliency[batch, sal_channel].float() if saliency is not None else None  # (M, gh, gw)
     if log_space:  # eq. 1 in log space for the loss (`mask_log_terms`)
         return (*mask_log_terms(L, G), in_box)
     masks = in_box.float()
     for logits in (L, G):
         if logits is not None:
             masks = masks * logits.sigmoid()
+    return masks
+
+
+def assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False):
+    """`assemble_masks` (the saliency already on the grid), fast: the resize by `stretch_to_boxes`;
+    at inference the product in place (no (M, gh, gw) temporaries), the saliency's sigmoid once per
+    map, the crop one axis at a time."""
+    gh, gw = grid_hw
+    if log_space:
+        L, in_box = (stretch_to_boxes(local, boxes, gh, gw, pixel) if local is not None
+                     else (None, boxes_inside(boxes, gh, gw, pixel)))                  # (M, gh, gw)
+        G = saliency[batch, sal_channel] if saliency is not None else None              # (M, gh, gw)
+        return (*mask_log_terms(L, G), in_box)
+    if local is not None:
+        masks, (in_y, in_x) = stretch_to_boxes(local, boxes, gh, gw, pixel, separable=True)
+        masks.sigmoid_()                                                         # (M, gh, gw)
+    else:
+        masks = boxes_inside(boxes, gh, gw, pixel).float()
+    if saliency is not None:
+        sal_prob = saliency.float().sigmoid()                                    # (B, n, gh, gw)
+        if bool((batch == batch[0]).all() and (sal_channel == sal_channel[0]).all()):
+            masks.mul_(sal_prob[batch[0], sal_channel[0]])                       # one map: broadcast
+        else:
+            masks.mul_(sal_prob[batch, sal_channel])                             # (M, gh, gw)
+    if local is not None:  # zero outside the boxes
+        masks.mul_(in_y).mul_(in_x)
     return masks
 
 
@@ -1054,7 +1090,8 @@ class CenterMask(Method):
     Deviations and readings (mask loss grid, L1 over 2N, boxes widened to one output pixel, Table 1f's weight,
     the heads' biases): METHODS.md, CenterMask."""
     transform = "centernet"                                    # the square canvas of [CN] / [CM 3.5]
-    # the fast paths (section 7's header): the shape head at the cells read, the resize as matrix products
+    # the fast paths (section 7's header): the shape head at the cells read, the resize as matrix
+    # products, the inference's product in place
     fast = True
 
     def __init__(self, cfg: ModelConfig):
@@ -1777,7 +1814,8 @@ class CenterMaskFCOS(FCOS):
     `assemble_masks`). Training: every positive with its ground-truth box (teacher forcing), on the box's S x S
     grid against the RoIAlign of its mask (`mask_targets`); mean BCE ([CM] eq. 2). Inference: each detection's
     own location's shape vector, at input resolution. Readings ([CM 4.3] gives no layers): METHODS.md, FCOS family."""
-    # CenterMask's fast paths (section 7): the shape head at the locations read, the resize as matrix products
+    # CenterMask's fast paths (section 7): the shape head at the locations read, the resize as
+    # matrix products, the inference's product in place
     fast = True
 
     def __init__(self, cfg: ModelConfig):
