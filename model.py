@@ -363,6 +363,18 @@ def center_of_mass(masks, boxes=None):
 BN_MOMENTUM = 0.1  # CenterNet's DLA uses PyTorch's default BatchNorm momentum
 
 
+def conv_bn(cin, cout, k=1, stride=1):
+    """k x k conv (no bias, padding k // 2) + BN, as nn.Sequential (indices 0, 1): the 1x1
+    projections of the residuals."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
+                         nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
+
+
+def conv_bn_relu(cin, cout, k, stride=1):
+    """k x k conv (no bias) + BN + ReLU: CenterNet's `convolution` (and DLA-34's first levels)."""
+    return nn.Sequential(*conv_bn(cin, cout, k, stride), nn.ReLU(inplace=True))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual, as ResNet-18/34. (B, Cin, H, W) -> (B, Cout, H/s, W/s)."""
 
@@ -412,14 +424,13 @@ class Tree(nn.Module):
         self.downsample = nn.MaxPool2d(stride, stride) if stride > 1 else None
         # the first block's residual when the width changes; not for deeper Trees, whose first child makes its
         # own (CenterNet builds that one unused; leaving it out spares DDP find_unused_parameters)
-        self.project = (nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
-                                      nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
-                        if cin != cout and levels == 1 else None)
+        self.project = conv_bn(cin, cout) if cin != cout and levels == 1 else None
 
     def forward(self, x, residual=None, children=None):
         children = [] if children is None else children
         bottom = self.downsample(x) if self.downsample is not None else x
-        residual = self.project(bottom) if self.project is not None else bottom  # unused if levels > 1
+        # unused if levels > 1
+        residual = self.project(bottom) if self.project is not None else bottom
         if self.level_root:
             children.append(bottom)
         x1 = self.tree1(x, residual)
@@ -434,26 +445,19 @@ class DLA34(nn.Module):
     """DLA-34 base ([DLA] Table 1): levels (1, 1, 1, 2, 2, 1), BasicBlock.
     (B, 3, H, W) -> list of 6 maps at strides 1, 2, 4, 8, 16, 32 with `channels` widths."""
 
-    def __init__(self, channels=(16, 32, 64, 128, 256, 512), levels=(1, 1, 1, 2, 2, 1)):
+    def __init__(self, channels=(16, 32, 64, 128, 256, 512)):
         super().__init__()
         c = channels
-        self.base_layer = nn.Sequential(nn.Conv2d(3, c[0], 7, 1, 3, bias=False),
-                                        nn.BatchNorm2d(c[0], momentum=BN_MOMENTUM), nn.ReLU(inplace=True))
-        self.level0 = self._conv_level(c[0], c[0], levels[0], stride=1)
-        self.level1 = self._conv_level(c[0], c[1], levels[1], stride=2)
-        self.level2 = Tree(levels[2], c[1], c[2], 2, level_root=False)
-        self.level3 = Tree(levels[3], c[2], c[3], 2, level_root=True)
-        self.level4 = Tree(levels[4], c[3], c[4], 2, level_root=True)
-        self.level5 = Tree(levels[5], c[4], c[5], 2, level_root=True)
+        self.base_layer = conv_bn_relu(3, c[0], 7)
+        # levels 0 and 1: one 3x3 conv each (CenterNet's `_make_conv_level` with 1 conv)
+        self.level0 = conv_bn_relu(c[0], c[0], 3)
+        self.level1 = conv_bn_relu(c[0], c[1], 3, stride=2)
+        # levels 2-5: Trees of depth 1, 2, 2, 1
+        self.level2 = Tree(1, c[1], c[2], 2, level_root=False)
+        self.level3 = Tree(2, c[2], c[3], 2, level_root=True)
+        self.level4 = Tree(2, c[3], c[4], 2, level_root=True)
+        self.level5 = Tree(1, c[4], c[5], 2, level_root=True)
         self.channels = c
-
-    @staticmethod
-    def _conv_level(cin, cout, n, stride):
-        layers = []
-        for i in range(n):
-            layers += [nn.Conv2d(cin if i == 0 else cout, cout, 3, stride if i == 0 else 1, 1, bias=False),
-                       nn.BatchNorm2d(cout, momentum=BN_MOMENTUM), nn.ReLU(inplace=True)]
-        return nn.Sequential(*layers)
 
     def forward(self, x):
         x = self.base_layer(x)                                # (B, 16, H, W)
@@ -464,10 +468,12 @@ class DLA34(nn.Module):
         return levels
 
 
-# NaN or inf offsets send deform_conv2d's sampling outside its input (on the CPU a segfault): DeformConv asserts first
-NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolution of DLA-34 (model.DeformConv): "
-                     "the weights or the activations hold NaN or inf (a corrupt checkpoint, a BatchNorm running_var "
-                     "below 0, a diverged run); stopped before torchvision's deform_conv2d reads outside its input")
+# NaN or inf offsets send deform_conv2d's sampling outside its input (on the CPU a segfault):
+# DeformConv asserts first
+NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolution of DLA-34 "
+                     "(model.DeformConv): the weights or the activations hold NaN or inf (a "
+                     "corrupt checkpoint, a BatchNorm running_var below 0, a diverged run); stopped "
+                     "before torchvision's deform_conv2d reads outside its input")
 
 
 # Where the check runs. On the CPU, torch._assert_async raises at once (RuntimeError(NON_FINITE_DEFORM), which the
@@ -476,13 +482,15 @@ NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolut
 # kernel then reads inside its input) and counts it in `non_finite_deform`, read on the host by
 # `non_finite_deform_count` (train.py, at every log line, evaluation and checkpoint) and `check_deform_finite`.
 HOST_ASSERT_DEVICES = ("cpu",)
-non_finite_deform = {}  # device -> 0-d int64 tensor: the DeformConv forwards that met NaN / inf there
+# device -> 0-d int64 tensor: the DeformConv forwards that met NaN / inf there
+non_finite_deform = {}
 
 
 def non_finite_deform_count(device):
     """How many DeformConv forwards off HOST_ASSERT_DEVICES met NaN / inf offsets: a 0-d int64 tensor on `device`
     (not read here: the caller's host sync reads it)."""
-    return sum((n.to(device) for n in non_finite_deform.values()), torch.zeros((), dtype=torch.long, device=device))
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    return sum((n.to(device) for n in non_finite_deform.values()), zero)
 
 
 def check_deform_finite():
@@ -516,7 +524,8 @@ class DeformConv(nn.Module):
             if om.device.type in HOST_ASSERT_DEVICES:
                 torch._assert_async(finite, NON_FINITE_DEFORM)
             else:
-                count = non_finite_deform.setdefault(om.device, torch.zeros((), dtype=torch.long, device=om.device))
+                zero = torch.zeros((), dtype=torch.long, device=om.device)
+                count = non_finite_deform.setdefault(om.device, zero)
                 count += ~finite
                 om = torch.where(finite, om, torch.zeros_like(om))
             offset, mask = om[:, :18], om[:, 18:].sigmoid()   # (B, 18, H, W), (B, 9, H, W)
@@ -550,7 +559,8 @@ class IDAUp(nn.Module):
             f = int(f)
             self.proj.append(DeformConv(c, cout, dcn))
             # depthwise transposed conv, kernel 2f, stride f: a trainable bilinear x f upsampling
-            up = nn.ConvTranspose2d(cout, cout, f * 2, stride=f, padding=f // 2, groups=cout, bias=False)
+            up = nn.ConvTranspose2d(cout, cout, f * 2, stride=f, padding=f // 2, groups=cout,
+                                    bias=False)
             bilinear_upsample_init(up)
             self.up.append(up)
             self.node.append(DeformConv(cout, cout, dcn))
@@ -573,7 +583,8 @@ class DLAUp(nn.Module):
         self.ida = nn.ModuleList()
         for i in range(len(channels) - 1):
             j = len(channels) - i - 2                          # 2, 1, 0: the level merged into
-            self.ida.append(IDAUp(channels[j], in_channels[j:], [s // scales[j] for s in scales[j:]], dcn))
+            up_factors = [s // scales[j] for s in scales[j:]]
+            self.ida.append(IDAUp(channels[j], in_channels[j:], up_factors, dcn))
             scales[j + 1:] = [scales[j]] * (len(scales) - j - 1)
             in_channels[j + 1:] = [channels[j]] * (len(in_channels) - j - 1)
 
@@ -593,7 +604,8 @@ class DLASeg(nn.Module):
     def __init__(self, channels=(16, 32, 64, 128, 256, 512), dcn=True):
         super().__init__()
         self.base = DLA34(channels)
-        first, last = 2, 5                                     # stride 4 = 2**2 ... stride 32 = 2**5
+        # stride 4 = 2**2 ... stride 32 = 2**5
+        first, last = 2, 5
         c = list(channels[first:])                             # (64, 128, 256, 512)
         self.dla_up = DLAUp(c, [2 ** i for i in range(len(c))], dcn)
         self.ida_up = IDAUp(c[0], c[:last - first], [2 ** i for i in range(last - first)], dcn)
@@ -625,9 +637,7 @@ class Residual(BasicBlock):
 
     def __init__(self, cin, cout, stride=1):
         super().__init__(cin, cout, stride)
-        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                   nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
-                     if stride != 1 or cin != cout else nn.Identity())
+        self.skip = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
 
     def forward(self, x):
         return super().forward(x, residual=self.skip(x))
@@ -657,7 +667,8 @@ class HourglassModule(nn.Module):
         super().__init__()
         cur, nxt = dims[0], dims[1]
         self.up1 = residuals(cur, cur, modules[0])
-        self.low1 = residuals(cur, nxt, modules[0], stride=2)  # strided conv, no max-pool (CornerNet 3.5)
+        # strided conv, no max-pool (CornerNet 3.5)
+        self.low1 = residuals(cur, nxt, modules[0], stride=2)
         self.low2 = (HourglassModule(dims[1:], modules[1:]) if len(dims) > 2
                      else residuals(nxt, nxt, modules[1]))
         self.low3 = residuals_reversed(nxt, cur, modules[0])
@@ -666,12 +677,6 @@ class HourglassModule(nn.Module):
         up1 = self.up1(x)                                      # (B, cur, H, W)
         low = self.low3(self.low2(self.low1(x)))               # (B, cur, H/2, W/2)
         return up1 + F.interpolate(low, scale_factor=2, mode="nearest")  # merge by addition
-
-
-def conv_bn_relu(cin, cout, k, stride=1):
-    """k x k conv (no bias) + BN + ReLU: CenterNet's `convolution`."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
-                         nn.BatchNorm2d(cout, momentum=BN_MOMENTUM), nn.ReLU(inplace=True))
 
 
 class Hourglass104(nn.Module):
@@ -684,20 +689,18 @@ class Hourglass104(nn.Module):
     multiples of `size_divisibility` = 4 * 2**5 = 128. CenterNet's `cnv_dim` (256) and stem width (128) are
     tied to dims[0] and dims[0] / 2 here (equal at full width)."""
 
-    def __init__(self, dims=(256, 256, 384, 384, 384, 512), modules=(2, 2, 2, 2, 2, 4), num_stacks=2):
+    def __init__(self, dims=(256, 256, 384, 384, 384, 512), modules=(2, 2, 2, 2, 2, 4),
+                 num_stacks=2):
         super().__init__()
         c = dims[0]
         self.pre = nn.Sequential(conv_bn_relu(3, c // 2, 7, stride=2),   # (B, 128, H/2, W/2)
                                  Residual(c // 2, c, stride=2))         # (B, 256, H/4, W/4)
         self.hourglasses = nn.ModuleList(HourglassModule(dims, modules) for _ in range(num_stacks))
-        self.convs = nn.ModuleList(conv_bn_relu(c, c, 3) for _ in range(num_stacks))  # CenterNet `cnvs`
+        # CenterNet's `cnvs`
+        self.convs = nn.ModuleList(conv_bn_relu(c, c, 3) for _ in range(num_stacks))
         # between stacks ("inters" above; CenterNet's `inters_`, `cnvs_`, `inters`)
-        self.skip_input = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1, bias=False),
-                                                      nn.BatchNorm2d(c, momentum=BN_MOMENTUM))
-                                        for _ in range(num_stacks - 1))
-        self.skip_features = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1, bias=False),
-                                                         nn.BatchNorm2d(c, momentum=BN_MOMENTUM))
-                                           for _ in range(num_stacks - 1))
+        self.skip_input = nn.ModuleList(conv_bn(c, c) for _ in range(num_stacks - 1))
+        self.skip_features = nn.ModuleList(conv_bn(c, c) for _ in range(num_stacks - 1))
         self.inter = nn.ModuleList(Residual(c, c) for _ in range(num_stacks - 1))
         self.out_channels = c
         self.stride = 4
@@ -707,7 +710,8 @@ class Hourglass104(nn.Module):
         d = self.size_divisibility
         if x.shape[-2] % d or x.shape[-1] % d:
             raise ValueError(f"Hourglass104: input {tuple(x.shape[-2:])} is not a multiple of {d} "
-                             f"(pad the batch to a multiple of size_divisibility, as data.collate_fn does)")
+                             "(pad the batch to a multiple of size_divisibility, as data.collate_fn "
+                             "does)")
         inter = self.pre(x)                                    # (B, 256, H/4, W/4)
         features = []
         for i, (hourglass, conv) in enumerate(zip(self.hourglasses, self.convs)):
@@ -769,7 +773,8 @@ def draw_gaussian(heatmap, center, radius):
     return heatmap
 
 
-def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=0.7, cornernet_bug=True):
+def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=0.7,
+                       cornernet_bug=True):
     """Ground-truth heatmaps of a batch ([CN] 3) from `flatten_targets`' objs: (B, C, H/R, W/R), per class the max of
     every object's Gaussian (`draw_gaussian`, radius max(0, int(gaussian_radius(ceil h, ceil w))))."""
     B = num_images
@@ -826,7 +831,8 @@ def l1_at_centers(pred_map, objs, target):
     as CenterNet's `RegL1Loss` ([CM] writes 1/N; the published lambda_size = 0.1 was tuned with 2N).
     pred_map (B, 2, h, w); target (M, 2). No objects -> 0, in the graph."""
     pred = gather_at(pred_map, objs["batch"], objs["center_int"]).float()   # (M, 2)
-    n = reduce_mean(torch.full((), float(target.numel()), device=pred_map.device))  # every rank joins
+    # every rank joins
+    n = reduce_mean(torch.full((), float(target.numel()), device=pred_map.device))
     if len(target) == 0:
         return pred_map.sum() * 0
     return (pred - target).abs().sum() / (n + 1e-4)
