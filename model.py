@@ -472,8 +472,8 @@ class DLA34(nn.Module):
 # DeformConv asserts first
 NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolution of DLA-34 "
                      "(model.DeformConv): the weights or the activations hold NaN or inf (a "
-                     "corrupt checkpoint, a BatchNorm running_var below 0, a diverged run); stopped "
-                     "before torchvision's deform_conv2d reads outside its input")
+                     "corrupt checkpoint, a BatchNorm running_var below 0, a diverged run); "
+                     "stopped before torchvision's deform_conv2d reads outside its input")
 
 
 # Where the check runs. On the CPU, torch._assert_async raises at once (RuntimeError(NON_FINITE_DEFORM), which the
@@ -710,8 +710,8 @@ class Hourglass104(nn.Module):
         d = self.size_divisibility
         if x.shape[-2] % d or x.shape[-1] % d:
             raise ValueError(f"Hourglass104: input {tuple(x.shape[-2:])} is not a multiple of {d} "
-                             "(pad the batch to a multiple of size_divisibility, as data.collate_fn "
-                             "does)")
+                             "(pad the batch to a multiple of size_divisibility, as "
+                             "data.collate_fn does)")
         inter = self.pre(x)                                    # (B, 256, H/4, W/4)
         features = []
         for i, (hourglass, conv) in enumerate(zip(self.hourglasses, self.convs)):
@@ -846,10 +846,8 @@ def l1_at_centers(pred_map, objs, target):
 # The fast paths stand beside it, behind one switch, `CenterMask.fast` (True by default; tests check
 # that both give the same numbers): the S^2-channel head evaluated only at the cells read
 # (`CenterMaskHeads.shape_at`, `conv3x3_at`), the resize as two matrix products
-# (`stretch_to_boxes`) and, at inference, the product in place (`assemble_masks_fast`). On the
-# shapes quick-start model (AMD EPYC, fp32, one thread) the plain forms take 1.3x the train step
-# and 1.7x the inference: the head 1.3x of both, the resize and the in-place product 1.4x and 1.2x
-# of the inference.
+# (`stretch_to_boxes`) and, at inference, the product in place (`assemble_masks_fast`).
+# TIMING_PLACEHOLDER
 
 # the weight of [CM] Table 1f's direct saliency loss: [CM 4.1] gives none (ours)
 SALIENCY_LOSS_WEIGHT = 1.0
@@ -864,33 +862,37 @@ def conv_relu_conv(cin, cout, hidden, bias_fill=0.0):
 
 
 def pixel_centers(n, pixel, device):
-    """(n,) float32: the centres (j + 0.5) * pixel of a grid's pixels along one axis, in the boxes' frame."""
+    """(n,) float32: the centres (j + 0.5) * pixel of a grid's pixels along one axis, in the
+    boxes' frame."""
     return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) * pixel
 
 
 def boxes_inside(boxes, out_h, out_w, pixel=1.0):
-    """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4), "closed" (`inside`,
-    section 2): [CM] eq. 1's crop to the box."""
+    """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4),
+    "closed" (`inside`, section 2): [CM] eq. 1's crop to the box."""
     b = boxes.float()
     ys, xs = pixel_centers(out_h, pixel, b.device), pixel_centers(out_w, pixel, b.device)
-    in_y = between(ys[None], b[:, 1:2], b[:, 3:4], "closed")                           # (M, H)
-    in_x = between(xs[None], b[:, 0:1], b[:, 2:3], "closed")                           # (M, W)
+    in_y = between(ys[None], b[:, 1:2], b[:, 3:4], "closed")                     # (M, H)
+    in_x = between(xs[None], b[:, 0:1], b[:, 2:3], "closed")                     # (M, W)
     return in_y[:, :, None] & in_x[:, None, :]
 
 
 def resize_to_boxes(small, boxes, out_h, out_w, pixel=1.0):
-    """[CM 3.1]'s resize of a local shape: M maps (M, s, s) stretched over their boxes (M, 4) xyxy, read at the
-    pixel centres (j + 0.5) * pixel of an (out_h, out_w) grid -> (M, out_h, out_w) fp32. torch's bilinear
-    grid_sample, border-clamped, align_corners=False: a box's edges are the map's outer edges."""
+    """[CM 3.1]'s resize of a local shape: M maps (M, s, s) stretched over their boxes (M, 4) xyxy,
+    read at the pixel centres (j + 0.5) * pixel of an (out_h, out_w) grid -> (M, out_h, out_w)
+    fp32. torch's bilinear grid_sample, border-clamped, align_corners=False: a box's edges are the
+    map's outer edges."""
     b = boxes.float()
-    # every pixel centre in its box's frame, -1 at the box's left / top edge and 1 at its right / bottom edge
-    gx = (pixel_centers(out_w, pixel, b.device)[None] - b[:, 0:1]) / (b[:, 2:3] - b[:, 0:1]) * 2 - 1  # (M, W)
-    gy = (pixel_centers(out_h, pixel, b.device)[None] - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]) * 2 - 1  # (M, H)
+    ys, xs = pixel_centers(out_h, pixel, b.device), pixel_centers(out_w, pixel, b.device)
+    # every pixel centre in its box's frame: -1 at its left / top edge, 1 at its right / bottom
+    gx = (xs[None] - b[:, 0:1]) / (b[:, 2:3] - b[:, 0:1]) * 2 - 1                # (M, W)
+    gy = (ys[None] - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]) * 2 - 1                # (M, H)
     size = (len(b), out_h, out_w)
-    grid = torch.stack([gx[:, None, :].expand(size), gy[:, :, None].expand(size)], -1)  # (M, H, W, 2)
+    grid = torch.stack([gx[:, None, :].expand(size), gy[:, :, None].expand(size)], -1)
     with torch.autocast(small.device.type, enabled=False):
-        resized = F.grid_sample(small[:, None].float(), grid, "bilinear", "border", align_corners=False)
-    return resized[:, 0]                                                               # (M, H, W)
+        resized = F.grid_sample(small[:, None].float(), grid, "bilinear", "border",
+                                align_corners=False)                             # (M, 1, H, W)
+    return resized[:, 0]
 
 
 def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
@@ -918,8 +920,8 @@ def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
     factors in_y (M, out_h, 1), in_x (M, 1, out_w)."""
     wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)  # (M, H, s)
     wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)  # (M, W, s)
-    # fp32 even under autocast: every later step works on it (RESULTS.md, "Numbers behind model.py's
-    # choices")
+    # fp32 even under autocast: every later step works on it (RESULTS.md, "Numbers behind
+    # model.py's choices")
     with torch.autocast(small.device.type, enabled=False):
         values = wy @ small.float() @ wx.transpose(1, 2)                         # (M, H, W)
     if separable:
@@ -935,9 +937,10 @@ def min_size_boxes(center, wh, min_size=1.0):
 
 
 def saliency_targets(pooled, batch, sal_channel, num_images, num_channels):
-    """The target of [CM] Table 1f's saliency loss, the per-channel union of the masks on the output grid: pooled
-    (M, h, w) each mask average-pooled (before the union); batch (M,); sal_channel (M,) (the label, or 0) ->
-    (B, n, h, w), B = num_images, n = num_channels, the max over each image's objects of a channel, else 0."""
+    """The target of [CM] Table 1f's saliency loss, the per-channel union of the masks on the
+    output grid: pooled (M, h, w) each mask average-pooled (before the union); batch (M,);
+    sal_channel (M,) (the label, or 0) -> (B, n, h, w), B = num_images, n = num_channels, the max
+    over each image's objects of a channel, else 0."""
     M, h, w = pooled.shape
     out = torch.zeros(num_images * num_channels, h * w, device=pooled.device, dtype=pooled.dtype)
     row = (batch * num_channels + sal_channel)[:, None].expand(M, h * w)          # (M, h*w) its map
@@ -946,9 +949,9 @@ def saliency_targets(pooled, batch, sal_channel, num_images, num_channels):
 
 
 def topk_peaks(heat, k):
-    """CenterNet's peaks ([CM 3.4-3.5]): the 3x3 max-pool local maxima of the sigmoid heatmap (B, C, h, w),
-    top-k over all classes and positions (no NMS) -> scores, labels, ys, xs, each (B, K), K = min(k, C*h*w),
-    best first."""
+    """CenterNet's peaks ([CM 3.4-3.5]): the 3x3 max-pool local maxima of the sigmoid heatmap
+    (B, C, h, w), top-k over all classes and positions (no NMS) -> scores, labels, ys, xs, each
+    (B, K), K = min(k, C*h*w), best first."""
     B, C, h, w = heat.shape
     peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat)                # keep local maxima
     # reshape, not view: a channels_last map too
@@ -959,8 +962,9 @@ def topk_peaks(heat, k):
 
 
 def mask_log_terms(L=None, G=None):
-    """log M and log(1 - M) of M = sigmoid(L) * sigmoid(G) ([CM] eq. 1), for a stable BCE; L (local shape) or
-    G (saliency) may be None (Table 1c/1d). One branch: logsigmoid(-x); both: log1p(-exp(log M)), clamped."""
+    """log M and log(1 - M) of M = sigmoid(L) * sigmoid(G) ([CM] eq. 1), for a stable BCE; L (local
+    shape) or G (saliency) may be None (Table 1c/1d). One branch: logsigmoid(-x); both:
+    log1p(-exp(log M)), clamped."""
     log_m = sum(F.logsigmoid(x) for x in (L, G) if x is not None)
     if G is None:
         return log_m, F.logsigmoid(-L)
@@ -969,7 +973,8 @@ def mask_log_terms(L=None, G=None):
     return log_m, torch.log1p(-log_m.exp().clamp(max=1 - 1e-6))
 
 
-def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False, fast=False):
+def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False,
+                   fast=False):
     """Local Shape x Global Saliency ([CM 3.3] eq. 1) of M objects on a pixel grid (CenterMask,
     CenterMask-FCOS):
         M = sigmoid(L) * sigmoid(G) * in_box,  L = the S x S shape resized to the box
@@ -987,9 +992,10 @@ def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, l
         return (empty, empty, empty.bool()) if log_space else empty
     if saliency is not None and saliency.shape[-2:] != (gh, gw):
         # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
-        saliency = F.interpolate(saliency.float(), size=(gh, gw), mode="bilinear", align_corners=False)
+        saliency = F.interpolate(saliency.float(), (gh, gw), mode="bilinear", align_corners=False)
     if fast:
-        return assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space)
+        return assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel,
+                                   log_space)
     in_box = boxes_inside(boxes, gh, gw, pixel)                                  # (M, gh, gw)
     L = resize_to_boxes(local, boxes, gh, gw, pixel) if local is not None else None
     G = saliency[batch, sal_channel].float() if saliency is not None else None  # (M, gh, gw)
@@ -1002,15 +1008,16 @@ def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, l
     return masks
 
 
-def assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False):
+def assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel,
+                        log_space=False):
     """`assemble_masks` (the saliency already on the grid), fast: the resize by `stretch_to_boxes`;
     at inference the product in place (no (M, gh, gw) temporaries), the saliency's sigmoid once per
     map, the crop one axis at a time."""
     gh, gw = grid_hw
     if log_space:
         L, in_box = (stretch_to_boxes(local, boxes, gh, gw, pixel) if local is not None
-                     else (None, boxes_inside(boxes, gh, gw, pixel)))                  # (M, gh, gw)
-        G = saliency[batch, sal_channel] if saliency is not None else None              # (M, gh, gw)
+                     else (None, boxes_inside(boxes, gh, gw, pixel)))            # (M, gh, gw)
+        G = saliency[batch, sal_channel] if saliency is not None else None      # (M, gh, gw)
         return (*mask_log_terms(L, G), in_box)
     if local is not None:
         masks, (in_y, in_x) = stretch_to_boxes(local, boxes, gh, gw, pixel, separable=True)
@@ -1020,7 +1027,8 @@ def assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pix
     if saliency is not None:
         sal_prob = saliency.float().sigmoid()                                    # (B, n, gh, gw)
         if bool((batch == batch[0]).all() and (sal_channel == sal_channel[0]).all()):
-            masks.mul_(sal_prob[batch[0], sal_channel[0]])                       # one map: broadcast
+            # one map: broadcast
+            masks.mul_(sal_prob[batch[0], sal_channel[0]])
         else:
             masks.mul_(sal_prob[batch, sal_channel])                             # (M, gh, gw)
     if local is not None:  # zero outside the boxes
@@ -1035,19 +1043,22 @@ def conv3x3_at(conv, feature, batch, ys, xs):
     d = torch.arange(3, device=feature.device)
     rows, cols = ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]
     patch = f[batch[:, None, None], :, rows, cols]                               # (M, 3, 3, C)
-    patch = patch.permute(0, 3, 1, 2).reshape(len(batch), -1)                    # (M, C*9) as conv.weight
+    # (M, C*9), ordered as conv.weight
+    patch = patch.permute(0, 3, 1, 2).reshape(len(batch), -1)
     return F.linear(patch, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (M, out)
 
 
 class CenterMaskHeads(nn.Module):
-    """The five heads of [CM] Fig. 3, each a `conv_relu_conv`, on one stride-4 map: (B, cin, h, w) -> dict
+    """The five heads of [CM] Fig. 3, each a `conv_relu_conv`, on one stride-4 map:
+    (B, cin, h, w) -> dict
         heatmap  (B, C, h, w)      centre points per class, sigmoid ([CM 3.4])
         offset   (B, 2, h, w)      sub-cell centre offset in [0, 1) ([CM] eq. 4)
         size     (B, 2, h, w)      box (w, h) in output pixels ([CM] eq. 5)
-        shape    (B, S*S, h, w)    Local Shape vector, S x S at a centre ([CM 3.1]; module `local_shape`)
+        shape    (B, S*S, h, w)    Local Shape vector, S x S at a centre ([CM 3.1]; `local_shape`)
         saliency (B, 1 or C, h, w) Global Saliency logits ([CM 3.2])
-    A switched-off branch's module is None, its map absent. fast=True (`CenterMask.fast`): no dense "shape" map;
-    the dict carries "features" (B, cin, h, w) instead, and `shape_at` evaluates the head at the cells read."""
+    A switched-off branch's module is None, its map absent. fast=True (`CenterMask.fast`): no dense
+    "shape" map; "features" (B, cin, h, w) instead, and `shape_at` evaluates the head at the cells
+    read."""
 
     def __init__(self, cin, cfg: ModelConfig):
         super().__init__()
@@ -1071,31 +1082,34 @@ class CenterMaskHeads(nn.Module):
         return out
 
     def shape_at(self, out, batch, cells_xy):
-        """Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of the stride-4 map.
-        The dense map read at [b, :, y, x] (`gather_at`) when `out` holds "shape"; else, fast, the same head at
-        those cells alone (`conv3x3_at`, then the 1x1 conv as a matrix product)."""
+        """Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of the
+        stride-4 map. The dense map read at [b, :, y, x] (`gather_at`) when `out` holds "shape";
+        else, fast, the same head at those cells alone (`conv3x3_at`, then the 1x1 conv as a
+        matrix product)."""
         if "shape" in out:
             return gather_at(out["shape"], batch, cells_xy)
-        conv3, _, conv1 = self.local_shape                      # Conv3x3, ReLU, Conv1x1 (`conv_relu_conv`)
+        # Conv3x3, ReLU, Conv1x1 (`conv_relu_conv`)
+        conv3, _, conv1 = self.local_shape
         hidden = F.relu(conv3x3_at(conv3, out["features"], batch, cells_xy[:, 1], cells_xy[:, 0]))
         return F.linear(hidden, conv1.weight.flatten(1), conv1.bias)  # (M, S*S)
 
 
 class CenterMask(Method):
-    """CenterMask ([CM]): CenterNet + Local Shape x Global Saliency, on DLA-34 (one stride-4 map, 64 channels) or
-    Hourglass-104 (a stride-4 map of 256 channels per stack); each map gets its own `CenterMaskHeads`.
-    Mask of object k ([CM] eq. 1): M_k = sigmoid(L_k) * sigmoid(G_k), L_k the S x S local shape resized to its
-    box, G_k the saliency map cropped to it (`assemble_masks`).
+    """CenterMask ([CM]): CenterNet + Local Shape x Global Saliency, on DLA-34 (one stride-4 map,
+    64 channels) or Hourglass-104 (a stride-4 map of 256 channels per stack); each map gets its own
+    `CenterMaskHeads`. Mask of object k ([CM] eq. 1): M_k = sigmoid(L_k) * sigmoid(G_k), L_k the
+    S x S local shape resized to its box, G_k the saliency map cropped to it (`assemble_masks`).
 
-    Training: losses heatmap ([CM] eq. 3), offset (eq. 4), size (eq. 5), mask (eq. 2), optionally saliency
-        (Table 1f); masks assembled at the ground-truth centres and boxes (teacher forcing). With several stacks
-        each named loss, `loss` included, is the average over the stacks' heads (intermediate supervision,
-        CornerNet 3.5; CenterNet's `CtdetLoss`).
-    Inference: the last stack's heads; top 100 peaks, no NMS ([CM 3.5]); masks (K, H, W) probabilities at input
-        resolution (eval.py binarises at `mask_threshold`, 0.4).
-    Deviations and readings (mask loss grid, L1 over 2N, boxes widened to one output pixel, Table 1f's weight,
-    the heads' biases): METHODS.md, CenterMask."""
-    transform = "centernet"                                    # the square canvas of [CN] / [CM 3.5]
+    Training: losses heatmap ([CM] eq. 3), offset (eq. 4), size (eq. 5), mask (eq. 2), optionally
+        saliency (Table 1f); masks assembled at the ground-truth centres and boxes (teacher
+        forcing). With several stacks each named loss, `loss` included, is the average over the
+        stacks' heads (intermediate supervision, CornerNet 3.5; CenterNet's `CtdetLoss`).
+    Inference: the last stack's heads; top 100 peaks, no NMS ([CM 3.5]); masks (K, H, W)
+        probabilities at input resolution (eval.py binarises at `mask_threshold`, 0.4).
+    Deviations and readings (mask loss grid, L1 over 2N, boxes widened to one output pixel, Table
+    1f's weight, the heads' biases): METHODS.md, CenterMask."""
+    # the square canvas of [CN] / [CM 3.5]
+    transform = "centernet"
     # the fast paths (section 7's header): the shape head at the cells read, the resize as matrix
     # products, the inference's product in place
     fast = True
@@ -1103,15 +1117,14 @@ class CenterMask(Method):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # ModelConfig admits 'dla34' and 'hourglass104' for CenterMask
         if cfg.backbone == "dla34":
             self.backbone = DLASeg(cfg.dla_channels, dcn=cfg.dcn)
-        elif cfg.backbone == "hourglass104":
-            self.backbone = Hourglass104(cfg.hg_dims, cfg.hg_modules, cfg.num_stacks)
         else:
-            raise ValueError(f"ModelConfig.backbone: {cfg.backbone!r} is not available for CenterMask "
-                             "(known: 'dla34', 'hourglass104')")
+            self.backbone = Hourglass104(cfg.hg_dims, cfg.hg_modules, cfg.num_stacks)
         self.stride = self.backbone.stride                     # R = 4 ([CM 3.4])
-        self.size_divisibility = self.backbone.size_divisibility  # 32 (DLA-34) or 128 (Hourglass-104)
+        # 32 (DLA-34) or 128 (Hourglass-104)
+        self.size_divisibility = self.backbone.size_divisibility
         num_sets = cfg.num_stacks if cfg.backbone == "hourglass104" else 1
         # one CenterMaskHeads (the five heads of [CM] Fig. 3) per backbone output map
         self.head_sets = nn.ModuleList(CenterMaskHeads(self.backbone.out_channels, cfg)
@@ -1133,17 +1146,18 @@ class CenterMask(Method):
         return [features] if torch.is_tensor(features) else features  # DLA-34 returns one map
 
     def heads(self, images):
-        """`Method.heads`: (B, 3, H, W) -> the last head set's outputs, each (B, ch, H/4, W/4) (the others
-        train)."""
+        """`Method.heads`: (B, 3, H, W) -> the last head set's outputs, each (B, ch, H/4, W/4)
+        (the others train)."""
         return self.head_sets[-1](self.features(images)[-1], self.fast)
 
     def forward(self, images, targets=None, image_sizes=None):
         if not self.training:
             return self.decode(self.heads(images), images.shape[-2:], image_sizes)
         if targets is None:
-            raise ValueError("CenterMask in train mode needs targets (call model.eval() for inference)")
-        # per stack
-        outs = [head_set(p, self.fast) for head_set, p in zip(self.head_sets, self.features(images))]
+            raise ValueError("CenterMask in train mode needs targets (call model.eval() for "
+                             "inference)")
+        features = self.features(images)
+        outs = [head_set(p, self.fast) for head_set, p in zip(self.head_sets, features)]
         # losses in fp32 (bf16/fp16 logs and sums lose precision)
         with torch.autocast(images.device.type, enabled=False):
             per_stack = [self.losses({k: v.float() for k, v in out.items()}, targets, head_set)
@@ -1154,8 +1168,9 @@ class CenterMask(Method):
     # -- mask assembly ([CM 3.3] eq. 1) --------------------------------------------------------
     def assemble(self, out, batch, centers_int, boxes, sal_channel, grid_hw, pixel, log_space=False,
                  head_set=None):
-        """`assemble_masks` of M objects, the shape vectors read at centers_int (M, 2) output cells; boxes
-        (M, 4) xyxy, output units; head_set: the CenterMaskHeads of `out` (default the last stack's)."""
+        """`assemble_masks` of M objects, the shape vectors read at centers_int (M, 2) output cells;
+        boxes (M, 4) xyxy, output units; head_set: the CenterMaskHeads of `out` (default the last
+        stack's)."""
         local = None
         if self.local_shape is not None:
             S = self.cfg.shape_size
@@ -1167,8 +1182,8 @@ class CenterMask(Method):
 
     # -- training -------------------------------------------------------------------------------
     def losses(self, out, targets, head_set=None):
-        """Head outputs (fp32) of `head_set` (default the last) + B target dicts -> dict of weighted scalar
-        losses."""
+        """Head outputs (fp32) of `head_set` (default the last) + B target dicts -> dict of weighted
+        scalar losses."""
         head_set = self.head_sets[-1] if head_set is None else head_set
         B, C, h, w = out["heatmap"].shape
         R = self.stride
@@ -1178,7 +1193,8 @@ class CenterMask(Method):
         c = objs["center_int"]
         objs["center_int"] = torch.stack([c[:, 0].clamp(0, w - 1), c[:, 1].clamp(0, h - 1)], 1)
         lp, loff, lsize, lmask = self.cfg.loss_weights
-        gt_heat = centernet_heatmaps(objs, B, C, h, w)            # min_overlap 0.7, CornerNet's radius
+        # min_overlap 0.7, CornerNet's radius
+        gt_heat = centernet_heatmaps(objs, B, C, h, w)
         # offset target: p/R - floor(p/R) in [0, 1) ([CM] eq. 4)
         gt_offset = objs["center"] - objs["center_int"].float()
         losses = {
@@ -1191,31 +1207,38 @@ class CenterMask(Method):
         # over processes
         num_objects = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)
         if M:
-            gt_masks = batch_masks(targets, h * R, w * R, device)                         # (M, H, W)
-            gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]                   # (M, h, w)
+            gt_masks = batch_masks(targets, h * R, w * R, device)                # (M, H, W)
+            gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]          # (M, h, w)
         if M == 0:
             # keep every mask parameter in the graph (DDP expects a gradient for each)
             keep = [out[k] for k in ("shape", "saliency") if k in out]
-            keep += list(head_set.local_shape.parameters()) if head_set.local_shape is not None else []
+            if head_set.local_shape is not None:
+                keep += list(head_set.local_shape.parameters())
             losses["mask"] = sum(x.sum() * 0 for x in keep)
         else:
             labels = objs["labels"]
             sal_channel = labels if self.cfg.saliency == "specific" else torch.zeros_like(labels)
-            boxes = min_size_boxes(objs["center"], objs["wh"])                            # teacher forcing
-            if self.cfg.mask_loss_grid == "input":   # input pixels (centre (j + 0.5) / R), binary truth
-                grid, pixel, gt = (h * R, w * R), 1.0 / R, gt_masks.float()              # (M, H, W)
-            else:                                    # the stride-R output grid, soft truth
-                grid, pixel, gt = (h, w), 1.0, gt_small                                  # (M, h, w)
-            log_m, log_1m, in_box = self.assemble(out, objs["batch"], objs["center_int"], boxes, sal_channel,
-                                                  grid, pixel, log_space=True, head_set=head_set)
-            bce = -(gt * log_m + (1 - gt) * log_1m)                                      # (M, gh, gw)
+            # teacher forcing
+            boxes = min_size_boxes(objs["center"], objs["wh"])
+            if self.cfg.mask_loss_grid == "input":
+                # input pixels (centre (j + 0.5) / R), binary truth (M, H, W)
+                grid, pixel, gt = (h * R, w * R), 1.0 / R, gt_masks.float()
+            else:
+                # the stride-R output grid, soft truth (M, h, w)
+                grid, pixel, gt = (h, w), 1.0, gt_small
+            log_m, log_1m, in_box = self.assemble(out, objs["batch"], objs["center_int"], boxes,
+                                                  sal_channel, grid, pixel, log_space=True,
+                                                  head_set=head_set)
+            bce = -(gt * log_m + (1 - gt) * log_1m)                              # (M, gh, gw)
             in_box = in_box.float()
-            per_object = (bce * in_box).sum((1, 2)) / in_box.sum((1, 2)).clamp(min=1)     # (M,)
-            losses["mask"] = lmask * per_object.sum() / num_objects                       # [CM] eq. 2
+            per_object = (bce * in_box).sum((1, 2)) / in_box.sum((1, 2)).clamp(min=1)  # (M,)
+            # [CM] eq. 2
+            losses["mask"] = lmask * per_object.sum() / num_objects
         if self.cfg.saliency_loss:
-            # Table 1f ([CM 4.1]): BCE of the class-specific saliency against the per-class union of the masks
+            # Table 1f ([CM 4.1]): BCE of the class-specific saliency against the per-class union
+            # of the masks (B, C, h, w)
             gt_sal = (saliency_targets(gt_small, objs["batch"], objs["labels"], B, C) if M
-                      else torch.zeros(B, C, h, w, device=device))                          # (B, C, h, w)
+                      else torch.zeros(B, C, h, w, device=device))
             losses["saliency"] = SALIENCY_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(
                 out["saliency"], gt_sal)
         losses["loss"] = sum(losses.values())
@@ -1224,22 +1247,24 @@ class CenterMask(Method):
     # -- inference ([CM 3.5]) -------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, out, input_hw, image_sizes=None, k=None):
-        """Heads -> detections ([CM 3.5]): `topk_peaks`, centre = cell + offset, box from the predicted size;
-        masks (K, H, W) probabilities assembled at input resolution. Nothing is clipped, as in CenterNet (no
-        NMS reads the boxes; eval.py clips them to the original image), so image_sizes is not read."""
+        """Heads -> detections ([CM 3.5]): `topk_peaks`, centre = cell + offset, box from the
+        predicted size; masks (K, H, W) probabilities assembled at input resolution. Nothing is
+        clipped, as in CenterNet (no NMS reads the boxes; eval.py clips them to the original
+        image), so image_sizes is not read."""
         k = k or self.cfg.max_detections
         heat = out["heatmap"].float().sigmoid()                              # (B, C, h, w)
         B, C, h, w = heat.shape
         R = self.stride
         scores, labels, ys, xs = topk_peaks(heat, k)                         # (B, K) each
         k = scores.shape[1]
-        batch = image_index([k] * B, heat.device)                           # (B*K,) image of each peak
+        batch = image_index([k] * B, heat.device)                           # (B*K,) their image
         cells = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1)             # (B*K, 2) as (x, y)
         offset = gather_at(out["offset"].float(), batch, cells)              # (B*K, 2)
         wh = gather_at(out["size"].float(), batch, cells).clamp(min=0)       # (B*K, 2)
         center = cells.float() + offset                                      # output frame
         boxes_out = min_size_boxes(center, wh)                               # (B*K, 4) output frame
-        sal_channel = labels.reshape(-1) if self.cfg.saliency == "specific" else torch.zeros_like(batch)
+        specific = self.cfg.saliency == "specific"
+        sal_channel = labels.reshape(-1) if specific else torch.zeros_like(batch)
         H, W = input_hw
         image_box = torch.tensor([W, H, W, H], device=heat.device)
         results = []
@@ -1248,7 +1273,7 @@ class CenterMask(Method):
             masks = self.assemble(out, batch[sl], cells[sl], boxes_out[sl], sal_channel[sl],
                                   (H, W), 1.0 / R)                           # (K, H, W)
             boxes = (boxes_out[sl] * R).clamp(min=0).clamp(max=image_box)
-            results.append({"boxes": boxes, "scores": scores[b], "labels": labels[b], "masks": masks})
+            results.append(dict(boxes=boxes, scores=scores[b], labels=labels[b], masks=masks))
         return results
 
 
