@@ -1864,7 +1864,8 @@ class CenterMaskFCOS(FCOS):
         map read there, or, fast, the head at those locations alone (`conv3x3_at`)."""
         S = self.cfg.shape_size
         if not self.fast:
-            shape = torch.cat([self.local_shape(f).flatten(2) for f in out["box_features"]], 2)  # (B, S*S, P)
+            # the head's dense map over every level's locations (B, S*S, P)
+            shape = torch.cat([self.local_shape(f).flatten(2) for f in out["box_features"]], 2)
             return shape[batch, :, index].float().view(-1, S, S)
         res = torch.zeros(len(batch), S * S, device=batch.device)
         start = 0
@@ -1929,7 +1930,8 @@ class CenterMaskFCOS(FCOS):
             # boxes in P3 units; the input-resolution grid has pixel 1/R of them
             boxes = min_size_boxes((d["boxes"][:, :2] + d["boxes"][:, 2:]) / (2 * R),
                                    (d["boxes"][:, 2:] - d["boxes"][:, :2]) / R, 1.0 / R)
-            d["masks"] = assemble_masks(local, sal, batch, ch, boxes, x.input_hw, 1.0 / R, fast=self.fast)
+            d["masks"] = assemble_masks(local, sal, batch, ch, boxes, x.input_hw, 1.0 / R,
+                                        fast=self.fast)
         return dets
 
 
