@@ -976,8 +976,16 @@ def mask_log_terms(L=None, G=None):
     return log_m, torch.log1p(-log_m.exp().clamp(max=1 - 1e-6))
 
 
-def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False,
-                   fast=False):
+def saliency_on_grid(saliency, grid_hw):
+    """Saliency logits (B, n, h, w) (cell j centred at j + 0.5, output units) resampled onto the
+    grid_hw grid: bilinear, align_corners=False is exact for cell centres. None stays None."""
+    gh, gw = grid_hw
+    if saliency is None or saliency.shape[-2:] == (gh, gw):
+        return saliency
+    return F.interpolate(saliency.float(), (gh, gw), mode="bilinear", align_corners=False)
+
+
+def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False):
     """Local Shape x Global Saliency ([CM 3.3] eq. 1) of M objects on a pixel grid (CenterMask,
     CenterMask-FCOS):
         M = sigmoid(L) * sigmoid(G) * in_box,  L = the S x S shape resized to the box
@@ -988,19 +996,14 @@ def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, l
     the class); boxes (M, 4) xyxy, output units; grid_hw (gh, gw), grid pixel j centred at
     (j + 0.5) * pixel output units (pixel 1: the output grid; 1/R: the input resolution). Returns
     (M, gh, gw) probabilities, or with log_space=True (log M, log(1 - M), in_box (M, gh, gw) bool,
-    "closed") for the loss. fast: the same numbers by `assemble_masks_fast`."""
+    "closed") for the loss. `assemble_masks_fast` gives the same numbers faster."""
     gh, gw = grid_hw
     if len(batch) == 0:
         empty = torch.zeros(0, gh, gw, device=boxes.device)
         return (empty, empty, empty.bool()) if log_space else empty
-    if saliency is not None and saliency.shape[-2:] != (gh, gw):
-        # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
-        saliency = F.interpolate(saliency.float(), (gh, gw), mode="bilinear", align_corners=False)
-    if fast:
-        return assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel,
-                                   log_space)
     in_box = boxes_inside(boxes, gh, gw, pixel)                                  # (M, gh, gw)
     L = resize_to_boxes(local, boxes, gh, gw, pixel) if local is not None else None
+    saliency = saliency_on_grid(saliency, grid_hw)                               # (B, n, gh, gw)
     G = saliency[batch, sal_channel].float() if saliency is not None else None  # (M, gh, gw)
     if log_space:  # eq. 1 in log space for the loss (`mask_log_terms`)
         return (*mask_log_terms(L, G), in_box)
@@ -1013,10 +1016,14 @@ def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, l
 
 def assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel,
                         log_space=False):
-    """`assemble_masks` (the saliency already on the grid), fast: the resize by `stretch_to_boxes`;
-    at inference the product in place (no (M, gh, gw) temporaries), the saliency's sigmoid once per
-    map, the crop one axis at a time."""
+    """`assemble_masks`, fast: the resize by `stretch_to_boxes`; at inference the product in place
+    (no (M, gh, gw) temporaries), the saliency's sigmoid once per map, the crop one axis at a
+    time."""
     gh, gw = grid_hw
+    if len(batch) == 0:
+        empty = torch.zeros(0, gh, gw, device=boxes.device)
+        return (empty, empty, empty.bool()) if log_space else empty
+    saliency = saliency_on_grid(saliency, grid_hw)                               # (B, n, gh, gw)
     if log_space:
         L, in_box = (stretch_to_boxes(local, boxes, gh, gw, pixel) if local is not None
                      else (None, boxes_inside(boxes, gh, gw, pixel)))            # (M, gh, gw)
@@ -1180,8 +1187,9 @@ class CenterMask(Method):
             head_set = self.head_sets[-1] if head_set is None else head_set
             # the vector at each centre, reshaped to S x S
             local = head_set.shape_at(out, batch, centers_int).view(len(batch), S, S)  # (M, S, S)
-        return assemble_masks(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw, pixel,
-                              log_space, self.fast)
+        assemble = assemble_masks_fast if self.fast else assemble_masks
+        return assemble(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw, pixel,
+                        log_space)
 
     # -- training -------------------------------------------------------------------------------
     def losses(self, out, targets, head_set=None):
@@ -1933,8 +1941,8 @@ class CenterMaskFCOS(FCOS):
             # boxes in P3 units; the input-resolution grid has pixel 1/R of them
             boxes = min_size_boxes((d["boxes"][:, :2] + d["boxes"][:, 2:]) / (2 * R),
                                    (d["boxes"][:, 2:] - d["boxes"][:, :2]) / R, 1.0 / R)
-            d["masks"] = assemble_masks(local, sal, batch, ch, boxes, x.input_hw, 1.0 / R,
-                                        fast=self.fast)
+            assemble = assemble_masks_fast if self.fast else assemble_masks
+            d["masks"] = assemble(local, sal, batch, ch, boxes, x.input_hw, 1.0 / R)
         return dets
 
 
