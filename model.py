@@ -841,10 +841,10 @@ def l1_at_centers(pred_map, objs, target):
 # that both give the same numbers): the S^2-channel head evaluated only at the cells read
 # (`CenterMaskHeads.shape_at`, `conv3x3_at`), the resize as two matrix products
 # (`stretch_to_boxes`) and, at inference, the product in place (`assemble_masks_fast`).
-# Measured on the shapes quick-start model (AMD EPYC, fp32, one thread, batch 4 at 128 px), the
-# plain forms take 1.2x the train step (all of it the head's) and 2.0x the inference (the in-place
-# product with the matrix resize; the head alone buys nothing there); on CenterMask-FCOS's shapes
-# config (256 px) 1.2x and 2.1x.
+# Measured on the shapes quick-start model (AMD EPYC, fp32, one thread, batch 4 at 128 px, commit
+# 0f9c987), the plain forms take 1.2x the train step (all of it the head's) and 2.0x the inference
+# (the in-place product with the matrix resize; the head alone buys nothing there); on
+# CenterMask-FCOS's shapes config (256 px) 1.2x and 2.1x.
 
 # the weight of [CM] Table 1f's direct saliency loss: [CM 4.1] gives none (ours)
 SALIENCY_LOSS_WEIGHT = 1.0
