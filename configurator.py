@@ -226,6 +226,7 @@ def config_groups():
         ("every method that segments", MASK_METHODS, None, ("mask_threshold",)),
         ("DLA-34", ("centermask",), "dla34", ("dcn", "dla_channels")),
         ("Hourglass-104", ("centermask",), "hourglass104", ("num_stacks", "hg_dims", "hg_modules")),
+        ("CenterMask: CenterNet's targets and losses", ("centermask",), None, ("mask_loss_grid",)),
         ("Local Shape x Global Saliency", ("centermask", "centermask_fcos"), None,
          ("head_conv", "shape_size", "use_shape", "use_saliency", "saliency", "saliency_loss",
           "loss_weights")),

@@ -79,6 +79,9 @@ class ModelConfig:
     num_stacks: int = 2               # hourglass stacks, each with its own heads (CornerNet 3.5)
     hg_dims: tuple = (256, 256, 384, 384, 384, 512)  # width per level: 5 downsamplings (CornerNet 3.5)
     hg_modules: tuple = (2, 2, 2, 2, 2, 4)  # residual blocks per level; 4 in the middle (CornerNet 3.5)
+    # -- CenterMask: CenterNet's targets and losses ([CN] 3, [CM 3.4]) ---------------------------
+    mask_loss_grid: str = "output"    # grid of CenterMask's mask loss ([CM] eq. 2 gives none): "output" (stride R,
+                                      # ground truth average-pooled) or "input" (input pixels, binary ground truth)
     # -- Local Shape x Global Saliency: CenterMask and CenterMask-FCOS ([CM 3]) -------------------
     head_conv: int = 256              # hidden width of every head ([CN] 4: 256 for DLA and Hourglass)
     shape_size: int = 32              # S: local shape is S x S ([CM 3.5], Table 1a)
@@ -170,7 +173,7 @@ class ModelConfig:
                              ("box_loss", ("giou", "iou")), ("norm", ("frozen_bn", "bn")),
                              ("attention", ("segm", "mu0", "bbox", "none")), ("seg_classes", ("agnostic", "specific")),
                              ("attention_grid", ("p2", "p3")), ("attention_assign", ("pass", "image")),
-                             ("com_assignment", ("mask", "positive")),
+                             ("com_assignment", ("mask", "positive")), ("mask_loss_grid", ("output", "input")),
                              ("score_threshold_on", ("cls", "score")), ("location_offset", ("half", "zero")),
                              ("centerness_on", ("reg", "cls")), ("reg_form", ("relu_stride", "exp")),
                              ("attention_background", ("distractor_only", "own_background"))):
@@ -180,6 +183,9 @@ class ModelConfig:
                                       or self.reg_weights != (1.0, 0.0, 0.0)):
             raise ValueError("ModelConfig: ambiguity='mask', center_sampling_at='mass' and reg_weights need the "
                              "masks: use method='fcosreg' ([IS 3.3])")
+        if self.mask_loss_grid != "output" and self.method != "centermask":
+            raise ValueError(f"ModelConfig.mask_loss_grid={self.mask_loss_grid!r} is CenterMask's (method='centermask'); "
+                             f"{self.method!r} has its own mask loss")
         if self.saliency_loss and self.method not in ("centermask", "centermask_fcos"):
             raise ValueError("ModelConfig.saliency_loss (Table 1f) is CenterMask's (method='centermask' or "
                              "'centermask_fcos')")
@@ -1225,11 +1231,16 @@ class CenterMask(Method):
             sal_channel = labels if self.cfg.saliency == "specific" else torch.zeros_like(labels)
             # teacher forcing
             boxes = min_size_boxes(objs["center"], objs["wh"])
-            # on the stride-R output grid against the soft truth (METHODS.md, CenterMask)
+            if self.cfg.mask_loss_grid == "input":
+                # input pixels (centre (j + 0.5) / R), binary truth (M, H, W)
+                grid, pixel, gt = (h * R, w * R), 1.0 / R, gt_masks.float()
+            else:
+                # the stride-R output grid, soft truth (M, h, w)
+                grid, pixel, gt = (h, w), 1.0, gt_small
             log_m, log_1m, in_box = self.assemble(out, objs["batch"], objs["center_int"], boxes,
-                                                  sal_channel, (h, w), 1.0, log_space=True,
+                                                  sal_channel, grid, pixel, log_space=True,
                                                   head_set=head_set)
-            bce = -(gt_small * log_m + (1 - gt_small) * log_1m)                  # (M, h, w)
+            bce = -(gt * log_m + (1 - gt) * log_1m)                              # (M, gh, gw)
             in_box = in_box.float()
             per_object = (bce * in_box).sum((1, 2)) / in_box.sum((1, 2)).clamp(min=1)  # (M,)
             # [CM] eq. 2

@@ -279,7 +279,7 @@ def synthetic_targets(B, S, num_classes, seed=0):
 # A value of every field other than its default, each one valid on its own (tiny models).
 ALTERNATIVES = dict(
     mask_threshold=0.3, dcn=False, dla_channels=(8, 8, 16, 16, 32, 32), num_stacks=1, hg_dims=(8, 8, 16),
-    hg_modules=(1, 1, 1), saliency_loss=True,
+    hg_modules=(1, 1, 1), mask_loss_grid="input", saliency_loss=True,
     head_conv=16, shape_size=4, use_shape=False, saliency="specific",
     loss_weights=(2.0, 2.0, 0.2, 2.0), pretrained=True, norm="bn", freeze_at=1, fpn_channels=16, head_convs=2,
     centerness_on="cls", reg_form="exp", center_sampling=0.0, box_loss="iou", score_threshold=0.1,

@@ -181,25 +181,29 @@ def test_mask_zero_outside_box():
     assert masks[0, :2, :2].eq(0.25).all() and masks[0, 2:].eq(0).all() and masks[0, :, 2:].eq(0).all()
 
 
-def test_mask_loss_on_the_output_grid():
-    """Guards eq. 2 on the stride-4 output grid. One object, box (0, 0, 8, 8) input px =
+@pytest.mark.parametrize("grid,expected", [("output", 2.93322), ("input", 1.05990)])
+def test_mask_loss_on_output_and_input_grid(grid, expected):
+    """Guards eq. 2 on both grids (`mask_loss_grid`). One object, box (0, 0, 8, 8) input px =
     (0, 0, 2, 2) output units (R = 4), ground truth = input columns 3..7 (every row).
     S = 2 shape logits: column 0 -> -20, column 1 -> +20; saliency logit 0 (sigmoid 0.5), so
     M = 0.5 sigmoid(l) with l the stretched shape logit. BCE(l, t) = -t log M - (1-t) log(1-M).
-    Cell centres x = 0.5, 1.5 sit on the shape cells: l = -20, +20; targets are the 4x4 average
-    pools: 1/4 (one of four columns) and 1.
-    BCE(-20, 1/4) = 1/4 (ln 2 + softplus(20)) + 3/4 * 0 = 5.17329; BCE(20, 1) = ln 2 = 0.69315;
-    mean = 2.93322. (The input-pixel grid of this example: `test_resize_to_boxes_by_hand`.)"""
-    m = CenterMask(tiny_cfg(shape_size=2))
+    output grid: cell centres x = 0.5, 1.5 sit on the shape cells: l = -20, +20; targets are the
+      4x4 average pools: 1/4 (one of four columns) and 1.
+      BCE(-20, 1/4) = 1/4 (ln 2 + softplus(20)) + 3/4 * 0 = 5.17329; BCE(20, 1) = ln 2 = 0.69315;
+      mean = 2.93322.
+    input grid: pixel centres x = (j + 0.5)/4 = .125 ... 1.875; source coordinate
+      u = clamp(x - 0.5, 0, 1) = 0, 0, .125, .375, .625, .875, 1, 1; l = -20 + 40 u =
+      -20, -20, -15, -5, 5, 15, 20, 20; binary targets 0, 0, 0, 1, 1, 1, 1, 1.
+      BCE: ~0, ~0, ~0, ln 2 + softplus(5) = 5.69985, ln 2 + softplus(-5) = 0.69987, ln 2 (x3)
+      = 2.07944; sum 8.47917 / 8 = 1.05990."""
+    m = CenterMask(tiny_cfg(shape_size=2, mask_loss_grid=grid))
     out = {"heatmap": torch.zeros(1, 3, 2, 2), "offset": torch.zeros(1, 2, 2, 2), "size": torch.zeros(1, 2, 2, 2),
            "shape": torch.tensor([-20.0, 20.0, -20.0, 20.0]).view(1, 4, 1, 1).expand(1, 4, 2, 2).contiguous(),
            "saliency": torch.zeros(1, 1, 2, 2)}
     mask = torch.zeros(1, 8, 8, dtype=torch.uint8)
     mask[:, :, 3:] = 1
     target = {"boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]]), "labels": torch.tensor([0]), "masks": mask}
-    for fast in (True, False):
-        m.fast = fast
-        assert m.losses(out, [target])["mask"].item() == pytest.approx(2.93322, abs=1e-4)
+    assert m.losses(out, [target])["mask"].item() == pytest.approx(expected, abs=1e-4)
 
 
 # -- decoding --------------------------------------------------------------------------------
@@ -410,16 +414,19 @@ def test_config_errors():
         ModelConfig(use_shape=False, use_saliency=False)
     with pytest.raises(ValueError, match="method"):
         build_model(ModelConfig(method="yolo"))
+    with pytest.raises(ValueError, match="mask_loss_grid"):
+        ModelConfig(mask_loss_grid="stride2")
+    with pytest.raises(ValueError, match="mask_loss_grid"):
+        ModelConfig(method="maskfcos", backbone="resnet18", mask_loss_grid="input")
 
 
 def test_stretch_to_boxes_equals_grid_sample():
     """Guards the two forms of [CM 3.1]'s resize: `resize_to_boxes` is torch's grid_sample
     (bilinear, border padding, align_corners=False) of the S x S map stretched over each box,
     each pixel centre mapped into its box's [-1, 1]; `stretch_to_boxes` (two matrix products)
-    gives its numbers everywhere, and its in_box (as `boxes_inside`, the plain crop) the pixel
-    centres with |grid| <= 1; for boxes at any sub-pixel position, smaller or larger than S,
-    partly off the grid."""
-    from model import boxes_inside, resize_to_boxes, stretch_to_boxes
+    gives its numbers everywhere, and its in_box the pixel centres with |grid| <= 1; for boxes
+    at any sub-pixel position, smaller or larger than S, partly off the grid."""
+    from model import resize_to_boxes, stretch_to_boxes
     torch.manual_seed(0)
     small = torch.randn(4, 5, 5)
     boxes = torch.tensor([[2.3, 1.7, 9.9, 12.2], [0.0, 0.0, 3.0, 2.0], [-4.0, 5.5, 6.0, 30.0],
@@ -434,24 +441,8 @@ def test_stretch_to_boxes_equals_grid_sample():
                                           align_corners=False)[:, 0]
     ref_inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]
     assert torch.equal(inside, ref_inside) and inside.any((1, 2)).all()
-    assert torch.equal(boxes_inside(boxes, H, W), ref_inside)
     assert torch.allclose(resize_to_boxes(small, boxes, H, W, pixel=1.0), ref, atol=1e-6)
     assert torch.allclose(values, ref, atol=1e-5)
-
-
-def test_resize_to_boxes_by_hand():
-    """Guards the resize's half-pixel convention at input resolution, in both forms, worked by
-    hand: S = 2 shape logits, column 0 -> -20, column 1 -> +20, over the box (0, 0, 2, 2) output
-    units, read at the input pixels of stride R = 4 (pixel 1/4): pixel centres
-    x = (j + 0.5) / 4 = .125 ... 1.875; source coordinate u = clamp(x - 0.5, 0, 1)
-    = 0, 0, .125, .375, .625, .875, 1, 1; the logit -20 + 40 u = -20, -20, -15, -5, 5, 15, 20, 20
-    (every row)."""
-    from model import resize_to_boxes, stretch_to_boxes
-    small = torch.tensor([[[-20.0, 20.0], [-20.0, 20.0]]])
-    box = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
-    expected = torch.tensor([-20.0, -20, -15, -5, 5, 15, 20, 20]).expand(1, 8, 8)
-    assert torch.allclose(resize_to_boxes(small, box, 8, 8, pixel=0.25), expected, atol=1e-5)
-    assert torch.allclose(stretch_to_boxes(small, box, 8, 8, pixel=0.25)[0], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["centermask", "centermask_fcos"])
