@@ -363,6 +363,18 @@ def center_of_mass(masks, boxes=None):
 BN_MOMENTUM = 0.1  # CenterNet's DLA uses PyTorch's default BatchNorm momentum
 
 
+def conv_bn(cin, cout, k=1, stride=1):
+    """k x k conv (no bias, padding k // 2) + BN, as nn.Sequential (indices 0, 1): the 1x1
+    projections of the residuals."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
+                         nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
+
+
+def conv_bn_relu(cin, cout, k, stride=1):
+    """k x k conv (no bias) + BN + ReLU: CenterNet's `convolution` (and DLA-34's first levels)."""
+    return nn.Sequential(*conv_bn(cin, cout, k, stride), nn.ReLU(inplace=True))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual, as ResNet-18/34. (B, Cin, H, W) -> (B, Cout, H/s, W/s)."""
 
@@ -412,14 +424,13 @@ class Tree(nn.Module):
         self.downsample = nn.MaxPool2d(stride, stride) if stride > 1 else None
         # the first block's residual when the width changes; not for deeper Trees, whose first child makes its
         # own (CenterNet builds that one unused; leaving it out spares DDP find_unused_parameters)
-        self.project = (nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
-                                      nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
-                        if cin != cout and levels == 1 else None)
+        self.project = conv_bn(cin, cout) if cin != cout and levels == 1 else None
 
     def forward(self, x, residual=None, children=None):
         children = [] if children is None else children
         bottom = self.downsample(x) if self.downsample is not None else x
-        residual = self.project(bottom) if self.project is not None else bottom  # unused if levels > 1
+        # unused if levels > 1
+        residual = self.project(bottom) if self.project is not None else bottom
         if self.level_root:
             children.append(bottom)
         x1 = self.tree1(x, residual)
@@ -434,26 +445,19 @@ class DLA34(nn.Module):
     """DLA-34 base ([DLA] Table 1): levels (1, 1, 1, 2, 2, 1), BasicBlock.
     (B, 3, H, W) -> list of 6 maps at strides 1, 2, 4, 8, 16, 32 with `channels` widths."""
 
-    def __init__(self, channels=(16, 32, 64, 128, 256, 512), levels=(1, 1, 1, 2, 2, 1)):
+    def __init__(self, channels=(16, 32, 64, 128, 256, 512)):
         super().__init__()
         c = channels
-        self.base_layer = nn.Sequential(nn.Conv2d(3, c[0], 7, 1, 3, bias=False),
-                                        nn.BatchNorm2d(c[0], momentum=BN_MOMENTUM), nn.ReLU(inplace=True))
-        self.level0 = self._conv_level(c[0], c[0], levels[0], stride=1)
-        self.level1 = self._conv_level(c[0], c[1], levels[1], stride=2)
-        self.level2 = Tree(levels[2], c[1], c[2], 2, level_root=False)
-        self.level3 = Tree(levels[3], c[2], c[3], 2, level_root=True)
-        self.level4 = Tree(levels[4], c[3], c[4], 2, level_root=True)
-        self.level5 = Tree(levels[5], c[4], c[5], 2, level_root=True)
+        self.base_layer = conv_bn_relu(3, c[0], 7)
+        # levels 0 and 1: one 3x3 conv each (CenterNet's `_make_conv_level` with 1 conv)
+        self.level0 = conv_bn_relu(c[0], c[0], 3)
+        self.level1 = conv_bn_relu(c[0], c[1], 3, stride=2)
+        # levels 2-5: Trees of depth 1, 2, 2, 1
+        self.level2 = Tree(1, c[1], c[2], 2, level_root=False)
+        self.level3 = Tree(2, c[2], c[3], 2, level_root=True)
+        self.level4 = Tree(2, c[3], c[4], 2, level_root=True)
+        self.level5 = Tree(1, c[4], c[5], 2, level_root=True)
         self.channels = c
-
-    @staticmethod
-    def _conv_level(cin, cout, n, stride):
-        layers = []
-        for i in range(n):
-            layers += [nn.Conv2d(cin if i == 0 else cout, cout, 3, stride if i == 0 else 1, 1, bias=False),
-                       nn.BatchNorm2d(cout, momentum=BN_MOMENTUM), nn.ReLU(inplace=True)]
-        return nn.Sequential(*layers)
 
     def forward(self, x):
         x = self.base_layer(x)                                # (B, 16, H, W)
@@ -464,10 +468,12 @@ class DLA34(nn.Module):
         return levels
 
 
-# NaN or inf offsets send deform_conv2d's sampling outside its input (on the CPU a segfault): DeformConv asserts first
-NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolution of DLA-34 (model.DeformConv): "
-                     "the weights or the activations hold NaN or inf (a corrupt checkpoint, a BatchNorm running_var "
-                     "below 0, a diverged run); stopped before torchvision's deform_conv2d reads outside its input")
+# NaN or inf offsets send deform_conv2d's sampling outside its input (on the CPU a segfault):
+# DeformConv asserts first
+NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolution of DLA-34 "
+                     "(model.DeformConv): the weights or the activations hold NaN or inf (a "
+                     "corrupt checkpoint, a BatchNorm running_var below 0, a diverged run); "
+                     "stopped before torchvision's deform_conv2d reads outside its input")
 
 
 # Where the check runs. On the CPU, torch._assert_async raises at once (RuntimeError(NON_FINITE_DEFORM), which the
@@ -476,13 +482,15 @@ NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolut
 # kernel then reads inside its input) and counts it in `non_finite_deform`, read on the host by
 # `non_finite_deform_count` (train.py, at every log line, evaluation and checkpoint) and `check_deform_finite`.
 HOST_ASSERT_DEVICES = ("cpu",)
-non_finite_deform = {}  # device -> 0-d int64 tensor: the DeformConv forwards that met NaN / inf there
+# device -> 0-d int64 tensor: the DeformConv forwards that met NaN / inf there
+non_finite_deform = {}
 
 
 def non_finite_deform_count(device):
     """How many DeformConv forwards off HOST_ASSERT_DEVICES met NaN / inf offsets: a 0-d int64 tensor on `device`
     (not read here: the caller's host sync reads it)."""
-    return sum((n.to(device) for n in non_finite_deform.values()), torch.zeros((), dtype=torch.long, device=device))
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    return sum((n.to(device) for n in non_finite_deform.values()), zero)
 
 
 def check_deform_finite():
@@ -516,7 +524,8 @@ class DeformConv(nn.Module):
             if om.device.type in HOST_ASSERT_DEVICES:
                 torch._assert_async(finite, NON_FINITE_DEFORM)
             else:
-                count = non_finite_deform.setdefault(om.device, torch.zeros((), dtype=torch.long, device=om.device))
+                zero = torch.zeros((), dtype=torch.long, device=om.device)
+                count = non_finite_deform.setdefault(om.device, zero)
                 count += ~finite
                 om = torch.where(finite, om, torch.zeros_like(om))
             offset, mask = om[:, :18], om[:, 18:].sigmoid()   # (B, 18, H, W), (B, 9, H, W)
@@ -550,7 +559,8 @@ class IDAUp(nn.Module):
             f = int(f)
             self.proj.append(DeformConv(c, cout, dcn))
             # depthwise transposed conv, kernel 2f, stride f: a trainable bilinear x f upsampling
-            up = nn.ConvTranspose2d(cout, cout, f * 2, stride=f, padding=f // 2, groups=cout, bias=False)
+            up = nn.ConvTranspose2d(cout, cout, f * 2, stride=f, padding=f // 2, groups=cout,
+                                    bias=False)
             bilinear_upsample_init(up)
             self.up.append(up)
             self.node.append(DeformConv(cout, cout, dcn))
@@ -573,7 +583,8 @@ class DLAUp(nn.Module):
         self.ida = nn.ModuleList()
         for i in range(len(channels) - 1):
             j = len(channels) - i - 2                          # 2, 1, 0: the level merged into
-            self.ida.append(IDAUp(channels[j], in_channels[j:], [s // scales[j] for s in scales[j:]], dcn))
+            up_factors = [s // scales[j] for s in scales[j:]]
+            self.ida.append(IDAUp(channels[j], in_channels[j:], up_factors, dcn))
             scales[j + 1:] = [scales[j]] * (len(scales) - j - 1)
             in_channels[j + 1:] = [channels[j]] * (len(in_channels) - j - 1)
 
@@ -593,7 +604,8 @@ class DLASeg(nn.Module):
     def __init__(self, channels=(16, 32, 64, 128, 256, 512), dcn=True):
         super().__init__()
         self.base = DLA34(channels)
-        first, last = 2, 5                                     # stride 4 = 2**2 ... stride 32 = 2**5
+        # stride 4 = 2**2 ... stride 32 = 2**5
+        first, last = 2, 5
         c = list(channels[first:])                             # (64, 128, 256, 512)
         self.dla_up = DLAUp(c, [2 ** i for i in range(len(c))], dcn)
         self.ida_up = IDAUp(c[0], c[:last - first], [2 ** i for i in range(last - first)], dcn)
@@ -625,9 +637,7 @@ class Residual(BasicBlock):
 
     def __init__(self, cin, cout, stride=1):
         super().__init__(cin, cout, stride)
-        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                   nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
-                     if stride != 1 or cin != cout else nn.Identity())
+        self.skip = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
 
     def forward(self, x):
         return super().forward(x, residual=self.skip(x))
@@ -657,7 +667,8 @@ class HourglassModule(nn.Module):
         super().__init__()
         cur, nxt = dims[0], dims[1]
         self.up1 = residuals(cur, cur, modules[0])
-        self.low1 = residuals(cur, nxt, modules[0], stride=2)  # strided conv, no max-pool (CornerNet 3.5)
+        # strided conv, no max-pool (CornerNet 3.5)
+        self.low1 = residuals(cur, nxt, modules[0], stride=2)
         self.low2 = (HourglassModule(dims[1:], modules[1:]) if len(dims) > 2
                      else residuals(nxt, nxt, modules[1]))
         self.low3 = residuals_reversed(nxt, cur, modules[0])
@@ -666,12 +677,6 @@ class HourglassModule(nn.Module):
         up1 = self.up1(x)                                      # (B, cur, H, W)
         low = self.low3(self.low2(self.low1(x)))               # (B, cur, H/2, W/2)
         return up1 + F.interpolate(low, scale_factor=2, mode="nearest")  # merge by addition
-
-
-def conv_bn_relu(cin, cout, k, stride=1):
-    """k x k conv (no bias) + BN + ReLU: CenterNet's `convolution`."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
-                         nn.BatchNorm2d(cout, momentum=BN_MOMENTUM), nn.ReLU(inplace=True))
 
 
 class Hourglass104(nn.Module):
@@ -684,20 +689,18 @@ class Hourglass104(nn.Module):
     multiples of `size_divisibility` = 4 * 2**5 = 128. CenterNet's `cnv_dim` (256) and stem width (128) are
     tied to dims[0] and dims[0] / 2 here (equal at full width)."""
 
-    def __init__(self, dims=(256, 256, 384, 384, 384, 512), modules=(2, 2, 2, 2, 2, 4), num_stacks=2):
+    def __init__(self, dims=(256, 256, 384, 384, 384, 512), modules=(2, 2, 2, 2, 2, 4),
+                 num_stacks=2):
         super().__init__()
         c = dims[0]
         self.pre = nn.Sequential(conv_bn_relu(3, c // 2, 7, stride=2),   # (B, 128, H/2, W/2)
                                  Residual(c // 2, c, stride=2))         # (B, 256, H/4, W/4)
         self.hourglasses = nn.ModuleList(HourglassModule(dims, modules) for _ in range(num_stacks))
-        self.convs = nn.ModuleList(conv_bn_relu(c, c, 3) for _ in range(num_stacks))  # CenterNet `cnvs`
+        # CenterNet's `cnvs`
+        self.convs = nn.ModuleList(conv_bn_relu(c, c, 3) for _ in range(num_stacks))
         # between stacks ("inters" above; CenterNet's `inters_`, `cnvs_`, `inters`)
-        self.skip_input = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1, bias=False),
-                                                      nn.BatchNorm2d(c, momentum=BN_MOMENTUM))
-                                        for _ in range(num_stacks - 1))
-        self.skip_features = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1, bias=False),
-                                                         nn.BatchNorm2d(c, momentum=BN_MOMENTUM))
-                                           for _ in range(num_stacks - 1))
+        self.skip_input = nn.ModuleList(conv_bn(c, c) for _ in range(num_stacks - 1))
+        self.skip_features = nn.ModuleList(conv_bn(c, c) for _ in range(num_stacks - 1))
         self.inter = nn.ModuleList(Residual(c, c) for _ in range(num_stacks - 1))
         self.out_channels = c
         self.stride = 4
@@ -707,7 +710,8 @@ class Hourglass104(nn.Module):
         d = self.size_divisibility
         if x.shape[-2] % d or x.shape[-1] % d:
             raise ValueError(f"Hourglass104: input {tuple(x.shape[-2:])} is not a multiple of {d} "
-                             f"(pad the batch to a multiple of size_divisibility, as data.collate_fn does)")
+                             "(pad the batch to a multiple of size_divisibility, as "
+                             "data.collate_fn does)")
         inter = self.pre(x)                                    # (B, 256, H/4, W/4)
         features = []
         for i, (hourglass, conv) in enumerate(zip(self.hourglasses, self.convs)):
@@ -769,7 +773,8 @@ def draw_gaussian(heatmap, center, radius):
     return heatmap
 
 
-def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=0.7, cornernet_bug=True):
+def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=0.7,
+                       cornernet_bug=True):
     """Ground-truth heatmaps of a batch ([CN] 3) from `flatten_targets`' objs: (B, C, H/R, W/R), per class the max of
     every object's Gaussian (`draw_gaussian`, radius max(0, int(gaussian_radius(ceil h, ceil w))))."""
     B = num_images
@@ -826,7 +831,8 @@ def l1_at_centers(pred_map, objs, target):
     as CenterNet's `RegL1Loss` ([CM] writes 1/N; the published lambda_size = 0.1 was tuned with 2N).
     pred_map (B, 2, h, w); target (M, 2). No objects -> 0, in the graph."""
     pred = gather_at(pred_map, objs["batch"], objs["center_int"]).float()   # (M, 2)
-    n = reduce_mean(torch.full((), float(target.numel()), device=pred_map.device))  # every rank joins
+    # every rank joins
+    n = reduce_mean(torch.full((), float(target.numel()), device=pred_map.device))
     if len(target) == 0:
         return pred_map.sum() * 0
     return (pred - target).abs().sum() / (n + 1e-4)
@@ -834,8 +840,20 @@ def l1_at_centers(pred_map, objs, target):
 
 # -----------------------------------------------------------------------------
 # 7. CenterMask ([CM] 3)
+# Eq. 1 in plain sight: the Local Shape head's map holds an S^2 vector at every cell; the vector at
+# an object's centre, reshaped to S x S, is resized to the object's box (`resize_to_boxes`, torch's
+# grid_sample) and multiplied by the Global Saliency map cropped to the box (`assemble_masks`).
+# The fast paths stand beside it, behind one switch, `CenterMask.fast` (True by default; tests check
+# that both give the same numbers): the S^2-channel head evaluated only at the cells read
+# (`CenterMaskHeads.shape_at`, `conv3x3_at`), the resize as two matrix products
+# (`stretch_to_boxes`) and, at inference, the product in place (`assemble_masks_fast`).
+# Measured on the shapes quick-start model (AMD EPYC, fp32, one thread, batch 4 at 128 px, commit
+# 0f9c987), the plain forms take 1.2x the train step (all of it the head's) and 2.0x the inference
+# (the in-place product with the matrix resize; the head alone buys nothing there); on
+# CenterMask-FCOS's shapes config (256 px) 1.2x and 2.1x.
 
-SALIENCY_LOSS_WEIGHT = 1.0  # the weight of [CM] Table 1f's direct saliency loss: [CM 4.1] gives none (ours)
+# the weight of [CM] Table 1f's direct saliency loss: [CM 4.1] gives none (ours)
+SALIENCY_LOSS_WEIGHT = 1.0
 
 
 def conv_relu_conv(cin, cout, hidden, bias_fill=0.0):
@@ -846,16 +864,51 @@ def conv_relu_conv(cin, cout, hidden, bias_fill=0.0):
     return nn.Sequential(nn.Conv2d(cin, hidden, 3, padding=1), nn.ReLU(inplace=True), last)
 
 
+def pixel_centers(n, pixel, device):
+    """(n,) float32: the centres (j + 0.5) * pixel of a grid's pixels along one axis, in the
+    boxes' frame."""
+    return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) * pixel
+
+
+def boxes_inside(boxes, out_h, out_w, pixel=1.0):
+    """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4),
+    "closed" (`inside`, section 2): [CM] eq. 1's crop to the box."""
+    b = boxes.float()
+    ys, xs = pixel_centers(out_h, pixel, b.device), pixel_centers(out_w, pixel, b.device)
+    in_y = between(ys[None], b[:, 1:2], b[:, 3:4], "closed")                     # (M, H)
+    in_x = between(xs[None], b[:, 0:1], b[:, 2:3], "closed")                     # (M, W)
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
+def resize_to_boxes(small, boxes, out_h, out_w, pixel=1.0):
+    """[CM 3.1]'s resize of a local shape: M maps (M, s, s) stretched over their boxes (M, 4) xyxy,
+    read at the pixel centres (j + 0.5) * pixel of an (out_h, out_w) grid -> (M, out_h, out_w)
+    fp32. torch's bilinear grid_sample, border-clamped, align_corners=False: a box's edges are the
+    map's outer edges."""
+    b = boxes.float()
+    ys, xs = pixel_centers(out_h, pixel, b.device), pixel_centers(out_w, pixel, b.device)
+    # every pixel centre in its box's frame: -1 at its left / top edge, 1 at its right / bottom
+    gx = (xs[None] - b[:, 0:1]) / (b[:, 2:3] - b[:, 0:1]) * 2 - 1                # (M, W)
+    gy = (ys[None] - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]) * 2 - 1                # (M, H)
+    size = (len(b), out_h, out_w)
+    grid = torch.stack([gx[:, None, :].expand(size), gy[:, :, None].expand(size)], -1)
+    with torch.autocast(small.device.type, enabled=False):
+        resized = F.grid_sample(small[:, None].float(), grid, "bilinear", "border",
+                                align_corners=False)                             # (M, 1, H, W)
+    return resized[:, 0]
+
+
 def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
-    """1-D bilinear resampling as a matrix: n_in cells stretched over [lo, hi] (M intervals), read at the n_out
-    pixel centres (j + 0.5) * pixel; cell i's centre at lo + (i + 0.5) (hi - lo) / n_in (align_corners=False),
-    clamped at the border: grid_sample's bilinear, border mode. lo, hi (M,) -> weights (M, n_out, n_in) and
-    in_box (M, n_out): lo <= pixel centre <= hi ("closed")."""
-    pos = (torch.arange(n_out, device=lo.device, dtype=torch.float32) + 0.5) * pixel          # (n_out,)
-    lo, hi = lo.float()[:, None], hi.float()[:, None]                                        # (M, 1)
-    u = ((pos[None] - lo) / (hi - lo) * n_in - 0.5).clamp(0, n_in - 1)                       # (M, n_out) source coord
+    """`resize_to_boxes` along one axis, as a matrix: n_in cells stretched over [lo, hi] (M
+    intervals), read at the n_out pixel centres; cell i's centre at lo + (i + 0.5) (hi - lo) / n_in,
+    clamped at the border. lo, hi (M,) -> weights (M, n_out, n_in) and in_box (M, n_out):
+    lo <= pixel centre <= hi ("closed")."""
+    pos = pixel_centers(n_out, pixel, lo.device)                                 # (n_out,)
+    lo, hi = lo.float()[:, None], hi.float()[:, None]                            # (M, 1)
+    # (M, n_out) source coordinate in cells
+    u = ((pos[None] - lo) / (hi - lo) * n_in - 0.5).clamp(0, n_in - 1)
     i0 = u.floor().long().clamp(max=max(n_in - 2, 0))
-    w1 = (u - i0).clamp(max=1.0)                                                             # (M, n_out)
+    w1 = (u - i0).clamp(max=1.0)                                                 # (M, n_out)
     weights = torch.zeros(len(lo), n_out, n_in, device=lo.device)
     weights.scatter_(2, i0[..., None], (1 - w1)[..., None])
     weights.scatter_add_(2, (i0 + 1).clamp(max=n_in - 1)[..., None], w1[..., None])
@@ -863,32 +916,20 @@ def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
 
 
 def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
-    """Stretch M small maps (M, s, s) over their boxes (M, 4) xyxy on an (out_h, out_w) grid whose pixel j has
-    centre (j + 0.5) * pixel in the boxes' frame: bilinear, border-clamped ([CM 3.1]'s resize of a local shape;
-    MaskFCOS's paste). Plain form: F.grid_sample(small[:, None], grid, "bilinear", padding_mode="border",
-    align_corners=False), each pixel centre mapped into its box's [-1, 1] (tests/test_model.py); here two
-    batched matrix products (M, out_h, s) @ (M, s, s) @ (M, s, out_w) (`stretch_weights`). Returns values
-    (M, out_h, out_w) and in_box, the pixel centres in the box ("closed"): bool (M, out_h, out_w), or with
-    separable=True its float factors in_y (M, out_h, 1), in_x (M, 1, out_w)."""
-    wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)       # (M, H, s)
-    wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)       # (M, W, s)
-    # fp32 even under autocast: every later step works on it (RESULTS.md, "Numbers behind model.py's choices")
+    """Fast `resize_to_boxes` (the same numbers up to float rounding; also MaskFCOS's paste): two
+    batched matrix products (M, out_h, s) @ (M, s, s) @ (M, s, out_w) (`stretch_weights`) instead
+    of a grid_sample over a full sampling grid. Returns values (M, out_h, out_w) and in_box, the
+    pixel centres in the box ("closed"): bool (M, out_h, out_w), or with separable=True its float
+    factors in_y (M, out_h, 1), in_x (M, 1, out_w)."""
+    wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)  # (M, H, s)
+    wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)  # (M, W, s)
+    # fp32 even under autocast: every later step works on it (RESULTS.md, "Numbers behind
+    # model.py's choices")
     with torch.autocast(small.device.type, enabled=False):
-        values = wy @ small.float() @ wx.transpose(1, 2)                                     # (M, H, W)
+        values = wy @ small.float() @ wx.transpose(1, 2)                         # (M, H, W)
     if separable:
         return values, (in_y[:, :, None].float(), in_x[:, None, :].float())
     return values, in_y[:, :, None] & in_x[:, None, :]
-
-
-def boxes_inside(boxes, out_h, out_w, pixel=1.0):
-    """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4), "closed" (`inside`,
-    section 2) as `stretch_weights`' in_box."""
-    ys = (torch.arange(out_h, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
-    xs = (torch.arange(out_w, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
-    b = boxes.float()
-    in_y = between(ys[None], b[:, 1:2], b[:, 3:4], "closed")                                  # (M, H)
-    in_x = between(xs[None], b[:, 0:1], b[:, 2:3], "closed")                                  # (M, W)
-    return in_y[:, :, None] & in_x[:, None, :]
 
 
 def min_size_boxes(center, wh, min_size=1.0):
@@ -899,29 +940,34 @@ def min_size_boxes(center, wh, min_size=1.0):
 
 
 def saliency_targets(pooled, batch, sal_channel, num_images, num_channels):
-    """The target of [CM] Table 1f's saliency loss, the per-channel union of the masks on the output grid: pooled
-    (M, h, w) each mask average-pooled (before the union); batch (M,); sal_channel (M,) (the label, or 0) ->
-    (B, n, h, w), B = num_images, n = num_channels, the max over each image's objects of a channel, else 0."""
+    """The target of [CM] Table 1f's saliency loss, the per-channel union of the masks on the
+    output grid: pooled (M, h, w) each mask average-pooled (before the union); batch (M,);
+    sal_channel (M,) (the label, or 0) -> (B, n, h, w), B = num_images, n = num_channels, the max
+    over each image's objects of a channel, else 0."""
     M, h, w = pooled.shape
     out = torch.zeros(num_images * num_channels, h * w, device=pooled.device, dtype=pooled.dtype)
     row = (batch * num_channels + sal_channel)[:, None].expand(M, h * w)          # (M, h*w) its map
-    return out.scatter_reduce_(0, row, pooled.reshape(M, -1), "amax").view(num_images, num_channels, h, w)
+    out.scatter_reduce_(0, row, pooled.reshape(M, -1), "amax")
+    return out.view(num_images, num_channels, h, w)
 
 
 def topk_peaks(heat, k):
-    """CenterNet's peaks ([CM 3.4-3.5]): the 3x3 max-pool local maxima of the sigmoid heatmap (B, C, h, w), top-k
-    over all classes and positions (no NMS) -> scores, labels, ys, xs, each (B, K), K = min(k, C*h*w), best first."""
+    """CenterNet's peaks ([CM 3.4-3.5]): the 3x3 max-pool local maxima of the sigmoid heatmap
+    (B, C, h, w), top-k over all classes and positions (no NMS) -> scores, labels, ys, xs, each
+    (B, K), K = min(k, C*h*w), best first."""
     B, C, h, w = heat.shape
     peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat)                # keep local maxima
-    scores, idx = peaks.reshape(B, -1).topk(min(k, C * h * w))           # (B, K); reshape: a channels_last map too
+    # reshape, not view: a channels_last map too
+    scores, idx = peaks.reshape(B, -1).topk(min(k, C * h * w))           # (B, K)
     labels = idx // (h * w)
     ys, xs = (idx % (h * w)) // w, idx % w                               # (B, K)
     return scores, labels, ys, xs
 
 
 def mask_log_terms(L=None, G=None):
-    """log M and log(1 - M) of M = sigmoid(L) * sigmoid(G) ([CM] eq. 1), for a stable BCE; L (local shape) or
-    G (saliency) may be None (Table 1c/1d). One branch: logsigmoid(-x); both: log1p(-exp(log M)), clamped."""
+    """log M and log(1 - M) of M = sigmoid(L) * sigmoid(G) ([CM] eq. 1), for a stable BCE; L (local
+    shape) or G (saliency) may be None (Table 1c/1d). One branch: logsigmoid(-x); both:
+    log1p(-exp(log M)), clamped."""
     log_m = sum(F.logsigmoid(x) for x in (L, G) if x is not None)
     if G is None:
         return log_m, F.logsigmoid(-L)
@@ -930,30 +976,59 @@ def mask_log_terms(L=None, G=None):
     return log_m, torch.log1p(-log_m.exp().clamp(max=1 - 1e-6))
 
 
-def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False):
-    """Local Shape x Global Saliency ([CM 3.3] eq. 1) of M objects on a pixel grid (CenterMask, CenterMask-FCOS):
-        M = sigmoid(L) * sigmoid(G) * in_box,  L = the S x S shape stretched over the box (`stretch_to_boxes`,
-            [CM 3.1]), G = saliency[batch, sal_channel] resampled bilinearly onto the grid ([CM 3.2])
-    local (M, S, S) logits or None (saliency only, Table 1c); saliency (B, n, h, w) logits (cell j centred at
-    j + 0.5, output units) or None (shape only, Table 1d); batch, sal_channel (M,) (0 or the class); boxes (M, 4)
-    xyxy, output units; grid_hw (gh, gw), grid pixel j centred at (j + 0.5) * pixel output units (pixel 1: the
-    output grid; 1/R: the input resolution). Returns (M, gh, gw) probabilities, or with log_space=True (log M,
-    log(1 - M), in_box (M, gh, gw) bool, "closed") for the loss. Inference computes the same in place."""
-    M = len(batch)
+def saliency_on_grid(saliency, grid_hw):
+    """Saliency logits (B, n, h, w) (cell j centred at j + 0.5, output units) resampled onto the
+    grid_hw grid: bilinear, align_corners=False is exact for cell centres. None stays None."""
     gh, gw = grid_hw
-    if M == 0:
+    if saliency is None or saliency.shape[-2:] == (gh, gw):
+        return saliency
+    return F.interpolate(saliency.float(), (gh, gw), mode="bilinear", align_corners=False)
+
+
+def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False):
+    """Local Shape x Global Saliency ([CM 3.3] eq. 1) of M objects on a pixel grid (CenterMask,
+    CenterMask-FCOS):
+        M = sigmoid(L) * sigmoid(G) * in_box,  L = the S x S shape resized to the box
+            (`resize_to_boxes`, [CM 3.1]), G = saliency[batch, sal_channel] resampled bilinearly
+            onto the grid ([CM 3.2]), in_box the crop to the box (`boxes_inside`)
+    local (M, S, S) logits or None (saliency only, Table 1c); saliency (B, n, h, w) logits (cell j
+    centred at j + 0.5, output units) or None (shape only, Table 1d); batch, sal_channel (M,) (0 or
+    the class); boxes (M, 4) xyxy, output units; grid_hw (gh, gw), grid pixel j centred at
+    (j + 0.5) * pixel output units (pixel 1: the output grid; 1/R: the input resolution). Returns
+    (M, gh, gw) probabilities, or with log_space=True (log M, log(1 - M), in_box (M, gh, gw) bool,
+    "closed") for the loss. `assemble_masks_fast` gives the same numbers faster."""
+    gh, gw = grid_hw
+    if len(batch) == 0:
         empty = torch.zeros(0, gh, gw, device=boxes.device)
         return (empty, empty, empty.bool()) if log_space else empty
-    if saliency is not None and saliency.shape[-2:] != (gh, gw):
-        # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
-        saliency = F.interpolate(saliency.float(), size=(gh, gw), mode="bilinear", align_corners=False)
-    if log_space:  # eq. 1 as written, in log space for the loss (`mask_log_terms`)
+    in_box = boxes_inside(boxes, gh, gw, pixel)                                  # (M, gh, gw)
+    L = resize_to_boxes(local, boxes, gh, gw, pixel) if local is not None else None
+    saliency = saliency_on_grid(saliency, grid_hw)                               # (B, n, gh, gw)
+    G = saliency[batch, sal_channel].float() if saliency is not None else None  # (M, gh, gw)
+    if log_space:  # eq. 1 in log space for the loss (`mask_log_terms`)
+        return (*mask_log_terms(L, G), in_box)
+    masks = in_box.float()
+    for logits in (L, G):
+        if logits is not None:
+            masks = masks * logits.sigmoid()
+    return masks
+
+
+def assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel,
+                        log_space=False):
+    """`assemble_masks`, fast: the resize by `stretch_to_boxes`; at inference the product in place
+    (no (M, gh, gw) temporaries), the saliency's sigmoid once per map, the crop one axis at a
+    time."""
+    gh, gw = grid_hw
+    if len(batch) == 0:
+        empty = torch.zeros(0, gh, gw, device=boxes.device)
+        return (empty, empty, empty.bool()) if log_space else empty
+    saliency = saliency_on_grid(saliency, grid_hw)                               # (B, n, gh, gw)
+    if log_space:
         L, in_box = (stretch_to_boxes(local, boxes, gh, gw, pixel) if local is not None
-                     else (None, boxes_inside(boxes, gh, gw, pixel)))                  # (M, gh, gw)
-        G = saliency[batch, sal_channel] if saliency is not None else None              # (M, gh, gw)
-        log_m, log_1m = mask_log_terms(L, G)
-        return log_m, log_1m, in_box
-    # inference: the same product in place, no (M, gh, gw) temporaries; the box crop one axis at a time
+                     else (None, boxes_inside(boxes, gh, gw, pixel)))            # (M, gh, gw)
+        G = saliency[batch, sal_channel] if saliency is not None else None      # (M, gh, gw)
+        return (*mask_log_terms(L, G), in_box)
     if local is not None:
         masks, (in_y, in_x) = stretch_to_boxes(local, boxes, gh, gw, pixel, separable=True)
         masks.sigmoid_()                                                         # (M, gh, gw)
@@ -962,34 +1037,38 @@ def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, l
     if saliency is not None:
         sal_prob = saliency.float().sigmoid()                                    # (B, n, gh, gw)
         if bool((batch == batch[0]).all() and (sal_channel == sal_channel[0]).all()):
-            masks.mul_(sal_prob[batch[0], sal_channel[0]])                          # one map: broadcast
+            # one map: broadcast
+            masks.mul_(sal_prob[batch[0], sal_channel[0]])
         else:
-            masks.mul_(sal_prob[batch, sal_channel])                                # (M, gh, gw)
+            masks.mul_(sal_prob[batch, sal_channel])                             # (M, gh, gw)
     if local is not None:  # zero outside the boxes
         masks.mul_(in_y).mul_(in_x)
     return masks
 
 
 def conv3x3_at(conv, feature, batch, ys, xs):
-    """conv(feature)[batch, :, ys, xs] of a 3x3 conv (stride 1, padding 1) at M cells only: feature (B, C, h, w),
-    batch, ys, xs (M,) -> (M, out). For the S^2-channel shape heads, read at centres, positives or detections."""
+    """conv(feature)[batch, :, ys, xs] of a 3x3 conv (stride 1, padding 1) at M cells only: feature
+    (B, C, h, w), batch, ys, xs (M,) -> (M, out). The fast path of the S^2-channel shape heads."""
     f = F.pad(feature, (1, 1, 1, 1))                                             # (B, C, h+2, w+2)
     d = torch.arange(3, device=feature.device)
-    patch = f[batch[:, None, None], :, ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]]
-    patch = patch.permute(0, 3, 1, 2).reshape(len(batch), -1)                    # (M, C*9) as conv.weight
+    rows, cols = ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]
+    patch = f[batch[:, None, None], :, rows, cols]                               # (M, 3, 3, C)
+    # (M, C*9), ordered as conv.weight
+    patch = patch.permute(0, 3, 1, 2).reshape(len(batch), -1)
     return F.linear(patch, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (M, out)
 
 
 class CenterMaskHeads(nn.Module):
-    """The five heads of [CM] Fig. 3, each a `conv_relu_conv`, on one stride-4 map: (B, cin, h, w) -> dict
+    """The five heads of [CM] Fig. 3, each a `conv_relu_conv`, on one stride-4 map:
+    (B, cin, h, w) -> dict
         heatmap  (B, C, h, w)      centre points per class, sigmoid ([CM 3.4])
         offset   (B, 2, h, w)      sub-cell centre offset in [0, 1) ([CM] eq. 4)
         size     (B, 2, h, w)      box (w, h) in output pixels ([CM] eq. 5)
-        shape    (B, S*S, h, w)    Local Shape vector, S x S at a centre ([CM 3.1]; module `local_shape`)
+        shape    (B, S*S, h, w)    Local Shape vector, S x S at a centre ([CM 3.1]; `local_shape`)
         saliency (B, 1 or C, h, w) Global Saliency logits ([CM 3.2])
-    A switched-off branch's module is None, its map absent. The shape vector is read at a few cells only, so the
-    dict carries "features" (B, cin, h, w) instead and `shape_at` evaluates the head there (RESULTS.md, "Numbers
-    behind model.py's choices"); dense_shape=True gives the dense "shape" map."""
+    A switched-off branch's module is None, its map absent. fast=True (`CenterMask.fast`): no dense
+    "shape" map; "features" (B, cin, h, w) instead, and `shape_at` evaluates the head at the cells
+    read."""
 
     def __init__(self, cin, cfg: ModelConfig):
         super().__init__()
@@ -1002,62 +1081,66 @@ class CenterMaskHeads(nn.Module):
         n_sal = 1 if cfg.saliency == "agnostic" else C
         self.saliency = conv_relu_conv(cin, n_sal, hc) if cfg.use_saliency else None
 
-    def forward(self, p, dense_shape=False):
+    def forward(self, p, fast=False):
         out = {"heatmap": self.heatmap(p), "offset": self.offset(p), "size": self.size(p)}
-        if self.local_shape is not None:
-            if dense_shape:
-                out["shape"] = self.local_shape(p)             # (B, S*S, h, w)
-            else:
-                out["features"] = p                            # (B, cin, h, w), read by shape_at
+        if self.local_shape is not None and fast:
+            out["features"] = p                                # (B, cin, h, w), read by shape_at
+        elif self.local_shape is not None:
+            out["shape"] = self.local_shape(p)                 # (B, S*S, h, w)
         if self.saliency is not None:
             out["saliency"] = self.saliency(p)                 # (B, 1 or C, h, w)
         return out
 
     def shape_at(self, out, batch, cells_xy):
-        """Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of the stride-4 map. Plain
-        form: the dense map read at [b, :, y, x] (`gather_at`, when `out` holds "shape"); else the same head at
-        those cells alone (`conv3x3_at`, then the 1x1 conv as a matrix product)."""
+        """Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of the
+        stride-4 map. The dense map read at [b, :, y, x] (`gather_at`) when `out` holds "shape";
+        else, fast, the same head at those cells alone (`conv3x3_at`, then the 1x1 conv as a
+        matrix product)."""
         if "shape" in out:
             return gather_at(out["shape"], batch, cells_xy)
-        conv3, _, conv1 = self.local_shape                      # Conv3x3, ReLU, Conv1x1 (`conv_relu_conv`)
+        # Conv3x3, ReLU, Conv1x1 (`conv_relu_conv`)
+        conv3, _, conv1 = self.local_shape
         hidden = F.relu(conv3x3_at(conv3, out["features"], batch, cells_xy[:, 1], cells_xy[:, 0]))
         return F.linear(hidden, conv1.weight.flatten(1), conv1.bias)  # (M, S*S)
 
 
 class CenterMask(Method):
-    """CenterMask ([CM]): CenterNet + Local Shape x Global Saliency, on DLA-34 (one stride-4 map, 64 channels) or
-    Hourglass-104 (a stride-4 map of 256 channels per stack); each map gets its own `CenterMaskHeads`.
-    Mask of object k ([CM] eq. 1): M_k = sigmoid(L_k) * sigmoid(G_k), L_k the S x S local shape resized to its
-    box, G_k the saliency map cropped to it (`assemble_masks`).
+    """CenterMask ([CM]): CenterNet + Local Shape x Global Saliency, on DLA-34 (one stride-4 map,
+    64 channels) or Hourglass-104 (a stride-4 map of 256 channels per stack); each map gets its own
+    `CenterMaskHeads`. Mask of object k ([CM] eq. 1): M_k = sigmoid(L_k) * sigmoid(G_k), L_k the
+    S x S local shape resized to its box, G_k the saliency map cropped to it (`assemble_masks`).
 
-    Training: losses heatmap ([CM] eq. 3), offset (eq. 4), size (eq. 5), mask (eq. 2), optionally saliency
-        (Table 1f); masks assembled at the ground-truth centres and boxes (teacher forcing). With several stacks
-        each named loss, `loss` included, is the average over the stacks' heads (intermediate supervision,
-        CornerNet 3.5; CenterNet's `CtdetLoss`).
-    Inference: the last stack's heads; top 100 peaks, no NMS ([CM 3.5]); masks (K, H, W) probabilities at input
-        resolution (eval.py binarises at `mask_threshold`, 0.4).
-    Deviations and readings (mask loss grid, L1 over 2N, boxes widened to one output pixel, Table 1f's weight,
-    the heads' biases): METHODS.md, CenterMask."""
-    transform = "centernet"                                    # the square canvas of [CN] / [CM 3.5]
+    Training: losses heatmap ([CM] eq. 3), offset (eq. 4), size (eq. 5), mask (eq. 2), optionally
+        saliency (Table 1f); masks assembled at the ground-truth centres and boxes (teacher
+        forcing). With several stacks each named loss, `loss` included, is the average over the
+        stacks' heads (intermediate supervision, CornerNet 3.5; CenterNet's `CtdetLoss`).
+    Inference: the last stack's heads; top 100 peaks, no NMS ([CM 3.5]); masks (K, H, W)
+        probabilities at input resolution (eval.py binarises at `mask_threshold`, 0.4).
+    Deviations and readings (mask loss grid, L1 over 2N, boxes widened to one output pixel, Table
+    1f's weight, the heads' biases): METHODS.md, CenterMask."""
+    # the square canvas of [CN] / [CM 3.5]
+    transform = "centernet"
+    # the fast paths (section 7's header): the shape head at the cells read, the resize as matrix
+    # products, the inference's product in place
+    fast = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # ModelConfig admits 'dla34' and 'hourglass104' for CenterMask
         if cfg.backbone == "dla34":
             self.backbone = DLASeg(cfg.dla_channels, dcn=cfg.dcn)
-        elif cfg.backbone == "hourglass104":
-            self.backbone = Hourglass104(cfg.hg_dims, cfg.hg_modules, cfg.num_stacks)
         else:
-            raise ValueError(f"ModelConfig.backbone: {cfg.backbone!r} is not available for CenterMask "
-                             "(known: 'dla34', 'hourglass104')")
+            self.backbone = Hourglass104(cfg.hg_dims, cfg.hg_modules, cfg.num_stacks)
         self.stride = self.backbone.stride                     # R = 4 ([CM 3.4])
-        self.size_divisibility = self.backbone.size_divisibility  # 32 (DLA-34) or 128 (Hourglass-104)
+        # 32 (DLA-34) or 128 (Hourglass-104)
+        self.size_divisibility = self.backbone.size_divisibility
         num_sets = cfg.num_stacks if cfg.backbone == "hourglass104" else 1
         # one CenterMaskHeads (the five heads of [CM] Fig. 3) per backbone output map
         self.head_sets = nn.ModuleList(CenterMaskHeads(self.backbone.out_channels, cfg)
                                        for _ in range(num_sets))
 
-    # The branches in use, read by `assemble` (None when switched off: Table 1c/1d ablations).
+    # The branches in use (None when switched off: Table 1c/1d ablations).
     @property
     def local_shape(self):
         return self.head_sets[-1].local_shape
@@ -1073,35 +1156,45 @@ class CenterMask(Method):
         return [features] if torch.is_tensor(features) else features  # DLA-34 returns one map
 
     def heads(self, images):
-        """`Method.heads`: (B, 3, H, W) -> the last head set's outputs, each (B, ch, H/4, W/4) (the others train)."""
-        return self.head_sets[-1](self.features(images)[-1])
+        """`Method.heads`: (B, 3, H, W) -> the last head set's outputs, each (B, ch, H/4, W/4)
+        (the others train)."""
+        return self.head_sets[-1](self.features(images)[-1], self.fast)
 
     def forward(self, images, targets=None, image_sizes=None):
         if not self.training:
             return self.decode(self.heads(images), images.shape[-2:], image_sizes)
         if targets is None:
-            raise ValueError("CenterMask in train mode needs targets (call model.eval() for inference)")
-        outs = [head_set(p) for head_set, p in zip(self.head_sets, self.features(images))]  # per stack
-        with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (bf16/fp16 logs and sums lose precision)
+            raise ValueError("CenterMask in train mode needs targets (call model.eval() for "
+                             "inference)")
+        features = self.features(images)
+        outs = [head_set(p, self.fast) for head_set, p in zip(self.head_sets, features)]
+        # losses in fp32 (bf16/fp16 logs and sums lose precision)
+        with torch.autocast(images.device.type, enabled=False):
             per_stack = [self.losses({k: v.float() for k, v in out.items()}, targets, head_set)
                          for out, head_set in zip(outs, self.head_sets)]
         # intermediate supervision: every stack's losses, averaged (one stack: unchanged)
         return {k: sum(losses[k] for losses in per_stack) / len(per_stack) for k in per_stack[0]}
 
     # -- mask assembly ([CM 3.3] eq. 1) --------------------------------------------------------
-    def assemble(self, out, batch, centers_int, boxes, sal_channel, grid_hw, pixel, log_space=False, head_set=None):
-        """`assemble_masks` of M objects, the shape vectors read at centers_int (M, 2) output cells; boxes (M, 4)
-        xyxy, output units; head_set: the CenterMaskHeads of `out` (default the last stack's)."""
+    def assemble(self, out, batch, centers_int, boxes, sal_channel, grid_hw, pixel, log_space=False,
+                 head_set=None):
+        """`assemble_masks` of M objects, the shape vectors read at centers_int (M, 2) output cells;
+        boxes (M, 4) xyxy, output units; head_set: the CenterMaskHeads of `out` (default the last
+        stack's)."""
         local = None
         if self.local_shape is not None:
             S = self.cfg.shape_size
             head_set = self.head_sets[-1] if head_set is None else head_set
+            # the vector at each centre, reshaped to S x S
             local = head_set.shape_at(out, batch, centers_int).view(len(batch), S, S)  # (M, S, S)
-        return assemble_masks(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw, pixel, log_space)
+        assemble = assemble_masks_fast if self.fast else assemble_masks
+        return assemble(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw, pixel,
+                        log_space)
 
     # -- training -------------------------------------------------------------------------------
     def losses(self, out, targets, head_set=None):
-        """Head outputs (fp32) of `head_set` (default the last) + B target dicts -> dict of weighted scalar losses."""
+        """Head outputs (fp32) of `head_set` (default the last) + B target dicts -> dict of weighted
+        scalar losses."""
         head_set = self.head_sets[-1] if head_set is None else head_set
         B, C, h, w = out["heatmap"].shape
         R = self.stride
@@ -1111,41 +1204,52 @@ class CenterMask(Method):
         c = objs["center_int"]
         objs["center_int"] = torch.stack([c[:, 0].clamp(0, w - 1), c[:, 1].clamp(0, h - 1)], 1)
         lp, loff, lsize, lmask = self.cfg.loss_weights
-        gt_heat = centernet_heatmaps(objs, B, C, h, w)                      # min_overlap 0.7, CornerNet's radius
+        # min_overlap 0.7, CornerNet's radius
+        gt_heat = centernet_heatmaps(objs, B, C, h, w)
+        # offset target: p/R - floor(p/R) in [0, 1) ([CM] eq. 4)
+        gt_offset = objs["center"] - objs["center_int"].float()
         losses = {
             "heatmap": lp * centernet_focal_loss(out["heatmap"], gt_heat),
-            # offset target: p/R - floor(p/R) in [0, 1) ([CM] eq. 4)
-            "offset": loff * l1_at_centers(out["offset"], objs, objs["center"] - objs["center_int"].float()),
+            "offset": loff * l1_at_centers(out["offset"], objs, gt_offset),
             "size": lsize * l1_at_centers(out["size"], objs, objs["wh"]),
         }
         # ground-truth masks average-pooled to the stride-4 grid: soft targets in [0, 1]
         M = len(objs["labels"])
-        num_objects = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)  # over processes
+        # over processes
+        num_objects = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)
         if M:
-            gt_masks = batch_masks(targets, h * R, w * R, device)                         # (M, H, W)
-            gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]                   # (M, h, w)
+            gt_masks = batch_masks(targets, h * R, w * R, device)                # (M, H, W)
+            gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]          # (M, h, w)
         if M == 0:
             # keep every mask parameter in the graph (DDP expects a gradient for each)
             keep = [out[k] for k in ("shape", "saliency") if k in out]
-            keep += list(head_set.local_shape.parameters()) if head_set.local_shape is not None else []
+            if head_set.local_shape is not None:
+                keep += list(head_set.local_shape.parameters())
             losses["mask"] = sum(x.sum() * 0 for x in keep)
         else:
-            sal_channel = objs["labels"] if self.cfg.saliency == "specific" else torch.zeros_like(objs["labels"])
-            boxes = min_size_boxes(objs["center"], objs["wh"])                            # teacher forcing
-            if self.cfg.mask_loss_grid == "input":   # input pixels (centre (j + 0.5) / R), binary truth
-                grid, pixel, gt = (h * R, w * R), 1.0 / R, gt_masks.float()              # (M, H, W)
-            else:                                    # the stride-R output grid, soft truth
-                grid, pixel, gt = (h, w), 1.0, gt_small                                  # (M, h, w)
+            labels = objs["labels"]
+            sal_channel = labels if self.cfg.saliency == "specific" else torch.zeros_like(labels)
+            # teacher forcing
+            boxes = min_size_boxes(objs["center"], objs["wh"])
+            if self.cfg.mask_loss_grid == "input":
+                # input pixels (centre (j + 0.5) / R), binary truth (M, H, W)
+                grid, pixel, gt = (h * R, w * R), 1.0 / R, gt_masks.float()
+            else:
+                # the stride-R output grid, soft truth (M, h, w)
+                grid, pixel, gt = (h, w), 1.0, gt_small
             log_m, log_1m, in_box = self.assemble(out, objs["batch"], objs["center_int"], boxes,
-                                                  sal_channel, grid, pixel, log_space=True, head_set=head_set)
-            bce = -(gt * log_m + (1 - gt) * log_1m)                                      # (M, gh, gw)
+                                                  sal_channel, grid, pixel, log_space=True,
+                                                  head_set=head_set)
+            bce = -(gt * log_m + (1 - gt) * log_1m)                              # (M, gh, gw)
             in_box = in_box.float()
-            per_object = (bce * in_box).sum((1, 2)) / in_box.sum((1, 2)).clamp(min=1)     # (M,)
-            losses["mask"] = lmask * per_object.sum() / num_objects                       # [CM] eq. 2
+            per_object = (bce * in_box).sum((1, 2)) / in_box.sum((1, 2)).clamp(min=1)  # (M,)
+            # [CM] eq. 2
+            losses["mask"] = lmask * per_object.sum() / num_objects
         if self.cfg.saliency_loss:
-            # Table 1f ([CM 4.1]): BCE of the class-specific saliency against the per-class union of the masks
+            # Table 1f ([CM 4.1]): BCE of the class-specific saliency against the per-class union
+            # of the masks (B, C, h, w)
             gt_sal = (saliency_targets(gt_small, objs["batch"], objs["labels"], B, C) if M
-                      else torch.zeros(B, C, h, w, device=device))                          # (B, C, h, w)
+                      else torch.zeros(B, C, h, w, device=device))
             losses["saliency"] = SALIENCY_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(
                 out["saliency"], gt_sal)
         losses["loss"] = sum(losses.values())
@@ -1154,30 +1258,33 @@ class CenterMask(Method):
     # -- inference ([CM 3.5]) -------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, out, input_hw, image_sizes=None, k=None):
-        """Heads -> detections ([CM 3.5]): `topk_peaks`, centre = cell + offset, box from the predicted size;
-        masks (K, H, W) probabilities assembled at input resolution. Nothing is clipped, as in CenterNet (no NMS
-        reads the boxes; eval.py clips them to the original image), so image_sizes is not read."""
+        """Heads -> detections ([CM 3.5]): `topk_peaks`, centre = cell + offset, box from the
+        predicted size; masks (K, H, W) probabilities assembled at input resolution. Nothing is
+        clipped, as in CenterNet (no NMS reads the boxes; eval.py clips them to the original
+        image), so image_sizes is not read."""
         k = k or self.cfg.max_detections
         heat = out["heatmap"].float().sigmoid()                              # (B, C, h, w)
         B, C, h, w = heat.shape
         R = self.stride
         scores, labels, ys, xs = topk_peaks(heat, k)                         # (B, K) each
         k = scores.shape[1]
-        batch = image_index([k] * B, heat.device)                           # (B*K,) image of each peak
+        batch = image_index([k] * B, heat.device)                           # (B*K,) their image
         cells = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1)             # (B*K, 2) as (x, y)
         offset = gather_at(out["offset"].float(), batch, cells)              # (B*K, 2)
         wh = gather_at(out["size"].float(), batch, cells).clamp(min=0)       # (B*K, 2)
         center = cells.float() + offset                                      # output frame
         boxes_out = min_size_boxes(center, wh)                               # (B*K, 4) output frame
-        sal_channel = labels.reshape(-1) if self.cfg.saliency == "specific" else torch.zeros_like(batch)
+        specific = self.cfg.saliency == "specific"
+        sal_channel = labels.reshape(-1) if specific else torch.zeros_like(batch)
         H, W = input_hw
+        image_box = torch.tensor([W, H, W, H], device=heat.device)
         results = []
         for b in range(B):  # one image at a time bounds the (K, H, W) memory
             sl = slice(b * k, (b + 1) * k)
             masks = self.assemble(out, batch[sl], cells[sl], boxes_out[sl], sal_channel[sl],
                                   (H, W), 1.0 / R)                           # (K, H, W)
-            results.append({"boxes": (boxes_out[sl] * R).clamp(min=0).clamp(max=torch.tensor([W, H, W, H], device=heat.device)),
-                            "scores": scores[b], "labels": labels[b], "masks": masks})
+            boxes = (boxes_out[sl] * R).clamp(min=0).clamp(max=image_box)
+            results.append(dict(boxes=boxes, scores=scores[b], labels=labels[b], masks=masks))
         return results
 
 
@@ -1810,6 +1917,9 @@ class CenterMaskFCOS(FCOS):
     `assemble_masks`). Training: every positive with its ground-truth box (teacher forcing), on the box's S x S
     grid against the RoIAlign of its mask (`mask_targets`); mean BCE ([CM] eq. 2). Inference: each detection's
     own location's shape vector, at input resolution. Readings ([CM 4.3] gives no layers): METHODS.md, FCOS family."""
+    # CenterMask's fast paths (section 7): the shape head at the locations read, the resize as
+    # matrix products, the inference's product in place
+    fast = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -1822,8 +1932,13 @@ class CenterMaskFCOS(FCOS):
         self.saliency = conv_relu_conv(c, n_sal, cfg.head_conv) if cfg.use_saliency else None
 
     def local_shapes(self, out, batch, index):
-        """Shape logits (M, S, S) of M flat locations (batch, index) of the box-tower maps (`conv3x3_at`)."""
+        """Shape logits (M, S, S) of M flat locations (batch, index) of the box-tower maps: the head's dense
+        map read there, or, fast, the head at those locations alone (`conv3x3_at`)."""
         S = self.cfg.shape_size
+        if not self.fast:
+            # the head's dense map over every level's locations (B, S*S, P)
+            shape = torch.cat([self.local_shape(f).flatten(2) for f in out["box_features"]], 2)
+            return shape[batch, :, index].float().view(-1, S, S)
         res = torch.zeros(len(batch), S * S, device=batch.device)
         start = 0
         for f in out["box_features"]:  # per level
@@ -1887,7 +2002,8 @@ class CenterMaskFCOS(FCOS):
             # boxes in P3 units; the input-resolution grid has pixel 1/R of them
             boxes = min_size_boxes((d["boxes"][:, :2] + d["boxes"][:, 2:]) / (2 * R),
                                    (d["boxes"][:, 2:] - d["boxes"][:, :2]) / R, 1.0 / R)
-            d["masks"] = assemble_masks(local, sal, batch, ch, boxes, x.input_hw, 1.0 / R)
+            assemble = assemble_masks_fast if self.fast else assemble_masks
+            d["masks"] = assemble(local, sal, batch, ch, boxes, x.input_hw, 1.0 / R)
         return dets
 
 
