@@ -231,7 +231,7 @@ def config_groups():
          ("head_conv", "shape_size", "use_shape", "use_saliency", "saliency", "saliency_loss",
           "loss_weights")),
         ("the FCOS family", FCOS_FAMILY, None,
-         ("pretrained", "norm", "freeze_at", "fpn_channels", "fcos_form", "score_threshold",
+         ("pretrained", "norm", "fpn_channels", "fcos_form", "score_threshold",
           "nms_threshold", "ambiguity", "reg_weights", "center_sampling_at")),
         ("MaskFCOS", ("maskfcos",), None, ("mask_proposals",)),
         ("FCOSIS", ("fcosis",), None, ("attention", "seg_classes")),

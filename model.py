@@ -98,9 +98,9 @@ class ModelConfig:
     loss_weights: tuple = (1.0, 1.0, 0.1, 1.0)
     # -- the FCOS family (FCOS_FAMILY): ResNet-FPN and the FCOS detector ([FCOS], [IS 3.1]) ---
     pretrained: bool = False          # ImageNet weights (FCOS recipes; [CM 3.5]: from scratch)
-    # ResNet BN: "frozen_bn" (FCOS, ImageNet statistics) or "bn" (trainable, from scratch)
+    # "frozen_bn": BatchNorm frozen to ImageNet statistics and the stem + res2 frozen, as FCOS
+    # (FREEZE_CONV_BODY_AT 2); "bn": every layer trainable, BatchNorm too (from scratch)
     norm: str = "frozen_bn"
-    freeze_at: int = 2                # frozen stem + res2, as FCOS; 0 = nothing frozen
     fpn_channels: int = 256           # FPN and head tower width ([FCOS] 3.2)
     # "original" ([FCOS], FCOS's code defaults: the [IS] configs), "improved" (FCOS's
     # fcos_imprv_*, torchvision's), or "torchvision": the improved one with torchvision's two
@@ -1596,8 +1596,9 @@ class FCOS(Method):
     def __init__(self, cfg: ModelConfig, extra=0, first_level=3):
         super().__init__()
         self.cfg = cfg
+        freeze_at = 2 if cfg.norm == "frozen_bn" else 0                          # stem + res2
         self.backbone = ResNetFPN(cfg.backbone, first_level, cfg.fpn_channels, cfg.pretrained,
-                                  cfg.norm, cfg.freeze_at)
+                                  cfg.norm, freeze_at)
         self.size_divisibility = self.backbone.size_divisibility
         self.fcos_levels = slice(3 - first_level, None)   # P3-P7 of the FPN maps
         # [8, 16, 32, 64, 128]

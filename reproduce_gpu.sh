@@ -184,7 +184,7 @@ if has speed; then
     DLA=(config/centermask_dla34.py "${COMMON[@]}")
     HG=(config/centermask_hourglass104.py "${COMMON[@]}")
     # FCOS R-50-FPN as torchvision's fcos_resnet50_fpn (its head's form, trainable BN, none frozen)
-    R50=(config/fcos_r50.py "${COMMON[@]}" --norm=bn --freeze_at=0 --fcos_form=improved)
+    R50=(config/fcos_r50.py "${COMMON[@]}" --norm=bn --fcos_form=improved)
     TINY=()
     if (( DRY )); then
         export TORCH_COMPILE_DISABLE=1  # the plumbing only: inductor's C++ build takes minutes here

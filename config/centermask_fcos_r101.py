@@ -17,7 +17,6 @@ method = "centermask_fcos"
 backbone = "resnet101"
 pretrained = True
 norm = "frozen_bn"
-freeze_at = 2
 fpn_channels = 256
 shape_size = 32                  # S = 32 ([CM 3.5])
 saliency = "specific"            # on the finest FPN level, P3 ([CM 4.3]); class-specific as the DLA-34 and

@@ -20,7 +20,6 @@ method = "fcos"
 backbone = "resnet18"
 pretrained = False
 norm = "bn"
-freeze_at = 0
 fpn_channels = 64
 input_size = 384
 max_size = 640

@@ -22,7 +22,6 @@ method = "fcos"
 backbone = "resnet50"
 pretrained = True                # ImageNet weights, as FCOS
 norm = "frozen_bn"               # FCOS: frozen BatchNorm ...
-freeze_at = 2                    # ... and frozen stem + res2
 fpn_channels = 256               # [FCOS] 3.2
 fcos_form = "original"           # centerness on the classification tower, ltrb = exp(scale * x), every
                                  # location in the box a positive, the IoU loss ([FCOS] 3, [IS 3.1])

@@ -15,7 +15,6 @@ method = "fcos"
 backbone = "resnet18"
 pretrained = False
 norm = "bn"
-freeze_at = 0
 fpn_channels = 64
 fcos_form = "improved"           # (header)
 

@@ -281,7 +281,7 @@ ALTERNATIVES = dict(
     mask_threshold=0.3, dcn=False, dla_channels=(8, 8, 16, 16, 32, 32), num_stacks=1, hg_dims=(8, 8, 16),
     hg_modules=(1, 1, 1), mask_loss_grid="input", saliency_loss=True,
     head_conv=16, shape_size=4, use_shape=False, saliency="specific",
-    loss_weights=(2.0, 2.0, 0.2, 2.0), pretrained=True, norm="bn", freeze_at=1, fpn_channels=16,
+    loss_weights=(2.0, 2.0, 0.2, 2.0), pretrained=True, norm="bn", fpn_channels=16,
     fcos_form="original", score_threshold=0.1, nms_threshold=0.5, ambiguity="mask",
     reg_weights=(0.5, 0.5, 0.0), center_sampling_at="mass", mask_proposals=8,
     attention="mu0", seg_classes="specific")
@@ -290,7 +290,7 @@ TINY_MODELS = {
     ("centermask", "dla34"): dict(dcn=False, dla_channels=(4, 8, 8, 16, 16, 32), head_conv=8, shape_size=8),
     ("centermask", "hourglass104"): dict(num_stacks=1, hg_dims=(8, 8, 16), hg_modules=(1, 1, 1), head_conv=8,
                                          shape_size=8),
-    **{(m, "resnet18"): dict(norm="frozen_bn", freeze_at=0, fpn_channels=32, pretrained=False)
+    **{(m, "resnet18"): dict(norm="frozen_bn", fpn_channels=32, pretrained=False)
        for m in ("fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")},
 }
 

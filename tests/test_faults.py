@@ -265,7 +265,7 @@ def tiny_model(kind):
         return tiny_centermask(frozen_bn=True)
     from model import ModelConfig, build_model
     torch.manual_seed(0)
-    return build_model(ModelConfig(method=kind, backbone="resnet18", num_classes=3, norm="frozen_bn", freeze_at=0,
+    return build_model(ModelConfig(method=kind, backbone="resnet18", num_classes=3, norm="frozen_bn",
                                    fpn_channels=32, head_conv=32, shape_size=8)).train()
 
 
@@ -413,7 +413,8 @@ def make_batch(counts, size=64):
 
 
 def grads_of(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
+    """The gradient of every trainable parameter (norm="frozen_bn" freezes the stem and res2)."""
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 DDP_WORKER = """

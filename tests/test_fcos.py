@@ -19,7 +19,7 @@ from configurator import check_settings
 
 def tiny(method, **kw):
     """A CPU-sized member of the family: ResNet-18 trainable from scratch, 32-wide FPN/heads."""
-    base = dict(method=method, backbone="resnet18", num_classes=3, norm="bn", freeze_at=0, fpn_channels=32,
+    base = dict(method=method, backbone="resnet18", num_classes=3, norm="bn", fpn_channels=32,
                 head_conv=32, shape_size=8)
     base.update(kw)
     return ModelConfig(**base)

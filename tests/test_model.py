@@ -453,7 +453,7 @@ def test_checkpoints_with_the_old_shape_keys_load(method):
     resume, eval.py) and through import_weights of one of our checkpoints (`_project_rules`); the
     old names alone are refused by a strict load (the rename is what loads them)."""
     cfg = (tiny_cfg() if method == "centermask" else
-           ModelConfig(method="centermask_fcos", backbone="resnet18", num_classes=3, norm="bn", freeze_at=0,
+           ModelConfig(method="centermask_fcos", backbone="resnet18", num_classes=3, norm="bn",
                        fpn_channels=32, head_conv=32, shape_size=8))
     torch.manual_seed(0)
     new = build_model(cfg).state_dict()

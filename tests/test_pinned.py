@@ -32,7 +32,7 @@ def tiny_centermask(**kw):
 
 def tiny_fcos_family(method, **kw):
     """ResNet-18, 32-wide FPN and heads, 3 classes (the FCOS family's test size)."""
-    base = dict(method=method, backbone="resnet18", num_classes=3, norm="bn", freeze_at=0,
+    base = dict(method=method, backbone="resnet18", num_classes=3, norm="bn",
                 fpn_channels=32, head_conv=32, shape_size=8)
     return build_model(ModelConfig(**dict(base, **kw)))
 

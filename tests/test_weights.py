@@ -217,7 +217,7 @@ def test_refusals_name_the_file_the_keys_and_the_shapes(tmp_path):
 
 def tiny_fcos_config(method, num_classes=4):
     return ModelConfig(method=method, backbone="resnet18", num_classes=num_classes, fpn_channels=32,
-                       head_conv=16, shape_size=4, norm="bn", freeze_at=0, fcos_form="torchvision")
+                       head_conv=16, shape_size=4, norm="bn", fcos_form="torchvision")
 
 
 def save_checkpoint(model, path, config=None):
