@@ -1951,14 +1951,21 @@ class CenterMaskFCOS(FCOS):
             start += h * w
         return res.view(-1, S, S)
 
+    def p3_saliency(self, x: FCOSForward):
+        """The Global Saliency map on P3, (B, n, H/8, W/8) fp32, or None without the branch."""
+        if self.saliency is None:
+            return None
+        return self.saliency(x.features[self.fcos_levels][0]).float()
+
     def extra_losses(self, x: FCOSForward):
         out, assigned, targets, device = x.out, x.assigned, x.targets, x.points.device
         pos = assigned["matched"] >= 0                                           # (B, P)
         batch, index = pos.nonzero(as_tuple=True)                                # (M,) each
         S = self.cfg.shape_size
-        num_pixels = reduce_mean(torch.full((), float(len(batch) * S * S), device=device)).clamp(min=1)
-        sal = self.saliency(x.features[self.fcos_levels][0]).float() if self.saliency is not None else None
-        losses = {}                                                              # sal: (B, n, H/8, W/8)
+        num_pixels = torch.full((), float(len(batch) * S * S), device=device)
+        num_pixels = reduce_mean(num_pixels).clamp(min=1)
+        sal = self.p3_saliency(x)                                                # (B, n, H/8, W/8)
+        losses = {}
         if self.cfg.saliency_loss:
             # Table 1f ([CM 4.1]), as CenterMask's: BCE of the class-specific saliency against the per-class union
             # of every object's mask, average-pooled to P3's grid
@@ -1966,39 +1973,45 @@ class CenterMaskFCOS(FCOS):
             counts = [len(t["labels"]) for t in targets]
             gt_sal = torch.zeros_like(sal)                                       # (B, C, h, w)
             if sum(counts):
-                pooled = average_pool_masks(batch_masks(targets, *x.input_hw, device), self.strides[0], (h, w))
+                masks = batch_masks(targets, *x.input_hw, device)
+                pooled = average_pool_masks(masks, self.strides[0], (h, w))
                 labels = torch.cat([t["labels"].reshape(-1) for t in targets]).to(device)
                 gt_sal = saliency_targets(pooled, image_index(counts, device), labels, B, n)
-            losses["saliency"] = SALIENCY_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(sal, gt_sal)
+            bce = F.binary_cross_entropy_with_logits(sal, gt_sal)
+            losses["saliency"] = SALIENCY_LOSS_WEIGHT * bce
         if len(batch) == 0:
-            params = [p for m in (self.local_shape, self.saliency) if m is not None for p in m.parameters()]
-            return {"mask": sum(p.sum() * 0 for p in params), **losses}
-        matched = assigned["matched"][pos]                                       # (M,) among the image's boxes
-        gt_boxes = assigned["boxes"][batch, matched]                             # (M, 4) input frame
-        gt_index = first_box_index(targets, device)[batch] + matched             # (M,) flat: into the masks
-        gt_masks = batch_masks(targets, *x.input_hw, device)                     # every box's, flat layout
+            branches = [m for m in (self.local_shape, self.saliency) if m is not None]
+            return {"mask": sum(p.sum() * 0 for m in branches for p in m.parameters()), **losses}
+        matched = assigned["matched"][pos]                    # (M,) among the image's boxes
+        gt_boxes = assigned["boxes"][batch, matched]          # (M, 4) input frame
+        gt_index = first_box_index(targets, device)[batch] + matched  # (M,) into the flat masks
+        gt_masks = batch_masks(targets, *x.input_hw, device)  # every box's, flat layout
         mask_target = mask_targets(gt_masks, gt_index, gt_boxes, S)              # (M, S, S) soft
         L = self.local_shapes(out, batch, index) if self.local_shape is not None else None
         G = None
         if self.saliency is not None:
             from torchvision.ops import roi_align
-            ch = assigned["labels"][pos] if self.cfg.saliency == "specific" else torch.zeros_like(batch)
+            specific = self.cfg.saliency == "specific"
+            ch = assigned["labels"][pos] if specific else torch.zeros_like(batch)
             rois = torch.cat([batch[:, None].float(), gt_boxes], 1)
-            G = roi_align(sal, rois, S, 1.0 / self.strides[0], sampling_ratio=2, aligned=True)  # (M, n, S, S)
+            G = roi_align(sal, rois, S, 1.0 / self.strides[0], sampling_ratio=2,
+                          aligned=True)                                          # (M, n, S, S)
             G = G[torch.arange(len(batch), device=G.device), ch]                 # (M, S, S)
         log_m, log_1m = mask_log_terms(L, G)
         bce = -(mask_target * log_m + (1 - mask_target) * log_1m)                # (M, S, S)
-        return {"mask": self.cfg.loss_weights[3] * bce.sum() / num_pixels,       # mean over processes' pixels
-                **losses}
+        # the mean over every process's pixels
+        return {"mask": self.cfg.loss_weights[3] * bce.sum() / num_pixels, **losses}
 
     def postprocess(self, x: FCOSForward):
         dets = self.detect(x)
-        sal = self.saliency(x.features[self.fcos_levels][0]).float() if self.saliency is not None else None
+        sal = self.p3_saliency(x)
         R = self.strides[0]
         for b, d in enumerate(dets):
             k = len(d["boxes"])
             batch = torch.full((k,), b, device=x.points.device, dtype=torch.long)
-            local = self.local_shapes(x.out, batch, d["index"]) if self.local_shape is not None else None
+            local = None
+            if self.local_shape is not None:
+                local = self.local_shapes(x.out, batch, d["index"])
             ch = d["labels"] if self.cfg.saliency == "specific" else torch.zeros_like(batch)
             # boxes in P3 units; the input-resolution grid has pixel 1/R of them
             boxes = min_size_boxes((d["boxes"][:, :2] + d["boxes"][:, 2:]) / (2 * R),
