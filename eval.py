@@ -492,7 +492,7 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
     Returns (model, checkpoint dict). Raises ValueError naming the file.
     """
     from model import ModelConfig, build_model
-    from weights import check_weights, current_keys
+    from weights import check_weights
     if not os.path.isfile(ckpt):
         raise ValueError(f"checkpoint '{ckpt}' not found")
     try:
@@ -509,7 +509,7 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
         model = build_model(ModelConfig(**{**checkpoint["model_args"], **overrides}))
     except TypeError as e:
         raise ValueError(f"checkpoint '{ckpt}' has model_args this model.py does not know: {e}") from None
-    state = current_keys({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()})
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()}
     check_weights(state, f"checkpoint '{ckpt}'")
     try:
         model.load_state_dict(state)
