@@ -201,6 +201,11 @@ def _class_colors(num_classes):
     return colors
 
 
+def _unit_colors(n):
+    """`_class_colors` as matplotlib takes them: (r, g, b) in [0, 1]."""
+    return [tuple(c / 255 for c in rgb) for rgb in _class_colors(n)]
+
+
 def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
     """Draw `to_original` predictions on a (3, H0, W0) uint8 image; returns a new image.
 
@@ -294,7 +299,7 @@ def save_maps_figure(image, maps, path, capacity=5):
                 ax.imshow(m.astype(np.float32) if i else m, interpolation="nearest")
             elif np.issubdtype(m.dtype, np.integer) or m.dtype == bool:
                 n = max(int(m.max()), 1)
-                palette = [(0, 0, 0)] + [tuple(c / 255 for c in rgb) for rgb in _class_colors(n)]
+                palette = [(0, 0, 0)] + _unit_colors(n)
                 cmap = ListedColormap(palette[:n + 1])
                 norm = BoundaryNorm(np.arange(-0.5, n + 1), cmap.N)
                 im = ax.imshow(m, cmap=cmap, norm=norm, interpolation="nearest")
@@ -562,11 +567,6 @@ def _save_figure(fig, path):
     write_atomic(path, lambda tmp: small.save(tmp, "PNG", optimize=True))
 
 
-def _instance_colors(n):
-    import matplotlib
-    return [matplotlib.colormaps["tab10"].colors[k % 10] for k in range(n)]
-
-
 def draw_centermask_targets(rgbs, targets, names, path):
     """(a) image + boxes, (b) centre heatmap, (c) local shapes, (d) global saliency, (e) the
     masks they assemble, one row per image; the title gives the mean IoU of (e), binarised at
@@ -581,7 +581,7 @@ def draw_centermask_targets(rgbs, targets, names, path):
     fig, axes, height = _figure(len(rgbs), 5)
     for b, (rgb, ax) in enumerate(zip(rgbs, axes)):
         mine = (t["batch"] == b).nonzero()[:, 0]  # this image's objects
-        colors = _instance_colors(len(mine))
+        colors = _unit_colors(len(mine))
         boxes = t["boxes"][mine] * R  # (N, 4) input frame
         _show(ax[0], _faded(rgb), H, W)
         _draw_boxes(ax[0], boxes, colors)
@@ -639,7 +639,7 @@ def draw_fcosis_targets(rgbs, targets, names, path):
     first = torch.searchsorted(t["batch"], torch.arange(len(rgbs)))
     for b, (rgb, ax) in enumerate(zip(rgbs, axes)):
         mine = (t["batch"] == b).nonzero()[:, 0]
-        colors = _instance_colors(len(mine))
+        colors = _unit_colors(len(mine))
         boxes = t["boxes"][mine]
         _show(ax[0], _faded(rgb), H, W)
         _draw_boxes(ax[0], boxes, colors)

@@ -497,16 +497,14 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
     desc, fits, needs = WEIGHT_LAYOUTS[kind]
     if not _fits(kind, cfg):
         raise ValueError(f"{weights.source} holds {desc}; it fits {fits}, not this {what} model")
+    # the first FPN level: FCOSIS's P2, else P3 (the file's from the method it was trained as)
     first_level = getattr(getattr(model, "backbone", None), "first_level", 3)
-    if kind == "project":
-        src_method = (weights.model_args or {}).get("method", "")
-        rules = _project_rules(2 if src_method == "fcosis" else 3, first_level)
-    elif kind == "torchvision_fcos":
-        rules = _torchvision_fcos_rules(first_level)
-    else:
-        rules = {"centernet_dla34": _CENTERNET_DLA_RULES,
-                 "centernet_hourglass104": _CENTERNET_HOURGLASS_RULES,
-                 "dla34_imagenet": _DLA34_IMAGENET_RULES}[kind]
+    src_first_level = 2 if (weights.model_args or {}).get("method") == "fcosis" else 3
+    rules = {"centernet_dla34": _CENTERNET_DLA_RULES,
+             "centernet_hourglass104": _CENTERNET_HOURGLASS_RULES,
+             "dla34_imagenet": _DLA34_IMAGENET_RULES,
+             "torchvision_fcos": _torchvision_fcos_rules(first_level),
+             "project": _project_rules(src_first_level, first_level)}[kind]
     model_state = model.state_dict()
     mapped, source_of, ignored, missing, notes = {}, {}, {}, [], []
     for key, tensor in weights.state.items():
@@ -548,14 +546,13 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
                    "torchvision_fcos": "head.cls_logits.*"}.get(kind)
     class_keys = [t for t in mapped if class_layer and fnmatch.fnmatchcase(t, class_layer)]
     if class_keys:
+        by_id = kind == "torchvision_fcos"
         try:
-            rows, ids = _class_rows(cat_ids, cfg.num_classes, by_id=kind == "torchvision_fcos")
+            rows, ids = _class_rows(cat_ids, cfg.num_classes, by_id)
         except ValueError as e:
             raise ValueError(f"{e}; to start the class layer fresh and import the rest: "
                              f"--init_fresh='(\"{class_layer}\",)'") from None
-        slots = "80 COCO channels"
-        if kind == "torchvision_fcos":
-            slots = "91 slots (channel = category id)"
+        slots = "91 slots (channel = category id)" if by_id else "80 COCO channels"
         for t in class_keys:
             if mapped[t].shape[0] <= max(rows):
                 raise ValueError(f"{source_of[t]} has {mapped[t].shape[0]} class channels, not the "
