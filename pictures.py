@@ -635,8 +635,6 @@ def draw_fcosis_targets(rgbs, targets, names, path):
     t = fcosis_targets(targets, H, W, cfg)
     P3, s3 = t["hw"][0][0] * t["hw"][0][1], float(t["strides"][0])  # P3's locations, stride 8
     fig, axes, height = _figure(len(rgbs), 6, bottom=0.6)  # room for the legends
-    # the flat index of each image's first object
-    first = torch.searchsorted(t["batch"], torch.arange(len(rgbs)))
     for b, (rgb, ax) in enumerate(zip(rgbs, axes)):
         mine = (t["batch"] == b).nonzero()[:, 0]
         colors = _unit_colors(len(mine))
@@ -650,7 +648,7 @@ def draw_fcosis_targets(rgbs, targets, names, path):
         v = t["valid"][b, :P3]  # (P3,)
         xy = t["points"][:P3][v].numpy()  # (n, 2) arrow tails
         uv = (s3 * t["target"][b, :P3][v]).numpy()  # (n, 2) in pixels
-        who = (t["matched"][b, :P3][v] - first[b]).tolist()  # object within the image
+        who = (t["matched"][b, :P3][v] - mine[0]).tolist()  # object within the image
         ax[1].quiver(xy[:, 0], xy[:, 1], uv[:, 0], uv[:, 1], color=[colors[k] for k in who],
                      angles="xy", scale_units="xy", scale=1, width=0.012, headwidth=3.5,
                      headlength=4, headaxislength=3.5, minlength=0.5)
