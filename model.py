@@ -96,20 +96,11 @@ class ModelConfig:
     norm: str = "frozen_bn"           # ResNet BN: "frozen_bn" (FCOS, ImageNet statistics) or "bn" (trainable, from scratch)
     freeze_at: int = 2                # frozen stem + res2, as FCOS; 0 = nothing frozen
     fpn_channels: int = 256           # FPN and head tower width ([FCOS] 3.2)
-    head_convs: int = 4               # convs per head tower ([FCOS] Fig. 2)
-    # The original FCOS against the improved one (the defaults, torchvision's, whose weights import): see `FCOS`
-    centerness_on: str = "reg"        # box tower ("reg", FCOS code: CENTERNESS_ON_REG) or cls tower ("cls", [FCOS] 3.3)
-    reg_form: str = "relu_stride"     # ltrb = relu(scale_l x) * stride (FCOS code: NORM_REG_TARGETS) or "exp": exp(scale_l x),
-                                      # in pixels ([FCOS] 3.2)
-    center_sampling: float = 1.5      # positives within this many strides of the box centre (FCOS code:
-                                      # CENTER_SAMPLING_RADIUS 1.5); 0: every location in the box ([FCOS] 3.1, [IS 3.1])
-    box_loss: str = "giou"            # "giou" (torchvision's GIoU loss) or "iou" (-log((I+1)/(U+1)), FCOS's, [IS 3.1])
+    fcos_form: str = "improved"       # "original" ([FCOS], FCOS's code defaults: the [IS] configs), "improved"
+                                      # (FCOS's fcos_imprv_*, torchvision's), or "torchvision": the improved one
+                                      # with torchvision's two conventions, set for its weights (see `FCOS`)
     score_threshold: float = 0.05     # candidate locations at inference ([FCOS] 4)
     nms_threshold: float = 0.6        # class-wise NMS IoU ([FCOS] 4)
-    score_threshold_on: str = "cls"   # what score_threshold tests: "cls" (FCOS: the class probability, before the
-                                      # centerness) or "score" (torchvision's FCOS: sqrt(cls * centerness))
-    location_offset: str = "half"     # `fcos_locations`: "half" (FCOS: j*s + s//2) or "zero" (torchvision's FCOS, set
-                                      # by train.py for its weights: j * (input size // grid size))
     # FCOSreg's assignment ([IS 3.3]); FCOS ("fcos") keeps its own values, the methods with masks may change them
     ambiguity: str = ""               # "area" (FCOS: smallest box) or "mask" (FCOSreg [IS 3.3]); "": the method's own
     reg_weights: tuple = ()           # (a, b, c) of FCOSreg's w ([IS 3.3] Fig. 6); (): (1,0,0) FCOS, (1/3,1/3,1/3) FCOSreg
@@ -119,19 +110,6 @@ class ModelConfig:
     # -- FCOSIS ([IS 3.2]) -----------------------------------------------------------------------
     attention: str = "segm"           # "segm" (the paper's map), Table 3: "mu0" (mu := 0), "bbox" (bbox only), "none" (no top-down)
     seg_classes: str = "agnostic"     # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
-    com_assignment: str = "mask"      # locations regressing the centre of mass: "mask" (every mask pixel, [IS] Fig. 3)
-                                      # or "positive" (FCOS positives inside the mask; see `FCOSIS`)
-    attention_assign: str = "image"   # who competes for a location: the objects of its image ("image", [IS 3.2.1]) or
-                                      # of its colour group ("pass", an ablation: no location is ever a distractor)
-    attention_background: str = "distractor_only"  # what -mu marks in a box, a reading of [IS 3.2.1]: a neighbour's
-                                      # locations, or "own_background": the own background too (`attention_maps`;
-                                      # read by "segm" only: "mu0", "bbox" and "none" have no -mu)
-    assign_nms_threshold: float = 0.6  # inference, "image": detections that a class-agnostic NMS at this IoU merges
-                                      # compete as one object (`duplicate_owners`); FCOS's own NMS IoU ([FCOS] 4)
-    assign_score_floor: float = 0.5   # inference, "image": only detections scoring at least this take locations from
-                                      # others (`duplicate_owners`). Not in [IS], which gives no rule: ours (METHODS.md)
-    attention_grid: str = "p2"        # grid the attention map is built on: "p2" (stride 4, the P3 outputs resampled)
-                                      # or "p3" (stride 8, the detection head's own grid); not fixed by [IS]
 
     def __post_init__(self):
         # tuples survive a round trip through a checkpoint's plain dict / the configurator
@@ -170,13 +148,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.reg_weights must be 3 numbers (a, b, c) summing to 1 ([IS 3.3]), "
                              f"got {self.reg_weights}")
         for key, allowed in (("ambiguity", ("area", "mask")), ("center_sampling_at", ("box", "mass")),
-                             ("box_loss", ("giou", "iou")), ("norm", ("frozen_bn", "bn")),
-                             ("attention", ("segm", "mu0", "bbox", "none")), ("seg_classes", ("agnostic", "specific")),
-                             ("attention_grid", ("p2", "p3")), ("attention_assign", ("pass", "image")),
-                             ("com_assignment", ("mask", "positive")), ("mask_loss_grid", ("output", "input")),
-                             ("score_threshold_on", ("cls", "score")), ("location_offset", ("half", "zero")),
-                             ("centerness_on", ("reg", "cls")), ("reg_form", ("relu_stride", "exp")),
-                             ("attention_background", ("distractor_only", "own_background"))):
+                             ("norm", ("frozen_bn", "bn")), ("attention", ("segm", "mu0", "bbox", "none")),
+                             ("seg_classes", ("agnostic", "specific")), ("mask_loss_grid", ("output", "input")),
+                             ("fcos_form", ("original", "improved", "torchvision"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"ModelConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.method == "fcos" and (self.ambiguity == "mask" or self.center_sampling_at == "mass"
@@ -1254,28 +1228,38 @@ class ResNetFPN(nn.Module):
 FCOS_SIZE_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, math.inf))
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # the classification's focal loss ([FCOS] 3.1, RetinaNet's)
 PRE_NMS_TOP_N = 1000                  # candidates per level before the NMS ([FCOS] 4)
+HEAD_CONVS = 4                        # convs per head tower ([FCOS] Fig. 2)
+CENTER_SAMPLING = 1.5                 # the improved form's centre sampling, in strides (FCOS's code)
 
 
-def fcos_locations(hw_per_level, strides, device=None, offset="half", input_hw=None):
-    """The locations of every level, level after level (row-major inside one).
-    offset="half" (FCOS): cell (i, j) of a stride-s map is the input-frame point (j*s + s//2, i*s + s//2) ([FCOS]
-    3.1, FCOS's compute_locations). offset="zero" (torchvision's FCOS, for its weights): (j * step_x, i * step_y),
-    step = padded input size // grid size when `input_hw` (H, W) is given (torchvision's AnchorGenerator), else s;
-    on P6/P7 it can be smaller than s (320 rows: P7 has 3, step 106), as torchvision's weights were trained.
-    Returns points (P, 2) xy float, strides (P,) float (the nominal s), levels (P,) int64 (0 = the first)."""
-    if offset not in ("half", "zero"):
-        raise ValueError(f"fcos_locations: offset must be 'half' or 'zero', got {offset!r}")
+def fcos_locations(hw_per_level, strides, device=None):
+    """The locations of every level, level after level (row-major inside one): cell (i, j) of a
+    stride-s map is the input-frame point (j*s + s//2, i*s + s//2) ([FCOS] 3.1, FCOS's
+    compute_locations). Returns points (P, 2) xy float, strides (P,) float, levels (P,) int64
+    (0 = the first)."""
     points, point_strides, levels = [], [], []
     for level, ((h, w), s) in enumerate(zip(hw_per_level, strides)):
-        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        if offset == "zero":
-            sy, sx = (int(input_hw[0]) // h, int(input_hw[1]) // w) if input_hw is not None else (s, s)
-            points.append(torch.stack([xs.reshape(-1) * sx, ys.reshape(-1) * sy], 1).float())
-        else:
-            points.append(torch.stack([xs.reshape(-1) * s + s // 2, ys.reshape(-1) * s + s // 2], 1).float())
+        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                                indexing="ij")
+        points.append(torch.stack([xs.reshape(-1) * s + s // 2, ys.reshape(-1) * s + s // 2], 1).float())
         point_strides.append(torch.full((h * w,), float(s), device=device))
         levels.append(torch.full((h * w,), level, dtype=torch.long, device=device))
     return torch.cat(points), torch.cat(point_strides), torch.cat(levels)
+
+
+def torchvision_locations(hw_per_level, strides, input_hw, device=None):
+    """fcos_form="torchvision" only (its weights were trained so): torchvision's AnchorGenerator
+    puts cell (i, j) at (j * step_x, i * step_y), step = padded input size // grid size. That is
+    the stride s where the input is a multiple of it; on P6 / P7 it can be smaller (320 rows: P7
+    has 3, step 106). Same returns as `fcos_locations` (strides: the nominal s)."""
+    H, W = int(input_hw[0]), int(input_hw[1])
+    points = []
+    for h, w in hw_per_level:
+        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                                indexing="ij")
+        points.append(torch.stack([xs.reshape(-1) * (W // w), ys.reshape(-1) * (H // h)], 1).float())
+    _, point_strides, levels = fcos_locations(hw_per_level, strides, device)
+    return torch.cat(points), point_strides, levels
 
 
 def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, centers=None, seg_labels=None,
@@ -1363,18 +1347,19 @@ class FCOSHead(nn.Module):
     """FCOS's shared head ([FCOS] 3.1, Fig. 2) on every FPN level: a classification and a box tower, each num_convs
     x (Conv3x3 + GroupNorm(32) + ReLU); cls logits (C) on the first, ltrb (4) on the second, centerness (1) on
     either, one learnable Scale per level; `extra` channels on the box tower (FCOSIS: centre of mass 2 + coarse
-    foreground 1). The two forms (`FCOS`) differ in which tower feeds centerness ("cls" or "reg") and in ltrb =
-    exp(scale_l x) ("exp") or relu(scale_l x) * stride_l ("relu_stride", x in strides, the ReLU kept at test as
-    torchvision's); ltrb is in input pixels either way, and the state-dict keys are the same.
+    foreground 1). The two forms (`FCOS`) differ in which tower feeds centerness (the original: the
+    classification tower; the improved: the box tower) and in ltrb = exp(scale_l x) (original) or
+    relu(scale_l x) * stride_l (improved: x in strides, the ReLU kept at test as torchvision's);
+    ltrb is in input pixels either way, and the state-dict keys are the same.
     features: one map per level (B, cin, h_l, w_l) -> dict, locations level after level (P = sum h_l * w_l):
         cls (B, P, C) logits; ltrb (B, P, 4) input pixels; centerness (B, P) logits;
         extra (B, P, extra) when asked; box_features: the box tower output of every level."""
 
-    def __init__(self, cin, num_classes, strides, num_convs=4, extra=0, prior=0.01, centerness_on="reg",
-                 reg_form="relu_stride"):
+    def __init__(self, cin, num_classes, strides, num_convs=HEAD_CONVS, extra=0, prior=0.01,
+                 improved=True):
         super().__init__()
         self.strides = list(strides)
-        self.centerness_on, self.reg_form = centerness_on, reg_form
+        self.improved = improved
 
         def tower():
             layers = []
@@ -1400,9 +1385,10 @@ class FCOSHead(nn.Module):
             c, b = self.cls_tower(p), self.box_tower(p)                          # (B, cin, h, w)
             out["cls"].append(self.cls_logits(c).flatten(2))                     # (B, C, h*w)
             x = self.scales[level] * self.ltrb(b)                                # (B, 4, h, w)
-            ltrb = torch.exp(x) if self.reg_form == "exp" else F.relu(x) * s     # input pixels
+            ltrb = F.relu(x) * s if self.improved else torch.exp(x)              # input pixels
             out["ltrb"].append(ltrb.flatten(2))                                  # (B, 4, h*w)
-            out["centerness"].append(self.centerness(c if self.centerness_on == "cls" else b).flatten(2))  # (B, 1, h*w)
+            ctr = self.centerness(b if self.improved else c)                     # (B, 1, h, w)
+            out["centerness"].append(ctr.flatten(2))
             if self.extra is not None:
                 out["extra"].append(self.extra(b).flatten(2))
             out["box_features"].append(b)
@@ -1430,21 +1416,25 @@ class FCOSForward:
 class FCOS(Method):
     """FCOS ([IS 3.1], [FCOS]) and FCOSreg ([IS 3.3], method="fcosreg") on ResNet-FPN P3-P7.
 
-    Two forms of the detector, four ModelConfig keys (FCOS's own option in brackets; METHODS.md, FCOS family):
-                        original FCOS                        improved FCOS
-      centerness_on     "cls": classification tower          "reg": box tower (CENTERNESS_ON_REG)
-      reg_form          "exp": exp(scale_l x), pixels        "relu_stride": relu(scale_l x) * stride (NORM_REG_TARGETS)
-      center_sampling   0: every location in the box         1.5 strides around the centre (CENTER_SAMPLING_RADIUS)
-      box_loss          "iou": -log((I+1)/(U+1))              "giou" (IOU_LOSS_TYPE)
-    The original: [FCOS] and FCOS's code defaults (FCOS_R_50_FPN_1x, the FCOS of [IS 3.1] and Table 1; the [IS]
-    configs). The improved: FCOS's fcos_imprv_* and torchvision's FCOS (ModelConfig's default; its weights import).
+    Two forms of the detector, one key, fcos_form (FCOS's own option in brackets; METHODS.md):
+                        "original"                       "improved"
+        centerness      on the classification tower      on the box tower (CENTERNESS_ON_REG)
+        ltrb            exp(scale_l x), pixels           relu(scale_l x) * stride (NORM_REG_TARGETS)
+        positives       every location in the box        within 1.5 strides of the centre
+                                                         (CENTER_SAMPLING_RADIUS)
+        box loss        -log((I+1)/(U+1)) (`iou_loss`)   GIoU (IOU_LOSS_TYPE)
+    The original: [FCOS] and FCOS's code defaults (FCOS_R_50_FPN_1x, the FCOS of [IS 3.1] and
+    Table 1; the [IS] configs). The improved: FCOS's fcos_imprv_* and torchvision's FCOS.
+    "torchvision" is the improved form with torchvision's two conventions, for its weights (set by
+    train.py's import of them; METHODS.md): its locations (`torchvision_locations`, in `locations`)
+    and its candidate test on sqrt(cls * ctr) instead of cls (in `detect`).
 
     Training ([IS] eq. 2, alpha = beta = 1): cls, sigmoid focal loss (0.25, 2) / N_pos; box, GIoU or IoU loss
         (`iou_loss`) of the positives weighted by the centerness target / the sum of those weights (FCOS's code;
         [IS] eq. 2 writes / N_pos); centerness, BCE against the centerness target. N_pos and the weight sum go
         through `reduce_mean`.
     Inference: boxes (K, 4) xyxy input frame, scores (K,), labels (K,). Per level the locations whose class
-        score > 0.05 (score_threshold_on="score": sqrt(cls * ctr), torchvision's), top 1000 of cls * ctr; then
+        probability > 0.05 ("torchvision": sqrt(cls * ctr) > 0.05), top 1000 of cls * ctr; then
         score = sqrt(cls * ctr), class-wise NMS at IoU 0.6, best 100.
     FCOSreg ([IS 3.3]): ambiguous locations go to the highest segmentation label s, and w = a ctr + b s +
         c sqrt(ctr s) (`reg_weights`, Fig. 6) replaces the centerness target, of the box loss and of the
@@ -1461,9 +1451,13 @@ class FCOS(Method):
         self.size_divisibility = self.backbone.size_divisibility
         self.fcos_levels = slice(3 - first_level, None)   # P3-P7 of the FPN maps
         self.strides = self.backbone.strides[self.fcos_levels]                   # [8, 16, 32, 64, 128]
-        self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, self.strides, cfg.head_convs, extra,  # shared by P3-P7
-                             centerness_on=cfg.centerness_on, reg_form=cfg.reg_form)
-        self.uses_masks = cfg.method == "fcosreg"  # segmentation labels in `assign` ([IS 3.3]); FCOSIS sets its own
+        self.improved = cfg.fcos_form != "original"
+        # one head shared by P3-P7
+        self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, self.strides, extra=extra,
+                             improved=self.improved)
+        # FCOSreg's assignment or weights ([IS 3.3]) read every location's segmentation labels
+        self.uses_masks = (cfg.ambiguity == "mask" or cfg.center_sampling_at == "mass"
+                           or cfg.reg_weights != (1.0, 0.0, 0.0))
 
     def heads(self, images):
         """`Method.heads`: (B, 3, H, W) -> the outputs of `self.head` (FCOSHead) and "features", the FPN maps."""
@@ -1472,9 +1466,13 @@ class FCOS(Method):
         out["features"] = features
         return out
 
-    def locations(self, hw, input_hw, device):
-        """`fcos_locations` of the head's levels in this model's convention (cfg.location_offset)."""
-        return fcos_locations(hw, self.strides, device, self.cfg.location_offset, input_hw)
+    def locations(self, hw, input_hw, device, strides=None):
+        """The locations of grids hw of the head's strides (or `strides`): `fcos_locations`, or
+        torchvision's for its weights."""
+        strides = self.strides if strides is None else strides
+        if self.cfg.fcos_form == "torchvision":  # torchvision's convention
+            return torchvision_locations(hw, strides, input_hw, device)
+        return fcos_locations(hw, strides, device)
 
     def decode(self, out, input_hw, image_sizes=None):
         """Head outputs -> detections (and masks), without the detections' `index`; boxes clipped to each image's
@@ -1522,7 +1520,8 @@ class FCOS(Method):
                     mass[b, :n] = center_of_mass(target["masks"], target["boxes"])
             assigned["seg"] = seg
             centers = mass if self.cfg.center_sampling_at == "mass" else None
-        assigned.update(fcos_targets(points, strides, boxes, labels, valid, radius=self.cfg.center_sampling,
+        radius = CENTER_SAMPLING if self.improved else 0.0
+        assigned.update(fcos_targets(points, strides, boxes, labels, valid, radius=radius,
                                      centers=centers, seg_labels=seg if self.cfg.ambiguity == "mask" else None,
                                      levels=levels))
         return assigned
@@ -1545,7 +1544,7 @@ class FCOS(Method):
         p = points[None].expand_as(assigned["ltrb"][..., :2])[pos]               # (M, 2)
         pred = torch.cat([p - out["ltrb"][pos][:, :2], p + out["ltrb"][pos][:, 2:]], 1)  # (M, 4)
         gt = torch.cat([p - assigned["ltrb"][pos][:, :2], p + assigned["ltrb"][pos][:, 2:]], 1)
-        if self.cfg.box_loss == "giou":  # torchvision's GIoU loss on the decoded boxes
+        if self.improved:  # torchvision's GIoU loss on the decoded boxes
             per_box = generalized_box_iou_loss(pred, gt, reduction="none")
         else:  # FCOS's IoU loss on the distances ([IS 3.1])
             per_box = iou_loss(out["ltrb"][pos], assigned["ltrb"][pos])
@@ -1586,8 +1585,9 @@ class FCOS(Method):
         ctr = self.score_weights(out)                                            # (B, P)
         B, P, C = cls.shape
         score = cls * ctr[..., None]                                             # (B, P, C)
-        # candidates: FCOS tests the class probability ("cls"), torchvision's FCOS sqrt(cls * ctr) ("score")
-        passed = (cls if cfg.score_threshold_on == "cls" else score.sqrt()) > cfg.score_threshold
+        # candidates: FCOS tests the class probability, torchvision's FCOS sqrt(cls * ctr)
+        tested = score.sqrt() if cfg.fcos_form == "torchvision" else cls
+        passed = tested > cfg.score_threshold
         score = torch.where(passed, score, torch.zeros_like(score))
         cand_scores, cand_index = [], []
         start = 0
@@ -1916,11 +1916,12 @@ def center_of_mass_loss(pred, target, valid, beta=1.0, normalizer=None):
 # -- the parametrised attention map [IS 3.2.1, 4.2] ---------------------------------------------
 
 
-def regressed_centers(center_offsets, stride, offset="half"):
-    """Head output (r_x, r_y) (B, 2, h, w) in stride units -> (x + s r_x, y + s r_y) (B, 2, h, w), input frame: the
-    centre each location votes for [IS 3.2.1]. offset: the location convention (`fcos_locations`)."""
+def regressed_centers(center_offsets, locations, stride):
+    """Head output (r_x, r_y) (B, 2, h, w) in stride units at the locations (h * w, 2) of its grid
+    (`FCOS.locations`) -> (x + s r_x, y + s r_y) (B, 2, h, w), input frame: the centre each
+    location votes for [IS 3.2.1]."""
     B, _, h, w = center_offsets.shape
-    loc = fcos_locations([(h, w)], [stride], center_offsets.device, offset)[0].t().reshape(1, 2, h, w)
+    loc = locations.t().reshape(1, 2, h, w)
     return loc + stride * center_offsets.float()
 
 
@@ -1939,86 +1940,86 @@ def nearest_center(dist2, batch, num_images):
     return argmin_per_image(dist2, batch, num_images)[batch] == ids[:, None]
 
 
-def duplicate_owners(boxes, scores, batch, iou_threshold, score_floor=0.0):
-    """Which object each detection stands for when detections compete for the attention map's locations at
-    inference (assign="image"): a class-agnostic greedy NMS per image at `iou_threshold` keeps one per object; a
-    suppressed one (a second class, a lower-scored copy) is owned by the highest-scored kept detection of its
-    image with IoU > iou_threshold, a kept one by itself. The competitors are the kept ones scoring at least
-    `score_floor`. boxes (N, 4) xyxy, scores (N,), batch (N,) -> owner (N,) int64, competes (N,) bool.
-    Not in [IS], which gives no test-time rule: ours, so that each object competes once, as the ground truth does
-    in training, and a weak false detection takes no locations from a confident one (METHODS.md, FCOSIS)."""
+# Inference: which detections compete for the locations (not in [IS], which gives no test-time rule:
+# ours, METHODS.md). Duplicates merge at FCOS's own NMS IoU ([FCOS] 4); only detections scoring
+# at least the floor take locations from others.
+MERGE_IOU, COMPETE_SCORE = 0.6, 0.5
+
+
+def detections_as_objects(boxes, scores, batch):
+    """Which object each detection stands for when detections compete for the attention map's
+    locations at inference, so that each object competes once, as the ground truth does in
+    training: a class-agnostic greedy NMS per image at MERGE_IOU keeps one detection per object;
+    a suppressed one (a second class, a lower-scored copy) stands for the highest-scored kept
+    detection of its image with IoU > MERGE_IOU, a kept one for itself. Only kept detections
+    scoring at least COMPETE_SCORE compete (a weak false detection takes no locations from a
+    confident one). boxes (N, 4) xyxy, scores (N,), batch (N,) -> object (N,) int64, the index of
+    the detection each stands for, and competes (N,) bool."""
     from torchvision.ops import batched_nms, box_iou
     N = len(boxes)
     kept = torch.zeros(N, dtype=torch.bool, device=boxes.device)
-    kept[batched_nms(boxes.float(), scores.float(), batch, iou_threshold)] = True       # (N,)
-    can_own = kept[None, :] & (batch[:, None] == batch[None, :]) \
-        & (box_iou(boxes.float(), boxes.float()) > iou_threshold)                        # (N, N)
-    best = torch.where(can_own, scores.float()[None, :], float("-inf")).argmax(1)         # (N,)
-    return torch.where(kept, torch.arange(N, device=boxes.device), best), kept & (scores >= score_floor)
+    kept[batched_nms(boxes.float(), scores.float(), batch, MERGE_IOU)] = True          # (N,)
+    can_stand_for = kept[None, :] & (batch[:, None] == batch[None, :]) \
+        & (box_iou(boxes.float(), boxes.float()) > MERGE_IOU)                          # (N, N)
+    best = torch.where(can_stand_for, scores.float()[None, :], float("-inf")).argmax(1)  # (N,)
+    obj = torch.where(kept, torch.arange(N, device=boxes.device), best)
+    return obj, kept & (scores >= COMPETE_SCORE)
 
 
-def nearest_center_among_owners(dist2, batch, num_images, owner=None, competes=None):
-    """Inference's `nearest_center`, duplicates competing as their object (`duplicate_owners`). The competitors C:
-    competes (N,) bool (None: the detections that own themselves); j counts q as its own when owner[j] wins q among
-    C, or, owner[j] not in C, among C and owner[j] (a weak detection takes nothing from others, but its confident
-    neighbours are distractors in its own map). owner (N,) (None: each its own); dist2 (N, P) -> (N, P) bool."""
+def nearest_competing_center(dist2, batch, num_images, obj, competes):
+    """Inference's `nearest_center` among the competing detections C (`detections_as_objects`):
+    j counts q as its own when its object obj[j] wins q among C, or, obj[j] not in C, among C
+    and obj[j] (a weak detection takes nothing from others, but its confident neighbours are
+    distractors in its own map). dist2 (N, P), batch, obj, competes (N,) -> (N, P) bool."""
     N, P = dist2.shape
-    ids = torch.arange(N, device=dist2.device)
-    owner = ids if owner is None else owner                                       # (N,)
-    comp = (owner == ids) if competes is None else competes                      # (N,)
-    in_c = torch.where(comp[:, None], dist2, float("inf"))                       # (N, P)
-    winner = argmin_per_image(in_c, batch, num_images)[batch]                    # (N, P), N: no competitor
+    in_c = torch.where(competes[:, None], dist2, float("inf"))                    # (N, P)
+    winner = argmin_per_image(in_c, batch, num_images)[batch]                     # (N, P), N: none
     best = torch.cat([in_c, in_c.new_full((1, P), float("inf"))]).gather(0, winner)  # (N, P)
-    return (winner == owner[:, None]) | (~comp[owner][:, None] & (dist2[owner] < best))
+    return (winner == obj[:, None]) | (~competes[obj][:, None] & (dist2[obj] < best))
 
 
-def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
-                   lam, mu, bbox_only=False, assign="image", owner=None, offset="half", competes=None,
-                   background="distractor_only"):
-    """The attention maps of [IS 3.2.1] of every colour group at one level. For instance j, location q, coarse
-    foreground f(q) and box B_j:
-        A_j(q) = 0             if q is outside B_j
-               = +lam * f(q)   if q is inside B_j and assigned to j
-               = -mu           if q is inside B_j and assigned to another instance (a distractor)
-    q goes to the instance whose centre is nearest the centre regressed at q (`nearest_center`); a group's map is
-    the sum of its instances' (their boxes do not overlap). regressed (B, 2, h, w) input frame (assignment only);
-    coarse_fg (B, 1, h, w) probabilities; q: `fcos_locations` of stride, offset; boxes (N, 4), centers (N, 2)
-    input frame (ground truth in training, detections at test); batch (N,); groups (N,) (`coloring_groups`).
-    bbox_only (Table 3c): lam on the whole box. background="own_background": j's own locations get
-    lam * f - mu * (1 - f) (METHODS.md, FCOSIS). assign="pass" (ablation): only j's colour group competes.
-    owner, competes: inference's duplicates (`nearest_center_among_owners`); None in training.
-    Returns (num_groups, 1, h, w) float32 (drawn on P2 from the P3 outputs, `FCOSIS.attention_inputs`)."""
+def attention_maps(q, regressed, coarse_fg, boxes, centers, batch, groups, num_groups, lam, mu,
+                   bbox_only=False, obj=None, competes=None):
+    """The attention maps of [IS 3.2.1] of every colour group on one grid. For instance j,
+    location q, coarse foreground f(q) and box B_j:
+        A_j(q) = 0                          if q is outside B_j
+               = lam f(q) - mu (1 - f(q))   if q is inside B_j and assigned to j
+               = -mu                        if q is inside B_j and assigned to another instance
+    "lam indicates foreground pixels on the object while -mu marks pixels which belong to the
+    background or distractor instances": the own background gets -mu too, weighed by f (a
+    probability; no threshold; the reading without it: METHODS.md). q goes to the instance of
+    its image whose centre is nearest the centre regressed at q (`nearest_center`); a group's map
+    is the sum of its instances' (their boxes do not overlap).
+        q (P, 2) the grid's locations; regressed (B, 2, h, w) input frame (assignment only);
+        coarse_fg (B, 1, h, w) probabilities; boxes (N, 4), centers (N, 2) input frame (ground
+        truth in training, detections at test); batch (N,); groups (N,) (`coloring_groups`)
+        bbox_only (Table 3c): lam on the whole box
+        obj, competes: inference's competitors (`detections_as_objects`); None in training
+    Returns (num_groups, 1, h, w) float32."""
     B, _, h, w = coarse_fg.shape
-    q = fcos_locations([(h, w)], [stride], coarse_fg.device, offset)[0]          # (P, 2) the locations
     in_box = inside(q[None], boxes.float()[:, None], "half-open")                # (N, P) q in B_j
     if bbox_only:
         per_instance = lam * in_box                                               # (N, P)
     else:
         dist2 = center_distances(regressed, centers, batch)                      # (N, P)
-        if assign == "pass":
-            mine = nearest_center(dist2, groups, num_groups)                      # (N, P) q assigned to j
-        elif owner is None and competes is None:  # training: the ground-truth objects of the image
-            mine = nearest_center(dist2, batch, B)
-        else:  # inference: the de-duplicated detections of the image
-            mine = nearest_center_among_owners(dist2, batch, B, owner, competes)
+        if obj is None:  # training: the ground-truth objects of the image
+            mine = nearest_center(dist2, batch, B)                                # (N, P) q is j's
+        else:  # inference: the competing detections of the image
+            mine = nearest_competing_center(dist2, batch, B, obj, competes)
         f = coarse_fg.float().flatten(1)[batch]                                   # (N, P) f(q)
-        own = lam * f if background == "distractor_only" else lam * f - mu * (1 - f)
-        per_instance = torch.where(mine, own, -mu) * in_box                       # (N, P) A_j(q)
+        per_instance = torch.where(mine, lam * f - mu * (1 - f), -mu) * in_box    # (N, P) A_j(q)
     out = per_instance.new_zeros(num_groups, h * w).index_add(0, groups, per_instance.float())
     return out.view(num_groups, 1, h, w)
 
 
 class AttentionMap(nn.Module):
-    """The learnable scalars of [IS 3.2.1]'s attention map, lam (foreground) and mu (background / distractor), both
-    initialised to 1. mode "segm" (the paper's), "mu0" (Table 3b: mu := 0, a buffer) or "bbox" (Table 3c: no mu,
-    no unused parameter under DDP); assign, offset, background: `attention_maps`, whose other arguments forward
-    takes (owner, competes last) -> (num_groups, 1, h, w)."""
+    """The learnable scalars of [IS 3.2.1]'s attention map, lam (foreground) and mu (background /
+    distractor), both initialised to 1. mode "segm" (the paper's), "mu0" (Table 3b: mu := 0, a
+    buffer) or "bbox" (Table 3c: no mu, no unused parameter under DDP). forward: the arguments of
+    `attention_maps` before lam -> (num_groups, 1, h, w)."""
 
-    def __init__(self, mode="segm", assign="image", offset="half", background="distractor_only"):
+    def __init__(self, mode="segm"):
         super().__init__()
-        self.assign = assign                                       # see `attention_maps`
-        self.offset = offset
-        self.background = background
         if mode not in ("segm", "mu0", "bbox"):
             raise ValueError(f"AttentionMap: mode must be 'segm', 'mu0' or 'bbox', got {mode!r}")
         self.mode = mode
@@ -2028,26 +2029,23 @@ class AttentionMap(nn.Module):
         else:
             self.register_buffer("mu", torch.tensor(0.0))          # fixed 0 [IS 4.2] / unused
 
-    def forward(self, regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups, owner=None,
+    def forward(self, q, regressed, coarse_fg, boxes, centers, batch, groups, num_groups, obj=None,
                 competes=None):
-        return attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
-                              self.lam, self.mu, bbox_only=self.mode == "bbox", assign=self.assign, owner=owner,
-                              offset=self.offset, competes=competes, background=self.background)
+        return attention_maps(q, regressed, coarse_fg, boxes, centers, batch, groups, num_groups,
+                              self.lam, self.mu, self.mode == "bbox", obj, competes)
 
 
 def apply_attention(features, attention, group_batch):
-    """The top-down connection [IS 3.2.1]: each colour group's image's FPN maps times its attention map, resized to
-    each level bilinearly where finer (align_corners=False: the locations stay aligned), by area averaging where
-    coarser (a 4x bilinear shrink would read 2 of every 4 cells). features [(B, C, h_i, w_i)] (P2, P3, P4);
-    attention (num_groups, 1, h, w); group_batch (num_groups,) -> [(num_groups, C, h_i, w_i)]."""
+    """The top-down connection [IS 3.2.1]: each colour group's image's FPN maps times its attention
+    map, drawn on P2 and shrunk onto each coarser level by area averaging (a 4x bilinear shrink
+    would read 2 of every 4 cells; [IS] says "bilinearly interpolated", METHODS.md).
+    features [(B, C, h_i, w_i)] (P2, P3, P4); attention (num_groups, 1, H/4, W/4);
+    group_batch (num_groups,) -> [(num_groups, C, h_i, w_i)]."""
     out = []
     for f in features:
-        if attention.shape[-2:] == f.shape[-2:]:
-            a = attention
-        elif f.shape[-1] < attention.shape[-1]:
+        a = attention
+        if a.shape[-2:] != f.shape[-2:]:
             a = F.interpolate(attention, size=f.shape[-2:], mode="area")           # (num_groups, 1, h_i, w_i)
-        else:
-            a = F.interpolate(attention, size=f.shape[-2:], mode="bilinear", align_corners=False)
         out.append(f[group_batch] * a.to(f.dtype))                                 # (num_groups, C, h_i, w_i)
     return out
 
@@ -2238,12 +2236,7 @@ class FCOSIS(FCOS):
         n = cfg.num_classes if (cfg.seg_classes == "specific" or cfg.attention == "none") else 1
         self.seg_head = SegmentationHead(c, c, n)
         self.aspp = ASPP(c, c) if cfg.attention == "none" else None
-        self.attention = None if cfg.attention == "none" else AttentionMap(cfg.attention, cfg.attention_assign,
-                                                                                 cfg.location_offset,
-                                                                                 cfg.attention_background)
-        # FCOSreg's assignment and weights where asked for: every location's segmentation labels ([IS 3.3])
-        self.uses_masks = (cfg.reg_weights != (1.0, 0.0, 0.0) or cfg.ambiguity == "mask"
-                           or cfg.center_sampling_at == "mass")
+        self.attention = None if cfg.attention == "none" else AttentionMap(cfg.attention)
 
     def box_weights(self, ctr, seg):
         """FCOS's hook: the box loss weighted by FCOSreg's w when reg_weights != (1, 0, 0); the centerness branch
@@ -2259,43 +2252,49 @@ class FCOSIS(FCOS):
             ctr = regression_weights(ctr, out["extra"][..., self.FOREGROUND].float().sigmoid(), self.cfg.reg_weights)
         return ctr
 
-    def p3_maps(self, out):
-        """The P3 outputs the attention map is built from: regressed centres (B, 2, h, w), coarse fg (B, 1, h, w)."""
+    def p3_maps(self, out, input_hw):
+        """The P3 outputs the attention map is built from: regressed centres (B, 2, h, w), coarse
+        fg (B, 1, h, w)."""
         h, w = out["hw"][0]
         p3 = out["extra"][:, :h * w].float().transpose(1, 2).reshape(-1, 3, h, w)   # (B, 3, h, w)
-        fg = self.FOREGROUND
-        return regressed_centers(p3[:, self.COM], self.strides[0], self.cfg.location_offset), p3[:, fg:fg + 1].sigmoid()
+        points = self.locations([(h, w)], input_hw, p3.device)[0]                # (h * w, 2)
+        fg = p3[:, self.FOREGROUND:self.FOREGROUND + 1].sigmoid()
+        return regressed_centers(p3[:, self.COM], points, self.strides[0]), fg
 
-    def attention_inputs(self, out, p2_hw):
-        """The P3 maps (`p3_maps`) on the attention map's grid, and its stride: "p2" (default) resampled bilinearly
-        onto P2 (exact inside the map: the centres are input-frame coordinates), "p3" P3's own. The resampling
-        follows the locations: "half", 8j + 4 -> 4k + 2 (align_corners=False); "zero", 8j -> 4k (align_corners=True
-        onto 2h - 1 cells, the last row / column repeated)."""
-        regressed, fg = self.p3_maps(out)                                        # (B, 2|1, H/8, W/8)
-        if self.cfg.attention_grid == "p3":
-            return regressed, fg, self.strides[0]
-        if self.cfg.location_offset == "zero":
+    def attention_inputs(self, out, p2_hw, input_hw):
+        """The P3 maps (`p3_maps`) resampled bilinearly onto the P2 grid, where the attention map is
+        drawn (exact inside the map: the centres are input-frame coordinates), and the P2
+        locations. The resampling follows the locations: FCOS's 8j + 4 -> 4k + 2
+        (align_corners=False); torchvision's 8j -> 4k (align_corners=True onto 2h - 1 cells, the
+        last row / column repeated)."""
+        regressed, fg = self.p3_maps(out, input_hw)                             # (B, 2|1, H/8, W/8)
+        q = self.locations([tuple(p2_hw)], input_hw, fg.device, strides=[self.strides[0] // 2])[0]
+        if self.cfg.fcos_form == "torchvision":  # torchvision's locations
             h, w = regressed.shape[-2:]
 
             def up(x):
                 y = F.interpolate(x, size=(2 * h - 1, 2 * w - 1), mode="bilinear", align_corners=True)
                 return F.pad(y, (0, 1, 0, 1), mode="replicate")[..., :p2_hw[0], :p2_hw[1]]
         else:
-            up = lambda x: F.interpolate(x, size=tuple(p2_hw), mode="bilinear", align_corners=False)  # noqa: E731
-        return up(regressed), up(fg), self.strides[0] // 2                       # (B, 2|1, H/4, W/4)
+            def up(x):
+                return F.interpolate(x, size=tuple(p2_hw), mode="bilinear", align_corners=False)
+        return q, up(regressed), up(fg)                                          # (B, 2|1, H/4, W/4)
 
-    def segment(self, features, out, boxes, centers, batch, labels, color_boxes=None, owner=None, competes=None):
-        """Mask logits (M, H/4, W/4) of M instances (boxes (M, 4), centres (M, 2) input frame, batch, labels (M,)),
-        one segmentation forward per colour group; owner, competes: inference's (`duplicate_owners`). Also returns
-        the attention maps (num_groups, 1, h, w) and groups (M,) (None for the "none" baseline)."""
+    def segment(self, features, out, input_hw, boxes, centers, batch, labels, color_boxes=None,
+                obj=None, competes=None):
+        """Mask logits (M, H/4, W/4) of M instances (boxes (M, 4), centres (M, 2) input frame,
+        batch, labels (M,)), one segmentation forward per colour group; obj, competes: inference's
+        (`detections_as_objects`). Also returns the attention maps (num_groups, 1, h, w) and
+        groups (M,) (None for the "none" baseline)."""
         p2_p4 = features[:3]                                                     # P2, P3, P4
         ch = labels if self.seg_head.predictor.out_channels > 1 else torch.zeros_like(labels)
         if self.attention is None:  # Table 3a: one class-wise map per image, ASPP on P4
             seg = self.seg_head([p2_p4[0], p2_p4[1], self.aspp(p2_p4[2])])       # (B, C, H/4, W/4)
             return seg[batch, ch], None, None
         groups, group_batch = coloring_groups(boxes if color_boxes is None else color_boxes, batch)
-        regressed, fg, stride = self.attention_inputs(out, p2_p4[0].shape[-2:])
-        att = self.attention(regressed, fg, stride, boxes, centers, batch, groups, len(group_batch), owner, competes)
+        q, regressed, fg = self.attention_inputs(out, p2_p4[0].shape[-2:], input_hw)
+        att = self.attention(q, regressed, fg, boxes, centers, batch, groups, len(group_batch), obj,
+                             competes)
         seg = self.seg_head(apply_attention(p2_p4, att, group_batch))            # (num_groups, n, H/4, W/4)
         return seg[groups, ch], att, groups
 
@@ -2314,11 +2313,7 @@ class FCOSIS(FCOS):
                   / reduce_mean(torch.full((), float(fg_target.numel()), device=device))}
         # centre-of-mass regression, in stride units
         mass = center_of_mass(masks, boxes)                                      # (M, 2)
-        if self.cfg.com_assignment == "mask":
-            matched = mask_assignment(points, masks, batch, B)                   # (B, P) flat index
-        else:  # FCOS positives (assigned["matched"] indexes each image's boxes: made flat)
-            first = first_box_index(targets, device)
-            matched = torch.where(x.assigned["matched"] >= 0, x.assigned["matched"] + first[:, None], -1)
+        matched = mask_assignment(points, masks, batch, B)                       # (B, P) flat index
         strides = torch.tensor(self.strides, device=device, dtype=torch.float32)[x.levels]
         com_target, valid = center_of_mass_targets(points, strides, matched, mass, masks)
         losses["com"] = center_of_mass_loss(extra[..., self.COM], com_target, valid,
@@ -2334,7 +2329,7 @@ class FCOSIS(FCOS):
         wh = boxes[:, 2:] - boxes[:, :2]
         pad = optimal_padding(fg_pixels, wh[:, 0], wh[:, 1]).float()             # (M,) [IS 3.2.2]
         color_boxes = boxes + pad[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
-        logits, _, _ = self.segment(features, out, boxes, mass, batch, labels, color_boxes)
+        logits, _, _ = self.segment(features, out, x.input_hw, boxes, mass, batch, labels, color_boxes)
         losses["mask"] = padded_crop_bce(logits.float(), masks, boxes) * M / num_instances
         return losses
 
@@ -2353,11 +2348,10 @@ class FCOSIS(FCOS):
         # each detection's centre: the centre of mass regressed at its own location
         s = torch.tensor(self.strides, device=device, dtype=torch.float32)[levels[index]]
         centers = points[index] + s[:, None] * out["extra"][batch, index, self.COM].float()
-        # duplicates compete as one object for the attention map's locations (`duplicate_owners`)
-        owner, competes = duplicate_owners(boxes, torch.cat([d["scores"] for d in dets]), batch,
-                                           self.cfg.assign_nms_threshold, self.cfg.assign_score_floor)
-        logits, att, groups = self.segment(features, out, boxes, centers, batch, labels, owner=owner,
-                                           competes=competes)
+        # duplicates compete as one object for the attention map's locations
+        obj, competes = detections_as_objects(boxes, torch.cat([d["scores"] for d in dets]), batch)
+        logits, att, groups = self.segment(features, out, x.input_hw, boxes, centers, batch, labels,
+                                           obj=obj, competes=competes)
         probs = F.interpolate(logits[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
         # cropped to the box: closed (`boxes_inside`), not this section's half-open rule (see its header)
         probs = probs.sigmoid() * boxes_inside(boxes, H, W)

@@ -29,10 +29,10 @@ from torch.utils.data import Subset
 from data import (COCO_BGR_MEAN, COCO_BGR_STD, IMAGENET_MEAN, IMAGENET_STD, load_rgb_image,
                   write_atomic)
 from eval import _base_dataset, _make_loader, _predict_batch, _unwrap_model
-from model import (FCOSIS, AttentionMap, CenterMask, FCOSForward, ModelConfig, assemble_masks,
-                   batch_masks, box_overlap_graph, boxes_inside, build_model, center_of_mass,
+from model import (FCOSIS, CenterMask, FCOSForward, ModelConfig, assemble_masks, batch_masks,
+                   box_overlap_graph, boxes_inside, build_model, center_of_mass,
                    center_of_mass_targets, centernet_heatmaps, coarse_foreground_targets,
-                   coloring_groups, fcos_locations, flatten_targets, mask_assignment, mask_targets,
+                   coloring_groups, flatten_targets, mask_assignment, mask_targets,
                    min_size_boxes, optimal_padding, saliency_targets, topk_peaks)
 
 
@@ -109,8 +109,8 @@ def fcosis_maps(model, images, k=8, score_threshold=0.3):
         "centre of mass field"  (h, w, 3) RGB: hue = angle of the regressed vector (r_x,
                                 r_y), brightness = coarse foreground (Fig. 3)
         "coarse foreground"     (h, w) sigmoid of the detection head's coarse segmentation
-        "attention map"         the attention map of the best detection's pass, on its own
-                                grid (H/4, W/4; (h, w) with attention_grid="p3")
+        "attention map"         the attention map of the best detection's pass, on the P2
+                                grid (H/4, W/4)
                                 (absent for the "none" baseline)
         "colour groups"         (H, W) int64: each detection's box (score >= threshold,
                                 best k) filled with 1 + its colour (one segmentation pass
@@ -132,10 +132,9 @@ def fcosis_maps(model, images, k=8, score_threshold=0.3):
         att, groups, batch = model.predict_masks(dets, x)
     finally:
         model.train(was_training)
-    regressed, fg = model.p3_maps(out)
+    regressed, fg = model.p3_maps(out, images.shape[-2:])
     h, w = fg.shape[-2:]
-    loc = fcos_locations([(h, w)], [model.strides[0]], images.device,
-                         model.cfg.location_offset)[0].t().reshape(1, 2, h, w)
+    loc = points[:h * w].t().reshape(1, 2, h, w)  # the P3 locations
     vec = regressed - loc  # (B, 2, h, w) input pixels
     hue = (torch.atan2(vec[:, 1], vec[:, 0]) / (2 * math.pi)) % 1.0          # (B, h, w) in [0, 1)
     H, W = images.shape[-2:]
@@ -457,8 +456,7 @@ def fcosis_targets(targets, H, W, cfg):
         matched (B, P)                     the object each location regresses (-1: none)
         mass (M, 2)                        centres of mass, input frame (`center_of_mass`)
         fg (B, P)                          coarse foreground target ([IS 3.2.1])
-        att, att_own (G, 1, H/4, W/4)      the attention map of every segmentation pass, in cfg's
-                                           reading and with -mu on the own background too
+        att (G, 1, H/4, W/4)               the attention map of every segmentation pass
         groups (M,), group_batch (G,)      the passes: Largest-First colours ([IS 3.2.1])
         color_boxes (M, 4)                 the boxes that were coloured (grown by the loss padding)
     The attention maps are what FCOSIS.segment builds in training, from detection-head outputs
@@ -466,11 +464,11 @@ def fcosis_targets(targets, H, W, cfg):
     the AttentionMap module (lambda = mu = 1, their initial values [IS 3.2.1]).
     """
     B = len(targets)
-    # a real FCOSIS (random weights, never run): its strides, attention_inputs and AttentionMap
+    # a real FCOSIS (random weights, never run): its locations, attention_inputs and AttentionMap
     with torch.random.fork_rng():
         net = build_model(cfg).eval()
     hw = [(-(-H // s), -(-W // s)) for s in net.strides]  # P3-P7 grids (ceil)
-    points, strides, _ = fcos_locations(hw, net.strides, offset=cfg.location_offset)
+    points, strides, _ = net.locations(hw, (H, W), "cpu")
     flat = flatten_targets(targets, 1)  # stride 1: input frame
     boxes, batch = flat["boxes"], flat["batch"]  # (M, 4), (M,)
     masks = batch_masks(targets, H, W, "cpu")  # (M, H, W)
@@ -490,15 +488,11 @@ def fcosis_targets(targets, H, W, cfg):
     groups, group_batch = coloring_groups(color_boxes, batch)  # (M,), (G,)
     # a detection head that meets its targets: "extra" = (r_x, r_y, coarse-foreground logit)
     out = {"hw": hw, "extra": torch.cat([target, torch.logit(fg, EPS)[..., None]], -1)}
-    regressed, coarse, stride = net.attention_inputs(out, (H // 4, W // 4))
-    passes = (regressed, coarse, stride, boxes, mass, batch, groups, len(group_batch))
+    q, regressed, coarse = net.attention_inputs(out, (H // 4, W // 4), (H, W))
     with torch.no_grad():  # exactly FCOSIS.segment's call, with training's arguments
-        att = net.attention(*passes)  # (G, 1, H/4, W/4)
-        own = AttentionMap(cfg.attention, cfg.attention_assign, cfg.location_offset,
-                           "own_background")
-        att_own = own(*passes)
+        att = net.attention(q, regressed, coarse, boxes, mass, batch, groups, len(group_batch))
     return dict(points=points, strides=strides, hw=hw, target=target, valid=valid,
-                matched=matched, mass=mass, fg=fg, att=att, att_own=att_own, groups=groups,
+                matched=matched, mass=mass, fg=fg, att=att, groups=groups,
                 group_batch=group_batch, boxes=boxes, batch=batch, color_boxes=color_boxes,
                 lam=net.attention.lam.item(), mu=net.attention.mu.item())
 
@@ -627,14 +621,14 @@ def draw_centermask_targets(rgbs, targets, names, path):
 
 def draw_fcosis_targets(rgbs, targets, names, path):
     """(a) image + boxes, (b) the centre-of-mass field on P3 (arrows), (c) the coarse
-    foreground, (d) the attention map of the image's first pass, (e) the same with -mu on the
-    own background too, (f) the Largest-First colouring, one row per image."""
+    foreground, (d) the attention map of the image's first pass, (e) the Largest-First
+    colouring, one row per image."""
     from matplotlib.patches import Rectangle
     H, W = rgbs[0].shape[:2]
     cfg = ModelConfig(method="fcosis", backbone="resnet18", num_classes=len(names))
     t = fcosis_targets(targets, H, W, cfg)
     P3, s3 = t["hw"][0][0] * t["hw"][0][1], float(t["strides"][0])  # P3's locations, stride 8
-    fig, axes, height = _figure(len(rgbs), 6, bottom=0.6)  # room for the legends
+    fig, axes, height = _figure(len(rgbs), 5, bottom=0.6)  # room for the legends
     for b, (rgb, ax) in enumerate(zip(rgbs, axes)):
         mine = (t["batch"] == b).nonzero()[:, 0]
         colors = _unit_colors(len(mine))
@@ -658,45 +652,43 @@ def draw_fcosis_targets(rgbs, targets, names, path):
                       linewidths=0.6, zorder=3)
         _show(ax[2], t["fg"][b, :P3].view(t["hw"][0]), H, W, cmap="gray", vmin=0, vmax=1)
         # (d) the image's first pass (colour 0: Largest-First colours the object with the most
-        # padded-box overlaps first) on the stride-4 P2 grid: +lambda x foreground where a
-        # location votes for this pass's object, -mu where it votes for a neighbour, 0 outside
-        # the pass's boxes; (e) the same pass with lambda x fg - mu x (1 - fg) on its own ones
+        # padded-box overlaps first) on the stride-4 P2 grid, inside the pass's boxes:
+        # lambda x fg - mu x (1 - fg) where a location votes for the box's object, -mu where it
+        # votes for a neighbour; 0 outside them. Dotted: the boxes of the other passes
         g = int((t["group_batch"] == b).nonzero()[0, 0])
         in_pass = (t["groups"][mine] == g).tolist()
-        for a, att in ((ax[3], t["att"]), (ax[4], t["att_own"])):
-            att_image = _show(a, att[g, 0], H, W, cmap="RdBu_r", vmin=-1, vmax=1)
-            for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-                a.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False,
+        att_image = _show(ax[3], t["att"][g, 0], H, W, cmap="RdBu_r", vmin=-1, vmax=1)
+        for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            ax[3].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False,
                                       lw=1.0 if in_pass[k] else 0.6, edgecolor=colors[k],
                                       ls="-" if in_pass[k] else ":"))
-        # (f) every box filled with its pass's colour; dashed: the padded box that was coloured
+        # (e) every box filled with its pass's colour; dashed: the padded box that was coloured
         # (overlapping padded boxes never share a pass)
-        _show(ax[5], _faded(rgb, 0.3), H, W)
+        _show(ax[4], _faded(rgb, 0.3), H, W)
         col = (t["groups"][mine] - t["groups"][mine].min()).tolist()  # 0..K-1 in the image
         for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
             c = PASS_COLORS[col[k] % len(PASS_COLORS)]
-            ax[5].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fc=c, alpha=0.35, ec=c, lw=1.2))
+            ax[4].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fc=c, alpha=0.35, ec=c, lw=1.2))
             px0, py0, px1, py1 = t["color_boxes"][mine[k]].tolist()
-            ax[5].add_patch(Rectangle((px0, py0), px1 - px0, py1 - py0, fill=False, ec=c, lw=0.8,
+            ax[4].add_patch(Rectangle((px0, py0), px1 - px0, py1 - py0, fill=False, ec=c, lw=0.8,
                                       ls="--"))
-            _number(ax[5], (x0 + x1) / 2, (y0 + y1) / 2, col[k] + 1, c, "round,pad=0.15",
+            _number(ax[4], (x0 + x1) / 2, (y0 + y1) / 2, col[k] + 1, c, "round,pad=0.15",
                     fontsize=7, ha="center", va="center")
     titles = ["(a) image + boxes", "(b) centre-of-mass field\nP3, stride 8 ([IS 3.2.1])",
               "(c) coarse foreground\nP3, stride 8 ([IS 3.2.1])",
               "(d) attention map, pass 1\nP2, stride 4 ([IS 3.2.1])",
-              "(e) the same, −μ also on\nthe own background",
-              "(f) colouring: 1 pass/colour\n([IS 3.2.1], Largest-First)"]
+              "(e) colouring: 1 pass/colour\n([IS 3.2.1], Largest-First)"]
     for a, title in zip(axes[0], titles):
         a.set_title(title, fontsize=8)
     fig.suptitle("What FCOSIS is taught: the targets model.py computes from the ground truth, "
                  "and the attention map they build", fontsize=10, y=1 - 0.06 / height, va="top")
-    # the attention maps' scale under their two columns: -mu, 0 (outside the boxes), +lambda
-    x0, x1 = axes[-1, 3].get_position().x0, axes[-1, 4].get_position().x1
+    # the attention map's scale under its column: -mu, 0 (outside the boxes), +lambda
+    x0, x1 = axes[-1, 3].get_position().x0, axes[-1, 3].get_position().x1
     cax = fig.add_axes((x0, 0.4 / height, x1 - x0, 0.1 / height))
     bar = fig.colorbar(att_image, cax=cax, orientation="horizontal",
                        ticks=(-t["mu"], 0, t["lam"]))
-    bar.ax.set_xticklabels([f"−μ = −{t['mu']:g}\n(neighbour; (e): also background)", "0",
-                            f"+λ·fg\n(λ = {t['lam']:g})"], fontsize=7)
+    bar.ax.set_xticklabels([f"−μ = −{t['mu']:g}\n(neighbour / background)", "0",
+                            f"+λ\n(λ = {t['lam']:g})"], fontsize=7)
     x0, x1 = axes[-1, 1].get_position().x0, axes[-1, 1].get_position().x1
     fig.text((x0 + x1) / 2, 0.45 / height, "arrow: location → its object's\ncentre of mass (✕)",
              fontsize=7, ha="center", va="top")

@@ -237,7 +237,7 @@ if init_from == "resume":
     except ValueError as e:
         sys.exit(f"train.py: init_from='resume': {e}")
     saved_config = (checkpoint.get("config") or {}) if isinstance(checkpoint, dict) else {}
-    updates = [(k, saved_config[k], "as the checkpoint was trained") for k in ("input_format", "location_offset")
+    updates = [(k, saved_config[k], "as the checkpoint was trained") for k in ("input_format", "fcos_form")
                if k in saved_config]
 elif init_from != "scratch":
     if ddp and not master:
