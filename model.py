@@ -55,61 +55,73 @@ from torchvision.ops import deform_conv2d
 
 
 METHODS = ("centermask", "fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")
-MASK_METHODS = ("centermask", "maskfcos", "centermask_fcos", "fcosis")          # the ones that segment
+MASK_METHODS = ("centermask", "maskfcos", "centermask_fcos", "fcosis")          # they segment
 FCOS_FAMILY = ("fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")      # ResNet-FPN + FCOS
 
 
 @dataclass
 class ModelConfig:
     """Architecture knobs of every method, grouped by the methods that read them (configurator.py's
-    config_groups; train.py stops a run that sets a key its method does not read). Checkpoints' `model_args`."""
-    # -- every method ------------------------------------------------------------------------------
+    config_groups; train.py stops a run that sets a key its method does not read). Checkpoints'
+    `model_args`."""
+    # -- every method ------------------------------------------------------------------------
     method: str = "centermask"        # which system build_model() makes (METHODS)
-    backbone: str = "dla34"           # CenterMask: "dla34" or "hourglass104" ([CM 3.5], Table 1b); the FCOS family:
-                                      # "resnet50", "resnet101", "resnext101_32x8d" ("resnet18"/"resnet34" CPU demos)
+    # CenterMask: "dla34" or "hourglass104" ([CM 3.5], Table 1b); the FCOS family: "resnet50",
+    # "resnet101", "resnext101_32x8d" ("resnet18" / "resnet34" for CPU demos)
+    backbone: str = "dla34"
     num_classes: int = 80             # COCO
     max_detections: int = 100         # top-K peaks ([CM 3.5]); detections after NMS ([FCOS] 4)
-    # -- every method that segments (MASK_METHODS) -------------------------------------------------
-    mask_threshold: float = None      # binarisation of mask probabilities; None: 0.4 for CenterMask(-FCOS) ([CM 3.5]),
-                                      # 0.5 for MaskFCOS (Mask R-CNN's, [IS 4]) and FCOSIS ([IS] gives none)
-    # -- CenterMask, backbone="dla34": DLA-34 + DLA-up -------------------------------------------
-    dcn: bool = True                  # DLA-up nodes: modulated deformable conv ([CN] 4) or plain 3x3
-    dla_channels: tuple = (16, 32, 64, 128, 256, 512)  # [DLA] Table 1, DLA-34; narrower only for CPU demos
-    # -- CenterMask, backbone="hourglass104" (CornerNet 3.5); smaller only for tests and CPU demos --
-    num_stacks: int = 2               # hourglass stacks, each with its own heads (CornerNet 3.5)
-    hg_dims: tuple = (256, 256, 384, 384, 384, 512)  # width per level: 5 downsamplings (CornerNet 3.5)
-    hg_modules: tuple = (2, 2, 2, 2, 2, 4)  # residual blocks per level; 4 in the middle (CornerNet 3.5)
-    # -- CenterMask: CenterNet's targets and losses ([CN] 3, [CM 3.4]) ---------------------------
-    mask_loss_grid: str = "output"    # grid of CenterMask's mask loss ([CM] eq. 2 gives none): "output" (stride R,
-                                      # ground truth average-pooled) or "input" (input pixels, binary ground truth)
-    # -- Local Shape x Global Saliency: CenterMask and CenterMask-FCOS ([CM 3]) -------------------
-    head_conv: int = 256              # hidden width of every head ([CN] 4: 256 for DLA and Hourglass)
+    # -- every method that segments (MASK_METHODS) -------------------------------------------
+    # binarisation of mask probabilities; None: 0.4 for CenterMask(-FCOS) ([CM 3.5]), 0.5 for
+    # MaskFCOS (Mask R-CNN's, [IS 4]) and FCOSIS ([IS] gives none)
+    mask_threshold: float = None
+    # -- CenterMask, backbone="dla34": DLA-34 + DLA-up ---------------------------------------
+    dcn: bool = True                  # DLA-up nodes: modulated deformable conv ([CN] 4) or 3x3
+    # [DLA] Table 1, DLA-34; narrower only for CPU demos
+    dla_channels: tuple = (16, 32, 64, 128, 256, 512)
+    # -- CenterMask, backbone="hourglass104" (CornerNet 3.5); smaller for tests and CPU demos --
+    num_stacks: int = 2               # hourglass stacks, each with its own heads
+    hg_dims: tuple = (256, 256, 384, 384, 384, 512)  # width per level: 5 downsamplings
+    hg_modules: tuple = (2, 2, 2, 2, 2, 4)  # residual blocks per level; 4 in the middle
+    # -- CenterMask: CenterNet's targets and losses ([CN] 3, [CM 3.4]) -----------------------
+    # grid of CenterMask's mask loss ([CM] eq. 2 gives none): "output" (stride R, ground truth
+    # average-pooled) or "input" (input pixels, binary ground truth)
+    mask_loss_grid: str = "output"
+    # -- Local Shape x Global Saliency: CenterMask and CenterMask-FCOS ([CM 3]) ---------------
+    head_conv: int = 256              # hidden width of every head ([CN] 4)
     shape_size: int = 32              # S: local shape is S x S ([CM 3.5], Table 1a)
-    use_shape: bool = True            # Local Shape branch ([CM 3.1]); False = saliency-only (Table 1c)
-    use_saliency: bool = True         # Global Saliency branch ([CM 3.2]); False = shape-only (Table 1d)
-    saliency: str = "agnostic"        # "agnostic" (1 channel) or "specific" (C channels), [CM 3.2], Table 1e
+    use_shape: bool = True            # Local Shape ([CM 3.1]); False: saliency only (Table 1c)
+    use_saliency: bool = True         # Global Saliency ([CM 3.2]); False: shape only (Table 1d)
+    saliency: str = "agnostic"        # or "specific" (C channels), [CM 3.2], Table 1e
     saliency_loss: bool = False       # direct BCE on class-specific saliency ([CM 4.1], Table 1f)
-    loss_weights: tuple = (1.0, 1.0, 0.1, 1.0)  # lambda_p, lambda_off, lambda_size, lambda_mask [CM 3.5]
-                                      # (CenterMask-FCOS reads lambda_mask only)
-    # -- the FCOS family (FCOS_FAMILY): ResNet-FPN and the FCOS detector ([FCOS], [IS 3.1]) -------
-    pretrained: bool = False          # ImageNet weights via torchvision (FCOS recipes: True; [CM 3.5]: from scratch)
-    norm: str = "frozen_bn"           # ResNet BN: "frozen_bn" (FCOS, ImageNet statistics) or "bn" (trainable, from scratch)
+    # lambda_p, lambda_off, lambda_size, lambda_mask [CM 3.5] (CenterMask-FCOS: lambda_mask only)
+    loss_weights: tuple = (1.0, 1.0, 0.1, 1.0)
+    # -- the FCOS family (FCOS_FAMILY): ResNet-FPN and the FCOS detector ([FCOS], [IS 3.1]) ---
+    pretrained: bool = False          # ImageNet weights (FCOS recipes; [CM 3.5]: from scratch)
+    # ResNet BN: "frozen_bn" (FCOS, ImageNet statistics) or "bn" (trainable, from scratch)
+    norm: str = "frozen_bn"
     freeze_at: int = 2                # frozen stem + res2, as FCOS; 0 = nothing frozen
     fpn_channels: int = 256           # FPN and head tower width ([FCOS] 3.2)
-    fcos_form: str = "improved"       # "original" ([FCOS], FCOS's code defaults: the [IS] configs), "improved"
-                                      # (FCOS's fcos_imprv_*, torchvision's), or "torchvision": the improved one
-                                      # with torchvision's two conventions, set for its weights (see `FCOS`)
+    # "original" ([FCOS], FCOS's code defaults: the [IS] configs), "improved" (FCOS's
+    # fcos_imprv_*, torchvision's), or "torchvision": the improved one with torchvision's two
+    # conventions, set for its weights (see `FCOS`)
+    fcos_form: str = "improved"
     score_threshold: float = 0.05     # candidate locations at inference ([FCOS] 4)
     nms_threshold: float = 0.6        # class-wise NMS IoU ([FCOS] 4)
-    # FCOSreg's assignment ([IS 3.3]); FCOS ("fcos") keeps its own values, the methods with masks may change them
-    ambiguity: str = ""               # "area" (FCOS: smallest box) or "mask" (FCOSreg [IS 3.3]); "": the method's own
-    reg_weights: tuple = ()           # (a, b, c) of FCOSreg's w ([IS 3.3] Fig. 6); (): (1,0,0) FCOS, (1/3,1/3,1/3) FCOSreg
-    center_sampling_at: str = "box"   # sampling centre: "box" or "mass" (the mask's centre of mass, [IS 3.3] Fig. 5)
-    # -- MaskFCOS ([IS 4], "Mask Prediction Head") -------------------------------------------------
-    mask_proposals: int = 64          # FCOS detections per image used as RoIs in training (N not given in [IS])
-    # -- FCOSIS ([IS 3.2]) -----------------------------------------------------------------------
-    attention: str = "segm"           # "segm" (the paper's map), Table 3: "mu0" (mu := 0), "bbox" (bbox only), "none" (no top-down)
-    seg_classes: str = "agnostic"     # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
+    # FCOSreg's assignment ([IS 3.3]); "fcos" keeps FCOS's, the methods with masks may change them
+    # "area" (FCOS: smallest box) or "mask" (FCOSreg [IS 3.3]); "": the method's own
+    ambiguity: str = ""
+    # (a, b, c) of FCOSreg's w ([IS 3.3] Fig. 6); (): (1, 0, 0) FCOS, (1/3, 1/3, 1/3) FCOSreg
+    reg_weights: tuple = ()
+    # sampling centre: "box" or "mass" (the mask's centre of mass, [IS 3.3] Fig. 5)
+    center_sampling_at: str = "box"
+    # -- MaskFCOS ([IS 4], "Mask Prediction Head") -------------------------------------------
+    mask_proposals: int = 64          # detections per image used as RoIs in training (not in [IS])
+    # -- FCOSIS ([IS 3.2]) -------------------------------------------------------------------
+    # "segm" (the paper's map); Table 3: "mu0" (mu := 0), "bbox" (bbox only), "none" (no top-down)
+    attention: str = "segm"
+    # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
+    seg_classes: str = "agnostic"
 
     def __post_init__(self):
         # tuples survive a round trip through a checkpoint's plain dict / the configurator
@@ -117,52 +129,59 @@ class ModelConfig:
         self.hg_dims = tuple(int(d) for d in self.hg_dims)
         self.hg_modules = tuple(int(m) for m in self.hg_modules)
         self.loss_weights = tuple(float(w) for w in self.loss_weights)
-        if self.saliency not in ("agnostic", "specific"):
-            raise ValueError(f"ModelConfig.saliency must be 'agnostic' or 'specific', got {self.saliency!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"ModelConfig.method: unknown method {self.method!r} "
+                             f"(known: {', '.join(METHODS)})")
+        self.ambiguity = self.ambiguity or ("mask" if self.method == "fcosreg" else "area")
+        for key, allowed in (("saliency", ("agnostic", "specific")), ("norm", ("frozen_bn", "bn")),
+                             ("ambiguity", ("area", "mask")),
+                             ("center_sampling_at", ("box", "mass")),
+                             ("attention", ("segm", "mu0", "bbox", "none")),
+                             ("seg_classes", ("agnostic", "specific")),
+                             ("mask_loss_grid", ("output", "input")),
+                             ("fcos_form", ("original", "improved", "torchvision"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"ModelConfig.{key} must be one of {allowed}, "
+                                 f"got {getattr(self, key)!r}")
         if not (self.use_shape or self.use_saliency):
             raise ValueError("ModelConfig: use_shape and use_saliency cannot both be False "
                              "(no mask branch left)")
         if self.backbone == "hourglass104":
             if len(self.hg_dims) != len(self.hg_modules) or len(self.hg_dims) < 2:
-                raise ValueError(f"ModelConfig: hg_dims {self.hg_dims} and hg_modules {self.hg_modules} "
-                                 "need the same length (>= 2: one entry per level, the last the middle)")
+                raise ValueError(f"ModelConfig: hg_dims {self.hg_dims} and hg_modules "
+                                 f"{self.hg_modules} need the same length (>= 2: one entry per "
+                                 "level, the last the middle)")
             if self.num_stacks < 1 or min(self.hg_modules) < 1:
                 raise ValueError("ModelConfig: num_stacks and every hg_modules entry must be >= 1")
-        if self.method not in METHODS:
-            raise ValueError(f"ModelConfig.method: unknown method {self.method!r} (known: {', '.join(METHODS)})")
-        fcos_family = self.method != "centermask"
-        if fcos_family and self.backbone in ("dla34", "hourglass104"):
+        centernet_backbones = ("dla34", "hourglass104")
+        if self.method != "centermask" and self.backbone in centernet_backbones:
             raise ValueError(f"ModelConfig: method {self.method!r} runs on a ResNet-FPN backbone "
-                             f"(backbone='resnet50', 'resnet101', 'resnext101_32x8d'), not {self.backbone!r}")
-        if not fcos_family and self.backbone not in ("dla34", "hourglass104"):
-            raise ValueError(f"ModelConfig: CenterMask runs on backbone='dla34' or 'hourglass104', not {self.backbone!r} "
-                             "(on a ResNet-FPN, use method='centermask_fcos')")
-        self.ambiguity = self.ambiguity or ("mask" if self.method == "fcosreg" else "area")
+                             "(backbone='resnet50', 'resnet101', 'resnext101_32x8d'), not "
+                             f"{self.backbone!r}")
+        if self.method == "centermask" and self.backbone not in centernet_backbones:
+            raise ValueError("ModelConfig: CenterMask runs on backbone='dla34' or 'hourglass104', "
+                             f"not {self.backbone!r} (on a ResNet-FPN, use "
+                             "method='centermask_fcos')")
         if self.mask_threshold is None:
             self.mask_threshold = 0.4 if self.method in ("centermask", "centermask_fcos") else 0.5
         if not 0.0 <= self.mask_threshold <= 1.0:
-            raise ValueError(f"ModelConfig.mask_threshold must be a probability in [0, 1], got {self.mask_threshold}")
+            raise ValueError("ModelConfig.mask_threshold must be a probability in [0, 1], got "
+                             f"{self.mask_threshold}")
         self.reg_weights = tuple(float(w) for w in self.reg_weights) or \
             ((1 / 3, 1 / 3, 1 / 3) if self.method == "fcosreg" else (1.0, 0.0, 0.0))
         if len(self.reg_weights) != 3 or abs(sum(self.reg_weights) - 1) > 1e-6:
-            raise ValueError(f"ModelConfig.reg_weights must be 3 numbers (a, b, c) summing to 1 ([IS 3.3]), "
-                             f"got {self.reg_weights}")
-        for key, allowed in (("ambiguity", ("area", "mask")), ("center_sampling_at", ("box", "mass")),
-                             ("norm", ("frozen_bn", "bn")), ("attention", ("segm", "mu0", "bbox", "none")),
-                             ("seg_classes", ("agnostic", "specific")), ("mask_loss_grid", ("output", "input")),
-                             ("fcos_form", ("original", "improved", "torchvision"))):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"ModelConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+            raise ValueError("ModelConfig.reg_weights must be 3 numbers (a, b, c) summing to 1 "
+                             f"([IS 3.3]), got {self.reg_weights}")
         if self.method == "fcos" and (self.ambiguity == "mask" or self.center_sampling_at == "mass"
                                       or self.reg_weights != (1.0, 0.0, 0.0)):
-            raise ValueError("ModelConfig: ambiguity='mask', center_sampling_at='mass' and reg_weights need the "
-                             "masks: use method='fcosreg' ([IS 3.3])")
+            raise ValueError("ModelConfig: ambiguity='mask', center_sampling_at='mass' and "
+                             "reg_weights need the masks: use method='fcosreg' ([IS 3.3])")
         if self.mask_loss_grid != "output" and self.method != "centermask":
-            raise ValueError(f"ModelConfig.mask_loss_grid={self.mask_loss_grid!r} is CenterMask's (method='centermask'); "
-                             f"{self.method!r} has its own mask loss")
+            raise ValueError(f"ModelConfig.mask_loss_grid={self.mask_loss_grid!r} is CenterMask's "
+                             f"(method='centermask'); {self.method!r} has its own mask loss")
         if self.saliency_loss and self.method not in ("centermask", "centermask_fcos"):
-            raise ValueError("ModelConfig.saliency_loss (Table 1f) is CenterMask's (method='centermask' or "
-                             "'centermask_fcos')")
+            raise ValueError("ModelConfig.saliency_loss (Table 1f) is CenterMask's "
+                             "(method='centermask' or 'centermask_fcos')")
         if self.saliency_loss and self.saliency != "specific":
             raise ValueError("ModelConfig.saliency_loss=True needs saliency='specific' "
                              "(the direct supervision of [CM] Table 1f is per class)")
@@ -209,7 +228,8 @@ class Method(nn.Module):
 # objects, in the same order in every forward. DDP needs it (every process makes the same collective calls), and
 # so does gradient accumulation (accumulate.py hands a micro-batch's j-th call the whole batch's j-th count).
 
-normalizer_hook = None  # accumulate.MicroBatchNormalizers while it records or replays; None otherwise
+# accumulate.MicroBatchNormalizers while it records or replays; None otherwise
+normalizer_hook = None
 
 
 def mean_over_processes(x):
@@ -235,7 +255,8 @@ def reduce_mean(x):
 #                                masks (the same pixels with and without the local shape; flips stay exact)
 #   "open"       x0 <  x <  x1   FCOS's locations (`fcos_targets`): an edge location would regress a zero side
 #   "half-open"  x0 <= x <  x1   FCOSIS's attention map and padded crop ([IS 3.2.2]'s slice S[y0:y1, x0:x1])
-INSIDE_RULES = {"closed": (torch.ge, torch.le), "open": (torch.gt, torch.lt), "half-open": (torch.ge, torch.lt)}
+INSIDE_RULES = {"closed": (torch.ge, torch.le), "open": (torch.gt, torch.lt),
+                "half-open": (torch.ge, torch.lt)}
 
 
 def between(v, lo, hi, rule):
@@ -261,16 +282,20 @@ def inside(points, boxes, rule):
 def image_index(counts, device=None):
     """The flat layout's `batch`: counts (Python ints, objects per image) -> (M,) int64, the image of each object;
     (2, 0, 1) -> [0, 0, 2]. torch.repeat_interleave(arange(B), counts) without reading back from the device."""
-    return torch.cat([torch.full((n,), b, dtype=torch.long, device=device) for b, n in enumerate(counts)])
+    return torch.cat([torch.full((n,), b, dtype=torch.long, device=device)
+                      for b, n in enumerate(counts)])
 
 
 def flatten_targets(targets, stride):
     """Every object of B >= 1 target dicts as flat tensors, M objects -> dict: batch (M,) image index; labels (M,);
     boxes (M, 4) xyxy, output frame (input / stride); center (M, 2) box centre, output frame; center_int (M, 2)
     floor(center); wh (M, 2) box width, height in output pixels."""
-    boxes = torch.cat([target["boxes"].reshape(-1, 4).float() for target in targets]) / stride  # (M, 4)
-    labels = torch.cat([target["labels"].reshape(-1).long() for target in targets])             # (M,)
-    batch = image_index([len(target["labels"]) for target in targets], boxes.device)            # (M,)
+    # (M, 4)
+    boxes = torch.cat([target["boxes"].reshape(-1, 4).float() for target in targets]) / stride
+    # (M,)
+    labels = torch.cat([target["labels"].reshape(-1).long() for target in targets])
+    # (M,)
+    batch = image_index([len(target["labels"]) for target in targets], boxes.device)
     center = (boxes[:, :2] + boxes[:, 2:]) / 2
     return dict(batch=batch, labels=labels, boxes=boxes, center=center,
                 center_int=center.floor().long(), wh=boxes[:, 2:] - boxes[:, :2])
@@ -278,8 +303,9 @@ def flatten_targets(targets, stride):
 
 def batch_masks(targets, H, W, device):
     """The ground-truth masks in the flat layout, zero-padded bottom/right to the batch: (M, H, W) on `device`."""
-    return torch.cat([F.pad(target["masks"], (0, W - target["masks"].shape[-1], 0, H - target["masks"].shape[-2]))
-                      for target in targets]).to(device)
+    padded = [F.pad(t["masks"], (0, W - t["masks"].shape[-1], 0, H - t["masks"].shape[-2]))
+              for t in targets]
+    return torch.cat(padded).to(device)
 
 
 def first_box_index(targets, device):
@@ -1181,7 +1207,8 @@ def load_resnet(name, pretrained=False, norm="frozen_bn"):
     except Exception as e:  # URLError, OSError, hash mismatch, ...
         raise RuntimeError(
             f"could not load the ImageNet weights of {name} ({type(e).__name__}: {e}). They are "
-            f"downloaded from download.pytorch.org into {torch.hub.get_dir()}/checkpoints on first use; "
+            f"downloaded from download.pytorch.org into {torch.hub.get_dir()}/checkpoints on first "
+            "use; "
             "without a network, copy the file there or train from scratch with --pretrained=False "
             "(ModelConfig.pretrained)") from e
 
@@ -1192,13 +1219,14 @@ class ResNetFPN(nn.Module):
     P7 stride-2 3x3 convs on P5 and ReLU(P6) ([FCOS] 3.2). norm="frozen_bn", freeze_at=2: BN frozen to ImageNet
     statistics, stem and res2 frozen, as FCOS; "bn" with freeze_at=0 trains from scratch."""
 
-    def __init__(self, name="resnet50", first_level=3, channels=256, pretrained=False, norm="frozen_bn",
-                 freeze_at=2):
+    def __init__(self, name="resnet50", first_level=3, channels=256, pretrained=False,
+                 norm="frozen_bn", freeze_at=2):
         super().__init__()
         from torchvision.ops import FeaturePyramidNetwork
         from torchvision.ops.feature_pyramid_network import LastLevelP6P7
         if name not in RESNETS:
-            raise ValueError(f"ModelConfig.backbone: unknown ResNet {name!r} (known: {sorted(RESNETS)})")
+            raise ValueError(f"ModelConfig.backbone: unknown ResNet {name!r} "
+                             f"(known: {sorted(RESNETS)})")
         body = load_resnet(name, pretrained, norm)
         self.stem = nn.Sequential(body.conv1, body.bn1, body.relu, body.maxpool)    # stride 4
         self.stages = nn.ModuleList([body.layer1, body.layer2, body.layer3, body.layer4])  # C2..C5
@@ -1206,7 +1234,8 @@ class ResNetFPN(nn.Module):
             m.requires_grad_(False)
         self.first_level = first_level
         in_channels = list(RESNETS[name][2][first_level - 2:])
-        self.fpn = FeaturePyramidNetwork(in_channels, channels, extra_blocks=LastLevelP6P7(channels, channels))
+        self.fpn = FeaturePyramidNetwork(in_channels, channels,
+                                         extra_blocks=LastLevelP6P7(channels, channels))
         self.strides = [2 ** k for k in range(first_level, 8)]   # P_first .. P7
         self.out_channels = channels
         self.size_divisibility = 32                              # P5 aligns exactly
@@ -1229,7 +1258,8 @@ FCOS_SIZE_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), 
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # the classification's focal loss ([FCOS] 3.1, RetinaNet's)
 PRE_NMS_TOP_N = 1000                  # candidates per level before the NMS ([FCOS] 4)
 HEAD_CONVS = 4                        # convs per head tower ([FCOS] Fig. 2)
-CENTER_SAMPLING = 1.5                 # the improved form's centre sampling, in strides (FCOS's code)
+# the improved form's centre sampling, in strides (FCOS's code)
+CENTER_SAMPLING = 1.5
 
 
 def fcos_locations(hw_per_level, strides, device=None):
@@ -1241,7 +1271,8 @@ def fcos_locations(hw_per_level, strides, device=None):
     for level, ((h, w), s) in enumerate(zip(hw_per_level, strides)):
         ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
                                 indexing="ij")
-        points.append(torch.stack([xs.reshape(-1) * s + s // 2, ys.reshape(-1) * s + s // 2], 1).float())
+        xy = [xs.reshape(-1) * s + s // 2, ys.reshape(-1) * s + s // 2]
+        points.append(torch.stack(xy, 1).float())
         point_strides.append(torch.full((h * w,), float(s), device=device))
         levels.append(torch.full((h * w,), level, dtype=torch.long, device=device))
     return torch.cat(points), torch.cat(point_strides), torch.cat(levels)
@@ -1257,13 +1288,14 @@ def torchvision_locations(hw_per_level, strides, input_hw, device=None):
     for h, w in hw_per_level:
         ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
                                 indexing="ij")
-        points.append(torch.stack([xs.reshape(-1) * (W // w), ys.reshape(-1) * (H // h)], 1).float())
+        xy = [xs.reshape(-1) * (W // w), ys.reshape(-1) * (H // h)]
+        points.append(torch.stack(xy, 1).float())
     _, point_strides, levels = fcos_locations(hw_per_level, strides, device)
     return torch.cat(points), point_strides, levels
 
 
-def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, centers=None, seg_labels=None,
-                 levels=None):
+def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, centers=None,
+                 seg_labels=None, levels=None):
     """FCOS's per-location targets ([IS 3.1] eq. 1, [FCOS] 3.1-3.3) of a batch.
         points (P, 2) xy input frame; strides (P,), whose rank picks the level's range [lo, hi] of
             max(l*, t*, r*, b*) in FCOS_SIZE_RANGES (8 -> P3 -> [0, 64], ...)
@@ -1305,19 +1337,22 @@ def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, ce
         in_region = ltrb.amin(-1) > 0
     # "open" (`inside`): strict > 0 on every distance, as FCOS's `min(dim=1)[0] > 0`
     m = ltrb.amax(-1)                                                            # (B, P, N)
-    candidate = in_region & (m >= size_ranges[None, :, 0:1]) & (m <= size_ranges[None, :, 1:2]) & valid[:, None, :]
+    in_range = (m >= size_ranges[None, :, 0:1]) & (m <= size_ranges[None, :, 1:2])
+    candidate = in_region & in_range & valid[:, None, :]
     if seg_labels is not None:
         # FCOSreg: keep only the candidates with the highest segmentation label
         s = torch.where(candidate, seg_labels.transpose(1, 2).float(), torch.full_like(m, -1.0))
         candidate = candidate & (s == s.amax(-1, keepdim=True))
     area = ((x1 - x0) * (y1 - y0)).expand(B, P, N)
-    min_area, matched = torch.where(candidate, area, torch.full_like(area, math.inf)).min(-1)  # (B, P)
+    # (B, P)
+    min_area, matched = torch.where(candidate, area, torch.full_like(area, math.inf)).min(-1)
     positive = min_area < math.inf
     matched = torch.where(positive, matched, torch.full_like(matched, -1))
     ltrb = ltrb.gather(2, matched.clamp(min=0)[:, :, None, None].expand(B, P, 1, 4))[:, :, 0]
     ltrb = ltrb * positive[..., None]                                           # (B, P, 4)
     l, t, r, b = ltrb.clamp(min=1e-6).unbind(-1)  # clamp: negatives give 0 / 0
-    centerness = torch.sqrt(torch.minimum(l, r) / torch.maximum(l, r) * torch.minimum(t, b) / torch.maximum(t, b))
+    centerness = torch.sqrt(torch.minimum(l, r) / torch.maximum(l, r)
+                            * torch.minimum(t, b) / torch.maximum(t, b))
     out = {"matched": matched, "ltrb": ltrb, "centerness": centerness * positive}
     if labels is not None:
         lab = labels.gather(1, matched.clamp(min=0))
@@ -1338,7 +1373,8 @@ def iou_loss(pred, target):
     min(b, b*)), U = area + area* - I. FCOS's +1 counts in input pixels, as its original form."""
     l, t, r, b = pred.unbind(1)
     l_, t_, r_, b_ = target.unbind(1)
-    inter = (torch.minimum(l, l_) + torch.minimum(r, r_)) * (torch.minimum(t, t_) + torch.minimum(b, b_))  # (M,)
+    inter = (torch.minimum(l, l_) + torch.minimum(r, r_)) \
+        * (torch.minimum(t, t_) + torch.minimum(b, b_))                           # (M,)
     union = (l + r) * (t + b) + (l_ + r_) * (t_ + b_) - inter
     return -torch.log((inter + 1) / (union + 1))
 
@@ -1364,7 +1400,8 @@ class FCOSHead(nn.Module):
         def tower():
             layers = []
             for _ in range(num_convs):
-                layers += [nn.Conv2d(cin, cin, 3, padding=1), nn.GroupNorm(32, cin), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(cin, cin, 3, padding=1), nn.GroupNorm(32, cin),
+                           nn.ReLU(inplace=True)]
             return nn.Sequential(*layers)
         self.cls_tower, self.box_tower = tower(), tower()
         self.cls_logits = nn.Conv2d(cin, num_classes, 3, padding=1)
@@ -1373,7 +1410,8 @@ class FCOSHead(nn.Module):
         self.extra = nn.Conv2d(cin, extra, 3, padding=1) if extra else None
         self.scales = nn.Parameter(torch.ones(len(self.strides)))               # [FCOS] 3.2
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # [FCOS] 4: "initialized as in RetinaNet": N(0, 0.01), bias 0
+            # [FCOS] 4: "initialized as in RetinaNet": N(0, 0.01), bias 0
+            if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.constant_(m.bias, 0)
         # prior 0.01 for the foreground at the start ([FCOS] 4, RetinaNet's pi)
@@ -1392,25 +1430,32 @@ class FCOSHead(nn.Module):
             if self.extra is not None:
                 out["extra"].append(self.extra(b).flatten(2))
             out["box_features"].append(b)
-        res = {k: torch.cat(v, 2).transpose(1, 2) for k, v in out.items() if v and k != "box_features"}
+        res = {k: torch.cat(v, 2).transpose(1, 2) for k, v in out.items()
+               if v and k != "box_features"}
         res["centerness"] = res["centerness"][..., 0]                            # (B, P)
         res["box_features"] = out["box_features"]
-        res["hw"] = [tuple(b.shape[-2:]) for b in out["box_features"]]          # (h_l, w_l) per level
+        # (h_l, w_l) per level
+        res["hw"] = [tuple(b.shape[-2:]) for b in out["box_features"]]
         return res
 
 
 @dataclass
 class FCOSForward:
     """One forward of the FCOS detector, as its hooks `extra_losses(x)` and `postprocess(x)` read it."""
-    out: dict                  # head outputs (FCOSHead): "cls" (B, P, C), "ltrb" (B, P, 4), "centerness"
+    # head outputs (FCOSHead): "cls" (B, P, C), "ltrb" (B, P, 4), "centerness"
+    out: dict
                                # (B, P), "extra" (B, P, n) where a method asks for it, "hw" per level
-    features: list             # the FPN maps, finest first ((B, c, H/s, W/s) each; P3-P7, FCOSIS P2-P7)
-    points: torch.Tensor       # (P, 2) every location, input frame (`fcos_locations`), levels concatenated
+    # the FPN maps, finest first ((B, c, H/s, W/s) each; P3-P7, FCOSIS P2-P7)
+    features: list
+    # (P, 2) every location, input frame (`fcos_locations`), levels concatenated
+    points: torch.Tensor
     levels: torch.Tensor       # (P,) int64 index of each location's level in the model's `strides`
     input_hw: tuple            # (H, W) of the padded batch
     targets: list = None       # training: the B target dicts (data.py; "boxes", "labels", "masks")
-    assigned: dict = None      # training: every location's FCOS targets and the padded boxes (`FCOS.assign`)
-    image_sizes: list = None   # inference: B (h, w), each image before padding (None: input_hw for all)
+    # training: every location's FCOS targets and the padded boxes (`FCOS.assign`)
+    assigned: dict = None
+    # inference: B (h, w), each image before padding (None: input_hw for all)
+    image_sizes: list = None
 
 
 class FCOS(Method):
@@ -1444,13 +1489,12 @@ class FCOS(Method):
     def __init__(self, cfg: ModelConfig, extra=0, first_level=3):
         super().__init__()
         self.cfg = cfg
-        if cfg.backbone not in RESNETS:
-            raise ValueError(f"ModelConfig.backbone: {cfg.backbone!r} is not available for {cfg.method} "
-                             f"(known: {sorted(RESNETS)})")
-        self.backbone = ResNetFPN(cfg.backbone, first_level, cfg.fpn_channels, cfg.pretrained, cfg.norm, cfg.freeze_at)
+        self.backbone = ResNetFPN(cfg.backbone, first_level, cfg.fpn_channels, cfg.pretrained,
+                                  cfg.norm, cfg.freeze_at)
         self.size_divisibility = self.backbone.size_divisibility
         self.fcos_levels = slice(3 - first_level, None)   # P3-P7 of the FPN maps
-        self.strides = self.backbone.strides[self.fcos_levels]                   # [8, 16, 32, 64, 128]
+        # [8, 16, 32, 64, 128]
+        self.strides = self.backbone.strides[self.fcos_levels]
         self.improved = cfg.fcos_form != "original"
         # one head shared by P3-P7
         self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, self.strides, extra=extra,
@@ -1491,8 +1535,10 @@ class FCOS(Method):
         features = out.pop("features")
         points, strides, levels = self.locations(out["hw"], images.shape[-2:], images.device)
         if targets is None:
-            raise ValueError(f"{type(self).__name__} in train mode needs targets (call model.eval() for inference)")
-        with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (bf16/fp16 logs and sums lose precision)
+            raise ValueError(f"{type(self).__name__} in train mode needs targets "
+                             "(call model.eval() for inference)")
+        # losses in fp32 (bf16/fp16 logs and sums lose precision)
+        with torch.autocast(images.device.type, enabled=False):
             out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
             losses, assigned = self.detection_losses(out, points, strides, targets, levels)
         # the mask branches run their convs under autocast and cast their logits to fp32
@@ -1521,9 +1567,9 @@ class FCOS(Method):
             assigned["seg"] = seg
             centers = mass if self.cfg.center_sampling_at == "mass" else None
         radius = CENTER_SAMPLING if self.improved else 0.0
-        assigned.update(fcos_targets(points, strides, boxes, labels, valid, radius=radius,
-                                     centers=centers, seg_labels=seg if self.cfg.ambiguity == "mask" else None,
-                                     levels=levels))
+        seg_labels = seg if self.cfg.ambiguity == "mask" else None
+        assigned.update(fcos_targets(points, strides, boxes, labels, valid, radius, centers,
+                                     seg_labels, levels))
         return assigned
 
     def detection_losses(self, out, points, strides, targets, levels=None):
@@ -1533,8 +1579,8 @@ class FCOS(Method):
         num_pos = reduce_mean(pos.sum().float()).clamp(min=1.0)
         onehot = torch.zeros_like(out["cls"])                                    # (B, P, C)
         onehot[pos, assigned["labels"][pos]] = 1.0
-        losses = {"cls": sigmoid_focal_loss(out["cls"], onehot, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA,
-                                            reduction="sum") / num_pos}
+        focal = sigmoid_focal_loss(out["cls"], onehot, FOCAL_ALPHA, FOCAL_GAMMA, reduction="sum")
+        losses = {"cls": focal / num_pos}
         ctr = assigned["centerness"][pos]                                        # (M,)
         seg = None  # FCOSreg's segmentation label of each positive with its own object ([IS 3.3])
         if "seg" in assigned and self.cfg.reg_weights != (1.0, 0.0, 0.0):
@@ -1549,8 +1595,9 @@ class FCOS(Method):
         else:  # FCOS's IoU loss on the distances ([IS 3.1])
             per_box = iou_loss(out["ltrb"][pos], assigned["ltrb"][pos])
         losses["box"] = (per_box * weight).sum() / reduce_mean(weight.sum()).clamp(min=1e-6)
-        losses["centerness"] = F.binary_cross_entropy_with_logits(out["centerness"][pos], ctr_target,
-                                                                  reduction="sum") / num_pos
+        bce = F.binary_cross_entropy_with_logits(out["centerness"][pos], ctr_target,
+                                                 reduction="sum")
+        losses["centerness"] = bce / num_pos
         return losses, assigned
 
     def box_weights(self, ctr, seg):
@@ -1591,7 +1638,8 @@ class FCOS(Method):
         score = torch.where(passed, score, torch.zeros_like(score))
         cand_scores, cand_index = [], []
         start = 0
-        for n in [h * w for h, w in out["hw"]]:                                  # top 1000 per level
+        # top 1000 per level
+        for n in [h * w for h, w in out["hw"]]:
             s = score[:, start:start + n].reshape(B, -1)                         # (B, n*C)
             v, i = s.topk(min(PRE_NMS_TOP_N, s.shape[1]), dim=1)
             cand_scores.append(v)
@@ -1608,8 +1656,10 @@ class FCOS(Method):
             boxes = torch.cat([p - d[:, :2], p + d[:, 2:]], 1)
             boxes = torch.stack([boxes[:, 0].clamp(0, W), boxes[:, 1].clamp(0, H),
                                  boxes[:, 2].clamp(0, W), boxes[:, 3].clamp(0, H)], 1)
-            keep = batched_nms(boxes, s, lab, cfg.nms_threshold)[:max_detections or cfg.max_detections]
-            results.append({"boxes": boxes[keep], "scores": s[keep], "labels": lab[keep], "index": lo[keep]})
+            keep = batched_nms(boxes, s, lab, cfg.nms_threshold)
+            keep = keep[:max_detections or cfg.max_detections]
+            results.append({"boxes": boxes[keep], "scores": s[keep], "labels": lab[keep],
+                            "index": lo[keep]})
         return results
 
     def postprocess(self, x: FCOSForward):
@@ -1638,7 +1688,8 @@ def mask_targets(gt_masks, gt_index, boxes, size):
     if len(boxes) == 0:
         return torch.zeros(0, size, size, device=boxes.device)
     rois = torch.cat([gt_index[:, None].float(), boxes.float()], 1)              # (K, 5)
-    return roi_align(gt_masks[:, None].float(), rois, size, 1.0, sampling_ratio=2, aligned=True)[:, 0]
+    masks = gt_masks[:, None].float()
+    return roi_align(masks, rois, size, 1.0, sampling_ratio=2, aligned=True)[:, 0]
 
 
 class MaskFCOS(FCOS):
@@ -1655,8 +1706,10 @@ class MaskFCOS(FCOS):
         layers = []
         for _ in range(4):
             layers += [nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True)]
-        layers += [nn.ConvTranspose2d(c, c, 2, stride=2), nn.ReLU(inplace=True), nn.Conv2d(c, cfg.num_classes, 1)]
-        self.mask_head = nn.Sequential(*layers)                                   # (K, c, 14, 14) -> (K, C, 28, 28)
+        layers += [nn.ConvTranspose2d(c, c, 2, stride=2), nn.ReLU(inplace=True),
+                   nn.Conv2d(c, cfg.num_classes, 1)]
+        # (K, c, 14, 14) -> (K, C, 28, 28)
+        self.mask_head = nn.Sequential(*layers)
         for m in self.mask_head.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):  # Mask R-CNN's init
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -1695,12 +1748,15 @@ class MaskFCOS(FCOS):
             if len(gt):
                 props = torch.cat([gt, d["boxes"]])
                 iou, idx = box_iou(props, gt).max(1)                             # (R,)
-                keep = iou >= 0.5                                                # GT boxes always match
+                # GT boxes always match
+                keep = iou >= 0.5
                 rois.append(props[keep])
-                gt_index.append(idx[keep])                                       # among the image's boxes
+                # among the image's boxes
+                gt_index.append(idx[keep])
             counts.append(len(rois[-1]) if len(gt) else 0)
         S = MASK_SIZE
-        num_pixels = reduce_mean(torch.full((), float(sum(counts) * S * S), device=device)).clamp(min=1)
+        num_pixels = torch.full((), float(sum(counts) * S * S), device=device)
+        num_pixels = reduce_mean(num_pixels).clamp(min=1)
         if not rois:  # no objects in the batch: keep the mask head in the graph (DDP)
             return {"mask": sum(p.sum() * 0 for p in self.mask_head.parameters())}
         batch, rois = image_index(counts, device), torch.cat(rois)               # (K,), (K, 4)
@@ -1710,19 +1766,23 @@ class MaskFCOS(FCOS):
         mask_target = (mask_targets(gt_masks, gt_index, rois, S) >= 0.5).float()  # (K, 28, 28)
         logits = self.mask_logits(features, batch, rois, gt_labels[gt_index]).float()
         # mean pixel BCE, the pixel count averaged over processes (reduce_mean)
-        return {"mask": F.binary_cross_entropy_with_logits(logits, mask_target, reduction="sum") / num_pixels}
+        bce = F.binary_cross_entropy_with_logits(logits, mask_target, reduction="sum")
+        return {"mask": bce / num_pixels}
 
     def postprocess(self, x: FCOSForward):
         dets = self.detect(x)
         device = x.points.device
-        batch = image_index([len(d["boxes"]) for d in dets], device)            # (K,) over the batch
-        boxes, labels = torch.cat([d["boxes"] for d in dets]), torch.cat([d["labels"] for d in dets])
-        probs = self.mask_logits(x.features, batch, boxes, labels).float().sigmoid() if len(boxes) else None
+        # (K,) over the batch
+        batch = image_index([len(d["boxes"]) for d in dets], device)
+        boxes = torch.cat([d["boxes"] for d in dets])
+        labels = torch.cat([d["labels"] for d in dets])
+        if len(boxes):
+            probs = self.mask_logits(x.features, batch, boxes, labels).float().sigmoid()
         start = 0
         for d in dets:
             k = len(d["boxes"])
-            d["masks"] = paste_masks(probs[start:start + k] if k else torch.zeros(0, 1, 1, device=device),
-                                     d["boxes"], x.input_hw)
+            small = probs[start:start + k] if k else torch.zeros(0, 1, 1, device=device)
+            d["masks"] = paste_masks(small, d["boxes"], x.input_hw)
             start += k
         return dets
 
@@ -1734,7 +1794,8 @@ def paste_masks(masks, boxes, hw):
     if len(boxes) == 0:
         return torch.zeros(0, H, W, device=boxes.device)
     values, in_box = stretch_to_boxes(masks, min_size_boxes((boxes[:, :2] + boxes[:, 2:]) / 2,
-                                                            boxes[:, 2:] - boxes[:, :2]), H, W)  # (K, H, W)
+                                                            # (K, H, W)
+                                                            boxes[:, 2:] - boxes[:, :2]), H, W)
     return values * in_box
 
 
@@ -1895,7 +1956,8 @@ def center_of_mass_targets(locations, strides, matched, mass_centers, masks):
     B, P = matched.shape
     M, H, W = masks.shape
     if M == 0:
-        return locations.new_zeros(B, P, 2).float(), torch.zeros(B, P, dtype=torch.bool, device=matched.device)
+        none = torch.zeros(B, P, dtype=torch.bool, device=matched.device)
+        return locations.new_zeros(B, P, 2).float(), none
     m = matched.clamp(min=0)                                                       # (B, P)
     px = locations[:, 0].long().clamp(0, W - 1).expand(B, P)
     py = locations[:, 1].long().clamp(0, H - 1).expand(B, P)
@@ -2045,8 +2107,10 @@ def apply_attention(features, attention, group_batch):
     for f in features:
         a = attention
         if a.shape[-2:] != f.shape[-2:]:
-            a = F.interpolate(attention, size=f.shape[-2:], mode="area")           # (num_groups, 1, h_i, w_i)
-        out.append(f[group_batch] * a.to(f.dtype))                                 # (num_groups, C, h_i, w_i)
+            # (num_groups, 1, h_i, w_i)
+            a = F.interpolate(attention, size=f.shape[-2:], mode="area")
+        # (num_groups, C, h_i, w_i)
+        out.append(f[group_batch] * a.to(f.dtype))
     return out
 
 
@@ -2096,7 +2160,8 @@ def coloring_groups(boxes, batch):
     0..num_groups-1, ordered by (image, colour), and group_batch (num_groups,) int64, the image of each group."""
     colors = greedy_coloring(box_overlap_graph(boxes, batch))                      # (M,)
     K = int(colors.max()) + 1 if len(colors) else 1                                # colours used
-    keys, groups = torch.unique(batch * K + colors, sorted=True, return_inverse=True)  # (num_groups,), (M,)
+    # (num_groups,), (M,)
+    keys, groups = torch.unique(batch * K + colors, sorted=True, return_inverse=True)
     return groups, keys // K
 
 
@@ -2111,13 +2176,15 @@ class SegmentationHead(nn.Module):
         out: (num_groups, num_classes, H/4, W/4); num_classes 1 (agnostic, [IS 3.2.2]) or C ([IS 3.2.1] "W/4 x H/4 x C")
     The 1x1 predictor starts at N(0, 0.01), every pixel at p ~ 0.5 (the crop's foreground share, [IS 3.2.2])."""
 
-    def __init__(self, in_channels=256, channels=256, num_classes=1, num_convs=3, num_levels=3, norm=True):
+    def __init__(self, in_channels=256, channels=256, num_classes=1, num_convs=3, num_levels=3,
+                 norm=True):
         super().__init__()
 
         def tower():
             layers = []
             for k in range(num_convs):
-                layers.append(nn.Conv2d(in_channels if k == 0 else channels, channels, 3, padding=1, bias=not norm))
+                cin = in_channels if k == 0 else channels
+                layers.append(nn.Conv2d(cin, channels, 3, padding=1, bias=not norm))
                 if norm:
                     layers.append(nn.GroupNorm(32, channels))
                 layers.append(nn.ReLU(inplace=True))
@@ -2136,11 +2203,14 @@ class SegmentationHead(nn.Module):
         size = features[0].shape[-2:]                                              # P2: (H/4, W/4)
         x = 0
         for tower, f in zip(self.towers, features):
-            y = tower(f)                                                           # (num_groups, channels, h_i, w_i)
+            # (num_groups, channels, h_i, w_i)
+            y = tower(f)
             if y.shape[-2:] != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            x = x + y                                                              # (num_groups, channels, H/4, W/4)
-        return self.predictor(x)                                                   # (num_groups, num_classes, H/4, W/4)
+            # (num_groups, channels, H/4, W/4)
+            x = x + y
+        # (num_groups, num_classes, H/4, W/4)
+        return self.predictor(x)
 
 
 def optimal_padding(fg_pixels, w, h, ratio=0.5):
@@ -2196,15 +2266,18 @@ class ASPP(nn.Module):
         super().__init__()
 
         def block(k, d):
-            return nn.Sequential(nn.Conv2d(cin, channels, k, padding=d if k == 3 else 0, dilation=d, bias=False),
-                                 nn.GroupNorm(32, channels), nn.ReLU(inplace=True))
+            conv = nn.Conv2d(cin, channels, k, padding=d if k == 3 else 0, dilation=d, bias=False)
+            return nn.Sequential(conv, nn.GroupNorm(32, channels), nn.ReLU(inplace=True))
         self.branches = nn.ModuleList([block(1, 1)] + [block(3, r) for r in rates])
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, channels, 1), nn.ReLU(inplace=True))
-        self.project = nn.Sequential(nn.Conv2d(channels * (len(rates) + 2), channels, 1, bias=False),
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, channels, 1),
+                                  nn.ReLU(inplace=True))
+        self.project = nn.Sequential(nn.Conv2d(channels * (len(rates) + 2), channels, 1,
+                                               bias=False),
                                      nn.GroupNorm(32, channels), nn.ReLU(inplace=True))
 
     def forward(self, x):
-        pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])                      # (B, channels, h, w)
+        # (B, channels, h, w)
+        pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1))
 
 
@@ -2224,14 +2297,16 @@ class FCOSIS(FCOS):
         probabilities, upsampled from stride 4 and cropped to the box.
     Table 3 (attention=...): "none" (3a: class-wise segmentation with ASPP, masks cropped by box and class),
         "mu0" (3b: mu fixed at 0), "bbox" (3c: the whole box filled with lambda).
-    Readings (com_assignment, the attention grid and assignment, duplicates, what -mu marks, colouring the padded
-    boxes, the "none" baseline's loss, loss weights 1, reg_weights): METHODS.md, FCOSIS."""
+    Readings (which locations regress the centre of mass, the attention grid and assignment, the test-time
+    competition, what -mu marks, colouring the padded boxes, the "none" baseline's loss, loss weights 1,
+    reg_weights): METHODS.md, FCOSIS."""
 
     # the box tower's `extra` channels ([IS 3.2.1]): centre-of-mass offset (r_x, r_y) in strides, foreground logit
     COM, FOREGROUND = slice(0, 2), 2
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, extra=3, first_level=2)                            # P2-P7; head on P3-P7
+        # P2-P7; head on P3-P7
+        super().__init__(cfg, extra=3, first_level=2)
         c = cfg.fpn_channels
         n = cfg.num_classes if (cfg.seg_classes == "specific" or cfg.attention == "none") else 1
         self.seg_head = SegmentationHead(c, c, n)
@@ -2249,7 +2324,8 @@ class FCOSIS(FCOS):
         training and inference, which is supported by FCOSIS": s = the predicted coarse foreground."""
         ctr = out["centerness"].float().sigmoid()                                # (B, P)
         if self.cfg.reg_weights != (1.0, 0.0, 0.0):
-            ctr = regression_weights(ctr, out["extra"][..., self.FOREGROUND].float().sigmoid(), self.cfg.reg_weights)
+            fg = out["extra"][..., self.FOREGROUND].float().sigmoid()
+            ctr = regression_weights(ctr, fg, self.cfg.reg_weights)
         return ctr
 
     def p3_maps(self, out, input_hw):
@@ -2273,12 +2349,14 @@ class FCOSIS(FCOS):
             h, w = regressed.shape[-2:]
 
             def up(x):
-                y = F.interpolate(x, size=(2 * h - 1, 2 * w - 1), mode="bilinear", align_corners=True)
+                y = F.interpolate(x, size=(2 * h - 1, 2 * w - 1), mode="bilinear",
+                                  align_corners=True)
                 return F.pad(y, (0, 1, 0, 1), mode="replicate")[..., :p2_hw[0], :p2_hw[1]]
         else:
             def up(x):
                 return F.interpolate(x, size=tuple(p2_hw), mode="bilinear", align_corners=False)
-        return q, up(regressed), up(fg)                                          # (B, 2|1, H/4, W/4)
+        # (B, 2|1, H/4, W/4)
+        return q, up(regressed), up(fg)
 
     def segment(self, features, out, input_hw, boxes, centers, batch, labels, color_boxes=None,
                 obj=None, competes=None):
@@ -2295,41 +2373,50 @@ class FCOSIS(FCOS):
         q, regressed, fg = self.attention_inputs(out, p2_p4[0].shape[-2:], input_hw)
         att = self.attention(q, regressed, fg, boxes, centers, batch, groups, len(group_batch), obj,
                              competes)
-        seg = self.seg_head(apply_attention(p2_p4, att, group_batch))            # (num_groups, n, H/4, W/4)
+        # (num_groups, n, H/4, W/4)
+        seg = self.seg_head(apply_attention(p2_p4, att, group_batch))
         return seg[groups, ch], att, groups
 
     def extra_losses(self, x: FCOSForward):
         out, features, targets, points = x.out, x.features, x.targets, x.points
         B, device = len(targets), points.device
         H, W = x.input_hw
-        flat = {k: v.to(device) for k, v in flatten_targets(targets, 1).items()}  # stride 1: input frame
-        boxes, labels, batch = flat["boxes"], flat["labels"], flat["batch"]      # (M, 4), (M,), (M,)
+        # stride 1: input frame
+        flat = {k: v.to(device) for k, v in flatten_targets(targets, 1).items()}
+        # (M, 4), (M,), (M,)
+        boxes, labels, batch = flat["boxes"], flat["labels"], flat["batch"]
         masks = batch_masks(targets, H, W, device)                               # (M, H, W)
-        extra = out["extra"].float()                                             # (B, P, 3): COM, FOREGROUND
+        # (B, P, 3): COM, FOREGROUND
+        extra = out["extra"].float()
         # coarse foreground of every level: BCE against the pooled union of the masks
         fg_target = torch.cat([coarse_foreground_targets(masks, s, batch, B, hw).flatten(1)
                                for s, hw in zip(self.strides, out["hw"])], 1)   # (B, P)
-        losses = {"foreground": F.binary_cross_entropy_with_logits(extra[..., self.FOREGROUND], fg_target, reduction="sum")
-                  / reduce_mean(torch.full((), float(fg_target.numel()), device=device))}
+        fg_bce = F.binary_cross_entropy_with_logits(extra[..., self.FOREGROUND], fg_target,
+                                                    reduction="sum")
+        num_cells = reduce_mean(torch.full((), float(fg_target.numel()), device=device))
+        losses = {"foreground": fg_bce / num_cells}
         # centre-of-mass regression, in stride units
         mass = center_of_mass(masks, boxes)                                      # (M, 2)
         matched = mask_assignment(points, masks, batch, B)                       # (B, P) flat index
         strides = torch.tensor(self.strides, device=device, dtype=torch.float32)[x.levels]
         com_target, valid = center_of_mass_targets(points, strides, matched, mass, masks)
+        num_valid = reduce_mean(valid.sum().float()).clamp(min=1)
         losses["com"] = center_of_mass_loss(extra[..., self.COM], com_target, valid,
-                                            normalizer=reduce_mean(valid.sum().float()).clamp(min=1))
+                                            normalizer=num_valid)
         # the padded-crop segmentation loss of every instance
         M = len(boxes)
         num_instances = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)
         if M == 0:  # keep the segmentation branch and P2 in the graph (DDP)
-            losses["mask"] = features[0].float().sum() * 0 + sum(
-                p.sum() * 0 for n, p in self.named_parameters() if n.startswith(("seg_head", "aspp", "attention")))
+            branch = [p for n, p in self.named_parameters()
+                      if n.startswith(("seg_head", "aspp", "attention"))]
+            losses["mask"] = features[0].float().sum() * 0 + sum(p.sum() * 0 for p in branch)
             return losses
         fg_pixels = masks.flatten(1).sum(1, dtype=torch.float32)
         wh = boxes[:, 2:] - boxes[:, :2]
         pad = optimal_padding(fg_pixels, wh[:, 0], wh[:, 1]).float()             # (M,) [IS 3.2.2]
         color_boxes = boxes + pad[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
-        logits, _, _ = self.segment(features, out, x.input_hw, boxes, mass, batch, labels, color_boxes)
+        logits, _, _ = self.segment(features, out, x.input_hw, boxes, mass, batch, labels,
+                                    color_boxes)
         losses["mask"] = padded_crop_bce(logits.float(), masks, boxes) * M / num_instances
         return losses
 
@@ -2338,9 +2425,11 @@ class FCOSIS(FCOS):
         out, points, levels, features = x.out, x.points, x.levels, x.features
         H, W = x.input_hw
         device = points.device
-        batch = image_index([len(d["boxes"]) for d in dets], device)            # (K,) over the batch
+        # (K,) over the batch
+        batch = image_index([len(d["boxes"]) for d in dets], device)
         boxes = torch.cat([d["boxes"] for d in dets])
-        labels, index = torch.cat([d["labels"] for d in dets]), torch.cat([d["index"] for d in dets])
+        labels = torch.cat([d["labels"] for d in dets])
+        index = torch.cat([d["index"] for d in dets])
         if len(boxes) == 0:
             for d in dets:
                 d["masks"] = torch.zeros(0, H, W, device=device)
@@ -2352,7 +2441,8 @@ class FCOSIS(FCOS):
         obj, competes = detections_as_objects(boxes, torch.cat([d["scores"] for d in dets]), batch)
         logits, att, groups = self.segment(features, out, x.input_hw, boxes, centers, batch, labels,
                                            obj=obj, competes=competes)
-        probs = F.interpolate(logits[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        probs = F.interpolate(logits[:, None].float(), size=(H, W), mode="bilinear",
+                              align_corners=False)[:, 0]
         # cropped to the box: closed (`boxes_inside`), not this section's half-open rule (see its header)
         probs = probs.sigmoid() * boxes_inside(boxes, H, W)
         start = 0

@@ -196,7 +196,7 @@ def test_center_of_mass_of_an_l_shape():
 
 
 def test_iou_loss_by_hand():
-    """Guards FCOS's IoU loss (box_loss="iou", its IOULoss "iou"), on distances from one location.
+    """Guards FCOS's IoU loss (the original form's, its IOULoss "iou"), on distances from one location.
     pred (2, 2, 2, 2), target (1, 1, 3, 3): areas 4*4 = 16 and 4*4 = 16; overlap (min(2,1) +
     min(2,3)) * (min(2,1) + min(2,3)) = 3 * 3 = 9; union 16 + 16 - 9 = 23 ->
     -log((9 + 1) / (23 + 1)) = log(2.4) = 0.87547. Identical (3, 3, 3, 3): -log(37/37) = 0.
