@@ -441,7 +441,7 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
     Returns (model, checkpoint dict). Raises ValueError naming the file.
     """
     from model import ModelConfig, build_model
-    from weights import check_weights, current_keys
+    from weights import check_weights
     if not os.path.isfile(ckpt):
         raise ValueError(f"checkpoint '{ckpt}' not found")
     try:
@@ -461,7 +461,6 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
                          f"{e}") from None
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v
              for k, v in checkpoint["model"].items()}
-    state = current_keys(state)
     check_weights(state, f"checkpoint '{ckpt}'")
     try:
         model.load_state_dict(state)

@@ -1,16 +1,20 @@
 """
 Every drawing of the project: each method's intermediate results as named 2-D maps (what it is
 taught and what it predicts: `teaching_maps`), the predictions drawn on an image, and the
-figures that show them (train.py's and predict.py's pictures; assets/make.py's). They read the
-model; none of it is part of a method.
+figures that show them (train.py's and predict.py's pictures; METHODS.md's pictures of what
+each method is taught, `python pictures.py assets`). They read the model; none of it is part of
+a method.
 
     teaching_maps(model)(images)     the method's maps: CenterMask's or FCOSIS's (else None)
-    centermask_maps(model, images)   [CM] Fig. 3 and 5: heatmap, peaks, saliency, local shapes, masks
+    centermask_maps(model, images)   [CM] Fig. 3 and 5: heatmap, peaks, saliency, local shapes,
+                                     masks
     fcosis_maps(model, images)       [IS] Fig. 2-4: centre-of-mass field, coarse foreground,
                                      attention map, colour groups, masks
     draw_predictions(image, pred)    boxes, class names, scores and masks on the original image
     save_maps_figure(image, maps)    the network input and each named map, in one PNG
     save_pictures(model, dataset)    both, for the first images of a dataset (train.py)
+    save_target_figures(out_dir)     METHODS.md's pictures: CenterMask's and FCOSIS's targets,
+                                     computed by model.py from the ground truth of shapes images
 """
 
 import functools
@@ -19,12 +23,29 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from data import COCO_BGR_MEAN, COCO_BGR_STD, IMAGENET_MEAN, IMAGENET_STD, load_rgb_image, write_atomic
+from data import (COCO_BGR_MEAN, COCO_BGR_STD, IMAGENET_MEAN, IMAGENET_STD, load_rgb_image,
+                  write_atomic)
 from eval import _base_dataset, _make_loader, _predict_batch, _unwrap_model
-from model import (FCOSIS, CenterMask, FCOSForward, boxes_inside, coloring_groups,
-                   topk_peaks)
+from model import (FCOSIS, CenterMask, FCOSForward, ModelConfig, assemble_masks, batch_masks,
+                   box_overlap_graph, boxes_inside, build_model, center_of_mass,
+                   center_of_mass_targets, centernet_heatmaps, coarse_foreground_targets,
+                   coloring_groups, flatten_targets, mask_assignment, mask_targets,
+                   min_size_boxes, optimal_padding, saliency_targets, topk_peaks)
+
+
+def tile(shapes, ncols, gap):
+    """(N, S, S) shapes -> one mosaic of rows (S + gap) - gap x ncols (S + gap) - gap, filled
+    row by row, NaN (drawn blank) between the tiles."""
+    N, S, _ = shapes.shape
+    rows = max(1, math.ceil(N / ncols))
+    mosaic = shapes.new_full((rows * (S + gap) - gap, ncols * (S + gap) - gap), float("nan"))
+    for k in range(N):
+        y, x = (k // ncols) * (S + gap), (k % ncols) * (S + gap)
+        mosaic[y:y + S, x:x + S] = shapes[k]
+    return mosaic
 
 
 @torch.no_grad()
@@ -73,9 +94,7 @@ def centermask_maps(model, images, k=4):
             S = model.cfg.shape_size
             cells = torch.stack([xs[b], ys[b]], 1)                       # (K, 2) as (x, y)
             local = model.head_sets[-1].shape_at(out, torch.full_like(xs[b], b), cells)
-            local = local.float().sigmoid().view(K, S, S)
-            gap = torch.full((K, S, 1), float("nan"), device=local.device)
-            m["local shapes"] = torch.cat([local, gap], 2).permute(1, 0, 2).reshape(S, -1)[:, :-1]
+            m["local shapes"] = tile(local.float().sigmoid().view(K, S, S), ncols=K, gap=1)
         prob, rank = dets[b]["masks"].max(0)                             # (H, W) each
         m["masks"] = torch.where(prob >= model.mask_threshold, rank + 1, torch.zeros_like(rank))
         maps.append(m)
@@ -115,8 +134,8 @@ def fcosis_maps(model, images, k=8, score_threshold=0.3):
         model.train(was_training)
     regressed, fg = model.p3_maps(out, images.shape[-2:])
     h, w = fg.shape[-2:]
-    loc = points[:h * w].t().reshape(1, 2, h, w)                             # the P3 locations
-    vec = regressed - loc                                                    # (B, 2, h, w) input pixels
+    loc = points[:h * w].t().reshape(1, 2, h, w)  # the P3 locations
+    vec = regressed - loc  # (B, 2, h, w) input pixels
     hue = (torch.atan2(vec[:, 1], vec[:, 0]) / (2 * math.pi)) % 1.0          # (B, h, w) in [0, 1)
     H, W = images.shape[-2:]
     maps = []
@@ -128,7 +147,8 @@ def fcosis_maps(model, images, k=8, score_threshold=0.3):
         colour = torch.zeros(H, W, dtype=torch.long, device=images.device)
         if len(mine):
             inside = boxes_inside(d["boxes"], H, W)                          # (K, H, W)
-            cols = coloring_groups(d["boxes"], torch.zeros(len(mine), dtype=torch.long, device=images.device))[0]
+            one_image = torch.zeros(len(mine), dtype=torch.long, device=images.device)
+            cols = coloring_groups(d["boxes"], one_image)[0]
             for j in range(len(mine)):  # a handful of boxes, drawn in rank order
                 colour[inside[j]] = cols[j] + 1
             prob, rank = d["masks"].max(0)
@@ -152,8 +172,11 @@ def teaching_maps(model):
     arguments passed on), or None for a method that has none (FCOS, FCOSreg, MaskFCOS,
     CenterMask-FCOS)."""
     model = _unwrap_model(model)
-    maps = centermask_maps if isinstance(model, CenterMask) else fcosis_maps if isinstance(model, FCOSIS) else None
-    return functools.partial(maps, model) if maps is not None else None
+    if isinstance(model, CenterMask):
+        return functools.partial(centermask_maps, model)
+    if isinstance(model, FCOSIS):
+        return functools.partial(fcosis_maps, model)
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -163,7 +186,8 @@ def teaching_maps(model):
 def write_png(image, path):
     """(3, H, W) uint8 -> a PNG at `path`, written atomically (data.write_atomic)."""
     from PIL import Image
-    write_atomic(path, lambda tmp: Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(tmp, "PNG"))
+    pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    write_atomic(path, lambda tmp: pil.save(tmp, "PNG"))
 
 
 def _class_colors(num_classes):
@@ -174,6 +198,11 @@ def _class_colors(num_classes):
         r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 1.0)
         colors.append((int(r * 255), int(g * 255), int(b * 255)))
     return colors
+
+
+def _unit_colors(n):
+    """`_class_colors` as matplotlib takes them: (r, g, b) in [0, 1]."""
+    return [tuple(c / 255 for c in rgb) for rgb in _class_colors(n)]
 
 
 def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
@@ -230,20 +259,20 @@ def _maps_layout(widths, capacity):
     return rows + [row]
 
 
-def _viridis_nan_blank():
-    """viridis with NaN cells drawn white (blank): the gaps between tiles of a tiled map."""
+def _nan_blank(name="viridis"):
+    """A matplotlib colour map with NaN cells drawn white (blank): the gaps between tiles."""
     import matplotlib
-    return matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    return matplotlib.colormaps[name].with_extremes(bad="white")
 
 
 def save_maps_figure(image, maps, path, capacity=5):
     """Teaching view: the image the network saw, then each named 2-D map, with titles.
 
     Float maps are drawn with a colour bar (viridis; NaN cells blank, e.g. the gaps between
-    tiles), (h, w, 3) maps as RGB images (no colour bar), integer maps as label maps (0 = none in black, 1..n in distinct colours, e.g.
-    instance ids). Every map keeps its aspect ratio and is enlarged to the panel size with
-    nearest interpolation, so a 32x32 stride-4 map shows its cells instead of a blur. Panels
-    flow into rows of `capacity` grid units; a wide map (a row of tiles) takes several units.
+    tiles), (h, w, 3) maps as RGB images (no colour bar), integer maps as label maps (0 = none in
+    black, 1..n in distinct colours, e.g. instance ids). Every map keeps its aspect ratio and is
+    enlarged to the panel size with nearest interpolation, so a 32x32 stride-4 map shows its
+    cells instead of a blur. Panels flow into rows of `capacity` grid units; a wide map (a row of tiles) takes several units.
     """
     from matplotlib.colors import ListedColormap, BoundaryNorm
     from matplotlib.figure import Figure
@@ -269,14 +298,14 @@ def save_maps_figure(image, maps, path, capacity=5):
                 ax.imshow(m.astype(np.float32) if i else m, interpolation="nearest")
             elif np.issubdtype(m.dtype, np.integer) or m.dtype == bool:
                 n = max(int(m.max()), 1)
-                palette = [(0, 0, 0)] + [tuple(c / 255 for c in rgb) for rgb in _class_colors(n)]
+                palette = [(0, 0, 0)] + _unit_colors(n)
                 cmap = ListedColormap(palette[:n + 1])
                 norm = BoundaryNorm(np.arange(-0.5, n + 1), cmap.N)
                 im = ax.imshow(m, cmap=cmap, norm=norm, interpolation="nearest")
                 bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, ticks=range(n + 1))
                 bar.ax.tick_params(labelsize=7)
             else:
-                im = ax.imshow(m.astype(np.float32), cmap=_viridis_nan_blank(), interpolation="nearest")
+                im = ax.imshow(m.astype(np.float32), cmap=_nan_blank(), interpolation="nearest")
                 bar = fig.colorbar(im, ax=ax, fraction=0.046 / max(1, widths[i] ** 0.5), pad=0.02)
                 bar.ax.tick_params(labelsize=7)
     fig.tight_layout()
@@ -317,8 +346,9 @@ def save_pictures(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.
                 maps = maps_fn(images.to(device)) if maps_fn is not None else None
                 for i, (target, pred) in enumerate(zip(targets, preds)):
                     info = base.coco.loadImgs(int(target["image_id"]))[0]
-                    pil = load_rgb_image(os.path.join(base.img_dir, info["file_name"]))  # the stored grid
-                    image = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()  # (3, H0, W0)
+                    # the stored grid, (3, H0, W0)
+                    pil = load_rgb_image(os.path.join(base.img_dir, info["file_name"]))
+                    image = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
                     stem = os.path.splitext(os.path.basename(info["file_name"]))[0]
                     path = os.path.join(out_dir, f"{stem}_pred.png")
                     write_png(draw_predictions(image, pred, class_names, score_threshold), path)
@@ -326,8 +356,361 @@ def save_pictures(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.
                     if maps is not None:
                         # the maps live in the padded network-input frame: show that image
                         map_path = os.path.join(out_dir, f"{stem}_maps.png")
-                        save_maps_figure(network_input_rgb(images[i], input_format), maps[i], map_path)
+                        shown = network_input_rgb(images[i], input_format)
+                        save_maps_figure(shown, maps[i], map_path)
                         paths.append(map_path)
     finally:
         net.train(was_training)
     return paths
+
+
+# -----------------------------------------------------------------------------
+# METHODS.md's two pictures of what CenterMask and FCOSIS are TAUGHT, drawn from the ground truth
+#
+#     python pictures.py assets             # or another folder: assets/*_targets.png
+#
+# No network is trained or even run, nothing is downloaded: a few synthetic shapes images are
+# written with data.py's `write_shapes_dataset` (fixed seed), and every map is computed from their
+# ground truth by model.py's own target builders (the very functions the losses compare the network
+# against) and by its own assembly / attention code fed with those targets. Deterministic
+# (byte-identical PNGs); seconds on a CPU.
+
+FIGURE_SEED = 1337     # write_shapes_dataset's seed
+FIGURE_SIZE = 128      # image side (px): the shapes quick start's size
+CANDIDATES = 48        # val images written; the figures show 2 of them (`example_targets`' rule)
+EPS = 1e-6             # probabilities -> logits for the code that takes logits (logit(0) = -inf)
+FIG_WIDTH, DPI = 10.0, 130  # inches; 1300 px wide, each PNG under 100 KB
+PASS_COLORS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00")  # FCOSIS colour groups
+
+
+def example_targets(tmp_dir, n=2):
+    """Write CANDIDATES shapes val images into tmp_dir and pick n by a fixed rule (no hand-picked
+    ids): among those with 3-6 objects and at least 2 pairs of overlapping boxes (the hard case
+    both methods are about: a neighbour inside an object's box), the n whose masks cover the most
+    of the image, in image-id order. -> RGB images (H, W, 3) uint8, target dicts (boxes (N, 4)
+    xyxy, labels (N,), masks (N, H, W) 0/1, as CocoInstances gives them), class names."""
+    import warnings
+    from data import CocoInstances, write_shapes_dataset
+    with warnings.catch_warnings():  # pycocotools' RLE code under numpy 2: a DeprecationWarning
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="pycocotools")
+        paths = write_shapes_dataset(tmp_dir, n_train=0, n_val=CANDIDATES, size=FIGURE_SIZE,
+                                     seed=FIGURE_SEED)
+        # no transform: scale 1, no padding
+        ds = CocoInstances(paths["val_img_dir"], paths["val_ann"])
+        targets = [ds[i][1] for i in range(len(ds))]
+    candidates = []  # (foreground fraction, index)
+    for i, t in enumerate(targets):
+        pairs = int(box_overlap_graph(t["boxes"]).sum()) // 2  # the graph is symmetric
+        if 3 <= len(t["boxes"]) <= 6 and pairs >= 2:
+            candidates.append((float(t["masks"].amax(0).float().mean()), i))
+    chosen = sorted(i for _, i in sorted(candidates, reverse=True)[:n])
+    rgbs = [np.asarray(ds.load_image(i)) for i in chosen]
+    return rgbs, [targets[i] for i in chosen], ds.class_names
+
+
+def centermask_targets(targets, H, W, cfg):
+    """
+    What CenterMask is taught for a batch of B images, as CenterMask.losses computes it, at its
+    stride R = 4 (h, w = H/4, W/4; M objects in the batch):
+        heat     (B, C, h, w)  centre heatmap: CenterNet gaussians, eq. 3's target ([CM 3.4])
+        local    (M, S, S)     each object's ground-truth mask resampled onto an S x S grid over
+                               its box: the local shape that reproduces it ([CM 3.1])
+        saliency (B, 1, h, w)  the image's foreground on the stride-4 grid ([CM 3.2]): each mask
+                               average-pooled, then the max over the objects (Table 1f's target)
+        masks    (M, H, W)     local shape stretched to the box x saliency ([CM 3.3] eq. 1)
+        boxes    (M, 4)        the boxes the shapes are stretched over, output frame
+    The mask loss supervises only the PRODUCT local x saliency ([CM] eq. 2), so (c) and (d) are
+    the natural split of that target: the object's own mask in its box, and the image's foreground.
+    """
+    R, S = 4, cfg.shape_size
+    B, C, h, w = len(targets), cfg.num_classes, H // R, W // R
+    objs = flatten_targets(targets, R)  # boxes, centres in the output frame
+    M = len(objs["labels"])
+    # as CenterMask.losses: a centre on the last pixel edge must still index the map
+    last = torch.tensor([w - 1, h - 1])
+    objs["center_int"] = torch.minimum(objs["center_int"].clamp(min=0), last)
+    heat = centernet_heatmaps(objs, B, C, h, w)
+    # the boxes the mask loss stretches the shapes over (the ground-truth centre and size, at
+    # least one output pixel wide), each ground-truth mask sampled on an S x S grid over its box
+    gt_masks = batch_masks(targets, H, W, "cpu")  # (M, H, W)
+    boxes = min_size_boxes(objs["center"], objs["wh"])  # (M, 4) output frame
+    local = mask_targets(gt_masks, torch.arange(M), boxes * R, S)  # (M, S, S) in [0, 1]
+    # one class-agnostic saliency channel (cfg.saliency = "agnostic", the default)
+    agnostic = torch.zeros(M, dtype=torch.long)
+    gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]  # (M, h, w)
+    saliency = saliency_targets(gt_small, objs["batch"], agnostic, B, 1)  # (B, 1, h, w)
+    # assembly ([CM] eq. 1) takes logits: the targets go in as logit(p), at input resolution
+    masks = assemble_masks(torch.logit(local, EPS), torch.logit(saliency, EPS), objs["batch"],
+                           agnostic, boxes, (H, W), 1.0 / R)  # (M, H, W) probabilities
+    return dict(heat=heat, local=local, saliency=saliency, masks=masks, boxes=boxes,
+                batch=objs["batch"], gt_masks=gt_masks)
+
+
+def fcosis_targets(targets, H, W, cfg):
+    """
+    What FCOSIS's mask branch is taught for a batch of B images (M objects), as
+    FCOSIS.extra_losses computes it, on the head's levels P3-P7 (P locations in all):
+        points (P, 2), strides (P,), hw    the FCOS locations of every level ([FCOS] 3.1)
+        target (B, P, 2), valid (B, P)     centre-of-mass regression target, stride units
+                                           ([IS 3.2.1]), at the mask pixels (`mask_assignment`)
+        matched (B, P)                     the object each location regresses (-1: none)
+        mass (M, 2)                        centres of mass, input frame (`center_of_mass`)
+        fg (B, P)                          coarse foreground target ([IS 3.2.1])
+        att (G, 1, H/4, W/4)               the attention map of every segmentation pass
+        groups (M,), group_batch (G,)      the passes: Largest-First colours ([IS 3.2.1])
+        color_boxes (M, 4)                 the boxes that were coloured (grown by the loss padding)
+    The attention maps are what FCOSIS.segment builds in training, from detection-head outputs
+    that equal their targets, through FCOSIS.attention_inputs (P3 -> the stride-4 P2 grid) and
+    the AttentionMap module (lambda = mu = 1, their initial values [IS 3.2.1]).
+    """
+    B = len(targets)
+    # a real FCOSIS (random weights, never run): its locations, attention_inputs and AttentionMap
+    with torch.random.fork_rng():
+        net = build_model(cfg).eval()
+    hw = [(-(-H // s), -(-W // s)) for s in net.strides]  # P3-P7 grids (ceil)
+    points, strides, _ = net.locations(hw, (H, W), "cpu")
+    flat = flatten_targets(targets, 1)  # stride 1: input frame
+    boxes, batch = flat["boxes"], flat["batch"]  # (M, 4), (M,)
+    masks = batch_masks(targets, H, W, "cpu")  # (M, H, W)
+    # coarse foreground of every level: the union of the image's masks, average-pooled
+    fg = torch.cat([coarse_foreground_targets(masks, s, batch, B, level_hw).flatten(1)
+                    for s, level_hw in zip(net.strides, hw)], 1)  # (B, P)
+    # every location whose pixel is in a mask (the smaller mask where two overlap) regresses
+    # (x_C - x, y_C - y) / s of that object
+    mass = center_of_mass(masks, boxes)  # (M, 2)
+    matched = mask_assignment(points, masks, batch, B)  # (B, P)
+    target, valid = center_of_mass_targets(points, strides, matched, mass, masks)
+    # the padded-crop loss padding [IS 3.2.2] grows each box before colouring
+    wh = boxes[:, 2:] - boxes[:, :2]
+    area = masks.flatten(1).sum(1, dtype=torch.float32)
+    pad = optimal_padding(area, wh[:, 0], wh[:, 1]).float()  # (M,)
+    color_boxes = boxes + pad[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
+    groups, group_batch = coloring_groups(color_boxes, batch)  # (M,), (G,)
+    # a detection head that meets its targets: "extra" = (r_x, r_y, coarse-foreground logit)
+    out = {"hw": hw, "extra": torch.cat([target, torch.logit(fg, EPS)[..., None]], -1)}
+    q, regressed, coarse = net.attention_inputs(out, (H // 4, W // 4), (H, W))
+    with torch.no_grad():  # exactly FCOSIS.segment's call, with training's arguments
+        att = net.attention(q, regressed, coarse, boxes, mass, batch, groups, len(group_batch))
+    return dict(points=points, strides=strides, hw=hw, target=target, valid=valid,
+                matched=matched, mass=mass, fg=fg, att=att, groups=groups,
+                group_batch=group_batch, boxes=boxes, batch=batch, color_boxes=color_boxes,
+                lam=net.attention.lam.item(), mu=net.attention.mu.item())
+
+
+# drawing: every panel in input-pixel coordinates (x right, y down)
+
+def _figure(rows, cols, bottom=0.05, top=0.75, left=0.3, gap=0.08, right=0.05):
+    """A figure FIG_WIDTH wide of rows x cols square panels, as high as they need; margins and
+    gaps in inches (top: the titles; left: the row labels). Laid out by hand: tight_layout lets
+    square image panels overlap. -> figure, axes (rows, cols), height."""
+    from matplotlib.figure import Figure
+    side = (FIG_WIDTH - left - right - (cols - 1) * gap) / cols  # inches
+    height = top + rows * side + (rows - 1) * gap + bottom
+    fig = Figure(figsize=(FIG_WIDTH, height))
+    axes = np.empty((rows, cols), dtype=object)
+    for r in range(rows):
+        for c in range(cols):
+            x, y = left + c * (side + gap), height - top - (r + 1) * side - r * gap
+            axes[r, c] = fig.add_axes((x / FIG_WIDTH, y / height, side / FIG_WIDTH, side / height))
+    return fig, axes, height
+
+
+def _show(ax, m, H, W, **kw):
+    """A map or an image stretched over the H x W image (nearest: its cells stay visible)."""
+    shown = ax.imshow(np.asarray(m, np.float32), interpolation="nearest", extent=(0, W, H, 0), **kw)
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return shown
+
+
+def _faded(rgb, dim=1.0):
+    """An RGB image in [0, 1], faded towards white (dim < 1) so that what is drawn on it reads."""
+    return dim * (rgb.astype(np.float32) / 255) + (1 - dim)
+
+
+def _number(ax, x, y, k, color, style="square,pad=0.1", **kw):
+    """The number k in white on a patch of the object's colour."""
+    ax.text(x, y, str(k), color="white", fontweight="bold", **kw,
+            bbox=dict(boxstyle=style, fc=color, ec="none"))
+
+
+def _draw_boxes(ax, boxes, colors, numbers=True, lw=1.2, **kw):
+    """xyxy boxes (N, 4), input frame; with numbers, the object's number at its top-left."""
+    from matplotlib.patches import Rectangle
+    for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colors[k], lw=lw,
+                               **kw))
+        if numbers:
+            _number(ax, x0 + 1, y0 + 1, k + 1, colors[k], fontsize=6, va="top", ha="left")
+
+
+def _save_figure(fig, path):
+    """The figure as a PNG at DPI, reduced to an adaptive 256-colour palette (no dithering: flat
+    colours stay flat) and optimised: a third of the bytes of a 24-bit PNG, so the resolution
+    (and the text) can stay high."""
+    import io
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buf, format="png", dpi=DPI)
+    rgb = Image.open(buf).convert("RGB")  # drop the opaque alpha
+    small = rgb.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    write_atomic(path, lambda tmp: small.save(tmp, "PNG", optimize=True))
+
+
+def draw_centermask_targets(rgbs, targets, names, path):
+    """(a) image + boxes, (b) centre heatmap, (c) local shapes, (d) global saliency, (e) the
+    masks they assemble, one row per image; the title gives the mean IoU of (e), binarised at
+    CenterMask's threshold, against the ground truth. Returns that IoU."""
+    from matplotlib.patches import Rectangle
+    H, W = rgbs[0].shape[:2]
+    cfg = ModelConfig(method="centermask", num_classes=len(names))  # defaults: S = 32, R = 4
+    t = centermask_targets(targets, H, W, cfg)
+    S, R = cfg.shape_size, 4
+    pred, gt = t["masks"] >= cfg.mask_threshold, t["gt_masks"].bool()  # (M, H, W)
+    iou = float(((pred & gt).flatten(1).sum(1) / (pred | gt).flatten(1).sum(1)).mean())
+    fig, axes, height = _figure(len(rgbs), 5)
+    for b, (rgb, ax) in enumerate(zip(rgbs, axes)):
+        mine = (t["batch"] == b).nonzero()[:, 0]  # this image's objects
+        colors = _unit_colors(len(mine))
+        boxes = t["boxes"][mine] * R  # (N, 4) input frame
+        _show(ax[0], _faded(rgb), H, W)
+        _draw_boxes(ax[0], boxes, colors)
+        ax[0].set_ylabel(f"val image {targets[b]['image_id']}", fontsize=8)
+        # (b) the max over the classes: one gaussian per object at its centre cell
+        _show(ax[1], t["heat"][b].amax(0), H, W, cmap="magma", vmin=0, vmax=1)
+        _draw_boxes(ax[1], boxes, colors, numbers=False, lw=0.6, alpha=0.8)
+        # (c) one S x S tile per object, outlined in its colour, in a square view
+        mosaic = tile(t["local"][mine], ncols=3, gap=2).numpy()
+        ax[2].imshow(mosaic, cmap=_nan_blank("gray"), vmin=0, vmax=1, interpolation="nearest")
+        for k in range(len(mine)):
+            x, y = (k % 3) * (S + 2), (k // 3) * (S + 2)
+            ax[2].add_patch(Rectangle((x - 0.5, y - 0.5), S, S, fill=False, edgecolor=colors[k],
+                                      lw=1.5))
+            _number(ax[2], x + 1, y + 1, k + 1, colors[k], fontsize=6, va="top")
+        side = mosaic.shape[1]
+        top = (mosaic.shape[0] - side) / 2 - 0.5
+        ax[2].set_xlim(-0.5, side - 0.5)
+        ax[2].set_ylim(top + side, top)
+        ax[2].axis("off")
+        _show(ax[3], t["saliency"][b, 0], H, W, cmap="gray", vmin=0, vmax=1)
+        # (e) each pixel in the colour of the object of highest mask probability (>= the
+        # threshold), over the faded image, with the boxes the shapes were stretched over
+        prob, who = t["masks"][mine].max(0)  # (H, W) each
+        on = prob >= cfg.mask_threshold
+        overlay = np.zeros((H, W, 4), np.float32)
+        overlay[on.numpy()] = np.array([(*colors[k], 0.85) for k in who[on].tolist()])
+        _show(ax[4], _faded(rgb, 0.35), H, W)
+        ax[4].imshow(overlay, interpolation="nearest", extent=(0, W, H, 0))
+        _draw_boxes(ax[4], boxes, colors, numbers=False, lw=0.8)
+    titles = ["(a) image + boxes", "(b) centre heatmap\n([CM 3.4], CenterNet)",
+              f"(c) local shapes {S} x {S}\n([CM 3.1])",
+              "(d) global saliency\n([CM 3.2], stride 4)",
+              "(e) assembled masks\n([CM 3.3] eq. 1)"]
+    for a, title in zip(axes[0], titles):
+        a.set_title(title, fontsize=9)
+    fig.suptitle("What CenterMask is taught: the targets model.py computes from the ground truth "
+                 f"(mask IoU of (e) vs. ground truth: {iou:.2f})", fontsize=10,
+                 y=1 - 0.06 / height, va="top")
+    _save_figure(fig, path)
+    return iou
+
+
+def draw_fcosis_targets(rgbs, targets, names, path):
+    """(a) image + boxes, (b) the centre-of-mass field on P3 (arrows), (c) the coarse
+    foreground, (d) the attention map of the image's first pass, (e) the Largest-First
+    colouring, one row per image."""
+    from matplotlib.patches import Rectangle
+    H, W = rgbs[0].shape[:2]
+    cfg = ModelConfig(method="fcosis", backbone="resnet18", num_classes=len(names))
+    t = fcosis_targets(targets, H, W, cfg)
+    P3, s3 = t["hw"][0][0] * t["hw"][0][1], float(t["strides"][0])  # P3's locations, stride 8
+    fig, axes, height = _figure(len(rgbs), 5, bottom=0.6)  # room for the legends
+    for b, (rgb, ax) in enumerate(zip(rgbs, axes)):
+        mine = (t["batch"] == b).nonzero()[:, 0]
+        colors = _unit_colors(len(mine))
+        boxes = t["boxes"][mine]
+        _show(ax[0], _faded(rgb), H, W)
+        _draw_boxes(ax[0], boxes, colors)
+        ax[0].set_ylabel(f"val image {targets[b]['image_id']}", fontsize=8)
+        # (b) an arrow from each assigned P3 location x to x + s * r, in its object's colour,
+        # ends on the object's centre of mass (X); the other levels carry the same field, coarser
+        _show(ax[1], _faded(rgb, 0.3), H, W)
+        v = t["valid"][b, :P3]  # (P3,)
+        xy = t["points"][:P3][v].numpy()  # (n, 2) arrow tails
+        uv = (s3 * t["target"][b, :P3][v]).numpy()  # (n, 2) in pixels
+        who = (t["matched"][b, :P3][v] - mine[0]).tolist()  # object within the image
+        ax[1].quiver(xy[:, 0], xy[:, 1], uv[:, 0], uv[:, 1], color=[colors[k] for k in who],
+                     angles="xy", scale_units="xy", scale=1, width=0.012, headwidth=3.5,
+                     headlength=4, headaxislength=3.5, minlength=0.5)
+        ax[1].plot(xy[:, 0], xy[:, 1], "o", ms=1.2, color="black")  # the locations
+        m = t["mass"][mine].numpy()  # (N, 2)
+        ax[1].scatter(m[:, 0], m[:, 1], marker="X", s=40, c=colors, edgecolors="black",
+                      linewidths=0.6, zorder=3)
+        _show(ax[2], t["fg"][b, :P3].view(t["hw"][0]), H, W, cmap="gray", vmin=0, vmax=1)
+        # (d) the image's first pass (colour 0: Largest-First colours the object with the most
+        # padded-box overlaps first) on the stride-4 P2 grid, inside the pass's boxes:
+        # lambda x fg - mu x (1 - fg) where a location votes for the box's object, -mu where it
+        # votes for a neighbour; 0 outside them. Dotted: the boxes of the other passes
+        g = int((t["group_batch"] == b).nonzero()[0, 0])
+        in_pass = (t["groups"][mine] == g).tolist()
+        att_image = _show(ax[3], t["att"][g, 0], H, W, cmap="RdBu_r", vmin=-1, vmax=1)
+        for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            ax[3].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False,
+                                      lw=1.0 if in_pass[k] else 0.6, edgecolor=colors[k],
+                                      ls="-" if in_pass[k] else ":"))
+        # (e) every box filled with its pass's colour; dashed: the padded box that was coloured
+        # (overlapping padded boxes never share a pass)
+        _show(ax[4], _faded(rgb, 0.3), H, W)
+        col = (t["groups"][mine] - t["groups"][mine].min()).tolist()  # 0..K-1 in the image
+        for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            c = PASS_COLORS[col[k] % len(PASS_COLORS)]
+            ax[4].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fc=c, alpha=0.35, ec=c, lw=1.2))
+            px0, py0, px1, py1 = t["color_boxes"][mine[k]].tolist()
+            ax[4].add_patch(Rectangle((px0, py0), px1 - px0, py1 - py0, fill=False, ec=c, lw=0.8,
+                                      ls="--"))
+            _number(ax[4], (x0 + x1) / 2, (y0 + y1) / 2, col[k] + 1, c, "round,pad=0.15",
+                    fontsize=7, ha="center", va="center")
+    titles = ["(a) image + boxes", "(b) centre-of-mass field\nP3, stride 8 ([IS 3.2.1])",
+              "(c) coarse foreground\nP3, stride 8 ([IS 3.2.1])",
+              "(d) attention map, pass 1\nP2, stride 4 ([IS 3.2.1])",
+              "(e) colouring: 1 pass/colour\n([IS 3.2.1], Largest-First)"]
+    for a, title in zip(axes[0], titles):
+        a.set_title(title, fontsize=8)
+    fig.suptitle("What FCOSIS is taught: the targets model.py computes from the ground truth, "
+                 "and the attention map they build", fontsize=10, y=1 - 0.06 / height, va="top")
+    # the attention map's scale under its column: -mu, 0 (outside the boxes), +lambda
+    x0, x1 = axes[-1, 3].get_position().x0, axes[-1, 3].get_position().x1
+    cax = fig.add_axes((x0, 0.4 / height, x1 - x0, 0.1 / height))
+    bar = fig.colorbar(att_image, cax=cax, orientation="horizontal",
+                       ticks=(-t["mu"], 0, t["lam"]))
+    bar.ax.set_xticklabels([f"−μ = −{t['mu']:g}\n(neighbour / background)", "0",
+                            f"+λ\n(λ = {t['lam']:g})"], fontsize=7)
+    x0, x1 = axes[-1, 1].get_position().x0, axes[-1, 1].get_position().x1
+    fig.text((x0 + x1) / 2, 0.45 / height, "arrow: location → its object's\ncentre of mass (✕)",
+             fontsize=7, ha="center", va="top")
+    _save_figure(fig, path)
+
+
+def save_target_figures(out_dir):
+    """Both METHODS.md pictures into out_dir; returns their paths."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        rgbs, targets, names = example_targets(tmp)
+    paths = [os.path.join(out_dir, f"{m}_targets.png") for m in ("centermask", "fcosis")]
+    iou = draw_centermask_targets(rgbs, targets, names, paths[0])
+    draw_fcosis_targets(rgbs, targets, names, paths[1])
+    print(f"val images {[t['image_id'] for t in targets]}; assembled CenterMask masks vs. ground "
+          f"truth: mean IoU {iou:.3f}; wrote {', '.join(paths)}")
+    return paths
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 2:
+        sys.exit("usage: python pictures.py OUT_DIR   (METHODS.md's pictures: assets)")
+    torch.set_num_threads(1)  # tiny tensors: one thread is as fast, and shares the machine
+    save_target_figures(sys.argv[1])

@@ -34,7 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 from accumulate import MicroBatchNormalizers
 from model import NON_FINITE_DEFORM, ModelConfig, build_model, method_transform, non_finite_deform_count
 from configurator import auto_dtype, check_settings
-from weights import check_weights, current_keys, import_weights, read_weights
+from weights import check_weights, import_weights, read_weights
 
 # -----------------------------------------------------------------------------
 # default config values (the CenterMask DLA-34 COCO recipe, [CM 3.5])
@@ -304,7 +304,7 @@ if checkpoint is not None:  # resume
 
 model = build_model(ModelConfig(**model_args))
 if checkpoint is not None:
-    model.load_state_dict(current_keys(checkpoint["model"]))   # earlier layouts' key names renamed (weights.py)
+    model.load_state_dict(checkpoint["model"])
 elif imported is not None:
     # published weights: renamed into the model, every tensor accounted for (weights.import_weights);
     # the class channels of the training json's categories (label k = COCO category label_to_cat_id[k])

@@ -1,7 +1,7 @@
 """
-Weights from elsewhere, and checkpoints of earlier layouts: what train.py's init_from=PATH,
-train.py's resume and eval.py read besides model.py's own state dicts. Nothing here is part
-of a method, and model.py imports nothing from here.
+Weights from elsewhere: what train.py's init_from=PATH reads besides model.py's own state
+dicts (train.py's resume and eval.py run check_weights on those). Nothing here is part of a
+method, and model.py imports nothing from here.
 
     read_weights(source)       a file (or "torchvision:fcos_resnet50_fpn", torchvision's weights
                                API) -> LoadedWeights: its tensors and which layout they follow,
@@ -11,40 +11,15 @@ of a method, and model.py imports nothing from here.
                                model's labels, every shape checked; loads and returns an
                                ImportReport that accounts for every tensor of the file and of
                                the model: loaded, ignored (with why), newly initialised
-    current_keys(state)        one of our checkpoints' state dicts with the keys of earlier
-                               layouts renamed (the Local Shape head was once called `shape`)
 """
 
 import fnmatch
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
-
-
-# -----------------------------------------------------------------------------
-# Checkpoint keys of earlier layouts (train.py's resume and eval.py's load_checkpoint_model)
-
-# Our checkpoints written while the Local Shape head was called `shape`: head_sets.<i>.shape.*
-# (CenterMask) and shape.* (CenterMask-FCOS) are now local_shape.* (CenterMaskHeads,
-# CenterMaskFCOS). import_weights applies the same rule to our checkpoints (`_project_rules`).
-# The rule matches a key (shape.weight) and a module name (shape), the latter for torch.save's _metadata.
-_OLD_LOCAL_SHAPE_RULE = (r"((?:head_sets\.\d+\.)?)shape(\..+)?", r"\1local_shape\2")
-
-
-def current_keys(state):
-    """A state dict of one of our checkpoints with the keys of earlier layouts renamed to
-    today's (`_OLD_LOCAL_SHAPE_RULE`), so that `model.load_state_dict(current_keys(state))` loads
-    it, strict=True included. torch.save's `_metadata` (the modules' layout versions) is renamed
-    with the keys."""
-    pattern, target = _OLD_LOCAL_SHAPE_RULE
-    rename = lambda name: re.sub(f"^{pattern}$", target, name)  # noqa: E731
-    renamed = type(state)((rename(k), v) for k, v in state.items())
-    metadata = getattr(state, "_metadata", None)
-    if metadata is not None:
-        renamed._metadata = type(metadata)((rename(k), v) for k, v in metadata.items())
-    return renamed
 
 
 # -----------------------------------------------------------------------------
@@ -66,30 +41,36 @@ def current_keys(state):
 #     (the FPN levels renumbered between FCOS's P3-P7 and FCOSIS's P2-P7).
 # Input conventions that come with the weights (set by train.py from `config_updates`):
 # CenterNet's detectors saw BGR images normalised with COCO statistics (input_format
-# "bgr_coco", data.py); torchvision's FCOS puts its locations at j * stride, not FCOS's
-# j * stride + stride // 2 (ModelConfig.location_offset "zero", `fcos_locations`).
+# "bgr_coco", data.py); torchvision's FCOS is the improved one with its own locations and
+# candidate test (ModelConfig.fcos_form "torchvision", model.py's `FCOS`).
 
 # COCO's 80 category ids in order: CenterNet's class channel k is category COCO_CATEGORY_IDS[k]
 # (its `_valid_ids`, src/lib/datasets/dataset/coco.py); torchvision's detectors have 91 slots, the
 # channel of category c being c itself (the others, "N/A" and the background, never used).
-COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
-                     27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
-                     52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
-                     78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+COCO_CATEGORY_IDS = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+    27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
+    52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
+    78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
 
 TORCHVISION_FCOS = "torchvision:fcos_resnet50_fpn"
 
 # layout -> (what it is, the models it fits, ModelConfig settings it needs)
+DLA34_WIDTHS = "dla_channels=(16, 32, 64, 128, 256, 512)"
 WEIGHT_LAYOUTS = {
-    "centernet_dla34": ("CenterNet's ctdet DLA-34 COCO detector (ctdet_coco_dla_1x.pth / ctdet_coco_dla_2x.pth)",
-                        "method='centermask', backbone='dla34'", "dcn=True, dla_channels=(16, 32, 64, 128, 256, 512)"),
-    "centernet_hourglass104": ("CenterNet's ctdet Hourglass-104 COCO detector (ctdet_coco_hg.pth)",
-                               "method='centermask', backbone='hourglass104'",
-                               "num_stacks=2, hg_dims and hg_modules of Hourglass-104"),
-    "dla34_imagenet": ("the ImageNet DLA-34 classifier (dla34-ba72cf86.pth)",
-                       "method='centermask', backbone='dla34'", "dla_channels=(16, 32, 64, 128, 256, 512)"),
-    "torchvision_fcos": ("torchvision's FCOS R-50-FPN COCO detector (FCOS_ResNet50_FPN_Weights.COCO_V1)",
-                         "an FCOS-family method with backbone='resnet50'", "fpn_channels=256, head_convs=4"),
+    "centernet_dla34": (
+        "CenterNet's ctdet DLA-34 COCO detector (ctdet_coco_dla_1x.pth / ctdet_coco_dla_2x.pth)",
+        "method='centermask', backbone='dla34'", "dcn=True, " + DLA34_WIDTHS),
+    "centernet_hourglass104": (
+        "CenterNet's ctdet Hourglass-104 COCO detector (ctdet_coco_hg.pth)",
+        "method='centermask', backbone='hourglass104'",
+        "num_stacks=2, hg_dims and hg_modules of Hourglass-104"),
+    "dla34_imagenet": (
+        "the ImageNet DLA-34 classifier (dla34-ba72cf86.pth)",
+        "method='centermask', backbone='dla34'", DLA34_WIDTHS),
+    "torchvision_fcos": (
+        "torchvision's FCOS R-50-FPN COCO detector (FCOS_ResNet50_FPN_Weights.COCO_V1)",
+        "an FCOS-family method with backbone='resnet50'", "fpn_channels=256, head_convs=4"),
     "project": ("a checkpoint of this project", "any model (what matches by name and shape)", ""),
 }
 
@@ -98,21 +79,23 @@ class _Ignore(str):
     """A key-map rule's verdict: drop the tensor, for this reason."""
 
 
-_UNUSED_PROJECTION = ("built by CenterNet's DLA (its Tree makes a 1x1 projection whenever the width changes) but "
-                      "never used in its forward: a depth-2 Tree hands its residual to its first child, which "
-                      "projects it itself; our DLA34 does not build it")
+_UNUSED_PROJECTION = _Ignore(
+    "built by CenterNet's DLA (its Tree makes a 1x1 projection whenever the width changes) but "
+    "never used in its forward: a depth-2 Tree hands its residual to its first child, which "
+    "projects it itself; our DLA34 does not build it")
 
 
 def _deform_conv_key(rest):
     """CenterNet's DeformConv (conv = DCNv2 with its conv_offset_mask, actf = BN + ReLU) -> ours
     (conv, offset_mask, bn). The 27 offset / mask channels keep their order: DCNv2 splits them as
     chunks o1, o2, mask (offsets = the first 18, in the (dy, dx) pairs torchvision's
-    deform_conv2d reads; mask = the last 9, sigmoid), as `DeformConv.forward` does."""
+    deform_conv2d reads; mask = the last 9, sigmoid), as `DeformConv.forward` does.
+    conv.weight and conv.bias keep their names."""
     if rest.startswith("conv.conv_offset_mask."):
-        return "offset_mask." + rest[len("conv.conv_offset_mask."):]
+        return "offset_mask." + rest.removeprefix("conv.conv_offset_mask.")
     if rest.startswith("actf.0."):
-        return "bn." + rest[len("actf.0."):]
-    return rest                                                   # conv.weight, conv.bias
+        return "bn." + rest.removeprefix("actf.0.")
+    return rest
 
 
 # CenterNet's DLASeg (pose_dla_dcn.py) -> CenterMask on DLA-34. Its IDAUp numbers its nodes
@@ -121,12 +104,14 @@ def _deform_conv_key(rest):
 # CenterNet's wh is (w, h) (`wh[k] = 1. * w, 1. * h` in its datasets/sample/ctdet.py) and reg
 # (x, y) (`reg[k] = ct - ct_int`), the order of our size and offset channels.
 _CENTERNET_DLA_RULES = (
-    (r"base\.level[34]\.project\..*", _Ignore(_UNUSED_PROJECTION)),
+    (r"base\.level[34]\.project\..*", _UNUSED_PROJECTION),
     (r"base\.(.+)", r"backbone.base.\1"),
     (r"dla_up\.ida_(\d+)\.(proj|node)_(\d+)\.(.+)",
      lambda m: f"backbone.dla_up.ida.{m[1]}.{m[2]}.{int(m[3]) - 1}.{_deform_conv_key(m[4])}"),
-    (r"dla_up\.ida_(\d+)\.up_(\d+)\.weight", lambda m: f"backbone.dla_up.ida.{m[1]}.up.{int(m[2]) - 1}.weight"),
-    (r"ida_up\.(proj|node)_(\d+)\.(.+)", lambda m: f"backbone.ida_up.{m[1]}.{int(m[2]) - 1}.{_deform_conv_key(m[3])}"),
+    (r"dla_up\.ida_(\d+)\.up_(\d+)\.weight",
+     lambda m: f"backbone.dla_up.ida.{m[1]}.up.{int(m[2]) - 1}.weight"),
+    (r"ida_up\.(proj|node)_(\d+)\.(.+)",
+     lambda m: f"backbone.ida_up.{m[1]}.{int(m[2]) - 1}.{_deform_conv_key(m[3])}"),
     (r"ida_up\.up_(\d+)\.weight", lambda m: f"backbone.ida_up.up.{int(m[1]) - 1}.weight"),
     (r"hm\.(.+)", r"head_sets.0.heatmap.\1"),
     (r"wh\.(.+)", r"head_sets.0.size.\1"),
@@ -143,6 +128,7 @@ _CENTERNET_DLA_RULES = (
 #   inters.s (residual)              -> backbone.inter.s
 #   hm / wh / reg .s (make_kp_layer: 0 = convolution(3, with_bn=False): conv with bias, no BN;
 #          1 = Conv1x1)              -> head_sets.s.heatmap / size / offset (0 Conv3x3, 2 Conv1x1)
+_CENTERNET_HEADS = {"hm": "heatmap", "wh": "size", "reg": "offset"}
 _CENTERNET_HOURGLASS_RULES = (
     (r"pre\.0\.conv\.(.+)", r"backbone.pre.0.0.\1"),
     (r"pre\.0\.bn\.(.+)", r"backbone.pre.0.1.\1"),
@@ -155,16 +141,24 @@ _CENTERNET_HOURGLASS_RULES = (
     (r"cnvs_\.(\d+)\.(.+)", r"backbone.skip_features.\1.\2"),
     (r"(hm|wh|reg)\.(\d+)\.0\.conv\.(weight|bias)",
      lambda m: f"head_sets.{m[2]}.{_CENTERNET_HEADS[m[1]]}.0.{m[3]}"),
-    (r"(hm|wh|reg)\.(\d+)\.1\.(weight|bias)", lambda m: f"head_sets.{m[2]}.{_CENTERNET_HEADS[m[1]]}.2.{m[3]}"),
+    (r"(hm|wh|reg)\.(\d+)\.1\.(weight|bias)",
+     lambda m: f"head_sets.{m[2]}.{_CENTERNET_HEADS[m[1]]}.2.{m[3]}"),
 )
-_CENTERNET_HEADS = {"hm": "heatmap", "wh": "size", "reg": "offset"}
 
 # The ImageNet DLA-34 (the DLA of pose_dla_dcn.py with a 1x1-conv classifier `fc`) -> the DLA base.
 _DLA34_IMAGENET_RULES = (
-    (r"fc\..*", _Ignore("the ImageNet classifier (a 1x1 conv to 1000 classes): not part of the detector")),
-    (r"level[34]\.project\..*", _Ignore(_UNUSED_PROJECTION)),
+    (r"fc\..*", _Ignore("the ImageNet classifier (a 1x1 conv to 1000 classes): "
+                        "not part of the detector")),
+    (r"level[34]\.project\..*", _UNUSED_PROJECTION),
     (r"(base_layer|level\d)\.(.+)", r"backbone.base.\1.\2"),
 )
+
+
+def _fpn_rule(shift):
+    """The FPN's blocks renumbered by `shift`: FCOS's C3-C5 are blocks 0-2, FCOSIS's C2-C5 blocks
+    0-3, so that each level finds its own."""
+    return (r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(.+)",
+            lambda m: f"backbone.fpn.{m[1]}_blocks.{int(m[2]) + shift}.{m[3]}")
 
 
 def _torchvision_fcos_rules(first_level=3):
@@ -178,13 +172,11 @@ def _torchvision_fcos_rules(first_level=3):
                                                    chosen by category id, `import_weights`)
         head.regression_head.conv / bbox_reg / bbox_ctrness -> head.box_tower / ltrb / centerness
     Both towers are 4 x (Conv3x3, GroupNorm(32), ReLU), so the Sequential indices agree."""
-    shift = 3 - first_level
     return (
         (r"backbone\.body\.conv1\.(.+)", r"backbone.stem.0.\1"),
         (r"backbone\.body\.bn1\.(.+)", r"backbone.stem.1.\1"),
         (r"backbone\.body\.layer(\d)\.(.+)", lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}"),
-        (r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(.+)",
-         lambda m: f"backbone.fpn.{m[1]}_blocks.{int(m[2]) + shift}.{m[3]}"),
+        _fpn_rule(3 - first_level),
         (r"backbone\.fpn\.extra_blocks\.(.+)", r"backbone.fpn.extra_blocks.\1"),
         (r"head\.classification_head\.conv\.(.+)", r"head.cls_tower.\1"),
         (r"head\.classification_head\.cls_logits\.(.+)", r"head.cls_logits.\1"),
@@ -196,14 +188,8 @@ def _torchvision_fcos_rules(first_level=3):
 
 def _project_rules(src_first_level, dst_first_level):
     """Our own checkpoints: the same names, except the FPN blocks between FCOS (C3-C5: blocks
-    0-2) and FCOSIS (C2-C5: blocks 0-3), renumbered so that each level finds its own, and the
-    Local Shape head's old name (`_OLD_LOCAL_SHAPE_RULE`)."""
-    shift = src_first_level - dst_first_level
-    if shift == 0:
-        return (_OLD_LOCAL_SHAPE_RULE, (r"(.+)", r"\1"))
-    return ((r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(.+)",
-             lambda m: f"backbone.fpn.{m[1]}_blocks.{int(m[2]) + shift}.{m[3]}"),
-            _OLD_LOCAL_SHAPE_RULE, (r"(.+)", r"\1"))
+    0-2) and FCOSIS (C2-C5: blocks 0-3), renumbered so that each level finds its own."""
+    return (_fpn_rule(src_first_level - dst_first_level), (r"(.+)", r"\1"))
 
 
 def _rename(key, rules):
@@ -218,15 +204,20 @@ def _rename(key, rules):
     return None
 
 
+# layout -> a few keys only it has
+_SIGNATURES = {
+    "centernet_dla34": ("base.base_layer.0.weight", "dla_up.ida_0.proj_1.conv.weight"),
+    "centernet_hourglass104": ("pre.0.conv.weight", "kps.0.up1.0.conv1.weight"),
+    "dla34_imagenet": ("base_layer.0.weight", "level5.root.conv.weight"),
+    "torchvision_fcos": ("backbone.body.conv1.weight",
+                         "head.classification_head.cls_logits.weight"),
+}
+
+
 def _layout_of(state):
-    """Which published layout a state dict follows, from a few keys only it has (None: none)."""
-    keys = set(state)
-    for kind, signature in (("centernet_dla34", ("base.base_layer.0.weight", "dla_up.ida_0.proj_1.conv.weight")),
-                            ("centernet_hourglass104", ("pre.0.conv.weight", "kps.0.up1.0.conv1.weight")),
-                            ("dla34_imagenet", ("base_layer.0.weight", "level5.root.conv.weight")),
-                            ("torchvision_fcos", ("backbone.body.conv1.weight",
-                                                  "head.classification_head.cls_logits.weight"))):
-        if set(signature) <= keys:
+    """Which published layout a state dict follows, from its signature keys (None: none)."""
+    for kind, signature in _SIGNATURES.items():
+        if set(signature) <= set(state):
             return kind
     return None
 
@@ -241,7 +232,8 @@ def _first_line(e):
     a paragraph of advice)."""
     text = str(e).strip()
     if "WeightsUnpickler error:" in text:
-        after = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
+        after = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines()]
+        after = [line for line in after if line]
         return "weights_only unpickler: " + (after[0] if after else "refused")
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -249,8 +241,8 @@ def _first_line(e):
 def check_weights(state, source):
     """Refuse weights that cannot run: a tensor holding NaN or inf, or a BatchNorm running_var below
     0 (eval-mode BatchNorm divides by its square root: NaN, which DLA-34's deformable convolutions
-    would read as sampling offsets). Such a file is corrupt, hand-made, or saved from a diverged run.
-    state: {name: tensor}. Raises ValueError naming `source` and the first such tensor."""
+    would read as sampling offsets). Such a file is corrupt, hand-made, or saved from a diverged
+    run. state: {name: tensor}. Raises ValueError naming `source` and the first such tensor."""
     bad = []
     for k, v in state.items():
         if not torch.is_tensor(v) or not v.is_floating_point():
@@ -260,12 +252,12 @@ def check_weights(state, source):
             bad.append(f"tensor {k} holds {n} non-finite value(s) (NaN or inf) of {v.numel()}")
         elif k.endswith("running_var") and bool((v < 0).any()):
             n = int((v < 0).sum())
-            bad.append(f"tensor {k} holds {n} negative BatchNorm running variance(s) of {v.numel()} "
-                       f"(min {float(v.min()):.3g}; a variance is >= 0)")
+            bad.append(f"tensor {k} holds {n} negative BatchNorm running variance(s) of "
+                       f"{v.numel()} (min {float(v.min()):.3g}; a variance is >= 0)")
     if bad:
         more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
-        raise ValueError(f"{source}: {bad[0]}{more}: a corrupt or hand-made file, or one saved from a diverged run; "
-                         "not loaded")
+        raise ValueError(f"{source}: {bad[0]}{more}: a corrupt or hand-made file, or one saved "
+                         "from a diverged run; not loaded")
 
 
 @dataclass
@@ -322,20 +314,22 @@ def _torchvision_fcos_state():
         return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as e:  # URLError, OSError, hash mismatch, ...
         name = os.path.basename(urlparse(weights.url).path)
-        raise RuntimeError(f"could not load torchvision's FCOS R-50-FPN COCO weights ({type(e).__name__}: "
-                           f"{_first_line(e)}); without a network, put {name} (from {weights.url}) into "
-                           f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}") from e
+        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise RuntimeError(f"could not load torchvision's FCOS R-50-FPN COCO weights "
+                           f"({type(e).__name__}: {_first_line(e)}); without a network, put {name} "
+                           f"(from {weights.url}) into {folder}") from e
 
 
 def read_weights(source):
     """
     Read the weights to start from: a path (torch.load with weights_only=True: tensors and
     plain containers only), TORCHVISION_FCOS ("torchvision:fcos_resnet50_fpn"), or an already
-    loaded dict. Recognised: this project's checkpoints ({"model", "model_args", ...}), CenterNet's ({"state_dict": ...}, or the bare state dict;
-    keys with or without DataParallel's "module."), the ImageNet DLA-34 and torchvision's FCOS
-    (bare state dicts). -> LoadedWeights. Raises ValueError (RuntimeError for a failed
-    torchvision download) with a one-line message naming the source; weights that cannot run
-    (NaN / inf, a negative BatchNorm variance: check_weights) are refused the same way.
+    loaded dict. Recognised: this project's checkpoints ({"model", "model_args", ...}),
+    CenterNet's ({"state_dict": ...}, or the bare state dict; keys with or without DataParallel's
+    "module."), the ImageNet DLA-34 and torchvision's FCOS (bare state dicts). -> LoadedWeights.
+    Raises ValueError (RuntimeError for a failed torchvision download) with a one-line message
+    naming the source; weights that cannot run (NaN / inf, a negative BatchNorm variance:
+    check_weights) are refused the same way.
     """
     if isinstance(source, dict):
         obj, name = source, "<state dict>"
@@ -350,20 +344,28 @@ def read_weights(source):
         try:
             obj = torch.load(name, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"cannot read {name} as a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+            why = f"{type(e).__name__}: {_first_line(e)}"
+            raise ValueError(f"cannot read {name} as a PyTorch checkpoint ({why})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{name} holds a {type(obj).__name__}, not a checkpoint (a dict of tensors)")
-    if "model" in obj and "model_args" in obj:                    # train.py's
+        raise ValueError(f"{name} holds a {type(obj).__name__}, not a checkpoint "
+                         "(a dict of tensors)")
+    # train.py's checkpoints
+    if "model" in obj and "model_args" in obj:
         check_weights(obj["model"], name)
-        return LoadedWeights("project", name, _strip_prefixes(obj["model"]), model_args=dict(obj["model_args"]),
-                             config=dict(obj.get("config") or {}), label_to_cat_id=obj.get("label_to_cat_id"))
-    state = obj.get("state_dict", obj)                            # CenterNet's checkpoints hold it there
-    state = _strip_prefixes({k: v for k, v in state.items() if torch.is_tensor(v)}) if isinstance(state, dict) else {}
+        return LoadedWeights("project", name, _strip_prefixes(obj["model"]),
+                             model_args=dict(obj["model_args"]),
+                             config=dict(obj.get("config") or {}),
+                             label_to_cat_id=obj.get("label_to_cat_id"))
+    # CenterNet's checkpoints hold the state dict under "state_dict"
+    state = obj.get("state_dict", obj)
+    state = state if isinstance(state, dict) else {}
+    state = _strip_prefixes({k: v for k, v in state.items() if torch.is_tensor(v)})
     kind = _layout_of(state)
     if kind is None:
         some = ", ".join(list(state)[:4]) or "no tensors"
-        raise ValueError(f"{name} is none of the weights init_from knows (CenterNet's ctdet DLA-34 / Hourglass-104, "
-                         f"the ImageNet DLA-34, torchvision's FCOS, a train.py checkpoint); its first keys: {some}")
+        raise ValueError(f"{name} is none of the weights init_from knows (CenterNet's ctdet DLA-34 "
+                         "/ Hourglass-104, the ImageNet DLA-34, torchvision's FCOS, a train.py "
+                         f"checkpoint); its first keys: {some}")
     check_weights(state, name)
     return LoadedWeights(kind, name, state)
 
@@ -385,16 +387,17 @@ def _class_rows(cat_ids, num_classes, by_id):
     (torchvision's 91 slots), else its position in COCO_CATEGORY_IDS (CenterNet's 80)."""
     if cat_ids is None:
         if num_classes != len(COCO_CATEGORY_IDS):
-            raise ValueError(f"the file's class channels are COCO's 80 categories and this model has {num_classes} "
-                             "classes: give the COCO category id of each label (train.py passes the training json's)")
+            raise ValueError("the file's class channels are COCO's 80 categories and this model "
+                             f"has {num_classes} classes: give the COCO category id of each label "
+                             "(train.py passes the training json's)")
         cat_ids = COCO_CATEGORY_IDS
     cat_ids = [int(c) for c in cat_ids]
     if len(cat_ids) != num_classes:
         raise ValueError(f"{len(cat_ids)} category ids for a model of {num_classes} classes")
     unknown = [c for c in cat_ids if c not in COCO_CATEGORY_IDS]
     if unknown:
-        raise ValueError(f"category id(s) {unknown} of the training json are not COCO categories: the file's class "
-                         "channels cannot be given to them")
+        raise ValueError(f"category id(s) {unknown} of the training json are not COCO categories: "
+                         "the file's class channels cannot be given to them")
     return [c if by_id else COCO_CATEGORY_IDS.index(c) for c in cat_ids], cat_ids
 
 
@@ -404,13 +407,8 @@ def _group_keys(keys, universe, limit=12):
     def prefixes(k):
         parts = k.split(".")
         return [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
-    in_universe, in_keys = {}, {}
-    for k in universe:
-        for p in prefixes(k):
-            in_universe[p] = in_universe.get(p, 0) + 1
-    for k in keys:
-        for p in prefixes(k):
-            in_keys[p] = in_keys.get(p, 0) + 1
+    in_universe = Counter(p for k in universe for p in prefixes(k))
+    in_keys = Counter(p for k in keys for p in prefixes(k))
     groups = {}
     for k in keys:
         p = next(p for p in prefixes(k) if in_keys[p] == in_universe.get(p, 0))
@@ -418,6 +416,10 @@ def _group_keys(keys, universe, limit=12):
     shown = [p if p in keys and n == 1 else f"{p}.* ({n})" for p, n in groups.items()]
     more = f", ... ({len(shown) - limit} more groups)" if len(shown) > limit else ""
     return ", ".join(shown[:limit]) + more
+
+
+def _is_counter(key):
+    return key.endswith("num_batches_tracked")
 
 
 @dataclass
@@ -439,23 +441,27 @@ class ImportReport:
         lines = [f"init_from {self.source}: {self.description} -> {self.model}",
                  f"  loaded: {len(self.loaded)} tensors"]
         lines += [f"  note: {n}" for n in self.notes]
-        lines.append(f"  ignored: {len(self.ignored)} tensors of the file" + (":" if self.ignored else ""))
+        colon = ":" if self.ignored else ""
+        lines.append(f"  ignored: {len(self.ignored)} tensors of the file{colon}")
         by_reason = {}
         for k, why in self.ignored.items():
             by_reason.setdefault(why, []).append(k)
         for why, keys in by_reason.items():
-            if all(k.endswith("num_batches_tracked") for k in keys):   # scattered over every BN: just count them
+            # BatchNorm's counters are scattered over every BN: just count them
+            if all(_is_counter(k) for k in keys):
                 lines.append(f"    {len(keys)} num_batches_tracked counters: {why}")
             else:
                 lines.append(f"    {_group_keys(keys, self.file_keys)}: {why}")
-        counters = [k for k in self.new if k.endswith("num_batches_tracked")]
-        fresh = [k for k in self.new if not k.endswith("num_batches_tracked")]
-        lines.append(f"  newly initialised: {len(self.new)} tensors of the model" + (":" if self.new else ""))
+        counters = [k for k in self.new if _is_counter(k)]
+        fresh = [k for k in self.new if not _is_counter(k)]
+        colon = ":" if self.new else ""
+        lines.append(f"  newly initialised: {len(self.new)} tensors of the model{colon}")
         if fresh:
-            lines.append(f"    {_group_keys(fresh, [k for k in self.model_keys if not k.endswith('num_batches_tracked')])}")
+            model_keys = [k for k in self.model_keys if not _is_counter(k)]
+            lines.append(f"    {_group_keys(fresh, model_keys)}")
         if counters:
-            lines.append(f"    {len(counters)} BatchNorm num_batches_tracked counters (not in the file; left at 0, "
-                         "unused with a fixed momentum)")
+            lines.append(f"    {len(counters)} BatchNorm num_batches_tracked counters (not in the "
+                         "file; left at 0, unused with a fixed momentum)")
         return "\n".join(lines)
 
 
@@ -465,12 +471,13 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
     DDP): weights = a LoadedWeights or anything read_weights takes. cat_ids: the COCO category
     id of each of the model's labels (label k = category cat_ids[k]; the training json's
     `label_to_cat_id`), used to pick the class channels of CenterNet's heatmap and torchvision's
-    classifier (ids that are not COCO's are refused unless `fresh` leaves that class layer out, so that
-    it starts fresh); default COCO's 80 when the model has 80 classes. fresh: glob patterns over the
-    model's key names (fnmatch, e.g. "head_sets.*.local_shape.*"): the file's tensors for those
-    keys are not loaded (listed as ignored), the keys stay as the model initialised them (train.py's
-    `init_fresh`: a head that the file holds but that should start over); a pattern that matches
-    no key of the model is refused, so that a typo cannot load what it meant to leave out.
+    classifier (ids that are not COCO's are refused unless `fresh` leaves that class layer out, so
+    that it starts fresh); default COCO's 80 when the model has 80 classes. fresh: glob patterns
+    over the model's key names (fnmatch, e.g. "head_sets.*.local_shape.*"): the file's tensors for
+    those keys are not loaded (listed as ignored), the keys stay as the model initialised them
+    (train.py's `init_fresh`: a head that the file holds but that should start over); a pattern
+    that matches no key of the model is refused, so that a typo cannot load what it meant to leave
+    out.
     Published layouts are refused when they do not fit the model (a file of another model, a
     model built with other widths): a tensor the model lacks, or of another shape, stops the
     import naming the keys and shapes. Our checkpoints load what matches by name and shape, the
@@ -483,14 +490,14 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
     desc, fits, needs = WEIGHT_LAYOUTS[kind]
     if not _fits(kind, cfg):
         raise ValueError(f"{weights.source} holds {desc}; it fits {fits}, not this {what} model")
+    # the first FPN level: FCOSIS's P2, else P3 (the file's from the method it was trained as)
     first_level = getattr(getattr(model, "backbone", None), "first_level", 3)
-    if kind == "project":
-        src_method = (weights.model_args or {}).get("method", "")
-        rules = _project_rules(2 if src_method == "fcosis" else 3, first_level)
-    else:
-        rules = {"centernet_dla34": _CENTERNET_DLA_RULES, "centernet_hourglass104": _CENTERNET_HOURGLASS_RULES,
-                 "dla34_imagenet": _DLA34_IMAGENET_RULES,
-                 "torchvision_fcos": _torchvision_fcos_rules(first_level)}[kind]
+    src_first_level = 2 if (weights.model_args or {}).get("method") == "fcosis" else 3
+    rules = {"centernet_dla34": _CENTERNET_DLA_RULES,
+             "centernet_hourglass104": _CENTERNET_HOURGLASS_RULES,
+             "dla34_imagenet": _DLA34_IMAGENET_RULES,
+             "torchvision_fcos": _torchvision_fcos_rules(first_level),
+             "project": _project_rules(src_first_level, first_level)}[kind]
     model_state = model.state_dict()
     mapped, source_of, ignored, missing, notes = {}, {}, {}, [], []
     for key, tensor in weights.state.items():
@@ -500,8 +507,9 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
         elif target is None:
             ignored[key] = "not part of the layout the key map knows"
         elif target not in model_state:
-            if key.endswith("num_batches_tracked"):
-                ignored[key] = "BatchNorm's step counter: this model's (frozen) BatchNorm keeps none"
+            if _is_counter(key):
+                ignored[key] = ("BatchNorm's step counter: this model's (frozen) BatchNorm "
+                                "keeps none")
             elif kind == "project":
                 ignored[key] = f"this {what} model has no such tensor"
             else:
@@ -510,60 +518,74 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
             mapped[target], source_of[target] = tensor, key
     if missing:
         examples = "; ".join(f"{k} -> {t}" for k, t in missing[:3])
-        raise ValueError(f"this {what} model has no tensor for {len(missing)} of the {len(weights.state)} tensors of "
-                         f"{weights.source} ({desc}), e.g. {examples}: it needs {needs}")
-    for pattern in fresh:                                         # init_fresh: left as initialised
+        raise ValueError(f"this {what} model has no tensor for {len(missing)} of the "
+                         f"{len(weights.state)} tensors of {weights.source} ({desc}), "
+                         f"e.g. {examples}: it needs {needs}")
+    # init_fresh: left as initialised
+    for pattern in fresh:
         keys = [t for t in model_state if fnmatch.fnmatchcase(t, pattern)]
         if not keys:
-            raise ValueError(f"init_fresh pattern {pattern!r} matches no tensor of this {what} model "
-                             f"(its keys look like {next(iter(model_state))})")
+            raise ValueError(f"init_fresh pattern {pattern!r} matches no tensor of this {what} "
+                             f"model (its keys look like {next(iter(model_state))})")
         for t in keys:
             if t in mapped:
                 ignored[source_of[t]] = f"init_fresh {pattern!r}: started fresh"
                 del mapped[t]
-    # class channels: the rows of the model's labels, by COCO category id (unless init_fresh left the
-    # class layer out: a training json whose categories are not COCO's starts it fresh)
-    class_layer = {"centernet_dla34": "head_sets.*.heatmap.2.*", "centernet_hourglass104": "head_sets.*.heatmap.2.*",
-                   "torchvision_fcos": "head.cls_logits.*"}.get(kind)       # as an init_fresh pattern
+    # class channels: the rows of the model's labels, by COCO category id (unless init_fresh left
+    # the class layer out: a training json whose categories are not COCO's starts it fresh). The
+    # class layer as an init_fresh pattern:
+    class_layer = {"centernet_dla34": "head_sets.*.heatmap.2.*",
+                   "centernet_hourglass104": "head_sets.*.heatmap.2.*",
+                   "torchvision_fcos": "head.cls_logits.*"}.get(kind)
     class_keys = [t for t in mapped if class_layer and fnmatch.fnmatchcase(t, class_layer)]
     if class_keys:
+        by_id = kind == "torchvision_fcos"
         try:
-            rows, ids = _class_rows(cat_ids, cfg.num_classes, by_id=kind == "torchvision_fcos")
+            rows, ids = _class_rows(cat_ids, cfg.num_classes, by_id)
         except ValueError as e:
             raise ValueError(f"{e}; to start the class layer fresh and import the rest: "
                              f"--init_fresh='(\"{class_layer}\",)'") from None
-        slots = {"torchvision_fcos": "91 slots (channel = category id)"}.get(kind, "80 COCO channels")
+        slots = "91 slots (channel = category id)" if by_id else "80 COCO channels"
         for t in class_keys:
             if mapped[t].shape[0] <= max(rows):
-                raise ValueError(f"{source_of[t]} has {mapped[t].shape[0]} class channels, not the {slots} of {desc}")
+                raise ValueError(f"{source_of[t]} has {mapped[t].shape[0]} class channels, not the "
+                                 f"{slots} of {desc}")
             mapped[t] = mapped[t][rows]
         shown = ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")
-        notes.append(f"class channels: labels 0..{len(ids) - 1} <- the file's channels of COCO category ids "
-                     f"{shown} ({len(ids)} of its {slots})")
+        notes.append(f"class channels: labels 0..{len(ids) - 1} <- the file's channels of COCO "
+                     f"category ids {shown} ({len(ids)} of its {slots})")
     mismatched = [(source_of[t], t, tuple(v.shape), tuple(model_state[t].shape))
                   for t, v in mapped.items() if v.shape != model_state[t].shape]
     if mismatched and kind != "project":
-        listing = "; ".join(f"{k} {a} in the file, {t} {b} in the model" for k, t, a, b in mismatched[:4])
-        raise ValueError(f"shape mismatch ({len(mismatched)} tensors) between {weights.source} ({desc}) and this "
-                         f"{what} model: {listing}" + (" ..." if len(mismatched) > 4 else "") + f"; it needs {needs}")
-    for k, t, a, b in mismatched:                                 # our checkpoints: skip them
+        listing = "; ".join(f"{k} {a} in the file, {t} {b} in the model"
+                            for k, t, a, b in mismatched[:4])
+        more = " ..." if len(mismatched) > 4 else ""
+        raise ValueError(f"shape mismatch ({len(mismatched)} tensors) between {weights.source} "
+                         f"({desc}) and this {what} model: {listing}{more}; it needs {needs}")
+    # our checkpoints: skip them
+    for k, t, a, b in mismatched:
         ignored[k] = f"shape {a} in the file, {b} in this model"
         del mapped[t]
     if not mapped:
-        raise ValueError(f"nothing in {weights.source} ({weights.description}) fits this {what} model")
+        raise ValueError(f"nothing in {weights.source} ({weights.description}) fits this {what} "
+                         "model")
     unexpected = model.load_state_dict(mapped, strict=False).unexpected_keys
     assert not unexpected, unexpected
     new = [k for k in model_state if k not in mapped]
     if kind == "torchvision_fcos":
         with torch.no_grad():
             model.head.scales.fill_(1.0)
-        notes.append("head.scales set to 1 (torchvision's FCOS has no learnable scale: its ltrb = relu(x) * stride)")
-        if cfg.location_offset != "zero":
-            notes.append("this model has location_offset='half': torchvision's boxes need 'zero' (train.py sets it)")
+        notes.append("head.scales set to 1 (torchvision's FCOS has no learnable scale: its "
+                     "ltrb = relu(x) * stride)")
+        if cfg.fcos_form != "torchvision":
+            notes.append(f"this model has fcos_form={cfg.fcos_form!r}: torchvision's weights need "
+                         "'torchvision' (train.py sets it)")
     if kind in ("centernet_dla34", "centernet_hourglass104"):
-        notes.append("inputs as CenterNet's: BGR, COCO statistics (input_format='bgr_coco'; train.py sets it)")
+        notes.append("inputs as CenterNet's: BGR, COCO statistics (input_format='bgr_coco'; "
+                     "train.py sets it)")
     if kind == "dla34_imagenet":
-        notes.append("the ImageNet DLA-34 was trained on RGB images with ImageNet statistics (input_format "
-                     "'rgb_imagenet', the default); CenterNet fed it BGR / COCO statistics (--input_format=bgr_coco)")
-    return ImportReport(weights.source, weights.description, what, list(mapped), ignored, new, notes,
-                        list(weights.state), list(model_state))
+        notes.append("the ImageNet DLA-34 was trained on RGB images with ImageNet statistics "
+                     "(input_format 'rgb_imagenet', the default); CenterNet fed it BGR / COCO "
+                     "statistics (--input_format=bgr_coco)")
+    return ImportReport(weights.source, weights.description, what, list(mapped), ignored, new,
+                        notes, list(weights.state), list(model_state))

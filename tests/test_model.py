@@ -1,8 +1,5 @@
 """Hand-computed checks of the CenterNet / CenterMask formulas and the DLA-34 backbone."""
 import math
-import re
-from collections import OrderedDict
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -12,7 +9,6 @@ from torchvision.ops import deform_conv2d
 from model import (ModelConfig, build_model, gaussian_radius, draw_gaussian, centernet_focal_loss,
                    centernet_heatmaps, flatten_targets, image_index, first_box_index, l1_at_centers, DLASeg,
                    DeformConv, CenterMask)
-from weights import current_keys, import_weights
 
 
 def tiny_cfg(**kw):
@@ -443,42 +439,6 @@ def test_stretch_to_boxes_equals_grid_sample():
     assert torch.equal(inside, ref_inside) and inside.any((1, 2)).all()
     assert torch.allclose(resize_to_boxes(small, boxes, H, W, pixel=1.0), ref, atol=1e-6)
     assert torch.allclose(values, ref, atol=1e-5)
-
-
-@pytest.mark.parametrize("method", ["centermask", "centermask_fcos"])
-def test_checkpoints_with_the_old_shape_keys_load(method):
-    """Guards the Local Shape head's rename (`shape` -> `local_shape`): a state dict written
-    with the old names (CenterMask's head_sets.0.shape.{0,2}.*, CenterMask-FCOS's shape.*) loads
-    bit-identically, strict=True, through load_state_dict after weights.current_keys (train.py's
-    resume, eval.py) and through import_weights of one of our checkpoints (`_project_rules`); the
-    old names alone are refused by a strict load (the rename is what loads them)."""
-    cfg = (tiny_cfg() if method == "centermask" else
-           ModelConfig(method="centermask_fcos", backbone="resnet18", num_classes=3, norm="bn",
-                       fpn_channels=32, head_conv=32, shape_size=8))
-    torch.manual_seed(0)
-    new = build_model(cfg).state_dict()
-    old_name = lambda k: re.sub(r"^((?:head_sets\.\d+\.)?)local_shape\.", r"\1shape.", k)  # noqa: E731
-    old = OrderedDict((old_name(k), v) for k, v in new.items())
-    old._metadata = OrderedDict((old_name(k), v) for k, v in new._metadata.items())   # as torch.save keeps it
-    renamed = sorted(k for k in old if k not in new)
-    assert renamed == (["head_sets.0.shape.0.bias", "head_sets.0.shape.0.weight", "head_sets.0.shape.2.bias",
-                        "head_sets.0.shape.2.weight"] if method == "centermask" else ["shape.bias", "shape.weight"])
-    for load in ("load_state_dict", "import_weights"):
-        torch.manual_seed(1)
-        model = build_model(cfg)
-        assert not all(torch.equal(v, new[k]) for k, v in model.state_dict().items())   # other weights
-        if load == "load_state_dict":
-            with pytest.raises(RuntimeError, match="local_shape"):
-                model.load_state_dict(old)                                               # strict, old names
-            renamed = current_keys(old)
-            assert list(renamed._metadata) == list(new._metadata)
-            model.load_state_dict(renamed)                                               # strict
-        else:
-            report = import_weights(model, {"model": old, "model_args": asdict(cfg)})
-            assert not report.ignored and not report.new and len(report.loaded) == len(new)
-        state = model.state_dict()
-        assert list(state) == list(new)
-        assert all(torch.equal(state[k], new[k]) for k in new), load
 
 
 def test_saliency_targets_by_hand():
