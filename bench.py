@@ -52,21 +52,20 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from configurator import defaults_of
-from accumulate import MicroBatchNormalizers
 from model import ModelConfig, build_model, method_transform
 from configurator import auto_dtype, check_settings
 
 # -----------------------------------------------------------------------------
 # train.py's config keys with train.py's defaults (model.ModelConfig's fields among them), so that
 # the same config files run here. bench.py reads the model keys, batch_size, input_size, device,
-# dtype, threads, compile, channels_last, seed, learning_rate, gradient_accumulation_steps and,
-# with real_data, transform / input_format / max_size / val_img_dir / val_ann / the train split
+# dtype, threads, compile, seed, learning_rate, gradient_accumulation_steps and, with real_data,
+# val_img_dir / val_ann / the train split
 # (loader=True); the others are accepted and ignored (the timed train step always uses Adam, [CM 3.5]).
 globals().update(defaults_of(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")))
 # bench settings, and the train.py keys whose default differs here
 batch_size = 2                    # images per timed step (train.py: 32)
 seed = 0                          # of the synthetic batch (random pixels, boxes and masks)
-num_classes = 80                  # COCO's (train.py: 0 = the training set's; real_data must have as many)
+num_classes = 80                  # COCO's (train.py: the training json's; real_data must have as many)
 burn_in = 2                       # untimed runs before each measurement
 steps = 5                         # timed runs; the median is reported
 peers = False                     # also time torchvision's fcos_resnet50_fpn and maskrcnn_resnet50_fpn
@@ -77,7 +76,7 @@ coloring = False                  # instead of a model: FCOSIS's Largest-First c
                                   # ground-truth boxes in real_data's val_ann (colours vs instances, time)
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-transform = transform or method_transform(method)   # as train.py
+transform = method_transform(method)   # as train.py
 config = config_from_globals(globals())
 # -----------------------------------------------------------------------------
 
@@ -155,8 +154,7 @@ def real_batch(B, size_divisibility):
     p = lambda rel: rel if os.path.isabs(rel) else os.path.join(real_data, rel)  # noqa: E731
     try:
         ds = CocoInstances(p(val_img_dir), p(val_ann), max_images=B,
-                           transforms=build_transforms(transform, False, input_size, input_format=input_format,
-                                                       **({"max_size": max_size} if transform == "fcos" else {})))
+                           transforms=build_transforms(transform, False, input_size))
         if ds.num_classes != num_classes:
             sys.exit(f"bench.py: {p(val_ann)} has {ds.num_classes} categories but num_classes={num_classes}")
         if len(ds) < B:
@@ -301,7 +299,7 @@ else:
     source = f"synthetic, seed {seed}" + (f" (input_size {input_size} rounded up to {S}, a multiple of {d})" if S != input_size else "")
 images = images.to(device)
 targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-if device_type == "cuda" and channels_last:
+if device_type == "cuda":
     raw_model = raw_model.to(memory_format=torch.channels_last)
     images = images.contiguous(memory_format=torch.channels_last)
 model = torch.compile(raw_model) if compile else raw_model
@@ -322,7 +320,7 @@ if peers:
         # (its default would resize to 800) so all models see the same pixels
         peer = builder(weights=None, weights_backbone=None, num_classes=91, min_size=max(H, W),
                        max_size=max(H, W)).to(device)
-        if device_type == "cuda" and channels_last:
+        if device_type == "cuda":
             peer = peer.to(memory_format=torch.channels_last)
         timed.append((peer, *model_steps(peer, peer_images, peer_targets, new_scaler())))
 train_times, train_peaks = time_interleaved(timed, "train")
@@ -351,11 +349,15 @@ def post_process():  # under the same autocast as in inference, where decode run
 
 t_post = median_seconds(post_process)
 # gradient_accumulation_steps > 1: train.py's extra cost per step, the normaliser recording pass
-# (accumulate.MicroBatchNormalizers: a forward without gradients of each micro-batch), on this batch
+# (train.py's record_normalizers: a forward without gradients of each micro-batch), on this batch
 t_record = None
 if gradient_accumulation_steps > 1:
     raw_model.train()
-    t_record = median_seconds(lambda: MicroBatchNormalizers().record(raw_model, [(images, targets)], amp))
+
+    def record_pass():
+        with torch.no_grad(), amp:
+            raw_model(images, targets)
+    t_record = median_seconds(record_pass)
 # eval.py then maps every detection back to the original image (boxes / scale, masks resized to
 # the original size and thresholded): timed for an original 1.25x the input (COCO's 640 -> 512)
 try:  # eval.py reads COCO with pycocotools; a bare GPU machine (PyTorch only) may lack it
@@ -461,8 +463,7 @@ if loader:
     if not real_data:
         sys.exit("bench.py: loader=True needs --real_data=DIR (a COCO folder; train_img_dir/train_ann relative to it)")
     p = lambda rel: rel if os.path.isabs(rel) else os.path.join(real_data, rel)  # noqa: E731
-    kw = dict(scale_range=scale_range, flip_prob=flip_prob, color_jitter=color_jitter, input_format=input_format,
-              **({"max_size": max_size} if transform == "fcos" else {}))
+    kw = dict(scale_range=scale_range, color_jitter=color_jitter)
     try:
         train_set = CocoInstances(p(train_img_dir), p(train_ann), transforms=build_transforms(transform, True, input_size, **kw))
     except (OSError, ValueError) as e:

@@ -571,6 +571,6 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
         notes.append("inputs as CenterNet's: BGR, COCO statistics (input_format='bgr_coco'; train.py sets it)")
     if kind == "dla34_imagenet":
         notes.append("the ImageNet DLA-34 was trained on RGB images with ImageNet statistics (input_format "
-                     "'rgb_imagenet', the default); CenterNet fed it BGR / COCO statistics (--input_format=bgr_coco)")
+                     "'rgb_imagenet', the default); CenterNet fed it BGR / COCO statistics")
     return ImportReport(weights.source, weights.description, what, list(mapped), ignored, new, notes,
                         list(weights.state), list(model_state))
