@@ -498,9 +498,9 @@ history = {"iter": [], "loss": {}}  # for the loss-curve PNG
 checkpoint = None  # free memory
 micro = f" x {accum} micro-batches" if accum > 1 else ""
 log(f"training for {max_iters} iterations ({iters_per_epoch} per epoch, batch {batch_size} x "
-    f"{world_size}{micro}); lr steps at iterations {step_iters}")
-log(f"global batch {global_batch} ({world_size} process(es) x batch_size {batch_size} x {accum} "
-    f"micro-batch(es)), learning rate {learning_rate:g}")
+    f"{world_size}{micro}); lr steps at iterations {step_iters}\nglobal batch {global_batch} "
+    f"({world_size} process(es) x batch_size {batch_size} x {accum} micro-batch(es)), learning "
+    f"rate {learning_rate:g}")
 if global_batch != _recipe_batch and not _own_learning_rate:
     log(f"warning: the config's recipe steps on {_recipe_batch} images at learning rate "
         f"{learning_rate:g}; this launch steps on {global_batch}, another recipe: give it its own "
