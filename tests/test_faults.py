@@ -490,8 +490,8 @@ def test_ddp_gradients_equal_one_process_with_equal_object_counts(ddp_grads, kin
     """Guards DDP training computing a different step than one process with the whole batch:
     2 processes with batch 2 each must give (after DDP's all-reduce) the gradients of 1 process
     with batch 4, to float32 rounding. BatchNorm is frozen (running statistics) in both: with
-    per-process batch statistics the two differ by construction (SyncBatchNorm runs on GPUs only,
-    and train.py's sync_bn is off by default, as in CenterNet). The per-rank object counts are
+    per-process batch statistics the two differ by construction (train.py's BatchNorm is per
+    process, as CenterNet's). The per-rank object counts are
     equal here (4 and 4): see the next test for why that matters.
     Tolerance: relative 1e-4 of each tensor's largest gradient (the sums are split differently
     across processes, and the L1 losses' +1e-4 in their normaliser 2N + 1e-4 is added per process)."""
@@ -512,15 +512,33 @@ def test_ddp_gradients_equal_one_process_with_unequal_object_counts(ddp_grads, k
 # -----------------------------------------------------------------------------
 # gradient accumulation (train.py's gradient_accumulation_steps)
 
-def train_py_definitions(*names):
-    """Top-level functions of train.py by name, run with train.py's imports: train.py is a script
-    (importing it would train), so its definitions are taken from its source."""
+def train_py_definitions(*names, **settings):
+    """Top-level functions and assignments of train.py by name, run with train.py's imports and
+    `settings` as its globals: train.py is a script (importing it would train), so its
+    definitions are taken from its source."""
     tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
-    keep = [node for node in tree.body
-            if isinstance(node, (ast.Import, ast.ImportFrom)) or getattr(node, "name", None) in names]
-    namespace = {}
+    keep = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+            or getattr(node, "name", None) in names
+            or isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) in names]
+    namespace = dict(settings)
     exec(compile(ast.Module(body=keep, type_ignores=[]), "train.py", "exec"), namespace)
     return [namespace[name] for name in names]
+
+
+@pytest.mark.parametrize("optimizer, method, expected", [
+    ("adam", "centermask", [1 / 3, 2 / 3, 1, 1, 0.1]),
+    ("sgd", "fcos", [1 / 3, 1 / 3, 1 / 3, 1, 0.1]),
+    ("sgd", "centermask_fcos", [5 / 9, 7 / 9, 1, 1, 0.1])])
+def test_learning_rate_warm_up_of_each_solver(optimizer, method, expected):
+    """Guards train.py's get_lr, in units of learning_rate, W = 3 warm-up iterations, x 0.1 from
+    iteration 4, at iterations 0, 1, 2, 3, 4:
+      Adam ([CM 3.5]; f = 0, linear): (it + 1) / 3 = 1/3, 2/3, 1; then 1, 0.1.
+      SGD, FCOS (configs/fcos/*.yaml: WARMUP_METHOD "constant", f = 1/3): 1/3 for 3 iterations.
+      SGD, CenterMask-FCOS (Mask R-CNN's linear warm-up, f = 1/3): 1/3 + 2/3 (it + 1) / 3 =
+      1/3 + 2/9 = 5/9, 1/3 + 4/9 = 7/9, 1/3 + 6/9 = 1."""
+    get_lr, = train_py_definitions("WARMUP_FACTOR", "WARMUP_CONSTANT", "get_lr", optimizer=optimizer,
+                                   method=method, learning_rate=1.0, warmup_iters=3, step_iters=[4])[2:]
+    assert [get_lr(it) for it in range(5)] == pytest.approx(expected)
 
 
 def accumulated_grads(kind, counts, k, whole_batch_normalizers=True):
