@@ -75,7 +75,8 @@ test_input_size = 0               # evaluation: long side (centernet) / short si
 # centernet evaluation: each image at its own size (scale 1, batches padded to the backbone
 # stride) instead of long side = test_input_size; CenterNet's --keep_res
 keep_res = False
-max_images = 0                    # 0: all; >0: the first N train and val images (overfit checks)
+# 0: all; >0: the first N train and val images (overfitting checks; the shapes set: its own n)
+max_images = 0
 # centernet: crop sizes s = lo, lo+0.1, ..., hi of the long side, zoom 1/s ([CM 3.5] as [CN]);
 # fcos: U(lo, hi) times the short side
 scale_range = (0.6, 1.3)
@@ -257,21 +258,19 @@ for key, value, why in updates:
 
 # -- data ---------------------------------------------------------------------------------------
 paths = dataset_paths(config)  # the shapes set's layout under shapes_dir, else under data_root
-max_train_images = max_val_images = max_images
+n_images = (max_images, max_images)  # the first n train and val images (0: all)
 if shapes_dir:
-    # the quick start: the synthetic set is written once (rank 0), everyone else waits
+    # the quick start: the synthetic set is written once (rank 0), everyone else waits. A bigger
+    # set written by another config serves too: its first n images are the n-image set.
+    n_images = (shapes_n_train, shapes_n_val)
     shapes_size, shapes_seed = SHAPES_DEFAULTS["size"], SHAPES_DEFAULTS["seed"]
-    n = (shapes_n_train, shapes_n_val)
-    why = shapes_dataset_missing(shapes_dir, *n, shapes_size) if master else ""
+    why = shapes_dataset_missing(shapes_dir, *n_images, shapes_size) if master else ""
     if why:
-        log(f"writing the synthetic shapes set to {shapes_dir} ({n[0]} train / {n[1]} val, "
-            f"{shapes_size}px, shapes_seed {shapes_seed}; {why})")
-        write_shapes_dataset(shapes_dir, *n, shapes_size, shapes_seed)
+        log(f"writing the synthetic shapes set to {shapes_dir} ({n_images[0]} train / "
+            f"{n_images[1]} val, {shapes_size}px, shapes_seed {shapes_seed}; {why})")
+        write_shapes_dataset(shapes_dir, *n_images, shapes_size, shapes_seed)
     if ddp:
         dist.barrier()
-    # a bigger set written by another config serves too: its first n images are the n-image set
-    max_train_images = min(max_images or shapes_n_train, shapes_n_train)
-    max_val_images = min(max_images or shapes_n_val, shapes_n_val)
 # the normalisation (data.normalize_input), train and val alike
 augment = dict(scale_range=scale_range, color_jitter=color_jitter, input_format=input_format)
 # keep_res with the fcos transform: data.py's one-line error
@@ -280,10 +279,10 @@ test_size = test_input_size or input_size
 try:
     train_set = CocoInstances(paths["train_img_dir"], paths["train_ann"],
                               build_transforms(transform, True, input_size, **augment),
-                              max_images=max_train_images or None)
+                              max_images=n_images[0] or None)
     val_set = CocoInstances(paths["val_img_dir"], paths["val_ann"],
                             build_transforms(transform, False, test_size, **test),
-                            max_images=max_val_images or None)
+                            max_images=n_images[1] or None)
 except (OSError, ValueError) as e:  # data.py's messages name the file / annotation
     sys.exit(f"train.py: {e}")
 # labels are read through the val json's categories
@@ -342,12 +341,9 @@ elif optimizer == "sgd":
 else:
     sys.exit(f"train.py: optimizer must be 'adam' or 'sgd', got {optimizer!r}")
 # fused: one kernel over all parameters (~8% of a CPU step), and the scaler's found_inf is read on
-# the device (no sync per step). Adam: CUDA, and CPU since torch 2.4; SGD where this torch has it,
-# else the plain loop (then GradScaler.step reads found_inf on the host once per step).
-try:
-    opt = make_optimizer(groups, lr=learning_rate, fused=True)
-except (RuntimeError, TypeError):  # no fused kernel for this optimizer and device in this torch
-    opt = make_optimizer(groups, lr=learning_rate)
+# the device (no sync per step); Adam and SGD have it on CUDA and on the CPU (the torch of
+# requirements.txt)
+opt = make_optimizer(groups, lr=learning_rate, fused=True)
 if checkpoint is not None:
     opt.load_state_dict(checkpoint["optimizer"])
     # fp16's dynamic scale; the others restart at 1
