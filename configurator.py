@@ -231,14 +231,10 @@ def config_groups():
          ("head_conv", "shape_size", "use_shape", "use_saliency", "saliency", "saliency_loss",
           "loss_weights")),
         ("the FCOS family", FCOS_FAMILY, None,
-         ("pretrained", "norm", "freeze_at", "fpn_channels", "head_convs", "centerness_on",
-          "reg_form", "center_sampling", "box_loss", "score_threshold", "nms_threshold",
-          "score_threshold_on", "location_offset", "ambiguity", "reg_weights",
-          "center_sampling_at")),
+         ("pretrained", "norm", "freeze_at", "fpn_channels", "fcos_form", "score_threshold",
+          "nms_threshold", "ambiguity", "reg_weights", "center_sampling_at")),
         ("MaskFCOS", ("maskfcos",), None, ("mask_proposals",)),
-        ("FCOSIS", ("fcosis",), None,
-         ("attention", "seg_classes", "com_assignment", "attention_assign", "attention_background",
-          "assign_nms_threshold", "assign_score_floor", "attention_grid")),
+        ("FCOSIS", ("fcosis",), None, ("attention", "seg_classes")),
     )
 
 

@@ -25,7 +25,6 @@ CLI: `python data.py shapes --out=DIR [--n_train=2000] [--n_val=200] [--size=128
 [--n=128] [--split=NAME]`.
 """
 
-import bisect
 import contextlib
 import io
 import json
@@ -70,7 +69,8 @@ CENTERNET_EIG_VAL = (0.2141788, 0.01817699, 0.00341571)
 CENTERNET_EIG_VEC = ((-0.58752847, -0.69563484, 0.41340352),
                      (-0.5832747, 0.00994535, -0.81221408),
                      (-0.56089297, 0.71832671, 0.41158938))
-CENTERNET_LIGHTING_STD = 0.1   # alpha ~ N(0, 0.1) per eigenvector (`lighting_(data_rng, image, 0.1, ...)`)
+# alpha ~ N(0, 0.1) per eigenvector (`lighting_(data_rng, image, 0.1, ...)`)
+CENTERNET_LIGHTING_STD = 0.1
 # The grey level of saturation / contrast: CenterNet takes cv2.cvtColor(image, COLOR_BGR2GRAY),
 # Y = 0.299 R + 0.587 G + 0.114 B (OpenCV's documented weights, exact for float images).
 GRAY_WEIGHTS_RGB = (0.299, 0.587, 0.114)
@@ -127,13 +127,9 @@ def _load_json(path):
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read())
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"annotation file {path} is not valid JSON: {e}") from e
-
-
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class CocoInstances(torch.utils.data.Dataset):
@@ -191,68 +187,58 @@ class CocoInstances(torch.utils.data.Dataset):
     """
 
     def __init__(self, img_dir, ann_file, transforms=None, max_images=None, image_ids=None):
-        self.img_dir = img_dir
-        self.ann_file = ann_file
-        self.transforms = transforms
+        self.img_dir, self.ann_file, self.transforms = img_dir, ann_file, transforms
         if not os.path.isdir(img_dir):
             raise FileNotFoundError(f"image folder not found: {img_dir} (for {ann_file})")
-
         data = _load_json(ann_file)
         images, anns, cats = self._validate(data, ann_file)
 
         # Category ids are sorted and renumbered 0..C-1: the model predicts labels, eval.py
         # maps them back through label_to_cat_id before writing COCO results. A background
         # category that no annotation uses (labelme2coco writes "_background_", id 0) is no class.
-        used = {a.get("category_id") for a in anns}
-        objects = {a.get("category_id") for a in anns if not a.get("iscrowd", 0)}
-        background = [c for c in cats if c["id"] not in used and str(c.get("name", "")).lower() in BACKGROUND_NAMES]
+        used = {a["category_id"] for a in anns}
+        objects = {a["category_id"] for a in anns if not a["iscrowd"]}
+        background = [c for c in cats if c["id"] not in used
+                      and str(c.get("name", "")).lower() in BACKGROUND_NAMES]
         if background:
-            warnings.warn(f"{ann_file}: " + ", ".join(f"category {c['id']} ({c.get('name')!r})" for c in background)
-                          + " names the background and has no annotation: not a class of the model", stacklevel=2)
+            said = ", ".join(f"category {c['id']} ({c.get('name')!r})" for c in background)
+            warnings.warn(f"{ann_file}: {said} names the background and has no annotation: "
+                          "not a class of the model", stacklevel=2)
         cats = sorted((c for c in cats if c not in background), key=lambda c: c["id"])
         self.cat_ids = [c["id"] for c in cats]
         self.label_to_cat_id = list(self.cat_ids)
         self.cat_id_to_label = {cid: label for label, cid in enumerate(self.cat_ids)}
         self.class_names = [str(c.get("name", c["id"])) for c in cats]
-        self.num_classes = len(self.cat_ids)
-        unused = [f"{c['id']} ({self.class_names[k]})" for k, c in enumerate(cats) if c["id"] not in used]
-        if unused:  # e.g. Roboflow's category 0, named after the project: a class the model learns never to predict
-            warnings.warn(f"{ann_file}: {len(unused)} listed categor{'y has' if len(unused) == 1 else 'ies have'} "
-                          f"no annotation at all: {', '.join(unused[:10])}{' ...' if len(unused) > 10 else ''} "
-                          "(still a class of the model; COCOeval skips it)", stacklevel=2)
-        crowd_only = [f"{c['id']} ({self.class_names[k]})" for k, c in enumerate(cats)
-                      if c["id"] in used and c["id"] not in objects]
-        if crowd_only:  # CVAT, for one, exports masks drawn with a brush as iscrowd=1 RLE
-            warnings.warn(f"{ann_file}: categor{'y' if len(crowd_only) == 1 else 'ies'} {', '.join(crowd_only[:10])} "
-                          "only have crowd regions (iscrowd=1), which are never trained on: if they are objects, "
-                          "set their iscrowd to 0", stacklevel=2)
+        self.num_classes = len(cats)
+        named = {cid: f"{cid} ({name})" for cid, name in zip(self.cat_ids, self.class_names)}
+        # e.g. Roboflow's category 0, named after the project: a class the model learns never to
+        # predict
+        unused = [named[cid] for cid in self.cat_ids if cid not in used]
+        if unused:
+            warnings.warn(f"{ann_file}: categories with no annotation at all: {_first(unused)} "
+                          "(still classes of the model; COCOeval skips them)", stacklevel=2)
+        # CVAT, for one, exports masks drawn with a brush as iscrowd=1 RLE
+        crowd_only = [named[cid] for cid in self.cat_ids if cid in used - objects]
+        if crowd_only:
+            warnings.warn(f"{ann_file}: categories {_first(crowd_only)} only have crowd regions "
+                          "(iscrowd=1), which are never trained on: if they are objects, set their "
+                          "iscrowd to 0", stacklevel=2)
 
         # Dataset order and optional subset.
-        if image_ids is not None:
-            known = {img["id"] for img in images}
-            missing = [i for i in image_ids if i not in known]
-            if missing:
-                raise ValueError(f"image_ids {missing[:10]} are not in {ann_file}")
-            ids = list(image_ids)
-        else:
-            ids = sorted(img["id"] for img in images)
-        if max_images is not None:
-            ids = ids[:max_images]
-        self.ids = ids
-
-        if len(ids) != len(images):  # a subset: keep self.coco consistent with it
-            keep = set(ids)
-            data = dict(data)
-            data["images"] = [img for img in images if img["id"] in keep]
-            data["annotations"] = [a for a in anns if a["image_id"] in keep]
+        known = {img["id"] for img in images}
+        ids = sorted(known) if image_ids is None else list(image_ids)
+        missing = [i for i in ids if i not in known]
+        if missing:
+            raise ValueError(f"image_ids {missing[:10]} are not in {ann_file}")
+        self.ids = ids[:max_images]
+        if len(self.ids) != len(images):  # a subset: keep self.coco consistent with it
+            keep = set(self.ids)
+            data = dict(data, images=[img for img in images if img["id"] in keep],
+                        annotations=[a for a in anns if a["image_id"] in keep])
         self._warned = set()  # annotation ids already warned about (one warning each)
         self._sanitize(data["annotations"], {img["id"]: img for img in data["images"]})
-        # COCO() would re-read the file; build it from the dict we validated instead.
-        # createIndex prints progress lines: keep them out of training logs.
-        self.coco = COCO()
-        self.coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco.createIndex()
+        # COCO() would re-read the file; built from the dict we validated instead
+        self.coco = coco_index(data)
 
     @staticmethod
     def _validate(data, ann_file):
@@ -263,52 +249,47 @@ class CocoInstances(torch.utils.data.Dataset):
         if not isinstance(data, dict):
             raise ValueError(f"{ann_file}: expected a JSON object with 'images', 'annotations' "
                              f"and 'categories', got {type(data).__name__}")
-        for key in ("images", "categories"):
+        data.setdefault("annotations", [])
+        for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
                 raise ValueError(f"{ann_file}: missing or non-list '{key}'")
-        data.setdefault("annotations", [])
-        if not isinstance(data["annotations"], list):
-            raise ValueError(f"{ann_file}: 'annotations' must be a list")
         images, anns, cats = data["images"], data["annotations"], data["categories"]
 
-        cat_ids = set()
-        for c in cats:
-            if not isinstance(c, dict) or not isinstance(c.get("id"), int):
-                raise ValueError(f"{ann_file}: category {c!r} has no integer 'id'")
-            if c["id"] in cat_ids:
-                raise ValueError(f"{ann_file}: duplicate category id {c['id']}")
-            cat_ids.add(c["id"])
-        img_ids = set()
+        def unique_ids(entries, what):
+            """The ids of `entries`; an entry without one, or an id seen twice: an error."""
+            ids = set()
+            for k, e in enumerate(entries):
+                if not isinstance(e, dict) or "id" not in e:
+                    raise ValueError(f"{ann_file}: {what} #{k} ({str(e)[:60]}) has no 'id'")
+                if e["id"] in ids:
+                    raise ValueError(f"{ann_file}: duplicate {what} id {e['id']}")
+                ids.add(e["id"])
+            return ids
+
+        cat_ids, img_ids = unique_ids(cats, "category"), unique_ids(images, "image")
+        unique_ids(anns, "annotation")
+        if not all(isinstance(cid, int) for cid in cat_ids):
+            raise ValueError(f"{ann_file}: category ids must be integers, got "
+                             f"{sorted(cat_ids, key=str)}")
         for img in images:
-            if not isinstance(img, dict) or "id" not in img:
-                raise ValueError(f"{ann_file}: image entry {img!r} has no 'id'")
             for key in ("file_name", "height", "width"):
                 if key not in img:
                     raise ValueError(f"{ann_file}: image id {img['id']} has no '{key}'")
             if not all(isinstance(img[k], int) and img[k] > 0 for k in ("height", "width")):
                 raise ValueError(f"{ann_file}: image id {img['id']} has invalid height/width "
                                  f"{img['height']!r}/{img['width']!r}")
-            if img["id"] in img_ids:
-                raise ValueError(f"{ann_file}: duplicate image id {img['id']}")
-            img_ids.add(img["id"])
-        ann_ids = set()
-        for k, a in enumerate(anns):
-            if not isinstance(a, dict) or "id" not in a:
-                raise ValueError(f"{ann_file}: annotation #{k} has no 'id'")
-            name = f"annotation id {a['id']}"
-            if a["id"] in ann_ids:
-                raise ValueError(f"{ann_file}: duplicate annotation id {a['id']}")
-            ann_ids.add(a["id"])
+        for a in anns:
             if a.get("image_id") not in img_ids:
-                raise ValueError(f"{ann_file}: {name} refers to image_id {a.get('image_id')!r}, "
-                                 f"which is not among the file's images")
+                raise ValueError(f"{ann_file}: annotation id {a['id']} refers to image_id "
+                                 f"{a.get('image_id')!r}, which is not among the file's images")
             if a.get("category_id") not in cat_ids:
-                raise ValueError(f"{ann_file}: {name} has unknown category_id "
+                raise ValueError(f"{ann_file}: annotation id {a['id']} has unknown category_id "
                                  f"{a.get('category_id')!r} (known: {sorted(cat_ids)})")
             a.setdefault("iscrowd", 0)
-            if "area" not in a:  # COCOeval's area ranges need it; the box area is a fair stand-in
-                bbox = a.get("bbox")
-                a["area"] = float(bbox[2] * bbox[3]) if _valid_bbox(bbox) else 0.0
+            # COCOeval's area ranges need the area; the box area is a fair stand-in
+            if "area" not in a:
+                box_ok = _valid_bbox(a.get("bbox"))
+                a["area"] = float(a["bbox"][2] * a["bbox"][3]) if box_ok else 0.0
         return images, anns, cats
 
     def __len__(self):
@@ -331,8 +312,8 @@ class CocoInstances(torch.utils.data.Dataset):
             hint = f" (the json's file_name {name!r}, under img_dir {self.img_dir})"
             flat = os.path.join(self.img_dir, os.path.basename(name))
             if flat != path and os.path.exists(flat):
-                hint += (f"; {flat} exists: point img_dir at the folder that the json's file names start from, "
-                         f"or drop their folder prefix")
+                hint += (f"; {flat} exists: point img_dir at the folder that the json's file "
+                         "names start from, or drop their folder prefix")
             raise ImageReadError(f"{e}{hint}") from e.__cause__
 
     def __getitem__(self, index):
@@ -344,41 +325,33 @@ class CocoInstances(torch.utils.data.Dataset):
         if img.size != (W0, H0):
             # The json's coordinates would not match the pixels: fail loudly, never mis-train.
             upright = load_rgb_image(path, upright=True).size
-            hint = (f"; turned upright by its EXIF orientation tag it is {upright[0]}x{upright[1]}, so the json was "
-                    "made on the upright picture (as labelling tools show it): save the images upright (PIL's "
+            hint = (f"; turned upright by its EXIF orientation tag it is "
+                    f"{upright[0]}x{upright[1]}, so the json was made on the upright picture "
+                    "(as labelling tools show it): save the images upright (PIL's "
                     "ImageOps.exif_transpose) to train on them" if upright == (W0, H0) else "")
             raise ValueError(f"image {path} is {img.size[0]}x{img.size[1]} (w x h) but "
                              f"{self.ann_file} says {W0}x{H0} for image id {image_id}{hint}")
 
         boxes, labels, masks = [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
-            if ann.get("iscrowd", 0):
-                continue  # crowd regions are for COCOeval's ignore logic, never instances
-            box = self._box_xyxy(ann, H0, W0)
-            if box is None:
+            # COCO [x, y, w, h] -> [x1, y1, x2, y2] clipped to the image
+            x, y, w, h = ann["bbox"]
+            x1, y1 = min(max(x, 0.0), W0), min(max(y, 0.0), H0)
+            x2, y2 = min(max(x + w, 0.0), W0), min(max(y + h, 0.0), H0)
+            # crowd regions are for COCOeval's ignore logic, never instances; a box of zero area
+            # or fully outside the image has nothing to teach
+            if ann["iscrowd"] or x2 - x1 <= 0 or y2 - y1 <= 0:
                 continue
             mask = self._decode_mask(ann, H0, W0, path)
-            if mask is None:
-                continue
-            boxes.append(box)
-            labels.append(self.cat_id_to_label[ann["category_id"]])
-            masks.append(mask)
-
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(
-                torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                format="XYXY", canvas_size=(H0, W0)),                           # (N, 4)
-            "labels": torch.tensor(labels, dtype=torch.int64),                  # (N,)
-            # (N, H0, W0) as a transposed view of (N, W0, H0) memory: see _decode_mask
-            "masks": tv_tensors.Mask(torch.from_numpy(np.stack(masks)).transpose(1, 2) if masks
-                                     else torch.zeros(0, H0, W0, dtype=torch.uint8)),
-            "image_id": int(image_id),
-            "orig_size": torch.tensor([H0, W0], dtype=torch.int64),
-        }
-        if self.transforms is None:
-            return _identity_transform(img, target)
-        return self.transforms(img, target)
-
+            if mask is not None:
+                boxes.append([float(x1), float(y1), float(x2), float(y2)])
+                labels.append(self.cat_id_to_label[ann["category_id"]])
+                masks.append(mask)
+        # (N, H0, W0) as a transposed view of (N, W0, H0) memory: see _decode_mask
+        masks = torch.from_numpy(np.stack(masks)).transpose(1, 2) if masks else None
+        target = _target(image_id, H0, W0, boxes, labels, masks)
+        transform = _identity_transform if self.transforms is None else self.transforms
+        return transform(img, target)
 
     def _sanitize(self, anns, images):
         """Check every annotation's segmentation and bbox once, here rather than in each worker.
@@ -413,35 +386,21 @@ class CocoInstances(torch.utils.data.Dataset):
             warnings.warn(f"annotation id {ann['id']} of image {path} ({self.ann_file}): {why}",
                           stacklevel=3)
         if len(problems) > 20:
-            more = [ann["id"] for ann, _, _ in problems[20:]]
-            ids = f"{more[:50]}{' ...' if len(more) > 50 else ''}"
+            more = [str(ann["id"]) for ann, _, _ in problems[20:]]
             warnings.warn(f"{len(more)} more annotations of {self.ann_file} with invalid "
-                          f"segmentations or boxes, ids {ids}", stacklevel=3)
-
-    @staticmethod
-    def _box_xyxy(ann, H0, W0):
-        """COCO [x, y, w, h] -> [x1, y1, x2, y2] clipped to the image, or None if degenerate."""
-        x, y, w, h = ann["bbox"]
-        x1, y1 = min(max(x, 0.0), W0), min(max(y, 0.0), H0)
-        x2, y2 = min(max(x + w, 0.0), W0), min(max(y + h, 0.0), H0)
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
-            return None  # zero-area or fully outside the image: nothing to learn from
-        return [float(x1), float(y1), float(x2), float(y2)]
+                          f"segmentations or boxes, ids {_first(more, 50)}", stacklevel=3)
 
     def _decode_mask(self, ann, H0, W0, path):
         """Segmentation (checked by _sanitize) -> the mask TRANSPOSED, uint8 (W0, H0), or None if
         it cannot decode. pycocotools decodes column by column (Fortran order): its (H0, W0)
         array's transpose is contiguous, where making the (H0, W0) array contiguous would
         transpose every full-size mask (the transforms read only each instance's extent)."""
-        seg = ann["segmentation"]
-        if isinstance(seg, list):  # polygons, flat [x1, y1, x2, y2, ...] in the original frame
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, H0, W0))
-        elif isinstance(seg["counts"], list):  # uncompressed RLE (e.g. COCO's crowd regions)
-            rle = mask_utils.frPyObjects(seg, H0, W0)
-        else:  # compressed RLE: counts is a str in json, bytes for pycocotools
-            counts = seg["counts"]
-            rle = {"size": [H0, W0],
-                   "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        rle = ann["segmentation"]
+        if isinstance(rle, list):  # polygons, flat [x1, y1, x2, y2, ...] in the original frame
+            rle = mask_utils.merge(mask_utils.frPyObjects(rle, H0, W0))
+        elif isinstance(rle["counts"], list):  # uncompressed RLE (e.g. COCO's crowd regions)
+            rle = mask_utils.frPyObjects(rle, H0, W0)
+        # else compressed RLE: its counts a str in json, which pycocotools decodes as it is
         try:
             return mask_utils.decode(rle).T                                     # (W0, H0) uint8
         except Exception as e:  # malformed compressed counts: only decoding finds out
@@ -452,6 +411,32 @@ class CocoInstances(torch.utils.data.Dataset):
             return None
 
 
+def coco_index(dataset):
+    """A pycocotools COCO object over a COCO json's dict, indexed without its progress lines
+    (createIndex prints them: they are kept out of training logs)."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _first(names, n=10):
+    """The first n of a list of strings, joined with commas, "..." when there are more."""
+    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
+
+
+def _target(image_id, H0, W0, boxes=(), labels=(), masks=None):
+    """A sample's target before the transforms, in the original frame: boxes (N, 4) xyxy as
+    tv_tensors.BoundingBoxes, labels (N,), masks uint8 (N, H0, W0) as tv_tensors.Mask (None: no
+    instance), image_id, orig_size [H0, W0]."""
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)                  # (N, 4)
+    return {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(H0, W0)),
+            "labels": torch.tensor(labels, dtype=torch.int64),                       # (N,)
+            "masks": tv_tensors.Mask(torch.zeros(0, H0, W0, dtype=torch.uint8) if masks is None
+                                     else masks),                                    # (N, H0, W0)
+            "image_id": int(image_id), "orig_size": torch.tensor([H0, W0], dtype=torch.int64)}
+
 
 def unlabelled_sample(pil_image, transforms, image_id=0):
     """A picture without annotations (a user's own photo) as a CocoInstances sample: the RGB PIL
@@ -460,11 +445,7 @@ def unlabelled_sample(pil_image, transforms, image_id=0):
     Returns (image (3, h, w) float, target {boxes (0, 4), labels (0,), masks (0, h, w),
     image_id, orig_size [H0, W0], size [h, w], scale})."""
     W0, H0 = pil_image.size
-    target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(H0, W0)),
-              "labels": torch.zeros(0, dtype=torch.int64),
-              "masks": tv_tensors.Mask(torch.zeros(0, H0, W0, dtype=torch.uint8)),
-              "image_id": int(image_id), "orig_size": torch.tensor([H0, W0], dtype=torch.int64)}
-    return transforms(pil_image, target)
+    return transforms(pil_image, _target(image_id, H0, W0))
 
 
 def _valid_polygon(p):
@@ -495,8 +476,11 @@ def _is_flat(p):
 
 
 def _valid_bbox(bbox):
-    return isinstance(bbox, (list, tuple)) and len(bbox) == 4 \
-        and all(_is_number(v) for v in bbox) and bbox[2] >= 0 and bbox[3] >= 0
+    """A COCO [x, y, w, h]: four finite numbers (not bools), w and h >= 0."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return False
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               for v in bbox) and bbox[2] >= 0 and bbox[3] >= 0
 
 
 def _check_segmentation(seg, H0, W0):
@@ -532,22 +516,19 @@ def _finish(image, boxes, masks, target, scale):
     Returns (image tensor, target dict of plain tensors) as documented in CocoInstances.
     """
     h, w = image.shape[-2:]
-    boxes = boxes.as_subclass(torch.Tensor).clone()
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)  # keep the transformed COCO box, inside the canvas
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    # the transformed COCO box, kept inside the canvas
+    canvas = torch.tensor([w, h, w, h], dtype=torch.float32)
+    boxes = boxes.as_subclass(torch.Tensor).float().clamp(min=0).minimum(canvas)  # (N, 4)
     masks = masks.as_subclass(torch.Tensor).to(torch.uint8).contiguous()        # (N, h, w)
     # Drop instances the transforms made degenerate (cropped away, or squeezed below a pixel).
     # (On uint8, .any() is many times faster than `> 0` then .any(), and index_select than a
     # boolean index: these are full-size planes, this runs once per sample. On uint8 .any()
     # returns uint8, hence .bool().)
-    keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1) \
-        & masks.flatten(1).any(dim=1).bool()                                     # (N,)
-    out = dict(target)
-    out["boxes"] = boxes[keep].float()                                           # (N', 4)
-    out["labels"] = target["labels"][keep]                                       # (N',)
-    out["masks"] = masks if keep.all() else masks.index_select(0, keep.nonzero().flatten())  # (N', h, w)
-    out["size"] = torch.tensor([h, w], dtype=torch.int64)
-    out["scale"] = float(scale)
+    keep = ((boxes[:, 2:] - boxes[:, :2]) >= 1).all(dim=1) & masks.flatten(1).any(dim=1).bool()
+    if not keep.all():
+        masks = masks.index_select(0, keep.nonzero().flatten())                  # (N', h, w)
+    out = dict(target, boxes=boxes[keep], labels=target["labels"][keep], masks=masks,
+               size=torch.tensor([h, w], dtype=torch.int64), scale=float(scale))
     return image.as_subclass(torch.Tensor).contiguous(), out
 
 
@@ -571,12 +552,6 @@ def _to_normalized(image, input_format="rgb_imagenet"):
     # normalisation's per-channel broadcasts run several times faster on contiguous planes)
     out = TF.to_dtype(image.contiguous(), torch.float32, scale=True)   # [0, 255] -> [0, 1]
     return normalize_input(out, input_format, inplace=out is not image)
-
-
-def _identity_transform(pil_image, target):
-    """No geometric change (scale 1): what CocoInstances does with transforms=None."""
-    image = _to_normalized(TF.to_image(pil_image))
-    return _finish(image, target["boxes"], target["masks"], target, 1.0)
 
 
 def _nearest_index(n_in, n_out):
@@ -604,8 +579,6 @@ def _resize_masks(masks, src, dst, canvas, flip=False):
     u0, v0, u1, v1 = dst
     h, w = canvas
     out = torch.zeros(masks.shape[0], h, w, dtype=torch.uint8)
-    if masks.shape[0] == 0:
-        return out
     m = masks.as_subclass(torch.Tensor)[:, y0:y1, x0:x1]                     # (N, Hs, Ws)
     rows, cols = _nearest_index(y1 - y0, v1 - v0), _nearest_index(x1 - x0, u1 - u0)
     # Each instance's extent in the region, columns [ex0, ex1) then rows [ey0, ey1), and the
@@ -613,20 +586,19 @@ def _resize_masks(masks, src, dst, canvas, flip=False):
     # non-decreasing: a binary search); every other output pixel of the instance is 0. The
     # columns of all instances in one pass (CocoInstances' masks are column-major: a fast
     # reduction), the rows of each one only over its own columns.
-    col_any = m.any(dim=1).bool()                                             # (N, Ws) (uint8 .any(): uint8)
+    col_any = m.any(dim=1).bool()                                 # (N, Ws) (uint8 .any(): uint8)
     ix = torch.arange(m.shape[2])
     ex0 = torch.where(col_any, ix, m.shape[2]).amin(dim=1)                   # (N,), Ws if empty
     ex1 = torch.where(col_any, ix + 1, 0).amax(dim=1)                        # (N,), 0 if empty
     c, d = torch.searchsorted(cols, ex0).tolist(), torch.searchsorted(cols, ex1).tolist()
-    rows_list = rows.tolist()
     for i in range(m.shape[0]):
         if c[i] >= d[i]:
             continue                                   # no pixel in a sampled column
         q = cols[c[i]:d[i]]                            # the source columns, in order
-        ys = m[i, :, q[0]:q[-1] + 1].any(dim=1).nonzero()                    # rows holding a pixel
+        ys = m[i, :, q[0]:q[-1] + 1].any(dim=1).nonzero().flatten()          # rows holding a pixel
         if len(ys) == 0:
             continue
-        a, b = bisect.bisect_left(rows_list, ys[0].item()), bisect.bisect_left(rows_list, ys[-1].item() + 1)
+        a, b = torch.searchsorted(rows, torch.stack([ys[0], ys[-1] + 1])).tolist()
         if a >= b:
             continue                                   # no pixel in a sampled row
         r = rows[a:b]
@@ -634,8 +606,9 @@ def _resize_masks(masks, src, dst, canvas, flip=False):
         # in column-major memory, so one copy per column), then one transpose, then the rows
         # picked the same way: several times faster than an element-wise gather.
         part = m[i, r[0]:r[-1] + 1, q[0]:q[-1] + 1].t()                   # (Wc, Hr)
-        pick = (q - q[0]).flip(0) if flip else q - q[0]                   # flip: column u -> w - 1 - u
-        part = part.index_select(0, pick).t().contiguous().index_select(0, r - r[0])  # (b - a, d - c)
+        # flip: column u -> w - 1 - u
+        pick = (q - q[0]).flip(0) if flip else q - q[0]
+        part = part.index_select(0, pick).t().contiguous().index_select(0, r - r[0])  # (b-a, d-c)
         cs = slice(w - u0 - d[i], w - u0 - c[i]) if flip else slice(u0 + c[i], u0 + d[i])
         out[i, v0 + a:v0 + b, cs] = part
     return out
@@ -647,7 +620,8 @@ def centernet_scales(scale_range):
     np.arange(0.6, 1.4, 0.1) = 0.6, 0.7, ..., 1.3 (8 values; CenterNet's ctdet.py __getitem__),
     (1.0, 1.0) gives 1.0 alone. The zoom is 1/s: see InstanceTransform."""
     lo, hi = scale_range
-    n = int(math.floor((hi - lo) / 0.1 + 1e-6)) + 1   # the 1e-6: in floats 0.3 / 0.1 = 2.9999999999999996
+    # the 1e-6: in floats 0.3 / 0.1 = 2.9999999999999996
+    n = int(math.floor((hi - lo) / 0.1 + 1e-6)) + 1
     return [lo + 0.1 * i for i in range(n)]
 
 
@@ -658,7 +632,7 @@ def centernet_border(size, border=128):
     64 -> 16; a 1 px side gives 0 (the range [0, 1))."""
     b = border
     while size - b <= b:
-        b //= 2                  # b // 2 // 2 = b // 4: the same as CenterNet's border // i, i = 2, 4, ...
+        b //= 2           # b // 2 // 2 = b // 4: CenterNet's border // i, i = 2, 4, ...
     return b
 
 
@@ -698,7 +672,8 @@ def centernet_color_aug(image, order, alphas, light):
     vec = torch.tensor(CENTERNET_EIG_VEC, dtype=torch.float64)
     val = torch.tensor(CENTERNET_EIG_VAL, dtype=torch.float64)
     v_bgr = vec @ (val * torch.as_tensor(light, dtype=torch.float64))  # (3,) B, G, R
-    return image.add_(v_bgr.flip(0).to(image.dtype)[:, None, None])   # R += v[2], G += v[1], B += v[0]
+    # R += v[2], G += v[1], B += v[0]
+    return image.add_(v_bgr.flip(0).to(image.dtype)[:, None, None])
 
 
 # the two kinds: CenterNet's square canvas ([CM 3.5], [CN]) and FCOS's short side ([IS 4], [FCOS])
@@ -751,34 +726,29 @@ class InstanceTransform:
         if keep_res and (kind != "centernet" or train):
             raise ValueError("keep_res is a test-time mode of the centernet transform "
                              f"(got kind={kind!r}, train={bool(train)})")
+        if not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {scale_range}")
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
         self.kind, self.train, self.input_size = kind, bool(train), int(input_size)
         self.scale_range = tuple(float(s) for s in scale_range)
-        if not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {scale_range}")
-        self.max_size = int(max_size)
-        self.keep_res = bool(keep_res)
+        self.max_size, self.keep_res = int(max_size), bool(keep_res)
         self.flip_prob = float(flip_prob) if train else 0.0
         self.color_var = float(color_jitter) if train and kind == "centernet" else 0.0
         self.scales = centernet_scales(self.scale_range) if kind == "centernet" else None
-        if input_format not in INPUT_FORMATS:
-            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
-        self.input_format = input_format                # normalize_input: the network's colour order and statistics
-
-    def __repr__(self):
-        return (f"InstanceTransform(kind={self.kind!r}, train={self.train}, "
-                f"input_size={self.input_size})")
+        # normalize_input: the network's colour order and statistics
+        self.input_format = input_format
 
     def _scale(self, H0, W0):
         """Network pixels per original pixel of the resize (test transforms, fcos training),
         before rounding the size."""
         if self.kind == "centernet":
             return 1.0 if self.keep_res else self.input_size / max(H0, W0)
-        short, long = self.input_size, self.max_size  # fcos
+        short = self.input_size                            # fcos
         if self.train and self.scale_range != (1.0, 1.0):  # multi-scale training
             lo, hi = self.scale_range
-            s = lo + (hi - lo) * torch.rand(()).item()
-            short = s * short                          # the long-side cap stays (FCOS)
-        return min(short / min(H0, W0), long / max(H0, W0))
+            short *= lo + (hi - lo) * torch.rand(()).item()  # the long-side cap stays (FCOS)
+        return min(short / min(H0, W0), self.max_size / max(H0, W0))
 
     def _centernet_draw(self, H0, W0):
         """The geometric draws of one CenterNet training crop -> (s, side, cx, cy, flip): the
@@ -798,7 +768,8 @@ class InstanceTransform:
         S = self.input_size
         s, side, cx, cy, flip = self._centernet_draw(H0, W0)
         k = S / side                                     # the zoom: input pixels per original pixel
-        x0, y0 = cx - side // 2, cy - side // 2          # the window [x0, x0 + side) x [y0, y0 + side)
+        # the window [x0, x0 + side) x [y0, y0 + side)
+        x0, y0 = cx - side // 2, cy - side // 2
         # Only the part of the window inside the image is resized (a window 1.3x the long side is
         # mostly outside). Its edges land at (x - x0) * k, rounded to whole input pixels; boxes
         # are mapped exactly, so boxes and pixels agree to within half a pixel.
@@ -807,9 +778,9 @@ class InstanceTransform:
         u0, v0 = round((ix0 - x0) * k), round((iy0 - y0) * k)
         u1, v1 = max(u0 + 1, round((ix1 - x0) * k)), max(v0 + 1, round((iy1 - y0) * k))
         part = TF.resize(image[:, iy0:iy1, ix0:ix1], [v1 - v0, u1 - u0], antialias=True)
-        part = part.contiguous()                                  # (see _to_normalized)
-        part = TF.to_dtype(part, torch.float32, scale=True)       # (3, v1 - v0, u1 - u0) in [0, 1]
-        if self.color_var > 0:                                    # CenterNet: after the warp and / 255
+        # (3, v1 - v0, u1 - u0) in [0, 1]; contiguous: see _to_normalized
+        part = TF.to_dtype(part.contiguous(), torch.float32, scale=True)
+        if self.color_var > 0:                          # CenterNet: after the warp and / 255
             order = torch.randperm(3).tolist()
             alphas = 1 + self.color_var * (2 * torch.rand(3) - 1)  # 1 + U(-var, var)
             light = CENTERNET_LIGHTING_STD * torch.randn(3)
@@ -828,9 +799,8 @@ class InstanceTransform:
         out[:, v0:v1, u0:u1] = part
         # the masks: resized as tv_tensors.Mask (nearest) into the same place, flipped with the rest
         masks = _resize_masks(target["masks"], (ix0, iy0, ix1, iy1), (u0, v0, u1, v1), (S, S), flip)
-        shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
-        boxes = tv_tensors.BoundingBoxes((target["boxes"].as_subclass(torch.Tensor) - shift) * k,
-                                         format="XYXY", canvas_size=(S, S))          # (N, 4)
+        boxes = (target["boxes"].as_subclass(torch.Tensor) - torch.tensor([x0, y0, x0, y0])) * k
+        boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(S, S))   # (N, 4)
         if flip:  # x -> S - x for the pixels and the boxes (the masks: above)
             out, boxes = TF.horizontal_flip(out), TF.horizontal_flip(boxes)
         return _finish(out, boxes, masks, target, k)
@@ -846,19 +816,24 @@ class InstanceTransform:
         # tv_tensors.Mask: _resize_masks). Boxes are multiplied by exactly `scale` so eval can
         # invert with / scale; the two frames agree to within half a pixel.
         image = TF.resize(image, [h, w], antialias=True)            # (3, h, w), bilinear
-        boxes = tv_tensors.BoundingBoxes(target["boxes"].as_subclass(torch.Tensor) * scale,
-                                         format="XYXY", canvas_size=(h, w))       # (N, 4)
+        boxes = target["boxes"].as_subclass(torch.Tensor) * scale                 # (N, 4)
+        boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
         if self.train:
             # The scale actually applied differs per axis by the rounding: report the mean.
             scale = 0.5 * (h / H0 + w / W0)
         # fcos training: a horizontal flip with probability flip_prob (the draw of
         # v2.RandomHorizontalFlip: torch.rand(1) < p), known before the masks are resized
         flip = self.flip_prob > 0 and bool(torch.rand(1) < self.flip_prob)
-        masks = _resize_masks(target["masks"], (0, 0, W0, H0), (0, 0, w, h), (h, w), flip)  # (N, h, w)
+        masks = _resize_masks(target["masks"], (0, 0, W0, H0), (0, 0, w, h), (h, w), flip)
         if flip:
             image, boxes = TF.horizontal_flip(image), TF.horizontal_flip(boxes)
         image = _to_normalized(image, self.input_format)            # float32 (3, h, w)
         return _finish(image, boxes, masks, target, scale)
+
+
+# No geometric change (scale 1; TF.resize returns an image of the same size as it is): what
+# CocoInstances does with transforms=None
+_identity_transform = InstanceTransform("centernet", train=False, input_size=1, keep_res=True)
 
 
 def build_transforms(kind="centernet", train=True, input_size=512, **kw):
@@ -875,11 +850,6 @@ def build_transforms(kind="centernet", train=True, input_size=512, **kw):
                  test only: each image at its own size, CenterNet's --keep_res),
                  input_format="rgb_imagenet" (or "bgr_coco", CenterNet's: `normalize_input`)
     """
-    allowed = {"scale_range", "flip_prob", "color_jitter", "max_size", "keep_res", "input_format"}
-    unknown = set(kw) - allowed
-    if unknown:
-        raise TypeError(f"build_transforms: unknown option(s) {sorted(unknown)}; "
-                        f"known: {sorted(allowed)}")
     return InstanceTransform(kind, train, input_size, **kw)
 
 
@@ -895,29 +865,28 @@ def collate_fn(batch, size_divisibility=32):
     unchanged; target["size"] keeps the unpadded size. Zero in a normalised image is the
     ImageNet mean colour.
     """
-    images = [img for img, _ in batch]
     d = size_divisibility
-    H = max(img.shape[-2] for img in images)
-    W = max(img.shape[-1] for img in images)
-    H, W = (H + d - 1) // d * d, (W + d - 1) // d * d
-    out = _batch_empty(images[0], len(images), 3, H, W)              # (B, 3, H, W)
+    H = math.ceil(max(img.shape[-2] for img, _ in batch) / d) * d
+    W = math.ceil(max(img.shape[-1] for img, _ in batch) / d) * d
+    out = _batch_empty(batch[0][0], len(batch), 3, H, W)             # (B, 3, H, W)
     targets = []
     for i, (img, tgt) in enumerate(batch):
         _pad_into(out[i], img)
-        tgt = dict(tgt)
         m = tgt["masks"]                                             # (N, h, w)
         if m.shape[-2:] != (H, W):  # (e.g. every centernet training sample already is (S, S))
-            tgt["masks"] = _pad_into(_batch_empty(m, m.shape[0], H, W), m)   # (N, H, W)
-        targets.append(tgt)
+            m = _pad_into(_batch_empty(m, m.shape[0], H, W), m)      # (N, H, W)
+        targets.append(dict(tgt, masks=m))
     return out, targets
 
 
 def aspect_ratio_groups(dataset):
-    """FCOS's aspect-ratio groups (DATALOADER.ASPECT_RATIO_GROUPING: bins [1] on h / w in fcos_core/data/build.py,
-    from maskrcnn-benchmark) of a CocoInstances, from its json sizes: 0 for landscape images (h < w), 1 for the
-    others. A batch of one group pads far less under the "fcos" transform (short side fixed, long side free):
-    a portrait 800 x 1333 next to a landscape 1333 x 800 pads both to 1333 x 1333 (1.67x their pixels)."""
-    return [int(info["height"] >= info["width"]) for info in (dataset.coco.imgs[i] for i in dataset.ids)]
+    """FCOS's aspect-ratio groups (DATALOADER.ASPECT_RATIO_GROUPING: bins [1] on h / w in
+    fcos_core/data/build.py, from maskrcnn-benchmark) of a CocoInstances, from its json sizes: 0
+    for landscape images (h < w), 1 for the others. A batch of one group pads far less under the
+    "fcos" transform (short side fixed, long side free): a portrait 800 x 1333 next to a
+    landscape 1333 x 800 pads both to 1333 x 1333 (1.67x their pixels)."""
+    infos = [dataset.coco.imgs[i] for i in dataset.ids]
+    return [int(info["height"] >= info["width"]) for info in infos]
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler):
@@ -940,7 +909,8 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
             if len(buffers[g]) == self.batch_size:
                 yield buffers.pop(g)
                 done += 1
-        leftovers = sorted(buffers.items(), key=lambda item: len(item[1]), reverse=True)  # stable: ties by arrival
+        # fullest first; stable: ties by arrival
+        leftovers = sorted(buffers.items(), key=lambda item: len(item[1]), reverse=True)
         for g, rest in leftovers[:len(self) - done]:
             yield rest + (seen[g] * self.batch_size)[:self.batch_size - len(rest)]
 
@@ -1096,8 +1066,15 @@ def write_json(obj, path, indent=None):
     write_atomic(path, dump)
 
 
-def _write_shapes_split(root, split, n, size, rng):
-    img_dir = os.path.join(root, split)
+def _shapes_paths(root):
+    """The shapes set's layout under `root`: {train_img_dir, train_ann, val_img_dir, val_ann}."""
+    return {"train_img_dir": os.path.join(root, "train"),
+            "train_ann": os.path.join(root, "annotations", "instances_train.json"),
+            "val_img_dir": os.path.join(root, "val"),
+            "val_ann": os.path.join(root, "annotations", "instances_val.json")}
+
+
+def _write_shapes_split(img_dir, ann_path, n, size, rng, split):
     os.makedirs(img_dir, exist_ok=True)
     images, annotations = [], []
     for i in range(n):
@@ -1106,30 +1083,21 @@ def _write_shapes_split(root, split, n, size, rng):
             img, instances = _render_shapes_image(rng, size)
         file_name = f"{i:06d}.png"
         Image.fromarray(img).save(os.path.join(img_dir, file_name))
-        image_id = i + 1
-        images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+        images.append({"id": i + 1, "file_name": file_name, "height": size, "width": size})
         for label, mask in instances:
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            # the box: the tight box of the visible mask
             annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": label + 1,
+                "id": len(annotations) + 1, "image_id": i + 1, "category_id": label + 1,
                 "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                "bbox": [float(v) for v in mask_utils.toBbox(rle)],  # tight box of the visible mask
-                "area": float(mask_utils.area(rle)),
-                "iscrowd": 0,
-            })
-    ann = {
-        "info": {"description": f"synthetic shapes ({split}), {n} images of {size}x{size}"},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": k + 1, "name": name, "supercategory": "shape"}
-                       for k, name in enumerate(SHAPE_CLASSES)],
-    }
-    ann_path = os.path.join(root, "annotations", f"instances_{split}.json")
-    write_json(ann, ann_path)  # last: a json on disk means its images are complete
-    return img_dir, ann_path
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "area": float(mask_utils.area(rle)), "iscrowd": 0})
+    categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
+                  for k, name in enumerate(SHAPE_CLASSES)]
+    # last: a json on disk means its images are complete
+    write_json({"info": {"description": f"synthetic shapes ({split}), {n} images of {size}x{size}"},
+                "licenses": [], "images": images, "annotations": annotations,
+                "categories": categories}, ann_path)
 
 
 def dataset_paths(config):
@@ -1140,13 +1108,10 @@ def dataset_paths(config):
     (a missing one stays None). Used by train.py, and by eval.py for a checkpoint's config.
     """
     if config.get("shapes_dir"):
-        root = config["shapes_dir"]
-        return {"train_img_dir": os.path.join(root, "train"),
-                "train_ann": os.path.join(root, "annotations", "instances_train.json"),
-                "val_img_dir": os.path.join(root, "val"),
-                "val_ann": os.path.join(root, "annotations", "instances_val.json")}
+        return _shapes_paths(config["shapes_dir"])
     root = config.get("data_root") or ""
-    return {k: None if config.get(k) is None else os.path.join(root, config[k])  # join keeps absolute paths
+    # os.path.join keeps absolute paths
+    return {k: None if config.get(k) is None else os.path.join(root, config[k])
             for k in ("train_img_dir", "train_ann", "val_img_dir", "val_ann")}
 
 
@@ -1156,7 +1121,7 @@ def shapes_dataset_missing(root, n_train, n_val, size):
     random stream, so the first n images of a bigger set are the n-image set, byte for byte
     (train.py then reads only the first n). Read from the two jsons, which are written last."""
     for split, n in (("train", n_train), ("val", n_val)):
-        ann = os.path.join(root, "annotations", f"instances_{split}.json")
+        ann = _shapes_paths(root)[f"{split}_ann"]
         if not os.path.exists(ann):
             return f"{ann} is missing"
         try:
@@ -1166,8 +1131,9 @@ def shapes_dataset_missing(root, n_train, n_val, size):
             return f"{ann} is unreadable ({type(e).__name__})"
         if len(images) < n:
             return f"{ann} has {len(images)} images, {n} wanted"
-        if images and (images[0].get("height"), images[0].get("width")) != (size, size):
-            return f"{ann} has {images[0].get('height')}x{images[0].get('width')} images, {size}x{size} wanted"
+        h, w = (images[0].get("height"), images[0].get("width")) if images else (size, size)
+        if (h, w) != (size, size):
+            return f"{ann} has {h}x{w} images, {size}x{size} wanted"
     return ""
 
 
@@ -1188,12 +1154,10 @@ def write_shapes_dataset(root, n_train=1000, n_val=100, size=128, seed=0):
 
     Returns {"train_img_dir", "train_ann", "val_img_dir", "val_ann"}.
     """
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    paths = {}
+    paths = _shapes_paths(root)
     for k, (split, n) in enumerate((("train", n_train), ("val", n_val))):
         rng = np.random.default_rng([seed, k])
-        paths[f"{split}_img_dir"], paths[f"{split}_ann"] = \
-            _write_shapes_split(root, split, n, size, rng)
+        _write_shapes_split(paths[f"{split}_img_dir"], paths[f"{split}_ann"], n, size, rng, split)
     return paths
 
 
@@ -1217,16 +1181,18 @@ def write_coco_subset(ann_file, img_dir, out, n=128, split=None):
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     for k, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not isinstance(img.get("id"), int) or not isinstance(img.get("file_name"), str):
+        if not isinstance(img, dict) or not isinstance(img.get("id"), int) \
+                or not isinstance(img.get("file_name"), str):
             raise ValueError(f"{ann_file}: image entry #{k} has no integer 'id' or no 'file_name'")
     images = sorted(data["images"], key=lambda img: img["id"])[:n]
     keep = {img["id"] for img in images}
-    anns = [a for a in data.get("annotations") or [] if isinstance(a, dict) and a.get("image_id") in keep]
+    anns = [a for a in data.get("annotations") or []
+            if isinstance(a, dict) and a.get("image_id") in keep]
     missing = [os.path.join(img_dir, img["file_name"]) for img in images
                if not os.path.isfile(os.path.join(img_dir, img["file_name"]))]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of the {len(images)} images of {ann_file} are not in {img_dir}, "
-                                f"e.g. {missing[0]}")
+        raise FileNotFoundError(f"{len(missing)} of the {len(images)} images of {ann_file} are not "
+                                f"in {img_dir}, e.g. {missing[0]}")
     split = split or os.path.basename(os.path.normpath(img_dir))
     out_img_dir = os.path.join(out, split)
     for img in images:
@@ -1234,7 +1200,6 @@ def write_coco_subset(ann_file, img_dir, out, n=128, split=None):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.copyfile(os.path.join(img_dir, img["file_name"]), dst)
     out_ann = os.path.join(out, "annotations", f"instances_{split}.json")
-    os.makedirs(os.path.dirname(out_ann), exist_ok=True)
     write_json({**data, "images": images, "annotations": anns}, out_ann)
     return out_img_dir, out_ann, len(images), len(anns)
 
@@ -1245,33 +1210,34 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="data utilities")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("shapes", help="write the synthetic shapes dataset (COCO format); by default the quick "
-                                      "start's set, as train.py config/shapes_centermask.py writes it")
+    p = sub.add_parser("shapes", help="write the synthetic shapes dataset (COCO format); by "
+                       "default the quick start's set")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n_train", type=int, default=SHAPES_DEFAULTS["n_train"])
     p.add_argument("--n_val", type=int, default=SHAPES_DEFAULTS["n_val"])
     p.add_argument("--size", type=int, default=SHAPES_DEFAULTS["size"], help="image side in pixels")
-    p.add_argument("--seed", type=int, default=SHAPES_DEFAULTS["seed"], help="train.py's shapes_seed")
-    p = sub.add_parser("subset", help="the first N images of a COCO json and their files, laid out as COCO128 "
-                                      "(OUT/SPLIT/*.jpg, OUT/annotations/instances_SPLIT.json)")
-    p.add_argument("--ann", required=True, help="COCO instances json, e.g. annotations/instances_train2017.json")
-    p.add_argument("--img_dir", required=True, help="the folder its file names are relative to, e.g. train2017")
+    p.add_argument("--seed", type=int, default=SHAPES_DEFAULTS["seed"], help="shapes_seed")
+    p = sub.add_parser("subset", help="the first N images of a COCO json and their files, laid "
+                       "out as COCO128 (OUT/SPLIT/*.jpg, OUT/annotations/instances_SPLIT.json)")
+    p.add_argument("--ann", required=True, help="COCO json, e.g. instances_train2017.json")
+    p.add_argument("--img_dir", required=True, help="the folder of its file names, e.g. train2017")
     p.add_argument("--out", required=True, help="output folder, e.g. data/coco128")
-    p.add_argument("--n", type=int, default=128, help="images to keep, the first by id (128: COCO128)")
-    p.add_argument("--split", default=None, help="the split's name (default: img_dir's folder name)")
+    p.add_argument("--n", type=int, default=128, help="images to keep, the first by id (COCO128)")
+    p.add_argument("--split", default=None, help="the split's name (default: img_dir's name)")
     args = parser.parse_args()
     t0 = time.time()
     if args.command == "subset":
         try:
-            folder, ann, n_img, n_ann = write_coco_subset(args.ann, args.img_dir, args.out, args.n, args.split)
+            folder, ann, n_img, n_ann = write_coco_subset(args.ann, args.img_dir, args.out, args.n,
+                                                          args.split)
         except (OSError, ValueError) as e:
             raise SystemExit(f"data.py subset: error: {e}")
-        print(f"{n_img} images in {folder}, {n_ann} annotations in {ann}; done in {time.time() - t0:.1f}s")
-        raise SystemExit(0)
-    paths = write_shapes_dataset(args.out, args.n_train, args.n_val, args.size, args.seed)
-    for split in ("train", "val"):
-        with open(paths[f"{split}_ann"]) as f:
-            n_ann = len(json.load(f)["annotations"])
-        print(f"{split}: {getattr(args, 'n_' + split)} images in {paths[split + '_img_dir']}, "
-              f"{n_ann} instances in {paths[split + '_ann']}")
+        print(f"{n_img} images in {folder}, {n_ann} annotations in {ann}")
+    else:
+        paths = write_shapes_dataset(args.out, args.n_train, args.n_val, args.size, args.seed)
+        for split in ("train", "val"):
+            with open(paths[f"{split}_ann"]) as f:
+                n_ann = len(json.load(f)["annotations"])
+            print(f"{split}: {getattr(args, 'n_' + split)} images in {paths[split + '_img_dir']}, "
+                  f"{n_ann} instances in {paths[split + '_ann']}")
     print(f"done in {time.time() - t0:.1f}s")

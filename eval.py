@@ -27,12 +27,14 @@ import io
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
@@ -61,17 +63,13 @@ def _masks_to_original(masks, size, orig_size, threshold, boxes=None):
     the largest window). Otherwise (or without boxes): one dense `interpolate` of all
     detections, in chunks that bound memory (~256 MB fp32).
     """
-    if masks.dim() == 4 and masks.shape[1] == 1:
-        masks = masks[:, 0]                                      # (K, 1, H, W) -> (K, H, W)
     if not masks.is_floating_point():
         threshold = 0.5
     h, w = size
     H0, W0 = orig_size
     masks = masks[:, :h, :w]                                     # (K, h, w)
     K = masks.shape[0]
-    if K == 0:
-        return torch.zeros((0, H0, W0), dtype=torch.bool, device=masks.device)
-    if boxes is not None:
+    if K > 0 and boxes is not None:
         x_lo, x_hi = _box_windows(boxes.float(), W0, w, 0)       # (K,) original columns
         y_lo, y_hi = _box_windows(boxes.float(), H0, h, 1)       # (K,) original rows
         Wm, Hm = int((x_hi - x_lo).max()), int((y_hi - y_lo).max())
@@ -80,7 +78,7 @@ def _masks_to_original(masks, size, orig_size, threshold, boxes=None):
         if Hm * Wm * 4 < H0 * W0:  # windows (padded to the largest) well below the image: worth it
             return _paste_windows(masks, (H0, W0), threshold, x_lo, x_hi, y_lo, y_hi, Wm, Hm)
     chunk = max(1, (1 << 26) // (H0 * W0))
-    out = []
+    out = [torch.zeros((0, H0, W0), dtype=torch.bool, device=masks.device)]
     for i in range(0, K, chunk):
         # the k masks as the channels of one image: 1.3x faster than k images of one channel (CPU)
         m = masks[None, i:i + chunk].float()                     # (1, k, h, w)
@@ -133,7 +131,8 @@ def _paste_windows(masks, orig_size, threshold, x_lo, x_hi, y_lo, y_hi, Wm, Hm):
     flat = masks.float().flatten(1)                              # (K, h*w)
 
     def rows(ys):                                                # (K, Hm, Sw)
-        return flat.gather(1, (ys[:, :, None] * w + src_cols[:, None, :]).flatten(1)).view(K, Hm, Sw)
+        where = (ys[:, :, None] * w + src_cols[:, None, :]).flatten(1)
+        return flat.gather(1, where).view(K, Hm, Sw)
     r = torch.lerp(rows(y0), rows(y1), ly[:, :, None])                         # (K, Hm, Sw)
     c0 = (x0 - sx)[:, None, :].expand(K, Hm, Wm)
     c1 = (x1 - sx)[:, None, :].expand(K, Hm, Wm)
@@ -146,7 +145,8 @@ def _paste_windows(masks, orig_size, threshold, x_lo, x_hi, y_lo, y_hi, Wm, Hm):
     where = (torch.minimum(row_i, y_hi[:, None] - 1)[:, :, None] * W0
              + torch.minimum(col_i, x_hi[:, None] - 1)[:, None, :])          # (K, Hm, Wm)
     out = torch.zeros((K, H0 * W0), dtype=torch.uint8, device=dev)
-    out.scatter_reduce_(1, where.flatten(1), ((value > threshold) & ok).flatten(1).to(torch.uint8), "amax")
+    inside = ((value > threshold) & ok).flatten(1).to(torch.uint8)
+    out.scatter_reduce_(1, where.flatten(1), inside, "amax")
     return out.view(torch.bool).view(K, H0, W0)
 
 
@@ -163,17 +163,9 @@ def to_original(output, target, mask_threshold=0.5):
     """
     H0, W0 = (int(v) for v in target["orig_size"])
     h, w = (int(v) for v in target["size"])
-    scale = target["scale"]
-    if torch.is_tensor(scale):
-        if scale.numel() != 1:
-            raise ValueError(f"target['scale'] must be one number (original = network / "
-                             f"scale), got shape {tuple(scale.shape)}")
-        scale = scale.item()
-    scale = float(scale)
-
+    scale = float(target["scale"])                               # a number, or a 1-element tensor
     boxes = output["boxes"].float() / scale                      # (K, 4) original pixels
-    boxes = torch.stack([boxes[:, 0].clamp(0, W0), boxes[:, 1].clamp(0, H0),
-                         boxes[:, 2].clamp(0, W0), boxes[:, 3].clamp(0, H0)], dim=1)
+    boxes = boxes.clamp(min=0).minimum(boxes.new_tensor([W0, H0, W0, H0]))
     result = {"boxes": boxes, "scores": output["scores"].float(),
               "labels": output["labels"].long()}
     if "masks" in output:
@@ -225,14 +217,8 @@ def _base_dataset(dataset):
 def _unwrap_model(model):
     """DDP -> its module: calling DDP's forward in eval would broadcast buffers, a collective
     that hangs when ranks run different numbers of batches."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) \
-        else model
-
-
-def _dist_info():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return True, torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return False, 0, 1
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return model.module if ddp else model
 
 
 def _make_loader(source, batch_size, num_workers, device, max_images, collate_fn, distributed,
@@ -244,26 +230,13 @@ def _make_loader(source, batch_size, num_workers, device, max_images, collate_fn
     """
     if isinstance(source, DataLoader):
         return source
-    if not isinstance(source, Dataset):
-        raise TypeError(f"expected a DataLoader or a Dataset, got {type(source).__name__}")
     if max_images is not None:
         source = Subset(source, range(min(max_images, len(source))))
     if collate_fn is None:
-        collate_fn = getattr(_base_dataset(source), "collate_fn", None)
-    if collate_fn is None:
         collate_fn = functools.partial(data.collate_fn, size_divisibility=size_divisibility)
     sampler = DistributedSampler(source, shuffle=False) if distributed else None
-    return DataLoader(source, batch_size=batch_size, shuffle=False, sampler=sampler,
-                      num_workers=num_workers, collate_fn=collate_fn,
-                      pin_memory=torch.device(device).type == "cuda")
-
-
-def _amp_context(device, amp_dtype):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    if isinstance(amp_dtype, str):
-        amp_dtype = getattr(torch, amp_dtype)
-    return torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
+    return DataLoader(source, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_fn, pin_memory=torch.device(device).type == "cuda")
 
 
 def _sync(device):
@@ -272,31 +245,15 @@ def _sync(device):
 
 
 def _predict_batch(model, images, targets, device, amp_dtype, mask_threshold):
-    """Forward one batch and map every image's predictions back to its original frame."""
+    """Forward one batch and map every image's predictions (one dict per image) back to its
+    original frame. amp_dtype: None (fp32) or a torch dtype for autocast."""
     images = images.to(device, non_blocking=True)                # (B, 3, H, W)
     sizes = [tuple(int(v) for v in t["size"]) for t in targets]  # each image before padding
-    with _amp_context(device, amp_dtype):
+    amp = contextlib.nullcontext() if amp_dtype is None \
+        else torch.autocast(torch.device(device).type, dtype=amp_dtype)
+    with amp:
         outputs = model(images, image_sizes=sizes)
-    if len(outputs) != len(targets):
-        raise ValueError(f"model returned {len(outputs)} outputs for {len(targets)} images")
     return [to_original(o, t, mask_threshold) for o, t in zip(outputs, targets)]
-
-
-def _positive_ann_ids(coco_gt):
-    """`coco_gt` itself when every annotation id is positive; else a COCO object over the same
-    images, categories and annotations with the annotation ids renumbered 1..N (in file order).
-    COCOeval records matches by annotation id and reads id 0 as "unmatched": a ground truth
-    whose id is 0 (labelme2coco and other exporters number from 0) is never matched and its
-    detection counts as a false positive. Annotation ids are not reported anywhere in the
-    results (they hold image and category ids), so nothing needs mapping back."""
-    anns = coco_gt.dataset.get("annotations", [])
-    if all(a["id"] > 0 for a in anns):
-        return coco_gt
-    renumbered = COCO()
-    renumbered.dataset = dict(coco_gt.dataset, annotations=[dict(a, id=k + 1) for k, a in enumerate(anns)])
-    with contextlib.redirect_stdout(io.StringIO()):
-        renumbered.createIndex()
-    return renumbered
 
 
 def _coco_eval(coco_gt, results, iou_type, img_ids, verbose):
@@ -304,9 +261,17 @@ def _coco_eval(coco_gt, results, iou_type, img_ids, verbose):
 
     No detections -> all 0.0 (pycocotools' loadRes indexes results[0] and would crash).
     COCOeval reports -1.0 for an area range with no ground truth objects; we pass it on.
-    Annotation ids <= 0 are renumbered first (`_positive_ann_ids`).
+
+    Annotation ids <= 0 are renumbered 1..N first (in file order): COCOeval records matches by
+    annotation id and reads id 0 as "unmatched", so a ground truth whose id is 0 (labelme2coco
+    and other exporters number from 0) would never be matched and its detection would count as
+    a false positive. Annotation ids are not reported anywhere in the results (they hold image
+    and category ids), so nothing needs mapping back.
     """
-    coco_gt = _positive_ann_ids(coco_gt)
+    anns = coco_gt.dataset.get("annotations", [])
+    if any(a["id"] <= 0 for a in anns):
+        renumbered = [dict(a, id=k + 1) for k, a in enumerate(anns)]
+        coco_gt = data.coco_index(dict(coco_gt.dataset, annotations=renumbered))
     if not results:
         if verbose:
             print(f"no detections: {iou_type} AP = 0.0")
@@ -316,10 +281,8 @@ def _coco_eval(coco_gt, results, iou_type, img_ids, verbose):
     # detectron2 does; for bbox the masks are dropped (not needed, large).
     drop = "bbox" if iou_type == "segm" else "segmentation"
     dts = [{k: v for k, v in r.items() if k != drop} for r in results]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out) if not verbose else contextlib.nullcontext():
-        coco_dt = coco_gt.loadRes(dts)
-        E = COCOeval(coco_gt, coco_dt, iou_type)
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+        E = COCOeval(coco_gt, coco_gt.loadRes(dts), iou_type)
         E.params.imgIds = sorted(img_ids)
         E.evaluate()
         E.accumulate()
@@ -336,10 +299,9 @@ def grid_oracle(ann_file, stride, threshold=0.4, verbose=False):
     (align_corners=False, as the assembled masks are), cropped to (H, W) and binarised at
     `threshold` (0.4, [CM 3.5]),
     then scored (score 1) against the ground truth by COCOeval segm. It tells what a mask loss on
-    that grid can teach at best (RESULTS.md, "CenterMask quick start": 0.61 at stride 4 on the shapes set).
-    Returns {"segm_AP": ..., ..., "segm_APl": ...}.
+    that grid can teach at best (RESULTS.md, "CenterMask quick start": 0.61 at stride 4 on the
+    shapes set). Returns {"segm_AP": ..., ..., "segm_APl": ...}.
     """
-    from pycocotools.coco import COCO
     from model import average_pool_masks
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(ann_file)
@@ -374,12 +336,11 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
         `model.mask_threshold`. Moved to `device`; its train/eval mode is restored on return.
         A DDP wrapper is unwrapped.
     loader_or_dataset: a DataLoader yielding `(images, targets)`, or a Dataset (then a
-        loader is built with `collate_fn`, else the dataset's `collate_fn` attribute, else
-        `data.collate_fn`). The (Subset-unwrapped) dataset must have `coco` (pycocotools
-        ground truth) and `label_to_cat_id`.
+        loader is built with `collate_fn`, else `data.collate_fn`). The (Subset-unwrapped)
+        dataset must have `coco` (pycocotools ground truth) and `label_to_cat_id`.
     max_images: evaluate only the first max_images images (per rank: max_images/world).
     results_json: if given, the COCO results list is written there (atomically).
-    amp_dtype: None (fp32) or torch.bfloat16/float16 (or its name) for autocast.
+    amp_dtype: None (fp32) or torch.bfloat16/float16 for autocast.
 
     Returns {bbox_AP, bbox_AP50, bbox_AP75, bbox_APs, bbox_APm, bbox_APl, and the same with
     segm_ when the model predicted masks, num_images, num_detections, images_per_s, seconds,
@@ -396,38 +357,31 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
     and the stats dict is broadcast so every rank returns the same dict (so ranks never
     disagree on e.g. "best AP so far"). Only rank 0 prints the tables and writes results_json.
     """
+    from model import NON_FINITE_DEFORM, non_finite_deform_count
     t_start = time.perf_counter()
-    distributed, rank, world = _dist_info()
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     net = _unwrap_model(model)
     loader = _make_loader(loader_or_dataset, batch_size, num_workers, device, max_images,
                           collate_fn, distributed, net.size_divisibility)
     dataset = _base_dataset(loader.dataset)
-    for attr in ("coco", "label_to_cat_id"):
-        if not hasattr(dataset, attr):
-            raise TypeError(f"{type(dataset).__name__} has no `{attr}`: evaluate needs a "
-                            f"COCO-format dataset (see data.CocoInstances)")
-    limit = None if max_images is None else math.ceil(max_images / world)
+    limit = sys.maxsize if max_images is None else math.ceil(max_images / world)
 
-    mask_threshold = net.mask_threshold
     was_training = net.training
     net.to(device).eval()
-
     per_image = {}        # image_id -> its COCO results; a dict so repeated images count once
     has_masks = False     # a box-only model (FCOS) is evaluated for bbox only
-    seconds = 0.0
-    seen = 0
+    seconds, seen = 0.0, 0
     try:
         with torch.no_grad():
             for images, targets in loader:
-                if limit is not None and seen >= limit:
+                if seen >= limit:
                     break
-                if limit is not None and seen + len(targets) > limit:
-                    images, targets = images[:limit - seen], targets[:limit - seen]
+                images, targets = images[:limit - seen], targets[:limit - seen]
                 seen += len(targets)
                 _sync(device)
                 t0 = time.perf_counter()
-                preds = _predict_batch(net, images, targets, device, amp_dtype,
-                                       mask_threshold)
+                preds = _predict_batch(net, images, targets, device, amp_dtype, net.mask_threshold)
                 _sync(device)
                 seconds += time.perf_counter() - t0
                 for target, pred in zip(targets, preds):
@@ -439,21 +393,19 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
     finally:
         net.train(was_training)
 
-    # DeformConv's NaN / inf on a GPU, counted on the device (model.non_finite_deform_count): raised here, on every
-    # rank together, as the CPU's assert raises at once
-    from model import NON_FINITE_DEFORM, non_finite_deform_count
+    # DeformConv's NaN / inf on a GPU, counted on the device (model.non_finite_deform_count):
+    # raised here, on every rank together, as the CPU's assert raises at once
     bad_deform = int(non_finite_deform_count("cpu"))
-    if distributed:
+    if distributed:  # every rank's results (rank 0 scores them), and the ranks' counts
         gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, (per_image, has_masks, seconds, bad_deform))
-        bad_deform = sum(g[3] for g in gathered)
-        if rank == 0:
-            per_image = {}
-            for rank_images, *_ in gathered:
-                for image_id, res in rank_images.items():
-                    per_image.setdefault(image_id, res)          # first copy wins
-            has_masks = any(g[1] for g in gathered)
-            seconds = max(g[2] for g in gathered)                # ranks run in parallel
+        dist.all_gather_object(gathered, (per_image, has_masks, seconds, bad_deform))
+        per_image = {}
+        for rank_images, *_ in gathered:
+            for image_id, res in rank_images.items():
+                per_image.setdefault(image_id, res)              # first copy wins
+        has_masks = any(g[1] for g in gathered)
+        # ranks run in parallel: the slowest one's time
+        seconds, bad_deform = max(g[2] for g in gathered), sum(g[3] for g in gathered)
     if bad_deform:
         raise RuntimeError(NON_FINITE_DEFORM)
 
@@ -462,18 +414,15 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
         results = [r for res in per_image.values() for r in res]
         if results_json:
             data.write_json(results, results_json)
-        img_ids = list(per_image)
         for iou_type in ("bbox", "segm") if has_masks else ("bbox",):
-            values = _coco_eval(dataset.coco, results, iou_type, img_ids, verbose)
+            values = _coco_eval(dataset.coco, results, iou_type, list(per_image), verbose)
             stats.update({f"{iou_type}_{n}": v for n, v in zip(_STAT_NAMES, values)})
-        stats["num_images"] = len(img_ids)
-        stats["num_detections"] = len(results)
-        stats["images_per_s"] = len(img_ids) / seconds if seconds > 0 else 0.0
-        stats["seconds"] = seconds
-        stats["total_seconds"] = time.perf_counter() - t_start
+        stats.update(num_images=len(per_image), num_detections=len(results),
+                     images_per_s=len(per_image) / seconds if seconds > 0 else 0.0,
+                     seconds=seconds, total_seconds=time.perf_counter() - t_start)
     if distributed:
         box = [stats]
-        torch.distributed.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0)
         stats = box[0]
     return stats
 
@@ -486,7 +435,7 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
     """The model a train.py checkpoint describes, with its weights, on `device`, in eval mode.
 
     ckpt: path of a checkpoint written by train.py ({"model", "model_args", "config", ...}).
-    overrides: ModelConfig fields to change at inference (e.g. {"attention_assign": "pass"}).
+    overrides: ModelConfig fields to change at inference (e.g. {"mask_threshold": 0.3}).
     The prefixes of a compiled ("_orig_mod.") or DDP ("module.") model are stripped. Weights
     holding NaN / inf or a negative BatchNorm variance are refused (weights.check_weights).
     Returns (model, checkpoint dict). Raises ValueError naming the file.
@@ -499,23 +448,42 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
         checkpoint = torch.load(ckpt, map_location=device, weights_only=False)
     except Exception as e:
         raise ValueError(f"cannot read checkpoint '{ckpt}': {type(e).__name__}: {e}") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
-        raise ValueError(f"checkpoint '{ckpt}' has no 'model'/'model_args' entries (not written by train.py?)")
-    overrides = overrides or {}
-    unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
+    if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= set(checkpoint):
+        raise ValueError(f"checkpoint '{ckpt}' has no 'model'/'model_args' entries "
+                         "(not written by train.py?)")
+    unknown = sorted(set(overrides or {}) - set(ModelConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"--model_args: {', '.join(unknown)} not ModelConfig field(s)")
     try:
-        model = build_model(ModelConfig(**{**checkpoint["model_args"], **overrides}))
+        model = build_model(ModelConfig(**{**checkpoint["model_args"], **(overrides or {})}))
     except TypeError as e:
-        raise ValueError(f"checkpoint '{ckpt}' has model_args this model.py does not know: {e}") from None
-    state = current_keys({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()})
+        raise ValueError(f"checkpoint '{ckpt}' has model_args this model.py does not know: "
+                         f"{e}") from None
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v
+             for k, v in checkpoint["model"].items()}
+    state = current_keys(state)
     check_weights(state, f"checkpoint '{ckpt}'")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"weights in '{ckpt}' do not fit the model built from its model_args: {e}") from None
+        raise ValueError(f"weights in '{ckpt}' do not fit the model built from its model_args: "
+                         f"{e}") from None
     return model.to(device).eval(), checkpoint
+
+
+def checkpoint_transform(checkpoint, input_size=None, keep_res=None):
+    """The test transform of a checkpoint's training config (data.build_transforms), as eval.py
+    and predict.py use it: its kind ("transform"), its input_format (RGB / ImageNet statistics,
+    or "bgr_coco" for a model started from CenterNet's weights), keep_res, and its input size
+    (test_input_size, else input_size). `input_size` / `keep_res` given: those instead."""
+    saved = checkpoint.get("config") or {}
+    keep_res = saved.get("keep_res", False) if keep_res is None else keep_res
+    size = input_size or saved.get("test_input_size") or saved.get("input_size")
+    kw = {"input_size": size} if size else {}      # none at all: build_transforms' own default
+    if keep_res:
+        kw["keep_res"] = True                      # data.py refuses it for fcos
+    return data.build_transforms(saved.get("transform", "centernet"), train=False,
+                                 input_format=saved.get("input_format", "rgb_imagenet"), **kw)
 
 
 # -----------------------------------------------------------------------------
@@ -526,96 +494,87 @@ if __name__ == "__main__":
     ckpt = ""                  # checkpoint written by train.py (required)
     val_img_dir = None         # None: from the checkpoint's training config (data_root/shapes_dir)
     val_ann = None             # None: from the checkpoint's training config
-    input_size = None          # None: the checkpoint's training config's test_input_size, else its input_size
-    transform = None           # build_transforms kind; None: checkpoint config, else "centernet"
-    keep_res = None            # centernet: each image at its own size (CenterNet's --keep_res; wins over
-                               # input_size); None: the checkpoint config's keep_res, else False
-    input_format = None        # "rgb_imagenet" or "bgr_coco" (data.normalize_input); None: the checkpoint
-                               # config's (a model started from CenterNet's weights: "bgr_coco"), else rgb_imagenet
+    # None: the checkpoint's training config's test_input_size, else its input_size
+    input_size = None
+    # centernet: each image at its own size (CenterNet's --keep_res; wins over input_size);
+    # None: the checkpoint config's keep_res
+    keep_res = None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast on GPU)
     batch_size = 8
     num_workers = 2
     max_images = None          # None: the whole val set
     results_json = None        # path to write the COCO results list to
-    seed = 0
     model_args = ""            # overrides of the checkpoint's model_args, a dict literal, e.g. an
-                               # inference-time switch: --model_args="{'attention_assign': 'pass'}"
+                               # inference-time setting: --model_args="{'mask_threshold': 0.3}"
     oracle_stride = 0          # > 0: no model; the mask AP of perfect stride-R masks on --val_ann
-                               # (`grid_oracle`), e.g. --oracle_stride=4 --val_ann=data/shapes/annotations/instances_val.json
+                               # (`grid_oracle`), e.g. --oracle_stride=4
+                               # --val_ann=data/shapes/annotations/instances_val.json
     # -----------------------------------------------------------------------------------------
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
-    def _fail(msg):
+    def fail(msg):
         raise SystemExit(f"eval.py: error: {msg}")
 
-    torch.manual_seed(seed)
     if oracle_stride:
         if not val_ann or not os.path.isfile(val_ann):
-            _fail(f"--oracle_stride needs --val_ann=FILE (a COCO instances json), got {val_ann!r}")
-        print(json.dumps({"oracle_stride": oracle_stride, **grid_oracle(val_ann, int(oracle_stride), verbose=True)}))
+            fail(f"--oracle_stride needs --val_ann=FILE (a COCO instances json), got {val_ann!r}")
+        stats = grid_oracle(val_ann, int(oracle_stride), verbose=True)
+        print(json.dumps({"oracle_stride": oracle_stride, **stats}))
         raise SystemExit(0)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        _fail(f"--device={device} was asked for but no CUDA GPU is available "
-              f"(use --device=cpu)")
+        fail(f"--device={device} was asked for but no CUDA GPU is available (use --device=cpu)")
     if dtype not in ("float32", "bfloat16", "float16"):
-        _fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if not ckpt:
-        _fail("no checkpoint given: pass --ckpt=PATH")
+        fail("no checkpoint given: pass --ckpt=PATH")
     try:
         overrides = ast.literal_eval(model_args) if model_args else {}
     except (ValueError, SyntaxError):
         overrides = None
     if not isinstance(overrides, dict):
-        _fail(f"--model_args must be a dict literal such as \"{{'attention_assign': 'pass'}}\", got {model_args!r}")
+        fail("--model_args must be a dict literal such as \"{'mask_threshold': 0.3}\", "
+             f"got {model_args!r}")
     try:
         model, checkpoint = load_checkpoint_model(ckpt, device, overrides)
     except ValueError as e:
-        _fail(str(e))
-    saved = checkpoint.get("config") or {}
-    from data import CocoInstances, build_transforms, dataset_paths
+        fail(str(e))
 
     # val paths not given: where the training config had them (data.dataset_paths, as train.py)
-    saved_paths = dataset_paths(saved)
-    saved_img_dir, saved_ann = saved_paths["val_img_dir"], saved_paths["val_ann"]
-    val_img_dir = val_img_dir if val_img_dir is not None else saved_img_dir
+    saved = checkpoint.get("config") or {}
     if val_ann is None and saved.get("shapes_dir") and max_images is None:
         max_images = saved.get("shapes_n_val")  # as train.py: the first n of a possibly bigger set
-    val_ann = val_ann if val_ann is not None else saved_ann
-    input_size = input_size if input_size is not None else (saved.get("test_input_size") or saved.get("input_size"))
-    transform = transform if transform is not None else saved.get("transform", "centernet")
-    keep_res = bool(keep_res if keep_res is not None else saved.get("keep_res", False))
-    input_format = input_format or saved.get("input_format", "rgb_imagenet")
+    saved_paths = data.dataset_paths(saved)
+    val_img_dir = saved_paths["val_img_dir"] if val_img_dir is None else val_img_dir
+    val_ann = saved_paths["val_ann"] if val_ann is None else val_ann
     for key, value in (("val_img_dir", val_img_dir), ("val_ann", val_ann)):
         if value is None:
-            _fail(f"--{key} not given and the checkpoint's config has none")
-    # input_size None (not in the checkpoint either): build_transforms' own default
-    size_kw = {} if input_size is None else {"input_size": input_size}
-    size_kw["input_format"] = input_format
-    if keep_res:
-        size_kw["keep_res"] = True                         # data.py refuses it for fcos
+            fail(f"--{key} not given and the checkpoint's config has none")
     try:
-        dataset = CocoInstances(val_img_dir, val_ann,
-                                transforms=build_transforms(transform, train=False, **size_kw))
+        transform = checkpoint_transform(checkpoint, input_size, keep_res)
+        dataset = data.CocoInstances(val_img_dir, val_ann, transforms=transform)
     except (OSError, ValueError) as e:                     # data.py's messages name the file
-        _fail(str(e))
+        fail(str(e))
 
-    trained = checkpoint.get("label_to_cat_id")              # label k = category trained[k] (train.py saves it)
-    if trained is not None and list(trained) != list(dataset.label_to_cat_id):
-        _fail(f"{val_ann} lists other categories than {ckpt} was trained on (ids {list(dataset.label_to_cat_id)[:20]} "
-              f"against {list(trained)[:20]}): its labels would be scored as other classes")
+    # label k = category trained[k] (train.py saves it)
+    trained, ids = checkpoint.get("label_to_cat_id"), dataset.label_to_cat_id
+    if trained is not None and list(trained) != ids:
+        fail(f"{val_ann} lists other categories than {ckpt} was trained on (ids {ids[:20]} "
+             f"against {list(trained)[:20]}): its labels would be scored as other classes")
     n_eval = len(dataset) if max_images is None else min(max_images, len(dataset))
-    at = "with each image at its own size (keep_res)" if keep_res else f"at input size {dataset.transforms.input_size}"
+    at = "with each image at its own size (keep_res)" if transform.keep_res \
+        else f"at input size {transform.input_size}"
     print(f"evaluating {ckpt} on {n_eval} images of {val_ann}, "
-          f"{transform} test transform {at}, inputs {input_format}")
+          f"{transform.kind} test transform {at}, inputs {transform.input_format}")
     amp_dtype = None if dtype == "float32" or device == "cpu" else getattr(torch, dtype)
     from model import NON_FINITE_DEFORM
     try:
         stats = evaluate(model, dataset, device=device, batch_size=batch_size,
                          num_workers=num_workers, max_images=max_images,
                          results_json=results_json, amp_dtype=amp_dtype)
-    except RuntimeError as e:  # DeformConv's refusal of NaN / inf as one line; anything else passes through
+    except RuntimeError as e:
+        # DeformConv's refusal of NaN / inf as one line; anything else passes through
         if NON_FINITE_DEFORM not in str(e):
             raise
-        _fail(f"{ckpt}: {NON_FINITE_DEFORM}")
+        fail(f"{ckpt}: {NON_FINITE_DEFORM}")
     print(json.dumps(stats))

@@ -55,83 +55,73 @@ from torchvision.ops import deform_conv2d
 
 
 METHODS = ("centermask", "fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")
-MASK_METHODS = ("centermask", "maskfcos", "centermask_fcos", "fcosis")          # the ones that segment
+MASK_METHODS = ("centermask", "maskfcos", "centermask_fcos", "fcosis")          # they segment
 FCOS_FAMILY = ("fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis")      # ResNet-FPN + FCOS
 
 
 @dataclass
 class ModelConfig:
     """Architecture knobs of every method, grouped by the methods that read them (configurator.py's
-    config_groups; train.py stops a run that sets a key its method does not read). Checkpoints' `model_args`."""
-    # -- every method ------------------------------------------------------------------------------
+    config_groups; train.py stops a run that sets a key its method does not read). Checkpoints'
+    `model_args`."""
+    # -- every method ------------------------------------------------------------------------
     method: str = "centermask"        # which system build_model() makes (METHODS)
-    backbone: str = "dla34"           # CenterMask: "dla34" or "hourglass104" ([CM 3.5], Table 1b); the FCOS family:
-                                      # "resnet50", "resnet101", "resnext101_32x8d" ("resnet18"/"resnet34" CPU demos)
+    # CenterMask: "dla34" or "hourglass104" ([CM 3.5], Table 1b); the FCOS family: "resnet50",
+    # "resnet101", "resnext101_32x8d" ("resnet18" / "resnet34" for CPU demos)
+    backbone: str = "dla34"
     num_classes: int = 80             # COCO
     max_detections: int = 100         # top-K peaks ([CM 3.5]); detections after NMS ([FCOS] 4)
-    # -- every method that segments (MASK_METHODS) -------------------------------------------------
-    mask_threshold: float = None      # binarisation of mask probabilities; None: 0.4 for CenterMask(-FCOS) ([CM 3.5]),
-                                      # 0.5 for MaskFCOS (Mask R-CNN's, [IS 4]) and FCOSIS ([IS] gives none)
-    # -- CenterMask, backbone="dla34": DLA-34 + DLA-up -------------------------------------------
-    dcn: bool = True                  # DLA-up nodes: modulated deformable conv ([CN] 4) or plain 3x3
-    dla_channels: tuple = (16, 32, 64, 128, 256, 512)  # [DLA] Table 1, DLA-34; narrower only for CPU demos
-    # -- CenterMask, backbone="hourglass104" (CornerNet 3.5); smaller only for tests and CPU demos --
-    num_stacks: int = 2               # hourglass stacks, each with its own heads (CornerNet 3.5)
-    hg_dims: tuple = (256, 256, 384, 384, 384, 512)  # width per level: 5 downsamplings (CornerNet 3.5)
-    hg_modules: tuple = (2, 2, 2, 2, 2, 4)  # residual blocks per level; 4 in the middle (CornerNet 3.5)
-    # -- CenterMask: CenterNet's targets and losses ([CN] 3, [CM 3.4]) ---------------------------
-    mask_loss_grid: str = "output"    # grid of CenterMask's mask loss ([CM] eq. 2 gives none): "output" (stride R,
-                                      # ground truth average-pooled) or "input" (input pixels, binary ground truth)
-    # -- Local Shape x Global Saliency: CenterMask and CenterMask-FCOS ([CM 3]) -------------------
-    head_conv: int = 256              # hidden width of every head ([CN] 4: 256 for DLA and Hourglass)
+    # -- every method that segments (MASK_METHODS) -------------------------------------------
+    # binarisation of mask probabilities; None: 0.4 for CenterMask(-FCOS) ([CM 3.5]), 0.5 for
+    # MaskFCOS (Mask R-CNN's, [IS 4]) and FCOSIS ([IS] gives none)
+    mask_threshold: float = None
+    # -- CenterMask, backbone="dla34": DLA-34 + DLA-up ---------------------------------------
+    dcn: bool = True                  # DLA-up nodes: modulated deformable conv ([CN] 4) or 3x3
+    # [DLA] Table 1, DLA-34; narrower only for CPU demos
+    dla_channels: tuple = (16, 32, 64, 128, 256, 512)
+    # -- CenterMask, backbone="hourglass104" (CornerNet 3.5); smaller for tests and CPU demos --
+    num_stacks: int = 2               # hourglass stacks, each with its own heads
+    hg_dims: tuple = (256, 256, 384, 384, 384, 512)  # width per level: 5 downsamplings
+    hg_modules: tuple = (2, 2, 2, 2, 2, 4)  # residual blocks per level; 4 in the middle
+    # -- CenterMask: CenterNet's targets and losses ([CN] 3, [CM 3.4]) -----------------------
+    # grid of CenterMask's mask loss ([CM] eq. 2 gives none): "output" (stride R, ground truth
+    # average-pooled) or "input" (input pixels, binary ground truth)
+    mask_loss_grid: str = "output"
+    # -- Local Shape x Global Saliency: CenterMask and CenterMask-FCOS ([CM 3]) ---------------
+    head_conv: int = 256              # hidden width of every head ([CN] 4)
     shape_size: int = 32              # S: local shape is S x S ([CM 3.5], Table 1a)
-    use_shape: bool = True            # Local Shape branch ([CM 3.1]); False = saliency-only (Table 1c)
-    use_saliency: bool = True         # Global Saliency branch ([CM 3.2]); False = shape-only (Table 1d)
-    saliency: str = "agnostic"        # "agnostic" (1 channel) or "specific" (C channels), [CM 3.2], Table 1e
+    use_shape: bool = True            # Local Shape ([CM 3.1]); False: saliency only (Table 1c)
+    use_saliency: bool = True         # Global Saliency ([CM 3.2]); False: shape only (Table 1d)
+    saliency: str = "agnostic"        # or "specific" (C channels), [CM 3.2], Table 1e
     saliency_loss: bool = False       # direct BCE on class-specific saliency ([CM 4.1], Table 1f)
-    loss_weights: tuple = (1.0, 1.0, 0.1, 1.0)  # lambda_p, lambda_off, lambda_size, lambda_mask [CM 3.5]
-                                      # (CenterMask-FCOS reads lambda_mask only)
-    # -- the FCOS family (FCOS_FAMILY): ResNet-FPN and the FCOS detector ([FCOS], [IS 3.1]) -------
-    pretrained: bool = False          # ImageNet weights via torchvision (FCOS recipes: True; [CM 3.5]: from scratch)
-    norm: str = "frozen_bn"           # ResNet BN: "frozen_bn" (FCOS, ImageNet statistics) or "bn" (trainable, from scratch)
+    # lambda_p, lambda_off, lambda_size, lambda_mask [CM 3.5] (CenterMask-FCOS: lambda_mask only)
+    loss_weights: tuple = (1.0, 1.0, 0.1, 1.0)
+    # -- the FCOS family (FCOS_FAMILY): ResNet-FPN and the FCOS detector ([FCOS], [IS 3.1]) ---
+    pretrained: bool = False          # ImageNet weights (FCOS recipes; [CM 3.5]: from scratch)
+    # ResNet BN: "frozen_bn" (FCOS, ImageNet statistics) or "bn" (trainable, from scratch)
+    norm: str = "frozen_bn"
     freeze_at: int = 2                # frozen stem + res2, as FCOS; 0 = nothing frozen
     fpn_channels: int = 256           # FPN and head tower width ([FCOS] 3.2)
-    head_convs: int = 4               # convs per head tower ([FCOS] Fig. 2)
-    # The original FCOS against the improved one (the defaults, torchvision's, whose weights import): see `FCOS`
-    centerness_on: str = "reg"        # box tower ("reg", FCOS code: CENTERNESS_ON_REG) or cls tower ("cls", [FCOS] 3.3)
-    reg_form: str = "relu_stride"     # ltrb = relu(scale_l x) * stride (FCOS code: NORM_REG_TARGETS) or "exp": exp(scale_l x),
-                                      # in pixels ([FCOS] 3.2)
-    center_sampling: float = 1.5      # positives within this many strides of the box centre (FCOS code:
-                                      # CENTER_SAMPLING_RADIUS 1.5); 0: every location in the box ([FCOS] 3.1, [IS 3.1])
-    box_loss: str = "giou"            # "giou" (torchvision's GIoU loss) or "iou" (-log((I+1)/(U+1)), FCOS's, [IS 3.1])
+    # "original" ([FCOS], FCOS's code defaults: the [IS] configs), "improved" (FCOS's
+    # fcos_imprv_*, torchvision's), or "torchvision": the improved one with torchvision's two
+    # conventions, set for its weights (see `FCOS`)
+    fcos_form: str = "improved"
     score_threshold: float = 0.05     # candidate locations at inference ([FCOS] 4)
     nms_threshold: float = 0.6        # class-wise NMS IoU ([FCOS] 4)
-    score_threshold_on: str = "cls"   # what score_threshold tests: "cls" (FCOS: the class probability, before the
-                                      # centerness) or "score" (torchvision's FCOS: sqrt(cls * centerness))
-    location_offset: str = "half"     # `fcos_locations`: "half" (FCOS: j*s + s//2) or "zero" (torchvision's FCOS, set
-                                      # by train.py for its weights: j * (input size // grid size))
-    # FCOSreg's assignment ([IS 3.3]); FCOS ("fcos") keeps its own values, the methods with masks may change them
-    ambiguity: str = ""               # "area" (FCOS: smallest box) or "mask" (FCOSreg [IS 3.3]); "": the method's own
-    reg_weights: tuple = ()           # (a, b, c) of FCOSreg's w ([IS 3.3] Fig. 6); (): (1,0,0) FCOS, (1/3,1/3,1/3) FCOSreg
-    center_sampling_at: str = "box"   # sampling centre: "box" or "mass" (the mask's centre of mass, [IS 3.3] Fig. 5)
-    # -- MaskFCOS ([IS 4], "Mask Prediction Head") -------------------------------------------------
-    mask_proposals: int = 64          # FCOS detections per image used as RoIs in training (N not given in [IS])
-    # -- FCOSIS ([IS 3.2]) -----------------------------------------------------------------------
-    attention: str = "segm"           # "segm" (the paper's map), Table 3: "mu0" (mu := 0), "bbox" (bbox only), "none" (no top-down)
-    seg_classes: str = "agnostic"     # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
-    com_assignment: str = "mask"      # locations regressing the centre of mass: "mask" (every mask pixel, [IS] Fig. 3)
-                                      # or "positive" (FCOS positives inside the mask; see `FCOSIS`)
-    attention_assign: str = "image"   # who competes for a location: the objects of its image ("image", [IS 3.2.1]) or
-                                      # of its colour group ("pass", an ablation: no location is ever a distractor)
-    attention_background: str = "distractor_only"  # what -mu marks in a box, a reading of [IS 3.2.1]: a neighbour's
-                                      # locations, or "own_background": the own background too (`attention_maps`;
-                                      # read by "segm" only: "mu0", "bbox" and "none" have no -mu)
-    assign_nms_threshold: float = 0.6  # inference, "image": detections that a class-agnostic NMS at this IoU merges
-                                      # compete as one object (`duplicate_owners`); FCOS's own NMS IoU ([FCOS] 4)
-    assign_score_floor: float = 0.5   # inference, "image": only detections scoring at least this take locations from
-                                      # others (`duplicate_owners`). Not in [IS], which gives no rule: ours (METHODS.md)
-    attention_grid: str = "p2"        # grid the attention map is built on: "p2" (stride 4, the P3 outputs resampled)
-                                      # or "p3" (stride 8, the detection head's own grid); not fixed by [IS]
+    # FCOSreg's assignment ([IS 3.3]); "fcos" keeps FCOS's, the methods with masks may change them
+    # "area" (FCOS: smallest box) or "mask" (FCOSreg [IS 3.3]); "": the method's own
+    ambiguity: str = ""
+    # (a, b, c) of FCOSreg's w ([IS 3.3] Fig. 6); (): (1, 0, 0) FCOS, (1/3, 1/3, 1/3) FCOSreg
+    reg_weights: tuple = ()
+    # sampling centre: "box" or "mass" (the mask's centre of mass, [IS 3.3] Fig. 5)
+    center_sampling_at: str = "box"
+    # -- MaskFCOS ([IS 4], "Mask Prediction Head") -------------------------------------------
+    mask_proposals: int = 64          # detections per image used as RoIs in training (not in [IS])
+    # -- FCOSIS ([IS 3.2]) -------------------------------------------------------------------
+    # "segm" (the paper's map); Table 3: "mu0" (mu := 0), "bbox" (bbox only), "none" (no top-down)
+    attention: str = "segm"
+    # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
+    seg_classes: str = "agnostic"
 
     def __post_init__(self):
         # tuples survive a round trip through a checkpoint's plain dict / the configurator
@@ -139,56 +129,59 @@ class ModelConfig:
         self.hg_dims = tuple(int(d) for d in self.hg_dims)
         self.hg_modules = tuple(int(m) for m in self.hg_modules)
         self.loss_weights = tuple(float(w) for w in self.loss_weights)
-        if self.saliency not in ("agnostic", "specific"):
-            raise ValueError(f"ModelConfig.saliency must be 'agnostic' or 'specific', got {self.saliency!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"ModelConfig.method: unknown method {self.method!r} "
+                             f"(known: {', '.join(METHODS)})")
+        self.ambiguity = self.ambiguity or ("mask" if self.method == "fcosreg" else "area")
+        for key, allowed in (("saliency", ("agnostic", "specific")), ("norm", ("frozen_bn", "bn")),
+                             ("ambiguity", ("area", "mask")),
+                             ("center_sampling_at", ("box", "mass")),
+                             ("attention", ("segm", "mu0", "bbox", "none")),
+                             ("seg_classes", ("agnostic", "specific")),
+                             ("mask_loss_grid", ("output", "input")),
+                             ("fcos_form", ("original", "improved", "torchvision"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"ModelConfig.{key} must be one of {allowed}, "
+                                 f"got {getattr(self, key)!r}")
         if not (self.use_shape or self.use_saliency):
             raise ValueError("ModelConfig: use_shape and use_saliency cannot both be False "
                              "(no mask branch left)")
         if self.backbone == "hourglass104":
             if len(self.hg_dims) != len(self.hg_modules) or len(self.hg_dims) < 2:
-                raise ValueError(f"ModelConfig: hg_dims {self.hg_dims} and hg_modules {self.hg_modules} "
-                                 "need the same length (>= 2: one entry per level, the last the middle)")
+                raise ValueError(f"ModelConfig: hg_dims {self.hg_dims} and hg_modules "
+                                 f"{self.hg_modules} need the same length (>= 2: one entry per "
+                                 "level, the last the middle)")
             if self.num_stacks < 1 or min(self.hg_modules) < 1:
                 raise ValueError("ModelConfig: num_stacks and every hg_modules entry must be >= 1")
-        if self.method not in METHODS:
-            raise ValueError(f"ModelConfig.method: unknown method {self.method!r} (known: {', '.join(METHODS)})")
-        fcos_family = self.method != "centermask"
-        if fcos_family and self.backbone in ("dla34", "hourglass104"):
+        centernet_backbones = ("dla34", "hourglass104")
+        if self.method != "centermask" and self.backbone in centernet_backbones:
             raise ValueError(f"ModelConfig: method {self.method!r} runs on a ResNet-FPN backbone "
-                             f"(backbone='resnet50', 'resnet101', 'resnext101_32x8d'), not {self.backbone!r}")
-        if not fcos_family and self.backbone not in ("dla34", "hourglass104"):
-            raise ValueError(f"ModelConfig: CenterMask runs on backbone='dla34' or 'hourglass104', not {self.backbone!r} "
-                             "(on a ResNet-FPN, use method='centermask_fcos')")
-        self.ambiguity = self.ambiguity or ("mask" if self.method == "fcosreg" else "area")
+                             "(backbone='resnet50', 'resnet101', 'resnext101_32x8d'), not "
+                             f"{self.backbone!r}")
+        if self.method == "centermask" and self.backbone not in centernet_backbones:
+            raise ValueError("ModelConfig: CenterMask runs on backbone='dla34' or 'hourglass104', "
+                             f"not {self.backbone!r} (on a ResNet-FPN, use "
+                             "method='centermask_fcos')")
         if self.mask_threshold is None:
             self.mask_threshold = 0.4 if self.method in ("centermask", "centermask_fcos") else 0.5
         if not 0.0 <= self.mask_threshold <= 1.0:
-            raise ValueError(f"ModelConfig.mask_threshold must be a probability in [0, 1], got {self.mask_threshold}")
+            raise ValueError("ModelConfig.mask_threshold must be a probability in [0, 1], got "
+                             f"{self.mask_threshold}")
         self.reg_weights = tuple(float(w) for w in self.reg_weights) or \
             ((1 / 3, 1 / 3, 1 / 3) if self.method == "fcosreg" else (1.0, 0.0, 0.0))
         if len(self.reg_weights) != 3 or abs(sum(self.reg_weights) - 1) > 1e-6:
-            raise ValueError(f"ModelConfig.reg_weights must be 3 numbers (a, b, c) summing to 1 ([IS 3.3]), "
-                             f"got {self.reg_weights}")
-        for key, allowed in (("ambiguity", ("area", "mask")), ("center_sampling_at", ("box", "mass")),
-                             ("box_loss", ("giou", "iou")), ("norm", ("frozen_bn", "bn")),
-                             ("attention", ("segm", "mu0", "bbox", "none")), ("seg_classes", ("agnostic", "specific")),
-                             ("attention_grid", ("p2", "p3")), ("attention_assign", ("pass", "image")),
-                             ("com_assignment", ("mask", "positive")), ("mask_loss_grid", ("output", "input")),
-                             ("score_threshold_on", ("cls", "score")), ("location_offset", ("half", "zero")),
-                             ("centerness_on", ("reg", "cls")), ("reg_form", ("relu_stride", "exp")),
-                             ("attention_background", ("distractor_only", "own_background"))):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"ModelConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+            raise ValueError("ModelConfig.reg_weights must be 3 numbers (a, b, c) summing to 1 "
+                             f"([IS 3.3]), got {self.reg_weights}")
         if self.method == "fcos" and (self.ambiguity == "mask" or self.center_sampling_at == "mass"
                                       or self.reg_weights != (1.0, 0.0, 0.0)):
-            raise ValueError("ModelConfig: ambiguity='mask', center_sampling_at='mass' and reg_weights need the "
-                             "masks: use method='fcosreg' ([IS 3.3])")
+            raise ValueError("ModelConfig: ambiguity='mask', center_sampling_at='mass' and "
+                             "reg_weights need the masks: use method='fcosreg' ([IS 3.3])")
         if self.mask_loss_grid != "output" and self.method != "centermask":
-            raise ValueError(f"ModelConfig.mask_loss_grid={self.mask_loss_grid!r} is CenterMask's (method='centermask'); "
-                             f"{self.method!r} has its own mask loss")
+            raise ValueError(f"ModelConfig.mask_loss_grid={self.mask_loss_grid!r} is CenterMask's "
+                             f"(method='centermask'); {self.method!r} has its own mask loss")
         if self.saliency_loss and self.method not in ("centermask", "centermask_fcos"):
-            raise ValueError("ModelConfig.saliency_loss (Table 1f) is CenterMask's (method='centermask' or "
-                             "'centermask_fcos')")
+            raise ValueError("ModelConfig.saliency_loss (Table 1f) is CenterMask's "
+                             "(method='centermask' or 'centermask_fcos')")
         if self.saliency_loss and self.saliency != "specific":
             raise ValueError("ModelConfig.saliency_loss=True needs saliency='specific' "
                              "(the direct supervision of [CM] Table 1f is per class)")
@@ -235,7 +228,8 @@ class Method(nn.Module):
 # objects, in the same order in every forward. DDP needs it (every process makes the same collective calls), and
 # so does gradient accumulation (train.py hands a micro-batch's j-th call the whole batch's j-th count).
 
-normalizer_hook = None  # train.py's record_normalizers / replaying while they run; None otherwise
+# train.py's record_normalizers / replaying while they run; None otherwise
+normalizer_hook = None
 
 
 def mean_over_processes(x):
@@ -261,7 +255,8 @@ def reduce_mean(x):
 #                                masks (the same pixels with and without the local shape; flips stay exact)
 #   "open"       x0 <  x <  x1   FCOS's locations (`fcos_targets`): an edge location would regress a zero side
 #   "half-open"  x0 <= x <  x1   FCOSIS's attention map and padded crop ([IS 3.2.2]'s slice S[y0:y1, x0:x1])
-INSIDE_RULES = {"closed": (torch.ge, torch.le), "open": (torch.gt, torch.lt), "half-open": (torch.ge, torch.lt)}
+INSIDE_RULES = {"closed": (torch.ge, torch.le), "open": (torch.gt, torch.lt),
+                "half-open": (torch.ge, torch.lt)}
 
 
 def between(v, lo, hi, rule):
@@ -287,16 +282,20 @@ def inside(points, boxes, rule):
 def image_index(counts, device=None):
     """The flat layout's `batch`: counts (Python ints, objects per image) -> (M,) int64, the image of each object;
     (2, 0, 1) -> [0, 0, 2]. torch.repeat_interleave(arange(B), counts) without reading back from the device."""
-    return torch.cat([torch.full((n,), b, dtype=torch.long, device=device) for b, n in enumerate(counts)])
+    return torch.cat([torch.full((n,), b, dtype=torch.long, device=device)
+                      for b, n in enumerate(counts)])
 
 
 def flatten_targets(targets, stride):
     """Every object of B >= 1 target dicts as flat tensors, M objects -> dict: batch (M,) image index; labels (M,);
     boxes (M, 4) xyxy, output frame (input / stride); center (M, 2) box centre, output frame; center_int (M, 2)
     floor(center); wh (M, 2) box width, height in output pixels."""
-    boxes = torch.cat([target["boxes"].reshape(-1, 4).float() for target in targets]) / stride  # (M, 4)
-    labels = torch.cat([target["labels"].reshape(-1).long() for target in targets])             # (M,)
-    batch = image_index([len(target["labels"]) for target in targets], boxes.device)            # (M,)
+    # (M, 4)
+    boxes = torch.cat([target["boxes"].reshape(-1, 4).float() for target in targets]) / stride
+    # (M,)
+    labels = torch.cat([target["labels"].reshape(-1).long() for target in targets])
+    # (M,)
+    batch = image_index([len(target["labels"]) for target in targets], boxes.device)
     center = (boxes[:, :2] + boxes[:, 2:]) / 2
     return dict(batch=batch, labels=labels, boxes=boxes, center=center,
                 center_int=center.floor().long(), wh=boxes[:, 2:] - boxes[:, :2])
@@ -304,8 +303,9 @@ def flatten_targets(targets, stride):
 
 def batch_masks(targets, H, W, device):
     """The ground-truth masks in the flat layout, zero-padded bottom/right to the batch: (M, H, W) on `device`."""
-    return torch.cat([F.pad(target["masks"], (0, W - target["masks"].shape[-1], 0, H - target["masks"].shape[-2]))
-                      for target in targets]).to(device)
+    padded = [F.pad(t["masks"], (0, W - t["masks"].shape[-1], 0, H - t["masks"].shape[-2]))
+              for t in targets]
+    return torch.cat(padded).to(device)
 
 
 def first_box_index(targets, device):
@@ -363,6 +363,18 @@ def center_of_mass(masks, boxes=None):
 BN_MOMENTUM = 0.1  # CenterNet's DLA uses PyTorch's default BatchNorm momentum
 
 
+def conv_bn(cin, cout, k=1, stride=1):
+    """k x k conv (no bias, padding k // 2) + BN, as nn.Sequential (indices 0, 1): the 1x1
+    projections of the residuals."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
+                         nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
+
+
+def conv_bn_relu(cin, cout, k, stride=1):
+    """k x k conv (no bias) + BN + ReLU: CenterNet's `convolution` (and DLA-34's first levels)."""
+    return nn.Sequential(*conv_bn(cin, cout, k, stride), nn.ReLU(inplace=True))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual, as ResNet-18/34. (B, Cin, H, W) -> (B, Cout, H/s, W/s)."""
 
@@ -412,14 +424,13 @@ class Tree(nn.Module):
         self.downsample = nn.MaxPool2d(stride, stride) if stride > 1 else None
         # the first block's residual when the width changes; not for deeper Trees, whose first child makes its
         # own (CenterNet builds that one unused; leaving it out spares DDP find_unused_parameters)
-        self.project = (nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
-                                      nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
-                        if cin != cout and levels == 1 else None)
+        self.project = conv_bn(cin, cout) if cin != cout and levels == 1 else None
 
     def forward(self, x, residual=None, children=None):
         children = [] if children is None else children
         bottom = self.downsample(x) if self.downsample is not None else x
-        residual = self.project(bottom) if self.project is not None else bottom  # unused if levels > 1
+        # unused if levels > 1
+        residual = self.project(bottom) if self.project is not None else bottom
         if self.level_root:
             children.append(bottom)
         x1 = self.tree1(x, residual)
@@ -434,26 +445,19 @@ class DLA34(nn.Module):
     """DLA-34 base ([DLA] Table 1): levels (1, 1, 1, 2, 2, 1), BasicBlock.
     (B, 3, H, W) -> list of 6 maps at strides 1, 2, 4, 8, 16, 32 with `channels` widths."""
 
-    def __init__(self, channels=(16, 32, 64, 128, 256, 512), levels=(1, 1, 1, 2, 2, 1)):
+    def __init__(self, channels=(16, 32, 64, 128, 256, 512)):
         super().__init__()
         c = channels
-        self.base_layer = nn.Sequential(nn.Conv2d(3, c[0], 7, 1, 3, bias=False),
-                                        nn.BatchNorm2d(c[0], momentum=BN_MOMENTUM), nn.ReLU(inplace=True))
-        self.level0 = self._conv_level(c[0], c[0], levels[0], stride=1)
-        self.level1 = self._conv_level(c[0], c[1], levels[1], stride=2)
-        self.level2 = Tree(levels[2], c[1], c[2], 2, level_root=False)
-        self.level3 = Tree(levels[3], c[2], c[3], 2, level_root=True)
-        self.level4 = Tree(levels[4], c[3], c[4], 2, level_root=True)
-        self.level5 = Tree(levels[5], c[4], c[5], 2, level_root=True)
+        self.base_layer = conv_bn_relu(3, c[0], 7)
+        # levels 0 and 1: one 3x3 conv each (CenterNet's `_make_conv_level` with 1 conv)
+        self.level0 = conv_bn_relu(c[0], c[0], 3)
+        self.level1 = conv_bn_relu(c[0], c[1], 3, stride=2)
+        # levels 2-5: Trees of depth 1, 2, 2, 1
+        self.level2 = Tree(1, c[1], c[2], 2, level_root=False)
+        self.level3 = Tree(2, c[2], c[3], 2, level_root=True)
+        self.level4 = Tree(2, c[3], c[4], 2, level_root=True)
+        self.level5 = Tree(1, c[4], c[5], 2, level_root=True)
         self.channels = c
-
-    @staticmethod
-    def _conv_level(cin, cout, n, stride):
-        layers = []
-        for i in range(n):
-            layers += [nn.Conv2d(cin if i == 0 else cout, cout, 3, stride if i == 0 else 1, 1, bias=False),
-                       nn.BatchNorm2d(cout, momentum=BN_MOMENTUM), nn.ReLU(inplace=True)]
-        return nn.Sequential(*layers)
 
     def forward(self, x):
         x = self.base_layer(x)                                # (B, 16, H, W)
@@ -464,10 +468,12 @@ class DLA34(nn.Module):
         return levels
 
 
-# NaN or inf offsets send deform_conv2d's sampling outside its input (on the CPU a segfault): DeformConv asserts first
-NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolution of DLA-34 (model.DeformConv): "
-                     "the weights or the activations hold NaN or inf (a corrupt checkpoint, a BatchNorm running_var "
-                     "below 0, a diverged run); stopped before torchvision's deform_conv2d reads outside its input")
+# NaN or inf offsets send deform_conv2d's sampling outside its input (on the CPU a segfault):
+# DeformConv asserts first
+NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolution of DLA-34 "
+                     "(model.DeformConv): the weights or the activations hold NaN or inf (a "
+                     "corrupt checkpoint, a BatchNorm running_var below 0, a diverged run); "
+                     "stopped before torchvision's deform_conv2d reads outside its input")
 
 
 # Where the check runs. On the CPU, torch._assert_async raises at once (RuntimeError(NON_FINITE_DEFORM), which the
@@ -476,13 +482,15 @@ NON_FINITE_DEFORM = ("non-finite values (NaN or inf) reach a deformable convolut
 # kernel then reads inside its input) and counts it in `non_finite_deform`, read on the host by
 # `non_finite_deform_count` (train.py, at every log line, evaluation and checkpoint) and `check_deform_finite`.
 HOST_ASSERT_DEVICES = ("cpu",)
-non_finite_deform = {}  # device -> 0-d int64 tensor: the DeformConv forwards that met NaN / inf there
+# device -> 0-d int64 tensor: the DeformConv forwards that met NaN / inf there
+non_finite_deform = {}
 
 
 def non_finite_deform_count(device):
     """How many DeformConv forwards off HOST_ASSERT_DEVICES met NaN / inf offsets: a 0-d int64 tensor on `device`
     (not read here: the caller's host sync reads it)."""
-    return sum((n.to(device) for n in non_finite_deform.values()), torch.zeros((), dtype=torch.long, device=device))
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    return sum((n.to(device) for n in non_finite_deform.values()), zero)
 
 
 def check_deform_finite():
@@ -516,7 +524,8 @@ class DeformConv(nn.Module):
             if om.device.type in HOST_ASSERT_DEVICES:
                 torch._assert_async(finite, NON_FINITE_DEFORM)
             else:
-                count = non_finite_deform.setdefault(om.device, torch.zeros((), dtype=torch.long, device=om.device))
+                zero = torch.zeros((), dtype=torch.long, device=om.device)
+                count = non_finite_deform.setdefault(om.device, zero)
                 count += ~finite
                 om = torch.where(finite, om, torch.zeros_like(om))
             offset, mask = om[:, :18], om[:, 18:].sigmoid()   # (B, 18, H, W), (B, 9, H, W)
@@ -550,7 +559,8 @@ class IDAUp(nn.Module):
             f = int(f)
             self.proj.append(DeformConv(c, cout, dcn))
             # depthwise transposed conv, kernel 2f, stride f: a trainable bilinear x f upsampling
-            up = nn.ConvTranspose2d(cout, cout, f * 2, stride=f, padding=f // 2, groups=cout, bias=False)
+            up = nn.ConvTranspose2d(cout, cout, f * 2, stride=f, padding=f // 2, groups=cout,
+                                    bias=False)
             bilinear_upsample_init(up)
             self.up.append(up)
             self.node.append(DeformConv(cout, cout, dcn))
@@ -573,7 +583,8 @@ class DLAUp(nn.Module):
         self.ida = nn.ModuleList()
         for i in range(len(channels) - 1):
             j = len(channels) - i - 2                          # 2, 1, 0: the level merged into
-            self.ida.append(IDAUp(channels[j], in_channels[j:], [s // scales[j] for s in scales[j:]], dcn))
+            up_factors = [s // scales[j] for s in scales[j:]]
+            self.ida.append(IDAUp(channels[j], in_channels[j:], up_factors, dcn))
             scales[j + 1:] = [scales[j]] * (len(scales) - j - 1)
             in_channels[j + 1:] = [channels[j]] * (len(in_channels) - j - 1)
 
@@ -593,7 +604,8 @@ class DLASeg(nn.Module):
     def __init__(self, channels=(16, 32, 64, 128, 256, 512), dcn=True):
         super().__init__()
         self.base = DLA34(channels)
-        first, last = 2, 5                                     # stride 4 = 2**2 ... stride 32 = 2**5
+        # stride 4 = 2**2 ... stride 32 = 2**5
+        first, last = 2, 5
         c = list(channels[first:])                             # (64, 128, 256, 512)
         self.dla_up = DLAUp(c, [2 ** i for i in range(len(c))], dcn)
         self.ida_up = IDAUp(c[0], c[:last - first], [2 ** i for i in range(last - first)], dcn)
@@ -625,9 +637,7 @@ class Residual(BasicBlock):
 
     def __init__(self, cin, cout, stride=1):
         super().__init__(cin, cout, stride)
-        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                   nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
-                     if stride != 1 or cin != cout else nn.Identity())
+        self.skip = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
 
     def forward(self, x):
         return super().forward(x, residual=self.skip(x))
@@ -657,7 +667,8 @@ class HourglassModule(nn.Module):
         super().__init__()
         cur, nxt = dims[0], dims[1]
         self.up1 = residuals(cur, cur, modules[0])
-        self.low1 = residuals(cur, nxt, modules[0], stride=2)  # strided conv, no max-pool (CornerNet 3.5)
+        # strided conv, no max-pool (CornerNet 3.5)
+        self.low1 = residuals(cur, nxt, modules[0], stride=2)
         self.low2 = (HourglassModule(dims[1:], modules[1:]) if len(dims) > 2
                      else residuals(nxt, nxt, modules[1]))
         self.low3 = residuals_reversed(nxt, cur, modules[0])
@@ -666,12 +677,6 @@ class HourglassModule(nn.Module):
         up1 = self.up1(x)                                      # (B, cur, H, W)
         low = self.low3(self.low2(self.low1(x)))               # (B, cur, H/2, W/2)
         return up1 + F.interpolate(low, scale_factor=2, mode="nearest")  # merge by addition
-
-
-def conv_bn_relu(cin, cout, k, stride=1):
-    """k x k conv (no bias) + BN + ReLU: CenterNet's `convolution`."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
-                         nn.BatchNorm2d(cout, momentum=BN_MOMENTUM), nn.ReLU(inplace=True))
 
 
 class Hourglass104(nn.Module):
@@ -684,20 +689,18 @@ class Hourglass104(nn.Module):
     multiples of `size_divisibility` = 4 * 2**5 = 128. CenterNet's `cnv_dim` (256) and stem width (128) are
     tied to dims[0] and dims[0] / 2 here (equal at full width)."""
 
-    def __init__(self, dims=(256, 256, 384, 384, 384, 512), modules=(2, 2, 2, 2, 2, 4), num_stacks=2):
+    def __init__(self, dims=(256, 256, 384, 384, 384, 512), modules=(2, 2, 2, 2, 2, 4),
+                 num_stacks=2):
         super().__init__()
         c = dims[0]
         self.pre = nn.Sequential(conv_bn_relu(3, c // 2, 7, stride=2),   # (B, 128, H/2, W/2)
                                  Residual(c // 2, c, stride=2))         # (B, 256, H/4, W/4)
         self.hourglasses = nn.ModuleList(HourglassModule(dims, modules) for _ in range(num_stacks))
-        self.convs = nn.ModuleList(conv_bn_relu(c, c, 3) for _ in range(num_stacks))  # CenterNet `cnvs`
+        # CenterNet's `cnvs`
+        self.convs = nn.ModuleList(conv_bn_relu(c, c, 3) for _ in range(num_stacks))
         # between stacks ("inters" above; CenterNet's `inters_`, `cnvs_`, `inters`)
-        self.skip_input = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1, bias=False),
-                                                      nn.BatchNorm2d(c, momentum=BN_MOMENTUM))
-                                        for _ in range(num_stacks - 1))
-        self.skip_features = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1, bias=False),
-                                                         nn.BatchNorm2d(c, momentum=BN_MOMENTUM))
-                                           for _ in range(num_stacks - 1))
+        self.skip_input = nn.ModuleList(conv_bn(c, c) for _ in range(num_stacks - 1))
+        self.skip_features = nn.ModuleList(conv_bn(c, c) for _ in range(num_stacks - 1))
         self.inter = nn.ModuleList(Residual(c, c) for _ in range(num_stacks - 1))
         self.out_channels = c
         self.stride = 4
@@ -707,7 +710,8 @@ class Hourglass104(nn.Module):
         d = self.size_divisibility
         if x.shape[-2] % d or x.shape[-1] % d:
             raise ValueError(f"Hourglass104: input {tuple(x.shape[-2:])} is not a multiple of {d} "
-                             f"(pad the batch to a multiple of size_divisibility, as data.collate_fn does)")
+                             "(pad the batch to a multiple of size_divisibility, as "
+                             "data.collate_fn does)")
         inter = self.pre(x)                                    # (B, 256, H/4, W/4)
         features = []
         for i, (hourglass, conv) in enumerate(zip(self.hourglasses, self.convs)):
@@ -769,7 +773,8 @@ def draw_gaussian(heatmap, center, radius):
     return heatmap
 
 
-def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=0.7, cornernet_bug=True):
+def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=0.7,
+                       cornernet_bug=True):
     """Ground-truth heatmaps of a batch ([CN] 3) from `flatten_targets`' objs: (B, C, H/R, W/R), per class the max of
     every object's Gaussian (`draw_gaussian`, radius max(0, int(gaussian_radius(ceil h, ceil w))))."""
     B = num_images
@@ -826,7 +831,8 @@ def l1_at_centers(pred_map, objs, target):
     as CenterNet's `RegL1Loss` ([CM] writes 1/N; the published lambda_size = 0.1 was tuned with 2N).
     pred_map (B, 2, h, w); target (M, 2). No objects -> 0, in the graph."""
     pred = gather_at(pred_map, objs["batch"], objs["center_int"]).float()   # (M, 2)
-    n = reduce_mean(torch.full((), float(target.numel()), device=pred_map.device))  # every rank joins
+    # every rank joins
+    n = reduce_mean(torch.full((), float(target.numel()), device=pred_map.device))
     if len(target) == 0:
         return pred_map.sum() * 0
     return (pred - target).abs().sum() / (n + 1e-4)
@@ -834,8 +840,20 @@ def l1_at_centers(pred_map, objs, target):
 
 # -----------------------------------------------------------------------------
 # 7. CenterMask ([CM] 3)
+# Eq. 1 in plain sight: the Local Shape head's map holds an S^2 vector at every cell; the vector at
+# an object's centre, reshaped to S x S, is resized to the object's box (`resize_to_boxes`, torch's
+# grid_sample) and multiplied by the Global Saliency map cropped to the box (`assemble_masks`).
+# The fast paths stand beside it, behind one switch, `CenterMask.fast` (True by default; tests check
+# that both give the same numbers): the S^2-channel head evaluated only at the cells read
+# (`CenterMaskHeads.shape_at`, `conv3x3_at`), the resize as two matrix products
+# (`stretch_to_boxes`) and, at inference, the product in place (`assemble_masks_fast`).
+# Measured on the shapes quick-start model (AMD EPYC, fp32, one thread, batch 4 at 128 px, commit
+# 0f9c987), the plain forms take 1.2x the train step (all of it the head's) and 2.0x the inference
+# (the in-place product with the matrix resize; the head alone buys nothing there); on
+# CenterMask-FCOS's shapes config (256 px) 1.2x and 2.1x.
 
-SALIENCY_LOSS_WEIGHT = 1.0  # the weight of [CM] Table 1f's direct saliency loss: [CM 4.1] gives none (ours)
+# the weight of [CM] Table 1f's direct saliency loss: [CM 4.1] gives none (ours)
+SALIENCY_LOSS_WEIGHT = 1.0
 
 
 def conv_relu_conv(cin, cout, hidden, bias_fill=0.0):
@@ -846,16 +864,51 @@ def conv_relu_conv(cin, cout, hidden, bias_fill=0.0):
     return nn.Sequential(nn.Conv2d(cin, hidden, 3, padding=1), nn.ReLU(inplace=True), last)
 
 
+def pixel_centers(n, pixel, device):
+    """(n,) float32: the centres (j + 0.5) * pixel of a grid's pixels along one axis, in the
+    boxes' frame."""
+    return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) * pixel
+
+
+def boxes_inside(boxes, out_h, out_w, pixel=1.0):
+    """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4),
+    "closed" (`inside`, section 2): [CM] eq. 1's crop to the box."""
+    b = boxes.float()
+    ys, xs = pixel_centers(out_h, pixel, b.device), pixel_centers(out_w, pixel, b.device)
+    in_y = between(ys[None], b[:, 1:2], b[:, 3:4], "closed")                     # (M, H)
+    in_x = between(xs[None], b[:, 0:1], b[:, 2:3], "closed")                     # (M, W)
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
+def resize_to_boxes(small, boxes, out_h, out_w, pixel=1.0):
+    """[CM 3.1]'s resize of a local shape: M maps (M, s, s) stretched over their boxes (M, 4) xyxy,
+    read at the pixel centres (j + 0.5) * pixel of an (out_h, out_w) grid -> (M, out_h, out_w)
+    fp32. torch's bilinear grid_sample, border-clamped, align_corners=False: a box's edges are the
+    map's outer edges."""
+    b = boxes.float()
+    ys, xs = pixel_centers(out_h, pixel, b.device), pixel_centers(out_w, pixel, b.device)
+    # every pixel centre in its box's frame: -1 at its left / top edge, 1 at its right / bottom
+    gx = (xs[None] - b[:, 0:1]) / (b[:, 2:3] - b[:, 0:1]) * 2 - 1                # (M, W)
+    gy = (ys[None] - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]) * 2 - 1                # (M, H)
+    size = (len(b), out_h, out_w)
+    grid = torch.stack([gx[:, None, :].expand(size), gy[:, :, None].expand(size)], -1)
+    with torch.autocast(small.device.type, enabled=False):
+        resized = F.grid_sample(small[:, None].float(), grid, "bilinear", "border",
+                                align_corners=False)                             # (M, 1, H, W)
+    return resized[:, 0]
+
+
 def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
-    """1-D bilinear resampling as a matrix: n_in cells stretched over [lo, hi] (M intervals), read at the n_out
-    pixel centres (j + 0.5) * pixel; cell i's centre at lo + (i + 0.5) (hi - lo) / n_in (align_corners=False),
-    clamped at the border: grid_sample's bilinear, border mode. lo, hi (M,) -> weights (M, n_out, n_in) and
-    in_box (M, n_out): lo <= pixel centre <= hi ("closed")."""
-    pos = (torch.arange(n_out, device=lo.device, dtype=torch.float32) + 0.5) * pixel          # (n_out,)
-    lo, hi = lo.float()[:, None], hi.float()[:, None]                                        # (M, 1)
-    u = ((pos[None] - lo) / (hi - lo) * n_in - 0.5).clamp(0, n_in - 1)                       # (M, n_out) source coord
+    """`resize_to_boxes` along one axis, as a matrix: n_in cells stretched over [lo, hi] (M
+    intervals), read at the n_out pixel centres; cell i's centre at lo + (i + 0.5) (hi - lo) / n_in,
+    clamped at the border. lo, hi (M,) -> weights (M, n_out, n_in) and in_box (M, n_out):
+    lo <= pixel centre <= hi ("closed")."""
+    pos = pixel_centers(n_out, pixel, lo.device)                                 # (n_out,)
+    lo, hi = lo.float()[:, None], hi.float()[:, None]                            # (M, 1)
+    # (M, n_out) source coordinate in cells
+    u = ((pos[None] - lo) / (hi - lo) * n_in - 0.5).clamp(0, n_in - 1)
     i0 = u.floor().long().clamp(max=max(n_in - 2, 0))
-    w1 = (u - i0).clamp(max=1.0)                                                             # (M, n_out)
+    w1 = (u - i0).clamp(max=1.0)                                                 # (M, n_out)
     weights = torch.zeros(len(lo), n_out, n_in, device=lo.device)
     weights.scatter_(2, i0[..., None], (1 - w1)[..., None])
     weights.scatter_add_(2, (i0 + 1).clamp(max=n_in - 1)[..., None], w1[..., None])
@@ -863,32 +916,20 @@ def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
 
 
 def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
-    """Stretch M small maps (M, s, s) over their boxes (M, 4) xyxy on an (out_h, out_w) grid whose pixel j has
-    centre (j + 0.5) * pixel in the boxes' frame: bilinear, border-clamped ([CM 3.1]'s resize of a local shape;
-    MaskFCOS's paste). Plain form: F.grid_sample(small[:, None], grid, "bilinear", padding_mode="border",
-    align_corners=False), each pixel centre mapped into its box's [-1, 1] (tests/test_model.py); here two
-    batched matrix products (M, out_h, s) @ (M, s, s) @ (M, s, out_w) (`stretch_weights`). Returns values
-    (M, out_h, out_w) and in_box, the pixel centres in the box ("closed"): bool (M, out_h, out_w), or with
-    separable=True its float factors in_y (M, out_h, 1), in_x (M, 1, out_w)."""
-    wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)       # (M, H, s)
-    wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)       # (M, W, s)
-    # fp32 even under autocast: every later step works on it (RESULTS.md, "Numbers behind model.py's choices")
+    """Fast `resize_to_boxes` (the same numbers up to float rounding; also MaskFCOS's paste): two
+    batched matrix products (M, out_h, s) @ (M, s, s) @ (M, s, out_w) (`stretch_weights`) instead
+    of a grid_sample over a full sampling grid. Returns values (M, out_h, out_w) and in_box, the
+    pixel centres in the box ("closed"): bool (M, out_h, out_w), or with separable=True its float
+    factors in_y (M, out_h, 1), in_x (M, 1, out_w)."""
+    wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)  # (M, H, s)
+    wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)  # (M, W, s)
+    # fp32 even under autocast: every later step works on it (RESULTS.md, "Numbers behind
+    # model.py's choices")
     with torch.autocast(small.device.type, enabled=False):
-        values = wy @ small.float() @ wx.transpose(1, 2)                                     # (M, H, W)
+        values = wy @ small.float() @ wx.transpose(1, 2)                         # (M, H, W)
     if separable:
         return values, (in_y[:, :, None].float(), in_x[:, None, :].float())
     return values, in_y[:, :, None] & in_x[:, None, :]
-
-
-def boxes_inside(boxes, out_h, out_w, pixel=1.0):
-    """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4), "closed" (`inside`,
-    section 2) as `stretch_weights`' in_box."""
-    ys = (torch.arange(out_h, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
-    xs = (torch.arange(out_w, device=boxes.device, dtype=torch.float32) + 0.5) * pixel
-    b = boxes.float()
-    in_y = between(ys[None], b[:, 1:2], b[:, 3:4], "closed")                                  # (M, H)
-    in_x = between(xs[None], b[:, 0:1], b[:, 2:3], "closed")                                  # (M, W)
-    return in_y[:, :, None] & in_x[:, None, :]
 
 
 def min_size_boxes(center, wh, min_size=1.0):
@@ -899,29 +940,34 @@ def min_size_boxes(center, wh, min_size=1.0):
 
 
 def saliency_targets(pooled, batch, sal_channel, num_images, num_channels):
-    """The target of [CM] Table 1f's saliency loss, the per-channel union of the masks on the output grid: pooled
-    (M, h, w) each mask average-pooled (before the union); batch (M,); sal_channel (M,) (the label, or 0) ->
-    (B, n, h, w), B = num_images, n = num_channels, the max over each image's objects of a channel, else 0."""
+    """The target of [CM] Table 1f's saliency loss, the per-channel union of the masks on the
+    output grid: pooled (M, h, w) each mask average-pooled (before the union); batch (M,);
+    sal_channel (M,) (the label, or 0) -> (B, n, h, w), B = num_images, n = num_channels, the max
+    over each image's objects of a channel, else 0."""
     M, h, w = pooled.shape
     out = torch.zeros(num_images * num_channels, h * w, device=pooled.device, dtype=pooled.dtype)
     row = (batch * num_channels + sal_channel)[:, None].expand(M, h * w)          # (M, h*w) its map
-    return out.scatter_reduce_(0, row, pooled.reshape(M, -1), "amax").view(num_images, num_channels, h, w)
+    out.scatter_reduce_(0, row, pooled.reshape(M, -1), "amax")
+    return out.view(num_images, num_channels, h, w)
 
 
 def topk_peaks(heat, k):
-    """CenterNet's peaks ([CM 3.4-3.5]): the 3x3 max-pool local maxima of the sigmoid heatmap (B, C, h, w), top-k
-    over all classes and positions (no NMS) -> scores, labels, ys, xs, each (B, K), K = min(k, C*h*w), best first."""
+    """CenterNet's peaks ([CM 3.4-3.5]): the 3x3 max-pool local maxima of the sigmoid heatmap
+    (B, C, h, w), top-k over all classes and positions (no NMS) -> scores, labels, ys, xs, each
+    (B, K), K = min(k, C*h*w), best first."""
     B, C, h, w = heat.shape
     peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat)                # keep local maxima
-    scores, idx = peaks.reshape(B, -1).topk(min(k, C * h * w))           # (B, K); reshape: a channels_last map too
+    # reshape, not view: a channels_last map too
+    scores, idx = peaks.reshape(B, -1).topk(min(k, C * h * w))           # (B, K)
     labels = idx // (h * w)
     ys, xs = (idx % (h * w)) // w, idx % w                               # (B, K)
     return scores, labels, ys, xs
 
 
 def mask_log_terms(L=None, G=None):
-    """log M and log(1 - M) of M = sigmoid(L) * sigmoid(G) ([CM] eq. 1), for a stable BCE; L (local shape) or
-    G (saliency) may be None (Table 1c/1d). One branch: logsigmoid(-x); both: log1p(-exp(log M)), clamped."""
+    """log M and log(1 - M) of M = sigmoid(L) * sigmoid(G) ([CM] eq. 1), for a stable BCE; L (local
+    shape) or G (saliency) may be None (Table 1c/1d). One branch: logsigmoid(-x); both:
+    log1p(-exp(log M)), clamped."""
     log_m = sum(F.logsigmoid(x) for x in (L, G) if x is not None)
     if G is None:
         return log_m, F.logsigmoid(-L)
@@ -930,30 +976,59 @@ def mask_log_terms(L=None, G=None):
     return log_m, torch.log1p(-log_m.exp().clamp(max=1 - 1e-6))
 
 
-def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False):
-    """Local Shape x Global Saliency ([CM 3.3] eq. 1) of M objects on a pixel grid (CenterMask, CenterMask-FCOS):
-        M = sigmoid(L) * sigmoid(G) * in_box,  L = the S x S shape stretched over the box (`stretch_to_boxes`,
-            [CM 3.1]), G = saliency[batch, sal_channel] resampled bilinearly onto the grid ([CM 3.2])
-    local (M, S, S) logits or None (saliency only, Table 1c); saliency (B, n, h, w) logits (cell j centred at
-    j + 0.5, output units) or None (shape only, Table 1d); batch, sal_channel (M,) (0 or the class); boxes (M, 4)
-    xyxy, output units; grid_hw (gh, gw), grid pixel j centred at (j + 0.5) * pixel output units (pixel 1: the
-    output grid; 1/R: the input resolution). Returns (M, gh, gw) probabilities, or with log_space=True (log M,
-    log(1 - M), in_box (M, gh, gw) bool, "closed") for the loss. Inference computes the same in place."""
-    M = len(batch)
+def saliency_on_grid(saliency, grid_hw):
+    """Saliency logits (B, n, h, w) (cell j centred at j + 0.5, output units) resampled onto the
+    grid_hw grid: bilinear, align_corners=False is exact for cell centres. None stays None."""
     gh, gw = grid_hw
-    if M == 0:
+    if saliency is None or saliency.shape[-2:] == (gh, gw):
+        return saliency
+    return F.interpolate(saliency.float(), (gh, gw), mode="bilinear", align_corners=False)
+
+
+def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, log_space=False):
+    """Local Shape x Global Saliency ([CM 3.3] eq. 1) of M objects on a pixel grid (CenterMask,
+    CenterMask-FCOS):
+        M = sigmoid(L) * sigmoid(G) * in_box,  L = the S x S shape resized to the box
+            (`resize_to_boxes`, [CM 3.1]), G = saliency[batch, sal_channel] resampled bilinearly
+            onto the grid ([CM 3.2]), in_box the crop to the box (`boxes_inside`)
+    local (M, S, S) logits or None (saliency only, Table 1c); saliency (B, n, h, w) logits (cell j
+    centred at j + 0.5, output units) or None (shape only, Table 1d); batch, sal_channel (M,) (0 or
+    the class); boxes (M, 4) xyxy, output units; grid_hw (gh, gw), grid pixel j centred at
+    (j + 0.5) * pixel output units (pixel 1: the output grid; 1/R: the input resolution). Returns
+    (M, gh, gw) probabilities, or with log_space=True (log M, log(1 - M), in_box (M, gh, gw) bool,
+    "closed") for the loss. `assemble_masks_fast` gives the same numbers faster."""
+    gh, gw = grid_hw
+    if len(batch) == 0:
         empty = torch.zeros(0, gh, gw, device=boxes.device)
         return (empty, empty, empty.bool()) if log_space else empty
-    if saliency is not None and saliency.shape[-2:] != (gh, gw):
-        # saliency cell j is the point j + 0.5: bilinear, align_corners=False is exact
-        saliency = F.interpolate(saliency.float(), size=(gh, gw), mode="bilinear", align_corners=False)
-    if log_space:  # eq. 1 as written, in log space for the loss (`mask_log_terms`)
+    in_box = boxes_inside(boxes, gh, gw, pixel)                                  # (M, gh, gw)
+    L = resize_to_boxes(local, boxes, gh, gw, pixel) if local is not None else None
+    saliency = saliency_on_grid(saliency, grid_hw)                               # (B, n, gh, gw)
+    G = saliency[batch, sal_channel].float() if saliency is not None else None  # (M, gh, gw)
+    if log_space:  # eq. 1 in log space for the loss (`mask_log_terms`)
+        return (*mask_log_terms(L, G), in_box)
+    masks = in_box.float()
+    for logits in (L, G):
+        if logits is not None:
+            masks = masks * logits.sigmoid()
+    return masks
+
+
+def assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel,
+                        log_space=False):
+    """`assemble_masks`, fast: the resize by `stretch_to_boxes`; at inference the product in place
+    (no (M, gh, gw) temporaries), the saliency's sigmoid once per map, the crop one axis at a
+    time."""
+    gh, gw = grid_hw
+    if len(batch) == 0:
+        empty = torch.zeros(0, gh, gw, device=boxes.device)
+        return (empty, empty, empty.bool()) if log_space else empty
+    saliency = saliency_on_grid(saliency, grid_hw)                               # (B, n, gh, gw)
+    if log_space:
         L, in_box = (stretch_to_boxes(local, boxes, gh, gw, pixel) if local is not None
-                     else (None, boxes_inside(boxes, gh, gw, pixel)))                  # (M, gh, gw)
-        G = saliency[batch, sal_channel] if saliency is not None else None              # (M, gh, gw)
-        log_m, log_1m = mask_log_terms(L, G)
-        return log_m, log_1m, in_box
-    # inference: the same product in place, no (M, gh, gw) temporaries; the box crop one axis at a time
+                     else (None, boxes_inside(boxes, gh, gw, pixel)))            # (M, gh, gw)
+        G = saliency[batch, sal_channel] if saliency is not None else None      # (M, gh, gw)
+        return (*mask_log_terms(L, G), in_box)
     if local is not None:
         masks, (in_y, in_x) = stretch_to_boxes(local, boxes, gh, gw, pixel, separable=True)
         masks.sigmoid_()                                                         # (M, gh, gw)
@@ -962,34 +1037,38 @@ def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, l
     if saliency is not None:
         sal_prob = saliency.float().sigmoid()                                    # (B, n, gh, gw)
         if bool((batch == batch[0]).all() and (sal_channel == sal_channel[0]).all()):
-            masks.mul_(sal_prob[batch[0], sal_channel[0]])                          # one map: broadcast
+            # one map: broadcast
+            masks.mul_(sal_prob[batch[0], sal_channel[0]])
         else:
-            masks.mul_(sal_prob[batch, sal_channel])                                # (M, gh, gw)
+            masks.mul_(sal_prob[batch, sal_channel])                             # (M, gh, gw)
     if local is not None:  # zero outside the boxes
         masks.mul_(in_y).mul_(in_x)
     return masks
 
 
 def conv3x3_at(conv, feature, batch, ys, xs):
-    """conv(feature)[batch, :, ys, xs] of a 3x3 conv (stride 1, padding 1) at M cells only: feature (B, C, h, w),
-    batch, ys, xs (M,) -> (M, out). For the S^2-channel shape heads, read at centres, positives or detections."""
+    """conv(feature)[batch, :, ys, xs] of a 3x3 conv (stride 1, padding 1) at M cells only: feature
+    (B, C, h, w), batch, ys, xs (M,) -> (M, out). The fast path of the S^2-channel shape heads."""
     f = F.pad(feature, (1, 1, 1, 1))                                             # (B, C, h+2, w+2)
     d = torch.arange(3, device=feature.device)
-    patch = f[batch[:, None, None], :, ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]]
-    patch = patch.permute(0, 3, 1, 2).reshape(len(batch), -1)                    # (M, C*9) as conv.weight
+    rows, cols = ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]
+    patch = f[batch[:, None, None], :, rows, cols]                               # (M, 3, 3, C)
+    # (M, C*9), ordered as conv.weight
+    patch = patch.permute(0, 3, 1, 2).reshape(len(batch), -1)
     return F.linear(patch, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (M, out)
 
 
 class CenterMaskHeads(nn.Module):
-    """The five heads of [CM] Fig. 3, each a `conv_relu_conv`, on one stride-4 map: (B, cin, h, w) -> dict
+    """The five heads of [CM] Fig. 3, each a `conv_relu_conv`, on one stride-4 map:
+    (B, cin, h, w) -> dict
         heatmap  (B, C, h, w)      centre points per class, sigmoid ([CM 3.4])
         offset   (B, 2, h, w)      sub-cell centre offset in [0, 1) ([CM] eq. 4)
         size     (B, 2, h, w)      box (w, h) in output pixels ([CM] eq. 5)
-        shape    (B, S*S, h, w)    Local Shape vector, S x S at a centre ([CM 3.1]; module `local_shape`)
+        shape    (B, S*S, h, w)    Local Shape vector, S x S at a centre ([CM 3.1]; `local_shape`)
         saliency (B, 1 or C, h, w) Global Saliency logits ([CM 3.2])
-    A switched-off branch's module is None, its map absent. The shape vector is read at a few cells only, so the
-    dict carries "features" (B, cin, h, w) instead and `shape_at` evaluates the head there (RESULTS.md, "Numbers
-    behind model.py's choices"); dense_shape=True gives the dense "shape" map."""
+    A switched-off branch's module is None, its map absent. fast=True (`CenterMask.fast`): no dense
+    "shape" map; "features" (B, cin, h, w) instead, and `shape_at` evaluates the head at the cells
+    read."""
 
     def __init__(self, cin, cfg: ModelConfig):
         super().__init__()
@@ -1002,62 +1081,66 @@ class CenterMaskHeads(nn.Module):
         n_sal = 1 if cfg.saliency == "agnostic" else C
         self.saliency = conv_relu_conv(cin, n_sal, hc) if cfg.use_saliency else None
 
-    def forward(self, p, dense_shape=False):
+    def forward(self, p, fast=False):
         out = {"heatmap": self.heatmap(p), "offset": self.offset(p), "size": self.size(p)}
-        if self.local_shape is not None:
-            if dense_shape:
-                out["shape"] = self.local_shape(p)             # (B, S*S, h, w)
-            else:
-                out["features"] = p                            # (B, cin, h, w), read by shape_at
+        if self.local_shape is not None and fast:
+            out["features"] = p                                # (B, cin, h, w), read by shape_at
+        elif self.local_shape is not None:
+            out["shape"] = self.local_shape(p)                 # (B, S*S, h, w)
         if self.saliency is not None:
             out["saliency"] = self.saliency(p)                 # (B, 1 or C, h, w)
         return out
 
     def shape_at(self, out, batch, cells_xy):
-        """Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of the stride-4 map. Plain
-        form: the dense map read at [b, :, y, x] (`gather_at`, when `out` holds "shape"); else the same head at
-        those cells alone (`conv3x3_at`, then the 1x1 conv as a matrix product)."""
+        """Local-shape logits (M, S*S) at M cells: batch (M,), cells_xy (M, 2) int (x, y) of the
+        stride-4 map. The dense map read at [b, :, y, x] (`gather_at`) when `out` holds "shape";
+        else, fast, the same head at those cells alone (`conv3x3_at`, then the 1x1 conv as a
+        matrix product)."""
         if "shape" in out:
             return gather_at(out["shape"], batch, cells_xy)
-        conv3, _, conv1 = self.local_shape                      # Conv3x3, ReLU, Conv1x1 (`conv_relu_conv`)
+        # Conv3x3, ReLU, Conv1x1 (`conv_relu_conv`)
+        conv3, _, conv1 = self.local_shape
         hidden = F.relu(conv3x3_at(conv3, out["features"], batch, cells_xy[:, 1], cells_xy[:, 0]))
         return F.linear(hidden, conv1.weight.flatten(1), conv1.bias)  # (M, S*S)
 
 
 class CenterMask(Method):
-    """CenterMask ([CM]): CenterNet + Local Shape x Global Saliency, on DLA-34 (one stride-4 map, 64 channels) or
-    Hourglass-104 (a stride-4 map of 256 channels per stack); each map gets its own `CenterMaskHeads`.
-    Mask of object k ([CM] eq. 1): M_k = sigmoid(L_k) * sigmoid(G_k), L_k the S x S local shape resized to its
-    box, G_k the saliency map cropped to it (`assemble_masks`).
+    """CenterMask ([CM]): CenterNet + Local Shape x Global Saliency, on DLA-34 (one stride-4 map,
+    64 channels) or Hourglass-104 (a stride-4 map of 256 channels per stack); each map gets its own
+    `CenterMaskHeads`. Mask of object k ([CM] eq. 1): M_k = sigmoid(L_k) * sigmoid(G_k), L_k the
+    S x S local shape resized to its box, G_k the saliency map cropped to it (`assemble_masks`).
 
-    Training: losses heatmap ([CM] eq. 3), offset (eq. 4), size (eq. 5), mask (eq. 2), optionally saliency
-        (Table 1f); masks assembled at the ground-truth centres and boxes (teacher forcing). With several stacks
-        each named loss, `loss` included, is the average over the stacks' heads (intermediate supervision,
-        CornerNet 3.5; CenterNet's `CtdetLoss`).
-    Inference: the last stack's heads; top 100 peaks, no NMS ([CM 3.5]); masks (K, H, W) probabilities at input
-        resolution (eval.py binarises at `mask_threshold`, 0.4).
-    Deviations and readings (mask loss grid, L1 over 2N, boxes widened to one output pixel, Table 1f's weight,
-    the heads' biases): METHODS.md, CenterMask."""
-    transform = "centernet"                                    # the square canvas of [CN] / [CM 3.5]
+    Training: losses heatmap ([CM] eq. 3), offset (eq. 4), size (eq. 5), mask (eq. 2), optionally
+        saliency (Table 1f); masks assembled at the ground-truth centres and boxes (teacher
+        forcing). With several stacks each named loss, `loss` included, is the average over the
+        stacks' heads (intermediate supervision, CornerNet 3.5; CenterNet's `CtdetLoss`).
+    Inference: the last stack's heads; top 100 peaks, no NMS ([CM 3.5]); masks (K, H, W)
+        probabilities at input resolution (eval.py binarises at `mask_threshold`, 0.4).
+    Deviations and readings (mask loss grid, L1 over 2N, boxes widened to one output pixel, Table
+    1f's weight, the heads' biases): METHODS.md, CenterMask."""
+    # the square canvas of [CN] / [CM 3.5]
+    transform = "centernet"
+    # the fast paths (section 7's header): the shape head at the cells read, the resize as matrix
+    # products, the inference's product in place
+    fast = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # ModelConfig admits 'dla34' and 'hourglass104' for CenterMask
         if cfg.backbone == "dla34":
             self.backbone = DLASeg(cfg.dla_channels, dcn=cfg.dcn)
-        elif cfg.backbone == "hourglass104":
-            self.backbone = Hourglass104(cfg.hg_dims, cfg.hg_modules, cfg.num_stacks)
         else:
-            raise ValueError(f"ModelConfig.backbone: {cfg.backbone!r} is not available for CenterMask "
-                             "(known: 'dla34', 'hourglass104')")
+            self.backbone = Hourglass104(cfg.hg_dims, cfg.hg_modules, cfg.num_stacks)
         self.stride = self.backbone.stride                     # R = 4 ([CM 3.4])
-        self.size_divisibility = self.backbone.size_divisibility  # 32 (DLA-34) or 128 (Hourglass-104)
+        # 32 (DLA-34) or 128 (Hourglass-104)
+        self.size_divisibility = self.backbone.size_divisibility
         num_sets = cfg.num_stacks if cfg.backbone == "hourglass104" else 1
         # one CenterMaskHeads (the five heads of [CM] Fig. 3) per backbone output map
         self.head_sets = nn.ModuleList(CenterMaskHeads(self.backbone.out_channels, cfg)
                                        for _ in range(num_sets))
 
-    # The branches in use, read by `assemble` (None when switched off: Table 1c/1d ablations).
+    # The branches in use (None when switched off: Table 1c/1d ablations).
     @property
     def local_shape(self):
         return self.head_sets[-1].local_shape
@@ -1073,35 +1156,45 @@ class CenterMask(Method):
         return [features] if torch.is_tensor(features) else features  # DLA-34 returns one map
 
     def heads(self, images):
-        """`Method.heads`: (B, 3, H, W) -> the last head set's outputs, each (B, ch, H/4, W/4) (the others train)."""
-        return self.head_sets[-1](self.features(images)[-1])
+        """`Method.heads`: (B, 3, H, W) -> the last head set's outputs, each (B, ch, H/4, W/4)
+        (the others train)."""
+        return self.head_sets[-1](self.features(images)[-1], self.fast)
 
     def forward(self, images, targets=None, image_sizes=None):
         if not self.training:
             return self.decode(self.heads(images), images.shape[-2:], image_sizes)
         if targets is None:
-            raise ValueError("CenterMask in train mode needs targets (call model.eval() for inference)")
-        outs = [head_set(p) for head_set, p in zip(self.head_sets, self.features(images))]  # per stack
-        with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (bf16/fp16 logs and sums lose precision)
+            raise ValueError("CenterMask in train mode needs targets (call model.eval() for "
+                             "inference)")
+        features = self.features(images)
+        outs = [head_set(p, self.fast) for head_set, p in zip(self.head_sets, features)]
+        # losses in fp32 (bf16/fp16 logs and sums lose precision)
+        with torch.autocast(images.device.type, enabled=False):
             per_stack = [self.losses({k: v.float() for k, v in out.items()}, targets, head_set)
                          for out, head_set in zip(outs, self.head_sets)]
         # intermediate supervision: every stack's losses, averaged (one stack: unchanged)
         return {k: sum(losses[k] for losses in per_stack) / len(per_stack) for k in per_stack[0]}
 
     # -- mask assembly ([CM 3.3] eq. 1) --------------------------------------------------------
-    def assemble(self, out, batch, centers_int, boxes, sal_channel, grid_hw, pixel, log_space=False, head_set=None):
-        """`assemble_masks` of M objects, the shape vectors read at centers_int (M, 2) output cells; boxes (M, 4)
-        xyxy, output units; head_set: the CenterMaskHeads of `out` (default the last stack's)."""
+    def assemble(self, out, batch, centers_int, boxes, sal_channel, grid_hw, pixel, log_space=False,
+                 head_set=None):
+        """`assemble_masks` of M objects, the shape vectors read at centers_int (M, 2) output cells;
+        boxes (M, 4) xyxy, output units; head_set: the CenterMaskHeads of `out` (default the last
+        stack's)."""
         local = None
         if self.local_shape is not None:
             S = self.cfg.shape_size
             head_set = self.head_sets[-1] if head_set is None else head_set
+            # the vector at each centre, reshaped to S x S
             local = head_set.shape_at(out, batch, centers_int).view(len(batch), S, S)  # (M, S, S)
-        return assemble_masks(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw, pixel, log_space)
+        assemble = assemble_masks_fast if self.fast else assemble_masks
+        return assemble(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw, pixel,
+                        log_space)
 
     # -- training -------------------------------------------------------------------------------
     def losses(self, out, targets, head_set=None):
-        """Head outputs (fp32) of `head_set` (default the last) + B target dicts -> dict of weighted scalar losses."""
+        """Head outputs (fp32) of `head_set` (default the last) + B target dicts -> dict of weighted
+        scalar losses."""
         head_set = self.head_sets[-1] if head_set is None else head_set
         B, C, h, w = out["heatmap"].shape
         R = self.stride
@@ -1111,41 +1204,52 @@ class CenterMask(Method):
         c = objs["center_int"]
         objs["center_int"] = torch.stack([c[:, 0].clamp(0, w - 1), c[:, 1].clamp(0, h - 1)], 1)
         lp, loff, lsize, lmask = self.cfg.loss_weights
-        gt_heat = centernet_heatmaps(objs, B, C, h, w)                      # min_overlap 0.7, CornerNet's radius
+        # min_overlap 0.7, CornerNet's radius
+        gt_heat = centernet_heatmaps(objs, B, C, h, w)
+        # offset target: p/R - floor(p/R) in [0, 1) ([CM] eq. 4)
+        gt_offset = objs["center"] - objs["center_int"].float()
         losses = {
             "heatmap": lp * centernet_focal_loss(out["heatmap"], gt_heat),
-            # offset target: p/R - floor(p/R) in [0, 1) ([CM] eq. 4)
-            "offset": loff * l1_at_centers(out["offset"], objs, objs["center"] - objs["center_int"].float()),
+            "offset": loff * l1_at_centers(out["offset"], objs, gt_offset),
             "size": lsize * l1_at_centers(out["size"], objs, objs["wh"]),
         }
         # ground-truth masks average-pooled to the stride-4 grid: soft targets in [0, 1]
         M = len(objs["labels"])
-        num_objects = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)  # over processes
+        # over processes
+        num_objects = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)
         if M:
-            gt_masks = batch_masks(targets, h * R, w * R, device)                         # (M, H, W)
-            gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]                   # (M, h, w)
+            gt_masks = batch_masks(targets, h * R, w * R, device)                # (M, H, W)
+            gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]          # (M, h, w)
         if M == 0:
             # keep every mask parameter in the graph (DDP expects a gradient for each)
             keep = [out[k] for k in ("shape", "saliency") if k in out]
-            keep += list(head_set.local_shape.parameters()) if head_set.local_shape is not None else []
+            if head_set.local_shape is not None:
+                keep += list(head_set.local_shape.parameters())
             losses["mask"] = sum(x.sum() * 0 for x in keep)
         else:
-            sal_channel = objs["labels"] if self.cfg.saliency == "specific" else torch.zeros_like(objs["labels"])
-            boxes = min_size_boxes(objs["center"], objs["wh"])                            # teacher forcing
-            if self.cfg.mask_loss_grid == "input":   # input pixels (centre (j + 0.5) / R), binary truth
-                grid, pixel, gt = (h * R, w * R), 1.0 / R, gt_masks.float()              # (M, H, W)
-            else:                                    # the stride-R output grid, soft truth
-                grid, pixel, gt = (h, w), 1.0, gt_small                                  # (M, h, w)
+            labels = objs["labels"]
+            sal_channel = labels if self.cfg.saliency == "specific" else torch.zeros_like(labels)
+            # teacher forcing
+            boxes = min_size_boxes(objs["center"], objs["wh"])
+            if self.cfg.mask_loss_grid == "input":
+                # input pixels (centre (j + 0.5) / R), binary truth (M, H, W)
+                grid, pixel, gt = (h * R, w * R), 1.0 / R, gt_masks.float()
+            else:
+                # the stride-R output grid, soft truth (M, h, w)
+                grid, pixel, gt = (h, w), 1.0, gt_small
             log_m, log_1m, in_box = self.assemble(out, objs["batch"], objs["center_int"], boxes,
-                                                  sal_channel, grid, pixel, log_space=True, head_set=head_set)
-            bce = -(gt * log_m + (1 - gt) * log_1m)                                      # (M, gh, gw)
+                                                  sal_channel, grid, pixel, log_space=True,
+                                                  head_set=head_set)
+            bce = -(gt * log_m + (1 - gt) * log_1m)                              # (M, gh, gw)
             in_box = in_box.float()
-            per_object = (bce * in_box).sum((1, 2)) / in_box.sum((1, 2)).clamp(min=1)     # (M,)
-            losses["mask"] = lmask * per_object.sum() / num_objects                       # [CM] eq. 2
+            per_object = (bce * in_box).sum((1, 2)) / in_box.sum((1, 2)).clamp(min=1)  # (M,)
+            # [CM] eq. 2
+            losses["mask"] = lmask * per_object.sum() / num_objects
         if self.cfg.saliency_loss:
-            # Table 1f ([CM 4.1]): BCE of the class-specific saliency against the per-class union of the masks
+            # Table 1f ([CM 4.1]): BCE of the class-specific saliency against the per-class union
+            # of the masks (B, C, h, w)
             gt_sal = (saliency_targets(gt_small, objs["batch"], objs["labels"], B, C) if M
-                      else torch.zeros(B, C, h, w, device=device))                          # (B, C, h, w)
+                      else torch.zeros(B, C, h, w, device=device))
             losses["saliency"] = SALIENCY_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(
                 out["saliency"], gt_sal)
         losses["loss"] = sum(losses.values())
@@ -1154,30 +1258,33 @@ class CenterMask(Method):
     # -- inference ([CM 3.5]) -------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, out, input_hw, image_sizes=None, k=None):
-        """Heads -> detections ([CM 3.5]): `topk_peaks`, centre = cell + offset, box from the predicted size;
-        masks (K, H, W) probabilities assembled at input resolution. Nothing is clipped, as in CenterNet (no NMS
-        reads the boxes; eval.py clips them to the original image), so image_sizes is not read."""
+        """Heads -> detections ([CM 3.5]): `topk_peaks`, centre = cell + offset, box from the
+        predicted size; masks (K, H, W) probabilities assembled at input resolution. Nothing is
+        clipped, as in CenterNet (no NMS reads the boxes; eval.py clips them to the original
+        image), so image_sizes is not read."""
         k = k or self.cfg.max_detections
         heat = out["heatmap"].float().sigmoid()                              # (B, C, h, w)
         B, C, h, w = heat.shape
         R = self.stride
         scores, labels, ys, xs = topk_peaks(heat, k)                         # (B, K) each
         k = scores.shape[1]
-        batch = image_index([k] * B, heat.device)                           # (B*K,) image of each peak
+        batch = image_index([k] * B, heat.device)                           # (B*K,) their image
         cells = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1)             # (B*K, 2) as (x, y)
         offset = gather_at(out["offset"].float(), batch, cells)              # (B*K, 2)
         wh = gather_at(out["size"].float(), batch, cells).clamp(min=0)       # (B*K, 2)
         center = cells.float() + offset                                      # output frame
         boxes_out = min_size_boxes(center, wh)                               # (B*K, 4) output frame
-        sal_channel = labels.reshape(-1) if self.cfg.saliency == "specific" else torch.zeros_like(batch)
+        specific = self.cfg.saliency == "specific"
+        sal_channel = labels.reshape(-1) if specific else torch.zeros_like(batch)
         H, W = input_hw
+        image_box = torch.tensor([W, H, W, H], device=heat.device)
         results = []
         for b in range(B):  # one image at a time bounds the (K, H, W) memory
             sl = slice(b * k, (b + 1) * k)
             masks = self.assemble(out, batch[sl], cells[sl], boxes_out[sl], sal_channel[sl],
                                   (H, W), 1.0 / R)                           # (K, H, W)
-            results.append({"boxes": (boxes_out[sl] * R).clamp(min=0).clamp(max=torch.tensor([W, H, W, H], device=heat.device)),
-                            "scores": scores[b], "labels": labels[b], "masks": masks})
+            boxes = (boxes_out[sl] * R).clamp(min=0).clamp(max=image_box)
+            results.append(dict(boxes=boxes, scores=scores[b], labels=labels[b], masks=masks))
         return results
 
 
@@ -1207,7 +1314,8 @@ def load_resnet(name, pretrained=False, norm="frozen_bn"):
     except Exception as e:  # URLError, OSError, hash mismatch, ...
         raise RuntimeError(
             f"could not load the ImageNet weights of {name} ({type(e).__name__}: {e}). They are "
-            f"downloaded from download.pytorch.org into {torch.hub.get_dir()}/checkpoints on first use; "
+            f"downloaded from download.pytorch.org into {torch.hub.get_dir()}/checkpoints on first "
+            "use; "
             "without a network, copy the file there or train from scratch with --pretrained=False "
             "(ModelConfig.pretrained)") from e
 
@@ -1218,13 +1326,14 @@ class ResNetFPN(nn.Module):
     P7 stride-2 3x3 convs on P5 and ReLU(P6) ([FCOS] 3.2). norm="frozen_bn", freeze_at=2: BN frozen to ImageNet
     statistics, stem and res2 frozen, as FCOS; "bn" with freeze_at=0 trains from scratch."""
 
-    def __init__(self, name="resnet50", first_level=3, channels=256, pretrained=False, norm="frozen_bn",
-                 freeze_at=2):
+    def __init__(self, name="resnet50", first_level=3, channels=256, pretrained=False,
+                 norm="frozen_bn", freeze_at=2):
         super().__init__()
         from torchvision.ops import FeaturePyramidNetwork
         from torchvision.ops.feature_pyramid_network import LastLevelP6P7
         if name not in RESNETS:
-            raise ValueError(f"ModelConfig.backbone: unknown ResNet {name!r} (known: {sorted(RESNETS)})")
+            raise ValueError(f"ModelConfig.backbone: unknown ResNet {name!r} "
+                             f"(known: {sorted(RESNETS)})")
         body = load_resnet(name, pretrained, norm)
         self.stem = nn.Sequential(body.conv1, body.bn1, body.relu, body.maxpool)    # stride 4
         self.stages = nn.ModuleList([body.layer1, body.layer2, body.layer3, body.layer4])  # C2..C5
@@ -1232,7 +1341,8 @@ class ResNetFPN(nn.Module):
             m.requires_grad_(False)
         self.first_level = first_level
         in_channels = list(RESNETS[name][2][first_level - 2:])
-        self.fpn = FeaturePyramidNetwork(in_channels, channels, extra_blocks=LastLevelP6P7(channels, channels))
+        self.fpn = FeaturePyramidNetwork(in_channels, channels,
+                                         extra_blocks=LastLevelP6P7(channels, channels))
         self.strides = [2 ** k for k in range(first_level, 8)]   # P_first .. P7
         self.out_channels = channels
         self.size_divisibility = 32                              # P5 aligns exactly
@@ -1254,32 +1364,45 @@ class ResNetFPN(nn.Module):
 FCOS_SIZE_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, math.inf))
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # the classification's focal loss ([FCOS] 3.1, RetinaNet's)
 PRE_NMS_TOP_N = 1000                  # candidates per level before the NMS ([FCOS] 4)
+HEAD_CONVS = 4                        # convs per head tower ([FCOS] Fig. 2)
+# the improved form's centre sampling, in strides (FCOS's code)
+CENTER_SAMPLING = 1.5
 
 
-def fcos_locations(hw_per_level, strides, device=None, offset="half", input_hw=None):
-    """The locations of every level, level after level (row-major inside one).
-    offset="half" (FCOS): cell (i, j) of a stride-s map is the input-frame point (j*s + s//2, i*s + s//2) ([FCOS]
-    3.1, FCOS's compute_locations). offset="zero" (torchvision's FCOS, for its weights): (j * step_x, i * step_y),
-    step = padded input size // grid size when `input_hw` (H, W) is given (torchvision's AnchorGenerator), else s;
-    on P6/P7 it can be smaller than s (320 rows: P7 has 3, step 106), as torchvision's weights were trained.
-    Returns points (P, 2) xy float, strides (P,) float (the nominal s), levels (P,) int64 (0 = the first)."""
-    if offset not in ("half", "zero"):
-        raise ValueError(f"fcos_locations: offset must be 'half' or 'zero', got {offset!r}")
+def fcos_locations(hw_per_level, strides, device=None):
+    """The locations of every level, level after level (row-major inside one): cell (i, j) of a
+    stride-s map is the input-frame point (j*s + s//2, i*s + s//2) ([FCOS] 3.1, FCOS's
+    compute_locations). Returns points (P, 2) xy float, strides (P,) float, levels (P,) int64
+    (0 = the first)."""
     points, point_strides, levels = [], [], []
     for level, ((h, w), s) in enumerate(zip(hw_per_level, strides)):
-        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        if offset == "zero":
-            sy, sx = (int(input_hw[0]) // h, int(input_hw[1]) // w) if input_hw is not None else (s, s)
-            points.append(torch.stack([xs.reshape(-1) * sx, ys.reshape(-1) * sy], 1).float())
-        else:
-            points.append(torch.stack([xs.reshape(-1) * s + s // 2, ys.reshape(-1) * s + s // 2], 1).float())
+        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                                indexing="ij")
+        xy = [xs.reshape(-1) * s + s // 2, ys.reshape(-1) * s + s // 2]
+        points.append(torch.stack(xy, 1).float())
         point_strides.append(torch.full((h * w,), float(s), device=device))
         levels.append(torch.full((h * w,), level, dtype=torch.long, device=device))
     return torch.cat(points), torch.cat(point_strides), torch.cat(levels)
 
 
-def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, centers=None, seg_labels=None,
-                 levels=None):
+def torchvision_locations(hw_per_level, strides, input_hw, device=None):
+    """fcos_form="torchvision" only (its weights were trained so): torchvision's AnchorGenerator
+    puts cell (i, j) at (j * step_x, i * step_y), step = padded input size // grid size. That is
+    the stride s where the input is a multiple of it; on P6 / P7 it can be smaller (320 rows: P7
+    has 3, step 106). Same returns as `fcos_locations` (strides: the nominal s)."""
+    H, W = int(input_hw[0]), int(input_hw[1])
+    points = []
+    for h, w in hw_per_level:
+        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                                indexing="ij")
+        xy = [xs.reshape(-1) * (W // w), ys.reshape(-1) * (H // h)]
+        points.append(torch.stack(xy, 1).float())
+    _, point_strides, levels = fcos_locations(hw_per_level, strides, device)
+    return torch.cat(points), point_strides, levels
+
+
+def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, centers=None,
+                 seg_labels=None, levels=None):
     """FCOS's per-location targets ([IS 3.1] eq. 1, [FCOS] 3.1-3.3) of a batch.
         points (P, 2) xy input frame; strides (P,), whose rank picks the level's range [lo, hi] of
             max(l*, t*, r*, b*) in FCOS_SIZE_RANGES (8 -> P3 -> [0, 64], ...)
@@ -1321,19 +1444,22 @@ def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, ce
         in_region = ltrb.amin(-1) > 0
     # "open" (`inside`): strict > 0 on every distance, as FCOS's `min(dim=1)[0] > 0`
     m = ltrb.amax(-1)                                                            # (B, P, N)
-    candidate = in_region & (m >= size_ranges[None, :, 0:1]) & (m <= size_ranges[None, :, 1:2]) & valid[:, None, :]
+    in_range = (m >= size_ranges[None, :, 0:1]) & (m <= size_ranges[None, :, 1:2])
+    candidate = in_region & in_range & valid[:, None, :]
     if seg_labels is not None:
         # FCOSreg: keep only the candidates with the highest segmentation label
         s = torch.where(candidate, seg_labels.transpose(1, 2).float(), torch.full_like(m, -1.0))
         candidate = candidate & (s == s.amax(-1, keepdim=True))
     area = ((x1 - x0) * (y1 - y0)).expand(B, P, N)
-    min_area, matched = torch.where(candidate, area, torch.full_like(area, math.inf)).min(-1)  # (B, P)
+    # (B, P)
+    min_area, matched = torch.where(candidate, area, torch.full_like(area, math.inf)).min(-1)
     positive = min_area < math.inf
     matched = torch.where(positive, matched, torch.full_like(matched, -1))
     ltrb = ltrb.gather(2, matched.clamp(min=0)[:, :, None, None].expand(B, P, 1, 4))[:, :, 0]
     ltrb = ltrb * positive[..., None]                                           # (B, P, 4)
     l, t, r, b = ltrb.clamp(min=1e-6).unbind(-1)  # clamp: negatives give 0 / 0
-    centerness = torch.sqrt(torch.minimum(l, r) / torch.maximum(l, r) * torch.minimum(t, b) / torch.maximum(t, b))
+    centerness = torch.sqrt(torch.minimum(l, r) / torch.maximum(l, r)
+                            * torch.minimum(t, b) / torch.maximum(t, b))
     out = {"matched": matched, "ltrb": ltrb, "centerness": centerness * positive}
     if labels is not None:
         lab = labels.gather(1, matched.clamp(min=0))
@@ -1354,7 +1480,8 @@ def iou_loss(pred, target):
     min(b, b*)), U = area + area* - I. FCOS's +1 counts in input pixels, as its original form."""
     l, t, r, b = pred.unbind(1)
     l_, t_, r_, b_ = target.unbind(1)
-    inter = (torch.minimum(l, l_) + torch.minimum(r, r_)) * (torch.minimum(t, t_) + torch.minimum(b, b_))  # (M,)
+    inter = (torch.minimum(l, l_) + torch.minimum(r, r_)) \
+        * (torch.minimum(t, t_) + torch.minimum(b, b_))                           # (M,)
     union = (l + r) * (t + b) + (l_ + r_) * (t_ + b_) - inter
     return -torch.log((inter + 1) / (union + 1))
 
@@ -1363,23 +1490,25 @@ class FCOSHead(nn.Module):
     """FCOS's shared head ([FCOS] 3.1, Fig. 2) on every FPN level: a classification and a box tower, each num_convs
     x (Conv3x3 + GroupNorm(32) + ReLU); cls logits (C) on the first, ltrb (4) on the second, centerness (1) on
     either, one learnable Scale per level; `extra` channels on the box tower (FCOSIS: centre of mass 2 + coarse
-    foreground 1). The two forms (`FCOS`) differ in which tower feeds centerness ("cls" or "reg") and in ltrb =
-    exp(scale_l x) ("exp") or relu(scale_l x) * stride_l ("relu_stride", x in strides, the ReLU kept at test as
-    torchvision's); ltrb is in input pixels either way, and the state-dict keys are the same.
+    foreground 1). The two forms (`FCOS`) differ in which tower feeds centerness (the original: the
+    classification tower; the improved: the box tower) and in ltrb = exp(scale_l x) (original) or
+    relu(scale_l x) * stride_l (improved: x in strides, the ReLU kept at test as torchvision's);
+    ltrb is in input pixels either way, and the state-dict keys are the same.
     features: one map per level (B, cin, h_l, w_l) -> dict, locations level after level (P = sum h_l * w_l):
         cls (B, P, C) logits; ltrb (B, P, 4) input pixels; centerness (B, P) logits;
         extra (B, P, extra) when asked; box_features: the box tower output of every level."""
 
-    def __init__(self, cin, num_classes, strides, num_convs=4, extra=0, prior=0.01, centerness_on="reg",
-                 reg_form="relu_stride"):
+    def __init__(self, cin, num_classes, strides, num_convs=HEAD_CONVS, extra=0, prior=0.01,
+                 improved=True):
         super().__init__()
         self.strides = list(strides)
-        self.centerness_on, self.reg_form = centerness_on, reg_form
+        self.improved = improved
 
         def tower():
             layers = []
             for _ in range(num_convs):
-                layers += [nn.Conv2d(cin, cin, 3, padding=1), nn.GroupNorm(32, cin), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(cin, cin, 3, padding=1), nn.GroupNorm(32, cin),
+                           nn.ReLU(inplace=True)]
             return nn.Sequential(*layers)
         self.cls_tower, self.box_tower = tower(), tower()
         self.cls_logits = nn.Conv2d(cin, num_classes, 3, padding=1)
@@ -1388,7 +1517,8 @@ class FCOSHead(nn.Module):
         self.extra = nn.Conv2d(cin, extra, 3, padding=1) if extra else None
         self.scales = nn.Parameter(torch.ones(len(self.strides)))               # [FCOS] 3.2
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # [FCOS] 4: "initialized as in RetinaNet": N(0, 0.01), bias 0
+            # [FCOS] 4: "initialized as in RetinaNet": N(0, 0.01), bias 0
+            if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.constant_(m.bias, 0)
         # prior 0.01 for the foreground at the start ([FCOS] 4, RetinaNet's pi)
@@ -1400,51 +1530,63 @@ class FCOSHead(nn.Module):
             c, b = self.cls_tower(p), self.box_tower(p)                          # (B, cin, h, w)
             out["cls"].append(self.cls_logits(c).flatten(2))                     # (B, C, h*w)
             x = self.scales[level] * self.ltrb(b)                                # (B, 4, h, w)
-            ltrb = torch.exp(x) if self.reg_form == "exp" else F.relu(x) * s     # input pixels
+            ltrb = F.relu(x) * s if self.improved else torch.exp(x)              # input pixels
             out["ltrb"].append(ltrb.flatten(2))                                  # (B, 4, h*w)
-            out["centerness"].append(self.centerness(c if self.centerness_on == "cls" else b).flatten(2))  # (B, 1, h*w)
+            ctr = self.centerness(b if self.improved else c)                     # (B, 1, h, w)
+            out["centerness"].append(ctr.flatten(2))
             if self.extra is not None:
                 out["extra"].append(self.extra(b).flatten(2))
             out["box_features"].append(b)
-        res = {k: torch.cat(v, 2).transpose(1, 2) for k, v in out.items() if v and k != "box_features"}
+        res = {k: torch.cat(v, 2).transpose(1, 2) for k, v in out.items()
+               if v and k != "box_features"}
         res["centerness"] = res["centerness"][..., 0]                            # (B, P)
         res["box_features"] = out["box_features"]
-        res["hw"] = [tuple(b.shape[-2:]) for b in out["box_features"]]          # (h_l, w_l) per level
+        # (h_l, w_l) per level
+        res["hw"] = [tuple(b.shape[-2:]) for b in out["box_features"]]
         return res
 
 
 @dataclass
 class FCOSForward:
     """One forward of the FCOS detector, as its hooks `extra_losses(x)` and `postprocess(x)` read it."""
-    out: dict                  # head outputs (FCOSHead): "cls" (B, P, C), "ltrb" (B, P, 4), "centerness"
+    # head outputs (FCOSHead): "cls" (B, P, C), "ltrb" (B, P, 4), "centerness"
+    out: dict
                                # (B, P), "extra" (B, P, n) where a method asks for it, "hw" per level
-    features: list             # the FPN maps, finest first ((B, c, H/s, W/s) each; P3-P7, FCOSIS P2-P7)
-    points: torch.Tensor       # (P, 2) every location, input frame (`fcos_locations`), levels concatenated
+    # the FPN maps, finest first ((B, c, H/s, W/s) each; P3-P7, FCOSIS P2-P7)
+    features: list
+    # (P, 2) every location, input frame (`fcos_locations`), levels concatenated
+    points: torch.Tensor
     levels: torch.Tensor       # (P,) int64 index of each location's level in the model's `strides`
     input_hw: tuple            # (H, W) of the padded batch
     targets: list = None       # training: the B target dicts (data.py; "boxes", "labels", "masks")
-    assigned: dict = None      # training: every location's FCOS targets and the padded boxes (`FCOS.assign`)
-    image_sizes: list = None   # inference: B (h, w), each image before padding (None: input_hw for all)
+    # training: every location's FCOS targets and the padded boxes (`FCOS.assign`)
+    assigned: dict = None
+    # inference: B (h, w), each image before padding (None: input_hw for all)
+    image_sizes: list = None
 
 
 class FCOS(Method):
     """FCOS ([IS 3.1], [FCOS]) and FCOSreg ([IS 3.3], method="fcosreg") on ResNet-FPN P3-P7.
 
-    Two forms of the detector, four ModelConfig keys (FCOS's own option in brackets; METHODS.md, FCOS family):
-                        original FCOS                        improved FCOS
-      centerness_on     "cls": classification tower          "reg": box tower (CENTERNESS_ON_REG)
-      reg_form          "exp": exp(scale_l x), pixels        "relu_stride": relu(scale_l x) * stride (NORM_REG_TARGETS)
-      center_sampling   0: every location in the box         1.5 strides around the centre (CENTER_SAMPLING_RADIUS)
-      box_loss          "iou": -log((I+1)/(U+1))              "giou" (IOU_LOSS_TYPE)
-    The original: [FCOS] and FCOS's code defaults (FCOS_R_50_FPN_1x, the FCOS of [IS 3.1] and Table 1; the [IS]
-    configs). The improved: FCOS's fcos_imprv_* and torchvision's FCOS (ModelConfig's default; its weights import).
+    Two forms of the detector, one key, fcos_form (FCOS's own option in brackets; METHODS.md):
+                        "original"                       "improved"
+        centerness      on the classification tower      on the box tower (CENTERNESS_ON_REG)
+        ltrb            exp(scale_l x), pixels           relu(scale_l x) * stride (NORM_REG_TARGETS)
+        positives       every location in the box        within 1.5 strides of the centre
+                                                         (CENTER_SAMPLING_RADIUS)
+        box loss        -log((I+1)/(U+1)) (`iou_loss`)   GIoU (IOU_LOSS_TYPE)
+    The original: [FCOS] and FCOS's code defaults (FCOS_R_50_FPN_1x, the FCOS of [IS 3.1] and
+    Table 1; the [IS] configs). The improved: FCOS's fcos_imprv_* and torchvision's FCOS.
+    "torchvision" is the improved form with torchvision's two conventions, for its weights (set by
+    train.py's import of them; METHODS.md): its locations (`torchvision_locations`, in `locations`)
+    and its candidate test on sqrt(cls * ctr) instead of cls (in `detect`).
 
     Training ([IS] eq. 2, alpha = beta = 1): cls, sigmoid focal loss (0.25, 2) / N_pos; box, GIoU or IoU loss
         (`iou_loss`) of the positives weighted by the centerness target / the sum of those weights (FCOS's code;
         [IS] eq. 2 writes / N_pos); centerness, BCE against the centerness target. N_pos and the weight sum go
         through `reduce_mean`.
     Inference: boxes (K, 4) xyxy input frame, scores (K,), labels (K,). Per level the locations whose class
-        score > 0.05 (score_threshold_on="score": sqrt(cls * ctr), torchvision's), top 1000 of cls * ctr; then
+        probability > 0.05 ("torchvision": sqrt(cls * ctr) > 0.05), top 1000 of cls * ctr; then
         score = sqrt(cls * ctr), class-wise NMS at IoU 0.6, best 100.
     FCOSreg ([IS 3.3]): ambiguous locations go to the highest segmentation label s, and w = a ctr + b s +
         c sqrt(ctr s) (`reg_weights`, Fig. 6) replaces the centerness target, of the box loss and of the
@@ -1454,16 +1596,19 @@ class FCOS(Method):
     def __init__(self, cfg: ModelConfig, extra=0, first_level=3):
         super().__init__()
         self.cfg = cfg
-        if cfg.backbone not in RESNETS:
-            raise ValueError(f"ModelConfig.backbone: {cfg.backbone!r} is not available for {cfg.method} "
-                             f"(known: {sorted(RESNETS)})")
-        self.backbone = ResNetFPN(cfg.backbone, first_level, cfg.fpn_channels, cfg.pretrained, cfg.norm, cfg.freeze_at)
+        self.backbone = ResNetFPN(cfg.backbone, first_level, cfg.fpn_channels, cfg.pretrained,
+                                  cfg.norm, cfg.freeze_at)
         self.size_divisibility = self.backbone.size_divisibility
         self.fcos_levels = slice(3 - first_level, None)   # P3-P7 of the FPN maps
-        self.strides = self.backbone.strides[self.fcos_levels]                   # [8, 16, 32, 64, 128]
-        self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, self.strides, cfg.head_convs, extra,  # shared by P3-P7
-                             centerness_on=cfg.centerness_on, reg_form=cfg.reg_form)
-        self.uses_masks = cfg.method == "fcosreg"  # segmentation labels in `assign` ([IS 3.3]); FCOSIS sets its own
+        # [8, 16, 32, 64, 128]
+        self.strides = self.backbone.strides[self.fcos_levels]
+        self.improved = cfg.fcos_form != "original"
+        # one head shared by P3-P7
+        self.head = FCOSHead(cfg.fpn_channels, cfg.num_classes, self.strides, extra=extra,
+                             improved=self.improved)
+        # FCOSreg's assignment or weights ([IS 3.3]) read every location's segmentation labels
+        self.uses_masks = (cfg.ambiguity == "mask" or cfg.center_sampling_at == "mass"
+                           or cfg.reg_weights != (1.0, 0.0, 0.0))
 
     def heads(self, images):
         """`Method.heads`: (B, 3, H, W) -> the outputs of `self.head` (FCOSHead) and "features", the FPN maps."""
@@ -1472,9 +1617,13 @@ class FCOS(Method):
         out["features"] = features
         return out
 
-    def locations(self, hw, input_hw, device):
-        """`fcos_locations` of the head's levels in this model's convention (cfg.location_offset)."""
-        return fcos_locations(hw, self.strides, device, self.cfg.location_offset, input_hw)
+    def locations(self, hw, input_hw, device, strides=None):
+        """The locations of grids hw of the head's strides (or `strides`): `fcos_locations`, or
+        torchvision's for its weights."""
+        strides = self.strides if strides is None else strides
+        if self.cfg.fcos_form == "torchvision":  # torchvision's convention
+            return torchvision_locations(hw, strides, input_hw, device)
+        return fcos_locations(hw, strides, device)
 
     def decode(self, out, input_hw, image_sizes=None):
         """Head outputs -> detections (and masks), without the detections' `index`; boxes clipped to each image's
@@ -1493,8 +1642,10 @@ class FCOS(Method):
         features = out.pop("features")
         points, strides, levels = self.locations(out["hw"], images.shape[-2:], images.device)
         if targets is None:
-            raise ValueError(f"{type(self).__name__} in train mode needs targets (call model.eval() for inference)")
-        with torch.autocast(images.device.type, enabled=False):  # losses in fp32 (bf16/fp16 logs and sums lose precision)
+            raise ValueError(f"{type(self).__name__} in train mode needs targets "
+                             "(call model.eval() for inference)")
+        # losses in fp32 (bf16/fp16 logs and sums lose precision)
+        with torch.autocast(images.device.type, enabled=False):
             out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
             losses, assigned = self.detection_losses(out, points, strides, targets, levels)
         # the mask branches run their convs under autocast and cast their logits to fp32
@@ -1522,9 +1673,10 @@ class FCOS(Method):
                     mass[b, :n] = center_of_mass(target["masks"], target["boxes"])
             assigned["seg"] = seg
             centers = mass if self.cfg.center_sampling_at == "mass" else None
-        assigned.update(fcos_targets(points, strides, boxes, labels, valid, radius=self.cfg.center_sampling,
-                                     centers=centers, seg_labels=seg if self.cfg.ambiguity == "mask" else None,
-                                     levels=levels))
+        radius = CENTER_SAMPLING if self.improved else 0.0
+        seg_labels = seg if self.cfg.ambiguity == "mask" else None
+        assigned.update(fcos_targets(points, strides, boxes, labels, valid, radius, centers,
+                                     seg_labels, levels))
         return assigned
 
     def detection_losses(self, out, points, strides, targets, levels=None):
@@ -1534,8 +1686,8 @@ class FCOS(Method):
         num_pos = reduce_mean(pos.sum().float()).clamp(min=1.0)
         onehot = torch.zeros_like(out["cls"])                                    # (B, P, C)
         onehot[pos, assigned["labels"][pos]] = 1.0
-        losses = {"cls": sigmoid_focal_loss(out["cls"], onehot, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA,
-                                            reduction="sum") / num_pos}
+        focal = sigmoid_focal_loss(out["cls"], onehot, FOCAL_ALPHA, FOCAL_GAMMA, reduction="sum")
+        losses = {"cls": focal / num_pos}
         ctr = assigned["centerness"][pos]                                        # (M,)
         seg = None  # FCOSreg's segmentation label of each positive with its own object ([IS 3.3])
         if "seg" in assigned and self.cfg.reg_weights != (1.0, 0.0, 0.0):
@@ -1545,13 +1697,14 @@ class FCOS(Method):
         p = points[None].expand_as(assigned["ltrb"][..., :2])[pos]               # (M, 2)
         pred = torch.cat([p - out["ltrb"][pos][:, :2], p + out["ltrb"][pos][:, 2:]], 1)  # (M, 4)
         gt = torch.cat([p - assigned["ltrb"][pos][:, :2], p + assigned["ltrb"][pos][:, 2:]], 1)
-        if self.cfg.box_loss == "giou":  # torchvision's GIoU loss on the decoded boxes
+        if self.improved:  # torchvision's GIoU loss on the decoded boxes
             per_box = generalized_box_iou_loss(pred, gt, reduction="none")
         else:  # FCOS's IoU loss on the distances ([IS 3.1])
             per_box = iou_loss(out["ltrb"][pos], assigned["ltrb"][pos])
         losses["box"] = (per_box * weight).sum() / reduce_mean(weight.sum()).clamp(min=1e-6)
-        losses["centerness"] = F.binary_cross_entropy_with_logits(out["centerness"][pos], ctr_target,
-                                                                  reduction="sum") / num_pos
+        bce = F.binary_cross_entropy_with_logits(out["centerness"][pos], ctr_target,
+                                                 reduction="sum")
+        losses["centerness"] = bce / num_pos
         return losses, assigned
 
     def box_weights(self, ctr, seg):
@@ -1586,12 +1739,14 @@ class FCOS(Method):
         ctr = self.score_weights(out)                                            # (B, P)
         B, P, C = cls.shape
         score = cls * ctr[..., None]                                             # (B, P, C)
-        # candidates: FCOS tests the class probability ("cls"), torchvision's FCOS sqrt(cls * ctr) ("score")
-        passed = (cls if cfg.score_threshold_on == "cls" else score.sqrt()) > cfg.score_threshold
+        # candidates: FCOS tests the class probability, torchvision's FCOS sqrt(cls * ctr)
+        tested = score.sqrt() if cfg.fcos_form == "torchvision" else cls
+        passed = tested > cfg.score_threshold
         score = torch.where(passed, score, torch.zeros_like(score))
         cand_scores, cand_index = [], []
         start = 0
-        for n in [h * w for h, w in out["hw"]]:                                  # top 1000 per level
+        # top 1000 per level
+        for n in [h * w for h, w in out["hw"]]:
             s = score[:, start:start + n].reshape(B, -1)                         # (B, n*C)
             v, i = s.topk(min(PRE_NMS_TOP_N, s.shape[1]), dim=1)
             cand_scores.append(v)
@@ -1608,8 +1763,10 @@ class FCOS(Method):
             boxes = torch.cat([p - d[:, :2], p + d[:, 2:]], 1)
             boxes = torch.stack([boxes[:, 0].clamp(0, W), boxes[:, 1].clamp(0, H),
                                  boxes[:, 2].clamp(0, W), boxes[:, 3].clamp(0, H)], 1)
-            keep = batched_nms(boxes, s, lab, cfg.nms_threshold)[:max_detections or cfg.max_detections]
-            results.append({"boxes": boxes[keep], "scores": s[keep], "labels": lab[keep], "index": lo[keep]})
+            keep = batched_nms(boxes, s, lab, cfg.nms_threshold)
+            keep = keep[:max_detections or cfg.max_detections]
+            results.append({"boxes": boxes[keep], "scores": s[keep], "labels": lab[keep],
+                            "index": lo[keep]})
         return results
 
     def postprocess(self, x: FCOSForward):
@@ -1638,7 +1795,8 @@ def mask_targets(gt_masks, gt_index, boxes, size):
     if len(boxes) == 0:
         return torch.zeros(0, size, size, device=boxes.device)
     rois = torch.cat([gt_index[:, None].float(), boxes.float()], 1)              # (K, 5)
-    return roi_align(gt_masks[:, None].float(), rois, size, 1.0, sampling_ratio=2, aligned=True)[:, 0]
+    masks = gt_masks[:, None].float()
+    return roi_align(masks, rois, size, 1.0, sampling_ratio=2, aligned=True)[:, 0]
 
 
 class MaskFCOS(FCOS):
@@ -1655,8 +1813,10 @@ class MaskFCOS(FCOS):
         layers = []
         for _ in range(4):
             layers += [nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True)]
-        layers += [nn.ConvTranspose2d(c, c, 2, stride=2), nn.ReLU(inplace=True), nn.Conv2d(c, cfg.num_classes, 1)]
-        self.mask_head = nn.Sequential(*layers)                                   # (K, c, 14, 14) -> (K, C, 28, 28)
+        layers += [nn.ConvTranspose2d(c, c, 2, stride=2), nn.ReLU(inplace=True),
+                   nn.Conv2d(c, cfg.num_classes, 1)]
+        # (K, c, 14, 14) -> (K, C, 28, 28)
+        self.mask_head = nn.Sequential(*layers)
         for m in self.mask_head.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):  # Mask R-CNN's init
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -1695,12 +1855,15 @@ class MaskFCOS(FCOS):
             if len(gt):
                 props = torch.cat([gt, d["boxes"]])
                 iou, idx = box_iou(props, gt).max(1)                             # (R,)
-                keep = iou >= 0.5                                                # GT boxes always match
+                # GT boxes always match
+                keep = iou >= 0.5
                 rois.append(props[keep])
-                gt_index.append(idx[keep])                                       # among the image's boxes
+                # among the image's boxes
+                gt_index.append(idx[keep])
             counts.append(len(rois[-1]) if len(gt) else 0)
         S = MASK_SIZE
-        num_pixels = reduce_mean(torch.full((), float(sum(counts) * S * S), device=device)).clamp(min=1)
+        num_pixels = torch.full((), float(sum(counts) * S * S), device=device)
+        num_pixels = reduce_mean(num_pixels).clamp(min=1)
         if not rois:  # no objects in the batch: keep the mask head in the graph (DDP)
             return {"mask": sum(p.sum() * 0 for p in self.mask_head.parameters())}
         batch, rois = image_index(counts, device), torch.cat(rois)               # (K,), (K, 4)
@@ -1710,19 +1873,23 @@ class MaskFCOS(FCOS):
         mask_target = (mask_targets(gt_masks, gt_index, rois, S) >= 0.5).float()  # (K, 28, 28)
         logits = self.mask_logits(features, batch, rois, gt_labels[gt_index]).float()
         # mean pixel BCE, the pixel count averaged over processes (reduce_mean)
-        return {"mask": F.binary_cross_entropy_with_logits(logits, mask_target, reduction="sum") / num_pixels}
+        bce = F.binary_cross_entropy_with_logits(logits, mask_target, reduction="sum")
+        return {"mask": bce / num_pixels}
 
     def postprocess(self, x: FCOSForward):
         dets = self.detect(x)
         device = x.points.device
-        batch = image_index([len(d["boxes"]) for d in dets], device)            # (K,) over the batch
-        boxes, labels = torch.cat([d["boxes"] for d in dets]), torch.cat([d["labels"] for d in dets])
-        probs = self.mask_logits(x.features, batch, boxes, labels).float().sigmoid() if len(boxes) else None
+        # (K,) over the batch
+        batch = image_index([len(d["boxes"]) for d in dets], device)
+        boxes = torch.cat([d["boxes"] for d in dets])
+        labels = torch.cat([d["labels"] for d in dets])
+        if len(boxes):
+            probs = self.mask_logits(x.features, batch, boxes, labels).float().sigmoid()
         start = 0
         for d in dets:
             k = len(d["boxes"])
-            d["masks"] = paste_masks(probs[start:start + k] if k else torch.zeros(0, 1, 1, device=device),
-                                     d["boxes"], x.input_hw)
+            small = probs[start:start + k] if k else torch.zeros(0, 1, 1, device=device)
+            d["masks"] = paste_masks(small, d["boxes"], x.input_hw)
             start += k
         return dets
 
@@ -1734,7 +1901,8 @@ def paste_masks(masks, boxes, hw):
     if len(boxes) == 0:
         return torch.zeros(0, H, W, device=boxes.device)
     values, in_box = stretch_to_boxes(masks, min_size_boxes((boxes[:, :2] + boxes[:, 2:]) / 2,
-                                                            boxes[:, 2:] - boxes[:, :2]), H, W)  # (K, H, W)
+                                                            # (K, H, W)
+                                                            boxes[:, 2:] - boxes[:, :2]), H, W)
     return values * in_box
 
 
@@ -1749,6 +1917,9 @@ class CenterMaskFCOS(FCOS):
     `assemble_masks`). Training: every positive with its ground-truth box (teacher forcing), on the box's S x S
     grid against the RoIAlign of its mask (`mask_targets`); mean BCE ([CM] eq. 2). Inference: each detection's
     own location's shape vector, at input resolution. Readings ([CM 4.3] gives no layers): METHODS.md, FCOS family."""
+    # CenterMask's fast paths (section 7): the shape head at the locations read, the resize as
+    # matrix products, the inference's product in place
+    fast = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -1761,8 +1932,13 @@ class CenterMaskFCOS(FCOS):
         self.saliency = conv_relu_conv(c, n_sal, cfg.head_conv) if cfg.use_saliency else None
 
     def local_shapes(self, out, batch, index):
-        """Shape logits (M, S, S) of M flat locations (batch, index) of the box-tower maps (`conv3x3_at`)."""
+        """Shape logits (M, S, S) of M flat locations (batch, index) of the box-tower maps: the head's dense
+        map read there, or, fast, the head at those locations alone (`conv3x3_at`)."""
         S = self.cfg.shape_size
+        if not self.fast:
+            # the head's dense map over every level's locations (B, S*S, P)
+            shape = torch.cat([self.local_shape(f).flatten(2) for f in out["box_features"]], 2)
+            return shape[batch, :, index].float().view(-1, S, S)
         res = torch.zeros(len(batch), S * S, device=batch.device)
         start = 0
         for f in out["box_features"]:  # per level
@@ -1826,7 +2002,8 @@ class CenterMaskFCOS(FCOS):
             # boxes in P3 units; the input-resolution grid has pixel 1/R of them
             boxes = min_size_boxes((d["boxes"][:, :2] + d["boxes"][:, 2:]) / (2 * R),
                                    (d["boxes"][:, 2:] - d["boxes"][:, :2]) / R, 1.0 / R)
-            d["masks"] = assemble_masks(local, sal, batch, ch, boxes, x.input_hw, 1.0 / R)
+            assemble = assemble_masks_fast if self.fast else assemble_masks
+            d["masks"] = assemble(local, sal, batch, ch, boxes, x.input_hw, 1.0 / R)
         return dets
 
 
@@ -1895,7 +2072,8 @@ def center_of_mass_targets(locations, strides, matched, mass_centers, masks):
     B, P = matched.shape
     M, H, W = masks.shape
     if M == 0:
-        return locations.new_zeros(B, P, 2).float(), torch.zeros(B, P, dtype=torch.bool, device=matched.device)
+        none = torch.zeros(B, P, dtype=torch.bool, device=matched.device)
+        return locations.new_zeros(B, P, 2).float(), none
     m = matched.clamp(min=0)                                                       # (B, P)
     px = locations[:, 0].long().clamp(0, W - 1).expand(B, P)
     py = locations[:, 1].long().clamp(0, H - 1).expand(B, P)
@@ -1916,11 +2094,12 @@ def center_of_mass_loss(pred, target, valid, beta=1.0, normalizer=None):
 # -- the parametrised attention map [IS 3.2.1, 4.2] ---------------------------------------------
 
 
-def regressed_centers(center_offsets, stride, offset="half"):
-    """Head output (r_x, r_y) (B, 2, h, w) in stride units -> (x + s r_x, y + s r_y) (B, 2, h, w), input frame: the
-    centre each location votes for [IS 3.2.1]. offset: the location convention (`fcos_locations`)."""
+def regressed_centers(center_offsets, locations, stride):
+    """Head output (r_x, r_y) (B, 2, h, w) in stride units at the locations (h * w, 2) of its grid
+    (`FCOS.locations`) -> (x + s r_x, y + s r_y) (B, 2, h, w), input frame: the centre each
+    location votes for [IS 3.2.1]."""
     B, _, h, w = center_offsets.shape
-    loc = fcos_locations([(h, w)], [stride], center_offsets.device, offset)[0].t().reshape(1, 2, h, w)
+    loc = locations.t().reshape(1, 2, h, w)
     return loc + stride * center_offsets.float()
 
 
@@ -1939,86 +2118,86 @@ def nearest_center(dist2, batch, num_images):
     return argmin_per_image(dist2, batch, num_images)[batch] == ids[:, None]
 
 
-def duplicate_owners(boxes, scores, batch, iou_threshold, score_floor=0.0):
-    """Which object each detection stands for when detections compete for the attention map's locations at
-    inference (assign="image"): a class-agnostic greedy NMS per image at `iou_threshold` keeps one per object; a
-    suppressed one (a second class, a lower-scored copy) is owned by the highest-scored kept detection of its
-    image with IoU > iou_threshold, a kept one by itself. The competitors are the kept ones scoring at least
-    `score_floor`. boxes (N, 4) xyxy, scores (N,), batch (N,) -> owner (N,) int64, competes (N,) bool.
-    Not in [IS], which gives no test-time rule: ours, so that each object competes once, as the ground truth does
-    in training, and a weak false detection takes no locations from a confident one (METHODS.md, FCOSIS)."""
+# Inference: which detections compete for the locations (not in [IS], which gives no test-time rule:
+# ours, METHODS.md). Duplicates merge at FCOS's own NMS IoU ([FCOS] 4); only detections scoring
+# at least the floor take locations from others.
+MERGE_IOU, COMPETE_SCORE = 0.6, 0.5
+
+
+def detections_as_objects(boxes, scores, batch):
+    """Which object each detection stands for when detections compete for the attention map's
+    locations at inference, so that each object competes once, as the ground truth does in
+    training: a class-agnostic greedy NMS per image at MERGE_IOU keeps one detection per object;
+    a suppressed one (a second class, a lower-scored copy) stands for the highest-scored kept
+    detection of its image with IoU > MERGE_IOU, a kept one for itself. Only kept detections
+    scoring at least COMPETE_SCORE compete (a weak false detection takes no locations from a
+    confident one). boxes (N, 4) xyxy, scores (N,), batch (N,) -> object (N,) int64, the index of
+    the detection each stands for, and competes (N,) bool."""
     from torchvision.ops import batched_nms, box_iou
     N = len(boxes)
     kept = torch.zeros(N, dtype=torch.bool, device=boxes.device)
-    kept[batched_nms(boxes.float(), scores.float(), batch, iou_threshold)] = True       # (N,)
-    can_own = kept[None, :] & (batch[:, None] == batch[None, :]) \
-        & (box_iou(boxes.float(), boxes.float()) > iou_threshold)                        # (N, N)
-    best = torch.where(can_own, scores.float()[None, :], float("-inf")).argmax(1)         # (N,)
-    return torch.where(kept, torch.arange(N, device=boxes.device), best), kept & (scores >= score_floor)
+    kept[batched_nms(boxes.float(), scores.float(), batch, MERGE_IOU)] = True          # (N,)
+    can_stand_for = kept[None, :] & (batch[:, None] == batch[None, :]) \
+        & (box_iou(boxes.float(), boxes.float()) > MERGE_IOU)                          # (N, N)
+    best = torch.where(can_stand_for, scores.float()[None, :], float("-inf")).argmax(1)  # (N,)
+    obj = torch.where(kept, torch.arange(N, device=boxes.device), best)
+    return obj, kept & (scores >= COMPETE_SCORE)
 
 
-def nearest_center_among_owners(dist2, batch, num_images, owner=None, competes=None):
-    """Inference's `nearest_center`, duplicates competing as their object (`duplicate_owners`). The competitors C:
-    competes (N,) bool (None: the detections that own themselves); j counts q as its own when owner[j] wins q among
-    C, or, owner[j] not in C, among C and owner[j] (a weak detection takes nothing from others, but its confident
-    neighbours are distractors in its own map). owner (N,) (None: each its own); dist2 (N, P) -> (N, P) bool."""
+def nearest_competing_center(dist2, batch, num_images, obj, competes):
+    """Inference's `nearest_center` among the competing detections C (`detections_as_objects`):
+    j counts q as its own when its object obj[j] wins q among C, or, obj[j] not in C, among C
+    and obj[j] (a weak detection takes nothing from others, but its confident neighbours are
+    distractors in its own map). dist2 (N, P), batch, obj, competes (N,) -> (N, P) bool."""
     N, P = dist2.shape
-    ids = torch.arange(N, device=dist2.device)
-    owner = ids if owner is None else owner                                       # (N,)
-    comp = (owner == ids) if competes is None else competes                      # (N,)
-    in_c = torch.where(comp[:, None], dist2, float("inf"))                       # (N, P)
-    winner = argmin_per_image(in_c, batch, num_images)[batch]                    # (N, P), N: no competitor
+    in_c = torch.where(competes[:, None], dist2, float("inf"))                    # (N, P)
+    winner = argmin_per_image(in_c, batch, num_images)[batch]                     # (N, P), N: none
     best = torch.cat([in_c, in_c.new_full((1, P), float("inf"))]).gather(0, winner)  # (N, P)
-    return (winner == owner[:, None]) | (~comp[owner][:, None] & (dist2[owner] < best))
+    return (winner == obj[:, None]) | (~competes[obj][:, None] & (dist2[obj] < best))
 
 
-def attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
-                   lam, mu, bbox_only=False, assign="image", owner=None, offset="half", competes=None,
-                   background="distractor_only"):
-    """The attention maps of [IS 3.2.1] of every colour group at one level. For instance j, location q, coarse
-    foreground f(q) and box B_j:
-        A_j(q) = 0             if q is outside B_j
-               = +lam * f(q)   if q is inside B_j and assigned to j
-               = -mu           if q is inside B_j and assigned to another instance (a distractor)
-    q goes to the instance whose centre is nearest the centre regressed at q (`nearest_center`); a group's map is
-    the sum of its instances' (their boxes do not overlap). regressed (B, 2, h, w) input frame (assignment only);
-    coarse_fg (B, 1, h, w) probabilities; q: `fcos_locations` of stride, offset; boxes (N, 4), centers (N, 2)
-    input frame (ground truth in training, detections at test); batch (N,); groups (N,) (`coloring_groups`).
-    bbox_only (Table 3c): lam on the whole box. background="own_background": j's own locations get
-    lam * f - mu * (1 - f) (METHODS.md, FCOSIS). assign="pass" (ablation): only j's colour group competes.
-    owner, competes: inference's duplicates (`nearest_center_among_owners`); None in training.
-    Returns (num_groups, 1, h, w) float32 (drawn on P2 from the P3 outputs, `FCOSIS.attention_inputs`)."""
+def attention_maps(q, regressed, coarse_fg, boxes, centers, batch, groups, num_groups, lam, mu,
+                   bbox_only=False, obj=None, competes=None):
+    """The attention maps of [IS 3.2.1] of every colour group on one grid. For instance j,
+    location q, coarse foreground f(q) and box B_j:
+        A_j(q) = 0                          if q is outside B_j
+               = lam f(q) - mu (1 - f(q))   if q is inside B_j and assigned to j
+               = -mu                        if q is inside B_j and assigned to another instance
+    "lam indicates foreground pixels on the object while -mu marks pixels which belong to the
+    background or distractor instances": the own background gets -mu too, weighed by f (a
+    probability; no threshold; the reading without it: METHODS.md). q goes to the instance of
+    its image whose centre is nearest the centre regressed at q (`nearest_center`); a group's map
+    is the sum of its instances' (their boxes do not overlap).
+        q (P, 2) the grid's locations; regressed (B, 2, h, w) input frame (assignment only);
+        coarse_fg (B, 1, h, w) probabilities; boxes (N, 4), centers (N, 2) input frame (ground
+        truth in training, detections at test); batch (N,); groups (N,) (`coloring_groups`)
+        bbox_only (Table 3c): lam on the whole box
+        obj, competes: inference's competitors (`detections_as_objects`); None in training
+    Returns (num_groups, 1, h, w) float32."""
     B, _, h, w = coarse_fg.shape
-    q = fcos_locations([(h, w)], [stride], coarse_fg.device, offset)[0]          # (P, 2) the locations
     in_box = inside(q[None], boxes.float()[:, None], "half-open")                # (N, P) q in B_j
     if bbox_only:
         per_instance = lam * in_box                                               # (N, P)
     else:
         dist2 = center_distances(regressed, centers, batch)                      # (N, P)
-        if assign == "pass":
-            mine = nearest_center(dist2, groups, num_groups)                      # (N, P) q assigned to j
-        elif owner is None and competes is None:  # training: the ground-truth objects of the image
-            mine = nearest_center(dist2, batch, B)
-        else:  # inference: the de-duplicated detections of the image
-            mine = nearest_center_among_owners(dist2, batch, B, owner, competes)
+        if obj is None:  # training: the ground-truth objects of the image
+            mine = nearest_center(dist2, batch, B)                                # (N, P) q is j's
+        else:  # inference: the competing detections of the image
+            mine = nearest_competing_center(dist2, batch, B, obj, competes)
         f = coarse_fg.float().flatten(1)[batch]                                   # (N, P) f(q)
-        own = lam * f if background == "distractor_only" else lam * f - mu * (1 - f)
-        per_instance = torch.where(mine, own, -mu) * in_box                       # (N, P) A_j(q)
+        per_instance = torch.where(mine, lam * f - mu * (1 - f), -mu) * in_box    # (N, P) A_j(q)
     out = per_instance.new_zeros(num_groups, h * w).index_add(0, groups, per_instance.float())
     return out.view(num_groups, 1, h, w)
 
 
 class AttentionMap(nn.Module):
-    """The learnable scalars of [IS 3.2.1]'s attention map, lam (foreground) and mu (background / distractor), both
-    initialised to 1. mode "segm" (the paper's), "mu0" (Table 3b: mu := 0, a buffer) or "bbox" (Table 3c: no mu,
-    no unused parameter under DDP); assign, offset, background: `attention_maps`, whose other arguments forward
-    takes (owner, competes last) -> (num_groups, 1, h, w)."""
+    """The learnable scalars of [IS 3.2.1]'s attention map, lam (foreground) and mu (background /
+    distractor), both initialised to 1. mode "segm" (the paper's), "mu0" (Table 3b: mu := 0, a
+    buffer) or "bbox" (Table 3c: no mu, no unused parameter under DDP). forward: the arguments of
+    `attention_maps` before lam -> (num_groups, 1, h, w)."""
 
-    def __init__(self, mode="segm", assign="image", offset="half", background="distractor_only"):
+    def __init__(self, mode="segm"):
         super().__init__()
-        self.assign = assign                                       # see `attention_maps`
-        self.offset = offset
-        self.background = background
         if mode not in ("segm", "mu0", "bbox"):
             raise ValueError(f"AttentionMap: mode must be 'segm', 'mu0' or 'bbox', got {mode!r}")
         self.mode = mode
@@ -2028,27 +2207,26 @@ class AttentionMap(nn.Module):
         else:
             self.register_buffer("mu", torch.tensor(0.0))          # fixed 0 [IS 4.2] / unused
 
-    def forward(self, regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups, owner=None,
+    def forward(self, q, regressed, coarse_fg, boxes, centers, batch, groups, num_groups, obj=None,
                 competes=None):
-        return attention_maps(regressed, coarse_fg, stride, boxes, centers, batch, groups, num_groups,
-                              self.lam, self.mu, bbox_only=self.mode == "bbox", assign=self.assign, owner=owner,
-                              offset=self.offset, competes=competes, background=self.background)
+        return attention_maps(q, regressed, coarse_fg, boxes, centers, batch, groups, num_groups,
+                              self.lam, self.mu, self.mode == "bbox", obj, competes)
 
 
 def apply_attention(features, attention, group_batch):
-    """The top-down connection [IS 3.2.1]: each colour group's image's FPN maps times its attention map, resized to
-    each level bilinearly where finer (align_corners=False: the locations stay aligned), by area averaging where
-    coarser (a 4x bilinear shrink would read 2 of every 4 cells). features [(B, C, h_i, w_i)] (P2, P3, P4);
-    attention (num_groups, 1, h, w); group_batch (num_groups,) -> [(num_groups, C, h_i, w_i)]."""
+    """The top-down connection [IS 3.2.1]: each colour group's image's FPN maps times its attention
+    map, drawn on P2 and shrunk onto each coarser level by area averaging (a 4x bilinear shrink
+    would read 2 of every 4 cells; [IS] says "bilinearly interpolated", METHODS.md).
+    features [(B, C, h_i, w_i)] (P2, P3, P4); attention (num_groups, 1, H/4, W/4);
+    group_batch (num_groups,) -> [(num_groups, C, h_i, w_i)]."""
     out = []
     for f in features:
-        if attention.shape[-2:] == f.shape[-2:]:
-            a = attention
-        elif f.shape[-1] < attention.shape[-1]:
-            a = F.interpolate(attention, size=f.shape[-2:], mode="area")           # (num_groups, 1, h_i, w_i)
-        else:
-            a = F.interpolate(attention, size=f.shape[-2:], mode="bilinear", align_corners=False)
-        out.append(f[group_batch] * a.to(f.dtype))                                 # (num_groups, C, h_i, w_i)
+        a = attention
+        if a.shape[-2:] != f.shape[-2:]:
+            # (num_groups, 1, h_i, w_i)
+            a = F.interpolate(attention, size=f.shape[-2:], mode="area")
+        # (num_groups, C, h_i, w_i)
+        out.append(f[group_batch] * a.to(f.dtype))
     return out
 
 
@@ -2098,7 +2276,8 @@ def coloring_groups(boxes, batch):
     0..num_groups-1, ordered by (image, colour), and group_batch (num_groups,) int64, the image of each group."""
     colors = greedy_coloring(box_overlap_graph(boxes, batch))                      # (M,)
     K = int(colors.max()) + 1 if len(colors) else 1                                # colours used
-    keys, groups = torch.unique(batch * K + colors, sorted=True, return_inverse=True)  # (num_groups,), (M,)
+    # (num_groups,), (M,)
+    keys, groups = torch.unique(batch * K + colors, sorted=True, return_inverse=True)
     return groups, keys // K
 
 
@@ -2113,13 +2292,15 @@ class SegmentationHead(nn.Module):
         out: (num_groups, num_classes, H/4, W/4); num_classes 1 (agnostic, [IS 3.2.2]) or C ([IS 3.2.1] "W/4 x H/4 x C")
     The 1x1 predictor starts at N(0, 0.01), every pixel at p ~ 0.5 (the crop's foreground share, [IS 3.2.2])."""
 
-    def __init__(self, in_channels=256, channels=256, num_classes=1, num_convs=3, num_levels=3, norm=True):
+    def __init__(self, in_channels=256, channels=256, num_classes=1, num_convs=3, num_levels=3,
+                 norm=True):
         super().__init__()
 
         def tower():
             layers = []
             for k in range(num_convs):
-                layers.append(nn.Conv2d(in_channels if k == 0 else channels, channels, 3, padding=1, bias=not norm))
+                cin = in_channels if k == 0 else channels
+                layers.append(nn.Conv2d(cin, channels, 3, padding=1, bias=not norm))
                 if norm:
                     layers.append(nn.GroupNorm(32, channels))
                 layers.append(nn.ReLU(inplace=True))
@@ -2138,11 +2319,14 @@ class SegmentationHead(nn.Module):
         size = features[0].shape[-2:]                                              # P2: (H/4, W/4)
         x = 0
         for tower, f in zip(self.towers, features):
-            y = tower(f)                                                           # (num_groups, channels, h_i, w_i)
+            # (num_groups, channels, h_i, w_i)
+            y = tower(f)
             if y.shape[-2:] != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            x = x + y                                                              # (num_groups, channels, H/4, W/4)
-        return self.predictor(x)                                                   # (num_groups, num_classes, H/4, W/4)
+            # (num_groups, channels, H/4, W/4)
+            x = x + y
+        # (num_groups, num_classes, H/4, W/4)
+        return self.predictor(x)
 
 
 def optimal_padding(fg_pixels, w, h, ratio=0.5):
@@ -2198,15 +2382,18 @@ class ASPP(nn.Module):
         super().__init__()
 
         def block(k, d):
-            return nn.Sequential(nn.Conv2d(cin, channels, k, padding=d if k == 3 else 0, dilation=d, bias=False),
-                                 nn.GroupNorm(32, channels), nn.ReLU(inplace=True))
+            conv = nn.Conv2d(cin, channels, k, padding=d if k == 3 else 0, dilation=d, bias=False)
+            return nn.Sequential(conv, nn.GroupNorm(32, channels), nn.ReLU(inplace=True))
         self.branches = nn.ModuleList([block(1, 1)] + [block(3, r) for r in rates])
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, channels, 1), nn.ReLU(inplace=True))
-        self.project = nn.Sequential(nn.Conv2d(channels * (len(rates) + 2), channels, 1, bias=False),
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, channels, 1),
+                                  nn.ReLU(inplace=True))
+        self.project = nn.Sequential(nn.Conv2d(channels * (len(rates) + 2), channels, 1,
+                                               bias=False),
                                      nn.GroupNorm(32, channels), nn.ReLU(inplace=True))
 
     def forward(self, x):
-        pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])                      # (B, channels, h, w)
+        # (B, channels, h, w)
+        pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1))
 
 
@@ -2226,24 +2413,21 @@ class FCOSIS(FCOS):
         probabilities, upsampled from stride 4 and cropped to the box.
     Table 3 (attention=...): "none" (3a: class-wise segmentation with ASPP, masks cropped by box and class),
         "mu0" (3b: mu fixed at 0), "bbox" (3c: the whole box filled with lambda).
-    Readings (com_assignment, the attention grid and assignment, duplicates, what -mu marks, colouring the padded
-    boxes, the "none" baseline's loss, loss weights 1, reg_weights): METHODS.md, FCOSIS."""
+    Readings (which locations regress the centre of mass, the attention grid and assignment, the test-time
+    competition, what -mu marks, colouring the padded boxes, the "none" baseline's loss, loss weights 1,
+    reg_weights): METHODS.md, FCOSIS."""
 
     # the box tower's `extra` channels ([IS 3.2.1]): centre-of-mass offset (r_x, r_y) in strides, foreground logit
     COM, FOREGROUND = slice(0, 2), 2
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, extra=3, first_level=2)                            # P2-P7; head on P3-P7
+        # P2-P7; head on P3-P7
+        super().__init__(cfg, extra=3, first_level=2)
         c = cfg.fpn_channels
         n = cfg.num_classes if (cfg.seg_classes == "specific" or cfg.attention == "none") else 1
         self.seg_head = SegmentationHead(c, c, n)
         self.aspp = ASPP(c, c) if cfg.attention == "none" else None
-        self.attention = None if cfg.attention == "none" else AttentionMap(cfg.attention, cfg.attention_assign,
-                                                                                 cfg.location_offset,
-                                                                                 cfg.attention_background)
-        # FCOSreg's assignment and weights where asked for: every location's segmentation labels ([IS 3.3])
-        self.uses_masks = (cfg.reg_weights != (1.0, 0.0, 0.0) or cfg.ambiguity == "mask"
-                           or cfg.center_sampling_at == "mass")
+        self.attention = None if cfg.attention == "none" else AttentionMap(cfg.attention)
 
     def box_weights(self, ctr, seg):
         """FCOS's hook: the box loss weighted by FCOSreg's w when reg_weights != (1, 0, 0); the centerness branch
@@ -2256,85 +2440,99 @@ class FCOSIS(FCOS):
         training and inference, which is supported by FCOSIS": s = the predicted coarse foreground."""
         ctr = out["centerness"].float().sigmoid()                                # (B, P)
         if self.cfg.reg_weights != (1.0, 0.0, 0.0):
-            ctr = regression_weights(ctr, out["extra"][..., self.FOREGROUND].float().sigmoid(), self.cfg.reg_weights)
+            fg = out["extra"][..., self.FOREGROUND].float().sigmoid()
+            ctr = regression_weights(ctr, fg, self.cfg.reg_weights)
         return ctr
 
-    def p3_maps(self, out):
-        """The P3 outputs the attention map is built from: regressed centres (B, 2, h, w), coarse fg (B, 1, h, w)."""
+    def p3_maps(self, out, input_hw):
+        """The P3 outputs the attention map is built from: regressed centres (B, 2, h, w), coarse
+        fg (B, 1, h, w)."""
         h, w = out["hw"][0]
         p3 = out["extra"][:, :h * w].float().transpose(1, 2).reshape(-1, 3, h, w)   # (B, 3, h, w)
-        fg = self.FOREGROUND
-        return regressed_centers(p3[:, self.COM], self.strides[0], self.cfg.location_offset), p3[:, fg:fg + 1].sigmoid()
+        points = self.locations([(h, w)], input_hw, p3.device)[0]                # (h * w, 2)
+        fg = p3[:, self.FOREGROUND:self.FOREGROUND + 1].sigmoid()
+        return regressed_centers(p3[:, self.COM], points, self.strides[0]), fg
 
-    def attention_inputs(self, out, p2_hw):
-        """The P3 maps (`p3_maps`) on the attention map's grid, and its stride: "p2" (default) resampled bilinearly
-        onto P2 (exact inside the map: the centres are input-frame coordinates), "p3" P3's own. The resampling
-        follows the locations: "half", 8j + 4 -> 4k + 2 (align_corners=False); "zero", 8j -> 4k (align_corners=True
-        onto 2h - 1 cells, the last row / column repeated)."""
-        regressed, fg = self.p3_maps(out)                                        # (B, 2|1, H/8, W/8)
-        if self.cfg.attention_grid == "p3":
-            return regressed, fg, self.strides[0]
-        if self.cfg.location_offset == "zero":
+    def attention_inputs(self, out, p2_hw, input_hw):
+        """The P3 maps (`p3_maps`) resampled bilinearly onto the P2 grid, where the attention map is
+        drawn (exact inside the map: the centres are input-frame coordinates), and the P2
+        locations. The resampling follows the locations: FCOS's 8j + 4 -> 4k + 2
+        (align_corners=False); torchvision's 8j -> 4k (align_corners=True onto 2h - 1 cells, the
+        last row / column repeated)."""
+        regressed, fg = self.p3_maps(out, input_hw)                             # (B, 2|1, H/8, W/8)
+        q = self.locations([tuple(p2_hw)], input_hw, fg.device, strides=[self.strides[0] // 2])[0]
+        if self.cfg.fcos_form == "torchvision":  # torchvision's locations
             h, w = regressed.shape[-2:]
 
             def up(x):
-                y = F.interpolate(x, size=(2 * h - 1, 2 * w - 1), mode="bilinear", align_corners=True)
+                y = F.interpolate(x, size=(2 * h - 1, 2 * w - 1), mode="bilinear",
+                                  align_corners=True)
                 return F.pad(y, (0, 1, 0, 1), mode="replicate")[..., :p2_hw[0], :p2_hw[1]]
         else:
-            up = lambda x: F.interpolate(x, size=tuple(p2_hw), mode="bilinear", align_corners=False)  # noqa: E731
-        return up(regressed), up(fg), self.strides[0] // 2                       # (B, 2|1, H/4, W/4)
+            def up(x):
+                return F.interpolate(x, size=tuple(p2_hw), mode="bilinear", align_corners=False)
+        # (B, 2|1, H/4, W/4)
+        return q, up(regressed), up(fg)
 
-    def segment(self, features, out, boxes, centers, batch, labels, color_boxes=None, owner=None, competes=None):
-        """Mask logits (M, H/4, W/4) of M instances (boxes (M, 4), centres (M, 2) input frame, batch, labels (M,)),
-        one segmentation forward per colour group; owner, competes: inference's (`duplicate_owners`). Also returns
-        the attention maps (num_groups, 1, h, w) and groups (M,) (None for the "none" baseline)."""
+    def segment(self, features, out, input_hw, boxes, centers, batch, labels, color_boxes=None,
+                obj=None, competes=None):
+        """Mask logits (M, H/4, W/4) of M instances (boxes (M, 4), centres (M, 2) input frame,
+        batch, labels (M,)), one segmentation forward per colour group; obj, competes: inference's
+        (`detections_as_objects`). Also returns the attention maps (num_groups, 1, h, w) and
+        groups (M,) (None for the "none" baseline)."""
         p2_p4 = features[:3]                                                     # P2, P3, P4
         ch = labels if self.seg_head.predictor.out_channels > 1 else torch.zeros_like(labels)
         if self.attention is None:  # Table 3a: one class-wise map per image, ASPP on P4
             seg = self.seg_head([p2_p4[0], p2_p4[1], self.aspp(p2_p4[2])])       # (B, C, H/4, W/4)
             return seg[batch, ch], None, None
         groups, group_batch = coloring_groups(boxes if color_boxes is None else color_boxes, batch)
-        regressed, fg, stride = self.attention_inputs(out, p2_p4[0].shape[-2:])
-        att = self.attention(regressed, fg, stride, boxes, centers, batch, groups, len(group_batch), owner, competes)
-        seg = self.seg_head(apply_attention(p2_p4, att, group_batch))            # (num_groups, n, H/4, W/4)
+        q, regressed, fg = self.attention_inputs(out, p2_p4[0].shape[-2:], input_hw)
+        att = self.attention(q, regressed, fg, boxes, centers, batch, groups, len(group_batch), obj,
+                             competes)
+        # (num_groups, n, H/4, W/4)
+        seg = self.seg_head(apply_attention(p2_p4, att, group_batch))
         return seg[groups, ch], att, groups
 
     def extra_losses(self, x: FCOSForward):
         out, features, targets, points = x.out, x.features, x.targets, x.points
         B, device = len(targets), points.device
         H, W = x.input_hw
-        flat = {k: v.to(device) for k, v in flatten_targets(targets, 1).items()}  # stride 1: input frame
-        boxes, labels, batch = flat["boxes"], flat["labels"], flat["batch"]      # (M, 4), (M,), (M,)
+        # stride 1: input frame
+        flat = {k: v.to(device) for k, v in flatten_targets(targets, 1).items()}
+        # (M, 4), (M,), (M,)
+        boxes, labels, batch = flat["boxes"], flat["labels"], flat["batch"]
         masks = batch_masks(targets, H, W, device)                               # (M, H, W)
-        extra = out["extra"].float()                                             # (B, P, 3): COM, FOREGROUND
+        # (B, P, 3): COM, FOREGROUND
+        extra = out["extra"].float()
         # coarse foreground of every level: BCE against the pooled union of the masks
         fg_target = torch.cat([coarse_foreground_targets(masks, s, batch, B, hw).flatten(1)
                                for s, hw in zip(self.strides, out["hw"])], 1)   # (B, P)
-        losses = {"foreground": F.binary_cross_entropy_with_logits(extra[..., self.FOREGROUND], fg_target, reduction="sum")
-                  / reduce_mean(torch.full((), float(fg_target.numel()), device=device))}
+        fg_bce = F.binary_cross_entropy_with_logits(extra[..., self.FOREGROUND], fg_target,
+                                                    reduction="sum")
+        num_cells = reduce_mean(torch.full((), float(fg_target.numel()), device=device))
+        losses = {"foreground": fg_bce / num_cells}
         # centre-of-mass regression, in stride units
         mass = center_of_mass(masks, boxes)                                      # (M, 2)
-        if self.cfg.com_assignment == "mask":
-            matched = mask_assignment(points, masks, batch, B)                   # (B, P) flat index
-        else:  # FCOS positives (assigned["matched"] indexes each image's boxes: made flat)
-            first = first_box_index(targets, device)
-            matched = torch.where(x.assigned["matched"] >= 0, x.assigned["matched"] + first[:, None], -1)
+        matched = mask_assignment(points, masks, batch, B)                       # (B, P) flat index
         strides = torch.tensor(self.strides, device=device, dtype=torch.float32)[x.levels]
         com_target, valid = center_of_mass_targets(points, strides, matched, mass, masks)
+        num_valid = reduce_mean(valid.sum().float()).clamp(min=1)
         losses["com"] = center_of_mass_loss(extra[..., self.COM], com_target, valid,
-                                            normalizer=reduce_mean(valid.sum().float()).clamp(min=1))
+                                            normalizer=num_valid)
         # the padded-crop segmentation loss of every instance
         M = len(boxes)
         num_instances = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)
         if M == 0:  # keep the segmentation branch and P2 in the graph (DDP)
-            losses["mask"] = features[0].float().sum() * 0 + sum(
-                p.sum() * 0 for n, p in self.named_parameters() if n.startswith(("seg_head", "aspp", "attention")))
+            branch = [p for n, p in self.named_parameters()
+                      if n.startswith(("seg_head", "aspp", "attention"))]
+            losses["mask"] = features[0].float().sum() * 0 + sum(p.sum() * 0 for p in branch)
             return losses
         fg_pixels = masks.flatten(1).sum(1, dtype=torch.float32)
         wh = boxes[:, 2:] - boxes[:, :2]
         pad = optimal_padding(fg_pixels, wh[:, 0], wh[:, 1]).float()             # (M,) [IS 3.2.2]
         color_boxes = boxes + pad[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
-        logits, _, _ = self.segment(features, out, boxes, mass, batch, labels, color_boxes)
+        logits, _, _ = self.segment(features, out, x.input_hw, boxes, mass, batch, labels,
+                                    color_boxes)
         losses["mask"] = padded_crop_bce(logits.float(), masks, boxes) * M / num_instances
         return losses
 
@@ -2343,9 +2541,11 @@ class FCOSIS(FCOS):
         out, points, levels, features = x.out, x.points, x.levels, x.features
         H, W = x.input_hw
         device = points.device
-        batch = image_index([len(d["boxes"]) for d in dets], device)            # (K,) over the batch
+        # (K,) over the batch
+        batch = image_index([len(d["boxes"]) for d in dets], device)
         boxes = torch.cat([d["boxes"] for d in dets])
-        labels, index = torch.cat([d["labels"] for d in dets]), torch.cat([d["index"] for d in dets])
+        labels = torch.cat([d["labels"] for d in dets])
+        index = torch.cat([d["index"] for d in dets])
         if len(boxes) == 0:
             for d in dets:
                 d["masks"] = torch.zeros(0, H, W, device=device)
@@ -2353,12 +2553,12 @@ class FCOSIS(FCOS):
         # each detection's centre: the centre of mass regressed at its own location
         s = torch.tensor(self.strides, device=device, dtype=torch.float32)[levels[index]]
         centers = points[index] + s[:, None] * out["extra"][batch, index, self.COM].float()
-        # duplicates compete as one object for the attention map's locations (`duplicate_owners`)
-        owner, competes = duplicate_owners(boxes, torch.cat([d["scores"] for d in dets]), batch,
-                                           self.cfg.assign_nms_threshold, self.cfg.assign_score_floor)
-        logits, att, groups = self.segment(features, out, boxes, centers, batch, labels, owner=owner,
-                                           competes=competes)
-        probs = F.interpolate(logits[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        # duplicates compete as one object for the attention map's locations
+        obj, competes = detections_as_objects(boxes, torch.cat([d["scores"] for d in dets]), batch)
+        logits, att, groups = self.segment(features, out, x.input_hw, boxes, centers, batch, labels,
+                                           obj=obj, competes=competes)
+        probs = F.interpolate(logits[:, None].float(), size=(H, W), mode="bilinear",
+                              align_corners=False)[:, 0]
         # cropped to the box: closed (`boxes_inside`), not this section's half-open rule (see its header)
         probs = probs.sigmoid() * boxes_inside(boxes, H, W)
         start = 0

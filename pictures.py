@@ -23,7 +23,7 @@ from torch.utils.data import Subset
 
 from data import COCO_BGR_MEAN, COCO_BGR_STD, IMAGENET_MEAN, IMAGENET_STD, load_rgb_image, write_atomic
 from eval import _base_dataset, _make_loader, _predict_batch, _unwrap_model
-from model import (FCOSIS, CenterMask, FCOSForward, boxes_inside, coloring_groups, fcos_locations,
+from model import (FCOSIS, CenterMask, FCOSForward, boxes_inside, coloring_groups,
                    topk_peaks)
 
 
@@ -90,8 +90,8 @@ def fcosis_maps(model, images, k=8, score_threshold=0.3):
         "centre of mass field"  (h, w, 3) RGB: hue = angle of the regressed vector (r_x,
                                 r_y), brightness = coarse foreground (Fig. 3)
         "coarse foreground"     (h, w) sigmoid of the detection head's coarse segmentation
-        "attention map"         the attention map of the best detection's pass, on its own
-                                grid (H/4, W/4; (h, w) with attention_grid="p3")
+        "attention map"         the attention map of the best detection's pass, on the P2
+                                grid (H/4, W/4)
                                 (absent for the "none" baseline)
         "colour groups"         (H, W) int64: each detection's box (score >= threshold,
                                 best k) filled with 1 + its colour (one segmentation pass
@@ -113,10 +113,9 @@ def fcosis_maps(model, images, k=8, score_threshold=0.3):
         att, groups, batch = model.predict_masks(dets, x)
     finally:
         model.train(was_training)
-    regressed, fg = model.p3_maps(out)
+    regressed, fg = model.p3_maps(out, images.shape[-2:])
     h, w = fg.shape[-2:]
-    loc = fcos_locations([(h, w)], [model.strides[0]], images.device,
-                         model.cfg.location_offset)[0].t().reshape(1, 2, h, w)
+    loc = points[:h * w].t().reshape(1, 2, h, w)                             # the P3 locations
     vec = regressed - loc                                                    # (B, 2, h, w) input pixels
     hue = (torch.atan2(vec[:, 1], vec[:, 0]) / (2 * math.pi)) % 1.0          # (B, h, w) in [0, 1)
     H, W = images.shape[-2:]

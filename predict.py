@@ -33,8 +33,10 @@ import os
 import numpy as np
 import torch
 
-from data import write_json
-from eval import load_checkpoint_model, to_coco_results, to_original
+from data import (ImageReadError, collate_fn, dataset_paths, load_rgb_image, unlabelled_sample,
+                  write_json)
+from eval import checkpoint_transform, load_checkpoint_model, to_coco_results, to_original
+from model import NON_FINITE_DEFORM, check_deform_finite
 from pictures import draw_predictions, network_input_rgb, save_maps_figure, teaching_maps, write_png
 
 # -- config (overridable: python predict.py --key=value) ------------------------------------------
@@ -42,9 +44,9 @@ ckpt = ""                     # checkpoint written by train.py (required)
 input = ""                    # a picture, a folder (every file in it) or a glob pattern (required)
 out_dir = ""                  # "": <checkpoint folder>/predict
 score_threshold = 0.3         # detections drawn and written
-maps = False                  # also <stem>_maps.png: the method's teaching maps (heatmap, shapes, saliency, ...)
+# also <stem>_maps.png: the method's teaching maps (heatmap, shapes, saliency, ...)
+maps = False
 device = "auto"               # "auto" (a GPU when there is one), "cpu", "cuda", "cuda:1"
-model_args = ""               # inference-time ModelConfig overrides, as eval.py's --model_args
 # ----------------------------------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
@@ -56,11 +58,10 @@ def fail(msg):
 def input_files(pattern):
     """The files `pattern` names: a file, every file of a folder (sorted), or a glob's matches."""
     if os.path.isdir(pattern):
-        return sorted(os.path.join(pattern, f) for f in os.listdir(pattern)
-                      if os.path.isfile(os.path.join(pattern, f)))
-    if os.path.isfile(pattern):
-        return [pattern]
-    return sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+        files = [os.path.join(pattern, f) for f in os.listdir(pattern)]
+    else:
+        files = [pattern] if os.path.isfile(pattern) else glob.glob(pattern)
+    return sorted(f for f in files if os.path.isfile(f))
 
 
 def class_meaning(checkpoint, num_classes):
@@ -68,7 +69,6 @@ def class_meaning(checkpoint, num_classes):
     training json of its config, else the label numbers themselves."""
     if "class_names" in checkpoint and "label_to_cat_id" in checkpoint:
         return list(checkpoint["class_names"]), list(checkpoint["label_to_cat_id"])
-    from data import dataset_paths
     try:
         ann = dataset_paths(checkpoint.get("config") or {})["train_ann"]
         with open(ann) as f:
@@ -76,61 +76,36 @@ def class_meaning(checkpoint, num_classes):
         print(f"predict.py: the checkpoint does not name its classes: read them from {ann}")
         return [str(c.get("name", c["id"])) for c in cats], [c["id"] for c in cats]
     except (OSError, ValueError, KeyError, TypeError):
-        print("predict.py: the checkpoint does not name its classes and its training json is not at hand: "
-              "classes are shown by label number")
+        print("predict.py: the checkpoint does not name its classes and its training json is not "
+              "at hand: classes are shown by label number")
         return [str(k) for k in range(num_classes)], list(range(num_classes))
 
 
 if __name__ == "__main__":
-    import ast
-    from functools import partial
-
-    from data import ImageReadError, build_transforms, collate_fn, load_rgb_image, unlabelled_sample
-    from model import NON_FINITE_DEFORM, check_deform_finite
-
     if not ckpt:
         fail("no checkpoint given: pass --ckpt=PATH")
-    if not input:
-        fail("no pictures given: pass --input=FILE, --input=FOLDER or --input='PATTERN*.jpg'")
+    files = input_files(input) if input else []
+    if not files:
+        fail(f"--input={input!r} names no file: give a picture, a folder or a glob ('*.jpg')")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device={device} was asked for but no CUDA GPU is available (use --device=cpu)")
     try:
-        overrides = ast.literal_eval(model_args) if model_args else {}
-        assert isinstance(overrides, dict)
-    except (ValueError, SyntaxError, AssertionError):
-        fail(f"--model_args must be a dict literal such as \"{{'mask_threshold': 0.5}}\", got {model_args!r}")
-    try:
-        model, checkpoint = load_checkpoint_model(ckpt, device, overrides)
+        model, checkpoint = load_checkpoint_model(ckpt, device)
     except ValueError as e:
         fail(str(e))
-    files = input_files(input)
-    if not files:
-        fail(f"--input={input!r} names no file")
     class_names, label_to_cat_id = class_meaning(checkpoint, model.cfg.num_classes)
-
-    # the test transform of the training config, as eval.py builds it
-    saved = checkpoint.get("config") or {}
-    size = saved.get("test_input_size") or saved.get("input_size")
-    kw = {"input_size": size} if size else {}
-    kind = saved.get("transform", "centernet")
-    if saved.get("keep_res") and kind == "centernet":
-        kw["keep_res"] = True
-    # the colour order and statistics the model was trained with ("bgr_coco" after CenterNet's weights)
-    kw["input_format"] = saved.get("input_format", "rgb_imagenet")
-    transform = build_transforms(kind, train=False, **kw)
-    collate = partial(collate_fn, size_divisibility=model.size_divisibility)
-    threshold = model.mask_threshold
+    transform = checkpoint_transform(checkpoint)     # the training config's test transform
     maps_fn = teaching_maps(model) if maps else None
     if maps and maps_fn is None:
         print(f"predict.py: {type(model).__name__} draws no teaching maps; --maps ignored")
 
     out = out_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "predict")
-    os.makedirs(out, exist_ok=True)
-    print(f"predicting {len(files)} file(s) with {ckpt} ({type(model).__name__}, {len(class_names)} classes) "
-          f"on {device}, {kind} test transform, inputs {transform.input_format}; writing to {out}")
-    results, skipped = {}, []
+    print(f"predicting {len(files)} file(s) with {ckpt} ({type(model).__name__}, "
+          f"{len(class_names)} classes) on {device}, {transform.kind} test transform, "
+          f"inputs {transform.input_format}; writing to {out}")
+    results, skipped = {}, 0
     with torch.no_grad():
         for path in files:
             name = os.path.basename(path)
@@ -138,26 +113,30 @@ if __name__ == "__main__":
                 pil = load_rgb_image(path, upright=True)         # EXIF orientation applied
             except ImageReadError as e:
                 print(f"skipping {path}: not an image that can be read ({e.__cause__ or e})")
-                skipped.append(path)
+                skipped += 1
                 continue
-            images, targets = collate([unlabelled_sample(pil, transform)])  # (1, 3, H, W)
+            sample = unlabelled_sample(pil, transform)                  # the picture, no target
+            images, targets = collate_fn([sample], model.size_divisibility)  # (1, 3, H, W)
+            images = images.to(device)
             try:
-                output = model(images.to(device), image_sizes=[tuple(targets[0]["size"].tolist())])[0]
-                check_deform_finite()  # a GPU's count of NaN / inf offsets (model.py), read once per image
-            except RuntimeError as e:  # DeformConv's refusal of NaN / inf as one line; anything else passes
+                output = model(images, image_sizes=[tuple(targets[0]["size"].tolist())])[0]
+                # a GPU's count of NaN / inf offsets (model.py), read once per image
+                check_deform_finite()
+            except RuntimeError as e:
+                # DeformConv's refusal of NaN / inf as one line; anything else passes
                 if NON_FINITE_DEFORM not in str(e):
                     raise
                 fail(f"{ckpt} on {path}: {NON_FINITE_DEFORM}")
-            pred = to_original({k: v.cpu() for k, v in output.items()}, targets[0], threshold)
-            keep = pred["scores"] >= score_threshold
-            pred = {k: v[keep] for k, v in pred.items()}
-            image = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()  # (3, H0, W0) uint8
+            keep = output["scores"] >= score_threshold
+            output = {k: v[keep].cpu() for k, v in output.items()}
+            pred = to_original(output, targets[0], model.mask_threshold)
+            image = torch.from_numpy(np.array(pil)).permute(2, 0, 1)  # (3, H0, W0) uint8
             stem = os.path.splitext(name)[0]
-            write_png(draw_predictions(image, pred, class_names, score_threshold),
+            write_png(draw_predictions(image.contiguous(), pred, class_names, score_threshold),
                       os.path.join(out, f"{stem}_pred.png"))
             if maps_fn is not None:
-                save_maps_figure(network_input_rgb(images[0], transform.input_format),
-                                 maps_fn(images.to(device))[0], os.path.join(out, f"{stem}_maps.png"))
+                save_maps_figure(network_input_rgb(images[0].cpu(), transform.input_format),
+                                 maps_fn(images)[0], os.path.join(out, f"{stem}_maps.png"))
             dets = to_coco_results(pred, 0, label_to_cat_id)
             for d, label in zip(dets, pred["labels"].tolist()):
                 del d["image_id"]
@@ -166,4 +145,4 @@ if __name__ == "__main__":
             print(f"{name}: {len(dets)} detection(s) >= {score_threshold}")
     write_json(results, os.path.join(out, "predictions.json"))
     print(f"wrote {len(results)} picture(s) and predictions.json to {out}"
-          + (f"; skipped {len(skipped)} file(s) that are not readable images" if skipped else ""))
+          + (f"; skipped {skipped} file(s) that are not readable images" if skipped else ""))

@@ -184,8 +184,7 @@ if has speed; then
     DLA=(config/centermask_dla34.py "${COMMON[@]}")
     HG=(config/centermask_hourglass104.py "${COMMON[@]}")
     # FCOS R-50-FPN as torchvision's fcos_resnet50_fpn (its head's form, trainable BN, none frozen)
-    R50=(config/fcos_r50.py "${COMMON[@]}" --norm=bn --freeze_at=0 --centerness_on=reg
-         --reg_form=relu_stride --center_sampling=1.5 --box_loss=giou)
+    R50=(config/fcos_r50.py "${COMMON[@]}" --norm=bn --freeze_at=0 --fcos_form=improved)
     TINY=()
     if (( DRY )); then
         export TORCH_COMPILE_DISABLE=1  # the plumbing only: inductor's C++ build takes minutes here
@@ -280,10 +279,9 @@ if has quick || has overfit || has table; then
             done
         done
         for seed in $SEEDS; do  # FCOSIS's Table 3 (RESULTS.md), while the budget lasts
-            for t3 in segm own_background mu0 bbox none; do
+            for t3 in segm mu0 bbox none; do
                 case $t3 in
                     segm) sw=() ;;
-                    own_background) sw=(--attention_background=own_background) ;;
                     *) sw=(--attention="$t3") ;;
                 esac
                 train "t3_${t3}_s$seed" table 540 config/shapes_fcosis.py --shapes_dir="$SHAPES" \

@@ -238,7 +238,7 @@ if init_from == "resume":
     except Exception as e:
         sys.exit(f"train.py: cannot read checkpoint {ckpt_path}: {type(e).__name__}: {e}")
     updates = [(k, checkpoint["config"][k], "as the checkpoint was trained")
-               for k in ("input_format", "location_offset") if k in checkpoint.get("config", {})]
+               for k in ("input_format", "fcos_form") if k in checkpoint.get("config", {})]
 elif init_from != "scratch":
     if ddp and not master:
         dist.barrier()                # rank 0 first: a download lands once in torch.hub's cache

@@ -290,30 +290,23 @@ class LoadedWeights:
 
     def config_updates(self, config):
         """(key, value, why) for the train.py config keys that these weights decide, where
-        `config` (train.py's resolved config) says otherwise: the input format, the location
-        convention and the form of FCOS the weights were trained with (torchvision's: the improved
-        head, `FCOSHead`'s centerness_on and reg_form, with its centre sampling and GIoU loss), and
+        `config` (train.py's resolved config) says otherwise: the input format and the form of FCOS
+        the weights were trained with (torchvision's: fcos_form="torchvision"), and
         pretrained=False when the file holds the backbone (no ImageNet download to overwrite)."""
         want = []
         if self.kind in ("centernet_dla34", "centernet_hourglass104"):
             want.append(("input_format", "bgr_coco", "CenterNet trained these weights on BGR images normalised "
                          "with COCO statistics, its src/lib/datasets/dataset/coco.py"))
         elif self.kind == "torchvision_fcos":
-            want.append(("location_offset", "zero", "torchvision's FCOS puts location (i, j) at (j, i) x (input "
-                         "size // grid size), FCOS at s * (j, i) + s // 2; `fcos_locations`"))
-            want.append(("centerness_on", "reg", "torchvision's FCOS predicts centerness on the box tower"))
-            want.append(("reg_form", "relu_stride", "torchvision's FCOS regresses relu(x) * stride"))
-            # the improved FCOS is one form: its head and the targets and loss it was trained with
-            want.append(("center_sampling", 1.5, "torchvision's FCOS samples positives within 1.5 strides"))
-            want.append(("box_loss", "giou", "torchvision's FCOS trains its boxes with the GIoU loss"))
+            want.append(("fcos_form", "torchvision", "torchvision's FCOS is the improved one, with "
+                         "its own locations and candidate test (model.py, `FCOS`)"))
             want.append(("pretrained", False, "the ResNet-50 comes from the file"))
         elif self.kind == "project":
             args = self.model_args or {}
             want.append(("input_format", (self.config or {}).get("input_format", "rgb_imagenet"),
                          "as the checkpoint was trained"))
-            for key, before in (("location_offset", "half"), ("centerness_on", "reg"), ("reg_form", "relu_stride")):
-                # `before`: the value of checkpoints written before the key existed
-                want.append((key, args.get(key, before), "as the checkpoint was trained"))
+            if "fcos_form" in args:
+                want.append(("fcos_form", args["fcos_form"], "as the checkpoint was trained"))
             if args.get("backbone") == config.get("backbone"):
                 want.append(("pretrained", False, "the backbone comes from the checkpoint"))
         return [(k, v, why) for k, v, why in want if k in config and config[k] != v]

@@ -12,25 +12,20 @@
 # Which FCOS: [CM 4.3] does not say (it cites [FCOS]). This config keeps the improved one
 # (ModelConfig's default, torchvision's: centerness on the box tower, relu(x) * stride, centre
 # sampling 1.5, GIoU): FCOS's repository publishes its DCN models, the kind of Table 3's DCN rows,
-# only in that form (fcos_imprv_dcnv2_*). The original: --centerness_on=cls --reg_form=exp
-# --center_sampling=0 --box_loss=iou.
+# only in that form (fcos_imprv_dcnv2_*). The original: --fcos_form=original.
 method = "centermask_fcos"
 backbone = "resnet101"
 pretrained = True
 norm = "frozen_bn"
 freeze_at = 2
 fpn_channels = 256
-head_convs = 4
 shape_size = 32                  # S = 32 ([CM 3.5])
 saliency = "specific"            # on the finest FPN level, P3 ([CM 4.3]); class-specific as the DLA-34 and
 saliency_loss = True             # Hourglass-104 configs ([CM] Table 1e: +2.4 AP), with Table 1f's direct BCE
                                  # (+0.5): [CM 4.3] gives the FCOS variant no other setting
 head_conv = 256                  # the saliency head's hidden width ([CM 3.5] heads)
 mask_threshold = 0.4             # [CM 3.5]
-centerness_on = "reg"            # the improved FCOS (header): CENTERNESS_ON_REG True
-reg_form = "relu_stride"         # NORM_REG_TARGETS True
-center_sampling = 1.5            # CENTER_SAMPLING_RADIUS 1.5
-box_loss = "giou"                # IOU_LOSS_TYPE "giou"
+fcos_form = "improved"           # (header) CENTERNESS_ON_REG, NORM_REG_TARGETS, CENTER_SAMPLING_RADIUS 1.5, GIoU
 max_detections = 100
 
 out_dir = "out/centermask_fcos_r101"

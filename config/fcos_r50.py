@@ -17,18 +17,15 @@
 # (fcos_core/config/defaults.py: CENTERNESS_ON_REG False, NORM_REG_TARGETS False,
 # CENTER_SAMPLING_RADIUS 0.0, IOU_LOSS_TYPE "iou"; configs/fcos/fcos_R_50_FPN_1x.yaml sets none of
 # them). The improved FCOS (FCOS_imprv_R_50_FPN_1x, 38.7 in FCOS's README) is
-# --centerness_on=reg --reg_form=relu_stride --center_sampling=1.5 --box_loss=giou.
+# --fcos_form=improved.
 method = "fcos"
 backbone = "resnet50"
 pretrained = True                # ImageNet weights, as FCOS
 norm = "frozen_bn"               # FCOS: frozen BatchNorm ...
 freeze_at = 2                    # ... and frozen stem + res2
 fpn_channels = 256               # [FCOS] 3.2
-head_convs = 4                   # [FCOS] Fig. 2
-centerness_on = "cls"            # on the classification tower ([FCOS] 3.3; CENTERNESS_ON_REG False)
-reg_form = "exp"                 # ltrb = exp(scale * x) in pixels ([FCOS] 3.2; NORM_REG_TARGETS False)
-center_sampling = 0.0            # every location in the box ([IS 3.1]; CENTER_SAMPLING_RADIUS 0.0)
-box_loss = "iou"                 # FCOS's IoU loss ([IS 3.1] "similar to UnitBox"; IOU_LOSS_TYPE "iou")
+fcos_form = "original"           # centerness on the classification tower, ltrb = exp(scale * x), every
+                                 # location in the box a positive, the IoU loss ([FCOS] 3, [IS 3.1])
 score_threshold = 0.05           # [FCOS] 4
 nms_threshold = 0.6              # [FCOS] 4
 max_detections = 100

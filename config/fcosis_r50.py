@@ -10,10 +10,5 @@ import os
 exec(open(os.path.join(os.path.dirname(__file__), 'fcos_r50.py')).read())
 method = "fcosis"
 attention = "segm"               # the paper's map; Table 3: "mu0" (3b), "bbox" (3c), "none" (3a)
-attention_background = "own_background"  # [IS 3.2.1]: "-mu marks pixels which belong to the background or
-                                 # distractor instances": -mu on the own object's background too, as the
-                                 # sentence reads; "distractor_only" (the shapes configs) measured the same
-                                 # within two seeds (RESULTS.md, FCOSIS's Table 3; METHODS.md, FCOSIS)
 seg_classes = "agnostic"         # [IS 3.2.2]
-com_assignment = "mask"          # every mask pixel regresses its centre of mass ([IS] Fig. 3)
 out_dir = "out/fcosis_r50"

@@ -10,17 +10,14 @@
 # and the improved FCOS (model.py, `FCOS`; torchvision's: centerness on the box tower, relu(x) *
 # stride, centre sampling 1.5, GIoU) where the COCO configs of [IS] run the original one: every
 # shapes number in README and RESULTS.md was measured with it, and no run has measured the
-# original here (--centerness_on=cls --reg_form=exp --center_sampling=0 --box_loss=iou).
+# original here (--fcos_form=original).
 method = "fcos"
 backbone = "resnet18"
 pretrained = False
 norm = "bn"
 freeze_at = 0
 fpn_channels = 64
-centerness_on = "reg"            # the improved FCOS (header)
-reg_form = "relu_stride"
-center_sampling = 1.5
-box_loss = "giou"
+fcos_form = "improved"           # (header)
 
 shapes_dir = "data/shapes"
 shapes_n_train = 1000

@@ -8,7 +8,5 @@ import os
 exec(open(os.path.join(os.path.dirname(__file__), 'shapes_fcos.py')).read())
 method = "fcosis"
 attention = "segm"               # Table 3: "mu0", "bbox", "none"
-attention_background = "distractor_only"  # or "own_background": -mu on the own object's background too
 seg_classes = "agnostic"
-com_assignment = "mask"
 out_dir = "out/shapes_fcosis"

@@ -196,7 +196,7 @@ def test_center_of_mass_of_an_l_shape():
 
 
 def test_iou_loss_by_hand():
-    """Guards FCOS's IoU loss (box_loss="iou", its IOULoss "iou"), on distances from one location.
+    """Guards FCOS's IoU loss (the original form's, its IOULoss "iou"), on distances from one location.
     pred (2, 2, 2, 2), target (1, 1, 3, 3): areas 4*4 = 16 and 4*4 = 16; overlap (min(2,1) +
     min(2,3)) * (min(2,1) + min(2,3)) = 3 * 3 = 9; union 16 + 16 - 9 = 23 ->
     -log((9 + 1) / (23 + 1)) = log(2.4) = 0.87547. Identical (3, 3, 3, 3): -log(37/37) = 0.
@@ -211,7 +211,7 @@ def test_iou_loss_by_hand():
 
 # -- the original FCOS: centerness on the classification tower, exp(scale x) in pixels ----------------
 
-ORIGINAL = dict(centerness_on="cls", reg_form="exp", center_sampling=0.0, box_loss="iou")  # FCOS's defaults
+ORIGINAL = dict(fcos_form="original")  # FCOS's code defaults
 
 
 def constant_towers(model, cls_value, box_value, ltrb_bias):
@@ -235,37 +235,36 @@ def constant_towers(model, cls_value, box_value, ltrb_bias):
 def test_original_head_by_hand():
     """Guards the two forms of FCOSHead. Classification tower = 1, box tower = 2 everywhere, the
     centerness conv the mean of its 3x3 x C window: centerness on the classification tower
-    ("cls", [FCOS] Fig. 2) reads 1 inside the map and 4/9 at a corner (4 of the 9 taps inside,
-    zero padding); on the box tower ("reg") 2 and 8/9.
+    (original, [FCOS] Fig. 2) reads 1 inside the map and 4/9 at a corner (4 of the 9 taps
+    inside, zero padding); on the box tower (improved) 2 and 8/9.
     ltrb conv = its bias b = (ln 4, ln 2, 0, ln 8), Scales (1, 2, 1, 1, 1):
-      "exp" ([FCOS] 3.2): exp(scale * b) in pixels, whatever the stride: P3 (4, 2, 1, 8),
+      original ([FCOS] 3.2): exp(scale * b) in pixels, whatever the stride: P3 (4, 2, 1, 8),
         P4 exp(2b) = (16, 4, 1, 64);
-      "relu_stride": relu(scale * b) * stride: P3 8 b = (11.0904, 5.5452, 0, 16.6355),
+      improved: relu(scale * b) * stride: P3 8 b = (11.0904, 5.5452, 0, 16.6355),
         P4 16 * 2b = (44.3614, 22.1807, 0, 66.5421).
     The state-dict keys and shapes are the same in every form (published weights import alike)."""
     images = torch.zeros(2, 3, 64, 64)   # P3 8x8, P4 4x4, P5 2x2, P6 1x1, P7 1x1: P = 86 (2 images: GroupNorm
                                          # needs 2 values per group on the 1x1 levels)
     b = [math.log(4), math.log(2), 0.0, math.log(8)]
     outs, keys = {}, set()
-    for centerness_on in ("cls", "reg"):
-        for reg_form in ("exp", "relu_stride"):
-            model = build_model(tiny("fcos", centerness_on=centerness_on, reg_form=reg_form)).eval()
-            constant_towers(model, 1.0, 2.0, b)
-            with torch.no_grad():
-                model.head.scales.copy_(torch.tensor([1.0, 2, 1, 1, 1]))
-                outs[centerness_on, reg_form] = model.heads(images)
-            keys.add(tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+    for form in ("original", "improved"):
+        model = build_model(tiny("fcos", fcos_form=form)).eval()
+        constant_towers(model, 1.0, 2.0, b)
+        with torch.no_grad():
+            model.head.scales.copy_(torch.tensor([1.0, 2, 1, 1, 1]))
+            outs[form] = model.heads(images)
+        keys.add(tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
     assert len(keys) == 1
     corner, inside, p4 = 0, 9, 64                    # P3 (0, 0); P3 (1, 1); P4 (0, 0)
-    for reg_form in ("exp", "relu_stride"):
-        assert outs["cls", reg_form]["centerness"][0, [corner, inside]].tolist() == pytest.approx([4 / 9, 1.0], abs=1e-5)
-        assert outs["reg", reg_form]["centerness"][0, [corner, inside]].tolist() == pytest.approx([8 / 9, 2.0], abs=1e-5)
-    for centerness_on in ("cls", "reg"):
-        exp, relu = outs[centerness_on, "exp"]["ltrb"][0], outs[centerness_on, "relu_stride"]["ltrb"][0]
-        assert exp[inside].tolist() == pytest.approx([4, 2, 1, 8]) and exp[corner].tolist() == pytest.approx([4, 2, 1, 8])
-        assert exp[p4].tolist() == pytest.approx([16, 4, 1, 64])
-        assert relu[inside].tolist() == pytest.approx([11.0904, 5.5452, 0, 16.6355], abs=1e-4)
-        assert relu[p4].tolist() == pytest.approx([44.3614, 22.1807, 0, 66.5421], abs=1e-4)
+    ctr = {f: outs[f]["centerness"][0, [corner, inside]].tolist() for f in outs}
+    assert ctr["original"] == pytest.approx([4 / 9, 1.0], abs=1e-5)
+    assert ctr["improved"] == pytest.approx([8 / 9, 2.0], abs=1e-5)
+    exp, relu = outs["original"]["ltrb"][0], outs["improved"]["ltrb"][0]
+    assert exp[inside].tolist() == pytest.approx([4, 2, 1, 8])
+    assert exp[corner].tolist() == pytest.approx([4, 2, 1, 8])
+    assert exp[p4].tolist() == pytest.approx([16, 4, 1, 64])
+    assert relu[inside].tolist() == pytest.approx([11.0904, 5.5452, 0, 16.6355], abs=1e-4)
+    assert relu[p4].tolist() == pytest.approx([44.3614, 22.1807, 0, 66.5421], abs=1e-4)
 
 
 def test_original_decoding_by_hand():
@@ -352,7 +351,7 @@ def test_original_fcos_targets_and_losses_by_hand():
     assert t["centerness"][0, pos].tolist() == pytest.approx([0.5, 0.81650, 0.81650, 0.5], abs=1e-5)
     assert losses["box"].item() == pytest.approx(0.95884, abs=1e-5)
     assert losses["centerness"].item() == pytest.approx(math.log(2), abs=1e-6)
-    sampled = build_model(tiny("fcos", **{**ORIGINAL, "center_sampling": 1.5}))
+    sampled = build_model(tiny("fcos", fcos_form="improved"))       # centre sampling 1.5
     t = sampled.detection_losses(out, points, strides, targets)[1]
     assert points[t["matched"][0] >= 0].tolist() == [[20, 12], [28, 12]]
 
@@ -371,7 +370,7 @@ def test_assignment_and_losses_match_torchvision_fcos():
     from torchvision.models.detection import FCOS as TVFCOS
     from torchvision.ops import generalized_box_iou_loss
     torch.manual_seed(3)
-    cfg = tiny("fcos", center_sampling=1.5)
+    cfg = tiny("fcos", fcos_form="improved")
     model = build_model(cfg)
     H = W = 256
     hw = [(H // s, W // s) for s in model.strides]
@@ -457,6 +456,44 @@ def test_conv3x3_at_equals_the_full_conv():
     batch, ys, xs = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 5, 2, 3]), torch.tensor([0, 3, 1, 3])
     ref = conv(f)[batch, :, ys, xs]
     assert torch.allclose(conv3x3_at(conv, f, batch, ys, xs), ref, atol=1e-6)
+
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(saliency="specific", saliency_loss=True)])
+def test_centermask_fcos_fast_paths_equal_plain(kw):
+    """Guards `CenterMaskFCOS.fast`: the shape head evaluated only at the locations read
+    (`conv3x3_at`) and the resize as matrix products (`stretch_to_boxes`) give the numbers of the
+    dense shape map and grid_sample: the losses, every gradient and the inference masks (BatchNorm
+    in eval mode, so that both passes normalise alike). Only float rounding differs."""
+    torch.manual_seed(0)
+    model = build_model(tiny("centermask_fcos", score_threshold=0.0, max_detections=7, **kw))
+    images, targets = toy_batch()
+    runs = []
+    for fast in (False, True):
+        model.fast = fast
+        model.zero_grad()
+        model.train()
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.eval()
+        losses = model(images, targets)
+        losses["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            masks = [d["masks"] for d in model.eval()(images)]
+        runs.append(({k: v.detach() for k, v in losses.items()}, grads, masks))
+    (plain_losses, plain_grads, plain_masks), (losses, grads, masks) = runs
+    for k in plain_losses:
+        assert torch.allclose(losses[k], plain_losses[k], rtol=1e-6, atol=1e-7), k
+    assert grads.keys() == plain_grads.keys()
+    # the backbone's gradients sum many terms: rounding relative to their scale; a bias before a
+    # normalisation has the gradient 0 up to rounding (1e-9)
+    for n in grads:
+        scale = plain_grads[n].abs().max().item()
+        assert torch.allclose(grads[n], plain_grads[n], rtol=1e-5, atol=1e-5 * scale + 1e-8), n
+    assert all(len(m) for m in masks)
+    for a, b in zip(masks, plain_masks):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -569,8 +606,7 @@ def test_centermask_fcos_table_1f_saliency_loss_by_hand():
 def test_table_3_switches_build_on_the_fcosis_coco_config():
     """Guards config/fcosis_r50.py's ablations ([IS] Table 3): each row is one key on top of the
     config (attention "mu0" / "bbox" / "none", and the paper's "segm"), which passes train.py's
-    checks and builds, though the config sets attention_background="own_background" (read only by
-    a map with -mu). And CenterMask-FCOS's COCO config runs class-specific saliency with Table 1f's
+    checks and builds. And CenterMask-FCOS's COCO config runs class-specific saliency with Table 1f's
     loss, as the DLA-34 and Hourglass-104 configs ([CM] Table 1e / 1f)."""
     import dataclasses
     import os
@@ -582,7 +618,6 @@ def test_table_3_switches_build_on_the_fcosis_coco_config():
         return {f.name: ns.get(f.name, f.default) for f in dataclasses.fields(ModelConfig)}
 
     fcosis = config("fcosis_r50.py")
-    assert fcosis["attention_background"] == "own_background"
     for attention in ("segm", "mu0", "bbox", "none"):
         cfg = check_settings({**fcosis, "attention": attention, "num_classes": 80, "pretrained": False})
         with torch.device("meta"):

@@ -137,7 +137,7 @@ TRUNK_EAGER = ("fcosreg", "maskfcos", "centermask_fcos", "fcosis")
 #   FCOSIS, training: greedy_coloring's `torch.sort(...).indices.tolist()` and
 #     `adj.nonzero().tolist()` (Python lists for its sequential loop: aten._local_scalar_dense x6,
 #     aten.nonzero x2), coloring_groups' `int(colors.max())` (Tensor.item()) and torch.unique
-#     (aten._unique2). Inference: the detect causes, duplicate_owners' batched_nms (nms x6 more)
+#     (aten._unique2). Inference: the detect causes, detections_as_objects' batched_nms (nms x6 more)
 #     and the colouring as in training.
 #   TRUNK_EAGER methods: +1 break, "Skip calling torch.compiler.disable()d function" (model.heads);
 #     without it their whole-model counts are 1 lower in each pass.

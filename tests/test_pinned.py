@@ -370,7 +370,7 @@ def test_fcosis_inference_centres_and_crop():
     extra[1, 70, :2] = torch.tensor([0.25, -0.5])
     seen = {}
 
-    def segment(features, out, boxes, centers, batch, labels, **kw):
+    def segment(features, out, input_hw, boxes, centers, batch, labels, **kw):
         seen["centers"] = centers
         return torch.zeros(len(boxes), 16, 16), None, None
     model.segment = segment
@@ -394,28 +394,18 @@ def test_fcosis_attention_inputs_resampled_onto_p2():
     Foreground logits 0 (0.5) except P3 (row 1, col 2) +ln 3 (0.75) and (row 2, col 3) -ln 3
     (0.25); bilinear weights x: 0.75 (col 2), 0.25 (col 3); y: 0.75 (row 1), 0.25 (row 2):
     0.5625 * 0.75 + 0.1875 * 0.5 + 0.1875 * 0.5 + 0.0625 * 0.25 = 0.625 (rows and columns
-    swapped: 0.5). The returned stride is P2's, 4."""
+    swapped: 0.5). The returned locations are P2's (stride 4): q = (4k + 2, 4i + 2)."""
     model = tiny_fcos_family("fcosis")
     extra = torch.zeros(1, 24, 3)
     extra[..., 0], extra[..., 1] = 0.25, -0.5
     fg = torch.zeros(4, 6)
     fg[1, 2], fg[2, 3] = LN3, -LN3
     extra[0, :, 2] = fg.flatten()
-    regressed, coarse, stride = model.attention_inputs({"hw": [(4, 6)], "extra": extra}, (8, 12))
-    assert stride == 4 and regressed.shape == (1, 2, 8, 12) and coarse.shape == (1, 1, 8, 12)
+    q, regressed, coarse = model.attention_inputs({"hw": [(4, 6)], "extra": extra}, (8, 12), (32, 48))
+    assert regressed.shape == (1, 2, 8, 12) and coarse.shape == (1, 1, 8, 12)
+    assert q.shape == (96, 2) and q[3 * 12 + 5].tolist() == [22.0, 14.0]
     torch.testing.assert_close(regressed[0, :, 3, 5], torch.tensor([24.0, 10.0]))
     assert coarse[0, 0, 3, 5].item() == pytest.approx(0.625, abs=1e-6)
-
-
-def test_attention_upsampled_onto_a_finer_level():
-    """Guards apply_attention's bilinear upsampling (attention_grid="p3": the P3 map onto P2), which
-    keeps the locations aligned: P2 column k (centre 4k + 2) reads P3 coordinate (k + 0.5) / 2 - 0.5
-    = -0.25, 0.25, 0.75, 1.25 -> clamped 0, 0.25, 0.75, 1 (align_corners=False). A P3 map with
-    columns (0, 4) gives (0, 1, 3, 4) on P2 (align_corners=True: 0, 4/3, 8/3, 4); features 1."""
-    from model import apply_attention
-    att = torch.tensor([[0.0, 4.0], [0.0, 4.0]]).view(1, 1, 2, 2)
-    out = apply_attention([torch.ones(1, 1, 4, 4)], att, torch.tensor([0]))[0]
-    torch.testing.assert_close(out[0, 0], torch.tensor([0.0, 1.0, 3.0, 4.0]).expand(4, 4))
 
 
 def test_segmentation_head_sums_the_levels_upsampled_onto_p2():
@@ -423,7 +413,9 @@ def test_segmentation_head_sums_the_levels_upsampled_onto_p2():
     bilinearly (align_corners=False) onto P2, summed, then the 1x1 predictor. One channel, no
     GroupNorm, every 3x3 conv the identity (centre tap 1) and the predictor 1, so a non-negative
     input passes its towers unchanged: P2 zeros (4 x 4), P3 columns (0, 4) (2 x 2), P4 the constant
-    2 (1 x 1): P2 column k reads P3 at (0, 1, 3, 4) (see the test above) -> logits (2, 3, 5, 6)."""
+    2 (1 x 1): P2 column k (centre 4k + 2) reads P3 coordinate (k + 0.5) / 2 - 0.5 = -0.25, 0.25,
+    0.75, 1.25 -> clamped 0, 0.25, 0.75, 1: values (0, 1, 3, 4) (align_corners=True would give 0,
+    4/3, 8/3, 4) -> logits (2, 3, 5, 6)."""
     from model import SegmentationHead
     head = SegmentationHead(1, 1, 1, norm=False)
     for m in head.modules():

@@ -23,7 +23,7 @@ METHODS = ["fcos", "fcosreg", "maskfcos", "centermask_fcos", "fcosis"]
 TRAIN = (["quick: shapes_set", "quick: quick_start", "quick: full_width"]
          + [f"overfit: coco128_{m}" for m in ["centermask"] + METHODS]
          + [f"table: shapes_{m}_s1337" for m in METHODS]
-         + [f"table: t3_{t}_s1337" for t in ["segm", "own_background", "mu0", "bbox", "none"]])
+         + [f"table: t3_{t}_s1337" for t in ["segm", "mu0", "bbox", "none"]])
 
 
 def script(tmp_path, **env):

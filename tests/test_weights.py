@@ -21,7 +21,7 @@ from conftest import COCO128, ROOT, WEIGHTS_MANIFESTS
 
 import data
 from pictures import network_input_rgb
-from model import FCOSForward, ModelConfig, build_model, fcos_locations
+from model import FCOSForward, ModelConfig, build_model, fcos_locations, torchvision_locations
 from weights import COCO_CATEGORY_IDS, import_weights, read_weights
 
 DLA34 = "centernet_ctdet_dla34_keys.json"
@@ -216,8 +216,8 @@ def test_refusals_name_the_file_the_keys_and_the_shapes(tmp_path):
 # -- our own checkpoints --------------------------------------------------------------------------
 
 def tiny_fcos_config(method, num_classes=4):
-    return ModelConfig(method=method, backbone="resnet18", num_classes=num_classes, fpn_channels=32, head_convs=1,
-                       head_conv=16, shape_size=4, norm="bn", freeze_at=0, location_offset="zero")
+    return ModelConfig(method=method, backbone="resnet18", num_classes=num_classes, fpn_channels=32,
+                       head_conv=16, shape_size=4, norm="bn", freeze_at=0, fcos_form="torchvision")
 
 
 def save_checkpoint(model, path, config=None):
@@ -251,8 +251,8 @@ def test_project_checkpoint_fcos_into_fcosis_and_maskfcos(tmp_path):
     assert {"backbone.fpn.inner_blocks.0.0", "backbone.fpn.layer_blocks.0.0", "head.extra"} <= new_modules
     assert all(k.startswith(("backbone.fpn.inner_blocks.0.", "backbone.fpn.layer_blocks.0.", "head.extra.",
                              "seg_head.", "attention.")) for k in report.new)
-    cfg = {"backbone": "resnet18", "input_format": "rgb_imagenet", "location_offset": "half", "pretrained": True}
-    assert {k: v for k, v, _ in w.config_updates(cfg)} == {"input_format": "bgr_coco", "location_offset": "zero",
+    cfg = {"backbone": "resnet18", "input_format": "rgb_imagenet", "fcos_form": "improved", "pretrained": True}
+    assert {k: v for k, v, _ in w.config_updates(cfg)} == {"input_format": "bgr_coco", "fcos_form": "torchvision",
                                                            "pretrained": False}
     maskfcos = build_model(tiny_fcos_config("maskfcos", num_classes=3))
     report = import_weights(maskfcos, w)
@@ -294,7 +294,7 @@ def test_fresh_patterns_keep_the_models_own_initialisation(tmp_path):
 
 @pytest.mark.parametrize("hw", [(320, 416), (800, 1216), (512, 512), (96, 160)])
 def test_zero_offset_locations_are_torchvisions_anchor_centres(hw):
-    """Guards location_offset="zero" (the P6/P7 decision): our points of every level equal the
+    """Guards fcos_form="torchvision"'s locations (the P6/P7 decision): our points of every level equal the
     centres of torchvision's FCOS anchors (AnchorGenerator, sizes 8-128, one per location) on
     inputs padded to 32, including P6/P7 steps of padded size // grid size (320 rows: P7 step
     106, 416 columns: P6 59, P7 104), and the strides stay the anchor sizes."""
@@ -307,13 +307,13 @@ def test_zero_offset_locations_are_torchvisions_anchor_centres(hw):
         h, w = (h + 1) // 2, (w + 1) // 2                                      # stride-2 conv, padding 1
     gen = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)
     anchors = gen(ImageList(torch.zeros(1, 3, H, W), [(H, W)]), [torch.zeros(1, 1, *g) for g in grids])[0]
-    points, strides, _ = fcos_locations(grids, [8, 16, 32, 64, 128], offset="zero", input_hw=(H, W))
+    points, strides, _ = torchvision_locations(grids, [8, 16, 32, 64, 128], (H, W))
     assert torch.equal(points, (anchors[:, :2] + anchors[:, 2:]) / 2)
     assert torch.equal(strides, anchors[:, 2] - anchors[:, 0])
 
 
 def test_fcosis_with_torchvision_locations_trains_infers_and_aligns_p2():
-    """Guards location_offset="zero" beyond FCOS: FCOSIS (whose attention map reads the P3
+    """Guards fcos_form="torchvision" beyond FCOS: FCOSIS (whose attention map reads the P3
     outputs on the P2 grid) trains one step with finite losses and infers masks; its resampling
     of the P3 maps onto P2 puts P3 cell j exactly on P2 cell 2j (the points 8j and 4 * 2j), and
     the regressed centres are the zero-offset points plus s times the head's offsets."""
@@ -332,10 +332,10 @@ def test_fcosis_with_torchvision_locations_trains_infers_and_aligns_p2():
     with torch.no_grad():
         dets = model(images)
         out = model.heads(images)
-        regressed, fg = model.p3_maps(out)
-        up_r, up_fg, stride = model.attention_inputs(out, out["features"][0].shape[-2:])
+        regressed, fg = model.p3_maps(out, (64, 96))
+        q, up_r, up_fg = model.attention_inputs(out, out["features"][0].shape[-2:], (64, 96))
     assert len(dets) == 2 and dets[0]["masks"].shape[-2:] == (64, 96)
-    assert stride == 4 and up_r.shape[-2:] == (16, 24)
+    assert up_r.shape[-2:] == (16, 24) and q[:2].tolist() == [[0.0, 0.0], [4.0, 0.0]]
     assert torch.equal(up_r[..., ::2, ::2], regressed) and torch.equal(up_fg[..., ::2, ::2], fg)
     h, w = out["hw"][0]
     offsets = out["extra"][:, :h * w, :2].transpose(1, 2).reshape(2, 2, h, w)
@@ -364,8 +364,8 @@ def test_torchvision_fcos_parity_on_coco128():
     """Guards the torchvision FCOS import end to end: torchvision's fcos_resnet50_fpn(weights=None,
     weights_backbone=None, num_classes=91) with seeded random weights (BN statistics, biases, the
     head's GroupNorm and output layers perturbed so that scores, classes and boxes vary), converted
-    into our FCOS (80 classes: the channels of COCO's ids; location_offset="zero", scales 1,
-    score_threshold_on="score"), gives the same detections as torchvision's own model in eval
+    into our FCOS (80 classes: the channels of COCO's ids; fcos_form="torchvision", scales 1),
+    gives the same detections as torchvision's own model in eval
     mode on two COCO128 images: same labels, boxes and scores to 1e-4 (measured: 0 difference).
     Thresholds on both sides: score 0.05 (on sqrt(cls * ctr), torchvision's rule), class-wise NMS
     0.6, 100 detections, top 1000 candidates per level.
@@ -413,9 +413,8 @@ def test_torchvision_fcos_parity_on_coco128():
     batch, _ = tv.transform(images)
     assert tuple(batch.tensors.shape) == (2, 3, 320, 416) and batch.image_sizes == [(320, 416), (320, 352)]
 
-    model = build_model(ModelConfig(method="fcos", backbone="resnet50", num_classes=80, location_offset="zero",
-                                    score_threshold_on="score", score_threshold=0.05, nms_threshold=0.6,
-                                    max_detections=100))
+    model = build_model(ModelConfig(method="fcos", backbone="resnet50", num_classes=80, fcos_form="torchvision",
+                                    score_threshold=0.05, nms_threshold=0.6, max_detections=100))
     report = import_weights(model, published)
     assert len(report.loaded) == 319 and report.new == ["head.scales"]
     assert sorted(report.ignored) == sorted(k for k in published if k.endswith("num_batches_tracked"))
@@ -436,7 +435,8 @@ def test_torchvision_fcos_parity_on_coco128():
         kept = torch.cat([d["index"] for d in detected])
         from_level = [levels[d["index"]] for d in detected]
         # a kept detection sits where torchvision's P6/P7 step (size // grid) and the stride disagree
-        nominal = fcos_locations(out["hw"], model.strides, offset="zero")[0]
+        half, half_strides, _ = fcos_locations(out["hw"], model.strides)
+        nominal = half - (half_strides // 2)[:, None]                            # j * s
         assert (points[kept] != nominal[kept]).any()
     ids = torch.tensor(COCO_CATEGORY_IDS)
     ours = tv.transform.postprocess([{"boxes": d["boxes"], "scores": d["scores"], "labels": ids[d["labels"]]}
@@ -456,7 +456,7 @@ def test_torchvision_fcos_parity_on_coco128():
     assert int(torch.cat(from_level).max()) >= 3
     with torch.no_grad():
         zero = model.decode(out, batch.tensors.shape[-2:], batch.image_sizes)
-        model.cfg.location_offset = "half"                                    # FCOS's locations: other boxes
+        model.cfg.fcos_form = "improved"                                      # FCOS's locations: other boxes
         half = model.decode(out, batch.tensors.shape[-2:], batch.image_sizes)
     assert (half[0]["boxes"][0] - zero[0]["boxes"][0]).abs().max() >= 1.0
 
@@ -464,22 +464,20 @@ def test_torchvision_fcos_parity_on_coco128():
 def test_torchvision_weights_set_every_key_of_their_form():
     """Guards init_from=torchvision:fcos_resnet50_fpn on the original-FCOS config (config/fcos_r50.py:
     centerness on the classification tower, exp regression, no centre sampling, IoU loss): the
-    import sets every key of the improved form its weights were trained with (torchvision's FCOS:
-    centerness on the box tower, relu(x) * stride, centre sampling 1.5, GIoU; its locations at
-    j * step), not the head alone, so no hybrid of the two forms is trained."""
+    import sets the form its weights were trained with, fcos_form="torchvision" (the improved FCOS:
+    centerness on the box tower, relu(x) * stride, centre sampling 1.5, GIoU; with torchvision's
+    locations at j * step), so no hybrid of the two forms is trained."""
     from weights import LoadedWeights
     ns = {"__file__": os.path.join(ROOT, "config", "fcos_r50.py")}
     exec(open(os.path.join(ROOT, "config", "fcos_r50.py")).read(), ns)
-    config = {k: ns[k] for k in ("centerness_on", "reg_form", "center_sampling", "box_loss", "pretrained")}
-    config.update(location_offset="half", input_format="rgb_imagenet")
+    config = {k: ns[k] for k in ("fcos_form", "pretrained")}
+    config.update(input_format="rgb_imagenet")
+    assert config["fcos_form"] == "original"
     w = LoadedWeights(kind="torchvision_fcos", source="torchvision:fcos_resnet50_fpn", state={})
-    assert {k: v for k, v, _ in w.config_updates(config)} == {
-        "location_offset": "zero", "centerness_on": "reg", "reg_form": "relu_stride", "center_sampling": 1.5,
-        "box_loss": "giou", "pretrained": False}
-    # ... which is ModelConfig's improved form (its defaults) in every key of the form
-    improved = ModelConfig()
-    assert (improved.centerness_on, improved.reg_form, improved.center_sampling, improved.box_loss) == \
-        ("reg", "relu_stride", 1.5, "giou")
+    assert {k: v for k, v, _ in w.config_updates(config)} == {"fcos_form": "torchvision", "pretrained": False}
+    # ... the improved form, with torchvision's conventions: the head and losses of "improved"
+    tv = build_model(ModelConfig(method="fcos", backbone="resnet18", fcos_form="torchvision"))
+    assert tv.improved and tv.head.improved
 
 
 def test_torchvision_download_offline_names_the_file(monkeypatch):
