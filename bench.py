@@ -30,7 +30,7 @@ Measured, each as the median of `steps` timed runs after `burn_in` untimed ones
   * train_first_call_s / infer_first_call_s: the first call of each phase (compile=True: the
     compilation)
   * record_ms_per_img (gradient_accumulation_steps > 1): train.py's extra cost per step, the
-    normaliser recording pass (accumulate.MicroBatchNormalizers)
+    normaliser recording pass (train.py's record_normalizers: a forward without gradients)
   * with --peers=True: torchvision's fcos_resnet50_fpn and maskrcnn_resnet50_fpn (random
     weights, 91 classes) on the same images and boxes/labels/masks, train step and inference,
     and the ratios ours / theirs of the ms per image (< 1: ours is faster). The three models
@@ -55,7 +55,6 @@ from dataclasses import fields
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from accumulate import MicroBatchNormalizers
 from configurator import auto_dtype, check_settings, defaults_of
 from eval import _masks_to_original, to_original
 from model import ModelConfig, build_model, method_transform
@@ -64,7 +63,7 @@ from model import ModelConfig, build_model, method_transform
 # train.py's config keys with train.py's defaults (model.ModelConfig's fields among them), so that
 # the same config files run here. bench.py reads the model keys, batch_size, input_size, device,
 # dtype, threads, compile, seed, learning_rate, gradient_accumulation_steps and, with real_data,
-# transform / input_format / max_size / val_img_dir / val_ann; the others are accepted and ignored
+# val_img_dir / val_ann; the others are accepted and ignored
 # (the timed train step always uses Adam).
 HERE = os.path.dirname(os.path.abspath(__file__))
 globals().update(defaults_of(os.path.join(HERE, "train.py")))
@@ -78,7 +77,7 @@ peers = False            # also time torchvision's fcos_resnet50_fpn and maskrcn
 real_data = ""           # COCO-format folder (like train.py's data_root): its first val images
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(HERE, "configurator.py")).read())
-transform = transform or method_transform(method)  # as train.py
+transform = method_transform(method)  # as train.py
 # -----------------------------------------------------------------------------
 
 # Peak dense tensor-core FLOP/s (bf16/fp16, fp32 run as TF32: this script enables TF32, as
@@ -216,9 +215,7 @@ except ValueError as e:
 d = raw_model.size_divisibility
 if real_data:
     from data import CocoInstances, build_transforms, collate_fn
-    fcos_kw = {"max_size": max_size} if transform == "fcos" else {}
-    test_transforms = build_transforms(transform, False, input_size, input_format=input_format,
-                                       **fcos_kw)
+    test_transforms = build_transforms(transform, False, input_size)
     img_dir, ann = os.path.join(real_data, val_img_dir), os.path.join(real_data, val_ann)
     try:  # (os.path.join keeps an absolute val_ann as it is)
         val_set = CocoInstances(img_dir, ann, max_images=batch_size, transforms=test_transforms)
@@ -303,11 +300,14 @@ results.update(post_ms_per_img=t_post * 1e3 / B, detections_per_img=n_dets,
                post_share_dense=100 * (t_post + t_dense) / (t_infer + t_dense))
 del heads_output, outputs
 # gradient_accumulation_steps > 1: train.py's recording pass, a forward without gradients of
-# each micro-batch (accumulate.MicroBatchNormalizers), on this batch
+# each micro-batch (train.py's record_normalizers), on this batch
 if gradient_accumulation_steps > 1:
     raw_model.train()
-    (t_record,), _ = time_runs([
-        lambda: MicroBatchNormalizers().record(raw_model, [(images, targets)], amp)])
+
+    def record_pass():
+        with torch.no_grad(), amp:
+            raw_model(images, targets)
+    (t_record,), _ = time_runs([record_pass])
     results.update(record_ms_per_img=t_record * 1e3 / B, record_over_train=t_record / t_train)
 
 # -- memory, FLOPs (of the eager model: FlopCounterMode does not see inside compiled graphs; it

@@ -17,7 +17,7 @@ builder, loss, mask assembly and decoder, in reading order.
    12. FCOSIS                                     attention map, colouring, segmentation head
    13. build_model(cfg)                           the one entry point: ModelConfig -> the method's model
 
-Elsewhere: weights.py (published weights, old checkpoint keys), accumulate.py (gradient accumulation),
+Elsewhere: weights.py (published weights, old checkpoint keys), train.py (gradient accumulation),
 pictures.py (the teaching pictures), configurator.py (the keys each method reads), train.py /
 eval.py / predict.py / bench.py. How each method works and where each constant comes from: METHODS.md.
 
@@ -226,9 +226,9 @@ class Method(nn.Module):
 # Every loss is a sum over the batch divided by a count N (positives, objects, pixels; never a function of the
 # predictions), and every N goes through `reduce_mean` unconditionally: also when 0, also for a batch without
 # objects, in the same order in every forward. DDP needs it (every process makes the same collective calls), and
-# so does gradient accumulation (accumulate.py hands a micro-batch's j-th call the whole batch's j-th count).
+# so does gradient accumulation (train.py hands a micro-batch's j-th call the whole batch's j-th count).
 
-# accumulate.MicroBatchNormalizers while it records or replays; None otherwise
+# train.py's record_normalizers / replaying while they run; None otherwise
 normalizer_hook = None
 
 

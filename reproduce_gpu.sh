@@ -229,8 +229,7 @@ if has quick || has overfit || has table; then
     if (( DRY )); then
         SEEDS=1337 DTYPE=float32
         TINY=(--device=cpu --threads=1 --num_workers=0 --batch_size=2 --max_iters=2 --warmup_iters=0
-              --log_interval=1 --eval_interval=2 --eval_max_images=0 --max_val_images=4
-              --input_size=64 --test_input_size=0 --visualize=False --shapes_n_train=16
+              --log_interval=1 --input_size=64 --test_input_size=0 --shapes_n_train=16
               --shapes_n_val=4)
     fi
     wait  # the shapes set

@@ -586,6 +586,6 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
     if kind == "dla34_imagenet":
         notes.append("the ImageNet DLA-34 was trained on RGB images with ImageNet statistics "
                      "(input_format 'rgb_imagenet', the default); CenterNet fed it BGR / COCO "
-                     "statistics (--input_format=bgr_coco)")
+                     "statistics")
     return ImportReport(weights.source, weights.description, what, list(mapped), ignored, new,
                         notes, list(weights.state), list(model_state))

@@ -41,5 +41,4 @@ learning_rate = 2.5e-4           # [CM] 3.5
 epochs = 130                     # [CM] 3.5
 lr_steps = (100, 120)            # x0.1 at epochs 100 and 120 ([CM] 3.5)
 eval_every_epochs = 10
-eval_max_images = 500
 num_workers = 8

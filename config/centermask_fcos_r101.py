@@ -29,21 +29,16 @@ max_detections = 100
 
 out_dir = "out/centermask_fcos_r101"
 data_root = "data/coco"
-transform = "fcos"
 input_size = 800                 # Mask R-CNN's setting: short side 800, long side <= 1333
-max_size = 1333
 scale_range = (1.0, 1.0)
-flip_prob = 0.5
 batch_size = 16                  # 16 images per step in total (8 GPUs: --batch_size=2)
 optimizer = "sgd"
 learning_rate = 0.02             # Mask R-CNN's BASE_LR at 16 images (header); FCOS's configs: 0.01
-weight_decay = 1e-4
-warmup_iters = 500               # Mask R-CNN's solver (maskrcnn-benchmark, as FCOS's fcos_core/config/defaults.py):
-warmup_factor = 1 / 3            # linear warm-up from 1/3 of the lr over 500 iterations,
-bias_lr_factor = 2.0             # biases at 2x the lr
-bias_weight_decay = 0.0          # and without weight decay
+# Mask R-CNN's solver (maskrcnn-benchmark, as FCOS's fcos_core/config/defaults.py; train.py's
+# optimizer="sgd"): momentum 0.9, weight decay 1e-4, linear warm-up from 1/3 of the lr over 500
+# iterations, biases at 2x the lr and without weight decay
+warmup_iters = 500
 epochs = 12                      # Mask R-CNN 1x: 90k iterations of 16 images
 lr_steps = (8, 11)               # x0.1 at 60k and 80k iterations
 eval_every_epochs = 4
-eval_max_images = 500
 num_workers = 8

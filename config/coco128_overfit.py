@@ -21,8 +21,7 @@ train_img_dir = "train2017"
 train_ann = "annotations/instances_train2017.json"
 val_img_dir = "train2017"
 val_ann = "annotations/instances_train2017.json"
-max_train_images = 8
-max_val_images = 8
+max_images = 8
 input_size = 384
 scale_range = (0.9, 1.1)
 color_jitter = 0.1
@@ -34,8 +33,6 @@ warmup_iters = 30
 max_iters = 300
 lr_steps = (240, 280)            # in epochs; 8 images / batch 8 = 1 iteration per epoch
 grad_clip = 10.0
-eval_interval = 100
-eval_max_images = 0
+eval_every_epochs = 100          # 8 images / batch 8 = 1 iteration per epoch
 log_interval = 10
 device = "auto"                  # a GPU when there is one (train.py), else the CPU
-visualize = True

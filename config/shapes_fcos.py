@@ -21,9 +21,7 @@ fcos_form = "improved"           # (header)
 shapes_dir = "data/shapes"
 shapes_n_train = 1000
 shapes_n_val = 200
-shapes_size = 128
 out_dir = "out/shapes_fcos"
-transform = "fcos"
 input_size = 256                 # short side: the 128 x 128 shapes images upscaled 2x, as FCOS's short side
                                  # 800 upscales COCO's ~480-640 px images; at 128 the 8-16 px objects have 1-4
                                  # P3 cells (FCOS box AP 0.43 at 128 vs 0.63 at 256 after 16 epochs, RESULTS.md)
@@ -37,8 +35,6 @@ epochs = 16
 lr_steps = (12, 15)
 grad_clip = 10.0
 eval_every_epochs = 4
-eval_max_images = 100
 log_interval = 25
 device = "auto"                  # a GPU when there is one (train.py), else the CPU
 dtype = "auto"
-visualize = True

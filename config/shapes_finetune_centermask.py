@@ -3,13 +3,13 @@
 # On the shapes set, with a CenterNet trained there in place of CenterNet's published COCO weights:
 #   1. python train.py config/shapes_centermask.py --dla_channels="(16, 32, 64, 128, 256, 512)" \
 #          --head_conv=128 --batch_size=8 --warmup_iters=200 --shapes_n_train=1000 --epochs=8 --lr_steps="(6, 7)" \
-#          --loss_weights="(1.0, 1.0, 0.1, 0.0)" --eval_every_epochs=8 --eval_max_images=0 --out_dir=out/shapes_centernet
+#          --loss_weights="(1.0, 1.0, 0.1, 0.0)" --eval_every_epochs=8 --out_dir=out/shapes_centernet
 #   2. python train.py config/shapes_finetune_centermask.py --head_conv=128 --batch_size=8  # from 1's checkpoint
 #   3. python eval.py --ckpt=out/shapes_finetune_centermask/ckpt.pt
 #   4. python predict.py --ckpt=out/shapes_finetune_centermask/ckpt.pt --input=your_photo.jpg
 # Step 1 is CenterNet: CenterMask with lambda_mask = 0 ([CM 3.4] eq. 6 without its mask term), so only
 # the heatmap, offset and size losses train the DLA-34 and the three CenterNet heads; the Local Shape and
-# Saliency heads are built but get no gradient (and no weight decay: Adam, weight_decay 0), so they stay
+# Saliency heads are built but get no gradient (and no weight decay: Adam, [CM 3.5]), so they stay
 # as initialised. Step 2 imports every tensor of that checkpoint except those two heads (init_fresh:
 # they start fresh, from this run's seed, as the heads a CenterNet file lacks would); train.py prints the
 # accounting (weights.py, `import_weights`). Measured against CenterMask from scratch with the
@@ -30,5 +30,4 @@ shapes_n_train = 1000            # step 1's images (the first 1000 of the quick 
 epochs = 4                       # half of step 1's 8: the detector is trained, only the mask heads start fresh
 lr_steps = (3,)                  # x0.1 for the last epoch
 warmup_iters = 50                # a short ramp: Adam's moments start at zero, the new heads' weights random
-eval_every_epochs = 1
-eval_max_images = 0              # all 200 val images at every evaluation (the curve in RESULTS.md)
+eval_every_epochs = 1            # on all 200 val images each time (the curve in RESULTS.md)

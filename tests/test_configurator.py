@@ -343,8 +343,7 @@ def test_train_py_stops_a_bad_model_key_before_any_work(tmp_path):
     config = ROOT / "config" / "shapes_centermask.py"
     for args, words in (([str(config), "--method=fcos"], ["method 'fcos'", "backbone"]),
                         ([str(config), "--saliency=specifc"], ["saliency", "'agnostic'", "'specific'"]),
-                        ([str(config), "--attention=mu0"], ["attention='mu0'", "method='centermask'", "shape_size"]),
-                        ([str(config), "--transform=square"], ["transform", "'centernet'"])):
+                        ([str(config), "--attention=mu0"], ["attention='mu0'", "method='centermask'", "shape_size"])):
         r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"--shapes_dir={tmp_path / 'shapes'}",
                             f"--out_dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         lines = r.stderr.strip().splitlines()
@@ -355,8 +354,8 @@ def test_train_py_stops_a_bad_model_key_before_any_work(tmp_path):
 
 
 def test_transform_defaults_to_the_methods_own():
-    """Guards transform="" (train.py's default): CenterMask's square canvas, the FCOS family's
-    short side, from each method's class (model.method_transform)."""
+    """Guards the transform train.py takes for each method: CenterMask's square canvas, the FCOS
+    family's short side, from each method's class (model.method_transform)."""
     from model import METHODS, method_transform
     assert {m: method_transform(m) for m in METHODS} == {
         "centermask": "centernet", "fcos": "fcos", "fcosreg": "fcos", "maskfcos": "fcos", "centermask_fcos": "fcos",
@@ -366,19 +365,19 @@ def test_transform_defaults_to_the_methods_own():
 def test_bench_reads_train_py_defaults():
     """Guards bench.py sharing train.py's keys and defaults (configurator.defaults_of) instead of
     a copy: every train.py key is a bench.py key, with train.py's default except the ones bench.py
-    declares as its own (batch_size, seed, num_classes), so every config file runs in both."""
+    declares as its own (batch_size, seed), so every config file runs in both. num_classes is no
+    train.py key (the training json's), so bench.py's is its own."""
     import ast
     from configurator import defaults_of
     from dataclasses import fields
     from model import ModelConfig
     train = defaults_of(str(ROOT / "train.py"))
-    assert {f.name for f in fields(ModelConfig)} <= set(train)       # the model keys are train.py's
-    assert train["transform"] == "" and train["batch_size"] == 32
+    assert {f.name for f in fields(ModelConfig)} - {"num_classes"} <= set(train)  # the model keys
+    assert "num_classes" not in train and "transform" not in train and train["batch_size"] == 32
     tree = ast.parse((ROOT / "bench.py").read_text())
     own = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
     overridden = own & set(train)
-    assert overridden == {"batch_size", "seed", "num_classes", "transform"}, overridden  # transform: resolved as train.py
-    assert {"batch_size", "seed"} <= overridden
+    assert overridden == {"batch_size", "seed"}, overridden
 
 
 def test_defaults_of_a_script_without_configurator(tmp_path):

@@ -7,6 +7,7 @@ Every run is a tiny CenterMask (0.1M parameters) on a tiny synthetic shapes set,
 subprocess takes a few seconds. Runs that are compared weight for weight use dtype float32, one
 thread and no DataLoader workers (see test_sigkill_between_checkpoints_resumes_bitwise).
 """
+import ast
 import contextlib
 import json
 import os
@@ -24,10 +25,10 @@ from test_train import TINY, run
 # pycocotools' decode triggers a numpy 2 DeprecationWarning inside pycocotools itself
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-# The resume-equivalence setup: an evaluation and a checkpoint at iterations 3, 6, 9 and 12. With 8
-# training images in batches of 4 (2 iterations per epoch), iteration 3 is mid-epoch: the run
+# The resume-equivalence setup: an evaluation and a checkpoint at iterations 3, 6, 9 and 12 (every 1.5
+# epochs). With 8 training images in batches of 4 (2 iterations per epoch), iteration 3 is mid-epoch: the run
 # resumed from it must skip one batch, and the evaluation there must not have moved the RNG.
-EXACT = ["--dtype=float32", "--max_iters=12", "--ckpt_interval=0", "--eval_interval=3", "--log_interval=1"]
+EXACT = ["--dtype=float32", "--max_iters=12", "--eval_every_epochs=1.5", "--log_interval=1"]
 
 
 def train_in(work, *args, script="train.py"):
@@ -379,9 +380,9 @@ def test_torchrun_two_processes_train_and_evaluate(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "shapes_centermask.py"), "--device=cpu",
            f"--shapes_dir={tmp_path / 'shapes'}", f"--out_dir={out}", "--shapes_n_train=8", "--shapes_n_val=5",
-           "--shapes_size=64", "--input_size=64", "--test_input_size=0", "--dla_channels=(4, 8, 8, 16, 16, 32)",
-           "--head_conv=8", "--shape_size=8", "--batch_size=2", "--num_workers=0", "--max_iters=4", "--eval_interval=2",
-           "--eval_max_images=0", "--log_interval=1", "--visualize=False", "--dtype=float32", "--threads=1"]
+           "--input_size=64", "--test_input_size=0", "--dla_channels=(4, 8, 8, 16, 16, 32)", "--head_conv=8",
+           "--shape_size=8", "--batch_size=2", "--num_workers=0", "--max_iters=4", "--eval_every_epochs=1",
+           "--log_interval=1", "--dtype=float32", "--threads=1"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -490,8 +491,8 @@ def test_ddp_gradients_equal_one_process_with_equal_object_counts(ddp_grads, kin
     """Guards DDP training computing a different step than one process with the whole batch:
     2 processes with batch 2 each must give (after DDP's all-reduce) the gradients of 1 process
     with batch 4, to float32 rounding. BatchNorm is frozen (running statistics) in both: with
-    per-process batch statistics the two differ by construction (SyncBatchNorm runs on GPUs only,
-    and train.py's sync_bn is off by default, as in CenterNet). The per-rank object counts are
+    per-process batch statistics the two differ by construction (train.py's BatchNorm is per
+    process, as CenterNet's). The per-rank object counts are
     equal here (4 and 4): see the next test for why that matters.
     Tolerance: relative 1e-4 of each tensor's largest gradient (the sums are split differently
     across processes, and the L1 losses' +1e-4 in their normaliser 2N + 1e-4 is added per process)."""
@@ -512,12 +513,41 @@ def test_ddp_gradients_equal_one_process_with_unequal_object_counts(ddp_grads, k
 # -----------------------------------------------------------------------------
 # gradient accumulation (train.py's gradient_accumulation_steps)
 
+def train_py_definitions(*names, **settings):
+    """Top-level functions and assignments of train.py by name, run with train.py's imports and
+    `settings` as its globals: train.py is a script (importing it would train), so its
+    definitions are taken from its source."""
+    tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
+    keep = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+            or getattr(node, "name", None) in names
+            or isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) in names]
+    namespace = dict(settings)
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "train.py", "exec"), namespace)
+    return [namespace[name] for name in names]
+
+
+@pytest.mark.parametrize("optimizer, method, expected", [
+    ("adam", "centermask", [1 / 3, 2 / 3, 1, 1, 0.1]),
+    ("sgd", "fcos", [1 / 3, 1 / 3, 1 / 3, 1, 0.1]),
+    ("sgd", "centermask_fcos", [5 / 9, 7 / 9, 1, 1, 0.1])])
+def test_learning_rate_warm_up_of_each_solver(optimizer, method, expected):
+    """Guards train.py's get_lr, in units of learning_rate, W = 3 warm-up iterations, x 0.1 from
+    iteration 4, at iterations 0, 1, 2, 3, 4:
+      Adam ([CM 3.5]; f = 0, linear): (it + 1) / 3 = 1/3, 2/3, 1; then 1, 0.1.
+      SGD, FCOS (configs/fcos/*.yaml: WARMUP_METHOD "constant", f = 1/3): 1/3 for 3 iterations.
+      SGD, CenterMask-FCOS (Mask R-CNN's linear warm-up, f = 1/3): 1/3 + 2/3 (it + 1) / 3 =
+      1/3 + 2/9 = 5/9, 1/3 + 4/9 = 7/9, 1/3 + 6/9 = 1."""
+    get_lr, = train_py_definitions("WARMUP_FACTOR", "WARMUP_CONSTANT", "get_lr", optimizer=optimizer,
+                                   method=method, learning_rate=1.0, warmup_iters=3, step_iters=[4])[2:]
+    assert [get_lr(it) for it in range(5)] == pytest.approx(expected)
+
+
 def accumulated_grads(kind, counts, k, whole_batch_normalizers=True):
     """Gradients after k micro-batches of len(counts) / k images each, accumulated as train.py
     does: each loss divided by k, and with `whole_batch_normalizers` the normalisers of the whole
-    batch (accumulate.MicroBatchNormalizers: a recording pass, then replay); without it, the plain
-    form (each micro-batch's own counts). One thread, as `single_process_grads`."""
-    from accumulate import MicroBatchNormalizers
+    batch (train.py's record_normalizers: a recording pass, then `replaying`); without it, the
+    plain form (each micro-batch's own counts). One thread, as `single_process_grads`."""
+    record_normalizers, replaying = train_py_definitions("record_normalizers", "replaying")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -525,11 +555,9 @@ def accumulated_grads(kind, counts, k, whole_batch_normalizers=True):
         images, targets = make_batch(counts)
         b = len(counts) // k
         micro = [(images[i * b:(i + 1) * b], targets[i * b:(i + 1) * b]) for i in range(k)]
-        normalizers = MicroBatchNormalizers()
-        if whole_batch_normalizers:
-            normalizers.record(model, micro)
+        means = record_normalizers(model, micro).mean(0) if whole_batch_normalizers else None
         for images_m, targets_m in micro:
-            with normalizers.replay() if whole_batch_normalizers else contextlib.nullcontext():
+            with replaying(means) if whole_batch_normalizers else contextlib.nullcontext():
                 loss = model(images_m, targets_m)["loss"]
             (loss / k).backward()
         return grads_of(model)
@@ -538,20 +566,18 @@ def accumulated_grads(kind, counts, k, whole_batch_normalizers=True):
 
 
 def test_normalizer_recording_pass_leaves_batchnorm_statistics_and_gradients_alone():
-    """Guards the recording pass of MicroBatchNormalizers on a model with BatchNorm in training
+    """Guards the recording pass of record_normalizers on a model with BatchNorm in training
     mode (the tiny DLA CenterMask): it runs forwards without gradients, so no parameter gets a
     gradient, and it puts every running mean / variance / batch count back bit for bit; it records
     the same number of reduce_mean calls for every micro-batch and their means are the plain
     averages (CenterMask: heatmap positives, the L1 losses' 2N, objects M; counts (1, 1) and (3, 3)
     objects per image give positives 2 and 6: mean 4)."""
-    from accumulate import MicroBatchNormalizers
+    record_normalizers, = train_py_definitions("record_normalizers")
     model = tiny_centermask()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images, targets = make_batch(UNEQUAL_COUNTS)
-    normalizers = MicroBatchNormalizers()
-    normalizers.record(model, [(images[:2], targets[:2]), (images[2:], targets[2:])])
+    recorded = record_normalizers(model, [(images[:2], targets[:2]), (images[2:], targets[2:])])
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    recorded = torch.stack([torch.stack(r) for r in normalizers.recorded])  # (2 micro-batches, calls)
-    assert recorded.shape[0] == 2 and recorded[0, 0] == 2 and recorded[1, 0] == 6
-    assert torch.equal(normalizers.means, recorded.mean(0)) and normalizers.means[0] == 4
+    assert recorded.shape[0] == 2 and recorded[0, 0] == 2 and recorded[1, 0] == 6   # (2 micro-batches, calls)
+    assert recorded.mean(0)[0] == 4

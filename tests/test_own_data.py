@@ -187,7 +187,7 @@ def test_own_data_round_trip_train_eval_predict(tmp_path):
     keys = [f"--data_root={data}", "--train_img_dir=.", "--train_ann=annotations.json", "--val_img_dir=.",
             "--val_ann=annotations.json", "--shapes_dir=", f"--out_dir={tmp_path / 'out'}"]
     r = run("train.py", os.path.join(ROOT, "config", "shapes_centermask.py"), *keys, *TINY_MODEL,
-            "--max_iters=3", "--eval_interval=3", "--eval_max_images=0", "--visualize=False", cwd=tmp_path)
+            "--max_iters=3", cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "4 classes, 7 train / 7 val images" in r.stdout and "eval @ iter 3" in r.stdout
     assert "names the background and has no annotation" in r.stderr

@@ -473,7 +473,7 @@ def test_fcosis_losses_combined_by_hand():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_two_micro_batches_give_the_gradient_of_one_batch(kind):
-    """Guards every method's loss normalisers across micro-batches (accumulate.py; the same
+    """Guards every method's loss normalisers across micro-batches (train.py's record_normalizers; the same
     reduce_mean calls that DDP averages over processes): the tiny model of each method, a batch of
     4 images with 1, 1, 3, 3 objects, as 2 micro-batches of 2 (2 and 6 objects) accumulated with
     the whole batch's normalisers, gives the one-batch gradient to relative 1e-4; each

@@ -224,7 +224,7 @@ def test_non_finite_activations_at_a_deformable_convolution_stop_eval_with_one_l
     """Guards the path no load-time check can see: finite weights so large that the activations
     overflow to inf and NaN before a deformable convolution. eval.py and predict.py stop with one
     line naming the checkpoint and the reason (exit status 1), not a segmentation fault (-11)."""
-    r = train(tmp_path, "--max_iters=1", "--dcn=True", "--eval_interval=0")
+    r = train(tmp_path, "--max_iters=1", "--dcn=True")
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
     ckpt["model"]["backbone.base.base_layer.0.weight"].fill_(1e38)           # finite, but x * 1e38 overflows
@@ -252,13 +252,13 @@ def test_shapes_set_has_its_own_seed_and_the_cli_writes_the_quick_starts_set(tmp
     quick = {}
     exec(open(os.path.join(ROOT, "config", "shapes_centermask.py")).read(), quick)
     assert SHAPES_DEFAULTS == {"n_train": quick["shapes_n_train"], "n_val": quick["shapes_n_val"],
-                               "size": quick["shapes_size"], "seed": defaults_of(os.path.join(ROOT, "train.py"))["shapes_seed"]}
+                               "size": 128, "seed": 1337}
     assert SHAPES_DEFAULTS == {"n_train": 2000, "n_val": 200, "size": 128, "seed": 1337}
     r = train(tmp_path, "--max_iters=1", "--seed=1338", "--shapes_n_train=4", "--shapes_n_val=2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "shapes_seed 1337" in r.stdout
     cli = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "shapes", f"--out={tmp_path / 'cli'}",
-                          "--n_train=4", "--n_val=2", "--size=64"], capture_output=True, text=True, timeout=120)
+                          "--n_train=4", "--n_val=2"], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     files = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "cli")
                    for d, _, fs in os.walk(tmp_path / "cli") for f in fs)

@@ -566,7 +566,7 @@ def test_train_init_from_centernet_file_runs_and_saves_the_input_format(tmp_path
     torch.save({"epoch": 140, "state_dict": sd}, tmp_path / "ctdet_fake.pth")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     args = [f"--shapes_dir={tmp_path / 'shapes'}", f"--out_dir={tmp_path / 'out'}", "--shapes_n_train=8",
-            "--shapes_n_val=4", "--shapes_size=64", "--input_size=64", "--shape_size=8", "--batch_size=4",
+            "--shapes_n_val=4", "--input_size=64", "--shape_size=8", "--batch_size=4",
             "--num_workers=0", "--log_interval=1", "--device=cpu", "--threads=1", "--max_iters=1"]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args,
                         f"--init_from={tmp_path / 'ctdet_fake.pth'}"], cwd=tmp_path, env=env,
