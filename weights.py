@@ -287,8 +287,8 @@ class LoadedWeights:
         pretrained=False when the file holds the backbone (no ImageNet download to overwrite)."""
         want = []
         if self.kind in ("centernet_dla34", "centernet_hourglass104"):
-            want.append(("input_format", "bgr_coco", "CenterNet trained these weights on BGR images normalised "
-                         "with COCO statistics, its src/lib/datasets/dataset/coco.py"))
+            want.append(("input_format", "bgr_coco", "CenterNet trained these weights on BGR "
+                         "images normalised with COCO statistics, its src/lib/datasets/dataset/coco.py"))
         elif self.kind == "torchvision_fcos":
             want.append(("fcos_form", "torchvision", "torchvision's FCOS is the improved one, with "
                          "its own locations and candidate test (model.py, `FCOS`)"))
