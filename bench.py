@@ -65,8 +65,8 @@ from model import ModelConfig, build_model, method_transform
 # dtype, threads, compile, seed, learning_rate, gradient_accumulation_steps and, with real_data,
 # val_img_dir / val_ann; the others are accepted and ignored
 # (the timed train step always uses Adam).
-HERE = os.path.dirname(os.path.abspath(__file__))
-globals().update(defaults_of(os.path.join(HERE, "train.py")))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+globals().update(defaults_of(os.path.join(_HERE, "train.py")))
 # bench settings, and the train.py keys whose default differs here
 batch_size = 2           # images per timed step (train.py: 32)
 seed = 0                 # of the synthetic batch (random pixels, boxes and masks)
@@ -76,7 +76,7 @@ steps = 5                # timed runs; the median is reported
 peers = False            # also time torchvision's fcos_resnet50_fpn and maskrcnn_resnet50_fpn
 real_data = ""           # COCO-format folder (like train.py's data_root): its first val images
 # -----------------------------------------------------------------------------
-exec(open(os.path.join(HERE, "configurator.py")).read())
+exec(open(os.path.join(_HERE, "configurator.py")).read())
 transform = method_transform(method)  # as train.py
 # -----------------------------------------------------------------------------
 
