@@ -288,7 +288,8 @@ class LoadedWeights:
         want = []
         if self.kind in ("centernet_dla34", "centernet_hourglass104"):
             want.append(("input_format", "bgr_coco", "CenterNet trained these weights on BGR "
-                         "images normalised with COCO statistics, its src/lib/datasets/dataset/coco.py"))
+                         "images normalised with COCO statistics, its "
+                         "src/lib/datasets/dataset/coco.py"))
         elif self.kind == "torchvision_fcos":
             want.append(("fcos_form", "torchvision", "torchvision's FCOS is the improved one, with "
                          "its own locations and candidate test (model.py, `FCOS`)"))
