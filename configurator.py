@@ -163,22 +163,21 @@ def apply_overrides(config, argv, verbose=True):
         defaults' types are the expected types; they are taken once, before any override,
         so a key with a `None` default stays free-form after a config file sets it.
     argv: e.g. sys.argv[1:]: config file paths and `--key=value` strings.
+    verbose: print one line of the keys changed and where they came from, e.g.
+        "overrides: batch_size=4, epochs=40 (config/shapes_centermask.py, command line)".
     Returns `config`, mutated. Raises ConfigError (a ValueError) with a one-line message.
     """
     defaults = dict(config)
+    changed, sources = {}, []   # echoed as one line at the end: what this run changed, and where
 
     def set_key(key, value, source):
-        value = _check_type(key, value, defaults[key], source)
-        if verbose:
-            print(f"Overriding: {key} = {value!r}")
-        config[key] = value
+        config[key] = changed[key] = _check_type(key, value, defaults[key], source)
 
     for arg in argv:
         if not arg.startswith('-'):
             # a config file: every public, plain-literal name it leaves behind must be a key
             namespace = _exec_config_file(arg, config)
-            if verbose:
-                print(f"Overriding config with {arg}:")
+            sources.append(arg)
             for key, value in namespace.items():
                 if key.startswith('_') or not isinstance(value, _CONFIG_TYPES):
                     continue                          # helpers, imports, functions, classes
@@ -199,6 +198,10 @@ def apply_overrides(config, argv, verbose=True):
         if key not in defaults:
             raise _unknown_key(key, defaults, "on the command line")
         set_key(key, _parse_cli_value(raw, defaults[key]), "on the command line")
+        sources += [] if "command line" in sources else ["command line"]
+    if verbose and changed:
+        print(f"overrides: {', '.join(f'{k}={v!r}' for k, v in changed.items())} "
+              f"({', '.join(sources)})")
     return config
 
 

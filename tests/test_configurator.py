@@ -147,11 +147,18 @@ def test_config_file_then_cli_wins_and_helpers_allowed(tmp_path):
     assert "learning_rate" in str(e.value) and "cfg.py" in str(e.value)
 
 
-def test_prints_overrides(capsys):
-    """Guards: overrides no longer being echoed (nanoGPT's "Overriding: key = value"), which
-    is how logs record what a run actually used."""
-    apply_overrides(defaults(), ["--batch_size=4"])
-    assert "Overriding: batch_size = 4" in capsys.readouterr().out
+def test_prints_overrides(capsys, tmp_path):
+    """Guards: overrides no longer being echoed, which is how logs record what a run actually
+    used, as ONE line (nanoGPT printed one "Overriding: key = value" line per key): each changed
+    key once with its final value, then where they came from; a value equal to the default set
+    by a config file is no change; no override, no line."""
+    cfg = tmp_path / "c.py"
+    cfg.write_text("batch_size = 2\nout_dir = 'out'\n")
+    apply_overrides(defaults(), [str(cfg), "--batch_size=4", "--learning_rate=1"])
+    assert capsys.readouterr().out == (f"overrides: batch_size=4, learning_rate=1.0 "
+                                       f"({cfg}, command line)\n")
+    apply_overrides(defaults(), [])
+    assert capsys.readouterr().out == ""
 
 
 def test_config_from_globals_filters():
