@@ -53,9 +53,11 @@ def config_from_globals(namespace):
 
     This is nanoGPT's `config_keys` filter; scripts call it after exec'ing this file to get
     the final config dict to save in a checkpoint: `config = config_from_globals(globals())`.
+    A name in capitals is a constant, not a key (model.NON_FINITE_DEFORM, a message that
+    train.py and predict.py import; bench.py's HERE): not in --help, not settable, not saved.
     """
     return {k: v for k, v in namespace.items()
-            if not k.startswith('_') and isinstance(v, _CONFIG_TYPES)}
+            if not k.startswith('_') and not k.isupper() and isinstance(v, _CONFIG_TYPES)}
 
 
 def defaults_of(script):

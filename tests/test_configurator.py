@@ -162,9 +162,20 @@ def test_prints_overrides(capsys, tmp_path):
 
 
 def test_config_from_globals_filters():
-    """Guards: modules, functions and private names leaking into the saved config."""
-    ns = {"a": 1, "_b": 2, "os": os, "f": lambda: 0, "c": (1, 2), "d": None}
-    assert config_from_globals(ns) == {"a": 1, "c": (1, 2), "d": None}
+    """Guards: modules, functions, private names and constants (capitals) leaking into the saved
+    config."""
+    ns = {"a": 1, "_b": 2, "os": os, "f": lambda: 0, "c": (1, 2), "d": None, "NON_FINITE": "a message",
+          "lr_2x": 0.1}
+    assert config_from_globals(ns) == {"a": 1, "c": (1, 2), "d": None, "lr_2x": 0.1}
+
+
+def test_imported_message_constant_is_no_key():
+    """Guards the case met: train.py imports model.NON_FINITE_DEFORM (a message) before the
+    configurator line; it was the first key of `train.py --help` and was saved in config.json."""
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True,
+                       text=True, timeout=120)
+    keys = r.stdout.split("in a config file):")[1].split()
+    assert r.returncode == 0 and keys[0] == "--out_dir='out'" and "NON_FINITE" not in r.stdout
 
 
 SCRIPT = """
