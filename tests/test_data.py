@@ -1079,3 +1079,18 @@ def test_dataset_paths_shapes_and_data_root():
                        "train_ann": "/abs/a.json", "val_img_dir": "val2017"})
     assert p["train_img_dir"] == os.path.join("coco", "train2017") and p["train_ann"] == "/abs/a.json"
     assert p["val_ann"] is None
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Guards predictions.json and eval.py's --results_json being written mode 0600 (as a
+    temporary file made by tempfile.mkstemp and renamed is): every file of data.write_atomic gets
+    0666 & ~umask, as a plain open() gives (umask 022: 0644; umask 002: 0664)."""
+    old = os.umask(0o022)
+    try:
+        data.write_json({"a": 1}, str(tmp_path / "predictions.json"))
+        os.umask(0o002)
+        data.write_atomic(str(tmp_path / "ckpt.pt"), functools.partial(torch.save, {}))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "predictions.json").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "ckpt.pt").st_mode & 0o777 == 0o664
