@@ -35,7 +35,8 @@ import torch
 
 from data import (ImageReadError, collate_fn, dataset_paths, load_rgb_image, unlabelled_sample,
                   write_json)
-from eval import checkpoint_transform, load_checkpoint_model, to_coco_results, to_original
+from eval import (Progress, checkpoint_transform, load_checkpoint_model, to_coco_results,
+                  to_original)
 from model import NON_FINITE_DEFORM, check_deform_finite
 from pictures import draw_predictions, network_input_rgb, save_maps_figure, teaching_maps, write_png
 
@@ -105,9 +106,10 @@ if __name__ == "__main__":
     print(f"predicting {len(files)} file(s) with {ckpt} ({type(model).__name__}, "
           f"{len(class_names)} classes) on {device}, {transform.kind} test transform, "
           f"inputs {transform.input_format}; writing to {out}")
-    results, skipped = {}, 0
+    results, skipped, progress = {}, 0, Progress("predicting", len(files))
     with torch.no_grad():
-        for path in files:
+        for done, path in enumerate(files):
+            progress(done)                                      # files done so far
             name = os.path.basename(path)
             try:
                 pil = load_rgb_image(path, upright=True)         # EXIF orientation applied
@@ -142,7 +144,7 @@ if __name__ == "__main__":
                 del d["image_id"]
                 d.update(label=label, **{"class": class_names[label]})
             results[name] = dets
-            print(f"{name}: {len(dets)} detection(s) >= {score_threshold}")
     write_json(results, os.path.join(out, "predictions.json"))
-    print(f"wrote {len(results)} picture(s) and predictions.json to {out}"
+    print(f"wrote {len(results)} picture(s) with {sum(map(len, results.values()))} detection(s) >= "
+          f"{score_threshold} and predictions.json to {out}"
           + (f"; skipped {skipped} file(s) that are not readable images" if skipped else ""))
