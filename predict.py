@@ -18,8 +18,9 @@ turned (a phone's portrait photo, stored lying on its side) is turned upright fi
 masks and drawing are in the upright picture (COCO's xywh boxes and RLE masks, as eval.py's results). Only the
 detections with score >= score_threshold are drawn and written. The picture goes through the test
 transform of the checkpoint's training config (its input size, keep_res, input_format), as
-eval.py does. A file that is not an image, or cannot be read, is named and skipped; every file is
-written whole (a temporary name, then renamed), so an interrupted run leaves no half file.
+eval.py does. A file that is not an image, or cannot be read, is named and skipped (none left:
+exit status 2); every file is written whole (a temporary name, then renamed), so an interrupted
+run leaves no half file.
 
 The checkpoint says what each label means ("class_names", "label_to_cat_id", saved by train.py);
 for a checkpoint written before train.py saved them, the training json named by its config is
@@ -29,6 +30,7 @@ read, and failing that the classes are called by their label number.
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -144,6 +146,10 @@ if __name__ == "__main__":
                 del d["image_id"]
                 d.update(label=label, **{"class": class_names[label]})
             results[name] = dets
+    if not results:  # nothing to write: a user error (exit status 2), as a bad --input
+        print(f"predict.py: error: none of the {len(files)} file(s) of --input={input!r} is an "
+              "image that can be read", file=sys.stderr)
+        sys.exit(2)
     write_json(results, os.path.join(out, "predictions.json"))
     print(f"wrote {len(results)} picture(s) with {sum(map(len, results.values()))} detection(s) >= "
           f"{score_threshold} and predictions.json to {out}"
