@@ -301,6 +301,17 @@ def test_progress_lines(tiny, monkeypatch, capsys):
     assert len(out) == 3 and all(re.fullmatch(line.format(n, 5), o) for n, o in zip((2, 4, 5), out)), out
 
 
+def test_one_image_reader():
+    """Guards a second image reader in eval.py or predict.py (a 16-bit PNG, a CMYK or EXIF-turned
+    JPEG read another way gives other pixels than training saw): both read pictures only through
+    data.load_rgb_image, predict.py directly, eval.py through data.CocoInstances."""
+    for script in ("eval.py", "predict.py"):
+        source = (ROOT / script).read_text()
+        assert not re.search(r"Image\.open|imread|read_image|decode_(image|jpeg|png)", source), script
+    assert "load_rgb_image(path, upright=True)" in (ROOT / "predict.py").read_text()
+    assert "data.CocoInstances(" in (ROOT / "eval.py").read_text()
+
+
 def test_to_original_clips_and_resizes():
     """Guards: boxes outside the image not being clipped, and masks resized with their batch
     padding (which shifts them) instead of cropped to `size` first."""
