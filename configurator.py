@@ -53,9 +53,11 @@ def config_from_globals(namespace):
 
     This is nanoGPT's `config_keys` filter; scripts call it after exec'ing this file to get
     the final config dict to save in a checkpoint: `config = config_from_globals(globals())`.
+    A name in capitals is a constant, not a key (model.NON_FINITE_DEFORM, a message that
+    train.py and predict.py import; bench.py's HERE): not in --help, not settable, not saved.
     """
     return {k: v for k, v in namespace.items()
-            if not k.startswith('_') and isinstance(v, _CONFIG_TYPES)}
+            if not k.startswith('_') and not k.isupper() and isinstance(v, _CONFIG_TYPES)}
 
 
 def defaults_of(script):
@@ -163,22 +165,21 @@ def apply_overrides(config, argv, verbose=True):
         defaults' types are the expected types; they are taken once, before any override,
         so a key with a `None` default stays free-form after a config file sets it.
     argv: e.g. sys.argv[1:]: config file paths and `--key=value` strings.
+    verbose: print one line of the keys changed and where they came from, e.g.
+        "overrides: batch_size=4, epochs=40 (config/shapes_centermask.py, command line)".
     Returns `config`, mutated. Raises ConfigError (a ValueError) with a one-line message.
     """
     defaults = dict(config)
+    changed, sources = {}, []   # echoed as one line at the end: what this run changed, and where
 
     def set_key(key, value, source):
-        value = _check_type(key, value, defaults[key], source)
-        if verbose:
-            print(f"Overriding: {key} = {value!r}")
-        config[key] = value
+        config[key] = changed[key] = _check_type(key, value, defaults[key], source)
 
     for arg in argv:
         if not arg.startswith('-'):
             # a config file: every public, plain-literal name it leaves behind must be a key
             namespace = _exec_config_file(arg, config)
-            if verbose:
-                print(f"Overriding config with {arg}:")
+            sources.append(arg)
             for key, value in namespace.items():
                 if key.startswith('_') or not isinstance(value, _CONFIG_TYPES):
                     continue                          # helpers, imports, functions, classes
@@ -199,6 +200,10 @@ def apply_overrides(config, argv, verbose=True):
         if key not in defaults:
             raise _unknown_key(key, defaults, "on the command line")
         set_key(key, _parse_cli_value(raw, defaults[key]), "on the command line")
+        sources += [] if "command line" in sources else ["command line"]
+    if verbose and changed:
+        print(f"overrides: {', '.join(f'{k}={v!r}' for k, v in changed.items())} "
+              f"({', '.join(sources)})")
     return config
 
 

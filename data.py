@@ -88,6 +88,22 @@ class ImageReadError(RuntimeError):
     """An image file is missing, unreadable, corrupt or truncated (the message names the path)."""
 
 
+class DataWarning(UserWarning):
+    """A fault of the data that a run survives (a category without annotations, an unusable
+    annotation). Printed once per message (train.py reading one json as its train and val set
+    would say it twice) as one line, "warning: <message>", without Python's file:line and
+    source line; -W options and warnings filters still rule."""
+
+
+def _format_warning(message, category, *where, _python=warnings.formatwarning):  # Python's: others
+    return f"warning: {message}\n" if issubclass(category, DataWarning) \
+        else _python(message, category, *where)
+
+
+warnings.filterwarnings("once", category=DataWarning, append=True)
+warnings.formatwarning = _format_warning
+
+
 def load_rgb_image(path, upright=False):
     """Read an image file as an 8-bit RGB PIL image, whatever its mode on disk.
 
@@ -203,7 +219,7 @@ class CocoInstances(torch.utils.data.Dataset):
         if background:
             said = ", ".join(f"category {c['id']} ({c.get('name')!r})" for c in background)
             warnings.warn(f"{ann_file}: {said} names the background and has no annotation: "
-                          "not a class of the model", stacklevel=2)
+                          "not a class of the model", DataWarning)
         cats = sorted((c for c in cats if c not in background), key=lambda c: c["id"])
         self.cat_ids = [c["id"] for c in cats]
         self.label_to_cat_id = list(self.cat_ids)
@@ -216,13 +232,13 @@ class CocoInstances(torch.utils.data.Dataset):
         unused = [named[cid] for cid in self.cat_ids if cid not in used]
         if unused:
             warnings.warn(f"{ann_file}: categories with no annotation at all: {_first(unused)} "
-                          "(still classes of the model; COCOeval skips them)", stacklevel=2)
+                          "(still classes of the model; COCOeval skips them)", DataWarning)
         # CVAT, for one, exports masks drawn with a brush as iscrowd=1 RLE
         crowd_only = [named[cid] for cid in self.cat_ids if cid in used - objects]
         if crowd_only:
             warnings.warn(f"{ann_file}: categories {_first(crowd_only)} only have crowd regions "
                           "(iscrowd=1), which are never trained on: if they are objects, set their "
-                          "iscrowd to 0", stacklevel=2)
+                          "iscrowd to 0", DataWarning)
 
         # Dataset order and optional subset.
         known = {img["id"] for img in images}
@@ -384,11 +400,11 @@ class CocoInstances(torch.utils.data.Dataset):
         for ann, img, why in problems[:20]:
             path = os.path.join(self.img_dir, img["file_name"])
             warnings.warn(f"annotation id {ann['id']} of image {path} ({self.ann_file}): {why}",
-                          stacklevel=3)
+                          DataWarning)
         if len(problems) > 20:
             more = [str(ann["id"]) for ann, _, _ in problems[20:]]
             warnings.warn(f"{len(more)} more annotations of {self.ann_file} with invalid "
-                          f"segmentations or boxes, ids {_first(more, 50)}", stacklevel=3)
+                          f"segmentations or boxes, ids {_first(more, 50)}", DataWarning)
 
     def _decode_mask(self, ann, H0, W0, path):
         """Segmentation (checked by _sanitize) -> the mask TRANSPOSED, uint8 (W0, H0), or None if
@@ -407,7 +423,7 @@ class CocoInstances(torch.utils.data.Dataset):
             if ann["id"] not in self._warned:  # once per annotation (and per worker)
                 self._warned.add(ann["id"])
                 warnings.warn(f"annotation id {ann['id']} of image {path} ({self.ann_file}): "
-                              f"cannot decode its RLE ({e}); skipped", stacklevel=3)
+                              f"cannot decode its RLE ({e}); skipped", DataWarning)
             return None
 
 

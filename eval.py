@@ -324,6 +324,30 @@ def grid_oracle(ann_file, stride, threshold=0.4, verbose=False):
 # evaluation
 
 
+def hours_minutes(seconds):
+    """A duration as h:mm, e.g. 3725 s -> "1:02"."""
+    minutes = int(seconds) // 60
+    return f"{minutes // 60}:{minutes % 60:02d}"
+
+
+class Progress:
+    """Progress lines of a loop over `total` images (evaluate, predict.py): at each tenth of the
+    way that comes `every_s` seconds or more after the last line, so a short loop prints none,
+    "<what>: 1000/5000 images, 12.3 images/s, ETA 0:05" (h:mm; the rate counts data loading)."""
+    every_s = 10.0
+
+    def __init__(self, what, total):
+        self.what, self.total, self.tenth = what, total, 0
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done):
+        now, tenth = time.perf_counter(), 10 * done // max(1, self.total)
+        if tenth > self.tenth and now - self.last >= self.every_s:
+            self.tenth, self.last, rate = tenth, now, done / max(now - self.start, 1e-9)
+            print(f"{self.what}: {done}/{self.total} images, {rate:.1f} images/s, "
+                  f"ETA {hours_minutes((self.total - done) / rate)}", flush=True)
+
+
 def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0,
              max_images=None, results_json=None, amp_dtype=None, verbose=True,
              collate_fn=None):
@@ -348,7 +372,8 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
     that size (e.g. APl on small images). `seconds` is the time spent in the model forward,
     its post-processing and the mapping back to original images (CUDA synchronised, data
     loading, RLE encoding and COCOeval excluded); images_per_s = num_images / seconds.
-    `total_seconds` is the whole call.
+    `total_seconds` is the whole call. A long evaluation prints progress lines (`Progress`;
+    rank 0, whatever `verbose`: train.py's evaluation of thousands of images too).
 
     Multi-process (torch.distributed initialised): every rank evaluates its shard (give it a
     DistributedSampler loader, or a Dataset and one is built); the results are gathered to
@@ -372,6 +397,8 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
     per_image = {}        # image_id -> its COCO results; a dict so repeated images count once
     has_masks = False     # a box-only model (FCOS) is evaluated for bbox only
     seconds, seen = 0.0, 0
+    # rank 0 tells for all: its images (of its shard) x world
+    progress = Progress("evaluating", min(limit, len(loader.sampler)) * world)
     try:
         with torch.no_grad():
             for images, targets in loader:
@@ -390,6 +417,8 @@ def evaluate(model, loader_or_dataset, device="cpu", batch_size=8, num_workers=0
                     if image_id not in per_image:
                         per_image[image_id] = to_coco_results(pred, image_id,
                                                               dataset.label_to_cat_id)
+                if rank == 0:
+                    progress(seen * world)
     finally:
         net.train(was_training)
 

@@ -18,8 +18,9 @@ turned (a phone's portrait photo, stored lying on its side) is turned upright fi
 masks and drawing are in the upright picture (COCO's xywh boxes and RLE masks, as eval.py's results). Only the
 detections with score >= score_threshold are drawn and written. The picture goes through the test
 transform of the checkpoint's training config (its input size, keep_res, input_format), as
-eval.py does. A file that is not an image, or cannot be read, is named and skipped; every file is
-written whole (a temporary name, then renamed), so an interrupted run leaves no half file.
+eval.py does. A file that is not an image, or cannot be read, is named and skipped (none left:
+exit status 2); every file is written whole (a temporary name, then renamed), so an interrupted
+run leaves no half file.
 
 The checkpoint says what each label means ("class_names", "label_to_cat_id", saved by train.py);
 for a checkpoint written before train.py saved them, the training json named by its config is
@@ -29,13 +30,15 @@ read, and failing that the classes are called by their label number.
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 
 from data import (ImageReadError, collate_fn, dataset_paths, load_rgb_image, unlabelled_sample,
                   write_json)
-from eval import checkpoint_transform, load_checkpoint_model, to_coco_results, to_original
+from eval import (Progress, checkpoint_transform, load_checkpoint_model, to_coco_results,
+                  to_original)
 from model import NON_FINITE_DEFORM, check_deform_finite
 from pictures import draw_predictions, network_input_rgb, save_maps_figure, teaching_maps, write_png
 
@@ -105,9 +108,10 @@ if __name__ == "__main__":
     print(f"predicting {len(files)} file(s) with {ckpt} ({type(model).__name__}, "
           f"{len(class_names)} classes) on {device}, {transform.kind} test transform, "
           f"inputs {transform.input_format}; writing to {out}")
-    results, skipped = {}, 0
+    results, skipped, progress = {}, 0, Progress("predicting", len(files))
     with torch.no_grad():
-        for path in files:
+        for done, path in enumerate(files):
+            progress(done)                                      # files done so far
             name = os.path.basename(path)
             try:
                 pil = load_rgb_image(path, upright=True)         # EXIF orientation applied
@@ -142,7 +146,11 @@ if __name__ == "__main__":
                 del d["image_id"]
                 d.update(label=label, **{"class": class_names[label]})
             results[name] = dets
-            print(f"{name}: {len(dets)} detection(s) >= {score_threshold}")
+    if not results:  # nothing to write: a user error (exit status 2), as a bad --input
+        print(f"predict.py: error: none of the {len(files)} file(s) of --input={input!r} is an "
+              "image that can be read", file=sys.stderr)
+        sys.exit(2)
     write_json(results, os.path.join(out, "predictions.json"))
-    print(f"wrote {len(results)} picture(s) and predictions.json to {out}"
+    print(f"wrote {len(results)} picture(s) with {sum(map(len, results.values()))} detection(s) >= "
+          f"{score_threshold} and predictions.json to {out}"
           + (f"; skipped {skipped} file(s) that are not readable images" if skipped else ""))

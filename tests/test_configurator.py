@@ -147,17 +147,35 @@ def test_config_file_then_cli_wins_and_helpers_allowed(tmp_path):
     assert "learning_rate" in str(e.value) and "cfg.py" in str(e.value)
 
 
-def test_prints_overrides(capsys):
-    """Guards: overrides no longer being echoed (nanoGPT's "Overriding: key = value"), which
-    is how logs record what a run actually used."""
-    apply_overrides(defaults(), ["--batch_size=4"])
-    assert "Overriding: batch_size = 4" in capsys.readouterr().out
+def test_prints_overrides(capsys, tmp_path):
+    """Guards: overrides no longer being echoed, which is how logs record what a run actually
+    used, as ONE line (nanoGPT printed one "Overriding: key = value" line per key): each changed
+    key once with its final value, then where they came from; a value equal to the default set
+    by a config file is no change; no override, no line."""
+    cfg = tmp_path / "c.py"
+    cfg.write_text("batch_size = 2\nout_dir = 'out'\n")
+    apply_overrides(defaults(), [str(cfg), "--batch_size=4", "--learning_rate=1"])
+    assert capsys.readouterr().out == (f"overrides: batch_size=4, learning_rate=1.0 "
+                                       f"({cfg}, command line)\n")
+    apply_overrides(defaults(), [])
+    assert capsys.readouterr().out == ""
 
 
 def test_config_from_globals_filters():
-    """Guards: modules, functions and private names leaking into the saved config."""
-    ns = {"a": 1, "_b": 2, "os": os, "f": lambda: 0, "c": (1, 2), "d": None}
-    assert config_from_globals(ns) == {"a": 1, "c": (1, 2), "d": None}
+    """Guards: modules, functions, private names and constants (capitals) leaking into the saved
+    config."""
+    ns = {"a": 1, "_b": 2, "os": os, "f": lambda: 0, "c": (1, 2), "d": None, "NON_FINITE": "a message",
+          "lr_2x": 0.1}
+    assert config_from_globals(ns) == {"a": 1, "c": (1, 2), "d": None, "lr_2x": 0.1}
+
+
+def test_imported_message_constant_is_no_key():
+    """Guards the case met: train.py imports model.NON_FINITE_DEFORM (a message) before the
+    configurator line; it was the first key of `train.py --help` and was saved in config.json."""
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True,
+                       text=True, timeout=120)
+    keys = r.stdout.split("in a config file):")[1].split()
+    assert r.returncode == 0 and keys[0] == "--out_dir='out'" and "NON_FINITE" not in r.stdout
 
 
 SCRIPT = """

@@ -1079,3 +1079,35 @@ def test_dataset_paths_shapes_and_data_root():
                        "train_ann": "/abs/a.json", "val_img_dir": "val2017"})
     assert p["train_img_dir"] == os.path.join("coco", "train2017") and p["train_ann"] == "/abs/a.json"
     assert p["val_ann"] is None
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Guards predictions.json and eval.py's --results_json being written mode 0600 (as a
+    temporary file made by tempfile.mkstemp and renamed is): every file of data.write_atomic gets
+    0666 & ~umask, as a plain open() gives (umask 022: 0644; umask 002: 0664)."""
+    old = os.umask(0o022)
+    try:
+        data.write_json({"a": 1}, str(tmp_path / "predictions.json"))
+        os.umask(0o002)
+        data.write_atomic(str(tmp_path / "ckpt.pt"), functools.partial(torch.save, {}))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "predictions.json").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "ckpt.pt").st_mode & 0o777 == 0o664
+
+
+def test_data_warning_prints_once_as_one_line(tmp_path):
+    """Guards each data warning printing twice with Python's file:line and source line (train.py
+    reads one json as its train and val set): one line, "warning: <message>", once per message,
+    while other warnings keep Python's form."""
+    img_dir, ann_file = make_coco(tmp_path, [ann(1)], cats=[{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+    script = (f"import sys, warnings; sys.path.insert(0, {str(ROOT)!r}); import data\n"
+              f"data.CocoInstances({img_dir!r}, {ann_file!r})\n"
+              f"data.CocoInstances({img_dir!r}, {ann_file!r})\nwarnings.warn('other')\n")
+    (tmp_path / "s.py").write_text(script)
+    r = subprocess.run([sys.executable, str(tmp_path / "s.py")], capture_output=True, text=True, timeout=120)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 0 and len(lines) == 3, r.stderr
+    assert lines[0] == f"warning: {ann_file}: categories with no annotation at all: 2 (b) (still classes of " \
+                       "the model; COCOeval skips them)"
+    assert lines[1:] == [f"{tmp_path / 's.py'}:4: UserWarning: other", "  warnings.warn('other')"]

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -273,6 +274,42 @@ def test_dataset_input_and_train_mode_restored(tiny):
     stats = evaluate(model, ds, batch_size=2, collate_fn=model.collate, verbose=False)
     assert model.training
     assert stats["segm_AP"] == pytest.approx(1.0)
+
+
+def test_progress_lines(tiny, monkeypatch, capsys):
+    """Guards evaluation (eval.py, train.py's periodic one) and predict.py running through
+    thousands of images without a line: at each tenth of the way (once `every_s` has passed since
+    the last line), images done / total, images/s and the ETA in h:mm; a short loop says nothing.
+    """
+    from eval import Progress, hours_minutes
+    assert [hours_minutes(s) for s in (59, 3725, 10 * 3600 + 5 * 60 + 59)] == ["0:00", "1:02", "10:05"]
+    line = r"evaluating: {}/{} images, \d+\.\d images/s, ETA \d+:\d\d"
+    progress = Progress("evaluating", 20)
+    for done in range(1, 21):
+        progress(done)
+    assert capsys.readouterr().out == ""                                   # under 10 s in all
+    monkeypatch.setattr(Progress, "every_s", 0.0)
+    progress = Progress("evaluating", 20)
+    for done in range(1, 21):
+        progress(done)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 10 and all(re.fullmatch(line.format(2 * k + 2, 20), o) for k, o in enumerate(out)), out
+    ds = TinyCoco(*tiny)
+    model = PerfectModel()
+    evaluate(model, _loader(ds, model, sampler=[0, 1, 2, 0, 1]), verbose=False)        # batches of 2
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and all(re.fullmatch(line.format(n, 5), o) for n, o in zip((2, 4, 5), out)), out
+
+
+def test_one_image_reader():
+    """Guards a second image reader in eval.py or predict.py (a 16-bit PNG, a CMYK or EXIF-turned
+    JPEG read another way gives other pixels than training saw): both read pictures only through
+    data.load_rgb_image, predict.py directly, eval.py through data.CocoInstances."""
+    for script in ("eval.py", "predict.py"):
+        source = (ROOT / script).read_text()
+        assert not re.search(r"Image\.open|imread|read_image|decode_(image|jpeg|png)", source), script
+    assert "load_rgb_image(path, upright=True)" in (ROOT / "predict.py").read_text()
+    assert "data.CocoInstances(" in (ROOT / "eval.py").read_text()
 
 
 def test_to_original_clips_and_resizes():

@@ -346,6 +346,19 @@ def test_predict_on_own_pictures(trained, tmp_path):
     assert r.returncode != 0 and "names no file" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_predict_exits_2_when_every_input_is_skipped(trained, tmp_path):
+    """Guards predict.py exiting 0 (with an empty predictions.json) when no input could be read:
+    one line saying so, exit status 2, nothing written."""
+    (tmp_path / "notes.txt").write_text("not a picture")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    r = run("predict.py", f"--ckpt={trained[0] / 'out' / 'ckpt.pt'}", f"--input={tmp_path / '*.*'}",
+            f"--out_dir={tmp_path / 'out'}", "--device=cpu", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"predict.py: error: none of the 2 file(s) of --input={str(tmp_path / '*.*')!r} is an image that can "
+        "be read"], r.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
 HOST_READS = """
 import atexit, os, runpy, sys, torch
 TRAIN = {train!r}
