@@ -440,6 +440,64 @@ def dump_json(obj, path):
         json.dump(obj, f, indent=1, default=str)
 
 
+def write_text(text, path):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# metrics.jsonl, the run's record: one JSON object per line, appended by rank 0 and kept across
+# resumes. A log line's: {iter, epoch, every loss term, lr, data_time and step_time (seconds per
+# iteration: waiting on the loader, and all of it), images_per_s, gpu_mem_gib on a GPU}; an
+# evaluation's: {iter, epoch, every AP number and the rest of eval.evaluate's stats}. Each line is
+# written whole and flushed: a crash mid-append can cut only the last one, which readers skip and
+# the next start drops. LOG_KEYS: the keys of a log line that are no loss term.
+METRICS = "metrics.jsonl"
+LOG_KEYS = ("iter", "epoch", "lr", "data_time", "step_time", "images_per_s", "gpu_mem_gib")
+
+
+def read_metrics():
+    """metrics.jsonl's records, in order ([] without the file)."""
+    records, path = [], os.path.join(out_dir, METRICS)
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                with suppress(ValueError):  # a line cut by a crash mid-append
+                    records.append(json.loads(line))
+    return records
+
+
+def append_metrics(record):
+    path = os.path.join(out_dir, METRICS)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        sys.exit(f"train.py: cannot append to {path}: {type(e).__name__}: {e}")
+
+
+def draw_curves():
+    """loss.png (every loss term of the log lines, log scale) and ap.png (box and mask AP of the
+    evaluations), drawn from metrics.jsonl: the whole run, its resumes included."""
+    from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
+    records = read_metrics()
+    logs = [r for r in records if "lr" in r]
+    evals = [r for r in records if "bbox_AP" in r]
+    terms = [k for k in logs[-1] if k not in LOG_KEYS] if logs else []
+    for name, rows, keys, ylabel in (("loss.png", logs, terms, "loss"),
+                                     ("ap.png", evals, ["bbox_AP", "segm_AP"], "AP")):
+        if not rows:
+            continue
+        fig = Figure(figsize=(7, 4), layout="tight")
+        ax = fig.subplots()
+        for k in (k for k in keys if k in rows[-1]):
+            ax.plot([r["iter"] for r in rows], [r.get(k, float("nan")) for r in rows], label=k,
+                    lw=2 if k == "loss" else 1, marker="o" if ylabel == "AP" else None)
+        ax.set(xlabel="iteration", ylabel=ylabel, yscale="log" if ylabel == "loss" else "linear")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        write_out(name, partial(fig.savefig, format="png", dpi=100))
+
+
 def save_checkpoint(it, best_ap, name="ckpt.pt"):
     """Everything a resume needs, written atomically (write_out); what a label means, for
     predict.py on a checkpoint alone: label k is class_names[k], COCO category id
@@ -490,8 +548,12 @@ if master:
 EVAL_IMAGES = 500
 it = checkpoint["iter"] if checkpoint is not None else 0
 best_ap = checkpoint["best_ap"] if checkpoint is not None else -1.0
-history = {"iter": [], "loss": {}}  # for the loss-curve PNG
 checkpoint = None  # free memory
+if master:
+    # metrics.jsonl: a resume keeps the records up to its checkpoint's iteration (a run killed
+    # after it had logged further logs those iterations again), any other start none
+    kept = "".join(json.dumps(r) + "\n" for r in read_metrics() if r["iter"] <= it)
+    write_out(METRICS, partial(write_text, kept))
 micro = f" x {accum} micro-batches" if accum > 1 else ""
 log(f"training for {max_iters} iterations ({iters_per_epoch} per epoch, batch {batch_size} x "
     f"{world_size}{micro}); lr steps at iterations {step_iters}\nglobal batch {global_batch} "
@@ -663,6 +725,7 @@ def train_step(micro_batches):
 model.train()
 tally = Tally()
 t_start, t_log, epoch = time.time(), time.time(), it // iters_per_epoch
+waited, t_fetch = 0.0, time.time()  # seconds waiting on the loader since the last log line
 while it < max_iters:
     if ddp:
         sampler.set_epoch(epoch)
@@ -683,6 +746,7 @@ while it < max_iters:
         micro_batches.append(to_device(images, targets))
         if len(micro_batches) < accum:
             continue
+        waited += time.time() - t_fetch  # since the previous step ended: the step's data
         lr = get_lr(it)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_factor", 1.0)
@@ -694,19 +758,22 @@ while it < max_iters:
 
         if it % log_interval == 0 or it == max_iters:
             tally.check()
-            dt = (time.time() - t_log) / len(tally.values)
+            steps = len(tally.values)
+            dt = (time.time() - t_log) / steps
             mean = tally.read()
-            history["iter"].append(it)
-            for k, v in mean.items():
-                history["loss"].setdefault(k, []).append(v)
             mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else 0
+            record = {"iter": it, "epoch": round(it / iters_per_epoch, 3), **mean, "lr": lr,
+                      "data_time": round(waited / steps, 4), "step_time": round(dt, 4),
+                      "images_per_s": round(global_batch / dt, 1)}
+            if master:
+                append_metrics(record | ({"gpu_mem_gib": round(mem, 2)} if mem else {}))
             mem = f", mem {mem:.1f}GiB" if mem else ""
             scale = f", loss scale {scaler.get_scale():g}" if dtype == "float16" else ""
             losses = " ".join(f"{k} {v:.4f}" for k, v in mean.items())
             log(f"iter {it}/{max_iters} (epoch {it / iters_per_epoch:.1f}): {losses} | "
                 f"lr {lr:.2e} | {dt * 1000:.0f}ms/iter, {global_batch / dt:.1f} img/s | "
                 f"ETA {(max_iters - it) * dt / 60:.1f}min{mem}{scale}")
-            t_log = time.time()
+            t_log, waited = time.time(), 0.0
 
         if it % eval_every == 0 or it == max_iters:
             tally.check()  # nothing non-finite is evaluated or saved
@@ -722,7 +789,10 @@ while it < max_iters:
                 if ap >= best_ap:
                     save_checkpoint(it, best_ap, "best.pt")
                 write_out("eval.json", partial(dump_json, {"iter": it, **stats}))
+                append_metrics({"iter": it, "epoch": round(it / iters_per_epoch, 3), **stats})
+                draw_curves()
             t_log += time.time() - t_eval  # evaluation time is not training time
+        t_fetch = time.time()
         if it >= max_iters or steps_this_epoch >= iters_per_epoch:
             break
     epoch += 1
@@ -730,17 +800,9 @@ while it < max_iters:
 minutes = (time.time() - t_start) / 60
 log(f"done: {max_iters} iterations in {minutes:.1f} min, best AP {best_ap:.4f}")
 if master:
-    # the loss curve next to the checkpoint
-    from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
-    fig = Figure(figsize=(7, 4), layout="tight")
-    ax = fig.subplots()
-    for k, v in history["loss"].items():
-        ax.plot(history["iter"], v, label=k, lw=2 if k == "loss" else 1)
-    ax.set(xlabel="iteration", ylabel="loss", yscale="log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    write_out("loss.png", partial(fig.savefig, format="png", dpi=100))
-    log(f"wrote {os.path.join(out_dir, 'loss.png')}")
+    # the loss and AP curves of the whole run next to the checkpoint
+    draw_curves()
+    log(f"wrote {os.path.join(out_dir, 'loss.png')}, {os.path.join(out_dir, 'ap.png')}")
     # predictions and teaching maps of the first 8 val images
     with stop_on_non_finite_deform("drawing the pictures"):
         drawn = save_pictures(raw_model, val_set, os.path.join(out_dir, "pictures"), n=8,

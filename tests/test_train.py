@@ -103,6 +103,49 @@ def test_resume_continues_from_checkpoint(trained, tmp_path):
     assert torch.load(work / "out" / "ckpt.pt", map_location="cpu", weights_only=False)["iter"] == 6
 
 
+def test_metrics_file_holds_every_log_line_and_evaluation(trained):
+    """Guards out_dir/metrics.jsonl: the shared run (4 iterations of 2 per epoch, a log line at
+    each, an evaluation at each epoch's end) wrote 6 records: log lines at iterations 1, 2, 3, 4
+    (epochs 1/2 = 0.5, 1.0, 1.5, 2.0), each with the loss terms its printed line shows (to 4
+    decimals), the lr, data and step time (the loader's wait is part of the step) and images/s;
+    evaluations at iterations 2 and 4 with every AP number. Both curves are drawn from them."""
+    tmp, r = trained
+    records = [json.loads(line) for line in open(tmp / "out" / "metrics.jsonl")]
+    logs, evals = [x for x in records if "lr" in x], [x for x in records if "bbox_AP" in x]
+    assert len(records) == 6 and [x["iter"] for x in logs] == [1, 2, 3, 4] and [x["iter"] for x in evals] == [2, 4]
+    assert [x["epoch"] for x in logs] == [0.5, 1.0, 1.5, 2.0]
+    for x in logs:
+        line = next(line for line in r.stdout.splitlines() if line.startswith(f"iter {x['iter']}/4 "))
+        for k in ("loss", "heatmap", "mask"):
+            assert f"{k} {x[k]:.4f}" in line, (k, line)
+        assert f"lr {x['lr']:.2e}" in line and 0 <= x["data_time"] <= x["step_time"] and x["images_per_s"] > 0
+    for x in evals:
+        assert {f"{kind}_AP{s}" for kind in ("bbox", "segm") for s in ("", "50", "75", "s", "m", "l")} <= set(x)
+        assert f"eval @ iter {x['iter']}: bbox_AP {x['bbox_AP']:.4f}" in r.stdout
+    assert (tmp / "out" / "ap.png").stat().st_size > 1000
+
+
+def test_resume_keeps_the_metrics_up_to_its_checkpoint(trained, tmp_path):
+    """Guards metrics.jsonl across a resume: beside the shared run's checkpoint (iteration 4), its
+    6 records, then what a run killed after that checkpoint leaves: a record of iteration 5 and
+    a line cut mid-append. The resume to 6 iterations keeps the records up to iteration 4 byte for
+    byte, drops the other two lines and appends its own: log lines at 1-6 once each (the
+    iteration-5 record is the new run's, loss 99 is gone), evaluations at 2, 4 and 6."""
+    tmp, _ = trained
+    work = copy_of_run(tmp, tmp_path)
+    before = (tmp / "out" / "metrics.jsonl").read_text()
+    stale = json.dumps({"iter": 5, "epoch": 2.5, "loss": 99.0, "lr": 0.1})
+    (work / "out" / "metrics.jsonl").write_text(before + stale + '\n{"iter": 6, "lo')
+    r = train(work, "--max_iters=6", "--init_from=resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = (work / "out" / "metrics.jsonl").read_text()
+    records = [json.loads(line) for line in after.splitlines()]
+    assert after.startswith(before) and 99.0 not in [x.get("loss") for x in records]
+    assert [x["iter"] for x in records if "lr" in x] == [1, 2, 3, 4, 5, 6]
+    assert [x["iter"] for x in records if "bbox_AP" in x] == [2, 4, 6]
+    assert (work / "out" / "loss.png").stat().st_size > 1000 and (work / "out" / "ap.png").stat().st_size > 1000
+
+
 def test_resume_from_another_config_names_the_keys(trained, tmp_path):
     """Guards loading a checkpoint into a different architecture: a clear error naming the
     differing key, and the checkpoint untouched."""
