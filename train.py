@@ -548,6 +548,9 @@ if master:
 EVAL_IMAGES = 500
 it = checkpoint["iter"] if checkpoint is not None else 0
 best_ap = checkpoint["best_ap"] if checkpoint is not None else -1.0
+if checkpoint is not None:
+    log(f"resuming from {ckpt_path} at iteration {it} of {max_iters} (epoch "
+        f"{it / iters_per_epoch:g}), best AP so far {best_ap:.4f}")
 checkpoint = None  # free memory
 if master:
     # metrics.jsonl: a resume keeps the records up to its checkpoint's iteration (a run killed
@@ -722,10 +725,23 @@ def train_step(micro_batches):
     return terms
 
 
+def eta(it, dt, eval_s_per_image):
+    """Time to the end of the run, as h:mm: the iterations left at dt seconds each, and the
+    evaluations to come (at the multiples of eval_every in [it, max_iters) on EVAL_IMAGES val
+    images, the last one on all of them) at the last evaluation's seconds per image. Before the
+    first evaluation none is timed: the ETA leaves them out and says how many there are."""
+    periodic = (max_iters - 1) // eval_every - (it - 1) // eval_every
+    images = periodic * min(EVAL_IMAGES, len(val_set)) + len(val_set)
+    h, m = divmod(round(((max_iters - it) * dt + images * eval_s_per_image) / 60), 60)
+    untimed = f" + {periodic + 1} evaluation(s) not timed yet" if not eval_s_per_image else ""
+    return f"{h}:{m:02d}{untimed}"
+
+
 model.train()
 tally = Tally()
 t_start, t_log, epoch = time.time(), time.time(), it // iters_per_epoch
 waited, t_fetch = 0.0, time.time()  # seconds waiting on the loader since the last log line
+eval_s_per_image = 0.0  # the last evaluation's time (its checkpoint and curves included)
 while it < max_iters:
     if ddp:
         sampler.set_epoch(epoch)
@@ -771,8 +787,8 @@ while it < max_iters:
             scale = f", loss scale {scaler.get_scale():g}" if dtype == "float16" else ""
             losses = " ".join(f"{k} {v:.4f}" for k, v in mean.items())
             log(f"iter {it}/{max_iters} (epoch {it / iters_per_epoch:.1f}): {losses} | "
-                f"lr {lr:.2e} | {dt * 1000:.0f}ms/iter, {global_batch / dt:.1f} img/s | "
-                f"ETA {(max_iters - it) * dt / 60:.1f}min{mem}{scale}")
+                f"lr {lr:.2e} | {dt * 1000:.0f}ms/iter (data {record['data_time'] * 1000:.0f}ms), "
+                f"{global_batch / dt:.1f} img/s | ETA {eta(it, dt, eval_s_per_image)}{mem}{scale}")
             t_log, waited = time.time(), 0.0
 
         if it % eval_every == 0 or it == max_iters:
@@ -792,6 +808,7 @@ while it < max_iters:
                 append_metrics({"iter": it, "epoch": round(it / iters_per_epoch, 3), **stats})
                 draw_curves()
             t_log += time.time() - t_eval  # evaluation time is not training time
+            eval_s_per_image = (time.time() - t_eval) / max(1, stats["num_images"])
         t_fetch = time.time()
         if it >= max_iters or steps_this_epoch >= iters_per_epoch:
             break

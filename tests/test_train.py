@@ -4,6 +4,7 @@ things fail"."""
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -94,12 +95,14 @@ def test_shapes_set_reused_when_big_enough_rewritten_when_not(trained, tmp_path)
 
 
 def test_resume_continues_from_checkpoint(trained, tmp_path):
-    """Guards --init_from=resume: it starts at the saved iteration (not 0) and runs to max_iters."""
+    """Guards --init_from=resume: it starts at the saved iteration (not 0), says so naming the
+    checkpoint, and runs to max_iters."""
     tmp, _ = trained
     work = copy_of_run(tmp, tmp_path)
     r = train(work, "--max_iters=6", "--init_from=resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "iter 5/6" in r.stdout and "iter 1/6" not in r.stdout
+    assert f"resuming from {work / 'out' / 'ckpt.pt'} at iteration 4 of 6 (epoch 2)" in r.stdout
     assert torch.load(work / "out" / "ckpt.pt", map_location="cpu", weights_only=False)["iter"] == 6
 
 
@@ -108,7 +111,10 @@ def test_metrics_file_holds_every_log_line_and_evaluation(trained):
     each, an evaluation at each epoch's end) wrote 6 records: log lines at iterations 1, 2, 3, 4
     (epochs 1/2 = 0.5, 1.0, 1.5, 2.0), each with the loss terms its printed line shows (to 4
     decimals), the lr, data and step time (the loader's wait is part of the step) and images/s;
-    evaluations at iterations 2 and 4 with every AP number. Both curves are drawn from them."""
+    evaluations at iterations 2 and 4 with every AP number. Both curves are drawn from them.
+    The printed ETA is h:mm; before the first evaluation (iterations 1 and 2) it leaves out the
+    evaluations to come, naming them: those at the multiples of 2 in [1, 4) and the last one, 2;
+    those in [2, 4) and the last, 2; from iteration 3 on they are timed and counted in."""
     tmp, r = trained
     records = [json.loads(line) for line in open(tmp / "out" / "metrics.jsonl")]
     logs, evals = [x for x in records if "lr" in x], [x for x in records if "bbox_AP" in x]
@@ -119,6 +125,8 @@ def test_metrics_file_holds_every_log_line_and_evaluation(trained):
         for k in ("loss", "heatmap", "mask"):
             assert f"{k} {x[k]:.4f}" in line, (k, line)
         assert f"lr {x['lr']:.2e}" in line and 0 <= x["data_time"] <= x["step_time"] and x["images_per_s"] > 0
+        assert f"ms/iter (data {x['data_time'] * 1000:.0f}ms)" in line and re.search(r"\| ETA \d+:\d\d", line)
+        assert ("+ 2 evaluation(s) not timed yet" in line) == (x["iter"] <= 2), line
     for x in evals:
         assert {f"{kind}_AP{s}" for kind in ("bbox", "segm") for s in ("", "50", "75", "s", "m", "l")} <= set(x)
         assert f"eval @ iter {x['iter']}: bbox_AP {x['bbox_AP']:.4f}" in r.stdout
