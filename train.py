@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext, suppress
@@ -52,11 +53,12 @@ init_from = "scratch"
 # (e.g. ("head_sets.*.local_shape.*",)); import_weights lists them as ignored
 init_fresh = ()
 # a start that is not a resume refuses an out_dir holding a ckpt.pt (it would write over that
-# run's training at its first evaluation); True: start over in it anyway
+# run's training at its first epoch's end); True: start over in it anyway
 overwrite = False
 log_interval = 20                 # iterations between progress lines
-# epochs between evaluations and checkpoints (a fraction too; and one at the end, on the whole
-# val set); the periodic ones read the first EVAL_IMAGES val images
+# epochs between evaluations (a fraction too; and one at the end, on the whole val set); the
+# periodic ones read the first EVAL_IMAGES val images. Each writes ckpt.pt, and best.pt at the
+# best AP so far; ckpt.pt is also written at every epoch's end and when a signal stops the run
 eval_every_epochs = 10.0
 # data (COCO 2017 layout; see README)
 data_root = "data/coco"           # train/val paths below are relative to it unless absolute
@@ -141,7 +143,7 @@ except ValueError as _e:
     sys.exit(2)
 config = config_from_globals(globals())  # the resolved config, saved in checkpoints
 # Nothing a user trained is written over: a start that is not a resume (from scratch, or from
-# weights) writes a new ckpt.pt into out_dir at its first evaluation, so an out_dir that holds one
+# weights) writes a new ckpt.pt into out_dir at its first epoch's end, so an out_dir holding one
 # stops the run here, before any work (a rerun after a kill without --init_from=resume would
 # lose that run).
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -499,9 +501,10 @@ def draw_curves():
 
 
 def save_checkpoint(it, best_ap, name="ckpt.pt"):
-    """Everything a resume needs, written atomically (write_out); what a label means, for
-    predict.py on a checkpoint alone: label k is class_names[k], COCO category id
-    label_to_cat_id[k] of the training json."""
+    """Everything a resume needs, written atomically (write_out): ckpt.pt, the last one (every
+    epoch's end, every evaluation, a stop), or best.pt (the evaluation of the best AP so far).
+    What a label means, for predict.py on a checkpoint alone: label k is class_names[k], COCO
+    category id label_to_cat_id[k] of the training json."""
     ckpt = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(), "iter": it, "best_ap": best_ap,
             "model_args": model_args, "config": config,
@@ -737,12 +740,41 @@ def eta(it, dt, eval_s_per_image):
     return f"{h}:{m:02d}{untimed}"
 
 
+# -- stopping -------------------------------------------------------------------------------------
+# SIGTERM (scancel, a preempted or spot machine, torchrun passing its own on), SIGUSR1 (README's
+# SLURM script, before the time limit) and Ctrl-C (SIGINT) do not stop the run where they land:
+# they are noted in `signals`, which the loop reads at each iteration boundary, where it writes
+# ckpt.pt and exits with one line naming it, with status 128 + the signal's number (130 Ctrl-C,
+# 138 SIGUSR1, 143 SIGTERM, as a shell reports a run a signal ended: the run did not finish; the
+# same command with --init_from=resume goes on from the checkpoint). A signal during an evaluation
+# stops the run after it. Under DDP every rank must stop at the same iteration: the signal is
+# all-reduced (max) at each boundary, over gloo on the CPU (no wait on the GPU's work). More
+# signals change nothing (a torchrun worker may get one from the terminal and one from torchrun);
+# SIGKILL stops at once.
+signals = []
+for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+    if hasattr(signal, name):  # Windows has no SIGUSR1
+        signal.signal(getattr(signal, name), lambda signum, frame: signals.append(signum))
+cpu_group = dist.new_group(backend="gloo") if ddp and device_type == "cuda" else None
+
+
+def agreed_signal():
+    """The signal that asks the run to stop (0: none), the same on every rank."""
+    signum = max(signals, default=0)
+    if ddp:
+        flag = torch.tensor([signum])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group)
+        signum = int(flag)
+    return signum
+
+
 model.train()
 tally = Tally()
 t_start, t_log, epoch = time.time(), time.time(), it // iters_per_epoch
 waited, t_fetch = 0.0, time.time()  # seconds waiting on the loader since the last log line
 eval_s_per_image = 0.0  # the last evaluation's time (its checkpoint and curves included)
-while it < max_iters:
+stop = 0  # the signal that stopped the run
+while it < max_iters and not stop:
     if ddp:
         sampler.set_epoch(epoch)
     else:
@@ -791,7 +823,8 @@ while it < max_iters:
                 f"{global_batch / dt:.1f} img/s | ETA {eta(it, dt, eval_s_per_image)}{mem}{scale}")
             t_log, waited = time.time(), 0.0
 
-        if it % eval_every == 0 or it == max_iters:
+        evaluating = it % eval_every == 0 or it == max_iters
+        if evaluating:
             tally.check()  # nothing non-finite is evaluated or saved
             t_eval = time.time()
             with stop_on_non_finite_deform(f"evaluation at iteration {it}"):
@@ -809,17 +842,29 @@ while it < max_iters:
                 draw_curves()
             t_log += time.time() - t_eval  # evaluation time is not training time
             eval_s_per_image = (time.time() - t_eval) / max(1, stats["num_images"])
+        # the last checkpoint, at every epoch's end and at a stop (unless an evaluation wrote it)
+        stop = agreed_signal() if it < max_iters else 0
+        epoch_done = steps_this_epoch >= iters_per_epoch
+        if (epoch_done or stop) and not evaluating:
+            tally.check()
+            if master:
+                save_checkpoint(it, best_ap)
         t_fetch = time.time()
-        if it >= max_iters or steps_this_epoch >= iters_per_epoch:
+        if it >= max_iters or epoch_done or stop:
             break
     epoch += 1
 
-minutes = (time.time() - t_start) / 60
-log(f"done: {max_iters} iterations in {minutes:.1f} min, best AP {best_ap:.4f}")
 if master:
     # the loss and AP curves of the whole run next to the checkpoint
     draw_curves()
     log(f"wrote {os.path.join(out_dir, 'loss.png')}, {os.path.join(out_dir, 'ap.png')}")
+if stop:
+    log(f"train.py: {signal.Signals(stop).name} at iteration {it} of {max_iters}: wrote "
+        f"{ckpt_path}; the same command with --init_from=resume goes on from it")
+else:
+    minutes = (time.time() - t_start) / 60
+    log(f"done: {max_iters} iterations in {minutes:.1f} min, best AP {best_ap:.4f}")
+if master and not stop:
     # predictions and teaching maps of the first 8 val images
     with stop_on_non_finite_deform("drawing the pictures"):
         drawn = save_pictures(raw_model, val_set, os.path.join(out_dir, "pictures"), n=8,
@@ -830,3 +875,5 @@ if ddp:
     # while a peer is still busy can abort that process ("terminate called ..." after training)
     dist.barrier()
     dist.destroy_process_group()
+if stop:
+    sys.exit(128 + stop)
