@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext, suppress
@@ -52,11 +53,12 @@ init_from = "scratch"
 # (e.g. ("head_sets.*.local_shape.*",)); import_weights lists them as ignored
 init_fresh = ()
 # a start that is not a resume refuses an out_dir holding a ckpt.pt (it would write over that
-# run's training at its first evaluation); True: start over in it anyway
+# run's training at its first epoch's end); True: start over in it anyway
 overwrite = False
 log_interval = 20                 # iterations between progress lines
-# epochs between evaluations and checkpoints (a fraction too; and one at the end, on the whole
-# val set); the periodic ones read the first EVAL_IMAGES val images
+# epochs between evaluations (a fraction too; and one at the end, on the whole val set); the
+# periodic ones read the first EVAL_IMAGES val images. Each writes ckpt.pt, and best.pt at the
+# best AP so far; ckpt.pt is also written at every epoch's end and when a signal stops the run
 eval_every_epochs = 10.0
 # data (COCO 2017 layout; see README)
 data_root = "data/coco"           # train/val paths below are relative to it unless absolute
@@ -141,7 +143,7 @@ except ValueError as _e:
     sys.exit(2)
 config = config_from_globals(globals())  # the resolved config, saved in checkpoints
 # Nothing a user trained is written over: a start that is not a resume (from scratch, or from
-# weights) writes a new ckpt.pt into out_dir at its first evaluation, so an out_dir that holds one
+# weights) writes a new ckpt.pt into out_dir at its first epoch's end, so an out_dir holding one
 # stops the run here, before any work (a rerun after a kill without --init_from=resume would
 # lose that run).
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -440,10 +442,69 @@ def dump_json(obj, path):
         json.dump(obj, f, indent=1, default=str)
 
 
+def write_text(text, path):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# metrics.jsonl, the run's record: one JSON object per line, appended by rank 0 and kept across
+# resumes. A log line's: {iter, epoch, every loss term, lr, data_time and step_time (seconds per
+# iteration: waiting on the loader, and all of it), images_per_s, gpu_mem_gib on a GPU}; an
+# evaluation's: {iter, epoch, every AP number and the rest of eval.evaluate's stats}. Each line is
+# written whole and flushed: a crash mid-append can cut only the last one, which readers skip and
+# the next start drops. LOG_KEYS: the keys of a log line that are no loss term.
+METRICS = "metrics.jsonl"
+LOG_KEYS = ("iter", "epoch", "lr", "data_time", "step_time", "images_per_s", "gpu_mem_gib")
+
+
+def read_metrics():
+    """metrics.jsonl's records, in order ([] without the file)."""
+    records, path = [], os.path.join(out_dir, METRICS)
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                with suppress(ValueError):  # a line cut by a crash mid-append
+                    records.append(json.loads(line))
+    return records
+
+
+def append_metrics(record):
+    path = os.path.join(out_dir, METRICS)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        sys.exit(f"train.py: cannot append to {path}: {type(e).__name__}: {e}")
+
+
+def draw_curves():
+    """loss.png (every loss term of the log lines, log scale) and ap.png (box and mask AP of the
+    evaluations), drawn from metrics.jsonl: the whole run, its resumes included."""
+    from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
+    records = read_metrics()
+    logs = [r for r in records if "lr" in r]
+    evals = [r for r in records if "bbox_AP" in r]
+    terms = [k for k in logs[-1] if k not in LOG_KEYS] if logs else []
+    for name, rows, keys, ylabel in (("loss.png", logs, terms, "loss"),
+                                     ("ap.png", evals, ["bbox_AP", "segm_AP"], "AP")):
+        if not rows:
+            continue
+        fig = Figure(figsize=(7, 4), layout="tight")
+        ax = fig.subplots()
+        for k in (k for k in keys if k in rows[-1]):
+            ax.plot([r["iter"] for r in rows], [r.get(k, float("nan")) for r in rows], label=k,
+                    lw=2 if k == "loss" else 1, marker="o" if ylabel == "AP" else None)
+        ax.set(xlabel="iteration", ylabel=ylabel, yscale="log" if ylabel == "loss" else "linear")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        write_out(name, partial(fig.savefig, format="png", dpi=100))
+
+
 def save_checkpoint(it, best_ap, name="ckpt.pt"):
-    """Everything a resume needs, written atomically (write_out); what a label means, for
-    predict.py on a checkpoint alone: label k is class_names[k], COCO category id
-    label_to_cat_id[k] of the training json."""
+    """Everything a resume needs, written atomically (write_out): ckpt.pt, the last one (every
+    epoch's end, every evaluation, a stop), or best.pt (the evaluation of the best AP so far).
+    What a label means, for predict.py on a checkpoint alone: label k is class_names[k], COCO
+    category id label_to_cat_id[k] of the training json."""
     ckpt = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(), "iter": it, "best_ap": best_ap,
             "model_args": model_args, "config": config,
@@ -490,8 +551,15 @@ if master:
 EVAL_IMAGES = 500
 it = checkpoint["iter"] if checkpoint is not None else 0
 best_ap = checkpoint["best_ap"] if checkpoint is not None else -1.0
-history = {"iter": [], "loss": {}}  # for the loss-curve PNG
+if checkpoint is not None:
+    log(f"resuming from {ckpt_path} at iteration {it} of {max_iters} (epoch "
+        f"{it / iters_per_epoch:g}), best AP so far {best_ap:.4f}")
 checkpoint = None  # free memory
+if master:
+    # metrics.jsonl: a resume keeps the records up to its checkpoint's iteration (a run killed
+    # after it had logged further logs those iterations again), any other start none
+    kept = "".join(json.dumps(r) + "\n" for r in read_metrics() if r["iter"] <= it)
+    write_out(METRICS, partial(write_text, kept))
 micro = f" x {accum} micro-batches" if accum > 1 else ""
 log(f"training for {max_iters} iterations ({iters_per_epoch} per epoch, batch {batch_size} x "
     f"{world_size}{micro}); lr steps at iterations {step_iters}\nglobal batch {global_batch} "
@@ -660,10 +728,53 @@ def train_step(micro_batches):
     return terms
 
 
+def eta(it, dt, eval_s_per_image):
+    """Time to the end of the run, as h:mm: the iterations left at dt seconds each, and the
+    evaluations to come (at the multiples of eval_every in [it, max_iters) on EVAL_IMAGES val
+    images, the last one on all of them) at the last evaluation's seconds per image. Before the
+    first evaluation none is timed: the ETA leaves them out and says how many there are."""
+    periodic = (max_iters - 1) // eval_every - (it - 1) // eval_every
+    images = periodic * min(EVAL_IMAGES, len(val_set)) + len(val_set)
+    h, m = divmod(round(((max_iters - it) * dt + images * eval_s_per_image) / 60), 60)
+    untimed = f" + {periodic + 1} evaluation(s) not timed yet" if not eval_s_per_image else ""
+    return f"{h}:{m:02d}{untimed}"
+
+
+# -- stopping -------------------------------------------------------------------------------------
+# SIGTERM (scancel, a preempted or spot machine, torchrun passing its own on), SIGUSR1 (README's
+# SLURM script, before the time limit) and Ctrl-C (SIGINT) do not stop the run where they land:
+# they are noted in `signals`, which the loop reads at each iteration boundary, where it writes
+# ckpt.pt and exits with one line naming it, with status 128 + the signal's number (130 Ctrl-C,
+# 138 SIGUSR1, 143 SIGTERM, as a shell reports a run a signal ended: the run did not finish; the
+# same command with --init_from=resume goes on from the checkpoint). A signal during an evaluation
+# stops the run after it. Under DDP every rank must stop at the same iteration: the signal is
+# all-reduced (max) at each boundary, over gloo on the CPU (no wait on the GPU's work). More
+# signals change nothing (a torchrun worker may get one from the terminal and one from torchrun);
+# SIGKILL stops at once.
+signals = []
+for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+    if hasattr(signal, name):  # Windows has no SIGUSR1
+        signal.signal(getattr(signal, name), lambda signum, frame: signals.append(signum))
+cpu_group = dist.new_group(backend="gloo") if ddp and device_type == "cuda" else None
+
+
+def agreed_signal():
+    """The signal that asks the run to stop (0: none), the same on every rank."""
+    signum = max(signals, default=0)
+    if ddp:
+        flag = torch.tensor([signum])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group)
+        signum = int(flag)
+    return signum
+
+
 model.train()
 tally = Tally()
 t_start, t_log, epoch = time.time(), time.time(), it // iters_per_epoch
-while it < max_iters:
+waited, t_fetch = 0.0, time.time()  # seconds waiting on the loader since the last log line
+eval_s_per_image = 0.0  # the last evaluation's time (its checkpoint and curves included)
+stop = 0  # the signal that stopped the run
+while it < max_iters and not stop:
     if ddp:
         sampler.set_epoch(epoch)
     else:
@@ -683,6 +794,7 @@ while it < max_iters:
         micro_batches.append(to_device(images, targets))
         if len(micro_batches) < accum:
             continue
+        waited += time.time() - t_fetch  # since the previous step ended: the step's data
         lr = get_lr(it)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_factor", 1.0)
@@ -694,21 +806,25 @@ while it < max_iters:
 
         if it % log_interval == 0 or it == max_iters:
             tally.check()
-            dt = (time.time() - t_log) / len(tally.values)
+            steps = len(tally.values)
+            dt = (time.time() - t_log) / steps
             mean = tally.read()
-            history["iter"].append(it)
-            for k, v in mean.items():
-                history["loss"].setdefault(k, []).append(v)
             mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else 0
+            record = {"iter": it, "epoch": round(it / iters_per_epoch, 3), **mean, "lr": lr,
+                      "data_time": round(waited / steps, 4), "step_time": round(dt, 4),
+                      "images_per_s": round(global_batch / dt, 1)}
+            if master:
+                append_metrics(record | ({"gpu_mem_gib": round(mem, 2)} if mem else {}))
             mem = f", mem {mem:.1f}GiB" if mem else ""
             scale = f", loss scale {scaler.get_scale():g}" if dtype == "float16" else ""
             losses = " ".join(f"{k} {v:.4f}" for k, v in mean.items())
             log(f"iter {it}/{max_iters} (epoch {it / iters_per_epoch:.1f}): {losses} | "
-                f"lr {lr:.2e} | {dt * 1000:.0f}ms/iter, {global_batch / dt:.1f} img/s | "
-                f"ETA {(max_iters - it) * dt / 60:.1f}min{mem}{scale}")
-            t_log = time.time()
+                f"lr {lr:.2e} | {dt * 1000:.0f}ms/iter (data {record['data_time'] * 1000:.0f}ms), "
+                f"{global_batch / dt:.1f} img/s | ETA {eta(it, dt, eval_s_per_image)}{mem}{scale}")
+            t_log, waited = time.time(), 0.0
 
-        if it % eval_every == 0 or it == max_iters:
+        evaluating = it % eval_every == 0 or it == max_iters
+        if evaluating:
             tally.check()  # nothing non-finite is evaluated or saved
             t_eval = time.time()
             with stop_on_non_finite_deform(f"evaluation at iteration {it}"):
@@ -722,25 +838,33 @@ while it < max_iters:
                 if ap >= best_ap:
                     save_checkpoint(it, best_ap, "best.pt")
                 write_out("eval.json", partial(dump_json, {"iter": it, **stats}))
+                append_metrics({"iter": it, "epoch": round(it / iters_per_epoch, 3), **stats})
+                draw_curves()
             t_log += time.time() - t_eval  # evaluation time is not training time
-        if it >= max_iters or steps_this_epoch >= iters_per_epoch:
+            eval_s_per_image = (time.time() - t_eval) / max(1, stats["num_images"])
+        # the last checkpoint, at every epoch's end and at a stop (unless an evaluation wrote it)
+        stop = agreed_signal() if it < max_iters else 0
+        epoch_done = steps_this_epoch >= iters_per_epoch
+        if (epoch_done or stop) and not evaluating:
+            tally.check()
+            if master:
+                save_checkpoint(it, best_ap)
+        t_fetch = time.time()
+        if it >= max_iters or epoch_done or stop:
             break
     epoch += 1
 
-minutes = (time.time() - t_start) / 60
-log(f"done: {max_iters} iterations in {minutes:.1f} min, best AP {best_ap:.4f}")
 if master:
-    # the loss curve next to the checkpoint
-    from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
-    fig = Figure(figsize=(7, 4), layout="tight")
-    ax = fig.subplots()
-    for k, v in history["loss"].items():
-        ax.plot(history["iter"], v, label=k, lw=2 if k == "loss" else 1)
-    ax.set(xlabel="iteration", ylabel="loss", yscale="log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    write_out("loss.png", partial(fig.savefig, format="png", dpi=100))
-    log(f"wrote {os.path.join(out_dir, 'loss.png')}")
+    # the loss and AP curves of the whole run next to the checkpoint
+    draw_curves()
+    log(f"wrote {os.path.join(out_dir, 'loss.png')}, {os.path.join(out_dir, 'ap.png')}")
+if stop:
+    log(f"train.py: {signal.Signals(stop).name} at iteration {it} of {max_iters}: wrote "
+        f"{ckpt_path}; the same command with --init_from=resume goes on from it")
+else:
+    minutes = (time.time() - t_start) / 60
+    log(f"done: {max_iters} iterations in {minutes:.1f} min, best AP {best_ap:.4f}")
+if master and not stop:
     # predictions and teaching maps of the first 8 val images
     with stop_on_non_finite_deform("drawing the pictures"):
         drawn = save_pictures(raw_model, val_set, os.path.join(out_dir, "pictures"), n=8,
@@ -751,3 +875,5 @@ if ddp:
     # while a peer is still busy can abort that process ("terminate called ..." after training)
     dist.barrier()
     dist.destroy_process_group()
+if stop:
+    sys.exit(128 + stop)

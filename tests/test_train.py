@@ -4,6 +4,8 @@ things fail"."""
 import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -94,13 +96,63 @@ def test_shapes_set_reused_when_big_enough_rewritten_when_not(trained, tmp_path)
 
 
 def test_resume_continues_from_checkpoint(trained, tmp_path):
-    """Guards --init_from=resume: it starts at the saved iteration (not 0) and runs to max_iters."""
+    """Guards --init_from=resume: it starts at the saved iteration (not 0), says so naming the
+    checkpoint, and runs to max_iters."""
     tmp, _ = trained
     work = copy_of_run(tmp, tmp_path)
     r = train(work, "--max_iters=6", "--init_from=resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "iter 5/6" in r.stdout and "iter 1/6" not in r.stdout
+    assert f"resuming from {work / 'out' / 'ckpt.pt'} at iteration 4 of 6 (epoch 2)" in r.stdout
     assert torch.load(work / "out" / "ckpt.pt", map_location="cpu", weights_only=False)["iter"] == 6
+
+
+def test_metrics_file_holds_every_log_line_and_evaluation(trained):
+    """Guards out_dir/metrics.jsonl: the shared run (4 iterations of 2 per epoch, a log line at
+    each, an evaluation at each epoch's end) wrote 6 records: log lines at iterations 1, 2, 3, 4
+    (epochs 1/2 = 0.5, 1.0, 1.5, 2.0), each with the loss terms its printed line shows (to 4
+    decimals), the lr, data and step time (the loader's wait is part of the step) and images/s;
+    evaluations at iterations 2 and 4 with every AP number. Both curves are drawn from them.
+    The printed ETA is h:mm; before the first evaluation (iterations 1 and 2) it leaves out the
+    evaluations to come, naming them: those at the multiples of 2 in [1, 4) and the last one, 2;
+    those in [2, 4) and the last, 2; from iteration 3 on they are timed and counted in."""
+    tmp, r = trained
+    records = [json.loads(line) for line in open(tmp / "out" / "metrics.jsonl")]
+    logs, evals = [x for x in records if "lr" in x], [x for x in records if "bbox_AP" in x]
+    assert len(records) == 6 and [x["iter"] for x in logs] == [1, 2, 3, 4] and [x["iter"] for x in evals] == [2, 4]
+    assert [x["epoch"] for x in logs] == [0.5, 1.0, 1.5, 2.0]
+    for x in logs:
+        line = next(line for line in r.stdout.splitlines() if line.startswith(f"iter {x['iter']}/4 "))
+        for k in ("loss", "heatmap", "mask"):
+            assert f"{k} {x[k]:.4f}" in line, (k, line)
+        assert f"lr {x['lr']:.2e}" in line and 0 <= x["data_time"] <= x["step_time"] and x["images_per_s"] > 0
+        assert f"ms/iter (data {x['data_time'] * 1000:.0f}ms)" in line and re.search(r"\| ETA \d+:\d\d", line)
+        assert ("+ 2 evaluation(s) not timed yet" in line) == (x["iter"] <= 2), line
+    for x in evals:
+        assert {f"{kind}_AP{s}" for kind in ("bbox", "segm") for s in ("", "50", "75", "s", "m", "l")} <= set(x)
+        assert f"eval @ iter {x['iter']}: bbox_AP {x['bbox_AP']:.4f}" in r.stdout
+    assert (tmp / "out" / "ap.png").stat().st_size > 1000
+
+
+def test_resume_keeps_the_metrics_up_to_its_checkpoint(trained, tmp_path):
+    """Guards metrics.jsonl across a resume: beside the shared run's checkpoint (iteration 4), its
+    6 records, then what a run killed after that checkpoint leaves: a record of iteration 5 and
+    a line cut mid-append. The resume to 6 iterations keeps the records up to iteration 4 byte for
+    byte, drops the other two lines and appends its own: log lines at 1-6 once each (the
+    iteration-5 record is the new run's, loss 99 is gone), evaluations at 2, 4 and 6."""
+    tmp, _ = trained
+    work = copy_of_run(tmp, tmp_path)
+    before = (tmp / "out" / "metrics.jsonl").read_text()
+    stale = json.dumps({"iter": 5, "epoch": 2.5, "loss": 99.0, "lr": 0.1})
+    (work / "out" / "metrics.jsonl").write_text(before + stale + '\n{"iter": 6, "lo')
+    r = train(work, "--max_iters=6", "--init_from=resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = (work / "out" / "metrics.jsonl").read_text()
+    records = [json.loads(line) for line in after.splitlines()]
+    assert after.startswith(before) and 99.0 not in [x.get("loss") for x in records]
+    assert [x["iter"] for x in records if "lr" in x] == [1, 2, 3, 4, 5, 6]
+    assert [x["iter"] for x in records if "bbox_AP" in x] == [2, 4, 6]
+    assert (work / "out" / "loss.png").stat().st_size > 1000 and (work / "out" / "ap.png").stat().st_size > 1000
 
 
 def test_resume_from_another_config_names_the_keys(trained, tmp_path):
@@ -387,16 +439,17 @@ runpy.run_path(TRAIN, run_name="__main__")
 def test_training_loop_reads_the_host_per_log_line_not_per_step_and_accumulates(tmp_path):
     """Guards the loop's device-side tally (nanoGPT: the loss is read at log_interval only): the
     number of tensor reads on the host by train.py's own lines (.item(), .tolist(), bool(), float(),
-    int() of a tensor) does not grow with the number of steps: 4 steps with one log line and one
-    evaluation read exactly as often as 8 steps with one log line and one evaluation (a read per
-    step, as `if not torch.isfinite(loss)` and a `.item()` per loss term were, gives 4 more).
-    The second run also accumulates 2 micro-batches of 2 images per step: 8 images / (2 x 2) = 2
-    steps per epoch, so its 8 steps are 4 epochs."""
+    int() of a tensor) does not grow with the number of steps: 4 steps in 2 epochs with one log
+    line and one evaluation read exactly as often as 8 steps in 2 epochs with one log line and one
+    evaluation (a read per step, as `if not torch.isfinite(loss)` and a `.item()` per loss term
+    were, gives 4 more; the checkpoint at the first epoch's end reads once in both).
+    The second run also accumulates 2 micro-batches of 1 image per step: 8 images / (1 x 2) = 4
+    steps per epoch, so its 8 steps are 2 epochs."""
     wrapper = tmp_path / "count_reads.py"
     wrapper.write_text(HOST_READS.format(train=os.path.join(ROOT, "train.py")))
     counts = {}
     for name, args in (("4", ["--max_iters=4", "--log_interval=4", "--eval_every_epochs=2"]),
-                       ("8", ["--max_iters=8", "--log_interval=8", "--eval_every_epochs=4", "--batch_size=2",
+                       ("8", ["--max_iters=8", "--log_interval=8", "--eval_every_epochs=2", "--batch_size=1",
                               "--gradient_accumulation_steps=2"])):
         work = tmp_path / name
         work.mkdir()
@@ -407,9 +460,9 @@ def test_training_loop_reads_the_host_per_log_line_not_per_step_and_accumulates(
         counts[name] = int(r.stdout.split("HOST_READS ")[1].split()[0])
         log = r.stdout
     assert counts["8"] == counts["4"] > 0, counts
-    # the accumulating run: 8 images / (2 x 2) = 2 steps per epoch, 4 images per step
-    assert "training for 8 iterations (2 per epoch, batch 2 x 1 x 2 micro-batches)" in log
-    assert "iter 8/8 (epoch 4.0)" in log
+    # the accumulating run: 8 images / (1 x 2) = 4 steps per epoch, 2 images per step
+    assert "training for 8 iterations (4 per epoch, batch 1 x 1 x 2 micro-batches)" in log
+    assert "iter 8/8 (epoch 2.0)" in log
 
 
 def test_global_batch_and_learning_rate_printed_and_a_changed_recipe_warned(trained, tmp_path):
@@ -446,3 +499,60 @@ def test_gradient_accumulation_steps_bad_values(tmp_path):
     r = train(tmp_path, "--max_iters=1", "--gradient_accumulation_steps=3")
     assert r.returncode != 0 and "batch_size=4 x 3 micro-batch(es) x 1 process(es) is larger" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def start_and_stop_after(work, line, signum, *args):
+    """Start a tiny run on test_faults' shared-set layout and send it `signum` as soon as a line of
+    its log starts with `line`; returns (exit status, the whole log)."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--shapes_dir={work.parent / 'shapes'}",
+           f"--out_dir={work / 'out'}", *TINY, *args]
+    p = subprocess.Popen(cmd, cwd=work, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for text in p.stdout:
+        seen.append(text)
+        if line and text.startswith(line):
+            p.send_signal(signum)
+            line = None  # once
+    return p.wait(timeout=120), "".join(seen)
+
+
+def test_sigterm_and_ctrl_c_checkpoint_and_the_resumed_run_ends_as_the_uninterrupted_one(tmp_path):
+    """Guards stopping (README, "What happens when things fail"). SIGTERM sent to a running
+    train.py once it has logged iteration 1 stops it at the next iteration boundary N: exit status
+    128 + 15 = 143, its last line names ckpt.pt, which holds iteration N. Resumed (the start names
+    the checkpoint and N), Ctrl-C (SIGINT) after iteration N + 2 stops it again at M >= N + 2, exit
+    status 128 + 2 = 130. Resumed to the end, the weights and Adam state equal bitwise those of
+    the run never stopped (test_faults' exact setup: CPU, float32, one thread, no workers), and
+    metrics.jsonl holds each iteration's log line once (1-12) with the uninterrupted run's losses,
+    and its evaluations (3, 6, 9, 12) once with its APs. The uninterrupted run's ETA, until its
+    first evaluation (iterations 1-3), names the 4 evaluations to come: the multiples of 3 in
+    [it, 12) (3, 6, 9) and the last one."""
+    from test_faults import EXACT, assert_same_state, load, train_in  # test_faults imports this file
+    reference, work = tmp_path / "reference", tmp_path / "stopped"
+    reference.mkdir()
+    work.mkdir()
+    r = train_in(reference, *EXACT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for line in (line for line in r.stdout.splitlines() if line.startswith("iter ")):
+        assert ("+ 4 evaluation(s) not timed yet" in line) == (int(line.split()[1].split("/")[0]) <= 3), line
+    ckpt = work / "out" / "ckpt.pt"
+    stops = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        after = stops[-1] + 2 if stops else 1
+        code, log = start_and_stop_after(work, f"iter {after}/12 ", signum, *EXACT,
+                                         *(["--init_from=resume"] if stops else []))
+        stop = re.fullmatch(rf"train.py: {signum.name} at iteration (\d+) of 12: wrote {re.escape(str(ckpt))}; "
+                            r"the same command with --init_from=resume goes on from it", log.strip().splitlines()[-1])
+        assert code == 128 + signum and stop and "Traceback" not in log, log[-3000:]
+        assert stops == [] or f"resuming from {ckpt} at iteration {stops[-1]} of 12" in log
+        stops.append(int(stop.group(1)))
+        assert after <= stops[-1] < 12 and load(ckpt)["iter"] == stops[-1], (after, stops)
+    r = train_in(work, *EXACT, "--init_from=resume")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert_same_state(load(ckpt), load(reference / "out" / "ckpt.pt"))
+    metrics = [[json.loads(line) for line in open(run / "out" / "metrics.jsonl")] for run in (work, reference)]
+    logs = [[(x["iter"], x["loss"]) for x in records if "lr" in x] for records in metrics]
+    evals = [[(x["iter"], x["bbox_AP"], x["segm_AP"]) for x in records if "bbox_AP" in x] for records in metrics]
+    assert [i for i, _ in logs[0]] == list(range(1, 13)) and logs[0] == logs[1]
+    assert [i for i, _, _ in evals[0]] == [3, 6, 9, 12] and evals[0] == evals[1]
