@@ -123,7 +123,7 @@ _own_learning_rate = any(a.startswith("--learning_rate=") for a in sys.argv[1:])
 from data import (SHAPES_DEFAULTS, CocoInstances, GroupedBatchSampler,  # noqa: E402
                   aspect_ratio_groups, build_transforms, collate_fn, dataset_paths,
                   shapes_dataset_missing, write_atomic, write_shapes_dataset)
-from eval import evaluate  # noqa: E402
+from eval import evaluate, hours_minutes  # noqa: E402
 from pictures import save_pictures, teaching_maps  # noqa: E402
 
 # Settings that follow from the keys, saved in the config with them (eval.py and predict.py read
@@ -735,9 +735,8 @@ def eta(it, dt, eval_s_per_image):
     first evaluation none is timed: the ETA leaves them out and says how many there are."""
     periodic = (max_iters - 1) // eval_every - (it - 1) // eval_every
     images = periodic * min(EVAL_IMAGES, len(val_set)) + len(val_set)
-    h, m = divmod(round(((max_iters - it) * dt + images * eval_s_per_image) / 60), 60)
     untimed = f" + {periodic + 1} evaluation(s) not timed yet" if not eval_s_per_image else ""
-    return f"{h}:{m:02d}{untimed}"
+    return hours_minutes((max_iters - it) * dt + images * eval_s_per_image) + untimed
 
 
 # -- stopping -------------------------------------------------------------------------------------
