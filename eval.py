@@ -437,17 +437,13 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
     ckpt: path of a checkpoint written by train.py ({"model", "model_args", "config", ...}).
     overrides: ModelConfig fields to change at inference (e.g. {"mask_threshold": 0.3}).
     The prefixes of a compiled ("_orig_mod.") or DDP ("module.") model are stripped. Weights
-    holding NaN / inf or a negative BatchNorm variance are refused (weights.check_weights).
-    Returns (model, checkpoint dict). Raises ValueError naming the file.
+    holding NaN / inf or a negative BatchNorm variance are refused (weights.check_weights), as
+    are a folder, a file that is not a checkpoint and one whose pickle would run code
+    (weights.load_file). Returns (model, checkpoint dict). Raises ValueError naming the file.
     """
     from model import ModelConfig, build_model
-    from weights import check_weights
-    if not os.path.isfile(ckpt):
-        raise ValueError(f"checkpoint '{ckpt}' not found")
-    try:
-        checkpoint = torch.load(ckpt, map_location=device, weights_only=False)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint '{ckpt}': {type(e).__name__}: {e}") from None
+    from weights import check_weights, load_file
+    checkpoint = load_file(ckpt, device)      # weights_only: a pickle that would run code refused
     if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= set(checkpoint):
         raise ValueError(f"checkpoint '{ckpt}' has no 'model'/'model_args' entries "
                          "(not written by train.py?)")

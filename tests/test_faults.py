@@ -38,7 +38,7 @@ def train_in(work, *args, script="train.py"):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # all a checkpoint may hold
 
 
 def assert_same_state(a, b):
@@ -178,8 +178,29 @@ def test_truncated_checkpoint_is_refused(reference, tmp_path):
     (work / "out" / "ckpt.pt").write_bytes(good[: len(good) // 2])
     r = train_in(work, *EXACT, "--init_from=resume")
     assert r.returncode != 0
-    assert "cannot read checkpoint" in r.stderr and str(work / "out" / "ckpt.pt") in r.stderr
+    assert f"{work / 'out' / 'ckpt.pt'} is not a PyTorch checkpoint, or a damaged one" in r.stderr
     assert "Traceback" not in r.stderr and "iter 1/12" not in r.stdout
+
+
+@pytest.mark.slow
+def test_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path):
+    """Guards safe loading where a user meets it: a ckpt.pt whose pickle calls open(path, "w")
+    (tests/test_weights.py shows weights_only=False runs it), given to train.py's resume, eval.py
+    and predict.py: each stops with one line naming the file and the function, and the file the
+    pickle would create is never created."""
+    from PIL import Image
+    from test_weights import CreatesAFile
+    created, ckpt, picture = tmp_path / "created_by_the_pickle", tmp_path / "out" / "ckpt.pt", tmp_path / "a.png"
+    ckpt.parent.mkdir()
+    torch.save({"model": CreatesAFile(str(created)), "model_args": {}, "iter": 1}, ckpt)
+    Image.new("RGB", (8, 8)).save(picture)
+    for r in (run("train.py", f"--out_dir={ckpt.parent}", "--init_from=resume", cwd=tmp_path),
+              run("eval.py", f"--ckpt={ckpt}", cwd=tmp_path),
+              run("predict.py", f"--ckpt={ckpt}", f"--input={picture}", cwd=tmp_path)):
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, (r.returncode, r.stderr[-2000:])
+        assert f"{ckpt} is refused: loading it would call " in lines[0] and "open" in lines[0]
+        assert not created.exists()
 
 
 @pytest.mark.slow
