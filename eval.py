@@ -511,6 +511,11 @@ if __name__ == "__main__":
     def fail(msg):
         raise SystemExit(f"eval.py: error: {msg}")
 
+    # a bad image or annotation met in a DataLoader worker, a bad path: one line naming it, exit
+    # status 2 (CENTERMASK_DEBUG=1: the traceback)
+    from weights import one_line_errors
+    one_line_errors("eval.py")
+
     if oracle_stride:
         if not val_ann or not os.path.isfile(val_ann):
             fail(f"--oracle_stride needs --val_ann=FILE (a COCO instances json), got {val_ann!r}")

@@ -37,7 +37,11 @@ import model as model_py  # the module (below, `model` is the network)
 from model import (NON_FINITE_DEFORM, ModelConfig, build_model, method_transform,
                    non_finite_deform_count)
 from configurator import auto_dtype, check_settings
-from weights import check_weights, import_weights, load_file, read_weights
+from weights import check_weights, import_weights, load_file, one_line_errors, read_weights
+
+# a bad image, annotation or path, met here or in a DataLoader worker: one line naming it, exit
+# status 2 (CENTERMASK_DEBUG=1: the traceback)
+one_line_errors("train.py")
 
 # -----------------------------------------------------------------------------
 # default config values (the CenterMask DLA-34 COCO recipe, [CM 3.5])

@@ -13,11 +13,14 @@ method, and model.py imports nothing from here.
                                the model: loaded, ignored (with why), newly initialised
     load_file(path)            torch.load with weights_only=True, for every checkpoint a user
                                names: a file whose pickle would run code is refused unrun
+    one_line_errors(script)    the user's bad file, image or annotation ends train.py / eval.py
+                               with one line (exit status 2), from a DataLoader worker too
 """
 
 import fnmatch
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -241,7 +244,8 @@ def _first_line(e):
 
 
 # -----------------------------------------------------------------------------
-# Files the user names (train.py's resume and init_from, eval.py's and predict.py's --ckpt)
+# Files the user names (train.py's resume and init_from, eval.py's and predict.py's --ckpt), and
+# the one line that ends a script when the user's files are wrong
 
 
 def load_file(path, map_location="cpu"):
@@ -268,6 +272,31 @@ def load_file(path, map_location="cpu"):
                              ) from None
         raise ValueError(f"{path} is not a PyTorch checkpoint, or a damaged one "
                          f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def one_line_errors(script):
+    """End `script` (train.py, eval.py) with one line "script: error: message" and exit status 2
+    when the user's files are wrong: an OSError (a missing or unreadable file or folder), a
+    ValueError (data.py's and weights.py's refusals name the file, annotation or key) or
+    data.ImageReadError, in the main process or in a DataLoader worker. The loader raises a
+    worker's exception again in the main process with the worker's whole traceback as its
+    message (dozens of lines), whose last line is the worker's message: that line is printed.
+    Any other exception, and every one with the environment variable CENTERMASK_DEBUG=1, prints
+    its traceback as Python does. A sys.excepthook: nothing in the script needs a `try`, and the
+    SystemExit raised by the hook is the exit status Python ends with."""
+    from data import ImageReadError
+    previous = sys.excepthook
+
+    def hook(kind, e, tb):
+        if os.environ.get("CENTERMASK_DEBUG") == "1" or \
+                not issubclass(kind, (OSError, ValueError, ImageReadError)):
+            return previous(kind, e, tb)
+        text = str(e).strip()
+        if text.startswith("Caught ") and "Original Traceback" in text:      # a worker's
+            text = text.splitlines()[-1].split(": ", 1)[-1]
+        print(f"{script}: error: {text}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    sys.excepthook = hook
 
 
 def check_weights(state, source):

@@ -403,16 +403,22 @@ def test_with_model_py(tiny):
 
 
 @pytest.mark.slow
-def test_cli_missing_checkpoint_names_path(tmp_path):
-    """Guards: `python eval.py --ckpt=...` with a wrong path ending in a torch.load
-    traceback instead of one line naming the file (and a JSON line printed anyway)."""
-    missing = str(tmp_path / "no_such_ckpt.pt")
-    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--ckpt={missing}",
-                        "--device=cpu"], capture_output=True, text=True, timeout=120,
-                       cwd=str(tmp_path))
-    assert r.returncode != 0
-    assert missing in r.stderr and "Traceback" not in r.stderr
-    assert "{" not in r.stdout
+def test_cli_checkpoint_missing_a_folder_or_not_a_checkpoint_says_so(tmp_path):
+    """Guards --ckpt of eval.py and predict.py: a wrong path, a folder and a text file each end
+    with one line naming the path and saying what it is, in plain words, not a torch traceback
+    or pickle jargon ("could not find MARK", "pop from empty list"), and no JSON line."""
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    says = {tmp_path / "no_such_ckpt.pt": "not found", tmp_path: "is a folder, not a checkpoint file",
+            tmp_path / "notes.txt": "is not a PyTorch checkpoint"}
+    for script, extra in (("eval.py", []), ("predict.py", [f"--input={tmp_path / 'a.png'}"])):
+        for path, words in says.items():
+            r = subprocess.run([sys.executable, str(ROOT / script), f"--ckpt={path}", "--device=cpu", *extra],
+                               capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 1 and len(lines) == 1, (script, path, r.stderr[-2000:])
+            assert lines[0].startswith(f"{script}: error: {path} {words}"), lines
+            assert "{" not in r.stdout
 
 
 @pytest.mark.parametrize("size,orig", [((40, 56), (50, 70)), ((40, 56), (20, 28)),
