@@ -494,8 +494,11 @@ if __name__ == "__main__":
     # centernet: each image at its own size (CenterNet's --keep_res; wins over input_size);
     # None: the checkpoint config's keep_res
     keep_res = None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast on GPU)
+    # train.py's policy, so that a checkpoint gets the AP its training logged: "auto" is a GPU
+    # when there is one, else the CPU; dtype "auto" is configurator.auto_dtype (GPU bf16, else
+    # fp16; CPU bf16 where native, else fp32); or "float32", "bfloat16", "float16" (autocast)
+    device = "auto"
+    dtype = "auto"
     batch_size = 8
     num_workers = 2
     max_images = None          # None: the whole val set
@@ -522,10 +525,14 @@ if __name__ == "__main__":
         stats = grid_oracle(val_ann, int(oracle_stride), verbose=True)
         print(json.dumps({"oracle_stride": oracle_stride, **stats}))
         raise SystemExit(0)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device={device} was asked for but no CUDA GPU is available (use --device=cpu)")
+    if dtype == "auto":
+        dtype = auto_dtype(torch.device(device).type)
     if dtype not in ("float32", "bfloat16", "float16"):
-        fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        fail(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     if not ckpt:
         fail("no checkpoint given: pass --ckpt=PATH")
     try:
@@ -565,8 +572,9 @@ if __name__ == "__main__":
     at = "with each image at its own size (keep_res)" if transform.keep_res \
         else f"at input size {transform.input_size}"
     print(f"evaluating {ckpt} on {n_eval} images of {val_ann}, "
-          f"{transform.kind} test transform {at}, inputs {transform.input_format}")
-    amp_dtype = None if dtype == "float32" or device == "cpu" else getattr(torch, dtype)
+          f"{transform.kind} test transform {at}, inputs {transform.input_format}, device "
+          f"{device}, dtype {dtype}")
+    amp_dtype = None if dtype == "float32" else getattr(torch, dtype)
     from model import NON_FINITE_DEFORM
     try:
         stats = evaluate(model, dataset, device=device, batch_size=batch_size,
