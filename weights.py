@@ -270,8 +270,13 @@ def load_file(path, map_location="cpu"):
             raise ValueError(f"{path} is refused: loading it would call {named[1]}, which can run "
                              "any code (a checkpoint holds only tensors, numbers and strings)"
                              ) from None
-        raise ValueError(f"{path} is not a PyTorch checkpoint, or a damaged one "
-                         f"({type(e).__name__}: {_first_line(e)})") from None
+        # torch.save writes a zip archive (PyTorch before 1.6, CenterNet's files: a bare pickle);
+        # what torch says of another file is pickle jargon ("could not find MARK", "KeyError: 101")
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                raise ValueError(f"{path} is not a PyTorch checkpoint") from None
+        raise ValueError(f"{path} is a damaged PyTorch checkpoint (cut short while copied or "
+                         f"written?): {type(e).__name__}: {_first_line(e)}") from None
 
 
 def one_line_errors(script):

@@ -207,6 +207,10 @@ def test_refusals_name_the_file_the_keys_and_the_shapes(tmp_path):
     with pytest.raises(ValueError, match=f"{text} is not a PyTorch checkpoint"):
         read_weights(str(text))
     torch.save({"net": {"conv.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    whole = (tmp_path / "other.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=f"{tmp_path / 'cut.pt'} is a damaged PyTorch checkpoint"):
+        read_weights(str(tmp_path / "cut.pt"))
     with pytest.raises(ValueError, match="none of the weights init_from knows"):
         read_weights(str(tmp_path / "other.pt"))
     with pytest.raises(ValueError, match="missing.pth not found"):
