@@ -546,6 +546,10 @@ if __name__ == "__main__":
         model, checkpoint = load_checkpoint_model(ckpt, device, overrides)
     except ValueError as e:
         fail(str(e))
+    if device.startswith("cuda"):  # train.py's GPU settings, under which its evaluations ran
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
 
     # val paths not given: where the training config had them (data.dataset_paths, as train.py)
     saved = checkpoint.get("config") or {}

@@ -444,21 +444,22 @@ def write_big_boxes(root, n=8, size=64):
 @pytest.mark.slow
 def test_one_checkpoint_one_ap_in_train_py_and_eval_py(tmp_path):
     """Guards one checkpoint, one AP: train.py's last evaluation (eval.json, the whole val set)
-    and eval.py on its ckpt.pt with eval.py's defaults give the same numbers, both on the device
-    and in the dtype "auto" picks (bf16 on a CPU with native bf16, where eval.py used to evaluate
-    in fp32), and both say which. A tiny CenterMask trained on a set of big boxes (train = val)
-    until it finds them (AP > 0: the comparison is not one of zeros). eval.py honours the dtype on
-    the CPU too: its detections in fp32 differ from the default's exactly when "auto" is bf16."""
+    and eval.py on its ckpt.pt with eval.py's defaults give the same numbers, both in the dtype
+    "auto" picks (bf16 on a CPU with native bf16, where eval.py used to evaluate in fp32), and
+    both say which. On the CPU, where the numbers are exact (a GPU's autotuned convolutions
+    need not be). A tiny CenterMask trained on a set of big boxes (train = val) until it finds
+    them (AP > 0: the comparison is not one of zeros). eval.py honours the dtype on the CPU too:
+    its detections in fp32 differ from the default's exactly when "auto" is bf16."""
     from test_train import TINY, run
     write_big_boxes(tmp_path)
     on = ["--train_img_dir=images", "--train_ann=ann.json", "--val_img_dir=images", "--val_ann=ann.json"]
-    r = run("train.py", f"--data_root={tmp_path}", *on, f"--out_dir={tmp_path / 'out'}", *TINY, "--device=auto",
+    r = run("train.py", f"--data_root={tmp_path}", *on, f"--out_dir={tmp_path / 'out'}", *TINY,
             "--max_iters=40", "--learning_rate=5e-3", "--eval_every_epochs=100", cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     with open(tmp_path / "out" / "eval.json") as f:
         trained = json.load(f)
-    ckpt = f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}"
-    e = run("eval.py", ckpt, f"--results_json={tmp_path / 'auto.json'}", cwd=tmp_path)
+    ckpt = f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", "--device=cpu"
+    e = run("eval.py", *ckpt, f"--results_json={tmp_path / 'auto.json'}", cwd=tmp_path)
     assert e.returncode == 0, e.stderr[-2000:]
     evaluated = json.loads(e.stdout.strip().splitlines()[-1])
     said = r.stdout.split(", device ")[1].split(", ")[:2]            # ["cpu", "dtype bfloat16"]
@@ -466,7 +467,7 @@ def test_one_checkpoint_one_ap_in_train_py_and_eval_py(tmp_path):
     keys = [k for k in trained if "_AP" in k] + ["num_images", "num_detections"]
     assert trained["iter"] == 40 and len(keys) == 14 and max(trained[k] for k in keys if "_AP" in k) > 0
     assert {k: evaluated[k] for k in keys} == {k: trained[k] for k in keys}
-    e = run("eval.py", ckpt, "--dtype=float32", f"--results_json={tmp_path / 'fp32.json'}", cwd=tmp_path)
+    e = run("eval.py", *ckpt, "--dtype=float32", f"--results_json={tmp_path / 'fp32.json'}", cwd=tmp_path)
     assert e.returncode == 0, e.stderr[-2000:]
     results = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("auto", "fp32")]
     assert (results[0] == results[1]) == (said[1] == "dtype float32")
