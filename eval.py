@@ -466,17 +466,13 @@ def load_checkpoint_model(ckpt, device="cpu", overrides=None):
     ckpt: path of a checkpoint written by train.py ({"model", "model_args", "config", ...}).
     overrides: ModelConfig fields to change at inference (e.g. {"mask_threshold": 0.3}).
     The prefixes of a compiled ("_orig_mod.") or DDP ("module.") model are stripped. Weights
-    holding NaN / inf or a negative BatchNorm variance are refused (weights.check_weights).
-    Returns (model, checkpoint dict). Raises ValueError naming the file.
+    holding NaN / inf or a negative BatchNorm variance are refused (weights.check_weights), as
+    are a folder, a file that is not a checkpoint and one whose pickle would run code
+    (weights.load_file). Returns (model, checkpoint dict). Raises ValueError naming the file.
     """
     from model import ModelConfig, build_model
-    from weights import check_weights
-    if not os.path.isfile(ckpt):
-        raise ValueError(f"checkpoint '{ckpt}' not found")
-    try:
-        checkpoint = torch.load(ckpt, map_location=device, weights_only=False)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint '{ckpt}': {type(e).__name__}: {e}") from None
+    from weights import check_weights, load_file
+    checkpoint = load_file(ckpt, device)      # weights_only: a pickle that would run code refused
     if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= set(checkpoint):
         raise ValueError(f"checkpoint '{ckpt}' has no 'model'/'model_args' entries "
                          "(not written by train.py?)")
@@ -527,8 +523,11 @@ if __name__ == "__main__":
     # centernet: each image at its own size (CenterNet's --keep_res; wins over input_size);
     # None: the checkpoint config's keep_res
     keep_res = None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "float32"          # "float32", "bfloat16" or "float16" (autocast on GPU)
+    # train.py's policy, so that a checkpoint gets the AP its training logged: "auto" is a GPU
+    # when there is one, else the CPU; dtype "auto" is configurator.auto_dtype (GPU bf16, else
+    # fp16; CPU bf16 where native, else fp32); or "float32", "bfloat16", "float16" (autocast)
+    device = "auto"
+    dtype = "auto"
     batch_size = 8
     num_workers = 2
     max_images = None          # None: the whole val set
@@ -544,16 +543,25 @@ if __name__ == "__main__":
     def fail(msg):
         raise SystemExit(f"eval.py: error: {msg}")
 
+    # a bad image or annotation met in a DataLoader worker, a bad path: one line naming it, exit
+    # status 2 (CENTERMASK_DEBUG=1: the traceback)
+    from weights import one_line_errors
+    one_line_errors("eval.py")
+
     if oracle_stride:
         if not val_ann or not os.path.isfile(val_ann):
             fail(f"--oracle_stride needs --val_ann=FILE (a COCO instances json), got {val_ann!r}")
         stats = grid_oracle(val_ann, int(oracle_stride), verbose=True)
         print(json.dumps({"oracle_stride": oracle_stride, **stats}))
         raise SystemExit(0)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device={device} was asked for but no CUDA GPU is available (use --device=cpu)")
+    if dtype == "auto":
+        dtype = auto_dtype(torch.device(device).type)
     if dtype not in ("float32", "bfloat16", "float16"):
-        fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        fail(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     if not ckpt:
         fail("no checkpoint given: pass --ckpt=PATH")
     try:
@@ -567,6 +575,10 @@ if __name__ == "__main__":
         model, checkpoint = load_checkpoint_model(ckpt, device, overrides)
     except ValueError as e:
         fail(str(e))
+    if device.startswith("cuda"):  # train.py's GPU settings, under which its evaluations ran
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
 
     # val paths not given: where the training config had them (data.dataset_paths, as train.py)
     saved = checkpoint.get("config") or {}
@@ -593,8 +605,9 @@ if __name__ == "__main__":
     at = "with each image at its own size (keep_res)" if transform.keep_res \
         else f"at input size {transform.input_size}"
     print(f"evaluating {ckpt} on {n_eval} images of {val_ann}, "
-          f"{transform.kind} test transform {at}, inputs {transform.input_format}")
-    amp_dtype = None if dtype == "float32" or device == "cpu" else getattr(torch, dtype)
+          f"{transform.kind} test transform {at}, inputs {transform.input_format}, device "
+          f"{device}, dtype {dtype}")
+    amp_dtype = None if dtype == "float32" else getattr(torch, dtype)
     from model import NON_FINITE_DEFORM
     try:
         stats = evaluate(model, dataset, device=device, batch_size=batch_size,

@@ -38,7 +38,11 @@ import model as model_py  # the module (below, `model` is the network)
 from model import (NON_FINITE_DEFORM, ModelConfig, build_model, method_transform,
                    non_finite_deform_count)
 from configurator import auto_dtype, check_settings
-from weights import check_weights, import_weights, read_weights
+from weights import check_weights, import_weights, load_file, one_line_errors, read_weights
+
+# a bad image, annotation or path, met here or in a DataLoader worker: one line naming it, exit
+# status 2 (CENTERMASK_DEBUG=1: the traceback)
+one_line_errors("train.py")
 
 # -----------------------------------------------------------------------------
 # default config values (the CenterMask DLA-34 COCO recipe, [CM 3.5])
@@ -234,11 +238,12 @@ if init_from == "resume":
     # (weights.check_weights); model_args normalised by ModelConfig (tuples vs lists, ints vs
     # floats), to be compared with this run's below
     try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = load_file(ckpt_path)  # weights_only: a pickle that would run code refused
         check_weights(checkpoint["model"], f"{ckpt_path} ('model' weights)")
         saved_args = asdict(ModelConfig(**checkpoint["model_args"]))
-    except Exception as e:
-        sys.exit(f"train.py: cannot read checkpoint {ckpt_path}: {type(e).__name__}: {e}")
+    except Exception as e:  # weights.py's lines name the file and say why
+        sys.exit(f"train.py: {e}" if str(e).startswith(ckpt_path) else
+                 f"train.py: cannot read checkpoint {ckpt_path}: {type(e).__name__}: {e}")
     updates = [(k, checkpoint["config"][k], "as the checkpoint was trained")
                for k in ("input_format", "fcos_form") if k in checkpoint.get("config", {})]
 elif init_from != "scratch":

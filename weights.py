@@ -11,11 +11,16 @@ method, and model.py imports nothing from here.
                                model's labels, every shape checked; loads and returns an
                                ImportReport that accounts for every tensor of the file and of
                                the model: loaded, ignored (with why), newly initialised
+    load_file(path)            torch.load with weights_only=True, for every checkpoint a user
+                               names: a file whose pickle would run code is refused unrun
+    one_line_errors(script)    the user's bad file, image or annotation ends train.py / eval.py
+                               with one line (exit status 2), from a DataLoader worker too
 """
 
 import fnmatch
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -238,6 +243,67 @@ def _first_line(e):
     return text.splitlines()[0] if text else type(e).__name__
 
 
+# -----------------------------------------------------------------------------
+# Files the user names (train.py's resume and init_from, eval.py's and predict.py's --ckpt), and
+# the one line that ends a script when the user's files are wrong
+
+
+def load_file(path, map_location="cpu"):
+    """torch.load with weights_only=True, the one reader of every checkpoint and weights file. A
+    pickle may name any function to be called while it is read: a file crafted to run code when
+    loaded (`__reduce__` returning, say, (os.system, ...)) runs it under weights_only=False.
+    weights_only=True unpickles only tensors, numbers, strings and plain containers of them (all
+    that train.py's checkpoints and the published weights hold) and refuses any other name
+    before it is called. Raises ValueError, one line naming the file: a folder, a missing file,
+    a file that is not a PyTorch checkpoint, one that would run code."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        # the weights-only unpickler names the refused global: "... GLOBAL builtins.open was not
+        # an allowed global ..."
+        named = re.search(r"GLOBAL (\S+)", str(e))
+        if named:
+            raise ValueError(f"{path} is refused: loading it would call {named[1]}, which can run "
+                             "any code (a checkpoint holds only tensors, numbers and strings)"
+                             ) from None
+        # torch.save writes a zip archive (PyTorch before 1.6, CenterNet's files: a bare pickle);
+        # what torch says of another file is pickle jargon ("could not find MARK", "KeyError: 101")
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                raise ValueError(f"{path} is not a PyTorch checkpoint") from None
+        raise ValueError(f"{path} is a damaged PyTorch checkpoint (cut short while copied or "
+                         f"written?): {type(e).__name__}: {_first_line(e)}") from None
+
+
+def one_line_errors(script):
+    """End `script` (train.py, eval.py) with one line "script: error: message" and exit status 2
+    when the user's files are wrong: an OSError (a missing or unreadable file or folder), a
+    ValueError (data.py's and weights.py's refusals name the file, annotation or key) or
+    data.ImageReadError, in the main process or in a DataLoader worker. The loader raises a
+    worker's exception again in the main process with the worker's whole traceback as its
+    message (dozens of lines), whose last line is the worker's message: that line is printed.
+    Any other exception, and every one with the environment variable CENTERMASK_DEBUG=1, prints
+    its traceback as Python does. A sys.excepthook: nothing in the script needs a `try`, and the
+    SystemExit raised by the hook is the exit status Python ends with."""
+    from data import ImageReadError
+    previous = sys.excepthook
+
+    def hook(kind, e, tb):
+        if os.environ.get("CENTERMASK_DEBUG") == "1" or \
+                not issubclass(kind, (OSError, ValueError, ImageReadError)):
+            return previous(kind, e, tb)
+        text = str(e).strip()
+        if text.startswith("Caught ") and "Original Traceback" in text:      # a worker's
+            text = text.splitlines()[-1].split(": ", 1)[-1]
+        print(f"{script}: error: {text}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    sys.excepthook = hook
+
+
 def check_weights(state, source):
     """Refuse weights that cannot run: a tensor holding NaN or inf, or a BatchNorm running_var below
     0 (eval-mode BatchNorm divides by its square root: NaN, which DLA-34's deformable convolutions
@@ -340,13 +406,7 @@ def read_weights(source):
         raise ValueError(f"unknown torchvision weights {source!r} (known: {TORCHVISION_FCOS!r})")
     else:
         name = str(source)
-        if not os.path.isfile(name):
-            raise ValueError(f"no file {name}")
-        try:
-            obj = torch.load(name, map_location="cpu", weights_only=True)
-        except Exception as e:
-            why = f"{type(e).__name__}: {_first_line(e)}"
-            raise ValueError(f"cannot read {name} as a PyTorch checkpoint ({why})") from None
+        obj = load_file(name)
     if not isinstance(obj, dict):
         raise ValueError(f"{name} holds a {type(obj).__name__}, not a checkpoint "
                          "(a dict of tensors)")

@@ -440,16 +440,74 @@ def test_with_model_py(tiny):
 
 
 @pytest.mark.slow
-def test_cli_missing_checkpoint_names_path(tmp_path):
-    """Guards: `python eval.py --ckpt=...` with a wrong path ending in a torch.load
-    traceback instead of one line naming the file (and a JSON line printed anyway)."""
-    missing = str(tmp_path / "no_such_ckpt.pt")
-    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--ckpt={missing}",
-                        "--device=cpu"], capture_output=True, text=True, timeout=120,
-                       cwd=str(tmp_path))
-    assert r.returncode != 0
-    assert missing in r.stderr and "Traceback" not in r.stderr
-    assert "{" not in r.stdout
+def test_cli_checkpoint_missing_a_folder_or_not_a_checkpoint_says_so(tmp_path):
+    """Guards --ckpt of eval.py and predict.py: a wrong path, a folder and a text file each end
+    with one line naming the path and saying what it is, in plain words, not a torch traceback
+    or pickle jargon ("could not find MARK", "pop from empty list"), and no JSON line."""
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    says = {tmp_path / "no_such_ckpt.pt": "not found", tmp_path: "is a folder, not a checkpoint file",
+            tmp_path / "notes.txt": "is not a PyTorch checkpoint"}
+    for script, extra in (("eval.py", []), ("predict.py", [f"--input={tmp_path / 'a.png'}"])):
+        for path, words in says.items():
+            r = subprocess.run([sys.executable, str(ROOT / script), f"--ckpt={path}", "--device=cpu", *extra],
+                               capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 1 and len(lines) == 1, (script, path, r.stderr[-2000:])
+            assert lines[0].startswith(f"{script}: error: {path} {words}"), lines
+            assert "{" not in r.stdout
+
+
+def write_big_boxes(root, n=8, size=64):
+    """n pictures, each one big box (a class of its own colour on grey, 40-60 px of `size`), and
+    their COCO json: a set a tiny CenterMask finds in a few dozen iterations."""
+    from PIL import ImageDraw
+    rng = np.random.default_rng(0)
+    os.makedirs(root / "images")
+    images, anns = [], []
+    for i in range(1, n + 1):
+        x0, y0, x1, y1 = (int(v) for v in (*rng.integers(2, 10, 2), *rng.integers(50, 62, 2)))
+        picture = Image.new("RGB", (size, size), (40, 40, 40))
+        ImageDraw.Draw(picture).rectangle([x0, y0, x1 - 1, y1 - 1], fill=(200, 80, 60))
+        picture.save(root / "images" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "height": size, "width": size})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                     "iscrowd": 0, "area": (x1 - x0) * (y1 - y0),
+                     "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+    with open(root / "ann.json", "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "box"}]}, f)
+
+
+@pytest.mark.slow
+def test_one_checkpoint_one_ap_in_train_py_and_eval_py(tmp_path):
+    """Guards one checkpoint, one AP: train.py's last evaluation (eval.json, the whole val set)
+    and eval.py on its ckpt.pt with eval.py's defaults give the same numbers, both in the dtype
+    "auto" picks (bf16 on a CPU with native bf16, where eval.py used to evaluate in fp32), and
+    both say which. On the CPU, where the numbers are exact (a GPU's autotuned convolutions
+    need not be). A tiny CenterMask trained on a set of big boxes (train = val) until it finds
+    them (AP > 0: the comparison is not one of zeros). eval.py honours the dtype on the CPU too:
+    its detections in fp32 differ from the default's exactly when "auto" is bf16."""
+    from test_train import TINY, run
+    write_big_boxes(tmp_path)
+    on = ["--train_img_dir=images", "--train_ann=ann.json", "--val_img_dir=images", "--val_ann=ann.json"]
+    r = run("train.py", f"--data_root={tmp_path}", *on, f"--out_dir={tmp_path / 'out'}", *TINY,
+            "--max_iters=40", "--learning_rate=5e-3", "--eval_every_epochs=100", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with open(tmp_path / "out" / "eval.json") as f:
+        trained = json.load(f)
+    ckpt = f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", "--device=cpu"
+    e = run("eval.py", *ckpt, f"--results_json={tmp_path / 'auto.json'}", cwd=tmp_path)
+    assert e.returncode == 0, e.stderr[-2000:]
+    evaluated = json.loads(e.stdout.strip().splitlines()[-1])
+    said = r.stdout.split(", device ")[1].split(", ")[:2]            # ["cpu", "dtype bfloat16"]
+    assert f"device {said[0]}, {said[1]}" in e.stdout
+    keys = [k for k in trained if "_AP" in k] + ["num_images", "num_detections"]
+    assert trained["iter"] == 40 and len(keys) == 14 and max(trained[k] for k in keys if "_AP" in k) > 0
+    assert {k: evaluated[k] for k in keys} == {k: trained[k] for k in keys}
+    e = run("eval.py", *ckpt, "--dtype=float32", f"--results_json={tmp_path / 'fp32.json'}", cwd=tmp_path)
+    assert e.returncode == 0, e.stderr[-2000:]
+    results = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("auto", "fp32")]
+    assert (results[0] == results[1]) == (said[1] == "dtype float32")
 
 
 @pytest.mark.parametrize("size,orig", [((40, 56), (50, 70)), ((40, 56), (20, 28)),

@@ -39,7 +39,7 @@ def train_in(work, *args, script="train.py"):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # all a checkpoint may hold
 
 
 def assert_same_state(a, b):
@@ -179,8 +179,29 @@ def test_truncated_checkpoint_is_refused(reference, tmp_path):
     (work / "out" / "ckpt.pt").write_bytes(good[: len(good) // 2])
     r = train_in(work, *EXACT, "--init_from=resume")
     assert r.returncode != 0
-    assert "cannot read checkpoint" in r.stderr and str(work / "out" / "ckpt.pt") in r.stderr
+    assert f"{work / 'out' / 'ckpt.pt'} is a damaged PyTorch checkpoint (cut short" in r.stderr
     assert "Traceback" not in r.stderr and "iter 1/12" not in r.stdout
+
+
+@pytest.mark.slow
+def test_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path):
+    """Guards safe loading where a user meets it: a ckpt.pt whose pickle calls open(path, "w")
+    (tests/test_weights.py shows weights_only=False runs it), given to train.py's resume, eval.py
+    and predict.py: each stops with one line naming the file and the function, and the file the
+    pickle would create is never created."""
+    from PIL import Image
+    from test_weights import CreatesAFile
+    created, ckpt, picture = tmp_path / "created_by_the_pickle", tmp_path / "out" / "ckpt.pt", tmp_path / "a.png"
+    ckpt.parent.mkdir()
+    torch.save({"model": CreatesAFile(str(created)), "model_args": {}, "iter": 1}, ckpt)
+    Image.new("RGB", (8, 8)).save(picture)
+    for r in (run("train.py", f"--out_dir={ckpt.parent}", "--init_from=resume", cwd=tmp_path),
+              run("eval.py", f"--ckpt={ckpt}", cwd=tmp_path),
+              run("predict.py", f"--ckpt={ckpt}", f"--input={picture}", cwd=tmp_path)):
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, (r.returncode, r.stderr[-2000:])
+        assert f"{ckpt} is refused: loading it would call " in lines[0] and "open" in lines[0]
+        assert not created.exists()
 
 
 @pytest.mark.slow
@@ -366,6 +387,69 @@ def test_decompression_bomb_names_the_image(tmp_path):
     with pytest.raises(ImageReadError, match=re.escape(path)) as e:
         CocoInstances(img_dir, ann_file)[0]
     assert "DecompressionBomb" in str(e.value)
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from data import ImageReadError
+        raise ImageReadError(f"cannot read image /data/{i}.png: OSError: image file is truncated")
+
+
+def test_a_loader_workers_error_ends_with_its_own_line(monkeypatch, capsys):
+    """Guards weights.one_line_errors, the sys.excepthook of train.py and eval.py: the exception a
+    DataLoader worker raised comes back with the worker's whole traceback as its message; the hook
+    prints only the worker's message after "script: error: " and exits with status 2. With
+    CENTERMASK_DEBUG=1 and for an error that is not the user's (a KeyError) it passes the exception
+    on to the hook that was there before."""
+    import sys
+    from weights import one_line_errors
+    with pytest.raises(RuntimeError) as caught:
+        next(iter(torch.utils.data.DataLoader(_Unreadable(), num_workers=1)))
+    assert "Original Traceback" in str(caught.value) and str(caught.value).count("\n") > 3
+    passed_on = []
+    monkeypatch.setattr(sys, "excepthook", lambda *a: passed_on.append(a[0]))
+    one_line_errors("train.py")
+    with pytest.raises(SystemExit) as end:
+        sys.excepthook(caught.type, caught.value, caught.tb)
+    assert end.value.code == 2 and capsys.readouterr().err == \
+        "train.py: error: cannot read image /data/0.png: OSError: image file is truncated\n"
+    sys.excepthook(KeyError, KeyError("x"), None)
+    monkeypatch.setenv("CENTERMASK_DEBUG", "1")
+    sys.excepthook(caught.type, caught.value, caught.tb)
+    assert passed_on == [KeyError, caught.type] and capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_truncated_image_in_a_loader_worker_ends_with_one_line(reference, tmp_path):
+    """Guards bad data met inside a DataLoader worker (num_workers=1): a truncated image ends
+    train.py and eval.py with exit status 2 and one line naming the image, not the worker's
+    traceback of dozens of lines whose last line says it; CENTERMASK_DEBUG=1 shows the traceback."""
+    import shutil
+    shapes = tmp_path / "shapes"
+    shutil.copytree(reference.parent / "shapes", shapes)
+    cut = {}
+    for split in ("train", "val"):
+        with open(shapes / "annotations" / f"instances_{split}.json") as f:
+            cut[split] = shapes / split / json.load(f)["images"][0]["file_name"]
+        whole = cut[split].read_bytes()
+        cut[split].write_bytes(whole[:len(whole) // 2])      # a copy cut short
+    val = [f"--val_img_dir={shapes / 'val'}", f"--val_ann={shapes / 'annotations' / 'instances_val.json'}",
+           f"--ckpt={reference / 'out' / 'ckpt.pt'}", "--num_workers=1"]
+    runs = {"train": run("train.py", f"--shapes_dir={shapes}", f"--out_dir={tmp_path / 'out'}", *TINY,
+                         "--num_workers=1", "--max_iters=2", cwd=tmp_path),
+            "val": run("eval.py", *val, cwd=tmp_path)}
+    for split, r in runs.items():
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, (split, r.returncode, r.stderr[-3000:])
+        assert lines[0].startswith(f"{'train' if split == 'train' else 'eval'}.py: error: cannot read "
+                                   f"image {cut[split]}: "), lines
+    env = dict(os.environ, CENTERMASK_DEBUG="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *val], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Original Traceback" in r.stderr and str(cut["val"]) in r.stderr
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from conftest import COCO128, ROOT, WEIGHTS_MANIFESTS
 import data
 from pictures import network_input_rgb
 from model import FCOSForward, ModelConfig, build_model, fcos_locations, torchvision_locations
-from weights import COCO_CATEGORY_IDS, import_weights, read_weights
+from weights import COCO_CATEGORY_IDS, import_weights, load_file, read_weights
 
 DLA34 = "centernet_ctdet_dla34_keys.json"
 HOURGLASS = "centernet_ctdet_hourglass104_keys.json"
@@ -204,13 +204,51 @@ def test_refusals_name_the_file_the_keys_and_the_shapes(tmp_path):
         import_weights(build_model(ModelConfig()), tv_like)
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
-    with pytest.raises(ValueError, match=f"cannot read {text} as a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=f"{text} is not a PyTorch checkpoint"):
         read_weights(str(text))
     torch.save({"net": {"conv.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    whole = (tmp_path / "other.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=f"{tmp_path / 'cut.pt'} is a damaged PyTorch checkpoint"):
+        read_weights(str(tmp_path / "cut.pt"))
     with pytest.raises(ValueError, match="none of the weights init_from knows"):
         read_weights(str(tmp_path / "other.pt"))
-    with pytest.raises(ValueError, match="no file"):
+    with pytest.raises(ValueError, match="missing.pth not found"):
         read_weights(str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder, not a checkpoint file"):
+        read_weights(str(tmp_path))
+
+
+class CreatesAFile:
+    """An object whose pickle calls open(path, "w") when it is read: a file crafted to run code
+    (a real one would call os.system); torch.save writes it as a checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):
+    """Guards weights.load_file, the reader of every checkpoint (train.py's resume, eval.py,
+    predict.py, init_from): a file whose pickle calls a function is refused with one line naming
+    the file and the function, and the function never runs. Unsafe loading would create the file
+    (checked first, so the test can fail)."""
+    import pickle
+    evil, created = tmp_path / "ckpt.pt", tmp_path / "created_by_the_pickle"
+    torch.save({"model": CreatesAFile(str(created))}, evil)
+    torch.load(evil, weights_only=False)["model"].close()
+    assert created.exists()                                  # what weights_only=False does
+    created.unlink()
+    with open(tmp_path / "bare.pt", "wb") as f:              # a bare pickle, not torch.save's zip
+        pickle.dump(CreatesAFile(str(created)), f, protocol=2)
+    for path in (evil, tmp_path / "bare.pt"):
+        with pytest.raises(ValueError) as e:
+            load_file(str(path))
+        assert str(e.value).startswith(f"{path} is refused: loading it would call ")
+        assert "open" in str(e.value) and "\n" not in str(e.value)
+        assert not created.exists()
 
 
 # -- our own checkpoints --------------------------------------------------------------------------
@@ -591,4 +629,4 @@ def test_train_init_from_centernet_file_runs_and_saves_the_input_format(tmp_path
                         f"--init_from={tmp_path / 'notes.txt'}"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
-    assert f"cannot read {tmp_path / 'notes.txt'} as a PyTorch checkpoint" in r.stderr
+    assert f"{tmp_path / 'notes.txt'} is not a PyTorch checkpoint" in r.stderr
