@@ -467,33 +467,9 @@ def test_centermask_fcos_fast_paths_equal_plain(kw):
     in eval mode, so that both passes normalise alike). Only float rounding differs."""
     torch.manual_seed(0)
     model = build_model(tiny("centermask_fcos", score_threshold=0.0, max_detections=7, **kw))
-    images, targets = toy_batch()
-    runs = []
-    for fast in (False, True):
-        model.fast = fast
-        model.zero_grad()
-        model.train()
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.eval()
-        losses = model(images, targets)
-        losses["loss"].backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        with torch.no_grad():
-            masks = [d["masks"] for d in model.eval()(images)]
-        runs.append(({k: v.detach() for k, v in losses.items()}, grads, masks))
-    (plain_losses, plain_grads, plain_masks), (losses, grads, masks) = runs
-    for k in plain_losses:
-        assert torch.allclose(losses[k], plain_losses[k], rtol=1e-6, atol=1e-7), k
-    assert grads.keys() == plain_grads.keys()
-    # the backbone's gradients sum many terms: rounding relative to their scale; a bias before a
-    # normalisation has the gradient 0 up to rounding (1e-9)
-    for n in grads:
-        scale = plain_grads[n].abs().max().item()
-        assert torch.allclose(grads[n], plain_grads[n], rtol=1e-5, atol=1e-5 * scale + 1e-8), n
+    from test_model import assert_fast_equals_plain
+    masks = assert_fast_equals_plain(model, *toy_batch())
     assert all(len(m) for m in masks)
-    for a, b in zip(masks, plain_masks):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 # -- models ---------------------------------------------------------------------------------------

@@ -348,16 +348,9 @@ def run_both_paths(m, x, t):
     return runs
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(use_saliency=False), dict(saliency="specific", saliency_loss=True)])
-def test_fast_paths_equal_plain(kw):
-    """Guards `CenterMask.fast`: the shape head read at the cells (`shape_at`, `conv3x3_at`) and
-    the resize as matrix products (`stretch_to_boxes`) give the numbers of Eq. 1 as written
-    (the dense shape map, grid_sample): the losses, every gradient and the masks, including a
-    centre on the map's corner cell (the 3x3 conv's zero padding). Only float rounding differs."""
-    torch.manual_seed(0)
-    m = build_model(tiny_cfg(**kw))
-    x, t = make_batch()
-    t[0]["boxes"][0] = torch.tensor([0.0, 0.0, 3.0, 3.0])        # centre cell (0, 0): the corner
+def assert_fast_equals_plain(m, x, t):
+    """`run_both_paths`, then the same numbers up to float rounding: losses, every gradient,
+    masks. Returns the fast path's masks."""
     (plain_losses, plain_grads, plain_masks), (losses, grads, masks) = run_both_paths(m, x, t)
     for k in plain_losses:
         assert torch.allclose(losses[k], plain_losses[k], rtol=1e-6, atol=1e-7), k
@@ -369,6 +362,20 @@ def test_fast_paths_equal_plain(kw):
         assert torch.allclose(grads[n], plain_grads[n], rtol=1e-5, atol=1e-5 * scale + 1e-8), n
     for a, b in zip(masks, plain_masks):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    return masks
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(use_saliency=False), dict(saliency="specific", saliency_loss=True)])
+def test_fast_paths_equal_plain(kw):
+    """Guards `CenterMask.fast`: the shape head read at the cells (`shape_at`, `conv3x3_at`) and
+    the resize as matrix products (`stretch_to_boxes`) give the numbers of Eq. 1 as written
+    (the dense shape map, grid_sample): the losses, every gradient and the masks, including a
+    centre on the map's corner cell (the 3x3 conv's zero padding). Only float rounding differs."""
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg(**kw))
+    x, t = make_batch()
+    t[0]["boxes"][0] = torch.tensor([0.0, 0.0, 3.0, 3.0])        # centre cell (0, 0): the corner
+    assert_fast_equals_plain(m, x, t)
 
 
 @pytest.mark.parametrize("kw", [dict(use_shape=False), dict(use_saliency=False), dict(saliency="specific", saliency_loss=True)])
