@@ -2,7 +2,8 @@
 data"): the round trip train -> eval -> predict through the command lines, what CocoInstances
 makes of the exports' habits (a background category, ids from 0, folder prefixes, images
 without annotations, crowd regions, pictures annotated upright), predict.py on a phone photo's
-EXIF orientation, a 3-picture set overfitted by the README's command (its schedule follows the
+EXIF orientation, `python pictures.py data` (the ground truth as training reads it), a
+3-picture set overfitted by the README's command (its schedule follows the
 run), `python data.py subset` (COCO128 from COCO), and starting a model with
 categories that are not COCO's from COCO-trained weights (init_fresh on the class layer)."""
 import json
@@ -279,6 +280,36 @@ def test_a_small_own_set_trains_with_the_readme_command(tmp_path):
     with open(tmp_path / "out" / "eval.json") as f:
         stats = json.load(f)
     assert stats["iter"] == 600 and stats["segm_AP"] >= 0.5, stats
+
+
+@pytest.mark.slow
+def test_pictures_data_draws_what_training_reads(tmp_path):
+    """Guards `python pictures.py data` (README, "Training on your own data": look first): the
+    first N images of an export, each drawn at draw_predictions' enlargement (64 px -> 6 x 64 =
+    384) with its instances' masks and boxes, named after the json's file names; one line with
+    the classes. A missing json or picture: one line naming it, exit status 2."""
+    ann, export = labelling_tool_export(tmp_path, n=3)
+    data = tmp_path / "export"
+    out = tmp_path / "look"
+    r = run("pictures.py", "data", f"--img_dir={data}", f"--ann={ann}", "--n=2", f"--out={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"2 of the 4 images of {ann} drawn into {out}; 4 classes: ellipse, rectangle, triangle, ring" \
+        in r.stdout
+    assert sorted(os.listdir(out)) == ["JPEGImages_000000.png", "JPEGImages_000001.png"]
+    for k in range(2):
+        drawn = np.asarray(Image.open(out / f"JPEGImages_00000{k}.png"))
+        plain = np.asarray(Image.open(data / f"JPEGImages/00000{k}.jpg")).repeat(6, 0).repeat(6, 1)
+        assert drawn.shape == plain.shape == (384, 384, 3)
+        assert (np.abs(drawn.astype(int) - plain).sum(-1) > 30).mean() > 0.05   # masks and boxes on it
+    os.remove(data / "JPEGImages" / "000001.jpg")
+    for ann_file, named in ((data / "missing.json", "annotation file not found: "),
+                            (ann, "cannot read image ")):
+        r = run("pictures.py", "data", f"--img_dir={data}", f"--ann={ann_file}", f"--out={tmp_path / 'bad'}",
+                cwd=tmp_path)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert last.startswith(f"pictures.py data: error: {named}"), last
+    assert "JPEGImages/000001.jpg" in last
 
 
 @pytest.mark.slow
