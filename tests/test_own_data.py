@@ -263,9 +263,9 @@ def test_a_small_own_set_trains_with_the_readme_command(tmp_path):
     wide at 64 px: the run's own length moves them. 3 hand-made pictures (train = val) in batches
     of 2: 1 iteration per epoch, the config's run 7 iterations, this one 600 (x 600 / 7); the
     steps at 5.25 x 600 / 7 = 450 and 6.65 x 600 / 7 = 570 (75% and 95%), the warm-up capped at
-    600 / 5 = 120, one evaluation (7 x 600 / 7 = 600). Unchanged, the steps would fall at
-    iterations 5 and 6 (lr 1e-3 x 6/400 x 0.01 = 1.5e-7 from there on): mask AP 0. It overfits
-    to mask AP >= 0.5."""
+    600 / 5 = 120, one evaluation (7 x 600 / 7 = 600). Unchanged, it would warm up for 400 of its
+    600 iterations, then run at lr x 0.01 (both steps, at iterations 5 and 6, behind it), and
+    evaluate every 7 iterations. It overfits to mask AP >= 0.5."""
     hand_made_export(tmp_path)
     r = run("train.py", os.path.join(ROOT, "config", "shapes_centermask.py"), f"--data_root={tmp_path}",
             "--train_img_dir=.", "--train_ann=annotations.json", "--val_img_dir=.", "--val_ann=annotations.json",
