@@ -13,6 +13,8 @@ a method.
     draw_predictions(image, pred)    boxes, class names, scores and masks on the original image
     save_maps_figure(image, maps)    the network input and each named map, in one PNG
     save_pictures(model, dataset)    both, for the first images of a dataset (train.py)
+    draw_dataset(img_dir, ann, out)  a COCO json's ground truth as training reads it:
+                                     `python pictures.py data --img_dir=... --ann=... --out=...`
     save_target_figures(out_dir)     METHODS.md's pictures: CenterMask's and FCOSIS's targets,
                                      computed by model.py from the ground truth of shapes images
 """
@@ -26,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from data import (COCO_BGR_MEAN, COCO_BGR_STD, IMAGENET_MEAN, IMAGENET_STD, load_rgb_image,
-                  write_atomic)
+from data import (COCO_BGR_MEAN, COCO_BGR_STD, IMAGENET_MEAN, IMAGENET_STD, CocoInstances,
+                  ImageReadError, load_rgb_image, write_atomic)
 from eval import _base_dataset, _make_loader, _predict_batch, _unwrap_model
 from model import (FCOSIS, CenterMask, FCOSForward, ModelConfig, assemble_masks, batch_masks,
                    box_overlap_graph, boxes_inside, build_model, center_of_mass,
@@ -208,7 +210,8 @@ def _unit_colors(n):
 def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
     """Draw `to_original` predictions on a (3, H0, W0) uint8 image; returns a new image.
 
-    Masks are blended in the class colour, boxes are outlined and labelled "class score".
+    Masks are blended in the class colour, boxes are outlined and labelled "class score"
+    ("class" alone for the ground truth, a `pred` without scores: `draw_dataset`).
     """
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
     # small images (the 128 px shapes) are enlarged so that labels stay readable
@@ -218,9 +221,10 @@ def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
         pred = dict(pred, boxes=pred["boxes"] * up)
         if "masks" in pred:
             pred["masks"] = pred["masks"].repeat_interleave(up, -2).repeat_interleave(up, -1)
-    keep = pred["scores"].cpu() >= score_threshold
+    # ground truth (no "scores"): every instance, labelled by its class name alone
+    scores = pred["scores"].cpu() if "scores" in pred else None
+    keep = scores >= score_threshold if scores is not None else slice(None)
     labels = pred["labels"].cpu()[keep].tolist()
-    scores = pred["scores"].cpu()[keep].tolist()
     if not labels:
         return image
     num_classes = len(class_names) if class_names else max(labels) + 1
@@ -231,8 +235,9 @@ def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
                                         colors=colors)
     names = [class_names[c] if class_names and c < len(class_names) else str(c)
              for c in labels]
-    texts = [f"{n} {s:.2f}" for n, s in zip(names, scores)]
-    return draw_bounding_boxes(image, pred["boxes"].cpu()[keep], labels=texts, colors=colors,
+    if scores is not None:
+        names = [f"{n} {s:.2f}" for n, s in zip(names, scores[keep].tolist())]
+    return draw_bounding_boxes(image, pred["boxes"].cpu()[keep], labels=names, colors=colors,
                                width=2)
 
 
@@ -362,6 +367,25 @@ def save_pictures(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.
     finally:
         net.train(was_training)
     return paths
+
+
+def draw_dataset(img_dir, ann_file, out_dir, n=8):
+    """Look at your data first: the first `n` images of a COCO json, each with the boxes, masks
+    and class names that training reads from it, drawn as predictions are (draw_predictions).
+    It reads through data.CocoInstances, so with training's checks and messages (a missing file,
+    an annotation naming an unknown image, a picture whose size is not the json's); what
+    training skips is not drawn (crowd regions, unusable annotations: a warning names each).
+    Returns (the dataset, the PNG paths: out_dir/<file_name's stem>.png)."""
+    dataset = CocoInstances(img_dir, ann_file)  # no transform: each image at its own size
+    paths = []
+    for i in range(min(n, len(dataset))):
+        image, target = dataset[i]  # (3, H0, W0) normalised; boxes (N, 4), masks (N, H0, W0)
+        truth = {k: target[k].as_subclass(torch.Tensor) for k in ("boxes", "labels")}
+        truth["masks"] = target["masks"].as_subclass(torch.Tensor).bool()
+        name = dataset.coco.imgs[dataset.ids[i]]["file_name"]
+        paths.append(os.path.join(out_dir, os.path.splitext(name)[0].replace("/", "_") + ".png"))
+        write_png(draw_predictions(network_input_rgb(image), truth, dataset.class_names), paths[-1])
+    return dataset, paths
 
 
 # -----------------------------------------------------------------------------
@@ -710,7 +734,25 @@ def save_target_figures(out_dir):
 
 if __name__ == "__main__":
     import sys
-    if len(sys.argv) != 2:
-        sys.exit("usage: python pictures.py OUT_DIR   (METHODS.md's pictures: assets)")
     torch.set_num_threads(1)  # tiny tensors: one thread is as fast, and shares the machine
-    save_target_figures(sys.argv[1])
+    if sys.argv[1:2] == ["data"]:
+        import argparse
+        parser = argparse.ArgumentParser(prog="pictures.py data", description="the first N "
+                                         "images of a COCO json with what training reads of it")
+        parser.add_argument("--img_dir", required=True, help="the folder of the json's file names")
+        parser.add_argument("--ann", required=True, help="the COCO json, e.g. train.json")
+        parser.add_argument("--n", type=int, default=8, help="images to draw, the first by id")
+        parser.add_argument("--out", required=True, help="output folder")
+        args = parser.parse_args(sys.argv[2:])
+        try:
+            dataset, paths = draw_dataset(args.img_dir, args.ann, args.out, args.n)
+        except (OSError, ValueError, ImageReadError) as e:  # the user's files: one line, status 2
+            print(f"pictures.py data: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"{len(paths)} of the {len(dataset)} images of {args.ann} drawn into {args.out}; "
+              f"{dataset.num_classes} classes: {', '.join(dataset.class_names)}")
+    elif len(sys.argv) != 2:
+        sys.exit("usage: python pictures.py OUT_DIR   (METHODS.md's pictures: assets)\n"
+                 "       python pictures.py data --img_dir=DIR --ann=JSON --out=DIR [--n=8]")
+    else:
+        save_target_figures(sys.argv[1])

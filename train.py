@@ -395,8 +395,38 @@ if len(loader) < accum:
 # optimizer steps; an epoch's last len(loader) % accum batches are dropped
 iters_per_epoch = len(loader) // accum
 max_iters = max_iters or epochs * iters_per_epoch
-step_iters = [int(e * iters_per_epoch) for e in lr_steps]
-eval_every = max(1, round(eval_every_epochs * iters_per_epoch))
+# The schedule follows the run's length. A config's lr_steps are epochs of its own run (its
+# max_iters, else its epochs; the epoch is this set's, so a smaller set or batch moves nothing): a
+# run made longer or shorter on the command line (--epochs, --max_iters: README's own-data command,
+# on 3 images or 3,000) keeps them at the same fractions of it, the quick start's at 75% and 95%.
+# eval_every_epochs, an interval, stays one in epochs, but for a run given in iterations
+# (--max_iters), whose epochs may be 1 iteration or 1,000: then it follows the run too. What the
+# command line sets itself is taken as it is.
+_given = {a[2:].split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--")}
+_run = _recipe["max_iters"] or _recipe["epochs"] * iters_per_epoch  # the config's, iterations
+_follow = {"lr_steps": "lr_steps" not in _given, "eval_every_epochs": "max_iters" in _given
+           and "eval_every_epochs" not in _given} if max_iters != _run else {}
+
+
+def in_iterations(epochs_of_run, key):
+    """Epochs of the config's run (the value of `key`) -> iterations of this one."""
+    its = epochs_of_run * iters_per_epoch
+    return its * max_iters / _run if _follow.get(key) else its
+
+
+step_iters = [int(in_iterations(e, "lr_steps")) for e in lr_steps]
+eval_every = max(1, round(in_iterations(eval_every_epochs, "eval_every_epochs")))
+if any(_follow.values()):
+    log(f"this run has {max_iters} iterations, its config's {_run}: "
+        f"{' and '.join(k for k, v in _follow.items() if v)} scaled by {max_iters / _run:.4g}")
+# The warm-up is in iterations (Adam's first steps, whatever the run's length), at most a fifth of
+# the run: under the quick start's 400 (11% of its 3,500), a 3-image run of 40 iterations would
+# never reach its learning rate.
+WARMUP_MAX_FRACTION = 0.2
+if warmup_iters > WARMUP_MAX_FRACTION * max_iters and "warmup_iters" not in _given:
+    log(f"warmup_iters={warmup_iters} is over a fifth of this {max_iters}-iteration run: "
+        f"{int(WARMUP_MAX_FRACTION * max_iters)} instead")
+    warmup_iters = int(WARMUP_MAX_FRACTION * max_iters)
 # A resume continues the saved iteration count: on another global batch (another number of
 # processes, batch_size or gradient_accumulation_steps) or another epoch length, the epoch, the
 # learning-rate steps and the images per step would shift without a word, so it stops here.

@@ -2,7 +2,9 @@
 data"): the round trip train -> eval -> predict through the command lines, what CocoInstances
 makes of the exports' habits (a background category, ids from 0, folder prefixes, images
 without annotations, crowd regions, pictures annotated upright), predict.py on a phone photo's
-EXIF orientation, `python data.py subset` (COCO128 from COCO), and starting a model with
+EXIF orientation, `python pictures.py data` (the ground truth as training reads it), a
+3-picture set overfitted by the README's command (its schedule follows the
+run), `python data.py subset` (COCO128 from COCO), and starting a model with
 categories that are not COCO's from COCO-trained weights (init_fresh on the class layer)."""
 import json
 import os
@@ -221,6 +223,93 @@ def test_own_data_round_trip_train_eval_predict(tmp_path):
     assert all(d["segmentation"]["size"] == [48, 32] for d in preds["phone.jpg"])        # upright: h 48, w 32
     w, h = Image.open(tmp_path / "pred" / "phone_pred.png").size                       # drawn upright (enlarged)
     assert w * 48 == h * 32 and w >= 32
+
+
+def hand_made_export(root, n=3, size=64):
+    """n pictures of size x size (PNG under "images/"), each with a rectangle and an ellipse of
+    16-24 px in opposite corners, on noise, and their COCO json as written by hand: polygons,
+    categories 1 "rectangle" and 2 "ellipse". Returns the json's path."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size] + 0.5                                         # pixel centres
+    os.makedirs(root / "images")
+    images, annotations = [], []
+    for k in range(n):
+        img = rng.normal(120, 25, (size, size, 3))
+        centres = rng.permutation([(16, 16), (46, 44)]) + rng.integers(-3, 4, (2, 2))
+        for cat, (cx, cy) in enumerate(centres.tolist(), 1):
+            a, b = rng.integers(8, 13, 2).tolist()                            # half sides, semi-axes
+            t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+            if cat == 1:
+                poly, inside = [cx - a, cy - b, cx + a, cy - b, cx + a, cy + b, cx - a, cy + b], \
+                    (abs(xx - cx) < a) & (abs(yy - cy) < b)
+            else:
+                poly = np.stack([cx + a * np.cos(t), cy + b * np.sin(t)], 1).ravel().tolist()
+                inside = ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 < 1
+            img[inside] = rng.uniform(0, 255, 3)
+            annotations.append({"id": len(annotations) + 1, "image_id": k + 1, "category_id": cat, "iscrowd": 0,
+                                "bbox": [cx - a, cy - b, 2 * a, 2 * b], "segmentation": [poly]})
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"{k}.png")
+        images.append({"id": k + 1, "file_name": f"images/{k}.png", "height": size, "width": size})
+    with open(root / "annotations.json", "w") as f:
+        json.dump({"images": images, "annotations": annotations,
+                   "categories": [{"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}]}, f)
+    return root / "annotations.json"
+
+
+@pytest.mark.slow
+def test_a_small_own_set_trains_with_the_readme_command(tmp_path):
+    """Guards a small set under the README's own-data command (the quick start's config: its
+    warm-up of 400 iterations, its lr steps at epochs 5.25 and 6.65 of 7), on a model a quarter as
+    wide at 64 px: the run's own length moves them. 3 hand-made pictures (train = val) in batches
+    of 2: 1 iteration per epoch, the config's run 7 iterations, this one 600 (x 600 / 7); the
+    steps at 5.25 x 600 / 7 = 450 and 6.65 x 600 / 7 = 570 (75% and 95%), the warm-up capped at
+    600 / 5 = 120, one evaluation (7 x 600 / 7 = 600). Unchanged, it would warm up for 400 of its
+    600 iterations, then run at lr x 0.01 (both steps, at iterations 5 and 6, behind it), and
+    evaluate every 7 iterations. It overfits to mask AP >= 0.5."""
+    hand_made_export(tmp_path)
+    r = run("train.py", os.path.join(ROOT, "config", "shapes_centermask.py"), f"--data_root={tmp_path}",
+            "--train_img_dir=.", "--train_ann=annotations.json", "--val_img_dir=.", "--val_ann=annotations.json",
+            "--shapes_dir=", f"--out_dir={tmp_path / 'out'}", "--dla_channels=(4, 8, 16, 32, 32, 64)",
+            "--head_conv=32", "--shape_size=16", "--input_size=64", "--test_input_size=0", "--batch_size=2",
+            "--num_workers=0", "--device=cpu", "--threads=1", "--max_iters=600", "--log_interval=100", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "this run has 600 iterations, its config's 7: lr_steps and eval_every_epochs scaled by 85.71" in r.stdout
+    assert "warmup_iters=400 is over a fifth of this 600-iteration run: 120 instead" in r.stdout
+    assert "lr steps at iterations [450, 570]" in r.stdout
+    assert r.stdout.count("eval @ iter") == 1
+    with open(tmp_path / "out" / "eval.json") as f:
+        stats = json.load(f)
+    assert stats["iter"] == 600 and stats["segm_AP"] >= 0.5, stats
+
+
+@pytest.mark.slow
+def test_pictures_data_draws_what_training_reads(tmp_path):
+    """Guards `python pictures.py data` (README, "Training on your own data": look first): the
+    first N images of an export, each drawn at draw_predictions' enlargement (64 px -> 6 x 64 =
+    384) with its instances' masks and boxes, named after the json's file names; one line with
+    the classes. A missing json or picture: one line naming it, exit status 2."""
+    ann, export = labelling_tool_export(tmp_path, n=3)
+    data = tmp_path / "export"
+    out = tmp_path / "look"
+    r = run("pictures.py", "data", f"--img_dir={data}", f"--ann={ann}", "--n=2", f"--out={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"2 of the 4 images of {ann} drawn into {out}; 4 classes: ellipse, rectangle, triangle, ring" \
+        in r.stdout
+    assert sorted(os.listdir(out)) == ["JPEGImages_000000.png", "JPEGImages_000001.png"]
+    for k in range(2):
+        drawn = np.asarray(Image.open(out / f"JPEGImages_00000{k}.png"))
+        plain = np.asarray(Image.open(data / f"JPEGImages/00000{k}.jpg")).repeat(6, 0).repeat(6, 1)
+        assert drawn.shape == plain.shape == (384, 384, 3)
+        assert (np.abs(drawn.astype(int) - plain).sum(-1) > 30).mean() > 0.05   # masks and boxes on it
+    os.remove(data / "JPEGImages" / "000001.jpg")
+    for ann_file, named in ((data / "missing.json", "annotation file not found: "),
+                            (ann, "cannot read image ")):
+        r = run("pictures.py", "data", f"--img_dir={data}", f"--ann={ann_file}", f"--out={tmp_path / 'bad'}",
+                cwd=tmp_path)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert last.startswith(f"pictures.py data: error: {named}"), last
+    assert "JPEGImages/000001.jpg" in last
 
 
 @pytest.mark.slow

@@ -373,7 +373,7 @@ def test_every_key_and_file_the_documents_name_exists():
     """Guards the documents against stale names (a key removed, a script renamed): every
     `--option` that README, METHODS.md, RESULTS.md, a script's docstring or a config's comments
     name is a key of train.py, eval.py, predict.py or bench.py, a ModelConfig field or an option of
-    data.py's or tests/mutate.py's command line (FOREIGN_OPTIONS aside), and every
+    data.py's, pictures.py's or tests/mutate.py's command line (FOREIGN_OPTIONS aside), and every
     file they name exists (as named, or under config/ or assets/; UPSTREAM_FILES aside)."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     try:
@@ -384,7 +384,7 @@ def test_every_key_and_file_the_documents_name_exists():
     for script in ("train.py", "eval.py", "predict.py", "bench.py"):
         keys |= set(size.script_keys(open(os.path.join(ROOT, script)).read()))
     keys |= set(size.model_config_fields(open(os.path.join(ROOT, "model.py")).read()))
-    for script in ("data.py", "tests/mutate.py"):                                 # argparse command lines
+    for script in ("data.py", "pictures.py", "tests/mutate.py"):                  # argparse command lines
         keys |= set(re.findall(r"add_argument\(\"--(\w+)\"", open(os.path.join(ROOT, script)).read()))
     stale = []
     for where, options, files in named_in_the_documents():

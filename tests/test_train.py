@@ -292,7 +292,7 @@ def test_fcos_solver_bias_groups_and_constant_warmup(tmp_path):
     """Guards optimizer="sgd", FCOS's solver (fcos_core/solver/build.py and config/defaults.py:
     biases at BIAS_LR_FACTOR = 2 x the lr with WEIGHT_DECAY_BIAS = 0, weight decay 1e-4;
     configs/fcos/*.yaml: WARMUP_METHOD "constant" at WARMUP_FACTOR 1/3).
-    lr 0.01, warm-up for 3 iterations, 4 iterations; the printed base lr:
+    lr 0.01, warm-up for 3 iterations, 4 iterations, no step; the printed base lr:
       it 0, 1, 2: 0.01 / 3 = 3.33e-03;  it 3: 1.00e-02.
     The optimizer saved at the end has two groups: every parameter whose name holds "bias" at
     2 * 0.01 = 0.02 without weight decay, the rest at 0.01 with weight decay 1e-4 (gradient
@@ -301,7 +301,7 @@ def test_fcos_solver_bias_groups_and_constant_warmup(tmp_path):
     it 1: 0.01 * 2/2 = 1.00e-02."""
     from model import ModelConfig, build_model
     r = train(tmp_path, "--max_iters=4", "--eval_every_epochs=50", "--learning_rate=0.01", "--optimizer=sgd",
-              "--warmup_iters=3", "--grad_clip=10.0")
+              "--warmup_iters=3", "--grad_clip=10.0", "--lr_steps=()")
     assert r.returncode == 0, r.stderr[-2000:]
     lrs = [line.split("| lr ")[1].split(" ")[0] for line in r.stdout.splitlines() if line.startswith("iter ")]
     assert lrs == ["3.33e-03", "3.33e-03", "3.33e-03", "1.00e-02"]
