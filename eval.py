@@ -541,7 +541,8 @@ if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
     def fail(msg):
-        raise SystemExit(f"eval.py: error: {msg}")
+        print(f"eval.py: error: {msg}", file=sys.stderr)
+        sys.exit(2)
 
     # a bad image or annotation met in a DataLoader worker, a bad path: one line naming it, exit
     # status 2 (CENTERMASK_DEBUG=1: the traceback)

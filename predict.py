@@ -55,7 +55,8 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 
 
 def fail(msg):
-    raise SystemExit(f"predict.py: error: {msg}")
+    print(f"predict.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def input_files(pattern):

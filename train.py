@@ -137,6 +137,13 @@ from pictures import save_pictures, teaching_maps  # noqa: E402
 # BGR, COCO statistics), which the weights of init_from set below.
 transform = method_transform(method)
 input_format = "rgb_imagenet"
+def fail(line):
+    """A user's error (data, paths, weights, keys, the command line): the one line naming it,
+    exit status 2 (a run that fails on its own, a non-finite loss, exits 1)."""
+    print(line, file=sys.stderr)
+    sys.exit(2)
+
+
 # The model keys are checked before any work (a value ModelConfig refuses, or a key the method
 # does not read: one line naming the key, exit status 2, as the configurator's own errors).
 try:
@@ -163,7 +170,7 @@ ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
 if device.startswith("cuda") and not torch.cuda.is_available():
-    sys.exit(f"train.py: device={device!r} was asked for but no CUDA GPU is visible; "
+    fail(f"train.py: device={device!r} was asked for but no CUDA GPU is visible; "
              "use --device=cpu (or --device=auto)")
 # DDP: a collective waits this long for the other processes, then the waiting ones stop (a dead
 # rank on another node ends the run then); above rank 0's work alone, which the others await
@@ -233,7 +240,7 @@ if init_fresh and init_from in ("scratch", "resume"):
     log(f"init_fresh={init_fresh!r}: no effect with init_from={init_from!r} (nothing is imported)")
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
-        sys.exit(f"train.py: init_from='resume' but there is no checkpoint at {ckpt_path}")
+        fail(f"train.py: init_from='resume' but there is no checkpoint at {ckpt_path}")
     # NaN / inf, a BatchNorm variance below 0: refused here, not met as a crash later
     # (weights.check_weights); model_args normalised by ModelConfig (tuples vs lists, ints vs
     # floats), to be compared with this run's below
@@ -242,7 +249,7 @@ if init_from == "resume":
         check_weights(checkpoint["model"], f"{ckpt_path} ('model' weights)")
         saved_args = asdict(ModelConfig(**checkpoint["model_args"]))
     except Exception as e:  # weights.py's lines name the file and say why
-        sys.exit(f"train.py: {e}" if str(e).startswith(ckpt_path) else
+        fail(f"train.py: {e}" if str(e).startswith(ckpt_path) else
                  f"train.py: cannot read checkpoint {ckpt_path}: {type(e).__name__}: {e}")
     updates = [(k, checkpoint["config"][k], "as the checkpoint was trained")
                for k in ("input_format", "fcos_form") if k in checkpoint.get("config", {})]
@@ -252,7 +259,7 @@ elif init_from != "scratch":
     try:
         imported = read_weights(init_from)
     except (OSError, ValueError, RuntimeError) as e:
-        sys.exit(f"train.py: init_from={init_from!r}: {e}")
+        fail(f"train.py: init_from={init_from!r}: {e}")
     if ddp and master:
         dist.barrier()
     log(f"init_from={init_from!r}: {imported.description}")
@@ -291,10 +298,10 @@ try:
                             build_transforms(transform, False, test_size, **test),
                             max_images=n_images[1] or None)
 except (OSError, ValueError) as e:  # data.py's messages name the file / annotation
-    sys.exit(f"train.py: {e}")
+    fail(f"train.py: {e}")
 # labels are read through the val json's categories
 if val_set.label_to_cat_id != train_set.label_to_cat_id:
-    sys.exit(f"train.py: {paths['val_ann']} lists other categories than {paths['train_ann']} (ids "
+    fail(f"train.py: {paths['val_ann']} lists other categories than {paths['train_ann']} (ids "
              f"{val_set.label_to_cat_id[:20]} against {train_set.label_to_cat_id[:20]}): the "
              f"model's labels are the training json's, so evaluation would score them as other "
              f"classes; give both jsons the same categories")
@@ -306,7 +313,7 @@ if checkpoint is not None:  # resume
     now = asdict(ModelConfig(**model_args))
     diff = {k: (saved_args[k], now[k]) for k in now if saved_args[k] != now[k]}
     if diff:
-        sys.exit(f"train.py: checkpoint {ckpt_path} was made with another model config; differing "
+        fail(f"train.py: checkpoint {ckpt_path} was made with another model config; differing "
                  f"keys (checkpoint, now): {diff}. Use another out_dir or the same config.")
 
 model = build_model(ModelConfig(**model_args))
@@ -319,7 +326,7 @@ elif imported is not None:
         cat_ids = train_set.label_to_cat_id
         report = import_weights(model, imported, cat_ids=cat_ids, fresh=init_fresh)
     except ValueError as e:
-        sys.exit(f"train.py: init_from={init_from!r}: {e}")
+        fail(f"train.py: init_from={init_from!r}: {e}")
     log(str(report))
     imported = None  # free memory
 model.to(device)
@@ -346,7 +353,7 @@ elif optimizer == "sgd":
               {"params": [p for n, p in named if "bias" in n], "lr_factor": SGD_BIAS_LR_FACTOR,
                "weight_decay": 0.0}]
 else:
-    sys.exit(f"train.py: optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    fail(f"train.py: optimizer must be 'adam' or 'sgd', got {optimizer!r}")
 # fused: one kernel over all parameters (~8% of a CPU step), and the scaler's found_inf is read on
 # the device (no sync per step); Adam and SGD have it on CUDA and on the CPU (the torch of
 # requirements.txt)
@@ -387,10 +394,10 @@ loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, **work
                     pin_memory=device_type == "cuda", persistent_workers=num_workers > 0)
 accum = gradient_accumulation_steps
 if not isinstance(accum, int) or accum < 1:
-    sys.exit(f"train.py: gradient_accumulation_steps must be an integer >= 1, got {accum!r}")
+    fail(f"train.py: gradient_accumulation_steps must be an integer >= 1, got {accum!r}")
 global_batch = batch_size * accum * world_size
 if len(loader) < accum:
-    sys.exit(f"train.py: batch_size={batch_size} x {accum} micro-batch(es) x {world_size} "
+    fail(f"train.py: batch_size={batch_size} x {accum} micro-batch(es) x {world_size} "
              f"process(es) is larger than the training set ({len(train_set)} images)")
 # optimizer steps; an epoch's last len(loader) % accum batches are dropped
 iters_per_epoch = len(loader) // accum
@@ -432,7 +439,7 @@ if warmup_iters > WARMUP_MAX_FRACTION * max_iters and "warmup_iters" not in _giv
 # learning-rate steps and the images per step would shift without a word, so it stops here.
 if checkpoint is not None and (checkpoint.get("global_batch", global_batch), checkpoint.get(
         "iters_per_epoch", iters_per_epoch)) != (global_batch, iters_per_epoch):
-    sys.exit(f"train.py: checkpoint {ckpt_path} was trained with a global batch of "
+    fail(f"train.py: checkpoint {ckpt_path} was trained with a global batch of "
              f"{checkpoint['global_batch']} images, {checkpoint['iters_per_epoch']} iterations per "
              f"epoch; now {global_batch} (batch_size {batch_size} x {accum} micro-batch(es) x "
              f"{world_size} process(es)), {iters_per_epoch} per epoch: resume with the saved "
@@ -468,7 +475,7 @@ def write_out(name, write):
             free = f" ({shutil.disk_usage(out_dir).free / 2**20:.0f} MiB free on that disk)"
         except OSError:
             free = ""
-        sys.exit(f"train.py: cannot write {final}: {type(e).__name__}: {e}{free}. "
+        fail(f"train.py: cannot write {final}: {type(e).__name__}: {e}{free}. "
                  f"The previous {name}, if any, is intact.")
 
 
@@ -509,7 +516,7 @@ def append_metrics(record):
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
     except OSError as e:
-        sys.exit(f"train.py: cannot append to {path}: {type(e).__name__}: {e}")
+        fail(f"train.py: cannot append to {path}: {type(e).__name__}: {e}")
 
 
 def draw_curves():
@@ -570,7 +577,7 @@ if master:
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        sys.exit(f"train.py: cannot create out_dir {out_dir}: {e}")
+        fail(f"train.py: cannot create out_dir {out_dir}: {e}")
     write_out("config.json", partial(dump_json, config))
     # A run killed while writing leaves its temporary file (e.g. ckpt.pt.tmp<pid>) behind. It is
     # never loaded (a checkpoint exists only once renamed), so it is only litter: remove it.

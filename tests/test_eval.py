@@ -453,7 +453,7 @@ def test_cli_checkpoint_missing_a_folder_or_not_a_checkpoint_says_so(tmp_path):
             r = subprocess.run([sys.executable, str(ROOT / script), f"--ckpt={path}", "--device=cpu", *extra],
                                capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
             lines = r.stderr.strip().splitlines()
-            assert r.returncode == 1 and len(lines) == 1, (script, path, r.stderr[-2000:])
+            assert r.returncode == 2 and len(lines) == 1, (script, path, r.stderr[-2000:])
             assert lines[0].startswith(f"{script}: error: {path} {words}"), lines
             assert "{" not in r.stdout
 

@@ -199,7 +199,7 @@ def test_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path):
               run("eval.py", f"--ckpt={ckpt}", cwd=tmp_path),
               run("predict.py", f"--ckpt={ckpt}", f"--input={picture}", cwd=tmp_path)):
         lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1, (r.returncode, r.stderr[-2000:])
+        assert r.returncode == 2 and len(lines) == 1, (r.returncode, r.stderr[-2000:])
         assert f"{ckpt} is refused: loading it would call " in lines[0] and "open" in lines[0]
         assert not created.exists()
 
@@ -209,14 +209,14 @@ def test_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path):
 def test_full_disk_names_the_checkpoint_and_keeps_the_previous(reference, tmp_path):
     """Guards a full disk during a checkpoint write. torch.save reports ENOSPC as a RuntimeError
     ("unexpected pos ..."), not an OSError, so it used to escape as a traceback and leave the
-    partial temporary file behind. Now: one line naming the file and the free space, exit 1, the
+    partial temporary file behind. Now: one line naming the file and the free space, exit 2, the
     previous checkpoint intact, no temporary left. The write goes to /dev/full, so the error is
     the one torch really raises for a full disk."""
     work = tmp_path / "w"
     work.mkdir()
     (work.parent / "shapes").symlink_to(reference.parent / "shapes")
     r = train_in(work, *EXACT, script=wrapper(tmp_path, DISK_FULL_AT_4))
-    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     final = work / "out" / "ckpt.pt"
     assert f"cannot write {final}" in r.stderr and "MiB free" in r.stderr and "Traceback" not in r.stderr
     assert load(final)["iter"] == 3
@@ -255,7 +255,7 @@ def test_read_only_out_dir_fails_at_start_naming_the_file(reference, tmp_path):
                      **({"script": wrapper(tmp_path, READ_ONLY_AS_ROOT)} if root else {}))
     finally:
         os.chmod(work / "out", 0o755)
-    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"cannot write {work / 'out' / 'config.json'}" in r.stderr and "Permission denied" in r.stderr
     assert "Traceback" not in r.stderr and "iter 4/12" not in r.stdout
     assert (work / "out" / "ckpt.pt").read_bytes() == good

@@ -206,7 +206,7 @@ def test_own_data_round_trip_train_eval_predict(tmp_path):
         json.dump(renumbered, f)                                       # the same classes under other ids
     r = run("eval.py", f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", f"--val_ann={data / 'renumbered.json'}",
             f"--val_img_dir={data}", "--device=cpu", "--num_workers=0", cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].endswith(
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
         "(ids [11, 12, 13, 14] against [1, 2, 3, 4]): its labels would be scored as other classes"), r.stderr[-2000:]
 
     phone_photo(tmp_path / "phone.jpg", "JPEG")
@@ -326,7 +326,7 @@ def test_train_and_val_jsons_with_other_categories_are_refused(tmp_path):
     r = run("train.py", f"--data_root={tmp_path / 'export'}", "--train_img_dir=.", "--train_ann=annotations.json",
             "--val_img_dir=.", "--val_ann=val.json", f"--out_dir={tmp_path / 'out'}", *TINY_MODEL, "--max_iters=1",
             cwd=tmp_path)
-    assert r.returncode == 1
+    assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert "val.json lists other categories than" in last and "annotations.json" in last
     assert "[2, 3, 4, 9] against [1, 2, 3, 4]" in last

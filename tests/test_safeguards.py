@@ -157,7 +157,7 @@ def test_bad_weights_stop_every_loading_path_with_one_line(first_run, tmp_path, 
         "predict": run("predict.py", f"--ckpt={path}", f"--input={picture}", "--device=cpu", cwd=tmp_path),
     }
     for name, r in runs.items():
-        assert r.returncode == 1, (name, r.stdout[-2000:], r.stderr[-2000:])
+        assert r.returncode == 2, (name, r.stdout[-2000:], r.stderr[-2000:])
         last = r.stderr.strip().splitlines()
         assert len(last) == 1 and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
         assert str(path) in last[0] and f"tensor {key} " in last[0] and what in last[0], (name, last[0])
@@ -223,7 +223,7 @@ def test_deform_conv_refuses_non_finite_input_instead_of_crashing():
 def test_non_finite_activations_at_a_deformable_convolution_stop_eval_with_one_line(tmp_path):
     """Guards the path no load-time check can see: finite weights so large that the activations
     overflow to inf and NaN before a deformable convolution. eval.py and predict.py stop with one
-    line naming the checkpoint and the reason (exit status 1), not a segmentation fault (-11)."""
+    line naming the checkpoint and the reason (exit status 2), not a segmentation fault (-11)."""
     r = train(tmp_path, "--max_iters=1", "--dcn=True")
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
@@ -233,7 +233,7 @@ def test_non_finite_activations_at_a_deformable_convolution_stop_eval_with_one_l
     for r in (run("eval.py", f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", "--device=cpu", "--num_workers=0", cwd=tmp_path),
               run("predict.py", f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", f"--input={picture}", "--device=cpu",
                   cwd=tmp_path)):
-        assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+        assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "non-finite values (NaN or inf) reach a deformable convolution" in lines[0], r.stderr
         assert str(tmp_path / "out" / "ckpt.pt") in lines[0]
