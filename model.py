@@ -1951,12 +1951,6 @@ class CenterMaskFCOS(FCOS):
             start += h * w
         return res.view(-1, S, S)
 
-    def p3_saliency(self, x: FCOSForward):
-        """The Global Saliency map on P3, (B, n, H/8, W/8) fp32, or None without the branch."""
-        if self.saliency is None:
-            return None
-        return self.saliency(x.features[self.fcos_levels][0]).float()
-
     def extra_losses(self, x: FCOSForward):
         out, assigned, targets, device = x.out, x.assigned, x.targets, x.points.device
         pos = assigned["matched"] >= 0                                           # (B, P)
@@ -1964,7 +1958,9 @@ class CenterMaskFCOS(FCOS):
         S = self.cfg.shape_size
         num_pixels = torch.full((), float(len(batch) * S * S), device=device)
         num_pixels = reduce_mean(num_pixels).clamp(min=1)
-        sal = self.p3_saliency(x)                                                # (B, n, H/8, W/8)
+        sal = None
+        if self.saliency is not None:
+            sal = self.saliency(x.features[self.fcos_levels][0]).float()         # (B, n, H/8, W/8)
         losses = {}
         if self.cfg.saliency_loss:
             # Table 1f ([CM 4.1]), as CenterMask's: BCE of the class-specific saliency against the per-class union
@@ -2004,7 +2000,9 @@ class CenterMaskFCOS(FCOS):
 
     def postprocess(self, x: FCOSForward):
         dets = self.detect(x)
-        sal = self.p3_saliency(x)
+        sal = None
+        if self.saliency is not None:
+            sal = self.saliency(x.features[self.fcos_levels][0]).float()         # (B, n, H/8, W/8)
         R = self.strides[0]
         for b, d in enumerate(dets):
             k = len(d["boxes"])

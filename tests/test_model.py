@@ -356,10 +356,13 @@ def assert_fast_equals_plain(m, x, t):
         assert torch.allclose(losses[k], plain_losses[k], rtol=1e-6, atol=1e-7), k
     assert grads.keys() == plain_grads.keys()
     # the backbone's gradients sum many terms: rounding relative to their scale; a bias before a
-    # normalisation has the gradient 0 up to rounding (1e-9)
+    # normalisation has the gradient 0 up to rounding (1e-9 to 1e-8 with two threads), relative to
+    # the model's largest gradient
+    top = max(g.abs().max().item() for g in plain_grads.values())
     for n in grads:
         scale = plain_grads[n].abs().max().item()
-        assert torch.allclose(grads[n], plain_grads[n], rtol=1e-5, atol=1e-5 * scale + 1e-8), n
+        atol = 1e-5 * scale + 1e-6 * top
+        assert torch.allclose(grads[n], plain_grads[n], rtol=1e-5, atol=atol), n
     for a, b in zip(masks, plain_masks):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
     return masks
