@@ -1311,13 +1311,12 @@ def load_resnet(name, pretrained=False, norm="frozen_bn"):
     weights = getattr(torchvision.models, weights_enum).IMAGENET1K_V1 if pretrained else None
     try:
         return getattr(torchvision.models, builder)(weights=weights, norm_layer=norm_layer)
-    except Exception as e:  # URLError, OSError, hash mismatch, ...
-        raise RuntimeError(
+    except Exception as e:  # URLError, OSError, hash mismatch, ...: an OSError, one line
+        raise OSError(
             f"could not load the ImageNet weights of {name} ({type(e).__name__}: {e}). They are "
             f"downloaded from download.pytorch.org into {torch.hub.get_dir()}/checkpoints on first "
-            "use; "
-            "without a network, copy the file there or train from scratch with --pretrained=False "
-            "(ModelConfig.pretrained)") from e
+            "use; without a network, copy the file there or train from scratch with "
+            "--pretrained=False (ModelConfig.pretrained)") from e
 
 
 class ResNetFPN(nn.Module):

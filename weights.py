@@ -382,9 +382,9 @@ def _torchvision_fcos_state():
     except Exception as e:  # URLError, OSError, hash mismatch, ...
         name = os.path.basename(urlparse(weights.url).path)
         folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-        raise RuntimeError(f"could not load torchvision's FCOS R-50-FPN COCO weights "
-                           f"({type(e).__name__}: {_first_line(e)}); without a network, put {name} "
-                           f"(from {weights.url}) into {folder}") from e
+        raise OSError(f"could not load torchvision's FCOS R-50-FPN COCO weights "
+                      f"({type(e).__name__}: {_first_line(e)}); without a network, put {name} "
+                      f"(from {weights.url}) into {folder}") from e
 
 
 def read_weights(source):

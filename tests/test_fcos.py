@@ -629,7 +629,7 @@ def test_pretrained_offline_error_names_the_option(monkeypatch):
     def no_network(self, *a, **k):
         raise URLError("no network")
     monkeypatch.setattr(WeightsEnum, "get_state_dict", no_network)
-    with pytest.raises(RuntimeError, match="pretrained=False"):
+    with pytest.raises(OSError, match="pretrained=False"):
         build_model(tiny("fcos", pretrained=True))
 
 

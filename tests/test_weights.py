@@ -527,7 +527,7 @@ def test_torchvision_download_offline_names_the_file(monkeypatch):
     def no_network(*a, **k):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(api, "load_state_dict_from_url", no_network)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(OSError) as e:
         read_weights("torchvision:fcos_resnet50_fpn")
     msg = str(e.value)
     assert "\n" not in msg and "fcos_resnet50_fpn_coco-99b0c9b7.pth" in msg
