@@ -628,5 +628,5 @@ def test_train_init_from_centernet_file_runs_and_saves_the_input_format(tmp_path
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--overwrite=True",   # out holds a run
                         f"--init_from={tmp_path / 'notes.txt'}"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert f"{tmp_path / 'notes.txt'} is not a PyTorch checkpoint" in r.stderr
