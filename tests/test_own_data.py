@@ -193,7 +193,7 @@ def test_own_data_round_trip_train_eval_predict(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "4 classes, 7 train / 7 val images" in r.stdout and "eval @ iter 3" in r.stdout
     assert "names the background and has no annotation" in r.stderr
-    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["class_names"] == list(SHAPE_CLASSES) and ckpt["label_to_cat_id"] == [1, 2, 3, 4]
 
     r = run("eval.py", f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", "--device=cpu", "--num_workers=0", cwd=tmp_path)

@@ -68,10 +68,10 @@ def test_scratch_or_import_into_an_out_dir_with_a_checkpoint_stops_before_any_wo
         assert digest(work / "out" / "ckpt.pt") == before
     r = train(work, "--max_iters=2", "--init_from=resume")           # continues: iteration 1 -> 2
     assert r.returncode == 0, r.stderr[-2000:]
-    assert torch.load(work / "out" / "ckpt.pt", weights_only=False)["iter"] == 2
+    assert torch.load(work / "out" / "ckpt.pt", weights_only=True)["iter"] == 2
     r = train(work, "--max_iters=1", "--overwrite=True")             # starts over: iteration 0 -> 1
     assert r.returncode == 0, r.stderr[-2000:]
-    assert torch.load(work / "out" / "ckpt.pt", weights_only=False)["iter"] == 1
+    assert torch.load(work / "out" / "ckpt.pt", weights_only=True)["iter"] == 1
 
 
 # Two documented commands may share an out_dir only as launches of one run: the same resolved config
@@ -125,7 +125,7 @@ def test_every_documented_training_command_has_its_own_out_dir(monkeypatch):
 def spoiled(first_run, tmp_path, how):
     """A copy of the first run's checkpoint with one BatchNorm running_var made negative
     ("negative") or one weight made NaN ("nan"); returns (path, the tensor's name)."""
-    ckpt = torch.load(first_run / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(first_run / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
     if how == "negative":
         key = next(k for k in ckpt["model"] if k.endswith("running_var"))
         ckpt["model"][key][: 2] = -0.5
@@ -226,7 +226,7 @@ def test_non_finite_activations_at_a_deformable_convolution_stop_eval_with_one_l
     line naming the checkpoint and the reason (exit status 2), not a segmentation fault (-11)."""
     r = train(tmp_path, "--max_iters=1", "--dcn=True")
     assert r.returncode == 0, r.stderr[-2000:]
-    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
     ckpt["model"]["backbone.base.base_layer.0.weight"].fill_(1e38)           # finite, but x * 1e38 overflows
     torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
     picture = tmp_path / "shapes" / "val" / "000000.png"

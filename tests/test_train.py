@@ -63,7 +63,7 @@ def test_train_writes_checkpoint_curve_and_logs(trained):
     tmp, r = trained
     assert "iter 4/4" in r.stdout and "heatmap" in r.stdout and "ETA" in r.stdout and "lr" in r.stdout
     assert "eval @ iter 4" in r.stdout and "segm_AP" in r.stdout
-    ckpt = torch.load(tmp / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert set(ckpt) >= {"model", "optimizer", "scaler", "iter", "best_ap", "model_args", "config", "global_batch",
                          "iters_per_epoch"}
     assert ckpt["iter"] == 4 and ckpt["model_args"]["head_conv"] == 8 and ckpt["config"]["input_size"] == 64
@@ -104,7 +104,7 @@ def test_resume_continues_from_checkpoint(trained, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "iter 5/6" in r.stdout and "iter 1/6" not in r.stdout
     assert f"resuming from {work / 'out' / 'ckpt.pt'} at iteration 4 of 6 (epoch 2)" in r.stdout
-    assert torch.load(work / "out" / "ckpt.pt", map_location="cpu", weights_only=False)["iter"] == 6
+    assert torch.load(work / "out" / "ckpt.pt", map_location="cpu", weights_only=True)["iter"] == 6
 
 
 def test_metrics_file_holds_every_log_line_and_evaluation(trained):
@@ -305,7 +305,7 @@ def test_fcos_solver_bias_groups_and_constant_warmup(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lrs = [line.split("| lr ")[1].split(" ")[0] for line in r.stdout.splitlines() if line.startswith("iter ")]
     assert lrs == ["3.33e-03", "3.33e-03", "3.33e-03", "1.00e-02"]
-    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
     weights, biases = ckpt["optimizer"]["param_groups"]
     model = build_model(ModelConfig(**ckpt["model_args"]))
     n_bias = sum("bias" in n for n, _ in model.named_parameters())
@@ -328,7 +328,7 @@ def test_test_input_size_used_by_train_and_eval(tmp_path):
     r = train(tmp_path, "--max_iters=2", "--test_input_size=96")
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = tmp_path / "out" / "ckpt.pt"
-    assert torch.load(ckpt, map_location="cpu", weights_only=False)["config"]["test_input_size"] == 96
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["config"]["test_input_size"] == 96
     for args, size in (((), 96), (("--input_size=80",), 80)):
         r = run("eval.py", f"--ckpt={ckpt}", "--device=cpu", "--num_workers=0", *args, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -340,7 +340,7 @@ def test_keep_res_saved_and_read_by_eval(trained, tmp_path):
     config (False by default), eval.py takes it from there (a copy of the checkpoint with
     keep_res True evaluates each image at its own size) and --keep_res=False/True overrides it."""
     tmp, _ = trained
-    ckpt = torch.load(tmp / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["config"]["keep_res"] is False
     ckpt["config"]["keep_res"] = True
     torch.save(ckpt, tmp_path / "keep.pt")
@@ -364,7 +364,7 @@ def test_predict_on_own_pictures(trained, tmp_path):
     without the class names reads them from its training json."""
     import shutil
     run_dir, _ = trained
-    ckpt = torch.load(run_dir / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["class_names"] == ["ellipse", "rectangle", "triangle", "ring"]
     assert ckpt["label_to_cat_id"] == [1, 2, 3, 4]
     pics = tmp_path / "pics"

@@ -616,7 +616,7 @@ def test_train_init_from_centernet_file_runs_and_saves_the_input_format(tmp_path
     assert "base.level3.project.* (5)" in out and "head_sets.0.local_shape.* (4), head_sets.0.saliency.* (4)" in out
     assert "53 BatchNorm num_batches_tracked counters" in out
     assert "COCO category ids 1, 2, 3, 4 (4 of its 80 COCO channels)" in out and "iter 1/1" in out
-    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["iter"] == 1 and ckpt["config"]["input_format"] == "bgr_coco"
     assert ckpt["config"]["init_from"] == str(tmp_path / "ctdet_fake.pth")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}",
