@@ -1153,7 +1153,7 @@ def shapes_dataset_missing(root, n_train, n_val, size):
     return ""
 
 
-# The quick start's set (config/shapes_centermask.py, train.py's shapes_seed): what
+# The quick start's set (config/shapes_centermask.py; train.py writes it with these): what
 # `python data.py shapes --out=data/shapes` writes when given nothing else.
 SHAPES_DEFAULTS = {"n_train": 2000, "n_val": 200, "size": 128, "seed": 1337}
 

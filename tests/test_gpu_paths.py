@@ -9,7 +9,6 @@ allows it, for the tiny models of tests/test_faults.py (`tiny_model`, every meth
   2. fp16 autocast with a GradScaler and a fused Adam (train.py's dtype="float16" on GPUs without
      bf16): steps that train, and a step whose gradient overflows skipped as on the GPU.
   3. channels_last (train.py / bench.py convert the model and the images on CUDA).
-  4. SyncBatchNorm (train.py's sync_bn=True under DDP).
 
 Run with one thread (TEST_THREADS=1): the tolerances below were measured that way. The file takes
 about 4 minutes on a 2-core CPU, 3.5 of them compiling (dynamo tracing the data-dependent target
@@ -587,71 +586,3 @@ def test_channels_last_inference_matches_contiguous(kind):
         ref = model(images)
         got = cl(images.contiguous(memory_format=torch.channels_last))
     assert_same_detections(got, ref, 1e-3, 1e-6, 2e-3, kind)
-
-
-# -----------------------------------------------------------------------------
-# 4. SyncBatchNorm
-
-# BatchNorm2d layers of the tiny CenterMask (dla_channels 4, 8, 8, 16, 16, 32), by hand:
-#   DLA-34: base_layer 1, level0 1, level1 1; a depth-1 Tree has 2 BasicBlocks (2 BN each) + a
-#   Root (1) + a projection BN where its input and output widths differ:
-#   level2 Tree(8 -> 8) 5, level3 Tree of depth 2 (8 -> 16: 6 + 5) 11, level4 (16 -> 16: 5 + 5) 10,
-#   level5 Tree(16 -> 32) 6 -> 35; DLA-up: IDA stages of 1, 2, 3 (projection, node) pairs -> 12;
-#   final IDA-up: 2 pairs -> 4. Total 35 + 12 + 4 = 51 (53 with the real widths, where level2 and
-#   level4 change width too).
-TINY_CENTERMASK_BN = 51
-
-
-def test_sync_batchnorm_converts_every_batchnorm_and_keeps_weights():
-    """Guards train.py's sync_bn=True conversion: convert_sync_batchnorm must turn all 51
-    BatchNorm2d of the tiny CenterMask (DLA-34 with real BatchNorm) into SyncBatchNorm and keep
-    the weights: the same state_dict keys (running statistics and num_batches_tracked
-    included) with equal values, and the same eval-mode outputs."""
-    model = tiny_centermask()
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert len(bns) == TINY_CENTERMASK_BN
-    with torch.no_grad():                                                        # non-trivial statistics
-        for i, bn in enumerate(bns):
-            bn.running_mean.fill_(0.01 * i)
-            bn.running_var.fill_(1.0 + 0.02 * i)
-    ref_state = model.state_dict()
-    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
-    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == TINY_CENTERMASK_BN
-    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
-    state = synced.state_dict()
-    assert list(state) == list(ref_state)
-    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
-    images, _ = make_batch(COUNTS)
-    model.eval()
-    synced.eval()
-    with torch.no_grad():
-        assert torch.equal(synced.heads(images)["heatmap"], model.heads(images)["heatmap"])
-
-
-def test_sync_batchnorm_forward_on_cpu(tmp_path):
-    """Records what SyncBatchNorm's forward does on the CPU (torch 2.14; the same rule since
-    torch 2.0). Training mode with no process group: no synchronisation is needed, it falls back
-    to F.batch_norm and equals BatchNorm2d (losses equal). Inside a process group (here a
-    1-process gloo group, init_method file://) it checks the device before the world size and
-    raises ValueError "SyncBatchNorm expected input tensor to be on GPU or XPU or privateuseone",
-    even with 1 process: train.py's sync_bn=True cannot train on the CPU (its DDP tests freeze
-    BatchNorm instead). Eval mode never synchronises: it runs in the group and equals BatchNorm2d."""
-    import torch.distributed as dist
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    model = tiny_centermask()
-    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
-    images, targets = make_batch(COUNTS)
-    ref = model(images, targets)
-    got = synced(images, targets)                                                # no group: plain batch norm
-    assert torch.equal(got["loss"], ref["loss"])
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
-            synced(images, targets)
-        model.eval()
-        synced.eval()
-        with torch.no_grad():
-            assert torch.equal(synced.heads(images)["heatmap"], model.heads(images)["heatmap"])
-    finally:
-        dist.destroy_process_group()

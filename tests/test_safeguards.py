@@ -246,7 +246,7 @@ def test_shapes_set_has_its_own_seed_and_the_cli_writes_the_quick_starts_set(tmp
     """Guards two sets that used to differ: a run with another training seed (--seed=1338)
     writes the set train.py writes by default, and `python data.py shapes --out=DIR` writes
     that same set byte for byte (here with small n and size; the CLI's defaults are the quick
-    start's, checked against its config and train.py's shapes_seed)."""
+    start's, checked against its config and data.SHAPES_DEFAULTS)."""
     from configurator import defaults_of
     from data import SHAPES_DEFAULTS
     quick = {}
