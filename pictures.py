@@ -19,23 +19,53 @@ a method.
                                      computed by model.py from the ground truth of shapes images
 """
 
+import argparse
+import colorsys
+import contextlib
 import functools
+import io
 import math
 import os
+import sys
+import tempfile
+import warnings
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import BoundaryNorm, ListedColormap, to_rgba
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image
 from torch.utils.data import Subset
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from data import (COCO_BGR_MEAN, COCO_BGR_STD, IMAGENET_MEAN, IMAGENET_STD, CocoInstances,
-                  ImageReadError, load_rgb_image, write_atomic)
+                  ImageReadError, load_rgb_image, write_atomic, write_shapes_dataset)
 from eval import _base_dataset, _make_loader, _predict_batch, _unwrap_model
 from model import (FCOSIS, CenterMask, FCOSForward, ModelConfig, assemble_masks, batch_masks,
                    box_overlap_graph, boxes_inside, build_model, center_of_mass,
                    center_of_mass_targets, centernet_heatmaps, coarse_foreground_targets,
                    coloring_groups, flatten_targets, mask_assignment, mask_targets,
                    min_size_boxes, optimal_padding, saliency_targets, topk_peaks)
+
+# colour maps with NaN cells drawn white (blank): the gaps between tiles
+blank_nan = {name: matplotlib.colormaps[name].with_extremes(bad="white")
+             for name in ("viridis", "gray")}
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() inside the block; the mode it was in is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def tile(shapes, ncols, gap):
@@ -72,13 +102,9 @@ def centermask_maps(model, images, k=4):
     "saliency" / "local shapes" are absent when that branch is switched off (Table 1c/1d,
     [CM] Fig. 5a/5b). Uses the last stack's heads; runs in eval mode (restored after).
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model.heads(images)
         dets = model.decode(out, images.shape[-2:], k=k)
-    finally:
-        model.train(was_training)
     heat = out["heatmap"].float().sigmoid()                              # (B, C, h, w)
     B, C, h, w = heat.shape
     scores, labels, ys, xs = topk_peaks(heat, k)                         # (B, K), as decode
@@ -120,9 +146,7 @@ def fcosis_maps(model, images, k=8, score_threshold=0.3):
         "masks"                 (H, W) int64: 1 + rank of the detection whose mask is the
                                 most probable there and >= mask_threshold
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model.heads(images)
         points, _, levels = model.locations(out["hw"], images.shape[-2:], images.device)
         x = FCOSForward(out, out["features"], points, levels, tuple(images.shape[-2:]))
@@ -132,8 +156,6 @@ def fcosis_maps(model, images, k=8, score_threshold=0.3):
             for key in list(d):
                 d[key] = d[key][keep]
         att, groups, batch = model.predict_masks(dets, x)
-    finally:
-        model.train(was_training)
     regressed, fg = model.p3_maps(out, images.shape[-2:])
     h, w = fg.shape[-2:]
     loc = points[:h * w].t().reshape(1, 2, h, w)  # the P3 locations
@@ -187,24 +209,14 @@ def teaching_maps(model):
 
 def write_png(image, path):
     """(3, H, W) uint8 -> a PNG at `path`, written atomically (data.write_atomic)."""
-    from PIL import Image
-    pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
-    write_atomic(path, lambda tmp: pil.save(tmp, "PNG"))
+    write_atomic(path, lambda tmp: torchvision.io.write_png(image, tmp))
 
 
-def _class_colors(num_classes):
-    """A fixed, well-spread colour per class (golden-ratio hues) so pictures are comparable."""
-    import colorsys
-    colors = []
-    for i in range(max(num_classes, 1)):
-        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 1.0)
-        colors.append((int(r * 255), int(g * 255), int(b * 255)))
-    return colors
-
-
-def _unit_colors(n):
-    """`_class_colors` as matplotlib takes them: (r, g, b) in [0, 1]."""
-    return [tuple(c / 255 for c in rgb) for rgb in _class_colors(n)]
+def _color(i):
+    """Class or object i's colour, "#rrggbb" (torchvision and matplotlib take it): a fixed,
+    well-spread hue (golden ratio) so that pictures are comparable."""
+    rgb = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 1.0)
+    return "#" + "".join(f"{int(c * 255):02x}" for c in rgb)
 
 
 def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
@@ -213,7 +225,6 @@ def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
     Masks are blended in the class colour, boxes are outlined and labelled "class score"
     ("class" alone for the ground truth, a `pred` without scores: `draw_dataset`).
     """
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
     # small images (the 128 px shapes) are enlarged so that labels stay readable
     up = max(1, math.ceil(384 / max(image.shape[-2:])))
     if up > 1:
@@ -227,9 +238,7 @@ def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
     labels = pred["labels"].cpu()[keep].tolist()
     if not labels:
         return image
-    num_classes = len(class_names) if class_names else max(labels) + 1
-    palette = _class_colors(max(num_classes, max(labels) + 1))
-    colors = [palette[c] for c in labels]
+    colors = [_color(c) for c in labels]
     if "masks" in pred:
         image = draw_segmentation_masks(image, pred["masks"].cpu()[keep], alpha=0.5,
                                         colors=colors)
@@ -264,12 +273,6 @@ def _maps_layout(widths, capacity):
     return rows + [row]
 
 
-def _nan_blank(name="viridis"):
-    """A matplotlib colour map with NaN cells drawn white (blank): the gaps between tiles."""
-    import matplotlib
-    return matplotlib.colormaps[name].with_extremes(bad="white")
-
-
 def save_maps_figure(image, maps, path, capacity=5):
     """Teaching view: the image the network saw, then each named 2-D map, with titles.
 
@@ -279,9 +282,6 @@ def save_maps_figure(image, maps, path, capacity=5):
     enlarged to the panel size with nearest interpolation, so a 32x32 stride-4 map shows its
     cells instead of a blur. Panels flow into rows of `capacity` grid units; a wide map (a row of tiles) takes several units.
     """
-    from matplotlib.colors import ListedColormap, BoundaryNorm
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     panels = [("network input", image.permute(1, 2, 0).numpy())]
     panels += [(name, m.detach().cpu().numpy() if torch.is_tensor(m) else np.asarray(m))
                for name, m in maps.items()]
@@ -303,14 +303,14 @@ def save_maps_figure(image, maps, path, capacity=5):
                 ax.imshow(m.astype(np.float32) if i else m, interpolation="nearest")
             elif np.issubdtype(m.dtype, np.integer) or m.dtype == bool:
                 n = max(int(m.max()), 1)
-                palette = [(0, 0, 0)] + _unit_colors(n)
-                cmap = ListedColormap(palette[:n + 1])
+                cmap = ListedColormap(["black"] + [_color(k) for k in range(n)])
                 norm = BoundaryNorm(np.arange(-0.5, n + 1), cmap.N)
                 im = ax.imshow(m, cmap=cmap, norm=norm, interpolation="nearest")
                 bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, ticks=range(n + 1))
                 bar.ax.tick_params(labelsize=7)
             else:
-                im = ax.imshow(m.astype(np.float32), cmap=_nan_blank(), interpolation="nearest")
+                im = ax.imshow(m.astype(np.float32), cmap=blank_nan["viridis"],
+                               interpolation="nearest")
                 bar = fig.colorbar(im, ax=ax, fraction=0.046 / max(1, widths[i] ** 0.5), pad=0.02)
                 bar.ax.tick_params(labelsize=7)
     fig.tight_layout()
@@ -413,8 +413,6 @@ def example_targets(tmp_dir, n=2):
     both methods are about: a neighbour inside an object's box), the n whose masks cover the most
     of the image, in image-id order. -> RGB images (H, W, 3) uint8, target dicts (boxes (N, 4)
     xyxy, labels (N,), masks (N, H, W) 0/1, as CocoInstances gives them), class names."""
-    import warnings
-    from data import CocoInstances, write_shapes_dataset
     with warnings.catch_warnings():  # pycocotools' RLE code under numpy 2: a DeprecationWarning
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="pycocotools")
         paths = write_shapes_dataset(tmp_dir, n_train=0, n_val=CANDIDATES, size=FIGURE_SIZE,
@@ -527,7 +525,6 @@ def _figure(rows, cols, bottom=0.05, top=0.75, left=0.3, gap=0.08, right=0.05):
     """A figure FIG_WIDTH wide of rows x cols square panels, as high as they need; margins and
     gaps in inches (top: the titles; left: the row labels). Laid out by hand: tight_layout lets
     square image panels overlap. -> figure, axes (rows, cols), height."""
-    from matplotlib.figure import Figure
     side = (FIG_WIDTH - left - right - (cols - 1) * gap) / cols  # inches
     height = top + rows * side + (rows - 1) * gap + bottom
     fig = Figure(figsize=(FIG_WIDTH, height))
@@ -562,7 +559,6 @@ def _number(ax, x, y, k, color, style="square,pad=0.1", **kw):
 
 def _draw_boxes(ax, boxes, colors, numbers=True, lw=1.2, **kw):
     """xyxy boxes (N, 4), input frame; with numbers, the object's number at its top-left."""
-    from matplotlib.patches import Rectangle
     for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colors[k], lw=lw,
                                **kw))
@@ -574,9 +570,6 @@ def _save_figure(fig, path):
     """The figure as a PNG at DPI, reduced to an adaptive 256-colour palette (no dithering: flat
     colours stay flat) and optimised: a third of the bytes of a 24-bit PNG, so the resolution
     (and the text) can stay high."""
-    import io
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from PIL import Image
     buf = io.BytesIO()
     FigureCanvasAgg(fig)
     fig.savefig(buf, format="png", dpi=DPI)
@@ -589,7 +582,6 @@ def draw_centermask_targets(rgbs, targets, names, path):
     """(a) image + boxes, (b) centre heatmap, (c) local shapes, (d) global saliency, (e) the
     masks they assemble, one row per image; the title gives the mean IoU of (e), binarised at
     CenterMask's threshold, against the ground truth. Returns that IoU."""
-    from matplotlib.patches import Rectangle
     H, W = rgbs[0].shape[:2]
     cfg = ModelConfig(method="centermask", num_classes=len(names))  # defaults: S = 32, R = 4
     t = centermask_targets(targets, H, W, cfg)
@@ -599,7 +591,7 @@ def draw_centermask_targets(rgbs, targets, names, path):
     fig, axes, height = _figure(len(rgbs), 5)
     for b, (rgb, ax) in enumerate(zip(rgbs, axes)):
         mine = (t["batch"] == b).nonzero()[:, 0]  # this image's objects
-        colors = _unit_colors(len(mine))
+        colors = [_color(k) for k in range(len(mine))]
         boxes = t["boxes"][mine] * R  # (N, 4) input frame
         _show(ax[0], _faded(rgb), H, W)
         _draw_boxes(ax[0], boxes, colors)
@@ -609,7 +601,7 @@ def draw_centermask_targets(rgbs, targets, names, path):
         _draw_boxes(ax[1], boxes, colors, numbers=False, lw=0.6, alpha=0.8)
         # (c) one S x S tile per object, outlined in its colour, in a square view
         mosaic = tile(t["local"][mine], ncols=3, gap=2).numpy()
-        ax[2].imshow(mosaic, cmap=_nan_blank("gray"), vmin=0, vmax=1, interpolation="nearest")
+        ax[2].imshow(mosaic, cmap=blank_nan["gray"], vmin=0, vmax=1, interpolation="nearest")
         for k in range(len(mine)):
             x, y = (k % 3) * (S + 2), (k // 3) * (S + 2)
             ax[2].add_patch(Rectangle((x - 0.5, y - 0.5), S, S, fill=False, edgecolor=colors[k],
@@ -626,7 +618,7 @@ def draw_centermask_targets(rgbs, targets, names, path):
         prob, who = t["masks"][mine].max(0)  # (H, W) each
         on = prob >= cfg.mask_threshold
         overlay = np.zeros((H, W, 4), np.float32)
-        overlay[on.numpy()] = np.array([(*colors[k], 0.85) for k in who[on].tolist()])
+        overlay[on.numpy()] = [to_rgba(colors[k], 0.85) for k in who[on].tolist()]
         _show(ax[4], _faded(rgb, 0.35), H, W)
         ax[4].imshow(overlay, interpolation="nearest", extent=(0, W, H, 0))
         _draw_boxes(ax[4], boxes, colors, numbers=False, lw=0.8)
@@ -647,7 +639,6 @@ def draw_fcosis_targets(rgbs, targets, names, path):
     """(a) image + boxes, (b) the centre-of-mass field on P3 (arrows), (c) the coarse
     foreground, (d) the attention map of the image's first pass, (e) the Largest-First
     colouring, one row per image."""
-    from matplotlib.patches import Rectangle
     H, W = rgbs[0].shape[:2]
     cfg = ModelConfig(method="fcosis", backbone="resnet18", num_classes=len(names))
     t = fcosis_targets(targets, H, W, cfg)
@@ -655,7 +646,7 @@ def draw_fcosis_targets(rgbs, targets, names, path):
     fig, axes, height = _figure(len(rgbs), 5, bottom=0.6)  # room for the legends
     for b, (rgb, ax) in enumerate(zip(rgbs, axes)):
         mine = (t["batch"] == b).nonzero()[:, 0]
-        colors = _unit_colors(len(mine))
+        colors = [_color(k) for k in range(len(mine))]
         boxes = t["boxes"][mine]
         _show(ax[0], _faded(rgb), H, W)
         _draw_boxes(ax[0], boxes, colors)
@@ -721,7 +712,6 @@ def draw_fcosis_targets(rgbs, targets, names, path):
 
 def save_target_figures(out_dir):
     """Both METHODS.md pictures into out_dir; returns their paths."""
-    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         rgbs, targets, names = example_targets(tmp)
     paths = [os.path.join(out_dir, f"{m}_targets.png") for m in ("centermask", "fcosis")]
@@ -733,10 +723,8 @@ def save_target_figures(out_dir):
 
 
 if __name__ == "__main__":
-    import sys
     torch.set_num_threads(1)  # tiny tensors: one thread is as fast, and shares the machine
     if sys.argv[1:2] == ["data"]:
-        import argparse
         parser = argparse.ArgumentParser(prog="pictures.py data", description="the first N "
                                          "images of a COCO json with what training reads of it")
         parser.add_argument("--img_dir", required=True, help="the folder of the json's file names")
