@@ -41,6 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 from torch.utils.data import Subset
+from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from data import (COCO_BGR_MEAN, COCO_BGR_STD, IMAGENET_MEAN, IMAGENET_STD, CocoInstances,
@@ -78,6 +79,15 @@ def tile(shapes, ncols, gap):
         y, x = (k // ncols) * (S + gap), (k % ncols) * (S + gap)
         mosaic[y:y + S, x:x + S] = shapes[k]
     return mosaic
+
+
+def instance_map(masks, threshold):
+    """(K, H, W) mask probabilities, best detection first -> (H, W) int64: 1 + the rank of the
+    most probable mask where that probability is >= threshold, 0 elsewhere."""
+    if len(masks) == 0:
+        return torch.zeros(masks.shape[1:], dtype=torch.long, device=masks.device)
+    prob, rank = masks.max(0)                                            # (H, W) each
+    return torch.where(prob >= threshold, rank + 1, 0)
 
 
 @torch.no_grad()
@@ -123,8 +133,7 @@ def centermask_maps(model, images, k=4):
             cells = torch.stack([xs[b], ys[b]], 1)                       # (K, 2) as (x, y)
             local = model.head_sets[-1].shape_at(out, torch.full_like(xs[b], b), cells)
             m["local shapes"] = tile(local.float().sigmoid().view(K, S, S), ncols=K, gap=1)
-        prob, rank = dets[b]["masks"].max(0)                             # (H, W) each
-        m["masks"] = torch.where(prob >= model.mask_threshold, rank + 1, torch.zeros_like(rank))
+        m["masks"] = instance_map(dets[b]["masks"], model.mask_threshold)
         maps.append(m)
     return maps
 
@@ -151,10 +160,8 @@ def fcosis_maps(model, images, k=8, score_threshold=0.3):
         points, _, levels = model.locations(out["hw"], images.shape[-2:], images.device)
         x = FCOSForward(out, out["features"], points, levels, tuple(images.shape[-2:]))
         dets = model.detect(x, k)
-        for d in dets:  # keep the confident ones: the picture is about them
-            keep = d["scores"] >= score_threshold
-            for key in list(d):
-                d[key] = d[key][keep]
+        # keep the confident ones: the picture is about them
+        dets = [{key: v[d["scores"] >= score_threshold] for key, v in d.items()} for d in dets]
         att, groups, batch = model.predict_masks(dets, x)
     regressed, fg = model.p3_maps(out, images.shape[-2:])
     h, w = fg.shape[-2:]
@@ -165,20 +172,14 @@ def fcosis_maps(model, images, k=8, score_threshold=0.3):
     maps = []
     for b, d in enumerate(dets):
         m = {"centre of mass field": hsv_to_rgb(hue[b], fg[b, 0]), "coarse foreground": fg[b, 0]}
-        mine = (batch == b).nonzero()[:, 0] if len(batch) else batch
+        mine = (batch == b).nonzero()[:, 0]  # this image's detections
         if att is not None and len(mine):
             m["attention map"] = att[groups[mine[0]], 0]
         colour = torch.zeros(H, W, dtype=torch.long, device=images.device)
-        if len(mine):
-            inside = boxes_inside(d["boxes"], H, W)                          # (K, H, W)
-            one_image = torch.zeros(len(mine), dtype=torch.long, device=images.device)
-            cols = coloring_groups(d["boxes"], one_image)[0]
-            for j in range(len(mine)):  # a handful of boxes, drawn in rank order
-                colour[inside[j]] = cols[j] + 1
-            prob, rank = d["masks"].max(0)
-            m["masks"] = torch.where(prob >= model.mask_threshold, rank + 1, torch.zeros_like(rank))
-        else:
-            m["masks"] = colour.clone()
+        cols = coloring_groups(d["boxes"], torch.zeros_like(d["labels"]))[0]  # (K,) this image
+        for j, inside in enumerate(boxes_inside(d["boxes"], H, W)):  # in rank order
+            colour[inside] = cols[j] + 1
+        m["masks"] = instance_map(d["masks"], model.mask_threshold)
         m["colour groups"] = colour
         maps.append(m)
     return maps
@@ -317,8 +318,7 @@ def save_maps_figure(image, maps, path, capacity=5):
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
-def save_pictures(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.3,
-              batch_size=1, amp_dtype=None, collate_fn=None, maps_fn=None):
+def save_pictures(model, dataset, out_dir, n=8, device="cpu", collate_fn=None, maps_fn=None):
     """Draw the predictions on the first `n` images of `dataset`; returns the PNG paths.
 
     The original image is read from disk (`dataset.img_dir` / file_name from `dataset.coco`)
@@ -334,38 +334,24 @@ def save_pictures(model, dataset, out_dir, n=8, device="cpu", score_threshold=0.
     base = _base_dataset(dataset)
     net = _unwrap_model(model)
     subset = Subset(dataset, range(min(n, len(dataset))))
-    loader = _make_loader(subset, batch_size, 0, device, None, collate_fn, False,
-                          net.size_divisibility)
+    loader = _make_loader(subset, 1, 0, device, None, collate_fn, False, net.size_divisibility)
     class_names = getattr(base, "class_names", None)
     input_format = getattr(getattr(base, "transforms", None), "input_format", "rgb_imagenet")
-    mask_threshold = net.mask_threshold
-    was_training = net.training
-    net.to(device).eval()
-    os.makedirs(out_dir, exist_ok=True)
     paths = []
-    try:
-        with torch.no_grad():
-            for images, targets in loader:
-                preds = _predict_batch(net, images, targets, device, amp_dtype,
-                                       mask_threshold)
-                maps = maps_fn(images.to(device)) if maps_fn is not None else None
-                for i, (target, pred) in enumerate(zip(targets, preds)):
-                    info = base.coco.loadImgs(int(target["image_id"]))[0]
-                    # the stored grid, (3, H0, W0)
-                    pil = load_rgb_image(os.path.join(base.img_dir, info["file_name"]))
-                    image = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
-                    stem = os.path.splitext(os.path.basename(info["file_name"]))[0]
-                    path = os.path.join(out_dir, f"{stem}_pred.png")
-                    write_png(draw_predictions(image, pred, class_names, score_threshold), path)
-                    paths.append(path)
-                    if maps is not None:
-                        # the maps live in the padded network-input frame: show that image
-                        map_path = os.path.join(out_dir, f"{stem}_maps.png")
-                        shown = network_input_rgb(images[i], input_format)
-                        save_maps_figure(shown, maps[i], map_path)
-                        paths.append(map_path)
-    finally:
-        net.train(was_training)
+    with eval_mode(net.to(device)), torch.no_grad():
+        for images, targets in loader:  # one image a batch
+            pred = _predict_batch(net, images, targets, device, None, net.mask_threshold)[0]
+            info = base.coco.loadImgs(int(targets[0]["image_id"]))[0]
+            # the stored grid, (3, H0, W0)
+            image = pil_to_tensor(load_rgb_image(os.path.join(base.img_dir, info["file_name"])))
+            stem = os.path.join(out_dir, os.path.splitext(os.path.basename(info["file_name"]))[0])
+            paths.append(f"{stem}_pred.png")
+            write_png(draw_predictions(image, pred, class_names), paths[-1])
+            if maps_fn is not None:
+                # the maps live in the padded network-input frame: show that image
+                paths.append(f"{stem}_maps.png")
+                shown = network_input_rgb(images[0], input_format)
+                save_maps_figure(shown, maps_fn(images.to(device))[0], paths[-1])
     return paths
 
 
