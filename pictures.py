@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, ListedColormap, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -284,36 +283,33 @@ def save_maps_figure(image, maps, path, capacity=5):
     cells instead of a blur. Panels flow into rows of `capacity` grid units; a wide map (a row of tiles) takes several units.
     """
     panels = [("network input", image.permute(1, 2, 0).numpy())]
-    panels += [(name, m.detach().cpu().numpy() if torch.is_tensor(m) else np.asarray(m))
-               for name, m in maps.items()]
+    panels += [(name, m.detach().cpu().numpy()) for name, m in maps.items()]
     # a panel is 1 grid unit per unit of aspect ratio (width / height), at least 1
     widths = [min(capacity, max(1, round(p.shape[1] / p.shape[0]))) for _, p in panels]
     rows = _maps_layout(widths, capacity)
     fig = Figure(figsize=(2.8 * capacity, 2.9 * len(rows)))
-    FigureCanvasAgg(fig)
     grid = fig.add_gridspec(len(rows), capacity)
     for r, row in enumerate(rows):
         col = 0
         for i in row:
             name, m = panels[i]
-            ax = fig.add_subplot(grid[r, col:col + widths[i]])
+            ax = fig.add_subplot(grid[r, col:col + widths[i]], xticks=[], yticks=[])
             col += widths[i]
             ax.set_title(f"{name} {m.shape[0]}x{m.shape[1]}", fontsize=10)
-            ax.set_xticks([]), ax.set_yticks([])
             if i == 0 or m.ndim == 3:  # the image, or an RGB map (e.g. FCOSIS's angle field)
                 ax.imshow(m.astype(np.float32) if i else m, interpolation="nearest")
-            elif np.issubdtype(m.dtype, np.integer) or m.dtype == bool:
+                continue
+            if np.issubdtype(m.dtype, np.integer) or m.dtype == bool:
                 n = max(int(m.max()), 1)
                 cmap = ListedColormap(["black"] + [_color(k) for k in range(n)])
-                norm = BoundaryNorm(np.arange(-0.5, n + 1), cmap.N)
-                im = ax.imshow(m, cmap=cmap, norm=norm, interpolation="nearest")
+                im = ax.imshow(m, cmap=cmap, norm=BoundaryNorm(np.arange(-0.5, n + 1), n + 1),
+                               interpolation="nearest")
                 bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, ticks=range(n + 1))
-                bar.ax.tick_params(labelsize=7)
             else:
                 im = ax.imshow(m.astype(np.float32), cmap=blank_nan["viridis"],
                                interpolation="nearest")
                 bar = fig.colorbar(im, ax=ax, fraction=0.046 / max(1, widths[i] ** 0.5), pad=0.02)
-                bar.ax.tick_params(labelsize=7)
+            bar.ax.tick_params(labelsize=7)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
@@ -514,11 +510,10 @@ def _figure(rows, cols, bottom=0.05, top=0.75, left=0.3, gap=0.08, right=0.05):
     side = (FIG_WIDTH - left - right - (cols - 1) * gap) / cols  # inches
     height = top + rows * side + (rows - 1) * gap + bottom
     fig = Figure(figsize=(FIG_WIDTH, height))
-    axes = np.empty((rows, cols), dtype=object)
-    for r in range(rows):
-        for c in range(cols):
-            x, y = left + c * (side + gap), height - top - (r + 1) * side - r * gap
-            axes[r, c] = fig.add_axes((x / FIG_WIDTH, y / height, side / FIG_WIDTH, side / height))
+    axes = fig.subplots(rows, cols, squeeze=False, subplot_kw=dict(xticks=[], yticks=[]),
+                        gridspec_kw=dict(left=left / FIG_WIDTH, right=1 - right / FIG_WIDTH,
+                                         bottom=bottom / height, top=1 - top / height,
+                                         wspace=gap / side, hspace=gap / side))
     return fig, axes, height
 
 
@@ -527,8 +522,6 @@ def _show(ax, m, H, W, **kw):
     shown = ax.imshow(np.asarray(m, np.float32), interpolation="nearest", extent=(0, W, H, 0), **kw)
     ax.set_xlim(0, W)
     ax.set_ylim(H, 0)
-    ax.set_xticks([])
-    ax.set_yticks([])
     return shown
 
 
@@ -557,7 +550,6 @@ def _save_figure(fig, path):
     colours stay flat) and optimised: a third of the bytes of a 24-bit PNG, so the resolution
     (and the text) can stay high."""
     buf = io.BytesIO()
-    FigureCanvasAgg(fig)
     fig.savefig(buf, format="png", dpi=DPI)
     rgb = Image.open(buf).convert("RGB")  # drop the opaque alpha
     small = rgb.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
