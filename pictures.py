@@ -41,7 +41,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 from torch.utils.data import Subset
 from torchvision.transforms.functional import pil_to_tensor
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
 from data import (COCO_BGR_MEAN, COCO_BGR_STD, IMAGENET_MEAN, IMAGENET_STD, CocoInstances,
                   ImageReadError, load_rgb_image, write_atomic, write_shapes_dataset)
@@ -69,15 +69,10 @@ def eval_mode(model):
 
 
 def tile(shapes, ncols, gap):
-    """(N, S, S) shapes -> one mosaic of rows (S + gap) - gap x ncols (S + gap) - gap, filled
-    row by row, NaN (drawn blank) between the tiles."""
-    N, S, _ = shapes.shape
-    rows = max(1, math.ceil(N / ncols))
-    mosaic = shapes.new_full((rows * (S + gap) - gap, ncols * (S + gap) - gap), float("nan"))
-    for k in range(N):
-        y, x = (k // ncols) * (S + gap), (k % ncols) * (S + gap)
-        mosaic[y:y + S, x:x + S] = shapes[k]
-    return mosaic
+    """(N, S, S) shapes, N >= ncols -> one mosaic of rows (S + gap) - gap x ncols (S + gap) - gap,
+    filled row by row, NaN (drawn blank) between the tiles: make_grid less its outer border."""
+    mosaic = make_grid(shapes[:, None], nrow=ncols, padding=gap, pad_value=float("nan"))
+    return mosaic[0, gap:-gap, gap:-gap]
 
 
 def instance_map(masks, threshold):
