@@ -498,20 +498,6 @@ def fcosis_targets(targets, H, W, cfg):
 
 # drawing: every panel in input-pixel coordinates (x right, y down)
 
-def _figure(rows, cols, bottom=0.05, top=0.75, left=0.3, gap=0.08, right=0.05):
-    """A figure FIG_WIDTH wide of rows x cols square panels, as high as they need; margins and
-    gaps in inches (top: the titles; left: the row labels). Laid out by hand: tight_layout lets
-    square image panels overlap. -> figure, axes (rows, cols), height."""
-    side = (FIG_WIDTH - left - right - (cols - 1) * gap) / cols  # inches
-    height = top + rows * side + (rows - 1) * gap + bottom
-    fig = Figure(figsize=(FIG_WIDTH, height))
-    axes = fig.subplots(rows, cols, squeeze=False, subplot_kw=dict(xticks=[], yticks=[]),
-                        gridspec_kw=dict(left=left / FIG_WIDTH, right=1 - right / FIG_WIDTH,
-                                         bottom=bottom / height, top=1 - top / height,
-                                         wspace=gap / side, hspace=gap / side))
-    return fig, axes, height
-
-
 def _show(ax, m, H, W, **kw):
     """A map or an image stretched over the H x W image (nearest: its cells stay visible)."""
     shown = ax.imshow(np.asarray(m, np.float32), interpolation="nearest", extent=(0, W, H, 0), **kw)
@@ -540,6 +526,30 @@ def _draw_boxes(ax, boxes, colors, numbers=True, lw=1.2, **kw):
             _number(ax, x0 + 1, y0 + 1, k + 1, colors[k], fontsize=6, va="top", ha="left")
 
 
+def _figure(rgbs, targets, boxes, titles, suptitle, title_size, bottom=0.05, top=0.75, left=0.3,
+            gap=0.08, right=0.05):
+    """A figure FIG_WIDTH wide of one row per image of square panels, one per title, as high as
+    they need; margins and gaps in inches (top: the titles; left: the row labels). Laid out by
+    hand: tight_layout lets square image panels overlap. Column (a): each image with its boxes
+    (N, 4), numbered. -> figure, axes (rows, cols), height."""
+    rows, cols = len(rgbs), len(titles)
+    side = (FIG_WIDTH - left - right - (cols - 1) * gap) / cols  # inches
+    height = top + rows * side + (rows - 1) * gap + bottom
+    fig = Figure(figsize=(FIG_WIDTH, height))
+    axes = fig.subplots(rows, cols, squeeze=False, subplot_kw=dict(xticks=[], yticks=[]),
+                        gridspec_kw=dict(left=left / FIG_WIDTH, right=1 - right / FIG_WIDTH,
+                                         bottom=bottom / height, top=1 - top / height,
+                                         wspace=gap / side, hspace=gap / side))
+    for ax, rgb, target, image_boxes in zip(axes[:, 0], rgbs, targets, boxes):
+        _show(ax, _faded(rgb), *rgb.shape[:2])
+        _draw_boxes(ax, image_boxes, [_color(k) for k in range(len(image_boxes))])
+        ax.set_ylabel(f"val image {target['image_id']}", fontsize=8)
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=title_size)
+    fig.suptitle(suptitle, fontsize=10, y=1 - 0.06 / height, va="top")
+    return fig, axes, height
+
+
 def _save_figure(fig, path):
     """The figure as a PNG at DPI, reduced to an adaptive 256-colour palette (no dithering: flat
     colours stay flat) and optimised: a third of the bytes of a 24-bit PNG, so the resolution
@@ -561,14 +571,17 @@ def draw_centermask_targets(rgbs, targets, names, path):
     S, R = cfg.shape_size, 4
     pred, gt = t["masks"] >= cfg.mask_threshold, t["gt_masks"].bool()  # (M, H, W)
     iou = float(((pred & gt).flatten(1).sum(1) / (pred | gt).flatten(1).sum(1)).mean())
-    fig, axes, height = _figure(len(rgbs), 5)
-    for b, (rgb, ax) in enumerate(zip(rgbs, axes)):
+    titles = ["(a) image + boxes", "(b) centre heatmap\n([CM 3.4], CenterNet)",
+              f"(c) local shapes {S} x {S}\n([CM 3.1])",
+              "(d) global saliency\n([CM 3.2], stride 4)",
+              "(e) assembled masks\n([CM 3.3] eq. 1)"]
+    suptitle = ("What CenterMask is taught: the targets model.py computes from the ground truth "
+                f"(mask IoU of (e) vs. ground truth: {iou:.2f})")
+    per_image = [t["boxes"][t["batch"] == b] * R for b in range(len(rgbs))]  # input frame
+    fig, axes, height = _figure(rgbs, targets, per_image, titles, suptitle, 9)
+    for b, (rgb, ax, boxes) in enumerate(zip(rgbs, axes, per_image)):
         mine = (t["batch"] == b).nonzero()[:, 0]  # this image's objects
         colors = [_color(k) for k in range(len(mine))]
-        boxes = t["boxes"][mine] * R  # (N, 4) input frame
-        _show(ax[0], _faded(rgb), H, W)
-        _draw_boxes(ax[0], boxes, colors)
-        ax[0].set_ylabel(f"val image {targets[b]['image_id']}", fontsize=8)
         # (b) the max over the classes: one gaussian per object at its centre cell
         _show(ax[1], t["heat"][b].amax(0), H, W, cmap="magma", vmin=0, vmax=1)
         _draw_boxes(ax[1], boxes, colors, numbers=False, lw=0.6, alpha=0.8)
@@ -595,15 +608,6 @@ def draw_centermask_targets(rgbs, targets, names, path):
         _show(ax[4], _faded(rgb, 0.35), H, W)
         ax[4].imshow(overlay, interpolation="nearest", extent=(0, W, H, 0))
         _draw_boxes(ax[4], boxes, colors, numbers=False, lw=0.8)
-    titles = ["(a) image + boxes", "(b) centre heatmap\n([CM 3.4], CenterNet)",
-              f"(c) local shapes {S} x {S}\n([CM 3.1])",
-              "(d) global saliency\n([CM 3.2], stride 4)",
-              "(e) assembled masks\n([CM 3.3] eq. 1)"]
-    for a, title in zip(axes[0], titles):
-        a.set_title(title, fontsize=9)
-    fig.suptitle("What CenterMask is taught: the targets model.py computes from the ground truth "
-                 f"(mask IoU of (e) vs. ground truth: {iou:.2f})", fontsize=10,
-                 y=1 - 0.06 / height, va="top")
     _save_figure(fig, path)
     return iou
 
@@ -616,14 +620,18 @@ def draw_fcosis_targets(rgbs, targets, names, path):
     cfg = ModelConfig(method="fcosis", backbone="resnet18", num_classes=len(names))
     t = fcosis_targets(targets, H, W, cfg)
     P3, s3 = t["hw"][0][0] * t["hw"][0][1], float(t["strides"][0])  # P3's locations, stride 8
-    fig, axes, height = _figure(len(rgbs), 5, bottom=0.6)  # room for the legends
-    for b, (rgb, ax) in enumerate(zip(rgbs, axes)):
+    titles = ["(a) image + boxes", "(b) centre-of-mass field\nP3, stride 8 ([IS 3.2.1])",
+              "(c) coarse foreground\nP3, stride 8 ([IS 3.2.1])",
+              "(d) attention map, pass 1\nP2, stride 4 ([IS 3.2.1])",
+              "(e) colouring: 1 pass/colour\n([IS 3.2.1], Largest-First)"]
+    suptitle = ("What FCOSIS is taught: the targets model.py computes from the ground truth, and "
+                "the attention map they build")
+    per_image = [t["boxes"][t["batch"] == b] for b in range(len(rgbs))]
+    fig, axes, height = _figure(rgbs, targets, per_image, titles, suptitle, 8,
+                                bottom=0.6)  # room for the legends
+    for b, (rgb, ax, boxes) in enumerate(zip(rgbs, axes, per_image)):
         mine = (t["batch"] == b).nonzero()[:, 0]
         colors = [_color(k) for k in range(len(mine))]
-        boxes = t["boxes"][mine]
-        _show(ax[0], _faded(rgb), H, W)
-        _draw_boxes(ax[0], boxes, colors)
-        ax[0].set_ylabel(f"val image {targets[b]['image_id']}", fontsize=8)
         # (b) an arrow from each assigned P3 location x to x + s * r, in its object's colour,
         # ends on the object's centre of mass (X); the other levels carry the same field, coarser
         _show(ax[1], _faded(rgb, 0.3), H, W)
@@ -662,14 +670,6 @@ def draw_fcosis_targets(rgbs, targets, names, path):
                                       ls="--"))
             _number(ax[4], (x0 + x1) / 2, (y0 + y1) / 2, col[k] + 1, c, "round,pad=0.15",
                     fontsize=7, ha="center", va="center")
-    titles = ["(a) image + boxes", "(b) centre-of-mass field\nP3, stride 8 ([IS 3.2.1])",
-              "(c) coarse foreground\nP3, stride 8 ([IS 3.2.1])",
-              "(d) attention map, pass 1\nP2, stride 4 ([IS 3.2.1])",
-              "(e) colouring: 1 pass/colour\n([IS 3.2.1], Largest-First)"]
-    for a, title in zip(axes[0], titles):
-        a.set_title(title, fontsize=8)
-    fig.suptitle("What FCOSIS is taught: the targets model.py computes from the ground truth, "
-                 "and the attention map they build", fontsize=10, y=1 - 0.06 / height, va="top")
     # the attention map's scale under its column: -mu, 0 (outside the boxes), +lambda
     x0, x1 = axes[-1, 3].get_position().x0, axes[-1, 3].get_position().x1
     cax = fig.add_axes((x0, 0.4 / height, x1 - x0, 0.1 / height))
