@@ -28,7 +28,6 @@ import math
 import os
 import sys
 import tempfile
-import warnings
 
 import matplotlib
 import numpy as np
@@ -294,7 +293,7 @@ def save_maps_figure(image, maps, path, capacity=5):
             if i == 0 or m.ndim == 3:  # the image, or an RGB map (e.g. FCOSIS's angle field)
                 ax.imshow(m.astype(np.float32) if i else m, interpolation="nearest")
                 continue
-            if np.issubdtype(m.dtype, np.integer) or m.dtype == bool:
+            if np.issubdtype(m.dtype, np.integer):
                 n = max(int(m.max()), 1)
                 cmap = ListedColormap(["black"] + [_color(k) for k in range(n)])
                 im = ax.imshow(m, cmap=cmap, norm=BoundaryNorm(np.arange(-0.5, n + 1), n + 1),
@@ -390,13 +389,10 @@ def example_targets(tmp_dir, n=2):
     both methods are about: a neighbour inside an object's box), the n whose masks cover the most
     of the image, in image-id order. -> RGB images (H, W, 3) uint8, target dicts (boxes (N, 4)
     xyxy, labels (N,), masks (N, H, W) 0/1, as CocoInstances gives them), class names."""
-    with warnings.catch_warnings():  # pycocotools' RLE code under numpy 2: a DeprecationWarning
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="pycocotools")
-        paths = write_shapes_dataset(tmp_dir, n_train=0, n_val=CANDIDATES, size=FIGURE_SIZE,
-                                     seed=FIGURE_SEED)
-        # no transform: scale 1, no padding
-        ds = CocoInstances(paths["val_img_dir"], paths["val_ann"])
-        targets = [ds[i][1] for i in range(len(ds))]
+    paths = write_shapes_dataset(tmp_dir, n_train=0, n_val=CANDIDATES, size=FIGURE_SIZE,
+                                 seed=FIGURE_SEED)
+    ds = CocoInstances(paths["val_img_dir"], paths["val_ann"])  # no transform: scale 1, no padding
+    targets = [ds[i][1] for i in range(len(ds))]
     candidates = []  # (foreground fraction, index)
     for i, t in enumerate(targets):
         pairs = int(box_overlap_graph(t["boxes"]).sum()) // 2  # the graph is symmetric
@@ -601,10 +597,8 @@ def draw_centermask_targets(rgbs, targets, names, path):
         _show(ax[3], t["saliency"][b, 0], H, W, cmap="gray", vmin=0, vmax=1)
         # (e) each pixel in the colour of the object of highest mask probability (>= the
         # threshold), over the faded image, with the boxes the shapes were stretched over
-        prob, who = t["masks"][mine].max(0)  # (H, W) each
-        on = prob >= cfg.mask_threshold
-        overlay = np.zeros((H, W, 4), np.float32)
-        overlay[on.numpy()] = [to_rgba(colors[k], 0.85) for k in who[on].tolist()]
+        who = instance_map(t["masks"][mine], cfg.mask_threshold).numpy()  # (H, W), 0: none
+        overlay = np.array([(0, 0, 0, 0)] + [to_rgba(c, 0.85) for c in colors])[who]  # (H, W, 4)
         _show(ax[4], _faded(rgb, 0.35), H, W)
         ax[4].imshow(overlay, interpolation="nearest", extent=(0, W, H, 0))
         _draw_boxes(ax[4], boxes, colors, numbers=False, lw=0.8)
