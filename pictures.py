@@ -219,29 +219,24 @@ def draw_predictions(image, pred, class_names=None, score_threshold=0.3):
     Masks are blended in the class colour, boxes are outlined and labelled "class score"
     ("class" alone for the ground truth, a `pred` without scores: `draw_dataset`).
     """
+    # ground truth (no "scores"): every instance, labelled by its class name alone
+    keep = pred["scores"] >= score_threshold if "scores" in pred else slice(None)
+    pred = {k: v[keep].cpu() for k, v in pred.items()}
     # small images (the 128 px shapes) are enlarged so that labels stay readable
     up = max(1, math.ceil(384 / max(image.shape[-2:])))
-    if up > 1:
-        image = image.repeat_interleave(up, -2).repeat_interleave(up, -1)
-        pred = dict(pred, boxes=pred["boxes"] * up)
-        if "masks" in pred:
-            pred["masks"] = pred["masks"].repeat_interleave(up, -2).repeat_interleave(up, -1)
-    # ground truth (no "scores"): every instance, labelled by its class name alone
-    scores = pred["scores"].cpu() if "scores" in pred else None
-    keep = scores >= score_threshold if scores is not None else slice(None)
-    labels = pred["labels"].cpu()[keep].tolist()
+    image = image.repeat_interleave(up, -2).repeat_interleave(up, -1)
+    labels = pred["labels"].tolist()
     if not labels:
         return image
     colors = [_color(c) for c in labels]
     if "masks" in pred:
-        image = draw_segmentation_masks(image, pred["masks"].cpu()[keep], alpha=0.5,
-                                        colors=colors)
+        masks = pred["masks"].repeat_interleave(up, -2).repeat_interleave(up, -1)
+        image = draw_segmentation_masks(image, masks, alpha=0.5, colors=colors)
     names = [class_names[c] if class_names and c < len(class_names) else str(c)
              for c in labels]
-    if scores is not None:
-        names = [f"{n} {s:.2f}" for n, s in zip(names, scores[keep].tolist())]
-    return draw_bounding_boxes(image, pred["boxes"].cpu()[keep], labels=names, colors=colors,
-                               width=2)
+    if "scores" in pred:
+        names = [f"{n} {s:.2f}" for n, s in zip(names, pred["scores"].tolist())]
+    return draw_bounding_boxes(image, pred["boxes"] * up, labels=names, colors=colors, width=2)
 
 
 def network_input_rgb(image, input_format="rgb_imagenet"):
