@@ -579,11 +579,8 @@ def draw_centermask_targets(rgbs, targets, names, path):
         # (c) one S x S tile per object, outlined in its colour, in a square view
         mosaic = tile(t["local"][mine], ncols=3, gap=2).numpy()
         ax[2].imshow(mosaic, cmap=blank_nan["gray"], vmin=0, vmax=1, interpolation="nearest")
-        for k in range(len(mine)):
-            x, y = (k % 3) * (S + 2), (k // 3) * (S + 2)
-            ax[2].add_patch(Rectangle((x - 0.5, y - 0.5), S, S, fill=False, edgecolor=colors[k],
-                                      lw=1.5))
-            _number(ax[2], x + 1, y + 1, k + 1, colors[k], fontsize=6, va="top")
+        corners = torch.tensor([[k % 3, k // 3] for k in range(len(mine))]) * (S + 2) - 0.5
+        _draw_boxes(ax[2], torch.cat([corners, corners + S], 1), colors, lw=1.5)  # the tiles
         side = mosaic.shape[1]
         top = (mosaic.shape[0] - side) / 2 - 0.5
         ax[2].set_xlim(-0.5, side - 0.5)
