@@ -581,10 +581,7 @@ def draw_centermask_targets(rgbs, targets, names, path):
         ax[2].imshow(mosaic, cmap=blank_nan["gray"], vmin=0, vmax=1, interpolation="nearest")
         corners = torch.tensor([[k % 3, k // 3] for k in range(len(mine))]) * (S + 2) - 0.5
         _draw_boxes(ax[2], torch.cat([corners, corners + S], 1), colors, lw=1.5)  # the tiles
-        side = mosaic.shape[1]
-        top = (mosaic.shape[0] - side) / 2 - 0.5
-        ax[2].set_xlim(-0.5, side - 0.5)
-        ax[2].set_ylim(top + side, top)
+        ax[2].set_aspect("equal", adjustable="datalim")  # a square view: one scale in each row
         ax[2].axis("off")
         _show(ax[3], t["saliency"][b, 0], H, W, cmap="gray", vmin=0, vmax=1)
         # (e) each pixel in the colour of the object of highest mask probability (>= the
