@@ -269,7 +269,8 @@ def save_maps_figure(image, maps, path, capacity=5):
     tiles), (h, w, 3) maps as RGB images (no colour bar), integer maps as label maps (0 = none in
     black, 1..n in distinct colours, e.g. instance ids). Every map keeps its aspect ratio and is
     enlarged to the panel size with nearest interpolation, so a 32x32 stride-4 map shows its
-    cells instead of a blur. Panels flow into rows of `capacity` grid units; a wide map (a row of tiles) takes several units.
+    cells instead of a blur. Panels flow into rows of `capacity` grid units; a wide map (a row
+    of tiles) takes several units.
     """
     panels = [("network input", image.permute(1, 2, 0).numpy())]
     panels += [(name, m.detach().cpu().numpy()) for name, m in maps.items()]
