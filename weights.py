@@ -41,7 +41,7 @@ import torch
 #     the DLA base; its classifier `fc` is dropped.
 #   * torchvision's FCOS R-50-FPN COCO detector (torchvision/models/detection/fcos.py): ResNet-50,
 #     FPN, P6/P7 and the head of FCOS and of the FCOS part of FCOSreg, MaskFCOS, CenterMask-FCOS
-#     and FCOSIS (their own branches start fresh); see `_torchvision_fcos_rules`.
+#     and FCOSIS (their own branches start fresh); see `_TORCHVISION_FCOS_RULES`.
 #   * A checkpoint of this project (train.py's ckpt.pt): every tensor whose name and shape match
 #     (the FPN levels renumbered between FCOS's P3-P7 and FCOSIS's P2-P7).
 # Input conventions that come with the weights (set by train.py from `config_updates`):
@@ -159,42 +159,29 @@ _DLA34_IMAGENET_RULES = (
 )
 
 
-def _fpn_rule(shift):
-    """The FPN's blocks renumbered by `shift`: FCOS's C3-C5 are blocks 0-2, FCOSIS's C2-C5 blocks
-    0-3, so that each level finds its own."""
-    return (r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(.+)",
-            lambda m: f"backbone.fpn.{m[1]}_blocks.{int(m[2]) + shift}.{m[3]}")
-
-
-def _torchvision_fcos_rules(first_level=3):
-    """torchvision's FCOS (fcos.py: resnet50 + _resnet_fpn_extractor(returned_layers [2, 3, 4],
-    LastLevelP6P7(256, 256)) + FCOSHead) -> our ResNetFPN + FCOSHead:
-        backbone.body.conv1 / bn1 / layer1-4    -> backbone.stem.0 / stem.1 / stages.0-3
-        backbone.fpn.inner_blocks / layer_blocks.i (C3-C5) -> the same, i + 1 in FCOSIS (P2-P7,
-                                                   whose block 0 is C2's, new)
-        backbone.fpn.extra_blocks.p6 / p7       -> the same (P6 from P5, P7 from ReLU(P6), as ours)
-        head.classification_head.conv / cls_logits -> head.cls_tower / cls_logits (class rows
-                                                   chosen by category id, `import_weights`)
-        head.regression_head.conv / bbox_reg / bbox_ctrness -> head.box_tower / ltrb / centerness
-    Both towers are 4 x (Conv3x3, GroupNorm(32), ReLU), so the Sequential indices agree."""
-    return (
-        (r"backbone\.body\.conv1\.(.+)", r"backbone.stem.0.\1"),
-        (r"backbone\.body\.bn1\.(.+)", r"backbone.stem.1.\1"),
-        (r"backbone\.body\.layer(\d)\.(.+)", lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}"),
-        _fpn_rule(3 - first_level),
-        (r"backbone\.fpn\.extra_blocks\.(.+)", r"backbone.fpn.extra_blocks.\1"),
-        (r"head\.classification_head\.conv\.(.+)", r"head.cls_tower.\1"),
-        (r"head\.classification_head\.cls_logits\.(.+)", r"head.cls_logits.\1"),
-        (r"head\.regression_head\.conv\.(.+)", r"head.box_tower.\1"),
-        (r"head\.regression_head\.bbox_reg\.(.+)", r"head.ltrb.\1"),
-        (r"head\.regression_head\.bbox_ctrness\.(.+)", r"head.centerness.\1"),
-    )
-
-
-def _project_rules(src_first_level, dst_first_level):
-    """Our own checkpoints: the same names, except the FPN blocks between FCOS (C3-C5: blocks
-    0-2) and FCOSIS (C2-C5: blocks 0-3), renumbered so that each level finds its own."""
-    return (_fpn_rule(src_first_level - dst_first_level), (r"(.+)", r"\1"))
+# torchvision's FCOS (fcos.py: resnet50 + _resnet_fpn_extractor(returned_layers [2, 3, 4],
+# LastLevelP6P7(256, 256)) + FCOSHead) -> our ResNetFPN + FCOSHead:
+#     backbone.body.conv1 / bn1 / layer1-4    -> backbone.stem.0 / stem.1 / stages.0-3
+#     backbone.fpn.inner_blocks / layer_blocks.i (C3-C5) -> the same, i + 1 in FCOSIS (P2-P7, whose
+#                                                block 0 is C2's, new; `import_weights`)
+#     backbone.fpn.extra_blocks.p6 / p7       -> the same (P6 from P5, P7 from ReLU(P6), as ours)
+#     head.classification_head.conv / cls_logits -> head.cls_tower / cls_logits (class rows chosen
+#                                                by category id, `import_weights`)
+#     head.regression_head.conv / bbox_reg / bbox_ctrness -> head.box_tower / ltrb / centerness
+# Both towers are 4 x (Conv3x3, GroupNorm(32), ReLU), so the Sequential indices agree.
+_TORCHVISION_FCOS_HEAD = {"classification_head.conv": "cls_tower",
+                          "classification_head.cls_logits": "cls_logits",
+                          "regression_head.conv": "box_tower", "regression_head.bbox_reg": "ltrb",
+                          "regression_head.bbox_ctrness": "centerness"}
+_TORCHVISION_FCOS_RULES = (
+    (r"backbone\.body\.conv1\.(.+)", r"backbone.stem.0.\1"),
+    (r"backbone\.body\.bn1\.(.+)", r"backbone.stem.1.\1"),
+    (r"backbone\.body\.layer(\d)\.(.+)", lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}"),
+    (r"backbone\.fpn\.extra_blocks\.(.+)", r"backbone.fpn.extra_blocks.\1"),
+    (r"head\.(classification_head\.(?:conv|cls_logits)"
+     r"|regression_head\.(?:conv|bbox_reg|bbox_ctrness))\.(.+)",
+     lambda m: f"head.{_TORCHVISION_FCOS_HEAD[m[1]]}.{m[2]}"),
+)
 
 
 def _rename(key, rules):
@@ -219,14 +206,6 @@ _SIGNATURES = {
 }
 
 
-def _layout_of(state):
-    """Which published layout a state dict follows, from its signature keys (None: none)."""
-    for kind, signature in _SIGNATURES.items():
-        if set(signature) <= set(state):
-            return kind
-    return None
-
-
 def _strip_prefixes(state):
     """Drop DataParallel's "module." and torch.compile's "_orig_mod." from every key."""
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
@@ -235,11 +214,7 @@ def _strip_prefixes(state):
 def _first_line(e):
     """The telling line of an exception's message (torch.load's weights_only errors put it after
     a paragraph of advice)."""
-    text = str(e).strip()
-    if "WeightsUnpickler error:" in text:
-        after = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines()]
-        after = [line for line in after if line]
-        return "weights_only unpickler: " + (after[0] if after else "refused")
+    text = str(e).split("WeightsUnpickler error:")[-1].strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 
@@ -421,7 +396,7 @@ def read_weights(source):
     state = obj.get("state_dict", obj)
     state = state if isinstance(state, dict) else {}
     state = _strip_prefixes({k: v for k, v in state.items() if torch.is_tensor(v)})
-    kind = _layout_of(state)
+    kind = next((kind for kind, keys in _SIGNATURES.items() if set(keys) <= set(state)), None)
     if kind is None:
         some = ", ".join(list(state)[:4]) or "no tensors"
         raise ValueError(f"{name} is none of the weights init_from knows (CenterNet's ctdet DLA-34 "
@@ -557,8 +532,13 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
     rules = {"centernet_dla34": _CENTERNET_DLA_RULES,
              "centernet_hourglass104": _CENTERNET_HOURGLASS_RULES,
              "dla34_imagenet": _DLA34_IMAGENET_RULES,
-             "torchvision_fcos": _torchvision_fcos_rules(first_level),
-             "project": _project_rules(src_first_level, first_level)}[kind]
+             "torchvision_fcos": _TORCHVISION_FCOS_RULES,
+             "project": ((r"(.+)", r"\1"),)}[kind]         # ours: the same names
+    # the FPN's blocks renumbered (FCOS's C3-C5 are blocks 0-2, FCOSIS's C2-C5 blocks 0-3), so that
+    # each level finds its own
+    shift = src_first_level - first_level
+    rules = ((r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(.+)",
+              lambda m: f"backbone.fpn.{m[1]}_blocks.{int(m[2]) + shift}.{m[3]}"), *rules)
     model_state = model.state_dict()
     mapped, source_of, ignored, missing, notes = {}, {}, {}, [], []
     for key, tensor in weights.state.items():
