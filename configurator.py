@@ -85,36 +85,19 @@ def _unknown_key(key, known, source):
 def _check_type(key, value, default, source):
     """Return `value` converted to the type of `default`, or raise ConfigError.
 
-    `bool` is a subclass of `int` in Python, so bools are checked first and explicitly:
+    `bool` is a subclass of `int` in Python, so a bool is accepted only for a bool default:
     True is neither accepted for an int key nor 1 for a bool key.
     """
-    def bad(expected):
-        return ConfigError(f"bad value for '{key}' ({source}): {value!r} is "
-                           f"{type(value).__name__}, expected {expected}")
-
     if default is None:
         return value                                  # None defaults take any literal
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise bad("bool (True or False)")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("int")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("float (an int is fine too)")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise bad("str")
-        return value
-    if isinstance(default, (tuple, list)):
-        if not isinstance(value, (tuple, list)):
-            raise bad(f"{type(default).__name__} (e.g. {default!r})")
-        return type(default)(value)                   # keep the default's container type
-    raise bad(type(default).__name__)
+    accepted, expected = {
+        bool: (bool, "bool (True or False)"), int: (int, "int"), str: (str, "str"),
+        float: ((int, float), "float (an int is fine too)"),
+    }.get(type(default), ((tuple, list), f"{type(default).__name__} (e.g. {default!r})"))
+    if not isinstance(value, accepted) or isinstance(value, bool) != isinstance(default, bool):
+        raise ConfigError(f"bad value for '{key}' ({source}): {value!r} is "
+                          f"{type(value).__name__}, expected {expected}")
+    return type(default)(value)           # an int as a float; the default's container type
 
 
 def _parse_cli_value(raw, default):
@@ -134,23 +117,16 @@ def _exec_config_file(path, config):
     Seeding lets a config file refer to earlier values (`max_iters = 2 * warmup_iters`).
     Returns the namespace after execution.
     """
-    if not os.path.isfile(path):
-        what = "is a directory, not a file" if os.path.isdir(path) else "not found"
-        raise ConfigError(f"config file '{path}' {what}")
     try:
         with open(path) as f:
-            source = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file '{path}': {e}") from None
-    try:
-        # builtins.compile: the calling script may have a config key named `compile`
-        code = builtins.compile(source, path, 'exec')
+            # builtins.compile: the calling script may have a config key named `compile`
+            code = builtins.compile(f.read(), path, 'exec')
     except SyntaxError as e:
         raise ConfigError(f"syntax error in config file '{path}', line {e.lineno}: "
                           f"{e.msg}") from None
-    namespace = dict(config)
-    namespace['__file__'] = os.path.abspath(path)
-    namespace['__name__'] = '__config__'
+    except (OSError, UnicodeDecodeError) as e:      # not found, a folder, unreadable
+        raise ConfigError(f"cannot read config file '{path}': {e}") from None
+    namespace = dict(config, __file__=os.path.abspath(path), __name__='__config__')
     try:
         exec(code, namespace)
     except Exception as e:
@@ -217,8 +193,8 @@ def _print_help(namespace):
 
 
 # -----------------------------------------------------------------------------
-# The model keys of a run, checked before any work (train.py, bench.py), and the autocast dtype
-# that dtype="auto" picks. Functions only: this file is exec'd into the scripts, where every
+# The model keys of a run, checked before any work (train.py, bench.py), the autocast dtype
+# that dtype="auto" picks, and the device "auto" picks. Functions only: this file is exec'd into the scripts, where every
 # plain global would be taken for a config key.
 
 def config_groups():
@@ -289,6 +265,23 @@ def auto_dtype(device_type):
     except (AttributeError, RuntimeError):
         native = False
     return "bfloat16" if native else "float32"
+
+
+def device_and_dtype(device, dtype):
+    """train.py's policy, for eval.py and bench.py: device "auto" is a GPU when there is one, else
+    the CPU; dtype "auto" is `auto_dtype`. -> (device, dtype); ValueError with one line for a GPU
+    asked for where there is none, or a dtype that is none of float32 / bfloat16 / float16."""
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but no CUDA GPU is visible; "
+                         "use --device=cpu")
+    if dtype == "auto":
+        dtype = auto_dtype(torch.device(device).type)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    return device, dtype
 
 
 # -----------------------------------------------------------------------------

@@ -540,42 +540,29 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------------------
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
-    def fail(msg):
-        print(f"eval.py: error: {msg}", file=sys.stderr)
-        sys.exit(2)
-
-    # a bad image or annotation met in a DataLoader worker, a bad path: one line naming it, exit
-    # status 2 (CENTERMASK_DEBUG=1: the traceback)
+    # a bad image or annotation met in a DataLoader worker, a bad path, a ValueError raised below:
+    # one line naming it, "eval.py: error: ...", exit status 2 (CENTERMASK_DEBUG=1: the traceback)
     from weights import one_line_errors
     one_line_errors("eval.py")
 
     if oracle_stride:
         if not val_ann or not os.path.isfile(val_ann):
-            fail(f"--oracle_stride needs --val_ann=FILE (a COCO instances json), got {val_ann!r}")
+            raise ValueError("--oracle_stride needs --val_ann=FILE (a COCO instances json), "
+                             f"got {val_ann!r}")
         stats = grid_oracle(val_ann, int(oracle_stride), verbose=True)
         print(json.dumps({"oracle_stride": oracle_stride, **stats}))
         raise SystemExit(0)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device={device} was asked for but no CUDA GPU is available (use --device=cpu)")
-    if dtype == "auto":
-        dtype = auto_dtype(torch.device(device).type)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        fail(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    device, dtype = device_and_dtype(device, dtype)  # (configurator's, exec'd above)
     if not ckpt:
-        fail("no checkpoint given: pass --ckpt=PATH")
+        raise ValueError("no checkpoint given: pass --ckpt=PATH")
     try:
         overrides = ast.literal_eval(model_args) if model_args else {}
     except (ValueError, SyntaxError):
         overrides = None
     if not isinstance(overrides, dict):
-        fail("--model_args must be a dict literal such as \"{'mask_threshold': 0.3}\", "
-             f"got {model_args!r}")
-    try:
-        model, checkpoint = load_checkpoint_model(ckpt, device, overrides)
-    except ValueError as e:
-        fail(str(e))
+        raise ValueError("--model_args must be a dict literal such as "
+                         f"\"{{'mask_threshold': 0.3}}\", got {model_args!r}")
+    model, checkpoint = load_checkpoint_model(ckpt, device, overrides)
     if device.startswith("cuda"):  # train.py's GPU settings, under which its evaluations ran
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -590,18 +577,16 @@ if __name__ == "__main__":
     val_ann = saved_paths["val_ann"] if val_ann is None else val_ann
     for key, value in (("val_img_dir", val_img_dir), ("val_ann", val_ann)):
         if value is None:
-            fail(f"--{key} not given and the checkpoint's config has none")
-    try:
-        transform = checkpoint_transform(checkpoint, input_size, keep_res)
-        dataset = data.CocoInstances(val_img_dir, val_ann, transforms=transform)
-    except (OSError, ValueError) as e:                     # data.py's messages name the file
-        fail(str(e))
+            raise ValueError(f"--{key} not given and the checkpoint's config has none")
+    transform = checkpoint_transform(checkpoint, input_size, keep_res)
+    dataset = data.CocoInstances(val_img_dir, val_ann, transforms=transform)  # names a bad file
 
     # label k = category trained[k] (train.py saves it)
     trained, ids = checkpoint.get("label_to_cat_id"), dataset.label_to_cat_id
     if trained is not None and list(trained) != ids:
-        fail(f"{val_ann} lists other categories than {ckpt} was trained on (ids {ids[:20]} "
-             f"against {list(trained)[:20]}): its labels would be scored as other classes")
+        raise ValueError(f"{val_ann} lists other categories than {ckpt} was trained on (ids "
+                         f"{ids[:20]} against {list(trained)[:20]}): its labels would be scored "
+                         "as other classes")
     n_eval = len(dataset) if max_images is None else min(max_images, len(dataset))
     at = "with each image at its own size (keep_res)" if transform.keep_res \
         else f"at input size {transform.input_size}"
@@ -618,5 +603,5 @@ if __name__ == "__main__":
         # DeformConv's refusal of NaN / inf as one line; anything else passes through
         if NON_FINITE_DEFORM not in str(e):
             raise
-        fail(f"{ckpt}: {NON_FINITE_DEFORM}")
+        raise ValueError(f"{ckpt}: {NON_FINITE_DEFORM}") from None
     print(json.dumps(stats))
