@@ -49,56 +49,17 @@ _STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # mapping predictions back to the original image
 
 
-def _masks_to_original(masks, size, orig_size, threshold, boxes=None):
-    """(K, H, W) masks at padded network-input resolution -> (K, H0, W0) bool original masks.
-
-    The plain form: the padding cropped away (`size` = (h, w) before padding) so that it does
-    not stretch into the image, then F.interpolate(masks, (H0, W0), bilinear) > threshold.
-    Bool/uint8 masks are resized as 0/1 floats and thresholded at 0.5 (a 0/1 mask made by
-    nearest-downsampling by 1/2 comes back exactly).
-    With `boxes` (K, 4) in the input frame, the masks must be zero outside their boxes (every
-    model here crops them so; anything further out is dropped): when the boxes' windows are
-    small (the largest under 1/4 of the image), only each box's window of the original image is
-    computed, with the same bilinear taps as F.interpolate, all detections at once (padded to
-    the largest window). Otherwise (or without boxes): one dense `interpolate` of all
-    detections, in chunks that bound memory (~256 MB fp32).
-    """
-    if not masks.is_floating_point():
-        threshold = 0.5
-    h, w = size
-    H0, W0 = orig_size
-    masks = masks[:, :h, :w]                                     # (K, h, w)
-    K = masks.shape[0]
-    if K > 0 and boxes is not None:
-        x_lo, x_hi = _box_windows(boxes.float(), W0, w, 0)       # (K,) original columns
-        y_lo, y_hi = _box_windows(boxes.float(), H0, h, 1)       # (K,) original rows
-        Wm, Hm = int((x_hi - x_lo).max()), int((y_hi - y_lo).max())
-        if Wm <= 0 or Hm <= 0:
-            return torch.zeros((K, H0, W0), dtype=torch.bool, device=masks.device)
-        if Hm * Wm * 4 < H0 * W0:  # windows (padded to the largest) well below the image: worth it
-            return _paste_windows(masks, (H0, W0), threshold, x_lo, x_hi, y_lo, y_hi, Wm, Hm)
-    chunk = max(1, (1 << 26) // (H0 * W0))
-    out = [torch.zeros((0, H0, W0), dtype=torch.bool, device=masks.device)]
-    for i in range(0, K, chunk):
-        # the k masks as the channels of one image: 1.3x faster than k images of one channel (CPU)
-        m = masks[None, i:i + chunk].float()                     # (1, k, h, w)
-        m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)
-        out.append(m[0] > threshold)                             # (k, H0, W0) bool
-    return torch.cat(out)
+# The windowed fast path of `_masks_to_original` (below): the same bilinear taps as
+# F.interpolate, only over each box's window of the original image.
 
 
-# The windowed fast path of `_masks_to_original`: the same bilinear taps, only over each box's
-# window of the original image.
-
-
-def _source_taps(n_out, n_in, start, length):
+def _source_taps(n_out, n_in, lo, hi, device):
     """Bilinear taps (align_corners=False, exactly as F.interpolate with a `size`) of the output
-    pixels start + 0 .. length-1 along one axis resized from n_in to n_out pixels.
-    start (K,) int64, length int -> (i0, i1, l1) each (K, length): source pixels and the weight of
-    i1 (i0 gets 1 - l1). Output pixels past n_out are clamped (the caller drops them)."""
+    pixels lo .. hi-1 along one axis resized from n_in to n_out pixels -> (i0, i1, l1) each
+    (hi - lo,): source pixels and the weight of i1 (i0 gets 1 - l1)."""
     scale = n_in / n_out                                         # F.interpolate's float scale
-    out = (start[:, None] + torch.arange(length, device=start.device)).clamp(max=n_out - 1)
-    u = ((out.float() + 0.5) * scale - 0.5).clamp(min=0)        # source coordinate (K, length)
+    out = torch.arange(lo, hi, device=device)
+    u = ((out.float() + 0.5) * scale - 0.5).clamp(min=0)        # source coordinates
     i0 = u.long()
     i1 = (i0 + 1).clamp(max=n_in - 1)
     return i0, i1, u - i0
@@ -116,38 +77,57 @@ def _box_windows(boxes, n_out, n_in, axis):
     return lo, hi.clamp(max=n_out)
 
 
-def _paste_windows(masks, orig_size, threshold, x_lo, x_hi, y_lo, y_hi, Wm, Hm):
-    """The windowed path of `_masks_to_original`: masks (K, h, w) float, windows [x_lo, x_hi) x
-    [y_lo, y_hi) in the original frame (K,) each, Wm / Hm the widest / tallest -> (K, H0, W0)
-    bool. Separable: the rows of each window's source columns first, then its columns."""
+def _paste_windows(masks, orig_size, threshold, windows):
+    """The windowed path of `_masks_to_original`: masks (K, h, w) float, windows [x_lo, x_hi,
+    y_lo, y_hi] in the original frame, one per mask -> (K, H0, W0) bool, False outside the
+    windows. Separable: the rows first, then the columns."""
     K, h, w = masks.shape
     H0, W0 = orig_size
-    dev = masks.device
-    x0, x1, lx = _source_taps(W0, w, x_lo, Wm)                   # (K, Wm) source columns
-    y0, y1, ly = _source_taps(H0, h, y_lo, Hm)                   # (K, Hm) source rows
-    sx = x0[:, :1]                                               # (K, 1) first source column
-    Sw = int((x1 - sx).max()) + 1                                # source columns per window
-    src_cols = (sx + torch.arange(Sw, device=dev)).clamp(max=w - 1)          # (K, Sw)
-    flat = masks.float().flatten(1)                              # (K, h*w)
+    out = torch.zeros((K, H0, W0), dtype=torch.bool, device=masks.device)
+    for k, (x_lo, x_hi, y_lo, y_hi) in enumerate(windows):
+        x0, x1, lx = _source_taps(W0, w, x_lo, x_hi, masks.device)
+        y0, y1, ly = _source_taps(H0, h, y_lo, y_hi, masks.device)
+        rows = torch.lerp(masks[k, y0].float(), masks[k, y1].float(), ly[:, None])  # (rows, w)
+        value = torch.lerp(rows[:, x0], rows[:, x1], lx)                             # (rows, cols)
+        out[k, y_lo:y_hi, x_lo:x_hi] = value > threshold
+    return out
 
-    def rows(ys):                                                # (K, Hm, Sw)
-        where = (ys[:, :, None] * w + src_cols[:, None, :]).flatten(1)
-        return flat.gather(1, where).view(K, Hm, Sw)
-    r = torch.lerp(rows(y0), rows(y1), ly[:, :, None])                         # (K, Hm, Sw)
-    c0 = (x0 - sx)[:, None, :].expand(K, Hm, Wm)
-    c1 = (x1 - sx)[:, None, :].expand(K, Hm, Wm)
-    value = torch.lerp(r.gather(2, c0), r.gather(2, c1), lx[:, None, :])     # (K, Hm, Wm)
-    # rows/cols past a window (the padding to Hm x Wm) write a 0 onto the window's last pixel:
-    # with "amax" that changes nothing
-    row_i = y_lo[:, None] + torch.arange(Hm, device=dev)                     # (K, Hm)
-    col_i = x_lo[:, None] + torch.arange(Wm, device=dev)                     # (K, Wm)
-    ok = (row_i < y_hi[:, None])[:, :, None] & (col_i < x_hi[:, None])[:, None, :]
-    where = (torch.minimum(row_i, y_hi[:, None] - 1)[:, :, None] * W0
-             + torch.minimum(col_i, x_hi[:, None] - 1)[:, None, :])          # (K, Hm, Wm)
-    out = torch.zeros((K, H0 * W0), dtype=torch.uint8, device=dev)
-    inside = ((value > threshold) & ok).flatten(1).to(torch.uint8)
-    out.scatter_reduce_(1, where.flatten(1), inside, "amax")
-    return out.view(torch.bool).view(K, H0, W0)
+
+def _masks_to_original(masks, size, orig_size, threshold, boxes=None):
+    """(K, H, W) masks at padded network-input resolution -> (K, H0, W0) bool original masks.
+
+    The plain form: the padding cropped away (`size` = (h, w) before padding) so that it does
+    not stretch into the image, then F.interpolate(masks, (H0, W0), bilinear) > threshold.
+    Bool/uint8 masks are resized as 0/1 floats and thresholded at 0.5 (a 0/1 mask made by
+    nearest-downsampling by 1/2 comes back exactly).
+    With `boxes` (K, 4) in the input frame, the masks must be zero outside their boxes (every
+    model here crops them so; anything further out is dropped): when the boxes' windows are
+    small (the largest under 1/4 of the image), only each box's window of the original image is
+    computed, with the same bilinear taps as F.interpolate, one detection after another.
+    Otherwise (or without boxes): one dense `interpolate` of all detections, in chunks that bound
+    memory (~256 MB fp32).
+    """
+    if not masks.is_floating_point():
+        threshold = 0.5
+    h, w = size
+    H0, W0 = orig_size
+    masks = masks[:, :h, :w]                                     # (K, h, w)
+    K = masks.shape[0]
+    if K > 0 and boxes is not None:
+        x_lo, x_hi = _box_windows(boxes.float(), W0, w, 0)       # (K,) original columns
+        y_lo, y_hi = _box_windows(boxes.float(), H0, h, 1)       # (K,) original rows
+        # windows well below the image (the largest under 1/4 of it): worth it
+        if (x_hi - x_lo).max() * (y_hi - y_lo).max() * 4 < H0 * W0:
+            windows = torch.stack([x_lo, x_hi, y_lo, y_hi], 1).tolist()
+            return _paste_windows(masks, (H0, W0), threshold, windows)
+    chunk = max(1, (1 << 26) // (H0 * W0))
+    out = [torch.zeros((0, H0, W0), dtype=torch.bool, device=masks.device)]
+    for i in range(0, K, chunk):
+        # the k masks as the channels of one image: 1.3x faster than k images of one channel (CPU)
+        m = masks[None, i:i + chunk].float()                     # (1, k, h, w)
+        m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)
+        out.append(m[0] > threshold)                             # (k, H0, W0) bool
+    return torch.cat(out)
 
 
 def to_original(output, target, mask_threshold=0.5):
