@@ -56,7 +56,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from configurator import check_settings, defaults_of, device_and_dtype
 from eval import _masks_to_original, to_original
-from model import ModelConfig, build_model, method_transform
+from model import ModelConfig, build_model
+from weights import one_line_errors
 
 # -----------------------------------------------------------------------------
 # train.py's config keys with train.py's defaults (model.ModelConfig's fields among them), so that
@@ -74,7 +75,7 @@ steps = 5                # timed runs; the median is reported
 peers = False            # also time torchvision's fcos_resnet50_fpn and maskrcnn_resnet50_fpn
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(_HERE, "configurator.py")).read())
-transform = method_transform(method)  # as train.py
+one_line_errors("bench.py")  # a ValueError below: "bench.py: error: ...", exit status 2
 # -----------------------------------------------------------------------------
 
 # Peak dense tensor-core FLOP/s (bf16/fp16, fp32 run as TF32: this script enables TF32, as
@@ -85,13 +86,18 @@ PEAK_FLOPS = [("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 494e12), ("H200", 
               ("T4", 65e12, 8.1e12)]
 
 
-def fail(message):
-    sys.exit(f"bench.py: {message}")
-
-
 def sync():
     if cuda:
         torch.cuda.synchronize(device)
+
+
+def seconds(fn):
+    """The seconds of one call of fn; it ends synchronised, so the next call starts on an idle
+    GPU."""
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
 
 def time_runs(fns):
@@ -99,23 +105,10 @@ def time_runs(fns):
     timed in alternation (round r runs fn 1, 2, ..., then round r + 1): on a machine whose load
     drifts, every fn sees the same drift, so their ratios hold. Also the seconds of each fn's
     first call (None without burn-in)."""
-    first_calls = []
     sync()
-    for fn in fns:
-        for i in range(burn_in):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            if i == 0:
-                first_calls.append(time.perf_counter() - t0)
-    times = [[] for _ in fns]
-    for _ in range(steps):
-        for fn, t in zip(fns, times):  # (every fn ends synchronised: each starts on an idle GPU)
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times], first_calls or [None] * len(fns)
+    burn = [[seconds(fn) for _ in range(burn_in)] for fn in fns]
+    rounds = [[seconds(fn) for fn in fns] for _ in range(steps)]    # (steps, len(fns))
+    return [statistics.median(t) for t in zip(*rounds)], [b[0] if b else None for b in burn]
 
 
 def count_flops(fn):
@@ -169,23 +162,13 @@ def model_steps(model, images, targets):
     return train_step, infer
 
 
-def report(results):
-    """One line per number measured, then all of them as the last line, one JSON object (the
-    OPTIONAL numbers not measured: null)."""
-    for k, v in results.items():
-        print(f"{k:<36} {format(v, '.4g') if isinstance(v, float) else v}")
-    print(json.dumps(dict(dict.fromkeys(OPTIONAL), **results)), flush=True)
-
-
 # -- device, dtype ------------------------------------------------------------------------------
-try:
-    device, dtype = device_and_dtype(device, dtype)
-except ValueError as e:
-    fail(e)
+device, dtype = device_and_dtype(device, dtype)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 cuda = device_type == "cuda"
 if steps < 1 or burn_in < 0 or batch_size < 1:
-    fail(f"need steps >= 1, burn_in >= 0, batch_size >= 1 (got {steps}, {burn_in}, {batch_size})")
+    raise ValueError(f"need steps >= 1, burn_in >= 0, batch_size >= 1 (got {steps}, {burn_in}, "
+                     f"{batch_size})")
 torch.manual_seed(seed)
 if device_type == "cpu":
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -201,10 +184,7 @@ OPTIONAL += ["record_ms_per_img", "record_over_train"]
 
 # -- model and batch ------------------------------------------------------------------------------
 model_args = {f.name: globals()[f.name] for f in fields(ModelConfig)}
-try:
-    raw_model = build_model(check_settings(model_args)).to(device)  # train.py's checks
-except ValueError as e:
-    fail(e)
+raw_model = build_model(check_settings(model_args)).to(device)  # train.py's checks
 d = raw_model.size_divisibility
 S = (input_size + d - 1) // d * d  # input_size rounded up to a multiple of d
 images, targets = synthetic_batch(batch_size, S, model_args["num_classes"],
@@ -306,4 +286,8 @@ results.update(peak_mem_mb=peak_mem, flops_train_per_img=flops_train / B,
                mfu_train=flops_train / t_train / peak if peak else None,
                mfu_infer=flops_infer / t_infer / peak if peak else None)
 
-report(results)
+# one line per number measured, then all of them as the last line, one JSON object (the OPTIONAL
+# numbers not measured: null)
+for k, v in results.items():
+    print(f"{k:<36} {format(v, '.4g') if isinstance(v, float) else v}")
+print(json.dumps(dict(dict.fromkeys(OPTIONAL), **results)), flush=True)

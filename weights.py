@@ -288,11 +288,9 @@ def check_weights(state, source):
     for k, v in state.items():
         if not torch.is_tensor(v) or not v.is_floating_point():
             continue
-        if not bool(torch.isfinite(v).all()):
-            n = int((~torch.isfinite(v)).sum())
+        if n := int((~torch.isfinite(v)).sum()):
             bad.append(f"tensor {k} holds {n} non-finite value(s) (NaN or inf) of {v.numel()}")
-        elif k.endswith("running_var") and bool((v < 0).any()):
-            n = int((v < 0).sum())
+        elif k.endswith("running_var") and (n := int((v < 0).sum())):
             bad.append(f"tensor {k} holds {n} negative BatchNorm running variance(s) of "
                        f"{v.numel()} (min {float(v.min()):.3g}; a variance is >= 0)")
     if bad:
@@ -445,11 +443,9 @@ def _group_keys(keys, universe, limit=12):
         return [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
     in_universe = Counter(p for k in universe for p in prefixes(k))
     in_keys = Counter(p for k in keys for p in prefixes(k))
-    groups = {}
-    for k in keys:
-        p = next(p for p in prefixes(k) if in_keys[p] == in_universe.get(p, 0))
-        groups[p] = in_keys[p]
-    shown = [p if p in keys and n == 1 else f"{p}.* ({n})" for p, n in groups.items()]
+    groups = dict.fromkeys(next(p for p in prefixes(k) if in_keys[p] == in_universe[p])
+                           for k in keys)
+    shown = [p if p in keys and in_keys[p] == 1 else f"{p}.* ({in_keys[p]})" for p in groups]
     more = f", ... ({len(shown) - limit} more groups)" if len(shown) > limit else ""
     return ", ".join(shown[:limit]) + more
 
