@@ -105,9 +105,9 @@ def _parse_cli_value(raw, default):
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        value = raw
+        return raw
     if isinstance(default, str) and not isinstance(value, str):
-        value = raw                                   # e.g. --out_dir=123 stays "123"
+        return raw                                    # e.g. --out_dir=123 stays "123"
     return value
 
 
@@ -147,36 +147,27 @@ def apply_overrides(config, argv, verbose=True):
     """
     defaults = dict(config)
     changed, sources = {}, []   # echoed as one line at the end: what this run changed, and where
-
-    def set_key(key, value, source):
-        config[key] = changed[key] = _check_type(key, value, defaults[key], source)
-
     for arg in argv:
-        if not arg.startswith('-'):
+        if arg.startswith('-'):
+            if not arg.startswith('--') or '=' not in arg:
+                raise ConfigError(f"argument '{arg}' is neither a config file nor --key=value "
+                                  "(a bool too: --key=True)")
+            key, raw = arg[2:].split('=', 1)
+            source, where = "command line", "on the command line"
+            items = [(key, _parse_cli_value(raw, defaults.get(key)))]
+        else:
             # a config file: every public, plain-literal name it leaves behind must be a key
+            # (helpers, imports, functions, classes are not); an unchanged value is no override
+            source, where = arg, f"in config file '{arg}'"
             namespace = _exec_config_file(arg, config)
-            sources.append(arg)
-            for key, value in namespace.items():
-                if key.startswith('_') or not isinstance(value, _CONFIG_TYPES):
-                    continue                          # helpers, imports, functions, classes
-                if key not in defaults:
-                    raise _unknown_key(key, defaults, f"in config file '{arg}'")
-                old = config[key]
-                if value is not old and (type(value) is not type(old) or value != old):
-                    set_key(key, value, f"in config file '{arg}'")
-            continue
-
-        if not arg.startswith('--'):
-            raise ConfigError(f"unrecognised argument '{arg}': expected a config file "
-                              f"or --key=value")
-        if '=' not in arg:
-            raise ConfigError(f"argument '{arg}' has no value: expected --key=value "
-                              f"(e.g. {arg}=True for a bool)")
-        key, raw = arg[2:].split('=', 1)
-        if key not in defaults:
-            raise _unknown_key(key, defaults, "on the command line")
-        set_key(key, _parse_cli_value(raw, defaults[key]), "on the command line")
-        sources += [] if "command line" in sources else ["command line"]
+            items = [(k, v) for k, v in namespace.items()
+                     if not k.startswith('_') and isinstance(v, _CONFIG_TYPES)
+                     and (k not in config or type(v) is not type(config[k]) or v != config[k])]
+        for key, value in items:
+            if key not in defaults:
+                raise _unknown_key(key, defaults, where)
+            config[key] = changed[key] = _check_type(key, value, defaults[key], where)
+        sources += [] if source in sources else [source]
     if verbose and changed:
         print(f"overrides: {', '.join(f'{k}={v!r}' for k, v in changed.items())} "
               f"({', '.join(sources)})")
@@ -259,11 +250,7 @@ def auto_dtype(device_type):
     import torch
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    try:
-        native = torch.backends.mkldnn.is_available() and \
-            torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        native = False
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return "bfloat16" if native else "float32"
 
 
