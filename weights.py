@@ -96,11 +96,7 @@ def _deform_conv_key(rest):
     chunks o1, o2, mask (offsets = the first 18, in the (dy, dx) pairs torchvision's
     deform_conv2d reads; mask = the last 9, sigmoid), as `DeformConv.forward` does.
     conv.weight and conv.bias keep their names."""
-    if rest.startswith("conv.conv_offset_mask."):
-        return "offset_mask." + rest.removeprefix("conv.conv_offset_mask.")
-    if rest.startswith("actf.0."):
-        return "bn." + rest.removeprefix("actf.0.")
-    return rest
+    return rest.replace("conv.conv_offset_mask.", "offset_mask.").replace("actf.0.", "bn.")
 
 
 # CenterNet's DLASeg (pose_dla_dcn.py) -> CenterMask on DLA-34. Its IDAUp numbers its nodes
@@ -134,13 +130,12 @@ _CENTERNET_DLA_RULES = (
 #   hm / wh / reg .s (make_kp_layer: 0 = convolution(3, with_bn=False): conv with bias, no BN;
 #          1 = Conv1x1)              -> head_sets.s.heatmap / size / offset (0 Conv3x3, 2 Conv1x1)
 _CENTERNET_HEADS = {"hm": "heatmap", "wh": "size", "reg": "offset"}
+_CONV_BN = {"conv": 0, "bn": 1}
 _CENTERNET_HOURGLASS_RULES = (
-    (r"pre\.0\.conv\.(.+)", r"backbone.pre.0.0.\1"),
-    (r"pre\.0\.bn\.(.+)", r"backbone.pre.0.1.\1"),
+    (r"pre\.0\.(conv|bn)\.(.+)", lambda m: f"backbone.pre.0.{_CONV_BN[m[1]]}.{m[2]}"),
     (r"pre\.1\.(.+)", r"backbone.pre.1.\1"),
     (r"kps\.(\d+)\.(.+)", r"backbone.hourglasses.\1.\2"),
-    (r"cnvs\.(\d+)\.conv\.(.+)", r"backbone.convs.\1.0.\2"),
-    (r"cnvs\.(\d+)\.bn\.(.+)", r"backbone.convs.\1.1.\2"),
+    (r"cnvs\.(\d+)\.(conv|bn)\.(.+)", lambda m: f"backbone.convs.{m[1]}.{_CONV_BN[m[2]]}.{m[3]}"),
     (r"inters\.(\d+)\.(.+)", r"backbone.inter.\1.\2"),
     (r"inters_\.(\d+)\.(.+)", r"backbone.skip_input.\1.\2"),
     (r"cnvs_\.(\d+)\.(.+)", r"backbone.skip_features.\1.\2"),
@@ -185,15 +180,14 @@ _TORCHVISION_FCOS_RULES = (
 
 
 def _rename(key, rules):
-    """The first rule whose pattern matches the whole key decides: a new name, an _Ignore, or
-    None when no rule matches."""
+    """The first rule whose pattern matches the whole key decides: a new name or an _Ignore."""
     for pattern, target in rules:
         m = re.fullmatch(pattern, key)
         if m:
             if isinstance(target, _Ignore):
                 return target
             return target(m) if callable(target) else m.expand(target)
-    return None
+    return _Ignore("not part of the layout the key map knows")
 
 
 # layout -> a few keys only it has
@@ -541,8 +535,6 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
         target = _rename(key, rules)
         if isinstance(target, _Ignore):
             ignored[key] = str(target)
-        elif target is None:
-            ignored[key] = "not part of the layout the key map knows"
         elif target not in model_state:
             if _is_counter(key):
                 ignored[key] = ("BatchNorm's step counter: this model's (frozen) BatchNorm "
@@ -606,8 +598,7 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
     if not mapped:
         raise ValueError(f"nothing in {weights.source} ({weights.description}) fits this {what} "
                          "model")
-    unexpected = model.load_state_dict(mapped, strict=False).unexpected_keys
-    assert not unexpected, unexpected
+    model.load_state_dict(mapped, strict=False)               # every key of `mapped` is the model's
     new = [k for k in model_state if k not in mapped]
     if kind == "torchvision_fcos":
         with torch.no_grad():
