@@ -53,13 +53,14 @@ _STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # F.interpolate, only over each box's window of the original image.
 
 
-def _source_taps(n_out, n_in, lo, hi, device):
+def _source_taps(n_out, n_in, start, length):
     """Bilinear taps (align_corners=False, exactly as F.interpolate with a `size`) of the output
-    pixels lo .. hi-1 along one axis resized from n_in to n_out pixels -> (i0, i1, l1) each
-    (hi - lo,): source pixels and the weight of i1 (i0 gets 1 - l1)."""
+    pixels start + 0 .. length-1 along one axis resized from n_in to n_out pixels.
+    start (K,) int64, length int -> (i0, i1, l1) each (K, length): source pixels and the weight of
+    i1 (i0 gets 1 - l1)."""
     scale = n_in / n_out                                         # F.interpolate's float scale
-    out = torch.arange(lo, hi, device=device)
-    u = ((out.float() + 0.5) * scale - 0.5).clamp(min=0)        # source coordinates
+    out = start[:, None] + torch.arange(length, device=start.device)
+    u = ((out.float() + 0.5) * scale - 0.5).clamp(min=0)        # source coordinate (K, length)
     i0 = u.long()
     i1 = (i0 + 1).clamp(max=n_in - 1)
     return i0, i1, u - i0
@@ -77,20 +78,32 @@ def _box_windows(boxes, n_out, n_in, axis):
     return lo, hi.clamp(max=n_out)
 
 
-def _paste_windows(masks, orig_size, threshold, windows):
-    """The windowed path of `_masks_to_original`: masks (K, h, w) float, windows [x_lo, x_hi,
-    y_lo, y_hi] in the original frame, one per mask -> (K, H0, W0) bool, False outside the
-    windows. Separable: the rows first, then the columns."""
+def _paste_windows(masks, orig_size, threshold, x_lo, y_lo, Wm, Hm):
+    """The windowed path of `_masks_to_original`: masks (K, h, w) float, each computed over a
+    window of Wm x Hm original pixels from (x_lo, y_lo) (K,) each -> (K, H0, W0) bool. A window
+    that would pass the image's right or bottom edge is moved back inside it: its extra pixels
+    get the same taps as the dense resize. Separable: the rows first, then the columns."""
     K, h, w = masks.shape
     H0, W0 = orig_size
-    out = torch.zeros((K, H0, W0), dtype=torch.bool, device=masks.device)
-    for k, (x_lo, x_hi, y_lo, y_hi) in enumerate(windows):
-        x0, x1, lx = _source_taps(W0, w, x_lo, x_hi, masks.device)
-        y0, y1, ly = _source_taps(H0, h, y_lo, y_hi, masks.device)
-        rows = torch.lerp(masks[k, y0].float(), masks[k, y1].float(), ly[:, None])  # (rows, w)
-        value = torch.lerp(rows[:, x0], rows[:, x1], lx)                             # (rows, cols)
-        out[k, y_lo:y_hi, x_lo:x_hi] = value > threshold
-    return out
+    dev = masks.device
+    x_lo, y_lo = x_lo.clamp(max=W0 - Wm), y_lo.clamp(max=H0 - Hm)
+    x0, x1, lx = _source_taps(W0, w, x_lo, Wm)                   # (K, Wm) source columns
+    y0, y1, ly = _source_taps(H0, h, y_lo, Hm)                   # (K, Hm) source rows
+    sx = x0[:, :1]                                               # (K, 1) first source column
+    src_cols = (sx + torch.arange(int((x1 - sx).max()) + 1, device=dev)).clamp(max=w - 1)
+    flat = masks.float().flatten(1)                              # (K, h*w)
+
+    def rows(ys):                                                # (K, Hm, Sw)
+        where = (ys[:, :, None] * w + src_cols[:, None, :]).flatten(1)
+        return flat.gather(1, where).view(K, Hm, -1)
+    r = torch.lerp(rows(y0), rows(y1), ly[:, :, None])                         # (K, Hm, Sw)
+    c0, c1 = ((c - sx)[:, None, :].expand(K, Hm, Wm) for c in (x0, x1))
+    value = torch.lerp(r.gather(2, c0), r.gather(2, c1), lx[:, None, :])     # (K, Hm, Wm)
+    row_i = y_lo[:, None] + torch.arange(Hm, device=dev)                     # (K, Hm)
+    col_i = x_lo[:, None] + torch.arange(Wm, device=dev)                     # (K, Wm)
+    where = (row_i[:, :, None] * W0 + col_i[:, None, :]).flatten(1)          # (K, Hm * Wm)
+    out = torch.zeros((K, H0 * W0), dtype=torch.bool, device=dev)
+    return out.scatter_(1, where, (value > threshold).flatten(1)).view(K, H0, W0)
 
 
 def _masks_to_original(masks, size, orig_size, threshold, boxes=None):
@@ -103,8 +116,8 @@ def _masks_to_original(masks, size, orig_size, threshold, boxes=None):
     With `boxes` (K, 4) in the input frame, the masks must be zero outside their boxes (every
     model here crops them so; anything further out is dropped): when the boxes' windows are
     small (the largest under 1/4 of the image), only each box's window of the original image is
-    computed, with the same bilinear taps as F.interpolate, one detection after another.
-    Otherwise (or without boxes): one dense `interpolate` of all detections, in chunks that bound
+    computed, with the same bilinear taps as F.interpolate, all detections at once (each in a
+    window as large as the largest). Otherwise (or without boxes): one dense `interpolate` of all detections, in chunks that bound
     memory (~256 MB fp32).
     """
     if not masks.is_floating_point():
@@ -116,10 +129,11 @@ def _masks_to_original(masks, size, orig_size, threshold, boxes=None):
     if K > 0 and boxes is not None:
         x_lo, x_hi = _box_windows(boxes.float(), W0, w, 0)       # (K,) original columns
         y_lo, y_hi = _box_windows(boxes.float(), H0, h, 1)       # (K,) original rows
-        # windows well below the image (the largest under 1/4 of it): worth it
-        if (x_hi - x_lo).max() * (y_hi - y_lo).max() * 4 < H0 * W0:
-            windows = torch.stack([x_lo, x_hi, y_lo, y_hi], 1).tolist()
-            return _paste_windows(masks, (H0, W0), threshold, windows)
+        Wm, Hm = int((x_hi - x_lo).max()), int((y_hi - y_lo).max())  # the largest window
+        if Wm <= 0 or Hm <= 0:
+            return torch.zeros((K, H0, W0), dtype=torch.bool, device=masks.device)
+        if Hm * Wm * 4 < H0 * W0:  # windows well below the image: worth it
+            return _paste_windows(masks, (H0, W0), threshold, x_lo, y_lo, Wm, Hm)
     chunk = max(1, (1 << 26) // (H0 * W0))
     out = [torch.zeros((0, H0, W0), dtype=torch.bool, device=masks.device)]
     for i in range(0, K, chunk):
