@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model import FCOS_FAMILY
+
 
 # -----------------------------------------------------------------------------
 # Published weights (train.py's init_from=PATH)
@@ -60,23 +62,22 @@ COCO_CATEGORY_IDS = (
 
 TORCHVISION_FCOS = "torchvision:fcos_resnet50_fpn"
 
-# layout -> (what it is, the models it fits, ModelConfig settings it needs)
+# layout -> (what it is, the methods and the backbone it fits (None: any model), the ModelConfig
+# settings it needs)
 DLA34_WIDTHS = "dla_channels=(16, 32, 64, 128, 256, 512)"
 WEIGHT_LAYOUTS = {
     "centernet_dla34": (
         "CenterNet's ctdet DLA-34 COCO detector (ctdet_coco_dla_1x.pth / ctdet_coco_dla_2x.pth)",
-        "method='centermask', backbone='dla34'", "dcn=True, " + DLA34_WIDTHS),
+        ("centermask",), "dla34", "dcn=True, " + DLA34_WIDTHS),
     "centernet_hourglass104": (
-        "CenterNet's ctdet Hourglass-104 COCO detector (ctdet_coco_hg.pth)",
-        "method='centermask', backbone='hourglass104'",
-        "num_stacks=2, hg_dims and hg_modules of Hourglass-104"),
-    "dla34_imagenet": (
-        "the ImageNet DLA-34 classifier (dla34-ba72cf86.pth)",
-        "method='centermask', backbone='dla34'", DLA34_WIDTHS),
+        "CenterNet's ctdet Hourglass-104 COCO detector (ctdet_coco_hg.pth)", ("centermask",),
+        "hourglass104", "num_stacks=2, hg_dims and hg_modules of Hourglass-104"),
+    "dla34_imagenet": ("the ImageNet DLA-34 classifier (dla34-ba72cf86.pth)", ("centermask",),
+                       "dla34", DLA34_WIDTHS),
     "torchvision_fcos": (
         "torchvision's FCOS R-50-FPN COCO detector (FCOS_ResNet50_FPN_Weights.COCO_V1)",
-        "an FCOS-family method with backbone='resnet50'", "fpn_channels=256, head_convs=4"),
-    "project": ("a checkpoint of this project", "any model (what matches by name and shape)", ""),
+        FCOS_FAMILY, "resnet50", "fpn_channels=256, head_convs=4"),
+    "project": ("a checkpoint of this project", None, None, ""),
 }
 
 
@@ -398,16 +399,6 @@ def read_weights(source):
     return LoadedWeights(kind, name, state)
 
 
-def _fits(kind, cfg):
-    if kind in ("centernet_dla34", "dla34_imagenet"):
-        return cfg.method == "centermask" and cfg.backbone == "dla34"
-    if kind == "centernet_hourglass104":
-        return cfg.method == "centermask" and cfg.backbone == "hourglass104"
-    if kind == "torchvision_fcos":
-        return cfg.method != "centermask" and cfg.backbone == "resnet50"
-    return True
-
-
 def _class_rows(cat_ids, num_classes, by_id):
     """The rows of a COCO-trained class layer that become this model's labels 0..C-1: label k is
     category cat_ids[k] (the training json's ids, data.CocoInstances.label_to_cat_id; default
@@ -513,9 +504,11 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
         weights = read_weights(weights)
     cfg, kind = model.cfg, weights.kind
     what = f"{cfg.method} / {cfg.backbone}"
-    desc, fits, needs = WEIGHT_LAYOUTS[kind]
-    if not _fits(kind, cfg):
-        raise ValueError(f"{weights.source} holds {desc}; it fits {fits}, not this {what} model")
+    desc, methods, backbone, needs = WEIGHT_LAYOUTS[kind]
+    if methods and (cfg.method not in methods or cfg.backbone != backbone):
+        raise ValueError(f"{weights.source} holds {desc}; it fits method="
+                         f"{' / '.join(map(repr, methods))}, backbone={backbone!r}, not this "
+                         f"{what} model")
     # the first FPN level: FCOSIS's P2, else P3 (the file's from the method it was trained as)
     first_level = getattr(getattr(model, "backbone", None), "first_level", 3)
     src_first_level = 2 if (weights.model_args or {}).get("method") == "fcosis" else 3
