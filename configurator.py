@@ -185,8 +185,8 @@ def _print_help(namespace):
 
 # -----------------------------------------------------------------------------
 # The model keys of a run, checked before any work (train.py, bench.py), the autocast dtype
-# that dtype="auto" picks, and the device "auto" picks. Functions only: this file is exec'd into the scripts, where every
-# plain global would be taken for a config key.
+# that dtype="auto" picks, and the device "auto" picks. Functions only: this file is exec'd into
+# the scripts, where every plain global would be taken for a config key.
 
 def config_groups():
     """The groups of ModelConfig's fields and the methods (and backbone: None for any) that read

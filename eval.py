@@ -114,11 +114,11 @@ def _masks_to_original(masks, size, orig_size, threshold, boxes=None):
     Bool/uint8 masks are resized as 0/1 floats and thresholded at 0.5 (a 0/1 mask made by
     nearest-downsampling by 1/2 comes back exactly).
     With `boxes` (K, 4) in the input frame, the masks must be zero outside their boxes (every
-    model here crops them so; anything further out is dropped): when the boxes' windows are
-    small (the largest under 1/4 of the image), only each box's window of the original image is
-    computed, with the same bilinear taps as F.interpolate, all detections at once (each in a
-    window as large as the largest). Otherwise (or without boxes): one dense `interpolate` of all detections, in chunks that bound
-    memory (~256 MB fp32).
+    model here crops them so): when the boxes' windows are small (the largest under 1/4 of the
+    image), only a window around each box of the original image is computed, with the same
+    bilinear taps as F.interpolate, all detections at once (each window as large as the
+    largest). Otherwise (or without boxes): one dense `interpolate` of all detections, in chunks
+    that bound memory (~256 MB fp32).
     """
     if not masks.is_floating_point():
         threshold = 0.5

@@ -420,23 +420,30 @@ def _class_rows(cat_ids, num_classes, by_id):
     return [c if by_id else COCO_CATEGORY_IDS.index(c) for c in cat_ids], cat_ids
 
 
+def _is_counter(key):
+    return key.endswith("num_batches_tracked")
+
+
 def _group_keys(keys, universe, limit=12):
     """A short listing of `keys` (a subset of `universe`): each key is shown by its shortest
-    dotted prefix all of whose `universe` keys are in `keys`, as "prefix.* (n)"."""
+    dotted prefix all of whose `universe` keys are in `keys`, as "prefix.* (n)". BatchNorm's
+    step counters, scattered over every BN, are only counted (those a model has and a file lacks
+    stay 0: unused with a fixed momentum)."""
     def prefixes(k):
         parts = k.split(".")
         return [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
-    in_universe = Counter(p for k in universe for p in prefixes(k))
+    counters = [k for k in keys if _is_counter(k)]
+    keys = [k for k in keys if not _is_counter(k)]
+    in_universe = Counter(p for k in universe if not _is_counter(k) for p in prefixes(k))
     in_keys = Counter(p for k in keys for p in prefixes(k))
     groups = dict.fromkeys(next(p for p in prefixes(k) if in_keys[p] == in_universe[p])
                            for k in keys)
     shown = [p if p in keys and in_keys[p] == 1 else f"{p}.* ({in_keys[p]})" for p in groups]
-    more = f", ... ({len(shown) - limit} more groups)" if len(shown) > limit else ""
-    return ", ".join(shown[:limit]) + more
-
-
-def _is_counter(key):
-    return key.endswith("num_batches_tracked")
+    if len(shown) > limit:
+        shown[limit:] = [f"... ({len(shown) - limit} more groups)"]
+    if counters:
+        shown.append(f"{len(counters)} BatchNorm num_batches_tracked counters")
+    return ", ".join(shown)
 
 
 @dataclass
@@ -458,27 +465,15 @@ class ImportReport:
         lines = [f"init_from {self.source}: {self.description} -> {self.model}",
                  f"  loaded: {len(self.loaded)} tensors"]
         lines += [f"  note: {n}" for n in self.notes]
-        colon = ":" if self.ignored else ""
-        lines.append(f"  ignored: {len(self.ignored)} tensors of the file{colon}")
+        lines.append(f"  ignored: {len(self.ignored)} tensors of the file")
         by_reason = {}
         for k, why in self.ignored.items():
             by_reason.setdefault(why, []).append(k)
         for why, keys in by_reason.items():
-            # BatchNorm's counters are scattered over every BN: just count them
-            if all(_is_counter(k) for k in keys):
-                lines.append(f"    {len(keys)} num_batches_tracked counters: {why}")
-            else:
-                lines.append(f"    {_group_keys(keys, self.file_keys)}: {why}")
-        counters = [k for k in self.new if _is_counter(k)]
-        fresh = [k for k in self.new if not _is_counter(k)]
-        colon = ":" if self.new else ""
-        lines.append(f"  newly initialised: {len(self.new)} tensors of the model{colon}")
-        if fresh:
-            model_keys = [k for k in self.model_keys if not _is_counter(k)]
-            lines.append(f"    {_group_keys(fresh, model_keys)}")
-        if counters:
-            lines.append(f"    {len(counters)} BatchNorm num_batches_tracked counters (not in the "
-                         "file; left at 0, unused with a fixed momentum)")
+            lines.append(f"    {_group_keys(keys, self.file_keys)}: {why}")
+        lines.append(f"  newly initialised: {len(self.new)} tensors of the model")
+        if self.new:
+            lines.append(f"    {_group_keys(self.new, self.model_keys)}")
         return "\n".join(lines)
 
 
