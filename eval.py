@@ -243,9 +243,7 @@ def _predict_batch(model, images, targets, device, amp_dtype, mask_threshold):
     original frame. amp_dtype: None (fp32) or a torch dtype for autocast."""
     images = images.to(device, non_blocking=True)                # (B, 3, H, W)
     sizes = [tuple(int(v) for v in t["size"]) for t in targets]  # each image before padding
-    amp = contextlib.nullcontext() if amp_dtype is None \
-        else torch.autocast(torch.device(device).type, dtype=amp_dtype)
-    with amp:
+    with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
         outputs = model(images, image_sizes=sizes)
     return [to_original(o, t, mask_threshold) for o, t in zip(outputs, targets)]
 
