@@ -5,7 +5,6 @@ configurator -> one fixed batch -> timed train steps, inference and post-process
     python bench.py config/centermask_dla34.py                          # GPU, 2 x 512px
     python bench.py config/centermask_dla34.py --device=cpu --batch_size=2 --input_size=512
     python bench.py config/centermask_dla34.py --batch_size=16 --peers=True   # + torchvision's
-    python bench.py config/centermask_dla34.py --real_data=data/coco    # first images of val_ann
 
 Measured, each as the median of `steps` timed runs after `burn_in` untimed ones
 (torch.cuda.synchronize() around every timed run on GPU), per image:
@@ -37,8 +36,8 @@ Measured, each as the median of `steps` timed runs after `burn_in` untimed ones
     are timed in alternation (ours, fcos, maskrcnn, ours, ...), so a drifting machine load
     hits all of them alike
 
-The images are synthetic by default (random pixels, a few random boxes/masks per image,
-deterministic from `seed`), so the numbers measure compute, not accuracy. Timings are reported,
+The images are synthetic (random pixels, a few random boxes/masks per image, deterministic from
+`seed`), so the numbers measure compute, not accuracy. Timings are reported,
 never asserted. Output: one line per number, then as the very LAST line one JSON object with all
 numbers (null where not measured), for `tail -n 1`.
 """
@@ -55,29 +54,28 @@ from dataclasses import fields
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from configurator import auto_dtype, check_settings, defaults_of
+from configurator import check_settings, defaults_of, device_and_dtype
 from eval import _masks_to_original, to_original
-from model import ModelConfig, build_model, method_transform
+from model import ModelConfig, build_model
+from weights import one_line_errors
 
 # -----------------------------------------------------------------------------
 # train.py's config keys with train.py's defaults (model.ModelConfig's fields among them), so that
 # the same config files run here. bench.py reads the model keys, batch_size, input_size, device,
-# dtype, threads, compile, seed, learning_rate, gradient_accumulation_steps and, with real_data,
-# val_img_dir / val_ann; the others are accepted and ignored
-# (the timed train step always uses Adam).
+# dtype, threads, compile, seed, learning_rate and gradient_accumulation_steps; the others are
+# accepted and ignored (the timed train step always uses Adam).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 globals().update(defaults_of(os.path.join(_HERE, "train.py")))
 # bench settings, and the train.py keys whose default differs here
 batch_size = 2           # images per timed step (train.py: 32)
 seed = 0                 # of the synthetic batch (random pixels, boxes and masks)
-num_classes = 80         # COCO's (train.py: 0 = the training set's; real_data must have as many)
+num_classes = 80         # COCO's (train.py: 0 = the training set's)
 burn_in = 2              # untimed runs before each measurement
 steps = 5                # timed runs; the median is reported
 peers = False            # also time torchvision's fcos_resnet50_fpn and maskrcnn_resnet50_fpn
-real_data = ""           # COCO-format folder (like train.py's data_root): its first val images
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(_HERE, "configurator.py")).read())
-transform = method_transform(method)  # as train.py
+one_line_errors("bench.py")  # a ValueError below: "bench.py: error: ...", exit status 2
 # -----------------------------------------------------------------------------
 
 # Peak dense tensor-core FLOP/s (bf16/fp16, fp32 run as TF32: this script enables TF32, as
@@ -88,13 +86,18 @@ PEAK_FLOPS = [("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 494e12), ("H200", 
               ("T4", 65e12, 8.1e12)]
 
 
-def fail(message):
-    sys.exit(f"bench.py: {message}")
-
-
 def sync():
     if cuda:
         torch.cuda.synchronize(device)
+
+
+def seconds(fn):
+    """The seconds of one call of fn; it ends synchronised, so the next call starts on an idle
+    GPU."""
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
 
 def time_runs(fns):
@@ -102,23 +105,10 @@ def time_runs(fns):
     timed in alternation (round r runs fn 1, 2, ..., then round r + 1): on a machine whose load
     drifts, every fn sees the same drift, so their ratios hold. Also the seconds of each fn's
     first call (None without burn-in)."""
-    first_calls = []
     sync()
-    for fn in fns:
-        for i in range(burn_in):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            if i == 0:
-                first_calls.append(time.perf_counter() - t0)
-    times = [[] for _ in fns]
-    for _ in range(steps):
-        for fn, t in zip(fns, times):  # (every fn ends synchronised: each starts on an idle GPU)
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times], first_calls or [None] * len(fns)
+    burn = [[seconds(fn) for _ in range(burn_in)] for fn in fns]
+    rounds = [[seconds(fn) for fn in fns] for _ in range(steps)]    # (steps, len(fns))
+    return [statistics.median(t) for t in zip(*rounds)], [b[0] if b else None for b in burn]
 
 
 def count_flops(fn):
@@ -172,33 +162,19 @@ def model_steps(model, images, targets):
     return train_step, infer
 
 
-def report(results):
-    """One line per number measured, then all of them as the last line, one JSON object (the
-    OPTIONAL numbers not measured: null)."""
-    for k, v in results.items():
-        print(f"{k:<36} {format(v, '.4g') if isinstance(v, float) else v}")
-    print(json.dumps(dict(dict.fromkeys(OPTIONAL), **results)), flush=True)
-
-
 # -- device, dtype ------------------------------------------------------------------------------
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-if device.startswith("cuda") and not torch.cuda.is_available():
-    fail(f"device={device!r} was asked for but no CUDA GPU is visible; use --device=cpu")
+device, dtype = device_and_dtype(device, dtype)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 cuda = device_type == "cuda"
 if steps < 1 or burn_in < 0 or batch_size < 1:
-    fail(f"need steps >= 1, burn_in >= 0, batch_size >= 1 (got {steps}, {burn_in}, {batch_size})")
+    raise ValueError(f"need steps >= 1, burn_in >= 0, batch_size >= 1 (got {steps}, {burn_in}, "
+                     f"{batch_size})")
 torch.manual_seed(seed)
 if device_type == "cpu":
     torch.set_num_threads(threads or os.cpu_count() or 1)
 else:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-if dtype == "auto":
-    dtype = auto_dtype(device_type)
-if dtype not in ("float32", "bfloat16", "float16"):
-    fail(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
 amp = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
 device_name = torch.cuda.get_device_name(device) if cuda else platform.machine()
 # the numbers measured only on request (null in the JSON line otherwise)
@@ -208,36 +184,18 @@ OPTIONAL += ["record_ms_per_img", "record_over_train"]
 
 # -- model and batch ------------------------------------------------------------------------------
 model_args = {f.name: globals()[f.name] for f in fields(ModelConfig)}
-try:
-    raw_model = build_model(check_settings(model_args)).to(device)  # train.py's checks
-except ValueError as e:
-    fail(e)
+raw_model = build_model(check_settings(model_args)).to(device)  # train.py's checks
 d = raw_model.size_divisibility
-if real_data:
-    from data import CocoInstances, build_transforms, collate_fn
-    test_transforms = build_transforms(transform, False, input_size)
-    img_dir, ann = os.path.join(real_data, val_img_dir), os.path.join(real_data, val_ann)
-    try:  # (os.path.join keeps an absolute val_ann as it is)
-        val_set = CocoInstances(img_dir, ann, max_images=batch_size, transforms=test_transforms)
-    except (OSError, ValueError, RuntimeError) as e:
-        fail(e)
-    if val_set.num_classes != num_classes:
-        fail(f"{val_ann} has {val_set.num_classes} categories but num_classes={num_classes}")
-    if len(val_set) < batch_size:
-        fail(f"real_data={real_data!r} has {len(val_set)} images in {val_ann}, "
-             f"batch_size={batch_size}")
-    images, targets = collate_fn([val_set[i] for i in range(batch_size)], size_divisibility=d)
-else:
-    S = (input_size + d - 1) // d * d  # input_size rounded up to a multiple of d
-    gen = torch.Generator().manual_seed(seed)
-    images, targets = synthetic_batch(batch_size, S, model_args["num_classes"], gen)
+S = (input_size + d - 1) // d * d  # input_size rounded up to a multiple of d
+images, targets = synthetic_batch(batch_size, S, model_args["num_classes"],
+                                  torch.Generator().manual_seed(seed))
 images = images.to(device)
 targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
 model = torch.compile(raw_model) if compile else raw_model
 B, H, W = images.shape[0], images.shape[-2], images.shape[-1]
 results = dict(method=model_args["method"], backbone=model_args["backbone"], device=device,
                device_name=device_name, dtype=dtype, batch_size=B, input_hw=[H, W],
-               synthetic=not real_data, compile=bool(compile),
+               compile=bool(compile),
                params_m=sum(p.numel() for p in raw_model.parameters()) / 1e6)
 
 # -- ours, and with peers=True torchvision's models, in alternation with ours --------------------
@@ -319,11 +277,8 @@ if cuda:
 else:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     peak_mem = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-peak = None
-for name, half, tf32 in PEAK_FLOPS if cuda else []:
-    if name in device_name:
-        peak = tf32 if dtype == "float32" else half
-        break
+peak = next((tf32 if dtype == "float32" else half for name, half, tf32 in PEAK_FLOPS
+             if cuda and name in device_name), None)
 results.update(peak_mem_mb=peak_mem, flops_train_per_img=flops_train / B,
                flops_infer_per_img=flops_infer / B,
                gflops_train_achieved=flops_train / t_train / 1e9,
@@ -331,4 +286,8 @@ results.update(peak_mem_mb=peak_mem, flops_train_per_img=flops_train / B,
                mfu_train=flops_train / t_train / peak if peak else None,
                mfu_infer=flops_infer / t_infer / peak if peak else None)
 
-report(results)
+# one line per number measured, then all of them as the last line, one JSON object (the OPTIONAL
+# numbers not measured: null)
+for k, v in results.items():
+    print(f"{k:<36} {format(v, '.4g') if isinstance(v, float) else v}")
+print(json.dumps(dict(dict.fromkeys(OPTIONAL), **results)), flush=True)

@@ -85,36 +85,19 @@ def _unknown_key(key, known, source):
 def _check_type(key, value, default, source):
     """Return `value` converted to the type of `default`, or raise ConfigError.
 
-    `bool` is a subclass of `int` in Python, so bools are checked first and explicitly:
+    `bool` is a subclass of `int` in Python, so a bool is accepted only for a bool default:
     True is neither accepted for an int key nor 1 for a bool key.
     """
-    def bad(expected):
-        return ConfigError(f"bad value for '{key}' ({source}): {value!r} is "
-                           f"{type(value).__name__}, expected {expected}")
-
     if default is None:
         return value                                  # None defaults take any literal
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise bad("bool (True or False)")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("int")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("float (an int is fine too)")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise bad("str")
-        return value
-    if isinstance(default, (tuple, list)):
-        if not isinstance(value, (tuple, list)):
-            raise bad(f"{type(default).__name__} (e.g. {default!r})")
-        return type(default)(value)                   # keep the default's container type
-    raise bad(type(default).__name__)
+    accepted, expected = {
+        bool: (bool, "bool (True or False)"), int: (int, "int"), str: (str, "str"),
+        float: ((int, float), "float (an int is fine too)"),
+    }.get(type(default), ((tuple, list), f"{type(default).__name__} (e.g. {default!r})"))
+    if not isinstance(value, accepted) or isinstance(value, bool) != isinstance(default, bool):
+        raise ConfigError(f"bad value for '{key}' ({source}): {value!r} is "
+                          f"{type(value).__name__}, expected {expected}")
+    return type(default)(value)           # an int as a float; the default's container type
 
 
 def _parse_cli_value(raw, default):
@@ -122,9 +105,9 @@ def _parse_cli_value(raw, default):
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        value = raw
+        return raw
     if isinstance(default, str) and not isinstance(value, str):
-        value = raw                                   # e.g. --out_dir=123 stays "123"
+        return raw                                    # e.g. --out_dir=123 stays "123"
     return value
 
 
@@ -134,23 +117,16 @@ def _exec_config_file(path, config):
     Seeding lets a config file refer to earlier values (`max_iters = 2 * warmup_iters`).
     Returns the namespace after execution.
     """
-    if not os.path.isfile(path):
-        what = "is a directory, not a file" if os.path.isdir(path) else "not found"
-        raise ConfigError(f"config file '{path}' {what}")
     try:
         with open(path) as f:
-            source = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file '{path}': {e}") from None
-    try:
-        # builtins.compile: the calling script may have a config key named `compile`
-        code = builtins.compile(source, path, 'exec')
+            # builtins.compile: the calling script may have a config key named `compile`
+            code = builtins.compile(f.read(), path, 'exec')
     except SyntaxError as e:
         raise ConfigError(f"syntax error in config file '{path}', line {e.lineno}: "
                           f"{e.msg}") from None
-    namespace = dict(config)
-    namespace['__file__'] = os.path.abspath(path)
-    namespace['__name__'] = '__config__'
+    except (OSError, UnicodeDecodeError) as e:      # not found, a folder, unreadable
+        raise ConfigError(f"cannot read config file '{path}': {e}") from None
+    namespace = dict(config, __file__=os.path.abspath(path), __name__='__config__')
     try:
         exec(code, namespace)
     except Exception as e:
@@ -171,36 +147,27 @@ def apply_overrides(config, argv, verbose=True):
     """
     defaults = dict(config)
     changed, sources = {}, []   # echoed as one line at the end: what this run changed, and where
-
-    def set_key(key, value, source):
-        config[key] = changed[key] = _check_type(key, value, defaults[key], source)
-
     for arg in argv:
-        if not arg.startswith('-'):
+        if arg.startswith('-'):
+            if not arg.startswith('--') or '=' not in arg:
+                raise ConfigError(f"argument '{arg}' is neither a config file nor --key=value "
+                                  "(a bool too: --key=True)")
+            key, raw = arg[2:].split('=', 1)
+            source, where = "command line", "on the command line"
+            items = [(key, _parse_cli_value(raw, defaults.get(key)))]
+        else:
             # a config file: every public, plain-literal name it leaves behind must be a key
+            # (helpers, imports, functions, classes are not); an unchanged value is no override
+            source, where = arg, f"in config file '{arg}'"
             namespace = _exec_config_file(arg, config)
-            sources.append(arg)
-            for key, value in namespace.items():
-                if key.startswith('_') or not isinstance(value, _CONFIG_TYPES):
-                    continue                          # helpers, imports, functions, classes
-                if key not in defaults:
-                    raise _unknown_key(key, defaults, f"in config file '{arg}'")
-                old = config[key]
-                if value is not old and (type(value) is not type(old) or value != old):
-                    set_key(key, value, f"in config file '{arg}'")
-            continue
-
-        if not arg.startswith('--'):
-            raise ConfigError(f"unrecognised argument '{arg}': expected a config file "
-                              f"or --key=value")
-        if '=' not in arg:
-            raise ConfigError(f"argument '{arg}' has no value: expected --key=value "
-                              f"(e.g. {arg}=True for a bool)")
-        key, raw = arg[2:].split('=', 1)
-        if key not in defaults:
-            raise _unknown_key(key, defaults, "on the command line")
-        set_key(key, _parse_cli_value(raw, defaults[key]), "on the command line")
-        sources += [] if "command line" in sources else ["command line"]
+            items = [(k, v) for k, v in namespace.items()
+                     if not k.startswith('_') and isinstance(v, _CONFIG_TYPES)
+                     and (k not in config or type(v) is not type(config[k]) or v != config[k])]
+        for key, value in items:
+            if key not in defaults:
+                raise _unknown_key(key, defaults, where)
+            config[key] = changed[key] = _check_type(key, value, defaults[key], where)
+        sources += [] if source in sources else [source]
     if verbose and changed:
         print(f"overrides: {', '.join(f'{k}={v!r}' for k, v in changed.items())} "
               f"({', '.join(sources)})")
@@ -217,9 +184,9 @@ def _print_help(namespace):
 
 
 # -----------------------------------------------------------------------------
-# The model keys of a run, checked before any work (train.py, bench.py), and the autocast dtype
-# that dtype="auto" picks. Functions only: this file is exec'd into the scripts, where every
-# plain global would be taken for a config key.
+# The model keys of a run, checked before any work (train.py, bench.py), the autocast dtype
+# that dtype="auto" picks, and the device "auto" picks. Functions only: this file is exec'd into
+# the scripts, where every plain global would be taken for a config key.
 
 def config_groups():
     """The groups of ModelConfig's fields and the methods (and backbone: None for any) that read
@@ -283,12 +250,25 @@ def auto_dtype(device_type):
     import torch
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    try:
-        native = torch.backends.mkldnn.is_available() and \
-            torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        native = False
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return "bfloat16" if native else "float32"
+
+
+def device_and_dtype(device, dtype):
+    """train.py's policy, for eval.py and bench.py: device "auto" is a GPU when there is one, else
+    the CPU; dtype "auto" is `auto_dtype`. -> (device, dtype); ValueError with one line for a GPU
+    asked for where there is none, or a dtype that is none of float32 / bfloat16 / float16."""
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but no CUDA GPU is visible; "
+                         "use --device=cpu")
+    if dtype == "auto":
+        dtype = auto_dtype(torch.device(device).type)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    return device, dtype
 
 
 # -----------------------------------------------------------------------------

@@ -49,55 +49,17 @@ _STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # mapping predictions back to the original image
 
 
-def _masks_to_original(masks, size, orig_size, threshold, boxes=None):
-    """(K, H, W) masks at padded network-input resolution -> (K, H0, W0) bool original masks.
-
-    The plain form: the padding cropped away (`size` = (h, w) before padding) so that it does
-    not stretch into the image, then F.interpolate(masks, (H0, W0), bilinear) > threshold.
-    Bool/uint8 masks are resized as 0/1 floats and thresholded at 0.5 (a 0/1 mask made by
-    nearest-downsampling by 1/2 comes back exactly).
-    With `boxes` (K, 4) in the input frame, the masks must be zero outside their boxes (every
-    model here crops them so; anything further out is dropped): when the boxes' windows are
-    small (the largest under 1/4 of the image), only each box's window of the original image is
-    computed, with the same bilinear taps as F.interpolate, all detections at once (padded to
-    the largest window). Otherwise (or without boxes): one dense `interpolate` of all
-    detections, in chunks that bound memory (~256 MB fp32).
-    """
-    if not masks.is_floating_point():
-        threshold = 0.5
-    h, w = size
-    H0, W0 = orig_size
-    masks = masks[:, :h, :w]                                     # (K, h, w)
-    K = masks.shape[0]
-    if K > 0 and boxes is not None:
-        x_lo, x_hi = _box_windows(boxes.float(), W0, w, 0)       # (K,) original columns
-        y_lo, y_hi = _box_windows(boxes.float(), H0, h, 1)       # (K,) original rows
-        Wm, Hm = int((x_hi - x_lo).max()), int((y_hi - y_lo).max())
-        if Wm <= 0 or Hm <= 0:
-            return torch.zeros((K, H0, W0), dtype=torch.bool, device=masks.device)
-        if Hm * Wm * 4 < H0 * W0:  # windows (padded to the largest) well below the image: worth it
-            return _paste_windows(masks, (H0, W0), threshold, x_lo, x_hi, y_lo, y_hi, Wm, Hm)
-    chunk = max(1, (1 << 26) // (H0 * W0))
-    out = [torch.zeros((0, H0, W0), dtype=torch.bool, device=masks.device)]
-    for i in range(0, K, chunk):
-        # the k masks as the channels of one image: 1.3x faster than k images of one channel (CPU)
-        m = masks[None, i:i + chunk].float()                     # (1, k, h, w)
-        m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)
-        out.append(m[0] > threshold)                             # (k, H0, W0) bool
-    return torch.cat(out)
-
-
-# The windowed fast path of `_masks_to_original`: the same bilinear taps, only over each box's
-# window of the original image.
+# The windowed fast path of `_masks_to_original` (below): the same bilinear taps as
+# F.interpolate, only over each box's window of the original image.
 
 
 def _source_taps(n_out, n_in, start, length):
     """Bilinear taps (align_corners=False, exactly as F.interpolate with a `size`) of the output
     pixels start + 0 .. length-1 along one axis resized from n_in to n_out pixels.
     start (K,) int64, length int -> (i0, i1, l1) each (K, length): source pixels and the weight of
-    i1 (i0 gets 1 - l1). Output pixels past n_out are clamped (the caller drops them)."""
+    i1 (i0 gets 1 - l1)."""
     scale = n_in / n_out                                         # F.interpolate's float scale
-    out = (start[:, None] + torch.arange(length, device=start.device)).clamp(max=n_out - 1)
+    out = start[:, None] + torch.arange(length, device=start.device)
     u = ((out.float() + 0.5) * scale - 0.5).clamp(min=0)        # source coordinate (K, length)
     i0 = u.long()
     i1 = (i0 + 1).clamp(max=n_in - 1)
@@ -116,38 +78,70 @@ def _box_windows(boxes, n_out, n_in, axis):
     return lo, hi.clamp(max=n_out)
 
 
-def _paste_windows(masks, orig_size, threshold, x_lo, x_hi, y_lo, y_hi, Wm, Hm):
-    """The windowed path of `_masks_to_original`: masks (K, h, w) float, windows [x_lo, x_hi) x
-    [y_lo, y_hi) in the original frame (K,) each, Wm / Hm the widest / tallest -> (K, H0, W0)
-    bool. Separable: the rows of each window's source columns first, then its columns."""
+def _paste_windows(masks, orig_size, threshold, x_lo, y_lo, Wm, Hm):
+    """The windowed path of `_masks_to_original`: masks (K, h, w) float, each computed over a
+    window of Wm x Hm original pixels from (x_lo, y_lo) (K,) each -> (K, H0, W0) bool. A window
+    that would pass the image's right or bottom edge is moved back inside it: its extra pixels
+    get the same taps as the dense resize. Separable: the rows first, then the columns."""
     K, h, w = masks.shape
     H0, W0 = orig_size
     dev = masks.device
+    x_lo, y_lo = x_lo.clamp(max=W0 - Wm), y_lo.clamp(max=H0 - Hm)
     x0, x1, lx = _source_taps(W0, w, x_lo, Wm)                   # (K, Wm) source columns
     y0, y1, ly = _source_taps(H0, h, y_lo, Hm)                   # (K, Hm) source rows
     sx = x0[:, :1]                                               # (K, 1) first source column
-    Sw = int((x1 - sx).max()) + 1                                # source columns per window
-    src_cols = (sx + torch.arange(Sw, device=dev)).clamp(max=w - 1)          # (K, Sw)
+    src_cols = (sx + torch.arange(int((x1 - sx).max()) + 1, device=dev)).clamp(max=w - 1)
     flat = masks.float().flatten(1)                              # (K, h*w)
 
     def rows(ys):                                                # (K, Hm, Sw)
         where = (ys[:, :, None] * w + src_cols[:, None, :]).flatten(1)
-        return flat.gather(1, where).view(K, Hm, Sw)
+        return flat.gather(1, where).view(K, Hm, -1)
     r = torch.lerp(rows(y0), rows(y1), ly[:, :, None])                         # (K, Hm, Sw)
-    c0 = (x0 - sx)[:, None, :].expand(K, Hm, Wm)
-    c1 = (x1 - sx)[:, None, :].expand(K, Hm, Wm)
+    c0, c1 = ((c - sx)[:, None, :].expand(K, Hm, Wm) for c in (x0, x1))
     value = torch.lerp(r.gather(2, c0), r.gather(2, c1), lx[:, None, :])     # (K, Hm, Wm)
-    # rows/cols past a window (the padding to Hm x Wm) write a 0 onto the window's last pixel:
-    # with "amax" that changes nothing
     row_i = y_lo[:, None] + torch.arange(Hm, device=dev)                     # (K, Hm)
     col_i = x_lo[:, None] + torch.arange(Wm, device=dev)                     # (K, Wm)
-    ok = (row_i < y_hi[:, None])[:, :, None] & (col_i < x_hi[:, None])[:, None, :]
-    where = (torch.minimum(row_i, y_hi[:, None] - 1)[:, :, None] * W0
-             + torch.minimum(col_i, x_hi[:, None] - 1)[:, None, :])          # (K, Hm, Wm)
-    out = torch.zeros((K, H0 * W0), dtype=torch.uint8, device=dev)
-    inside = ((value > threshold) & ok).flatten(1).to(torch.uint8)
-    out.scatter_reduce_(1, where.flatten(1), inside, "amax")
-    return out.view(torch.bool).view(K, H0, W0)
+    where = (row_i[:, :, None] * W0 + col_i[:, None, :]).flatten(1)          # (K, Hm * Wm)
+    out = torch.zeros((K, H0 * W0), dtype=torch.bool, device=dev)
+    return out.scatter_(1, where, (value > threshold).flatten(1)).view(K, H0, W0)
+
+
+def _masks_to_original(masks, size, orig_size, threshold, boxes=None):
+    """(K, H, W) masks at padded network-input resolution -> (K, H0, W0) bool original masks.
+
+    The plain form: the padding cropped away (`size` = (h, w) before padding) so that it does
+    not stretch into the image, then F.interpolate(masks, (H0, W0), bilinear) > threshold.
+    Bool/uint8 masks are resized as 0/1 floats and thresholded at 0.5 (a 0/1 mask made by
+    nearest-downsampling by 1/2 comes back exactly).
+    With `boxes` (K, 4) in the input frame, the masks must be zero outside their boxes (every
+    model here crops them so): when the boxes' windows are small (the largest under 1/4 of the
+    image), only a window around each box of the original image is computed, with the same
+    bilinear taps as F.interpolate, all detections at once (each window as large as the
+    largest). Otherwise (or without boxes): one dense `interpolate` of all detections, in chunks
+    that bound memory (~256 MB fp32).
+    """
+    if not masks.is_floating_point():
+        threshold = 0.5
+    h, w = size
+    H0, W0 = orig_size
+    masks = masks[:, :h, :w]                                     # (K, h, w)
+    K = masks.shape[0]
+    if K > 0 and boxes is not None:
+        x_lo, x_hi = _box_windows(boxes.float(), W0, w, 0)       # (K,) original columns
+        y_lo, y_hi = _box_windows(boxes.float(), H0, h, 1)       # (K,) original rows
+        Wm, Hm = int((x_hi - x_lo).max()), int((y_hi - y_lo).max())  # the largest window
+        if Wm <= 0 or Hm <= 0:
+            return torch.zeros((K, H0, W0), dtype=torch.bool, device=masks.device)
+        if Hm * Wm * 4 < H0 * W0:  # windows well below the image: worth it
+            return _paste_windows(masks, (H0, W0), threshold, x_lo, y_lo, Wm, Hm)
+    chunk = max(1, (1 << 26) // (H0 * W0))
+    out = [torch.zeros((0, H0, W0), dtype=torch.bool, device=masks.device)]
+    for i in range(0, K, chunk):
+        # the k masks as the channels of one image: 1.3x faster than k images of one channel (CPU)
+        m = masks[None, i:i + chunk].float()                     # (1, k, h, w)
+        m = F.interpolate(m, size=(H0, W0), mode="bilinear", align_corners=False)
+        out.append(m[0] > threshold)                             # (k, H0, W0) bool
+    return torch.cat(out)
 
 
 def to_original(output, target, mask_threshold=0.5):
@@ -249,9 +243,7 @@ def _predict_batch(model, images, targets, device, amp_dtype, mask_threshold):
     original frame. amp_dtype: None (fp32) or a torch dtype for autocast."""
     images = images.to(device, non_blocking=True)                # (B, 3, H, W)
     sizes = [tuple(int(v) for v in t["size"]) for t in targets]  # each image before padding
-    amp = contextlib.nullcontext() if amp_dtype is None \
-        else torch.autocast(torch.device(device).type, dtype=amp_dtype)
-    with amp:
+    with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
         outputs = model(images, image_sizes=sizes)
     return [to_original(o, t, mask_threshold) for o, t in zip(outputs, targets)]
 
@@ -540,42 +532,29 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------------------
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
-    def fail(msg):
-        print(f"eval.py: error: {msg}", file=sys.stderr)
-        sys.exit(2)
-
-    # a bad image or annotation met in a DataLoader worker, a bad path: one line naming it, exit
-    # status 2 (CENTERMASK_DEBUG=1: the traceback)
+    # a bad image or annotation met in a DataLoader worker, a bad path, a ValueError raised below:
+    # one line naming it, "eval.py: error: ...", exit status 2 (CENTERMASK_DEBUG=1: the traceback)
     from weights import one_line_errors
     one_line_errors("eval.py")
 
     if oracle_stride:
         if not val_ann or not os.path.isfile(val_ann):
-            fail(f"--oracle_stride needs --val_ann=FILE (a COCO instances json), got {val_ann!r}")
+            raise ValueError("--oracle_stride needs --val_ann=FILE (a COCO instances json), "
+                             f"got {val_ann!r}")
         stats = grid_oracle(val_ann, int(oracle_stride), verbose=True)
         print(json.dumps({"oracle_stride": oracle_stride, **stats}))
         raise SystemExit(0)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device={device} was asked for but no CUDA GPU is available (use --device=cpu)")
-    if dtype == "auto":
-        dtype = auto_dtype(torch.device(device).type)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        fail(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    device, dtype = device_and_dtype(device, dtype)  # (configurator's, exec'd above)
     if not ckpt:
-        fail("no checkpoint given: pass --ckpt=PATH")
+        raise ValueError("no checkpoint given: pass --ckpt=PATH")
     try:
         overrides = ast.literal_eval(model_args) if model_args else {}
     except (ValueError, SyntaxError):
         overrides = None
     if not isinstance(overrides, dict):
-        fail("--model_args must be a dict literal such as \"{'mask_threshold': 0.3}\", "
-             f"got {model_args!r}")
-    try:
-        model, checkpoint = load_checkpoint_model(ckpt, device, overrides)
-    except ValueError as e:
-        fail(str(e))
+        raise ValueError("--model_args must be a dict literal such as "
+                         f"\"{{'mask_threshold': 0.3}}\", got {model_args!r}")
+    model, checkpoint = load_checkpoint_model(ckpt, device, overrides)
     if device.startswith("cuda"):  # train.py's GPU settings, under which its evaluations ran
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -590,18 +569,16 @@ if __name__ == "__main__":
     val_ann = saved_paths["val_ann"] if val_ann is None else val_ann
     for key, value in (("val_img_dir", val_img_dir), ("val_ann", val_ann)):
         if value is None:
-            fail(f"--{key} not given and the checkpoint's config has none")
-    try:
-        transform = checkpoint_transform(checkpoint, input_size, keep_res)
-        dataset = data.CocoInstances(val_img_dir, val_ann, transforms=transform)
-    except (OSError, ValueError) as e:                     # data.py's messages name the file
-        fail(str(e))
+            raise ValueError(f"--{key} not given and the checkpoint's config has none")
+    transform = checkpoint_transform(checkpoint, input_size, keep_res)
+    dataset = data.CocoInstances(val_img_dir, val_ann, transforms=transform)  # names a bad file
 
     # label k = category trained[k] (train.py saves it)
     trained, ids = checkpoint.get("label_to_cat_id"), dataset.label_to_cat_id
     if trained is not None and list(trained) != ids:
-        fail(f"{val_ann} lists other categories than {ckpt} was trained on (ids {ids[:20]} "
-             f"against {list(trained)[:20]}): its labels would be scored as other classes")
+        raise ValueError(f"{val_ann} lists other categories than {ckpt} was trained on (ids "
+                         f"{ids[:20]} against {list(trained)[:20]}): its labels would be scored "
+                         "as other classes")
     n_eval = len(dataset) if max_images is None else min(max_images, len(dataset))
     at = "with each image at its own size (keep_res)" if transform.keep_res \
         else f"at input size {transform.input_size}"
@@ -618,5 +595,5 @@ if __name__ == "__main__":
         # DeformConv's refusal of NaN / inf as one line; anything else passes through
         if NON_FINITE_DEFORM not in str(e):
             raise
-        fail(f"{ckpt}: {NON_FINITE_DEFORM}")
+        raise ValueError(f"{ckpt}: {NON_FINITE_DEFORM}") from None
     print(json.dumps(stats))

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model import FCOS_FAMILY
+
 
 # -----------------------------------------------------------------------------
 # Published weights (train.py's init_from=PATH)
@@ -41,7 +43,7 @@ import torch
 #     the DLA base; its classifier `fc` is dropped.
 #   * torchvision's FCOS R-50-FPN COCO detector (torchvision/models/detection/fcos.py): ResNet-50,
 #     FPN, P6/P7 and the head of FCOS and of the FCOS part of FCOSreg, MaskFCOS, CenterMask-FCOS
-#     and FCOSIS (their own branches start fresh); see `_torchvision_fcos_rules`.
+#     and FCOSIS (their own branches start fresh); see `_TORCHVISION_FCOS_RULES`.
 #   * A checkpoint of this project (train.py's ckpt.pt): every tensor whose name and shape match
 #     (the FPN levels renumbered between FCOS's P3-P7 and FCOSIS's P2-P7).
 # Input conventions that come with the weights (set by train.py from `config_updates`):
@@ -60,23 +62,22 @@ COCO_CATEGORY_IDS = (
 
 TORCHVISION_FCOS = "torchvision:fcos_resnet50_fpn"
 
-# layout -> (what it is, the models it fits, ModelConfig settings it needs)
+# layout -> (what it is, the methods and the backbone it fits (None: any model), the ModelConfig
+# settings it needs)
 DLA34_WIDTHS = "dla_channels=(16, 32, 64, 128, 256, 512)"
 WEIGHT_LAYOUTS = {
     "centernet_dla34": (
         "CenterNet's ctdet DLA-34 COCO detector (ctdet_coco_dla_1x.pth / ctdet_coco_dla_2x.pth)",
-        "method='centermask', backbone='dla34'", "dcn=True, " + DLA34_WIDTHS),
+        ("centermask",), "dla34", "dcn=True, " + DLA34_WIDTHS),
     "centernet_hourglass104": (
-        "CenterNet's ctdet Hourglass-104 COCO detector (ctdet_coco_hg.pth)",
-        "method='centermask', backbone='hourglass104'",
-        "num_stacks=2, hg_dims and hg_modules of Hourglass-104"),
-    "dla34_imagenet": (
-        "the ImageNet DLA-34 classifier (dla34-ba72cf86.pth)",
-        "method='centermask', backbone='dla34'", DLA34_WIDTHS),
+        "CenterNet's ctdet Hourglass-104 COCO detector (ctdet_coco_hg.pth)", ("centermask",),
+        "hourglass104", "num_stacks=2, hg_dims and hg_modules of Hourglass-104"),
+    "dla34_imagenet": ("the ImageNet DLA-34 classifier (dla34-ba72cf86.pth)", ("centermask",),
+                       "dla34", DLA34_WIDTHS),
     "torchvision_fcos": (
         "torchvision's FCOS R-50-FPN COCO detector (FCOS_ResNet50_FPN_Weights.COCO_V1)",
-        "an FCOS-family method with backbone='resnet50'", "fpn_channels=256, head_convs=4"),
-    "project": ("a checkpoint of this project", "any model (what matches by name and shape)", ""),
+        FCOS_FAMILY, "resnet50", "fpn_channels=256, head_convs=4"),
+    "project": ("a checkpoint of this project", None, None, ""),
 }
 
 
@@ -96,11 +97,7 @@ def _deform_conv_key(rest):
     chunks o1, o2, mask (offsets = the first 18, in the (dy, dx) pairs torchvision's
     deform_conv2d reads; mask = the last 9, sigmoid), as `DeformConv.forward` does.
     conv.weight and conv.bias keep their names."""
-    if rest.startswith("conv.conv_offset_mask."):
-        return "offset_mask." + rest.removeprefix("conv.conv_offset_mask.")
-    if rest.startswith("actf.0."):
-        return "bn." + rest.removeprefix("actf.0.")
-    return rest
+    return rest.replace("conv.conv_offset_mask.", "offset_mask.").replace("actf.0.", "bn.")
 
 
 # CenterNet's DLASeg (pose_dla_dcn.py) -> CenterMask on DLA-34. Its IDAUp numbers its nodes
@@ -134,13 +131,12 @@ _CENTERNET_DLA_RULES = (
 #   hm / wh / reg .s (make_kp_layer: 0 = convolution(3, with_bn=False): conv with bias, no BN;
 #          1 = Conv1x1)              -> head_sets.s.heatmap / size / offset (0 Conv3x3, 2 Conv1x1)
 _CENTERNET_HEADS = {"hm": "heatmap", "wh": "size", "reg": "offset"}
+_CONV_BN = {"conv": 0, "bn": 1}
 _CENTERNET_HOURGLASS_RULES = (
-    (r"pre\.0\.conv\.(.+)", r"backbone.pre.0.0.\1"),
-    (r"pre\.0\.bn\.(.+)", r"backbone.pre.0.1.\1"),
+    (r"pre\.0\.(conv|bn)\.(.+)", lambda m: f"backbone.pre.0.{_CONV_BN[m[1]]}.{m[2]}"),
     (r"pre\.1\.(.+)", r"backbone.pre.1.\1"),
     (r"kps\.(\d+)\.(.+)", r"backbone.hourglasses.\1.\2"),
-    (r"cnvs\.(\d+)\.conv\.(.+)", r"backbone.convs.\1.0.\2"),
-    (r"cnvs\.(\d+)\.bn\.(.+)", r"backbone.convs.\1.1.\2"),
+    (r"cnvs\.(\d+)\.(conv|bn)\.(.+)", lambda m: f"backbone.convs.{m[1]}.{_CONV_BN[m[2]]}.{m[3]}"),
     (r"inters\.(\d+)\.(.+)", r"backbone.inter.\1.\2"),
     (r"inters_\.(\d+)\.(.+)", r"backbone.skip_input.\1.\2"),
     (r"cnvs_\.(\d+)\.(.+)", r"backbone.skip_features.\1.\2"),
@@ -159,54 +155,40 @@ _DLA34_IMAGENET_RULES = (
 )
 
 
-def _fpn_rule(shift):
-    """The FPN's blocks renumbered by `shift`: FCOS's C3-C5 are blocks 0-2, FCOSIS's C2-C5 blocks
-    0-3, so that each level finds its own."""
-    return (r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(.+)",
-            lambda m: f"backbone.fpn.{m[1]}_blocks.{int(m[2]) + shift}.{m[3]}")
-
-
-def _torchvision_fcos_rules(first_level=3):
-    """torchvision's FCOS (fcos.py: resnet50 + _resnet_fpn_extractor(returned_layers [2, 3, 4],
-    LastLevelP6P7(256, 256)) + FCOSHead) -> our ResNetFPN + FCOSHead:
-        backbone.body.conv1 / bn1 / layer1-4    -> backbone.stem.0 / stem.1 / stages.0-3
-        backbone.fpn.inner_blocks / layer_blocks.i (C3-C5) -> the same, i + 1 in FCOSIS (P2-P7,
-                                                   whose block 0 is C2's, new)
-        backbone.fpn.extra_blocks.p6 / p7       -> the same (P6 from P5, P7 from ReLU(P6), as ours)
-        head.classification_head.conv / cls_logits -> head.cls_tower / cls_logits (class rows
-                                                   chosen by category id, `import_weights`)
-        head.regression_head.conv / bbox_reg / bbox_ctrness -> head.box_tower / ltrb / centerness
-    Both towers are 4 x (Conv3x3, GroupNorm(32), ReLU), so the Sequential indices agree."""
-    return (
-        (r"backbone\.body\.conv1\.(.+)", r"backbone.stem.0.\1"),
-        (r"backbone\.body\.bn1\.(.+)", r"backbone.stem.1.\1"),
-        (r"backbone\.body\.layer(\d)\.(.+)", lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}"),
-        _fpn_rule(3 - first_level),
-        (r"backbone\.fpn\.extra_blocks\.(.+)", r"backbone.fpn.extra_blocks.\1"),
-        (r"head\.classification_head\.conv\.(.+)", r"head.cls_tower.\1"),
-        (r"head\.classification_head\.cls_logits\.(.+)", r"head.cls_logits.\1"),
-        (r"head\.regression_head\.conv\.(.+)", r"head.box_tower.\1"),
-        (r"head\.regression_head\.bbox_reg\.(.+)", r"head.ltrb.\1"),
-        (r"head\.regression_head\.bbox_ctrness\.(.+)", r"head.centerness.\1"),
-    )
-
-
-def _project_rules(src_first_level, dst_first_level):
-    """Our own checkpoints: the same names, except the FPN blocks between FCOS (C3-C5: blocks
-    0-2) and FCOSIS (C2-C5: blocks 0-3), renumbered so that each level finds its own."""
-    return (_fpn_rule(src_first_level - dst_first_level), (r"(.+)", r"\1"))
+# torchvision's FCOS (fcos.py: resnet50 + _resnet_fpn_extractor(returned_layers [2, 3, 4],
+# LastLevelP6P7(256, 256)) + FCOSHead) -> our ResNetFPN + FCOSHead:
+#     backbone.body.conv1 / bn1 / layer1-4    -> backbone.stem.0 / stem.1 / stages.0-3
+#     backbone.fpn.inner_blocks / layer_blocks.i (C3-C5) -> the same, i + 1 in FCOSIS (P2-P7, whose
+#                                                block 0 is C2's, new; `import_weights`)
+#     backbone.fpn.extra_blocks.p6 / p7       -> the same (P6 from P5, P7 from ReLU(P6), as ours)
+#     head.classification_head.conv / cls_logits -> head.cls_tower / cls_logits (class rows chosen
+#                                                by category id, `import_weights`)
+#     head.regression_head.conv / bbox_reg / bbox_ctrness -> head.box_tower / ltrb / centerness
+# Both towers are 4 x (Conv3x3, GroupNorm(32), ReLU), so the Sequential indices agree.
+_TORCHVISION_FCOS_HEAD = {"classification_head.conv": "cls_tower",
+                          "classification_head.cls_logits": "cls_logits",
+                          "regression_head.conv": "box_tower", "regression_head.bbox_reg": "ltrb",
+                          "regression_head.bbox_ctrness": "centerness"}
+_TORCHVISION_FCOS_RULES = (
+    (r"backbone\.body\.conv1\.(.+)", r"backbone.stem.0.\1"),
+    (r"backbone\.body\.bn1\.(.+)", r"backbone.stem.1.\1"),
+    (r"backbone\.body\.layer(\d)\.(.+)", lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}"),
+    (r"backbone\.fpn\.extra_blocks\.(.+)", r"backbone.fpn.extra_blocks.\1"),
+    (r"head\.(classification_head\.(?:conv|cls_logits)"
+     r"|regression_head\.(?:conv|bbox_reg|bbox_ctrness))\.(.+)",
+     lambda m: f"head.{_TORCHVISION_FCOS_HEAD[m[1]]}.{m[2]}"),
+)
 
 
 def _rename(key, rules):
-    """The first rule whose pattern matches the whole key decides: a new name, an _Ignore, or
-    None when no rule matches."""
+    """The first rule whose pattern matches the whole key decides: a new name or an _Ignore."""
     for pattern, target in rules:
         m = re.fullmatch(pattern, key)
         if m:
             if isinstance(target, _Ignore):
                 return target
             return target(m) if callable(target) else m.expand(target)
-    return None
+    return _Ignore("not part of the layout the key map knows")
 
 
 # layout -> a few keys only it has
@@ -219,14 +201,6 @@ _SIGNATURES = {
 }
 
 
-def _layout_of(state):
-    """Which published layout a state dict follows, from its signature keys (None: none)."""
-    for kind, signature in _SIGNATURES.items():
-        if set(signature) <= set(state):
-            return kind
-    return None
-
-
 def _strip_prefixes(state):
     """Drop DataParallel's "module." and torch.compile's "_orig_mod." from every key."""
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
@@ -235,11 +209,7 @@ def _strip_prefixes(state):
 def _first_line(e):
     """The telling line of an exception's message (torch.load's weights_only errors put it after
     a paragraph of advice)."""
-    text = str(e).strip()
-    if "WeightsUnpickler error:" in text:
-        after = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines()]
-        after = [line for line in after if line]
-        return "weights_only unpickler: " + (after[0] if after else "refused")
+    text = str(e).split("WeightsUnpickler error:")[-1].strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 
@@ -313,11 +283,9 @@ def check_weights(state, source):
     for k, v in state.items():
         if not torch.is_tensor(v) or not v.is_floating_point():
             continue
-        if not bool(torch.isfinite(v).all()):
-            n = int((~torch.isfinite(v)).sum())
+        if n := int((~torch.isfinite(v)).sum()):
             bad.append(f"tensor {k} holds {n} non-finite value(s) (NaN or inf) of {v.numel()}")
-        elif k.endswith("running_var") and bool((v < 0).any()):
-            n = int((v < 0).sum())
+        elif k.endswith("running_var") and (n := int((v < 0).sum())):
             bad.append(f"tensor {k} holds {n} negative BatchNorm running variance(s) of "
                        f"{v.numel()} (min {float(v.min()):.3g}; a variance is >= 0)")
     if bad:
@@ -421,7 +389,7 @@ def read_weights(source):
     state = obj.get("state_dict", obj)
     state = state if isinstance(state, dict) else {}
     state = _strip_prefixes({k: v for k, v in state.items() if torch.is_tensor(v)})
-    kind = _layout_of(state)
+    kind = next((kind for kind, keys in _SIGNATURES.items() if set(keys) <= set(state)), None)
     if kind is None:
         some = ", ".join(list(state)[:4]) or "no tensors"
         raise ValueError(f"{name} is none of the weights init_from knows (CenterNet's ctdet DLA-34 "
@@ -429,16 +397,6 @@ def read_weights(source):
                          f"checkpoint); its first keys: {some}")
     check_weights(state, name)
     return LoadedWeights(kind, name, state)
-
-
-def _fits(kind, cfg):
-    if kind in ("centernet_dla34", "dla34_imagenet"):
-        return cfg.method == "centermask" and cfg.backbone == "dla34"
-    if kind == "centernet_hourglass104":
-        return cfg.method == "centermask" and cfg.backbone == "hourglass104"
-    if kind == "torchvision_fcos":
-        return cfg.method != "centermask" and cfg.backbone == "resnet50"
-    return True
 
 
 def _class_rows(cat_ids, num_classes, by_id):
@@ -462,25 +420,30 @@ def _class_rows(cat_ids, num_classes, by_id):
     return [c if by_id else COCO_CATEGORY_IDS.index(c) for c in cat_ids], cat_ids
 
 
+def _is_counter(key):
+    return key.endswith("num_batches_tracked")
+
+
 def _group_keys(keys, universe, limit=12):
     """A short listing of `keys` (a subset of `universe`): each key is shown by its shortest
-    dotted prefix all of whose `universe` keys are in `keys`, as "prefix.* (n)"."""
+    dotted prefix all of whose `universe` keys are in `keys`, as "prefix.* (n)". BatchNorm's
+    step counters, scattered over every BN, are only counted (those a model has and a file lacks
+    stay 0: unused with a fixed momentum)."""
     def prefixes(k):
         parts = k.split(".")
         return [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
-    in_universe = Counter(p for k in universe for p in prefixes(k))
+    counters = [k for k in keys if _is_counter(k)]
+    keys = [k for k in keys if not _is_counter(k)]
+    in_universe = Counter(p for k in universe if not _is_counter(k) for p in prefixes(k))
     in_keys = Counter(p for k in keys for p in prefixes(k))
-    groups = {}
-    for k in keys:
-        p = next(p for p in prefixes(k) if in_keys[p] == in_universe.get(p, 0))
-        groups[p] = in_keys[p]
-    shown = [p if p in keys and n == 1 else f"{p}.* ({n})" for p, n in groups.items()]
-    more = f", ... ({len(shown) - limit} more groups)" if len(shown) > limit else ""
-    return ", ".join(shown[:limit]) + more
-
-
-def _is_counter(key):
-    return key.endswith("num_batches_tracked")
+    groups = dict.fromkeys(next(p for p in prefixes(k) if in_keys[p] == in_universe[p])
+                           for k in keys)
+    shown = [p if p in keys and in_keys[p] == 1 else f"{p}.* ({in_keys[p]})" for p in groups]
+    if len(shown) > limit:
+        shown[limit:] = [f"... ({len(shown) - limit} more groups)"]
+    if counters:
+        shown.append(f"{len(counters)} BatchNorm num_batches_tracked counters")
+    return ", ".join(shown)
 
 
 @dataclass
@@ -502,27 +465,15 @@ class ImportReport:
         lines = [f"init_from {self.source}: {self.description} -> {self.model}",
                  f"  loaded: {len(self.loaded)} tensors"]
         lines += [f"  note: {n}" for n in self.notes]
-        colon = ":" if self.ignored else ""
-        lines.append(f"  ignored: {len(self.ignored)} tensors of the file{colon}")
+        lines.append(f"  ignored: {len(self.ignored)} tensors of the file")
         by_reason = {}
         for k, why in self.ignored.items():
             by_reason.setdefault(why, []).append(k)
         for why, keys in by_reason.items():
-            # BatchNorm's counters are scattered over every BN: just count them
-            if all(_is_counter(k) for k in keys):
-                lines.append(f"    {len(keys)} num_batches_tracked counters: {why}")
-            else:
-                lines.append(f"    {_group_keys(keys, self.file_keys)}: {why}")
-        counters = [k for k in self.new if _is_counter(k)]
-        fresh = [k for k in self.new if not _is_counter(k)]
-        colon = ":" if self.new else ""
-        lines.append(f"  newly initialised: {len(self.new)} tensors of the model{colon}")
-        if fresh:
-            model_keys = [k for k in self.model_keys if not _is_counter(k)]
-            lines.append(f"    {_group_keys(fresh, model_keys)}")
-        if counters:
-            lines.append(f"    {len(counters)} BatchNorm num_batches_tracked counters (not in the "
-                         "file; left at 0, unused with a fixed momentum)")
+            lines.append(f"    {_group_keys(keys, self.file_keys)}: {why}")
+        lines.append(f"  newly initialised: {len(self.new)} tensors of the model")
+        if self.new:
+            lines.append(f"    {_group_keys(self.new, self.model_keys)}")
         return "\n".join(lines)
 
 
@@ -548,25 +499,30 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
         weights = read_weights(weights)
     cfg, kind = model.cfg, weights.kind
     what = f"{cfg.method} / {cfg.backbone}"
-    desc, fits, needs = WEIGHT_LAYOUTS[kind]
-    if not _fits(kind, cfg):
-        raise ValueError(f"{weights.source} holds {desc}; it fits {fits}, not this {what} model")
+    desc, methods, backbone, needs = WEIGHT_LAYOUTS[kind]
+    if methods and (cfg.method not in methods or cfg.backbone != backbone):
+        raise ValueError(f"{weights.source} holds {desc}; it fits method="
+                         f"{' / '.join(map(repr, methods))}, backbone={backbone!r}, not this "
+                         f"{what} model")
     # the first FPN level: FCOSIS's P2, else P3 (the file's from the method it was trained as)
     first_level = getattr(getattr(model, "backbone", None), "first_level", 3)
     src_first_level = 2 if (weights.model_args or {}).get("method") == "fcosis" else 3
     rules = {"centernet_dla34": _CENTERNET_DLA_RULES,
              "centernet_hourglass104": _CENTERNET_HOURGLASS_RULES,
              "dla34_imagenet": _DLA34_IMAGENET_RULES,
-             "torchvision_fcos": _torchvision_fcos_rules(first_level),
-             "project": _project_rules(src_first_level, first_level)}[kind]
+             "torchvision_fcos": _TORCHVISION_FCOS_RULES,
+             "project": ((r"(.+)", r"\1"),)}[kind]         # ours: the same names
+    # the FPN's blocks renumbered (FCOS's C3-C5 are blocks 0-2, FCOSIS's C2-C5 blocks 0-3), so that
+    # each level finds its own
+    shift = src_first_level - first_level
+    rules = ((r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(.+)",
+              lambda m: f"backbone.fpn.{m[1]}_blocks.{int(m[2]) + shift}.{m[3]}"), *rules)
     model_state = model.state_dict()
     mapped, source_of, ignored, missing, notes = {}, {}, {}, [], []
     for key, tensor in weights.state.items():
         target = _rename(key, rules)
         if isinstance(target, _Ignore):
             ignored[key] = str(target)
-        elif target is None:
-            ignored[key] = "not part of the layout the key map knows"
         elif target not in model_state:
             if _is_counter(key):
                 ignored[key] = ("BatchNorm's step counter: this model's (frozen) BatchNorm "
@@ -630,8 +586,7 @@ def import_weights(model, weights, cat_ids=None, fresh=()):
     if not mapped:
         raise ValueError(f"nothing in {weights.source} ({weights.description}) fits this {what} "
                          "model")
-    unexpected = model.load_state_dict(mapped, strict=False).unexpected_keys
-    assert not unexpected, unexpected
+    model.load_state_dict(mapped, strict=False)               # every key of `mapped` is the model's
     new = [k for k in model_state if k not in mapped]
     if kind == "torchvision_fcos":
         with torch.no_grad():

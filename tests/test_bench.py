@@ -61,15 +61,3 @@ def test_bench_times_the_accumulation_recording_pass():
     res = bench("--gradient_accumulation_steps=2")
     assert res["record_ms_per_img"] > 0 and res["record_over_train"] > 0
     assert res["to_original_ms_per_img"] > 0 and bench()["record_ms_per_img"] is None
-
-
-def test_bench_on_real_data(tmp_path):
-    """Guards real_data: the first images of a COCO-format folder (here 2 shapes images of
-    64 px, written by data.py) through the test transforms as the timed batch."""
-    import data
-    paths = data.write_shapes_dataset(str(tmp_path), n_train=0, n_val=2, size=64, seed=0)
-    with open(paths["val_ann"]) as f:
-        num_classes = len(json.load(f)["categories"])
-    res = bench(f"--real_data={tmp_path}", f"--val_img_dir={paths['val_img_dir']}",
-                f"--val_ann={paths['val_ann']}", f"--num_classes={num_classes}", "--batch_size=2")
-    assert res["synthetic"] is False and res["batch_size"] == 2 and res["train_ms_per_img"] > 0
