@@ -28,6 +28,7 @@ import time
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, fields
 from functools import partial
+from itertools import islice
 
 import torch
 import torch.distributed as dist
@@ -163,7 +164,7 @@ if init_from != "resume" and os.path.exists(ckpt_path) and not overwrite:
 # -----------------------------------------------------------------------------
 
 # -- processes and device ---------------------------------------------------------------------
-ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
+ddp = "RANK" in os.environ  # launched by torchrun?
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
 if device.startswith("cuda") and not torch.cuda.is_available():
@@ -172,10 +173,9 @@ if device.startswith("cuda") and not torch.cuda.is_available():
 # rank on another node ends the run then); above rank 0's work alone, which the others await
 # (COCOeval of the whole val set at the end, checkpoint writes)
 DIST_TIMEOUT = datetime.timedelta(minutes=20)
-rank, local_rank, world_size = 0, 0, 1
+rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+world_size = int(os.environ.get("WORLD_SIZE", 1))
 if ddp:
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -315,11 +315,9 @@ elif imported is not None:
     # published weights: renamed into the model, every tensor accounted for (weights.import_weights);
     # the class channels of the training json's categories (label k = COCO category label_to_cat_id[k])
     try:
-        cat_ids = train_set.label_to_cat_id
-        report = import_weights(model, imported, cat_ids=cat_ids, fresh=init_fresh)
+        log(import_weights(model, imported, cat_ids=train_set.label_to_cat_id, fresh=init_fresh))
     except ValueError as e:
         fail(f"init_from={init_from!r}: {e}")
-    log(str(report))
     imported = None  # free memory
 model.to(device)
 if device_type == "cuda":  # NHWC convolutions on GPUs (the images follow in to_device)
@@ -353,7 +351,7 @@ opt = make_optimizer(groups, lr=learning_rate, fused=True)
 if checkpoint is not None:
     opt.load_state_dict(checkpoint["optimizer"])
     # fp16's dynamic scale; the others restart at 1
-    if dtype == "float16" and checkpoint.get("scaler"):
+    if dtype == "float16":
         scaler.load_state_dict(checkpoint["scaler"])
 
 raw_model = model
@@ -400,8 +398,7 @@ max_iters = max_iters or epochs * iters_per_epoch
 # on 3 images or 3,000) keeps them at the same fractions of it, the quick start's at 75% and 95%.
 # eval_every_epochs, an interval, stays one in epochs, but for a run given in iterations
 # (--max_iters), whose epochs may be 1 iteration or 1,000: then it follows the run too. What the
-# command line sets itself is taken as it is.
-_given = {a[2:].split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--")}
+# command line sets itself is taken as it is (_given).
 _run = _recipe["max_iters"] or _recipe["epochs"] * iters_per_epoch  # the config's, iterations
 _follow = {"lr_steps": "lr_steps" not in _given, "eval_every_epochs": "max_iters" in _given
            and "eval_every_epochs" not in _given} if max_iters != _run else {}
@@ -587,7 +584,7 @@ log(f"training for {max_iters} iterations ({iters_per_epoch} per epoch, batch {b
     f"{world_size}{micro}); lr steps at iterations {step_iters}\nglobal batch {global_batch} "
     f"({world_size} process(es) x batch_size {batch_size} x {accum} micro-batch(es)), learning "
     f"rate {learning_rate:g}")
-if global_batch != _recipe_batch and not _own_learning_rate:
+if global_batch != _recipe_batch and "learning_rate" not in _given:
     log(f"warning: the config's recipe steps on {_recipe_batch} images at learning rate "
         f"{learning_rate:g}; this launch steps on {global_batch}, another recipe: give it its own "
         f"--learning_rate, or keep processes x batch_size x gradient_accumulation_steps = "
@@ -805,25 +802,20 @@ while it < max_iters and not stop:
     # augmentations of the uninterrupted one (bitwise on the CPU with num_workers=0; persistent
     # workers keep their own RNG across epochs, so with workers only the data order is exact).
     torch.manual_seed(seed + 1_000_003 * (epoch + 1) + rank)
-    # after a resume: the batches already seen this epoch
-    skip = (it - epoch * iters_per_epoch) * accum
-    micro_batches, steps_this_epoch = [], it - epoch * iters_per_epoch
-    for images, targets in loader:
-        if skip > 0:
-            skip -= 1
-            continue
+    micro_batches = []
+    # after a resume: the batches already seen this epoch skipped
+    for images, targets in islice(loader, (it - epoch * iters_per_epoch) * accum, None):
         micro_batches.append(to_device(images, targets))
         if len(micro_batches) < accum:
             continue
         waited += time.time() - t_fetch  # since the previous step ended: the step's data
         lr = get_lr(it)
         for g in opt.param_groups:
-            g["lr"] = lr * g.get("lr_factor", 1.0)
+            g["lr"] = lr * g["lr_factor"]
         with stop_on_non_finite_deform(f"iteration {it + 1}"):
             tally.add(train_step(micro_batches), it)
         micro_batches = []
         it += 1
-        steps_this_epoch += 1
 
         if it % log_interval == 0 or it == max_iters:
             tally.check()
@@ -866,7 +858,7 @@ while it < max_iters and not stop:
             eval_s_per_image = (time.time() - t_eval) / max(1, stats["num_images"])
         # the last checkpoint, at every epoch's end and at a stop (unless an evaluation wrote it)
         stop = agreed_signal() if it < max_iters else 0
-        epoch_done = steps_this_epoch >= iters_per_epoch
+        epoch_done = it >= (epoch + 1) * iters_per_epoch
         if (epoch_done or stop) and not evaluating:
             tally.check()
             if master:
@@ -884,14 +876,13 @@ if stop:
     log(f"train.py: {signal.Signals(stop).name} at iteration {it} of {max_iters}: wrote "
         f"{ckpt_path}; the same command with --init_from=resume goes on from it")
 else:
-    minutes = (time.time() - t_start) / 60
-    log(f"done: {max_iters} iterations in {minutes:.1f} min, best AP {best_ap:.4f}")
-if master and not stop:
-    # predictions and teaching maps of the first 8 val images
-    with stop_on_non_finite_deform("drawing the pictures"):
-        drawn = save_pictures(raw_model, val_set, os.path.join(out_dir, "pictures"), n=8,
-                              device=device, maps_fn=teaching_maps(raw_model))
-    log(f"wrote {len(drawn)} pictures to {os.path.join(out_dir, 'pictures')}")
+    log(f"done: {max_iters} iterations in {(time.time() - t_start) / 60:.1f} min, "
+        f"best AP {best_ap:.4f}")
+    if master:  # predictions and teaching maps of the first 8 val images
+        with stop_on_non_finite_deform("drawing the pictures"):
+            drawn = save_pictures(raw_model, val_set, os.path.join(out_dir, "pictures"), n=8,
+                                  device=device, maps_fn=teaching_maps(raw_model))
+        log(f"wrote {len(drawn)} pictures to {os.path.join(out_dir, 'pictures')}")
 if ddp:
     # every rank waits until rank 0 has drawn its pictures: a gloo group torn down on one rank
     # while a peer is still busy can abort that process ("terminate called ..." after training)
