@@ -188,8 +188,7 @@ if device_type == "cpu":
     # without a GPU, use the cores (split between processes under torchrun)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world_size))
 else:
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True  # (torch.backends.cudnn.allow_tf32: by default)
     torch.backends.cudnn.benchmark = True
 
 if dtype == "auto":
@@ -284,13 +283,12 @@ if shapes_dir:
 augment = dict(scale_range=scale_range, color_jitter=color_jitter, input_format=input_format)
 # keep_res with the fcos transform: data.py's one-line error
 test = dict(input_format=input_format, **({"keep_res": True} if keep_res else {}))
-test_size = test_input_size or input_size
 # (data.py's errors, OSError or ValueError, name the file / annotation: one_line_errors)
 train_set = CocoInstances(paths["train_img_dir"], paths["train_ann"],
                           build_transforms(transform, True, input_size, **augment),
                           max_images=n_images[0] or None)
 val_set = CocoInstances(paths["val_img_dir"], paths["val_ann"],
-                        build_transforms(transform, False, test_size, **test),
+                        build_transforms(transform, False, test_input_size or input_size, **test),
                         max_images=n_images[1] or None)
 # labels are read through the val json's categories
 if val_set.label_to_cat_id != train_set.label_to_cat_id:
@@ -484,12 +482,8 @@ metrics = []
 
 def append_metrics(record):
     metrics.append(record)
-    path = os.path.join(out_dir, METRICS)
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        fail(f"cannot append to {path}: {type(e).__name__}: {e}")
+    with open(os.path.join(out_dir, METRICS), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def draw_curves():
@@ -546,10 +540,8 @@ def run_eval(n):
 
 if master:
     # a read-only or full out_dir fails here, in the first seconds, not at the first checkpoint
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create out_dir {out_dir}: {e}")
+    # (an OSError naming the folder: one_line_errors)
+    os.makedirs(out_dir, exist_ok=True)
     write_out("config.json", partial(write_text, json.dumps(config, indent=1, default=str)))
     # A run killed while writing leaves its temporary file (e.g. ckpt.pt.tmp<pid>) behind. It is
     # never loaded (a checkpoint exists only once renamed), so it is only litter: remove it.
@@ -572,11 +564,10 @@ checkpoint = None  # free memory
 if master:
     # metrics.jsonl: a resume keeps the records up to its checkpoint's iteration (a run killed
     # after it had logged further logs those iterations again), any other start none
-    if os.path.exists(os.path.join(out_dir, METRICS)):
-        with open(os.path.join(out_dir, METRICS)) as f:
-            for line in f:
-                with suppress(ValueError):  # a line cut by a crash mid-append
-                    metrics.append(json.loads(line))
+    with suppress(FileNotFoundError), open(os.path.join(out_dir, METRICS)) as f:
+        for line in f:
+            with suppress(ValueError):  # a line cut by a crash mid-append
+                metrics.append(json.loads(line))
     metrics = [r for r in metrics if r["iter"] <= it]
     write_out(METRICS, partial(write_text, "".join(json.dumps(r) + "\n" for r in metrics)))
 micro = f" x {accum} micro-batches" if accum > 1 else ""
