@@ -488,7 +488,8 @@ def append_metrics(record):
 
 def draw_curves():
     """loss.png (every loss term of the log lines, log scale) and ap.png (box and mask AP of the
-    evaluations), drawn from metrics.jsonl: the whole run, its resumes included."""
+    evaluations), drawn from metrics.jsonl's records (`metrics`): the whole run, its resumes
+    included."""
     from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
     logs = [r for r in metrics if "lr" in r]
     evals = [r for r in metrics if "bbox_AP" in r]
