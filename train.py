@@ -722,8 +722,8 @@ def train_step(micro_batches):
         means = record_normalizers(raw_model, micro_batches, autocast).mean(0)     # (calls,)
     terms = {}
     for m, (images, targets) in enumerate(micro_batches):
-        last = m == len(micro_batches) - 1
-        with (model.no_sync() if ddp and not last else nullcontext()), \
+        # under DDP: the gradients all-reduced at the last micro-batch only
+        with (model.no_sync() if ddp and m < len(micro_batches) - 1 else nullcontext()), \
                 (replaying(means) if accum > 1 else nullcontext()):
             with autocast:
                 losses = model(images, targets)
