@@ -541,8 +541,10 @@ def run_eval(n):
 
 if master:
     # a read-only or full out_dir fails here, in the first seconds, not at the first checkpoint
-    # (an OSError naming the folder: one_line_errors)
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create out_dir {out_dir}: {e}")
     write_out("config.json", partial(write_text, json.dumps(config, indent=1, default=str)))
     # A run killed while writing leaves its temporary file (e.g. ckpt.pt.tmp<pid>) behind. It is
     # never loaded (a checkpoint exists only once renamed), so it is only litter: remove it.
