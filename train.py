@@ -482,8 +482,12 @@ metrics = []
 
 def append_metrics(record):
     metrics.append(record)
-    with open(os.path.join(out_dir, METRICS), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = os.path.join(out_dir, METRICS)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # README: a full disk stops the run with one line naming the file
+        fail(f"cannot append to {path}: {type(e).__name__}: {e}")
 
 
 def draw_curves():
