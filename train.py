@@ -776,10 +776,12 @@ cpu_group = dist.new_group(backend="gloo") if ddp and device_type == "cuda" else
 
 def agreed_signal():
     """The signal that asks the run to stop (0: none), the same on every rank."""
-    signum = torch.tensor([max(signals, default=0)])
+    signum = max(signals, default=0)
     if ddp:
-        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=cpu_group)
-    return int(signum)
+        flag = torch.tensor([signum])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group)
+        signum = int(flag)
+    return signum
 
 
 model.train()
