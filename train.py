@@ -28,6 +28,7 @@ import time
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, fields
 from functools import partial
+from itertools import islice
 
 import torch
 import torch.distributed as dist
@@ -123,7 +124,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 _recipe = apply_overrides(defaults_of(os.path.abspath(__file__)),
                           [a for a in sys.argv[1:] if not a.startswith("-")], verbose=False)
 _recipe_batch = _recipe["batch_size"] * _recipe["gradient_accumulation_steps"]
-_own_learning_rate = any(a.startswith("--learning_rate=") for a in sys.argv[1:])
+_given = {a[2:].split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--")}  # command-line keys
 from data import (SHAPES_DEFAULTS, CocoInstances, GroupedBatchSampler,  # noqa: E402
                   aspect_ratio_groups, build_transforms, collate_fn, dataset_paths,
                   shapes_dataset_missing, write_atomic, write_shapes_dataset)
@@ -139,19 +140,17 @@ transform = method_transform(method)
 input_format = "rgb_imagenet"
 def fail(line):
     """A user's error (data, paths, weights, keys, the command line): the one line naming it,
-    exit status 2 (a run that fails on its own, a non-finite loss, exits 1)."""
-    print(line, file=sys.stderr)
+    exit status 2 (a run that fails on its own, a non-finite loss, exits 1). A ValueError or an
+    OSError raised anywhere (data.py's, weights.py's refusals) ends the same way
+    (weights.one_line_errors, above)."""
+    print(f"train.py: error: {line}", file=sys.stderr)
     sys.exit(2)
 
 
 # The model keys are checked before any work (a value ModelConfig refuses, or a key the method
-# does not read: one line naming the key, exit status 2, as the configurator's own errors).
-try:
-    check_settings({f.name: 1 if f.name == "num_classes" else globals()[f.name]
-                    for f in fields(ModelConfig)})
-except ValueError as _e:
-    print(f"{os.path.basename(sys.argv[0])}: error: {_e}", file=sys.stderr)
-    sys.exit(2)
+# does not read: its ValueError, one line naming the key, exit status 2).
+check_settings({f.name: 1 if f.name == "num_classes" else globals()[f.name]
+                for f in fields(ModelConfig)})
 config = config_from_globals(globals())  # the resolved config, saved in checkpoints
 # Nothing a user trained is written over: a start that is not a resume (from scratch, or from
 # weights) writes a new ckpt.pt into out_dir at its first epoch's end, so an out_dir holding one
@@ -159,27 +158,24 @@ config = config_from_globals(globals())  # the resolved config, saved in checkpo
 # lose that run).
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from != "resume" and os.path.exists(ckpt_path) and not overwrite:
-    print(f"{os.path.basename(sys.argv[0])}: error: {ckpt_path} exists and init_from={init_from!r} "
-          f"would write over it: continue that run with --init_from=resume, train into another "
-          f"--out_dir, or start over in this one with --overwrite=True", file=sys.stderr)
-    sys.exit(2)
+    fail(f"{ckpt_path} exists and init_from={init_from!r} would write over it: continue that "
+         f"run with --init_from=resume, train into another --out_dir, or start over in this one "
+         f"with --overwrite=True")
 # -----------------------------------------------------------------------------
 
 # -- processes and device ---------------------------------------------------------------------
-ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
+ddp = "RANK" in os.environ  # launched by torchrun?
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
 if device.startswith("cuda") and not torch.cuda.is_available():
-    fail(f"train.py: device={device!r} was asked for but no CUDA GPU is visible; "
-             "use --device=cpu (or --device=auto)")
+    fail(f"device={device!r} was asked for but no CUDA GPU is visible; use --device=cpu")
 # DDP: a collective waits this long for the other processes, then the waiting ones stop (a dead
 # rank on another node ends the run then); above rank 0's work alone, which the others await
 # (COCOeval of the whole val set at the end, checkpoint writes)
 DIST_TIMEOUT = datetime.timedelta(minutes=20)
-rank, local_rank, world_size = 0, 0, 1
+rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+world_size = int(os.environ.get("WORLD_SIZE", 1))
 if ddp:
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -192,8 +188,7 @@ if device_type == "cpu":
     # without a GPU, use the cores (split between processes under torchrun)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world_size))
 else:
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True  # (torch.backends.cudnn.allow_tf32: by default)
     torch.backends.cudnn.benchmark = True
 
 if dtype == "auto":
@@ -240,7 +235,7 @@ if init_fresh and init_from in ("scratch", "resume"):
     log(f"init_fresh={init_fresh!r}: no effect with init_from={init_from!r} (nothing is imported)")
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
-        fail(f"train.py: init_from='resume' but there is no checkpoint at {ckpt_path}")
+        fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}")
     # NaN / inf, a BatchNorm variance below 0: refused here, not met as a crash later
     # (weights.check_weights); model_args normalised by ModelConfig (tuples vs lists, ints vs
     # floats), to be compared with this run's below
@@ -249,8 +244,7 @@ if init_from == "resume":
         check_weights(checkpoint["model"], f"{ckpt_path} ('model' weights)")
         saved_args = asdict(ModelConfig(**checkpoint["model_args"]))
     except Exception as e:  # weights.py's lines name the file and say why
-        fail(f"train.py: {e}" if str(e).startswith(ckpt_path) else
-                 f"train.py: cannot read checkpoint {ckpt_path}: {type(e).__name__}: {e}")
+        fail(e if str(e).startswith(ckpt_path) else f"cannot read checkpoint {ckpt_path}: {e!r}")
     updates = [(k, checkpoint["config"][k], "as the checkpoint was trained")
                for k in ("input_format", "fcos_form") if k in checkpoint.get("config", {})]
 elif init_from != "scratch":
@@ -259,7 +253,7 @@ elif init_from != "scratch":
     try:
         imported = read_weights(init_from)
     except (OSError, ValueError, RuntimeError) as e:
-        fail(f"train.py: init_from={init_from!r}: {e}")
+        fail(f"init_from={init_from!r}: {e}")
     if ddp and master:
         dist.barrier()
     log(f"init_from={init_from!r}: {imported.description}")
@@ -289,22 +283,18 @@ if shapes_dir:
 augment = dict(scale_range=scale_range, color_jitter=color_jitter, input_format=input_format)
 # keep_res with the fcos transform: data.py's one-line error
 test = dict(input_format=input_format, **({"keep_res": True} if keep_res else {}))
-test_size = test_input_size or input_size
-try:
-    train_set = CocoInstances(paths["train_img_dir"], paths["train_ann"],
-                              build_transforms(transform, True, input_size, **augment),
-                              max_images=n_images[0] or None)
-    val_set = CocoInstances(paths["val_img_dir"], paths["val_ann"],
-                            build_transforms(transform, False, test_size, **test),
-                            max_images=n_images[1] or None)
-except (OSError, ValueError) as e:  # data.py's messages name the file / annotation
-    fail(f"train.py: {e}")
+# (data.py's errors, OSError or ValueError, name the file / annotation: one_line_errors)
+train_set = CocoInstances(paths["train_img_dir"], paths["train_ann"],
+                          build_transforms(transform, True, input_size, **augment),
+                          max_images=n_images[0] or None)
+val_set = CocoInstances(paths["val_img_dir"], paths["val_ann"],
+                        build_transforms(transform, False, test_input_size or input_size, **test),
+                        max_images=n_images[1] or None)
 # labels are read through the val json's categories
 if val_set.label_to_cat_id != train_set.label_to_cat_id:
-    fail(f"train.py: {paths['val_ann']} lists other categories than {paths['train_ann']} (ids "
-             f"{val_set.label_to_cat_id[:20]} against {train_set.label_to_cat_id[:20]}): the "
-             f"model's labels are the training json's, so evaluation would score them as other "
-             f"classes; give both jsons the same categories")
+    fail(f"{paths['val_ann']} lists other categories than {paths['train_ann']} (ids "
+         f"{val_set.label_to_cat_id[:20]} against {train_set.label_to_cat_id[:20]}): evaluation "
+         f"would score the model's labels as other classes; give both jsons the same categories")
 num_classes = config["num_classes"] = train_set.num_classes
 
 # -- model and optimiser ----------------------------------------------------------------------------
@@ -313,8 +303,8 @@ if checkpoint is not None:  # resume
     now = asdict(ModelConfig(**model_args))
     diff = {k: (saved_args[k], now[k]) for k in now if saved_args[k] != now[k]}
     if diff:
-        fail(f"train.py: checkpoint {ckpt_path} was made with another model config; differing "
-                 f"keys (checkpoint, now): {diff}. Use another out_dir or the same config.")
+        fail(f"checkpoint {ckpt_path} was made with another model config; differing keys "
+             f"(checkpoint, now): {diff}. Use another out_dir or the same config.")
 
 model = build_model(ModelConfig(**model_args))
 if checkpoint is not None:
@@ -323,11 +313,9 @@ elif imported is not None:
     # published weights: renamed into the model, every tensor accounted for (weights.import_weights);
     # the class channels of the training json's categories (label k = COCO category label_to_cat_id[k])
     try:
-        cat_ids = train_set.label_to_cat_id
-        report = import_weights(model, imported, cat_ids=cat_ids, fresh=init_fresh)
+        log(import_weights(model, imported, cat_ids=train_set.label_to_cat_id, fresh=init_fresh))
     except ValueError as e:
-        fail(f"train.py: init_from={init_from!r}: {e}")
-    log(str(report))
+        fail(f"init_from={init_from!r}: {e}")
     imported = None  # free memory
 model.to(device)
 if device_type == "cuda":  # NHWC convolutions on GPUs (the images follow in to_device)
@@ -353,7 +341,7 @@ elif optimizer == "sgd":
               {"params": [p for n, p in named if "bias" in n], "lr_factor": SGD_BIAS_LR_FACTOR,
                "weight_decay": 0.0}]
 else:
-    fail(f"train.py: optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    fail(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
 # fused: one kernel over all parameters (~8% of a CPU step), and the scaler's found_inf is read on
 # the device (no sync per step); Adam and SGD have it on CUDA and on the CPU (the torch of
 # requirements.txt)
@@ -361,7 +349,7 @@ opt = make_optimizer(groups, lr=learning_rate, fused=True)
 if checkpoint is not None:
     opt.load_state_dict(checkpoint["optimizer"])
     # fp16's dynamic scale; the others restart at 1
-    if dtype == "float16" and checkpoint.get("scaler"):
+    if dtype == "float16":
         scaler.load_state_dict(checkpoint["scaler"])
 
 raw_model = model
@@ -393,12 +381,12 @@ collate = partial(collate_fn, size_divisibility=raw_model.size_divisibility)
 loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate, **workers,
                     pin_memory=device_type == "cuda", persistent_workers=num_workers > 0)
 accum = gradient_accumulation_steps
-if not isinstance(accum, int) or accum < 1:
-    fail(f"train.py: gradient_accumulation_steps must be an integer >= 1, got {accum!r}")
+if accum < 1:  # an int: the configurator checks the type
+    fail(f"gradient_accumulation_steps must be an integer >= 1, got {accum!r}")
 global_batch = batch_size * accum * world_size
 if len(loader) < accum:
-    fail(f"train.py: batch_size={batch_size} x {accum} micro-batch(es) x {world_size} "
-             f"process(es) is larger than the training set ({len(train_set)} images)")
+    fail(f"batch_size={batch_size} x {accum} micro-batch(es) x {world_size} process(es) is "
+         f"larger than the training set ({len(train_set)} images)")
 # optimizer steps; an epoch's last len(loader) % accum batches are dropped
 iters_per_epoch = len(loader) // accum
 max_iters = max_iters or epochs * iters_per_epoch
@@ -408,8 +396,7 @@ max_iters = max_iters or epochs * iters_per_epoch
 # on 3 images or 3,000) keeps them at the same fractions of it, the quick start's at 75% and 95%.
 # eval_every_epochs, an interval, stays one in epochs, but for a run given in iterations
 # (--max_iters), whose epochs may be 1 iteration or 1,000: then it follows the run too. What the
-# command line sets itself is taken as it is.
-_given = {a[2:].split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--")}
+# command line sets itself is taken as it is (_given).
 _run = _recipe["max_iters"] or _recipe["epochs"] * iters_per_epoch  # the config's, iterations
 _follow = {"lr_steps": "lr_steps" not in _given, "eval_every_epochs": "max_iters" in _given
            and "eval_every_epochs" not in _given} if max_iters != _run else {}
@@ -437,13 +424,13 @@ if warmup_iters > WARMUP_MAX_FRACTION * max_iters and "warmup_iters" not in _giv
 # A resume continues the saved iteration count: on another global batch (another number of
 # processes, batch_size or gradient_accumulation_steps) or another epoch length, the epoch, the
 # learning-rate steps and the images per step would shift without a word, so it stops here.
-if checkpoint is not None and (checkpoint.get("global_batch", global_batch), checkpoint.get(
-        "iters_per_epoch", iters_per_epoch)) != (global_batch, iters_per_epoch):
-    fail(f"train.py: checkpoint {ckpt_path} was trained with a global batch of "
-             f"{checkpoint['global_batch']} images, {checkpoint['iters_per_epoch']} iterations per "
-             f"epoch; now {global_batch} (batch_size {batch_size} x {accum} micro-batch(es) x "
-             f"{world_size} process(es)), {iters_per_epoch} per epoch: resume with the saved "
-             f"global batch (e.g. gradient_accumulation_steps for fewer processes)")
+if checkpoint is not None and (checkpoint["global_batch"], checkpoint["iters_per_epoch"]) != (
+        global_batch, iters_per_epoch):
+    fail(f"checkpoint {ckpt_path} was trained with a global batch of {checkpoint['global_batch']} "
+         f"images, {checkpoint['iters_per_epoch']} iterations per epoch; now {global_batch} "
+         f"(batch_size {batch_size} x {accum} micro-batch(es) x {world_size} process(es)), "
+         f"{iters_per_epoch} per epoch: resume with the saved global batch (e.g. "
+         f"gradient_accumulation_steps for fewer processes)")
 
 # Warm-up (warmup_iters > 0): from WARMUP_FACTOR x lr. Adam: f = 0, linear, (it + 1) / W x lr.
 # SGD: f = 1/3 (SOLVER.WARMUP_FACTOR), held constant in FCOS's configs/fcos/*.yaml (WARMUP_METHOD
@@ -471,17 +458,9 @@ def write_out(name, write):
         write_atomic(final, write)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         # torch's message for a full disk is cryptic ("unexpected pos ..."): say how full it is
-        try:
-            free = f" ({shutil.disk_usage(out_dir).free / 2**20:.0f} MiB free on that disk)"
-        except OSError:
-            free = ""
-        fail(f"train.py: cannot write {final}: {type(e).__name__}: {e}{free}. "
-                 f"The previous {name}, if any, is intact.")
-
-
-def dump_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
+        free = shutil.disk_usage(out_dir).free / 2**20
+        fail(f"cannot write {final}: {type(e).__name__}: {e} ({free:.0f} MiB free on that disk). "
+             f"The previous {name}, if any, is intact.")
 
 
 def write_text(text, path):
@@ -494,38 +473,30 @@ def write_text(text, path):
 # iteration: waiting on the loader, and all of it), images_per_s, gpu_mem_gib on a GPU}; an
 # evaluation's: {iter, epoch, every AP number and the rest of eval.evaluate's stats}. Each line is
 # written whole and flushed: a crash mid-append can cut only the last one, which readers skip and
-# the next start drops. LOG_KEYS: the keys of a log line that are no loss term.
+# the next start drops. `metrics`: its records, read at the start (below), the curves' data.
+# LOG_KEYS: the keys of a log line that are no loss term.
 METRICS = "metrics.jsonl"
 LOG_KEYS = ("iter", "epoch", "lr", "data_time", "step_time", "images_per_s", "gpu_mem_gib")
-
-
-def read_metrics():
-    """metrics.jsonl's records, in order ([] without the file)."""
-    records, path = [], os.path.join(out_dir, METRICS)
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                with suppress(ValueError):  # a line cut by a crash mid-append
-                    records.append(json.loads(line))
-    return records
+metrics = []
 
 
 def append_metrics(record):
+    metrics.append(record)
     path = os.path.join(out_dir, METRICS)
     try:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        fail(f"train.py: cannot append to {path}: {type(e).__name__}: {e}")
+    except OSError as e:  # README: a full disk stops the run with one line naming the file
+        fail(f"cannot append to {path}: {type(e).__name__}: {e}")
 
 
 def draw_curves():
     """loss.png (every loss term of the log lines, log scale) and ap.png (box and mask AP of the
-    evaluations), drawn from metrics.jsonl: the whole run, its resumes included."""
+    evaluations), drawn from metrics.jsonl's records (`metrics`): the whole run, its resumes
+    included."""
     from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
-    records = read_metrics()
-    logs = [r for r in records if "lr" in r]
-    evals = [r for r in records if "bbox_AP" in r]
+    logs = [r for r in metrics if "lr" in r]
+    evals = [r for r in metrics if "bbox_AP" in r]
     terms = [k for k in logs[-1] if k not in LOG_KEYS] if logs else []
     for name, rows, keys, ylabel in (("loss.png", logs, terms, "loss"),
                                      ("ap.png", evals, ["bbox_AP", "segm_AP"], "AP")):
@@ -577,8 +548,8 @@ if master:
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        fail(f"train.py: cannot create out_dir {out_dir}: {e}")
-    write_out("config.json", partial(dump_json, config))
+        fail(f"cannot create out_dir {out_dir}: {e}")
+    write_out("config.json", partial(write_text, json.dumps(config, indent=1, default=str)))
     # A run killed while writing leaves its temporary file (e.g. ckpt.pt.tmp<pid>) behind. It is
     # never loaded (a checkpoint exists only once renamed), so it is only litter: remove it.
     for leftover in sorted(os.listdir(out_dir)):
@@ -591,23 +562,27 @@ if master:
 # -- the loop ---------------------------------------------------------------------------------------
 # val images of the periodic evaluations (the COCO configs' choice; the last one reads all)
 EVAL_IMAGES = 500
-it = checkpoint["iter"] if checkpoint is not None else 0
-best_ap = checkpoint["best_ap"] if checkpoint is not None else -1.0
+it, best_ap = 0, -1.0
 if checkpoint is not None:
+    it, best_ap = checkpoint["iter"], checkpoint["best_ap"]
     log(f"resuming from {ckpt_path} at iteration {it} of {max_iters} (epoch "
         f"{it / iters_per_epoch:g}), best AP so far {best_ap:.4f}")
 checkpoint = None  # free memory
 if master:
     # metrics.jsonl: a resume keeps the records up to its checkpoint's iteration (a run killed
     # after it had logged further logs those iterations again), any other start none
-    kept = "".join(json.dumps(r) + "\n" for r in read_metrics() if r["iter"] <= it)
-    write_out(METRICS, partial(write_text, kept))
+    with suppress(FileNotFoundError), open(os.path.join(out_dir, METRICS)) as f:
+        for line in f:
+            with suppress(ValueError):  # a line cut by a crash mid-append
+                metrics.append(json.loads(line))
+    metrics = [r for r in metrics if r["iter"] <= it]
+    write_out(METRICS, partial(write_text, "".join(json.dumps(r) + "\n" for r in metrics)))
 micro = f" x {accum} micro-batches" if accum > 1 else ""
 log(f"training for {max_iters} iterations ({iters_per_epoch} per epoch, batch {batch_size} x "
     f"{world_size}{micro}); lr steps at iterations {step_iters}\nglobal batch {global_batch} "
     f"({world_size} process(es) x batch_size {batch_size} x {accum} micro-batch(es)), learning "
     f"rate {learning_rate:g}")
-if global_batch != _recipe_batch and not _own_learning_rate:
+if global_batch != _recipe_batch and "learning_rate" not in _given:
     log(f"warning: the config's recipe steps on {_recipe_batch} images at learning rate "
         f"{learning_rate:g}; this launch steps on {global_batch}, another recipe: give it its own "
         f"--learning_rate, or keep processes x batch_size x gradient_accumulation_steps = "
@@ -753,8 +728,8 @@ def train_step(micro_batches):
         means = record_normalizers(raw_model, micro_batches, autocast).mean(0)     # (calls,)
     terms = {}
     for m, (images, targets) in enumerate(micro_batches):
-        last = m == len(micro_batches) - 1
-        with (model.no_sync() if ddp and not last else nullcontext()), \
+        # under DDP: the gradients all-reduced at the last micro-batch only
+        with (model.no_sync() if ddp and m < len(micro_batches) - 1 else nullcontext()), \
                 (replaying(means) if accum > 1 else nullcontext()):
             with autocast:
                 losses = model(images, targets)
@@ -825,25 +800,20 @@ while it < max_iters and not stop:
     # augmentations of the uninterrupted one (bitwise on the CPU with num_workers=0; persistent
     # workers keep their own RNG across epochs, so with workers only the data order is exact).
     torch.manual_seed(seed + 1_000_003 * (epoch + 1) + rank)
-    # after a resume: the batches already seen this epoch
-    skip = (it - epoch * iters_per_epoch) * accum
-    micro_batches, steps_this_epoch = [], it - epoch * iters_per_epoch
-    for images, targets in loader:
-        if skip > 0:
-            skip -= 1
-            continue
+    micro_batches = []
+    # after a resume: the batches already seen this epoch skipped
+    for images, targets in islice(loader, (it - epoch * iters_per_epoch) * accum, None):
         micro_batches.append(to_device(images, targets))
         if len(micro_batches) < accum:
             continue
         waited += time.time() - t_fetch  # since the previous step ended: the step's data
         lr = get_lr(it)
         for g in opt.param_groups:
-            g["lr"] = lr * g.get("lr_factor", 1.0)
+            g["lr"] = lr * g["lr_factor"]
         with stop_on_non_finite_deform(f"iteration {it + 1}"):
             tally.add(train_step(micro_batches), it)
         micro_batches = []
         it += 1
-        steps_this_epoch += 1
 
         if it % log_interval == 0 or it == max_iters:
             tally.check()
@@ -878,14 +848,15 @@ while it < max_iters and not stop:
                 save_checkpoint(it, best_ap)
                 if ap >= best_ap:
                     save_checkpoint(it, best_ap, "best.pt")
-                write_out("eval.json", partial(dump_json, {"iter": it, **stats}))
+                text = json.dumps({"iter": it, **stats}, indent=1, default=str)
+                write_out("eval.json", partial(write_text, text))
                 append_metrics({"iter": it, "epoch": round(it / iters_per_epoch, 3), **stats})
                 draw_curves()
             t_log += time.time() - t_eval  # evaluation time is not training time
             eval_s_per_image = (time.time() - t_eval) / max(1, stats["num_images"])
         # the last checkpoint, at every epoch's end and at a stop (unless an evaluation wrote it)
         stop = agreed_signal() if it < max_iters else 0
-        epoch_done = steps_this_epoch >= iters_per_epoch
+        epoch_done = it >= (epoch + 1) * iters_per_epoch
         if (epoch_done or stop) and not evaluating:
             tally.check()
             if master:
@@ -903,14 +874,13 @@ if stop:
     log(f"train.py: {signal.Signals(stop).name} at iteration {it} of {max_iters}: wrote "
         f"{ckpt_path}; the same command with --init_from=resume goes on from it")
 else:
-    minutes = (time.time() - t_start) / 60
-    log(f"done: {max_iters} iterations in {minutes:.1f} min, best AP {best_ap:.4f}")
-if master and not stop:
-    # predictions and teaching maps of the first 8 val images
-    with stop_on_non_finite_deform("drawing the pictures"):
-        drawn = save_pictures(raw_model, val_set, os.path.join(out_dir, "pictures"), n=8,
-                              device=device, maps_fn=teaching_maps(raw_model))
-    log(f"wrote {len(drawn)} pictures to {os.path.join(out_dir, 'pictures')}")
+    log(f"done: {max_iters} iterations in {(time.time() - t_start) / 60:.1f} min, "
+        f"best AP {best_ap:.4f}")
+    if master:  # predictions and teaching maps of the first 8 val images
+        with stop_on_non_finite_deform("drawing the pictures"):
+            drawn = save_pictures(raw_model, val_set, os.path.join(out_dir, "pictures"), n=8,
+                                  device=device, maps_fn=teaching_maps(raw_model))
+        log(f"wrote {len(drawn)} pictures to {os.path.join(out_dir, 'pictures')}")
 if ddp:
     # every rank waits until rank 0 has drawn its pictures: a gloo group torn down on one rank
     # while a peer is still busy can abort that process ("terminate called ..." after training)
