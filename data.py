@@ -156,15 +156,14 @@ class CocoInstances(torch.utils.data.Dataset):
         ann_file:   COCO instances json
         transforms: callable (pil_image, target) -> (image, target), e.g. from
                     build_transforms(); None = keep the original size (scale 1)
-        max_images: keep only the first `max_images` images (after `image_ids`)
-        image_ids:  keep only these COCO image ids, in this order
+        max_images: keep only the first `max_images` images (by id)
 
-    With `max_images` or `image_ids`, `self.coco` holds only the kept images and their
+    With `max_images`, `self.coco` holds only the kept images and their
     annotations, so COCOeval on `self.coco` scores exactly the images of the dataset.
 
     Attributes:
         coco             pycocotools COCO object (ground truth for COCOeval)
-        ids              COCO image ids in dataset order (sorted ids unless `image_ids` given)
+        ids              COCO image ids in dataset order (sorted)
         cat_ids          sorted COCO category ids (need not be contiguous: COCO has 1..90)
         label_to_cat_id  list: contiguous label 0..C-1 -> COCO category id
         cat_id_to_label  dict: COCO category id -> label
@@ -202,7 +201,7 @@ class CocoInstances(torch.utils.data.Dataset):
     missing, corrupt or truncated image raises ImageReadError naming its path when loaded.
     """
 
-    def __init__(self, img_dir, ann_file, transforms=None, max_images=None, image_ids=None):
+    def __init__(self, img_dir, ann_file, transforms=None, max_images=None):
         self.img_dir, self.ann_file, self.transforms = img_dir, ann_file, transforms
         if not os.path.isdir(img_dir):
             raise FileNotFoundError(f"image folder not found: {img_dir} (for {ann_file})")
@@ -226,27 +225,21 @@ class CocoInstances(torch.utils.data.Dataset):
         self.cat_id_to_label = {cid: label for label, cid in enumerate(self.cat_ids)}
         self.class_names = [str(c.get("name", c["id"])) for c in cats]
         self.num_classes = len(cats)
-        named = {cid: f"{cid} ({name})" for cid, name in zip(self.cat_ids, self.class_names)}
+        named = [f"{cid} ({name})" for cid, name in zip(self.cat_ids, self.class_names)]
         # e.g. Roboflow's category 0, named after the project: a class the model learns never to
-        # predict
-        unused = [named[cid] for cid in self.cat_ids if cid not in used]
+        # predict; CVAT, for one, exports masks drawn with a brush as iscrowd=1 RLE
+        unused = [n for cid, n in zip(self.cat_ids, named) if cid not in used]
+        crowd_only = [n for cid, n in zip(self.cat_ids, named) if cid in used - objects]
         if unused:
             warnings.warn(f"{ann_file}: categories with no annotation at all: {_first(unused)} "
                           "(still classes of the model; COCOeval skips them)", DataWarning)
-        # CVAT, for one, exports masks drawn with a brush as iscrowd=1 RLE
-        crowd_only = [named[cid] for cid in self.cat_ids if cid in used - objects]
         if crowd_only:
             warnings.warn(f"{ann_file}: categories {_first(crowd_only)} only have crowd regions "
                           "(iscrowd=1), which are never trained on: if they are objects, set their "
                           "iscrowd to 0", DataWarning)
 
-        # Dataset order and optional subset.
-        known = {img["id"] for img in images}
-        ids = sorted(known) if image_ids is None else list(image_ids)
-        missing = [i for i in ids if i not in known]
-        if missing:
-            raise ValueError(f"image_ids {missing[:10]} are not in {ann_file}")
-        self.ids = ids[:max_images]
+        # Dataset order (sorted ids) and the optional subset
+        self.ids = sorted(img["id"] for img in images)[:max_images]
         if len(self.ids) != len(images):  # a subset: keep self.coco consistent with it
             keep = set(self.ids)
             data = dict(data, images=[img for img in images if img["id"] in keep],
@@ -266,24 +259,19 @@ class CocoInstances(torch.utils.data.Dataset):
             raise ValueError(f"{ann_file}: expected a JSON object with 'images', 'annotations' "
                              f"and 'categories', got {type(data).__name__}")
         data.setdefault("annotations", [])
-        for key in ("images", "annotations", "categories"):
+        ids = {}  # "images" -> the set of image ids, ...
+        for key, what in (("images", "image"), ("annotations", "annotation"),
+                          ("categories", "category")):
             if not isinstance(data.get(key), list):
                 raise ValueError(f"{ann_file}: missing or non-list '{key}'")
-        images, anns, cats = data["images"], data["annotations"], data["categories"]
-
-        def unique_ids(entries, what):
-            """The ids of `entries`; an entry without one, or an id seen twice: an error."""
-            ids = set()
-            for k, e in enumerate(entries):
+            ids[key] = set()
+            for k, e in enumerate(data[key]):  # every entry has an id, seen once
                 if not isinstance(e, dict) or "id" not in e:
                     raise ValueError(f"{ann_file}: {what} #{k} ({str(e)[:60]}) has no 'id'")
-                if e["id"] in ids:
+                if e["id"] in ids[key]:
                     raise ValueError(f"{ann_file}: duplicate {what} id {e['id']}")
-                ids.add(e["id"])
-            return ids
-
-        cat_ids, img_ids = unique_ids(cats, "category"), unique_ids(images, "image")
-        unique_ids(anns, "annotation")
+                ids[key].add(e["id"])
+        images, anns, cat_ids = data["images"], data["annotations"], ids["categories"]
         if not all(isinstance(cid, int) for cid in cat_ids):
             raise ValueError(f"{ann_file}: category ids must be integers, got "
                              f"{sorted(cat_ids, key=str)}")
@@ -295,7 +283,7 @@ class CocoInstances(torch.utils.data.Dataset):
                 raise ValueError(f"{ann_file}: image id {img['id']} has invalid height/width "
                                  f"{img['height']!r}/{img['width']!r}")
         for a in anns:
-            if a.get("image_id") not in img_ids:
+            if a.get("image_id") not in ids["images"]:
                 raise ValueError(f"{ann_file}: annotation id {a['id']} refers to image_id "
                                  f"{a.get('image_id')!r}, which is not among the file's images")
             if a.get("category_id") not in cat_ids:
@@ -303,10 +291,9 @@ class CocoInstances(torch.utils.data.Dataset):
                                  f"{a.get('category_id')!r} (known: {sorted(cat_ids)})")
             a.setdefault("iscrowd", 0)
             # COCOeval's area ranges need the area; the box area is a fair stand-in
-            if "area" not in a:
-                box_ok = _valid_bbox(a.get("bbox"))
-                a["area"] = float(a["bbox"][2] * a["bbox"][3]) if box_ok else 0.0
-        return images, anns, cats
+            box_ok = _valid_bbox(a.get("bbox"))
+            a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]) if box_ok else 0.0)
+        return images, anns, data["categories"]
 
     def __len__(self):
         return len(self.ids)
@@ -379,30 +366,29 @@ class CocoInstances(torch.utils.data.Dataset):
         A polygon list with some invalid parts (e.g. a stray 2-point fragment) keeps its valid
         parts. Edits the annotation dicts in place (they are ours, freshly loaded).
         """
-        problems = []
+        problems = []  # (annotation id, warning)
         for ann in anns:
             img = images[ann["image_id"]]
             seg, why = _check_segmentation(ann.get("segmentation"), img["height"], img["width"])
             box_ok = _valid_bbox(ann.get("bbox"))
-            if seg is not None and box_ok:
-                ann["segmentation"] = seg
-                if why:
-                    problems.append((ann, img, f"{why}; kept the valid parts"))
-                continue
-            if seg is not None:
-                why = f"invalid bbox {ann.get('bbox')!r}"
-            problems.append((ann, img, f"{why}; skipped (an ignored crowd region for COCOeval)"))
-            ann["iscrowd"] = 1
-            if not box_ok:
-                ann["bbox"] = [0.0, 0.0, 0.0, 0.0]
-            x, y, w, h = ann["bbox"]
-            ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
-        for ann, img, why in problems[:20]:
-            path = os.path.join(self.img_dir, img["file_name"])
-            warnings.warn(f"annotation id {ann['id']} of image {path} ({self.ann_file}): {why}",
-                          DataWarning)
+            if seg is not None and not box_ok:
+                seg, why = None, f"invalid bbox {ann.get('bbox')!r}"
+            if seg is None:
+                why += "; skipped (an ignored crowd region for COCOeval)"
+                ann.update(iscrowd=1, bbox=ann["bbox"] if box_ok else [0.0, 0.0, 0.0, 0.0])
+                x, y, w, h = ann["bbox"]
+                seg = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+            elif why:
+                why += "; kept the valid parts"
+            ann["segmentation"] = seg
+            if why:
+                path = os.path.join(self.img_dir, img["file_name"])
+                problems.append((ann["id"], f"annotation id {ann['id']} of image {path} "
+                                            f"({self.ann_file}): {why}"))
+        for _, message in problems[:20]:
+            warnings.warn(message, DataWarning)
         if len(problems) > 20:
-            more = [str(ann["id"]) for ann, _, _ in problems[20:]]
+            more = [str(ann_id) for ann_id, _ in problems[20:]]
             warnings.warn(f"{len(more)} more annotations of {self.ann_file} with invalid "
                           f"segmentations or boxes, ids {_first(more, 50)}", DataWarning)
 
@@ -470,11 +456,10 @@ def _valid_polygon(p):
     if not isinstance(p, list) or len(p) < 6 or len(p) % 2:
         return False
     try:
-        if not math.isfinite(sum(p)):  # one C-speed pass: NaN/inf propagate, a str raises
-            return False
+        # one C-speed pass: NaN/inf propagate, a str raises; then the flatness, below
+        return math.isfinite(sum(p)) and not _is_flat(p)
     except TypeError:
         return False
-    return not _is_flat(p)
 
 
 def _is_flat(p):
@@ -506,20 +491,19 @@ def _check_segmentation(seg, H0, W0):
         if not valid:
             return None, ("empty polygon list" if not seg else
                           "no valid polygon (need >= 3 finite (x, y) points, not all on one line)")
-        if len(valid) < len(seg):
-            return valid, f"{len(seg) - len(valid)} invalid polygon part(s) dropped"
-        return seg, None
-    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if list(seg["size"]) != [H0, W0]:
-            return None, f"RLE size {seg['size']} != image size {[H0, W0]}"
-        counts = seg["counts"]
-        if isinstance(counts, list):
-            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != H0 * W0:
-                return None, "uncompressed RLE counts are not non-negative ints adding up to h * w"
-        elif not isinstance(counts, (str, bytes)):
-            return None, f"RLE counts of type {type(counts).__name__}"
-        return seg, None
-    return None, f"no usable segmentation ({type(seg).__name__})"
+        dropped = len(seg) - len(valid)
+        return valid, f"{dropped} invalid polygon part(s) dropped" if dropped else None
+    if not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
+        return None, f"no usable segmentation ({type(seg).__name__})"
+    counts = seg["counts"]
+    if list(seg["size"]) != [H0, W0]:
+        return None, f"RLE size {seg['size']} != image size {[H0, W0]}"
+    if isinstance(counts, list) and not (all(isinstance(c, int) and c >= 0 for c in counts)
+                                         and sum(counts) == H0 * W0):
+        return None, "uncompressed RLE counts are not non-negative ints adding up to h * w"
+    if not isinstance(counts, (list, str, bytes)):
+        return None, f"RLE counts of type {type(counts).__name__}"
+    return seg, None
 
 
 # -----------------------------------------------------------------------------
@@ -1191,30 +1175,24 @@ def write_coco_subset(ann_file, img_dir, out, n=128, split=None):
     checked before anything is written; the json is written last (atomically), so a json on disk
     means its images are complete. Returns (image folder, json path, images, annotations)."""
     data = _load_json(ann_file)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-            or not isinstance(data.get("categories"), list):
-        raise ValueError(f"{ann_file}: expected a COCO json with 'images' and 'categories' lists")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    for k, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not isinstance(img.get("id"), int) \
-                or not isinstance(img.get("file_name"), str):
-            raise ValueError(f"{ann_file}: image entry #{k} has no integer 'id' or no 'file_name'")
-    images = sorted(data["images"], key=lambda img: img["id"])[:n]
-    keep = {img["id"] for img in images}
-    anns = [a for a in data.get("annotations") or []
-            if isinstance(a, dict) and a.get("image_id") in keep]
-    missing = [os.path.join(img_dir, img["file_name"]) for img in images
-               if not os.path.isfile(os.path.join(img_dir, img["file_name"]))]
+    try:
+        images = sorted(data["images"], key=lambda img: img["id"])[:n]
+        files = [os.path.join(img_dir, img["file_name"]) for img in images]
+        keep = {img["id"] for img in images}
+        anns = [a for a in data.get("annotations") or [] if a["image_id"] in keep]
+    except (TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{ann_file}: expected a COCO json with 'images' (with 'id' and "
+                         f"'file_name') and 'annotations' ({type(e).__name__}: {e})") from e
+    missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of the {len(images)} images of {ann_file} are not "
                                 f"in {img_dir}, e.g. {missing[0]}")
     split = split or os.path.basename(os.path.normpath(img_dir))
     out_img_dir = os.path.join(out, split)
-    for img in images:
+    for img, src in zip(images, files):
         dst = os.path.join(out_img_dir, img["file_name"])
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        shutil.copyfile(os.path.join(img_dir, img["file_name"]), dst)
+        shutil.copyfile(src, dst)
     out_ann = os.path.join(out, "annotations", f"instances_{split}.json")
     write_json({**data, "images": images, "annotations": anns}, out_ann)
     return out_img_dir, out_ann, len(images), len(anns)
@@ -1222,17 +1200,14 @@ def write_coco_subset(ann_file, img_dir, out, n=128, split=None):
 
 if __name__ == "__main__":
     import argparse
-    import time
 
     parser = argparse.ArgumentParser(description="data utilities")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("shapes", help="write the synthetic shapes dataset (COCO format); by "
-                       "default the quick start's set")
+                       "default the quick start's set (--size: image side, --seed: shapes_seed)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n_train", type=int, default=SHAPES_DEFAULTS["n_train"])
-    p.add_argument("--n_val", type=int, default=SHAPES_DEFAULTS["n_val"])
-    p.add_argument("--size", type=int, default=SHAPES_DEFAULTS["size"], help="image side in pixels")
-    p.add_argument("--seed", type=int, default=SHAPES_DEFAULTS["seed"], help="shapes_seed")
+    for key, default in SHAPES_DEFAULTS.items():  # --n_train, --n_val, --size, --seed
+        p.add_argument(f"--{key}", type=int, default=default)
     p = sub.add_parser("subset", help="the first N images of a COCO json and their files, laid "
                        "out as COCO128 (OUT/SPLIT/*.jpg, OUT/annotations/instances_SPLIT.json)")
     p.add_argument("--ann", required=True, help="COCO json, e.g. instances_train2017.json")
@@ -1241,7 +1216,6 @@ if __name__ == "__main__":
     p.add_argument("--n", type=int, default=128, help="images to keep, the first by id (COCO128)")
     p.add_argument("--split", default=None, help="the split's name (default: img_dir's name)")
     args = parser.parse_args()
-    t0 = time.time()
     if args.command == "subset":
         try:
             folder, ann, n_img, n_ann = write_coco_subset(args.ann, args.img_dir, args.out, args.n,
@@ -1251,9 +1225,4 @@ if __name__ == "__main__":
         print(f"{n_img} images in {folder}, {n_ann} annotations in {ann}")
     else:
         paths = write_shapes_dataset(args.out, args.n_train, args.n_val, args.size, args.seed)
-        for split in ("train", "val"):
-            with open(paths[f"{split}_ann"]) as f:
-                n_ann = len(json.load(f)["annotations"])
-            print(f"{split}: {getattr(args, 'n_' + split)} images in {paths[split + '_img_dir']}, "
-                  f"{n_ann} instances in {paths[split + '_ann']}")
-    print(f"done in {time.time() - t0:.1f}s")
+        print(f"{args.n_train} + {args.n_val} images written: {paths}")
