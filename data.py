@@ -298,20 +298,17 @@ class CocoInstances(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ids)
 
-    def image_path(self, index):
-        return os.path.join(self.img_dir, self.coco.imgs[self.ids[index]]["file_name"])
-
     def load_image(self, index):
         """The original image as an 8-bit RGB PIL image, as stored (EXIF orientation ignored). A
         missing file's error says how the json's file_name was joined to img_dir, and names the
         file when it lies in img_dir without the json's folder prefix."""
-        path = self.image_path(index)
+        name = self.coco.imgs[self.ids[index]]["file_name"]
+        path = os.path.join(self.img_dir, name)
         try:
             return load_rgb_image(path)
         except ImageReadError as e:
             if os.path.exists(path):
                 raise
-            name = self.coco.imgs[self.ids[index]]["file_name"]
             hint = f" (the json's file_name {name!r}, under img_dir {self.img_dir})"
             flat = os.path.join(self.img_dir, os.path.basename(name))
             if flat != path and os.path.exists(flat):
@@ -322,7 +319,7 @@ class CocoInstances(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
-        path = self.image_path(index)
+        path = os.path.join(self.img_dir, info["file_name"])
         img = self.load_image(index)
         H0, W0 = int(info["height"]), int(info["width"])
         if img.size != (W0, H0):
@@ -353,8 +350,7 @@ class CocoInstances(torch.utils.data.Dataset):
         # (N, H0, W0) as a transposed view of (N, W0, H0) memory: see _decode_mask
         masks = torch.from_numpy(np.stack(masks)).transpose(1, 2) if masks else None
         target = _target(image_id, H0, W0, boxes, labels, masks)
-        transform = _identity_transform if self.transforms is None else self.transforms
-        return transform(img, target)
+        return (self.transforms or _identity_transform)(img, target)
 
     def _sanitize(self, anns, images):
         """Check every annotation's segmentation and bbox once, here rather than in each worker.
@@ -718,14 +714,14 @@ class InstanceTransform:
             raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {scale_range}")
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
-        self.kind, self.train, self.input_size = kind, bool(train), int(input_size)
+        # input_format: the network's colour order and statistics (normalize_input)
+        self.kind, self.train, self.input_format = kind, bool(train), input_format
+        self.input_size = int(input_size)
         self.scale_range = tuple(float(s) for s in scale_range)
         self.max_size, self.keep_res = int(max_size), bool(keep_res)
         self.flip_prob = float(flip_prob) if train else 0.0
         self.color_var = float(color_jitter) if train and kind == "centernet" else 0.0
         self.scales = centernet_scales(self.scale_range) if kind == "centernet" else None
-        # normalize_input: the network's colour order and statistics
-        self.input_format = input_format
 
     def _scale(self, H0, W0):
         """Network pixels per original pixel of the resize (test transforms, fcos training),
