@@ -1188,10 +1188,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="data utilities")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("shapes", help="write the synthetic shapes dataset (COCO format); by "
-                       "default the quick start's set (--size: image side, --seed: shapes_seed)")
+                       "default the quick start's set")
     p.add_argument("--out", required=True, help="output folder")
-    for key, default in SHAPES_DEFAULTS.items():  # --n_train, --n_val, --size, --seed
-        p.add_argument(f"--{key}", type=int, default=default)
+    p.add_argument("--n_train", type=int, default=SHAPES_DEFAULTS["n_train"])
+    p.add_argument("--n_val", type=int, default=SHAPES_DEFAULTS["n_val"])
+    p.add_argument("--size", type=int, default=SHAPES_DEFAULTS["size"], help="image side in pixels")
+    p.add_argument("--seed", type=int, default=SHAPES_DEFAULTS["seed"], help="shapes_seed")
     p = sub.add_parser("subset", help="the first N images of a COCO json and their files, laid "
                        "out as COCO128 (OUT/SPLIT/*.jpg, OUT/annotations/instances_SPLIT.json)")
     p.add_argument("--ann", required=True, help="COCO json, e.g. instances_train2017.json")
