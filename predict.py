@@ -23,24 +23,20 @@ exit status 2); every file is written whole (a temporary name, then renamed), so
 run leaves no half file.
 
 The checkpoint says what each label means ("class_names", "label_to_cat_id", saved by train.py);
-for a checkpoint written before train.py saved them, the training json named by its config is
-read, and failing that the classes are called by their label number.
+a checkpoint written before train.py saved them shows its classes by their label number.
 """
 
 import glob
-import json
 import os
-import sys
 
-import numpy as np
 import torch
+from torchvision.transforms.v2.functional import pil_to_tensor
 
-from data import (ImageReadError, collate_fn, dataset_paths, load_rgb_image, unlabelled_sample,
-                  write_json)
-from eval import (Progress, checkpoint_transform, load_checkpoint_model, to_coco_results,
-                  to_original)
+from data import ImageReadError, collate_fn, load_rgb_image, unlabelled_sample, write_json
+from eval import Progress, checkpoint_transform, load_checkpoint_model, to_coco_results, to_original
 from model import NON_FINITE_DEFORM, check_deform_finite
 from pictures import draw_predictions, network_input_rgb, save_maps_figure, teaching_maps, write_png
+from weights import one_line_errors
 
 # -- config (overridable: python predict.py --key=value) ------------------------------------------
 ckpt = ""                     # checkpoint written by train.py (required)
@@ -54,52 +50,31 @@ device = "auto"               # "auto" (a GPU when there is one), "cpu", "cuda",
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
 
-def fail(msg):
-    print(f"predict.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def input_files(pattern):
     """The files `pattern` names: a file, every file of a folder (sorted), or a glob's matches."""
     if os.path.isdir(pattern):
-        files = [os.path.join(pattern, f) for f in os.listdir(pattern)]
-    else:
-        files = [pattern] if os.path.isfile(pattern) else glob.glob(pattern)
+        pattern = os.path.join(glob.escape(pattern), "*")  # (hidden files left out: not pictures)
+    files = [pattern] if os.path.isfile(pattern) else glob.glob(pattern)
     return sorted(f for f in files if os.path.isfile(f))
 
 
-def class_meaning(checkpoint, num_classes):
-    """(class_names, label_to_cat_id) of a checkpoint: saved by train.py, else read from the
-    training json of its config, else the label numbers themselves."""
-    if "class_names" in checkpoint and "label_to_cat_id" in checkpoint:
-        return list(checkpoint["class_names"]), list(checkpoint["label_to_cat_id"])
-    try:
-        ann = dataset_paths(checkpoint.get("config") or {})["train_ann"]
-        with open(ann) as f:
-            cats = sorted(json.load(f)["categories"], key=lambda c: c["id"])
-        print(f"predict.py: the checkpoint does not name its classes: read them from {ann}")
-        return [str(c.get("name", c["id"])) for c in cats], [c["id"] for c in cats]
-    except (OSError, ValueError, KeyError, TypeError):
-        print("predict.py: the checkpoint does not name its classes and its training json is not "
-              "at hand: classes are shown by label number")
-        return [str(k) for k in range(num_classes)], list(range(num_classes))
-
-
 if __name__ == "__main__":
+    # a ValueError or OSError (a user's error: a bad checkpoint, option or input) ends with one
+    # line "predict.py: error: ..." and exit status 2
+    one_line_errors("predict.py")
     if not ckpt:
-        fail("no checkpoint given: pass --ckpt=PATH")
-    files = input_files(input) if input else []
+        raise ValueError("no checkpoint given: pass --ckpt=PATH")
+    files = input_files(input)
     if not files:
-        fail(f"--input={input!r} names no file: give a picture, a folder or a glob ('*.jpg')")
+        raise ValueError(f"--input={input!r} names no file (a picture, a folder, a glob '*.jpg')")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device={device} was asked for but no CUDA GPU is available (use --device=cpu)")
-    try:
-        model, checkpoint = load_checkpoint_model(ckpt, device)
-    except ValueError as e:
-        fail(str(e))
-    class_names, label_to_cat_id = class_meaning(checkpoint, model.cfg.num_classes)
+        raise ValueError(f"--device={device}: no CUDA GPU is available (use --device=cpu)")
+    model, checkpoint = load_checkpoint_model(ckpt, device)
+    # what each label means (train.py saves it); a checkpoint without: the label numbers
+    class_names = checkpoint.get("class_names") or [str(k) for k in range(model.cfg.num_classes)]
+    label_to_cat_id = checkpoint.get("label_to_cat_id") or list(range(len(class_names)))
     transform = checkpoint_transform(checkpoint)     # the training config's test transform
     maps_fn = teaching_maps(model) if maps else None
     if maps and maps_fn is None:
@@ -109,36 +84,31 @@ if __name__ == "__main__":
     print(f"predicting {len(files)} file(s) with {ckpt} ({type(model).__name__}, "
           f"{len(class_names)} classes) on {device}, {transform.kind} test transform, "
           f"inputs {transform.input_format}; writing to {out}")
-    results, skipped, progress = {}, 0, Progress("predicting", len(files))
+    results, progress = {}, Progress("predicting", len(files))
     with torch.no_grad():
         for done, path in enumerate(files):
             progress(done)                                      # files done so far
-            name = os.path.basename(path)
             try:
                 pil = load_rgb_image(path, upright=True)         # EXIF orientation applied
             except ImageReadError as e:
                 print(f"skipping {path}: not an image that can be read ({e.__cause__ or e})")
-                skipped += 1
                 continue
             sample = unlabelled_sample(pil, transform)                  # the picture, no target
             images, targets = collate_fn([sample], model.size_divisibility)  # (1, 3, H, W)
             images = images.to(device)
             try:
                 output = model(images, image_sizes=[tuple(targets[0]["size"].tolist())])[0]
-                # a GPU's count of NaN / inf offsets (model.py), read once per image
-                check_deform_finite()
-            except RuntimeError as e:
-                # DeformConv's refusal of NaN / inf as one line; anything else passes
-                if NON_FINITE_DEFORM not in str(e):
-                    raise
-                fail(f"{ckpt} on {path}: {NON_FINITE_DEFORM}")
+                check_deform_finite()  # a GPU's count of NaN / inf offsets, read once per image
+            except RuntimeError as e:  # DeformConv's refusal of NaN / inf as one line
+                if NON_FINITE_DEFORM in str(e):
+                    raise ValueError(f"{ckpt} on {path}: {NON_FINITE_DEFORM}") from None
+                raise
             keep = output["scores"] >= score_threshold
-            output = {k: v[keep].cpu() for k, v in output.items()}
-            pred = to_original(output, targets[0], model.mask_threshold)
-            image = torch.from_numpy(np.array(pil)).permute(2, 0, 1)  # (3, H0, W0) uint8
-            stem = os.path.splitext(name)[0]
-            write_png(draw_predictions(image.contiguous(), pred, class_names, score_threshold),
-                      os.path.join(out, f"{stem}_pred.png"))
+            pred = to_original({k: v[keep].cpu() for k, v in output.items()}, targets[0],
+                               model.mask_threshold)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            write_png(draw_predictions(pil_to_tensor(pil), pred, class_names, score_threshold),
+                      os.path.join(out, f"{stem}_pred.png"))              # (3, H0, W0) uint8
             if maps_fn is not None:
                 save_maps_figure(network_input_rgb(images[0].cpu(), transform.input_format),
                                  maps_fn(images)[0], os.path.join(out, f"{stem}_maps.png"))
@@ -146,12 +116,11 @@ if __name__ == "__main__":
             for d, label in zip(dets, pred["labels"].tolist()):
                 del d["image_id"]
                 d.update(label=label, **{"class": class_names[label]})
-            results[name] = dets
+            results[os.path.basename(path)] = dets
     if not results:  # nothing to write: a user error (exit status 2), as a bad --input
-        print(f"predict.py: error: none of the {len(files)} file(s) of --input={input!r} is an "
-              "image that can be read", file=sys.stderr)
-        sys.exit(2)
+        raise ValueError(f"none of the {len(files)} file(s) of --input={input!r} is an image "
+                         "that can be read")
     write_json(results, os.path.join(out, "predictions.json"))
     print(f"wrote {len(results)} picture(s) with {sum(map(len, results.values()))} detection(s) >= "
-          f"{score_threshold} and predictions.json to {out}"
-          + (f"; skipped {skipped} file(s) that are not readable images" if skipped else ""))
+          f"{score_threshold} and predictions.json to {out}; skipped {len(files) - len(results)} "
+          "file(s) that are not readable images")
