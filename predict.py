@@ -32,6 +32,7 @@ import os
 import torch
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from configurator import device_and_dtype
 from data import ImageReadError, collate_fn, load_rgb_image, unlabelled_sample, write_json
 from eval import Progress, checkpoint_transform, load_checkpoint_model, to_coco_results, to_original
 from model import NON_FINITE_DEFORM, check_deform_finite
@@ -67,10 +68,7 @@ if __name__ == "__main__":
     files = input_files(input)
     if not files:
         raise ValueError(f"--input={input!r} names no file (a picture, a folder, a glob '*.jpg')")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device={device}: no CUDA GPU is available (use --device=cpu)")
+    device, _ = device_and_dtype(device, "float32")  # "auto": a GPU when there is one; fp32
     model, checkpoint = load_checkpoint_model(ckpt, device)
     # what each label means (train.py saves it); a checkpoint without: the label numbers
     class_names = checkpoint.get("class_names") or [str(k) for k in range(model.cfg.num_classes)]

@@ -38,7 +38,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 import model as model_py  # the module (below, `model` is the network)
 from model import (NON_FINITE_DEFORM, ModelConfig, build_model, method_transform,
                    non_finite_deform_count)
-from configurator import auto_dtype, check_settings
+from configurator import check_settings, device_and_dtype
 from weights import check_weights, import_weights, load_file, one_line_errors, read_weights
 
 # a bad image, annotation or path, met here or in a DataLoader worker: one line naming it, exit
@@ -165,10 +165,9 @@ if init_from != "resume" and os.path.exists(ckpt_path) and not overwrite:
 
 # -- processes and device ---------------------------------------------------------------------
 ddp = "RANK" in os.environ  # launched by torchrun?
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-if device.startswith("cuda") and not torch.cuda.is_available():
-    fail(f"device={device!r} was asked for but no CUDA GPU is visible; use --device=cpu")
+# "auto": a GPU when there is one; dtype "auto": bf16 on a GPU (else fp16), on a CPU bf16 where
+# native (AMX / AVX512-BF16), else fp32 (configurator.auto_dtype)
+device, dtype = device_and_dtype(device, dtype)
 # DDP: a collective waits this long for the other processes, then the waiting ones stop (a dead
 # rank on another node ends the run then); above rank 0's work alone, which the others await
 # (COCOeval of the whole val set at the end, checkpoint writes)
@@ -191,8 +190,6 @@ else:
     torch.backends.cuda.matmul.allow_tf32 = True  # (torch.backends.cudnn.allow_tf32: by default)
     torch.backends.cudnn.benchmark = True
 
-if dtype == "auto":
-    dtype = auto_dtype(device_type)  # GPU: bf16 (else fp16); CPU: bf16 where native, else fp32
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 # fp16 needs loss scaling (dynamic, from 2^16). fp32 and bf16 do not: their scaler keeps the scale
