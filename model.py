@@ -845,12 +845,13 @@ def l1_at_centers(pred_map, objs, target):
 # grid_sample) and multiplied by the Global Saliency map cropped to the box (`assemble_masks`).
 # The fast paths stand beside it, behind one switch, `CenterMask.fast` (True by default; tests check
 # that both give the same numbers): the S^2-channel head evaluated only at the cells read
-# (`CenterMaskHeads.shape_at`, `conv3x3_at`), the resize as two matrix products
-# (`stretch_to_boxes`) and, at inference, the product in place (`assemble_masks_fast`).
-# Measured on the shapes quick-start model (AMD EPYC, fp32, one thread, batch 4 at 128 px, commit
-# 0f9c987), the plain forms take 1.2x the train step (all of it the head's) and 2.0x the inference
-# (the in-place product with the matrix resize; the head alone buys nothing there); on
-# CenterMask-FCOS's shapes config (256 px) 1.2x and 2.1x.
+# (`CenterMaskHeads.shape_at`, `conv3x3_at`) and, at inference, the resize as two matrix products
+# (`stretch_to_boxes`) and the product in place (`assemble_masks_fast`).
+# Measured on the shapes quick-start model (fp32, one thread, batch 4; train at 128 px, inference at
+# 160 px; each path switched off alone, interleaved, median of 20): the head at the cells buys 1.19x
+# the train step and 1.24x the inference, the matrix resize 1.51x the inference (1.00x the train
+# step: the loss uses grid_sample), the in-place product 1.76x the inference; all off: 1.16x the
+# train step, 2.1x the inference.
 
 # the weight of [CM] Table 1f's direct saliency loss: [CM 4.1] gives none (ours)
 SALIENCY_LOSS_WEIGHT = 1.0
@@ -915,21 +916,18 @@ def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
     return weights, between(pos[None], lo, hi, "closed")
 
 
-def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
+def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0):
     """Fast `resize_to_boxes` (the same numbers up to float rounding; also MaskFCOS's paste): two
     batched matrix products (M, out_h, s) @ (M, s, s) @ (M, s, out_w) (`stretch_weights`) instead
-    of a grid_sample over a full sampling grid. Returns values (M, out_h, out_w) and in_box, the
-    pixel centres in the box ("closed"): bool (M, out_h, out_w), or with separable=True its float
-    factors in_y (M, out_h, 1), in_x (M, 1, out_w)."""
+    of a grid_sample over a full sampling grid. Returns values (M, out_h, out_w) and the pixel
+    centres in the box ("closed") as float factors in_y (M, out_h, 1), in_x (M, 1, out_w)."""
     wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)  # (M, H, s)
     wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)  # (M, W, s)
     # fp32 even under autocast: every later step works on it (RESULTS.md, "Numbers behind
     # model.py's choices")
     with torch.autocast(small.device.type, enabled=False):
         values = wy @ small.float() @ wx.transpose(1, 2)                         # (M, H, W)
-    if separable:
-        return values, (in_y[:, :, None].float(), in_x[:, None, :].float())
-    return values, in_y[:, :, None] & in_x[:, None, :]
+    return values, (in_y[:, :, None].float(), in_x[:, None, :].float())
 
 
 def min_size_boxes(center, wh, min_size=1.0):
@@ -1014,23 +1012,16 @@ def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, l
     return masks
 
 
-def assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel,
-                        log_space=False):
-    """`assemble_masks`, fast: the resize by `stretch_to_boxes`; at inference the product in place
+def assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel):
+    """`assemble_masks` at inference, fast: the resize by `stretch_to_boxes`, the product in place
     (no (M, gh, gw) temporaries), the saliency's sigmoid once per map, the crop one axis at a
-    time."""
+    time. (The loss uses `assemble_masks`: there the matrix resize buys nothing.)"""
     gh, gw = grid_hw
     if len(batch) == 0:
-        empty = torch.zeros(0, gh, gw, device=boxes.device)
-        return (empty, empty, empty.bool()) if log_space else empty
+        return torch.zeros(0, gh, gw, device=boxes.device)
     saliency = saliency_on_grid(saliency, grid_hw)                               # (B, n, gh, gw)
-    if log_space:
-        L, in_box = (stretch_to_boxes(local, boxes, gh, gw, pixel) if local is not None
-                     else (None, boxes_inside(boxes, gh, gw, pixel)))            # (M, gh, gw)
-        G = saliency[batch, sal_channel] if saliency is not None else None      # (M, gh, gw)
-        return (*mask_log_terms(L, G), in_box)
     if local is not None:
-        masks, (in_y, in_x) = stretch_to_boxes(local, boxes, gh, gw, pixel, separable=True)
+        masks, (in_y, in_x) = stretch_to_boxes(local, boxes, gh, gw, pixel)
         masks.sigmoid_()                                                         # (M, gh, gw)
     else:
         masks = boxes_inside(boxes, gh, gw, pixel).float()
@@ -1187,9 +1178,11 @@ class CenterMask(Method):
             head_set = self.head_sets[-1] if head_set is None else head_set
             # the vector at each centre, reshaped to S x S
             local = head_set.shape_at(out, batch, centers_int).view(len(batch), S, S)  # (M, S, S)
-        assemble = assemble_masks_fast if self.fast else assemble_masks
-        return assemble(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw, pixel,
-                        log_space)
+        if log_space or not self.fast:
+            return assemble_masks(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw,
+                                  pixel, log_space)
+        return assemble_masks_fast(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw,
+                                   pixel)
 
     # -- training -------------------------------------------------------------------------------
     def losses(self, out, targets, head_set=None):
@@ -1900,10 +1893,9 @@ def paste_masks(masks, boxes, hw):
     H, W = hw
     if len(boxes) == 0:
         return torch.zeros(0, H, W, device=boxes.device)
-    values, in_box = stretch_to_boxes(masks, min_size_boxes((boxes[:, :2] + boxes[:, 2:]) / 2,
-                                                            # (K, H, W)
-                                                            boxes[:, 2:] - boxes[:, :2]), H, W)
-    return values * in_box
+    centers, wh = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
+    values, (in_y, in_x) = stretch_to_boxes(masks, min_size_boxes(centers, wh), H, W)
+    return values * in_y * in_x                                                  # (K, H, W)
 
 
 # -----------------------------------------------------------------------------

@@ -165,8 +165,8 @@ MUTANTS = [
     Mutant("maskfcos_class_channel", M, "rois, gt_labels[gt_index]).float()",
            "rois, 0 * gt_labels[gt_index]).float()", FCOS),
     Mutant("maskfcos_normaliser", M, "float(sum(counts) * S * S)", "float(sum(counts) * S)", FCOS),
-    Mutant("paste_box_size", M, "boxes[:, 2:] - boxes[:, :2]), H, W)",
-           "boxes[:, 2:] + boxes[:, :2]), H, W)", FCOS),
+    Mutant("paste_box_size", M, "centers, wh = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes",
+           "centers, wh = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] + boxes", FCOS),
     # -- CenterMask-FCOS ([CM 4.3]) ----------------------------------------------------------------
     Mutant("cmfcos_channel_loss", M, 'ch = assigned["labels"][pos] if',
            'ch = 0 * assigned["labels"][pos] if', FCOS),

@@ -438,7 +438,8 @@ def test_stretch_to_boxes_equals_grid_sample():
     boxes = torch.tensor([[2.3, 1.7, 9.9, 12.2], [0.0, 0.0, 3.0, 2.0], [-4.0, 5.5, 6.0, 30.0],
                           [10.2, 3.1, 15.8, 4.6]])
     H, W = 16, 14
-    values, inside = stretch_to_boxes(small, boxes, H, W, pixel=1.0)
+    values, (in_y, in_x) = stretch_to_boxes(small, boxes, H, W, pixel=1.0)
+    inside = (in_y * in_x).bool()
     xs, ys = torch.arange(W) + 0.5, torch.arange(H) + 0.5
     gx = 2 * (xs[None] - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1]) - 1        # (M, W)
     gy = 2 * (ys[None] - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2]) - 1        # (M, H)
