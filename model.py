@@ -123,68 +123,67 @@ class ModelConfig:
     # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
     seg_classes: str = "agnostic"
 
+    # the keys with a fixed set of values
+    CHOICES = {"method": METHODS, "saliency": ("agnostic", "specific"),
+               "norm": ("frozen_bn", "bn"), "ambiguity": ("area", "mask"),
+               "center_sampling_at": ("box", "mass"), "attention": ("segm", "mu0", "bbox", "none"),
+               "seg_classes": ("agnostic", "specific"), "mask_loss_grid": ("output", "input"),
+               "fcos_form": ("original", "improved", "torchvision")}
+
     def __post_init__(self):
         # tuples survive a round trip through a checkpoint's plain dict / the configurator
-        self.dla_channels = tuple(self.dla_channels)
-        self.hg_dims = tuple(int(d) for d in self.hg_dims)
-        self.hg_modules = tuple(int(m) for m in self.hg_modules)
-        self.loss_weights = tuple(float(w) for w in self.loss_weights)
-        if self.method not in METHODS:
-            raise ValueError(f"ModelConfig.method: unknown method {self.method!r} "
-                             f"(known: {', '.join(METHODS)})")
-        self.ambiguity = self.ambiguity or ("mask" if self.method == "fcosreg" else "area")
-        for key, allowed in (("saliency", ("agnostic", "specific")), ("norm", ("frozen_bn", "bn")),
-                             ("ambiguity", ("area", "mask")),
-                             ("center_sampling_at", ("box", "mass")),
-                             ("attention", ("segm", "mu0", "bbox", "none")),
-                             ("seg_classes", ("agnostic", "specific")),
-                             ("mask_loss_grid", ("output", "input")),
-                             ("fcos_form", ("original", "improved", "torchvision"))):
+        for key, kind in (("dla_channels", int), ("hg_dims", int), ("hg_modules", int),
+                          ("loss_weights", float), ("reg_weights", float)):
+            setattr(self, key, tuple(kind(v) for v in getattr(self, key)))
+        # the defaults that depend on the method
+        centermasks = ("centermask", "centermask_fcos")
+        if self.mask_threshold is None:
+            self.mask_threshold = 0.4 if self.method in centermasks else 0.5
+        fcosreg = self.method == "fcosreg"
+        self.ambiguity = self.ambiguity or ("mask" if fcosreg else "area")
+        fcos_weights = (1.0, 0.0, 0.0)
+        self.reg_weights = self.reg_weights or ((1 / 3, 1 / 3, 1 / 3) if fcosreg else fcos_weights)
+        for key, allowed in self.CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"ModelConfig.{key} must be one of {allowed}, "
                                  f"got {getattr(self, key)!r}")
-        if not (self.use_shape or self.use_saliency):
-            raise ValueError("ModelConfig: use_shape and use_saliency cannot both be False "
-                             "(no mask branch left)")
-        if self.backbone == "hourglass104":
-            if len(self.hg_dims) != len(self.hg_modules) or len(self.hg_dims) < 2:
-                raise ValueError(f"ModelConfig: hg_dims {self.hg_dims} and hg_modules "
-                                 f"{self.hg_modules} need the same length (>= 2: one entry per "
-                                 "level, the last the middle)")
-            if self.num_stacks < 1 or min(self.hg_modules) < 1:
-                raise ValueError("ModelConfig: num_stacks and every hg_modules entry must be >= 1")
-        centernet_backbones = ("dla34", "hourglass104")
-        if self.method != "centermask" and self.backbone in centernet_backbones:
-            raise ValueError(f"ModelConfig: method {self.method!r} runs on a ResNet-FPN backbone "
-                             "(backbone='resnet50', 'resnet101', 'resnext101_32x8d'), not "
-                             f"{self.backbone!r}")
-        if self.method == "centermask" and self.backbone not in centernet_backbones:
-            raise ValueError("ModelConfig: CenterMask runs on backbone='dla34' or 'hourglass104', "
-                             f"not {self.backbone!r} (on a ResNet-FPN, use "
-                             "method='centermask_fcos')")
-        if self.mask_threshold is None:
-            self.mask_threshold = 0.4 if self.method in ("centermask", "centermask_fcos") else 0.5
-        if not 0.0 <= self.mask_threshold <= 1.0:
-            raise ValueError("ModelConfig.mask_threshold must be a probability in [0, 1], got "
-                             f"{self.mask_threshold}")
-        self.reg_weights = tuple(float(w) for w in self.reg_weights) or \
-            ((1 / 3, 1 / 3, 1 / 3) if self.method == "fcosreg" else (1.0, 0.0, 0.0))
-        if len(self.reg_weights) != 3 or abs(sum(self.reg_weights) - 1) > 1e-6:
-            raise ValueError("ModelConfig.reg_weights must be 3 numbers (a, b, c) summing to 1 "
-                             f"([IS 3.3]), got {self.reg_weights}")
-        if self.method == "fcos" and (self.ambiguity == "mask" or self.center_sampling_at == "mass"
-                                      or self.reg_weights != (1.0, 0.0, 0.0)):
-            raise ValueError("ModelConfig: ambiguity='mask', center_sampling_at='mass' and "
-                             "reg_weights need the masks: use method='fcosreg' ([IS 3.3])")
-        if self.mask_loss_grid != "output" and self.method != "centermask":
-            raise ValueError(f"ModelConfig.mask_loss_grid={self.mask_loss_grid!r} is CenterMask's "
-                             f"(method='centermask'); {self.method!r} has its own mask loss")
-        if self.saliency_loss and self.method not in ("centermask", "centermask_fcos"):
-            raise ValueError("ModelConfig.saliency_loss (Table 1f) is CenterMask's "
-                             "(method='centermask' or 'centermask_fcos')")
-        if self.saliency_loss and self.saliency != "specific":
-            raise ValueError("ModelConfig.saliency_loss=True needs saliency='specific' "
-                             "(the direct supervision of [CM] Table 1f is per class)")
+        on_centernet = self.backbone in ("dla34", "hourglass104")
+        hg = self.backbone == "hourglass104"
+        # (a configuration that cannot work, its one-line message naming the key)
+        rules = (
+            (not (self.use_shape or self.use_saliency),
+             "use_shape and use_saliency cannot both be False (no mask branch left)"),
+            (hg and (len(self.hg_dims) != len(self.hg_modules) or len(self.hg_dims) < 2),
+             f"hg_dims {self.hg_dims} and hg_modules {self.hg_modules} need the same length "
+             "(>= 2: one entry per level, the last the middle)"),
+            (hg and (self.num_stacks < 1 or min(self.hg_modules) < 1),
+             "num_stacks and every hg_modules entry must be >= 1"),
+            (self.method != "centermask" and on_centernet,
+             f"method {self.method!r} runs on a ResNet-FPN backbone (backbone='resnet50', "
+             f"'resnet101', 'resnext101_32x8d'), not {self.backbone!r}"),
+            (self.method == "centermask" and not on_centernet,
+             "CenterMask runs on backbone='dla34' or 'hourglass104', not "
+             f"{self.backbone!r} (on a ResNet-FPN, use method='centermask_fcos')"),
+            (not 0.0 <= self.mask_threshold <= 1.0,
+             f"mask_threshold must be a probability in [0, 1], got {self.mask_threshold}"),
+            (len(self.reg_weights) != 3 or abs(sum(self.reg_weights) - 1) > 1e-6,
+             f"reg_weights must be 3 numbers (a, b, c) summing to 1 ([IS 3.3]), "
+             f"got {self.reg_weights}"),
+            (self.method == "fcos" and (self.ambiguity == "mask" or self.reg_weights != fcos_weights
+                                        or self.center_sampling_at == "mass"),
+             "ambiguity='mask', center_sampling_at='mass' and reg_weights need the masks: use "
+             "method='fcosreg' ([IS 3.3])"),
+            (self.mask_loss_grid != "output" and self.method != "centermask",
+             f"mask_loss_grid={self.mask_loss_grid!r} is CenterMask's (method='centermask'); "
+             f"{self.method!r} has its own mask loss"),
+            (self.saliency_loss and self.method not in centermasks,
+             "saliency_loss (Table 1f) is CenterMask's (method='centermask' or 'centermask_fcos')"),
+            (self.saliency_loss and self.saliency != "specific",
+             "saliency_loss=True needs saliency='specific' (the direct supervision of [CM] "
+             "Table 1f is per class)"))
+        for broken, message in rules:
+            if broken:
+                raise ValueError(f"ModelConfig: {message}")
 
 
 class Method(nn.Module):
