@@ -248,6 +248,14 @@ def reduce_mean(x):
     return mean_over_processes(x)
 
 
+def graph_zero(*parts):
+    """A zero loss that keeps `parts` (tensors, or modules: their parameters; None skipped) in the
+    graph: a branch's loss when the batch holds no object (DDP expects a gradient for each)."""
+    tensors = [t for p in parts if p is not None
+               for t in ([p] if torch.is_tensor(p) else p.parameters())]
+    return sum(t.float().sum() * 0 for t in tensors)
+
+
 # -- which points a box holds ------------------------------------------------------------------
 # Three rules, each where its source uses it, differing only for a point exactly on an edge:
 #   "closed"     x0 <= x <= x1   CenterMask's pixels ([CM] eq. 1's crop, `boxes_inside`) and every method's final
@@ -324,6 +332,12 @@ def pad_boxes(targets, device):
         k = len(target["boxes"])
         boxes[b, :k], labels[b, :k], valid[b, :k] = target["boxes"].float(), target["labels"], True
     return boxes, labels, valid
+
+
+def flat_detections(dets):
+    """B images' detection dicts in the flat layout: batch (K,), boxes (K, 4), labels (K,)."""
+    batch = image_index([len(d["boxes"]) for d in dets], dets[0]["boxes"].device)
+    return batch, torch.cat([d["boxes"] for d in dets]), torch.cat([d["labels"] for d in dets])
 
 
 # -- masks at a coarser grid, and their centres --------------------------------------------------
@@ -948,6 +962,23 @@ def saliency_targets(pooled, batch, sal_channel, num_images, num_channels):
     return out.view(num_images, num_channels, h, w)
 
 
+def saliency_loss(saliency, targets, stride):
+    """[CM] Table 1f's direct saliency loss ([CM 4.1]; CenterMask and CenterMask-FCOS): BCE of the
+    class-specific saliency logits (B, C, h, w), a grid of `stride` input pixels, against the
+    per-class union of the masks average-pooled to it (`saliency_targets`), times
+    SALIENCY_LOSS_WEIGHT."""
+    B, C, h, w = saliency.shape
+    device = saliency.device
+    counts = [len(t["labels"]) for t in targets]
+    gt = torch.zeros_like(saliency)                                              # (B, C, h, w)
+    if sum(counts):
+        masks = batch_masks(targets, h * stride, w * stride, device)             # (M, H, W)
+        pooled = average_pool_masks(masks, stride, (h, w))                       # (M, h, w)
+        labels = torch.cat([t["labels"].reshape(-1) for t in targets]).to(device)
+        gt = saliency_targets(pooled, image_index(counts, device), labels, B, C)
+    return SALIENCY_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(saliency, gt)
+
+
 def topk_peaks(heat, k):
     """CenterNet's peaks ([CM 3.4-3.5]): the 3x3 max-pool local maxima of the sigmoid heatmap
     (B, C, h, w), top-k over all classes and positions (no NMS) -> scores, labels, ys, xs, each
@@ -1205,20 +1236,13 @@ class CenterMask(Method):
             "offset": loff * l1_at_centers(out["offset"], objs, gt_offset),
             "size": lsize * l1_at_centers(out["size"], objs, objs["wh"]),
         }
-        # ground-truth masks average-pooled to the stride-4 grid: soft targets in [0, 1]
         M = len(objs["labels"])
         # over processes
         num_objects = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)
-        if M:
-            gt_masks = batch_masks(targets, h * R, w * R, device)                # (M, H, W)
-            gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]          # (M, h, w)
         if M == 0:
-            # keep every mask parameter in the graph (DDP expects a gradient for each)
-            keep = [out[k] for k in ("shape", "saliency") if k in out]
-            if head_set.local_shape is not None:
-                keep += list(head_set.local_shape.parameters())
-            losses["mask"] = sum(x.sum() * 0 for x in keep)
+            losses["mask"] = graph_zero(out.get("shape"), out.get("saliency"), head_set.local_shape)
         else:
+            gt_masks = batch_masks(targets, h * R, w * R, device)                # (M, H, W)
             labels = objs["labels"]
             sal_channel = labels if self.cfg.saliency == "specific" else torch.zeros_like(labels)
             # teacher forcing
@@ -1227,8 +1251,8 @@ class CenterMask(Method):
                 # input pixels (centre (j + 0.5) / R), binary truth (M, H, W)
                 grid, pixel, gt = (h * R, w * R), 1.0 / R, gt_masks.float()
             else:
-                # the stride-R output grid, soft truth (M, h, w)
-                grid, pixel, gt = (h, w), 1.0, gt_small
+                # the stride-R output grid, soft truth (M, h, w): the masks average-pooled
+                grid, pixel, gt = (h, w), 1.0, F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]
             log_m, log_1m, in_box = self.assemble(out, objs["batch"], objs["center_int"], boxes,
                                                   sal_channel, grid, pixel, log_space=True,
                                                   head_set=head_set)
@@ -1238,12 +1262,7 @@ class CenterMask(Method):
             # [CM] eq. 2
             losses["mask"] = lmask * per_object.sum() / num_objects
         if self.cfg.saliency_loss:
-            # Table 1f ([CM 4.1]): BCE of the class-specific saliency against the per-class union
-            # of the masks (B, C, h, w)
-            gt_sal = (saliency_targets(gt_small, objs["batch"], objs["labels"], B, C) if M
-                      else torch.zeros(B, C, h, w, device=device))
-            losses["saliency"] = SALIENCY_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(
-                out["saliency"], gt_sal)
+            losses["saliency"] = saliency_loss(out["saliency"], targets, R)
         losses["loss"] = sum(losses.values())
         return losses
 
@@ -1856,8 +1875,8 @@ class MaskFCOS(FCOS):
         S = MASK_SIZE
         num_pixels = torch.full((), float(sum(counts) * S * S), device=device)
         num_pixels = reduce_mean(num_pixels).clamp(min=1)
-        if not rois:  # no objects in the batch: keep the mask head in the graph (DDP)
-            return {"mask": sum(p.sum() * 0 for p in self.mask_head.parameters())}
+        if not rois:  # no objects in the batch
+            return {"mask": graph_zero(self.mask_head)}
         batch, rois = image_index(counts, device), torch.cat(rois)               # (K,), (K, 4)
         gt_index = first_box_index(targets, device)[batch] + torch.cat(gt_index)  # (K,) flat
         gt_masks = batch_masks(targets, *x.input_hw, device)                     # (M, H, W)
@@ -1870,19 +1889,11 @@ class MaskFCOS(FCOS):
 
     def postprocess(self, x: FCOSForward):
         dets = self.detect(x)
-        device = x.points.device
-        # (K,) over the batch
-        batch = image_index([len(d["boxes"]) for d in dets], device)
-        boxes = torch.cat([d["boxes"] for d in dets])
-        labels = torch.cat([d["labels"] for d in dets])
-        if len(boxes):
-            probs = self.mask_logits(x.features, batch, boxes, labels).float().sigmoid()
-        start = 0
-        for d in dets:
-            k = len(d["boxes"])
-            small = probs[start:start + k] if k else torch.zeros(0, 1, 1, device=device)
+        batch, boxes, labels = flat_detections(dets)                         # (K,) over the batch
+        probs = (self.mask_logits(x.features, batch, boxes, labels).float().sigmoid() if len(boxes)
+                 else boxes.new_zeros(0, 1, 1))                                  # (K, 28, 28)
+        for d, small in zip(dets, probs.split([len(d["boxes"]) for d in dets])):
             d["masks"] = paste_masks(small, d["boxes"], x.input_hw)
-            start += k
         return dets
 
 
@@ -1952,22 +1963,10 @@ class CenterMaskFCOS(FCOS):
         if self.saliency is not None:
             sal = self.saliency(x.features[self.fcos_levels][0]).float()         # (B, n, H/8, W/8)
         losses = {}
-        if self.cfg.saliency_loss:
-            # Table 1f ([CM 4.1]), as CenterMask's: BCE of the class-specific saliency against the per-class union
-            # of every object's mask, average-pooled to P3's grid
-            B, n, h, w = sal.shape
-            counts = [len(t["labels"]) for t in targets]
-            gt_sal = torch.zeros_like(sal)                                       # (B, C, h, w)
-            if sum(counts):
-                masks = batch_masks(targets, *x.input_hw, device)
-                pooled = average_pool_masks(masks, self.strides[0], (h, w))
-                labels = torch.cat([t["labels"].reshape(-1) for t in targets]).to(device)
-                gt_sal = saliency_targets(pooled, image_index(counts, device), labels, B, n)
-            bce = F.binary_cross_entropy_with_logits(sal, gt_sal)
-            losses["saliency"] = SALIENCY_LOSS_WEIGHT * bce
+        if self.cfg.saliency_loss:  # Table 1f ([CM 4.1]), as CenterMask's, on P3's grid
+            losses["saliency"] = saliency_loss(sal, targets, self.strides[0])
         if len(batch) == 0:
-            branches = [m for m in (self.local_shape, self.saliency) if m is not None]
-            return {"mask": sum(p.sum() * 0 for m in branches for p in m.parameters()), **losses}
+            return {"mask": graph_zero(self.local_shape, self.saliency), **losses}
         matched = assigned["matched"][pos]                    # (M,) among the image's boxes
         gt_boxes = assigned["boxes"][batch, matched]          # (M, 4) input frame
         gt_index = first_box_index(targets, device)[batch] + matched  # (M,) into the flat masks
@@ -2524,10 +2523,8 @@ class FCOSIS(FCOS):
         # the padded-crop segmentation loss of every instance
         M = len(boxes)
         num_instances = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)
-        if M == 0:  # keep the segmentation branch and P2 in the graph (DDP)
-            branch = [p for n, p in self.named_parameters()
-                      if n.startswith(("seg_head", "aspp", "attention"))]
-            losses["mask"] = features[0].float().sum() * 0 + sum(p.sum() * 0 for p in branch)
+        if M == 0:  # keep the segmentation branch and P2 in the graph
+            losses["mask"] = graph_zero(features[0], self.seg_head, self.aspp, self.attention)
             return losses
         fg_pixels = masks.flatten(1).sum(1, dtype=torch.float32)
         wh = boxes[:, 2:] - boxes[:, :2]
@@ -2543,10 +2540,7 @@ class FCOSIS(FCOS):
         out, points, levels, features = x.out, x.points, x.levels, x.features
         H, W = x.input_hw
         device = points.device
-        # (K,) over the batch
-        batch = image_index([len(d["boxes"]) for d in dets], device)
-        boxes = torch.cat([d["boxes"] for d in dets])
-        labels = torch.cat([d["labels"] for d in dets])
+        batch, boxes, labels = flat_detections(dets)                         # (K,) over the batch
         index = torch.cat([d["index"] for d in dets])
         if len(boxes) == 0:
             for d in dets:
@@ -2563,10 +2557,8 @@ class FCOSIS(FCOS):
                               align_corners=False)[:, 0]
         # cropped to the box: closed (`boxes_inside`), not this section's half-open rule (see its header)
         probs = probs.sigmoid() * boxes_inside(boxes, H, W)
-        start = 0
-        for d in dets:
-            d["masks"] = probs[start:start + len(d["boxes"])]
-            start += len(d["boxes"])
+        for d, masks in zip(dets, probs.split([len(d["boxes"]) for d in dets])):
+            d["masks"] = masks
         return att, groups, batch
 
     def postprocess(self, x: FCOSForward):
@@ -2579,17 +2571,16 @@ class FCOSIS(FCOS):
 # 13. build_model: ModelConfig -> the model of its method (sections 7-12)
 
 
-def method_class(method):
-    """The nn.Module class that implements `method` (sections 7-12)."""
-    return {"centermask": CenterMask, "fcos": FCOS, "fcosreg": FCOS, "maskfcos": MaskFCOS,
-            "centermask_fcos": CenterMaskFCOS, "fcosis": FCOSIS}[method]
+# the nn.Module class that implements each method (sections 7-12)
+METHOD_CLASSES = {"centermask": CenterMask, "fcos": FCOS, "fcosreg": FCOS, "maskfcos": MaskFCOS,
+                  "centermask_fcos": CenterMaskFCOS, "fcosis": FCOSIS}
 
 
 def method_transform(method):
     """The data transform of a method's recipe (data.build_transforms; train.py's default)."""
-    return method_class(method).transform
+    return METHOD_CLASSES[method].transform
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The one entry point: ModelConfig -> the Method of the requested method."""
-    return method_class(cfg.method)(cfg)
+    return METHOD_CLASSES[cfg.method](cfg)
