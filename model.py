@@ -7,7 +7,7 @@ builder, loss, mask assembly and decoder, in reading order.
                                                   rules), the layouts of a batch's objects, pooled masks
     3. DLA-34 + DLA-up (CenterNet's `DLASeg`)     stride-4, 64-channel features
     4. Hourglass-104 (CenterNet's `large_hourglass`)  two stacks of stride-4, 256-channel features
-    5. CenterNet targets                          gaussian_radius, draw_gaussian, batched heatmaps
+    5. CenterNet targets                          gaussian_radius, batched heatmaps
     6. CenterNet losses                           penalty-reduced focal loss, L1 at the centres
     7. CenterMask                                 Local Shape x Global Saliency ([CM])
     8. ResNet / ResNeXt + FPN                     P3-P7 (P2-P7 for FCOSIS), torchvision parts
@@ -768,28 +768,14 @@ def gaussian_radius(h, w, min_overlap=0.7, cornernet_bug=True):
     return min(r1, r2, r3)
 
 
-def draw_gaussian(heatmap, center, radius):
-    """Splat one object onto a (H, W) heatmap in place (CenterNet's `draw_umich_gaussian`):
-    heatmap[y, x] = max(heatmap[y, x], exp(-((x-cx)^2 + (y-cy)^2) / (2 sigma^2))) for |x - cx|, |y - cy| <= r,
-    sigma = (2r + 1) / 6, (cx, cy) the integer centre, where it is exactly 1 (the focal loss's positive).
-    The one-object form; training uses `centernet_heatmaps`, the same formula for all objects at once."""
-    cx, cy, r = int(center[0]), int(center[1]), int(radius)
-    sigma = (2 * r + 1) / 6
-    H, W = heatmap.shape
-    ys = torch.arange(max(0, cy - r), min(H, cy + r + 1), device=heatmap.device)
-    xs = torch.arange(max(0, cx - r), min(W, cx + r + 1), device=heatmap.device)
-    if len(ys) == 0 or len(xs) == 0:
-        return heatmap
-    g = torch.exp(-((xs[None, :] - cx) ** 2 + (ys[:, None] - cy) ** 2) / (2 * sigma ** 2))
-    window = heatmap[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
-    torch.maximum(window, g.to(heatmap.dtype), out=window)
-    return heatmap
-
-
 def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=0.7,
                        cornernet_bug=True):
     """Ground-truth heatmaps of a batch ([CN] 3) from `flatten_targets`' objs: (B, C, H/R, W/R), per class the max of
-    every object's Gaussian (`draw_gaussian`, radius max(0, int(gaussian_radius(ceil h, ceil w))))."""
+    every object's Gaussian, as CenterNet's `draw_umich_gaussian` splats them one at a time (its
+    one-object form: tests/test_model.py): heatmap[y, x] = max over the objects of
+    exp(-((x-cx)^2 + (y-cy)^2) / (2 sigma^2)) for |x - cx|, |y - cy| <= r, sigma = (2r + 1) / 6,
+    (cx, cy) the integer centre, where it is exactly 1 (the focal loss's positive), radius
+    r = max(0, int(gaussian_radius(ceil h, ceil w)))."""
     B = num_images
     device = objs["center"].device
     heat = torch.zeros(B * num_classes, out_h * out_w, device=device)
@@ -884,13 +870,14 @@ def pixel_centers(n, pixel, device):
     return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) * pixel
 
 
-def boxes_inside(boxes, out_h, out_w, pixel=1.0):
+def boxes_inside(boxes, out_h, out_w, pixel=1.0, rule="closed"):
     """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4),
-    "closed" (`inside`, section 2): [CM] eq. 1's crop to the box."""
+    "closed" (`inside`, section 2): [CM] eq. 1's crop to the box; FCOSIS's padded crop is
+    "half-open"."""
     b = boxes.float()
     ys, xs = pixel_centers(out_h, pixel, b.device), pixel_centers(out_w, pixel, b.device)
-    in_y = between(ys[None], b[:, 1:2], b[:, 3:4], "closed")                     # (M, H)
-    in_x = between(xs[None], b[:, 0:1], b[:, 2:3], "closed")                     # (M, W)
+    in_y = between(ys[None], b[:, 1:2], b[:, 3:4], rule)                         # (M, H)
+    in_x = between(xs[None], b[:, 0:1], b[:, 2:3], rule)                         # (M, W)
     return in_y[:, :, None] & in_x[:, None, :]
 
 
@@ -1379,36 +1366,28 @@ HEAD_CONVS = 4                        # convs per head tower ([FCOS] Fig. 2)
 CENTER_SAMPLING = 1.5
 
 
-def fcos_locations(hw_per_level, strides, device=None):
+def fcos_locations(hw_per_level, strides, device=None, input_hw=None):
     """The locations of every level, level after level (row-major inside one): cell (i, j) of a
     stride-s map is the input-frame point (j*s + s//2, i*s + s//2) ([FCOS] 3.1, FCOS's
     compute_locations). Returns points (P, 2) xy float, strides (P,) float, levels (P,) int64
-    (0 = the first)."""
+    (0 = the first).
+    input_hw (H, W) given: torchvision's convention instead (fcos_form="torchvision" only, its
+    weights were trained so): its AnchorGenerator puts cell (i, j) at (j * step_x, i * step_y),
+    step = padded input size // grid size. That is the stride s where the input is a multiple of
+    it; on P6 / P7 it can be smaller (320 rows: P7 has 3, step 106); strides stay the nominal s."""
     points, point_strides, levels = [], [], []
     for level, ((h, w), s) in enumerate(zip(hw_per_level, strides)):
         ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
                                 indexing="ij")
-        xy = [xs.reshape(-1) * s + s // 2, ys.reshape(-1) * s + s // 2]
+        if input_hw is None:  # FCOS's: the cell centre
+            sx, sy, half = s, s, s // 2
+        else:  # torchvision's: the cell corner
+            sx, sy, half = int(input_hw[1]) // w, int(input_hw[0]) // h, 0
+        xy = [xs.reshape(-1) * sx + half, ys.reshape(-1) * sy + half]
         points.append(torch.stack(xy, 1).float())
         point_strides.append(torch.full((h * w,), float(s), device=device))
         levels.append(torch.full((h * w,), level, dtype=torch.long, device=device))
     return torch.cat(points), torch.cat(point_strides), torch.cat(levels)
-
-
-def torchvision_locations(hw_per_level, strides, input_hw, device=None):
-    """fcos_form="torchvision" only (its weights were trained so): torchvision's AnchorGenerator
-    puts cell (i, j) at (j * step_x, i * step_y), step = padded input size // grid size. That is
-    the stride s where the input is a multiple of it; on P6 / P7 it can be smaller (320 rows: P7
-    has 3, step 106). Same returns as `fcos_locations` (strides: the nominal s)."""
-    H, W = int(input_hw[0]), int(input_hw[1])
-    points = []
-    for h, w in hw_per_level:
-        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
-                                indexing="ij")
-        xy = [xs.reshape(-1) * (W // w), ys.reshape(-1) * (H // h)]
-        points.append(torch.stack(xy, 1).float())
-    _, point_strides, levels = fcos_locations(hw_per_level, strides, device)
-    return torch.cat(points), point_strides, levels
 
 
 def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, centers=None,
@@ -1588,7 +1567,7 @@ class FCOS(Method):
     The original: [FCOS] and FCOS's code defaults (FCOS_R_50_FPN_1x, the FCOS of [IS 3.1] and
     Table 1; the [IS] configs). The improved: FCOS's fcos_imprv_* and torchvision's FCOS.
     "torchvision" is the improved form with torchvision's two conventions, for its weights (set by
-    train.py's import of them; METHODS.md): its locations (`torchvision_locations`, in `locations`)
+    train.py's import of them; METHODS.md): its locations (`fcos_locations` given input_hw)
     and its candidate test on sqrt(cls * ctr) instead of cls (in `detect`).
 
     Training ([IS] eq. 2, alpha = beta = 1): cls, sigmoid focal loss (0.25, 2) / N_pos; box, GIoU or IoU loss
@@ -1632,9 +1611,8 @@ class FCOS(Method):
         """The locations of grids hw of the head's strides (or `strides`): `fcos_locations`, or
         torchvision's for its weights."""
         strides = self.strides if strides is None else strides
-        if self.cfg.fcos_form == "torchvision":  # torchvision's convention
-            return torchvision_locations(hw, strides, input_hw, device)
-        return fcos_locations(hw, strides, device)
+        torchvision = self.cfg.fcos_form == "torchvision"
+        return fcos_locations(hw, strides, device, input_hw if torchvision else None)
 
     def decode(self, out, input_hw, image_sizes=None):
         """Head outputs -> detections (and masks), without the detections' `index`; boxes clipped to each image's
@@ -2345,6 +2323,15 @@ def optimal_padding(fg_pixels, w, h, ratio=0.5):
     return torch.ceil(p - 1e-6).clamp(min=0).long()
 
 
+def padded_boxes(boxes, masks, ratio=0.5):
+    """Boxes (N, 4) xyxy input frame, each grown on every side by the `optimal_padding` of its
+    mask (N, H, W) ([IS 3.2.2]) -> (N, 4) float."""
+    boxes = boxes.float()
+    fg = masks.flatten(1).sum(1, dtype=torch.float32)                              # (N,)
+    p = optimal_padding(fg, boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1], ratio).float()
+    return boxes + p[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
+
+
 def padded_crop_bce(mask_logits, gt_masks, boxes, stride=4, ratio=0.5):
     """Segmentation loss of [IS 3.2.2]: per instance, the BCE over its ground-truth box grown by p =
     optimal_padding(foreground pixels, w, h, ratio) input pixels (a crop ~half foreground), then the mean over
@@ -2356,15 +2343,9 @@ def padded_crop_bce(mask_logits, gt_masks, boxes, stride=4, ratio=0.5):
     if N == 0:
         return mask_logits.sum() * 0
     target = average_pool_masks(gt_masks, stride, (h, w))                         # (N, h, w)
+    padded = padded_boxes(boxes, gt_masks, ratio)                                  # (N, 4)
+    crop = boxes_inside(padded, h, w, stride, "half-open")                         # (N, h, w)
     boxes = boxes.float()
-    fg = gt_masks.flatten(1).sum(1, dtype=torch.float32)                           # (N,)
-    p = optimal_padding(fg, boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1], ratio).float()
-    padded = boxes + p[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])         # (N, 4)
-    xs = (torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5) * stride  # (w,)
-    ys = (torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5) * stride  # (h,)
-    in_x = between(xs[None], padded[:, 0:1], padded[:, 2:3], "half-open")           # (N, w)
-    in_y = between(ys[None], padded[:, 1:2], padded[:, 3:4], "half-open")           # (N, h)
-    crop = in_y[:, :, None] & in_x[:, None, :]                                     # (N, h, w)
     center_cell = ((boxes[:, :2] + boxes[:, 2:]) / 2 / stride).floor().long()      # (N, 2) (x, y)
     cx, cy = center_cell[:, 0].clamp(0, w - 1), center_cell[:, 1].clamp(0, h - 1)
     crop[torch.arange(N, device=crop.device), cy, cx] = True
@@ -2526,12 +2507,9 @@ class FCOSIS(FCOS):
         if M == 0:  # keep the segmentation branch and P2 in the graph
             losses["mask"] = graph_zero(features[0], self.seg_head, self.aspp, self.attention)
             return losses
-        fg_pixels = masks.flatten(1).sum(1, dtype=torch.float32)
-        wh = boxes[:, 2:] - boxes[:, :2]
-        pad = optimal_padding(fg_pixels, wh[:, 0], wh[:, 1]).float()             # (M,) [IS 3.2.2]
-        color_boxes = boxes + pad[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
+        # coloured by the boxes of their padded crops ([IS 3.2.2])
         logits, _, _ = self.segment(features, out, x.input_hw, boxes, mass, batch, labels,
-                                    color_boxes)
+                                    padded_boxes(boxes, masks))
         losses["mask"] = padded_crop_bce(logits.float(), masks, boxes) * M / num_instances
         return losses
 
