@@ -158,12 +158,10 @@ class ModelConfig:
              "(>= 2: one entry per level, the last the middle)"),
             (hg and (self.num_stacks < 1 or min(self.hg_modules) < 1),
              "num_stacks and every hg_modules entry must be >= 1"),
-            (self.method != "centermask" and on_centernet,
-             f"method {self.method!r} runs on a ResNet-FPN backbone (backbone='resnet50', "
-             f"'resnet101', 'resnext101_32x8d'), not {self.backbone!r}"),
-            (self.method == "centermask" and not on_centernet,
-             "CenterMask runs on backbone='dla34' or 'hourglass104', not "
-             f"{self.backbone!r} (on a ResNet-FPN, use method='centermask_fcos')"),
+            (on_centernet != (self.method == "centermask"),
+             f"backbone {self.backbone!r} does not fit method {self.method!r}: CenterMask runs on "
+             "'dla34' or 'hourglass104', the others on a ResNet-FPN ('resnet50', 'resnet101', "
+             "'resnext101_32x8d'; CenterMask on a ResNet-FPN is method='centermask_fcos')"),
             (not 0.0 <= self.mask_threshold <= 1.0,
              f"mask_threshold must be a probability in [0, 1], got {self.mask_threshold}"),
             (len(self.reg_weights) != 3 or abs(sum(self.reg_weights) - 1) > 1e-6,
@@ -1649,7 +1647,7 @@ class FCOS(Method):
         variants need: boxes/labels/valid (B, N, ...) and, with masks, seg (B, N, P)."""
         device = points.device
         boxes, labels, valid = pad_boxes(targets, device)
-        assigned = {"boxes": boxes, "labels_per_box": labels, "valid": valid}
+        assigned = {"boxes": boxes}                 # (B, N, 4), read by CenterMask-FCOS
         seg = centers = None
         if self.uses_masks:
             seg = torch.zeros(len(targets), boxes.shape[1], len(points), device=device)
@@ -1682,7 +1680,6 @@ class FCOS(Method):
         if "seg" in assigned and self.cfg.reg_weights != (1.0, 0.0, 0.0):
             seg = assigned["seg"].gather(1, assigned["matched"].clamp(min=0)[:, None, :])[:, 0][pos]
         weight, ctr_target = self.box_weights(ctr, seg)                          # (M,), (M,)
-        assigned["weight"] = weight
         p = points[None].expand_as(assigned["ltrb"][..., :2])[pos]               # (M, 2)
         pred = torch.cat([p - out["ltrb"][pos][:, :2], p + out["ltrb"][pos][:, 2:]], 1)  # (M, 4)
         gt = torch.cat([p - assigned["ltrb"][pos][:, :2], p + assigned["ltrb"][pos][:, 2:]], 1)
@@ -1750,8 +1747,7 @@ class FCOS(Method):
             s, lo, lab = cand_scores[b][keep].sqrt(), loc[b][keep], labels[b][keep]
             p, d = points[lo], out["ltrb"][b, lo].float()
             boxes = torch.cat([p - d[:, :2], p + d[:, 2:]], 1)
-            boxes = torch.stack([boxes[:, 0].clamp(0, W), boxes[:, 1].clamp(0, H),
-                                 boxes[:, 2].clamp(0, W), boxes[:, 3].clamp(0, H)], 1)
+            boxes = boxes.clamp(min=0).clamp(max=boxes.new_tensor([W, H, W, H]))
             keep = batched_nms(boxes, s, lab, cfg.nms_threshold)
             keep = keep[:max_detections or cfg.max_detections]
             results.append({"boxes": boxes[keep], "scores": s[keep], "labels": lab[keep],
@@ -1781,8 +1777,6 @@ def mask_targets(gt_masks, gt_index, boxes, size):
     """RoIAlign of ground-truth masks (M, H, W) onto boxes (K, 4) xyxy input frame, gt_index (K,) the mask of each
     box: the target of a size x size mask (Mask R-CNN's, [IS 4]), (K, size, size) float in [0, 1]."""
     from torchvision.ops import roi_align
-    if len(boxes) == 0:
-        return torch.zeros(0, size, size, device=boxes.device)
     rois = torch.cat([gt_index[:, None].float(), boxes.float()], 1)              # (K, 5)
     masks = gt_masks[:, None].float()
     return roi_align(masks, rois, size, 1.0, sampling_ratio=2, aligned=True)[:, 0]
