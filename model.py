@@ -1126,8 +1126,8 @@ class CenterMask(Method):
     1f's weight, the heads' biases): METHODS.md, CenterMask."""
     # the square canvas of [CN] / [CM 3.5]
     transform = "centernet"
-    # the fast paths (section 7's header): the shape head at the cells read, the resize as matrix
-    # products, the inference's product in place
+    # the fast paths (section 7's header): the shape head at the cells read; at inference the
+    # resize as matrix products and the product in place
     fast = True
 
     def __init__(self, cfg: ModelConfig):
@@ -1891,8 +1891,8 @@ class CenterMaskFCOS(FCOS):
     `assemble_masks`). Training: every positive with its ground-truth box (teacher forcing), on the box's S x S
     grid against the RoIAlign of its mask (`mask_targets`); mean BCE ([CM] eq. 2). Inference: each detection's
     own location's shape vector, at input resolution. Readings ([CM 4.3] gives no layers): METHODS.md, FCOS family."""
-    # CenterMask's fast paths (section 7): the shape head at the locations read, the resize as
-    # matrix products, the inference's product in place
+    # CenterMask's fast paths (section 7): the shape head at the locations read; at inference
+    # the resize as matrix products and the product in place
     fast = True
 
     def __init__(self, cfg: ModelConfig):
