@@ -7,7 +7,7 @@ builder, loss, mask assembly and decoder, in reading order.
                                                   rules), the layouts of a batch's objects, pooled masks
     3. DLA-34 + DLA-up (CenterNet's `DLASeg`)     stride-4, 64-channel features
     4. Hourglass-104 (CenterNet's `large_hourglass`)  two stacks of stride-4, 256-channel features
-    5. CenterNet targets                          gaussian_radius, draw_gaussian, batched heatmaps
+    5. CenterNet targets                          gaussian_radius, batched heatmaps
     6. CenterNet losses                           penalty-reduced focal loss, L1 at the centres
     7. CenterMask                                 Local Shape x Global Saliency ([CM])
     8. ResNet / ResNeXt + FPN                     P3-P7 (P2-P7 for FCOSIS), torchvision parts
@@ -123,68 +123,65 @@ class ModelConfig:
     # segmentation output: "agnostic" (1 channel, [IS 3.2.2]) or "specific" (C, [IS 3.2.1])
     seg_classes: str = "agnostic"
 
+    # the keys with a fixed set of values
+    CHOICES = {"method": METHODS, "saliency": ("agnostic", "specific"),
+               "norm": ("frozen_bn", "bn"), "ambiguity": ("area", "mask"),
+               "center_sampling_at": ("box", "mass"), "attention": ("segm", "mu0", "bbox", "none"),
+               "seg_classes": ("agnostic", "specific"), "mask_loss_grid": ("output", "input"),
+               "fcos_form": ("original", "improved", "torchvision")}
+
     def __post_init__(self):
         # tuples survive a round trip through a checkpoint's plain dict / the configurator
-        self.dla_channels = tuple(self.dla_channels)
-        self.hg_dims = tuple(int(d) for d in self.hg_dims)
-        self.hg_modules = tuple(int(m) for m in self.hg_modules)
-        self.loss_weights = tuple(float(w) for w in self.loss_weights)
-        if self.method not in METHODS:
-            raise ValueError(f"ModelConfig.method: unknown method {self.method!r} "
-                             f"(known: {', '.join(METHODS)})")
-        self.ambiguity = self.ambiguity or ("mask" if self.method == "fcosreg" else "area")
-        for key, allowed in (("saliency", ("agnostic", "specific")), ("norm", ("frozen_bn", "bn")),
-                             ("ambiguity", ("area", "mask")),
-                             ("center_sampling_at", ("box", "mass")),
-                             ("attention", ("segm", "mu0", "bbox", "none")),
-                             ("seg_classes", ("agnostic", "specific")),
-                             ("mask_loss_grid", ("output", "input")),
-                             ("fcos_form", ("original", "improved", "torchvision"))):
+        for key, kind in (("dla_channels", int), ("hg_dims", int), ("hg_modules", int),
+                          ("loss_weights", float), ("reg_weights", float)):
+            setattr(self, key, tuple(kind(v) for v in getattr(self, key)))
+        # the defaults that depend on the method
+        centermasks = ("centermask", "centermask_fcos")
+        if self.mask_threshold is None:
+            self.mask_threshold = 0.4 if self.method in centermasks else 0.5
+        fcosreg = self.method == "fcosreg"
+        self.ambiguity = self.ambiguity or ("mask" if fcosreg else "area")
+        fcos_weights = (1.0, 0.0, 0.0)
+        self.reg_weights = self.reg_weights or ((1 / 3, 1 / 3, 1 / 3) if fcosreg else fcos_weights)
+        for key, allowed in self.CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"ModelConfig.{key} must be one of {allowed}, "
                                  f"got {getattr(self, key)!r}")
-        if not (self.use_shape or self.use_saliency):
-            raise ValueError("ModelConfig: use_shape and use_saliency cannot both be False "
-                             "(no mask branch left)")
-        if self.backbone == "hourglass104":
-            if len(self.hg_dims) != len(self.hg_modules) or len(self.hg_dims) < 2:
-                raise ValueError(f"ModelConfig: hg_dims {self.hg_dims} and hg_modules "
-                                 f"{self.hg_modules} need the same length (>= 2: one entry per "
-                                 "level, the last the middle)")
-            if self.num_stacks < 1 or min(self.hg_modules) < 1:
-                raise ValueError("ModelConfig: num_stacks and every hg_modules entry must be >= 1")
-        centernet_backbones = ("dla34", "hourglass104")
-        if self.method != "centermask" and self.backbone in centernet_backbones:
-            raise ValueError(f"ModelConfig: method {self.method!r} runs on a ResNet-FPN backbone "
-                             "(backbone='resnet50', 'resnet101', 'resnext101_32x8d'), not "
-                             f"{self.backbone!r}")
-        if self.method == "centermask" and self.backbone not in centernet_backbones:
-            raise ValueError("ModelConfig: CenterMask runs on backbone='dla34' or 'hourglass104', "
-                             f"not {self.backbone!r} (on a ResNet-FPN, use "
-                             "method='centermask_fcos')")
-        if self.mask_threshold is None:
-            self.mask_threshold = 0.4 if self.method in ("centermask", "centermask_fcos") else 0.5
-        if not 0.0 <= self.mask_threshold <= 1.0:
-            raise ValueError("ModelConfig.mask_threshold must be a probability in [0, 1], got "
-                             f"{self.mask_threshold}")
-        self.reg_weights = tuple(float(w) for w in self.reg_weights) or \
-            ((1 / 3, 1 / 3, 1 / 3) if self.method == "fcosreg" else (1.0, 0.0, 0.0))
-        if len(self.reg_weights) != 3 or abs(sum(self.reg_weights) - 1) > 1e-6:
-            raise ValueError("ModelConfig.reg_weights must be 3 numbers (a, b, c) summing to 1 "
-                             f"([IS 3.3]), got {self.reg_weights}")
-        if self.method == "fcos" and (self.ambiguity == "mask" or self.center_sampling_at == "mass"
-                                      or self.reg_weights != (1.0, 0.0, 0.0)):
-            raise ValueError("ModelConfig: ambiguity='mask', center_sampling_at='mass' and "
-                             "reg_weights need the masks: use method='fcosreg' ([IS 3.3])")
-        if self.mask_loss_grid != "output" and self.method != "centermask":
-            raise ValueError(f"ModelConfig.mask_loss_grid={self.mask_loss_grid!r} is CenterMask's "
-                             f"(method='centermask'); {self.method!r} has its own mask loss")
-        if self.saliency_loss and self.method not in ("centermask", "centermask_fcos"):
-            raise ValueError("ModelConfig.saliency_loss (Table 1f) is CenterMask's "
-                             "(method='centermask' or 'centermask_fcos')")
-        if self.saliency_loss and self.saliency != "specific":
-            raise ValueError("ModelConfig.saliency_loss=True needs saliency='specific' "
-                             "(the direct supervision of [CM] Table 1f is per class)")
+        on_centernet = self.backbone in ("dla34", "hourglass104")
+        hg = self.backbone == "hourglass104"
+        # (a configuration that cannot work, its one-line message naming the key)
+        rules = (
+            (not (self.use_shape or self.use_saliency),
+             "use_shape and use_saliency cannot both be False (no mask branch left)"),
+            (hg and (len(self.hg_dims) != len(self.hg_modules) or len(self.hg_dims) < 2),
+             f"hg_dims {self.hg_dims} and hg_modules {self.hg_modules} need the same length "
+             "(>= 2: one entry per level, the last the middle)"),
+            (hg and (self.num_stacks < 1 or min(self.hg_modules) < 1),
+             "num_stacks and every hg_modules entry must be >= 1"),
+            (on_centernet != (self.method == "centermask"),
+             f"backbone {self.backbone!r} does not fit method {self.method!r}: CenterMask runs on "
+             "'dla34' or 'hourglass104', the others on a ResNet-FPN ('resnet50', 'resnet101', "
+             "'resnext101_32x8d'; CenterMask on a ResNet-FPN is method='centermask_fcos')"),
+            (not 0.0 <= self.mask_threshold <= 1.0,
+             f"mask_threshold must be a probability in [0, 1], got {self.mask_threshold}"),
+            (len(self.reg_weights) != 3 or abs(sum(self.reg_weights) - 1) > 1e-6,
+             f"reg_weights must be 3 numbers (a, b, c) summing to 1 ([IS 3.3]), "
+             f"got {self.reg_weights}"),
+            (self.method == "fcos" and (self.ambiguity == "mask" or self.reg_weights != fcos_weights
+                                        or self.center_sampling_at == "mass"),
+             "ambiguity='mask', center_sampling_at='mass' and reg_weights need the masks: use "
+             "method='fcosreg' ([IS 3.3])"),
+            (self.mask_loss_grid != "output" and self.method != "centermask",
+             f"mask_loss_grid={self.mask_loss_grid!r} is CenterMask's (method='centermask'); "
+             f"{self.method!r} has its own mask loss"),
+            (self.saliency_loss and self.method not in centermasks,
+             "saliency_loss (Table 1f) is CenterMask's (method='centermask' or 'centermask_fcos')"),
+            (self.saliency_loss and self.saliency != "specific",
+             "saliency_loss=True needs saliency='specific' (the direct supervision of [CM] "
+             "Table 1f is per class)"))
+        for broken, message in rules:
+            if broken:
+                raise ValueError(f"ModelConfig: {message}")
 
 
 class Method(nn.Module):
@@ -247,6 +244,14 @@ def reduce_mean(x):
     if normalizer_hook is not None:
         return normalizer_hook(x)
     return mean_over_processes(x)
+
+
+def graph_zero(*parts):
+    """A zero loss that keeps `parts` (tensors, or modules: their parameters; None skipped) in the
+    graph: a branch's loss when the batch holds no object (DDP expects a gradient for each)."""
+    tensors = [t for p in parts if p is not None
+               for t in ([p] if torch.is_tensor(p) else p.parameters())]
+    return sum(t.float().sum() * 0 for t in tensors)
 
 
 # -- which points a box holds ------------------------------------------------------------------
@@ -325,6 +330,12 @@ def pad_boxes(targets, device):
         k = len(target["boxes"])
         boxes[b, :k], labels[b, :k], valid[b, :k] = target["boxes"].float(), target["labels"], True
     return boxes, labels, valid
+
+
+def flat_detections(dets):
+    """B images' detection dicts in the flat layout: batch (K,), boxes (K, 4), labels (K,)."""
+    batch = image_index([len(d["boxes"]) for d in dets], dets[0]["boxes"].device)
+    return batch, torch.cat([d["boxes"] for d in dets]), torch.cat([d["labels"] for d in dets])
 
 
 # -- masks at a coarser grid, and their centres --------------------------------------------------
@@ -755,28 +766,14 @@ def gaussian_radius(h, w, min_overlap=0.7, cornernet_bug=True):
     return min(r1, r2, r3)
 
 
-def draw_gaussian(heatmap, center, radius):
-    """Splat one object onto a (H, W) heatmap in place (CenterNet's `draw_umich_gaussian`):
-    heatmap[y, x] = max(heatmap[y, x], exp(-((x-cx)^2 + (y-cy)^2) / (2 sigma^2))) for |x - cx|, |y - cy| <= r,
-    sigma = (2r + 1) / 6, (cx, cy) the integer centre, where it is exactly 1 (the focal loss's positive).
-    The one-object form; training uses `centernet_heatmaps`, the same formula for all objects at once."""
-    cx, cy, r = int(center[0]), int(center[1]), int(radius)
-    sigma = (2 * r + 1) / 6
-    H, W = heatmap.shape
-    ys = torch.arange(max(0, cy - r), min(H, cy + r + 1), device=heatmap.device)
-    xs = torch.arange(max(0, cx - r), min(W, cx + r + 1), device=heatmap.device)
-    if len(ys) == 0 or len(xs) == 0:
-        return heatmap
-    g = torch.exp(-((xs[None, :] - cx) ** 2 + (ys[:, None] - cy) ** 2) / (2 * sigma ** 2))
-    window = heatmap[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
-    torch.maximum(window, g.to(heatmap.dtype), out=window)
-    return heatmap
-
-
 def centernet_heatmaps(objs, num_images, num_classes, out_h, out_w, min_overlap=0.7,
                        cornernet_bug=True):
     """Ground-truth heatmaps of a batch ([CN] 3) from `flatten_targets`' objs: (B, C, H/R, W/R), per class the max of
-    every object's Gaussian (`draw_gaussian`, radius max(0, int(gaussian_radius(ceil h, ceil w))))."""
+    every object's Gaussian, as CenterNet's `draw_umich_gaussian` splats them one at a time (its
+    one-object form: tests/test_model.py): heatmap[y, x] = max over the objects of
+    exp(-((x-cx)^2 + (y-cy)^2) / (2 sigma^2)) for |x - cx|, |y - cy| <= r, sigma = (2r + 1) / 6,
+    (cx, cy) the integer centre, where it is exactly 1 (the focal loss's positive), radius
+    r = max(0, int(gaussian_radius(ceil h, ceil w)))."""
     B = num_images
     device = objs["center"].device
     heat = torch.zeros(B * num_classes, out_h * out_w, device=device)
@@ -845,12 +842,13 @@ def l1_at_centers(pred_map, objs, target):
 # grid_sample) and multiplied by the Global Saliency map cropped to the box (`assemble_masks`).
 # The fast paths stand beside it, behind one switch, `CenterMask.fast` (True by default; tests check
 # that both give the same numbers): the S^2-channel head evaluated only at the cells read
-# (`CenterMaskHeads.shape_at`, `conv3x3_at`), the resize as two matrix products
-# (`stretch_to_boxes`) and, at inference, the product in place (`assemble_masks_fast`).
-# Measured on the shapes quick-start model (AMD EPYC, fp32, one thread, batch 4 at 128 px, commit
-# 0f9c987), the plain forms take 1.2x the train step (all of it the head's) and 2.0x the inference
-# (the in-place product with the matrix resize; the head alone buys nothing there); on
-# CenterMask-FCOS's shapes config (256 px) 1.2x and 2.1x.
+# (`CenterMaskHeads.shape_at`, `conv3x3_at`) and, at inference, the resize as two matrix products
+# (`stretch_to_boxes`) and the product in place (`assemble_masks_fast`).
+# Measured on the shapes quick-start model (fp32, one thread, batch 4; train at 128 px, inference at
+# 160 px; each path switched off alone, interleaved, median of 20): the head at the cells buys 1.19x
+# the train step and 1.24x the inference, the matrix resize 1.51x the inference (1.00x the train
+# step: the loss uses grid_sample), the in-place product 1.76x the inference; all off: 1.16x the
+# train step, 2.1x the inference.
 
 # the weight of [CM] Table 1f's direct saliency loss: [CM 4.1] gives none (ours)
 SALIENCY_LOSS_WEIGHT = 1.0
@@ -870,13 +868,14 @@ def pixel_centers(n, pixel, device):
     return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) * pixel
 
 
-def boxes_inside(boxes, out_h, out_w, pixel=1.0):
+def boxes_inside(boxes, out_h, out_w, pixel=1.0, rule="closed"):
     """(M, out_h, out_w) bool: which pixel centres (j + 0.5) * pixel lie in each box (M, 4),
-    "closed" (`inside`, section 2): [CM] eq. 1's crop to the box."""
+    "closed" (`inside`, section 2): [CM] eq. 1's crop to the box; FCOSIS's padded crop is
+    "half-open"."""
     b = boxes.float()
     ys, xs = pixel_centers(out_h, pixel, b.device), pixel_centers(out_w, pixel, b.device)
-    in_y = between(ys[None], b[:, 1:2], b[:, 3:4], "closed")                     # (M, H)
-    in_x = between(xs[None], b[:, 0:1], b[:, 2:3], "closed")                     # (M, W)
+    in_y = between(ys[None], b[:, 1:2], b[:, 3:4], rule)                         # (M, H)
+    in_x = between(xs[None], b[:, 0:1], b[:, 2:3], rule)                         # (M, W)
     return in_y[:, :, None] & in_x[:, None, :]
 
 
@@ -915,21 +914,18 @@ def stretch_weights(lo, hi, n_in, n_out, pixel=1.0):
     return weights, between(pos[None], lo, hi, "closed")
 
 
-def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0, separable=False):
+def stretch_to_boxes(small, boxes, out_h, out_w, pixel=1.0):
     """Fast `resize_to_boxes` (the same numbers up to float rounding; also MaskFCOS's paste): two
     batched matrix products (M, out_h, s) @ (M, s, s) @ (M, s, out_w) (`stretch_weights`) instead
-    of a grid_sample over a full sampling grid. Returns values (M, out_h, out_w) and in_box, the
-    pixel centres in the box ("closed"): bool (M, out_h, out_w), or with separable=True its float
-    factors in_y (M, out_h, 1), in_x (M, 1, out_w)."""
+    of a grid_sample over a full sampling grid. Returns values (M, out_h, out_w) and the pixel
+    centres in the box ("closed") as float factors in_y (M, out_h, 1), in_x (M, 1, out_w)."""
     wy, in_y = stretch_weights(boxes[:, 1], boxes[:, 3], small.shape[1], out_h, pixel)  # (M, H, s)
     wx, in_x = stretch_weights(boxes[:, 0], boxes[:, 2], small.shape[2], out_w, pixel)  # (M, W, s)
     # fp32 even under autocast: every later step works on it (RESULTS.md, "Numbers behind
     # model.py's choices")
     with torch.autocast(small.device.type, enabled=False):
         values = wy @ small.float() @ wx.transpose(1, 2)                         # (M, H, W)
-    if separable:
-        return values, (in_y[:, :, None].float(), in_x[:, None, :].float())
-    return values, in_y[:, :, None] & in_x[:, None, :]
+    return values, (in_y[:, :, None].float(), in_x[:, None, :].float())
 
 
 def min_size_boxes(center, wh, min_size=1.0):
@@ -949,6 +945,23 @@ def saliency_targets(pooled, batch, sal_channel, num_images, num_channels):
     row = (batch * num_channels + sal_channel)[:, None].expand(M, h * w)          # (M, h*w) its map
     out.scatter_reduce_(0, row, pooled.reshape(M, -1), "amax")
     return out.view(num_images, num_channels, h, w)
+
+
+def saliency_loss(saliency, targets, stride):
+    """[CM] Table 1f's direct saliency loss ([CM 4.1]; CenterMask and CenterMask-FCOS): BCE of the
+    class-specific saliency logits (B, C, h, w), a grid of `stride` input pixels, against the
+    per-class union of the masks average-pooled to it (`saliency_targets`), times
+    SALIENCY_LOSS_WEIGHT."""
+    B, C, h, w = saliency.shape
+    device = saliency.device
+    counts = [len(t["labels"]) for t in targets]
+    gt = torch.zeros_like(saliency)                                              # (B, C, h, w)
+    if sum(counts):
+        masks = batch_masks(targets, h * stride, w * stride, device)             # (M, H, W)
+        pooled = average_pool_masks(masks, stride, (h, w))                       # (M, h, w)
+        labels = torch.cat([t["labels"].reshape(-1) for t in targets]).to(device)
+        gt = saliency_targets(pooled, image_index(counts, device), labels, B, C)
+    return SALIENCY_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(saliency, gt)
 
 
 def topk_peaks(heat, k):
@@ -1014,23 +1027,16 @@ def assemble_masks(local, saliency, batch, sal_channel, boxes, grid_hw, pixel, l
     return masks
 
 
-def assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel,
-                        log_space=False):
-    """`assemble_masks`, fast: the resize by `stretch_to_boxes`; at inference the product in place
+def assemble_masks_fast(local, saliency, batch, sal_channel, boxes, grid_hw, pixel):
+    """`assemble_masks` at inference, fast: the resize by `stretch_to_boxes`, the product in place
     (no (M, gh, gw) temporaries), the saliency's sigmoid once per map, the crop one axis at a
-    time."""
+    time. (The loss uses `assemble_masks`: there the matrix resize buys nothing.)"""
     gh, gw = grid_hw
     if len(batch) == 0:
-        empty = torch.zeros(0, gh, gw, device=boxes.device)
-        return (empty, empty, empty.bool()) if log_space else empty
+        return torch.zeros(0, gh, gw, device=boxes.device)
     saliency = saliency_on_grid(saliency, grid_hw)                               # (B, n, gh, gw)
-    if log_space:
-        L, in_box = (stretch_to_boxes(local, boxes, gh, gw, pixel) if local is not None
-                     else (None, boxes_inside(boxes, gh, gw, pixel)))            # (M, gh, gw)
-        G = saliency[batch, sal_channel] if saliency is not None else None      # (M, gh, gw)
-        return (*mask_log_terms(L, G), in_box)
     if local is not None:
-        masks, (in_y, in_x) = stretch_to_boxes(local, boxes, gh, gw, pixel, separable=True)
+        masks, (in_y, in_x) = stretch_to_boxes(local, boxes, gh, gw, pixel)
         masks.sigmoid_()                                                         # (M, gh, gw)
     else:
         masks = boxes_inside(boxes, gh, gw, pixel).float()
@@ -1120,8 +1126,8 @@ class CenterMask(Method):
     1f's weight, the heads' biases): METHODS.md, CenterMask."""
     # the square canvas of [CN] / [CM 3.5]
     transform = "centernet"
-    # the fast paths (section 7's header): the shape head at the cells read, the resize as matrix
-    # products, the inference's product in place
+    # the fast paths (section 7's header): the shape head at the cells read; at inference the
+    # resize as matrix products and the product in place
     fast = True
 
     def __init__(self, cfg: ModelConfig):
@@ -1187,9 +1193,11 @@ class CenterMask(Method):
             head_set = self.head_sets[-1] if head_set is None else head_set
             # the vector at each centre, reshaped to S x S
             local = head_set.shape_at(out, batch, centers_int).view(len(batch), S, S)  # (M, S, S)
-        assemble = assemble_masks_fast if self.fast else assemble_masks
-        return assemble(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw, pixel,
-                        log_space)
+        if log_space or not self.fast:
+            return assemble_masks(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw,
+                                  pixel, log_space)
+        return assemble_masks_fast(local, out.get("saliency"), batch, sal_channel, boxes, grid_hw,
+                                   pixel)
 
     # -- training -------------------------------------------------------------------------------
     def losses(self, out, targets, head_set=None):
@@ -1213,20 +1221,13 @@ class CenterMask(Method):
             "offset": loff * l1_at_centers(out["offset"], objs, gt_offset),
             "size": lsize * l1_at_centers(out["size"], objs, objs["wh"]),
         }
-        # ground-truth masks average-pooled to the stride-4 grid: soft targets in [0, 1]
         M = len(objs["labels"])
         # over processes
         num_objects = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)
-        if M:
-            gt_masks = batch_masks(targets, h * R, w * R, device)                # (M, H, W)
-            gt_small = F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]          # (M, h, w)
         if M == 0:
-            # keep every mask parameter in the graph (DDP expects a gradient for each)
-            keep = [out[k] for k in ("shape", "saliency") if k in out]
-            if head_set.local_shape is not None:
-                keep += list(head_set.local_shape.parameters())
-            losses["mask"] = sum(x.sum() * 0 for x in keep)
+            losses["mask"] = graph_zero(out.get("shape"), out.get("saliency"), head_set.local_shape)
         else:
+            gt_masks = batch_masks(targets, h * R, w * R, device)                # (M, H, W)
             labels = objs["labels"]
             sal_channel = labels if self.cfg.saliency == "specific" else torch.zeros_like(labels)
             # teacher forcing
@@ -1235,8 +1236,8 @@ class CenterMask(Method):
                 # input pixels (centre (j + 0.5) / R), binary truth (M, H, W)
                 grid, pixel, gt = (h * R, w * R), 1.0 / R, gt_masks.float()
             else:
-                # the stride-R output grid, soft truth (M, h, w)
-                grid, pixel, gt = (h, w), 1.0, gt_small
+                # the stride-R output grid, soft truth (M, h, w): the masks average-pooled
+                grid, pixel, gt = (h, w), 1.0, F.avg_pool2d(gt_masks[:, None].float(), R)[:, 0]
             log_m, log_1m, in_box = self.assemble(out, objs["batch"], objs["center_int"], boxes,
                                                   sal_channel, grid, pixel, log_space=True,
                                                   head_set=head_set)
@@ -1246,12 +1247,7 @@ class CenterMask(Method):
             # [CM] eq. 2
             losses["mask"] = lmask * per_object.sum() / num_objects
         if self.cfg.saliency_loss:
-            # Table 1f ([CM 4.1]): BCE of the class-specific saliency against the per-class union
-            # of the masks (B, C, h, w)
-            gt_sal = (saliency_targets(gt_small, objs["batch"], objs["labels"], B, C) if M
-                      else torch.zeros(B, C, h, w, device=device))
-            losses["saliency"] = SALIENCY_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(
-                out["saliency"], gt_sal)
+            losses["saliency"] = saliency_loss(out["saliency"], targets, R)
         losses["loss"] = sum(losses.values())
         return losses
 
@@ -1368,36 +1364,28 @@ HEAD_CONVS = 4                        # convs per head tower ([FCOS] Fig. 2)
 CENTER_SAMPLING = 1.5
 
 
-def fcos_locations(hw_per_level, strides, device=None):
+def fcos_locations(hw_per_level, strides, device=None, input_hw=None):
     """The locations of every level, level after level (row-major inside one): cell (i, j) of a
     stride-s map is the input-frame point (j*s + s//2, i*s + s//2) ([FCOS] 3.1, FCOS's
     compute_locations). Returns points (P, 2) xy float, strides (P,) float, levels (P,) int64
-    (0 = the first)."""
+    (0 = the first).
+    input_hw (H, W) given: torchvision's convention instead (fcos_form="torchvision" only, its
+    weights were trained so): its AnchorGenerator puts cell (i, j) at (j * step_x, i * step_y),
+    step = padded input size // grid size. That is the stride s where the input is a multiple of
+    it; on P6 / P7 it can be smaller (320 rows: P7 has 3, step 106); strides stay the nominal s."""
     points, point_strides, levels = [], [], []
     for level, ((h, w), s) in enumerate(zip(hw_per_level, strides)):
         ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
                                 indexing="ij")
-        xy = [xs.reshape(-1) * s + s // 2, ys.reshape(-1) * s + s // 2]
+        if input_hw is None:  # FCOS's: the cell centre
+            sx, sy, half = s, s, s // 2
+        else:  # torchvision's: the cell corner
+            sx, sy, half = int(input_hw[1]) // w, int(input_hw[0]) // h, 0
+        xy = [xs.reshape(-1) * sx + half, ys.reshape(-1) * sy + half]
         points.append(torch.stack(xy, 1).float())
         point_strides.append(torch.full((h * w,), float(s), device=device))
         levels.append(torch.full((h * w,), level, dtype=torch.long, device=device))
     return torch.cat(points), torch.cat(point_strides), torch.cat(levels)
-
-
-def torchvision_locations(hw_per_level, strides, input_hw, device=None):
-    """fcos_form="torchvision" only (its weights were trained so): torchvision's AnchorGenerator
-    puts cell (i, j) at (j * step_x, i * step_y), step = padded input size // grid size. That is
-    the stride s where the input is a multiple of it; on P6 / P7 it can be smaller (320 rows: P7
-    has 3, step 106). Same returns as `fcos_locations` (strides: the nominal s)."""
-    H, W = int(input_hw[0]), int(input_hw[1])
-    points = []
-    for h, w in hw_per_level:
-        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
-                                indexing="ij")
-        xy = [xs.reshape(-1) * (W // w), ys.reshape(-1) * (H // h)]
-        points.append(torch.stack(xy, 1).float())
-    _, point_strides, levels = fcos_locations(hw_per_level, strides, device)
-    return torch.cat(points), point_strides, levels
 
 
 def fcos_targets(points, strides, boxes, labels=None, valid=None, radius=1.5, centers=None,
@@ -1577,7 +1565,7 @@ class FCOS(Method):
     The original: [FCOS] and FCOS's code defaults (FCOS_R_50_FPN_1x, the FCOS of [IS 3.1] and
     Table 1; the [IS] configs). The improved: FCOS's fcos_imprv_* and torchvision's FCOS.
     "torchvision" is the improved form with torchvision's two conventions, for its weights (set by
-    train.py's import of them; METHODS.md): its locations (`torchvision_locations`, in `locations`)
+    train.py's import of them; METHODS.md): its locations (`fcos_locations` given input_hw)
     and its candidate test on sqrt(cls * ctr) instead of cls (in `detect`).
 
     Training ([IS] eq. 2, alpha = beta = 1): cls, sigmoid focal loss (0.25, 2) / N_pos; box, GIoU or IoU loss
@@ -1621,9 +1609,8 @@ class FCOS(Method):
         """The locations of grids hw of the head's strides (or `strides`): `fcos_locations`, or
         torchvision's for its weights."""
         strides = self.strides if strides is None else strides
-        if self.cfg.fcos_form == "torchvision":  # torchvision's convention
-            return torchvision_locations(hw, strides, input_hw, device)
-        return fcos_locations(hw, strides, device)
+        torchvision = self.cfg.fcos_form == "torchvision"
+        return fcos_locations(hw, strides, device, input_hw if torchvision else None)
 
     def decode(self, out, input_hw, image_sizes=None):
         """Head outputs -> detections (and masks), without the detections' `index`; boxes clipped to each image's
@@ -1660,7 +1647,7 @@ class FCOS(Method):
         variants need: boxes/labels/valid (B, N, ...) and, with masks, seg (B, N, P)."""
         device = points.device
         boxes, labels, valid = pad_boxes(targets, device)
-        assigned = {"boxes": boxes, "labels_per_box": labels, "valid": valid}
+        assigned = {"boxes": boxes}                 # (B, N, 4), read by CenterMask-FCOS
         seg = centers = None
         if self.uses_masks:
             seg = torch.zeros(len(targets), boxes.shape[1], len(points), device=device)
@@ -1693,7 +1680,6 @@ class FCOS(Method):
         if "seg" in assigned and self.cfg.reg_weights != (1.0, 0.0, 0.0):
             seg = assigned["seg"].gather(1, assigned["matched"].clamp(min=0)[:, None, :])[:, 0][pos]
         weight, ctr_target = self.box_weights(ctr, seg)                          # (M,), (M,)
-        assigned["weight"] = weight
         p = points[None].expand_as(assigned["ltrb"][..., :2])[pos]               # (M, 2)
         pred = torch.cat([p - out["ltrb"][pos][:, :2], p + out["ltrb"][pos][:, 2:]], 1)  # (M, 4)
         gt = torch.cat([p - assigned["ltrb"][pos][:, :2], p + assigned["ltrb"][pos][:, 2:]], 1)
@@ -1761,8 +1747,7 @@ class FCOS(Method):
             s, lo, lab = cand_scores[b][keep].sqrt(), loc[b][keep], labels[b][keep]
             p, d = points[lo], out["ltrb"][b, lo].float()
             boxes = torch.cat([p - d[:, :2], p + d[:, 2:]], 1)
-            boxes = torch.stack([boxes[:, 0].clamp(0, W), boxes[:, 1].clamp(0, H),
-                                 boxes[:, 2].clamp(0, W), boxes[:, 3].clamp(0, H)], 1)
+            boxes = boxes.clamp(min=0).clamp(max=boxes.new_tensor([W, H, W, H]))
             keep = batched_nms(boxes, s, lab, cfg.nms_threshold)
             keep = keep[:max_detections or cfg.max_detections]
             results.append({"boxes": boxes[keep], "scores": s[keep], "labels": lab[keep],
@@ -1792,8 +1777,6 @@ def mask_targets(gt_masks, gt_index, boxes, size):
     """RoIAlign of ground-truth masks (M, H, W) onto boxes (K, 4) xyxy input frame, gt_index (K,) the mask of each
     box: the target of a size x size mask (Mask R-CNN's, [IS 4]), (K, size, size) float in [0, 1]."""
     from torchvision.ops import roi_align
-    if len(boxes) == 0:
-        return torch.zeros(0, size, size, device=boxes.device)
     rois = torch.cat([gt_index[:, None].float(), boxes.float()], 1)              # (K, 5)
     masks = gt_masks[:, None].float()
     return roi_align(masks, rois, size, 1.0, sampling_ratio=2, aligned=True)[:, 0]
@@ -1864,8 +1847,8 @@ class MaskFCOS(FCOS):
         S = MASK_SIZE
         num_pixels = torch.full((), float(sum(counts) * S * S), device=device)
         num_pixels = reduce_mean(num_pixels).clamp(min=1)
-        if not rois:  # no objects in the batch: keep the mask head in the graph (DDP)
-            return {"mask": sum(p.sum() * 0 for p in self.mask_head.parameters())}
+        if not rois:  # no objects in the batch
+            return {"mask": graph_zero(self.mask_head)}
         batch, rois = image_index(counts, device), torch.cat(rois)               # (K,), (K, 4)
         gt_index = first_box_index(targets, device)[batch] + torch.cat(gt_index)  # (K,) flat
         gt_masks = batch_masks(targets, *x.input_hw, device)                     # (M, H, W)
@@ -1878,19 +1861,11 @@ class MaskFCOS(FCOS):
 
     def postprocess(self, x: FCOSForward):
         dets = self.detect(x)
-        device = x.points.device
-        # (K,) over the batch
-        batch = image_index([len(d["boxes"]) for d in dets], device)
-        boxes = torch.cat([d["boxes"] for d in dets])
-        labels = torch.cat([d["labels"] for d in dets])
-        if len(boxes):
-            probs = self.mask_logits(x.features, batch, boxes, labels).float().sigmoid()
-        start = 0
-        for d in dets:
-            k = len(d["boxes"])
-            small = probs[start:start + k] if k else torch.zeros(0, 1, 1, device=device)
+        batch, boxes, labels = flat_detections(dets)                         # (K,) over the batch
+        probs = (self.mask_logits(x.features, batch, boxes, labels).float().sigmoid() if len(boxes)
+                 else boxes.new_zeros(0, 1, 1))                                  # (K, 28, 28)
+        for d, small in zip(dets, probs.split([len(d["boxes"]) for d in dets])):
             d["masks"] = paste_masks(small, d["boxes"], x.input_hw)
-            start += k
         return dets
 
 
@@ -1900,10 +1875,9 @@ def paste_masks(masks, boxes, hw):
     H, W = hw
     if len(boxes) == 0:
         return torch.zeros(0, H, W, device=boxes.device)
-    values, in_box = stretch_to_boxes(masks, min_size_boxes((boxes[:, :2] + boxes[:, 2:]) / 2,
-                                                            # (K, H, W)
-                                                            boxes[:, 2:] - boxes[:, :2]), H, W)
-    return values * in_box
+    centers, wh = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
+    values, (in_y, in_x) = stretch_to_boxes(masks, min_size_boxes(centers, wh), H, W)
+    return values * in_y * in_x                                                  # (K, H, W)
 
 
 # -----------------------------------------------------------------------------
@@ -1917,8 +1891,8 @@ class CenterMaskFCOS(FCOS):
     `assemble_masks`). Training: every positive with its ground-truth box (teacher forcing), on the box's S x S
     grid against the RoIAlign of its mask (`mask_targets`); mean BCE ([CM] eq. 2). Inference: each detection's
     own location's shape vector, at input resolution. Readings ([CM 4.3] gives no layers): METHODS.md, FCOS family."""
-    # CenterMask's fast paths (section 7): the shape head at the locations read, the resize as
-    # matrix products, the inference's product in place
+    # CenterMask's fast paths (section 7): the shape head at the locations read; at inference
+    # the resize as matrix products and the product in place
     fast = True
 
     def __init__(self, cfg: ModelConfig):
@@ -1961,22 +1935,10 @@ class CenterMaskFCOS(FCOS):
         if self.saliency is not None:
             sal = self.saliency(x.features[self.fcos_levels][0]).float()         # (B, n, H/8, W/8)
         losses = {}
-        if self.cfg.saliency_loss:
-            # Table 1f ([CM 4.1]), as CenterMask's: BCE of the class-specific saliency against the per-class union
-            # of every object's mask, average-pooled to P3's grid
-            B, n, h, w = sal.shape
-            counts = [len(t["labels"]) for t in targets]
-            gt_sal = torch.zeros_like(sal)                                       # (B, C, h, w)
-            if sum(counts):
-                masks = batch_masks(targets, *x.input_hw, device)
-                pooled = average_pool_masks(masks, self.strides[0], (h, w))
-                labels = torch.cat([t["labels"].reshape(-1) for t in targets]).to(device)
-                gt_sal = saliency_targets(pooled, image_index(counts, device), labels, B, n)
-            bce = F.binary_cross_entropy_with_logits(sal, gt_sal)
-            losses["saliency"] = SALIENCY_LOSS_WEIGHT * bce
+        if self.cfg.saliency_loss:  # Table 1f ([CM 4.1]), as CenterMask's, on P3's grid
+            losses["saliency"] = saliency_loss(sal, targets, self.strides[0])
         if len(batch) == 0:
-            branches = [m for m in (self.local_shape, self.saliency) if m is not None]
-            return {"mask": sum(p.sum() * 0 for m in branches for p in m.parameters()), **losses}
+            return {"mask": graph_zero(self.local_shape, self.saliency), **losses}
         matched = assigned["matched"][pos]                    # (M,) among the image's boxes
         gt_boxes = assigned["boxes"][batch, matched]          # (M, 4) input frame
         gt_index = first_box_index(targets, device)[batch] + matched  # (M,) into the flat masks
@@ -2355,6 +2317,15 @@ def optimal_padding(fg_pixels, w, h, ratio=0.5):
     return torch.ceil(p - 1e-6).clamp(min=0).long()
 
 
+def padded_boxes(boxes, masks, ratio=0.5):
+    """Boxes (N, 4) xyxy input frame, each grown on every side by the `optimal_padding` of its
+    mask (N, H, W) ([IS 3.2.2]) -> (N, 4) float."""
+    boxes = boxes.float()
+    fg = masks.flatten(1).sum(1, dtype=torch.float32)                              # (N,)
+    p = optimal_padding(fg, boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1], ratio).float()
+    return boxes + p[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
+
+
 def padded_crop_bce(mask_logits, gt_masks, boxes, stride=4, ratio=0.5):
     """Segmentation loss of [IS 3.2.2]: per instance, the BCE over its ground-truth box grown by p =
     optimal_padding(foreground pixels, w, h, ratio) input pixels (a crop ~half foreground), then the mean over
@@ -2366,15 +2337,9 @@ def padded_crop_bce(mask_logits, gt_masks, boxes, stride=4, ratio=0.5):
     if N == 0:
         return mask_logits.sum() * 0
     target = average_pool_masks(gt_masks, stride, (h, w))                         # (N, h, w)
+    padded = padded_boxes(boxes, gt_masks, ratio)                                  # (N, 4)
+    crop = boxes_inside(padded, h, w, stride, "half-open")                         # (N, h, w)
     boxes = boxes.float()
-    fg = gt_masks.flatten(1).sum(1, dtype=torch.float32)                           # (N,)
-    p = optimal_padding(fg, boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1], ratio).float()
-    padded = boxes + p[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])         # (N, 4)
-    xs = (torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5) * stride  # (w,)
-    ys = (torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5) * stride  # (h,)
-    in_x = between(xs[None], padded[:, 0:1], padded[:, 2:3], "half-open")           # (N, w)
-    in_y = between(ys[None], padded[:, 1:2], padded[:, 3:4], "half-open")           # (N, h)
-    crop = in_y[:, :, None] & in_x[:, None, :]                                     # (N, h, w)
     center_cell = ((boxes[:, :2] + boxes[:, 2:]) / 2 / stride).floor().long()      # (N, 2) (x, y)
     cx, cy = center_cell[:, 0].clamp(0, w - 1), center_cell[:, 1].clamp(0, h - 1)
     crop[torch.arange(N, device=crop.device), cy, cx] = True
@@ -2533,17 +2498,12 @@ class FCOSIS(FCOS):
         # the padded-crop segmentation loss of every instance
         M = len(boxes)
         num_instances = reduce_mean(torch.full((), float(M), device=device)).clamp(min=1)
-        if M == 0:  # keep the segmentation branch and P2 in the graph (DDP)
-            branch = [p for n, p in self.named_parameters()
-                      if n.startswith(("seg_head", "aspp", "attention"))]
-            losses["mask"] = features[0].float().sum() * 0 + sum(p.sum() * 0 for p in branch)
+        if M == 0:  # keep the segmentation branch and P2 in the graph
+            losses["mask"] = graph_zero(features[0], self.seg_head, self.aspp, self.attention)
             return losses
-        fg_pixels = masks.flatten(1).sum(1, dtype=torch.float32)
-        wh = boxes[:, 2:] - boxes[:, :2]
-        pad = optimal_padding(fg_pixels, wh[:, 0], wh[:, 1]).float()             # (M,) [IS 3.2.2]
-        color_boxes = boxes + pad[:, None] * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
+        # coloured by the boxes of their padded crops ([IS 3.2.2])
         logits, _, _ = self.segment(features, out, x.input_hw, boxes, mass, batch, labels,
-                                    color_boxes)
+                                    padded_boxes(boxes, masks))
         losses["mask"] = padded_crop_bce(logits.float(), masks, boxes) * M / num_instances
         return losses
 
@@ -2552,10 +2512,7 @@ class FCOSIS(FCOS):
         out, points, levels, features = x.out, x.points, x.levels, x.features
         H, W = x.input_hw
         device = points.device
-        # (K,) over the batch
-        batch = image_index([len(d["boxes"]) for d in dets], device)
-        boxes = torch.cat([d["boxes"] for d in dets])
-        labels = torch.cat([d["labels"] for d in dets])
+        batch, boxes, labels = flat_detections(dets)                         # (K,) over the batch
         index = torch.cat([d["index"] for d in dets])
         if len(boxes) == 0:
             for d in dets:
@@ -2572,10 +2529,8 @@ class FCOSIS(FCOS):
                               align_corners=False)[:, 0]
         # cropped to the box: closed (`boxes_inside`), not this section's half-open rule (see its header)
         probs = probs.sigmoid() * boxes_inside(boxes, H, W)
-        start = 0
-        for d in dets:
-            d["masks"] = probs[start:start + len(d["boxes"])]
-            start += len(d["boxes"])
+        for d, masks in zip(dets, probs.split([len(d["boxes"]) for d in dets])):
+            d["masks"] = masks
         return att, groups, batch
 
     def postprocess(self, x: FCOSForward):
@@ -2588,17 +2543,16 @@ class FCOSIS(FCOS):
 # 13. build_model: ModelConfig -> the model of its method (sections 7-12)
 
 
-def method_class(method):
-    """The nn.Module class that implements `method` (sections 7-12)."""
-    return {"centermask": CenterMask, "fcos": FCOS, "fcosreg": FCOS, "maskfcos": MaskFCOS,
-            "centermask_fcos": CenterMaskFCOS, "fcosis": FCOSIS}[method]
+# the nn.Module class that implements each method (sections 7-12)
+METHOD_CLASSES = {"centermask": CenterMask, "fcos": FCOS, "fcosreg": FCOS, "maskfcos": MaskFCOS,
+                  "centermask_fcos": CenterMaskFCOS, "fcosis": FCOSIS}
 
 
 def method_transform(method):
     """The data transform of a method's recipe (data.build_transforms; train.py's default)."""
-    return method_class(method).transform
+    return METHOD_CLASSES[method].transform
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The one entry point: ModelConfig -> the Method of the requested method."""
-    return method_class(cfg.method)(cfg)
+    return METHOD_CLASSES[cfg.method](cfg)

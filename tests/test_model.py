@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from model import (ModelConfig, build_model, gaussian_radius, draw_gaussian, centernet_focal_loss,
+from model import (ModelConfig, build_model, gaussian_radius, centernet_focal_loss,
                    centernet_heatmaps, flatten_targets, image_index, first_box_index, l1_at_centers, DLASeg,
                    DeformConv, CenterMask)
 
@@ -52,6 +52,24 @@ def test_gaussian_radius_tensor_matches_float():
 
 
 # -- draw_gaussian / batched heatmaps -------------------------------------------------------
+
+def draw_gaussian(heatmap, center, radius):
+    """Splat one object onto a (H, W) heatmap in place (CenterNet's `draw_umich_gaussian`):
+    heatmap[y, x] = max(heatmap[y, x], exp(-((x-cx)^2 + (y-cy)^2) / (2 sigma^2))) for |x - cx|, |y - cy| <= r,
+    sigma = (2r + 1) / 6, (cx, cy) the integer centre, where it is exactly 1 (the focal loss's positive).
+    The one-object reference of model.centernet_heatmaps, the same formula for all objects at once."""
+    cx, cy, r = int(center[0]), int(center[1]), int(radius)
+    sigma = (2 * r + 1) / 6
+    H, W = heatmap.shape
+    ys = torch.arange(max(0, cy - r), min(H, cy + r + 1), device=heatmap.device)
+    xs = torch.arange(max(0, cx - r), min(W, cx + r + 1), device=heatmap.device)
+    if len(ys) == 0 or len(xs) == 0:
+        return heatmap
+    g = torch.exp(-((xs[None, :] - cx) ** 2 + (ys[:, None] - cy) ** 2) / (2 * sigma ** 2))
+    window = heatmap[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
+    torch.maximum(window, g.to(heatmap.dtype), out=window)
+    return heatmap
+
 
 def test_draw_gaussian_peak_and_sigma():
     """Guards the peak value (must be exactly 1: the focal loss positive) and sigma=(2r+1)/6.
@@ -438,7 +456,8 @@ def test_stretch_to_boxes_equals_grid_sample():
     boxes = torch.tensor([[2.3, 1.7, 9.9, 12.2], [0.0, 0.0, 3.0, 2.0], [-4.0, 5.5, 6.0, 30.0],
                           [10.2, 3.1, 15.8, 4.6]])
     H, W = 16, 14
-    values, inside = stretch_to_boxes(small, boxes, H, W, pixel=1.0)
+    values, (in_y, in_x) = stretch_to_boxes(small, boxes, H, W, pixel=1.0)
+    inside = (in_y * in_x).bool()
     xs, ys = torch.arange(W) + 0.5, torch.arange(H) + 0.5
     gx = 2 * (xs[None] - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1]) - 1        # (M, W)
     gy = 2 * (ys[None] - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2]) - 1        # (M, H)

@@ -21,7 +21,7 @@ from conftest import COCO128, ROOT, WEIGHTS_MANIFESTS
 
 import data
 from pictures import network_input_rgb
-from model import FCOSForward, ModelConfig, build_model, fcos_locations, torchvision_locations
+from model import FCOSForward, ModelConfig, build_model, fcos_locations
 from weights import COCO_CATEGORY_IDS, import_weights, load_file, read_weights
 
 DLA34 = "centernet_ctdet_dla34_keys.json"
@@ -345,7 +345,7 @@ def test_zero_offset_locations_are_torchvisions_anchor_centres(hw):
         h, w = (h + 1) // 2, (w + 1) // 2                                      # stride-2 conv, padding 1
     gen = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)
     anchors = gen(ImageList(torch.zeros(1, 3, H, W), [(H, W)]), [torch.zeros(1, 1, *g) for g in grids])[0]
-    points, strides, _ = torchvision_locations(grids, [8, 16, 32, 64, 128], (H, W))
+    points, strides, _ = fcos_locations(grids, [8, 16, 32, 64, 128], input_hw=(H, W))
     assert torch.equal(points, (anchors[:, :2] + anchors[:, 2:]) / 2)
     assert torch.equal(strides, anchors[:, 2] - anchors[:, 0])
 
