@@ -844,11 +844,10 @@ def l1_at_centers(pred_map, objs, target):
 # that both give the same numbers): the S^2-channel head evaluated only at the cells read
 # (`CenterMaskHeads.shape_at`, `conv3x3_at`) and, at inference, the resize as two matrix products
 # (`stretch_to_boxes`) and the product in place (`assemble_masks_fast`).
-# Measured on the shapes quick-start model (fp32, one thread, batch 4; train at 128 px, inference at
-# 160 px; each path switched off alone, interleaved, median of 20): the head at the cells buys 1.19x
-# the train step and 1.24x the inference, the matrix resize 1.51x the inference (1.00x the train
-# step: the loss uses grid_sample), the in-place product 1.76x the inference; all off: 1.16x the
-# train step, 2.1x the inference.
+# Each buys time (RESULTS.md, "Numbers behind model.py's choices": each switched off alone on the
+# quick-start model, fp32): the head at the cells 1.19x the train step and 1.24x the inference, the
+# matrix resize 1.51x the inference (1.00x the train step, so the loss uses grid_sample), the
+# in-place product 1.76x the inference.
 
 # the weight of [CM] Table 1f's direct saliency loss: [CM 4.1] gives none (ours)
 SALIENCY_LOSS_WEIGHT = 1.0
