@@ -465,13 +465,15 @@ class ImportReport:
         lines = [f"init_from {self.source}: {self.description} -> {self.model}",
                  f"  loaded: {len(self.loaded)} tensors"]
         lines += [f"  note: {n}" for n in self.notes]
-        lines.append(f"  ignored: {len(self.ignored)} tensors of the file")
+        colon = ":" if self.ignored else ""  # a listing follows
+        lines.append(f"  ignored: {len(self.ignored)} tensors of the file{colon}")
         by_reason = {}
         for k, why in self.ignored.items():
             by_reason.setdefault(why, []).append(k)
         for why, keys in by_reason.items():
             lines.append(f"    {_group_keys(keys, self.file_keys)}: {why}")
-        lines.append(f"  newly initialised: {len(self.new)} tensors of the model")
+        colon = ":" if self.new else ""
+        lines.append(f"  newly initialised: {len(self.new)} tensors of the model{colon}")
         if self.new:
             lines.append(f"    {_group_keys(self.new, self.model_keys)}")
         return "\n".join(lines)
